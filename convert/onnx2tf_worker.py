@@ -1,0 +1,77 @@
+"""Run onnx2tf in a child process, offline and on a private copy of the model.
+
+onnx2tf calls ``sys.exit`` from library code, writes back to its input path, calls
+the ``onnxsim`` executable by name (PATH-dependent) and downloads a sample-data file
+from the internet for fixed-batch image models. Running it here, in a child process
+with its own working folder, keeps all of that away from the caller:
+
+* the model is a copy in the work folder, so the user's file is never touched;
+* onnx2tf's own onnxsim pass is off (edgeship has already simplified the model);
+* the sample-data download is replaced by deterministic local data, and any HTTP
+  request raises at once instead of hanging.
+
+Usage (internal): ``python -m edgeship.convert.onnx2tf_worker JOB.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+
+def _offline_sample_data():  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return rng.random((20, 128, 128, 3), dtype=np.float32)
+
+
+def _block_network() -> None:
+    import requests
+
+    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise requests.exceptions.ConnectionError("edgeship runs onnx2tf offline")
+
+    requests.get = refuse  # type: ignore[assignment]
+    requests.post = refuse  # type: ignore[assignment]
+
+
+def main(argv: list[str]) -> int:
+    job = json.loads(Path(argv[0]).read_text())
+    result_path = Path(job["result"])
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.chdir(job["workdir"])
+    try:
+        _block_network()
+        import onnx2tf.onnx2tf as o2
+        import onnx2tf.utils.common_functions as common
+
+        o2.download_test_image_data = _offline_sample_data
+        common.download_test_image_data = _offline_sample_data
+        o2.convert(
+            input_onnx_file_path=job["onnx"],
+            output_folder_path=job["output"],
+            not_use_onnxsim=True,
+            output_signaturedefs=True,
+            copy_onnx_input_output_names_to_tflite=True,
+            non_verbose=True,
+            verbosity="error",
+        )
+    except SystemExit as exc:  # onnx2tf exits from library code on failure
+        result_path.write_text(json.dumps({"ok": False, "error": f"onnx2tf exited with status {exc.code}"}))
+        return 1
+    except BaseException as exc:  # report every failure to the parent, one line
+        tb = traceback.format_exc(limit=3)
+        result_path.write_text(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500],
+                                           "traceback": tb}))
+        return 1
+    files = sorted(p.name for p in Path(job["output"]).iterdir())
+    result_path.write_text(json.dumps({"ok": True, "files": files}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,195 @@
+"""Load, check and prepare an ONNX image classifier for conversion.
+
+Old models are normalised on the way: IR-3 graphs that list every initializer as a
+graph input get those inputs removed, opsets below 13 are upgraded with the ONNX
+version converter, and dynamic dimensions are fixed.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from edgeship._deps import require
+from edgeship.errors import ConversionError, InputError
+from edgeship.runtime.card import Layout
+
+log = logging.getLogger(__name__)
+
+#: Opset the converter normalises older models to (well supported by onnxsim and onnx2tf).
+TARGET_OPSET = 13
+#: Highest IR version the pinned onnxsim accepts.
+MAX_IR_VERSION = 10
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What edgeship needs to know about an image classifier's interface."""
+
+    input_name: str
+    input_shape: tuple[int | str, ...]  # as declared; strings are dynamic dimensions
+    layout: Layout
+    output_name: str
+    output_shape: tuple[int | str, ...]
+    opset: int
+    ir_version: int
+    initializer_inputs: int
+
+    @property
+    def channels(self) -> int:
+        dim = self.input_shape[1] if self.layout == Layout.NCHW else self.input_shape[3]
+        return int(dim) if isinstance(dim, int) else 3
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "input_name": self.input_name,
+            "input_shape": list(self.input_shape),
+            "layout": self.layout.value,
+            "output_name": self.output_name,
+            "output_shape": list(self.output_shape),
+            "opset": self.opset,
+            "ir_version": self.ir_version,
+            "initializer_inputs": self.initializer_inputs,
+        }
+
+
+def load_model(path: str | Path) -> Any:
+    """Read and structurally check an ONNX file; raise :class:`InputError` if it is not one."""
+    onnx = require("onnx", purpose="read ONNX models")
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"model {path} does not exist")
+    if not path.is_file():
+        raise InputError(f"model {path} is not a file")
+    if path.stat().st_size == 0:
+        raise InputError(f"model {path} is empty")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, onnx raises various
+        raise InputError(f"{path} is not a readable ONNX model (truncated or another format?): "
+                         f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    if not model.graph.node:
+        raise InputError(f"{path} is not an ONNX model: its graph has no nodes")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as exc:
+        raise InputError(f"{path} failed the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
+    return model
+
+
+def _dims(value_info: Any) -> tuple[int | str, ...]:
+    dims: list[int | str] = []
+    for d in value_info.type.tensor_type.shape.dim:
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        else:
+            dims.append(d.dim_param or "?")
+    return tuple(dims)
+
+
+def inspect_model(model: Any, source: str = "model") -> ModelInfo:
+    """Find the single 4-D image input and the class-score output, or raise InputError."""
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs) or "none"
+        raise InputError(f"{source} must have exactly one image input, found {len(inputs)} ({names})")
+    inp = inputs[0]
+    shape = _dims(inp)
+    if len(shape) != 4:
+        raise InputError(f"{source} input '{inp.name}' must be 4-D [N,C,H,W], got shape {list(shape)}")
+    elem = inp.type.tensor_type.elem_type
+    if elem != 1:  # FLOAT
+        raise InputError(f"{source} input '{inp.name}' must be float32, got ONNX element type {elem}")
+    if shape[1] in (1, 3):
+        layout = Layout.NCHW
+    elif shape[3] in (1, 3):
+        raise InputError(f"{source} input '{inp.name}' looks NHWC {list(shape)}; edgeship expects NCHW "
+                         "ONNX image classifiers (channels second)")
+    else:
+        raise InputError(f"{source} input '{inp.name}' has {shape[1]} channels; expected 1 or 3 (NCHW)")
+    if len(model.graph.output) != 1:
+        raise InputError(f"{source} must have exactly one output (class scores), found {len(model.graph.output)}")
+    out = model.graph.output[0]
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    return ModelInfo(inp.name, shape, layout, out.name, _dims(out), opset, model.ir_version,
+                     len(model.graph.input) - len(inputs))
+
+
+def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tuple[int, ...], list[str]]:
+    """The static input shape to convert with, and notes on what was fixed."""
+    notes: list[str] = []
+    if override is not None:
+        shape = tuple(int(v) for v in override)
+        if len(shape) != 4 or min(shape) <= 0:
+            raise InputError(f"--input-shape must be 4 positive integers N,C,H,W, got {list(override)}")
+        for i, (want, have) in enumerate(zip(shape, info.input_shape)):
+            if isinstance(have, int) and have != want:
+                raise InputError(f"--input-shape {list(shape)} contradicts the model's static dimension "
+                                 f"{i} = {have} (declared {list(info.input_shape)})")
+        notes.append(f"input shape set to {list(shape)} by --input-shape (declared {list(info.input_shape)})")
+        return shape, notes
+    shape_list: list[int] = []
+    for i, d in enumerate(info.input_shape):
+        if isinstance(d, int):
+            shape_list.append(d)
+        elif i == 0:
+            shape_list.append(1)
+            notes.append(f"dynamic batch dimension '{d}' fixed to 1")
+        else:
+            raise InputError(f"input dimension {i} ('{d}') is dynamic; give the size with "
+                             f"--input-shape N,C,H,W (declared {list(info.input_shape)})")
+    return tuple(shape_list), notes
+
+
+def node_counts(model: Any) -> dict[str, int]:
+    """Number of nodes per op type, most frequent first."""
+    return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
+
+
+def normalise(model: Any, info: ModelInfo, shape: Sequence[int]) -> tuple[Any, list[str]]:
+    """Return a copy with initializer inputs removed, opset >= 13 and a static input shape."""
+    onnx = require("onnx")
+    notes: list[str] = []
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    if info.opset < TARGET_OPSET:
+        from onnx import version_converter
+
+        try:
+            m = version_converter.convert_version(m, TARGET_OPSET)
+        except Exception as exc:
+            raise ConversionError(f"could not upgrade opset {info.opset} to {TARGET_OPSET}: {exc}") from exc
+        notes.append(f"opset {info.opset} upgraded to {TARGET_OPSET}")
+    inits = {i.name for i in m.graph.initializer}
+    stale = [i for i in m.graph.input if i.name in inits]
+    for i in stale:
+        m.graph.input.remove(i)
+    if stale:
+        notes.append(f"{len(stale)} initializers listed as graph inputs (IR {info.ir_version} style) removed from inputs")
+    min_ir = onnx.helper.find_min_ir_version_for(m.opset_import)
+    if m.ir_version < min_ir:
+        notes.append(f"IR version {m.ir_version} raised to {min_ir}")
+        m.ir_version = min_ir
+    elif m.ir_version > MAX_IR_VERSION >= min_ir:
+        # onnxsim 0.4.36 bundles an ONNX checker that stops at IR 10 (newer exporters write 11+).
+        notes.append(f"IR version {m.ir_version} lowered to {MAX_IR_VERSION} for onnxsim")
+        m.ir_version = MAX_IR_VERSION
+    inp = next(i for i in m.graph.input if i.name == info.input_name)
+    for dim, value in zip(inp.type.tensor_type.shape.dim, shape):
+        dim.Clear()
+        dim.dim_value = int(value)
+    # Drop stale intermediate shapes; onnxsim re-infers them for the static input.
+    del m.graph.value_info[:]
+    for out in m.graph.output:
+        for dim in out.type.tensor_type.shape.dim:
+            if not dim.HasField("dim_value"):
+                dim.Clear()
+    try:
+        onnx.checker.check_model(m)
+    except Exception as exc:
+        raise ConversionError(f"model is invalid after normalisation: {str(exc).splitlines()[0]}") from exc
+    return m, notes

@@ -1,0 +1,298 @@
+"""``convert``: ONNX image classifier -> verified float TFLite, model card and report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgeship._deps import HOST_TOOLS, require, versions
+from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, check_outputs_free, sha256_file, staged_output
+from edgeship._progress import Progress, Timer, silent
+from edgeship.convert import onnx_model, verify
+from edgeship.convert.simplify import OrtRunner, simplify
+from edgeship.errors import ConversionError, InputError, VerificationError
+from edgeship.runtime.card import CARD_FILE, Layout, ModelCard, Preprocessing, TensorSpec
+from edgeship.runtime.images import ImageSet, Labels, list_images
+from edgeship.runtime.interpreter import TFLiteModel
+from edgeship.runtime.metrics import compare
+
+log = logging.getLogger(__name__)
+
+FLOAT32_FILE = "model_float32.tflite"
+FLOAT16_FILE = "model_float16.tflite"
+REPORT_FILE = "convert_report.json"
+SIMPLIFIED_FILE = "model_simplified.onnx"
+SAVED_MODEL_DIR = "saved_model"
+LABELS_FILE = "labels.txt"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Options of :func:`convert`.
+
+    Attributes:
+        input_shape: Static ``N,C,H,W`` to convert with (default: dynamic batch -> 1).
+        fp16: Also write and verify a float16 TFLite.
+        images: Folder of real images to verify on (default: generated inputs).
+        max_images: Verify on at most this many images (None: all).
+        labels: Labels file (``wnid<TAB>names`` or one name per line) copied into the output.
+        preprocessing: Image preprocessing (default: ImageNet recipe for the input size).
+        force: Overwrite existing outputs.
+        synthetic_count: Number of generated inputs when no images are given.
+    """
+
+    input_shape: tuple[int, ...] | None = None
+    fp16: bool = False
+    images: Path | None = None
+    max_images: int | None = None
+    labels: Path | None = None
+    preprocessing: Preprocessing | None = None
+    force: bool = False
+    synthetic_count: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_images is not None and self.max_images < 1:
+            raise InputError(f"max_images must be >= 1, got {self.max_images}")
+        if self.synthetic_count < 1:
+            raise InputError(f"synthetic_count must be >= 1, got {self.synthetic_count}")
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What :func:`convert` produced."""
+
+    out_dir: Path
+    model_path: Path
+    card: ModelCard
+    report: dict[str, Any] = field(repr=False)
+    float16_path: Path | None = None
+
+
+def output_names(options: ConvertOptions) -> list[str]:
+    names = [FLOAT32_FILE, CARD_FILE, REPORT_FILE, SIMPLIFIED_FILE, SAVED_MODEL_DIR]
+    if options.fp16:
+        names.append(FLOAT16_FILE)
+    if options.labels:
+        names.append(LABELS_FILE)
+    return names
+
+
+def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+            options: ConvertOptions = ConvertOptions(), progress: Progress = silent) -> ConvertResult:
+    """Convert an ONNX image classifier to a verified float TFLite model.
+
+    Args:
+        model: Path to the ONNX model (never modified).
+        out_dir: Output folder; existing outputs are only replaced with ``options.force``.
+        options: See :class:`ConvertOptions`.
+        progress: Progress hook (stage name, done, total).
+
+    Returns:
+        A :class:`ConvertResult` with the TFLite path, its model card and the report.
+
+    Raises:
+        InputError: Missing/corrupt model, wrong interface, bad image folder, outputs exist.
+        ConversionError: Simplification or onnx2tf failed.
+        VerificationError: The TFLite model does not match onnxruntime within tolerance.
+    """
+    started = time.perf_counter()
+    timer = Timer(progress)
+    src, out_dir = Path(model), Path(out_dir)
+    with timer.stage("load"):
+        original = onnx_model.load_model(src)
+        info = onnx_model.inspect_model(original, str(src))
+        shape, shape_notes = onnx_model.resolve_shape(info, options.input_shape)
+        prep = options.preprocessing or Preprocessing.imagenet(shape[2], shape[3])
+        if tuple(prep.crop) != (shape[2], shape[3]):
+            raise InputError(f"preprocessing crop {list(prep.crop)} does not match the model input "
+                             f"{shape[2]}x{shape[3]}")
+        labels = Labels.load(options.labels) if options.labels else None
+        images = _verification_images(options)
+    check_outputs_free(out_dir, output_names(options), force=options.force)
+    source_sha = sha256_file(src)
+    src_stat = src.stat()
+
+    with staged_output(out_dir, output_names(options), force=options.force) as stage, \
+            tempfile.TemporaryDirectory(prefix="edgeship-convert-") as work:
+        work_dir = Path(work)
+        inputs = verify.make_inputs(images, prep, synthetic_count=options.synthetic_count,
+                                    labels=images.labels_for(labels) if images and labels else (),
+                                    progress=progress)
+        with timer.stage("simplify"):
+            prepared, notes = onnx_model.normalise(original, info, shape)
+            simplified = simplify(prepared)
+            sim_check = _check_simplified(original, simplified, inputs, prep, shape[0])
+            atomic_write_bytes(stage / SIMPLIFIED_FILE, simplified.SerializeToString())
+        with timer.stage("onnx2tf"):
+            child = _run_onnx2tf(stage / SIMPLIFIED_FILE, work_dir)
+        tfl32 = work_dir / "tf" / "model_float32.tflite"
+        with timer.stage("verify"):
+            reference = verify.run_onnx(original, inputs.pixels, prep, progress=progress)
+            checks = {"float32": _verify_one(tfl32, reference, inputs, prep, "float32", progress)}
+            if options.fp16:
+                checks["float16"] = _verify_one(work_dir / "tf" / "model_float16.tflite", reference, inputs,
+                                                prep, "float16", progress)
+        _raise_on_failures(checks)
+        with timer.stage("write"):
+            atomic_copy(tfl32, stage / FLOAT32_FILE)
+            if options.fp16:
+                atomic_copy(work_dir / "tf" / "model_float16.tflite", stage / FLOAT16_FILE)
+            _keep_saved_model(work_dir / "tf", stage / SAVED_MODEL_DIR)
+            if options.labels:
+                atomic_copy(options.labels, stage / LABELS_FILE)
+            card = _card(stage / FLOAT32_FILE, FLOAT32_FILE, "float32", prep, src, source_sha,
+                         labels, LABELS_FILE if options.labels else None)
+            atomic_write_json(stage / CARD_FILE, card.to_dict())
+            report = {
+                "edgeship_report": "convert",
+                "source": {"path": str(src.resolve()), "sha256": source_sha, "bytes": src_stat.st_size,
+                           **info.to_dict()},
+                "fixes": shape_notes + notes,
+                "input_shape_onnx": list(shape),
+                "layout": {"onnx": Layout.NCHW.value, "tflite": Layout.NHWC.value},
+                "node_counts": {"before": onnx_model.node_counts(original),
+                                "after": onnx_model.node_counts(simplified),
+                                "total_before": len(original.graph.node),
+                                "total_after": len(simplified.graph.node)},
+                "simplify_check": sim_check,
+                "verification": {k: v for k, v in checks.items()},
+                "verification_inputs": {"source": inputs.source, "count": int(len(inputs.pixels)),
+                                        "folder": str(images.root) if images else None,
+                                        "skipped_files": len(images.skipped) if images else 0},
+                "preprocessing": prep.to_dict(),
+                "sizes": {"onnx": src_stat.st_size, FLOAT32_FILE: (stage / FLOAT32_FILE).stat().st_size,
+                          **({FLOAT16_FILE: (stage / FLOAT16_FILE).stat().st_size} if options.fp16 else {})},
+                "onnx2tf_child": child,
+                "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
+                "timings_s": timer.seconds,
+            }
+            report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+            atomic_write_json(stage / REPORT_FILE, report)
+        if src.stat().st_mtime_ns != src_stat.st_mtime_ns or sha256_file(src) != source_sha:
+            raise ConversionError(f"the input model {src} changed during conversion; outputs discarded")
+    final = out_dir / FLOAT32_FILE
+    return ConvertResult(out_dir, final, card.with_(), report,
+                         out_dir / FLOAT16_FILE if options.fp16 else None)
+
+
+def _verification_images(options: ConvertOptions) -> ImageSet | None:
+    if options.images is None:
+        return None
+    images = list_images(options.images, minimum=1)
+    if options.max_images:
+        images = images.sample(options.max_images)
+    return images
+
+
+def _check_simplified(original: Any, simplified: Any, inputs: verify.VerifyInputs, prep: Preprocessing,
+                      batch: int) -> dict[str, Any]:
+    """onnxruntime on the original vs the simplified model, on a few of the inputs."""
+    pixels = inputs.pixels[: max(batch, 8)]
+    x = verify.nchw_batches(pixels, prep, batch=len(pixels))[0]
+    ref = OrtRunner(original).run(x)
+    got = OrtRunner(simplified).run(x)
+    fig = compare(ref.reshape(len(x), -1), got.reshape(len(x), -1))
+    result = {"count": len(x), "max_abs_error": fig.max_abs_error, "mean_cosine": fig.mean_cosine,
+              "top1_agreement": fig.top1_agreement}
+    if fig.mean_cosine < 0.99999:
+        raise ConversionError(f"simplified model differs from the original: mean cosine {fig.mean_cosine:.6f}, "
+                              f"max-abs {fig.max_abs_error:.3g}")
+    return result
+
+
+def _run_onnx2tf(onnx_path: Path, work_dir: Path) -> dict[str, Any]:
+    """Run onnx2tf in a child process on a private copy; return its figures."""
+    model_copy = work_dir / "model.onnx"
+    shutil.copyfile(onnx_path, model_copy)
+    job = {"onnx": str(model_copy), "output": str(work_dir / "tf"), "workdir": str(work_dir),
+           "result": str(work_dir / "result.json")}
+    (work_dir / "job.json").write_text(json.dumps(job))
+    log_path = work_dir / "onnx2tf.log"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="-1")
+    start = time.perf_counter()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.run([sys.executable, "-m", "edgeship.convert.onnx2tf_worker", str(work_dir / "job.json")],
+                              stdout=log_file, stderr=subprocess.STDOUT, cwd=work_dir, env=env, check=False)
+    wall = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    try:
+        result = json.loads((work_dir / "result.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        result = {"ok": False, "error": f"onnx2tf worker died with status {proc.returncode}"}
+    if not result.get("ok") or not (work_dir / "tf" / "model_float32.tflite").is_file():
+        tail = _last_error_line(log_path)
+        raise ConversionError(f"onnx2tf failed: {result.get('error', 'no TFLite written')}"
+                              + (f" ({tail})" if tail else ""))
+    return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak_mb, 1), "returncode": proc.returncode}
+
+
+def _last_error_line(log_path: Path) -> str:
+    try:
+        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    except FileNotFoundError:
+        return ""
+    for ln in reversed(lines):
+        if "Error" in ln or "ERROR" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else ""
+
+
+def _verify_one(path: Path, reference: Any, inputs: verify.VerifyInputs, prep: Preprocessing, precision: str,
+                progress: Progress) -> dict[str, Any]:
+    got = verify.run_tflite(path, inputs.pixels, prep, progress=progress, label=f"run {precision} tflite")
+    fig = verify.figures(reference, got, inputs)
+    tol = verify.TOLERANCES[precision]
+    problems = verify.failures(fig, tol, real=inputs.real)
+    summary = fig.to_dict()
+    summary.pop("disagreements")
+    return {**summary, "disagreement_indices": list(fig.disagreements)[:50],
+            "tolerance": tol.to_dict(), "agreement_enforced": inputs.real, "passed": not problems,
+            "failures": problems}
+
+
+def _raise_on_failures(checks: dict[str, dict[str, Any]]) -> None:
+    problems = [f"{name}: {p}" for name, c in checks.items() for p in c["failures"]]
+    if problems:
+        raise VerificationError("converted TFLite does not match onnxruntime: " + "; ".join(problems))
+
+
+def _keep_saved_model(tf_dir: Path, dest: Path) -> None:
+    """Keep onnx2tf's SavedModel (the quantize stage calibrates from it)."""
+    dest.mkdir()
+    for name in ("saved_model.pb", "variables", "assets", "fingerprint.pb"):
+        src = tf_dir / name
+        if src.exists():
+            shutil.move(str(src), dest / name)
+
+
+def _card(path: Path, file_name: str, precision: str, prep: Preprocessing, src: Path, sha: str,
+          labels: Labels | None, labels_file: str | None) -> ModelCard:
+    model = TFLiteModel(path)
+    inp, out = model.input, model.output
+    classes = int(max(1, int(__import__("numpy").prod(out.shape[1:]))))
+    if labels is not None and len(labels) != classes:
+        log.warning("labels file has %d entries but the model has %d outputs", len(labels), classes)
+    return ModelCard(
+        model_file=file_name,
+        precision=precision,
+        input=TensorSpec(inp.name, inp.shape, inp.dtype.name, Layout.NHWC.value,
+                         inp.scale or None, inp.zero_point if inp.quantized else None),
+        output=TensorSpec(out.name, out.shape, out.dtype.name, None,
+                          out.scale or None, out.zero_point if out.quantized else None),
+        preprocessing=prep,
+        source_model=src.name,
+        source_sha256=sha,
+        labels_file=labels_file,
+        num_classes=classes,
+    )

@@ -1,0 +1,106 @@
+"""Check a float TFLite model against onnxruntime on the original ONNX model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeship._progress import Progress, silent
+from edgeship.runtime.card import Preprocessing
+from edgeship.runtime.images import ImageSet, normalize, resize_crop, synthetic_pixels
+from edgeship.runtime.interpreter import TFLiteModel
+from edgeship.runtime.metrics import DriftFigures, compare
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass criteria for a float model (agreement is only enforced on real images)."""
+
+    min_cosine: float
+    min_top1_agreement: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"min_cosine": self.min_cosine, "min_top1_agreement": self.min_top1_agreement}
+
+
+#: float32 must be numerically the same model; float16 weights round to 11 bits.
+TOLERANCES = {
+    "float32": Tolerance(min_cosine=0.9999, min_top1_agreement=1.0),
+    "float16": Tolerance(min_cosine=0.999, min_top1_agreement=0.99),
+}
+
+
+@dataclass(frozen=True)
+class VerifyInputs:
+    """Pixels (uint8 NHWC, already resized and cropped) plus where they came from."""
+
+    pixels: np.ndarray
+    source: str  # "images" or "synthetic"
+    labels: tuple[int | None, ...] = ()
+
+    @property
+    def real(self) -> bool:
+        return self.source == "images"
+
+
+def load_pixels(images: ImageSet, prep: Preprocessing, progress: Progress = silent) -> np.ndarray:
+    """Resize/crop every image of the set to uint8 NHWC pixels."""
+    out = np.empty((len(images), prep.crop[0], prep.crop[1], 3), dtype=np.uint8)
+    for i, f in enumerate(images.files):
+        out[i] = resize_crop(f, prep)
+        progress("load images", i + 1, len(images))
+    return out
+
+
+def make_inputs(images: ImageSet | None, prep: Preprocessing, *, synthetic_count: int = 16,
+                labels: Sequence[int | None] = (), progress: Progress = silent) -> VerifyInputs:
+    if images is not None:
+        return VerifyInputs(load_pixels(images, prep, progress), "images", tuple(labels))
+    return VerifyInputs(synthetic_pixels(synthetic_count, prep, seed=0), "synthetic")
+
+
+def nchw_batches(pixels: np.ndarray, prep: Preprocessing, batch: int = 32) -> list[np.ndarray]:
+    return [normalize(pixels[i:i + batch], prep).transpose(0, 3, 1, 2)
+            for i in range(0, len(pixels), batch)]
+
+
+def run_tflite(path: Path | str, pixels: np.ndarray, prep: Preprocessing, *, num_threads: int | None = None,
+               progress: Progress = silent, label: str = "run tflite") -> np.ndarray:
+    """Float outputs of a TFLite model (any I/O dtype) on the pixels, one image at a time."""
+    model = TFLiteModel(path, num_threads=num_threads)
+    step = model.input.shape[0]
+    outs = []
+    for i in range(0, len(pixels), step):
+        x = normalize(pixels[i:i + step], prep)
+        outs.append(model.run_batched(x).reshape(len(x), -1))
+        progress(label, min(i + step, len(pixels)), len(pixels))
+    return np.concatenate(outs, axis=0)
+
+
+def run_onnx(model: Any, pixels: np.ndarray, prep: Preprocessing, *, progress: Progress = silent) -> np.ndarray:
+    from edgeship.convert.simplify import OrtRunner
+
+    runner = OrtRunner(model)
+    outs = []
+    batches = nchw_batches(pixels, prep)
+    for i, b in enumerate(batches):
+        outs.append(runner.run(b).reshape(len(b), -1))
+        progress("run onnxruntime", min((i + 1) * 32, len(pixels)), len(pixels))
+    return np.concatenate(outs, axis=0)
+
+
+def failures(fig: DriftFigures, tol: Tolerance, *, real: bool) -> list[str]:
+    """Every tolerance a result misses (empty when it passes)."""
+    bad = []
+    if fig.mean_cosine < tol.min_cosine:
+        bad.append(f"mean cosine {fig.mean_cosine:.6f} < {tol.min_cosine}")
+    if real and fig.top1_agreement < tol.min_top1_agreement:
+        bad.append(f"top-1 agreement {100 * fig.top1_agreement:.2f}% < {100 * tol.min_top1_agreement:.2f}%")
+    return bad
+
+
+def figures(ref: np.ndarray, cand: np.ndarray, inputs: VerifyInputs) -> DriftFigures:
+    return compare(ref, cand, inputs.labels if inputs.labels else None)

@@ -1,0 +1,229 @@
+"""The ``edgeship`` command: a thin layer over the library.
+
+Exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from edgeship._version import __version__
+from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
+
+log = logging.getLogger("edgeship")
+
+
+class ConsoleProgress:
+    """Progress on stderr: a redrawn line on a terminal, stage changes otherwise."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.stage: str | None = None
+        self.started = time.perf_counter()
+        self.last_draw = 0.0
+
+    def __call__(self, stage: str, done: Optional[int] = None, total: Optional[int] = None) -> None:
+        if not self.enabled:
+            return
+        elapsed = time.perf_counter() - self.started
+        if stage != self.stage:
+            if self.tty and self.stage is not None:
+                sys.stderr.write("\n")
+            self.stage = stage
+            if not self.tty:
+                sys.stderr.write(f"[{elapsed:7.1f}s] {stage}\n")
+        if self.tty and (time.perf_counter() - self.last_draw > 0.1 or done == total):
+            self.last_draw = time.perf_counter()
+            bar = ""
+            if done is not None and total:
+                filled = int(30 * done / total)
+                bar = f" [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
+            sys.stderr.write(f"\r[{elapsed:7.1f}s] {stage}{bar}\033[K")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled and self.tty and self.stage is not None:
+            sys.stderr.write("\n")
+
+
+def _csv_floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _csv_ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--json", metavar="FILE", type=Path, help="also write the result as JSON to FILE ('-' for stdout)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    g.add_argument("-v", "--verbose", action="store_true", help="log details to stderr")
+
+
+def _add_preprocessing(p: argparse.ArgumentParser) -> None:
+    from edgeship.runtime.card import Interpolation
+
+    g = p.add_argument_group("preprocessing (default: resize shorter side 256/224 x input, center crop, "
+                             "RGB, /255, ImageNet mean/std)")
+    g.add_argument("--preprocess", metavar="JSON", type=Path, help="preprocessing as a JSON file "
+                   "(keys: resize_shorter, crop, interpolation, color_order, pixel_scale, mean, std)")
+    g.add_argument("--mean", type=_csv_floats, help="per-channel mean after /255, e.g. 0.485,0.456,0.406")
+    g.add_argument("--std", type=_csv_floats, help="per-channel std, e.g. 0.229,0.224,0.225")
+    g.add_argument("--resize", type=int, metavar="PX", help="resize shorter side to PX before cropping (0: none)")
+    g.add_argument("--interpolation", choices=[i.value for i in Interpolation])
+    g.add_argument("--bgr", action="store_true", help="the model expects BGR channel order")
+    g.add_argument("--pixel-scale", type=float, help="multiplier for 0..255 pixels (default 1/255)")
+
+
+def _preprocessing(args: argparse.Namespace, height: int | None = None, width: int | None = None) -> Any:
+    from edgeship.runtime.card import Preprocessing
+
+    base: dict[str, Any] = {}
+    if args.preprocess:
+        try:
+            base = json.loads(Path(args.preprocess).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(f"cannot read preprocessing JSON {args.preprocess}: {exc}") from exc
+        if not isinstance(base, dict):
+            raise InputError(f"preprocessing JSON {args.preprocess} must hold an object")
+    overrides = {"mean": args.mean, "std": args.std, "interpolation": args.interpolation,
+                 "pixel_scale": args.pixel_scale}
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    if args.resize is not None:
+        base["resize_shorter"] = args.resize or None
+    if args.bgr:
+        base["color_order"] = "BGR"
+    if height and width:
+        base.setdefault("crop", [height, width])
+        base.setdefault("resize_shorter", round(min(height, width) * 256 / 224))
+    return Preprocessing.from_dict(base)
+
+
+# ---------------------------------------------------------------- convert
+def _add_convert(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="ONNX -> verified float TFLite",
+                       description="Convert an ONNX image classifier to a float TFLite model and verify it "
+                                   "against onnxruntime.")
+    p.add_argument("model", type=Path, help="ONNX model (never modified)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
+    g = p.add_argument_group("conversion")
+    g.add_argument("--input-shape", type=_csv_ints, metavar="N,C,H,W", help="static input shape (default: batch 1)")
+    g.add_argument("--fp16", action="store_true", help="also write and verify model_float16.tflite")
+    g.add_argument("--force", action="store_true", help="overwrite existing outputs in the folder")
+    v = p.add_argument_group("verification")
+    v.add_argument("--images", type=Path, help="verify on these real images (default: generated inputs)")
+    v.add_argument("--max-images", type=int, help="verify on at most this many images")
+    v.add_argument("--labels", type=Path, help="labels file (wnid<TAB>names or one per line), copied to the output")
+    _add_preprocessing(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship.convert import ConvertOptions, convert
+
+    prep = None
+    if _has_prep_flags(args):
+        height, width = args.input_shape[2:4] if args.input_shape else _model_hw(args.model)
+        prep = _preprocessing(args, height, width)
+    options = ConvertOptions(input_shape=args.input_shape, fp16=args.fp16, images=args.images,
+                             max_images=args.max_images, labels=args.labels, preprocessing=prep, force=args.force)
+    result = convert(args.model, args.out, options=options, progress=progress)
+    lines = [f"wrote {result.model_path} ({result.report['sizes']['model_float32.tflite'] / 1e6:.1f} MB) "
+             f"in {result.report['timings_s']['total']:.1f} s"]
+    for name, v in result.report["verification"].items():
+        lines.append(f"  {name}: top-1 agreement {100 * v['top1_agreement']:.2f}%  mean cosine "
+                     f"{v['mean_cosine']:.6f}  max-abs {v['max_abs_error']:.2e}  on {v['count']} "
+                     f"{'real images' if v['agreement_enforced'] else 'generated inputs'}")
+    return 0, {"summary": lines, "result": {"out_dir": str(result.out_dir), "report": result.report}}
+
+
+def _has_prep_flags(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k) is not None for k in ("preprocess", "mean", "std", "resize", "interpolation",
+                                                       "pixel_scale")) or args.bgr
+
+
+def _model_hw(model: Path) -> tuple[int, int]:
+    """Input height and width declared by an ONNX model (for sizing preprocessing flags)."""
+    from edgeship.convert import onnx_model
+
+    info = onnx_model.inspect_model(onnx_model.load_model(model), str(model))
+    shape, _ = onnx_model.resolve_shape(info, None)
+    return shape[2], shape[3]
+
+
+# ---------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edgeship",
+        description="ONNX image classifier -> fast, small, verified int8 TFLite for Android and Raspberry Pi.",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget",
+    )
+    parser.add_argument("--version", action="version", version=f"edgeship {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``edgeship`` command; return its exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_CODES["usage"]
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    progress = ConsoleProgress(enabled=not args.quiet)
+    try:
+        code, payload = args.func(args, progress)
+    except EdgeshipError as exc:
+        progress.close()
+        print(f"edgeship {args.command}: error: {exc}", file=sys.stderr)
+        payload = {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        _write_json(args, payload, exc.exit_code)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        progress.close()
+        print(f"edgeship {args.command}: interrupted", file=sys.stderr)
+        return 130
+    progress.close()
+    if args.json is None or str(args.json) != "-":
+        for line in payload.get("summary", []):
+            print(line)
+    _write_json(args, payload.get("result", {}), code)
+    return code
+
+
+def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) -> None:
+    if not getattr(args, "json", None):
+        return
+    doc = {"command": args.command, "exit_code": code, **payload}
+    if str(args.json) == "-":
+        print(json.dumps(doc, indent=2, default=str))
+    else:
+        from edgeship._io import atomic_write_json
+
+        atomic_write_json(args.json, doc)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The one error hierarchy of edgeship.
+
+Library code raises these; only the CLI turns them into exit codes
+(see :data:`EXIT_CODES`). Messages say what failed, the values involved and the
+next step, on one line.
+"""
+
+from __future__ import annotations
+
+
+class EdgeshipError(Exception):
+    """Base class of every error edgeship raises on purpose."""
+
+    exit_code: int = 1
+
+
+class InputError(EdgeshipError):
+    """Bad user input: a missing or unreadable file, a wrong model, an odd folder."""
+
+
+class OutputExistsError(InputError):
+    """An output would overwrite something that exists and ``force`` was not given."""
+
+
+class MissingDependencyError(EdgeshipError):
+    """An optional package needed for this step is not installed."""
+
+
+class ConversionError(EdgeshipError):
+    """ONNX checking, simplification or onnx2tf conversion failed."""
+
+
+class VerificationError(EdgeshipError):
+    """A converted model does not match its reference within tolerance."""
+
+
+class CalibrationError(EdgeshipError):
+    """Calibration data is unusable or quantization failed."""
+
+
+class AccuracyDriftError(EdgeshipError):
+    """A deployed model drifted from its float reference beyond the target's budget."""
+
+    exit_code = 3
+
+    def __init__(self, message: str, failures: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.failures = list(failures or [])
+
+
+class TargetError(EdgeshipError):
+    """An unknown or invalid target profile."""
+
+
+class DeviceError(EdgeshipError):
+    """A remote device (ssh, adb) or emulator could not be reached or used."""
+
+
+#: Exit codes of the ``edgeship`` command.
+EXIT_CODES = {
+    "ok": 0,
+    "error": 1,
+    "usage": 2,
+    "accuracy_drift": 3,
+}
+
+__all__ = [
+    "EdgeshipError",
+    "InputError",
+    "OutputExistsError",
+    "MissingDependencyError",
+    "ConversionError",
+    "VerificationError",
+    "CalibrationError",
+    "AccuracyDriftError",
+    "TargetError",
+    "DeviceError",
+    "EXIT_CODES",
+]

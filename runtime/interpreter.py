@@ -1,0 +1,213 @@
+"""Find a TFLite interpreter and run a model with I/O (de)quantization.
+
+Preference order: ``ai_edge_litert`` (XNNPACK for float and int8), then
+``tflite_runtime`` (no XNNPACK for int8 models in 2.14: much slower), then
+TensorFlow's ``tf.lite`` (host only). Nothing here imports TensorFlow unless the
+first two are missing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from edgeship.errors import InputError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+#: Interpreter packages, fastest first.
+BACKENDS = ("ai_edge_litert", "tflite_runtime", "tensorflow")
+_MODULES = {
+    "ai_edge_litert": "ai_edge_litert.interpreter",
+    "tflite_runtime": "tflite_runtime.interpreter",
+    "tensorflow": "tensorflow.lite",
+}
+
+
+def _import_backend(name: str) -> Any:
+    module = importlib.import_module(_MODULES[name])
+    return module.Interpreter if name != "tensorflow" else module.Interpreter
+
+
+def available_backends() -> list[str]:
+    """Installed interpreter packages, in preference order (imports each light one)."""
+    found = []
+    for name in BACKENDS:
+        if name == "tensorflow" and found:
+            break  # never import TensorFlow just to list it
+        try:
+            _import_backend(name)
+            found.append(name)
+        except ImportError:
+            continue
+    return found
+
+
+def backend_version(name: str) -> str | None:
+    from importlib import metadata
+
+    dist = {"ai_edge_litert": "ai-edge-litert", "tflite_runtime": "tflite-runtime"}.get(name, name)
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass(frozen=True)
+class IOSpec:
+    """One model tensor as the interpreter reports it."""
+
+    name: str
+    index: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scale: float
+    zero_point: int
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in (np.int8, np.uint8, np.int16) and self.scale > 0
+
+
+class TFLiteModel:
+    """A loaded TFLite model: float in, float out, whatever its I/O dtypes are.
+
+    Args:
+        model: Path to a ``.tflite`` file (or its bytes).
+        num_threads: Interpreter threads (None: the interpreter's default).
+        use_xnnpack: Apply the XNNPACK delegate (the default CPU fast path).
+        backend: Force one of :data:`BACKENDS`; default picks the fastest installed.
+    """
+
+    def __init__(self, model: str | os.PathLike[str] | bytes, *, num_threads: int | None = None,
+                 use_xnnpack: bool = True, backend: str | None = None) -> None:
+        self.backend = backend or _pick_backend()
+        Interpreter = _import_backend(self.backend)
+        kwargs: dict[str, Any] = {}
+        if isinstance(model, (bytes, bytearray)):
+            kwargs["model_content"] = bytes(model)
+            self.path: Path | None = None
+        else:
+            self.path = Path(model)
+            if not self.path.is_file():
+                raise InputError(f"model {self.path} does not exist")
+            kwargs["model_path"] = str(self.path)
+        if num_threads is not None:
+            kwargs["num_threads"] = int(num_threads)
+        self.delegate = "xnnpack" if use_xnnpack else "none"
+        if not use_xnnpack:
+            kwargs["experimental_op_resolver_type"] = _resolver(self.backend, "BUILTIN_WITHOUT_DEFAULT_DELEGATES")
+        try:
+            self.interpreter = Interpreter(**kwargs)
+            self.interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise InputError(f"cannot load TFLite model {self.path or '<bytes>'}: {exc}") from exc
+        self.inputs = [self._spec(d) for d in self.interpreter.get_input_details()]
+        self.outputs = [self._spec(d) for d in self.interpreter.get_output_details()]
+        if self.backend == "tflite_runtime" and self.inputs and self.inputs[0].quantized:
+            log.warning("tflite-runtime does not use XNNPACK for int8 models; install ai-edge-litert for the fast path")
+            self.delegate = "none (tflite-runtime int8: reference kernels)"
+
+    @staticmethod
+    def _spec(d: dict[str, Any]) -> IOSpec:
+        scale, zp = d.get("quantization", (0.0, 0))
+        return IOSpec(d["name"], d["index"], tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]),
+                      float(scale), int(zp))
+
+    @property
+    def input(self) -> IOSpec:
+        return self.inputs[0]
+
+    @property
+    def output(self) -> IOSpec:
+        return self.outputs[0]
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """Float input -> the model's input dtype (quantized with its scale/zero point)."""
+        spec = self.input
+        if not spec.quantized:
+            return x.astype(spec.dtype, copy=False)
+        info = np.iinfo(spec.dtype)
+        q = np.round(x / np.float32(spec.scale)) + spec.zero_point
+        return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+    def dequantize_output(self, y: np.ndarray, spec: IOSpec | None = None) -> np.ndarray:
+        spec = spec or self.output
+        if not spec.quantized:
+            return y.astype(np.float32, copy=False)
+        return (y.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
+
+    def set_raw_input(self, x: np.ndarray) -> None:
+        """Set the already-typed input tensor (no conversion)."""
+        if tuple(x.shape) != self.input.shape:
+            raise InputError(f"input shape {tuple(x.shape)} does not match the model's {self.input.shape}")
+        self.interpreter.set_tensor(self.input.index, x)
+
+    def invoke(self) -> None:
+        self.interpreter.invoke()
+
+    def raw_output(self) -> np.ndarray:
+        return self.interpreter.get_tensor(self.output.index)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Float input in the model's layout and shape -> float output."""
+        self.set_raw_input(self.quantize_input(np.asarray(x, dtype=np.float32)))
+        self.invoke()
+        return self.dequantize_output(self.raw_output())
+
+    def run_batched(self, x: np.ndarray) -> np.ndarray:
+        """Run any number of samples through the model's fixed batch size (padding the last group)."""
+        step = self.input.shape[0]
+        outs = []
+        for start in range(0, len(x), step):
+            chunk = x[start:start + step]
+            pad = step - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            y = self.run(chunk)
+            outs.append(y[: step - pad])
+        return np.concatenate(outs, axis=0)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "interpreter": self.backend,
+            "interpreter_version": backend_version(self.backend),
+            "delegate": self.delegate,
+            "input": {"shape": list(self.input.shape), "dtype": self.input.dtype.name,
+                      "scale": self.input.scale, "zero_point": self.input.zero_point},
+            "output": {"shape": list(self.output.shape), "dtype": self.output.dtype.name,
+                       "scale": self.output.scale, "zero_point": self.output.zero_point},
+        }
+
+    def op_names(self) -> list[str]:
+        """Builtin op names in execution order (for reports and tests)."""
+        return [d["op_name"] for d in self.interpreter._get_ops_details()]  # noqa: SLF001
+
+
+def _resolver(backend: str, name: str) -> Any:
+    module = importlib.import_module(_MODULES[backend].rsplit(".", 1)[0] + ".interpreter"
+                                     if backend != "tensorflow" else "tensorflow.lite.experimental")
+    return getattr(module.OpResolverType, name)
+
+
+def _pick_backend() -> str:
+    for name in BACKENDS:
+        try:
+            _import_backend(name)
+            return name
+        except ImportError:
+            continue
+    raise MissingDependencyError(
+        "no TFLite interpreter found: pip install ai-edge-litert (or tflite-runtime on 32-bit ARM)"
+    )
+
+
+def run_many(model: TFLiteModel, inputs: Sequence[np.ndarray]) -> np.ndarray:
+    """Run each ``[1, ...]`` input and stack the float outputs."""
+    return np.concatenate([model.run(x) for x in inputs], axis=0)

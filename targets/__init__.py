@@ -1,0 +1,1 @@
+"""Target profiles: what each device needs and its accuracy-drift budget."""

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny ONNX models built in code, and the real shared assets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship._assets import shared_assets
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+ASSETS = shared_assets()
+needs_assets = pytest.mark.skipif(ASSETS is None, reason="shared assets not found: set EDGE_ASSETS or check out ../shared")
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    if ASSETS is None:
+        pytest.skip("shared assets not found: set EDGE_ASSETS or check out ../shared")
+    return ASSETS
+
+
+def tiny_classifier(*, opset: int = 13, ir_version: int | None = 8, batch: int | str = "N",
+                    size: int = 32, classes: int = 10, init_as_inputs: bool = False, seed: int = 0):
+    """Conv -> Relu -> Conv -> Add (residual) -> GlobalAveragePool -> Flatten -> Gemm."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def init(name: str, shape: tuple[int, ...], scale: float = 0.3) -> onnx.TensorProto:
+        return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
+
+    inits = [init("w1", (8, 3, 3, 3)), init("b1", (8,), 0.1), init("w2", (8, 8, 1, 1)), init("b2", (8,), 0.1),
+             init("wf", (classes, 8)), init("bf", (classes,), 0.1)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"]),
+        helper.make_node("Add", ["c2", "r1"], ["a"]),
+        helper.make_node("GlobalAveragePool", ["a"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])]
+    if init_as_inputs:
+        inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
+    graph = helper.make_graph(nodes, "tiny", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgeship-tests")
+    if ir_version is not None:
+        model.ir_version = ir_version
+    onnx.checker.check_model(model)
+    return model
+
+
+def two_input_model():
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["y"])], "two",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3, 8, 8]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def vector_input_model():
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["a"], ["y"])], "vec",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def save(model, path: Path) -> Path:
+    import onnx
+
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save(tiny_classifier(), tmp_path_factory.mktemp("models") / "tiny.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_op7(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = tiny_classifier(opset=7, ir_version=3, init_as_inputs=True)
+    return save(model, tmp_path_factory.mktemp("models") / "tiny_op7.onnx")
+
+
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A few small real-looking images in assorted formats and modes."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        arr = (rng.random((40 + i, 48, 3)) * 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"img_{i:02d}.png")
+    return folder
