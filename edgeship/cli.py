@@ -166,6 +166,35 @@ def _model_hw(model: Path) -> tuple[int, int]:
     return shape[2], shape[3]
 
 
+# ---------------------------------------------------------------- targets
+def _add_targets(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("targets", help="list or show target profiles")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    tsub.add_parser("list", help="built-in targets, one line each")
+    show = tsub.add_parser("show", help="one target's profile")
+    show.add_argument("name", help="target name or path to a .toml profile")
+    for q in (p,):
+        _add_common(q)
+    p.set_defaults(func=_cmd_targets)
+
+
+def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship.targets import list_targets, load_target
+
+    if args.action == "list":
+        targets = [load_target(n) for n in list_targets()]
+        lines = [f"{'name':<20}{'arch':<9}{'model':<9}{'I/O':<9}{'delegate':<9}{'access':<7}description"]
+        lines += [f"{t.name:<20}{t.arch.value:<9}{t.model.precision.value:<9}{t.model.io_dtype.value:<9}"
+                  f"{t.execution.delegate.value:<9}{t.access.value:<7}{t.description}" for t in targets]
+        return 0, {"summary": lines, "result": {"targets": [t.to_dict() for t in targets]}}
+    t = load_target(args.name)
+    d = t.to_dict()
+    lines = [f"{t.name}: {t.description}", f"  source: {t.source}", f"  arch: {t.arch.value}  access: {t.access.value}"]
+    for section in ("runtime", "model", "execution", "budget"):
+        lines.append(f"  [{section}] " + "  ".join(f"{k}={v}" for k, v in d[section].items()))
+    return 0, {"summary": lines, "result": {"target": d}}
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -180,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_targets]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

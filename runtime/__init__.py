@@ -5,6 +5,8 @@
 
 from edgeship.runtime.card import ModelCard as ModelCard
 from edgeship.runtime.card import Preprocessing as Preprocessing
+from edgeship.runtime.classifier import Classifier as Classifier
+from edgeship.runtime.classifier import Prediction as Prediction
 from edgeship.runtime.interpreter import TFLiteModel as TFLiteModel
 
-__all__ = ["ModelCard", "Preprocessing", "TFLiteModel"]
+__all__ = ["Classifier", "ModelCard", "Preprocessing", "Prediction", "TFLiteModel"]

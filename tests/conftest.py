@@ -108,3 +108,26 @@ def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
         arr = (rng.random((40 + i, 48, 3)) * 255).astype(np.uint8)
         Image.fromarray(arr).save(folder / f"img_{i:02d}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path, tiny_images: Path) -> Path:
+    """The tiny model converted once (float32 + float16), verified on the tiny images."""
+    from edgeship.cli import main
+
+    out = tmp_path_factory.mktemp("conv") / "tiny"
+    assert main(["convert", str(tiny_onnx), "-o", str(out), "--images", str(tiny_images), "--fp16", "-q"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_bundle(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
+    """The real MobileNetV2 (opset 13) converted once, verified on the 500 shared images, with labels."""
+    from edgeship.cli import main
+
+    out = tmp_path_factory.mktemp("real") / "mobilenetv2"
+    code = main(["convert", str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"), "-o", str(out), "-q",
+                 "--images", str(assets / "data" / "imagenet-sample"),
+                 "--labels", str(assets / "data" / "imagenet_classes.txt")])
+    assert code == 0
+    return out

@@ -66,12 +66,10 @@ def test_bad_image_folder_rejected_before_work(tmp_path: Path, tiny_onnx: Path,
 
 
 @pytest.fixture(scope="module")
-def tiny_converted(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path, tiny_images: Path) -> Path:
-    out = tmp_path_factory.mktemp("conv") / "out"
-    before = sha256_file(tiny_onnx)
-    assert main(["convert", str(tiny_onnx), "-o", str(out), "--images", str(tiny_images), "--fp16", "-q"]) == 0
-    assert sha256_file(tiny_onnx) == before, "the input model must never be modified"
-    return out
+def tiny_converted(tiny_bundle: Path, tiny_onnx: Path) -> Path:
+    report = json.loads((tiny_bundle / "convert_report.json").read_text())
+    assert sha256_file(tiny_onnx) == report["source"]["sha256"], "the input model must never be modified"
+    return tiny_bundle
 
 
 def test_tiny_outputs_and_report(tiny_converted: Path) -> None:

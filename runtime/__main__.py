@@ -1,0 +1,48 @@
+"""``python -m edgeship.runtime MODEL_OR_BUNDLE IMAGE...``: print the top-5 classes of each image.
+
+The runner a Raspberry Pi user types; needs only numpy, Pillow and a TFLite interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from edgeship.errors import EdgeshipError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from edgeship.runtime.classifier import Classifier
+
+    ap = argparse.ArgumentParser(prog="python -m edgeship.runtime", description=__doc__.splitlines()[0])
+    ap.add_argument("model", help="bundle folder (with model_card.json) or .tflite file")
+    ap.add_argument("images", nargs="+", help="image files")
+    ap.add_argument("-k", "--top-k", type=int, default=5)
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--no-xnnpack", action="store_true", help="do not apply the XNNPACK delegate")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = ap.parse_args(argv)
+    try:
+        clf = Classifier.load(args.model, num_threads=args.threads, use_xnnpack=not args.no_xnnpack)
+        results = {img: clf.predict(img, args.top_k) for img in args.images}
+    except EdgeshipError as exc:
+        print(f"edgeship.runtime: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    info = clf.describe()
+    if args.json:
+        print(json.dumps({"runtime": info, "predictions": {k: [p._asdict() for p in v] for k, v in results.items()}},
+                         indent=2))
+        return 0
+    print(f"# {info['model_file']} ({info['precision']}) on {info['interpreter']} {info['interpreter_version']}, "
+          f"delegate {info['delegate']}")
+    for img, preds in results.items():
+        print(img)
+        for p in preds:
+            print(f"  {p.probability:6.3f}  {p.class_index:5d}  {p.label}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

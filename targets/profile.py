@@ -1,0 +1,212 @@
+"""Target profiles: typed, validated data loaded from TOML files.
+
+A profile says what a device needs (CPU architecture, runtime package and the version
+range that has wheels for it, model precision and I/O dtype, threads, delegate), how it
+is reached (local, ssh, adb) and its accuracy-drift budget. Profiles ship as
+``targets/*.toml``; a path to another TOML file works too.
+"""
+
+from __future__ import annotations
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, fields
+from enum import Enum
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import TargetError
+
+
+class Arch(str, Enum):
+    X86_64 = "x86_64"
+    AARCH64 = "aarch64"
+    ARMV7L = "armv7l"
+
+
+class Precision(str, Enum):
+    INT8 = "int8"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class IODtype(str, Enum):
+    INT8 = "int8"
+    UINT8 = "uint8"
+    FLOAT32 = "float32"
+
+
+class Delegate(str, Enum):
+    XNNPACK = "xnnpack"
+    GPU = "gpu"
+    NNAPI = "nnapi"
+    NONE = "none"
+
+
+class Access(str, Enum):
+    LOCAL = "local"
+    SSH = "ssh"
+    ADB = "adb"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The interpreter package a device installs, and the versions with wheels for it."""
+
+    package: str
+    versions: str
+    python: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelNeeds:
+    """What model the target runs."""
+
+    precision: Precision
+    io_dtype: IODtype
+    int8_only: bool
+    per_tensor: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision(self.precision))
+        object.__setattr__(self, "io_dtype", IODtype(self.io_dtype))
+        if self.precision != Precision.INT8 and self.io_dtype != IODtype.FLOAT32:
+            raise ValueError(f"a {self.precision.value} model has float32 I/O, not {self.io_dtype.value}")
+
+
+@dataclass(frozen=True)
+class Execution:
+    threads: int
+    delegate: Delegate
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "delegate", Delegate(self.delegate))
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Accuracy-drift budget of the deployed model against the float reference."""
+
+    min_top1_agreement: float  # percent
+    max_top1_drop: float  # accuracy points, when labels are known
+    min_sqnr_db: float
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_top1_agreement <= 100:
+            raise ValueError(f"min_top1_agreement is a percentage, got {self.min_top1_agreement}")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One deployment target."""
+
+    name: str
+    description: str
+    arch: Arch
+    access: Access
+    runtime: Runtime
+    model: ModelNeeds
+    execution: Execution
+    budget: Budget
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "arch", Arch(self.arch))
+        object.__setattr__(self, "access", Access(self.access))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["arch"] = self.arch.value
+        d["access"] = self.access.value
+        d["model"]["precision"] = self.model.precision.value
+        d["model"]["io_dtype"] = self.model.io_dtype.value
+        d["execution"]["delegate"] = self.execution.delegate.value
+        return d
+
+
+_SECTIONS: dict[str, type] = {"runtime": Runtime, "model": ModelNeeds, "execution": Execution, "budget": Budget}
+_TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
+
+
+def _typed(cls: type, data: Any, where: str, source: str, skip: frozenset[str] = frozenset()) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise TargetError(f"{source}: [{where}] must be a table")
+    known = {f.name: f for f in fields(cls) if f.name not in skip}
+    for key in data:
+        if key not in known:
+            raise TargetError(f"{source}: unknown key '{where}.{key}' (valid: {', '.join(known)})")
+    for name, f in known.items():
+        if name not in data:
+            if f.default is MISSING:
+                raise TargetError(f"{source}: missing key '{where}.{name}'")
+            continue
+        want = _expected_type(f.type)
+        value = data[name]
+        if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise TargetError(f"{source}: key '{where}.{name}' must be {f.type.lower()}, got {type(value).__name__} {value!r}")
+    return dict(data)
+
+
+def _expected_type(annotation: Any) -> Any:
+    text = str(annotation)
+    for name, typ in _TYPES.items():
+        if text == name:
+            return typ
+    return str if text in {"Arch", "Access", "Precision", "IODtype", "Delegate"} else None
+
+
+def parse_target(data: dict[str, Any], source: str) -> Target:
+    """Build a validated :class:`Target` from parsed TOML data."""
+    top = _typed(Target, {k: v for k, v in data.items() if k not in _SECTIONS}, "target", source,
+                 skip=frozenset(_SECTIONS) | {"source"})
+    for section in _SECTIONS:
+        if section not in data:
+            raise TargetError(f"{source}: missing section [{section}]")
+    try:
+        parts = {s: cls(**_typed(cls, data[s], s, source)) for s, cls in _SECTIONS.items()}
+        return Target(**top, **parts, source=source)
+    except ValueError as exc:
+        raise TargetError(f"{source}: {exc}") from exc
+
+
+def _builtin_files() -> dict[str, Any]:
+    root = resources.files("edgeship.targets")
+    return {p.name[:-5]: p for p in root.iterdir() if p.name.endswith(".toml")}
+
+
+def list_targets() -> list[str]:
+    """Names of the built-in targets."""
+    return sorted(_builtin_files())
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    """Load a built-in target by name, or a TOML profile by path.
+
+    Raises:
+        TargetError: Unknown name (the message lists the valid ones) or an invalid file.
+    """
+    text_name = str(name_or_path)
+    builtin = _builtin_files()
+    if text_name in builtin:
+        source, text = f"targets/{text_name}.toml", builtin[text_name].read_text(encoding="utf-8")
+    elif text_name.endswith(".toml") or Path(text_name).is_file():
+        path = Path(text_name)
+        if not path.is_file():
+            raise TargetError(f"target file {path} does not exist")
+        source, text = str(path), path.read_text(encoding="utf-8")
+    else:
+        raise TargetError(f"unknown target '{text_name}'; valid targets: {', '.join(sorted(builtin))} "
+                          "(or a path to a .toml profile)")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise TargetError(f"{source}: not valid TOML: {exc}") from exc
+    target = parse_target(data, source)
+    if text_name in builtin and target.name != text_name:
+        raise TargetError(f"{source}: name '{target.name}' does not match the file name")
+    return target
