@@ -166,6 +166,75 @@ def _model_hw(model: Path) -> tuple[int, int]:
     return shape[2], shape[3]
 
 
+# ---------------------------------------------------------------- quantize
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    from edgeship.quantize.options import CalibrationMethod, IODtype
+
+    p = sub.add_parser("quantize", help="int8 post-training quantization from calibration images",
+                       description="Quantize to a full-integer int8 TFLite, measure drift against the float "
+                                   "model and explain it per layer.")
+    p.add_argument("model", type=Path, help="ONNX model, or the output folder of `edgeship convert`")
+    p.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (may be the convert folder)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--num-calib", type=int, default=200, help="calibration images (default 200; all when fewer)")
+    g.add_argument("--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)")
+    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="minmax",
+                   help="activation range method (default minmax)")
+    g.add_argument("--percentile", type=float, default=99.99, help="kept mass for --method percentile")
+    q = p.add_argument_group("model")
+    q.add_argument("--io", choices=[d.value for d in IODtype], help="input/output dtype (default: the target's, else int8)")
+    q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (accelerators that need them)")
+    q.add_argument("--equalize", action="store_true", help="cross-layer equalization + bias correction first")
+    q.add_argument("--target", help="target profile: default I/O dtype and per-tensor from it")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: the calibration "
+                   "folder's images not used for calibration)")
+    e.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
+    e.add_argument("--max-drop", type=float, help="accuracy-aware: keep layers in float until the top-1 "
+                   "agreement drop is at most this many points (exit 3 if impossible)")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_common(p)
+    p.set_defaults(func=_cmd_quantize)
+
+
+def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship.quantize import QuantizeOptions, quantize
+
+    io, per_tensor = args.io, args.per_tensor
+    if args.target:
+        from edgeship.targets import load_target
+
+        target = load_target(args.target)
+        io = io or target.model.io_dtype.value
+        per_tensor = per_tensor or target.model.per_tensor
+    options = QuantizeOptions(num_calib=args.num_calib, seed=args.seed, method=args.method,
+                              percentile=args.percentile, io=io or "int8", per_tensor=per_tensor,
+                              equalize=args.equalize, eval_dir=args.eval_dir, max_eval=args.max_eval,
+                              max_drop=args.max_drop, force=args.force)
+    result = quantize(args.model, args.calib, args.out, options=options, progress=progress)
+    return 0, {"summary": _quant_summary(result.report), "result": {"out_dir": str(result.out_dir),
+                                                                     "report": result.report}}
+
+
+def _quant_summary(report: dict[str, Any]) -> list[str]:
+    f, s = report["figures"], report["sizes"]
+    lines = [f"wrote {report['output']} ({s['int8'] / 1e6:.2f} MB, {s['ratio']:.1f}x smaller than float32) "
+             f"in {report['timings_s']['total']:.1f} s",
+             f"  calibrated on {report['calibration']['count']} images ({report['options']['method']}), "
+             f"evaluated on {report['evaluation']['count']} others",
+             f"  top-1 agreement {100 * f['top1_agreement']:.2f}%  mean cosine {f['mean_cosine']:.4f}  "
+             f"min cosine {f['min_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB"]
+    if f.get("ref_top1") is not None:
+        lines.append(f"  top-1 accuracy float {100 * f['ref_top1']:.1f}% -> int8 {100 * f['cand_top1']:.1f}%  "
+                     f"top-5 {100 * f['ref_top5']:.1f}% -> {100 * f['cand_top5']:.1f}%")
+    worst = report["worst_layers"][:3]
+    if worst:
+        lines.append("  worst layers: " + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} "
+                                                     f"{w['sqnr_db']:.1f} dB" for w in worst))
+    return lines
+
+
 # ---------------------------------------------------------------- targets
 def _add_targets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("targets", help="list or show target profiles")
@@ -209,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_targets]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_targets]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -190,6 +190,20 @@ class TFLiteModel:
         return [d["op_name"] for d in self.interpreter._get_ops_details()]  # noqa: SLF001
 
 
+def debug_interpreter(model: bytes) -> Any:
+    """A raw interpreter with every intermediate tensor kept and no delegate.
+
+    Delegates (XNNPACK) compute inside their own buffers, so intermediate tensors are
+    only meaningful without them.
+    """
+    backend = _pick_backend()
+    interp = _import_backend(backend)(
+        model_content=model, experimental_preserve_all_tensors=True,
+        experimental_op_resolver_type=_resolver(backend, "BUILTIN_WITHOUT_DEFAULT_DELEGATES"))
+    interp.allocate_tensors()
+    return interp
+
+
 def _resolver(backend: str, name: str) -> Any:
     module = importlib.import_module(_MODULES[backend].rsplit(".", 1)[0] + ".interpreter"
                                      if backend != "tensorflow" else "tensorflow.lite.experimental")

@@ -1,0 +1,83 @@
+"""Typed options of the quantize stage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from edgeship.errors import InputError
+
+
+class CalibrationMethod(str, Enum):
+    """How activation ranges are chosen from the calibration data."""
+
+    MINMAX = "minmax"  # TensorFlow's calibrator: the observed min and max
+    PERCENTILE = "percentile"  # clip the tails of each activation's distribution
+    MSE = "mse"  # the clipping range that minimises the expected quantization MSE
+
+
+class IODtype(str, Enum):
+    INT8 = "int8"
+    UINT8 = "uint8"
+    FLOAT32 = "float32"
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """Options of :func:`edgeship.quantize.quantize`.
+
+    Attributes:
+        num_calib: Calibration images to use (all when fewer are available).
+        seed: Seeded random choice of calibration images (None: the first ones by name).
+        method: Activation range method.
+        percentile: Kept mass for ``percentile`` (e.g. 99.99 clips 0.01 % of each tail).
+        io: Input/output dtype of the quantized model.
+        per_tensor: Per-tensor weights (for accelerators that need them) instead of per-channel.
+        equalize: Cross-layer equalization + bias correction before quantizing.
+        eval_dir: Images to measure drift on (None: a held-apart split of the calibration folder).
+        eval_split: When ``eval_dir`` is None, calibrate on the first ``1 - eval_split`` of the
+            sorted folder and evaluate on the rest.
+        max_eval: Evaluate on at most this many images.
+        max_drop: Top-1 agreement drop budget (points) for accuracy-aware mode; None: off.
+        max_float_layers: At most this many layers kept in float by accuracy-aware mode.
+        min_calib: Fewer usable calibration images than this is an error.
+        force: Replace existing outputs.
+    """
+
+    num_calib: int = 200
+    seed: int | None = None
+    method: CalibrationMethod = CalibrationMethod.MINMAX
+    percentile: float = 99.99
+    io: IODtype = IODtype.INT8
+    per_tensor: bool = False
+    equalize: bool = False
+    eval_dir: Path | None = None
+    eval_split: float = 0.2
+    max_eval: int | None = None
+    max_drop: float | None = None
+    max_float_layers: int = 8
+    min_calib: int = 10
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", CalibrationMethod(self.method))
+        object.__setattr__(self, "io", IODtype(self.io))
+        if self.num_calib < 1:
+            raise InputError(f"num_calib must be >= 1, got {self.num_calib}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise InputError(f"percentile must be in (50, 100], got {self.percentile}")
+        if not 0.0 < self.eval_split < 1.0:
+            raise InputError(f"eval_split must be in (0, 1), got {self.eval_split}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise InputError(f"max_drop must be >= 0 points, got {self.max_drop}")
+        if self.min_calib < 1:
+            raise InputError(f"min_calib must be >= 1, got {self.min_calib}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["method"] = self.method.value
+        d["io"] = self.io.value
+        d["eval_dir"] = str(self.eval_dir) if self.eval_dir else None
+        return d

@@ -1,0 +1,291 @@
+"""``quantize``: int8 post-training quantization from a folder of calibration images."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from edgeship._deps import HOST_TOOLS, versions
+from edgeship._io import atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
+from edgeship._progress import Progress, Timer, silent
+from edgeship.convert import pipeline as conv
+from edgeship.convert.verify import load_pixels, run_tflite
+from edgeship.errors import AccuracyDriftError, CalibrationError, InputError
+from edgeship.quantize import layers, ranges, tflite_quant
+from edgeship.quantize.options import QuantizeOptions
+from edgeship.runtime.card import CARD_FILE, ModelCard, TensorSpec
+from edgeship.runtime.images import ImageSet, Labels, list_images, normalize
+from edgeship.runtime.interpreter import TFLiteModel
+from edgeship.runtime.metrics import DriftFigures, compare
+
+log = logging.getLogger(__name__)
+
+INT8_FILE = "model_int8.tflite"
+INT8_CARD = "model_int8.card.json"
+OVER_BUDGET_FILE = "model_int8_OVER_BUDGET.tflite"
+REPORT_FILE = "quant_report.json"
+LAYER_PLOT = "layer_errors.png"
+LAYER_SAMPLES = 16
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """What :func:`quantize` produced."""
+
+    out_dir: Path
+    model_path: Path
+    card: ModelCard
+    figures: DriftFigures
+    report: dict[str, Any] = field(repr=False)
+    within_budget: bool = True
+
+
+@dataclass(frozen=True)
+class _Source:
+    folder: Path
+    card: ModelCard
+    labels: Labels | None
+
+
+def output_names() -> list[str]:
+    return [INT8_FILE, INT8_CARD, REPORT_FILE, LAYER_PLOT, OVER_BUDGET_FILE]
+
+
+def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str], out_dir: str | os.PathLike[str],
+             *, options: QuantizeOptions = QuantizeOptions(), progress: Progress = silent) -> QuantizeResult:
+    """Quantize a model to a full-integer int8 TFLite and measure how far it drifted.
+
+    Args:
+        model: An ONNX file (converted first, into ``out_dir``) or the output folder of
+            a previous ``convert``.
+        calibration: Folder of calibration images (JPEG, PNG, BMP, WebP; any mode).
+        out_dir: Output folder (may be the convert folder itself).
+        options: See :class:`QuantizeOptions`.
+        progress: Progress hook.
+
+    Raises:
+        InputError: Bad model path or image folder, or outputs exist without ``force``.
+        CalibrationError: Too few usable calibration images or the quantizer failed.
+        AccuracyDriftError: ``max_drop`` given and still over budget after keeping
+            layers in float (the best model is written as ``model_int8_OVER_BUDGET.tflite``).
+    """
+    started = time.perf_counter()
+    timer = Timer(progress)
+    model, out_dir = Path(model), Path(out_dir)
+    calib_set, eval_set = _split_images(Path(calibration), options)
+    check_outputs_free(out_dir, output_names(), force=options.force)
+    source = _float_source(model, out_dir, options, progress)
+    prep = source.card.preprocessing
+    with staged_output(out_dir, output_names(), force=options.force) as stage:
+        with timer.stage("load images"):
+            calib_px = load_pixels(calib_set, prep, progress)
+            eval_px = load_pixels(eval_set, prep, progress)
+        samples = _sampler(calib_px, prep)
+        with timer.stage("calibrate"):
+            calibrated = tflite_quant.calibrate(source.folder / conv.SAVED_MODEL_DIR, samples)
+            calibrated, range_report = _apply_range_method(calibrated, samples, options, progress)
+        with timer.stage("quantize"):
+            quant = tflite_quant.quantize_calibrated(calibrated, io_dtype=options.io.value,
+                                                     per_tensor=options.per_tensor)
+        float_path = source.folder / source.card.model_file
+        truth = eval_set.labels_for(source.labels)
+        with timer.stage("evaluate"):
+            reference = run_tflite(float_path, eval_px, prep, progress=progress, label="run float reference")
+            figs = _evaluate(quant, eval_px, prep, reference, truth, stage, progress)
+        with timer.stage("per-layer"):
+            layer_errs = layers.layer_errors(calibrated, quant, _sampler(eval_px[:LAYER_SAMPLES], prep)())
+        kept: list[dict[str, Any]] = []
+        within = True
+        if options.max_drop is not None:
+            with timer.stage("accuracy-aware"):
+                quant, figs, kept, within = _accuracy_aware(calibrated, quant, figs, layer_errs, eval_px, prep,
+                                                            reference, truth, stage, options, progress)
+        final_name = INT8_FILE if within else OVER_BUDGET_FILE
+        atomic_write_bytes(stage / final_name, quant)
+        layers.plot_worst(layer_errs, stage / LAYER_PLOT,
+                          title=f"worst tensors, {options.method.value} calibration "
+                                f"({'per-tensor' if options.per_tensor else 'per-channel'})")
+        card = _int8_card(stage / final_name, final_name, source.card)
+        atomic_write_json(stage / INT8_CARD, card.to_dict())
+        float_size = float_path.stat().st_size
+        report = {
+            "edgeship_report": "quantize",
+            "source": {"folder": str(source.folder), "float_model": source.card.model_file,
+                       "source_model": source.card.source_model, "source_sha256": source.card.source_sha256},
+            "options": options.to_dict(),
+            "calibration": _image_report(calib_set),
+            "evaluation": {**_image_report(eval_set), "held_apart_from_calibration": options.eval_dir is None},
+            "ranges": range_report,
+            "figures": figs.to_dict(),
+            "sizes": {"float32": float_size, "int8": len(quant), "ratio": round(float_size / len(quant), 2)},
+            "ops": _op_histogram(quant),
+            "worst_layers": [e.to_dict() for e in layer_errs[:10]],
+            "layer_count": len(layer_errs),
+            "accuracy_aware": {"max_drop": options.max_drop, "kept_in_float": kept, "within_budget": within},
+            "output": final_name,
+            "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
+            "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
+        }
+        atomic_write_json(stage / REPORT_FILE, report)
+        if not within:
+            # Publish the best model under a name that says it failed, then tell the caller.
+            pass
+    result = QuantizeResult(out_dir, out_dir / final_name, card, figs, report, within)
+    if not within:
+        raise AccuracyDriftError(
+            f"int8 model still over the --max-drop budget of {options.max_drop} points after keeping "
+            f"{len(kept)} layer(s) in float: top-1 agreement {100 * figs.top1_agreement:.2f}%; best model kept "
+            f"as {out_dir / OVER_BUDGET_FILE}", [f"top1_agreement {100 * figs.top1_agreement:.2f}%"])
+    return result
+
+
+def _split_images(folder: Path, options: QuantizeOptions) -> tuple[ImageSet, ImageSet]:
+    """Calibration images and the evaluation images (never the same files)."""
+    images = list_images(folder, minimum=0)
+    if len(images) < options.min_calib:
+        raise CalibrationError(
+            f"{folder} has {len(images)} usable image(s) ({len(images.skipped)} other file(s) skipped); "
+            f"calibration needs at least {options.min_calib}")
+    if options.eval_dir is not None:
+        evals = list_images(options.eval_dir, minimum=1)
+        calib = images.sample(options.num_calib, seed=options.seed)
+        overlap = {f.resolve() for f in calib.files} & {f.resolve() for f in evals.files}
+        if overlap:
+            raise InputError(f"{len(overlap)} evaluation image(s) are also calibration images "
+                             f"(e.g. {sorted(overlap)[0]}); keep the two sets apart")
+    elif len(images) > options.num_calib and len(images) - options.num_calib >= 1:
+        chosen = images.sample(options.num_calib, seed=options.seed)
+        picked = set(chosen.files)
+        calib = chosen
+        evals = images.subset([i for i, f in enumerate(images.files) if f not in picked])
+    else:
+        n_eval = max(1, round(len(images) * options.eval_split))
+        calib, evals = images.split(len(images) - n_eval)
+        calib = calib.sample(options.num_calib, seed=options.seed)
+    if len(calib) < options.min_calib:
+        raise CalibrationError(f"only {len(calib)} calibration image(s) left after holding out "
+                               f"{len(evals)} for evaluation; at least {options.min_calib} needed")
+    if options.max_eval:
+        evals = evals.sample(options.max_eval)
+    return calib, evals
+
+
+def _float_source(model: Path, out_dir: Path, options: QuantizeOptions, progress: Progress) -> _Source:
+    """The float model to quantize: a convert folder, or convert the ONNX file first."""
+    if model.is_dir():
+        card_path = model / CARD_FILE
+        if not card_path.is_file() or not (model / conv.SAVED_MODEL_DIR / "saved_model.pb").is_file():
+            raise InputError(f"{model} is not an edgeship convert folder (needs {CARD_FILE} and "
+                             f"{conv.SAVED_MODEL_DIR}/); pass the ONNX model or run `edgeship convert` first")
+        card = ModelCard.load(card_path)
+    elif model.suffix.lower() == ".onnx" or model.is_file():
+        folder = out_dir
+        if (folder / CARD_FILE).is_file() and (folder / conv.SAVED_MODEL_DIR).is_dir() and not options.force:
+            log.info("reusing the conversion in %s", folder)
+        else:
+            conv.convert(model, folder, options=conv.ConvertOptions(force=options.force), progress=progress)
+        return _float_source(folder, out_dir, options, progress)
+    else:
+        raise InputError(f"model {model} does not exist")
+    labels = Labels.load(model / card.labels_file) if card.labels_file and (model / card.labels_file).is_file() else None
+    return _Source(model, card, labels)
+
+
+def _sampler(pixels: np.ndarray, prep: Any) -> Callable[[], Iterable[np.ndarray]]:
+    def gen() -> Iterable[np.ndarray]:
+        for i in range(len(pixels)):
+            yield normalize(pixels[i:i + 1], prep)
+
+    return gen
+
+
+def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.ndarray]], options: QuantizeOptions,
+                        progress: Progress) -> tuple[bytes, dict[str, Any]]:
+    recorded = tflite_quant.read_ranges(calibrated)
+    report: dict[str, Any] = {"method": options.method.value, "tensors": len(recorded)}
+    if options.method.value == "minmax":
+        return calibrated, report
+    n = sum(1 for _ in samples())
+    hists = ranges.collect_histograms(calibrated, recorded, samples(),
+                                      progress=lambda k: progress("histograms", k, n))
+    # The model input's range is known exactly from preprocessing, and clipping the final
+    # scores would change the arg-max: both keep their observed range.
+    from edgeship.runtime.interpreter import TFLiteModel as _M
+
+    m = _M(calibrated)
+    keep = {m.input.index, m.output.index}
+    new = ranges.choose_ranges(hists, options.method, options.percentile, keep=keep)
+    shrink = [(hi - lo) / max(recorded[i][2] - recorded[i][1], 1e-12) for i, (lo, hi) in new.items()]
+    report.update({"adjusted": len(new), "mean_range_fraction": float(np.mean(shrink)) if shrink else 1.0})
+    return tflite_quant.set_ranges(calibrated, new), report
+
+
+def _evaluate(quant: bytes, pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None],
+              stage: Path, progress: Progress, label: str = "run int8") -> DriftFigures:
+    tmp = stage / ".eval.tflite"
+    atomic_write_bytes(tmp, quant)
+    try:
+        got = run_tflite(tmp, pixels, prep, progress=progress, label=label)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return compare(reference, got, truth)
+
+
+def _accuracy_aware(calibrated: bytes, quant: bytes, figs: DriftFigures, errs: list[layers.LayerError],
+                    pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None], stage: Path,
+                    options: QuantizeOptions, progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
+    """Keep the most harmful layers in float one at a time until the drop is inside the budget."""
+    budget = options.max_drop or 0.0
+    drop = 100.0 * (1 - figs.top1_agreement)
+    kept: list[dict[str, Any]] = []
+    denied: list[str] = []
+    best = (quant, figs)
+    for err in errs[: options.max_float_layers]:
+        if drop <= budget:
+            break
+        denied.append(err.name)
+        candidate = tflite_quant.quantize_calibrated(calibrated, io_dtype=options.io.value,
+                                                     per_tensor=options.per_tensor, denylisted_nodes=denied)
+        cfigs = _evaluate(candidate, pixels, prep, reference, truth, stage, progress,
+                          label=f"re-measure with {len(denied)} float layer(s)")
+        drop = 100.0 * (1 - cfigs.top1_agreement)
+        kept.append({"layer": err.name, "op": err.op, "sqnr_db": err.sqnr_db, "size_bytes": len(candidate),
+                     "top1_agreement": cfigs.top1_agreement, "mean_cosine": cfigs.mean_cosine})
+        if cfigs.top1_agreement >= best[1].top1_agreement:
+            best = (candidate, cfigs)
+    within = 100.0 * (1 - best[1].top1_agreement) <= budget
+    return best[0], best[1], kept, within
+
+
+def _int8_card(path: Path, file_name: str, float_card: ModelCard) -> ModelCard:
+    m = TFLiteModel(path)
+    i, o = m.input, m.output
+    return float_card.with_(
+        model_file=file_name,
+        precision="int8",
+        input=TensorSpec(i.name, i.shape, i.dtype.name, float_card.input.layout, i.scale or None,
+                         i.zero_point if i.quantized else None),
+        output=TensorSpec(o.name, o.shape, o.dtype.name, None, o.scale or None, o.zero_point if o.quantized else None),
+    )
+
+
+def _image_report(images: ImageSet) -> dict[str, Any]:
+    names = "\n".join(str(f.relative_to(images.root)) for f in images.files)
+    return {"folder": str(images.root), "count": len(images), "skipped_files": len(images.skipped),
+            "first": images.files[0].name if images.files else None,
+            "last": images.files[-1].name if images.files else None,
+            "file_list_sha256": hashlib.sha256(names.encode()).hexdigest()}
+
+
+def _op_histogram(model: bytes) -> dict[str, int]:
+    from collections import Counter
+
+    return dict(Counter(tflite_quant.op_names(model)).most_common())

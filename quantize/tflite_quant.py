@@ -1,0 +1,109 @@
+"""TensorFlow Lite's own quantizer, driven in two steps.
+
+1. ``calibrate``: TFLiteConverter with a representative dataset in calibrate-only mode
+   gives a float model whose activation tensors carry the observed min/max.
+2. ``quantize_calibrated``: TFLite's MLIR quantizer turns that into a full-integer
+   model (per-channel or per-tensor weights; int8/uint8/float I/O; optional float
+   "denylisted" nodes for selective quantization).
+
+Between the two, edgeship may replace the recorded ranges (percentile, MSE) with
+:func:`set_ranges`; the quantization arithmetic itself stays TensorFlow's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from edgeship._deps import require
+from edgeship.errors import CalibrationError
+
+log = logging.getLogger(__name__)
+
+
+def _tf() -> Any:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return require("tensorflow", purpose="quantize models")
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """TensorFlow's converter prints to stdout/stderr from C++; keep library output clean."""
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+
+
+def calibrate(saved_model: Path, samples: Callable[[], Iterable[np.ndarray]]) -> bytes:
+    """A float TFLite model with calibrated min/max on every activation tensor."""
+    tf = _tf()
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = lambda: ([x] for x in samples())
+    converter._experimental_calibrate_only = True  # noqa: SLF001 - the documented two-step path
+    try:
+        with _quiet():
+            return bytes(converter.convert())
+    except Exception as exc:
+        raise CalibrationError(f"TensorFlow calibration failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor: bool = False,
+                        denylisted_nodes: Sequence[str] = ()) -> bytes:
+    """Full-integer model from a calibrated model (TFLite's MLIR quantizer)."""
+    tf = _tf()
+    from tensorflow.lite.python import convert as tfl_convert
+
+    dtypes = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
+    try:
+        with _quiet():
+            return bytes(tfl_convert.mlir_quantize(
+                calibrated,
+                disable_per_channel=per_tensor,
+                fully_quantize=True,
+                input_data_type=dtypes[io_dtype],
+                output_data_type=dtypes[io_dtype],
+                denylisted_nodes=list(denylisted_nodes) or None,
+            ))
+    except Exception as exc:
+        raise CalibrationError(f"TFLite quantizer failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def read_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:
+    """Recorded activation ranges: tensor index -> (name, min, max)."""
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model_from_bytearray(bytearray(calibrated))
+    found = {}
+    for i, t in enumerate(model.subgraphs[0].tensors):
+        q = t.quantization
+        if q is not None and q.min is not None and q.max is not None and len(q.min) == 1:
+            found[i] = (t.name.decode() if isinstance(t.name, bytes) else str(t.name), float(q.min[0]),
+                        float(q.max[0]))
+    return found
+
+
+def set_ranges(calibrated: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:
+    """A copy of the calibrated model with some activation ranges replaced."""
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    model = fbu.read_model_from_bytearray(bytearray(calibrated))
+    tensors = model.subgraphs[0].tensors
+    for index, (lo, hi) in ranges.items():
+        q = tensors[index].quantization
+        q.min = np.array([lo], dtype=np.float32)
+        q.max = np.array([hi], dtype=np.float32)
+    return bytes(fbu.convert_object_to_bytearray(model))
+
+
+def op_names(model: bytes) -> list[str]:
+    """Builtin ops in execution order (no delegate, so every op is listed)."""
+    from edgeship.runtime.interpreter import TFLiteModel
+
+    return TFLiteModel(model, use_xnnpack=False).op_names()
