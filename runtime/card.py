@@ -135,6 +135,8 @@ class ModelCard:
     num_classes: int = 0
     postprocessing: str = "softmax"
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: Preprocessing the *source* ONNX model expects, when it differs (input ops folded).
+    source_preprocessing: Preprocessing | None = None
     schema: int = CARD_SCHEMA
 
     def to_dict(self) -> dict[str, Any]:
@@ -143,6 +145,7 @@ class ModelCard:
         d["output"] = self.output.to_dict()
         d["preprocessing"] = self.preprocessing.to_dict()
         d["notes"] = list(self.notes)
+        d["source_preprocessing"] = self.source_preprocessing.to_dict() if self.source_preprocessing else None
         return d
 
     @classmethod
@@ -152,7 +155,14 @@ class ModelCard:
         d["output"] = TensorSpec.from_dict(d["output"])
         d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
         d["notes"] = tuple(d.get("notes", ()))
+        if d.get("source_preprocessing"):
+            d["source_preprocessing"] = Preprocessing.from_dict(d["source_preprocessing"])
         return cls(**d)
+
+    @property
+    def reference_preprocessing(self) -> Preprocessing:
+        """Preprocessing for the source ONNX model (differs when input ops were folded)."""
+        return self.source_preprocessing or self.preprocessing
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelCard":

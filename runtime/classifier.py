@@ -72,10 +72,7 @@ class Classifier:
             model_path = path / card.model_file
         else:
             model_path = path
-            card_path = path.parent / CARD_FILE
-            card = ModelCard.load(card_path) if card_path.is_file() else None  # type: ignore[assignment]
-            if card is not None and card.model_file != path.name:
-                card = card.with_(model_file=path.name)
+            card = find_card(path)  # type: ignore[assignment]
         model = TFLiteModel(model_path, num_threads=num_threads, use_xnnpack=use_xnnpack, backend=backend)
         if card is None:
             card = _card_from_model(model, path.name)
@@ -144,6 +141,17 @@ class Classifier:
 
     def describe(self) -> dict[str, Any]:
         return {**self.model.describe(), "model_file": self.card.model_file, "precision": self.card.precision}
+
+
+def find_card(model_path: Path) -> ModelCard | None:
+    """The card of a model file: ``<stem>.card.json`` beside it, else the folder's ``model_card.json``."""
+    for candidate in (model_path.with_name(model_path.stem + ".card.json"), model_path.parent / CARD_FILE):
+        if candidate.is_file():
+            card = ModelCard.load(candidate)
+            if card.model_file != model_path.name:
+                card = card.with_(model_file=model_path.name)
+            return card
+    return None
 
 
 def _card_from_model(model: TFLiteModel, file_name: str) -> ModelCard:

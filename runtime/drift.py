@@ -1,0 +1,146 @@
+"""Accuracy-drift checks: the deployed model against its float reference, per target.
+
+The device side (:func:`candidate_outputs`, also ``python -m edgeship.runtime.collect``)
+only needs the runtime; the host side (:func:`verify`) runs the ONNX reference with
+onnxruntime, compares and applies the target's budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgeship.errors import AccuracyDriftError, InputError
+from edgeship.runtime.card import ModelCard
+from edgeship.runtime.classifier import Classifier
+from edgeship.runtime.images import list_images, normalize, resize_crop
+from edgeship.runtime.metrics import DriftFigures, compare
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "drift_report.json"
+
+
+def candidate_outputs(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], *,
+                      num_threads: int | None = None, use_xnnpack: bool = True,
+                      progress: Callable[[str, int | None, int | None], None] | None = None
+                      ) -> tuple[np.ndarray, dict[str, Any]]:
+    """Dequantized outputs of the deployed model on each image, and how it ran."""
+    clf = Classifier.load(model, num_threads=num_threads, use_xnnpack=use_xnnpack)
+    rows = []
+    for i, f in enumerate(files):
+        rows.append(clf.logits(f))
+        if progress:
+            progress("run candidate", i + 1, len(files))
+    return np.stack(rows), clf.describe()
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One budget line: the measured value, the limit, and whether it passed."""
+
+    metric: str
+    value: float | None
+    limit: float
+    passed: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def check_budget(fig: DriftFigures, budget: Any) -> list[BudgetCheck]:
+    """Compare figures with a target budget (``min_top1_agreement`` %, ``max_top1_drop`` points, ``min_sqnr_db``)."""
+    agreement = 100.0 * fig.top1_agreement
+    checks = [
+        BudgetCheck("top1_agreement_pct", agreement, budget.min_top1_agreement, agreement >= budget.min_top1_agreement),
+        BudgetCheck("sqnr_db", fig.sqnr_db, budget.min_sqnr_db, fig.sqnr_db >= budget.min_sqnr_db),
+    ]
+    drop = fig.top1_drop
+    if drop is None:
+        checks.append(BudgetCheck("top1_drop_points", None, budget.max_top1_drop, True, "no labels: not checked"))
+    else:
+        checks.append(BudgetCheck("top1_drop_points", drop, budget.max_top1_drop, drop <= budget.max_top1_drop))
+    return checks
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    figures: DriftFigures
+    checks: tuple[BudgetCheck, ...]
+    report: dict[str, Any] = field(repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+
+def failure_message(target: str, checks: Sequence[BudgetCheck], extra: Sequence[str] = ()) -> str:
+    parts = [f"{c.metric} {c.value:.3f} (limit {c.limit})" for c in checks if not c.passed and c.value is not None]
+    return f"over the drift budget of target {target}: " + "; ".join([*parts, *extra])
+
+
+def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Path], card: ModelCard,
+                      progress: Callable[[str, int | None, int | None], None] | None = None) -> np.ndarray:
+    """onnxruntime outputs of the source model on the images (host only)."""
+    from edgeship.convert.onnx_model import load_model
+    from edgeship.convert.simplify import OrtRunner
+
+    prep = card.reference_preprocessing
+    runner = OrtRunner(load_model(reference_onnx))
+    rows = []
+    for i, f in enumerate(files):
+        x = normalize(resize_crop(f, prep), prep).transpose(2, 0, 1)[None]
+        rows.append(runner.run(x).reshape(-1))
+        if progress:
+            progress("run reference (onnxruntime)", i + 1, len(files))
+    return np.stack(rows)
+
+
+def io_problems(describe: dict[str, Any], target: Any) -> list[str]:
+    """What about the model's I/O does not suit the target."""
+    want = target.model.io_dtype.value
+    got_in, got_out = describe["input"]["dtype"], describe["output"]["dtype"]
+    problems = []
+    if got_in != want or got_out != want:
+        problems.append(f"model I/O is {got_in}/{got_out} but target {target.name} needs {want}")
+    return problems
+
+
+def load_truth(card: ModelCard, model_dir: Path, images: Any) -> list[int | None]:
+    from edgeship.runtime.images import Labels
+
+    if card.labels_file and (model_dir / card.labels_file).is_file():
+        return images.labels_for(Labels.load(model_dir / card.labels_file))
+    return [None] * len(images)
+
+
+def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCard, Path]:
+    """(model file, card, folder) for a .tflite path or a bundle folder."""
+    from edgeship.runtime.classifier import _card_from_model, find_card
+    from edgeship.runtime.interpreter import TFLiteModel
+
+    path = Path(candidate)
+    if not path.exists():
+        raise InputError(f"candidate {path} does not exist (a .tflite file or a bundle folder)")
+    if path.is_dir():
+        card = ModelCard.load(path)
+        return path / card.model_file, card, path
+    card = find_card(path) or _card_from_model(TFLiteModel(path), path.name)
+    return path, card, path.parent
+
+
+def list_eval_images(folder: str | os.PathLike[str], max_images: int | None) -> Any:
+    images = list_images(folder, minimum=1)
+    return images.sample(max_images) if max_images else images
+
+
+def raise_if_over(result: VerifyResult, target_name: str, extra: Sequence[str] = ()) -> None:
+    if not result.passed or extra:
+        failing = [c.metric for c in result.checks if not c.passed] + list(extra)
+        raise AccuracyDriftError(failure_message(target_name, result.checks, extra), failing)
