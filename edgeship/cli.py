@@ -235,6 +235,82 @@ def _quant_summary(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------- verify
+def _add_device_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("device (default: run on this machine)")
+    where = g.add_mutually_exclusive_group()
+    where.add_argument("--host", help="run on a device over ssh: user@host[:port]")
+    where.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb")
+    where.add_argument("--emulate", action="store_true", help="run under qemu-aarch64 emulation (aarch64 targets)")
+    g.add_argument("--identity", type=Path, help="ssh private key")
+    g.add_argument("--known-hosts", type=Path, help="ssh known_hosts file")
+    g.add_argument("--accept-new-host-key", action="store_true", help="trust a first-time ssh host key")
+
+
+def _device(args: argparse.Namespace, target: Any) -> Any:
+    """The device object for --host/--emulate (None: this machine)."""
+    from edgeship.errors import DeviceError, TargetError
+
+    if getattr(args, "emulate", False):
+        if target.arch.value != "aarch64":
+            raise TargetError(f"--emulate runs aarch64 only; target {target.name} is {target.arch.value}")
+        from edgeship.targets.emulate import EmulatedDevice
+
+        return EmulatedDevice()
+    if getattr(args, "host", None):
+        from edgeship.targets.ssh import SshDevice, SshTarget, remote_device
+
+        return remote_device(SshDevice(SshTarget.parse(args.host, identity=args.identity, known_hosts=args.known_hosts,
+                                                       accept_new_host_key=args.accept_new_host_key)), target)
+    if getattr(args, "adb", None):
+        raise DeviceError("drift checks over adb need Python on the phone, which Android does not have; "
+                          "use --emulate for android-arm64-cpu (same XNNPACK aarch64 kernels) or bench --adb")
+    return None
+
+
+def _add_verify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="accuracy-drift check of a deployed model against its float reference",
+                       description="Run CANDIDATE the way TARGET will (interpreter, threads, delegate, I/O dtype) "
+                                   "and REFERENCE with onnxruntime; compare with the target's budget. "
+                                   "Exit 3 when over budget.")
+    p.add_argument("reference", type=Path, help="source float ONNX model")
+    p.add_argument("candidate", type=Path, help=".tflite (card beside it) or bundle folder")
+    p.add_argument("--images", type=Path, required=True, help="folder of real images")
+    p.add_argument("--target", required=True, help="target name or .toml profile")
+    p.add_argument("--max-images", type=int, help="use at most this many images")
+    p.add_argument("-r", "--report", type=Path, default=Path("drift_report.json"), help="report path "
+                   "(default ./drift_report.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing report")
+    _add_device_options(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_verify)
+
+
+def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship._io import atomic_write_json
+    from edgeship.errors import OutputExistsError
+    from edgeship.runtime.drift import raise_if_over, verify
+    from edgeship.targets import load_target
+
+    target = load_target(args.target)
+    if args.report.exists() and not args.force:
+        raise OutputExistsError(f"{args.report} exists; pass --force to overwrite it")
+    result = verify(args.reference, args.candidate, args.images, target, max_images=args.max_images,
+                    device=_device(args, target), progress=progress)
+    atomic_write_json(args.report, result.report)
+    f = result.figures
+    lines = [f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
+             f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.report['passed'] else 'FAIL'}"]
+    lines += [f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
+              f"{'ok' if c.passed else 'OVER BUDGET'}" for c in result.checks]
+    lines.append(f"  report: {args.report}")
+    try:
+        raise_if_over(result, target.name, result.report["io_problems"])
+    except EdgeshipError as exc:
+        return exc.exit_code, {"summary": lines, "result": result.report, "error": str(exc)}
+    return 0, {"summary": lines, "result": result.report}
+
+
 # ---------------------------------------------------------------- targets
 def _add_targets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("targets", help="list or show target profiles")
@@ -278,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_targets]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_verify, _add_targets]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -307,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is None or str(args.json) != "-":
         for line in payload.get("summary", []):
             print(line)
+    if payload.get("error"):
+        print(f"edgeship {args.command}: error: {payload['error']}", file=sys.stderr)
     _write_json(args, payload.get("result", {}), code)
     return code
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from edgeship._deps import HOST_TOOLS, versions
-from edgeship._io import atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
+from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
 from edgeship._progress import Progress, Timer, silent
 from edgeship.convert import pipeline as conv
 from edgeship.convert.verify import load_pixels, run_tflite
@@ -57,6 +57,10 @@ class _Source:
 
 def output_names() -> list[str]:
     return [INT8_FILE, INT8_CARD, REPORT_FILE, LAYER_PLOT, OVER_BUDGET_FILE]
+
+
+def _labels_name(source: "_Source") -> list[str]:
+    return [source.card.labels_file] if source.card.labels_file else []
 
 
 def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -114,6 +118,8 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
                           title=f"worst tensors, {options.method.value} calibration "
                                 f"({'per-tensor' if options.per_tensor else 'per-channel'})")
         card = _int8_card(stage / final_name, final_name, source.card)
+        if source.card.labels_file and out_dir.resolve() != source.folder.resolve():
+            atomic_copy(source.folder / source.card.labels_file, stage / source.card.labels_file)
         atomic_write_json(stage / INT8_CARD, card.to_dict())
         float_size = float_path.stat().st_size
         report = {

@@ -28,22 +28,46 @@ log = logging.getLogger(__name__)
 
 
 def _tf() -> Any:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    return require("tensorflow", purpose="quantize models")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    with _quiet():
+        return require("tensorflow", purpose="quantize models")
 
 
 @contextlib.contextmanager
 def _quiet() -> Any:
-    """TensorFlow's converter prints to stdout/stderr from C++; keep library output clean."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    """TensorFlow's converter logs from C++ straight to fds 1 and 2; send that to a temp file.
+
+    Library code must not print. The captured log is kept at DEBUG level.
+    """
+    if log.isEnabledFor(logging.DEBUG):
         yield
+        return
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        os.dup2(sink.fileno(), 2)
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def calibrate(saved_model: Path, samples: Callable[[], Iterable[np.ndarray]]) -> bytes:
     """A float TFLite model with calibrated min/max on every activation tensor."""
     tf = _tf()
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    with _quiet():
+        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = lambda: ([x] for x in samples())
     converter._experimental_calibrate_only = True  # noqa: SLF001 - the documented two-step path

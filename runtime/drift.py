@@ -144,3 +144,79 @@ def raise_if_over(result: VerifyResult, target_name: str, extra: Sequence[str] =
     if not result.passed or extra:
         failing = [c.metric for c in result.checks if not c.passed] + list(extra)
         raise AccuracyDriftError(failure_message(target_name, result.checks, extra), failing)
+
+
+def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[str],
+           images: str | os.PathLike[str], target: Any, *, max_images: int | None = None,
+           device: Any = None, progress: Callable[[str, int | None, int | None], None] | None = None) -> VerifyResult:
+    """Run the candidate the way ``target`` will and compare it with the ONNX reference.
+
+    Args:
+        reference_onnx: The source float ONNX model (run with onnxruntime on the host).
+        candidate: Deployed ``.tflite`` (with its card beside it) or a bundle folder.
+        images: Folder of real images (labels from ImageNet wnid names, subfolders or labels.txt).
+        target: A :class:`edgeship.targets.Target`.
+        max_images: Use at most this many images.
+        device: Where the candidate runs: None (this machine), or an object with
+            ``collect_outputs(model_dir, image_dir, threads=..., use_xnnpack=...)``
+            (ssh or emulated device) returning ``(logits, files, runtime)``.
+        progress: Progress hook.
+
+    Returns:
+        The figures and budget checks; call :func:`raise_if_over` to fail loudly.
+    """
+    import shutil
+    import tempfile
+
+    model_path, card, folder = resolve_candidate(candidate)
+    image_set = list_eval_images(images, max_images)
+    threads = target.execution.threads
+    use_xnnpack = target.execution.delegate.value == "xnnpack"
+    notes = []
+    if target.execution.delegate.value in ("gpu", "nnapi") and device is None:
+        notes.append(f"{target.execution.delegate.value} delegate is not available on this host: "
+                     "the candidate ran on the CPU")
+    if device is None:
+        cand, runtime = candidate_outputs(model_path, image_set.files, num_threads=threads, use_xnnpack=use_xnnpack,
+                                          progress=progress)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgeship-verify-") as tmp:
+            bundle, pics = Path(tmp) / "bundle", Path(tmp) / "images"
+            _stage_candidate(model_path, card, folder, bundle)
+            pics.mkdir()
+            for i, f in enumerate(image_set.files):
+                shutil.copyfile(f, pics / f"{i:06d}{f.suffix.lower()}")
+            if progress:
+                progress(f"run candidate on {type(device).__name__}", None, None)
+            cand, _, runtime = device.collect_outputs(bundle, pics, threads=threads, use_xnnpack=use_xnnpack)
+    ref = reference_outputs(reference_onnx, list(image_set.files), card, progress)
+    truth = load_truth(card, folder, image_set)
+    fig = compare(ref, cand, truth)
+    checks = tuple(check_budget(fig, target.budget))
+    problems = io_problems(runtime, target)
+    report = {
+        "edgeship_report": "drift",
+        "target": target.to_dict(),
+        "reference": {"model": str(reference_onnx), "runtime": "onnxruntime"},
+        "candidate": {"model": str(model_path), "precision": card.precision, "runtime": runtime},
+        "images": {"folder": str(image_set.root), "count": len(image_set), "skipped_files": len(image_set.skipped),
+                   "labelled": sum(t is not None for t in truth)},
+        "figures": fig.to_dict(),
+        "budget": [c.to_dict() for c in checks],
+        "io_problems": problems,
+        "notes": notes,
+        "passed": all(c.passed for c in checks) and not problems,
+    }
+    return VerifyResult(fig, checks, report)
+
+
+def _stage_candidate(model_path: Path, card: ModelCard, folder: Path, dest: Path) -> None:
+    """A minimal bundle (model, card, labels) to ship to a device."""
+    import json
+    import shutil
+
+    dest.mkdir(parents=True)
+    shutil.copyfile(model_path, dest / model_path.name)
+    (dest / "model_card.json").write_text(json.dumps(card.with_(model_file=model_path.name).to_dict(), indent=2))
+    if card.labels_file and (folder / card.labels_file).is_file():
+        shutil.copyfile(folder / card.labels_file, dest / card.labels_file)

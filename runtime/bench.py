@@ -1,0 +1,315 @@
+"""``python -m edgeship.runtime.bench``: latency, memory and size of TFLite (and ONNX) models.
+
+Runs on the host and on devices (needs only the runtime; ``.onnx`` models additionally
+need onnxruntime, host only). Each (model, threads) configuration lives in its own
+worker process, so init time and peak memory are its own; the workers are driven
+round-robin a few invocations at a time, so machine drift hits every model equally.
+Timing is ``time.perf_counter_ns`` around ``invoke()`` only; the wrapper's own work
+(preprocessing, input quantization, output dequantization, softmax) is timed
+separately and reported as ``overhead``.
+
+    python -m edgeship.runtime.bench MODEL [MODEL ...] [--threads 1,2] [--runs 100 | --duration S]
+        [--warmup 10] [-o bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgeship.errors import EdgeshipError, InputError
+
+SCHEMA = "edgeship-bench/1"
+
+
+# ---------------------------------------------------------------- worker (one model, one thread count)
+class _Runner:
+    def __init__(self, model: str, threads: int, use_xnnpack: bool) -> None:
+        self.model = model
+        start = time.perf_counter_ns()
+        if model.endswith(".onnx"):
+            self._init_onnx(model, threads)
+        else:
+            self._init_tflite(model, threads, use_xnnpack)
+        self.init_ms = (time.perf_counter_ns() - start) / 1e6
+
+    def _init_tflite(self, model: str, threads: int, use_xnnpack: bool) -> None:
+        from edgeship.runtime.interpreter import TFLiteModel
+
+        self.tfl = TFLiteModel(model, num_threads=threads, use_xnnpack=use_xnnpack)
+        spec = self.tfl.input
+        rng = np.random.default_rng(0)
+        if spec.quantized:
+            info = np.iinfo(spec.dtype)
+            self.x = rng.integers(info.min, info.max + 1, size=spec.shape).astype(spec.dtype)
+        else:
+            self.x = rng.standard_normal(spec.shape).astype(spec.dtype)
+        self.tfl.set_raw_input(self.x)
+        self.describe = self.tfl.describe()
+        self.invoke = self.tfl.invoke
+
+    def _init_onnx(self, model: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        inp = sess.get_inputs()[0]
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
+        feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        out = [sess.get_outputs()[0].name]
+        self.describe = {"interpreter": "onnxruntime", "interpreter_version": ort.__version__,
+                         "delegate": "CPUExecutionProvider", "input": {"shape": shape, "dtype": "float32"}}
+        self.invoke = lambda: sess.run(out, feed)
+        self.tfl = None
+
+    def overhead(self, n: int) -> dict[str, float]:
+        """Mean ms of the wrapper's own steps around invoke (TFLite models only)."""
+        if self.tfl is None:
+            return {}
+        from PIL import Image
+
+        from edgeship.runtime.card import Preprocessing
+        from edgeship.runtime.images import normalize, resize_crop, synthetic_pixels
+        from edgeship.runtime.metrics import softmax, topk
+
+        h, w = self.tfl.input.shape[1:3]
+        prep = Preprocessing.imagenet(h, w)
+        image = Image.fromarray(synthetic_pixels(1, Preprocessing(resize_shorter=None, crop=(h * 8 // 7, w * 8 // 7)))[0])
+        steps = {"preprocess_ms": 0.0, "quantize_input_ms": 0.0, "dequantize_softmax_topk_ms": 0.0}
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            x = normalize(resize_crop(image, prep), prep)[None]
+            t1 = time.perf_counter_ns()
+            q = self.tfl.quantize_input(x)
+            t2 = time.perf_counter_ns()
+            y = self.tfl.dequantize_output(self.tfl.raw_output())
+            topk(softmax(y.reshape(1, -1)), 5)
+            t3 = time.perf_counter_ns()
+            steps["preprocess_ms"] += (t1 - t0) / 1e6
+            steps["quantize_input_ms"] += (t2 - t1) / 1e6
+            steps["dequantize_softmax_topk_ms"] += (t3 - t2) / 1e6
+        del q
+        return {k: round(v / n, 4) for k, v in steps.items()}
+
+
+def _worker() -> int:
+    """JSON-lines loop on stdin/stdout (internal protocol of the benchmark)."""
+    runner: _Runner | None = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg["cmd"]
+        try:
+            if cmd == "init":
+                runner = _Runner(msg["model"], msg["threads"], msg.get("use_xnnpack", True))
+                start = time.perf_counter_ns()
+                runner.invoke()
+                first = (time.perf_counter_ns() - start) / 1e6
+                reply: dict[str, Any] = {"init_ms": round(runner.init_ms, 3), "first_ms": round(first, 3),
+                                         "runtime": runner.describe}
+            elif cmd == "run":
+                assert runner is not None
+                times = []
+                for _ in range(msg["n"]):
+                    start = time.perf_counter_ns()
+                    runner.invoke()
+                    times.append(time.perf_counter_ns() - start)
+                reply = {"ns": times}
+            elif cmd == "overhead":
+                assert runner is not None
+                reply = {"overhead": runner.overhead(msg["n"])}
+            elif cmd == "stats":
+                reply = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            else:
+                reply = {"bye": True}
+        except Exception as exc:  # report to the parent, which raises one clear error
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
+        if cmd == "quit":
+            break
+    return 0
+
+
+class _Worker:
+    def __init__(self, model: Path, threads: int, use_xnnpack: bool) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgeship.runtime.bench", "--worker"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        self.label = f"{model.name} x{threads}"
+        self.init = self.ask({"cmd": "init", "model": str(model), "threads": threads, "use_xnnpack": use_xnnpack})
+
+    def ask(self, msg: dict[str, Any]) -> dict[str, Any]:
+        assert self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise InputError(f"benchmark worker for {self.label} died (exit {self.proc.wait()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise InputError(f"benchmark of {self.label} failed: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        try:
+            self.ask({"cmd": "quit"})
+        except (InputError, BrokenPipeError, ValueError):
+            pass
+        self.proc.wait(timeout=30)
+
+
+# ---------------------------------------------------------------- orchestration
+@dataclass(frozen=True)
+class BenchOptions:
+    """How to benchmark: thread counts, runs per configuration (or a duration), warm-up."""
+
+    threads: tuple[int, ...] = (1,)
+    runs: int = 100
+    warmup: int = 10
+    duration_s: float | None = None
+    chunk: int = 10
+    use_xnnpack: bool = True
+    overhead_runs: int = 20
+
+    def __post_init__(self) -> None:
+        if not self.threads or min(self.threads) < 1:
+            raise InputError(f"threads must be positive integers, got {self.threads}")
+        if self.runs < 1 or self.warmup < 0 or self.chunk < 1:
+            raise InputError(f"runs must be >= 1 and warmup >= 0, got runs={self.runs} warmup={self.warmup}")
+        if self.duration_s is not None and self.duration_s <= 0:
+            raise InputError(f"duration must be > 0 s, got {self.duration_s}")
+
+
+def summarize(ns: Sequence[int]) -> dict[str, float]:
+    ms = np.asarray(ns, dtype=np.float64) / 1e6
+    return {"runs": int(ms.size), "min_ms": float(ms.min()), "mean_ms": float(ms.mean()), "std_ms": float(ms.std()),
+            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
+            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+
+
+def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = BenchOptions(), *,
+              progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
+    """Benchmark the models interleaved; return the ``bench.json`` document."""
+    paths = [Path(m) for m in models]
+    for p in paths:
+        if not p.is_file():
+            raise InputError(f"model {p} does not exist")
+        if p.suffix not in (".tflite", ".onnx"):
+            raise InputError(f"{p} is neither a .tflite nor an .onnx model")
+    configs = [(p, t) for t in options.threads for p in paths]
+    workers: list[_Worker] = []
+    try:
+        for i, (p, t) in enumerate(configs):
+            if progress:
+                progress("load models", i, len(configs))
+            workers.append(_Worker(p, t, options.use_xnnpack))
+        samples = _interleave(workers, options, progress)
+        results = []
+        for w, (p, t), ns in zip(workers, configs, samples):
+            over = w.ask({"cmd": "overhead", "n": options.overhead_runs})["overhead"]
+            stats = w.ask({"cmd": "stats"})
+            results.append({"model": p.name, "path": str(p), "threads": t, "size_bytes": p.stat().st_size,
+                            "init_ms": w.init["init_ms"], "first_ms": w.init["first_ms"], **summarize(ns),
+                            "peak_rss_mb": stats["peak_rss_mb"], "runtime": w.init["runtime"], "overhead": over})
+    finally:
+        for w in workers:
+            w.close()
+    _add_ratios(results)
+    return {"schema": SCHEMA, "host": _host(), "options": options.__dict__ | {"threads": list(options.threads)},
+            "results": results}
+
+
+def _interleave(workers: list[_Worker], options: BenchOptions,
+                progress: Callable[[str, int | None, int | None], None] | None) -> list[list[int]]:
+    for w in workers:  # warm-up, not recorded
+        if options.warmup:
+            w.ask({"cmd": "run", "n": options.warmup})
+    samples: list[list[int]] = [[] for _ in workers]
+    start = time.perf_counter()
+    target = options.runs
+    while True:
+        for i, w in enumerate(workers):
+            n = options.chunk if options.duration_s else min(options.chunk, target - len(samples[i]))
+            if n > 0:
+                samples[i].extend(w.ask({"cmd": "run", "n": n})["ns"])
+        elapsed = time.perf_counter() - start
+        if options.duration_s:
+            if progress:
+                progress("measure", int(min(elapsed, options.duration_s)), int(options.duration_s))
+            if elapsed >= options.duration_s:
+                return samples
+        else:
+            done = min(len(s) for s in samples)
+            if progress:
+                progress("measure", done, target)
+            if done >= target:
+                return samples
+
+
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    """p50 ratio to the first model at the same thread count (1.0 for that model)."""
+    base: dict[int, float] = {}
+    for r in results:
+        base.setdefault(r["threads"], r["p50_ms"])
+        r["ratio_p50_to_first"] = round(r["p50_ms"] / base[r["threads"]], 3)
+
+
+def _host() -> dict[str, Any]:
+    return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
+            "cpus": os.cpu_count(), "node": platform.node()}
+
+
+def table(doc: dict[str, Any]) -> list[str]:
+    """A short human table of a bench document."""
+    lines = [f"{'model':<42}{'thr':>4}{'init':>8}{'first':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'RSS MB':>8}"
+             f"{'MB':>7}{'ratio':>7}  runtime"]
+    for r in doc["results"]:
+        rt = r["runtime"]
+        lines.append(f"{r['model'][:41]:<42}{r['threads']:>4}{r['init_ms']:>8.1f}{r['first_ms']:>8.2f}"
+                     f"{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}"
+                     f"{r['size_bytes'] / 1e6:>7.2f}{r['ratio_p50_to_first']:>7.2f}  "
+                     f"{rt['interpreter']} {rt.get('interpreter_version') or ''} {rt['delegate']}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--worker"]:
+        return _worker()
+    ap = argparse.ArgumentParser(prog="python -m edgeship.runtime.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+")
+    ap.add_argument("--threads", default="1", help="comma-separated thread counts (default 1)")
+    ap.add_argument("--runs", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--duration", type=float, help="measure for this many seconds instead of --runs")
+    ap.add_argument("--no-xnnpack", action="store_true")
+    ap.add_argument("-o", "--out", default="bench.json")
+    args = ap.parse_args(argv)
+    try:
+        opts = BenchOptions(threads=tuple(int(t) for t in args.threads.split(",")), runs=args.runs,
+                            warmup=args.warmup, duration_s=args.duration, use_xnnpack=not args.no_xnnpack)
+        doc = benchmark(args.models, opts)
+    except (EdgeshipError, ValueError) as exc:
+        print(f"edgeship.runtime.bench: error: {exc}", file=sys.stderr)
+        return 1
+    Path(args.out).write_text(json.dumps(doc, indent=2))
+    print("\n".join(table(doc)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,662 @@
+"""Reach a device over ssh: run commands, copy files, keep a venv, collect model outputs.
+
+Uses the system OpenSSH client (``ssh``, ``scp``) with host key checking on: a host
+whose key is not in ``known_hosts`` is refused unless ``accept_new_host_key`` is set
+(``StrictHostKeyChecking=accept-new``); a changed key is always refused. Logins are
+non-interactive (``BatchMode=yes``, keys only), every connection has a
+``ConnectTimeout`` and every subprocess an overall timeout. Commands are argument
+lists; the remote command line is ``shlex.join`` of the list, so the device's login
+shell must be a POSIX shell (sh, bash, dash, zsh).
+
+Every failure to reach or use the device (unreachable, host key refused, login
+refused, no Python, a failed install or remote command) raises
+:class:`~edgeship.errors.DeviceError` with one line saying what and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from edgeship.errors import DeviceError, EdgeshipError, InputError, MissingDependencyError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: Remote folder for venvs and jobs when the target does not name one.
+DEFAULT_REMOTE_DIR = "${XDG_CACHE_HOME:-$HOME/.cache}/edgeship-remote"
+#: Written last into a venv: its presence means the venv is complete.
+VENV_MARKER = ".edgeship-venv.json"
+#: Oldest device Python the edgeship wheel installs on (pyproject ``requires-python``).
+MIN_PYTHON = (3, 9)
+#: Timeout of the small bookkeeping commands (probe, mkdir, rm).
+SHORT_TIMEOUT = 120.0
+
+_PROBE_SCRIPT = ("import json, platform, sys; print(json.dumps({'python': platform.python_version(), "
+                 "'machine': platform.machine(), 'system': platform.system(), 'executable': sys.executable}))")
+# $1 is the requested folder (may be empty or start with ~/); prints its absolute path.
+_WORKDIR_SCRIPT = ('d=${1:-' + DEFAULT_REMOTE_DIR + '}; case $d in "~") d=$HOME;; "~/"*) d=$HOME/${d#"~/"};; esac; '
+                   'mkdir -p -- "$d" && cd -- "$d" && pwd -P')
+_READ_MARKER_SCRIPT = "import sys; sys.stdout.write(open(sys.argv[1]).read())"
+_WRITE_MARKER_SCRIPT = ("import os, sys; tmp = sys.argv[1] + '.tmp'; open(tmp, 'w').write(sys.argv[2]); "
+                        "os.replace(tmp, sys.argv[1])")
+
+
+# --------------------------------------------------------------------------- target
+
+
+def _check_word(value: str, what: str) -> None:
+    """Refuse names that ssh would read as options or that hold spaces/control characters."""
+    if not value or value.startswith("-") or any(c.isspace() or ord(c) < 32 for c in value):
+        raise InputError(f"invalid ssh {what} {value!r}: it must be non-empty, not start with '-' "
+                         "and hold no spaces")
+
+
+def _split_spec(spec: str) -> tuple[str | None, str, int | None]:
+    """``[ssh://][user@]host[:port]`` (``[v6addr]:port`` for IPv6) -> (user, host, port)."""
+    rest = spec.strip().removeprefix("ssh://")
+    user, _, rest = rest.rpartition("@")
+    port: str | None = None
+    if rest.startswith("["):
+        host, closed, tail = rest[1:].partition("]")
+        if not closed or (tail and not tail.startswith(":")):
+            raise InputError(f"invalid ssh target {spec!r}: write IPv6 addresses as [addr] or [addr]:port")
+        port = tail[1:] or None
+    elif rest.count(":") == 1:
+        host, port = rest.split(":")
+    else:
+        host = rest
+    if port is not None and not port.isdigit():
+        raise InputError(f"invalid port {port!r} in ssh target {spec!r}: expected user@host:PORT with a number")
+    return user or None, host, int(port) if port is not None else None
+
+
+def _quote_config_path(path: Path) -> str:
+    """A path as an ssh ``-o`` value: quoted (spaces), with ``%`` tokens escaped."""
+    return '"' + str(path).replace("%", "%%") + '"'
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """How to reach one device over ssh.
+
+    Attributes:
+        host: Host name or address.
+        user: Login name (None: ssh's default, usually the local user or ``~/.ssh/config``).
+        port: sshd port.
+        identity: Private key file (None: ssh's defaults and agent).
+        known_hosts: known_hosts file (None: ``~/.ssh/known_hosts``).
+        accept_new_host_key: Trust and store the key of a host seen for the first time.
+        connect_timeout: Seconds to wait for the TCP connection and handshake.
+        python: The device's Python interpreter (name on its PATH, or a path).
+        workdir: Remote folder for venvs and jobs (None: ``~/.cache/edgeship-remote``).
+    """
+
+    host: str
+    user: str | None = None
+    port: int = 22
+    identity: Path | None = None
+    known_hosts: Path | None = None
+    accept_new_host_key: bool = False
+    connect_timeout: float = 10
+    python: str = "python3"
+    workdir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_word(self.host, "host")
+        if self.user is not None:
+            _check_word(self.user, "user")
+        if not isinstance(self.port, int) or not 1 <= self.port <= 65535:
+            raise InputError(f"invalid ssh port {self.port!r}: expected 1-65535")
+        if not self.connect_timeout > 0:
+            raise InputError(f"connect_timeout must be > 0 seconds, got {self.connect_timeout!r}")
+        _check_word(self.python, "python interpreter")
+        for name in ("identity", "known_hosts"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value).expanduser())
+
+    @classmethod
+    def parse(cls, spec: str, **kw: Any) -> SshTarget:
+        """Read ``"host"``, ``"user@host"``, ``"user@host:2222"`` (or ``ssh://...``, ``[v6]:port``).
+
+        Args:
+            spec: The target as a user would type it.
+            **kw: Other :class:`SshTarget` fields. ``user``/``port`` given both here and
+                in ``spec`` must agree.
+        """
+        user, host, port = _split_spec(spec)
+        for name, value in (("user", user), ("port", port)):
+            if value is None:
+                continue
+            if kw.get(name) is not None and kw[name] != value:
+                raise InputError(f"ssh target {spec!r} says {name} {value!r} but {name}={kw[name]!r} was also given")
+            kw[name] = value
+        return cls(host=host, **kw)
+
+    @property
+    def destination(self) -> str:
+        """``user@host`` (or ``host``), the ssh destination argument."""
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+    @property
+    def where(self) -> str:
+        """Human form for messages: ``user@host:port``."""
+        return f"{self.destination}:{self.port}"
+
+    def scp_path(self, remote: str) -> str:
+        """``user@host:remote`` for scp (IPv6 hosts in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.user}@{host}:{remote}" if self.user else f"{host}:{remote}"
+
+    def client_options(self) -> list[str]:
+        """Options shared by ``ssh`` and ``scp`` (everything but the port flag)."""
+        strict = "accept-new" if self.accept_new_host_key else "yes"
+        opts = ["-o", "BatchMode=yes", "-o", f"StrictHostKeyChecking={strict}",
+                "-o", f"ConnectTimeout={max(1, math.ceil(self.connect_timeout))}",
+                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        if self.known_hosts is not None:
+            opts += ["-o", f"UserKnownHostsFile={_quote_config_path(self.known_hosts)}"]
+        if self.identity is not None:
+            opts += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
+        return opts
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+# --------------------------------------------------------------------------- errors
+
+#: (stderr pattern, message) for failures of ssh itself, most specific first.
+_SSH_PROBLEMS: tuple[tuple[str, str], ...] = (
+    (r"REMOTE HOST IDENTIFICATION HAS CHANGED",
+     "the host key of {where} CHANGED since it was stored in {known_hosts}: refusing to connect "
+     "(another machine, a reinstalled device, or an attack); if expected, remove the old key with "
+     "ssh-keygen -R {key_host}{kh_flag} and connect again"),
+    (r"host key is known for|Host key verification failed",
+     "the host key of {where} is not in {known_hosts} and host key checking is on: if this is the device "
+     "you expect, pass --accept-new-host-key (accept_new_host_key=True) to trust it on first use, "
+     "or add it with ssh-keyscan -p {port} {host} >> {known_hosts}"),
+    (r"Could not resolve hostname",
+     "cannot resolve host name {host!r}: check the spelling, or use the device's IP address"),
+    (r"Connection refused",
+     "cannot reach {where}: connection refused (is sshd running on the device, and is port {port} right?)"),
+    (r"timed out",
+     "cannot reach {where}: no answer within {timeout:g} s (is the device on, and on this network?)"),
+    (r"No route to host|Network is unreachable|Host is unreachable",
+     "cannot reach {where}: no route to the host (is the device on this network?)"),
+    (r"Permission denied \(|Too many authentication failures",
+     "ssh login to {where} was refused ({detail}): only keys are used (BatchMode); check that the key "
+     "{identity} is in the device's ~/.ssh/authorized_keys (ssh-copy-id) and the user name is right"),
+    (r"Connection closed by|Connection reset by|kex_exchange_identification|Connection timed out during banner",
+     "{where} closed the ssh connection during login ({detail}): is it an ssh server, and does it allow this user?"),
+)
+
+
+def _last_line(text: str, prefer: str = "") -> str:
+    """The last non-empty line of ``text`` (the last one starting with ``prefer`` if any)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    chosen = [ln for ln in lines if prefer and ln.startswith(prefer)] or lines
+    return chosen[-1] if chosen else "no error output"
+
+
+def ssh_problem(stderr: str, target: SshTarget) -> str | None:
+    """One-line explanation of an ssh/scp connection failure, or None when ``stderr`` shows none."""
+    for pattern, message in _SSH_PROBLEMS:
+        found = re.search(pattern, stderr)
+        if found:
+            detail = next((ln.strip() for ln in stderr.splitlines() if found.group(0) in ln), found.group(0))
+            kh = target.known_hosts
+            return message.format(
+                where=target.where, host=target.host, port=target.port, timeout=target.connect_timeout,
+                known_hosts=kh or "~/.ssh/known_hosts", kh_flag=f" -f {kh}" if kh else "",
+                key_host=target.host if target.port == 22 else f"'[{target.host}]:{target.port}'",
+                identity=target.identity or "(ssh's default keys)", detail=detail.rstrip("."))
+    return None
+
+
+def _python_problem(proc: subprocess.CompletedProcess[str], target: SshTarget) -> str:
+    err = proc.stderr or ""
+    if proc.returncode == 127 or "not found" in err or "No such file" in err:
+        return (f"Python interpreter {target.python!r} not found on {target.where}: install Python 3 "
+                "(e.g. sudo apt install python3 python3-venv) or pass its path as python= (--python)")
+    return f"{target.python} on {target.where} failed (exit {proc.returncode}): {_last_line(err)}"
+
+
+# --------------------------------------------------------------------------- device
+
+
+def _require_tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        raise MissingDependencyError(f"the OpenSSH client program {name!r} is not on PATH: install it "
+                                     "(Debian/Ubuntu/Raspberry Pi OS: sudo apt install openssh-client)")
+    return path
+
+
+class SshDevice:
+    """A device reached over ssh.
+
+    Args:
+        target: How to reach it.
+    """
+
+    def __init__(self, target: SshTarget) -> None:
+        self.target = target
+        self._workdir: str | None = None
+        self._probe: dict[str, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"SshDevice({self.target.where})"
+
+    # -- commands -------------------------------------------------------------
+
+    def ssh_command(self, argv: Sequence[str]) -> list[str]:
+        """The local ``ssh`` argument list that runs ``argv`` on the device."""
+        if not argv:
+            raise InputError("no remote command given")
+        t = self.target
+        return [shutil.which("ssh") or "ssh", "-T", *t.client_options(), "-p", str(t.port), "--",
+                t.destination, shlex.join([str(a) for a in argv])]
+
+    def _execute(self, cmd: list[str], *, timeout: float, what: str, scp: bool = False
+                 ) -> subprocess.CompletedProcess[str]:
+        """Run a local ssh/scp command; connection failures become :class:`DeviceError`."""
+        _require_tool(Path(cmd[0]).name)
+        log.debug("%s: %s", what, shlex.join(cmd))
+        try:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                  errors="replace", timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            raise DeviceError(f"{what} on {self.target.where} did not finish within {timeout:g} s "
+                              "(device busy or connection stalled; raise the timeout if it is just slow)") from None
+        # ssh exits 255 on its own errors; scp reports them with other codes.
+        if proc.returncode == 255 or (scp and proc.returncode != 0):
+            problem = ssh_problem(proc.stderr, self.target)
+            if problem:
+                raise DeviceError(problem)
+        return proc
+
+    def run(self, argv: Sequence[str], *, timeout: float = 600, check: bool = True
+            ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` on the device (``ssh ... -- dest shlex.join(argv)``).
+
+        Args:
+            argv: Program and arguments; quoted for the remote shell, never interpreted.
+            timeout: Overall seconds, connection included.
+            check: Raise :class:`DeviceError` when the remote command exits non-zero.
+                Connection failures raise either way.
+
+        Returns:
+            The completed process, with text ``stdout``/``stderr``.
+        """
+        proc = self._execute(self.ssh_command(argv), timeout=timeout, what=f"running {argv[0]}")
+        if check and proc.returncode != 0:
+            raise DeviceError(f"{shlex.join([str(a) for a in argv])[:200]} failed on {self.target.where} "
+                              f"(exit {proc.returncode}): {_last_line(proc.stderr)}")
+        return proc
+
+    def _scp(self, sources: list[str], dest: str, *, timeout: float, what: str) -> None:
+        t = self.target
+        cmd = [shutil.which("scp") or "scp", "-q", "-r", *t.client_options(), "-P", str(t.port), "--",
+               *sources, dest]
+        proc = self._execute(cmd, timeout=timeout, what=what, scp=True)
+        if proc.returncode != 0:
+            raise DeviceError(f"{what} {t.where} failed (exit {proc.returncode}): {_last_line(proc.stderr)}")
+
+    def push(self, local: Path, remote: str, *, timeout: float = 600) -> None:
+        """Copy a local file or folder to ``remote`` (``scp -r``; an existing remote folder receives it inside)."""
+        local = Path(local)
+        if not local.exists():
+            raise InputError(f"cannot copy {local} to the device: it does not exist")
+        self._scp([str(local)], self.target.scp_path(remote), timeout=timeout, what=f"copying {local} to")
+
+    def pull(self, remote: str, local: Path, *, timeout: float = 600) -> None:
+        """Copy a remote file or folder to ``local`` (``scp -r``)."""
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        self._scp([self.target.scp_path(remote)], str(local), timeout=timeout, what=f"copying {remote} from")
+
+    # -- facts ----------------------------------------------------------------
+
+    def probe(self) -> dict[str, str]:
+        """The device's Python version, machine and system, e.g. ``{'python': '3.11.2', 'machine': 'aarch64', ...}``.
+
+        Raises:
+            DeviceError: Unreachable device, or no working ``target.python``.
+        """
+        if self._probe is None:
+            proc = self.run([self.target.python, "-c", _PROBE_SCRIPT], timeout=SHORT_TIMEOUT, check=False)
+            if proc.returncode != 0:
+                raise DeviceError(_python_problem(proc, self.target))
+            try:
+                self._probe = json.loads(_last_line(proc.stdout))
+            except json.JSONDecodeError:
+                raise DeviceError(f"unexpected answer from {self.target.python} on {self.target.where}: "
+                                  f"{_last_line(proc.stdout)[:200]!r}") from None
+        return dict(self._probe)
+
+    def workdir(self) -> str:
+        """Absolute path of the remote folder for venvs and jobs (created on first use)."""
+        if self._workdir is None:
+            proc = self.run(["sh", "-c", _WORKDIR_SCRIPT, "sh", self.target.workdir or ""], timeout=SHORT_TIMEOUT)
+            path = _last_line(proc.stdout)
+            if not path.startswith("/") or path == "/":
+                raise DeviceError(f"unexpected remote work folder {path!r} on {self.target.where}")
+            self._workdir = path
+        return self._workdir
+
+    # -- venv -----------------------------------------------------------------
+
+    def ensure_venv(self, requirements: Sequence[str], *, wheels: Sequence[Path] = (),
+                    system_site_packages: bool = True, pip_args: Sequence[str] = (),
+                    timeout: float = 1800) -> str:
+        """Create or reuse a venv on the device and pip-install ``requirements`` and local ``wheels``.
+
+        The venv lives in ``workdir()/venv-<hash>``, the hash covering the interpreter, its
+        version and machine, the requirements and the wheel names. A venv counts as complete
+        when its marker file exists; a complete venv is reused, and wheels whose content
+        changed (same name, e.g. a rebuilt edgeship wheel) are reinstalled into it.
+
+        Args:
+            requirements: pip requirement strings, e.g. ``["numpy<2", "ai-edge-litert==2.1.0"]``.
+            wheels: Local wheel files to copy and install (e.g. from :func:`build_edgeship_wheel`).
+            system_site_packages: Let the venv see the device's system packages (apt numpy...).
+            pip_args: Extra ``pip install`` options, e.g. ``["--find-links", "/srv/wheels"]``.
+            timeout: Overall seconds for the whole step.
+
+        Returns:
+            The remote path of the venv's python.
+        """
+        deadline = time.monotonic() + timeout
+        facts = self._checked_python()
+        wheels = [Path(w) for w in wheels]
+        for w in wheels:
+            if not w.is_file() or w.suffix != ".whl":
+                raise InputError(f"wheel {w} does not exist or is not a .whl file")
+        digests = {w.name: _sha256(w) for w in wheels}
+        key = _venv_key(self.target.python, facts, requirements, sorted(digests), system_site_packages)
+        venv = f"{self.workdir()}/venv-{key}"
+        python = f"{venv}/bin/python"
+        marker = self._read_marker(python, f"{venv}/{VENV_MARKER}")
+        if marker is not None and marker.get("wheels") == digests:
+            log.info("reusing venv %s on %s (complete)", venv, self.target.where)
+            return python
+        start = time.monotonic()
+        if marker is None:
+            log.info("creating venv %s on %s", venv, self.target.where)
+            self.run(["rm", "-rf", "--", venv], timeout=SHORT_TIMEOUT)
+            self._create_venv(venv, system_site_packages, _remaining(deadline))
+            install = [*requirements, *self._push_wheels(venv, wheels, _remaining(deadline))]
+        else:
+            log.info("updating venv %s on %s: reinstalling changed wheels", venv, self.target.where)
+            changed = [w for w in wheels if marker.get("wheels", {}).get(w.name) != digests[w.name]]
+            install = ["--no-deps", "--force-reinstall", *self._push_wheels(venv, changed, _remaining(deadline))]
+        self._pip_install(python, [*pip_args, *install], _remaining(deadline))
+        record = {"key": key, "requirements": list(requirements), "wheels": digests, "python": facts["python"],
+                  "system_site_packages": system_site_packages, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.run([python, "-c", _WRITE_MARKER_SCRIPT, f"{venv}/{VENV_MARKER}", json.dumps(record)],
+                 timeout=SHORT_TIMEOUT)
+        log.info("venv %s on %s ready in %.1f s", venv, self.target.where, time.monotonic() - start)
+        return python
+
+    def _checked_python(self) -> dict[str, str]:
+        facts = self.probe()
+        version = tuple(int(p) for p in re.findall(r"\d+", facts.get("python", "0"))[:2])
+        if version < MIN_PYTHON:
+            raise DeviceError(f"{self.target.python} on {self.target.where} is Python {facts.get('python')}; "
+                              f"edgeship needs {'.'.join(map(str, MIN_PYTHON))}+: install a newer python3 "
+                              "or pass its path as python= (--python)")
+        return facts
+
+    def _read_marker(self, python: str, marker: str) -> dict[str, Any] | None:
+        """The venv's completion record, or None when the venv is missing or incomplete."""
+        proc = self.run([python, "-c", _READ_MARKER_SCRIPT, marker], timeout=SHORT_TIMEOUT, check=False)
+        if proc.returncode != 0:
+            return None
+        try:
+            record = json.loads(proc.stdout)
+        except json.JSONDecodeError:
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _create_venv(self, venv: str, system_site_packages: bool, timeout: float) -> None:
+        argv = [self.target.python, "-m", "venv", *(["--system-site-packages"] if system_site_packages else []), venv]
+        proc = self.run(argv, timeout=timeout, check=False)
+        if proc.returncode != 0:
+            hint = " (Debian/Raspberry Pi OS: sudo apt install python3-venv)" if "ensurepip" in proc.stderr else ""
+            raise DeviceError(f"cannot create a venv with {self.target.python} on {self.target.where}{hint}: "
+                              f"{_last_line(proc.stderr or proc.stdout)}")
+
+    def _push_wheels(self, venv: str, wheels: Sequence[Path], timeout: float) -> list[str]:
+        if not wheels:
+            return []
+        folder = f"{venv}/wheels"
+        self.run(["mkdir", "-p", "--", folder], timeout=SHORT_TIMEOUT)
+        self._scp([str(w) for w in wheels], self.target.scp_path(folder + "/"), timeout=timeout,
+                  what="copying wheels to")
+        return [f"{folder}/{w.name}" for w in wheels]
+
+    def _pip_install(self, python: str, args: list[str], timeout: float) -> None:
+        argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
+                "--progress-bar", "off", *args]
+        proc = self.run(argv, timeout=timeout, check=False)
+        log.debug("pip on %s:\n%s\n%s", self.target.where, proc.stdout, proc.stderr)
+        if proc.returncode != 0:
+            raise DeviceError(f"pip install on {self.target.where} failed (exit {proc.returncode}): "
+                              f"{_last_line(proc.stderr or proc.stdout, prefer='ERROR:')}")
+
+    def run_module(self, venv_python: str, module: str, args: Sequence[str], *, timeout: float
+                   ) -> subprocess.CompletedProcess[str]:
+        """Run ``venv_python -m module args...`` on the device; a non-zero exit raises :class:`DeviceError`."""
+        proc = self.run([venv_python, "-m", module, *args], timeout=timeout, check=False)
+        if proc.returncode != 0:
+            raise DeviceError(f"python -m {module} failed on {self.target.where} (exit {proc.returncode}): "
+                              f"{_last_line(proc.stderr or proc.stdout)}")
+        return proc
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeviceError("setting up the device venv ran out of time; raise timeout= (--timeout) for slow devices")
+    return left
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _venv_key(python: str, facts: dict[str, str], requirements: Sequence[str], wheel_names: Sequence[str],
+              system_site_packages: bool) -> str:
+    blob = json.dumps([python, facts.get("python"), facts.get("machine"), list(requirements),
+                       list(wheel_names), system_site_packages])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- edgeship wheel
+
+#: Folders of the source tree that never go into the wheel build.
+_SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "out", "tests", "__pycache__", "docs", "benchmarks"}
+
+
+def source_root() -> Path:
+    """The source checkout edgeship is installed from (editable install)."""
+    import edgeship
+
+    root = Path(edgeship.__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise InputError(f"edgeship at {Path(edgeship.__file__).parent} is not installed from a source checkout "
+                         "(no pyproject.toml beside it): build a wheel yourself and pass it as wheels=[...]")
+    return root
+
+
+def _source_files(root: Path) -> list[Path]:
+    """Files the wheel is built from, relative to ``root``."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")
+                         and not d.endswith(".egg-info"))
+        rel = Path(folder).relative_to(root)
+        found += [rel / f for f in sorted(files) if not f.endswith((".pyc", ".pyo")) and not f.startswith(".")]
+    return found
+
+
+def _fingerprint(root: Path, files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for rel in files:
+        st = (root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _cached_wheel(stamp: Path, fingerprint: str) -> Path | None:
+    try:
+        record = json.loads(stamp.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    wheel = stamp.parent / str(record.get("wheel", ""))
+    return wheel if record.get("fingerprint") == fingerprint and wheel.is_file() else None
+
+
+def _pip_wheel(src: Path, out: Path) -> Path:
+    import importlib.util
+
+    if importlib.util.find_spec("setuptools") is None:
+        raise MissingDependencyError("building the edgeship wheel needs setuptools in this environment: "
+                                     "pip install 'setuptools>=69' wheel")
+    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
+           "-q", "-w", str(out), str(src)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    wheels = sorted(out.glob("edgeship-*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        raise EdgeshipError(f"building the edgeship wheel failed (exit {proc.returncode}): "
+                            f"{_last_line(proc.stderr or proc.stdout, prefer='ERROR:')}")
+    return wheels[0]
+
+
+def build_edgeship_wheel(dest: Path) -> Path:
+    """Build the edgeship wheel from the installed source checkout into ``dest`` (cached).
+
+    The build runs on a copy of the source (``pip wheel --no-deps --no-build-isolation``), so
+    the checkout gets no ``build/`` folder. The wheel is rebuilt only when a source file's
+    size or mtime changed since the last build into ``dest``.
+
+    Returns:
+        The wheel's path in ``dest``.
+    """
+    from edgeship._io import atomic_write_json
+
+    root = source_root()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    files = _source_files(root)
+    fingerprint = _fingerprint(root, files)
+    stamp = dest / ".edgeship-wheel.json"
+    cached = _cached_wheel(stamp, fingerprint)
+    if cached is not None:
+        log.debug("edgeship wheel %s is up to date", cached)
+        return cached
+    with tempfile.TemporaryDirectory(prefix=".edgeship-wheel-", dir=dest) as tmp:
+        src = Path(tmp) / "src"
+        for rel in files:
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(root / rel, src / rel)
+        built = _pip_wheel(src, Path(tmp) / "out")
+        wheel = dest / built.name
+        os.replace(built, wheel)
+    atomic_write_json(stamp, {"fingerprint": fingerprint, "wheel": wheel.name})
+    log.info("built %s from %s", wheel.name, root)
+    return wheel
+
+
+def default_wheel_cache() -> Path:
+    """``$XDG_CACHE_HOME/edgeship/wheels`` (default ``~/.cache/edgeship/wheels``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgeship" / "wheels"
+
+
+# --------------------------------------------------------------------------- collect
+
+
+def _new_job(device: SshDevice) -> str:
+    """Create a unique remote job folder."""
+    path = f"{device.workdir()}/job-{uuid.uuid4().hex[:12]}"
+    device.run(["mkdir", "-p", "--", path], timeout=SHORT_TIMEOUT)
+    return path
+
+
+def _remove_job(device: SshDevice, path: str) -> None:
+    """Best-effort removal of a job folder (a failure here must not hide the real result)."""
+    try:
+        device.run(["rm", "-rf", "--", path], timeout=SHORT_TIMEOUT)
+    except DeviceError as exc:
+        log.warning("could not remove %s on %s: %s", path, device.target.where, exc)
+
+
+def remote_collect(device: SshDevice, model_dir: Path, image_dir: Path, *, requirements: Sequence[str],
+                   threads: int | None = None, use_xnnpack: bool = True, wheels: Sequence[Path] | None = None,
+                   pip_args: Sequence[str] = (), timeout: float = 1800
+                   ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    """Run ``python -m edgeship.runtime.collect`` on the device and return its outputs.
+
+    Copies the bundle (or ``.tflite`` file) and the images into a fresh remote job
+    folder, makes sure the device venv exists, runs the collector there, copies
+    ``out.npz`` back and removes the job folder.
+
+    Args:
+        device: The device.
+        model_dir: Bundle folder (``model_card.json`` + model) or a ``.tflite`` file.
+        image_dir: Folder of images.
+        requirements: pip requirements of the device runtime (numpy, Pillow, interpreter).
+        threads: Interpreter threads (None: the runtime's default).
+        use_xnnpack: Use the XNNPACK delegate.
+        wheels: Wheels to install; None builds the edgeship wheel from this checkout.
+        pip_args: Extra ``pip install`` options for the venv.
+        timeout: Seconds for the collector run (the venv setup has its own 1800 s).
+
+    Returns:
+        (logits ``[N, classes]``, image paths relative to ``image_dir``, runtime description).
+    """
+    from edgeship.runtime.collect import load_collected
+
+    model_dir, image_dir = Path(model_dir), Path(image_dir)
+    if not image_dir.is_dir():
+        raise InputError(f"image folder {image_dir} does not exist")
+    if wheels is None:
+        wheels = [build_edgeship_wheel(default_wheel_cache())]
+    python = device.ensure_venv(requirements, wheels=wheels, pip_args=pip_args)
+    job = _new_job(device)
+    try:
+        model = f"{job}/{'bundle' if model_dir.is_dir() else model_dir.name}"
+        device.push(model_dir, model)
+        device.push(image_dir, f"{job}/images")
+        args = [model, f"{job}/images", "-o", f"{job}/out.npz"]
+        args += [*(["--threads", str(threads)] if threads is not None else []),
+                 *([] if use_xnnpack else ["--no-xnnpack"])]
+        device.run_module(python, "edgeship.runtime.collect", args, timeout=timeout)
+        with tempfile.TemporaryDirectory(prefix="edgeship-collect-") as tmp:
+            device.pull(f"{job}/out.npz", Path(tmp) / "out.npz")
+            logits, files, describe = load_collected(Path(tmp) / "out.npz")
+    finally:
+        _remove_job(device, job)
+    return logits, files, {**describe, "device": device.target.where}
