@@ -258,14 +258,20 @@ def _device(args: argparse.Namespace, target: Any) -> Any:
 
         return EmulatedDevice()
     if getattr(args, "host", None):
-        from edgeship.targets.ssh import SshDevice, SshTarget, remote_device
+        from edgeship.targets.remote import SshCollector
 
-        return remote_device(SshDevice(SshTarget.parse(args.host, identity=args.identity, known_hosts=args.known_hosts,
-                                                       accept_new_host_key=args.accept_new_host_key)), target)
+        return SshCollector(_ssh_device(args), target)
     if getattr(args, "adb", None):
         raise DeviceError("drift checks over adb need Python on the phone, which Android does not have; "
                           "use --emulate for android-arm64-cpu (same XNNPACK aarch64 kernels) or bench --adb")
     return None
+
+
+def _ssh_device(args: argparse.Namespace) -> Any:
+    from edgeship.targets.ssh import SshDevice, SshTarget
+
+    return SshDevice(SshTarget.parse(args.host, identity=args.identity, known_hosts=args.known_hosts,
+                                     accept_new_host_key=args.accept_new_host_key))
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -311,6 +317,115 @@ def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     return 0, {"summary": lines, "result": result.report}
 
 
+# ---------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency, memory and size of models, locally or on a device",
+                       description="Benchmark several models interleaved (TFLite through the runtime, ONNX "
+                                   "through onnxruntime as a baseline): init, first run, p50/p90/p99, peak RSS.")
+    p.add_argument("models", nargs="+", type=Path, help=".tflite or .onnx models (ratios are to the first)")
+    p.add_argument("--target", help="target profile: threads and delegate from it")
+    p.add_argument("-o", "--out", type=Path, default=Path("bench.json"), help="bench.json path")
+    p.add_argument("--force", action="store_true", help="overwrite an existing bench.json")
+    g = p.add_argument_group("measurement")
+    g.add_argument("--threads", type=_csv_ints, help="thread counts, e.g. 1,2,4 (default: the target's, else 1)")
+    g.add_argument("--runs", type=int, default=100, help="timed runs per model and thread count")
+    g.add_argument("--warmup", type=int, default=10, help="untimed runs first")
+    g.add_argument("--duration", type=float, help="measure for this many seconds instead of --runs")
+    g.add_argument("--benchmark-binary", type=Path, help="TensorFlow Lite benchmark_model for --adb")
+    _add_device_options(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship._io import atomic_write_json
+    from edgeship.errors import OutputExistsError
+    from edgeship.runtime.bench import BenchOptions, benchmark, table
+
+    target = None
+    if args.target:
+        from edgeship.targets import load_target
+
+        target = load_target(args.target)
+    if args.out.exists() and not args.force:
+        raise OutputExistsError(f"{args.out} exists; pass --force to overwrite it")
+    for m in args.models:
+        if not m.is_file():
+            raise InputError(f"model {m} does not exist")
+    threads = args.threads or ((target.execution.threads,) if target else (1,))
+    use_xnnpack = target is None or target.execution.delegate.value == "xnnpack"
+    if args.adb:
+        doc = _bench_adb(args, target, threads)
+    elif args.host:
+        if target is None:
+            raise InputError("--host needs --target (which runtime package to install on the device)")
+        from edgeship.targets.remote import ssh_benchmark
+
+        bench_args = ["--threads", ",".join(map(str, threads)), "--runs", str(args.runs), "--warmup", str(args.warmup)]
+        bench_args += ["--duration", str(args.duration)] if args.duration else []
+        bench_args += [] if use_xnnpack else ["--no-xnnpack"]
+        doc = ssh_benchmark(_ssh_device(args), target, args.models, bench_args, progress=progress)
+    else:
+        if args.emulate:
+            raise InputError("--emulate is for drift checks; emulated timings say nothing about a device")
+        options = BenchOptions(threads=tuple(threads), runs=args.runs, warmup=args.warmup,
+                               duration_s=args.duration, use_xnnpack=use_xnnpack)
+        doc = benchmark(args.models, options, progress=progress)
+    doc["target"] = target.name if target else None
+    atomic_write_json(args.out, doc)
+    return 0, {"summary": table(doc) + [f"wrote {args.out}"], "result": doc}
+
+
+def _bench_adb(args: argparse.Namespace, target: Any, threads: Sequence[int]) -> dict[str, Any]:
+    from edgeship.targets import adb
+
+    if target is None:
+        from edgeship.targets import load_target
+
+        target = load_target("android-arm64-cpu")
+    if args.benchmark_binary is None:
+        raise InputError("--adb needs --benchmark-binary PATH (TensorFlow Lite's benchmark_model for Android)")
+    device = adb.AdbDevice(args.adb)
+    results = []
+    for t in threads:
+        for m in args.models:
+            flags = adb.benchmark_flags(target, threads=t, runs=args.runs, warmup=args.warmup)
+            r = adb.run_benchmark(device, args.benchmark_binary, m, flags)
+            results.append({"model": m.name, "path": str(m), "threads": t, "size_bytes": m.stat().st_size,
+                            "runtime": {"interpreter": "benchmark_model", "interpreter_version": None,
+                                        "delegate": target.execution.delegate.value}, **r})
+    base: dict[int, float] = {}
+    for r in results:
+        key = r.get("p50_ms", r["mean_ms"])
+        base.setdefault(r["threads"], key)
+        r["ratio_p50_to_first"] = round(key / base[r["threads"]], 3)
+        r.setdefault("p50_ms", r["mean_ms"])
+        r.setdefault("p90_ms", float("nan"))
+        r.setdefault("p99_ms", float("nan"))
+        r.setdefault("peak_rss_mb", float("nan"))
+    return {"schema": "edgeship-bench/1", "host": {"adb_serial": args.adb}, "results": results}
+
+
+# ---------------------------------------------------------------- bundle
+def _add_bundle(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bundle", help="model + card + labels + pinned requirements + README for one target")
+    p.add_argument("model", type=Path, help=".tflite model (its card beside it)")
+    p.add_argument("--target", required=True, help="target name or .toml profile")
+    p.add_argument("-o", "--out", type=Path, required=True, help="bundle folder")
+    p.add_argument("--force", action="store_true", help="overwrite an existing bundle")
+    _add_common(p)
+    p.set_defaults(func=_cmd_bundle)
+
+
+def _cmd_bundle(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship.targets import load_target
+    from edgeship.targets.bundle import bundle
+
+    result = bundle(args.model, load_target(args.target), args.out, force=args.force)
+    return 0, {"summary": [f"wrote bundle for {result.target} in {result.out_dir}: {', '.join(result.files)}"],
+               "result": {"out_dir": str(result.out_dir), "files": list(result.files), "target": result.target}}
+
+
 # ---------------------------------------------------------------- targets
 def _add_targets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("targets", help="list or show target profiles")
@@ -354,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_verify, _add_targets]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_verify, _add_bench, _add_bundle, _add_targets]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

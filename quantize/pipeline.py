@@ -59,10 +59,6 @@ def output_names() -> list[str]:
     return [INT8_FILE, INT8_CARD, REPORT_FILE, LAYER_PLOT, OVER_BUDGET_FILE]
 
 
-def _labels_name(source: "_Source") -> list[str]:
-    return [source.card.labels_file] if source.card.labels_file else []
-
-
 def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str], out_dir: str | os.PathLike[str],
              *, options: QuantizeOptions = QuantizeOptions(), progress: Progress = silent) -> QuantizeResult:
     """Quantize a model to a full-integer int8 TFLite and measure how far it drifted.

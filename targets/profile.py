@@ -119,6 +119,13 @@ class Target:
         object.__setattr__(self, "arch", Arch(self.arch))
         object.__setattr__(self, "access", Access(self.access))
 
+    def pip_requirements(self) -> list[str]:
+        """What ``pip install`` needs on the device to run a bundle (Python targets only)."""
+        if self.access == Access.ADB:
+            raise TargetError(f"target {self.name} runs without Python (benchmark_model or an app); "
+                              "it has no pip requirements")
+        return ["numpy>=1.23,<2", "Pillow>=9", f"{self.runtime.package}{self.runtime.versions}"]
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["arch"] = self.arch.value

@@ -279,6 +279,7 @@ class SshDevice:
                  ) -> subprocess.CompletedProcess[str]:
         """Run a local ssh/scp command; connection failures become :class:`DeviceError`."""
         _require_tool(Path(cmd[0]).name)
+        self._check_local_files()
         log.debug("%s: %s", what, shlex.join(cmd))
         try:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -292,6 +293,12 @@ class SshDevice:
             if problem:
                 raise DeviceError(problem)
         return proc
+
+    def _check_local_files(self) -> None:
+        identity = self.target.identity
+        if identity is not None and not identity.is_file():
+            raise DeviceError(f"ssh identity file {identity} for {self.target.where} does not exist: "
+                              "pass the private key file (e.g. ~/.ssh/id_ed25519), not the .pub")
 
     def run(self, argv: Sequence[str], *, timeout: float = 600, check: bool = True
             ) -> subprocess.CompletedProcess[str]:

@@ -1,0 +1,61 @@
+"""Running edgeship's device-side modules on a reachable target (ssh) and bringing results back."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgeship.errors import DeviceError
+from edgeship.targets.profile import Target
+
+
+class SshCollector:
+    """Adapter: runs ``edgeship.runtime.collect`` over ssh for a drift check."""
+
+    def __init__(self, device: Any, target: Target) -> None:
+        self.device = device
+        self.target = target
+
+    def collect_outputs(self, model_dir: Path, image_dir: Path, *, threads: int | None = None,
+                        use_xnnpack: bool = True) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+        from edgeship.targets.ssh import remote_collect
+
+        return remote_collect(self.device, model_dir, image_dir, requirements=self.target.pip_requirements(),
+                              threads=threads, use_xnnpack=use_xnnpack)
+
+
+def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Sequence[str], *,
+                  progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
+    """Copy the models to the device, run ``python -m edgeship.runtime.bench`` there, return its bench.json."""
+    from edgeship.targets.ssh import build_edgeship_wheel
+
+    if progress:
+        progress("prepare device", None, None)
+    with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
+        wheel = build_edgeship_wheel(Path(tmp))
+        python = device.ensure_venv(target.pip_requirements(), wheels=[wheel])
+        remote = f"{device.workdir()}/bench-{uuid.uuid4().hex[:8]}"
+        device.run(["mkdir", "-p", remote])
+        try:
+            names = []
+            for m in models:
+                if progress:
+                    progress(f"copy {m.name}", None, None)
+                device.push(m, f"{remote}/{m.name}")
+                names.append(f"{remote}/{m.name}")
+            if progress:
+                progress(f"benchmark on {getattr(device, 'target', device)}", None, None)
+            device.run_module(python, "edgeship.runtime.bench", [*names, *args, "-o", f"{remote}/bench.json"],
+                              timeout=3600)
+            device.pull(f"{remote}/bench.json", Path(tmp) / "bench.json")
+            try:
+                return json.loads((Path(tmp) / "bench.json").read_text())
+            except (OSError, json.JSONDecodeError) as exc:
+                raise DeviceError(f"no usable bench.json came back from the device: {exc}") from exc
+        finally:
+            device.run(["rm", "-rf", remote], check=False)
