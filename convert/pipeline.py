@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FLOAT32_FILE = "model_float32.tflite"
 FLOAT16_FILE = "model_float16.tflite"
+FLOAT16_CARD = "model_float16.card.json"
 REPORT_FILE = "convert_report.json"
 SIMPLIFIED_FILE = "model_simplified.onnx"
 SAVED_MODEL_DIR = "saved_model"
@@ -86,7 +87,7 @@ class ConvertResult:
 def output_names(options: ConvertOptions) -> list[str]:
     names = [FLOAT32_FILE, CARD_FILE, REPORT_FILE, SIMPLIFIED_FILE, SAVED_MODEL_DIR]
     if options.fp16:
-        names.append(FLOAT16_FILE)
+        names += [FLOAT16_FILE, FLOAT16_CARD]
     if options.labels:
         names.append(LABELS_FILE)
     return names
@@ -164,6 +165,8 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
             if model_prep != prep:
                 card = card.with_(source_preprocessing=prep, notes=tuple(n for n in notes if "folded" in n))
             atomic_write_json(stage / CARD_FILE, card.to_dict())
+            if options.fp16:
+                atomic_write_json(stage / FLOAT16_CARD, card.with_(model_file=FLOAT16_FILE, precision="float16").to_dict())
             report = {
                 "edgeship_report": "convert",
                 "source": {"path": str(src.resolve()), "sha256": source_sha, "bytes": src_stat.st_size,

@@ -426,6 +426,66 @@ def _cmd_bundle(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
                "result": {"out_dir": str(result.out_dir), "files": list(result.files), "target": result.target}}
 
 
+# ---------------------------------------------------------------- deploy
+def _add_deploy(sub: argparse._SubParsersAction) -> None:
+    from edgeship.quantize.options import CalibrationMethod
+
+    p = sub.add_parser("deploy", help="convert -> quantize -> verify -> bench -> bundle -> report, per target",
+                       description="One command from an ONNX model and a folder of images to a verified, "
+                                   "benchmarked bundle per target and a report. Stages are cached in OUT_DIR.")
+    p.add_argument("model", help="ONNX model path, or the zoo name 'mobilenetv2-7' (cached, or downloaded and "
+                                 "checked)")
+    p.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
+    p.add_argument("--target", action="append", required=True, help="target name or .toml (repeat for several)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (re-runs reuse unchanged stages)")
+    p.add_argument("--labels", type=Path, help="labels file (wnid<TAB>names or one per line)")
+    g = p.add_argument_group("quantization and evaluation")
+    g.add_argument("--num-calib", type=int, default=200, help="calibration images (the rest are evaluated)")
+    g.add_argument("--seed", type=int, help="random calibration choice (default: first N by name)")
+    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="mse")
+    g.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: held-out split)")
+    g.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
+    b = p.add_argument_group("benchmark")
+    b.add_argument("--bench-threads", type=_csv_ints, default=(1, 2), help="thread counts (default 1,2)")
+    b.add_argument("--bench-runs", type=int, default=100)
+    p.add_argument("--force", action="store_true", help="use a non-empty folder that is not a deploy folder")
+    _add_device_options(p)
+    _add_common(p)
+    p.set_defaults(func=_cmd_deploy)
+
+
+def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship.deploy import DeployOptions, deploy
+
+    device = None
+    if args.emulate:
+        device = {"kind": "emulate"}
+    elif args.host:
+        device = {"kind": "ssh", "host": args.host, "identity": args.identity, "known_hosts": args.known_hosts,
+                  "accept_new_host_key": args.accept_new_host_key}
+    elif args.adb:
+        raise InputError("deploy --adb is not supported: drift checks need Python on the device; use --emulate "
+                         "for android-arm64-cpu and `edgeship bench --adb` for phone latency")
+    options = DeployOptions(targets=tuple(args.target), num_calib=args.num_calib, seed=args.seed,
+                            method=args.method, eval_dir=args.eval_dir, max_eval=args.max_eval, labels=args.labels,
+                            bench_threads=tuple(args.bench_threads), bench_runs=args.bench_runs, device=device,
+                            force=args.force)
+    result = deploy(args.model, args.calib, args.out, options, progress=progress)
+    lines = [f"{'stage':<40}{'reused':<8}seconds"]
+    lines += [f"{r.name:<40}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
+    for name, t in result.targets.items():
+        f = t["figures"]
+        lines.append(f"{name:<20} {'PASS' if t['passed'] else 'FAIL':<5} agreement {100 * f['top1_agreement']:.2f}%  "
+                     f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}")
+    lines.append(f"report: {result.out_dir / 'report.html'}  (wall {result.summary['wall_s']:.1f} s)")
+    code = 0 if result.passed else 3
+    payload: dict[str, Any] = {"summary": lines, "result": result.summary}
+    if not result.passed:
+        failing = [n for n, t in result.targets.items() if not t["passed"]]
+        payload["error"] = f"over the drift budget: {', '.join(failing)} (report written)"
+    return code, payload
+
+
 # ---------------------------------------------------------------- targets
 def _add_targets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("targets", help="list or show target profiles")
@@ -469,7 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_verify, _add_bench, _add_bundle, _add_targets]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_verify, _add_bench, _add_bundle, _add_deploy,
+                                                              _add_targets]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -80,7 +80,7 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
     started = time.perf_counter()
     timer = Timer(progress)
     model, out_dir = Path(model), Path(out_dir)
-    calib_set, eval_set = _split_images(Path(calibration), options)
+    calib_set, eval_set = split_images(Path(calibration), options)
     check_outputs_free(out_dir, output_names(), force=options.force)
     source = _float_source(model, out_dir, options, progress)
     prep = source.card.preprocessing
@@ -149,7 +149,7 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
     return result
 
 
-def _split_images(folder: Path, options: QuantizeOptions) -> tuple[ImageSet, ImageSet]:
+def split_images(folder: Path, options: QuantizeOptions) -> tuple[ImageSet, ImageSet]:
     """Calibration images and the evaluation images (never the same files)."""
     images = list_images(folder, minimum=0)
     if len(images) < options.min_calib:

@@ -224,6 +224,7 @@ def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = 
             stats = w.ask({"cmd": "stats"})
             results.append({"model": p.name, "path": str(p), "threads": t, "size_bytes": p.stat().st_size,
                             "init_ms": w.init["init_ms"], "first_ms": w.init["first_ms"], **summarize(ns),
+                            "samples_ms": [round(v / 1e6, 4) for v in ns],
                             "peak_rss_mb": stats["peak_rss_mb"], "runtime": w.init["runtime"], "overhead": over})
     finally:
         for w in workers:
@@ -306,7 +307,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EdgeshipError, ValueError) as exc:
         print(f"edgeship.runtime.bench: error: {exc}", file=sys.stderr)
         return 1
-    Path(args.out).write_text(json.dumps(doc, indent=2))
+    from edgeship._io import atomic_write_json
+
+    atomic_write_json(args.out, doc)
     print("\n".join(table(doc)))
     return 0
 

@@ -74,6 +74,9 @@ class VerifyResult:
     figures: DriftFigures
     checks: tuple[BudgetCheck, ...]
     report: dict[str, Any] = field(repr=False)
+    reference: np.ndarray | None = field(default=None, repr=False)
+    candidate: np.ndarray | None = field(default=None, repr=False)
+    files: tuple[Path, ...] = field(default=(), repr=False)
 
     @property
     def passed(self) -> bool:
@@ -135,8 +138,10 @@ def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCar
     return path, card, path.parent
 
 
-def list_eval_images(folder: str | os.PathLike[str], max_images: int | None) -> Any:
-    images = list_images(folder, minimum=1)
+def list_eval_images(folder: Any, max_images: int | None) -> Any:
+    from edgeship.runtime.images import ImageSet
+
+    images = folder if isinstance(folder, ImageSet) else list_images(folder, minimum=1)
     return images.sample(max_images) if max_images else images
 
 
@@ -148,18 +153,21 @@ def raise_if_over(result: VerifyResult, target_name: str, extra: Sequence[str] =
 
 def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[str],
            images: str | os.PathLike[str], target: Any, *, max_images: int | None = None,
-           device: Any = None, progress: Callable[[str, int | None, int | None], None] | None = None) -> VerifyResult:
+           device: Any = None, reference: np.ndarray | None = None,
+           progress: Callable[[str, int | None, int | None], None] | None = None) -> VerifyResult:
     """Run the candidate the way ``target`` will and compare it with the ONNX reference.
 
     Args:
         reference_onnx: The source float ONNX model (run with onnxruntime on the host).
         candidate: Deployed ``.tflite`` (with its card beside it) or a bundle folder.
-        images: Folder of real images (labels from ImageNet wnid names, subfolders or labels.txt).
+        images: Folder of real images (labels from ImageNet wnid names, subfolders or labels.txt),
+            or an :class:`~edgeship.runtime.images.ImageSet`.
         target: A :class:`edgeship.targets.Target`.
         max_images: Use at most this many images.
         device: Where the candidate runs: None (this machine), or an object with
             ``collect_outputs(model_dir, image_dir, threads=..., use_xnnpack=...)``
             (ssh or emulated device) returning ``(logits, files, runtime)``.
+        reference: Reference outputs already computed for these images (skips onnxruntime).
         progress: Progress hook.
 
     Returns:
@@ -189,7 +197,8 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[
             if progress:
                 progress(f"run candidate on {type(device).__name__}", None, None)
             cand, _, runtime = device.collect_outputs(bundle, pics, threads=threads, use_xnnpack=use_xnnpack)
-    ref = reference_outputs(reference_onnx, list(image_set.files), card, progress)
+    ref = reference if reference is not None else reference_outputs(reference_onnx, list(image_set.files), card,
+                                                                     progress)
     truth = load_truth(card, folder, image_set)
     fig = compare(ref, cand, truth)
     checks = tuple(check_budget(fig, target.budget))
@@ -207,7 +216,7 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[
         "notes": notes,
         "passed": all(c.passed for c in checks) and not problems,
     }
-    return VerifyResult(fig, checks, report)
+    return VerifyResult(fig, checks, report, ref, cand, tuple(image_set.files))
 
 
 def _stage_candidate(model_path: Path, card: ModelCard, folder: Path, dest: Path) -> None:

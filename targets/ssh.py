@@ -503,7 +503,7 @@ def _venv_key(python: str, facts: dict[str, str], requirements: Sequence[str], w
 # --------------------------------------------------------------------------- edgeship wheel
 
 #: Folders of the source tree that never go into the wheel build.
-_SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "out", "tests", "__pycache__", "docs", "benchmarks"}
+_SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "out", "tests", "__pycache__"}
 
 
 def source_root() -> Path:
@@ -545,7 +545,7 @@ def _cached_wheel(stamp: Path, fingerprint: str) -> Path | None:
     return wheel if record.get("fingerprint") == fingerprint and wheel.is_file() else None
 
 
-def _pip_wheel(src: Path, out: Path) -> Path:
+def _pip_wheel(src: Path, out: Path, epoch: int) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("setuptools") is None:
@@ -553,7 +553,10 @@ def _pip_wheel(src: Path, out: Path) -> Path:
                                      "pip install 'setuptools>=69' wheel")
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
            "-q", "-w", str(out), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    # A fixed SOURCE_DATE_EPOCH makes the zip byte-identical for identical sources, so a device
+    # venv only reinstalls the wheel when the code really changed.
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(max(epoch, 315532800))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
     wheels = sorted(out.glob("edgeship-*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
         raise EdgeshipError(f"building the edgeship wheel failed (exit {proc.returncode}): "
@@ -588,7 +591,8 @@ def build_edgeship_wheel(dest: Path) -> Path:
         for rel in files:
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / rel, src / rel)
-        built = _pip_wheel(src, Path(tmp) / "out")
+        epoch = max(int((root / rel).stat().st_mtime) for rel in files)
+        built = _pip_wheel(src, Path(tmp) / "out", epoch)
         wheel = dest / built.name
         os.replace(built, wheel)
     atomic_write_json(stamp, {"fingerprint": fingerprint, "wheel": wheel.name})

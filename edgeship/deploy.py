@@ -1,0 +1,290 @@
+"""``deploy``: ONNX model + image folder -> verified, benchmarked bundle per target, and a report.
+
+Stages (each cached under OUT_DIR by the hash of its inputs and options, so a re-run
+with nothing changed reuses everything, and a changed calibration folder re-runs from
+quantize on): convert -> quantize (one model per distinct precision/I/O need) -> verify
+per target -> local benchmark -> bundle per target -> report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from edgeship._io import atomic_write_json, sha256_file
+from edgeship._progress import Progress, silent
+from edgeship._version import __version__
+from edgeship.errors import InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
+
+MARKER = ".edgeship-deploy.json"
+STAGE_MARK = ".stage.json"
+SUMMARY = "deploy.json"
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """Options of :func:`deploy` (the quantize options apply to every quantized model)."""
+
+    targets: tuple[str, ...]
+    num_calib: int = 200
+    seed: int | None = None
+    method: str = "mse"
+    eval_dir: Path | None = None
+    max_eval: int | None = None
+    labels: Path | None = None
+    bench_threads: tuple[int, ...] = (1, 2)
+    bench_runs: int = 100
+    device: dict[str, Any] | None = None  # {"kind": "ssh"|"emulate", ...}
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.targets:
+            raise InputError("deploy needs at least one --target")
+
+
+@dataclass
+class StageRecord:
+    name: str
+    reused: bool
+    seconds: float
+    key: str
+
+
+@dataclass
+class DeployResult:
+    out_dir: Path
+    stages: list[StageRecord]
+    targets: dict[str, dict[str, Any]]
+    passed: bool
+    summary: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Stages:
+    """Runs named stages into subfolders of OUT_DIR, reusing those whose key is unchanged."""
+
+    def __init__(self, out: Path, progress: Progress) -> None:
+        self.out = out
+        self.progress = progress
+        self.records: list[StageRecord] = []
+
+    def run(self, name: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, str]:
+        folder = self.out / name
+        digest = _digest({"edgeship": __version__, **key})
+        marker = folder / STAGE_MARK
+        start = time.perf_counter()
+        if marker.is_file() and json.loads(marker.read_text()).get("key") == digest:
+            self.records.append(StageRecord(name, True, 0.0, digest))
+            self.progress(f"{name}: reused (unchanged inputs)")
+            return folder, digest
+        self.progress(name)
+        if folder.exists():
+            shutil.rmtree(folder)
+        build(folder)
+        seconds = round(time.perf_counter() - start, 2)
+        atomic_write_json(marker, {"key": digest, "seconds": seconds, "inputs": key})
+        self.records.append(StageRecord(name, False, seconds, digest))
+        return folder, digest
+
+
+def _check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not force:
+        raise OutputExistsError(f"{out} is not empty and is not an edgeship deploy folder; pass --force or pick "
+                                "another folder")
+
+
+def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *,
+           progress: Progress = silent) -> DeployResult:
+    """Run the whole pipeline for several targets; see the module docstring."""
+    from edgeship import zoo
+    from edgeship.quantize.options import QuantizeOptions
+    from edgeship.quantize.pipeline import split_images
+    from edgeship.runtime.images import list_images
+    from edgeship.targets import load_target
+
+    started = time.perf_counter()
+    out = Path(out_dir)
+    targets = [load_target(t) for t in options.targets]
+    model_path = zoo.resolve(model, progress=progress)
+    if not model_path.is_file():
+        raise InputError(f"model {model_path} does not exist")
+    qopts = QuantizeOptions(num_calib=options.num_calib, seed=options.seed, method=options.method,
+                            eval_dir=options.eval_dir, max_eval=options.max_eval, force=True)
+    calib_set, eval_set = split_images(Path(calibration), qopts)
+    folder_digest = list_images(calibration, minimum=0).digest()
+    _check_out_dir(out, options.force)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / MARKER, {"edgeship": __version__})
+    stages = _Stages(out, progress)
+    conv_dir, conv_key = _convert_stage(stages, model_path, options, targets)
+    models = _quantize_stages(stages, conv_dir, conv_key, Path(calibration), folder_digest, qopts, targets)
+    verify_results = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
+    bench_doc = _bench_stage(stages, model_path, conv_dir, models, options, progress)
+    bundles = _bundle_stages(stages, models, targets, options)
+    summary = {
+        "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
+                                                                          "count": len(calib_set)},
+        "evaluation": {"count": len(eval_set), "held_apart": options.eval_dir is None},
+        "stages": [asdict(r) for r in stages.records],
+        "targets": {t.name: {"model": str(models[t.name]), "bundle": str(bundles[t.name]),
+                             "passed": verify_results[t.name]["passed"], "figures": verify_results[t.name]["figures"],
+                             "budget": verify_results[t.name]["budget"]} for t in targets},
+        "wall_s": round(time.perf_counter() - started, 2),
+    }
+    from edgeship.report import write_report
+
+    progress("report")
+    write_report(out, summary, bench_doc)
+    summary["wall_s"] = round(time.perf_counter() - started, 2)
+    atomic_write_json(out / SUMMARY, summary)
+    passed = all(v["passed"] for v in summary["targets"].values())
+    return DeployResult(out, stages.records, summary["targets"], passed, summary)
+
+
+def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets: list[Any]) -> tuple[Path, str]:
+    from edgeship.convert import ConvertOptions, convert
+
+    fp16 = any(t.model.precision.value == "float16" for t in targets)
+    labels = options.labels
+    key = {"stage": "convert", "model_sha256": sha256_file(model), "fp16": fp16,
+           "labels": sha256_file(labels) if labels else None}
+    copts = ConvertOptions(fp16=fp16, labels=labels, force=True)
+    return stages.run("convert", key, lambda d: convert(model, d, options=copts, progress=stages.progress))
+
+
+def _variant(target: Any) -> str:
+    m = target.model
+    if m.precision.value != "int8":
+        return m.precision.value
+    return f"int8-io-{m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
+
+
+def _quantize_stages(stages: _Stages, conv_dir: Path, conv_key: str, calib: Path, folder_digest: str,
+                     qopts: Any, targets: list[Any]) -> dict[str, Path]:
+    """One quantized model per distinct need, shared by the targets that need it."""
+    from dataclasses import replace
+
+    from edgeship.convert.pipeline import FLOAT16_FILE, FLOAT32_FILE
+    from edgeship.quantize import quantize
+    from edgeship.quantize.pipeline import INT8_FILE
+
+    models: dict[str, Path] = {}
+    built: dict[str, Path] = {}
+    for t in targets:
+        variant = _variant(t)
+        if variant in ("float32", "float16"):
+            models[t.name] = conv_dir / (FLOAT32_FILE if variant == "float32" else FLOAT16_FILE)
+            continue
+        if variant not in built:
+            opts = replace(qopts, io=t.model.io_dtype.value, per_tensor=t.model.per_tensor)
+            key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
+                   "options": opts.to_dict()}
+            folder, _ = stages.run(f"quantize/{variant}", key,
+                                   lambda d, o=opts: quantize(conv_dir, calib, d, options=o, progress=stages.progress))
+            built[variant] = folder / INT8_FILE
+        models[t.name] = built[variant]
+    return models
+
+
+def _verify_stages(stages: _Stages, model: Path, models: dict[str, Path], eval_set: Any, targets: list[Any],
+                   options: DeployOptions, progress: Progress) -> dict[str, dict[str, Any]]:
+    from edgeship.runtime.classifier import find_card
+    from edgeship.runtime.drift import reference_outputs, verify
+
+    results: dict[str, dict[str, Any]] = {}
+    reference: dict[str, np.ndarray] = {}
+    for t in targets:
+        cand = models[t.name]
+        key = {"stage": "verify", "candidate_sha256": sha256_file(cand), "target": t.to_dict(),
+               "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
+               "device": options.device}
+
+        def build(d: Path, t: Any = t, cand: Path = cand) -> None:
+            card = find_card(cand)
+            ref_key = json.dumps(card.reference_preprocessing.to_dict(), sort_keys=True)
+            if ref_key not in reference:
+                reference[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
+            result = verify(model, cand, eval_set, t, device=_make_device(options.device, t),
+                            reference=reference[ref_key], progress=progress)
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(d / "drift_report.json", result.report)
+            np.savez(d / "outputs.npz", reference=result.reference, candidate=result.candidate,
+                     files=np.array([str(f) for f in result.files]))
+
+        folder, _ = stages.run(f"verify/{t.name}", key, build)
+        results[t.name] = json.loads((folder / "drift_report.json").read_text())
+    return results
+
+
+def _make_device(spec: dict[str, Any] | None, target: Any) -> Any:
+    if not spec:
+        return None
+    if spec["kind"] == "emulate":
+        if target.arch.value != "aarch64":
+            return None  # emulation is for aarch64 targets; others run on this machine
+        from edgeship.targets.emulate import EmulatedDevice
+
+        return EmulatedDevice()
+    if spec["kind"] == "ssh":
+        from edgeship.targets.remote import SshCollector
+        from edgeship.targets.ssh import SshDevice, SshTarget
+
+        if target.access.value != "ssh":
+            return None
+        ssh = SshTarget.parse(spec["host"], identity=spec.get("identity"), known_hosts=spec.get("known_hosts"),
+                              accept_new_host_key=spec.get("accept_new_host_key", False))
+        return SshCollector(SshDevice(ssh), target)
+    return None
+
+
+def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str, Path], options: DeployOptions,
+                 progress: Progress) -> dict[str, Any]:
+    """ONNX through onnxruntime (the baseline), the float32 TFLite, then every deployed model."""
+    from edgeship.convert.pipeline import FLOAT32_FILE
+    from edgeship.runtime.bench import BenchOptions, benchmark
+
+    unique = [model, conv_dir / FLOAT32_FILE]
+    for m in models.values():
+        if m not in unique:
+            unique.append(m)
+    key = {"stage": "bench", "models": {str(m): sha256_file(m) for m in unique},
+           "threads": list(options.bench_threads), "runs": options.bench_runs}
+
+    def build(d: Path) -> None:
+        doc = benchmark(unique, BenchOptions(threads=options.bench_threads, runs=options.bench_runs),
+                        progress=progress)
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(d / "bench.json", doc)
+
+    folder, _ = stages.run("bench", key, build)
+    return json.loads((folder / "bench.json").read_text())
+
+
+def _bundle_stages(stages: _Stages, models: dict[str, Path], targets: list[Any],
+                   options: DeployOptions) -> dict[str, Path]:
+    from edgeship.targets.bundle import bundle
+
+    out: dict[str, Path] = {}
+    for t in targets:
+        m = models[t.name]
+        card = m.with_name(m.stem + ".card.json")
+        key = {"stage": "bundle", "model": sha256_file(m), "card": sha256_file(card) if card.is_file() else None,
+               "target": t.to_dict()}
+        folder, _ = stages.run(f"bundles/{t.name}", key, lambda d, t=t, m=m: bundle(m, t, d, force=True))
+        out[t.name] = folder
+    return out
