@@ -83,20 +83,29 @@ def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor
     """Full-integer model from a calibrated model (TFLite's MLIR quantizer)."""
     tf = _tf()
     from tensorflow.lite.python import convert as tfl_convert
+    from tensorflow.lite.python.util import modify_model_io_type
 
     dtypes = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
     try:
         with _quiet():
-            return bytes(tfl_convert.mlir_quantize(
+            model = bytes(tfl_convert.mlir_quantize(
                 calibrated,
                 disable_per_channel=per_tensor,
-                fully_quantize=True,
                 input_data_type=dtypes[io_dtype],
                 output_data_type=dtypes[io_dtype],
                 denylisted_nodes=list(denylisted_nodes) or None,
             ))
+            if _io_dtype(model) != io_dtype:  # the I/O rewrite TFLiteConverter falls back to
+                model = bytes(modify_model_io_type(model, dtypes[io_dtype], dtypes[io_dtype]))
+            return model
     except Exception as exc:
         raise CalibrationError(f"TFLite quantizer failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+
+
+def _io_dtype(model: bytes) -> str:
+    from edgeship.runtime.interpreter import TFLiteModel
+
+    return TFLiteModel(model, use_xnnpack=False).input.dtype.name
 
 
 def read_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:

@@ -409,6 +409,7 @@ def _guest_env(root: Path, python_path: Sequence[Path], extra: dict[str, str] | 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_", "VIRTUAL_ENV", "CONDA"))}
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in [*python_path, root / SITE_DIR])
     env["PYTHONNOUSERSITE"] = "1"  # the host user's site-packages hold x86 builds
+    env["PYTHONSAFEPATH"] = "1"  # no cwd on sys.path: in the repository root, edgeship/ lacks runtime/
     if not write_bytecode:
         env["PYTHONDONTWRITEBYTECODE"] = "1"  # runs never write into the root or the source tree
     env.update(extra or {})

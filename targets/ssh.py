@@ -54,8 +54,11 @@ _PROBE_SCRIPT = ("import json, platform, sys; print(json.dumps({'python': platfo
 _WORKDIR_SCRIPT = ('d=${1:-' + DEFAULT_REMOTE_DIR + '}; case $d in "~") d=$HOME;; "~/"*) d=$HOME/${d#"~/"};; esac; '
                    'mkdir -p -- "$d" && cd -- "$d" && pwd -P')
 _READ_MARKER_SCRIPT = "import sys; sys.stdout.write(open(sys.argv[1]).read())"
-_WRITE_MARKER_SCRIPT = ("import os, sys; tmp = sys.argv[1] + '.tmp'; open(tmp, 'w').write(sys.argv[2]); "
-                        "os.replace(tmp, sys.argv[1])")
+_WRITE_MARKER_SCRIPT = ("import os, sys; tmp = sys.argv[1] + '.tmp'; fh = open(tmp, 'w'); fh.write(sys.argv[2]); "
+                        "fh.close(); os.replace(tmp, sys.argv[1])")
+
+__all__ = ["SshTarget", "SshDevice", "build_edgeship_wheel", "default_wheel_cache", "remote_collect",
+           "ssh_problem", "source_root"]
 
 
 # --------------------------------------------------------------------------- target
@@ -545,7 +548,7 @@ def _cached_wheel(stamp: Path, fingerprint: str) -> Path | None:
     return wheel if record.get("fingerprint") == fingerprint and wheel.is_file() else None
 
 
-def _pip_wheel(src: Path, out: Path, epoch: int) -> Path:
+def _pip_wheel(src: Path, out: Path) -> Path:
     import importlib.util
 
     if importlib.util.find_spec("setuptools") is None:
@@ -553,9 +556,9 @@ def _pip_wheel(src: Path, out: Path, epoch: int) -> Path:
                                      "pip install 'setuptools>=69' wheel")
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
            "-q", "-w", str(out), str(src)]
-    # A fixed SOURCE_DATE_EPOCH makes the zip byte-identical for identical sources, so a device
-    # venv only reinstalls the wheel when the code really changed.
-    env = {**os.environ, "SOURCE_DATE_EPOCH": str(max(epoch, 315532800))}
+    # A fixed SOURCE_DATE_EPOCH (1980-01-01, the zip epoch) makes the wheel byte-identical for
+    # identical sources, so a device venv only reinstalls it when the code really changed.
+    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
     wheels = sorted(out.glob("edgeship-*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
@@ -591,8 +594,7 @@ def build_edgeship_wheel(dest: Path) -> Path:
         for rel in files:
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(root / rel, src / rel)
-        epoch = max(int((root / rel).stat().st_mtime) for rel in files)
-        built = _pip_wheel(src, Path(tmp) / "out", epoch)
+        built = _pip_wheel(src, Path(tmp) / "out")
         wheel = dest / built.name
         os.replace(built, wheel)
     atomic_write_json(stamp, {"fingerprint": fingerprint, "wheel": wheel.name})

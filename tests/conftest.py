@@ -131,3 +131,21 @@ def real_bundle(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
                  "--labels", str(assets / "data" / "imagenet_classes.txt")])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def calib_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """30 small images in every supported format and several modes, plus files to skip."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("calib")
+    rng = np.random.default_rng(2)
+    formats = [("png", "RGB"), ("jpg", "RGB"), ("bmp", "RGB"), ("webp", "RGB"), ("png", "L"), ("jpg", "CMYK"),
+               ("png", "P"), ("png", "RGBA")]
+    for i in range(30):
+        ext, mode = formats[i % len(formats)]
+        base = np.clip(rng.normal(128, 60, (36 + i % 5, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(base).convert(mode).save(folder / f"img_{i:02d}.{ext}")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+    return folder

@@ -1,0 +1,215 @@
+"""The emulated aarch64 device: qemu user mode running edgeship's runtime in an arm64 root.
+
+The fast tests need neither qemu nor a network. The slow ones build (once per cache
+dir, ~30 s to a few minutes) or reuse the root in ``$EDGESHIP_CACHE`` (default
+``~/.cache/edgeship``); they skip when ``qemu-aarch64-static`` is not installed,
+unless ``EDGESHIP_REQUIRE_EMULATOR=1`` (set it in CI) turns that into a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.errors import DeviceError, MissingDependencyError
+from edgeship.targets import emulate
+
+log = logging.getLogger(__name__)
+
+HAVE_QEMU = shutil.which(emulate.QEMU) is not None
+REQUIRE_EMULATOR = os.environ.get("EDGESHIP_REQUIRE_EMULATOR") == "1"
+needs_apt = pytest.mark.skipif(shutil.which("apt-get") is None, reason="apt-get not found (not a Debian/Ubuntu host)")
+
+
+@pytest.fixture(scope="session")
+def emulated_root() -> Path:
+    """The cached arm64 root, built on first use."""
+    if not HAVE_QEMU:
+        message = f"{emulate.QEMU} not installed: sudo apt-get install qemu-user-static"
+        if REQUIRE_EMULATOR:
+            pytest.fail(f"EDGESHIP_REQUIRE_EMULATOR=1 but {message}")
+        pytest.skip(message)
+    return emulate.ensure_root()
+
+
+@pytest.fixture(scope="session")
+def device(emulated_root: Path) -> emulate.EmulatedDevice:
+    return emulate.EmulatedDevice(emulated_root)
+
+
+# --------------------------------------------------------------------------- fast: no qemu, no network
+
+
+def test_missing_qemu_raises_missing_dependency(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(emulate, "QEMU", "qemu-aarch64-static-not-installed")
+    cache = tmp_path / "cache"
+    with pytest.raises(MissingDependencyError, match="apt-get install qemu-user-static"):
+        emulate.ensure_root(cache)
+    assert not cache.exists()  # checked before anything is downloaded or created
+    with pytest.raises(MissingDependencyError, match="qemu-aarch64-static-not-installed"):
+        emulate.run_python(["-c", "pass"], root=tmp_path)
+    with pytest.raises(MissingDependencyError):
+        emulate.EmulatedDevice(cache_dir=cache).collect_outputs(tmp_path / "m.tflite", tmp_path)
+
+
+def test_source_folder_maps_the_repository_folders_into_one_package(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    folder = emulate.source_folder(root)
+    assert emulate.source_folder(root) == folder  # reused
+    shutil.rmtree(folder)
+    assert emulate.source_folder(root) == folder  # re-created when missing
+    # -S: no .pth files, so the editable install's finder cannot be what resolves the imports
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    code = "import edgeship.runtime.collect as c, edgeship.targets.profile as p; print(c.__file__); print(p.__file__)"
+    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), site])})
+    assert out.returncode == 0, out.stderr[-2000:]
+    collect_file, profile_file = (Path(line) for line in out.stdout.split())
+    assert str(collect_file).startswith(str(folder))
+    import edgeship.runtime.collect
+    import edgeship.targets.profile
+
+    assert collect_file.resolve() == Path(edgeship.runtime.collect.__file__).resolve()
+    assert profile_file.resolve() == Path(edgeship.targets.profile.__file__).resolve()
+
+
+def _fake_build(calls: list[Path]):
+    def build(work: Path, qemu: str, progress) -> None:
+        calls.append(work)
+        root = work / "root"
+        (root / emulate.GUEST_PYTHON).parent.mkdir(parents=True)
+        (root / emulate.GUEST_PYTHON).write_text("")
+        emulate.atomic_write_json(root / emulate.MARKER, {"spec": emulate.root_spec()})
+    return build
+
+
+def test_half_built_or_outdated_root_is_rebuilt_not_reused(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    calls: list[Path] = []
+    monkeypatch.setattr(emulate, "require_qemu", lambda: "/usr/bin/true")
+    monkeypatch.setattr(emulate, "_require_build_tools", lambda: None)
+    monkeypatch.setattr(emulate, "_build_root", _fake_build(calls))
+    half = tmp_path / emulate.ROOT_NAME
+    (half / "usr" / "bin").mkdir(parents=True)
+    (half / "usr" / "bin" / "python3.11").write_text("")  # a python but no marker: interrupted build
+    (tmp_path / f".{emulate.ROOT_NAME}.building-x1").mkdir()  # leftover of a crashed build
+    root = emulate.ensure_root(tmp_path)
+    assert root == half and len(calls) == 1 and emulate.root_ready(root)
+    assert not list(tmp_path.glob(f".{emulate.ROOT_NAME}.*-*")), "temporary folders left behind"
+    assert emulate.ensure_root(tmp_path) == root and len(calls) == 1  # reused
+    emulate.atomic_write_json(root / emulate.MARKER, {"spec": {"format": 0}})
+    emulate.ensure_root(tmp_path)
+    assert len(calls) == 2  # another spec: rebuilt
+
+
+def test_failed_build_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def broken(work: Path, qemu: str, progress) -> None:
+        (work / "root" / "usr").mkdir(parents=True)
+        raise DeviceError("building the aarch64 root: simulated failure")
+
+    monkeypatch.setattr(emulate, "require_qemu", lambda: "/usr/bin/true")
+    monkeypatch.setattr(emulate, "_require_build_tools", lambda: None)
+    monkeypatch.setattr(emulate, "_build_root", broken)
+    with pytest.raises(DeviceError, match="simulated failure"):
+        emulate.ensure_root(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{emulate.ROOT_NAME}.lock"]
+
+
+def test_apt_configuration_is_private(tmp_path: Path) -> None:
+    conf = emulate._apt_config(tmp_path).read_text()
+    assert 'APT::Architecture "arm64";' in conf
+    for key in ("Dir::Etc", "Dir::State", "Dir::State::status", "Dir::Cache"):
+        assert f'{key} "{tmp_path}' in conf, key
+    assert "/etc/apt" not in conf and "/var/lib" not in conf
+    sources = (tmp_path / "etc" / "sources.list").read_text()
+    assert "arch=arm64" in sources and f"signed-by={emulate.DEBIAN_KEYRING}" in sources
+
+
+@needs_apt
+def test_offline_apt_is_one_device_error_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    if not Path(emulate.DEBIAN_KEYRING).is_file():
+        pytest.skip(f"{emulate.DEBIAN_KEYRING} not installed")
+    monkeypatch.setattr(emulate, "require_qemu", lambda: "/usr/bin/true")
+    monkeypatch.setenv("EDGESHIP_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
+    with pytest.raises(DeviceError, match=r"apt-get update of http://127\.0\.0\.1:9/debian bookworm arm64 failed") as exc:
+        emulate.ensure_root(tmp_path)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / emulate.ROOT_NAME).exists()
+
+
+def test_offline_pip_is_one_device_error_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for var, value in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "",
+                       "PIP_FIND_LINKS": "", "PIP_NO_INDEX": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # ignore the machine's extra indexes and links
+    with pytest.raises(DeviceError, match="pip install of the aarch64 wheels failed") as exc:
+        emulate._install_wheels(tmp_path / "site", emulate._silent)
+    assert "\n" not in str(exc.value)
+
+
+# --------------------------------------------------------------------------- slow: the real emulator
+
+
+@pytest.mark.slow
+def test_emulated_collect_matches_the_host(device: emulate.EmulatedDevice, tiny_bundle: Path,
+                                           tiny_images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeship
+    from edgeship.runtime.drift import candidate_outputs
+
+    monkeypatch.chdir(Path(edgeship.__file__).parents[1])  # its edgeship/ must not shadow the guest's package
+    logits, files, describe = device.collect_outputs(tiny_bundle, tiny_images)
+    host, host_describe = candidate_outputs(tiny_bundle, [tiny_images / f for f in files])
+    assert files == sorted(p.name for p in tiny_images.iterdir())
+    assert describe["machine"] == "aarch64" and describe["cpu"] == emulate.DEFAULT_CPU
+    assert describe["interpreter"] == "ai_edge_litert" and describe["delegate"] == "xnnpack"
+    diff = float(np.abs(logits - host).max())
+    log.warning("emulated aarch64 vs host (XNNPACK): max abs diff %.3g over %s logits", diff, logits.shape)
+    assert logits.shape == host.shape and diff <= 1e-4 * max(1.0, float(np.abs(host).max()))
+    assert (logits.argmax(1) == host.argmax(1)).all()
+
+
+@pytest.mark.slow
+def test_emulated_collect_passes_threads_and_delegate(device: emulate.EmulatedDevice, tiny_bundle: Path,
+                                                      tiny_images: Path) -> None:
+    logits, _, describe = device.collect_outputs(tiny_bundle / "model_float32.tflite", tiny_images,
+                                                 threads=1, use_xnnpack=False)
+    assert describe["delegate"] == "none" and logits.shape[0] == 12 and np.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_bad_model_is_a_device_error_with_the_guest_message(device: emulate.EmulatedDevice, tiny_images: Path,
+                                                            tmp_path: Path) -> None:
+    with pytest.raises(DeviceError, match=r"exited with code 1 .*edgeship\.runtime\.collect: error: .*does not exist"):
+        device.collect_outputs(tmp_path / "missing.tflite", tiny_images)
+    junk = tmp_path / "junk.tflite"
+    junk.write_bytes(b"not a flatbuffer" * 8)
+    with pytest.raises(DeviceError, match="cannot load TFLite model") as exc:
+        device.collect_outputs(junk, tiny_images)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.slow
+def test_guest_crash_exit_and_timeout_are_device_errors(emulated_root: Path) -> None:
+    ok = emulate.run_python(["-c", "import platform; print(platform.machine())"], root=emulated_root)
+    assert ok.stdout.strip() == "aarch64"
+    with pytest.raises(DeviceError, match="exited with code 1 .*: boom$"):
+        emulate.run_python(["-c", "import sys; sys.exit('boom')"], root=emulated_root)
+    with pytest.raises(DeviceError, match=r"crashed \(SIGSEGV\)"):
+        emulate.run_python(["-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"], root=emulated_root)
+    with pytest.raises(DeviceError, match="timed out after 2 s"):
+        emulate.run_python(["-c", "import time; time.sleep(60)"], root=emulated_root, timeout=2)
+    failed = emulate.run_python(["-c", "raise SystemExit(3)"], root=emulated_root, check=False)
+    assert failed.returncode == 3
+
+
+def test_run_python_refuses_an_incomplete_root(tmp_path: Path) -> None:
+    if not HAVE_QEMU:
+        pytest.skip(f"{emulate.QEMU} not installed")
+    with pytest.raises(DeviceError, match="not a complete aarch64 root"):
+        emulate.run_python(["-c", "pass"], root=tmp_path)

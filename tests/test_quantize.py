@@ -1,0 +1,138 @@
+"""quantize: real int8 models from tiny and real classifiers, bad calibration folders, I/O dtypes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgeship.cli import main
+from edgeship.quantize.options import CalibrationMethod
+from edgeship.quantize.ranges import RANGE_METHODS, Histogram, mse, percentile
+from edgeship.runtime import Classifier
+from edgeship.runtime.interpreter import TFLiteModel
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, calib_images: Path) -> Path:
+    out = tmp_path_factory.mktemp("q") / "int8"
+    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q",
+                 "--num-calib", "20"]) == 0
+    return out
+
+
+def test_tiny_int8_outputs_and_report(tiny_int8: Path) -> None:
+    names = {p.name for p in tiny_int8.iterdir()}
+    assert {"model_int8.tflite", "model_int8.card.json", "quant_report.json", "layer_errors.png"} <= names
+    report = json.loads((tiny_int8 / "quant_report.json").read_text())
+    assert report["calibration"]["count"] == 20 and report["evaluation"]["count"] == 10
+    assert report["calibration"]["skipped_files"] == 2  # notes.txt and broken.jpg
+    assert len(report["calibration"]["file_list_sha256"]) == 64
+    assert report["evaluation"]["held_apart_from_calibration"]
+    assert report["sizes"]["int8"] < report["sizes"]["float32"]
+    assert report["worst_layers"] and {"rmse_per_scale", "sqnr_db", "name"} <= set(report["worst_layers"][0])
+    assert 0.0 <= report["figures"]["top1_agreement"] <= 1.0
+    assert report["versions"]["tensorflow"] and report["timings_s"]["calibrate"] > 0
+    model = TFLiteModel(tiny_int8 / "model_int8.tflite")
+    assert model.input.dtype == np.int8 and model.output.dtype == np.int8
+    with Image.open(tiny_int8 / "layer_errors.png") as im:
+        assert im.size[0] > 200
+
+
+def test_int8_agrees_with_float_on_tiny(tiny_int8: Path, tiny_bundle: Path, calib_images: Path) -> None:
+    q = Classifier.load(tiny_int8 / "model_int8.tflite")
+    f = Classifier.load(tiny_bundle)
+    files = sorted(calib_images.glob("img_2*"))
+    cos = []
+    for path in files:
+        a, b = f.logits(path), q.logits(path)
+        cos.append(float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)))
+    assert min(cos) > 0.98, cos
+
+
+@pytest.mark.parametrize("io", ["uint8", "float32"])
+def test_io_dtypes(io: str, tmp_path: Path, tiny_bundle: Path, calib_images: Path, tiny_int8: Path) -> None:
+    out = tmp_path / io
+    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q",
+                 "--num-calib", "20", "--io", io]) == 0
+    model = TFLiteModel(out / "model_int8.tflite")
+    assert model.input.dtype == np.dtype(io) and model.output.dtype == np.dtype(io)
+    # The runtime (de)quantizes whatever the I/O is: all three models answer alike.
+    probe = sorted(calib_images.glob("img_2*"))[0]
+    ref = Classifier.load(tiny_int8 / "model_int8.tflite").logits(probe)
+    got = Classifier.load(out / "model_int8.tflite").logits(probe)
+    assert np.max(np.abs(ref - got)) < 0.05 * max(1.0, float(np.max(np.abs(ref))))
+
+
+def test_quantize_straight_from_onnx(tmp_path: Path, tiny_onnx: Path, calib_images: Path) -> None:
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_onnx), "--calib", str(calib_images), "-o", str(out), "-q",
+                 "--method", "percentile"]) == 0
+    assert (out / "model_float32.tflite").is_file() and (out / "model_int8.tflite").is_file()
+    assert json.loads((out / "quant_report.json").read_text())["ranges"]["method"] == "percentile"
+
+
+def _folder(tmp: Path, count: int, extra: dict[str, bytes] | None = None) -> Path:
+    folder = tmp / f"imgs{count}"
+    folder.mkdir()
+    for i in range(count):
+        Image.new("RGB", (40, 40), (i * 7 % 255, 30, 90)).save(folder / f"{i}.png")
+    for name, data in (extra or {}).items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.mark.parametrize("count, needle", [(0, "calibration needs at least 10"), (5, "calibration needs at least 10")])
+def test_too_few_images_nothing_written(count: int, needle: str, tmp_path: Path, tiny_bundle: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    folder = _folder(tmp_path, count, {"readme.md": b"x", "fake.jpg": b"nope"})
+    out = tmp_path / "out"
+    assert main(["quantize", str(tiny_bundle), "--calib", str(folder), "-o", str(out), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "2 other file(s) skipped" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_missing_folder_and_bad_model(tmp_path: Path, tiny_bundle: Path, calib_images: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quantize", str(tiny_bundle), "--calib", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "-q"]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    not_convert = tmp_path / "plain"
+    not_convert.mkdir()
+    assert main(["quantize", str(not_convert), "--calib", str(calib_images), "-o", str(tmp_path / "o"), "-q"]) == 1
+    assert "not an edgeship convert folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_folder_must_not_overlap(tmp_path: Path, tiny_bundle: Path, calib_images: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "--eval", str(calib_images),
+                 "-o", str(tmp_path / "o"), "-q"]) == 1
+    assert "also calibration images" in capsys.readouterr().err
+
+
+def test_existing_outputs_need_force(tiny_int8: Path, tiny_bundle: Path, calib_images: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(tiny_int8), "-q"]) == 1
+    assert "--force" in capsys.readouterr().err
+
+
+def test_range_methods_registry_and_math() -> None:
+    assert set(RANGE_METHODS) == set(CalibrationMethod)
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(0, 1, 100_000), [40.0, -35.0]])  # two outliers
+    counts, edges = np.histogram(values, bins=2048)
+    hist = Histogram(float(edges[0]), float(edges[-1]), counts)
+    lo, hi = percentile(hist, 99.9)
+    assert -4.5 < lo < -2.5 and 2.5 < hi < 4.5
+    # Laplace tails: the MSE-optimal 8-bit clip is about 9.9 b (Banner et al., ACIQ), below the sample max.
+    lap = rng.laplace(0, 1, 200_000)
+    counts, edges = np.histogram(lap, bins=2048)
+    lo, hi = mse(Histogram(float(edges[0]), float(edges[-1]), counts), 0)
+    assert 7 < hi < 0.95 * edges[-1] and 0.95 * edges[0] < lo < -7
