@@ -132,7 +132,7 @@ def _worker() -> int:
                 assert runner is not None
                 reply = {"overhead": runner.overhead(msg["n"])}
             elif cmd == "stats":
-                reply = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                reply = {"peak_rss_mb": round(peak_rss_mb(), 1)}
             else:
                 reply = {"bye": True}
         except Exception as exc:  # report to the parent, which raises one clear error
@@ -142,6 +142,23 @@ def _worker() -> int:
         if cmd == "quit":
             break
     return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB.
+
+    ``VmHWM`` is per address space, so it starts afresh at exec; ``ru_maxrss`` would
+    include the RSS of the parent at fork time on Linux.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale / (1024 if scale == 1 else 1)
 
 
 class _Worker:

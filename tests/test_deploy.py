@@ -1,0 +1,105 @@
+"""deploy end to end on the tiny model: bundles per target, caching, report checked in a real browser."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from edgeship.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+TARGETS = ["--target", "x86-host", "--target", "rpi4-aarch64", "--target", "android-arm64-cpu"]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path, calib_images: Path) -> tuple[Path, Path, float]:
+    root = tmp_path_factory.mktemp("deploy")
+    calib = root / "calib"
+    shutil.copytree(calib_images, calib)
+    out = root / "out"
+    start = time.perf_counter()
+    code = main(["deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out), "--num-calib", "20",
+                 "--bench-runs", "20", "--bench-threads", "1", "-q", *TARGETS])
+    assert code == 0
+    return out, calib, time.perf_counter() - start
+
+
+def test_deploy_outputs(deployed: tuple[Path, Path, float]) -> None:
+    out, _, _ = deployed
+    summary = json.loads((out / "deploy.json").read_text())
+    assert set(summary["targets"]) == {"x86-host", "rpi4-aarch64", "android-arm64-cpu"}
+    for name, t in summary["targets"].items():
+        assert t["passed"] and (Path(t["bundle"]) / "model_card.json").is_file()
+    # One int8 model shared by the three int8/int8-I/O targets.
+    assert [s["name"] for s in summary["stages"] if s["name"].startswith("quantize/")] == \
+        ["quantize/int8-io-int8-per-channel"]
+    assert (out / "bundles" / "rpi4-aarch64" / "requirements.txt").is_file()
+    assert (out / "bundles" / "android-arm64-cpu" / "README.md").read_text().count("benchmark_model") >= 2
+    for png in ("latency.png", "sizes.png"):
+        assert (out / "report" / png).stat().st_size > 1000
+    md = (out / "report.md").read_text()
+    assert "Accuracy drift per target" in md and "PASS" in md and "Per-layer error" in md
+
+
+def test_rerun_reuses_every_stage(deployed: tuple[Path, Path, float], tiny_onnx: Path) -> None:
+    out, calib, first = deployed
+    start = time.perf_counter()
+    assert main(["deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out), "--num-calib", "20",
+                 "--bench-runs", "20", "--bench-threads", "1", "-q", *TARGETS]) == 0
+    again = time.perf_counter() - start
+    stages = json.loads((out / "deploy.json").read_text())["stages"]
+    assert all(s["reused"] for s in stages), stages
+    assert again < first / 3, (again, first)
+
+
+def test_changed_calibration_reruns_from_quantize(deployed: tuple[Path, Path, float], tiny_onnx: Path) -> None:
+    out, calib, _ = deployed
+    shutil.copy(next(calib.glob("img_00.*")), calib / "zz_extra.png")
+    assert main(["deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out), "--num-calib", "20",
+                 "--bench-runs", "20", "--bench-threads", "1", "-q", *TARGETS]) == 0
+    reused = {s["name"]: s["reused"] for s in json.loads((out / "deploy.json").read_text())["stages"]}
+    assert reused["convert"] is True
+    assert reused["quantize/int8-io-int8-per-channel"] is False
+
+
+def test_non_deploy_folder_is_not_touched(tmp_path: Path, tiny_onnx: Path, calib_images: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "precious.txt").write_text("keep")
+    assert main(["deploy", str(tiny_onnx), "--calib", str(calib_images), "-o", str(tmp_path), "--target",
+                 "x86-host", "-q"]) == 1
+    assert "not an edgeship deploy folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
+
+
+def test_unknown_target_fails_fast(tmp_path: Path, tiny_onnx: Path, calib_images: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["deploy", str(tiny_onnx), "--calib", str(calib_images), "-o", str(tmp_path / "o"), "--target",
+                 "pi-zero", "-q"]) == 1
+    assert "valid targets" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (.ci/run installs it)")
+def test_report_renders_in_headless_chromium(deployed: tuple[Path, Path, float], tmp_path: Path) -> None:
+    out, _, _ = deployed
+    html = out / "report.html"
+    assert "src='report/" not in html.read_text()  # self-contained: images are embedded
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
+                           "--virtual-time-budget=5000", "--dump-dom", html.as_uri()],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "edgeship deploy report" in proc.stdout
+    loaded = proc.stdout.split('data-images-loaded="', 1)[1].split('"', 1)[0]
+    done, total = map(int, loaded.split("/"))
+    assert total >= 4 and done == total, loaded
+    console = [ln for ln in proc.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+    assert not console, console
