@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -245,6 +246,9 @@ def _add_device_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--identity", type=Path, help="ssh private key")
     g.add_argument("--known-hosts", type=Path, help="ssh known_hosts file")
     g.add_argument("--accept-new-host-key", action="store_true", help="trust a first-time ssh host key")
+    g.add_argument("--remote-python", default="python3", help="Python on the ssh device (default python3)")
+    g.add_argument("--pip-args", default="", help="extra pip options for the device's venv, e.g. "
+                   "'--no-index --find-links /wheels'")
 
 
 def _device(args: argparse.Namespace, target: Any) -> Any:
@@ -260,7 +264,7 @@ def _device(args: argparse.Namespace, target: Any) -> Any:
     if getattr(args, "host", None):
         from edgeship.targets.remote import SshCollector
 
-        return SshCollector(_ssh_device(args), target)
+        return SshCollector(_ssh_device(args), target, pip_args=shlex.split(args.pip_args))
     if getattr(args, "adb", None):
         raise DeviceError("drift checks over adb need Python on the phone, which Android does not have; "
                           "use --emulate for android-arm64-cpu (same XNNPACK aarch64 kernels) or bench --adb")
@@ -271,7 +275,7 @@ def _ssh_device(args: argparse.Namespace) -> Any:
     from edgeship.targets.ssh import SshDevice, SshTarget
 
     return SshDevice(SshTarget.parse(args.host, identity=args.identity, known_hosts=args.known_hosts,
-                                     accept_new_host_key=args.accept_new_host_key))
+                                     accept_new_host_key=args.accept_new_host_key, python=args.remote_python))
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -364,7 +368,8 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
         bench_args = ["--threads", ",".join(map(str, threads)), "--runs", str(args.runs), "--warmup", str(args.warmup)]
         bench_args += ["--duration", str(args.duration)] if args.duration else []
         bench_args += [] if use_xnnpack else ["--no-xnnpack"]
-        doc = ssh_benchmark(_ssh_device(args), target, args.models, bench_args, progress=progress)
+        doc = ssh_benchmark(_ssh_device(args), target, args.models, bench_args, pip_args=shlex.split(args.pip_args),
+                            progress=progress)
     else:
         if args.emulate:
             raise InputError("--emulate is for drift checks; emulated timings say nothing about a device")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -17,30 +16,30 @@ from edgeship.targets.profile import Target
 class SshCollector:
     """Adapter: runs ``edgeship.runtime.collect`` over ssh for a drift check."""
 
-    def __init__(self, device: Any, target: Target) -> None:
+    def __init__(self, device: Any, target: Target, *, pip_args: Sequence[str] = ()) -> None:
         self.device = device
         self.target = target
+        self.pip_args = tuple(pip_args)
 
     def collect_outputs(self, model_dir: Path, image_dir: Path, *, threads: int | None = None,
                         use_xnnpack: bool = True) -> tuple[np.ndarray, list[str], dict[str, Any]]:
         from edgeship.targets.ssh import remote_collect
 
         return remote_collect(self.device, model_dir, image_dir, requirements=self.target.pip_requirements(),
-                              threads=threads, use_xnnpack=use_xnnpack)
+                              threads=threads, use_xnnpack=use_xnnpack, pip_args=self.pip_args)
 
 
 def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Sequence[str], *,
-                  progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
+                  pip_args: Sequence[str] = (), progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
     """Copy the models to the device, run ``python -m edgeship.runtime.bench`` there, return its bench.json."""
-    from edgeship.targets.ssh import build_edgeship_wheel
+    from edgeship.targets.ssh import _new_job, _remove_job, build_edgeship_wheel, default_wheel_cache
 
     if progress:
         progress("prepare device", None, None)
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
-        wheel = build_edgeship_wheel(Path(tmp))
-        python = device.ensure_venv(target.pip_requirements(), wheels=[wheel])
-        remote = f"{device.workdir()}/bench-{uuid.uuid4().hex[:8]}"
-        device.run(["mkdir", "-p", remote])
+        wheel = build_edgeship_wheel(default_wheel_cache())
+        python = device.ensure_venv(target.pip_requirements(), wheels=[wheel], pip_args=pip_args)
+        remote = _new_job(device)
         try:
             names = []
             for m in models:
@@ -58,4 +57,4 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
             except (OSError, json.JSONDecodeError) as exc:
                 raise DeviceError(f"no usable bench.json came back from the device: {exc}") from exc
         finally:
-            device.run(["rm", "-rf", remote], check=False)
+            _remove_job(device, remote)
