@@ -74,8 +74,8 @@ def run_tflite(path: Path | str, pixels: np.ndarray, prep: Preprocessing, *, num
     step = model.input.shape[0]
     outs = []
     for i in range(0, len(pixels), step):
-        x = normalize(pixels[i:i + step], prep)
-        outs.append(model.run_batched(x).reshape(len(x), -1))
+        chunk = pixels[i:i + step]
+        outs.append(model.run_pixels(chunk, prep).reshape(len(chunk), -1))
         progress(label, min(i + step, len(pixels)), len(pixels))
     return np.concatenate(outs, axis=0)
 

@@ -180,9 +180,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (default 200; all when fewer)")
     g.add_argument("--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)")
-    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="minmax",
-                   help="activation range method (default minmax)")
-    g.add_argument("--percentile", type=float, default=99.99, help="kept mass for --method percentile")
+    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="percentile",
+                   help="activation range method (default percentile)")
+    g.add_argument("--percentile", type=float, default=99.999, help="kept mass for --method percentile "
+                   "(default 99.999)")
+    g.add_argument("--no-bias-correction", action="store_true", help="skip the layer-by-layer bias correction")
     q = p.add_argument_group("model")
     q.add_argument("--io", choices=[d.value for d in IODtype], help="input/output dtype (default: the target's, else int8)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (accelerators that need them)")
@@ -211,6 +213,7 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         per_tensor = per_tensor or target.model.per_tensor
     options = QuantizeOptions(num_calib=args.num_calib, seed=args.seed, method=args.method,
                               percentile=args.percentile, io=io or "int8", per_tensor=per_tensor,
+                              bias_correction=not args.no_bias_correction,
                               equalize=args.equalize, eval_dir=args.eval_dir, max_eval=args.max_eval,
                               max_drop=args.max_drop, force=args.force)
     result = quantize(args.model, args.calib, args.out, options=options, progress=progress)
@@ -447,7 +450,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("quantization and evaluation")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (the rest are evaluated)")
     g.add_argument("--seed", type=int, help="random calibration choice (default: first N by name)")
-    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="mse")
+    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="percentile")
     g.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: held-out split)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
     b = p.add_argument_group("benchmark")

@@ -38,7 +38,7 @@ class DeployOptions:
     targets: tuple[str, ...]
     num_calib: int = 200
     seed: int | None = None
-    method: str = "mse"
+    method: str = "percentile"
     eval_dir: Path | None = None
     max_eval: int | None = None
     labels: Path | None = None

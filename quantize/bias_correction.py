@@ -1,122 +1,114 @@
 """Empirical bias correction (Nagel et al. 2019, "Data-Free Quantization", section 4.2).
 
-Quantization shifts the mean of each convolution's output channels. Running the float
-and the quantized model on the calibration images measures that shift per channel; it is
-subtracted from the float model's biases and the model is quantized again. All layers
-are corrected together, a few damped rounds, so that corrections of early layers are
-not counted twice downstream.
+Quantization shifts the mean of each convolution's output channels. Layer by layer, in
+execution order, the int8 model (with the corrections made so far) and its float twin
+run on the calibration images; the per-channel mean of (dequantized int8 output - float
+output), over positions where neither is clamped, is subtracted from the layer's int32
+bias. Sequential correction matters: a shift measured downstream is mostly inherited
+from upstream layers, so correcting all layers at once double-counts and diverges.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+import logging
+from typing import Any, Callable
 
 import numpy as np
 
-_CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-# Fused activation -> the open interval where the op is linear (errors there are bias shifts).
-_LINEAR = {0: (-np.inf, np.inf), 1: (0.0, np.inf), 3: (0.0, 6.0), 2: (-1.0, 1.0)}
+log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class _Conv:
-    output: int
-    output_name: str
-    bias: int  # tensor index of the bias in the float model
-    activation: int
-
-
-def _convs(model_obj: Any, op_names: list[str]) -> list[_Conv]:
-    from tensorflow.lite.python import schema_py_generated as schema
-
-    sub = model_obj.subgraphs[0]
-    found = []
-    for op, name in zip(sub.operators, op_names):
-        if name not in _CONV_OPS or len(op.inputs) < 3 or op.inputs[2] < 0:
-            continue
-        opts = op.builtinOptions
-        act = getattr(opts, "fusedActivationFunction", schema.ActivationFunctionType.NONE) if opts else 0
-        out = int(op.outputs[0])
-        found.append(_Conv(out, _name(sub.tensors[out]), int(op.inputs[2]), int(act)))
-    return found
+_CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 
 
 def _name(tensor: Any) -> str:
     return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
 
 
-def correct_biases(calibrated: bytes, quantize: Callable[[bytes], bytes], samples: Callable[[], Iterable[np.ndarray]],
-                   *, rounds: int = 3, damping: float = 0.7,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[bytes, dict[str, Any]]:
-    """Return a calibrated float model whose biases compensate the quantization shift.
+def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, quant_inputs: np.ndarray, *,
+                   min_count: int = 10, progress: Callable[[int, int], None] | None = None
+                   ) -> tuple[bytes, dict[str, Any]]:
+    """Return the int8 model with bias-corrected convolutions.
 
     Args:
-        calibrated: Calibrated float model (ranges recorded).
-        quantize: Calibrated model -> quantized model (the same settings as the final one).
-        samples: Calibration inputs (float NHWC arrays).
-        rounds: Correction rounds; each re-quantizes and re-measures.
-        damping: Fraction of the measured shift removed per round.
+        quant: Full-integer model.
+        float_model: The calibrated float model it was quantized from (same tensor names).
+        float_inputs: Float inputs ``[N, ...]`` (calibration images, model layout).
+        quant_inputs: The same images as the int8 model's typed input ``[N, ...]``.
+        min_count: Channels with fewer unclamped positions are left alone.
+        progress: Called with (layers done, layers) after each layer.
     """
     from tensorflow.lite.tools import flatbuffer_utils as fbu
 
     from edgeship.quantize.layers import _interpreter
 
-    obj = fbu.read_model_from_bytearray(bytearray(calibrated))
-    float_interp = _interpreter(calibrated)
-    op_names = [d["op_name"] for d in float_interp._get_ops_details()]  # noqa: SLF001
-    convs = _convs(obj, op_names)
-    history = []
-    current = calibrated
-    for r in range(rounds):
-        shifts = _measure_shifts(calibrated, quantize(current), convs, samples)
-        history.append(float(np.mean([np.mean(np.abs(s)) for s in shifts.values()])) if shifts else 0.0)
-        buffers = obj.buffers
-        tensors = obj.subgraphs[0].tensors
-        for conv in convs:
-            shift = shifts.get(conv.output_name)
-            if shift is None:
-                continue
-            buf = buffers[tensors[conv.bias].buffer]
-            bias = np.frombuffer(np.asarray(buf.data, dtype=np.uint8).tobytes(), dtype=np.float32).copy()
-            if bias.shape != shift.shape:
-                continue
-            bias -= (damping * shift).astype(np.float32)
-            buf.data = np.frombuffer(bias.tobytes(), dtype=np.uint8)
-        current = bytes(fbu.convert_object_to_bytearray(obj))
+    qobj = fbu.read_model_from_bytearray(bytearray(quant))
+    sub = qobj.subgraphs[0]
+    q_ops = [d["op_name"] for d in _interpreter(quant)._get_ops_details()]  # noqa: SLF001
+    f_interp = _interpreter(float_model)
+    f_index = {d["name"]: d["index"] for d in f_interp.get_tensor_details()}
+    convs = [op for op, name in zip(sub.operators, q_ops)
+             if name in _CONV_OPS and len(op.inputs) > 2 and op.inputs[2] >= 0
+             and _name(sub.tensors[op.outputs[0]]) in f_index]
+    # The layer producing the scores is left alone: its output range is the scores'.
+    final = _score_producer(sub, q_ops)
+    convs = [op for op in convs if op.outputs[0] != final]
+    shifts = []
+    for k, op in enumerate(convs):
+        current = bytes(fbu.convert_object_to_bytearray(qobj))
+        delta, count, step = _measure(current, f_interp, f_index, op, sub, float_inputs, quant_inputs)
+        bias_t = sub.tensors[op.inputs[2]]
+        bias_scale = np.asarray(bias_t.quantization.scale, dtype=np.float64)
+        buf = qobj.buffers[bias_t.buffer]
+        bias = np.frombuffer(np.asarray(buf.data, dtype=np.uint8).tobytes(), dtype=np.int32).astype(np.int64)
+        corr = np.round(delta / bias_scale).astype(np.int64)
+        corr[count < min_count] = 0
+        buf.data = np.frombuffer(np.clip(bias - corr, -2**31, 2**31 - 1).astype(np.int32).tobytes(), dtype=np.uint8)
+        shifts.append(float(np.mean(np.abs(delta)) / step))
         if progress:
-            progress(r + 1, rounds)
-    return current, {"rounds": rounds, "damping": damping, "layers": len(convs),
-                     "mean_abs_shift_per_round": history}
+            progress(k + 1, len(convs))
+    return bytes(fbu.convert_object_to_bytearray(qobj)), {
+        "layers": len(convs), "images": int(len(float_inputs)),
+        "mean_abs_shift_in_steps": round(float(np.mean(shifts)), 4) if shifts else 0.0,
+        "max_layer_shift_in_steps": round(float(np.max(shifts)), 4) if shifts else 0.0}
 
 
-def _measure_shifts(float_model: bytes, quant_model: bytes, convs: list[_Conv],
-                    samples: Callable[[], Iterable[np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-channel mean (quantized - float) output of each conv, where the op is linear."""
-    from edgeship.quantize.layers import _interpreter, _quantize
+def _score_producer(sub: Any, op_names: list[str]) -> int:
+    """Tensor index of the scores before any reshape/slice at the end of the graph."""
+    producer = {op.outputs[0]: (op, name) for op, name in zip(sub.operators, op_names) if len(op.outputs)}
+    tensor = sub.outputs[0]
+    while tensor in producer and producer[tensor][1] in ("RESHAPE", "STRIDED_SLICE", "SQUEEZE", "QUANTIZE",
+                                                         "DEQUANTIZE"):
+        tensor = producer[tensor][0].inputs[0]
+    return int(tensor)
 
-    f_int, q_int = _interpreter(float_model), _interpreter(quant_model)
-    q_by_name = {d["name"]: d for d in q_int.get_tensor_details()}
-    pairs = [(c, q_by_name[c.output_name]) for c in convs if c.output_name in q_by_name]
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, np.ndarray] = {}
-    f_in = f_int.get_input_details()[0]["index"]
-    q_in = q_int.get_input_details()[0]
-    for x in samples():
-        f_int.set_tensor(f_in, x.astype(np.float32))
-        f_int.invoke()
-        q_int.set_tensor(q_in["index"], _quantize(x, q_in))
-        q_int.invoke()
-        for conv, qd in pairs:
-            f = f_int.get_tensor(conv.output).astype(np.float64)
-            scale, zp = qd["quantization"]
-            if not scale:
-                continue
-            q = (q_int.get_tensor(qd["index"]).astype(np.float64) - zp) * scale
-            lo, hi = _LINEAR.get(conv.activation, (-np.inf, np.inf))
-            mask = (f > lo) & (f < hi)
-            channels = f.shape[-1]
-            diff = np.where(mask, q - f, 0.0).reshape(-1, channels)
-            sums[conv.output_name] = sums.get(conv.output_name, 0) + diff.sum(0)
-            counts[conv.output_name] = counts.get(conv.output_name, 0) + mask.reshape(-1, channels).sum(0)
-    return {k: sums[k] / np.maximum(counts[k], 1) for k in sums}
+
+def _measure(quant: bytes, f_interp: Any, f_index: dict[str, int], op: Any, sub: Any, float_inputs: np.ndarray,
+             quant_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Per-channel mean output shift of one conv over the images, unclamped positions only."""
+    from edgeship.quantize.layers import _interpreter
+
+    q_interp = _interpreter(quant)
+    out = op.outputs[0]
+    detail = next(d for d in q_interp.get_tensor_details() if d["index"] == out)
+    scale, zp = detail["quantization"]
+    info = np.iinfo(detail["dtype"])
+    lo, hi = (info.min - zp) * scale, (info.max - zp) * scale
+    f_out = f_index[_name(sub.tensors[out])]
+    f_in = f_interp.get_input_details()[0]["index"]
+    q_in = q_interp.get_input_details()[0]["index"]
+    total: np.ndarray | float = 0.0
+    count: np.ndarray | float = 0.0
+    for x, xq in zip(float_inputs, quant_inputs):
+        f_interp.set_tensor(f_in, x[None])
+        f_interp.invoke()
+        q_interp.set_tensor(q_in, xq[None])
+        q_interp.invoke()
+        f = f_interp.get_tensor(f_out).astype(np.float64)
+        raw = q_interp.get_tensor(out).astype(np.int32)
+        mask = (raw > info.min) & (raw < info.max) & (f > lo) & (f < hi)
+        diff = np.where(mask, (raw - zp) * scale - f, 0.0)
+        channels = diff.shape[-1]
+        total = total + diff.reshape(-1, channels).sum(0)
+        count = count + mask.reshape(-1, channels).sum(0)
+    count = np.asarray(count)
+    return np.asarray(total) / np.maximum(count, 1), count, float(scale)

@@ -32,7 +32,9 @@ class QuantizeOptions:
         num_calib: Calibration images to use (all when fewer are available).
         seed: Seeded random choice of calibration images (None: the first ones by name).
         method: Activation range method.
-        percentile: Kept mass for ``percentile`` (e.g. 99.99 clips 0.01 % of each tail).
+        percentile: Kept mass for ``percentile`` (99.999 clips 0.0005 % off each tail).
+        bias_correction: Empirical bias correction of every conv, layer by layer, on the
+            calibration images (Nagel et al. 2019); about a minute for 100 images.
         io: Input/output dtype of the quantized model.
         per_tensor: Per-tensor weights (for accelerators that need them) instead of per-channel.
         equalize: Cross-layer equalization + bias correction before quantizing.
@@ -48,8 +50,9 @@ class QuantizeOptions:
 
     num_calib: int = 200
     seed: int | None = None
-    method: CalibrationMethod = CalibrationMethod.MINMAX
-    percentile: float = 99.99
+    method: CalibrationMethod = CalibrationMethod.PERCENTILE
+    percentile: float = 99.999
+    bias_correction: bool = True
     io: IODtype = IODtype.INT8
     per_tensor: bool = False
     equalize: bool = False

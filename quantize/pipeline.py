@@ -95,6 +95,11 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
         with timer.stage("quantize"):
             quant = tflite_quant.quantize_calibrated(calibrated, io_dtype=options.io.value,
                                                      per_tensor=options.per_tensor)
+        bc_report: dict[str, Any] = {"enabled": options.bias_correction}
+        if options.bias_correction:
+            with timer.stage("bias correction"):
+                quant, info = _bias_correct(quant, calibrated, calib_px, prep, progress)
+                bc_report.update(info)
         float_path = source.folder / source.card.model_file
         truth = eval_set.labels_for(source.labels)
         with timer.stage("evaluate"):
@@ -126,6 +131,7 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             "calibration": _image_report(calib_set),
             "evaluation": {**_image_report(eval_set), "held_apart_from_calibration": options.eval_dir is None},
             "ranges": range_report,
+            "bias_correction": bc_report,
             "figures": figs.to_dict(),
             "sizes": {"float32": float_size, "int8": len(quant), "ratio": round(float_size / len(quant), 2)},
             "ops": _op_histogram(quant),
@@ -213,13 +219,13 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
                         progress: Progress) -> tuple[bytes, dict[str, Any]]:
     recorded = tflite_quant.read_ranges(calibrated)
     report: dict[str, Any] = {"method": options.method.value, "tensors": len(recorded)}
-    if options.method.value == "minmax":
-        return calibrated, report
     n = sum(1 for _ in samples())
     hists = ranges.collect_histograms(calibrated, recorded, samples(),
                                       progress=lambda k: progress("histograms", k, n))
-    # The model input's range is known exactly from preprocessing, and clipping the final
-    # scores would change the arg-max: both keep their observed range.
+    # Every method starts from edgeship's own statistics: TensorFlow's calibrator records an
+    # in-place ADD's range on its producer too, which widens residual branches up to 1.5x.
+    # The model input and the final scores keep their true min-max: clipping scores changes
+    # the arg-max.
     from edgeship.runtime.interpreter import TFLiteModel as _M
 
     m = _M(calibrated)
@@ -228,6 +234,20 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
     shrink = [(hi - lo) / max(recorded[i][2] - recorded[i][1], 1e-12) for i, (lo, hi) in new.items()]
     report.update({"adjusted": len(new), "mean_range_fraction": float(np.mean(shrink)) if shrink else 1.0})
     return tflite_quant.set_ranges(calibrated, new), report
+
+
+BIAS_CORRECTION_IMAGES = 64
+
+
+def _bias_correct(quant: bytes, calibrated: bytes, pixels: np.ndarray, prep: Any,
+                  progress: Progress) -> tuple[bytes, dict[str, Any]]:
+    """Sequential empirical bias correction on (at most 64 of) the calibration images."""
+    from edgeship.quantize.bias_correction import correct_biases
+
+    px = pixels[:BIAS_CORRECTION_IMAGES]
+    q_inputs = TFLiteModel(quant, use_xnnpack=False).input_from_pixels(px, prep)
+    return correct_biases(quant, calibrated, normalize(px, prep), q_inputs,
+                          progress=lambda k, n: progress("bias correction", k, n))
 
 
 def _evaluate(quant: bytes, pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None],

@@ -20,11 +20,17 @@ QUANT_LEVELS = 255
 
 @dataclass
 class Histogram:
-    """Counts of one tensor's values over fixed bins spanning its observed range."""
+    """Counts of one tensor's values over fixed bins spanning ``[lo, hi]``.
+
+    ``seen_min``/``seen_max`` are the true extremes observed (the bins may span a wider
+    range: TensorFlow's calibrator records in-place ADD ranges on the producer too).
+    """
 
     lo: float
     hi: float
     counts: np.ndarray
+    seen_min: float = float("inf")
+    seen_max: float = float("-inf")
 
     @property
     def edges(self) -> np.ndarray:
@@ -50,7 +56,14 @@ def range_method(method: CalibrationMethod) -> Callable[[RangeFn], RangeFn]:
 
 @range_method(CalibrationMethod.MINMAX)
 def minmax(hist: Histogram, _param: float) -> tuple[float, float]:
-    return hist.lo, hist.hi
+    """The true observed range (never wider than what the calibration data produced)."""
+    return _seen(hist)
+
+
+def _seen(hist: Histogram) -> tuple[float, float]:
+    if hist.seen_min > hist.seen_max:
+        return hist.lo, hist.hi
+    return min(hist.seen_min, 0.0), max(hist.seen_max, 0.0)
 
 
 @range_method(CalibrationMethod.PERCENTILE)
@@ -59,18 +72,20 @@ def percentile(hist: Histogram, keep: float) -> tuple[float, float]:
     cdf = np.cumsum(hist.counts) / max(hist.counts.sum(), 1)
     tail = (100.0 - keep) / 200.0
     edges = hist.edges
-    lo = edges[int(np.searchsorted(cdf, tail))] if hist.lo < 0 else hist.lo
-    hi = edges[min(int(np.searchsorted(cdf, 1 - tail)) + 1, len(edges) - 1)]
-    return min(float(lo), 0.0) if hist.lo < 0 else hist.lo, max(float(hi), 0.0)
+    seen_lo, seen_hi = _seen(hist)
+    lo = max(float(edges[int(np.searchsorted(cdf, tail))]), seen_lo) if seen_lo < 0 else seen_lo
+    hi = min(float(edges[min(int(np.searchsorted(cdf, 1 - tail)) + 1, len(edges) - 1)]), seen_hi)
+    return min(lo, 0.0), max(hi, 0.0)
 
 
 @range_method(CalibrationMethod.MSE)
 def mse(hist: Histogram, _param: float) -> tuple[float, float]:
     """The shrunken range with the least expected squared error (rounding + clipping)."""
     c, n = hist.centers, hist.counts.astype(np.float64)
-    best, best_err = (hist.lo, hist.hi), np.inf
+    seen_lo, seen_hi = _seen(hist)
+    best, best_err = (seen_lo, seen_hi), np.inf
     for f in np.linspace(0.2, 1.0, 81):
-        lo, hi = hist.lo * f, hist.hi * f
+        lo, hi = seen_lo * f, seen_hi * f
         step = (hi - lo) / QUANT_LEVELS
         if step <= 0:
             continue
@@ -95,6 +110,8 @@ def collect_histograms(model: bytes, tensors: dict[int, tuple[str, float, float]
         interp.invoke()
         for i, h in hists.items():
             values = interp.get_tensor(i).ravel()
+            h.seen_min = min(h.seen_min, float(values.min()))
+            h.seen_max = max(h.seen_max, float(values.max()))
             idx = np.clip(((values - h.lo) * (BINS / (h.hi - h.lo))).astype(np.int64), 0, BINS - 1)
             h.counts += np.bincount(idx, minlength=BINS)
         if progress:
@@ -104,7 +121,7 @@ def collect_histograms(model: bytes, tensors: dict[int, tuple[str, float, float]
 
 def choose_ranges(hists: dict[int, Histogram], method: CalibrationMethod, param: float,
                   keep: Iterable[int] = ()) -> dict[int, tuple[float, float]]:
-    """New ranges for every histogrammed tensor except those in ``keep`` (left as observed)."""
+    """New ranges for every histogrammed tensor; those in ``keep`` get their true min-max."""
     fn = RANGE_METHODS[method]
     skip = set(keep)
-    return {i: fn(h, param) for i, h in hists.items() if i not in skip}
+    return {i: (_seen(h) if i in skip else fn(h, param)) for i, h in hists.items()}

@@ -109,8 +109,15 @@ class Classifier:
 
     # ---------------------------------------------------------------- outputs
     def logits(self, image: Any) -> np.ndarray:
-        """Dequantized raw scores ``[num_classes]`` for one image."""
-        return self.model.run(self.to_input(image)).reshape(-1)
+        """Dequantized raw scores ``[num_classes]`` for one image.
+
+        Images go through the integer pixel path when the model allows it (no float
+        preprocessing on the device); float arrays are taken as model input.
+        """
+        if isinstance(image, np.ndarray) and image.dtype != np.uint8:
+            return self.model.run(self.to_input(image)).reshape(-1)
+        pixels = self.pixels(image)[None]
+        return self.model.run_raw(self.model.input_from_pixels(pixels, self.card.preprocessing)).reshape(-1)
 
     def probabilities(self, scores: np.ndarray) -> np.ndarray:
         if self.card.postprocessing == "softmax":

@@ -258,3 +258,30 @@ def iter_batches(items: Iterable[np.ndarray], size: int) -> Iterable[np.ndarray]
             batch = []
     if batch:
         yield np.stack(batch)
+
+
+def pixel_offset(prep: Preprocessing, scale: float, zero_point: int) -> int | None:
+    """The integer ``k`` with ``q = pixel + k`` when the preprocessing folds into the input quantization.
+
+    When ``(pixel * pixel_scale - mean) / std`` quantized with ``scale``/``zero_point`` is
+    ``pixel * 1 + b`` with the same ``b`` for every channel, the device can skip float
+    preprocessing and feed shifted pixels. Exact when ``b`` is an integer; when ``b`` is
+    half-way (``x.5``, as for mean 0.5 / std 0.5), rounding half up keeps every pixel
+    value distinct (half-to-even would merge neighbours) at a constant half-step offset.
+    Returns None when the mapping is not of that form.
+    """
+    if not scale or prep.color_order == ColorOrder.BGR and len(set(prep.mean)) > 1:
+        return None
+    mean = np.broadcast_to(np.asarray(prep.mean, dtype=np.float64), (3,))
+    std = np.broadcast_to(np.asarray(prep.std, dtype=np.float64), (3,))
+    slope = prep.pixel_scale / (std * scale)
+    offset = -mean / (std * scale) + zero_point
+    if np.max(np.abs(slope - 1.0)) > 2e-3 or np.ptp(offset) > 1e-3:
+        return None
+    return int(np.floor(float(offset[0]) + 0.5 + 1e-6))
+
+
+def quantize_pixels(pixels: np.ndarray, offset: int, dtype: np.dtype) -> np.ndarray:
+    """uint8 pixels -> the model's integer input, ``clip(pixel + offset)``."""
+    info = np.iinfo(dtype)
+    return np.clip(pixels.astype(np.int16) + offset, info.min, info.max).astype(dtype)

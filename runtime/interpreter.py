@@ -128,6 +128,21 @@ class TFLiteModel:
     def output(self) -> IOSpec:
         return self.outputs[0]
 
+    def input_from_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
+        """uint8 ``[N,H,W,3]`` pixels (already resized/cropped) -> the model's typed input.
+
+        Uses the integer path (``pixel + k``, no float math) when the preprocessing folds
+        into the input quantization, else normalises and quantizes.
+        """
+        from edgeship.runtime.images import normalize, pixel_offset, quantize_pixels
+
+        spec = self.input
+        if spec.quantized:
+            k = pixel_offset(prep, spec.scale, spec.zero_point)
+            if k is not None:
+                return quantize_pixels(pixels, k, spec.dtype)
+        return self.quantize_input(normalize(pixels, prep))
+
     def quantize_input(self, x: np.ndarray) -> np.ndarray:
         """Float input -> the model's input dtype (quantized with its scale/zero point)."""
         spec = self.input
@@ -157,9 +172,25 @@ class TFLiteModel:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Float input in the model's layout and shape -> float output."""
-        self.set_raw_input(self.quantize_input(np.asarray(x, dtype=np.float32)))
+        return self.run_raw(self.quantize_input(np.asarray(x, dtype=np.float32)))
+
+    def run_raw(self, x: np.ndarray) -> np.ndarray:
+        """Typed input (the model's own dtype) -> float output."""
+        self.set_raw_input(x)
         self.invoke()
         return self.dequantize_output(self.raw_output())
+
+    def run_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
+        """uint8 pixels (any count; the model's batch is filled and padded) -> float outputs."""
+        step = self.input.shape[0]
+        outs = []
+        for start in range(0, len(pixels), step):
+            chunk = pixels[start:start + step]
+            pad = step - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            outs.append(self.run_raw(self.input_from_pixels(chunk, prep))[: step - pad])
+        return np.concatenate(outs, axis=0)
 
     def run_batched(self, x: np.ndarray) -> np.ndarray:
         """Run any number of samples through the model's fixed batch size (padding the last group)."""

@@ -43,7 +43,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from edgeship._io import atomic_write_json
-from edgeship._progress import ProgressFn
+from edgeship._progress import ProgressFn, silent
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -185,15 +185,11 @@ def ensure_root(cache_dir: Path | None = None, *, progress: ProgressFn | None = 
         _remove_leftovers(cache)
         work = Path(tempfile.mkdtemp(prefix=f".{ROOT_NAME}.building-", dir=cache))
         try:
-            _build_root(work, qemu, progress or _silent)
+            _build_root(work, qemu, progress or silent)
             _publish(work / "root", root)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return root
-
-
-def _silent(stage: str, done: int | None = None, total: int | None = None) -> None:
-    """Default progress hook: report nothing."""
 
 
 @contextlib.contextmanager

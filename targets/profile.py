@@ -8,9 +8,11 @@ is reached (local, ssh, adb) and its accuracy-drift budget. Profiles ship as
 
 from __future__ import annotations
 
-from __future__ import annotations
 
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python < 3.11 (Raspberry Pi OS bullseye)
+    import tomli as tomllib  # type: ignore[no-redef]
 from dataclasses import MISSING, asdict, dataclass, fields
 from enum import Enum
 from importlib import resources

@@ -14,10 +14,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
 
+from edgeship._progress import ProgressFn, silent
 from edgeship.errors import DeviceError, MissingDependencyError
 from edgeship.targets import emulate
 
@@ -80,8 +82,8 @@ def test_source_folder_maps_the_repository_folders_into_one_package(tmp_path: Pa
     assert profile_file.resolve() == Path(edgeship.targets.profile.__file__).resolve()
 
 
-def _fake_build(calls: list[Path]):
-    def build(work: Path, qemu: str, progress) -> None:
+def _fake_build(calls: list[Path]) -> Callable[[Path, str, ProgressFn], None]:
+    def build(work: Path, qemu: str, progress: ProgressFn) -> None:
         calls.append(work)
         root = work / "root"
         (root / emulate.GUEST_PYTHON).parent.mkdir(parents=True)
@@ -109,7 +111,7 @@ def test_half_built_or_outdated_root_is_rebuilt_not_reused(monkeypatch: pytest.M
 
 
 def test_failed_build_leaves_nothing_behind(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    def broken(work: Path, qemu: str, progress) -> None:
+    def broken(work: Path, qemu: str, progress: ProgressFn) -> None:
         (work / "root" / "usr").mkdir(parents=True)
         raise DeviceError("building the aarch64 root: simulated failure")
 
@@ -149,7 +151,7 @@ def test_offline_pip_is_one_device_error_line(monkeypatch: pytest.MonkeyPatch, t
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # ignore the machine's extra indexes and links
     with pytest.raises(DeviceError, match="pip install of the aarch64 wheels failed") as exc:
-        emulate._install_wheels(tmp_path / "site", emulate._silent)
+        emulate._install_wheels(tmp_path / "site", silent)
     assert "\n" not in str(exc.value)
 
 
