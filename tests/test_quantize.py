@@ -23,7 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def tiny_int8(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, calib_images: Path) -> Path:
     out = tmp_path_factory.mktemp("q") / "int8"
     assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q",
-                 "--num-calib", "20"]) == 0
+                 "--num-calib", "20", "--bias-correction"]) == 0
     return out
 
 

@@ -40,7 +40,7 @@ def test_unknown_name_lists_valid_ones() -> None:
 @pytest.mark.parametrize("edit, expected", [
     (lambda s: s.replace('threads = 4', 'threads = 4\nturbo = true'), "unknown key 'execution.turbo'"),
     (lambda s: s.replace('threads = 4', 'threads = "four"'), "key 'execution.threads' must be int"),
-    (lambda s: s.replace('min_sqnr_db = 15.0\n', ''), "missing key 'budget.min_sqnr_db'"),
+    (lambda s: s.replace('min_sqnr_db = 18.0\n', ''), "missing key 'budget.min_sqnr_db'"),
     (lambda s: s.replace('[budget]', '[budgets]'), "unknown key 'target.budgets'"),
     (lambda s: s[: s.index('[budget]')], "missing section [budget]"),
     (lambda s: s.replace('delegate = "xnnpack"', 'delegate = "tpu"'), "'tpu' is not a valid Delegate"),
