@@ -184,12 +184,15 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="activation range method (default percentile)")
     g.add_argument("--percentile", type=float, default=99.999, help="kept mass for --method percentile "
                    "(default 99.999)")
-    g.add_argument("--bias-correction", action="store_true", help="layer-by-layer empirical bias correction "
-                   "(helps --per-tensor; ~1 min for MobileNetV2)")
+    bc = g.add_mutually_exclusive_group()
+    bc.add_argument("--bias-correction", action="store_true", default=None, help="force the layer-by-layer "
+                    "empirical bias correction on (default: on with --per-tensor only)")
+    bc.add_argument("--no-bias-correction", action="store_false", dest="bias_correction",
+                    help="force it off")
     q = p.add_argument_group("model")
     q.add_argument("--io", choices=[d.value for d in IODtype], help="input/output dtype (default: the target's, else int8)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (accelerators that need them)")
-    q.add_argument("--equalize", action="store_true", help="cross-layer equalization + bias correction first")
+    q.add_argument("--equalize", action="store_true", help="cross-layer equalization before calibration (for --per-tensor; re-runs onnx2tf)")
     q.add_argument("--target", help="target profile: default I/O dtype and per-tensor from it")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: the calibration "
@@ -197,6 +200,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
     e.add_argument("--max-drop", type=float, help="accuracy-aware: keep layers in float until the top-1 "
                    "agreement drop is at most this many points (exit 3 if impossible)")
+    e.add_argument("--max-float-layers", type=int, default=8, help="at most this many layers kept in float "
+                   "by --max-drop (default 8)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _add_common(p)
     p.set_defaults(func=_cmd_quantize)
@@ -216,7 +221,7 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
                               percentile=args.percentile, io=io or "int8", per_tensor=per_tensor,
                               bias_correction=args.bias_correction,
                               equalize=args.equalize, eval_dir=args.eval_dir, max_eval=args.max_eval,
-                              max_drop=args.max_drop, force=args.force)
+                              max_drop=args.max_drop, max_float_layers=args.max_float_layers, force=args.force)
     result = quantize(args.model, args.calib, args.out, options=options, progress=progress)
     return 0, {"summary": _quant_summary(result.report), "result": {"out_dir": str(result.out_dir),
                                                                      "report": result.report}}

@@ -24,9 +24,15 @@ class LayerError:
     rmse: float
     rmse_per_scale: float
     sqnr_db: float
+    input_sqnr_db: float | None = None
+
+    @property
+    def added_error_db(self) -> float:
+        """How many dB of SQNR this op loses against its (quantized) inputs: its own harm."""
+        return 0.0 if self.input_sqnr_db is None else self.input_sqnr_db - self.sqnr_db
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {**self.__dict__, "added_error_db": self.added_error_db}
 
 
 def _interpreter(model: bytes) -> Any:
@@ -41,6 +47,11 @@ def _interpreter(model: bytes) -> Any:
 
 def _producers(interp: Any) -> dict[int, str]:
     return {out: op["op_name"] for op in interp._get_ops_details() for out in op["outputs"]}  # noqa: SLF001
+
+
+def _op_inputs(interp: Any) -> dict[int, list[int]]:
+    return {out: [int(i) for i in op["inputs"] if i >= 0]
+            for op in interp._get_ops_details() for out in op["outputs"]}  # noqa: SLF001
 
 
 def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.ndarray]) -> list[LayerError]:
@@ -71,14 +82,31 @@ def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.nda
             sig[name] += float(np.sum(ref**2))
             noise[name] += float(np.sum((ref - got) ** 2))
             count[name] += ref.size
+    sqnr_of: dict[int, float] = {}
+    for name, _, qi, _, _, _ in pairs:
+        if count[name]:
+            sqnr_of[qi] = float("inf") if noise[name] == 0 else \
+                float(10 * np.log10(max(sig[name], 1e-30) / noise[name]))
+    inputs = _op_inputs(q_int)
     out = []
-    for name, op, _, _, scale, _ in pairs:
+    for name, op, qi, _, scale, _ in pairs:
         if not count[name]:
             continue
         rmse = float(np.sqrt(noise[name] / count[name]))
-        sqnr = float("inf") if noise[name] == 0 else float(10 * np.log10(max(sig[name], 1e-30) / noise[name]))
-        out.append(LayerError(name, op, float(scale), rmse, rmse / scale, sqnr))
+        upstream = [sqnr_of[i] for i in inputs.get(qi, []) if i in sqnr_of]
+        out.append(LayerError(name, op, float(scale), rmse, rmse / scale, sqnr_of[qi],
+                              min(upstream) if upstream else None))
     return sorted(out, key=lambda e: e.sqnr_db)
+
+
+#: Ops that only move data: they add no quantization error of their own.
+DATA_MOVEMENT = ("RESHAPE", "STRIDED_SLICE", "SQUEEZE", "TRANSPOSE", "QUANTIZE", "DEQUANTIZE", "CONCATENATION")
+
+
+def most_harmful(errors: list[LayerError]) -> list[LayerError]:
+    """Layers ordered by the error they add themselves (not the error they inherit)."""
+    own = [e for e in errors if e.op not in DATA_MOVEMENT]
+    return sorted(own, key=lambda e: (-e.added_error_db, e.sqnr_db))
 
 
 def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:

@@ -34,8 +34,9 @@ class QuantizeOptions:
         method: Activation range method.
         percentile: Kept mass for ``percentile`` (99.999 clips 0.0005 % off each tail).
         bias_correction: Empirical bias correction of every conv, layer by layer, on the
-            calibration images (Nagel et al. 2019); about a minute for MobileNetV2. Off by
-            default: it helps per-tensor models, not per-channel ones (measured).
+            calibration images (Nagel et al. 2019); a few minutes for MobileNetV2. None
+            (default): on for per-tensor models, where it lifts MobileNetV2 from 7.5 % to
+            82 % agreement, off for per-channel ones, where it did not help (measured).
         io: Input/output dtype of the quantized model.
         per_tensor: Per-tensor weights (for accelerators that need them) instead of per-channel.
         equalize: Cross-layer equalization + bias correction before quantizing.
@@ -53,7 +54,7 @@ class QuantizeOptions:
     seed: int | None = None
     method: CalibrationMethod = CalibrationMethod.PERCENTILE
     percentile: float = 99.999
-    bias_correction: bool = False
+    bias_correction: bool | None = None
     io: IODtype = IODtype.INT8
     per_tensor: bool = False
     equalize: bool = False
@@ -78,6 +79,10 @@ class QuantizeOptions:
             raise InputError(f"max_drop must be >= 0 points, got {self.max_drop}")
         if self.min_calib < 1:
             raise InputError(f"min_calib must be >= 1, got {self.min_calib}")
+
+    @property
+    def use_bias_correction(self) -> bool:
+        return self.per_tensor if self.bias_correction is None else self.bias_correction
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

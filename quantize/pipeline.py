@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import tempfile
 import os
 import platform
 import time
@@ -89,14 +90,20 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             calib_px = load_pixels(calib_set, prep, progress)
             eval_px = load_pixels(eval_set, prep, progress)
         samples = _sampler(calib_px, prep)
-        with timer.stage("calibrate"):
-            calibrated = tflite_quant.calibrate(source.folder / conv.SAVED_MODEL_DIR, samples)
-            calibrated, range_report = _apply_range_method(calibrated, samples, options, progress)
+        saved_model, eq_report = source.folder / conv.SAVED_MODEL_DIR, {"enabled": options.equalize}
+        with tempfile.TemporaryDirectory(prefix="edgeship-equalize-") as work:
+            if options.equalize:
+                with timer.stage("equalize"):
+                    saved_model, info = _equalized_saved_model(source.folder, Path(work))
+                    eq_report.update(info)
+            with timer.stage("calibrate"):
+                calibrated = tflite_quant.calibrate(saved_model, samples)
+                calibrated, range_report = _apply_range_method(calibrated, samples, options, progress)
         with timer.stage("quantize"):
             quant = tflite_quant.quantize_calibrated(calibrated, io_dtype=options.io.value,
                                                      per_tensor=options.per_tensor)
-        bc_report: dict[str, Any] = {"enabled": options.bias_correction}
-        if options.bias_correction:
+        bc_report: dict[str, Any] = {"enabled": options.use_bias_correction}
+        if options.use_bias_correction:
             with timer.stage("bias correction"):
                 quant, info = _bias_correct(quant, calibrated, calib_px, prep, progress)
                 bc_report.update(info)
@@ -131,6 +138,7 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             "calibration": _image_report(calib_set),
             "evaluation": {**_image_report(eval_set), "held_apart_from_calibration": options.eval_dir is None},
             "ranges": range_report,
+            "equalization": eq_report,
             "bias_correction": bc_report,
             "figures": figs.to_dict(),
             "sizes": {"float32": float_size, "int8": len(quant), "ratio": round(float_size / len(quant), 2)},
@@ -236,6 +244,21 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
     return tflite_quant.set_ranges(calibrated, new), report
 
 
+def _equalized_saved_model(folder: Path, work: Path) -> tuple[Path, dict[str, Any]]:
+    """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
+    import onnx
+
+    from edgeship.quantize.equalize import equalize
+
+    simplified = folder / conv.SIMPLIFIED_FILE
+    if not simplified.is_file():
+        raise InputError(f"{folder} has no {conv.SIMPLIFIED_FILE}; re-run `edgeship convert` to use --equalize")
+    model, info = equalize(onnx.load(str(simplified)))
+    onnx.save(model, str(work / "equalized.onnx"))
+    child = conv._run_onnx2tf(work / "equalized.onnx", work)  # noqa: SLF001 - the same offline child run
+    return work / "tf", {**info, "onnx2tf_s": child["wall_s"]}
+
+
 BIAS_CORRECTION_IMAGES = 64
 
 
@@ -270,7 +293,7 @@ def _accuracy_aware(calibrated: bytes, quant: bytes, figs: DriftFigures, errs: l
     kept: list[dict[str, Any]] = []
     denied: list[str] = []
     best = (quant, figs)
-    for err in errs[: options.max_float_layers]:
+    for err in layers.most_harmful(errs)[: options.max_float_layers]:
         if drop <= budget:
             break
         denied.append(err.name)
@@ -279,7 +302,8 @@ def _accuracy_aware(calibrated: bytes, quant: bytes, figs: DriftFigures, errs: l
         cfigs = _evaluate(candidate, pixels, prep, reference, truth, stage, progress,
                           label=f"re-measure with {len(denied)} float layer(s)")
         drop = 100.0 * (1 - cfigs.top1_agreement)
-        kept.append({"layer": err.name, "op": err.op, "sqnr_db": err.sqnr_db, "size_bytes": len(candidate),
+        kept.append({"layer": err.name, "op": err.op, "sqnr_db": err.sqnr_db, "added_error_db": err.added_error_db,
+                     "size_bytes": len(candidate),
                      "top1_agreement": cfigs.top1_agreement, "mean_cosine": cfigs.mean_cosine})
         if cfigs.top1_agreement >= best[1].top1_agreement:
             best = (candidate, cfigs)

@@ -69,13 +69,30 @@ def test_real_verify_pass_and_per_tensor_fail(real_int8: Path, real_bundle: Path
     assert ok == 0, capsys.readouterr()
     pt = tmp_path / "pt"
     assert main(["quantize", str(real_bundle), "--calib", str(assets / "data" / "imagenet-sample"),
-                 "--num-calib", "100", "--per-tensor", "--max-eval", "50", "-o", str(pt), "-q"]) == 0
+                 "--num-calib", "100", "--per-tensor", "--no-bias-correction", "--max-eval", "50", "-o", str(pt), "-q"]) == 0
     capsys.readouterr()
     bad = main(["verify", str(onnx), str(pt / "model_int8.tflite"), "--images", str(evals), "--target",
                 "x86-host", "-r", str(tmp_path / "bad.json"), "-q"])
     err = capsys.readouterr().err
     assert bad == 3 and "top1_agreement_pct" in err and "sqnr_db" in err, err
     assert not json.loads((tmp_path / "bad.json").read_text())["passed"]
+
+
+def test_real_accuracy_aware_mode(real_bundle: Path, assets: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Per-tensor MobileNetV2 collapses; --max-drop keeps the layers that add the most error in float."""
+    out = tmp_path / "pt"
+    code = main(["quantize", str(real_bundle), "--calib", str(assets / "data" / "imagenet-sample"), "--num-calib",
+                 "100", "--per-tensor", "--no-bias-correction", "--max-eval", "50", "--max-drop", "5",
+                 "--max-float-layers", "2", "-o", str(out), "-q"])
+    assert code == 3 and "still over the --max-drop budget" in capsys.readouterr().err
+    assert (out / "model_int8_OVER_BUDGET.tflite").is_file() and not (out / "model_int8.tflite").exists()
+    aware = json.loads((out / "quant_report.json").read_text())["accuracy_aware"]
+    kept = aware["kept_in_float"]
+    assert len(kept) == 2 and not aware["within_budget"]
+    assert kept[0]["added_error_db"] >= kept[1]["added_error_db"] > 0
+    plain = json.loads((out / "quant_report.json").read_text())
+    assert plain["figures"]["top1_agreement"] >= 0.3  # 1 float layer lifts ~2 % to ~50 % here
 
 
 def test_real_deploy_and_cached_rerun(assets: Path, tmp_path: Path) -> None:

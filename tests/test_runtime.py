@@ -50,6 +50,22 @@ def test_runner_module_blocked_heavy_imports(tiny_bundle: Path, tiny_images: Pat
     assert len(doc["predictions"][img]) == 5 and doc["runtime"]["delegate"] == "xnnpack"
 
 
+def test_tflite_runtime_fallback_when_litert_is_missing(tiny_bundle: Path, tiny_images: Path) -> None:
+    """With ai-edge-litert unimportable the runtime picks tflite-runtime, and says so."""
+    pytest.importorskip("tflite_runtime", reason="tflite-runtime not installed (it is in the dev extra)")
+    img = str(sorted(tiny_images.iterdir())[0])
+    code = BLOCK_HEAVY + "sys.modules['ai_edge_litert'] = None\n" + textwrap.dedent(f"""
+        from edgeship.runtime import Classifier
+        clf = Classifier.load({str(tiny_bundle)!r})
+        print(clf.describe()["interpreter"], clf.predict({img!r})[0].class_index)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    backend, top = out.stdout.split()
+    assert backend == "tflite_runtime"
+    assert int(top) == Classifier.load(tiny_bundle).predict(img)[0].class_index
+
+
 def test_input_kinds_agree(tiny_bundle: Path, tiny_images: Path) -> None:
     clf = Classifier.load(tiny_bundle)
     path = sorted(tiny_images.iterdir())[0]
