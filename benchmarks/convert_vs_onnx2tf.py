@@ -20,10 +20,13 @@ from pathlib import Path
 from edgeship._assets import shared_assets
 
 
-def run(cmd: list[str], cwd: Path) -> tuple[float, float, int]:
+def run(cmd: list[str], cwd: Path, env_path: str | None = None) -> tuple[float, float, int]:
     """Wall seconds, peak RSS MB and exit code of a child command (via os.wait4)."""
+    env = dict(os.environ)
+    if env_path:
+        env["PATH"] = env_path + os.pathsep + env.get("PATH", "")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode
@@ -45,7 +48,12 @@ def main() -> int:
         # sample file so that the comparison is offline too (it looks in the working folder).
         shutil.copy(args.model, work / "bare.onnx")
         _offline_sample(work)
-        bare = run([onnx2tf_cli, "-i", "bare.onnx", "-o", "bare_out", "-n"], work)
+        # Same job for both: the input shape fixed (bare onnx2tf cannot convert this model's
+        # dynamic batch, and `-b 1` mis-transposes it), and the venv's bin/ on PATH, which bare
+        # onnx2tf needs to find its `onnxsim` executable.
+        shape = _static_shape(args.model)
+        bare = run([onnx2tf_cli, "-i", "bare.onnx", "-o", "bare_out", "-ois", shape, "-n"], work,
+                   env_path=str(Path(onnx2tf_cli).parent))
         cmd = [sys.executable, "-m", "edgeship", "convert", str(args.model), "-o", str(work / "es_out"), "-q"]
         if args.images:
             cmd += ["--images", str(args.images)]
@@ -57,6 +65,15 @@ def main() -> int:
     print(f"{label:<22}{ours[0]:>9.1f}{ours[1]:>14.0f}{ours[2]:>6}")
     print(f"ratio edgeship/onnx2tf: wall {ours[0] / bare[0]:.2f}x, peak memory {ours[1] / bare[1]:.2f}x")
     return 0 if bare[2] == 0 and ours[2] == 0 else 1
+
+
+def _static_shape(model: Path) -> str:
+    """``name:1,C,H,W`` for onnx2tf's -ois, from the model's declared input."""
+    from edgeship.convert import onnx_model
+
+    info = onnx_model.inspect_model(onnx_model.load_model(model), str(model))
+    shape, _ = onnx_model.resolve_shape(info, None)
+    return f"{info.input_name}:{','.join(map(str, shape))}"
 
 
 def _offline_sample(work: Path) -> None:

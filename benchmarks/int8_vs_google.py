@@ -43,10 +43,9 @@ def google_outputs(model: Path, pixels: np.ndarray) -> np.ndarray:
 
 
 def edgeship_outputs(model: Path, card: ModelCard, pixels: np.ndarray) -> np.ndarray:
-    from edgeship.runtime.images import normalize
-
+    """The deployed path: int8 input straight from pixels when the card allows it (as on a device)."""
     m = TFLiteModel(model)
-    return np.concatenate([m.run(normalize(pixels[i:i + 1], card.preprocessing)) for i in range(len(pixels))])
+    return np.concatenate([m.run_pixels(pixels[i:i + 1], card.preprocessing) for i in range(len(pixels))])
 
 
 def main() -> int:

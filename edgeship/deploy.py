@@ -56,8 +56,9 @@ class DeployOptions:
 class StageRecord:
     name: str
     reused: bool
-    seconds: float
+    seconds: float  # this run
     key: str
+    built_seconds: float = 0.0  # when the stage's outputs were made
 
 
 @dataclass
@@ -86,8 +87,9 @@ class _Stages:
         digest = _digest({"edgeship": __version__, **key})
         marker = folder / STAGE_MARK
         start = time.perf_counter()
-        if marker.is_file() and json.loads(marker.read_text()).get("key") == digest:
-            self.records.append(StageRecord(name, True, 0.0, digest))
+        previous = json.loads(marker.read_text()) if marker.is_file() else {}
+        if previous.get("key") == digest:
+            self.records.append(StageRecord(name, True, 0.0, digest, float(previous.get("seconds", 0.0))))
             self.progress(f"{name}: reused (unchanged inputs)")
             return folder, digest
         self.progress(name)
@@ -96,7 +98,7 @@ class _Stages:
         build(folder)
         seconds = round(time.perf_counter() - start, 2)
         atomic_write_json(marker, {"key": digest, "seconds": seconds, "inputs": key})
-        self.records.append(StageRecord(name, False, seconds, digest))
+        self.records.append(StageRecord(name, False, seconds, digest, seconds))
         return folder, digest
 
 
@@ -143,6 +145,7 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
         "stages": [asdict(r) for r in stages.records],
         "targets": {t.name: {"model": str(models[t.name]), "bundle": str(bundles[t.name]),
                              "passed": verify_results[t.name]["passed"], "figures": verify_results[t.name]["figures"],
+                             "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
                              "budget": verify_results[t.name]["budget"]} for t in targets},
         "wall_s": round(time.perf_counter() - started, 2),
     }

@@ -120,13 +120,14 @@ def _num(v: Any, fmt: str = ".3f") -> str:
 
 
 def _tables(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> dict[str, list[list[str]]]:
-    stages = [["stage", "reused", "seconds"]] + [[s["name"], "yes" if s["reused"] else "no", f"{s['seconds']:.1f}"]
-                                                for s in summary["stages"]]
-    drift = [["target", "model", "agreement", "float top-1", "deployed top-1", "mean cos", "SQNR dB",
+    stages = [["stage", "reused", "seconds this run", "seconds when built"]] + [
+        [s["name"], "yes" if s["reused"] else "no", f"{s['seconds']:.1f}", f"{s.get('built_seconds', 0.0):.1f}"]
+        for s in summary["stages"]]
+    drift = [["target", "model", "ran on", "agreement", "float top-1", "deployed top-1", "mean cos", "SQNR dB",
               "budget (agree / drop / SQNR)", "result"]]
     for name, t in summary["targets"].items():
         f, b = t["figures"], {c["metric"]: c for c in t["budget"]}
-        drift.append([name, Path(t["model"]).name, _pct(f["top1_agreement"]), _pct(f.get("ref_top1")),
+        drift.append([name, Path(t["model"]).name, t.get("ran_on", "?"), _pct(f["top1_agreement"]), _pct(f.get("ref_top1")),
                       _pct(f.get("cand_top1")), _num(f["mean_cosine"], ".4f"), _num(f["sqnr_db"], ".1f"),
                       f"≥{b['top1_agreement_pct']['limit']}% / ≤{b['top1_drop_points']['limit']} pt / "
                       f"≥{b['sqnr_db']['limit']} dB", "PASS" if t["passed"] else "FAIL"])

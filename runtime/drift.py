@@ -197,6 +197,7 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[
             if progress:
                 progress(f"run candidate on {type(device).__name__}", None, None)
             cand, _, runtime = device.collect_outputs(bundle, pics, threads=threads, use_xnnpack=use_xnnpack)
+    where = _where(device, runtime)
     ref = reference if reference is not None else reference_outputs(reference_onnx, list(image_set.files), card,
                                                                      progress)
     truth = load_truth(card, folder, image_set)
@@ -207,7 +208,7 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[
         "edgeship_report": "drift",
         "target": target.to_dict(),
         "reference": {"model": str(reference_onnx), "runtime": "onnxruntime"},
-        "candidate": {"model": str(model_path), "precision": card.precision, "runtime": runtime},
+        "candidate": {"model": str(model_path), "precision": card.precision, "runtime": runtime, "ran_on": where},
         "images": {"folder": str(image_set.root), "count": len(image_set), "skipped_files": len(image_set.skipped),
                    "labelled": sum(t is not None for t in truth)},
         "figures": fig.to_dict(),
@@ -217,6 +218,19 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[
         "passed": all(c.passed for c in checks) and not problems,
     }
     return VerifyResult(fig, checks, report, ref, cand, tuple(image_set.files))
+
+
+def _where(device: Any, runtime: dict[str, Any]) -> str:
+    """Where the candidate ran, in words, for reports."""
+    import platform
+
+    if device is None:
+        return f"this machine ({platform.machine()})"
+    if runtime.get("emulator") or type(device).__name__ == "EmulatedDevice":
+        return f"qemu-user {runtime.get('machine', 'aarch64')} ({runtime.get('cpu', 'emulated')})"
+    dev = getattr(device, "device", device)
+    target = getattr(dev, "target", None)
+    return f"ssh {getattr(target, 'where', target)} ({runtime.get('machine', '?')})"
 
 
 def _stage_candidate(model_path: Path, card: ModelCard, folder: Path, dest: Path) -> None:

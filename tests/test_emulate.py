@@ -215,3 +215,31 @@ def test_run_python_refuses_an_incomplete_root(tmp_path: Path) -> None:
         pytest.skip(f"{emulate.QEMU} not installed")
     with pytest.raises(DeviceError, match="not a complete aarch64 root"):
         emulate.run_python(["-c", "pass"], root=tmp_path)
+
+
+def test_cli_verify_and_deploy_emulated(emulated_root: Path, tiny_onnx: Path, tiny_bundle: Path, calib_images: Path,
+                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`verify --emulate` and `deploy --emulate` run the aarch64 targets' checks on aarch64 kernels."""
+    import json
+
+    from edgeship.cli import main
+
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "--num-calib", "20", "-o", str(q),
+                 "-q"]) == 0
+    report = tmp_path / "drift.json"
+    assert main(["verify", str(tiny_onnx), str(q / "model_int8.tflite"), "--images", str(calib_images), "--target",
+                 "rpi4-aarch64", "--emulate", "-r", str(report), "-q"]) == 0
+    doc = json.loads(report.read_text())
+    assert doc["passed"] and doc["candidate"]["runtime"]["machine"] == "aarch64"
+    assert doc["candidate"]["ran_on"].startswith("qemu-user aarch64")
+    assert main(["verify", str(tiny_onnx), str(q / "model_int8.tflite"), "--images", str(calib_images), "--target",
+                 "x86-host", "--emulate", "-r", str(tmp_path / "x.json"), "-q"]) == 1
+    assert "--emulate runs aarch64 only" in capsys.readouterr().err
+    out = tmp_path / "deploy"
+    assert main(["deploy", str(tiny_onnx), "--calib", str(calib_images), "--num-calib", "20", "--target",
+                 "rpi4-aarch64", "--target", "x86-host", "--emulate", "--bench-runs", "5", "--bench-threads", "1",
+                 "-o", str(out), "-q"]) == 0
+    targets = json.loads((out / "deploy.json").read_text())["targets"]
+    assert targets["rpi4-aarch64"]["ran_on"].startswith("qemu-user aarch64")
+    assert targets["x86-host"]["ran_on"].startswith("this machine")
