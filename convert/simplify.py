@@ -50,16 +50,10 @@ class OrtRunner:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Float NCHW batch -> float outputs (split into the model's fixed batch if any)."""
-        step = self.fixed_batch or len(x)
-        outs = []
-        for start in range(0, len(x), step):
-            chunk = x[start:start + step]
-            pad = step - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            y = self.session.run([self.output.name], {self.input.name: chunk.astype(np.float32)})[0]
-            outs.append(y[: step - pad])
-        return np.concatenate(outs, axis=0)
+        from edgeship.runtime.interpreter import in_fixed_batches
+
+        return in_fixed_batches(x, self.fixed_batch or len(x), lambda chunk: self.session.run(
+            [self.output.name], {self.input.name: chunk.astype(np.float32)})[0])
 
     def run_all(self, batches: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate([self.run(b) for b in batches], axis=0)

@@ -182,28 +182,12 @@ class TFLiteModel:
 
     def run_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
         """uint8 pixels (any count; the model's batch is filled and padded) -> float outputs."""
-        step = self.input.shape[0]
-        outs = []
-        for start in range(0, len(pixels), step):
-            chunk = pixels[start:start + step]
-            pad = step - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            outs.append(self.run_raw(self.input_from_pixels(chunk, prep))[: step - pad])
-        return np.concatenate(outs, axis=0)
+        return in_fixed_batches(pixels, self.input.shape[0],
+                                lambda chunk: self.run_raw(self.input_from_pixels(chunk, prep)))
 
     def run_batched(self, x: np.ndarray) -> np.ndarray:
         """Run any number of samples through the model's fixed batch size (padding the last group)."""
-        step = self.input.shape[0]
-        outs = []
-        for start in range(0, len(x), step):
-            chunk = x[start:start + step]
-            pad = step - len(chunk)
-            if pad:
-                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            y = self.run(chunk)
-            outs.append(y[: step - pad])
-        return np.concatenate(outs, axis=0)
+        return in_fixed_batches(x, self.input.shape[0], self.run)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -219,6 +203,18 @@ class TFLiteModel:
     def op_names(self) -> list[str]:
         """Builtin op names in execution order (for reports and tests)."""
         return [d["op_name"] for d in self.interpreter._get_ops_details()]  # noqa: SLF001
+
+
+def in_fixed_batches(x: np.ndarray, step: int, fn: Any) -> np.ndarray:
+    """Apply ``fn`` to groups of exactly ``step`` samples (the last padded by repetition), join the results."""
+    outs = []
+    for start in range(0, len(x), step):
+        chunk = x[start:start + step]
+        pad = step - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+        outs.append(fn(chunk)[: step - pad])
+    return np.concatenate(outs, axis=0)
 
 
 def debug_interpreter(model: bytes) -> Any:
