@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shlex
 import sys
 import time
@@ -25,7 +26,10 @@ class ConsoleProgress:
 
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
-        self.tty = sys.stderr.isatty()
+        # A private copy of stderr: TensorFlow's C++ logs are silenced by redirecting fd 2
+        # during conversion and calibration, and progress must still get through.
+        self.out = os.fdopen(os.dup(2), "w", buffering=1) if enabled else sys.stderr
+        self.tty = self.out.isatty()
         self.stage: str | None = None
         self.started = time.perf_counter()
         self.last_draw = 0.0
@@ -36,22 +40,24 @@ class ConsoleProgress:
         elapsed = time.perf_counter() - self.started
         if stage != self.stage:
             if self.tty and self.stage is not None:
-                sys.stderr.write("\n")
+                self.out.write("\n")
             self.stage = stage
             if not self.tty:
-                sys.stderr.write(f"[{elapsed:7.1f}s] {stage}\n")
+                self.out.write(f"[{elapsed:7.1f}s] {stage}\n")
         if self.tty and (time.perf_counter() - self.last_draw > 0.1 or done == total):
             self.last_draw = time.perf_counter()
             bar = ""
             if done is not None and total:
                 filled = int(30 * done / total)
                 bar = f" [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}"
-            sys.stderr.write(f"\r[{elapsed:7.1f}s] {stage}{bar}\033[K")
-        sys.stderr.flush()
+            self.out.write(f"\r[{elapsed:7.1f}s] {stage}{bar}\033[K")
+        self.out.flush()
 
     def close(self) -> None:
         if self.enabled and self.tty and self.stage is not None:
-            sys.stderr.write("\n")
+            self.out.write("\n")
+        if self.enabled:
+            self.out.flush()
 
 
 def _csv_floats(text: str) -> tuple[float, ...]:

@@ -97,7 +97,8 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
                     saved_model, info = _equalized_saved_model(source.folder, Path(work))
                     eq_report.update(info)
             with timer.stage("calibrate"):
-                calibrated = tflite_quant.calibrate(saved_model, samples)
+                calibrated = tflite_quant.calibrate(saved_model, samples,
+                                                    progress=lambda k: progress("calibrate", k, len(calib_px)))
                 calibrated, range_report = _apply_range_method(calibrated, samples, options, progress)
         with timer.stage("quantize"):
             quant = tflite_quant.quantize_calibrated(calibrated, io_dtype=options.io.value,

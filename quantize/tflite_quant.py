@@ -63,13 +63,21 @@ def _quiet() -> Any:
             os.close(saved[1])
 
 
-def calibrate(saved_model: Path, samples: Callable[[], Iterable[np.ndarray]]) -> bytes:
+def calibrate(saved_model: Path, samples: Callable[[], Iterable[np.ndarray]],
+              progress: Callable[[int], None] | None = None) -> bytes:
     """A float TFLite model with calibrated min/max on every activation tensor."""
     tf = _tf()
     with _quiet():
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: ([x] for x in samples())
+
+    def dataset() -> Iterable[list[np.ndarray]]:
+        for k, x in enumerate(samples()):
+            if progress:
+                progress(k + 1)
+            yield [x]
+
+    converter.representative_dataset = dataset
     converter._experimental_calibrate_only = True  # noqa: SLF001 - the documented two-step path
     try:
         with _quiet():

@@ -67,6 +67,22 @@ def test_changed_calibration_reruns_from_quantize(deployed: tuple[Path, Path, fl
     assert reused["quantize/int8-io-int8-per-channel"] is False
 
 
+def test_over_budget_target_exits_3_with_report(tmp_path: Path, tiny_onnx: Path, calib_images: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    host = (Path(__file__).parents[1] / "targets" / "x86-host.toml").read_text()
+    strict = tmp_path / "strict.toml"
+    strict.write_text(host.replace('name = "x86-host"', 'name = "strict"').replace("min_sqnr_db = 18.0",
+                                                                                  "min_sqnr_db = 90.0"))
+    out = tmp_path / "out"
+    code = main(["deploy", str(tiny_onnx), "--calib", str(calib_images), "-o", str(out), "--num-calib", "20",
+                 "--bench-runs", "5", "--bench-threads", "1", "--target", "x86-host", "--target", str(strict), "-q"])
+    assert code == 3
+    assert "over the drift budget: strict" in capsys.readouterr().err
+    summary = json.loads((out / "deploy.json").read_text())
+    assert summary["targets"]["x86-host"]["passed"] and not summary["targets"]["strict"]["passed"]
+    assert "FAIL" in (out / "report.md").read_text() and (out / "report.html").is_file()
+
+
 def test_non_deploy_folder_is_not_touched(tmp_path: Path, tiny_onnx: Path, calib_images: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "precious.txt").write_text("keep")
