@@ -104,7 +104,10 @@ def inspect_model(model: Any, source: str = "model") -> ModelInfo:
     elem = inp.type.tensor_type.elem_type
     if elem != 1:  # FLOAT
         raise InputError(f"{source} input '{inp.name}' must be float32, got ONNX element type {elem}")
-    if shape[1] in (1, 3):
+    if shape[1] == 1:
+        raise InputError(f"{source} input '{inp.name}' is single-channel (grey); edgeship handles RGB/BGR "
+                         "3-channel image classifiers")
+    if shape[1] == 3:
         layout = Layout.NCHW
     elif shape[3] in (1, 3):
         raise InputError(f"{source} input '{inp.name}' looks NHWC {list(shape)}; edgeship expects NCHW "

@@ -56,8 +56,8 @@ class ConsoleProgress:
     def close(self) -> None:
         if self.enabled and self.tty and self.stage is not None:
             self.out.write("\n")
-        if self.enabled:
-            self.out.flush()
+        if self.enabled and not self.out.closed:
+            self.out.close()
 
 
 def _csv_floats(text: str) -> tuple[float, ...]:
@@ -145,7 +145,13 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
 
     prep = None
     if _has_prep_flags(args):
-        height, width = args.input_shape[2:4] if args.input_shape else _model_hw(args.model)
+        if args.input_shape:
+            from edgeship.convert import onnx_model
+
+            info = onnx_model.inspect_model(onnx_model.load_model(args.model), str(args.model))
+            height, width = onnx_model.resolve_shape(info, args.input_shape)[0][2:4]
+        else:
+            height, width = _model_hw(args.model)
         prep = _preprocessing(args, height, width)
     options = ConvertOptions(input_shape=args.input_shape, fp16=args.fp16, images=args.images,
                              max_images=args.max_images, labels=args.labels, preprocessing=prep, force=args.force)
@@ -374,6 +380,8 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
     threads = args.threads or ((target.execution.threads,) if target else (1,))
     use_xnnpack = target is None or target.execution.delegate.value == "xnnpack"
     if args.adb:
+        if args.duration:
+            raise InputError("--duration is not supported with --adb; use --runs (benchmark_model --num_runs)")
         doc = _bench_adb(args, target, threads)
     elif args.host:
         if target is None:
@@ -482,7 +490,8 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
         device = {"kind": "emulate"}
     elif args.host:
         device = {"kind": "ssh", "host": args.host, "identity": args.identity, "known_hosts": args.known_hosts,
-                  "accept_new_host_key": args.accept_new_host_key}
+                  "accept_new_host_key": args.accept_new_host_key, "python": args.remote_python,
+                  "pip_args": shlex.split(args.pip_args)}
     elif args.adb:
         raise InputError("deploy --adb is not supported: drift checks need Python on the device; use --emulate "
                          "for android-arm64-cpu and `edgeship bench --adb` for phone latency")
@@ -510,10 +519,10 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
 def _add_targets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("targets", help="list or show target profiles")
     tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    tsub.add_parser("list", help="built-in targets, one line each")
+    listing = tsub.add_parser("list", help="built-in targets, one line each")
     show = tsub.add_parser("show", help="one target's profile")
     show.add_argument("name", help="target name or path to a .toml profile")
-    for q in (p,):
+    for q in (listing, show):
         _add_common(q)
     p.set_defaults(func=_cmd_targets)
 

@@ -125,6 +125,12 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     model_path = zoo.resolve(model, progress=progress)
     if not model_path.is_file():
         raise InputError(f"model {model_path} does not exist")
+    from edgeship.convert.onnx_model import inspect_model, load_model
+    from edgeship.runtime.images import Labels
+
+    inspect_model(load_model(model_path), str(model_path))  # bad models fail before OUT_DIR is touched
+    if options.labels is not None:
+        Labels.load(options.labels)
     qopts = QuantizeOptions(num_calib=options.num_calib, seed=options.seed, method=options.method,
                             eval_dir=options.eval_dir, max_eval=options.max_eval, force=True)
     calib_set, eval_set = split_images(Path(calibration), qopts)
@@ -250,8 +256,9 @@ def _make_device(spec: dict[str, Any] | None, target: Any) -> Any:
         if target.access.value != "ssh":
             return None
         ssh = SshTarget.parse(spec["host"], identity=spec.get("identity"), known_hosts=spec.get("known_hosts"),
-                              accept_new_host_key=spec.get("accept_new_host_key", False))
-        return SshCollector(SshDevice(ssh), target)
+                              accept_new_host_key=spec.get("accept_new_host_key", False),
+                              python=spec.get("python", "python3"))
+        return SshCollector(SshDevice(ssh), target, pip_args=spec.get("pip_args", ()))
     return None
 
 

@@ -42,7 +42,7 @@ def latency_plot(bench: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(results) + 1.8))
     data = [r.get("samples_ms") or [r["p50_ms"]] for r in results]
     labels = [f"{r['model']} ×{r['threads']}" for r in results]
-    ax.boxplot(data, vert=False, showfliers=True, flierprops={"markersize": 2})
+    ax.boxplot(data, orientation="horizontal", showfliers=True, flierprops={"markersize": 2})
     ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("invoke() latency (ms), lower is better")

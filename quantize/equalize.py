@@ -96,7 +96,7 @@ def equalize(model: Any, *, sweeps: int = 20) -> tuple[Any, dict[str, Any]]:
     replaced = 0
     for k, p in enumerate(pairs):
         if p.act is not None and p.act.op_type == "Clip":
-            _clip_to_relu_min(m, p.act, 6.0 / totals[k])
+            _clip_to_relu_min(m, p.act, _clip_max(p.act, weights) / totals[k])
             replaced += 1
     touched = {p.a.input[1] for p in pairs} | {p.b.input[1] for p in pairs} | \
         {p.a.input[2] for p in pairs if len(p.a.input) > 2}
@@ -104,6 +104,11 @@ def equalize(model: Any, *, sweeps: int = 20) -> tuple[Any, dict[str, Any]]:
         inits[name].CopyFrom(numpy_helper.from_array(weights[name].astype(np.float32), name))
     return m, {"pairs": len(pairs), "relu6_as_relu_plus_channel_min": replaced,
                "channel_range_spread_before": spread_before, "channel_range_spread_after": _spread(pairs, weights)}
+
+
+def _clip_max(node: Any, weights: dict[str, np.ndarray]) -> float:
+    hi = weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else _attr(node, "max", None)
+    return float(np.asarray(hi))
 
 
 def _clip_to_relu_min(model: Any, clip: Any, limits: np.ndarray) -> None:

@@ -77,6 +77,10 @@ class QuantizeOptions:
             raise InputError(f"eval_split must be in (0, 1), got {self.eval_split}")
         if self.max_drop is not None and self.max_drop < 0:
             raise InputError(f"max_drop must be >= 0 points, got {self.max_drop}")
+        if self.max_eval is not None and self.max_eval < 1:
+            raise InputError(f"max_eval must be >= 1, got {self.max_eval}")
+        if self.max_float_layers < 1:
+            raise InputError(f"max_float_layers must be >= 1, got {self.max_float_layers}")
         if self.min_calib < 1:
             raise InputError(f"min_calib must be >= 1, got {self.min_calib}")
 

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 INT8_FILE = "model_int8.tflite"
 INT8_CARD = "model_int8.card.json"
 OVER_BUDGET_FILE = "model_int8_OVER_BUDGET.tflite"
+OVER_BUDGET_CARD = "model_int8_OVER_BUDGET.card.json"
 REPORT_FILE = "quant_report.json"
 LAYER_PLOT = "layer_errors.png"
 LAYER_SAMPLES = 16
@@ -57,7 +58,7 @@ class _Source:
 
 
 def output_names() -> list[str]:
-    return [INT8_FILE, INT8_CARD, REPORT_FILE, LAYER_PLOT, OVER_BUDGET_FILE]
+    return [INT8_FILE, INT8_CARD, REPORT_FILE, LAYER_PLOT, OVER_BUDGET_FILE, OVER_BUDGET_CARD]
 
 
 def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str], out_dir: str | os.PathLike[str],
@@ -129,7 +130,7 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
         card = _int8_card(stage / final_name, final_name, source.card)
         if source.card.labels_file and out_dir.resolve() != source.folder.resolve():
             atomic_copy(source.folder / source.card.labels_file, stage / source.card.labels_file)
-        atomic_write_json(stage / INT8_CARD, card.to_dict())
+        atomic_write_json(stage / (INT8_CARD if within else OVER_BUDGET_CARD), card.to_dict())
         float_size = float_path.stat().st_size
         report = {
             "edgeship_report": "quantize",
@@ -155,6 +156,9 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
         if not within:
             # Publish the best model under a name that says it failed, then tell the caller.
             pass
+    # With --force, drop the other outcome's files from an earlier run so they cannot be mistaken.
+    for stale in ((OVER_BUDGET_FILE, OVER_BUDGET_CARD) if within else (INT8_FILE, INT8_CARD)):
+        (out_dir / stale).unlink(missing_ok=True)
     result = QuantizeResult(out_dir, out_dir / final_name, card, figs, report, within)
     if not within:
         raise AccuracyDriftError(
@@ -203,10 +207,10 @@ def _float_source(model: Path, out_dir: Path, options: QuantizeOptions, progress
             raise InputError(f"{model} is not an edgeship convert folder (needs {CARD_FILE} and "
                              f"{conv.SAVED_MODEL_DIR}/); pass the ONNX model or run `edgeship convert` first")
         card = ModelCard.load(card_path)
-    elif model.suffix.lower() == ".onnx" or model.is_file():
+    elif model.is_file():
         folder = out_dir
-        if (folder / CARD_FILE).is_file() and (folder / conv.SAVED_MODEL_DIR).is_dir() and not options.force:
-            log.info("reusing the conversion in %s", folder)
+        if _same_conversion(folder, model) and not options.force:
+            log.info("reusing the conversion of %s in %s", model, folder)
         else:
             conv.convert(model, folder, options=conv.ConvertOptions(force=options.force), progress=progress)
         return _float_source(folder, out_dir, options, progress)
@@ -214,6 +218,15 @@ def _float_source(model: Path, out_dir: Path, options: QuantizeOptions, progress
         raise InputError(f"model {model} does not exist")
     labels = Labels.load(model / card.labels_file) if card.labels_file and (model / card.labels_file).is_file() else None
     return _Source(model, card, labels)
+
+
+def _same_conversion(folder: Path, model: Path) -> bool:
+    """Whether ``folder`` holds a conversion of exactly this ONNX file."""
+    from edgeship._io import sha256_file
+
+    if not (folder / CARD_FILE).is_file() or not (folder / conv.SAVED_MODEL_DIR).is_dir():
+        return False
+    return ModelCard.load(folder / CARD_FILE).source_sha256 == sha256_file(model)
 
 
 def _sampler(pixels: np.ndarray, prep: Any) -> Callable[[], Iterable[np.ndarray]]:
@@ -247,9 +260,10 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
 
 def _equalized_saved_model(folder: Path, work: Path) -> tuple[Path, dict[str, Any]]:
     """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
-    import onnx
-
+    from edgeship._deps import require
     from edgeship.quantize.equalize import equalize
+
+    onnx = require("onnx", purpose="equalize the model")
 
     simplified = folder / conv.SIMPLIFIED_FILE
     if not simplified.is_file():

@@ -37,8 +37,10 @@ def _tf() -> Any:
 def _quiet() -> Any:
     """TensorFlow's converter logs from C++ straight to fds 1 and 2; send that to a temp file.
 
-    Library code must not print. The captured log is kept at DEBUG level.
+    Library code must not print. The captured log goes to this module's logger at DEBUG
+    level, and its last error line is kept for error messages (:func:`_log_tail`).
     """
+    global _last_log
     if log.isEnabledFor(logging.DEBUG):
         yield
         return
@@ -61,6 +63,20 @@ def _quiet() -> Any:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+            sink.seek(0)
+            _last_log = sink.read()[-100_000:].decode("utf-8", errors="replace")
+            log.debug("TensorFlow log:\n%s", _last_log)
+
+
+_last_log = ""
+
+
+def _log_tail() -> str:
+    """The last error-looking line TensorFlow logged in the latest quiet block."""
+    lines = [ln.strip() for ln in _last_log.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    tail = (errors or lines or [""])[-1]
+    return f" (TensorFlow: {tail[:200]})" if tail else ""
 
 
 def calibrate(saved_model: Path, samples: Callable[[], Iterable[np.ndarray]],
@@ -83,7 +99,8 @@ def calibrate(saved_model: Path, samples: Callable[[], Iterable[np.ndarray]],
         with _quiet():
             return bytes(converter.convert())
     except Exception as exc:
-        raise CalibrationError(f"TensorFlow calibration failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        raise CalibrationError(f"TensorFlow calibration failed: {type(exc).__name__}: {str(exc)[:300]}"
+                               f"{_log_tail()}") from exc
 
 
 def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor: bool = False,
@@ -107,7 +124,7 @@ def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor
                 model = bytes(modify_model_io_type(model, dtypes[io_dtype], dtypes[io_dtype]))
             return model
     except Exception as exc:
-        raise CalibrationError(f"TFLite quantizer failed: {type(exc).__name__}: {str(exc)[:300]}") from exc
+        raise CalibrationError(f"TFLite quantizer failed: {type(exc).__name__}: {str(exc)[:300]}{_log_tail()}") from exc
 
 
 def _io_dtype(model: bytes) -> str:

@@ -60,7 +60,9 @@ class _Runner:
         self.invoke = self.tfl.invoke
 
     def _init_onnx(self, model: str, threads: int) -> None:
-        import onnxruntime as ort
+        from edgeship._deps import require
+
+        ort = require("onnxruntime", purpose="benchmark .onnx models (host only)")
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -167,7 +169,11 @@ class _Worker:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         self.label = f"{model.name} x{threads}"
-        self.init = self.ask({"cmd": "init", "model": str(model), "threads": threads, "use_xnnpack": use_xnnpack})
+        self.init: dict[str, Any] = {}
+        self.spec = {"cmd": "init", "model": str(model), "threads": threads, "use_xnnpack": use_xnnpack}
+
+    def start(self) -> None:
+        self.init = self.ask(self.spec)
 
     def ask(self, msg: dict[str, Any]) -> dict[str, Any]:
         assert self.proc.stdin and self.proc.stdout
@@ -234,6 +240,7 @@ def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = 
             if progress:
                 progress("load models", i, len(configs))
             workers.append(_Worker(p, t, options.use_xnnpack))
+            workers[-1].start()  # appended first, so a failed start is still closed below
         samples = _interleave(workers, options, progress)
         results = []
         for w, (p, t), ns in zip(workers, configs, samples):

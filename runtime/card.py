@@ -93,7 +93,10 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
-        return cls(**_known(cls, d, "preprocessing"))
+        try:
+            return cls(**_known(cls, d, "preprocessing"))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"invalid preprocessing {d}: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -40,12 +39,9 @@ def collect(model: str | os.PathLike[str], image_dir: str | os.PathLike[str], ou
     files = np.array([str(f.relative_to(images.root)) for f in images.files])
     buf = io.BytesIO()
     np.savez(buf, logits=logits.astype(np.float32), files=files, runtime=np.array(json.dumps(describe)))
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(buf.getvalue())
-    os.replace(tmp, out)
+    from edgeship._io import atomic_write_bytes
+
+    atomic_write_bytes(out, buf.getvalue())
     return {"count": int(len(files)), **describe}
 
 

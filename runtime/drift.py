@@ -94,12 +94,23 @@ def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Pa
     from edgeship.convert.onnx_model import load_model
     from edgeship.convert.simplify import OrtRunner
 
+    from edgeship.convert.onnx_model import inspect_model
+
     prep = card.reference_preprocessing
-    runner = OrtRunner(load_model(reference_onnx))
+    model = load_model(reference_onnx)
+    info = inspect_model(model, str(reference_onnx))
+    hw = tuple(info.input_shape[2:])
+    if all(isinstance(d, int) for d in hw) and hw != tuple(prep.crop):
+        raise InputError(f"reference {reference_onnx} takes {hw[0]}x{hw[1]} images but the candidate's card crops "
+                         f"{prep.crop[0]}x{prep.crop[1]}; is it the candidate's source model?")
+    runner = OrtRunner(model)
     rows = []
     for i, f in enumerate(files):
         x = normalize(resize_crop(f, prep), prep).transpose(2, 0, 1)[None]
-        rows.append(runner.run(x).reshape(-1))
+        try:
+            rows.append(runner.run(x).reshape(-1))
+        except Exception as exc:  # onnxruntime raises its own types
+            raise InputError(f"onnxruntime could not run {reference_onnx}: {str(exc).splitlines()[0][:200]}") from exc
         if progress:
             progress("run reference (onnxruntime)", i + 1, len(files))
     return np.stack(rows)
@@ -176,6 +187,8 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[
     import shutil
     import tempfile
 
+    if max_images is not None and max_images < 1:
+        raise InputError(f"--max-images must be >= 1, got {max_images}")
     model_path, card, folder = resolve_candidate(candidate)
     image_set = list_eval_images(images, max_images)
     threads = target.execution.threads
@@ -196,11 +209,20 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[
                 shutil.copyfile(f, pics / f"{i:06d}{f.suffix.lower()}")
             if progress:
                 progress(f"run candidate on {type(device).__name__}", None, None)
-            cand, _, runtime = device.collect_outputs(bundle, pics, threads=threads, use_xnnpack=use_xnnpack)
+            cand, names, runtime = device.collect_outputs(bundle, pics, threads=threads, use_xnnpack=use_xnnpack)
+            expected = [f"{i:06d}{f.suffix.lower()}" for i, f in enumerate(image_set.files)]
+            if list(names) != expected:
+                from edgeship.errors import DeviceError
+
+                raise DeviceError(f"the device ran {len(names)} of {len(expected)} images or in another order; "
+                                  "its image reader differs from this machine's")
     where = _where(device, runtime)
     ref = reference if reference is not None else reference_outputs(reference_onnx, list(image_set.files), card,
                                                                      progress)
     truth = load_truth(card, folder, image_set)
+    if ref.shape != cand.shape:
+        raise InputError(f"reference and candidate do not answer alike: {ref.shape[1]} vs {cand.shape[1]} outputs "
+                         f"per image; is {Path(str(reference_onnx)).name} the source of {model_path.name}?")
     fig = compare(ref, cand, truth)
     checks = tuple(check_budget(fig, target.budget))
     problems = io_problems(runtime, target)

@@ -41,6 +41,8 @@ class Labels:
             raise InputError(f"labels file {path} does not exist") from exc
         except UnicodeDecodeError as exc:
             raise InputError(f"labels file {path} is not UTF-8 text") from exc
+        except OSError as exc:
+            raise InputError(f"cannot read labels file {path}: {exc.strerror or exc}") from exc
         lines = [ln for ln in lines if ln.strip()]
         if not lines:
             raise InputError(f"labels file {path} is empty")
@@ -154,7 +156,11 @@ def _label_keys(root: Path, files: list[Path]) -> list[str | None]:
     table: dict[str, str] = {}
     labels_txt = root / "labels.txt"
     if labels_txt.is_file():
-        for line in labels_txt.read_text(encoding="utf-8").splitlines():
+        try:
+            text = labels_txt.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read {labels_txt} as UTF-8 text: {exc}") from exc
+        for line in text.splitlines():
             if "\t" in line:
                 name, label = line.split("\t", 1)
                 table[name.strip()] = label.strip()

@@ -25,8 +25,23 @@ class SshCollector:
                         use_xnnpack: bool = True) -> tuple[np.ndarray, list[str], dict[str, Any]]:
         from edgeship.targets.ssh import remote_collect
 
+        check_arch(self.device, self.target)
         return remote_collect(self.device, model_dir, image_dir, requirements=self.target.pip_requirements(),
                               threads=threads, use_xnnpack=use_xnnpack, pip_args=self.pip_args)
+
+
+#: How ``uname -m`` spells each target architecture.
+_MACHINES = {"x86_64": ("x86_64", "amd64"), "aarch64": ("aarch64", "arm64"), "armv7l": ("armv7l", "armv7", "armv8l")}
+
+
+def check_arch(device: Any, target: Target) -> None:
+    """Refuse to call a device the target when its CPU architecture differs."""
+    from edgeship.errors import TargetError
+
+    machine = str(device.probe().get("machine", "")).lower()
+    if machine and machine not in _MACHINES.get(target.arch.value, (target.arch.value,)):
+        raise TargetError(f"the device at {getattr(device.target, 'where', device.target)} is {machine}, but target "
+                          f"{target.name} is {target.arch.value}; pick the target that matches the device")
 
 
 def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Sequence[str], *,
@@ -36,17 +51,19 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
 
     if progress:
         progress("prepare device", None, None)
+    check_arch(device, target)
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
         wheel = build_edgeship_wheel(default_wheel_cache())
         python = device.ensure_venv(target.pip_requirements(), wheels=[wheel], pip_args=pip_args)
         remote = _new_job(device)
         try:
             names = []
-            for m in models:
+            for i, m in enumerate(models):
                 if progress:
                     progress(f"copy {m.name}", None, None)
-                device.push(m, f"{remote}/{m.name}")
-                names.append(f"{remote}/{m.name}")
+                name = m.name if [x.name for x in models].count(m.name) == 1 else f"{i}-{m.name}"
+                device.push(m, f"{remote}/{name}")
+                names.append(f"{remote}/{name}")
             if progress:
                 progress(f"benchmark on {getattr(device, 'target', device)}", None, None)
             device.run_module(python, "edgeship.runtime.bench", [*names, *args, "-o", f"{remote}/bench.json"],

@@ -154,6 +154,17 @@ def test_newest_ir_version_is_accepted(tmp_path: Path) -> None:
     assert "IR version 12 lowered to 10 for onnxsim" in report["fixes"]
 
 
+@pytest.mark.parametrize("content", ['{"interpolation": "lanczos"}', '{"crop": 224}', '[1, 2]', "not json"])
+def test_bad_preprocessing_json_is_one_line(content: str, tmp_path: Path, tiny_onnx: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    prep = tmp_path / "prep.json"
+    prep.write_text(content)
+    assert main(["convert", str(tiny_onnx), "-o", str(tmp_path / "out"), "--preprocess", str(prep), "-q"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edgeship convert: error:") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_preprocessing_flags_reach_the_card(tmp_path: Path, tiny_onnx: Path) -> None:
     out = tmp_path / "out"
     assert main(["convert", str(tiny_onnx), "-o", str(out), "-q", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",

@@ -61,6 +61,14 @@ def test_profile_from_path(tmp_path: Path) -> None:
     assert load_target(path).name == "lab-pi"
 
 
+def test_cli_json_output(tmp_path: Path) -> None:
+    import json
+
+    assert main(["targets", "list", "-q", "--json", str(tmp_path / "t.json")]) == 0
+    doc = json.loads((tmp_path / "t.json").read_text())
+    assert doc["exit_code"] == 0 and {t["name"] for t in doc["targets"]} >= REQUIRED
+
+
 def test_cli_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["targets", "list"]) == 0
     out = capsys.readouterr().out
