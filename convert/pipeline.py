@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeship._deps import HOST_TOOLS, require, versions
+import numpy as np
+
+from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, check_outputs_free, sha256_file, staged_output
 from edgeship._progress import Progress, Timer, silent
 from edgeship.convert import onnx_model, verify
@@ -196,7 +198,7 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
         if src.stat().st_mtime_ns != src_stat.st_mtime_ns or sha256_file(src) != source_sha:
             raise ConversionError(f"the input model {src} changed during conversion; outputs discarded")
     final = out_dir / FLOAT32_FILE
-    return ConvertResult(out_dir, final, card.with_(), report,
+    return ConvertResult(out_dir, final, card, report,
                          out_dir / FLOAT16_FILE if options.fp16 else None)
 
 
@@ -294,7 +296,7 @@ def _card(path: Path, file_name: str, precision: str, prep: Preprocessing, src: 
           labels: Labels | None, labels_file: str | None) -> ModelCard:
     model = TFLiteModel(path)
     inp, out = model.input, model.output
-    classes = int(max(1, int(__import__("numpy").prod(out.shape[1:]))))
+    classes = max(1, int(np.prod(out.shape[1:])))
     if labels is not None and len(labels) != classes:
         log.warning("labels file has %d entries but the model has %d outputs", len(labels), classes)
     return ModelCard(

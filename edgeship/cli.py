@@ -145,13 +145,7 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
 
     prep = None
     if _has_prep_flags(args):
-        if args.input_shape:
-            from edgeship.convert import onnx_model
-
-            info = onnx_model.inspect_model(onnx_model.load_model(args.model), str(args.model))
-            height, width = onnx_model.resolve_shape(info, args.input_shape)[0][2:4]
-        else:
-            height, width = _model_hw(args.model)
+        height, width = _model_hw(args.model, args.input_shape)
         prep = _preprocessing(args, height, width)
     options = ConvertOptions(input_shape=args.input_shape, fp16=args.fp16, images=args.images,
                              max_images=args.max_images, labels=args.labels, preprocessing=prep, force=args.force)
@@ -170,12 +164,12 @@ def _has_prep_flags(args: argparse.Namespace) -> bool:
                                                        "pixel_scale")) or args.bgr
 
 
-def _model_hw(model: Path) -> tuple[int, int]:
-    """Input height and width declared by an ONNX model (for sizing preprocessing flags)."""
+def _model_hw(model: Path, input_shape: Sequence[int] | None) -> tuple[int, int]:
+    """Input height and width the model will be converted with (for sizing preprocessing flags)."""
     from edgeship.convert import onnx_model
 
     info = onnx_model.inspect_model(onnx_model.load_model(model), str(model))
-    shape, _ = onnx_model.resolve_shape(info, None)
+    shape, _ = onnx_model.resolve_shape(info, input_shape)
     return shape[2], shape[3]
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +204,3 @@ def _html(summary: dict[str, Any], tables: dict[str, list[list[str]]], plots: li
             f"<h2>Latency and size</h2>{_html_table(tables['latency'])}{figs}"
             f"<script>{_CHECK}</script></body></html>")
 
-
-def load_json(path: Path) -> Any:
-    return json.loads(path.read_text())

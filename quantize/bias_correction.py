@@ -20,10 +20,6 @@ log = logging.getLogger(__name__)
 _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 
 
-def _name(tensor: Any) -> str:
-    return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
-
-
 def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, quant_inputs: np.ndarray, *,
                    min_count: int = 10, progress: Callable[[int, int], None] | None = None
                    ) -> tuple[bytes, dict[str, Any]]:
@@ -40,6 +36,7 @@ def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, q
     from tensorflow.lite.tools import flatbuffer_utils as fbu
 
     from edgeship.quantize.layers import _interpreter
+    from edgeship.quantize.tflite_quant import tensor_name
 
     qobj = fbu.read_model_from_bytearray(bytearray(quant))
     sub = qobj.subgraphs[0]
@@ -48,7 +45,7 @@ def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, q
     f_index = {d["name"]: d["index"] for d in f_interp.get_tensor_details()}
     convs = [op for op, name in zip(sub.operators, q_ops)
              if name in _CONV_OPS and len(op.inputs) > 2 and op.inputs[2] >= 0
-             and _name(sub.tensors[op.outputs[0]]) in f_index]
+             and tensor_name(sub.tensors[op.outputs[0]]) in f_index]
     # The layer producing the scores is left alone: its output range is the scores'.
     final = _score_producer(sub, q_ops)
     convs = [op for op in convs if op.outputs[0] != final]
@@ -86,6 +83,7 @@ def _measure(quant: bytes, f_interp: Any, f_index: dict[str, int], op: Any, sub:
              quant_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-channel mean output shift of one conv over the images, unclamped positions only."""
     from edgeship.quantize.layers import _interpreter
+    from edgeship.quantize.tflite_quant import tensor_name
 
     q_interp = _interpreter(quant)
     out = op.outputs[0]
@@ -93,7 +91,7 @@ def _measure(quant: bytes, f_interp: Any, f_index: dict[str, int], op: Any, sub:
     scale, zp = detail["quantization"]
     info = np.iinfo(detail["dtype"])
     lo, hi = (info.min - zp) * scale, (info.max - zp) * scale
-    f_out = f_index[_name(sub.tensors[out])]
+    f_out = f_index[tensor_name(sub.tensors[out])]
     f_in = f_interp.get_input_details()[0]["index"]
     q_in = q_interp.get_input_details()[0]["index"]
     total: np.ndarray | float = 0.0

@@ -8,7 +8,7 @@ import tempfile
 import os
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -100,7 +100,8 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             with timer.stage("calibrate"):
                 calibrated = tflite_quant.calibrate(saved_model, samples,
                                                     progress=lambda k: progress("calibrate", k, len(calib_px)))
-                calibrated, range_report = _apply_range_method(calibrated, samples, options, progress)
+                calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options,
+                                                               progress)
         with timer.stage("quantize"):
             quant = tflite_quant.quantize_calibrated(calibrated, io_dtype=options.io.value,
                                                      per_tensor=options.per_tensor)
@@ -153,9 +154,6 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
         }
         atomic_write_json(stage / REPORT_FILE, report)
-        if not within:
-            # Publish the best model under a name that says it failed, then tell the caller.
-            pass
     # With --force, drop the other outcome's files from an earlier run so they cannot be mistaken.
     for stale in ((OVER_BUDGET_FILE, OVER_BUDGET_CARD) if within else (INT8_FILE, INT8_CARD)):
         (out_dir / stale).unlink(missing_ok=True)
@@ -237,20 +235,17 @@ def _sampler(pixels: np.ndarray, prep: Any) -> Callable[[], Iterable[np.ndarray]
     return gen
 
 
-def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.ndarray]], options: QuantizeOptions,
-                        progress: Progress) -> tuple[bytes, dict[str, Any]]:
+def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.ndarray]], n: int,
+                        options: QuantizeOptions, progress: Progress) -> tuple[bytes, dict[str, Any]]:
     recorded = tflite_quant.read_ranges(calibrated)
     report: dict[str, Any] = {"method": options.method.value, "tensors": len(recorded)}
-    n = sum(1 for _ in samples())
     hists = ranges.collect_histograms(calibrated, recorded, samples(),
                                       progress=lambda k: progress("histograms", k, n))
     # Every method starts from edgeship's own statistics: TensorFlow's calibrator records an
     # in-place ADD's range on its producer too, which widens residual branches up to 1.5x.
     # The model input and the final scores keep their true min-max: clipping scores changes
     # the arg-max.
-    from edgeship.runtime.interpreter import TFLiteModel as _M
-
-    m = _M(calibrated)
+    m = TFLiteModel(calibrated, use_xnnpack=False)
     keep = {m.input.index, m.output.index}
     new = ranges.choose_ranges(hists, options.method, options.percentile, keep=keep)
     shrink = [(hi - lo) / max(recorded[i][2] - recorded[i][1], 1e-12) for i, (lo, hi) in new.items()]

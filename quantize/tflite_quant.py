@@ -133,6 +133,11 @@ def _io_dtype(model: bytes) -> str:
     return TFLiteModel(model, use_xnnpack=False).input.dtype.name
 
 
+def tensor_name(tensor: Any) -> str:
+    """A flatbuffer tensor's name as text (the object API gives bytes)."""
+    return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+
+
 def read_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:
     """Recorded activation ranges: tensor index -> (name, min, max)."""
     from tensorflow.lite.tools import flatbuffer_utils as fbu
@@ -142,8 +147,7 @@ def read_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:
     for i, t in enumerate(model.subgraphs[0].tensors):
         q = t.quantization
         if q is not None and q.min is not None and q.max is not None and len(q.min) == 1:
-            found[i] = (t.name.decode() if isinstance(t.name, bytes) else str(t.name), float(q.min[0]),
-                        float(q.max[0]))
+            found[i] = (tensor_name(t), float(q.min[0]), float(q.max[0]))
     return found
 
 

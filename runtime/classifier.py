@@ -6,7 +6,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -172,6 +172,3 @@ def _card_from_model(model: TFLiteModel, file_name: str) -> ModelCard:
         num_classes=int(np.prod(model.output.shape[1:])),
     )
 
-
-def predict_many(classifier: Classifier, images: Sequence[Any] | Iterable[Any], top_k: int = 5) -> list[list[Prediction]]:
-    return [classifier.predict(im, top_k) for im in images]

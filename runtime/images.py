@@ -13,7 +13,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -252,18 +252,6 @@ def synthetic_pixels(count: int, prep: Preprocessing, *, seed: int = 0) -> np.nd
         noise = rng.normal(0, 20, size=(h, w, 3))
         out[i] = np.clip(base + noise, 0, 255).astype(np.uint8)
     return out
-
-
-def iter_batches(items: Iterable[np.ndarray], size: int) -> Iterable[np.ndarray]:
-    """Stack arrays into batches of ``size`` (the last one may be shorter)."""
-    batch: list[np.ndarray] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        yield np.stack(batch)
 
 
 def pixel_offset(prep: Preprocessing, scale: float, zero_point: int) -> int | None:

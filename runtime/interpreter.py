@@ -31,22 +31,7 @@ _MODULES = {
 
 
 def _import_backend(name: str) -> Any:
-    module = importlib.import_module(_MODULES[name])
-    return module.Interpreter if name != "tensorflow" else module.Interpreter
-
-
-def available_backends() -> list[str]:
-    """Installed interpreter packages, in preference order (imports each light one)."""
-    found = []
-    for name in BACKENDS:
-        if name == "tensorflow" and found:
-            break  # never import TensorFlow just to list it
-        try:
-            _import_backend(name)
-            found.append(name)
-        except ImportError:
-            continue
-    return found
+    return importlib.import_module(_MODULES[name]).Interpreter
 
 
 def backend_version(name: str) -> str | None:
@@ -184,10 +169,6 @@ class TFLiteModel:
         """uint8 pixels (any count; the model's batch is filled and padded) -> float outputs."""
         return in_fixed_batches(pixels, self.input.shape[0],
                                 lambda chunk: self.run_raw(self.input_from_pixels(chunk, prep)))
-
-    def run_batched(self, x: np.ndarray) -> np.ndarray:
-        """Run any number of samples through the model's fixed batch size (padding the last group)."""
-        return in_fixed_batches(x, self.input.shape[0], self.run)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -58,7 +58,6 @@ def tiny_classifier(*, opset: int = 13, ir_version: int | None = 8, batch: int |
 
 
 def two_input_model():
-    import onnx
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
