@@ -327,7 +327,7 @@ def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     lines = [f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
              f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.report['passed'] else 'FAIL'}"]
     lines += [f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
-              f"{'ok' if c.passed else 'OVER BUDGET'}" for c in result.checks]
+              f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}" for c in result.checks]
     lines.append(f"  report: {args.report}")
     try:
         raise_if_over(result, target.name, result.report["io_problems"])

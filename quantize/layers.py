@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +54,13 @@ def _op_inputs(interp: Any) -> dict[int, list[int]]:
             for op in interp._get_ops_details() for out in op["outputs"]}  # noqa: SLF001
 
 
-def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.ndarray]) -> list[LayerError]:
-    """Per-tensor error over ``inputs`` (float NHWC arrays), worst SQNR first."""
+def layer_errors(float_model: bytes, quant_model: bytes, float_inputs: np.ndarray,
+                 quant_inputs: np.ndarray) -> list[LayerError]:
+    """Per-tensor error, worst SQNR first.
+
+    ``float_inputs`` ``[N, ...]`` feed the float model and ``quant_inputs`` (the same images
+    as the quantized model's typed input, made the way deployment makes them) the other.
+    """
     f_int, q_int = _interpreter(float_model), _interpreter(quant_model)
     f_by_name = {d["name"]: d["index"] for d in f_int.get_tensor_details()}
     q_ops = _producers(q_int)
@@ -69,10 +74,10 @@ def layer_errors(float_model: bytes, quant_model: bytes, inputs: Iterable[np.nda
     count = {p[0]: 0 for p in pairs}
     q_in = q_int.get_input_details()[0]
     f_in = f_int.get_input_details()[0]["index"]
-    for x in inputs:
-        f_int.set_tensor(f_in, x.astype(np.float32))
+    for x, xq in zip(float_inputs, quant_inputs):
+        f_int.set_tensor(f_in, x[None].astype(np.float32))
         f_int.invoke()
-        q_int.set_tensor(q_in["index"], _quantize(x, q_in))
+        q_int.set_tensor(q_in["index"], xq[None])
         q_int.invoke()
         for name, _, qi, fi, scale, zp in pairs:
             ref = f_int.get_tensor(fi).astype(np.float64)
@@ -107,14 +112,6 @@ def most_harmful(errors: list[LayerError]) -> list[LayerError]:
     """Layers ordered by the error they add themselves (not the error they inherit)."""
     own = [e for e in errors if e.op not in DATA_MOVEMENT]
     return sorted(own, key=lambda e: (-e.added_error_db, e.sqnr_db))
-
-
-def _quantize(x: np.ndarray, detail: dict[str, Any]) -> np.ndarray:
-    scale, zp = detail["quantization"]
-    if not scale:
-        return x.astype(detail["dtype"])
-    info = np.iinfo(detail["dtype"])
-    return np.clip(np.round(x / scale) + zp, info.min, info.max).astype(detail["dtype"])
 
 
 def plot_worst(errors: list[LayerError], path: Path, *, count: int = 10, title: str = "") -> Path:

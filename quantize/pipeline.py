@@ -116,7 +116,9 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             reference = run_tflite(float_path, eval_px, prep, progress=progress, label="run float reference")
             figs = _evaluate(quant, eval_px, prep, reference, truth, stage, progress)
         with timer.stage("per-layer"):
-            layer_errs = layers.layer_errors(calibrated, quant, _sampler(eval_px[:LAYER_SAMPLES], prep)())
+            layer_px = eval_px[:LAYER_SAMPLES]
+            layer_errs = layers.layer_errors(calibrated, quant, normalize(layer_px, prep),
+                                             TFLiteModel(quant, use_xnnpack=False).input_from_pixels(layer_px, prep))
         kept: list[dict[str, Any]] = []
         within = True
         if options.max_drop is not None:
@@ -299,7 +301,7 @@ def _accuracy_aware(calibrated: bytes, quant: bytes, figs: DriftFigures, errs: l
                     options: QuantizeOptions, progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
     """Keep the most harmful layers in float one at a time until the drop is inside the budget."""
     budget = options.max_drop or 0.0
-    drop = 100.0 * (1 - figs.top1_agreement)
+    drop = figs.agreement_drop
     kept: list[dict[str, Any]] = []
     denied: list[str] = []
     best = (quant, figs)
@@ -311,13 +313,13 @@ def _accuracy_aware(calibrated: bytes, quant: bytes, figs: DriftFigures, errs: l
                                                      per_tensor=options.per_tensor, denylisted_nodes=denied)
         cfigs = _evaluate(candidate, pixels, prep, reference, truth, stage, progress,
                           label=f"re-measure with {len(denied)} float layer(s)")
-        drop = 100.0 * (1 - cfigs.top1_agreement)
+        drop = cfigs.agreement_drop
         kept.append({"layer": err.name, "op": err.op, "sqnr_db": err.sqnr_db, "added_error_db": err.added_error_db,
                      "size_bytes": len(candidate),
                      "top1_agreement": cfigs.top1_agreement, "mean_cosine": cfigs.mean_cosine})
         if cfigs.top1_agreement >= best[1].top1_agreement:
             best = (candidate, cfigs)
-    within = 100.0 * (1 - best[1].top1_agreement) <= budget
+    within = best[1].agreement_drop <= budget
     return best[0], best[1], kept, within
 
 

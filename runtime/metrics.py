@@ -113,7 +113,18 @@ class DriftFigures:
         """Top-1 accuracy points lost (positive = worse), when labels are known."""
         if self.ref_top1 is None or self.cand_top1 is None:
             return None
-        return 100.0 * (self.ref_top1 - self.cand_top1)
+        # Rounded: 100 * (0.87 - 0.86) is 1.0000000000000009, which would fail a 1.0 pt budget.
+        return round(100.0 * (self.ref_top1 - self.cand_top1), 9)
+
+    @property
+    def agreement_pct(self) -> float:
+        """Top-1 agreement in percent, rounded so that budgets compare exactly (99/100 is 99.0)."""
+        return round(100.0 * self.top1_agreement, 9)
+
+    @property
+    def agreement_drop(self) -> float:
+        """Points of top-1 agreement lost against the reference (100 - agreement %)."""
+        return round(100.0 - self.agreement_pct, 9)
 
     def to_dict(self) -> dict[str, object]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
