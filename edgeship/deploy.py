@@ -8,10 +8,12 @@ per target -> local benchmark -> bundle per target -> report.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,6 +76,27 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """Hash of edgeship's own source files: a stage made by different code is not reused.
+
+    The version alone is not enough for an editable install, where the code changes under
+    one version number.
+    """
+    import edgeship.convert
+    import edgeship.quantize
+    import edgeship.runtime
+    import edgeship.targets
+
+    h = hashlib.sha256()
+    for pkg in (sys.modules["edgeship"], edgeship.convert, edgeship.quantize, edgeship.runtime, edgeship.targets):
+        root = Path(pkg.__file__).parent
+        for f in sorted(root.glob("*.py")) + sorted(root.glob("*.toml")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 class _Stages:
     """Runs named stages into subfolders of OUT_DIR, reusing those whose key is unchanged."""
 
@@ -84,7 +107,7 @@ class _Stages:
 
     def run(self, name: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, str]:
         folder = self.out / name
-        digest = _digest({"edgeship": __version__, **key})
+        digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
         marker = folder / STAGE_MARK
         start = time.perf_counter()
         previous = json.loads(marker.read_text()) if marker.is_file() else {}

@@ -67,6 +67,19 @@ def test_changed_calibration_reruns_from_quantize(deployed: tuple[Path, Path, fl
     assert reused["quantize/int8-io-int8-per-channel"] is False
 
 
+def test_changed_code_reruns_every_stage(deployed: tuple[Path, Path, float], tiny_onnx: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgeship import deploy
+
+    assert deploy.code_fingerprint() == deploy.code_fingerprint() and len(deploy.code_fingerprint()) == 16
+    out, calib, _ = deployed
+    monkeypatch.setattr(deploy, "code_fingerprint", lambda: "0" * 16)  # as after editing edgeship's code
+    assert main(["deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out), "--num-calib", "20",
+                 "--bench-runs", "20", "--bench-threads", "1", "-q", *TARGETS]) == 0
+    stages = json.loads((out / "deploy.json").read_text())["stages"]
+    assert not any(s["reused"] for s in stages), stages
+
+
 def test_over_budget_target_exits_3_with_report(tmp_path: Path, tiny_onnx: Path, calib_images: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     host = (Path(__file__).parents[1] / "targets" / "x86-host.toml").read_text()
