@@ -15,6 +15,7 @@ refused, no Python, a failed install or remote command) raises
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from edgeship.errors import DeviceError, EdgeshipError, InputError, MissingDependencyError
 
@@ -53,6 +54,11 @@ _PROBE_SCRIPT = ("import json, platform, sys; print(json.dumps({'python': platfo
 # $1 is the requested folder (may be empty or start with ~/); prints its absolute path.
 _WORKDIR_SCRIPT = ('d=${1:-' + DEFAULT_REMOTE_DIR + '}; case $d in "~") d=$HOME;; "~/"*) d=$HOME/${d#"~/"};; esac; '
                    'mkdir -p -- "$d" && cd -- "$d" && pwd -P')
+# $1 lock folder, $2 minutes after which a lock is stale (its holder died), $3 seconds to wait.
+# mkdir is atomic: whoever creates the folder holds the lock. Exit 75 when still held after $3 s.
+_LOCK_SCRIPT = ('n=0; while ! mkdir -- "$1" 2>/dev/null; do '
+                'if [ -n "$(find "$1" -maxdepth 0 -mmin +"$2" 2>/dev/null)" ]; then rmdir -- "$1" 2>/dev/null; continue; fi; '
+                'n=$((n+1)); if [ "$n" -ge "$3" ]; then exit 75; fi; sleep 1; done')
 _READ_MARKER_SCRIPT = "import sys; sys.stdout.write(open(sys.argv[1]).read())"
 _WRITE_MARKER_SCRIPT = ("import os, sys; tmp = sys.argv[1] + '.tmp'; fh = open(tmp, 'w'); fh.write(sys.argv[2]); "
                         "fh.close(); os.replace(tmp, sys.argv[1])")
@@ -407,6 +413,36 @@ class SshDevice:
         if marker is not None and marker.get("wheels") == digests:
             log.info("reusing venv %s on %s (complete)", venv, self.target.where)
             return python
+        # Another edgeship may be building the same venv on this device: take turns.
+        with self._remote_lock(f"{venv}.lock", stale_after=timeout, wait=_remaining(deadline)):
+            marker = self._read_marker(python, f"{venv}/{VENV_MARKER}")
+            if marker is not None and marker.get("wheels") == digests:
+                log.info("venv %s on %s was completed meanwhile by another run", venv, self.target.where)
+                return python
+            self._build_venv(venv, python, key, facts, requirements, wheels, digests, marker,
+                             system_site_packages, pip_args, deadline)
+        return python
+
+    @contextlib.contextmanager
+    def _remote_lock(self, path: str, *, stale_after: float, wait: float) -> Iterator[None]:
+        """Hold the remote folder ``path`` as a lock (``mkdir``), waiting up to ``wait`` seconds."""
+        argv = ["sh", "-c", _LOCK_SCRIPT, "sh", path, str(max(1, math.ceil(stale_after / 60))),
+                str(max(1, int(wait)))]
+        proc = self.run(argv, timeout=wait + SHORT_TIMEOUT, check=False)
+        if proc.returncode == 75:
+            raise DeviceError(f"another edgeship run is still setting up {path.removesuffix('.lock')} on "
+                              f"{self.target.where} after {wait:.0f} s; try again when it is done (or remove "
+                              f"{path} if no run is active)")
+        if proc.returncode != 0:
+            raise DeviceError(f"cannot take the lock {path} on {self.target.where}: {_last_line(proc.stderr)}")
+        try:
+            yield
+        finally:
+            self.run(["rmdir", "--", path], timeout=SHORT_TIMEOUT, check=False)
+
+    def _build_venv(self, venv: str, python: str, key: str, facts: dict[str, str], requirements: Sequence[str],
+                    wheels: list[Path], digests: dict[str, str], marker: dict[str, Any] | None,
+                    system_site_packages: bool, pip_args: Sequence[str], deadline: float) -> None:
         start = time.monotonic()
         if marker is None:
             log.info("creating venv %s on %s", venv, self.target.where)
@@ -423,7 +459,6 @@ class SshDevice:
         self.run([python, "-c", _WRITE_MARKER_SCRIPT, f"{venv}/{VENV_MARKER}", json.dumps(record)],
                  timeout=SHORT_TIMEOUT)
         log.info("venv %s on %s ready in %.1f s", venv, self.target.where, time.monotonic() - start)
-        return python
 
     def _checked_python(self) -> dict[str, str]:
         facts = self.probe()

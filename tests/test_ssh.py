@@ -210,6 +210,43 @@ def test_venv_reinstalls_a_changed_wheel(device: SshDevice, tmp_path: Path, capl
     assert answer.strip() == "2"
 
 
+def test_concurrent_runs_build_one_venv(device: SshDevice, tmp_path: Path, caplog: pytest.LogCaptureFixture
+                                        ) -> None:
+    """Two runs setting up the same venv at once take turns: one builds, the other reuses."""
+    import concurrent.futures
+
+    caplog.set_level(logging.INFO, logger="edgeship.targets.ssh")
+    wheel = _dummy_wheel(tmp_path, 7)
+    twin = SshDevice(device.target)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        # system_site_packages=False: a venv no other test builds, so this one starts from nothing.
+        futures = [pool.submit(d.ensure_venv, [], wheels=[wheel], pip_args=["--no-index"], system_site_packages=False)
+                   for d in (device, twin)]
+        pythons = {f.result(timeout=300) for f in futures}
+    assert len(pythons) == 1
+    assert caplog.text.count("creating venv") == 1 and "completed meanwhile by another run" in caplog.text
+    python = pythons.pop()
+    assert device.run([python, "-c", "import edgeship_dummy; print(edgeship_dummy.ANSWER)"]).stdout.strip() == "7"
+    lock = python.rsplit("/bin/", 1)[0] + ".lock"
+    assert device.run(["test", "-e", lock], check=False).returncode != 0, "the lock is released"
+
+
+def test_venv_lock_held_by_a_live_run_is_a_clear_error(device: SshDevice) -> None:
+    lock = f"{device.workdir()}/venv-held.lock"
+    device.run(["mkdir", "-p", "--", lock])
+    try:
+        with pytest.raises(DeviceError, match="another edgeship run is still setting up"):
+            with device._remote_lock(lock, stale_after=600, wait=2):
+                pass
+    finally:
+        device.run(["rmdir", "--", lock])
+    # A lock older than the stale limit is taken over (its holder died).
+    device.run(["sh", "-c", 'mkdir -p -- "$1" && touch -d "2 hours ago" -- "$1"', "sh", lock])
+    with device._remote_lock(lock, stale_after=600, wait=2):
+        pass
+    assert device.run(["test", "-e", lock], check=False).returncode != 0
+
+
 def test_failed_install_is_not_marked_complete(device: SshDevice, remote_dir: Path) -> None:
     with pytest.raises(DeviceError, match="pip install on .* failed"):
         device.ensure_venv(["edgeship-no-such-package==0"], pip_args=["--no-index"], timeout=300)
