@@ -252,11 +252,14 @@ def _quant_summary(report: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- verify
-def _add_device_options(p: argparse.ArgumentParser) -> None:
+def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None:
     g = p.add_argument_group("device (default: run on this machine)")
     where = g.add_mutually_exclusive_group()
     where.add_argument("--host", help="run on a device over ssh: user@host[:port]")
-    where.add_argument("--adb", metavar="SERIAL", help="run on an Android device over adb")
+    # Where --adb cannot work (drift checks need Python on the device) it stays out of --help
+    # but is still parsed, so that using it gets the explanation rather than "unrecognized".
+    where.add_argument("--adb", metavar="SERIAL",
+                       help="run on an Android device over adb" if adb else argparse.SUPPRESS)
     where.add_argument("--emulate", action="store_true", help="run under qemu-aarch64 emulation (aarch64 targets)")
     g.add_argument("--identity", type=Path, help="ssh private key")
     g.add_argument("--known-hosts", type=Path, help="ssh known_hosts file")
@@ -295,8 +298,8 @@ def _ssh_device(args: argparse.Namespace) -> Any:
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("verify", help="accuracy-drift check of a deployed model against its float reference",
-                       description="Run CANDIDATE the way TARGET will (interpreter, threads, delegate, I/O dtype) "
-                                   "and REFERENCE with onnxruntime; compare with the target's budget. "
+                       description="Run CANDIDATE with TARGET's threads, delegate and I/O dtype (on the device "
+                                   "with --host/--emulate) and REFERENCE with onnxruntime; compare with the target's budget. "
                                    "Exit 3 when over budget.")
     p.add_argument("reference", type=Path, help="source float ONNX model")
     p.add_argument("candidate", type=Path, help=".tflite (card beside it) or bundle folder")
@@ -306,7 +309,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-r", "--report", type=Path, default=Path("drift_report.json"), help="report path "
                    "(default ./drift_report.json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing report")
-    _add_device_options(p)
+    _add_device_options(p, adb=False)
     _add_common(p)
     p.set_defaults(func=_cmd_verify)
 
@@ -471,7 +474,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--bench-threads", type=_csv_ints, default=(1, 2), help="thread counts (default 1,2)")
     b.add_argument("--bench-runs", type=int, default=100)
     p.add_argument("--force", action="store_true", help="use a non-empty folder that is not a deploy folder")
-    _add_device_options(p)
+    _add_device_options(p, adb=False)
     _add_common(p)
     p.set_defaults(func=_cmd_deploy)
 

@@ -244,7 +244,7 @@ def _python_problem(proc: subprocess.CompletedProcess[str], target: SshTarget) -
     err = proc.stderr or ""
     if proc.returncode == 127 or "not found" in err or "No such file" in err:
         return (f"Python interpreter {target.python!r} not found on {target.where}: install Python 3 "
-                "(e.g. sudo apt install python3 python3-venv) or pass its path as python= (--python)")
+                "(e.g. sudo apt install python3 python3-venv) or pass its path as python= (--remote-python)")
     return f"{target.python} on {target.where} failed (exit {proc.returncode}): {_last_line(err)}"
 
 
@@ -466,7 +466,7 @@ class SshDevice:
         if version < MIN_PYTHON:
             raise DeviceError(f"{self.target.python} on {self.target.where} is Python {facts.get('python')}; "
                               f"edgeship needs {'.'.join(map(str, MIN_PYTHON))}+: install a newer python3 "
-                              "or pass its path as python= (--python)")
+                              "or pass its path as python= (--remote-python)")
         return facts
 
     def _read_marker(self, python: str, marker: str) -> dict[str, Any] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,3 +39,19 @@ def test_unknown_option_exits_2() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["convert", "--no-such-flag"])
     assert exc.value.code == 2
+
+
+@pytest.mark.parametrize("argv", [["verify", "m.onnx", "m.tflite", "--images", "imgs", "--target", "x86-host"],
+                                  ["deploy", "m.onnx", "--calib", "imgs", "--target", "x86-host", "-o", "out"]])
+def test_adb_drift_checks_are_explained_not_offered(argv: list[str], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main([argv[0], "--help"])
+    assert "--adb" not in capsys.readouterr().out
+    code = main([*argv, "--adb", "SERIAL"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Python on the" in err and "--emulate" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
