@@ -252,6 +252,12 @@ def _quant_summary(report: dict[str, Any]) -> list[str]:
 
 
 # ---------------------------------------------------------------- verify
+#: Why verify and deploy refuse --adb (parsed, kept out of their --help, and refused with this).
+NO_ADB_DRIFT_CHECKS = ("drift checks over adb need Python on the phone, which Android does not have; use --emulate "
+                       "for android-arm64-cpu (same XNNPACK aarch64 kernels) and `edgeship bench --adb` for phone "
+                       "latency")
+
+
 def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None:
     g = p.add_argument_group("device (default: run on this machine)")
     where = g.add_mutually_exclusive_group()
@@ -271,7 +277,7 @@ def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None
 
 def _device(args: argparse.Namespace, target: Any) -> Any:
     """The device object for --host/--emulate (None: this machine)."""
-    from edgeship.errors import DeviceError, TargetError
+    from edgeship.errors import TargetError
 
     if getattr(args, "emulate", False):
         if target.arch.value != "aarch64":
@@ -284,8 +290,7 @@ def _device(args: argparse.Namespace, target: Any) -> Any:
 
         return SshCollector(_ssh_device(args), target, pip_args=shlex.split(args.pip_args))
     if getattr(args, "adb", None):
-        raise DeviceError("drift checks over adb need Python on the phone, which Android does not have; "
-                          "use --emulate for android-arm64-cpu (same XNNPACK aarch64 kernels) or bench --adb")
+        raise InputError(NO_ADB_DRIFT_CHECKS)
     return None
 
 
@@ -490,8 +495,7 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
                   "accept_new_host_key": args.accept_new_host_key, "python": args.remote_python,
                   "pip_args": shlex.split(args.pip_args)}
     elif args.adb:
-        raise InputError("deploy --adb is not supported: drift checks need Python on the device; use --emulate "
-                         "for android-arm64-cpu and `edgeship bench --adb` for phone latency")
+        raise InputError(NO_ADB_DRIFT_CHECKS)
     options = DeployOptions(targets=tuple(args.target), num_calib=args.num_calib, seed=args.seed,
                             method=args.method, eval_dir=args.eval_dir, max_eval=args.max_eval, labels=args.labels,
                             bench_threads=tuple(args.bench_threads), bench_runs=args.bench_runs, device=device,

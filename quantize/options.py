@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import InputError
+from edgeship.targets.profile import IODtype  # one I/O dtype vocabulary for targets and the quantizer
 
 
 class CalibrationMethod(str, Enum):
@@ -16,12 +17,6 @@ class CalibrationMethod(str, Enum):
     MINMAX = "minmax"  # TensorFlow's calibrator: the observed min and max
     PERCENTILE = "percentile"  # clip the tails of each activation's distribution
     MSE = "mse"  # the clipping range that minimises the expected quantization MSE
-
-
-class IODtype(str, Enum):
-    INT8 = "int8"
-    UINT8 = "uint8"
-    FLOAT32 = "float32"
 
 
 @dataclass(frozen=True)

@@ -116,9 +116,7 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             reference = run_tflite(float_path, eval_px, prep, progress=progress, label="run float reference")
             figs = _evaluate(quant, eval_px, prep, reference, truth, stage, progress)
         with timer.stage("per-layer"):
-            layer_px = eval_px[:LAYER_SAMPLES]
-            layer_errs = layers.layer_errors(calibrated, quant, normalize(layer_px, prep),
-                                             TFLiteModel(quant, use_xnnpack=False).input_from_pixels(layer_px, prep))
+            layer_errs = layers.layer_errors(calibrated, quant, *_paired_inputs(quant, eval_px[:LAYER_SAMPLES], prep))
         kept: list[dict[str, Any]] = []
         within = True
         if options.max_drop is not None:
@@ -279,10 +277,13 @@ def _bias_correct(quant: bytes, calibrated: bytes, pixels: np.ndarray, prep: Any
     """Sequential empirical bias correction on (at most 64 of) the calibration images."""
     from edgeship.quantize.bias_correction import correct_biases
 
-    px = pixels[:BIAS_CORRECTION_IMAGES]
-    q_inputs = TFLiteModel(quant, use_xnnpack=False).input_from_pixels(px, prep)
-    return correct_biases(quant, calibrated, normalize(px, prep), q_inputs,
+    return correct_biases(quant, calibrated, *_paired_inputs(quant, pixels[:BIAS_CORRECTION_IMAGES], prep),
                           progress=lambda k, n: progress("bias correction", k, n))
+
+
+def _paired_inputs(quant: bytes, pixels: np.ndarray, prep: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The same images as the float model's input and as the int8 model's typed input (the deployment path)."""
+    return normalize(pixels, prep), TFLiteModel(quant, use_xnnpack=False).input_from_pixels(pixels, prep)
 
 
 def _evaluate(quant: bytes, pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None],

@@ -35,6 +35,8 @@ class Precision(str, Enum):
 
 
 class IODtype(str, Enum):
+    """Input/output tensor dtype of a model (what a target needs, what quantize writes)."""
+
     INT8 = "int8"
     UINT8 = "uint8"
     FLOAT32 = "float32"
