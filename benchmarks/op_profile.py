@@ -20,6 +20,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # flatbuffer_utils imports TensorFlow: keep its banner quiet
 
+
 def prefixes(model: bytes) -> list[tuple[str, bytes]]:
     """(op name, model truncated after that op) for every op of the main subgraph."""
     from tensorflow.lite.tools import flatbuffer_utils as fbu

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -83,13 +82,14 @@ def code_fingerprint() -> str:
     The version alone is not enough for an editable install, where the code changes under
     one version number.
     """
+    import edgeship
     import edgeship.convert
     import edgeship.quantize
     import edgeship.runtime
     import edgeship.targets
 
     h = hashlib.sha256()
-    for pkg in (sys.modules["edgeship"], edgeship.convert, edgeship.quantize, edgeship.runtime, edgeship.targets):
+    for pkg in (edgeship, edgeship.convert, edgeship.quantize, edgeship.runtime, edgeship.targets):
         root = Path(pkg.__file__).parent
         for f in sorted(root.glob("*.py")) + sorted(root.glob("*.toml")):
             h.update(f.name.encode())

@@ -409,18 +409,36 @@ class SshDevice:
         key = _venv_key(self.target.python, facts, requirements, sorted(digests), system_site_packages)
         venv = f"{self.workdir()}/venv-{key}"
         python = f"{venv}/bin/python"
-        marker = self._read_marker(python, f"{venv}/{VENV_MARKER}")
-        if marker is not None and marker.get("wheels") == digests:
+        marker_path = f"{venv}/{VENV_MARKER}"
+
+        def complete(marker: dict[str, Any] | None) -> bool:
+            return marker is not None and marker.get("wheels") == digests
+
+        if complete(self._read_marker(python, marker_path)):
             log.info("reusing venv %s on %s (complete)", venv, self.target.where)
             return python
-        # Another edgeship may be building the same venv on this device: take turns.
+        # Another edgeship may be building the same venv on this device: take turns, then look again.
         with self._remote_lock(f"{venv}.lock", stale_after=timeout, wait=_remaining(deadline)):
-            marker = self._read_marker(python, f"{venv}/{VENV_MARKER}")
-            if marker is not None and marker.get("wheels") == digests:
+            marker = self._read_marker(python, marker_path)
+            if complete(marker):
                 log.info("venv %s on %s was completed meanwhile by another run", venv, self.target.where)
                 return python
-            self._build_venv(venv, python, key, facts, requirements, wheels, digests, marker,
-                             system_site_packages, pip_args, deadline)
+            start = time.monotonic()
+            if marker is None:
+                log.info("creating venv %s on %s", venv, self.target.where)
+                self.run(["rm", "-rf", "--", venv], timeout=SHORT_TIMEOUT)
+                self._create_venv(venv, system_site_packages, _remaining(deadline))
+                install = [*requirements, *self._push_wheels(venv, wheels, _remaining(deadline))]
+            else:
+                log.info("updating venv %s on %s: reinstalling changed wheels", venv, self.target.where)
+                changed = [w for w in wheels if marker.get("wheels", {}).get(w.name) != digests[w.name]]
+                install = ["--no-deps", "--force-reinstall", *self._push_wheels(venv, changed, _remaining(deadline))]
+            self._pip_install(python, [*pip_args, *install], _remaining(deadline))
+            record = {"key": key, "requirements": list(requirements), "wheels": digests, "python": facts["python"],
+                      "system_site_packages": system_site_packages,
+                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            self.run([python, "-c", _WRITE_MARKER_SCRIPT, marker_path, json.dumps(record)], timeout=SHORT_TIMEOUT)
+            log.info("venv %s on %s ready in %.1f s", venv, self.target.where, time.monotonic() - start)
         return python
 
     @contextlib.contextmanager
@@ -439,26 +457,6 @@ class SshDevice:
             yield
         finally:
             self.run(["rmdir", "--", path], timeout=SHORT_TIMEOUT, check=False)
-
-    def _build_venv(self, venv: str, python: str, key: str, facts: dict[str, str], requirements: Sequence[str],
-                    wheels: list[Path], digests: dict[str, str], marker: dict[str, Any] | None,
-                    system_site_packages: bool, pip_args: Sequence[str], deadline: float) -> None:
-        start = time.monotonic()
-        if marker is None:
-            log.info("creating venv %s on %s", venv, self.target.where)
-            self.run(["rm", "-rf", "--", venv], timeout=SHORT_TIMEOUT)
-            self._create_venv(venv, system_site_packages, _remaining(deadline))
-            install = [*requirements, *self._push_wheels(venv, wheels, _remaining(deadline))]
-        else:
-            log.info("updating venv %s on %s: reinstalling changed wheels", venv, self.target.where)
-            changed = [w for w in wheels if marker.get("wheels", {}).get(w.name) != digests[w.name]]
-            install = ["--no-deps", "--force-reinstall", *self._push_wheels(venv, changed, _remaining(deadline))]
-        self._pip_install(python, [*pip_args, *install], _remaining(deadline))
-        record = {"key": key, "requirements": list(requirements), "wheels": digests, "python": facts["python"],
-                  "system_site_packages": system_site_packages, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self.run([python, "-c", _WRITE_MARKER_SCRIPT, f"{venv}/{VENV_MARKER}", json.dumps(record)],
-                 timeout=SHORT_TIMEOUT)
-        log.info("venv %s on %s ready in %.1f s", venv, self.target.where, time.monotonic() - start)
 
     def _checked_python(self) -> dict[str, str]:
         facts = self.probe()

@@ -172,7 +172,7 @@ def test_budget_drop_is_counted_in_images() -> None:
     budget = load_target("x86-host").budget
     small = DriftFigures(100, 0.98, 0.99, 0.98, 1.0, 25.0, ref_top1=0.87, cand_top1=0.86)
     drop = {c.metric: c for c in check_budget(small, budget)}["top1_drop_points"]
-    assert drop.passed and abs(drop.value - 1.0) < 1e-9
+    assert drop.passed and drop.value == 1.0
     assert "one image is 1.00 pt" in drop.note
     large = DriftFigures(1000, 0.98, 0.99, 0.98, 1.0, 25.0, ref_top1=0.87, cand_top1=0.855)
     drop = {c.metric: c for c in check_budget(large, budget)}["top1_drop_points"]
