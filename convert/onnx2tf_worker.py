@@ -21,6 +21,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from edgeship._child import die_with_parent, one_line
+
 
 def _offline_sample_data():  # type: ignore[no-untyped-def]
     import numpy as np
@@ -40,6 +42,10 @@ def _block_network() -> None:
 
 
 def main(argv: list[str]) -> int:
+    parent = os.getppid()
+    die_with_parent()
+    if os.getppid() != parent:  # the parent died before the request took effect
+        return 1
     job = json.loads(Path(argv[0]).read_text())
     result_path = Path(job["result"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -65,7 +71,7 @@ def main(argv: list[str]) -> int:
         return 1
     except BaseException as exc:  # report every failure to the parent, one line
         tb = traceback.format_exc(limit=3)
-        result_path.write_text(json.dumps({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500],
+        result_path.write_text(json.dumps({"ok": False, "error": one_line(f"{type(exc).__name__}: {exc}"),
                                            "traceback": tb}))
         return 1
     files = sorted(p.name for p in Path(job["output"]).iterdir())

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from edgeship._deps import require
 from edgeship.errors import ConversionError, InputError
-from edgeship.runtime.card import Layout
+from edgeship.runtime.card import Layout, Postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -196,3 +197,82 @@ def normalise(model: Any, info: ModelInfo, shape: Sequence[int]) -> tuple[Any, l
     except Exception as exc:
         raise ConversionError(f"model is invalid after normalisation: {str(exc).splitlines()[0]}") from exc
     return m, notes
+
+
+#: What TensorFlow accepts as an op/scope name (its ``_VALID_OP_NAME_REGEX``).
+_TF_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*$")
+_TF_BAD_CHAR = re.compile(r"[^A-Za-z0-9_.\\/>-]")
+
+
+def sanitise_names(model: Any) -> dict[str, str]:
+    """Rename, in place, nodes and tensors whose names TensorFlow rejects as scope names.
+
+    paddle2onnx and tf2onnx exports carry names such as ``Softmax@0`` or ``conv:1``;
+    onnx2tf turns node and tensor names into TensorFlow op names, which fail on them.
+    Returns ``{old tensor name: new}`` (node renames are not listed).
+    """
+    taken = {n.name for n in model.graph.node} | _tensor_names(model)
+    for node in model.graph.node:
+        if node.name and not _TF_NAME.match(node.name):
+            node.name = _fresh(node.name, taken)
+    renames = {name: _fresh(name, taken) for name in sorted(_tensor_names(model)) if name and not _TF_NAME.match(name)}
+    if renames:
+        _rename_tensors(model.graph, renames)
+    return renames
+
+
+def _tensor_names(model: Any) -> set[str]:
+    g = model.graph
+    names = {v.name for v in (*g.input, *g.output, *g.value_info, *g.initializer)}
+    return names | {t for n in g.node for t in (*n.input, *n.output)}
+
+
+def _fresh(name: str, taken: set[str]) -> str:
+    base = _TF_BAD_CHAR.sub("_", name)
+    base = base if _TF_NAME.match(base) else f"n{base}"
+    candidate, k = base, 1
+    while candidate in taken:
+        candidate, k = f"{base}_{k}", k + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _rename_tensors(graph: Any, renames: dict[str, str]) -> None:
+    for v in (*graph.input, *graph.output, *graph.value_info, *graph.initializer):
+        v.name = renames.get(v.name, v.name)
+    for node in graph.node:
+        node.input[:] = [renames.get(t, t) for t in node.input]
+        node.output[:] = [renames.get(t, t) for t in node.output]
+
+
+#: Ops that only move or reshape values: a Softmax before them still makes probabilities.
+_SHAPE_ONLY = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity"}
+
+
+def output_kind(model: Any) -> Postprocessing:
+    """What the class-score output is: logits, or probabilities from a final (Log)Softmax."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    node = producers.get(model.graph.output[0].name)
+    while node is not None and node.op_type in _SHAPE_ONLY:
+        node = producers.get(node.input[0])
+    if node is not None and node.op_type == "Softmax":
+        return Postprocessing.NONE
+    if node is not None and node.op_type == "LogSoftmax":
+        return Postprocessing.EXP
+    return Postprocessing.SOFTMAX
+
+
+def check_scores_output(model: Any, source: str = "model") -> int:
+    """The number of classes of a (shape-inferred) model whose output is ``[N, classes]``; else InputError.
+
+    ``[N, classes, 1, 1]`` (a 1x1 convolution head) is accepted too. Checked before onnx2tf,
+    so a detector or segmenter is refused at once, not after a minute of conversion.
+    """
+    shape = _dims(model.graph.output[0])
+    if any(isinstance(d, str) for d in shape[1:]):
+        return 0  # not inferred: the float verification after onnx2tf still checks the scores
+    head = [d for d in shape[2:] if d != 1]
+    if len(shape) < 2 or head:
+        raise InputError(f"{source} output '{model.graph.output[0].name}' has shape {list(shape)}; an image "
+                         "classifier's output is [N, classes] (class scores)")
+    return int(shape[1])

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import tempfile
 import os
+import tempfile
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from edgeship._child import ChildWorker
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
 from edgeship._progress import Progress, Timer, silent
 from edgeship.convert import pipeline as conv
 from edgeship.convert.verify import load_pixels, run_tflite
 from edgeship.errors import AccuracyDriftError, CalibrationError, InputError
-from edgeship.quantize import layers, ranges, tflite_quant
+from edgeship.quantize import layers, ranges, rewrites, tflite_quant
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.runtime.card import CARD_FILE, ModelCard, TensorSpec
 from edgeship.runtime.images import ImageSet, Labels, list_images, normalize
@@ -86,25 +88,26 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
     check_outputs_free(out_dir, output_names(), force=options.force)
     source = _float_source(model, out_dir, options, progress)
     prep = source.card.preprocessing
-    with staged_output(out_dir, output_names(), force=options.force) as stage:
+    with staged_output(out_dir, output_names(), force=options.force) as stage, ChildWorker() as native:
         with timer.stage("load images"):
             calib_px = load_pixels(calib_set, prep, progress)
             eval_px = load_pixels(eval_set, prep, progress)
         samples = _sampler(calib_px, prep)
         saved_model, eq_report = source.folder / conv.SAVED_MODEL_DIR, {"enabled": options.equalize}
-        with tempfile.TemporaryDirectory(prefix="edgeship-equalize-") as work:
+        with contextlib.ExitStack() as scratch:
             if options.equalize:
                 with timer.stage("equalize"):
-                    saved_model, info = _equalized_saved_model(source.folder, Path(work))
+                    work = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="edgeship-equalize-")))
+                    saved_model, info = _equalized_saved_model(source.folder, work)
                     eq_report.update(info)
             with timer.stage("calibrate"):
-                calibrated = tflite_quant.calibrate(saved_model, samples,
-                                                    progress=lambda k: progress("calibrate", k, len(calib_px)))
-                calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options,
-                                                               progress)
+                calibrated = native.call("calibrate (TensorFlow)", tflite_quant.calibrate, saved_model,
+                                         normalize(calib_px, prep),
+                                         progress=lambda k: progress("calibrate", k, len(calib_px)))
+        calibrated, rewritten = rewrites.apply(calibrated)
+        calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress)
         with timer.stage("quantize"):
-            quant = tflite_quant.quantize_calibrated(calibrated, io_dtype=options.io.value,
-                                                     per_tensor=options.per_tensor)
+            quant, runs = _quantize_checked(native, calibrated, options)
         bc_report: dict[str, Any] = {"enabled": options.use_bias_correction}
         if options.use_bias_correction:
             with timer.stage("bias correction"):
@@ -121,8 +124,8 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
         within = True
         if options.max_drop is not None:
             with timer.stage("accuracy-aware"):
-                quant, figs, kept, within = _accuracy_aware(calibrated, quant, figs, layer_errs, eval_px, prep,
-                                                            reference, truth, stage, options, progress)
+                quant, figs, kept, within = _accuracy_aware(native, calibrated, quant, figs, layer_errs, eval_px,
+                                                            prep, reference, truth, stage, options, progress)
         final_name = INT8_FILE if within else OVER_BUDGET_FILE
         atomic_write_bytes(stage / final_name, quant)
         layers.plot_worst(layer_errs, stage / LAYER_PLOT,
@@ -141,6 +144,8 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             "calibration": _image_report(calib_set),
             "evaluation": {**_image_report(eval_set), "held_apart_from_calibration": options.eval_dir is None},
             "ranges": range_report,
+            "rewrites": rewritten,
+            "runs_on": runs,
             "equalization": eq_report,
             "bias_correction": bc_report,
             "figures": figs.to_dict(),
@@ -253,6 +258,27 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
     return tflite_quant.set_ranges(calibrated, new), report
 
 
+def _quantize_checked(native: ChildWorker, calibrated: bytes, options: QuantizeOptions,
+                      denied: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
+    """TensorFlow's quantizer, then a first run on XNNPACK and the reference kernels, both in the child.
+
+    Raises:
+        CalibrationError: The model the quantizer wrote does not run on one of them.
+    """
+    quant = native.call("quantize (TensorFlow)", tflite_quant.quantize_calibrated, calibrated,
+                        io_dtype=options.io.value, per_tensor=options.per_tensor, denylisted_nodes=list(denied))
+    runs = native.call("first run of the int8 model", tflite_quant.check_runs, quant)
+    broken = [f"{kernels}: {runs[kernels]}" for kernels in ("xnnpack", "reference") if runs[kernels]]
+    if broken:
+        raise CalibrationError(f"the int8 model TensorFlow's quantizer wrote does not run ({'; '.join(broken)}); "
+                               f"ops: {_op_summary(quant)}; nothing was written")
+    return quant, runs
+
+
+def _op_summary(model: bytes) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in _op_histogram(model).items())
+
+
 def _equalized_saved_model(folder: Path, work: Path) -> tuple[Path, dict[str, Any]]:
     """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
     from edgeship._deps import require
@@ -297,7 +323,7 @@ def _evaluate(quant: bytes, pixels: np.ndarray, prep: Any, reference: np.ndarray
     return compare(reference, got, truth)
 
 
-def _accuracy_aware(calibrated: bytes, quant: bytes, figs: DriftFigures, errs: list[layers.LayerError],
+def _accuracy_aware(native: ChildWorker, calibrated: bytes, quant: bytes, figs: DriftFigures, errs: list[layers.LayerError],
                     pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None], stage: Path,
                     options: QuantizeOptions, progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
     """Keep the most harmful layers in float one at a time until the drop is inside the budget."""
@@ -310,8 +336,7 @@ def _accuracy_aware(calibrated: bytes, quant: bytes, figs: DriftFigures, errs: l
         if drop <= budget:
             break
         denied.append(err.name)
-        candidate = tflite_quant.quantize_calibrated(calibrated, io_dtype=options.io.value,
-                                                     per_tensor=options.per_tensor, denylisted_nodes=denied)
+        candidate, _ = _quantize_checked(native, calibrated, options, denied)
         cfigs = _evaluate(candidate, pixels, prep, reference, truth, stage, progress,
                           label=f"re-measure with {len(denied)} float layer(s)")
         drop = cfigs.agreement_drop

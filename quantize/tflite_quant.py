@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from edgeship._child import CHILD_LOG_ENV, one_line
 from edgeship._deps import require
 from edgeship.errors import CalibrationError
 
@@ -43,6 +44,16 @@ def _quiet() -> Any:
     global _last_log
     if log.isEnabledFor(logging.DEBUG):
         yield
+        return
+    child_log = os.environ.get(CHILD_LOG_ENV)
+    if child_log:  # in edgeship's child the fds already go to a log the parent reads after a crash
+        start = os.path.getsize(child_log)
+        try:
+            yield
+        finally:
+            with open(child_log, "rb") as fh:
+                fh.seek(start)
+                _last_log = fh.read()[-100_000:].decode("utf-8", errors="replace")
         return
     import sys
     import tempfile
@@ -73,25 +84,25 @@ _last_log = ""
 
 def _log_tail() -> str:
     """The last error-looking line TensorFlow logged in the latest quiet block."""
-    lines = [ln.strip() for ln in _last_log.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower()]
-    tail = (errors or lines or [""])[-1]
-    return f" (TensorFlow: {tail[:200]})" if tail else ""
+    tail = one_line(_last_log, 200)
+    return f" (TensorFlow: {tail})" if tail else ""
 
 
-def calibrate(saved_model: Path, samples: Callable[[], Iterable[np.ndarray]],
-              progress: Callable[[int], None] | None = None) -> bytes:
-    """A float TFLite model with calibrated min/max on every activation tensor."""
+def calibrate(saved_model: Path, inputs: np.ndarray, progress: Callable[[int], None] | None = None) -> bytes:
+    """A float TFLite model with calibrated min/max on every activation tensor.
+
+    ``inputs`` are the model's float inputs ``[N, H, W, C]``, fed one at a time.
+    """
     tf = _tf()
     with _quiet():
         converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
 
     def dataset() -> Iterable[list[np.ndarray]]:
-        for k, x in enumerate(samples()):
+        for k in range(len(inputs)):
             if progress:
                 progress(k + 1)
-            yield [x]
+            yield [inputs[k:k + 1]]
 
     converter.representative_dataset = dataset
     converter._experimental_calibrate_only = True  # noqa: SLF001 - the documented two-step path
@@ -128,9 +139,15 @@ def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor
 
 
 def _io_dtype(model: bytes) -> str:
-    from edgeship.runtime.interpreter import TFLiteModel
+    """The input tensor's dtype, read from the flatbuffer (no interpreter: the model is unchecked)."""
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
 
-    return TFLiteModel(model, use_xnnpack=False).input.dtype.name
+    m = fbu.read_model_from_bytearray(bytearray(model))
+    sg = m.subgraphs[0]
+    return _TENSOR_TYPES.get(sg.tensors[sg.inputs[0]].type, "other")
+
+
+_TENSOR_TYPES = {0: "float32", 3: "uint8", 9: "int8", 1: "float16", 2: "int32", 7: "int16"}
 
 
 def tensor_name(tensor: Any) -> str:
@@ -165,7 +182,34 @@ def set_ranges(calibrated: bytes, ranges: dict[int, tuple[float, float]]) -> byt
 
 
 def op_names(model: bytes) -> list[str]:
-    """Builtin ops in execution order (no delegate, so every op is listed)."""
+    """Builtin ops in graph order, read from the flatbuffer (no interpreter needed)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    m = fbu.read_model_from_bytearray(bytearray(model))
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in m.operatorCodes]
+    return [names.get(codes[op.opcodeIndex], "CUSTOM") for op in m.subgraphs[0].operators]
+
+
+def check_runs(model: bytes) -> dict[str, Any]:
+    """Allocate and run the model once on XNNPACK and once on the reference kernels.
+
+    Meant for a child process (:class:`edgeship._child.ChildWorker`): a model TensorFlow's
+    quantizer wrote but no interpreter has run yet can abort the process that loads it.
+    Returns ``{"xnnpack": None | error, "reference": None | error, "xnnpack_partitions": n}``.
+    """
     from edgeship.runtime.interpreter import TFLiteModel
 
-    return TFLiteModel(model, use_xnnpack=False).op_names()
+    found: dict[str, Any] = {}
+    for kernels, xnnpack in (("xnnpack", True), ("reference", False)):
+        try:
+            with _quiet():
+                m = TFLiteModel(model, use_xnnpack=xnnpack)
+                m.run_raw(np.zeros(m.input.shape, dtype=m.input.dtype))
+            found[kernels] = None
+            if xnnpack:
+                found["xnnpack_partitions"] = m.op_names().count("DELEGATE")
+        except Exception as exc:  # noqa: BLE001 - the verdict names what failed
+            found[kernels] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+    return found

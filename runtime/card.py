@@ -9,6 +9,7 @@ Only the standard library is used here so the card loads on any device.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -36,6 +37,18 @@ class Layout(str, Enum):
     NHWC = "NHWC"
 
 
+class Postprocessing(str, Enum):
+    """What turns the model's output into probabilities; it says what the output is.
+
+    ``softmax``: the output is logits. ``none``: the model already ends in Softmax (the
+    output is probabilities). ``exp``: the model ends in LogSoftmax (log-probabilities).
+    """
+
+    SOFTMAX = "softmax"
+    NONE = "none"
+    EXP = "exp"
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How an image becomes a float input: ``((pixel * pixel_scale) - mean) / std``.
@@ -59,6 +72,16 @@ class Preprocessing:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
+        _need(self.resize_shorter is None or _is_int(self.resize_shorter), "preprocessing.resize_shorter",
+              "an integer or null", self.resize_shorter)
+        _need_ints("preprocessing.crop", self.crop)
+        _need(_is_number(self.pixel_scale), "preprocessing.pixel_scale", "a number", self.pixel_scale)
+        _need_numbers("preprocessing.mean", self.mean)
+        _need_numbers("preprocessing.std", self.std)
+        for key, enum in (("interpolation", Interpolation), ("color_order", ColorOrder)):
+            value = getattr(self, key)
+            _need(isinstance(value, str) and value in [e.value for e in enum], f"preprocessing.{key}",
+                  f"one of {[e.value for e in enum]}", value)
         object.__setattr__(self, "interpolation", Interpolation(self.interpolation))
         object.__setattr__(self, "color_order", ColorOrder(self.color_order))
         object.__setattr__(self, "crop", tuple(int(v) for v in self.crop))
@@ -111,6 +134,12 @@ class TensorSpec:
     zero_point: int | None = None
 
     def __post_init__(self) -> None:
+        _need_str("name", self.name)
+        _need_ints("shape", self.shape)
+        _need_str("dtype", self.dtype)
+        _need_str("layout", self.layout, optional=True)
+        _need(self.scale is None or _is_number(self.scale), "scale", "a number or null", self.scale)
+        _need(self.zero_point is None or _is_int(self.zero_point), "zero_point", "an integer or null", self.zero_point)
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
 
     def to_dict(self) -> dict[str, Any]:
@@ -119,8 +148,14 @@ class TensorSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TensorSpec":
-        return cls(**_known(cls, d, "tensor"))
+    def from_dict(cls, d: dict[str, Any], what: str = "tensor") -> "TensorSpec":
+        try:
+            return cls(**_known(cls, d, what))
+        except InputError as exc:
+            raise InputError(f"{what}.{exc}" if str(exc).split(" ", 1)[0] in {f.name for f in fields(cls)}
+                             else str(exc)) from exc
+        except TypeError as exc:
+            raise InputError(f"{what}: {exc}") from exc
 
 
 @dataclass(frozen=True)
@@ -136,11 +171,27 @@ class ModelCard:
     source_sha256: str = ""
     labels_file: str | None = None
     num_classes: int = 0
-    postprocessing: str = "softmax"
+    postprocessing: Postprocessing = Postprocessing.SOFTMAX
     notes: tuple[str, ...] = field(default_factory=tuple)
     #: Preprocessing the *source* ONNX model expects, when it differs (input ops folded).
     source_preprocessing: Preprocessing | None = None
     schema: int = CARD_SCHEMA
+
+    def __post_init__(self) -> None:
+        for key in ("model_file", "precision", "source_model", "source_sha256"):
+            _need_str(key, getattr(self, key))
+        _need(bool(self.model_file), "model_file", "a file name", self.model_file)
+        _need_str("labels_file", self.labels_file, optional=True)
+        _need(_is_int(self.num_classes) and self.num_classes >= 0, "num_classes", "a non-negative integer",
+              self.num_classes)
+        _need(_is_int(self.schema), "schema", "an integer", self.schema)
+        _need(isinstance(self.notes, (list, tuple)) and all(isinstance(n, str) for n in self.notes), "notes",
+              "a list of strings", self.notes)
+        try:
+            object.__setattr__(self, "postprocessing", Postprocessing(self.postprocessing))
+        except ValueError as exc:
+            raise InputError(f"postprocessing must be one of {[p.value for p in Postprocessing]}, "
+                             f"got {self.postprocessing!r}") from exc
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -148,15 +199,20 @@ class ModelCard:
         d["output"] = self.output.to_dict()
         d["preprocessing"] = self.preprocessing.to_dict()
         d["notes"] = list(self.notes)
+        d["postprocessing"] = self.postprocessing.value
         d["source_preprocessing"] = self.source_preprocessing.to_dict() if self.source_preprocessing else None
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
         d = _known(cls, d, "model card")
-        d["input"] = TensorSpec.from_dict(d["input"])
-        d["output"] = TensorSpec.from_dict(d["output"])
+        missing = [k for k in ("model_file", "precision", "input", "output", "preprocessing") if k not in d]
+        if missing:
+            raise InputError(f"missing key(s) {', '.join(missing)}")
+        d["input"] = TensorSpec.from_dict(d["input"], "input")
+        d["output"] = TensorSpec.from_dict(d["output"], "output")
         d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"])
+        _need(isinstance(d.get("notes", []), list), "notes", "a list of strings", d.get("notes"))
         d["notes"] = tuple(d.get("notes", ()))
         if d.get("source_preprocessing"):
             d["source_preprocessing"] = Preprocessing.from_dict(d["source_preprocessing"])
@@ -181,7 +237,7 @@ class ModelCard:
             raise InputError(f"model card {path} is not valid JSON: {exc}") from exc
         try:
             return cls.from_dict(data)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (InputError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"model card {path} is invalid: {exc}") from exc
 
     def with_(self, **changes: Any) -> "ModelCard":
@@ -190,8 +246,37 @@ class ModelCard:
 
 
 def _known(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise InputError(f"{what} must be a JSON object, got {type(d).__name__} {d!r:.60}")
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
         raise InputError(f"unknown {what} key(s): {', '.join(unknown)}; valid: {', '.join(sorted(names))}")
     return dict(d)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _need(ok: bool, key: str, want: str, value: Any) -> None:
+    """One line naming the key when a value has the wrong type (cards are edited by hand)."""
+    if not ok:
+        raise InputError(f"{key} must be {want}, got {type(value).__name__} {value!r:.60}")
+
+
+def _need_ints(key: str, value: Any) -> None:
+    _need(isinstance(value, (list, tuple)) and all(_is_int(v) for v in value), key, "a list of integers", value)
+
+
+def _need_numbers(key: str, value: Any) -> None:
+    _need(isinstance(value, (list, tuple)) and all(_is_number(v) for v in value), key, "a list of numbers", value)
+
+
+def _need_str(key: str, value: Any, *, optional: bool = False) -> None:
+    _need(isinstance(value, str) or (optional and value is None), key, "a string" + (" or null" if optional else ""),
+          value)
