@@ -95,11 +95,100 @@ def fold_input_affine(model: Any, input_name: str, prep: Preprocessing, channels
     unused = [t for t in m.graph.initializer if t.name not in used]
     for t in unused:
         m.graph.initializer.remove(t)
-    new_prep = replace(prep, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std))
+    new_prep = replace(prep, mean=tuple(simple_value(v) for v in mean), std=tuple(simple_value(v) for v in std))
     ops = "+".join(n.op_type for n in removed)
     note = (f"leading {ops} on the input folded into preprocessing: mean {_fmt(prep.mean)} -> {_fmt(new_prep.mean)}, "
             f"std {_fmt(prep.std)} -> {_fmt(new_prep.std)}")
     return m, new_prep, [note]
+
+
+def simple_value(value: float, *, rel: float = 2 * float(np.finfo(np.float32).eps)) -> float:
+    """``value``, or the shortest decimal within float32 precision of it.
+
+    Folding float32 constants leaves values such as 0.49999998555 where the model means
+    0.5; clients compare normalisation values exactly (MediaPipe treats
+    ``[0.49999998, 0.5, 0.50000001]`` as per-channel), so the card says 0.5.
+    """
+    v = float(value)
+    if v == 0 or not np.isfinite(v):
+        return v
+    for digits in range(1, 6):
+        r = float(f"{v:.{digits}g}")
+        if abs(r - v) <= rel * abs(v):
+            return r
+    return v
+
+
+def per_tensor(prep: Preprocessing) -> bool:
+    """Whether the normalisation is one mean and one std for all channels (what clients express)."""
+    return len(set(prep.mean)) == 1 and len(set(prep.std)) == 1
+
+
+def normalization_into_graph(model: Any, input_name: str, prep: Preprocessing, channels: int
+                             ) -> tuple[Any, Preprocessing, list[str]]:
+    """Put a per-channel normalisation inside the graph so the model takes 0..255 pixels.
+
+    Clients such as MediaPipe Tasks express only one mean/std for all channels. The
+    cheaper exact form is used: when the input feeds one ``Conv`` only, a per-channel
+    ``Sub`` of the mean (in pixel units) and the ``1/std`` scale folded into that conv's
+    weights (exact: the conv's zero padding still pads the normalised image with zeros);
+    otherwise ``Mul`` + ``Add``. Returns the model unchanged when the normalisation is
+    per-tensor already.
+    """
+    onnx = require("onnx")
+
+    if per_tensor(prep) or len(prep.mean) != channels:
+        return model, prep, []
+    scale = prep.pixel_scale / np.asarray(prep.std, dtype=np.float64)  # x_norm = (p - m_pix) * scale
+    m_pix = np.asarray(prep.mean, dtype=np.float64) / prep.pixel_scale
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    consumers = [n for n in m.graph.node if input_name in n.input]
+    centred = f"{input_name}__centred"
+    nodes = _sub_into_conv(m, consumers, input_name, centred, m_pix, scale)
+    form = "Sub of the mean in pixel units + 1/std folded into the first Conv's weights"
+    if nodes is None:
+        nodes, form = _mul_add(m, input_name, centred, m_pix, scale), "Mul + Add"
+    for node in consumers:
+        for i, name in enumerate(node.input):
+            if name == input_name:
+                node.input[i] = centred
+    old = list(m.graph.node)
+    del m.graph.node[:]
+    m.graph.node.extend(nodes + old)
+    new_prep = replace(prep, pixel_scale=1.0, mean=(0.0,), std=(1.0,))
+    note = (f"per-channel normalisation folded into the graph ({form}): the model takes 0..255 pixels; "
+            f"was mean {_fmt(prep.mean)}, std {_fmt(prep.std)} after pixel_scale {prep.pixel_scale:.6g}")
+    return m, new_prep, [note]
+
+
+def _sub_into_conv(m: Any, consumers: list[Any], input_name: str, out: str, m_pix: np.ndarray,
+                   scale: np.ndarray) -> list[Any] | None:
+    """``Sub`` node of the pixel mean, with ``scale`` folded into the lone consumer conv's weights; None if not a conv."""
+    from onnx import helper, numpy_helper
+
+    conv = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "Conv" else None
+    if conv is None or conv.input[0] != input_name or any(a.name == "group" and a.i != 1 for a in conv.attribute):
+        return None
+    weight = next((t for t in m.graph.initializer if t.name == conv.input[1]), None)
+    if weight is None or sum(i == weight.name for n in m.graph.node for i in n.input) != 1 or \
+            weight.name in {o.name for o in m.graph.output}:
+        return None
+    w = numpy_helper.to_array(weight).astype(np.float64) * scale.reshape(1, -1, 1, 1)
+    weight.CopyFrom(numpy_helper.from_array(w.astype(np.float32), weight.name))
+    mean_name = f"{input_name}__mean_px"
+    m.graph.initializer.append(numpy_helper.from_array(m_pix.reshape(1, -1, 1, 1).astype(np.float32), mean_name))
+    return [helper.make_node("Sub", [input_name, mean_name], [out], name=f"{input_name}__normalize")]
+
+
+def _mul_add(m: Any, input_name: str, out: str, m_pix: np.ndarray, scale: np.ndarray) -> list[Any]:
+    from onnx import helper, numpy_helper
+
+    k, b = f"{input_name}__scale", f"{input_name}__shift"
+    m.graph.initializer.extend([numpy_helper.from_array(scale.reshape(1, -1, 1, 1).astype(np.float32), k),
+                                numpy_helper.from_array((-m_pix * scale).reshape(1, -1, 1, 1).astype(np.float32), b)])
+    return [helper.make_node("Mul", [input_name, k], [f"{input_name}__scaled"], name=f"{input_name}__normalize_mul"),
+            helper.make_node("Add", [f"{input_name}__scaled", b], [out], name=f"{input_name}__normalize_add")]
 
 
 def _fmt(values: tuple[float, ...]) -> str:

@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from edgeship._child import one_line
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, check_outputs_free, sha256_file, staged_output
 from edgeship._progress import Progress, Timer, silent
-from edgeship.convert import onnx_model, verify
-from edgeship.convert.fold import fold_input_affine
+from edgeship.convert import onnx_model, tflite_graph, verify
+from edgeship.convert.fold import fold_input_affine, normalization_into_graph
 from edgeship.convert.simplify import OrtRunner, simplify
 from edgeship.errors import ConversionError, InputError, VerificationError
 from edgeship.runtime.card import CARD_FILE, Layout, ModelCard, Preprocessing, TensorSpec
@@ -56,6 +57,8 @@ class ConvertOptions:
         synthetic_count: Number of generated inputs when no images are given.
         fold_input_affine: Fold leading Mul/Add/Sub/Div-by-constant ops on the input into
             the preprocessing (exact; fewer ops, and int8 input quantized once).
+        pixels_in_graph: Put a per-channel normalisation (which clients such as MediaPipe
+            Tasks cannot express) inside the graph, so the model takes 0..255 pixels.
     """
 
     input_shape: tuple[int, ...] | None = None
@@ -67,6 +70,7 @@ class ConvertOptions:
     force: bool = False
     synthetic_count: int = 16
     fold_input_affine: bool = True
+    pixels_in_graph: bool = False
 
     def __post_init__(self) -> None:
         if self.max_images is not None and self.max_images < 1:
@@ -139,15 +143,26 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
         with timer.stage("simplify"):
             prepared, notes = onnx_model.normalise(original, info, shape)
             simplified = simplify(prepared)
-            model_prep = prep
+            onnx_model.check_scores_output(simplified, src.name)
+            scores = onnx_model.output_kind(simplified)
+            renames = onnx_model.sanitise_names(simplified)
+            if renames:
+                notes.append(f"{len(renames)} tensor name(s) TensorFlow rejects renamed (e.g. "
+                             f"{next(iter(renames))!r} -> {next(iter(renames.values()))!r})")
+            model_prep, input_name = prep, renames.get(info.input_name, info.input_name)
             if options.fold_input_affine:
-                simplified, model_prep, fold_notes = fold_input_affine(simplified, info.input_name, prep, shape[1])
+                simplified, model_prep, fold_notes = fold_input_affine(simplified, input_name, prep, shape[1])
                 notes += fold_notes
+            if options.pixels_in_graph:
+                simplified, model_prep, graph_notes = normalization_into_graph(simplified, input_name,
+                                                                               model_prep, shape[1])
+                notes += graph_notes
             sim_check = _check_simplified(original, simplified, inputs, prep, model_prep, shape[0])
             atomic_write_bytes(stage / SIMPLIFIED_FILE, simplified.SerializeToString())
         with timer.stage("onnx2tf"):
             child = _run_onnx2tf(stage / SIMPLIFIED_FILE, work_dir)
         tfl32 = work_dir / "tf" / "model_float32.tflite"
+        cleaned = _clean_graph(tfl32, work_dir / "tf" / "model_float16.tflite" if options.fp16 else None)
         with timer.stage("verify"):
             reference = verify.run_onnx(original, inputs.pixels, prep, progress=progress)
             checks = {"float32": _verify_one(tfl32, reference, inputs, model_prep, "float32", progress)}
@@ -163,7 +178,7 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
             if options.labels:
                 atomic_copy(options.labels, stage / LABELS_FILE)
             card = _card(stage / FLOAT32_FILE, FLOAT32_FILE, "float32", model_prep, src, source_sha,
-                         labels, LABELS_FILE if options.labels else None)
+                         labels, LABELS_FILE if options.labels else None).with_(postprocessing=scores)
             if model_prep != prep:
                 card = card.with_(source_preprocessing=prep, notes=tuple(n for n in notes if "folded" in n))
             atomic_write_json(stage / CARD_FILE, card.to_dict())
@@ -181,6 +196,8 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                                 "total_before": len(original.graph.node),
                                 "total_after": len(simplified.graph.node)},
                 "simplify_check": sim_check,
+                "graph_cleanups": cleaned,
+                "xnnpack": _delegation(stage / FLOAT32_FILE),
                 "verification": {k: v for k, v in checks.items()},
                 "verification_inputs": {"source": inputs.source, "count": int(len(inputs.pixels)),
                                         "folder": str(images.root) if images else None,
@@ -247,21 +264,41 @@ def _run_onnx2tf(onnx_path: Path, work_dir: Path) -> dict[str, Any]:
     except (FileNotFoundError, json.JSONDecodeError):
         result = {"ok": False, "error": f"onnx2tf worker died with status {proc.returncode}"}
     if not result.get("ok") or not (work_dir / "tf" / "model_float32.tflite").is_file():
-        tail = _last_error_line(log_path)
+        kept = _keep_log(log_path)
+        tail = one_line(log_path.read_text(errors="replace")) if log_path.is_file() else ""
         raise ConversionError(f"onnx2tf failed: {result.get('error', 'no TFLite written')}"
-                              + (f" ({tail})" if tail else ""))
+                              + (f" ({tail})" if tail and tail not in result.get("error", "") else "")
+                              + (f"; full log: {kept}" if kept else ""))
     return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak_mb, 1), "returncode": proc.returncode}
 
 
-def _last_error_line(log_path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
-    except FileNotFoundError:
-        return ""
-    for ln in reversed(lines):
-        if "Error" in ln or "ERROR" in ln:
-            return ln[:300]
-    return lines[-1][:300] if lines else ""
+def _clean_graph(*paths: Path | None) -> dict[str, int]:
+    """The XNNPACK clean-ups of :mod:`tflite_graph`, in place on onnx2tf's outputs (verified next)."""
+    counts: dict[str, int] = {}
+    for path in (p for p in paths if p is not None):
+        model, changed = tflite_graph.clean(path.read_bytes())
+        if changed:
+            path.write_bytes(model)
+        counts = counts or changed
+    return counts
+
+
+def _delegation(path: Path) -> dict[str, Any]:
+    from edgeship.runtime.delegation import of_interpreter
+
+    return of_interpreter(TFLiteModel(path).interpreter).to_dict()
+
+
+def _keep_log(log_path: Path) -> Path | None:
+    """Copy a failed child's log out of the work folder (which is removed) and log it at DEBUG level."""
+    if not log_path.is_file():
+        return None
+    text = log_path.read_text(errors="replace")
+    log.debug("onnx2tf log:\n%s", text)
+    fd, kept = tempfile.mkstemp(prefix="edgeship-onnx2tf-", suffix=".log")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    return Path(kept)
 
 
 def _verify_one(path: Path, reference: Any, inputs: verify.VerifyInputs, prep: Preprocessing, precision: str,

@@ -47,12 +47,14 @@ class VerifyInputs:
 
 
 def load_pixels(images: ImageSet, prep: Preprocessing, progress: Progress = silent) -> np.ndarray:
-    """Resize/crop every image of the set to uint8 NHWC pixels."""
-    out = np.empty((len(images), prep.crop[0], prep.crop[1], 3), dtype=np.uint8)
-    for i, f in enumerate(images.files):
-        out[i] = resize_crop(f, prep)
-        progress("load images", i + 1, len(images))
-    return out
+    """Resize/crop every image of the set to uint8 NHWC pixels, decoded in parallel (one thread per core).
+
+    The same image path as the deployed runtime (``edgeship.runtime.images``), so
+    calibration and checks see the pixels the device will see.
+    """
+    from edgeship.runtime import images as runtime_images
+
+    return runtime_images.load_pixels(images.files, prep, progress=progress)
 
 
 def make_inputs(images: ImageSet | None, prep: Preprocessing, *, synthetic_count: int = 16,

@@ -10,13 +10,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
 from edgeship.errors import InputError, OutputExistsError
+
+log = logging.getLogger(__name__)
 
 
 def _umask() -> int:
@@ -102,40 +108,205 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def check_outputs_free(out_dir: Path, names: list[str], *, force: bool) -> None:
-    """Raise :class:`OutputExistsError` when any of ``names`` exists in ``out_dir``."""
+def writable_dir_problem(out_dir: str | os.PathLike[str]) -> str | None:
+    """Why ``out_dir`` cannot be created or written (None: it can).
+
+    Nothing is created: a probe file is written and removed in ``out_dir`` or, when it
+    does not exist yet, in its nearest existing ancestor.
+    """
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"output path {out_dir} exists and is not a folder")
+        return "it is a file, not a folder"
+    probe_in = out_dir
+    while not probe_in.exists():
+        if probe_in.is_symlink():
+            return f"{probe_in} is a dangling symbolic link"
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        return f"{probe_in} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edgeship-write-probe-", dir=probe_in)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"{exc.strerror or exc}" + ("" if probe_in == out_dir else f" (in {probe_in})")
+    return None
+
+
+def check_writable_dir(out_dir: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Fail early, with one line, when ``out_dir`` cannot be created or written.
+
+    Called before any work starts, so a run does not spend minutes and then fail at
+    publishing (see :func:`writable_dir_problem`).
+
+    Raises:
+        InputError: A path component is a file, or the folder (or where it would be
+            created) is not writable.
+    """
+    problem = writable_dir_problem(out_dir)
+    if problem:
+        raise InputError(f"cannot write {what} {out_dir}: {problem}")
+    return Path(out_dir)
+
+
+def check_outputs_free(out_dir: Path, names: list[str], *, force: bool) -> None:
+    """Raise :class:`OutputExistsError` when any of ``names`` exists in ``out_dir``.
+
+    Also checks, before any work, that ``out_dir`` can be written (:func:`check_writable_dir`).
+    """
+    check_writable_dir(out_dir)
     if force or not out_dir.exists():
         return
     clash = sorted(n for n in names if (out_dir / n).exists())
     if clash:
         raise OutputExistsError(
-            f"{out_dir} already holds {', '.join(clash)}; pass --force (force=True) to overwrite"
+            f"{out_dir} already holds {', '.join(clash)}; pass {OutputExistsError.FORCE} to overwrite"
         )
+
+
+#: Hidden names of a run's private folders: ``.<out>.staging-<owner>-<random>`` beside the
+#: output folder, ``.<entry>.old-<owner>-<random>`` inside it while a set is swapped. The owner
+#: (pid and host) says whose, so only those of dead processes on this host are cleaned.
+_PRIVATE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})-[A-Za-z0-9_]{8}$")
+#: Staging folders named before the owner was in the name: removed once this old (seconds).
+_LEGACY_STAGING = re.compile(r"^\.(?P<name>.+)\.staging-[a-z0-9_]{8}$")
+LEGACY_STALE_AFTER = 24 * 3600.0
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """``<pid>.<host hash>``: who made a private folder (this process by default)."""
+    import socket
+
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{os.getpid() if pid is None else pid}.{host}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's live process
+    return True
+
+
+def _rmtree(path: Path) -> None:
+    """Remove a file or folder, read-only parts included (they were ours to replace)."""
+    def retry(func: Any, p: str, _exc: Any) -> None:
+        with contextlib.suppress(OSError):
+            os.chmod(os.path.dirname(p), 0o700)
+            if os.path.isdir(p) and not os.path.islink(p):
+                os.chmod(p, 0o700)
+        func(p)
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, onerror=retry)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove what killed runs left behind for ``out_dir``; return what was removed or restored.
+
+    A staging folder whose owner process is gone is deleted. An entry moved aside during
+    a swap whose owner is gone is put back when its place is empty (the run died before
+    the new entry arrived), else deleted. Folders of live runs are never touched.
+    """
+    out_dir = Path(out_dir)
+    done: list[Path] = []
+    candidates = []
+    with contextlib.suppress(OSError):
+        candidates += [(p, "staging") for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.staging-")]
+    with contextlib.suppress(OSError):
+        candidates += [(p, "old") for p in out_dir.iterdir() if ".old-" in p.name]
+    host = owner_tag().split(".", 1)[1]
+    for path, kind in candidates:
+        m = _PRIVATE.match(path.name)
+        if not m:
+            legacy = kind == "staging" and _LEGACY_STAGING.match(path.name)
+            with contextlib.suppress(OSError):
+                if legacy and time.time() - path.stat().st_mtime > LEGACY_STALE_AFTER:
+                    _rmtree(path)
+                    done.append(path)
+            continue
+        if m["kind"] != kind or m["host"] != host or _pid_alive(int(m["pid"])):
+            continue
+        try:
+            if kind == "old" and not (out_dir / m["name"]).exists():
+                os.rename(path, out_dir / m["name"])
+            else:
+                _rmtree(path)
+            done.append(path)
+        except OSError as exc:
+            log.warning("could not clean up %s left by a killed run: %s", path, exc)
+    return done
+
+
+def _swap_in(stage: Path, out_dir: Path) -> None:
+    """Move every entry of ``stage`` into ``out_dir`` as one set, or leave ``out_dir`` as it was.
+
+    Old entries are first renamed aside inside ``out_dir`` (same folder: no copy, and a
+    read-only folder can be renamed), then the new ones are renamed in; only when all
+    are in place is the old set deleted. Any failure puts the old set back.
+    """
+    entries = sorted(p.name for p in stage.iterdir())
+    tag = f"old-{owner_tag()}-{uuid.uuid4().hex[:8]}"
+    aside: list[tuple[Path, Path]] = []  # (original place, aside name)
+    placed: list[str] = []
+    try:
+        for name in entries:
+            target = out_dir / name
+            if target.exists() or target.is_symlink():
+                hidden = out_dir / f".{name}.{tag}"
+                os.rename(target, hidden)
+                aside.append((target, hidden))
+        for name in entries:
+            os.rename(stage / name, out_dir / name)
+            placed.append(name)
+    except OSError as exc:
+        for name in reversed(placed):
+            with contextlib.suppress(OSError):
+                os.rename(out_dir / name, stage / name)
+        for target, hidden in reversed(aside):
+            with contextlib.suppress(OSError):
+                os.rename(hidden, target)
+        raise InputError(f"cannot publish into {out_dir}: {exc.strerror or exc} ({exc.filename}); "
+                         "nothing was replaced") from None
+    for _target, hidden in aside:
+        try:
+            _rmtree(hidden)
+        except OSError as exc:
+            log.warning("published %s, but could not delete the replaced %s: %s", out_dir, hidden, exc)
 
 
 @contextlib.contextmanager
 def staged_output(out_dir: str | os.PathLike[str], names: list[str], *, force: bool) -> Iterator[Path]:
-    """Stage a run's artifacts and publish them into ``out_dir`` only on success.
+    """Stage a run's artifacts and publish them into ``out_dir`` only on success, as one set.
 
-    Yields a private staging folder beside ``out_dir``. When the block finishes,
-    every top-level entry of the staging folder is moved into ``out_dir`` (replacing
-    older ones only when ``force``); when it raises, the staging folder is removed
-    and ``out_dir`` is left as it was.
+    Yields a private staging folder beside ``out_dir`` (``.<out>.staging-<pid>-*``;
+    those of killed runs are removed first). When the block finishes, the staged entries
+    replace their namesakes in ``out_dir`` all together or not at all (replacing only
+    when ``force``); when it raises, the staging folder is removed and ``out_dir`` is
+    left as it was.
     """
     out_dir = Path(out_dir).resolve()
     check_outputs_free(out_dir, names, force=force)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-", dir=out_dir.parent))
+    clean_stale(out_dir)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{owner_tag()}-", dir=out_dir.parent))
+    except OSError as exc:
+        raise InputError(f"cannot write beside output folder {out_dir}: {exc.strerror or exc}") from None
     try:
         yield stage
         check_outputs_free(out_dir, [p.name for p in stage.iterdir()], force=force)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        for entry in sorted(stage.iterdir()):
-            target = out_dir / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(entry, target)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
+        _swap_in(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The ``edgeship`` command: a thin layer over the library.
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget.
+Exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch.
 """
 
 from __future__ import annotations
@@ -130,6 +130,9 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("conversion")
     g.add_argument("--input-shape", type=_csv_ints, metavar="N,C,H,W", help="static input shape (default: batch 1)")
     g.add_argument("--fp16", action="store_true", help="also write and verify model_float16.tflite")
+    g.add_argument("--pixels-in-graph", action="store_true",
+                   help="put a per-channel normalisation inside the graph (the model takes 0..255 pixels), "
+                        "for clients such as MediaPipe Tasks that express one mean/std only")
     g.add_argument("--force", action="store_true", help="overwrite existing outputs in the folder")
     v = p.add_argument_group("verification")
     v.add_argument("--images", type=Path, help="verify on these real images (default: generated inputs)")
@@ -148,7 +151,8 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
         height, width = _model_hw(args.model, args.input_shape)
         prep = _preprocessing(args, height, width)
     options = ConvertOptions(input_shape=args.input_shape, fp16=args.fp16, images=args.images,
-                             max_images=args.max_images, labels=args.labels, preprocessing=prep, force=args.force)
+                             max_images=args.max_images, labels=args.labels, preprocessing=prep, force=args.force,
+                             pixels_in_graph=args.pixels_in_graph)
     result = convert(args.model, args.out, options=options, progress=progress)
     lines = [f"wrote {result.model_path} ({result.report['sizes']['model_float32.tflite'] / 1e6:.1f} MB) "
              f"in {result.report['timings_s']['total']:.1f} s"]
@@ -156,7 +160,16 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
         lines.append(f"  {name}: top-1 agreement {100 * v['top1_agreement']:.2f}%  mean cosine "
                      f"{v['mean_cosine']:.6f}  max-abs {v['max_abs_error']:.2e}  on {v['count']} "
                      f"{'real images' if v['agreement_enforced'] else 'generated inputs'}")
+    lines += _input_contract(result.card)
     return 0, {"summary": lines, "result": {"out_dir": str(result.out_dir), "report": result.report}}
+
+
+def _input_contract(card: Any) -> list[str]:
+    """The one line saying how the artifact's input differs from the source model's (if it does)."""
+    from edgeship.targets.metadata import input_contract
+
+    line = input_contract(card)
+    return [f"  {line}"] if line else []
 
 
 def _has_prep_flags(args: argparse.Namespace) -> bool:
@@ -199,7 +212,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--io", choices=[d.value for d in IODtype], help="input/output dtype (default: the target's, else int8)")
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (accelerators that need them)")
     q.add_argument("--equalize", action="store_true", help="cross-layer equalization before calibration (for --per-tensor; re-runs onnx2tf)")
-    q.add_argument("--target", help="target profile: default I/O dtype and per-tensor from it")
+    q.add_argument("--full-integer", action="store_true", help="every op int8 (NNAPI, DSPs); default: ops XNNPACK "
+                   "has no int8 kernel for stay float inside its partition, when the target allows mixed models")
+    q.add_argument("--target", help="target profile: default I/O dtype, per-tensor and mixed models from it")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: the calibration "
                    "folder's images not used for calibration)")
@@ -216,20 +231,22 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship.quantize import QuantizeOptions, quantize
 
-    io, per_tensor = args.io, args.per_tensor
+    io, per_tensor, islands = args.io, args.per_tensor, not args.full_integer
     if args.target:
         from edgeship.targets import load_target
 
         target = load_target(args.target)
         io = io or target.model.io_dtype.value
         per_tensor = per_tensor or target.model.per_tensor
+        islands = islands and target.model.float_islands
     options = QuantizeOptions(num_calib=args.num_calib, seed=args.seed, method=args.method,
-                              percentile=args.percentile, io=io or "int8", per_tensor=per_tensor,
+                              percentile=args.percentile, io=io or "int8", per_tensor=per_tensor, float_islands=islands,
                               bias_correction=args.bias_correction,
                               equalize=args.equalize, eval_dir=args.eval_dir, max_eval=args.max_eval,
                               max_drop=args.max_drop, max_float_layers=args.max_float_layers, force=args.force)
     result = quantize(args.model, args.calib, args.out, options=options, progress=progress)
-    return 0, {"summary": _quant_summary(result.report), "result": {"out_dir": str(result.out_dir),
+    return 0, {"summary": _quant_summary(result.report) + _input_contract(result.card),
+               "result": {"out_dir": str(result.out_dir),
                                                                      "report": result.report}}
 
 
@@ -248,7 +265,18 @@ def _quant_summary(report: dict[str, Any]) -> list[str]:
     if worst:
         lines.append("  worst layers: " + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} "
                                                      f"{w['sqnr_db']:.1f} dB" for w in worst))
+    lines.append("  " + _xnnpack_line(report.get("runs_on", {})))
     return lines
+
+
+def _xnnpack_line(runs: dict[str, Any]) -> str:
+    d = runs.get("delegation") or {}
+    outside = ", ".join(f"{k} x{v}" for k, v in d.get("outside", {}).items()) or "none"
+    line = f"XNNPACK: {d.get('partitions', '?')} partition(s); ops outside: {outside}"
+    if runs.get("float_islands"):
+        line += (f"; {len(runs['float_islands'])} op(s) kept float inside XNNPACK (no int8 kernel; all-int8 had "
+                 f"{runs['all_int8_delegation']['partitions']} partitions)")
+    return line
 
 
 # ---------------------------------------------------------------- verify
@@ -321,27 +349,45 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import atomic_write_json
-    from edgeship.errors import OutputExistsError
     from edgeship.runtime.drift import raise_if_over, verify
     from edgeship.targets import load_target
 
     target = load_target(args.target)
-    if args.report.exists() and not args.force:
-        raise OutputExistsError(f"{args.report} exists; pass --force to overwrite it")
+    _check_report_path(args.report, "-r", force=args.force)
     result = verify(args.reference, args.candidate, args.images, target, max_images=args.max_images,
                     device=_device(args, target), progress=progress)
+    client = None
+    if target.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
+        from edgeship.targets.mediapipe_check import add_client_check, summary_line
+
+        client = summary_line(add_client_check(result, args.candidate, progress=progress))
     atomic_write_json(args.report, result.report)
     f = result.figures
     lines = [f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
              f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.report['passed'] else 'FAIL'}"]
     lines += [f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
               f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}" for c in result.checks]
+    lines += [f"  {client}"] if client else []
     lines.append(f"  report: {args.report}")
     try:
         raise_if_over(result, target.name, result.report["io_problems"])
     except EdgeshipError as exc:
         return exc.exit_code, {"summary": lines, "result": result.report, "error": str(exc)}
     return 0, {"summary": lines, "result": result.report}
+
+
+def _check_report_path(path: Path, flag: str, *, force: bool) -> None:
+    """Before running: the report file can be written where asked (not a folder, not in a file...)."""
+    from edgeship._io import writable_dir_problem
+    from edgeship.errors import OutputExistsError
+
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file path, e.g. {path / 'report.json'}")
+    problem = writable_dir_problem(path.parent)
+    if problem:
+        raise InputError(f"cannot write {flag} {path}: {problem}")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
 
 
 # ---------------------------------------------------------------- bench
@@ -358,6 +404,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--runs", type=int, default=100, help="timed runs per model and thread count")
     g.add_argument("--warmup", type=int, default=10, help="untimed runs first")
     g.add_argument("--duration", type=float, help="measure for this many seconds instead of --runs")
+    g.add_argument("--image", type=Path, action="append", default=[], metavar="PATH",
+                   help="image file or folder: also time Classifier.predict end to end, decode and preprocess "
+                        "shown separately (repeatable)")
+    g.add_argument("--e2e-runs", type=int, help="end-to-end rounds per model and thread count (default: --runs)")
     g.add_argument("--benchmark-binary", type=Path, help="TensorFlow Lite benchmark_model for --adb")
     _add_device_options(p)
     _add_common(p)
@@ -366,21 +416,22 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import atomic_write_json
-    from edgeship.errors import OutputExistsError
-    from edgeship.runtime.bench import BenchOptions, benchmark, table
+    from edgeship.runtime.bench import BenchOptions, benchmark, image_files, table
 
     target = None
     if args.target:
         from edgeship.targets import load_target
 
         target = load_target(args.target)
-    if args.out.exists() and not args.force:
-        raise OutputExistsError(f"{args.out} exists; pass --force to overwrite it")
+    _check_report_path(args.out, "-o", force=args.force)
     for m in args.models:
         if not m.is_file():
             raise InputError(f"model {m} does not exist")
     threads = args.threads or ((target.execution.threads,) if target else (1,))
     use_xnnpack = target is None or target.execution.delegate.value == "xnnpack"
+    if args.image and args.adb:
+        raise InputError("--image needs Python on the device (end to end runs Classifier.predict); --adb runs "
+                         "benchmark_model, invoke() only: use --host for a Pi")
     if args.adb:
         if args.duration:
             raise InputError("--duration is not supported with --adb; use --runs (benchmark_model --num_runs)")
@@ -393,13 +444,17 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
         bench_args = ["--threads", ",".join(map(str, threads)), "--runs", str(args.runs), "--warmup", str(args.warmup)]
         bench_args += ["--duration", str(args.duration)] if args.duration else []
         bench_args += [] if use_xnnpack else ["--no-xnnpack"]
+        bench_args += ["--e2e-runs", str(args.e2e_runs)] if args.e2e_runs else []
+        # The images go to the device too: the same runtime code times them there.
+        extra = {"images": [Path(f) for f in image_files(args.image)]} if args.image else {}
         doc = ssh_benchmark(_ssh_device(args), target, args.models, bench_args, pip_args=shlex.split(args.pip_args),
-                            progress=progress)
+                            progress=progress, **extra)
     else:
         if args.emulate:
             raise InputError("--emulate is for drift checks; emulated timings say nothing about a device")
         options = BenchOptions(threads=tuple(threads), runs=args.runs, warmup=args.warmup,
-                               duration_s=args.duration, use_xnnpack=use_xnnpack)
+                               duration_s=args.duration, use_xnnpack=use_xnnpack,
+                               images=tuple(str(i) for i in args.image), e2e_runs=args.e2e_runs)
         doc = benchmark(args.models, options, progress=progress)
     doc["target"] = target.name if target else None
     atomic_write_json(args.out, doc)
@@ -550,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeship",
         description="ONNX image classifier -> fast, small, verified int8 TFLite for Android and Raspberry Pi.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch",
     )
     parser.add_argument("--version", action="version", version=f"edgeship {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -572,15 +627,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CODES["usage"]
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    json_problem = _json_path_problem(args)
+    if json_problem:
+        print(f"edgeship {args.command}: error: {json_problem}", file=sys.stderr)
+        return EXIT_CODES["usage"]
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
         code, payload = args.func(args, progress)
-    except EdgeshipError as exc:
+    except (EdgeshipError, OSError) as exc:
         progress.close()
-        print(f"edgeship {args.command}: error: {exc}", file=sys.stderr)
-        payload = {"error": {"type": type(exc).__name__, "message": str(exc)}}
-        _write_json(args, payload, exc.exit_code)
-        return exc.exit_code
+        if isinstance(exc, OSError):  # the file system refused something unforeseen: still one line
+            exc = EdgeshipError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+        print(f"edgeship {args.command}: error: {exc.cli_message()}", file=sys.stderr)
+        payload = {"error": {"type": type(exc).__name__, "message": exc.cli_message()}}
+        return _write_json(args, payload, exc.exit_code)
     except KeyboardInterrupt:
         progress.close()
         print(f"edgeship {args.command}: interrupted", file=sys.stderr)
@@ -591,20 +651,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
     if payload.get("error"):
         print(f"edgeship {args.command}: error: {payload['error']}", file=sys.stderr)
-    _write_json(args, payload.get("result", {}), code)
-    return code
+    return _write_json(args, payload.get("result", {}), code)
 
 
-def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) -> None:
+def _json_path_problem(args: argparse.Namespace) -> str | None:
+    """Why ``--json FILE`` cannot be written, found before anything runs (None: fine)."""
+    path = getattr(args, "json", None)
+    if path is None or str(path) == "-":
+        return None
+    if path.is_dir():
+        return f"--json {path} is a folder; give a file path"
+    from edgeship._io import writable_dir_problem
+
+    problem = writable_dir_problem(path.parent)
+    return f"cannot write --json {path}: {problem}" if problem else None
+
+
+def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) -> int:
+    """Write the ``--json`` document (if asked); return the exit code (1 when it cannot be written)."""
     if not getattr(args, "json", None):
-        return
+        return code
     doc = {"command": args.command, "exit_code": code, **payload}
     if str(args.json) == "-":
         print(json.dumps(doc, indent=2, default=str))
-    else:
-        from edgeship._io import atomic_write_json
+        return code
+    from edgeship._io import atomic_write_json
 
+    try:
         atomic_write_json(args.json, doc)
+    except OSError as exc:
+        print(f"edgeship {args.command}: error: cannot write --json {args.json}: {exc.strerror or exc}",
+              file=sys.stderr)
+        return code or EXIT_CODES["error"]
+    return code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -110,8 +110,8 @@ class _Stages:
         digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
         marker = folder / STAGE_MARK
         start = time.perf_counter()
-        previous = json.loads(marker.read_text()) if marker.is_file() else {}
-        if previous.get("key") == digest:
+        previous = _read_marker(marker)
+        if previous.get("key") == digest and _intact(folder, previous.get("files")):
             self.records.append(StageRecord(name, True, 0.0, digest, float(previous.get("seconds", 0.0))))
             self.progress(f"{name}: reused (unchanged inputs)")
             return folder, digest
@@ -120,16 +120,48 @@ class _Stages:
             shutil.rmtree(folder)
         build(folder)
         seconds = round(time.perf_counter() - start, 2)
-        atomic_write_json(marker, {"key": digest, "seconds": seconds, "inputs": key})
+        atomic_write_json(marker, {"key": digest, "seconds": seconds, "inputs": key, "files": _manifest(folder)})
         self.records.append(StageRecord(name, False, seconds, digest, seconds))
         return folder, digest
 
 
+def _read_marker(marker: Path) -> dict[str, Any]:
+    """A stage's record, or {} when it is missing or unreadable (the stage is then rebuilt)."""
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _manifest(folder: Path) -> dict[str, list[Any]]:
+    """Every file of a stage folder with its size and sha256, to notice deleted or damaged outputs."""
+    return {str(f.relative_to(folder)): [f.stat().st_size, sha256_file(f)]
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != STAGE_MARK}
+
+
+def _intact(folder: Path, files: Any) -> bool:
+    """Whether a stage's outputs are all still there, unchanged (else it is rebuilt, not reused)."""
+    if not isinstance(files, dict) or not files:
+        return False
+    try:
+        for rel, (size, digest) in files.items():
+            f = folder / rel
+            if f.stat().st_size != size or sha256_file(f) != digest:
+                log.warning("%s changed or was deleted since the stage was built: rebuilding it", f)
+                return False
+    except (OSError, ValueError, TypeError):
+        log.warning("an output of %s is missing or unreadable: rebuilding the stage", folder)
+        return False
+    return True
+
+
 def _check_out_dir(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a folder")
+    from edgeship._io import check_writable_dir
+
+    check_writable_dir(out)
     if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not force:
-        raise OutputExistsError(f"{out} is not empty and is not an edgeship deploy folder; pass --force or pick "
+        raise OutputExistsError(f"{out} is not empty and is not an edgeship deploy folder; pass {OutputExistsError.FORCE} or pick "
                                 "another folder")
 
 
@@ -165,7 +197,7 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     conv_dir, conv_key = _convert_stage(stages, model_path, options, targets)
     models = _quantize_stages(stages, conv_dir, conv_key, Path(calibration), folder_digest, qopts, targets)
     verify_results = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
-    bench_doc = _bench_stage(stages, model_path, conv_dir, models, options, progress)
+    bench_doc = _bench_stage(stages, model_path, conv_dir, models, options, progress, eval_set)
     bundles = _bundle_stages(stages, models, targets, options)
     summary = {
         "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
@@ -175,7 +207,8 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
         "targets": {t.name: {"model": str(models[t.name]), "bundle": str(bundles[t.name]),
                              "passed": verify_results[t.name]["passed"], "figures": verify_results[t.name]["figures"],
                              "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
-                             "budget": verify_results[t.name]["budget"]} for t in targets},
+                             "budget": verify_results[t.name]["budget"],
+                             "client_check": verify_results[t.name].get("client_check")} for t in targets},
         "wall_s": round(time.perf_counter() - started, 2),
     }
     from edgeship.report import write_report
@@ -192,10 +225,11 @@ def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets
     from edgeship.convert import ConvertOptions, convert
 
     fp16 = any(t.model.precision.value == "float16" for t in targets)
+    pixels = any(t.runtime.client.reads_metadata for t in targets)  # per-channel normalisation goes in the graph
     labels = options.labels
-    key = {"stage": "convert", "model_sha256": sha256_file(model), "fp16": fp16,
+    key = {"stage": "convert", "model_sha256": sha256_file(model), "fp16": fp16, "pixels_in_graph": pixels,
            "labels": sha256_file(labels) if labels else None}
-    copts = ConvertOptions(fp16=fp16, labels=labels, force=True)
+    copts = ConvertOptions(fp16=fp16, labels=labels, force=True, pixels_in_graph=pixels)
     return stages.run("convert", key, lambda d: convert(model, d, options=copts, progress=stages.progress))
 
 
@@ -253,6 +287,10 @@ def _verify_stages(stages: _Stages, model: Path, models: dict[str, Path], eval_s
                 reference[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
             result = verify(model, cand, eval_set, t, device=_make_device(options.device, t),
                             reference=reference[ref_key], progress=progress)
+            if t.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
+                from edgeship.targets.mediapipe_check import add_client_check
+
+                add_client_check(result, cand, progress=progress)
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_json(d / "drift_report.json", result.report)
             np.savez(d / "outputs.npz", reference=result.reference, candidate=result.candidate,
@@ -286,8 +324,11 @@ def _make_device(spec: dict[str, Any] | None, target: Any) -> Any:
 
 
 def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str, Path], options: DeployOptions,
-                 progress: Progress) -> dict[str, Any]:
-    """ONNX through onnxruntime (the baseline), the float32 TFLite, then every deployed model."""
+                 progress: Progress, eval_set: Any = None) -> dict[str, Any]:
+    """ONNX through onnxruntime (the baseline), the float32 TFLite, then every deployed model.
+
+    The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images.
+    """
     from edgeship.convert.pipeline import FLOAT32_FILE
     from edgeship.runtime.bench import BenchOptions, benchmark
 
@@ -295,11 +336,12 @@ def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str,
     for m in models.values():
         if m not in unique:
             unique.append(m)
+    images = tuple(str(f) for f in eval_set.files[:20]) if eval_set is not None else ()
     key = {"stage": "bench", "models": {str(m): sha256_file(m) for m in unique},
-           "threads": list(options.bench_threads), "runs": options.bench_runs}
+           "threads": list(options.bench_threads), "runs": options.bench_runs, "e2e_images": list(images)}
 
     def build(d: Path) -> None:
-        doc = benchmark(unique, BenchOptions(threads=options.bench_threads, runs=options.bench_runs),
+        doc = benchmark(unique, BenchOptions(threads=options.bench_threads, runs=options.bench_runs, images=images),
                         progress=progress)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "bench.json", doc)

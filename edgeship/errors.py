@@ -13,13 +13,29 @@ class EdgeshipError(Exception):
 
     exit_code: int = 1
 
+    def cli_message(self) -> str:
+        """The message as the ``edgeship`` command shows it (options spelled as flags)."""
+        return str(self)
+
 
 class InputError(EdgeshipError):
     """Bad user input: a missing or unreadable file, a wrong model, an odd folder."""
 
 
 class OutputExistsError(InputError):
-    """An output would overwrite something that exists and ``force`` was not given."""
+    """An output would overwrite something that exists and ``force`` was not given.
+
+    Messages write ``{force}`` where the way to overwrite goes: ``force=True`` from
+    Python, ``--force`` from the command line (:meth:`cli_message`).
+    """
+
+    FORCE = "{force}"
+
+    def __str__(self) -> str:
+        return super().__str__().replace(self.FORCE, "force=True")
+
+    def cli_message(self) -> str:
+        return super().__str__().replace(self.FORCE, "--force")
 
 
 class MissingDependencyError(EdgeshipError):
@@ -52,6 +68,12 @@ class TargetError(EdgeshipError):
     """An unknown or invalid target profile."""
 
 
+class ModelTargetMismatchError(TargetError):
+    """The model is not what the target runs (precision or I/O dtype): found before running anything."""
+
+    exit_code = 4
+
+
 class DeviceError(EdgeshipError):
     """A remote device (ssh, adb) or emulator could not be reached or used."""
 
@@ -62,6 +84,7 @@ EXIT_CODES = {
     "error": 1,
     "usage": 2,
     "accuracy_drift": 3,
+    "model_target_mismatch": 4,
 }
 
 __all__ = [
@@ -74,6 +97,7 @@ __all__ = [
     "CalibrationError",
     "AccuracyDriftError",
     "TargetError",
+    "ModelTargetMismatchError",
     "DeviceError",
     "EXIT_CODES",
 ]

@@ -6,7 +6,7 @@ import base64
 import html
 import io
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -73,11 +73,21 @@ def _labels(out: Path) -> list[str] | None:
     return list(Labels.load(path).names)
 
 
-def disagreement_plot(verify_dir: Path, labels: list[str] | None, path: Path, *, count: int = 6) -> Path | None:
-    """Thumbnails of the images where reference and candidate disagree most, with both top-3."""
+class Disagreement(NamedTuple):
+    """One image where the float reference and the deployed model disagree, with both top-3."""
+
+    file: str
+    cosine: float
+    reference: list[tuple[str, float]]
+    deployed: list[tuple[str, float]]
+    thumbnail: bytes  # JPEG
+
+
+def disagreements(verify_dir: Path, labels: list[str] | None, *, count: int = 6) -> list[Disagreement]:
+    """The images where reference and candidate disagree most (lowest cosine among top-1 changes)."""
     npz = verify_dir / "outputs.npz"
     if not npz.is_file():
-        return None
+        return []
     with np.load(npz) as data:
         ref, cand, files = data["reference"], data["candidate"], [str(f) for f in data["files"]]
     from edgeship.runtime.metrics import cosine_per_sample, softmax, topk
@@ -85,29 +95,79 @@ def disagreement_plot(verify_dir: Path, labels: list[str] | None, path: Path, *,
     differ = np.nonzero(np.argmax(ref, 1) != np.argmax(cand, 1))[0]
     order = differ[np.argsort(cosine_per_sample(ref[differ], cand[differ]))] if len(differ) else \
         np.argsort(cosine_per_sample(ref, cand))[:3]
-    picks = list(order[:count])
-    if not picks:
-        return None
-    from PIL import Image
-
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(picks), figsize=(2.6 * len(picks), 3.6), squeeze=False)
+    cos = cosine_per_sample(ref, cand)
     name = (lambda i: labels[i] if labels and i < len(labels) else str(i))
-    for ax, i in zip(axes[0], picks):
-        with Image.open(files[i]) as im:
-            im = im.convert("RGB")
-            im.thumbnail((160, 160))
-            ax.imshow(np.asarray(im))
-        ax.axis("off")
+    picks = []
+    for i in order[:count]:
         pr, pc = softmax(ref[i:i + 1])[0], softmax(cand[i:i + 1])[0]
-        tr, tc = topk(ref[i:i + 1], 3)[0], topk(cand[i:i + 1], 3)[0]
-        text = "float:\n" + "\n".join(f"{name(k)[:18]} {pr[k]:.2f}" for k in tr)
-        text += "\ndeployed:\n" + "\n".join(f"{name(k)[:18]} {pc[k]:.2f}" for k in tc)
-        ax.set_title(Path(files[i]).name[:22], fontsize=7)
-        ax.text(0, -0.04, text, transform=ax.transAxes, fontsize=6.5, va="top", family="monospace")
-    fig.suptitle("Largest disagreements (float reference vs deployed)", fontsize=9)
-    fig.subplots_adjust(bottom=0.38, top=0.86, wspace=0.1)
-    return _save(fig, path)
+        picks.append(Disagreement(files[i], float(cos[i]),
+                                  [(name(int(k)), float(pr[k])) for k in topk(ref[i:i + 1], 3)[0]],
+                                  [(name(int(k)), float(pc[k])) for k in topk(cand[i:i + 1], 3)[0]],
+                                  _thumbnail(files[i])))
+    return picks
+
+
+def _thumbnail(path: str, size: int = 224) -> bytes:
+    """A JPEG thumbnail, read the way the runtime reads images (upright, any mode)."""
+    from edgeship.runtime.images import load_rgb
+
+    try:
+        im = load_rgb(path)
+    except Exception:  # noqa: BLE001 - a vanished image must not cost the whole report
+        from PIL import Image
+
+        im = Image.new("RGB", (size, size), (235, 235, 235))
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def disagreement_groups(out: Path, summary: dict[str, Any]) -> list[tuple[list[str], Path]]:
+    """Targets whose drift checks gave identical outputs (same model, same machine), with one verify folder each."""
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for name, t in summary["targets"].items():
+        npz = out / "verify" / name / "outputs.npz"
+        digest = ""
+        if npz.is_file():
+            import hashlib
+
+            with np.load(npz) as data:
+                digest = hashlib.sha256(np.ascontiguousarray(data["candidate"]).tobytes()).hexdigest()
+        groups.setdefault((t["model"], t.get("ran_on", "?"), digest or name), []).append(name)
+    return [(names, out / "verify" / names[0]) for names in groups.values()]
+
+
+_MACHINES = {"x86_64": ("x86_64", "amd64"), "aarch64": ("aarch64", "arm64"), "armv7l": ("armv7l", "armv7")}
+
+
+def isa_check(name: str, ran_on: str, out: Path) -> tuple[bool, str]:
+    """(was the drift check run on the target's own ISA?, how, in a few words)."""
+    arch = _target_arch(name, out) or "?"
+    if ran_on.startswith("qemu-user"):
+        return True, f"{arch} emulated under qemu-user, --emulate"
+    if ran_on.startswith("ssh"):
+        return True, f"on the device over ssh, --host: {ran_on}"
+    machine = ran_on.rsplit("(", 1)[-1].rstrip(")") if "(" in ran_on else "?"
+    if machine in _MACHINES.get(arch, (arch,)):
+        return True, f"natively, {arch}"
+    return False, arch
+
+
+def _target_arch(name: str, out: Path) -> str | None:
+    report = out / "verify" / name / "drift_report.json"
+    try:
+        import json
+
+        return str(json.loads(report.read_text())["target"]["arch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        from edgeship.targets import load_target
+
+        return load_target(name).arch.value
+    except Exception:  # noqa: BLE001 - a custom profile that moved away: say "?"
+        return None
 
 
 def _pct(v: Any) -> str:
@@ -122,22 +182,85 @@ def _tables(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> dict[s
     stages = [["stage", "reused", "seconds this run", "seconds when built"]] + [
         [s["name"], "yes" if s["reused"] else "no", f"{s['seconds']:.1f}", f"{s.get('built_seconds', 0.0):.1f}"]
         for s in summary["stages"]]
-    drift = [["target", "model", "ran on", "agreement", "float top-1", "deployed top-1", "mean cos", "SQNR dB",
-              "budget (agree / drop / SQNR)", "result"]]
+    drift = [["target", "model", "ran on", "own ISA?", "agreement", "float top-1", "deployed top-1", "mean cos",
+              "SQNR dB", "budget (agree / drop / SQNR)", "result"]]
     for name, t in summary["targets"].items():
         f, b = t["figures"], {c["metric"]: c for c in t["budget"]}
-        drift.append([name, Path(t["model"]).name, t.get("ran_on", "?"), _pct(f["top1_agreement"]), _pct(f.get("ref_top1")),
+        own, _ = isa_check(name, t.get("ran_on", "?"), out)
+        drift.append([name, Path(t["model"]).name, t.get("ran_on", "?"), "yes" if own else "NO",
+                      _pct(f["top1_agreement"]), _pct(f.get("ref_top1")),
                       _pct(f.get("cand_top1")), _num(f["mean_cosine"], ".4f"), _num(f["sqnr_db"], ".1f"),
                       f"≥{b['top1_agreement_pct']['limit']}% / ≤{b['top1_drop_points']['limit']} pt / "
                       f"≥{b['sqnr_db']['limit']} dB", "PASS" if t["passed"] else "FAIL"])
-    lat = [["model", "threads", "init ms", "first ms", "p50 ms", "p90 ms", "p99 ms", "peak RSS MB", "size MB",
-            "× first", "runtime"]]
+    lat = [["model", "threads", "init ms", "first ms", "invoke p50 / p90 ms", "end-to-end p50 / p90 ms",
+            "decode / preprocess ms", "end-to-end × invoke", "p99 ms", "peak RSS MB", "size MB", "× first", "runtime"]]
     for r in bench["results"]:
-        rt = r["runtime"]
-        lat.append([r["model"], str(r["threads"]), f"{r['init_ms']:.1f}", f"{r['first_ms']:.2f}", f"{r['p50_ms']:.2f}",
-                    f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1e6:.2f}",
+        rt, e = r["runtime"], r.get("e2e")
+        model = r["model"]
+        if len({p for p, n in ((x.get("path"), x["model"]) for x in bench["results"]) if n == model}) > 1:
+            model = f"{Path(r['path']).parent.name}/{model}"  # two different files of the same name
+        lat.append([model, str(r["threads"]), f"{r['init_ms']:.1f}", f"{r['first_ms']:.2f}",
+                    f"{r['p50_ms']:.2f} / {r['p90_ms']:.2f}",
+                    f"{e['p50_ms']:.2f} / {e['p90_ms']:.2f}" if e else "–",
+                    f"{e['steps_p50_ms']['decode']:.2f} / {e['steps_p50_ms']['preprocess']:.2f}" if e else "–",
+                    f"{e['ratio_p50_to_invoke']:.2f} (of {e['invoke_only_p50_ms']:.2f})" if e else "–",
+                    f"{r['p99_ms']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1e6:.2f}",
                     f"{r['ratio_p50_to_first']:.2f}", f"{rt['interpreter']} {rt.get('delegate', '')}"])
-    return {"stages": stages, "drift": drift, "latency": lat}
+    return {"stages": stages, "drift": drift, "latency": lat, "client": _client_rows(summary)}
+
+
+def _client_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """Drift through the app's own library (MediaPipe Tasks), for targets whose client reads metadata."""
+    rows = [["target", "client", "images", "agreement, card's crop", "full image (client's resize)",
+             "card's crop as region of interest", "same pixels as edgeship's runtime", "result"]]
+    for name, t in summary["targets"].items():
+        c = t.get("client_check")
+        if c:
+            rows.append([name, c["client"], str(c["images"]), _pct(c["card_preprocessing"]["top1_agreement"]),
+                         _pct(c["client_preprocessing"]["top1_agreement"]),
+                         _pct(c["roi_preprocessing"]["top1_agreement"]), _pct(c["runtime_agreement"]),
+                         "PASS" if c["ok"] else "FAIL"])
+    return rows
+
+
+def _client_note(summary: dict[str, Any]) -> str:
+    c = next((t["client_check"] for t in summary["targets"].values() if t.get("client_check")), None)
+    return (f"Agreement with the float reference; {c['preprocessing']}. The bundle's README shows the region of "
+            "interest.") if c else ""
+
+
+def _e2e_note(bench: dict[str, Any]) -> str:
+    e = next((r["e2e"] for r in bench["results"] if r.get("e2e")), None)
+    if e is None:
+        return "End to end: not measured (no images given to the benchmark)."
+    what = "one image" if e["images"] == 1 else f"{e['images']} held-apart images in turn"
+    paths: dict[str, list[str]] = {}
+    for r in bench["results"]:
+        if r.get("e2e") and r["model"] not in paths.setdefault(r["e2e"]["image_path"], []):
+            paths[r["e2e"]["image_path"]].append(r["model"])
+    how = "; ".join(f"{', '.join(models)}: {path}" for path, models in paths.items())
+    return (f"End to end = `Classifier.predict` on {what}: decode + preprocess + invoke + postprocess, the code a "
+            f"device runs; × invoke is its p50 over the p50 of a bare invoke() timed in the same rounds (in brackets; "
+            f"the invoke column was timed in separate rounds). .onnx: invoke only. "
+            f"Image path — {how}.")
+
+
+def _isa_summary(out: Path, summary: dict[str, Any]) -> list[str]:
+    """Which targets' drift checks ran on their own ISA, and which only on this machine, said plainly."""
+    import platform
+
+    own, host_only = [], []
+    for name, t in summary["targets"].items():
+        ok, words = isa_check(name, t.get("ran_on", "?"), out)
+        (own if ok else host_only).append(f"{name} ({words})")
+    lines = []
+    if own:
+        lines.append("Checked on their own ISA: " + ", ".join(own) + ".")
+    if host_only:
+        lines.append(f"Checked only on this machine ({platform.machine()}), not on their own ISA: "
+                     + ", ".join(host_only) + ". Their figures say nothing about their own kernels: re-run with "
+                     "--emulate (aarch64 under qemu) or --host user@device.")
+    return lines
 
 
 def _md_table(rows: list[list[str]]) -> str:
@@ -147,13 +270,39 @@ def _md_table(rows: list[list[str]]) -> str:
 
 def _html_table(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td class='{'pass' if c == 'PASS' else 'fail' if c == 'FAIL' else ''}'>"
+    body = "".join("<tr>" + "".join(f"<td class='{'pass' if c == 'PASS' else 'fail' if c in ('FAIL', 'NO') else ''}'>"
                                     f"{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _group_title(names: list[str], summary: dict[str, Any]) -> str:
+    if len(names) == 1:
+        return f"Worst disagreements on {names[0]}"
+    ran_on = {summary["targets"][n].get("ran_on", "?") for n in names}
+    models = {summary["targets"][n]["model"] for n in names}
+    why = (f"the same model ran on the same machine ({ran_on.pop()})" if len(models) == 1 and len(ran_on) == 1
+           else "they found the same images with the same top-3")
+    return f"Worst disagreements, shared by {', '.join(names)}: {why}, so they are shown once"
+
+
+def _disagreement_sections(out: Path, summary: dict[str, Any], labels: list[str] | None,
+                           assets: Path) -> list[tuple[str, list[Disagreement], list[Path]]]:
+    """(title, picks, thumbnail files) per set of targets with the same worst disagreements."""
+    merged: dict[tuple[Any, ...], tuple[list[str], list[Disagreement]]] = {}
+    for names, verify_dir in disagreement_groups(out, summary):
+        picks = disagreements(verify_dir, labels)
+        if picks:
+            key = tuple((d.file, tuple(n for n, _ in d.reference), tuple(n for n, _ in d.deployed)) for d in picks)
+            merged.setdefault(key, ([], picks))[0].extend(names)
+    sections = []
+    for g, (names, picks) in enumerate(merged.values()):
+        thumbs = [atomic_write_bytes(assets / f"disagreement-{g}-{k}.jpg", d.thumbnail) for k, d in enumerate(picks)]
+        sections.append((_group_title(names, summary), picks, thumbs))
+    return sections
+
+
 def write_report(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` (plots in ``report/``, embedded in the HTML)."""
+    """Write ``report.md`` and ``report.html`` (plots and thumbnails in ``report/``, embedded in the HTML)."""
     assets = out / ASSETS
     assets.mkdir(exist_ok=True)
     labels = _labels(out)
@@ -162,38 +311,62 @@ def write_report(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> t
     plots.append(("Sizes", size_plot(sizes, assets / "sizes.png")))
     for q in sorted((out / "quantize").glob("*/layer_errors.png")):
         plots.append((f"Per-layer error, {q.parent.name}", q))
-    for name in summary["targets"]:
-        p = disagreement_plot(out / "verify" / name, labels, assets / f"disagreements-{name}.png")
-        if p:
-            plots.append((f"Worst disagreements on {name}", p))
+    for old in assets.glob("disagreement-*.jpg"):  # a previous run may have had more groups
+        old.unlink()
+    groups = _disagreement_sections(out, summary, labels, assets)
     tables = _tables(out, summary, bench)
     verdict = "all targets inside their drift budgets" if all(t["passed"] for t in summary["targets"].values()) \
         else "some targets are OVER their drift budget"
+    isa = _isa_summary(out, summary)
     md = [f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
           f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",
           "## Pipeline\n", _md_table(tables["stages"]), f"\nTotal wall time {summary['wall_s']:.1f} s.\n",
-          "## Accuracy drift per target\n", _md_table(tables["drift"]),
-          "## Latency and size\n", _md_table(tables["latency"])]
+          "## Accuracy drift per target\n", _md_table(tables["drift"]), "\n".join(isa) + "\n",
+          *(["## Through the app's own library\n", _md_table(tables["client"]), _client_note(summary) + "\n"]
+            if len(tables["client"]) > 1 else []),
+          "## Latency and size\n", _md_table(tables["latency"]), _e2e_note(bench) + "\n"]
     md += [f"\n### {title}\n\n![{title}]({p.relative_to(out)})\n" for title, p in plots]
+    for title, picks, thumbs in groups:
+        md += [f"\n### {title}\n", _md_table([["image", "float reference top-3", "deployed top-3"]] + [
+            [f"![{Path(d.file).name}]({t.relative_to(out)}) {Path(d.file).name}",
+             "<br>".join(f"{n} {p:.2f}" for n, p in d.reference), "<br>".join(f"{n} {p:.2f}" for n, p in d.deployed)]
+            for d, t in zip(picks, thumbs)])]
     md_path = atomic_write_text(out / "report.md", "\n".join(md))
-    html_path = atomic_write_text(out / "report.html", _html(summary, tables, plots, verdict))
+    html_path = atomic_write_text(out / "report.html", _html(summary, tables, plots, verdict, isa, _e2e_note(bench),
+                                                             [(t, p) for t, p, _ in groups]))
     return md_path, html_path
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}
 th{background:#f3f3f3}td.pass{color:#060;font-weight:bold}td.fail{color:#b00;font-weight:bold}
-img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}"""
+img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
+.cards{display:flex;flex-wrap:wrap;gap:16px}.card{width:340px;margin:0;font-size:14px}
+.card img{width:224px;display:block}.card table{margin:0.3em 0;font-size:14px;width:100%}
+.card td.p{text-align:right;font-variant-numeric:tabular-nums}.card figcaption{font-weight:600;overflow-wrap:anywhere}"""
 
 _CHECK = """window.addEventListener('load',function(){var imgs=document.images,ok=0;
 for(var i=0;i<imgs.length;i++){if(imgs[i].complete&&imgs[i].naturalWidth>0)ok++;}
 document.body.setAttribute('data-images-loaded',ok+'/'+imgs.length);});"""
 
 
+def _card_html(d: Disagreement) -> str:
+    rows = "".join(f"<tr><td>{html.escape(rn)}</td><td class='p'>{rp:.2f}</td>"
+                   f"<td>{html.escape(dn)}</td><td class='p'>{dp:.2f}</td></tr>"
+                   for (rn, rp), (dn, dp) in zip(d.reference, d.deployed))
+    return (f"<figure class='card'><img alt='{html.escape(Path(d.file).name)}' src='data:image/jpeg;base64,"
+            f"{base64.b64encode(d.thumbnail).decode()}'><figcaption>{html.escape(Path(d.file).name)} "
+            f"(cosine {d.cosine:.3f})</figcaption><table><thead><tr><th colspan='2'>float reference</th>"
+            f"<th colspan='2'>deployed</th></tr></thead><tbody>{rows}</tbody></table></figure>")
+
+
 def _html(summary: dict[str, Any], tables: dict[str, list[list[str]]], plots: list[tuple[str, Path]],
-          verdict: str) -> str:
+          verdict: str, isa: list[str], e2e_note: str, groups: list[tuple[str, list[Disagreement]]]) -> str:
     figs = "".join(f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,"
                    f"{base64.b64encode(p.read_bytes()).decode()}'>" for t, p in plots)
+    cards = "".join(f"<h3>{html.escape(t)}</h3><div class='cards'>{''.join(_card_html(d) for d in picks)}</div>"
+                    for t, picks in groups)
+    note = html.escape(e2e_note).replace("`Classifier.predict`", "<code>Classifier.predict</code>")
     return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>edgeship deploy report</title>"
             f"<style>{_CSS}</style></head><body><h1>edgeship deploy report</h1>"
             f"<p>Model <code>{html.escape(summary['model'])}</code>; calibrated on "
@@ -201,6 +374,8 @@ def _html(summary: dict[str, Any], tables: dict[str, list[list[str]]], plots: li
             f"<b>{html.escape(verdict)}</b>.</p>"
             f"<h2>Pipeline</h2>{_html_table(tables['stages'])}<p>Total wall time {summary['wall_s']:.1f} s.</p>"
             f"<h2>Accuracy drift per target</h2>{_html_table(tables['drift'])}"
-            f"<h2>Latency and size</h2>{_html_table(tables['latency'])}{figs}"
+            + "".join(f"<p>{html.escape(line)}</p>" for line in isa)
+            + (f"<h2>Through the app's own library</h2>{_html_table(tables['client'])}"
+               f"<p>{html.escape(_client_note(summary))}</p>" if len(tables["client"]) > 1 else "") +
+            f"<h2>Latency and size</h2>{_html_table(tables['latency'])}<p>{note}</p>{figs}{cards}"
             f"<script>{_CHECK}</script></body></html>")
-

@@ -35,6 +35,10 @@ class QuantizeOptions:
         io: Input/output dtype of the quantized model.
         per_tensor: Per-tensor weights (for accelerators that need them) instead of per-channel.
         equalize: Cross-layer equalization + bias correction before quantizing.
+        float_islands: Keep the ops that XNNPACK has no int8 kernel for (HARD_SWISH, GELU,
+            LayerNorm's pieces...) in float, where XNNPACK runs them inside the same
+            partition between QUANTIZE/DEQUANTIZE, instead of letting each one split the
+            graph and run on TFLite's slow kernels. False: full-integer (NNAPI, DSPs).
         eval_dir: Images to measure drift on (None: a held-apart split of the calibration folder).
         eval_split: When ``eval_dir`` is None, calibrate on the first ``1 - eval_split`` of the
             sorted folder and evaluate on the rest.
@@ -53,6 +57,7 @@ class QuantizeOptions:
     io: IODtype = IODtype.INT8
     per_tensor: bool = False
     equalize: bool = False
+    float_islands: bool = True
     eval_dir: Path | None = None
     eval_split: float = 0.2
     max_eval: int | None = None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -20,12 +19,14 @@ from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
 from edgeship._progress import Progress, Timer, silent
 from edgeship.convert import pipeline as conv
+from edgeship.convert import tflite_graph
 from edgeship.convert.verify import load_pixels, run_tflite
 from edgeship.errors import AccuracyDriftError, CalibrationError, InputError
 from edgeship.quantize import layers, ranges, rewrites, tflite_quant
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.runtime.card import CARD_FILE, ModelCard, TensorSpec
 from edgeship.runtime.images import ImageSet, Labels, list_images, normalize
+from edgeship.runtime.delegation import Delegation, of_interpreter
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
 
@@ -93,17 +94,14 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             calib_px = load_pixels(calib_set, prep, progress)
             eval_px = load_pixels(eval_set, prep, progress)
         samples = _sampler(calib_px, prep)
-        saved_model, eq_report = source.folder / conv.SAVED_MODEL_DIR, {"enabled": options.equalize}
-        with contextlib.ExitStack() as scratch:
-            if options.equalize:
-                with timer.stage("equalize"):
-                    work = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="edgeship-equalize-")))
-                    saved_model, info = _equalized_saved_model(source.folder, work)
-                    eq_report.update(info)
-            with timer.stage("calibrate"):
-                calibrated = native.call("calibrate (TensorFlow)", tflite_quant.calibrate, saved_model,
-                                         normalize(calib_px, prep),
-                                         progress=lambda k: progress("calibrate", k, len(calib_px)))
+        float_model, eq_report = (source.folder / source.card.model_file).read_bytes(), {"enabled": options.equalize}
+        if options.equalize:
+            with timer.stage("equalize"), tempfile.TemporaryDirectory(prefix="edgeship-equalize-") as work:
+                float_model, info = _equalized_float_model(source.folder, Path(work))
+                eq_report.update(info)
+        with timer.stage("calibrate"):
+            calibrated = native.call("calibrate (TensorFlow)", tflite_quant.calibrate, float_model,
+                                     normalize(calib_px, prep), progress=lambda k: progress("calibrate", k, len(calib_px)))
         calibrated, rewritten = rewrites.apply(calibrated)
         calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress)
         with timer.stage("quantize"):
@@ -206,10 +204,13 @@ def _float_source(model: Path, out_dir: Path, options: QuantizeOptions, progress
     """The float model to quantize: a convert folder, or convert the ONNX file first."""
     if model.is_dir():
         card_path = model / CARD_FILE
-        if not card_path.is_file() or not (model / conv.SAVED_MODEL_DIR / "saved_model.pb").is_file():
-            raise InputError(f"{model} is not an edgeship convert folder (needs {CARD_FILE} and "
-                             f"{conv.SAVED_MODEL_DIR}/); pass the ONNX model or run `edgeship convert` first")
+        if not card_path.is_file():
+            raise InputError(f"{model} is not an edgeship convert folder (no {CARD_FILE}); pass the ONNX model "
+                             "or run `edgeship convert` first")
         card = ModelCard.load(card_path)
+        if card.precision != "float32" or not (model / card.model_file).is_file():
+            raise InputError(f"{model} holds no float32 model to quantize (its card names {card.model_file}, "
+                             f"{card.precision}); pass the ONNX model or a `edgeship convert` folder")
     elif model.is_file():
         folder = out_dir
         if _same_conversion(folder, model) and not options.force:
@@ -227,7 +228,7 @@ def _same_conversion(folder: Path, model: Path) -> bool:
     """Whether ``folder`` holds a conversion of exactly this ONNX file."""
     from edgeship._io import sha256_file
 
-    if not (folder / CARD_FILE).is_file() or not (folder / conv.SAVED_MODEL_DIR).is_dir():
+    if not (folder / CARD_FILE).is_file() or not (folder / conv.FLOAT32_FILE).is_file():
         return False
     return ModelCard.load(folder / CARD_FILE).source_sha256 == sha256_file(model)
 
@@ -262,9 +263,24 @@ def _quantize_checked(native: ChildWorker, calibrated: bytes, options: QuantizeO
                       denied: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
     """TensorFlow's quantizer, then a first run on XNNPACK and the reference kernels, both in the child.
 
+    With ``options.float_islands``, the ops XNNPACK left outside in int8 but runs in float
+    are quantized again as float islands, kept when that gives fewer partitions.
+
     Raises:
         CalibrationError: The model the quantizer wrote does not run on one of them.
     """
+    quant, runs = _quantize_once(native, calibrated, options, denied)
+    islands = _island_candidates(calibrated, Delegation.from_dict(runs["delegation"])) if options.float_islands else []
+    if islands:
+        mixed, mixed_runs = _quantize_once(native, calibrated, options, [*denied, *islands])
+        if mixed_runs["delegation"]["partitions"] < runs["delegation"]["partitions"]:
+            all_int8 = runs["delegation"]
+            quant, runs = mixed, {**mixed_runs, "float_islands": islands, "all_int8_delegation": all_int8}
+    return quant, runs
+
+
+def _quantize_once(native: ChildWorker, calibrated: bytes, options: QuantizeOptions,
+                   denied: Sequence[str]) -> tuple[bytes, dict[str, Any]]:
     quant = native.call("quantize (TensorFlow)", tflite_quant.quantize_calibrated, calibrated,
                         io_dtype=options.io.value, per_tensor=options.per_tensor, denylisted_nodes=list(denied))
     runs = native.call("first run of the int8 model", tflite_quant.check_runs, quant)
@@ -275,11 +291,20 @@ def _quantize_checked(native: ChildWorker, calibrated: bytes, options: QuantizeO
     return quant, runs
 
 
+def _island_candidates(calibrated: bytes, int8: Delegation) -> list[str]:
+    """Ops outside XNNPACK in int8 whose type XNNPACK runs in float (the float model's delegation says)."""
+    if int8.partitions <= 1:
+        return []
+    float_outside = set(of_interpreter(TFLiteModel(calibrated).interpreter).outside)
+    ops = tflite_quant.op_names_by_output(calibrated)
+    return [name for name in int8.outside_outputs if name in ops and ops[name] not in float_outside]
+
+
 def _op_summary(model: bytes) -> str:
     return ", ".join(f"{name} x{n}" for name, n in _op_histogram(model).items())
 
 
-def _equalized_saved_model(folder: Path, work: Path) -> tuple[Path, dict[str, Any]]:
+def _equalized_float_model(folder: Path, work: Path) -> tuple[bytes, dict[str, Any]]:
     """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
     from edgeship._deps import require
     from edgeship.quantize.equalize import equalize
@@ -292,7 +317,8 @@ def _equalized_saved_model(folder: Path, work: Path) -> tuple[Path, dict[str, An
     model, info = equalize(onnx.load(str(simplified)))
     onnx.save(model, str(work / "equalized.onnx"))
     child = conv._run_onnx2tf(work / "equalized.onnx", work)  # noqa: SLF001 - the same offline child run
-    return work / "tf", {**info, "onnx2tf_s": child["wall_s"]}
+    model, _ = tflite_graph.clean((work / "tf" / conv.FLOAT32_FILE).read_bytes())
+    return model, {**info, "onnx2tf_s": child["wall_s"]}
 
 
 BIAS_CORRECTION_IMAGES = 64

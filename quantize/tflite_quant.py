@@ -82,21 +82,25 @@ def _quiet() -> Any:
 _last_log = ""
 
 
+def _flat(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
+
+
 def _log_tail() -> str:
     """The last error-looking line TensorFlow logged in the latest quiet block."""
     tail = one_line(_last_log, 200)
     return f" (TensorFlow: {tail})" if tail else ""
 
 
-def calibrate(saved_model: Path, inputs: np.ndarray, progress: Callable[[int], None] | None = None) -> bytes:
-    """A float TFLite model with calibrated min/max on every activation tensor.
+def calibrate(model: bytes, inputs: np.ndarray, progress: Callable[[int], None] | None = None) -> bytes:
+    """The float TFLite ``model`` with calibrated min/max on every activation tensor.
 
-    ``inputs`` are the model's float inputs ``[N, H, W, C]``, fed one at a time.
+    It calibrates the very float model edgeship published and verified (not a fresh
+    conversion of the SavedModel), so the int8 model is made from that graph, clean-ups
+    included. ``inputs`` are the model's float inputs ``[N, H, W, C]``, fed one at a time.
     """
-    tf = _tf()
-    with _quiet():
-        converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    _tf()
+    from tensorflow.lite.python.optimize import calibrator
 
     def dataset() -> Iterable[list[np.ndarray]]:
         for k in range(len(inputs)):
@@ -104,13 +108,11 @@ def calibrate(saved_model: Path, inputs: np.ndarray, progress: Callable[[int], N
                 progress(k + 1)
             yield [inputs[k:k + 1]]
 
-    converter.representative_dataset = dataset
-    converter._experimental_calibrate_only = True  # noqa: SLF001 - the documented two-step path
     try:
         with _quiet():
-            return bytes(converter.convert())
+            return bytes(calibrator.Calibrator(calibrator.add_intermediate_tensors(model)).calibrate(dataset))
     except Exception as exc:
-        raise CalibrationError(f"TensorFlow calibration failed: {type(exc).__name__}: {str(exc)[:300]}"
+        raise CalibrationError(f"TensorFlow calibration failed: {type(exc).__name__}: {_flat(exc)}"
                                f"{_log_tail()}") from exc
 
 
@@ -135,7 +137,7 @@ def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor
                 model = bytes(modify_model_io_type(model, dtypes[io_dtype], dtypes[io_dtype]))
             return model
     except Exception as exc:
-        raise CalibrationError(f"TFLite quantizer failed: {type(exc).__name__}: {str(exc)[:300]}{_log_tail()}") from exc
+        raise CalibrationError(f"TFLite quantizer failed: {type(exc).__name__}: {_flat(exc)}{_log_tail()}") from exc
 
 
 def _io_dtype(model: bytes) -> str:
@@ -192,13 +194,25 @@ def op_names(model: bytes) -> list[str]:
     return [names.get(codes[op.opcodeIndex], "CUSTOM") for op in m.subgraphs[0].operators]
 
 
+def op_names_by_output(model: bytes) -> dict[str, str]:
+    """Output tensor name -> builtin op name, read from the flatbuffer."""
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    m = fbu.read_model_from_bytearray(bytearray(model))
+    tensors = m.subgraphs[0].tensors
+    return {tensor_name(tensors[op.outputs[0]]): name for op, name in zip(m.subgraphs[0].operators, op_names(model))
+            if len(op.outputs)}
+
+
 def check_runs(model: bytes) -> dict[str, Any]:
     """Allocate and run the model once on XNNPACK and once on the reference kernels.
 
     Meant for a child process (:class:`edgeship._child.ChildWorker`): a model TensorFlow's
     quantizer wrote but no interpreter has run yet can abort the process that loads it.
-    Returns ``{"xnnpack": None | error, "reference": None | error, "xnnpack_partitions": n}``.
+    Returns ``{"xnnpack": None | error, "reference": None | error, "delegation": {...}}``
+    (see :class:`edgeship.runtime.delegation.Delegation`).
     """
+    from edgeship.runtime.delegation import of_interpreter
     from edgeship.runtime.interpreter import TFLiteModel
 
     found: dict[str, Any] = {}
@@ -209,7 +223,7 @@ def check_runs(model: bytes) -> dict[str, Any]:
                 m.run_raw(np.zeros(m.input.shape, dtype=m.input.dtype))
             found[kernels] = None
             if xnnpack:
-                found["xnnpack_partitions"] = m.op_names().count("DELEGATE")
+                found["delegation"] = of_interpreter(m.interpreter).to_dict()
         except Exception as exc:  # noqa: BLE001 - the verdict names what failed
             found[kernels] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
     return found

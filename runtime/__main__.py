@@ -7,10 +7,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
-from edgeship.errors import EdgeshipError
+from edgeship.errors import EdgeshipError, InputError
+
+
+def _read_preprocessing(path: str) -> Any:
+    from edgeship.runtime.card import Preprocessing
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"cannot read preprocessing JSON {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InputError(f"preprocessing JSON {path} must hold an object")
+    return Preprocessing.from_dict(data)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -23,9 +37,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--no-xnnpack", action="store_true", help="do not apply the XNNPACK delegate")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--preprocess", metavar="JSON", help="preprocessing as a JSON file (keys: resize_shorter, crop, "
+                    "interpolation, color_order, pixel_scale, mean, std); needed for a model without its card")
+    ap.add_argument("-q", "--quiet", action="store_true", help="only results and errors on the terminal")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log details (and the interpreter's own lines)")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     try:
-        clf = Classifier.load(args.model, num_threads=args.threads, use_xnnpack=not args.no_xnnpack)
+        prep = _read_preprocessing(args.preprocess) if args.preprocess else None
+        clf = Classifier.load(args.model, num_threads=args.threads, use_xnnpack=not args.no_xnnpack,
+                              preprocessing=prep)
         results = {img: clf.predict(img, args.top_k) for img in args.images}
     except EdgeshipError as exc:
         print(f"edgeship.runtime: error: {exc}", file=sys.stderr)

@@ -6,10 +6,13 @@ worker process, so init time and peak memory are its own; the workers are driven
 round-robin a few invocations at a time, so machine drift hits every model equally.
 Timing is ``time.perf_counter_ns`` around ``invoke()`` only; the wrapper's own work
 (preprocessing, input quantization, output dequantization, softmax) is timed
-separately and reported as ``overhead``.
+separately and reported as ``overhead``. With ``--image`` (a file or a folder, repeatable)
+each TFLite model is also timed end to end: ``Classifier.predict`` on those images, the
+same code a device runs, with decode, preprocess, invoke and postprocess shown
+separately and a bare ``invoke()`` timed in the same rounds for the ratio.
 
     python -m edgeship.runtime.bench MODEL [MODEL ...] [--threads 1,2] [--runs 100 | --duration S]
-        [--warmup 10] [-o bench.json]
+        [--warmup 10] [--image PATH ...] [-o bench.json]
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class _Runner:
         self.tfl.set_raw_input(self.x)
         self.describe = self.tfl.describe()
         self.invoke = self.tfl.invoke
+        self.classifier: Any = None
 
     def _init_onnx(self, model: str, threads: int) -> None:
         from edgeship._deps import require
@@ -107,6 +111,32 @@ class _Runner:
         del q
         return {k: round(v / n, 4) for k, v in steps.items()}
 
+    def end_to_end(self, images: Sequence[str], start: int, n: int) -> dict[str, list[int]]:
+        """``n`` rounds of ``Classifier.predict_timed`` on the images in turn, each followed by a bare invoke()."""
+        clf = self._classifier()
+        ns: dict[str, list[int]] = {k: [] for k in ("total", "decode", "preprocess", "invoke", "postprocess",
+                                                    "invoke_only")}
+        for i in range(start, start + n):
+            t0 = time.perf_counter_ns()
+            _, steps = clf.predict_timed(images[i % len(images)])
+            t1 = time.perf_counter_ns()
+            self.invoke()
+            ns["invoke_only"].append(time.perf_counter_ns() - t1)
+            ns["total"].append(t1 - t0)
+            for k, v in steps.items():
+                ns[k].append(v)
+        self.tfl.set_raw_input(self.x)  # the invoke-only runs keep their own input
+        return ns
+
+    def _classifier(self) -> Any:
+        if self.classifier is None:
+            from edgeship.runtime.classifier import Classifier, _card_from_model, find_card
+
+            card = find_card(Path(self.model))
+            self.card_note = "" if card else "no model card beside the model: ImageNet preprocessing assumed"
+            self.classifier = Classifier(self.tfl, card or _card_from_model(self.tfl, Path(self.model).name), None)
+        return self.classifier
+
 
 def _worker() -> int:
     """JSON-lines loop on stdin/stdout (internal protocol of the benchmark)."""
@@ -133,6 +163,12 @@ def _worker() -> int:
             elif cmd == "overhead":
                 assert runner is not None
                 reply = {"overhead": runner.overhead(msg["n"])}
+            elif cmd == "e2e":
+                assert runner is not None
+                reply = {"ns": runner.end_to_end(msg["images"], msg["start"], msg["n"])}
+                if msg.get("describe"):
+                    reply["image_path"] = runner.classifier.image_path()
+                    reply["note"] = runner.card_note
             elif cmd == "stats":
                 reply = {"peak_rss_mb": round(peak_rss_mb(), 1)}
             else:
@@ -207,6 +243,10 @@ class BenchOptions:
     chunk: int = 10
     use_xnnpack: bool = True
     overhead_runs: int = 20
+    #: Images (files or folders) to time ``Classifier.predict`` on, end to end; none: invoke only.
+    images: tuple[str, ...] = ()
+    #: End-to-end rounds per TFLite configuration (None: ``runs``).
+    e2e_runs: int | None = None
 
     def __post_init__(self) -> None:
         if not self.threads or min(self.threads) < 1:
@@ -215,6 +255,9 @@ class BenchOptions:
             raise InputError(f"runs must be >= 1 and warmup >= 0, got runs={self.runs} warmup={self.warmup}")
         if self.duration_s is not None and self.duration_s <= 0:
             raise InputError(f"duration must be > 0 s, got {self.duration_s}")
+        if self.e2e_runs is not None and self.e2e_runs < 1:
+            raise InputError(f"end-to-end runs must be >= 1, got {self.e2e_runs}")
+        object.__setattr__(self, "images", tuple(str(i) for i in self.images))
 
 
 def summarize(ns: Sequence[int]) -> dict[str, float]:
@@ -233,6 +276,7 @@ def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = 
             raise InputError(f"model {p} does not exist")
         if p.suffix not in (".tflite", ".onnx"):
             raise InputError(f"{p} is neither a .tflite nor an .onnx model")
+    images = image_files(options.images)
     configs = [(p, t) for t in options.threads for p in paths]
     workers: list[_Worker] = []
     try:
@@ -242,6 +286,7 @@ def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = 
             workers.append(_Worker(p, t, options.use_xnnpack))
             workers[-1].start()  # appended first, so a failed start is still closed below
         samples = _interleave(workers, options, progress)
+        e2e = _end_to_end(workers, configs, images, options, progress) if images else {}
         results = []
         for w, (p, t), ns in zip(workers, configs, samples):
             over = w.ask({"cmd": "overhead", "n": options.overhead_runs})["overhead"]
@@ -250,6 +295,8 @@ def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = 
                             "init_ms": w.init["init_ms"], "first_ms": w.init["first_ms"], **summarize(ns),
                             "samples_ms": [round(v / 1e6, 4) for v in ns],
                             "peak_rss_mb": stats["peak_rss_mb"], "runtime": w.init["runtime"], "overhead": over})
+            if id(w) in e2e:
+                results[-1]["e2e"] = e2e[id(w)]
     finally:
         for w in workers:
             w.close()
@@ -285,6 +332,53 @@ def _interleave(workers: list[_Worker], options: BenchOptions,
                 return samples
 
 
+def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The image files of ``paths`` (files as given, folders listed and checked like everywhere else)."""
+    from edgeship.runtime.images import list_images, open_image
+
+    files: list[str] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += [str(f) for f in list_images(p).files]
+        else:
+            open_image(p)  # one clear error for a missing or unreadable image, before any worker starts
+            files.append(str(p))
+    return files
+
+
+def _end_to_end(workers: list[_Worker], configs: list[tuple[Path, int]], images: list[str], options: BenchOptions,
+                progress: Callable[[str, int | None, int | None], None] | None) -> dict[int, dict[str, Any]]:
+    """Time ``Classifier.predict`` on the images in every TFLite worker, round-robin like invoke()."""
+    tfl = [w for w, (p, _) in zip(workers, configs) if p.suffix == ".tflite"]
+    target = options.e2e_runs or options.runs
+    ns: dict[int, dict[str, list[int]]] = {id(w): {} for w in tfl}
+    meta: dict[int, dict[str, Any]] = {}
+    for w in tfl:  # warm-up: a few images once, and the image path each worker runs
+        reply = w.ask({"cmd": "e2e", "images": images, "start": 0, "n": min(3, len(images)), "describe": True})
+        meta[id(w)] = {"image_path": reply["image_path"], "note": reply["note"]}
+    done = 0
+    while done < target:
+        n = min(options.chunk, target - done)
+        for w in tfl:
+            for k, v in w.ask({"cmd": "e2e", "images": images, "start": done, "n": n})["ns"].items():
+                ns[id(w)].setdefault(k, []).extend(v)
+        done += n
+        if progress:
+            progress("measure end to end", done, target)
+    return {key: _e2e_summary(d, images, meta[key]) for key, d in ns.items()}
+
+
+def _e2e_summary(ns: dict[str, list[int]], images: list[str], meta: dict[str, Any]) -> dict[str, Any]:
+    total, invoke_only = summarize(ns["total"]), summarize(ns["invoke_only"])
+    return {"images": len(images), "image": images[0] if len(images) == 1 else str(Path(images[0]).parent),
+            "runs": total["runs"], **{k: total[k] for k in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms")},
+            "steps_p50_ms": {k: float(np.percentile(np.asarray(ns[k]) / 1e6, 50))
+                             for k in ("decode", "preprocess", "invoke", "postprocess")},
+            "invoke_only_p50_ms": invoke_only["p50_ms"],
+            "ratio_p50_to_invoke": round(total["p50_ms"] / invoke_only["p50_ms"], 3),
+            "image_path": meta["image_path"], **({"note": meta["note"]} if meta.get("note") else {})}
+
+
 def _add_ratios(results: list[dict[str, Any]]) -> None:
     """p50 ratio to the first model at the same thread count (1.0 for that model)."""
     base: dict[int, float] = {}
@@ -308,6 +402,18 @@ def table(doc: dict[str, Any]) -> list[str]:
                      f"{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}"
                      f"{r['size_bytes'] / 1e6:>7.2f}{r['ratio_p50_to_first']:>7.2f}  "
                      f"{rt['interpreter']} {rt.get('interpreter_version') or ''} {rt['delegate']}")
+    e2e = [r for r in doc["results"] if r.get("e2e")]
+    if e2e:
+        first = e2e[0]["e2e"]
+        what = first["image"] if first["images"] == 1 else f"{first['images']} images in {first['image']}"
+        lines += ["", f"end to end, Classifier.predict on {what}:",
+                  f"{'model':<42}{'thr':>4}{'p50':>8}{'p90':>8}{'decode':>8}{'prep':>8}{'invoke':>8}{'post':>8}"
+                  f"{'x invoke':>10}"]
+        for r in e2e:
+            e, s = r["e2e"], r["e2e"]["steps_p50_ms"]
+            lines.append(f"{r['model'][:41]:<42}{r['threads']:>4}{e['p50_ms']:>8.2f}{e['p90_ms']:>8.2f}"
+                         f"{s['decode']:>8.2f}{s['preprocess']:>8.2f}{s['invoke']:>8.2f}{s['postprocess']:>8.2f}"
+                         f"{e['ratio_p50_to_invoke']:>10.2f}")
     return lines
 
 
@@ -322,11 +428,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--duration", type=float, help="measure for this many seconds instead of --runs")
     ap.add_argument("--no-xnnpack", action="store_true")
+    ap.add_argument("--image", action="append", default=[],
+                    help="image file or folder: also time Classifier.predict end to end (repeatable)")
+    ap.add_argument("--e2e-runs", type=int, help="end-to-end rounds per model (default: --runs)")
     ap.add_argument("-o", "--out", default="bench.json")
     args = ap.parse_args(argv)
     try:
         opts = BenchOptions(threads=tuple(int(t) for t in args.threads.split(",")), runs=args.runs,
-                            warmup=args.warmup, duration_s=args.duration, use_xnnpack=not args.no_xnnpack)
+                            warmup=args.warmup, duration_s=args.duration, use_xnnpack=not args.no_xnnpack,
+                            images=tuple(args.image), e2e_runs=args.e2e_runs)
         doc = benchmark(args.models, opts)
     except (EdgeshipError, ValueError) as exc:
         print(f"edgeship.runtime.bench: error: {exc}", file=sys.stderr)

@@ -81,14 +81,14 @@ class Classifier:
         else:
             model_path = path
             card = find_card(path)  # type: ignore[assignment]
+        from edgeship.runtime.interpreter import check_model_file
+
+        check_model_file(model_path, backend=backend)
         if card is None and preprocessing is None:
             raise InputError(f"no model card beside {path} ({path.stem}.card.json or {CARD_FILE}): without it the "
                              "preprocessing is unknown; use the bundle folder, put the card beside the model, or "
                              "give the preprocessing explicitly (python -m edgeship.runtime --preprocess FILE.json, "
                              "or Classifier.load(..., preprocessing=Preprocessing(...)))")
-        from edgeship.runtime.interpreter import check_model_file
-
-        check_model_file(model_path, backend=backend)
         model = TFLiteModel(model_path, num_threads=num_threads, use_xnnpack=use_xnnpack, backend=backend)
         if card is None:
             card = _card_from_model(model, path.name)
@@ -211,12 +211,11 @@ class Classifier:
     def image_path(self) -> str:
         """Which image path runs, in words (drift reports say it: the reference saw the same pixels)."""
         prep, spec = self.card.preprocessing, self.model.input
-        decode = ("JPEG DCT-scaled decode (Pillow draft) to the smallest size covering the resize"
-                  if prep.resize_shorter else "full-resolution decode")
+        decode = "JPEG draft decode (DCT-scaled to cover the resize)" if prep.resize_shorter else "full decode"
         integer = spec.quantized and pixel_offset(prep, spec.scale, spec.zero_point) is not None
-        feed = (f"integer input (pixel + k into {spec.dtype.name})" if integer
+        feed = (f"integer input (pixel + k → {spec.dtype.name})" if integer
                 else f"float normalize{' + quantize' if spec.quantized else ''}")
-        return f"{decode}; EXIF upright; uint8 {prep.interpolation.value} resize of the crop box; {feed}"
+        return f"{decode}, EXIF upright, uint8 {prep.interpolation.value} crop-box resize, {feed}"
 
 
 def find_card(model_path: Path) -> ModelCard | None:

@@ -24,6 +24,9 @@ from edgeship.runtime.metrics import DriftFigures, compare
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "drift_report.json"
+#: File names of the model and labels shipped to a device for a drift check (chosen here, never the user's).
+STAGED_MODEL = "model.tflite"
+STAGED_LABELS = "labels.txt"
 
 
 def candidate_outputs(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], *,
@@ -32,12 +35,9 @@ def candidate_outputs(model: str | os.PathLike[str], files: Sequence[str | os.Pa
                       ) -> tuple[np.ndarray, dict[str, Any]]:
     """Dequantized outputs of the deployed model on each image, and how it ran."""
     clf = Classifier.load(model, num_threads=num_threads, use_xnnpack=use_xnnpack)
-    rows = []
-    for i, f in enumerate(files):
-        rows.append(clf.logits(f))
-        if progress:
-            progress("run candidate", i + 1, len(files))
-    return np.stack(rows), clf.describe()
+    # Decoded on one thread per core while the interpreter runs; the same image path as predict().
+    step = (lambda stage, done, total: progress("run candidate", done, total)) if progress else None
+    return clf.logits_many(files, progress=step), clf.describe()
 
 
 @dataclass(frozen=True)
@@ -108,8 +108,10 @@ def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Pa
                          f"{prep.crop[0]}x{prep.crop[1]}; is it the candidate's source model?")
     runner = OrtRunner(model)
     rows = []
-    for i, f in enumerate(files):
-        x = normalize(resize_crop(f, prep), prep).transpose(2, 0, 1)[None]
+    from edgeship.runtime.images import iter_pixels
+
+    for i, pixels in enumerate(iter_pixels(files, prep)):  # the candidate's image path, so the same pixels
+        x = normalize(pixels, prep).transpose(2, 0, 1)[None]
         try:
             rows.append(runner.run(x).reshape(-1))
         except Exception as exc:  # onnxruntime raises its own types
@@ -138,18 +140,26 @@ def load_truth(card: ModelCard, model_dir: Path, images: Any) -> list[int | None
 
 
 def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCard, Path]:
-    """(model file, card, folder) for a .tflite path or a bundle folder."""
-    from edgeship.runtime.classifier import _card_from_model, find_card
-    from edgeship.runtime.interpreter import TFLiteModel
+    """(model file, card, folder) for a .tflite path or a bundle folder; the model file is checked."""
+    from edgeship.runtime.card import CARD_FILE
+    from edgeship.runtime.classifier import find_card
+    from edgeship.runtime.interpreter import check_model_file
 
     path = Path(candidate)
     if not path.exists():
         raise InputError(f"candidate {path} does not exist (a .tflite file or a bundle folder)")
     if path.is_dir():
         card = ModelCard.load(path)
-        return path / card.model_file, card, path
-    card = find_card(path) or _card_from_model(TFLiteModel(path), path.name)
-    return path, card, path.parent
+        model, folder = path / card.model_file, path
+    else:
+        found = find_card(path)
+        if found is None:
+            raise InputError(f"no model card beside {path} ({path.stem}.card.json or {CARD_FILE}): the "
+                             "preprocessing it was built with is unknown; pass the convert/quantize folder's model "
+                             "with its card, or a bundle folder")
+        card, model, folder = found, path, path.parent
+    check_model_file(model)
+    return model, card, folder
 
 
 def list_eval_images(folder: Any, max_images: int | None) -> Any:
@@ -192,7 +202,10 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: str | os.PathLike[
 
     if max_images is not None and max_images < 1:
         raise InputError(f"--max-images must be >= 1, got {max_images}")
+    from edgeship.targets.bundle import check_fits
+
     model_path, card, folder = resolve_candidate(candidate)
+    check_fits(card, target)  # a float model for an int8 target is a mismatch, not drift: say so before running
     image_set = list_eval_images(images, max_images)
     threads = target.execution.threads
     use_xnnpack = target.execution.delegate.value == "xnnpack"
@@ -259,12 +272,19 @@ def _where(device: Any, runtime: dict[str, Any]) -> str:
 
 
 def _stage_candidate(model_path: Path, card: ModelCard, folder: Path, dest: Path) -> None:
-    """A minimal bundle (model, card, labels) to ship to a device."""
+    """A minimal bundle (model, card, labels) to ship to a device, under fixed file names.
+
+    The user's file names never reach the device: nothing there (a remote shell, scp's
+    legacy protocol) can read them as anything but data.
+    """
     import json
     import shutil
 
     dest.mkdir(parents=True)
-    shutil.copyfile(model_path, dest / model_path.name)
-    (dest / "model_card.json").write_text(json.dumps(card.with_(model_file=model_path.name).to_dict(), indent=2))
+    shutil.copyfile(model_path, dest / STAGED_MODEL)
+    labels = None
     if card.labels_file and (folder / card.labels_file).is_file():
-        shutil.copyfile(folder / card.labels_file, dest / card.labels_file)
+        labels = STAGED_LABELS
+        shutil.copyfile(folder / card.labels_file, dest / labels)
+    (dest / "model_card.json").write_text(json.dumps(card.with_(model_file=STAGED_MODEL, labels_file=labels).to_dict(),
+                                                     indent=2))

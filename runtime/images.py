@@ -1,27 +1,52 @@
 """Image folders, labels and preprocessing (numpy + Pillow only).
 
-A folder of images is read in sorted order; files that are not decodable images are
-skipped and counted. Ground-truth labels come from ImageNet wnid file names
-(``n01440764_tench.jpg``), a class-per-subfolder layout, or a ``labels.txt``
-(``file<TAB>label`` lines) in the folder.
+A folder of images is read in sorted order; every file is fully decoded when listed, and
+files that are not decodable images (not an image, truncated or corrupt, over Pillow's
+decompression-bomb limit, an unsupported mode) are skipped and counted by reason.
+Ground-truth labels come from ImageNet wnid file names (``n01440764_tench.jpg``), a
+class-per-subfolder layout, or a ``labels.txt`` (``file<TAB>label`` lines) in the folder.
+
+Every image the runtime, the calibration and the drift check read goes through one
+function, :func:`open_image` (EXIF orientation applied, any mode and bit depth scaled to
+8-bit RGB), and one resize, :func:`resize_crop`. The deployed fast path is part of them,
+so the float reference of a drift check sees exactly the deployed pixels: a JPEG path is
+decoded with DCT scaling (``Image.draft``: 1/2, 1/4 or 1/8) to the smallest size that
+still covers the resize target, and only the center-crop box is resized, in uint8.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
+import warnings
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from edgeship.errors import InputError
 from edgeship.runtime.card import ColorOrder, Interpolation, Layout, Preprocessing
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _PIL_FILTERS = {Interpolation.BILINEAR: 2, Interpolation.BICUBIC: 3, Interpolation.NEAREST: 0}
+#: Pillow's ``reduce()`` before resampling once the scale is >= 2x this (big PNG/BMP/WebP
+#: only; a JPEG is already DCT-scaled). Pillow's docs call 3.0 indistinguishable from fair.
+_REDUCING_GAP = 3.0
+#: EXIF orientations that swap width and height.
+_SWAPS_SIDES = (5, 6, 7, 8)
+
+#: Why a listed file was skipped (``ImageSet.skip_reasons``).
+NOT_AN_IMAGE = "not an image"
+CORRUPT = "truncated or corrupt"
+TOO_LARGE = "over the decompression-bomb limit"
+UNSUPPORTED_MODE = "unsupported image mode"
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,8 @@ class ImageSet:
     files: tuple[Path, ...]
     skipped: tuple[str, ...] = ()
     label_keys: tuple[str | None, ...] = field(default_factory=tuple)
+    #: Why each skipped file was skipped (same order as ``skipped``).
+    skip_reasons: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.files)
@@ -88,7 +115,7 @@ class ImageSet:
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         keys = self.label_keys or (None,) * len(self.files)
         return ImageSet(self.root, tuple(self.files[i] for i in indices), self.skipped,
-                        tuple(keys[i] for i in indices))
+                        tuple(keys[i] for i in indices), self.skip_reasons)
 
     def split(self, first: int) -> tuple["ImageSet", "ImageSet"]:
         """The first ``first`` files and the rest (e.g. calibration vs evaluation)."""
@@ -104,6 +131,10 @@ class ImageSet:
         picks = sorted(random.Random(seed).sample(range(len(self.files)), count))
         return self.subset(picks)
 
+    def skipped_by_reason(self) -> dict[str, int]:
+        """How many files were skipped, per reason (``{"truncated or corrupt": 1, ...}``)."""
+        return dict(Counter(self.skip_reasons or (NOT_AN_IMAGE,) * len(self.skipped)))
+
     def labels_for(self, labels: Labels | None) -> list[int | None]:
         """Ground-truth class index per file (None where unknown)."""
         if labels is None or not self.label_keys:
@@ -111,45 +142,88 @@ class ImageSet:
         return [labels.index_of(k) if k else None for k in self.label_keys]
 
 
-def list_images(folder: str | os.PathLike[str], *, minimum: int = 1, check: bool = True) -> ImageSet:
+class ImageReadError(InputError):
+    """An image file that cannot be used; ``reason`` says why (one of the skip reasons)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Decoded(NamedTuple):
+    """An image as :func:`open_image` returns it: 8-bit RGB, upright (EXIF orientation applied)."""
+
+    image: Any
+    #: (width, height) of the upright image at full resolution (before any DCT scaling).
+    full_size: tuple[int, int]
+    #: JPEG DCT-scaling denominator used while decoding (1: full resolution).
+    scale: int = 1
+
+
+def list_images(folder: str | os.PathLike[str], *, minimum: int = 1, check: bool = True,
+                workers: int | None = None) -> ImageSet:
     """List the images of ``folder`` (recursively), sorted by relative path.
 
     Args:
         folder: Folder of images (JPEG, PNG, BMP, WebP), optionally one subfolder per class.
         minimum: Raise :class:`InputError` when fewer usable images are found.
-        check: Open each file's header to skip files that are not images.
+        check: Decode every file fully (in parallel) and skip, counting by reason, files
+            that are not images, truncated or corrupt, over Pillow's decompression-bomb
+            limit or in a mode that has no RGB conversion.
+        workers: Decoding threads (default: one per core).
     """
     root = Path(folder)
     if not root.exists():
         raise InputError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise InputError(f"{root} is not a folder of images")
-    files: list[Path] = []
-    skipped: list[str] = []
+    candidates: list[Path] = []
+    skipped: list[tuple[str, str]] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
         if path.name == "labels.txt":
             continue
-        if path.suffix.lower() in IMAGE_SUFFIXES and (not check or _is_image(path)):
-            files.append(path)
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            candidates.append(path)
         else:
-            skipped.append(str(path.relative_to(root)))
+            skipped.append((str(path.relative_to(root)), NOT_AN_IMAGE))
+    verdicts = check_images(candidates, workers=workers) if check else [None] * len(candidates)
+    files = [p for p, why in zip(candidates, verdicts) if why is None]
+    skipped += [(str(p.relative_to(root)), why) for p, why in zip(candidates, verdicts) if why is not None]
+    skipped.sort()
+    images = ImageSet(root, tuple(files), tuple(s for s, _ in skipped), tuple(_label_keys(root, files)),
+                      tuple(why for _, why in skipped))
+    counts = ", ".join(f"{n} {why}" for why, n in images.skipped_by_reason().items())
+    if any(why is not None for why in verdicts):
+        log.warning("%s: skipped %d file(s) (%s)", root, len(skipped), counts)
     if len(files) < minimum:
         raise InputError(
-            f"{root} has {len(files)} usable image(s) ({len(skipped)} other file(s) skipped); "
-            f"at least {minimum} needed (JPEG, PNG, BMP or WebP)"
+            f"{root} has {len(files)} usable image(s) ({len(skipped)} other file(s) skipped"
+            f"{': ' + counts if skipped else ''}); at least {minimum} needed (JPEG, PNG, BMP or WebP)"
         )
-    return ImageSet(root, tuple(files), tuple(skipped), tuple(_label_keys(root, files)))
+    return images
 
 
-def _is_image(path: Path) -> bool:
-    from PIL import Image, UnidentifiedImageError
+def check_images(paths: Sequence[Path], *, workers: int | None = None) -> list[str | None]:
+    """Decode each file fully, in parallel: None when usable, else the reason to skip it.
 
+    A JPEG is decoded at 1/8 scale: every entropy-coded byte is still read (a truncated
+    or corrupt file fails), only the inverse DCT is cheaper.
+    """
+    from PIL import Image
+
+    with warnings.catch_warnings():  # over the limit is our own skip reason, not a warning per file
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return list(map_ordered(_verdict, paths, workers=workers))
+
+
+def _verdict(path: Path) -> str | None:
     try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-        return False
+        open_image(path, Preprocessing(resize_shorter=1, crop=(1, 1)))
+    except ImageReadError as exc:
+        return exc.reason
+    except InputError:
+        return CORRUPT
+    return None
 
 
 def _label_keys(root: Path, files: list[Path]) -> list[str | None]:
@@ -178,50 +252,202 @@ def _label_keys(root: Path, files: list[Path]) -> list[str | None]:
     return keys
 
 
-def load_rgb(source: "str | os.PathLike[str] | object") -> "object":
-    """Open an image path (or take a PIL image) and return it as 8-bit RGB.
+# ---------------------------------------------------------------- reading one image
+def open_image(source: "str | os.PathLike[str] | Any", prep: Preprocessing | None = None, *,
+               draft: bool = True) -> Decoded:
+    """Read an image the one way every stage reads it (runtime, calibration, drift check).
 
-    Grey, CMYK, palette and RGBA images are converted; transparency is composited on
-    white so it does not turn black.
+    Args:
+        source: A path (or binary file object), or a PIL image (used as given: never
+            DCT-scaled, never changed in place).
+        prep: The preprocessing the pixels are for. With a resize, a JPEG file is decoded
+            with DCT scaling to the smallest size that still covers the resize target.
+        draft: Allow that DCT scaling.
+
+    Returns:
+        The upright 8-bit RGB image and its full-resolution size.
+
+    Raises:
+        ImageReadError: Not an image, truncated or corrupt, over Pillow's decompression-bomb
+            limit (``PIL.Image.MAX_IMAGE_PIXELS``), or a mode with no RGB conversion.
     """
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
-        im = source
-    else:
+        orientation = _orientation(source)
+        return Decoded(_upright_rgb8(source, orientation, source), _upright(source.size, orientation))
+    try:
+        im = Image.open(source)
+    except FileNotFoundError as exc:
+        raise InputError(f"image {source} does not exist") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"{source} is over Pillow's decompression-bomb limit: {exc}", TOO_LARGE) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageReadError(f"{source} is not an image Pillow can read", NOT_AN_IMAGE) from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageReadError(f"{source} is not a readable image: {exc}", CORRUPT) from exc
+    try:
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and im.width * im.height > limit:  # Pillow only warns between 1x and 2x the limit
+            raise ImageReadError(f"{source} has {im.width}x{im.height} pixels, over Pillow's decompression-bomb "
+                                 f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)", TOO_LARGE)
+        orientation = _orientation(im)
+        full = _upright(im.size, orientation)
+        scale = _draft(im, full, orientation, prep) if draft and prep is not None and im.format == "JPEG" else 1
         try:
-            im = Image.open(source)
             im.load()
-        except FileNotFoundError as exc:
-            raise InputError(f"image {source} does not exist") from exc
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InputError(f"{source} is not a readable image: {exc}") from exc
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+        except (OSError, SyntaxError, ValueError, IndexError) as exc:  # truncated, corrupt
+            raise ImageReadError(f"{source} is truncated or corrupt: {exc}", CORRUPT) from exc
+        return Decoded(_upright_rgb8(im, orientation, source), full, scale)  # load() closed the file
+    except BaseException:
+        im.close()
+        raise
+
+
+def _orientation(im: Any) -> int:
+    """The EXIF orientation (1-8; 1 when absent or unreadable)."""
+    try:
+        value = int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make the image unreadable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def _upright(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    return (size[1], size[0]) if orientation in _SWAPS_SIDES else (size[0], size[1])
+
+
+def _draft(im: Any, full: tuple[int, int], orientation: int, prep: Preprocessing) -> int:
+    """DCT-scale a JPEG (1/2, 1/4, 1/8) to the smallest size covering the resize target; the scale used."""
+    if not prep.resize_shorter:
+        return 1  # crop at native resolution: every pixel counts
+    need = _upright(target_size(full, prep), orientation)  # back in the file's orientation
+    width = im.width
+    im.draft(None, need)
+    return max(1, round(width / im.width))
+
+
+def _upright_rgb8(im: Any, orientation: int, source: Any) -> Any:
+    if orientation != 1:
+        from PIL import ImageOps
+
+        im = ImageOps.exif_transpose(im)
+    return to_rgb8(im, source)
+
+
+def to_rgb8(im: Any, source: Any = "image") -> Any:
+    """Any Pillow mode -> 8-bit RGB.
+
+    16-bit and 32-bit greyscale (``I;16*``, ``I``) and float (``F``) are scaled to 8 bits
+    (Pillow's own conversion clips them, so a 16-bit PNG turns almost white); alpha
+    (RGBA, LA, PA, palette transparency) is composited on white so it does not turn black;
+    grey, palette, CMYK and YCbCr are converted.
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode.startswith("I") or mode == "F":
+        im = Image.fromarray(_scale_to_8bit(np.asarray(im), mode, im.format))
+    elif mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in im.info):
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
-    return im.convert("RGB")
+    try:
+        return im.convert("RGB")
+    except ValueError as exc:
+        raise ImageReadError(f"{source}: image mode {mode} has no RGB conversion", UNSUPPORTED_MODE) from exc
+
+
+def _scale_to_8bit(a: np.ndarray, mode: str, fmt: str | None) -> np.ndarray:
+    """High-bit-depth grey -> uint8 by the range its mode implies (16-bit: /257, exact for 8-bit copies)."""
+    x = np.nan_to_num(a.astype(np.float64))
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and fmt == "PNG") or (mode == "I" and lo >= 0 and 255 < hi <= 65535):
+        x = x / 257.0
+    elif mode == "F" and lo >= 0 and hi <= 1.0:
+        x = x * 255.0
+    elif lo < 0 or hi > 255:  # 32-bit or float data of no fixed range: stretch it
+        x = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def load_rgb(source: "str | os.PathLike[str] | object") -> "object":
+    """Open an image path (or take a PIL image) and return it upright as 8-bit RGB, at full resolution."""
+    return open_image(source).image
+
+
+def frame_image(frame: np.ndarray, color: ColorOrder | str = ColorOrder.RGB) -> Decoded:
+    """A camera frame (uint8 ``HxWx3``, RGB or BGR as stated) as a Pillow RGB image.
+
+    The one copy is Pillow's own unpacking, which also swaps BGR to RGB.
+    """
+    order = _check_frame(frame, color)
+    from PIL import Image
+
+    h, w = frame.shape[:2]
+    im = Image.frombuffer("RGB", (w, h), np.ascontiguousarray(frame), "raw", order.value, 0, 1)
+    return Decoded(im, (w, h))
+
+
+def frame_pixels(frame: np.ndarray, prep: Preprocessing, color: ColorOrder | str = ColorOrder.RGB) -> np.ndarray:
+    """A camera frame -> uint8 ``HxWx3`` crop in the model's colour order.
+
+    A frame that needs no resize is cropped as a view (no copy, a BGR frame for an RGB
+    model is a reversed view); others are resized like files.
+    """
+    order = _check_frame(frame, color)
+    h, w = frame.shape[:2]
+    if target_size((w, h), prep) == (w, h):
+        ch, cw = prep.crop
+        left, top = (w - cw) // 2, (h - ch) // 2
+        pixels = frame[top:top + ch, left:left + cw]
+        return pixels if order == prep.color_order else pixels[..., ::-1]
+    return resize_crop(frame_image(frame, order), prep)
+
+
+def _check_frame(frame: np.ndarray, color: ColorOrder | str) -> ColorOrder:
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise InputError(f"pixel arrays must be uint8 HxWx3, got {frame.dtype} {frame.shape}")
+    try:
+        return ColorOrder(color)
+    except ValueError as exc:
+        raise InputError(f"color must be one of {[c.value for c in ColorOrder]}, got {color!r}") from exc
+
+
+# ---------------------------------------------------------------- preprocessing
+def target_size(size: tuple[int, int], prep: Preprocessing) -> tuple[int, int]:
+    """(width, height) an image of ``size`` is resized to before the center crop."""
+    w, h = size
+    if prep.resize_shorter:
+        s = prep.resize_shorter / min(w, h)
+        w, h = max(1, round(w * s)), max(1, round(h * s))
+    ch, cw = prep.crop
+    return max(w, cw), max(h, ch)
 
 
 def resize_crop(image: "object", prep: Preprocessing) -> np.ndarray:
-    """Resize the shorter side, center-crop, and return uint8 HWC pixels in model colour order."""
-    im = load_rgb(image)
-    w, h = im.size
-    if prep.resize_shorter:
-        s = prep.resize_shorter / min(w, h)
-        size = (max(1, round(w * s)), max(1, round(h * s)))
-        if size != (w, h):
-            im = im.resize(size, _PIL_FILTERS[Interpolation(prep.interpolation)])
-        w, h = im.size
+    """Resize the shorter side, center-crop, and return uint8 HWC pixels in model colour order.
+
+    ``image`` is a path, a PIL image or a :class:`Decoded`. Only the crop box is resampled
+    (the same filter taps as resizing the whole image, then cropping), in uint8.
+    """
+    decoded = image if isinstance(image, Decoded) else open_image(image, prep)
+    im = decoded.image
+    tw, th = target_size(decoded.full_size, prep)
     ch, cw = prep.crop
-    if w < cw or h < ch:
-        im = im.resize((max(w, cw), max(h, ch)), _PIL_FILTERS[Interpolation(prep.interpolation)])
-        w, h = im.size
-    left, top = (w - cw) // 2, (h - ch) // 2
-    pixels = np.asarray(im.crop((left, top, left + cw, top + ch)), dtype=np.uint8)
+    left, top = (tw - cw) // 2, (th - ch) // 2
+    if im.size == (tw, th):
+        im = im.crop((left, top, left + cw, top + ch))
+    else:
+        sx, sy = im.width / tw, im.height / th
+        im = im.resize((cw, ch), _PIL_FILTERS[Interpolation(prep.interpolation)],
+                       box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy), reducing_gap=_REDUCING_GAP)
+    pixels = np.asarray(im, dtype=np.uint8)
     if prep.color_order == ColorOrder.BGR:
-        pixels = pixels[..., ::-1]
-    return np.ascontiguousarray(pixels)
+        pixels = np.ascontiguousarray(pixels[..., ::-1])
+    return pixels
 
 
 def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -238,6 +464,57 @@ def preprocess(image: "object", prep: Preprocessing, layout: Layout | str = Layo
     if Layout(layout) == Layout.NCHW:
         x = x.transpose(2, 0, 1)
     return x[None, ...]
+
+
+# ---------------------------------------------------------------- many images
+def decode_workers(workers: int | None = None) -> int:
+    """Decoding threads: ``workers``, else one per core this process may use."""
+    if workers:
+        return max(1, int(workers))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def map_ordered(fn: Callable[[Any], Any], items: Sequence[Any], *, workers: int | None = None) -> Iterator[Any]:
+    """``map(fn, items)`` on threads (Pillow releases the GIL while decoding), in order, a few items ahead."""
+    n = min(decode_workers(workers), len(items))
+    if n <= 1:
+        yield from map(fn, items)
+        return
+    pool = ThreadPoolExecutor(n, thread_name_prefix="edgeship-decode")
+    pending: deque[Future[Any]] = deque()
+    try:
+        ahead = iter(items)
+        for item in ahead:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 4 * n:
+                break
+        while pending:
+            result = pending.popleft().result()
+            for item in ahead:
+                pending.append(pool.submit(fn, item))
+                break
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_pixels(files: Sequence[Any], prep: Preprocessing, *, workers: int | None = None) -> Iterator[np.ndarray]:
+    """uint8 crop pixels of each image, in order, decoded in parallel (the same path as one image)."""
+    return map_ordered(lambda f: resize_crop(f, prep), files, workers=workers)
+
+
+def load_pixels(files: Sequence[Any], prep: Preprocessing, *, workers: int | None = None,
+                progress: Callable[[str, int | None, int | None], None] | None = None) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` crop pixels of every image, decoded in parallel."""
+    out = np.empty((len(files), prep.crop[0], prep.crop[1], 3), dtype=np.uint8)
+    for i, pixels in enumerate(iter_pixels(files, prep, workers=workers)):
+        out[i] = pixels
+        if progress:
+            progress("load images", i + 1, len(files))
+    return out
 
 
 def synthetic_pixels(count: int, prep: Preprocessing, *, seed: int = 0) -> np.ndarray:
@@ -276,6 +553,15 @@ def pixel_offset(prep: Preprocessing, scale: float, zero_point: int) -> int | No
 
 
 def quantize_pixels(pixels: np.ndarray, offset: int, dtype: np.dtype) -> np.ndarray:
-    """uint8 pixels -> the model's integer input, ``clip(pixel + offset)``."""
+    """uint8 pixels -> the model's integer input, ``clip(pixel + offset)``.
+
+    The common cases stay in 8 bits: ``pixel - 128`` into int8 is flipping the top bit,
+    ``pixel + 0`` into uint8 is the pixels themselves.
+    """
+    dtype = np.dtype(dtype)
+    if pixels.dtype == np.uint8 and dtype == np.int8 and offset == -128:
+        return (pixels ^ np.uint8(0x80)).view(np.int8)
+    if pixels.dtype == np.uint8 and dtype == np.uint8 and offset == 0:
+        return np.ascontiguousarray(pixels)
     info = np.iinfo(dtype)
     return np.clip(pixels.astype(np.int16) + offset, info.min, info.max).astype(dtype)

@@ -89,8 +89,9 @@ def run_benchmark(device: AdbDevice, binary: Path, model: Path, flags: list[str]
     device.shell(["mkdir", "-p", REMOTE_DIR])
     device.push(binary, f"{REMOTE_DIR}/benchmark_model")
     device.shell(["chmod", "755", f"{REMOTE_DIR}/benchmark_model"])
-    device.push(model, f"{REMOTE_DIR}/{model.name}")
-    out = device.shell([f"{REMOTE_DIR}/benchmark_model", f"--graph={REMOTE_DIR}/{model.name}", *flags], timeout=1800)
+    remote_model = f"{REMOTE_DIR}/model.tflite"  # a fixed name: the user's never reaches the device's shell
+    device.push(model, remote_model)
+    out = device.shell([f"{REMOTE_DIR}/benchmark_model", f"--graph={remote_model}", *flags], timeout=1800)
     return {**parse_benchmark_output(out), "device": info, "flags": flags}
 
 

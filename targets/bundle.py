@@ -12,10 +12,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from edgeship._io import atomic_copy, atomic_write_json, atomic_write_text, staged_output
-from edgeship.errors import InputError, TargetError
+from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, staged_output
+from edgeship.errors import InputError, ModelTargetMismatchError, TargetError
 from edgeship.runtime.card import CARD_FILE, ModelCard
+from edgeship.runtime.interpreter import check_model_file
 from edgeship.targets.profile import Access, Target
+from edgeship.targets.metadata import METADATA_JSON
 
 README = "README.md"
 REQUIREMENTS = "requirements.txt"
@@ -29,14 +31,32 @@ class BundleResult:
 
 
 def check_fits(card: ModelCard, target: Target) -> None:
-    """Raise TargetError when the model is not what the target runs."""
+    """Raise :class:`ModelTargetMismatchError` (exit 4) when the model is not what the target runs."""
     need = target.model
     if card.precision != need.precision.value:
-        raise TargetError(f"target {target.name} runs {need.precision.value} models, this one is {card.precision}; "
+        raise ModelTargetMismatchError(f"target {target.name} runs {need.precision.value} models, this one is {card.precision}; "
                           f"use the {need.precision.value} model")
     if card.input.dtype != need.io_dtype.value or card.output.dtype != need.io_dtype.value:
-        raise TargetError(f"target {target.name} needs {need.io_dtype.value} I/O, the model has "
+        raise ModelTargetMismatchError(f"target {target.name} needs {need.io_dtype.value} I/O, the model has "
                           f"{card.input.dtype}/{card.output.dtype}: quantize with --io {need.io_dtype.value}")
+    if target.runtime.client.reads_metadata:
+        check_client_input(card, target)
+
+
+def check_client_input(card: ModelCard, target: Target) -> None:
+    """Raise :class:`ModelTargetMismatchError` when the target's client cannot feed the model's input right.
+
+    MediaPipe Tasks takes one mean/std for all channels and copies pixels into a uint8
+    input as they are.
+    """
+    from edgeship.targets.metadata import client_normalization, pixels_feed_exactly
+
+    client_normalization(card.preprocessing)
+    if not pixels_feed_exactly(card):
+        raise ModelTargetMismatchError(
+            f"the model's uint8 input is not raw pixels (scale {card.input.scale}, zero point {card.input.zero_point} "
+            f"for mean {list(card.preprocessing.mean)}, std {list(card.preprocessing.std)}), but the "
+            f"{target.runtime.client.value} client of {target.name} feeds 0..255 pixels as they are")
 
 
 def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.PathLike[str], *,
@@ -58,9 +78,15 @@ def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.Path
     if card is None:
         raise InputError(f"no model card beside {model} (expected {model.stem}.card.json or {CARD_FILE})")
     check_fits(card, target)
-    names = [model.name, CARD_FILE, README, REQUIREMENTS, "wheels"] + ([card.labels_file] if card.labels_file else [])
+    check_model_file(model)  # never ship a model that crashes the device's interpreter
+    names = [model.name, CARD_FILE, README, REQUIREMENTS, "wheels", METADATA_JSON] + (
+        [card.labels_file] if card.labels_file else [])
+    client = target.runtime.client
     with staged_output(out_dir, names, force=force) as stage:
-        atomic_copy(model, stage / model.name)
+        if client.reads_metadata:
+            card = _with_metadata(model, card, stage / model.name, stage / METADATA_JSON)
+        else:
+            atomic_copy(model, stage / model.name)
         atomic_write_json(stage / CARD_FILE, card.with_(model_file=model.name).to_dict())
         if card.labels_file and (model.parent / card.labels_file).is_file():
             atomic_copy(model.parent / card.labels_file, stage / card.labels_file)
@@ -73,6 +99,23 @@ def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.Path
             atomic_write_text(stage / README, _python_readme(card, target, model.name))
     out = Path(out_dir)
     return BundleResult(out, target.name, tuple(sorted(p.name for p in out.iterdir())))
+
+
+def _with_metadata(model: Path, card: ModelCard, dest: Path, meta_json: Path) -> ModelCard:
+    """Write ``model`` to ``dest`` with TFLite Metadata embedded; the card records it too."""
+    from edgeship.runtime.images import Labels
+    from edgeship.targets.metadata import embed_metadata
+
+    labels = None
+    if card.labels_file and (model.parent / card.labels_file).is_file():
+        labels = Labels.load(model.parent / card.labels_file).names
+    data, meta = embed_metadata(model.read_bytes(), card, labels)
+    atomic_write_bytes(dest, data)
+    atomic_write_json(meta_json, meta.to_dict())
+    note = (f"TFLite Metadata embedded (MediaPipe metadata writer): ImageClassifier, {meta.color_space}, "
+            f"normalisation mean {list(meta.norm_mean)} std {list(meta.norm_std)} on 0..255 pixels, "
+            f"scores are {meta.score}, labels {meta.labels_file or 'none'}; see {METADATA_JSON}")
+    return card.with_(notes=(*card.notes, note))
 
 
 def _wheel(dest: Path, wheel_dir: Path | None) -> Path:
@@ -118,9 +161,9 @@ def _android_readme(card: ModelCard, target: Target, model_file: str) -> str:
 
 Model: {card.precision}, input {card.input.dtype} {list(card.input.shape)} ({card.input.layout}),
 output {card.output.dtype} {list(card.output.shape)}; preprocessing in `model_card.json`.
-
-Android runs it without Python: in an app with the LiteRT (TensorFlow Lite) runtime and the
-{delegate} delegate, or measured with TensorFlow Lite's `benchmark_model`:
+{_metadata_line(card, target)}
+Android runs it without Python: in an app with MediaPipe Tasks or the LiteRT (TensorFlow Lite)
+runtime and the {delegate} delegate, or measured with TensorFlow Lite's `benchmark_model`:
 
 ```bash
 adb push {model_file} /data/local/tmp/ && adb push benchmark_model /data/local/tmp/
@@ -129,4 +172,141 @@ adb shell /data/local/tmp/benchmark_model --graph=/data/local/tmp/{model_file} -
 
 (`edgeship bench {model_file} --target {target.name} --adb SERIAL --benchmark-binary PATH` does the same
 and parses the figures.)
+{_kotlin(card, target, model_file)}"""
+
+
+def _metadata_line(card: ModelCard, target: Target) -> str:
+    if not target.runtime.client.reads_metadata:
+        return ""
+    return ("\nThe model carries TFLite Metadata (written with MediaPipe's metadata writer; also in "
+            f"`{METADATA_JSON}` and the card's notes): normalisation, RGB, the labels file, what the scores are.\n")
+
+
+def _kotlin(card: ModelCard, target: Target, model_file: str) -> str:
+    """Kotlin for MediaPipe Tasks and for the plain LiteRT Interpreter with this model's exact values."""
+    from edgeship.targets.metadata import SCORES, client_normalization
+
+    prep, inp, out = card.preprocessing, card.input, card.output
+    try:
+        mean, std = client_normalization(prep)
+    except TargetError:
+        return ("\nThis model's normalisation differs per channel: MediaPipe Tasks cannot express it "
+                "(convert with `--pixels-in-graph`).\n")
+    h, w = prep.crop
+    resize = prep.resize_shorter or max(h, w)
+    score = SCORES[card.postprocessing]
+    delegate = target.execution.delegate.value
+    mp_delegate = ".setDelegate(Delegate.GPU)" if delegate == "gpu" else ".setDelegate(Delegate.CPU)"
+    if inp.dtype == "uint8":
+        put = "buf.put(((p shr 16) and 0xFF).toByte()); buf.put(((p shr 8) and 0xFF).toByte()); buf.put((p and 0xFF).toByte())"
+        alloc = f"ByteBuffer.allocateDirect({h} * {w} * 3)"
+        feed = "uint8 pixels as they are (the input quantization is the normalisation)"
+    else:
+        put = (f"for (c in intArrayOf(16, 8, 0)) buf.putFloat((((p shr c) and 0xFF) - {mean:g}f) / {std:g}f)")
+        alloc = f"ByteBuffer.allocateDirect({h} * {w} * 3 * 4)"
+        feed = f"float32 (pixel - {mean:g}) / {std:g}"
+    if out.dtype == "uint8":
+        out_decl = f"Array(1) {{ ByteArray({card.num_classes}) }}"
+        out_read = (f"val scores = FloatArray({card.num_classes}) {{ i -> ((out[0][i].toInt() and 0xFF) - "
+                    f"{out.zero_point}) * {out.scale!r}f }}")
+    else:
+        out_decl = f"Array(1) {{ FloatArray({card.num_classes}) }}"
+        out_read = "val scores = out[0]"
+    labels = card.labels_file or "labels.txt"
+    options = {"xnnpack": f"Interpreter.Options().setNumThreads({target.execution.threads})",
+               "gpu": "Interpreter.Options().addDelegate(GpuDelegate())",
+               "nnapi": "Interpreter.Options().addDelegate(NnApiDelegate())"}.get(delegate, "Interpreter.Options()")
+    extra_import = {"gpu": "\nimport org.tensorflow.lite.gpu.GpuDelegate  // com.google.ai.edge.litert:litert-gpu",
+                    "nnapi": "\nimport org.tensorflow.lite.nnapi.NnApiDelegate"}.get(delegate, "")
+    return f"""
+## In an app (Kotlin)
+
+Not compiled here (no Android SDK on the build machine): written against MediaPipe Tasks Vision
+(`com.google.mediapipe:tasks-vision`) and LiteRT (`com.google.ai.edge.litert:litert`, the
+`org.tensorflow.lite.Interpreter` API); check the API of the versions you use.
+Put `{model_file}` in `src/main/assets/`. Scores are {score}.
+
+What MediaPipe's ImageClassifier does with an image: it stretches the whole image (or the region of
+interest you pass) to {w}x{h} with bilinear sampling (OpenCV `INTER_LINEAR`, no antialiasing), with no
+center crop and without keeping the aspect ratio, then feeds {feed}. The model was trained and
+checked on a different crop: shorter side resized to {resize}, center {w}x{h}. Pass that crop as the
+region of interest. MediaPipe resamples without smoothing, so give it a bitmap already scaled to the
+card's size (shorter side {resize}, filtered: `Bitmap.createScaledBitmap(bitmap, sw, sh, true)`), or the
+{w}x{h} crop itself (as `input()` below makes it: MediaPipe's resize is then the identity and it answers
+like edgeship's runtime on the same pixels):
+
+```kotlin
+import android.graphics.RectF
+import com.google.mediapipe.framework.image.BitmapImageBuilder
+import com.google.mediapipe.tasks.core.BaseOptions
+import com.google.mediapipe.tasks.core.Delegate
+import com.google.mediapipe.tasks.vision.core.ImageProcessingOptions
+import com.google.mediapipe.tasks.vision.core.RunningMode
+import com.google.mediapipe.tasks.vision.imageclassifier.ImageClassifier
+import kotlin.math.roundToInt
+
+val classifier = ImageClassifier.createFromOptions(context,
+    ImageClassifier.ImageClassifierOptions.builder()
+        .setBaseOptions(BaseOptions.builder().setModelAssetPath("{model_file}"){mp_delegate}.build())
+        .setRunningMode(RunningMode.IMAGE)
+        .setMaxResults(5)
+        .build())
+
+// The model's own crop, normalized to 0..1: the card resizes the shorter side to {resize} and
+// crops the centre {w}x{h} at whole pixels of the resized image.
+fun modelCrop(width: Int, height: Int): RectF {{
+    val s = {resize}f / minOf(width, height)
+    val sw = maxOf({w}, (width * s).roundToInt())
+    val sh = maxOf({h}, (height * s).roundToInt())
+    val left = ((sw - {w}) / 2).toFloat() / sw
+    val top = ((sh - {h}) / 2).toFloat() / sh
+    return RectF(left, top, left + {w}f / sw, top + {h}f / sh)
+}}
+
+val roi = ImageProcessingOptions.builder().setRegionOfInterest(modelCrop(bitmap.width, bitmap.height)).build()
+val result = classifier.classify(BitmapImageBuilder(bitmap).build(), roi)
+val best = result.classificationResult().classifications()[0].categories()[0]
+// best.categoryName() comes from the labels packed in the model; best.score() is {score}.
+```
+
+With the plain LiteRT `Interpreter` the app does all of the preprocessing itself, exactly as the
+model card says (shorter side to {resize} with bilinear filtering, center crop {w}x{h}, RGB, {feed}):
+
+```kotlin
+import android.content.Context
+import android.graphics.Bitmap
+import java.io.FileInputStream
+import java.nio.ByteBuffer
+import java.nio.ByteOrder
+import java.nio.MappedByteBuffer
+import java.nio.channels.FileChannel
+import kotlin.math.roundToInt
+import org.tensorflow.lite.Interpreter{extra_import}
+
+// The asset must be stored uncompressed to be memory-mapped: androidResources {{ noCompress += "tflite" }}
+fun loadModelFile(context: Context, name: String): MappedByteBuffer =
+    context.assets.openFd(name).use {{ fd ->
+        FileInputStream(fd.fileDescriptor).channel.map(FileChannel.MapMode.READ_ONLY, fd.startOffset, fd.declaredLength)
+    }}
+
+val interpreter = Interpreter(loadModelFile(context, "{model_file}"), {options})
+
+fun input(bitmap: Bitmap): ByteBuffer {{
+    val s = {resize}f / minOf(bitmap.width, bitmap.height)
+    val scaled = Bitmap.createScaledBitmap(bitmap, (bitmap.width * s).roundToInt(), (bitmap.height * s).roundToInt(), true)
+    val crop = Bitmap.createBitmap(scaled, (scaled.width - {w}) / 2, (scaled.height - {h}) / 2, {w}, {h})
+    val px = IntArray({w} * {h}).also {{ crop.getPixels(it, 0, {w}, 0, 0, {w}, {h}) }}
+    val buf = {alloc}.order(ByteOrder.nativeOrder())
+    for (p in px) {{ {put} }}
+    return buf.rewind() as ByteBuffer
+}}
+
+val out = {out_decl}
+interpreter.run(input(bitmap), out)
+{out_read}  // {score}
+val top1 = scores.indices.maxByOrNull {{ scores[it] }}!!  // line top1 of {labels}
+```
+
+(edgeship's checks resize with Pillow's bilinear filter, which smooths when shrinking; Android's bitmap
+scaling is not bit-identical to it, so answers near a tie can differ.)
 """

@@ -49,6 +49,23 @@ class Delegate(str, Enum):
     NONE = "none"
 
 
+class Client(str, Enum):
+    """What loads the model on the device, which decides its I/O dtypes and metadata.
+
+    ``edgeship``: edgeship's own Python runtime (reads the model card). ``mediapipe``: an
+    Android app with MediaPipe Tasks' ``ImageClassifier`` or the plain LiteRT
+    ``Interpreter``: it reads the model's embedded TFLite Metadata (normalisation, labels),
+    feeds an int8 model uint8 pixels and reads uint8 or float32 scores.
+    """
+
+    EDGESHIP = "edgeship"
+    MEDIAPIPE = "mediapipe"
+
+    @property
+    def reads_metadata(self) -> bool:
+        return self == Client.MEDIAPIPE
+
+
 class Access(str, Enum):
     LOCAL = "local"
     SSH = "ssh"
@@ -63,6 +80,14 @@ class Runtime:
     versions: str
     python: str
     note: str = ""
+    client: Client = Client.EDGESHIP
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "client", Client(self.client))
+        except ValueError:
+            raise ValueError(f"runtime.client must be one of {[c.value for c in Client]}, "
+                             f"got {self.client!r}") from None
 
 
 @dataclass(frozen=True)
@@ -73,6 +98,8 @@ class ModelNeeds:
     io_dtype: IODtype
     int8_only: bool
     per_tensor: bool = False
+    #: Keep ops XNNPACK has no int8 kernel for in float (quantize's default); false: full-integer (NNAPI, DSPs).
+    float_islands: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision))
@@ -122,6 +149,10 @@ class Target:
     def __post_init__(self) -> None:
         object.__setattr__(self, "arch", Arch(self.arch))
         object.__setattr__(self, "access", Access(self.access))
+        client, io = self.runtime.client, self.model.io_dtype
+        if client == Client.MEDIAPIPE and self.model.precision == Precision.INT8 and io != IODtype.UINT8:
+            raise ValueError(f"a {client.value} client feeds an int8 model uint8 pixels and reads uint8 or "
+                             f"float32 scores: model.io_dtype must be uint8, got {io.value}")
 
     def pip_requirements(self) -> list[str]:
         """What ``pip install`` needs on the device to run a bundle (Python targets only)."""
@@ -134,6 +165,7 @@ class Target:
         d = asdict(self)
         d["arch"] = self.arch.value
         d["access"] = self.access.value
+        d["runtime"]["client"] = self.runtime.client.value
         d["model"]["precision"] = self.model.precision.value
         d["model"]["io_dtype"] = self.model.io_dtype.value
         d["execution"]["delegate"] = self.execution.delegate.value
@@ -168,7 +200,7 @@ def _expected_type(annotation: Any) -> Any:
     for name, typ in _TYPES.items():
         if text == name:
             return typ
-    return str if text in {"Arch", "Access", "Precision", "IODtype", "Delegate"} else None
+    return str if text in {"Arch", "Access", "Precision", "IODtype", "Delegate", "Client"} else None
 
 
 def parse_target(data: dict[str, Any], source: str) -> Target:

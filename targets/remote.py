@@ -61,7 +61,8 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
             for i, m in enumerate(models):
                 if progress:
                     progress(f"copy {m.name}", None, None)
-                name = m.name if [x.name for x in models].count(m.name) == 1 else f"{i}-{m.name}"
+                # A name chosen here, never the user's: scp may hand remote paths to the device's shell.
+                name = f"model{i}{m.suffix.lower() if m.suffix.lower() in ('.tflite', '.onnx') else '.tflite'}"
                 device.push(m, f"{remote}/{name}")
                 names.append(f"{remote}/{name}")
             if progress:
@@ -70,8 +71,21 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                               timeout=3600)
             device.pull(f"{remote}/bench.json", Path(tmp) / "bench.json")
             try:
-                return json.loads((Path(tmp) / "bench.json").read_text())
+                doc = json.loads((Path(tmp) / "bench.json").read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise DeviceError(f"no usable bench.json came back from the device: {exc}") from exc
+            return _original_names(doc, names, models)
         finally:
             _remove_job(device, remote)
+
+
+def _original_names(doc: dict[str, Any], remote: Sequence[str], models: Sequence[Path]) -> dict[str, Any]:
+    """Put the user's model names back into a bench.json made from the fixed remote names."""
+    by_remote = {r: m for r, m in zip(remote, models)}
+    by_name = {Path(r).name: m for r, m in zip(remote, models)}
+    for row in doc.get("results", []) if isinstance(doc, dict) else []:
+        m = by_remote.get(str(row.get("path"))) or by_name.get(str(row.get("model")))
+        if m is not None:
+            row["device_path"] = row.get("path")
+            row["model"], row["path"] = m.name, str(m)
+    return doc

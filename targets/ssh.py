@@ -170,9 +170,23 @@ class SshTarget:
         return f"{self.destination}:{self.port}"
 
     def scp_path(self, remote: str) -> str:
-        """``user@host:remote`` for scp (IPv6 hosts in brackets)."""
+        """``user@host:remote`` for scp (IPv6 hosts in brackets).
+
+        scp's legacy protocol (the default before OpenSSH 9.0, ``scp -O`` after) hands the
+        remote path to the device's shell, its SFTP mode does not; a quoted path means
+        something else in each. So only paths that need no quoting are accepted
+        (``shlex.quote`` leaves them as they are: the same in both modes, and never run).
+        edgeship's own remote names are fixed (job folders, ``model.tflite``...).
+
+        Raises:
+            DeviceError: The path holds characters a shell would interpret (spaces, ``$``, quotes...).
+        """
+        quoted = shlex.quote(remote)
+        if quoted != remote or not remote:
+            raise DeviceError(f"remote path {remote!r} on {self.where} holds characters scp would hand to the "
+                              "device's shell; use a remote work folder of letters, digits and /._- only")
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.user}@{host}:{remote}" if self.user else f"{host}:{remote}"
+        return f"{self.user}@{host}:{quoted}" if self.user else f"{host}:{quoted}"
 
     def client_options(self) -> list[str]:
         """Options shared by ``ssh`` and ``scp`` (everything but the port flag)."""
@@ -693,7 +707,7 @@ def remote_collect(device: SshDevice, model_dir: Path, image_dir: Path, *, requi
     python = device.ensure_venv(requirements, wheels=wheels, pip_args=pip_args)
     job = _new_job(device)
     try:
-        model = f"{job}/{'bundle' if model_dir.is_dir() else model_dir.name}"
+        model = f"{job}/{'bundle' if model_dir.is_dir() else 'model.tflite'}"  # fixed names: never the user's
         device.push(model_dir, model)
         device.push(image_dir, f"{job}/images")
         args = [model, f"{job}/images", "-o", f"{job}/out.npz"]

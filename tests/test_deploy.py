@@ -35,15 +35,19 @@ def test_deploy_outputs(deployed: tuple[Path, Path, float]) -> None:
     assert set(summary["targets"]) == {"x86-host", "rpi4-aarch64", "android-arm64-cpu"}
     for name, t in summary["targets"].items():
         assert t["passed"] and (Path(t["bundle"]) / "model_card.json").is_file()
-    # One int8 model shared by the three int8/int8-I/O targets.
+    # One int8 model shared by the two int8-I/O targets; the Android app's client (MediaPipe) gets uint8 I/O.
     assert [s["name"] for s in summary["stages"] if s["name"].startswith("quantize/")] == \
-        ["quantize/int8-io-int8-per-channel"]
+        ["quantize/int8-io-int8-per-channel", "quantize/int8-io-uint8-per-channel"]
+    client = summary["targets"]["android-arm64-cpu"]["client_check"]
+    assert client["ok"] and client["runtime_agreement"] == 1.0
+    assert summary["targets"]["x86-host"]["client_check"] is None
     assert (out / "bundles" / "rpi4-aarch64" / "requirements.txt").is_file()
     assert (out / "bundles" / "android-arm64-cpu" / "README.md").read_text().count("benchmark_model") >= 2
     for png in ("latency.png", "sizes.png"):
         assert (out / "report" / png).stat().st_size > 1000
     md = (out / "report.md").read_text()
     assert "Accuracy drift per target" in md and "PASS" in md and "Per-layer error" in md
+    assert "Through the app's own library" in md and "warpPerspective" in md
 
 
 def test_rerun_reuses_every_stage(deployed: tuple[Path, Path, float], tiny_onnx: Path) -> None:

@@ -79,11 +79,15 @@ def test_input_kinds_agree(tiny_bundle: Path, tiny_images: Path) -> None:
         clf.logits(np.zeros((1, 8, 8, 3), np.float32))
 
 
-def test_load_tflite_path_uses_card_and_bare_model_defaults(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_load_tflite_path_uses_card_and_bare_model_needs_preprocessing(tiny_bundle: Path, tmp_path: Path) -> None:
+    from edgeship.runtime import Preprocessing
+
     assert Classifier.load(tiny_bundle / "model_float16.tflite").card.model_file == "model_float16.tflite"
     bare = tmp_path / "bare.tflite"
     bare.write_bytes((tiny_bundle / "model_float32.tflite").read_bytes())
-    clf = Classifier.load(bare)
+    with pytest.raises(InputError, match="no model card beside"):
+        Classifier.load(bare)
+    clf = Classifier.load(bare, preprocessing=Preprocessing.imagenet(32, 32))
     assert clf.card.preprocessing.crop == (32, 32) and clf.labels is None
 
 

@@ -126,10 +126,15 @@ def test_push_pull_roundtrip(device: SshDevice, tmp_path: Path) -> None:
     src = tmp_path / "src dir"
     (src / "sub").mkdir(parents=True)
     (src / "sub" / "a file.txt").write_text("hello")
+    (src / "sub" / "b.txt").write_text("world")
     remote = f"{device.workdir()}/roundtrip"
-    device.push(src, remote)
-    device.pull(f"{remote}/sub/a file.txt", tmp_path / "back" / "a.txt")
-    assert (tmp_path / "back" / "a.txt").read_text() == "hello"
+    device.push(src, remote)  # local names (spaces and all) travel as data, never through a shell
+    device.pull(f"{remote}/sub/b.txt", tmp_path / "back" / "b.txt")
+    assert (tmp_path / "back" / "b.txt").read_text() == "world"
+    device.pull(f"{remote}/sub", tmp_path / "back" / "sub")
+    assert (tmp_path / "back" / "sub" / "a file.txt").read_text() == "hello"
+    with pytest.raises(DeviceError, match="holds characters scp would hand to the device's shell"):
+        device.pull(f"{remote}/sub/a file.txt", tmp_path / "back" / "a.txt")
     with pytest.raises(DeviceError, match="No such file"):
         device.pull(f"{remote}/missing", tmp_path / "x")
     device.run(["rm", "-rf", "--", remote])

@@ -59,8 +59,8 @@ def test_verify_wrong_io_for_target_fails(tmp_path: Path, tiny_onnx: Path, tiny_
                                           capsys: pytest.CaptureFixture[str]) -> None:
     code = main(["verify", str(tiny_onnx), str(tiny_q / "model_int8.tflite"), "--images", str(calib_images),
                  "--target", "android-nnapi", "-r", str(tmp_path / "d.json"), "-q"])
-    assert code == 3
-    assert "needs uint8" in capsys.readouterr().err
+    assert code == 4  # a model/target mismatch, found before running (not drift)
+    assert "needs uint8" in capsys.readouterr().err and not (tmp_path / "d.json").exists()
 
 
 def test_verify_report_not_overwritten(tmp_path: Path, tiny_onnx: Path, tiny_q: Path, calib_images: Path,
@@ -128,7 +128,7 @@ def test_bundle(tmp_path: Path, tiny_q: Path, capsys: pytest.CaptureFixture[str]
     assert "tflite-runtime==2.14.0" in (armv7 / "requirements.txt").read_text()
     # A float model is refused for an int8 target, and an int8 one for the GPU target.
     assert main(["bundle", str(tiny_q / "model_int8.tflite"), "--target", "android-gpu", "-o",
-                 str(tmp_path / "gpu"), "-q"]) == 1
+                 str(tmp_path / "gpu"), "-q"]) == 4
     assert "runs float16 models" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
 
 

@@ -1,0 +1,374 @@
+"""The architecture matrix in one run: convert, int8 quality against the peers, runnability, speed.
+
+For every model of tests/archs.py (built into its cache): export kind and opset, convert
+time, float top-1 agreement and cosine (convert's own report), then on the same
+calibration images (the first 100 shared images by name) edgeship's int8, TensorFlow's
+own PTQ (TFLiteConverter on the converted SavedModel, full-integer int8) and
+onnxruntime's static QDQ int8 (per-channel; MinMax, Percentile, Entropy: best shown),
+each scored on 300 held-apart images (SQNR in dB of the logits against the float ONNX
+model run by onnxruntime, and top-1 agreement); whether each int8 model runs on XNNPACK
+and on the reference kernels (checked in a child process), XNNPACK partitions, and
+float32 vs int8 latency at 1 thread (interleaved, median).
+
+    python benchmarks/arch_matrix.py                       # the 8 architectures, dynamo export
+    python benchmarks/arch_matrix.py --models resnet18,vit_tiny:torchscript
+    python benchmarks/arch_matrix.py --full --json out.json   # + TorchScript exports + variants
+
+A column that fails shows its one-line error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/archs.py: the shared model builders
+
+from edgeship._assets import shared_assets  # noqa: E402
+from edgeship.convert.verify import load_pixels, run_onnx  # noqa: E402
+from edgeship.runtime.bench import BenchOptions, benchmark  # noqa: E402
+from edgeship.runtime.card import ModelCard, Preprocessing  # noqa: E402
+from edgeship.runtime.images import ImageSet, list_images, normalize  # noqa: E402
+from edgeship.runtime.metrics import compare  # noqa: E402
+from tests import archs  # noqa: E402
+
+NUM_CALIB = 100
+NUM_EVAL = 300
+ORT_METHODS = ("MinMax", "Percentile", "Entropy")
+COLUMNS = ("edgeship", "tf", "ort", "latency")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """Where the images are and how much to measure."""
+
+    assets: Path
+    work: Path
+    latency_runs: int = 200
+    verify_images: int = 200
+
+    @property
+    def folder(self) -> Path:
+        return self.assets / "data" / "imagenet-sample"
+
+    def split(self) -> tuple[ImageSet, ImageSet]:
+        """Calibration (first 100 by name) and evaluation (the next 300; BN used the last 64)."""
+        calib, rest = list_images(self.folder).split(NUM_CALIB)
+        return calib, rest.subset(range(min(NUM_EVAL, len(rest))))
+
+
+def one_line(exc: BaseException | str) -> str:
+    """An error as one short line (no colour codes, no traceback)."""
+    import re
+
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+    return re.sub(r"\x1b\[[0-9;]*m", "", " ".join(text.split()))[:300]
+
+
+def exit_text(code: int) -> str:
+    """``exit 1`` or ``killed by SIGABRT`` for a child's return code."""
+    import signal
+
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+
+
+def cell(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one column; a failure becomes ``{"error": one line}``."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - the matrix goes on
+        return {"error": one_line(exc)}
+
+
+def figures(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
+    f = compare(ref, out)
+    return {"sqnr_db": round(f.sqnr_db, 2), "agreement": round(f.top1_agreement, 4),
+            "mean_cosine": round(f.mean_cosine, 5)}
+
+
+def runs_on(path: Path) -> dict[str, Any]:
+    """Does the model run on XNNPACK / the reference kernels (each checked in a child)?"""
+    x, r = archs.run_check(path, xnnpack=True), archs.run_check(path, xnnpack=False)
+    return {"xnnpack": x.ok, "reference": r.ok, "partitions": x.partitions,
+            "run_errors": {k: c.error for k, c in (("xnnpack", x), ("reference", r)) if not c.ok}}
+
+
+def tflite_outputs(path: Path, pixels: np.ndarray, prep: Preprocessing, xnnpack: bool) -> np.ndarray:
+    """Float outputs of a TFLite model of any I/O dtype, one image at a time."""
+    from edgeship.runtime.interpreter import TFLiteModel
+
+    m = TFLiteModel(path, use_xnnpack=xnnpack, num_threads=2)
+    return np.concatenate([m.run_pixels(pixels[i:i + 1], prep).reshape(1, -1) for i in range(len(pixels))])
+
+
+def score_tflite(path: Path, pixels: np.ndarray, prep: Preprocessing, ref: np.ndarray) -> dict[str, Any]:
+    """Runnability plus SQNR/agreement on whichever kernels run it (XNNPACK first)."""
+    info = runs_on(path)
+    if not (info["xnnpack"] or info["reference"]):
+        return {**info, "error": "runs on neither interpreter: " + "; ".join(info["run_errors"].values())}
+    out = tflite_outputs(path, pixels, prep, xnnpack=info["xnnpack"])
+    return {**info, **figures(ref, out), "size_mb": round(path.stat().st_size / 1e6, 2)}
+
+
+# ----------------------------------------------------------------------------- stages
+def convert_model(onnx: Path, arch: archs.Arch, out: Path, proto: Protocol) -> dict[str, Any]:
+    from edgeship.convert.pipeline import ConvertOptions, convert
+
+    start = time.perf_counter()
+    res = convert(onnx, out, options=ConvertOptions(
+        images=proto.folder, max_images=proto.verify_images, preprocessing=arch.prep,
+        input_shape=arch.input_shape if arch.dynamic_hw else None))
+    check = res.report["verification"]["float32"]
+    return {"seconds": round(time.perf_counter() - start, 1), "agreement": check["top1_agreement"],
+            "mean_cosine": round(check["mean_cosine"], 6), "images": check["count"]}
+
+
+def edgeship_int8(convert_dir: Path, out: Path, proto: Protocol) -> Path:
+    """``edgeship quantize`` with its defaults, in a child (an abort must not end the matrix)."""
+    cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), "--calib", str(proto.folder),
+           "--num-calib", str(NUM_CALIB), "--max-eval", "50", "-o", str(out), "-q"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        raise RuntimeError(f"edgeship quantize {exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
+    return out / "model_int8.tflite"
+
+
+def tf_ptq(convert_dir: Path, calib: np.ndarray, out: Path) -> Path:
+    """TensorFlow's own full-integer PTQ of the converted SavedModel, in a child process."""
+    np.save(out.with_suffix(".calib.npy"), calib)
+    proc = subprocess.run([sys.executable, __file__, "--child-tf-ptq", str(convert_dir / "saved_model"),
+                           str(out.with_suffix(".calib.npy")), str(out)], capture_output=True, text=True)
+    if proc.returncode != 0 or not out.is_file():
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        raise RuntimeError(f"TF PTQ {exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
+    return out
+
+
+def _child_tf_ptq(saved_model: str, calib_npy: str, out: str) -> int:
+    import tensorflow as tf
+
+    calib = np.load(calib_npy)
+    conv = tf.lite.TFLiteConverter.from_saved_model(saved_model)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = lambda: ([x[None]] for x in calib)
+    conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    conv.inference_input_type = tf.int8
+    conv.inference_output_type = tf.int8
+    Path(out).write_bytes(conv.convert())
+    return 0
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over NCHW float inputs."""
+
+    def __init__(self, name: str, x: np.ndarray) -> None:
+        self.name, self.x, self.i = name, x, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.x):
+            return None
+        self.i += 1
+        return {self.name: self.x[self.i - 1:self.i]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+
+def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Preprocessing, ref: np.ndarray,
+            work: Path) -> dict[str, Any]:
+    """onnxruntime static QDQ int8, per-channel, three calibration methods: best SQNR kept."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    per: dict[str, Any] = {}
+    for method in ORT_METHODS:
+        def one(method: str = method) -> dict[str, Any]:
+            out = work / f"ort_{method.lower()}.onnx"
+            with contextlib.redirect_stdout(sys.stderr):  # onnxruntime prints its calibration progress
+                quantize_static(str(onnx), str(out), _Reader("x", calib_nchw), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                                calibrate_method=getattr(CalibrationMethod, method))
+            return figures(ref, run_onnx(str(out), eval_px, prep))
+        per[method] = cell(one)
+    ok = {m: f for m, f in per.items() if "sqnr_db" in f}
+    if not ok:
+        return {"error": "; ".join(f"{m}: {f['error']}" for m, f in per.items()), "methods": per}
+    best = max(ok, key=lambda m: ok[m]["sqnr_db"])
+    return {**ok[best], "method": best, "methods": per}
+
+
+def latency(float_path: Path, int8_path: Path, runs: int) -> dict[str, Any]:
+    """Median ms of float32 and int8 at 1 thread, XNNPACK, interleaved in worker processes."""
+    doc = benchmark([float_path, int8_path], BenchOptions(threads=(1,), runs=runs, warmup=20))
+    by = {r["path"]: r["p50_ms"] for r in doc["results"]}
+    f, q = by[str(float_path)], by[str(int8_path)]
+    return {"float32_ms": round(f, 2), "int8_ms": round(q, 2), "speedup": round(f / q, 2), "runs": runs}
+
+
+# ----------------------------------------------------------------------------- one model
+def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COLUMNS) -> dict[str, Any]:
+    """Every column of the matrix for one (model, exporter)."""
+    import onnx as onnx_lib
+
+    name, exporter = case
+    arch, columns = archs.ARCHS[name], set(columns)
+    work = proto.work / f"{name}-{exporter}"
+    work.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"model": name, "exporter": exporter}
+    start = time.perf_counter()
+    try:
+        onnx_path = archs.build(name, exporter)
+    except Exception as exc:  # noqa: BLE001
+        return {**row, "error": f"build: {one_line(exc)}"}
+    meta = onnx_lib.load(str(onnx_path), load_external_data=False)
+    row["export"] = {"opset": meta.opset_import[0].version, "external_data": bool(list(onnx_path.parent.glob("*.data"))),
+                     "nodes": len(meta.graph.node), "build_s": round(time.perf_counter() - start, 1)}
+    conv_dir = work / "convert"
+    row["convert"] = cell(lambda: convert_model(onnx_path, arch, conv_dir, proto))
+    if "error" in row["convert"]:
+        return row
+    card = ModelCard.load(conv_dir / "model_card.json")
+    calib_set, eval_set = proto.split()
+    eval_px = load_pixels(eval_set, arch.prep)
+    ref = run_onnx(str(onnx_path), eval_px, arch.prep)
+    tfl_prep = card.preprocessing  # input affine ops may have been folded into it
+    tfl_eval_px = load_pixels(eval_set, tfl_prep)
+    row["float32"] = cell(lambda: {**runs_on(conv_dir / "model_float32.tflite"),
+                                   **figures(ref, tflite_outputs(conv_dir / "model_float32.tflite",
+                                                                 tfl_eval_px, tfl_prep, True))})
+    int8: Path | None = None
+    if "edgeship" in columns:
+        def es() -> dict[str, Any]:
+            nonlocal int8
+            int8 = edgeship_int8(conv_dir, work / "int8", proto)
+            return score_tflite(int8, tfl_eval_px, tfl_prep, ref)
+        row["edgeship_int8"] = cell(es)
+    if "tf" in columns:
+        calib_tfl = np.stack([normalize(p, tfl_prep) for p in load_pixels(calib_set, tfl_prep)])
+        row["tf_ptq"] = cell(lambda: score_tflite(tf_ptq(conv_dir, calib_tfl, work / "tf_ptq.tflite"),
+                                                  tfl_eval_px, tfl_prep, ref))
+    if "ort" in columns:
+        calib_nchw = np.stack([normalize(p, arch.prep) for p in load_pixels(calib_set, arch.prep)]).transpose(0, 3, 1, 2)
+        row["ort_qdq"] = cell(lambda: ort_qdq(onnx_path, np.ascontiguousarray(calib_nchw), eval_px, arch.prep, ref,
+                                              work))
+    if "latency" in columns and proto.latency_runs > 0:
+        ok = int8 is not None and row.get("edgeship_int8", {}).get("xnnpack")
+        row["latency"] = cell(lambda: latency(conv_dir / "model_float32.tflite", int8, proto.latency_runs)) if ok \
+            else {"error": "no int8 model that runs on XNNPACK"}
+    row["total_s"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+# ----------------------------------------------------------------------------- table
+def _q(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    if "sqnr_db" not in d:
+        return "cannot run" if "runs on neither" in d.get("error", "") else "ERR (below)"
+    extra = f" {d['method']}" if "method" in d else ""
+    return f"{d['sqnr_db']:.1f} dB ({100 * d['agreement']:.0f}%){extra}"
+
+
+def _runs(d: dict[str, Any] | None) -> str:
+    if not d or "xnnpack" not in d:
+        return "-"
+    return f"{'yes' if d['xnnpack'] else 'NO'}/{'yes' if d['reference'] else 'NO'}"
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown table of the matrix (one line per model); errors in full below it."""
+    head = ("| model | export | convert s | float agree / cos | edgeship int8 | TF PTQ | ORT QDQ best | "
+            "runs XNNPACK/ref (es, TF) | fp32 ms | int8 ms | speed-up | partitions fp32/int8 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    errors = []
+    for r in rows:
+        label = f"{r['model']} ({r['exporter']})"
+        if "error" in r or "error" in r.get("convert", {}):
+            err = r.get("error") or r["convert"]["error"]
+            lines.append(f"| {label} | {_export(r)} | ERR | - | - | - | - | - | - | - | - | - |")
+            errors.append(f"{label}: {err}")
+            continue
+        c, lat = r["convert"], r.get("latency", {})
+        es, tf, f32 = r.get("edgeship_int8"), r.get("tf_ptq"), r.get("float32", {})
+        lines.append(
+            f"| {label} | {_export(r)} | {c['seconds']:.0f} | {100 * c['agreement']:.0f}% / {c['mean_cosine']:.5f} | "
+            f"{_q(es)} | {_q(tf)} | {_q(r.get('ort_qdq'))} | {_runs(es)}, {_runs(tf)} | "
+            f"{lat.get('float32_ms', '-')} | {lat.get('int8_ms', '-')} | {lat.get('speedup', '-')} | "
+            f"{f32.get('partitions', '-')}/{(es or {}).get('partitions', '-')} |")
+        for col in ("edgeship_int8", "tf_ptq", "ort_qdq", "latency", "float32"):
+            d = r.get(col) or {}
+            if d.get("error"):
+                errors.append(f"{label} {col}: {d['error']}")
+            for kind, why in (d.get("run_errors") or {}).items():
+                errors.append(f"{label} {col} on {kind}: {why}")
+    return lines + ([""] + errors if errors else [])
+
+
+def _export(r: dict[str, Any]) -> str:
+    e = r.get("export") or {}
+    return f"opset {e['opset']}{' +data' if e.get('external_data') else ''}" if e else "-"
+
+
+# ----------------------------------------------------------------------------- CLI
+def cases(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (model, exporter) pairs asked for."""
+    big = [n for n in archs.ARCHS if not n.startswith("tiny")]
+    if args.models:
+        out = []
+        for item in args.models.split(","):
+            name, _, exporter = item.partition(":")
+            if name not in archs.ARCHS:
+                raise SystemExit(f"unknown model {name!r}; known: {', '.join(archs.ARCHS)}")
+            out.append((name, exporter or args.exporter))
+        return out
+    if args.full:
+        return [(n, e) for n in big for e in archs.EXPORTERS] + [(n, "dynamo") for n in archs.ARCHS if n not in big]
+    return [(n, args.exporter) for n in big]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", help="comma-separated names, optionally name:exporter (default: the 8 architectures)")
+    ap.add_argument("--exporter", choices=archs.EXPORTERS, default="dynamo")
+    ap.add_argument("--full", action="store_true", help="every architecture with both exporters, plus the variants")
+    ap.add_argument("--columns", default=",".join(COLUMNS), help=f"subset of {','.join(COLUMNS)}")
+    ap.add_argument("--runs", type=int, default=200, help="latency: invokes per model (0: skip)")
+    ap.add_argument("--work", type=Path, help="keep the converted and quantized models here")
+    ap.add_argument("--json", type=Path, help="write the rows as JSON")
+    ap.add_argument("--child-tf-ptq", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child_tf_ptq:
+        return _child_tf_ptq(*args.child_tf_ptq)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns on the root logger
+    assets = shared_assets()
+    if assets is None:
+        ap.error("shared assets not found (set EDGE_ASSETS or check out ../shared)")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="arch-matrix-") as tmp:
+        proto = Protocol(assets, args.work or Path(tmp), latency_runs=args.runs)
+        for case in cases(args):
+            print(f"== {case[0]} ({case[1]})", file=sys.stderr, flush=True)
+            rows.append(measure(case, proto, args.columns.split(",")))
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+    print(f"calibration: first {NUM_CALIB} shared images by name; evaluation: the next {NUM_EVAL}; "
+          f"SQNR of int8 logits vs the float ONNX model (onnxruntime); latency at 1 thread, XNNPACK")
+    print("\n".join(table(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""How much of a model XNNPACK runs: partitions and the ops left to TFLite's own kernels.
+
+Every op outside the delegate runs on TFLite's kernels, with copies at each partition
+boundary; a graph that shatters into many partitions can make int8 slower than float.
+After the delegate is applied, the interpreter lists each partition as one ``DELEGATE``
+node whose inputs and outputs are the partition's boundary tensors. The ops of a
+partition are the ones found walking back from its outputs to its inputs; every other
+op runs outside.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Delegation:
+    """XNNPACK's share of a model.
+
+    Attributes:
+        partitions: Number of XNNPACK partitions (1 is a whole graph inside the delegate).
+        ops: Number of ops in the model.
+        outside: Op type -> count of the ops that run outside the delegate.
+    """
+
+    partitions: int
+    ops: int
+    outside: dict[str, int] = field(default_factory=dict)
+    #: Output tensor names of the ops outside the delegate, in graph order.
+    outside_outputs: tuple[str, ...] = ()
+
+    @property
+    def delegated_ops(self) -> int:
+        return self.ops - sum(self.outside.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"partitions": self.partitions, "ops": self.ops, "delegated_ops": self.delegated_ops,
+                "outside": dict(self.outside), "outside_outputs": list(self.outside_outputs)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Delegation":
+        return cls(d["partitions"], d["ops"], dict(d.get("outside", {})), tuple(d.get("outside_outputs", ())))
+
+    def summary(self) -> str:
+        outside = ", ".join(f"{k} x{v}" for k, v in self.outside.items()) or "none"
+        return f"{self.partitions} XNNPACK partition(s), {self.delegated_ops}/{self.ops} ops inside; outside: {outside}"
+
+
+def of_interpreter(interpreter: Any) -> Delegation:
+    """Delegation figures of an allocated interpreter (one made with the XNNPACK delegate)."""
+    names = {d["index"]: d["name"] for d in interpreter.get_tensor_details()}
+    return delegation(interpreter._get_ops_details(), names)  # noqa: SLF001 - the only view of the nodes
+
+
+def delegation(ops: list[dict[str, Any]], names: dict[int, str] | None = None) -> Delegation:
+    """Delegation figures from an XNNPACK interpreter's ``_get_ops_details()`` (and tensor names)."""
+    original = [op for op in ops if op["op_name"] != "DELEGATE"]
+    producer = {int(t): i for i, op in enumerate(original) for t in op["outputs"]}
+    inside: set[int] = set()
+    partitions = [op for op in ops if op["op_name"] == "DELEGATE"]
+    for part in partitions:
+        stop = {int(t) for t in part["inputs"]}
+        todo = [int(t) for t in part["outputs"]]
+        while todo:
+            t = todo.pop()
+            i = producer.get(t)
+            if t in stop or i is None or i in inside:
+                continue
+            inside.add(i)
+            todo.extend(int(x) for x in original[i]["inputs"] if x >= 0)
+    left = [op for i, op in enumerate(original) if i not in inside]
+    outside = Counter(op["op_name"] for op in left)
+    outputs = tuple((names or {}).get(int(op["outputs"][0]), str(op["outputs"][0])) for op in left if len(op["outputs"]))
+    return Delegation(len(partitions), len(original), dict(outside.most_common()), outputs)

@@ -1,0 +1,234 @@
+"""Drift through the client's own path: MediaPipe Tasks' ``ImageClassifier`` as the runtime.
+
+An Android app does not run edgeship's runtime: MediaPipe Tasks reads the model's TFLite
+Metadata and preprocesses by itself. The ``mediapipe`` Python package runs the same C++
+task graph, so the host can check that path for real. What it does to an image (read
+in ``mediapipe/tasks/cc/components/processors/image_preprocessing_graph.cc`` and
+``mediapipe/calculators/tensor/image_to_tensor_converter_opencv.cc``, and measured:
+:data:`PREPROCESSING`): the whole image (or the region of interest the app passes) is
+stretched to the model's input size, no crop and no kept aspect ratio, with OpenCV's
+``warpPerspective`` and ``INTER_LINEAR`` (bilinear from the 2x2 nearest source pixels,
+no antialiasing when downscaling); a uint8 input gets those pixels as they are, a
+float input gets ``(pixel - mean) / std`` with the metadata's one mean and std.
+
+Two agreements with the float reference are reported: under the client's
+preprocessing (full images, MediaPipe's default path) and under the card's (images
+resized and center-cropped as the card says, so MediaPipe's resize is the identity),
+plus agreement with edgeship's own runtime on those same pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from edgeship.errors import InputError, MissingDependencyError
+from edgeship.runtime.card import ModelCard
+from edgeship.runtime.metrics import DriftFigures, compare
+
+log = logging.getLogger(__name__)
+
+#: What MediaPipe Tasks' ImageClassifier does to an image (source read, then measured here).
+PREPROCESSING = ("MediaPipe ImageClassifier: the whole image (or the app's region of interest) stretched to the "
+                 "model input with OpenCV warpPerspective INTER_LINEAR: no center crop, aspect ratio not kept, "
+                 "no antialiasing; uint8 input: pixels as they are; float input: (pixel - mean) / std from the "
+                 "metadata (one value for all channels)")
+#: Same-pixel agreement with edgeship's runtime below which the client path is reported as broken.
+MIN_RUNTIME_AGREEMENT = 0.99
+
+Progress = Callable[[str, "int | None", "int | None"], None]
+
+
+@dataclass(frozen=True)
+class ClientDrift:
+    """Top-1 agreement of MediaPipe's answers with the float reference and with edgeship's runtime."""
+
+    client: str
+    images: int
+    client_preprocessing: DriftFigures  # full images, MediaPipe's own resize
+    card_preprocessing: DriftFigures  # the card's resize+crop, MediaPipe's resize is the identity
+    roi_preprocessing: DriftFigures  # full images with the card's crop as region of interest (the README's Kotlin)
+    runtime_agreement: float | None  # MediaPipe vs edgeship's runtime on the card's pixels
+    metadata: dict[str, Any] = field(default_factory=dict)
+    embedded_here: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.runtime_agreement is None or self.runtime_agreement >= MIN_RUNTIME_AGREEMENT
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"client": self.client, "preprocessing": PREPROCESSING, "images": self.images,
+                "client_preprocessing": self.client_preprocessing.to_dict(),
+                "card_preprocessing": self.card_preprocessing.to_dict(),
+                "roi_preprocessing": self.roi_preprocessing.to_dict(),
+                "runtime_agreement": self.runtime_agreement, "min_runtime_agreement": MIN_RUNTIME_AGREEMENT,
+                "ok": self.ok, "metadata": self.metadata,
+                "metadata_source": "embedded by this check (the model had none)" if self.embedded_here else "model"}
+
+
+def _mediapipe() -> Any:
+    try:
+        import mediapipe as mp
+        from mediapipe.tasks import python as mp_tasks
+        from mediapipe.tasks.python import vision
+    except ImportError as exc:
+        raise MissingDependencyError(f"mediapipe is not installed (needed to check the MediaPipe Tasks path): "
+                                     f"pip install 'edgeship[android]' ({exc})") from exc
+    return mp, mp_tasks, vision
+
+
+def client_name() -> str:
+    from importlib import metadata
+
+    try:
+        return f"mediapipe {metadata.version('mediapipe')} ImageClassifier (CPU)"
+    except metadata.PackageNotFoundError:
+        return "mediapipe ImageClassifier"
+
+
+class MediaPipeClassifier:
+    """MediaPipe Tasks' ImageClassifier on one model file (which must carry TFLite Metadata)."""
+
+    def __init__(self, model_path: str | os.PathLike[str]) -> None:
+        mp, mp_tasks, vision = _mediapipe()
+        self._mp = mp
+        opts = vision.ImageClassifierOptions(base_options=mp_tasks.BaseOptions(model_asset_path=str(model_path)),
+                                             max_results=-1)
+        try:
+            self._clf = vision.ImageClassifier.create_from_options(opts)
+        except (RuntimeError, ValueError) as exc:
+            raise InputError(f"MediaPipe ImageClassifier refuses {Path(model_path).name}: "
+                             f"{str(exc).splitlines()[0][:300]}") from exc
+
+    def scores(self, pixels: np.ndarray, num_classes: int, roi: tuple[float, float, float, float] | None = None
+               ) -> np.ndarray:
+        """Scores by class index for one uint8 RGB ``HxWx3`` image (``roi``: normalized x, y, w, h)."""
+        image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=np.ascontiguousarray(pixels))
+        opts = None
+        if roi is not None:
+            from mediapipe.tasks.python.components.containers.rect import Rect
+            from mediapipe.tasks.python.vision.core.image_processing_options import ImageProcessingOptions
+
+            x, y, w, h = roi
+            opts = ImageProcessingOptions(region_of_interest=Rect(left=x, top=y, right=x + w, bottom=y + h))
+        result = self._clf.classify(image, opts)
+        out = np.full(num_classes, -np.inf, dtype=np.float32)
+        for c in result.classifications[0].categories:
+            out[c.index] = c.score
+        return out
+
+    def close(self) -> None:
+        self._clf.close()
+
+    def __enter__(self) -> "MediaPipeClassifier":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def with_metadata(model_path: Path, card: ModelCard, folder: Path, dest: Path) -> tuple[Path, dict[str, Any], bool]:
+    """``model_path`` if it carries metadata, else a copy in ``dest`` with metadata embedded from the card."""
+    from edgeship.runtime.images import Labels
+    from edgeship.targets.metadata import embed_metadata, read_metadata
+
+    data = model_path.read_bytes()
+    found = read_metadata(data)
+    if found is not None:
+        return model_path, found.to_dict(), False
+    labels = None
+    if card.labels_file and (folder / card.labels_file).is_file():
+        labels = Labels.load(folder / card.labels_file).names
+    written, meta = embed_metadata(data, card, labels)
+    out = dest / model_path.name
+    out.write_bytes(written)
+    return out, meta.to_dict(), True
+
+
+def mediapipe_drift(model: str | os.PathLike[str], files: Sequence[Path], reference: np.ndarray, *,
+                    card: ModelCard | None = None, runtime_outputs: np.ndarray | None = None,
+                    truth: Sequence[int | None] | None = None, progress: Progress | None = None) -> ClientDrift:
+    """Run the model through MediaPipe's ImageClassifier and compare with the float reference.
+
+    Args:
+        model: The deployed ``.tflite`` (its card beside it, or ``card``). Without embedded
+            metadata, a temporary copy gets it from the card (as the bundle writes it).
+        files: The images the reference was computed on.
+        reference: Float reference outputs (the source ONNX under the card's reference
+            preprocessing), one row per file.
+        runtime_outputs: edgeship's runtime outputs on the same files (computed when None).
+        truth: Class indices for accuracy (optional).
+    """
+    from edgeship.runtime.classifier import Classifier, find_card
+    from edgeship.runtime.images import load_rgb, resize_crop
+
+    model = Path(model)
+    card = card or find_card(model)
+    if card is None:
+        raise InputError(f"no model card beside {model}")
+    n_cls = int(reference.shape[1])
+    full, cropped, roi = (np.zeros((len(files), n_cls), np.float32) for _ in range(3))
+    with tempfile.TemporaryDirectory(prefix="edgeship-mediapipe-") as tmp:
+        path, meta, embedded = with_metadata(model, card, model.parent, Path(tmp))
+        with MediaPipeClassifier(path) as clf:
+            for i, f in enumerate(files):
+                image = np.asarray(load_rgb(f))
+                full[i] = clf.scores(image, n_cls)
+                roi[i] = clf.scores(image, n_cls, model_crop(image.shape[1], image.shape[0], card))
+                cropped[i] = clf.scores(resize_crop(f, card.preprocessing), n_cls)
+                if progress:
+                    progress("run MediaPipe ImageClassifier", i + 1, len(files))
+    if runtime_outputs is None:
+        runtime_outputs = np.stack([Classifier.load(model).logits(f) for f in files])
+    same = float(np.mean(np.argmax(cropped, 1) == np.argmax(runtime_outputs, 1))) if len(files) else None
+    return ClientDrift(client_name(), len(files), compare(reference, full, truth), compare(reference, cropped, truth),
+                       compare(reference, roi, truth), same, meta, embedded)
+
+
+def model_crop(width: int, height: int, card: ModelCard) -> tuple[float, float, float, float]:
+    """The card's resize-and-center-crop as a normalized region of interest ``(x, y, w, h)`` of the full image."""
+    prep = card.preprocessing
+    ch, cw = prep.crop
+    s = prep.resize_shorter / min(width, height) if prep.resize_shorter else 1.0
+    # The card resizes to (round(w*s), round(h*s)) and crops at whole pixels of that image; in
+    # normalized coordinates the crop is the same fractions of the full image (pixel-aligned,
+    # so an image already at the resize size is copied, not resampled by half a pixel).
+    sw, sh = max(cw, round(width * s)), max(ch, round(height * s))
+    return ((sw - cw) // 2 / sw, (sh - ch) // 2 / sh, cw / sw, ch / sh)
+
+
+def summary_line(drift: ClientDrift) -> str:
+    """One line for the terminal."""
+    same = "n/a" if drift.runtime_agreement is None else f"{100 * drift.runtime_agreement:.2f}%"
+    return (f"{drift.client}: top-1 agreement with the float reference {drift.card_preprocessing.agreement_pct:.2f}% "
+            f"on the card's crop, {drift.client_preprocessing.agreement_pct:.2f}% on full images (its own resize, "
+            f"no crop), {drift.roi_preprocessing.agreement_pct:.2f}% with the crop as region of interest; with edgeship's runtime on the same pixels {same} ({drift.images} images)")
+
+
+def add_client_check(result: Any, candidate: str | os.PathLike[str], *,
+                     progress: Progress | None = None) -> ClientDrift:
+    """Run :func:`mediapipe_drift` on a finished drift check's images and add it to its report.
+
+    ``result`` is a :class:`edgeship.runtime.drift.VerifyResult`; its report gets
+    ``client_check``, and a failing client path (MediaPipe answering differently from
+    edgeship's runtime on the same pixels) becomes one of its ``io_problems``.
+    """
+    from edgeship.runtime.drift import resolve_candidate
+
+    model_path, card, _ = resolve_candidate(candidate)
+    drift = mediapipe_drift(model_path, list(result.files), result.reference, card=card,
+                            runtime_outputs=result.candidate, progress=progress)
+    report = result.report
+    report["client_check"] = drift.to_dict()
+    if not drift.ok:
+        report["io_problems"].append(
+            f"MediaPipe ImageClassifier agrees with edgeship's runtime on only {100 * drift.runtime_agreement:.2f}% "
+            f"of the same pixels (needs >= {100 * MIN_RUNTIME_AGREEMENT:.0f}%): the app would not see these answers")
+        report["passed"] = False
+    return drift

@@ -1,0 +1,104 @@
+"""Whole graphs inside XNNPACK: delegation figures, float clean-ups, int8 float islands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.cli import main
+from edgeship.convert import tflite_graph
+from edgeship.runtime.delegation import delegation, of_interpreter
+from edgeship.runtime.interpreter import TFLiteModel
+
+
+def _tflite(fn, shape: tuple[int, ...]) -> bytes:
+    import tensorflow as tf
+
+    concrete = tf.function(fn, input_signature=[tf.TensorSpec(shape, tf.float32)]).get_concrete_function()
+    return bytes(tf.lite.TFLiteConverter.from_concrete_functions([concrete]).convert())
+
+
+@pytest.fixture(scope="module")
+def se_like() -> bytes:
+    """A squeeze-excite-like float graph with what onnx2tf leaves: an identity GATHER and a RELU_0_TO_1."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    w = tf.constant(rng.standard_normal((3, 3, 3, 8)).astype(np.float32) * 0.3)
+
+    def fn(x):
+        y = tf.nn.conv2d(x, w, 1, "SAME")
+        g = tf.gather(tf.nn.relu(tf.reduce_mean(y, axis=[1, 2])), tf.range(8), axis=1)  # identity permutation
+        return tf.reduce_mean(y * g[:, None, None, :], axis=[1, 2])
+
+    model = tflite_graph.read(_tflite(fn, (1, 16, 16, 3)))
+    (relu,) = tflite_graph.ops_of(model, "RELU")
+    relu.opcodeIndex = tflite_graph.opcode_index(model, "RELU_0_TO_1")  # what onnx2tf makes of a HardSigmoid
+    return tflite_graph.write(model)
+
+
+def _run(model: bytes, x: np.ndarray) -> np.ndarray:
+    return TFLiteModel(model, use_xnnpack=False).run(x)
+
+
+def test_cleanups_are_exact_and_leave_one_partition(se_like: bytes) -> None:
+    before = of_interpreter(TFLiteModel(se_like).interpreter)
+    assert before.partitions > 1 and {"GATHER", "RELU_0_TO_1"} <= set(before.outside)
+    cleaned, counts = tflite_graph.clean(se_like)
+    assert counts == {"identity_gather": 1, "relu_0_to_1_as_relu6": 1}
+    after = of_interpreter(TFLiteModel(cleaned).interpreter)
+    assert after.partitions == 1 and after.outside == {}
+    x = np.random.default_rng(1).standard_normal((1, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_allclose(_run(cleaned, x), _run(se_like, x), rtol=1e-5, atol=1e-6)
+    assert tflite_graph.clean(cleaned) == (cleaned, {})  # nothing left to do
+
+
+def test_delegation_walks_partitions() -> None:
+    ops = [{"op_name": "CONV_2D", "inputs": [0, 1], "outputs": [2]},
+           {"op_name": "GATHER", "inputs": [2, 3], "outputs": [4]},
+           {"op_name": "ADD", "inputs": [4, 5], "outputs": [6]},
+           {"op_name": "DELEGATE", "inputs": [0, 1], "outputs": [2]},
+           {"op_name": "DELEGATE", "inputs": [4, 5], "outputs": [6]}]
+    d = delegation(ops, {4: "gathered"})
+    assert (d.partitions, d.ops, d.delegated_ops, d.outside, d.outside_outputs) == (2, 3, 2, {"GATHER": 1}, ("gathered",))
+
+
+def _hardswish_model():
+    """Conv -> HardSwish -> Conv -> HardSwish -> GlobalAveragePool -> Flatten -> Gemm (a MobileNetV3 trunk)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    init = lambda n, s, k=0.3: numpy_helper.from_array((rng.standard_normal(s) * k).astype(np.float32), n)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["c1"], ["h1"]),
+             helper.make_node("Conv", ["h1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+             helper.make_node("HardSwish", ["c2"], ["h2"]),
+             helper.make_node("GlobalAveragePool", ["h2"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]),
+             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1)]
+    graph = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+                              [init("w1", (16, 3, 3, 3)), init("b1", (16,), 0.1), init("w2", (16, 16, 3, 3), 0.15),
+                               init("b2", (16,), 0.1), init("wf", (10, 16)), init("bf", (10,), 0.1)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    return model
+
+
+def test_int8_keeps_ops_without_int8_kernels_as_float_islands(tmp_path: Path, calib_images: Path) -> None:
+    import onnx
+
+    onnx.save(_hardswish_model(), str(tmp_path / "hs.onnx"))
+    out = tmp_path / "q"
+    assert main(["quantize", str(tmp_path / "hs.onnx"), "--calib", str(calib_images), "-o", str(out), "-q"]) == 0
+    runs = json.loads((out / "quant_report.json").read_text())["runs_on"]
+    assert runs["delegation"]["partitions"] == 1, runs
+    assert len(runs["float_islands"]) == 2 and runs["all_int8_delegation"]["outside"] == {"HARD_SWISH": 2}
+    full = tmp_path / "full"
+    assert main(["quantize", str(out), "--calib", str(calib_images), "-o", str(full), "-q", "--full-integer"]) == 0
+    runs = json.loads((full / "quant_report.json").read_text())["runs_on"]
+    assert "float_islands" not in runs and runs["delegation"]["outside"] == {"HARD_SWISH": 2}
