@@ -105,16 +105,17 @@ def constant(model: Any, index: int) -> np.ndarray | None:
     return np.frombuffer(bytes(bytearray(data)), dtype=_DTYPES[t.type]).reshape(shape)
 
 
-def new_constant(model: Any, value: np.ndarray, name: str) -> int:
-    """Append a float32 constant tensor; return its index."""
+def new_constant(model: Any, value: np.ndarray, name: str, dtype: type = np.float32) -> int:
+    """Append a constant tensor (float32 or int32); return its index."""
     from tensorflow.lite.python import schema_py_generated as schema
 
-    value = np.asarray(value, dtype=np.float32)
+    value = np.asarray(value, dtype=dtype)
     buf = schema.BufferT()
     buf.data = np.frombuffer(value.tobytes(), dtype=np.uint8)
     model.buffers.append(buf)
     t = schema.TensorT()
-    t.shape, t.type, t.buffer, t.name = np.array(value.shape, dtype=np.int32), 0, len(model.buffers) - 1, name
+    t.shape, t.buffer, t.name = np.array(value.shape, dtype=np.int32), len(model.buffers) - 1, name
+    t.type = {np.float32: 0, np.int32: 2}[dtype]
     model.subgraphs[0].tensors.append(t)
     return len(model.subgraphs[0].tensors) - 1
 
@@ -157,21 +158,34 @@ def bypass(model: Any, op: Any) -> bool:
 # ----------------------------------------------------------------------------- clean-ups
 @cleanup("identity_gather")
 def drop_identity_gathers(model: Any) -> int:
-    """``GATHER(x, [0, 1, ..., n-1], axis)`` over a whole axis of size n is ``x``.
+    """``GATHER(x, [0, 1, ..., n-1], axis)`` over a whole axis of size n is ``x`` (or a reshape of it).
 
     onnx2tf leaves these after layout changes (every squeeze-excite block of a torch
-    MobileNetV3 reads one); XNNPACK has no GATHER, so each costs a partition break.
+    MobileNetV3 reads one, a ConvNeXt's head another, with the indices shaped
+    ``[1, n, 1, 1]``); XNNPACK has no GATHER, so each costs a partition break. 1-D
+    indices make the op an identity; other shapes on a 1-D ``x`` make it a RESHAPE.
     """
+    from tensorflow.lite.python import schema_py_generated as schema
+
     sg = model.subgraphs[0]
     changed = 0
     for op in ops_of(model, "GATHER"):
         indices = constant(model, op.inputs[1])
         x = sg.tensors[op.inputs[0]]
-        if indices is None or indices.ndim != 1 or x.shape is None:
+        if indices is None or x.shape is None or not len(x.shape):
             continue
         axis = int(getattr(op.builtinOptions, "axis", 0) or 0) % len(x.shape)
-        if indices.size == int(x.shape[axis]) and np.array_equal(indices, np.arange(indices.size)):
+        if indices.size != int(x.shape[axis]) or not np.array_equal(indices.reshape(-1), np.arange(indices.size)):
+            continue
+        if indices.ndim == 1:
             changed += bypass(model, op)
+        elif len(x.shape) == 1:
+            shape = new_constant(model, np.array(indices.shape), f"{tensor_name(x)}/edgeship_shape", np.int32)
+            options = schema.ReshapeOptionsT()
+            options.newShape = [int(d) for d in indices.shape]
+            sg.operators[sg.operators.index(op)] = new_op(model, "RESHAPE", [op.inputs[0], shape], op.outputs,
+                                                          (schema.BuiltinOptions.ReshapeOptions, options))
+            changed += 1
     return changed
 
 

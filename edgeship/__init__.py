@@ -18,6 +18,8 @@ from edgeship.errors import DeviceError as DeviceError
 from edgeship.errors import EdgeshipError as EdgeshipError
 from edgeship.errors import InputError as InputError
 from edgeship.errors import MissingDependencyError as MissingDependencyError
+from edgeship.errors import ModelTargetMismatchError as ModelTargetMismatchError
+from edgeship.errors import NativeCrashError as NativeCrashError
 from edgeship.errors import OutputExistsError as OutputExistsError
 from edgeship.errors import TargetError as TargetError
 from edgeship.errors import VerificationError as VerificationError
@@ -49,6 +51,8 @@ __all__ = [
     "EdgeshipError",
     "InputError",
     "MissingDependencyError",
+    "ModelTargetMismatchError",
+    "NativeCrashError",
     "OutputExistsError",
     "TargetError",
     "VerificationError",

@@ -22,7 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from edgeship.errors import EdgeshipError
+from edgeship.errors import EdgeshipError, NativeCrashError
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 CHILD_LOG_ENV = "EDGESHIP_CHILD_LOG"
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _ERRORISH = re.compile(r"error|fatal|check failed|abort|failed", re.IGNORECASE)
-
-
-class NativeCrashError(EdgeshipError):
-    """Native code died (a signal) in the child process that ran it."""
 
 
 def die_with_parent() -> None:

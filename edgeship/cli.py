@@ -199,8 +199,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (default 200; all when fewer)")
     g.add_argument("--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)")
-    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="percentile",
-                   help="activation range method (default percentile)")
+    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="auto",
+                   help="activation range method (default auto: per tensor by the error at its "
+                   "consumers, per model by the measured SQNR of each candidate set on calibration images)")
     g.add_argument("--percentile", type=float, default=99.999, help="kept mass for --method percentile "
                    "(default 99.999)")
     bc = g.add_mutually_exclusive_group()
@@ -223,6 +224,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "agreement drop is at most this many points (exit 3 if impossible)")
     e.add_argument("--max-float-layers", type=int, default=8, help="at most this many layers kept in float "
                    "by --max-drop (default 8)")
+    e.add_argument("--min-sqnr", type=float, dest="min_sqnr_db", help="SQNR budget in dB (default: the --target's): "
+                   "mixed models keep the cheapest op groups float to meet it; full-integer ones exit 3 when under")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _add_common(p)
     p.set_defaults(func=_cmd_quantize)
@@ -239,11 +242,14 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         io = io or target.model.io_dtype.value
         per_tensor = per_tensor or target.model.per_tensor
         islands = islands and target.model.float_islands
+        if args.min_sqnr_db is None:
+            args.min_sqnr_db = target.budget.min_sqnr_db
     options = QuantizeOptions(num_calib=args.num_calib, seed=args.seed, method=args.method,
                               percentile=args.percentile, io=io or "int8", per_tensor=per_tensor, float_islands=islands,
                               bias_correction=args.bias_correction,
                               equalize=args.equalize, eval_dir=args.eval_dir, max_eval=args.max_eval,
-                              max_drop=args.max_drop, max_float_layers=args.max_float_layers, force=args.force)
+                              max_drop=args.max_drop, max_float_layers=args.max_float_layers,
+                              min_sqnr_db=args.min_sqnr_db, force=args.force)
     result = quantize(args.model, args.calib, args.out, options=options, progress=progress)
     return 0, {"summary": _quant_summary(result.report) + _input_contract(result.card),
                "result": {"out_dir": str(result.out_dir),
@@ -266,6 +272,13 @@ def _quant_summary(report: dict[str, Any]) -> list[str]:
         lines.append("  worst layers: " + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} "
                                                      f"{w['sqnr_db']:.1f} dB" for w in worst))
     lines.append("  " + _xnnpack_line(report.get("runs_on", {})))
+    mixed = report.get("mixed_precision") or {}
+    if mixed.get("kept_float"):
+        lat = mixed.get("latency_ms_1_thread", {})
+        lines.append(f"  SQNR budget {mixed['budget_sqnr_db']} dB: kept float "
+                     + ", ".join(f"{k['name']} ({k['ops']})" for k in mixed["kept_float"])
+                     + f"; SQNR {mixed['eval_sqnr_db_all_int8']:.1f} -> {mixed['eval_sqnr_db']:.1f} dB; 1-thread ms "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()))
     return lines
 
 

@@ -189,7 +189,7 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     qopts = QuantizeOptions(num_calib=options.num_calib, seed=options.seed, method=options.method,
                             eval_dir=options.eval_dir, max_eval=options.max_eval, force=True)
     calib_set, eval_set = split_images(Path(calibration), qopts)
-    folder_digest = list_images(calibration, minimum=0).digest()
+    folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
     _check_out_dir(out, options.force)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MARKER, {"edgeship": __version__})
@@ -237,7 +237,8 @@ def _variant(target: Any) -> str:
     m = target.model
     if m.precision.value != "int8":
         return m.precision.value
-    return f"int8-io-{m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
+    return (f"int8-io-{m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
+            f"{'' if m.float_islands else '-full-integer'}")
 
 
 def _quantize_stages(stages: _Stages, conv_dir: Path, conv_key: str, calib: Path, folder_digest: str,
@@ -257,7 +258,8 @@ def _quantize_stages(stages: _Stages, conv_dir: Path, conv_key: str, calib: Path
             models[t.name] = conv_dir / (FLOAT32_FILE if variant == "float32" else FLOAT16_FILE)
             continue
         if variant not in built:
-            opts = replace(qopts, io=t.model.io_dtype.value, per_tensor=t.model.per_tensor)
+            opts = replace(qopts, io=t.model.io_dtype.value, per_tensor=t.model.per_tensor,
+                           float_islands=t.model.float_islands)
             key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
                    "options": opts.to_dict()}
             folder, _ = stages.run(f"quantize/{variant}", key,

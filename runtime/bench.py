@@ -392,6 +392,15 @@ def _host() -> dict[str, Any]:
             "cpus": os.cpu_count(), "node": platform.node()}
 
 
+def delegation_note(runtime: dict[str, Any]) -> str:
+    """`` (N partitions; outside: OP xK)`` for an XNNPACK run, else nothing."""
+    d = runtime.get("xnnpack")
+    if not d:
+        return ""
+    outside = ", ".join(f"{k} x{v}" for k, v in d["outside"].items())
+    return f" ({d['partitions']} partition{'s' if d['partitions'] != 1 else ''}" + (f"; outside: {outside})" if outside else ")")
+
+
 def table(doc: dict[str, Any]) -> list[str]:
     """A short human table of a bench document."""
     lines = [f"{'model':<42}{'thr':>4}{'init':>8}{'first':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'RSS MB':>8}"
@@ -401,7 +410,8 @@ def table(doc: dict[str, Any]) -> list[str]:
         lines.append(f"{r['model'][:41]:<42}{r['threads']:>4}{r['init_ms']:>8.1f}{r['first_ms']:>8.2f}"
                      f"{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}"
                      f"{r['size_bytes'] / 1e6:>7.2f}{r['ratio_p50_to_first']:>7.2f}  "
-                     f"{rt['interpreter']} {rt.get('interpreter_version') or ''} {rt['delegate']}")
+                     f"{rt['interpreter']} {rt.get('interpreter_version') or ''} {rt['delegate']}"
+                     f"{delegation_note(rt)}")
     e2e = [r for r in doc["results"] if r.get("e2e")]
     if e2e:
         first = e2e[0]["e2e"]

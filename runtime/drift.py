@@ -18,7 +18,7 @@ import numpy as np
 from edgeship.errors import AccuracyDriftError, InputError
 from edgeship.runtime.card import ModelCard
 from edgeship.runtime.classifier import Classifier
-from edgeship.runtime.images import list_images, normalize, resize_crop
+from edgeship.runtime.images import list_images, normalize
 from edgeship.runtime.metrics import DriftFigures, compare
 
 log = logging.getLogger(__name__)

@@ -416,6 +416,8 @@ class TFLiteModel:
                                 lambda chunk: self.run_raw(self.input_from_pixels(chunk, prep)))
 
     def describe(self) -> dict[str, Any]:
+        from edgeship.runtime.delegation import of_interpreter
+
         return {
             "interpreter": self.backend,
             "interpreter_version": backend_version(self.backend),
@@ -424,6 +426,8 @@ class TFLiteModel:
                       "scale": self.input.scale, "zero_point": self.input.zero_point},
             "output": {"shape": list(self.output.shape), "dtype": self.output.dtype.name,
                        "scale": self.output.scale, "zero_point": self.output.zero_point},
+            # how much of the graph the delegate took (partitions, ops left outside)
+            **({"xnnpack": of_interpreter(self.interpreter).to_dict()} if self.delegate == "xnnpack" else {}),
         }
 
     def op_names(self) -> list[str]:

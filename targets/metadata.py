@@ -74,7 +74,7 @@ def client_normalization(prep: Preprocessing) -> tuple[float, float]:
     Raises:
         ModelTargetMismatchError: The normalisation differs per channel (no client expresses that).
     """
-    from edgeship.convert.fold import simple_value  # noqa: PLC0415 - fold.py imports only numpy at module level
+    from edgeship.convert.fold import simple_value
 
     means = {simple_value(m / prep.pixel_scale) for m in prep.mean}
     stds = {simple_value(s / prep.pixel_scale) for s in prep.std}
@@ -92,8 +92,8 @@ def classifier_metadata(card: ModelCard, labels: Sequence[str] | None) -> Classi
     prep = card.preprocessing
     mean, std = client_normalization(prep)
     h, w = prep.crop
-    resize = (f"the app's own crop: resize the shorter side to {prep.resize_shorter} px "
-              f"({prep.interpolation.value}), center-crop {h}x{w}" if prep.resize_shorter else f"resize to {h}x{w}")
+    resize = (f"resize the shorter side to {prep.resize_shorter} px ({prep.interpolation.value}), "
+              f"center-crop {h}x{w}" if prep.resize_shorter else f"resize to {h}x{w}")
     dtype = card.input.dtype
     feed = ("0..255 pixels as uint8 (the model's input quantization is the normalisation)"
             if dtype == "uint8" else f"float32 (pixel - {mean:g}) / {std:g}")
@@ -106,7 +106,7 @@ def classifier_metadata(card: ModelCard, labels: Sequence[str] | None) -> Classi
                      f"{card.num_classes} classes"),
         norm_mean=(mean,), norm_std=(std,),
         color_space=prep.color_order.value,
-        input_description=f"{prep.color_order.value} image {h}x{w}, NHWC; {feed}. Training preprocessing: {resize}.",
+        input_description=f"{prep.color_order.value} image {h}x{w}, NHWC; {feed}. Checked with this crop: {resize}.",
         output_description=f"Scores of {card.num_classes} classes: {out}.",
         score=score,
         labels_file=(card.labels_file or "labels.txt") if labels else None,

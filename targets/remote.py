@@ -45,8 +45,10 @@ def check_arch(device: Any, target: Target) -> None:
 
 
 def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Sequence[str], *,
-                  pip_args: Sequence[str] = (), progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
-    """Copy the models to the device, run ``python -m edgeship.runtime.bench`` there, return its bench.json."""
+                  pip_args: Sequence[str] = (), progress: Callable[[str, int | None, int | None], None] | None = None,
+                  images: Sequence[Path] = ()) -> dict[str, Any]:
+    """Copy the models (with their cards) and ``images`` to the device, run ``python -m edgeship.runtime.bench``
+    there (``--image`` for each image: end to end through the same runtime code), return its bench.json."""
     from edgeship.targets.ssh import _new_job, _remove_job, build_edgeship_wheel, default_wheel_cache
 
     if progress:
@@ -65,9 +67,18 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                 name = f"model{i}{m.suffix.lower() if m.suffix.lower() in ('.tflite', '.onnx') else '.tflite'}"
                 device.push(m, f"{remote}/{name}")
                 names.append(f"{remote}/{name}")
+                card = m.with_name(m.stem + ".card.json")
+                card = card if card.is_file() else m.parent / "model_card.json"
+                if m.suffix.lower() == ".tflite" and card.is_file():  # end to end needs the model's preprocessing
+                    device.push(card, f"{remote}/model{i}.card.json")
+            image_args: list[str] = []
+            for i, f in enumerate(images):
+                suffix = f.suffix.lower() if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp") else ".jpg"
+                device.push(f, f"{remote}/image{i}{suffix}")
+                image_args += ["--image", f"{remote}/image{i}{suffix}"]
             if progress:
                 progress(f"benchmark on {getattr(device, 'target', device)}", None, None)
-            device.run_module(python, "edgeship.runtime.bench", [*names, *args, "-o", f"{remote}/bench.json"],
+            device.run_module(python, "edgeship.runtime.bench", [*names, *args, *image_args, "-o", f"{remote}/bench.json"],
                               timeout=3600)
             device.pull(f"{remote}/bench.json", Path(tmp) / "bench.json")
             try:

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -226,7 +227,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(b, n, d))
 
@@ -452,6 +453,15 @@ def build(name: str, exporter: str = "dynamo", cache_dir: str | os.PathLike[str]
 def export(model: nn.Module, arch: Arch, path: Path, exporter: str) -> None:
     """Export with the chosen exporter (dynamic H/W where the arch asks), then rename nodes if asked."""
     x = torch.zeros(arch.input_shape)
+    with warnings.catch_warnings():  # torch.export's own deprecation noise (LeafSpec)
+        warnings.simplefilter("ignore", FutureWarning)
+        _export(model, arch, x, path, exporter)
+    if arch.bad_names:
+        _rename_nodes(path)
+
+
+def _export(model: nn.Module, arch: Arch, x: torch.Tensor, path: Path, exporter: str) -> None:
+    """One export call: dynamo (external data, default opset) or TorchScript (opset 17)."""
     if exporter == "dynamo":
         dyn = ({2: torch.export.Dim("h", min=64, max=1024), 3: torch.export.Dim("w", min=64, max=1024)},)
         prog = torch.onnx.export(model, (x,), input_names=["x"], output_names=["logits"], dynamo=True,
@@ -461,8 +471,6 @@ def export(model: nn.Module, arch: Arch, path: Path, exporter: str) -> None:
         axes = {"x": {2: "h", 3: "w"}} if arch.dynamic_hw else None
         torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["logits"], dynamo=False,
                           opset_version=TORCHSCRIPT_OPSET, dynamic_axes=axes)
-    if arch.bad_names:
-        _rename_nodes(path)
 
 
 def _rename_nodes(path: Path) -> None:
@@ -471,7 +479,7 @@ def _rename_nodes(path: Path) -> None:
 
     model = onnx.load(str(path))
     for i, node in enumerate(model.graph.node):
-        node.name = f"{node.op_type}@{i}" if i % 2 == 0 else f"{node.op_type.lower()}:{i}"
+        node.name = f"conv:{i}" if node.op_type == "Conv" else f"{node.op_type}@{i}"
     data = path.with_name(path.name + ".data")
     if data.exists():
         onnx.save(model, str(path), save_as_external_data=True, location=data.name)

@@ -24,8 +24,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests import archs
 from tests.conftest import ASSETS
+
+pytest.importorskip("torch", reason="the architecture matrix needs torch (pip install -e '.[dev]')")
+pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (pip install -e '.[dev]')")
+from tests import archs  # noqa: E402
 
 pytestmark = pytest.mark.skipif(ASSETS is None, reason="shared assets not found: set EDGE_ASSETS or check out ../shared")
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from edgeship._child import ChildWorker, NativeCrashError
+from edgeship._child import ChildWorker
+from edgeship.errors import NativeCrashError
 from edgeship.cli import main
 
 

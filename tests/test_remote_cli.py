@@ -31,8 +31,8 @@ def test_bench_over_ssh(sshd, tmp_path: Path, tiny_bundle: Path) -> None:  # typ
     assert doc["target"] == "x86-host" and len(doc["results"]) == 2
     r = doc["results"][0]
     assert r["runs"] == 15 and r["p50_ms"] > 0 and r["peak_rss_mb"] > 0
-    assert r["runtime"]["interpreter"] == "ai_edge_litert" and r["path"].startswith("/")  # the device's copy
-    assert "job-" in r["path"]
+    assert r["runtime"]["interpreter"] == "ai_edge_litert" and r["device_path"].startswith("/")  # the device's copy
+    assert "job-" in r["device_path"] and r["path"] == str(tiny_bundle / "model_float32.tflite")  # the user's name
 
 
 def test_verify_over_ssh(sshd, tmp_path: Path, tiny_onnx: Path, tiny_bundle: Path,  # type: ignore[no-untyped-def]  # noqa: F811

@@ -56,6 +56,25 @@ def test_cleanups_are_exact_and_leave_one_partition(se_like: bytes) -> None:
     assert tflite_graph.clean(cleaned) == (cleaned, {})  # nothing left to do
 
 
+def test_gather_of_a_vector_with_shaped_indices_becomes_a_reshape() -> None:
+    """ConvNeXt's head after onnx2tf: GATHER(x[640], indices [1, 640, 1, 1] = arange)."""
+    import tensorflow as tf
+
+    w = tf.constant(np.random.default_rng(2).standard_normal((3, 3, 3, 8)).astype(np.float32))
+
+    def fn(x):
+        v = tf.reshape(tf.reduce_mean(tf.nn.conv2d(x, w, 1, "SAME"), axis=[1, 2]), [8])
+        return tf.reshape(tf.gather(v, tf.reshape(tf.range(8), [1, 8, 1, 1])), [1, 8]) * 2.0
+
+    model = _tflite(fn, (1, 8, 8, 3))
+    cleaned, counts = tflite_graph.clean(model)
+    assert counts == {"identity_gather": 1}
+    assert of_interpreter(TFLiteModel(model).interpreter).outside == {"GATHER": 1}
+    x = np.random.default_rng(3).standard_normal((1, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_run(cleaned, x), _run(model, x))
+    assert of_interpreter(TFLiteModel(cleaned).interpreter).partitions == 1
+
+
 def test_delegation_walks_partitions() -> None:
     ops = [{"op_name": "CONV_2D", "inputs": [0, 1], "outputs": [2]},
            {"op_name": "GATHER", "inputs": [2, 3], "outputs": [4]},

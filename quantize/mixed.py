@@ -1,0 +1,289 @@
+"""Budget-driven mixed precision: keep the cheapest set of ops float that meets an SQNR budget.
+
+XNNPACK runs float islands inside an int8 graph (QUANTIZE/DEQUANTIZE at their edges), so
+keeping cheap elementwise and nonlinear ops float (SE gating ``MUL``, ``HARD_SWISH``,
+SiLU's ``LOGISTIC``/``MUL``, ``SOFTMAX``, LayerNorm's pieces, residual ``ADD``) costs far
+less than keeping convolutions float. The search:
+
+1. groups the float model's ops into candidates (:func:`candidates`), each with an
+   estimated latency cost (:func:`op_cost`): connected runs of elementwise ops of the same
+   shape (an SE gate, a LayerNorm, a GELU: keeping a whole run float keeps the tensors
+   *inside* it float, which is where int8 loses; one op alone still reads and writes int8),
+   grouped by kind and part of the graph, and contiguous segments of the graph (whole
+   blocks, convolutions included: dearer, chosen when nothing cheaper meets the budget);
+2. measures each candidate's SQNR gain alone (the int8 model TensorFlow's quantizer makes
+   with those ops denylisted, measured against the float model);
+3. adds candidates in order of gain per cost, re-measuring after each and dropping one
+   that does not help, until the budget is met (:func:`search`).
+
+The measuring is a callable handed in by the pipeline, so this module needs no
+interpreter and the search can be tested with any scorer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+#: Op types that may stay float inside XNNPACK, by kind. Elementwise kinds cost their
+#: output's size; matrix kinds cost their multiply-adds (kept float only when nothing cheaper works).
+ELEMENTWISE = ("HARD_SWISH", "LOGISTIC", "MUL", "ADD", "SUB", "DIV", "SOFTMAX", "MEAN", "SQUARED_DIFFERENCE",
+               "RSQRT", "SQRT", "POW", "GELU", "TANH", "SUM", "MAXIMUM", "MINIMUM", "EXP", "HARD_SIGMOID")
+MATRIX = ("FULLY_CONNECTED", "BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D")
+#: Relative latency of one float-island element (QUANTIZE + float op + DEQUANTIZE, memory bound)
+#: against one float multiply-add kept instead of an int8 one.
+ELEMENT_COST = 4.0
+MAC_COST = 0.25
+#: Matrix ops with at most this many outputs (squeeze-excite FCs, the classifier) are cheap
+#: enough to join elementwise runs.
+VECTOR_ELEMENTS = 4096
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A group of ops that may be kept float together.
+
+    Attributes:
+        name: ``OP_TYPE part/parts`` (e.g. ``HARD_SWISH 2/2``: the late half's HARD_SWISHes).
+        nodes: Output tensor names of the ops (what TensorFlow's quantizer denylists).
+        cost: Estimated latency cost of keeping them float (arbitrary units, see :func:`op_cost`).
+    """
+
+    name: str
+    nodes: tuple[str, ...]
+    cost: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ops": len(self.nodes), "cost": round(self.cost, 1), "nodes": list(self.nodes)}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One measurement of the search."""
+
+    phase: str  # "sensitivity" or "greedy"
+    candidate: str
+    sqnr_db: float
+    kept: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "candidate": self.candidate, "sqnr_db": round(self.sqnr_db, 3), "kept": self.kept}
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """What the budget search chose (``budget_db``: the SQNR it aimed at on its own images)."""
+
+    budget_db: float
+    base_db: float
+    sqnr_db: float
+    kept: tuple[Candidate, ...]
+    steps: tuple[Step, ...] = field(default=())
+
+    @property
+    def within_budget(self) -> bool:
+        return self.sqnr_db >= self.budget_db
+
+    @property
+    def nodes(self) -> list[str]:
+        return [n for c in self.kept for n in c.nodes]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target_sqnr_db": round(self.budget_db, 3), "all_int8_sqnr_db": round(self.base_db, 3),
+                "sqnr_db": round(self.sqnr_db, 3), "within_budget": self.within_budget,
+                "kept_float": [c.to_dict() for c in self.kept], "float_ops": len(self.nodes),
+                "measurements": len(self.steps), "steps": [s.to_dict() for s in self.steps]}
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """One op of the float model, as the search sees it."""
+
+    op: str
+    output: str
+    out_elements: int
+    macs: int
+    #: Tensor indices the op reads and writes (for finding connected runs of ops).
+    inputs: tuple[int, ...] = ()
+    outputs: tuple[int, ...] = ()
+
+
+def op_cost(info: OpInfo) -> float:
+    """Estimated latency cost of keeping this op float instead of int8."""
+    return MAC_COST * info.macs if info.op in MATRIX else ELEMENT_COST * info.out_elements
+
+
+def candidates(ops: Sequence[OpInfo], parts: int = 2, segments: int = 6) -> list[Candidate]:
+    """Elementwise runs grouped by kind and part of the graph (:func:`elementwise_runs`), then segments."""
+    return [*elementwise_runs(ops, parts), *graph_segments(ops, segments)]
+
+
+def elementwise_runs(ops: Sequence[OpInfo], parts: int = 2) -> list[Candidate]:
+    """Connected runs of elementwise (and vector-sized matrix) ops; runs of the same kind (op-type set) in one
+    part of the graph form a candidate."""
+    cheap = [i for i, o in enumerate(ops)
+             if o.op in ELEMENTWISE or (o.op in MATRIX and 0 < o.out_elements <= VECTOR_ELEMENTS)]
+    runs = _components(cheap, ops)
+    groups: dict[tuple[int, str], list[list[int]]] = {}
+    for run in runs:
+        kind = "+".join(sorted({ops[i].op for i in run}))
+        groups.setdefault((min(run[0] * parts // max(len(ops), 1), parts - 1), kind), []).append(run)
+    return [Candidate(f"{kind} x{len(members)} {part + 1}/{parts}", tuple(ops[i].output for r in members for i in r),
+                      sum(op_cost(ops[i]) for r in members for i in r))
+            for (part, kind), members in sorted(groups.items())]
+
+
+def graph_segments(ops: Sequence[OpInfo], segments: int = 6) -> list[Candidate]:
+    """The graph cut into ``segments`` runs of consecutive ops, each kept float whole."""
+    bounds = np.linspace(0, len(ops), segments + 1).astype(int)
+    return [Candidate(f"ops {a}-{b - 1}", tuple(o.output for o in ops[a:b]), sum(map(op_cost, ops[a:b])))
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def _components(members: Sequence[int], ops: Sequence[OpInfo]) -> list[list[int]]:
+    """Connected components (producer -> consumer edges) of the listed ops, each in graph order."""
+    parent = {i: i for i in members}
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    producer = {t: i for i in members for t in ops[i].outputs}
+    for j in members:
+        for t in ops[j].inputs:
+            if t in producer:
+                parent[root(j)] = root(producer[t])
+    comps: dict[int, list[int]] = {}
+    for i in members:
+        comps.setdefault(root(i), []).append(i)
+    return sorted(comps.values())
+
+
+def sensitivities(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float],
+                  base_db: float) -> tuple[dict[str, float], list[Step]]:
+    """SQNR gain (dB) of keeping each candidate float alone."""
+    gains, steps = {}, []
+    for c in cands:
+        db = measure(c.nodes)
+        gains[c.name] = db - base_db
+        steps.append(Step("sensitivity", c.name, db, False))
+    return gains, steps
+
+
+def order_by_value(cands: Sequence[Candidate], gains: dict[str, float], min_gain_db: float = 0.05) -> list[Candidate]:
+    """Candidates that help, best SQNR gain per unit of cost first."""
+    useful = [c for c in cands if gains[c.name] > min_gain_db]
+    return sorted(useful, key=lambda c: -gains[c.name] / max(c.cost, 1.0))
+
+
+def search(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float], budget_db: float,
+           base_db: float) -> SearchResult:
+    """Keep the cheapest set of candidates float that meets ``budget_db`` (greedy by gain per cost).
+
+    Args:
+        cands: Candidate op groups (see :func:`candidates`).
+        measure: SQNR (dB) of the int8 model with the given nodes kept float.
+        budget_db: SQNR to reach.
+        base_db: SQNR of the all-int8 model (nothing kept float beyond what the pipeline keeps).
+
+    Returns:
+        The kept candidates and the SQNR they reach; ``within_budget`` is False when even
+        every useful candidate together stays below the budget (the best set is returned).
+    """
+    if base_db >= budget_db:
+        return SearchResult(budget_db, base_db, base_db, ())
+    gains, steps = sensitivities(cands, measure, base_db)
+    kept: list[Candidate] = []
+    current = base_db
+    for c in order_by_value(cands, gains):
+        db = measure([n for k in (*kept, c) for n in k.nodes])
+        better = db > current
+        steps.append(Step("greedy", c.name, db, better))
+        if better:
+            kept, current = [*kept, c], db
+        if current >= budget_db:
+            break
+    return SearchResult(budget_db, base_db, current, tuple(kept), tuple(steps))
+
+
+def read_ops(model: bytes) -> list[OpInfo]:
+    """The float model's ops in graph order: type, output name, output size and multiply-adds."""
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    from edgeship.quantize.tflite_quant import op_names, tensor_name
+
+    m = fbu.read_model_from_bytearray(bytearray(model))
+    sg = m.subgraphs[0]
+    const = {i for i, t in enumerate(sg.tensors) if t.buffer and m.buffers[t.buffer].data is not None
+             and len(m.buffers[t.buffer].data)}
+    found = []
+    for op, name in zip(sg.operators, op_names(model)):
+        if not len(op.outputs):
+            continue
+        out = sg.tensors[op.outputs[0]]
+        elements = int(np.prod(out.shape)) if out.shape is not None else 0
+        found.append(OpInfo(name, tensor_name(out), elements, _macs(name, op, sg, const, elements),
+                            tuple(int(i) for i in op.inputs if i >= 0), tuple(int(i) for i in op.outputs)))
+    return found
+
+
+def _macs(name: str, op: Any, sg: Any, const: set[int], out_elements: int) -> int:
+    """Multiply-adds of a matrix op: output size times the reduction length."""
+    if name not in MATRIX:
+        return 0
+    ins = [i for i in op.inputs if i >= 0]
+    if name == "BATCH_MATMUL":
+        shape = sg.tensors[ins[0]].shape
+        return out_elements * int(shape[-1]) if shape is not None and len(shape) else 0
+    weights = [i for i in ins if i in const and sg.tensors[i].shape is not None and len(sg.tensors[i].shape) >= 2]
+    if not weights:
+        return 0
+    shape = sg.tensors[weights[0]].shape
+    reduce = int(np.prod(shape[1:])) if name != "DEPTHWISE_CONV_2D" else int(np.prod(shape[1:3]))
+    return out_elements * reduce
+
+
+#: The search aims this far above the budget (plus the gap it sees between its images and
+#: held-apart ones): it measures on calibration images, the verdict is on held-apart ones.
+MARGIN_DB = 0.5
+
+
+def budgeted(calibrated: bytes, measure: Callable[[Sequence[str]], float], budget_db: float,
+             held_apart_db: float | None = None, parts: int = 2) -> SearchResult:
+    """Run the budget search on a calibrated float model (``measure`` as for :func:`search`).
+
+    ``held_apart_db``: the all-int8 model's SQNR on the evaluation images; when the search
+    images flatter the model by more (their ranges were calibrated on them), the search
+    aims higher by that gap.
+    """
+    base = measure(())
+    gap = max(0.0, base - held_apart_db) if held_apart_db is not None else 0.0
+    return search(candidates(read_ops(calibrated), parts), measure, budget_db + MARGIN_DB + gap, base)
+
+
+def latencies(models: dict[str, Any], work: Any, runs: int = 60) -> dict[str, float]:
+    """Median invoke latency (ms) of each model at 1 thread on XNNPACK, interleaved in one run.
+
+    ``models`` maps a label to a model path or the model's bytes (written to ``work`` for the run).
+    """
+    from pathlib import Path
+
+    from edgeship._io import atomic_write_bytes
+    from edgeship.runtime.bench import BenchOptions, benchmark
+
+    paths, temps = {}, []
+    for label, model in models.items():
+        if isinstance(model, (bytes, bytearray)):
+            model = atomic_write_bytes(Path(work) / f".latency_{label}.tflite", bytes(model))
+            temps.append(Path(model))
+        paths[label] = Path(model)
+    try:
+        doc = benchmark(list(paths.values()), BenchOptions(threads=(1,), runs=runs, warmup=5, overhead_runs=1))
+    finally:
+        for t in temps:
+            t.unlink(missing_ok=True)
+    return {label: round(r["p50_ms"], 3) for label, r in zip(paths, doc["results"])}

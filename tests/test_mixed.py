@@ -1,0 +1,192 @@
+"""Range choice by measured error and the budget-driven mixed-precision search (issue 12)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgeship.cli import main
+from edgeship.quantize import mixed
+from edgeship.quantize.options import CalibrationMethod
+from edgeship.quantize.ranges import (CONSUMER_FNS, MEASURED_CANDIDATES, RANGE_METHODS, Histogram, candidate_ranges,
+                                      choose_by_measurement, consumer_errors, entropy, least_consumer_error, minmax,
+                                      mse, percentile, pick_best)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _hist(values: np.ndarray, consumers: tuple[str, ...] = ()) -> Histogram:
+    counts, edges = np.histogram(values, bins=2048)
+    return Histogram(float(edges[0]), float(edges[-1]), counts, float(values.min()), float(values.max()), consumers)
+
+
+# ----------------------------------------------------------------------------- range choice
+@pytest.mark.parametrize("consumer", [(), ("LOGISTIC",), ("HARD_SWISH",), ("TANH",)])
+def test_auto_range_has_the_least_error_at_the_consumer(consumer: tuple[str, ...]) -> None:
+    rng = np.random.default_rng(0)
+    hist = _hist(np.concatenate([rng.normal(0, 3, 200_000), [30.0, -25.0]]), consumer)
+    chosen = np.array([least_consumer_error(hist, 99.999)])
+    err = consumer_errors(hist, chosen)[0]
+    for name, fixed in {"minmax": minmax(hist, 0), "mse": mse(hist, 0), "p99.999": percentile(hist, 99.999),
+                        "p99.9": percentile(hist, 99.9)}.items():
+        assert err <= consumer_errors(hist, np.array([fixed]))[0] + 1e-9, name
+
+
+def test_saturating_consumers_get_clipped_where_the_function_is_flat() -> None:
+    rng = np.random.default_rng(1)
+    values = rng.normal(0, 4, 200_000)
+    lo_lin, hi_lin = least_consumer_error(_hist(values), 99.999)
+    lo_sig, hi_sig = least_consumer_error(_hist(values, ("LOGISTIC",)), 99.999)
+    lo_hs, hi_hs = least_consumer_error(_hist(values, ("HARD_SWISH",)), 99.999)
+    assert hi_sig < 0.75 * hi_lin and lo_sig > 0.75 * lo_lin  # the sigmoid is flat past |x| ~ 6
+    assert -4.5 < lo_hs < -2.5  # HardSwish is 0 below -3: no need to represent -15
+    assert hi_hs > 0.9 * hi_lin  # ...but linear above +3
+
+
+def test_consumer_error_of_the_identity_is_the_quantization_mse() -> None:
+    rng = np.random.default_rng(2)
+    values = rng.uniform(-1, 1, 100_000)
+    hist = _hist(values)
+    lo, hi = -0.5, 0.5
+    step = (hi - lo) / 255
+    q = np.clip(np.round((np.clip(values, lo, hi) - lo) / step) * step + lo, lo, hi)
+    measured = float(np.sum((values - q) ** 2))
+    assert consumer_errors(hist, np.array([[lo, hi]]))[0] == pytest.approx(measured, rel=0.05)
+
+
+def test_candidates_include_the_fixed_methods() -> None:
+    rng = np.random.default_rng(3)
+    hist = _hist(rng.laplace(0, 1, 50_000))
+    rows = {tuple(np.round(r, 6)) for r in candidate_ranges(hist, 99.999)}
+    for fixed in (minmax(hist, 0), mse(hist, 0), percentile(hist, 99.99)):
+        assert tuple(np.round(fixed, 6)) in rows
+    assert set(CONSUMER_FNS) >= {"LOGISTIC", "HARD_SWISH", "GELU"}
+
+
+def test_entropy_penalises_clipping() -> None:
+    rng = np.random.default_rng(5)
+    values = rng.normal(0, 1, 200_000)
+    lo, hi = entropy(_hist(values), 0)
+    assert 2.5 < hi <= values.max() and values.min() <= lo < -2.5  # clips the sparse tails, never the body
+
+
+def test_pick_best_takes_the_measured_winner_and_keeps_the_first_on_ties() -> None:
+    sets = {"a": {1: (0.0, 1.0)}, "b": {1: (0.0, 2.0)}, "c": {1: (0.0, 3.0)}}
+    assert pick_best(sets, lambda r: -abs(r[1][1] - 2.0))[0] == "b"
+    assert pick_best(sets, lambda r: 5.0)[0] == "a"
+
+
+def test_choose_by_measurement_returns_the_ranges_the_scorer_prefers() -> None:
+    rng = np.random.default_rng(4)
+    hists = {7: _hist(np.concatenate([rng.normal(0, 1, 50_000), [20.0]])), 9: _hist(rng.normal(0, 1, 50_000))}
+    # A scorer that rewards the narrowest top of tensor 7: the method with the lowest one must win.
+    ranges, report = choose_by_measurement(hists, 99.999, lambda r: -r[7][1], keep={9})
+    tops = {m.value: RANGE_METHODS[m](hists[7], 99.999)[1] for m in MEASURED_CANDIDATES}
+    assert report["chosen"] == min(tops, key=tops.get)
+    assert ranges[7] == RANGE_METHODS[CalibrationMethod(report["chosen"])](hists[7], 99.999)
+    assert ranges[9] == minmax(hists[9], 0)  # kept tensors keep their true range
+    assert report["search_sqnr_db"][report["chosen"]] == pytest.approx(-min(tops.values()), abs=1e-3)
+    assert set(report["search_sqnr_db"]) == {"percentile", "auto", "mse", "entropy", "minmax"}
+
+
+# ----------------------------------------------------------------------------- budget search
+def _ops() -> list[mixed.OpInfo]:
+    """conv -> hard_swish -> SE gate (mean -> fc -> logistic -> mul) -> conv -> add (+ first conv) -> fc."""
+    o = mixed.OpInfo
+    return [o("CONV_2D", "c1", 50_000, 5_000_000, (0,), (1,)), o("HARD_SWISH", "hs", 50_000, 0, (1,), (2,)),
+            o("MEAN", "m", 16, 0, (2,), (3,)), o("FULLY_CONNECTED", "fc1", 16, 256, (3,), (4,)),
+            o("LOGISTIC", "g", 16, 0, (4,), (5,)), o("MUL", "gate", 50_000, 0, (2, 5), (6,)),
+            o("CONV_2D", "c2", 50_000, 800_000, (6,), (7,)), o("ADD", "res", 50_000, 0, (7, 1), (8,)),
+            o("FULLY_CONNECTED", "logits", 10, 10_000, (8,), (9,))]
+
+
+def test_candidates_are_connected_runs_and_segments() -> None:
+    cands = mixed.candidates(_ops(), parts=1, segments=3)
+    names = [c.name for c in cands]
+    se = next(c for c in cands if "LOGISTIC" in c.name)
+    assert set(se.nodes) == {"hs", "m", "fc1", "g", "gate"}  # the SE gate is one run, its FC included
+    assert any(set(c.nodes) == {"res", "logits"} for c in cands)  # the residual ADD feeds the classifier
+    assert [c for c in names if c.startswith("ops ")] == ["ops 0-2", "ops 3-5", "ops 6-8"]
+    assert all(c.cost > 0 for c in cands)
+
+
+def _additive(gains: dict[str, float], base: float):
+    """A fake measurement: SQNR = base + sum of the gains of the nodes kept float."""
+    calls: list[tuple[str, ...]] = []
+
+    def measure(nodes):
+        calls.append(tuple(nodes))
+        return base + sum(gains.get(n, 0.0) for n in nodes)
+
+    return measure, calls
+
+
+def test_search_keeps_the_cheapest_set_that_meets_the_budget() -> None:
+    cands = [mixed.Candidate("cheap_small", ("a",), 1.0), mixed.Candidate("dear_big", ("b",), 100.0),
+             mixed.Candidate("cheap_big", ("c",), 2.0), mixed.Candidate("harmful", ("d",), 0.5)]
+    measure, calls = _additive({"a": 1.0, "b": 6.0, "c": 3.0, "d": -2.0}, base=15.0)
+    found = mixed.search(cands, measure, budget_db=18.5, base_db=15.0)
+    assert [c.name for c in found.kept] == ["cheap_big", "cheap_small"]  # best dB per cost first; 19 dB, no dear one
+    assert found.within_budget and found.sqnr_db == pytest.approx(19.0)
+    assert "d" not in found.nodes
+    assert len(calls) == 4 + 2  # one sensitivity each, then two greedy re-measurements
+
+
+def test_search_reports_over_budget_with_the_best_set() -> None:
+    cands = [mixed.Candidate("x", ("a",), 1.0), mixed.Candidate("y", ("b",), 1.0)]
+    measure, _ = _additive({"a": 1.0, "b": 1.0}, base=10.0)
+    found = mixed.search(cands, measure, budget_db=20.0, base_db=10.0)
+    assert not found.within_budget and found.sqnr_db == pytest.approx(12.0) and len(found.kept) == 2
+
+
+def test_search_drops_a_candidate_that_stops_helping_together() -> None:
+    cands = [mixed.Candidate("x", ("a",), 1.0), mixed.Candidate("y", ("b",), 1.0)]
+
+    def measure(nodes):  # each helps alone, the two together are worse than x alone
+        s = set(nodes)
+        return 10.0 + (2.0 if s == {"a"} else 1.0 if s == {"b"} else 0.5 if s else 0.0)
+
+    found = mixed.search(cands, measure, budget_db=30.0, base_db=10.0)
+    assert [c.name for c in found.kept] == ["x"] and found.sqnr_db == 12.0
+
+
+def test_no_search_when_already_within_budget() -> None:
+    measure, calls = _additive({}, base=25.0)
+    found = mixed.search([mixed.Candidate("x", ("a",), 1.0)], measure, budget_db=20.0, base_db=25.0)
+    assert found.within_budget and not found.kept and not calls
+
+
+# ----------------------------------------------------------------------------- end to end, tiny model
+@pytest.fixture(scope="module")
+def tiny_conv(tiny_bundle: Path) -> Path:
+    return tiny_bundle
+
+
+def test_full_integer_under_budget_exits_3_with_the_best_model(tmp_path: Path, tiny_bundle: Path,
+                                                                 calib_images: Path) -> None:
+    out = tmp_path / "q"
+    code = main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20",
+                 "--full-integer", "--min-sqnr", "90", "--json", str(tmp_path / "r.json")])
+    assert code == 3
+    assert (out / "model_int8_OVER_BUDGET.tflite").is_file() and not (out / "model_int8.tflite").exists()
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["mixed_precision"]["searched"] is False  # full-integer: nothing may stay float
+
+
+def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bundle: Path, calib_images: Path) -> None:
+    out = tmp_path / "q"
+    args = ["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20",
+            "--method", "auto", "--no-bias-correction"]
+    assert main([*args, "--min-sqnr", "90"]) == 3  # nothing reaches 90 dB: best model kept, exit 3
+    report = json.loads((out / "quant_report.json").read_text())
+    all_int8 = report["mixed_precision"]["eval_sqnr_db_all_int8"]
+    assert report["ranges"]["auto"]["chosen"] in report["ranges"]["auto"]["search_sqnr_db"]
+    budget = round(all_int8 + 6.0, 1)  # above all-int8: something must stay float
+    assert main([*args, "--min-sqnr", str(budget), "--force"]) == 0
+    mixed_report = json.loads((out / "quant_report.json").read_text())["mixed_precision"]
+    assert mixed_report["searched"] and mixed_report["kept_float"]
+    assert mixed_report["eval_sqnr_db"] >= budget
+    assert set(mixed_report["latency_ms_1_thread"]) == {"float32", "all_int8", "budgeted"}
