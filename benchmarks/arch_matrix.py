@@ -129,19 +129,21 @@ def score_tflite(path: Path, pixels: np.ndarray, prep: Preprocessing, ref: np.nd
 def convert_model(onnx: Path, arch: archs.Arch, out: Path, proto: Protocol) -> dict[str, Any]:
     from edgeship.convert.pipeline import ConvertOptions, convert
 
-    start = time.perf_counter()
-    res = convert(onnx, out, options=ConvertOptions(
-        images=proto.folder, max_images=proto.verify_images, preprocessing=arch.prep,
-        input_shape=arch.input_shape if arch.dynamic_hw else None))
-    check = res.report["verification"]["float32"]
-    return {"seconds": round(time.perf_counter() - start, 1), "agreement": check["top1_agreement"],
+    if (out / "convert_report.json").is_file():  # a kept --work folder: reuse its conversion
+        report = json.loads((out / "convert_report.json").read_text())
+    else:
+        report = convert(onnx, out, options=ConvertOptions(
+            images=proto.folder, max_images=proto.verify_images, preprocessing=arch.prep,
+            input_shape=arch.input_shape if arch.dynamic_hw else None)).report
+    check = report["verification"]["float32"]
+    return {"seconds": round(report["timings_s"]["total"], 1), "agreement": check["top1_agreement"],
             "mean_cosine": round(check["mean_cosine"], 6), "images": check["count"]}
 
 
 def edgeship_int8(convert_dir: Path, out: Path, proto: Protocol) -> Path:
     """``edgeship quantize`` with its defaults, in a child (an abort must not end the matrix)."""
     cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), "--calib", str(proto.folder),
-           "--num-calib", str(NUM_CALIB), "--max-eval", "50", "-o", str(out), "-q"]
+           "--num-calib", str(NUM_CALIB), "--max-eval", "50", "-o", str(out), "-q", "--force"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -192,17 +194,21 @@ class _Reader:
 
 def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Preprocessing, ref: np.ndarray,
             work: Path) -> dict[str, Any]:
-    """onnxruntime static QDQ int8, per-channel, three calibration methods: best SQNR kept."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    """onnxruntime static QDQ int8, per-channel, three calibration methods: best SQNR kept.
 
+    Each method runs in a child: the histogram calibrators keep every intermediate output
+    in memory (ViT-sized models can exhaust it), and that must cost one cell, not the run.
+    """
+    np.save(work / "ort.calib.npy", calib_nchw)
     per: dict[str, Any] = {}
     for method in ORT_METHODS:
         def one(method: str = method) -> dict[str, Any]:
             out = work / f"ort_{method.lower()}.onnx"
-            with contextlib.redirect_stdout(sys.stderr):  # onnxruntime prints its calibration progress
-                quantize_static(str(onnx), str(out), _Reader("x", calib_nchw), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=getattr(CalibrationMethod, method))
+            proc = subprocess.run([sys.executable, __file__, "--child-ort", method, str(onnx),
+                                   str(work / "ort.calib.npy"), str(out)], capture_output=True, text=True)
+            if proc.returncode != 0 or not out.is_file():
+                lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+                raise RuntimeError(f"{exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
             return figures(ref, run_onnx(str(out), eval_px, prep))
         per[method] = cell(one)
     ok = {m: f for m, f in per.items() if "sqnr_db" in f}
@@ -210,6 +216,17 @@ def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Prepr
         return {"error": "; ".join(f"{m}: {f['error']}" for m, f in per.items()), "methods": per}
     best = max(ok, key=lambda m: ok[m]["sqnr_db"])
     return {**ok[best], "method": best, "methods": per}
+
+
+def _child_ort(method: str, onnx: str, calib_npy: str, out: str) -> int:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns on the root logger
+    with contextlib.redirect_stdout(sys.stderr):  # and prints its calibration progress
+        quantize_static(onnx, out, _Reader("x", np.load(calib_npy)), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, method))
+    return 0
 
 
 def latency(float_path: Path, int8_path: Path, runs: int) -> dict[str, Any]:
@@ -312,7 +329,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"{f32.get('partitions', '-')}/{(es or {}).get('partitions', '-')} |")
         for col in ("edgeship_int8", "tf_ptq", "ort_qdq", "latency", "float32"):
             d = r.get(col) or {}
-            if d.get("error"):
+            if d.get("error") and not d.get("run_errors"):  # else the per-interpreter lines say it
                 errors.append(f"{label} {col}: {d['error']}")
             for kind, why in (d.get("run_errors") or {}).items():
                 errors.append(f"{label} {col} on {kind}: {why}")
@@ -351,9 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", type=Path, help="keep the converted and quantized models here")
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
     ap.add_argument("--child-tf-ptq", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child-ort", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_tf_ptq:
         return _child_tf_ptq(*args.child_tf_ptq)
+    if args.child_ort:
+        return _child_ort(*args.child_ort)
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns on the root logger
     assets = shared_assets()
     if assets is None:

@@ -199,8 +199,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (default 200; all when fewer)")
     g.add_argument("--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)")
-    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="auto",
-                   help="activation range method (default auto: per tensor by the error at its "
+    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="percentile",
+                   help="activation range method (default percentile; auto: per tensor by the error at its "
                    "consumers, per model by the measured SQNR of each candidate set on calibration images)")
     g.add_argument("--percentile", type=float, default=99.999, help="kept mass for --method percentile "
                    "(default 99.999)")

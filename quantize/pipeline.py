@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -270,9 +271,13 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
     m = TFLiteModel(calibrated, use_xnnpack=False)
     keep = {m.input.index, m.output.index}
     if options.method == CalibrationMethod.AUTO and score is not None:
+        # Candidates fitted on the calibration images the scorer does not measure on, so that
+        # the choice rewards ranges that generalise; the winner is then fitted on all of them.
+        fit = hists if n <= 2 * options.search_images else ranges.collect_histograms(
+            calibrated, recorded, itertools.islice(samples(), options.search_images, None))
         progress("choose ranges by measured SQNR", None, None)
         new, report["auto"] = ranges.choose_by_measurement(
-            hists, options.percentile, lambda r: score(tflite_quant.set_ranges(calibrated, r)), keep=keep)
+            fit, options.percentile, lambda r: score(tflite_quant.set_ranges(calibrated, r)), keep=keep, final=hists)
     else:
         new = ranges.choose_ranges(hists, options.method, options.percentile, keep=keep)
     shrink = [(hi - lo) / max(recorded[i][2] - recorded[i][1], 1e-12) for i, (lo, hi) in new.items()]

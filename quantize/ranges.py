@@ -220,17 +220,22 @@ MEASURED_CANDIDATES = (CalibrationMethod.PERCENTILE, CalibrationMethod.AUTO, Cal
 
 
 def choose_by_measurement(hists: dict[int, Histogram], param: float,
-                          score: Callable[[dict[int, tuple[float, float]]], float],
-                          keep: Iterable[int] = ()) -> tuple[dict[int, tuple[float, float]], dict[str, object]]:
+                          score: Callable[[dict[int, tuple[float, float]]], float], keep: Iterable[int] = (),
+                          final: dict[int, Histogram] | None = None
+                          ) -> tuple[dict[int, tuple[float, float]], dict[str, object]]:
     """The range set of :data:`MEASURED_CANDIDATES` whose int8 model ``score`` rates best, and a report.
 
     Each candidate is computed per tensor (``auto``: least error at the consumers' outputs);
     ``score`` quantizes with it and measures the whole model, so the choice is per model.
+    ``hists`` should come from other images than the ones ``score`` measures on (ranges fitted
+    to the very images they are scored on favour tight clipping); the chosen method is then
+    applied to ``final`` (the histograms of every calibration image; default ``hists``).
     """
     keep = set(keep)
     sets = {m.value: choose_ranges(hists, m, param, keep=keep) for m in MEASURED_CANDIDATES}
     best, scores = pick_best(sets, score)
-    return sets[best], {"chosen": best, "search_sqnr_db": {k: round(v, 3) for k, v in scores.items()}}
+    chosen = sets[best] if final is None else choose_ranges(final, CalibrationMethod(best), param, keep=keep)
+    return chosen, {"chosen": best, "search_sqnr_db": {k: round(v, 3) for k, v in scores.items()}}
 
 
 def collect_histograms(model: bytes, tensors: dict[int, tuple[str, float, float]],

@@ -228,10 +228,11 @@ def test_shapes_and_classes_in_card(matrix: Matrix, name: str, shape: list[int],
 def test_resnet18_int8_sqnr_at_least_onnxruntime_qdq(assets: Path, tmp_path: Path) -> None:
     """Issue 10's bar: edgeship's ResNet-18 int8 SQNR >= onnxruntime QDQ's (100 calib, 300 eval)."""
     import importlib.util
+    import sys
 
     spec = importlib.util.spec_from_file_location(
         "arch_matrix", Path(__file__).resolve().parents[1] / "benchmarks" / "arch_matrix.py")
-    bench = importlib.util.module_from_spec(spec)
+    bench = sys.modules.setdefault("arch_matrix", importlib.util.module_from_spec(spec))
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
     row = bench.measure(("resnet18", "dynamo"), bench.Protocol(assets, tmp_path, latency_runs=0),
                         columns=("edgeship", "ort"))
