@@ -340,10 +340,10 @@ def _quantize_checked(native: ChildWorker, calibrated: bytes, options: QuantizeO
     quant, runs = _quantize_once(native, calibrated, options, denied)
     islands = _island_candidates(calibrated, Delegation.from_dict(runs["delegation"])) if options.float_islands else []
     if islands:
-        mixed, mixed_runs = _quantize_once(native, calibrated, options, [*denied, *islands])
-        if mixed_runs["delegation"]["partitions"] < runs["delegation"]["partitions"]:
+        islanded, islanded_runs = _quantize_once(native, calibrated, options, [*denied, *islands])
+        if islanded_runs["delegation"]["partitions"] < runs["delegation"]["partitions"]:
             all_int8 = runs["delegation"]
-            quant, runs = mixed, {**mixed_runs, "float_islands": islands, "all_int8_delegation": all_int8}
+            quant, runs = islanded, {**islanded_runs, "float_islands": islands, "all_int8_delegation": all_int8}
     return quant, runs
 
 

@@ -80,6 +80,10 @@ class _Table:
             _need(self.buf, start + n, 1, f"{what} string end")
             if self.buf[start + n] != 0:
                 raise FlatbufferError(f"{what}: string is not terminated")
+            try:  # the interpreter's Python API decodes names as UTF-8 and raises deep inside otherwise
+                bytes(self.buf[start:start + n]).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise FlatbufferError(f"{what}: string is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
     def tables(self, slot: int, what: str) -> list[_Table]:
         start, n = self.vector(slot, 4, what)

@@ -55,7 +55,7 @@ def backend_version(name: str) -> str | None:
 #: Seconds one model may take to load, allocate and run once in the checking child.
 CHECK_TIMEOUT = 300.0
 #: Bumped when the check changes, so cached verdicts of an older check are not trusted.
-_CHECK_VERSION = 2
+_CHECK_VERSION = 3
 #: Exit code of the checking child when it cannot import the interpreter (no verdict).
 _NO_INTERPRETER = 4
 # The checking child: one model per line of stdin, one verdict per line of stdout, flushed
