@@ -67,7 +67,10 @@ def output_names() -> list[str]:
 
 def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str], out_dir: str | os.PathLike[str],
              *, options: QuantizeOptions = QuantizeOptions(), progress: Progress = silent) -> QuantizeResult:
-    """Quantize a model to a full-integer int8 TFLite and measure how far it drifted.
+    """Quantize a model to an int8 TFLite and measure how far it drifted.
+
+    Full-integer, or with float islands (ops XNNPACK has no int8 kernel for) and, under an
+    SQNR budget, float op groups, where ``options`` allow mixed models.
 
     Args:
         model: An ONNX file (converted first, into ``out_dir``) or the output folder of
@@ -79,7 +82,9 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
 
     Raises:
         InputError: Bad model path or image folder, or outputs exist without ``force``.
-        CalibrationError: Too few usable calibration images or the quantizer failed.
+        CalibrationError: Too few usable calibration images, the quantizer failed, or its
+            model does not run on XNNPACK and the reference kernels.
+        NativeCrashError: TensorFlow's native code died in the child (one line, the stage named).
         AccuracyDriftError: ``max_drop`` given and still over budget after keeping
             layers in float (the best model is written as ``model_int8_OVER_BUDGET.tflite``).
     """
