@@ -10,7 +10,7 @@ import numpy as np
 
 from edgeship._progress import Progress, silent
 from edgeship.runtime.card import Preprocessing
-from edgeship.runtime.images import ImageSet, normalize, resize_crop, synthetic_pixels
+from edgeship.runtime.images import ImageSet, normalize, synthetic_pixels
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
 

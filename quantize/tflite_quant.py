@@ -20,7 +20,6 @@ import contextlib
 import io
 import logging
 import os
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np

@@ -6,7 +6,6 @@ The MediaPipe tests run the real ``mediapipe`` package (the ``android`` extra, i
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np

@@ -87,7 +87,6 @@ def test_delegation_walks_partitions() -> None:
 
 def _hardswish_model():
     """Conv -> HardSwish -> Conv -> HardSwish -> GlobalAveragePool -> Flatten -> Gemm (a MobileNetV3 trunk)."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(4)
