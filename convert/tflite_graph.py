@@ -10,6 +10,7 @@ The editing helpers work on TensorFlow Lite's flatbuffer object API (pure Python
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Callable
 
 import numpy as np
@@ -67,9 +68,29 @@ def opcode(name: str) -> int:
     return int(getattr(schema.BuiltinOperator, name))
 
 
+def _code(entry: Any) -> int:
+    return max(entry.builtinCode, entry.deprecatedBuiltinCode)
+
+
 def op_type(model: Any, op: Any) -> int:
-    c = model.operatorCodes[op.opcodeIndex]
-    return max(c.builtinCode, c.deprecatedBuiltinCode)
+    return _code(model.operatorCodes[op.opcodeIndex])
+
+
+def op_name(model: Any, op: Any) -> str:
+    """The builtin op's name (``CONV_2D``...), ``CUSTOM`` for others."""
+    return _builtin_names().get(op_type(model, op), "CUSTOM")
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_names() -> dict[int, str]:
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def dtype_name(tensor: Any) -> str:
+    """A tensor's element type as a numpy dtype name (``int8``...), ``other`` when unknown here."""
+    return np.dtype(_DTYPES[tensor.type]).name if tensor.type in _DTYPES else "other"
 
 
 def ops_of(model: Any, name: str) -> list[Any]:
@@ -83,7 +104,7 @@ def opcode_index(model: Any, name: str) -> int:
 
     code = opcode(name)
     for i, c in enumerate(model.operatorCodes):
-        if max(c.builtinCode, c.deprecatedBuiltinCode) == code:
+        if _code(c) == code:
             return i
     entry = schema.OperatorCodeT()
     entry.builtinCode, entry.deprecatedBuiltinCode, entry.version = code, min(code, 127), 1

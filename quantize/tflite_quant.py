@@ -26,6 +26,8 @@ import numpy as np
 
 from edgeship._child import CHILD_LOG_ENV, one_line
 from edgeship._deps import require
+from edgeship.convert import tflite_graph
+from edgeship.convert.tflite_graph import tensor_name as tensor_name  # one definition; bias correction and mixed use it here
 from edgeship.errors import CalibrationError
 
 log = logging.getLogger(__name__)
@@ -145,19 +147,8 @@ def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor
 
 def _io_dtype(model: bytes) -> str:
     """The input tensor's dtype, read from the flatbuffer (no interpreter: the model is unchecked)."""
-    from tensorflow.lite.tools import flatbuffer_utils as fbu
-
-    m = fbu.read_model_from_bytearray(bytearray(model))
-    sg = m.subgraphs[0]
-    return _TENSOR_TYPES.get(sg.tensors[sg.inputs[0]].type, "other")
-
-
-_TENSOR_TYPES = {0: "float32", 3: "uint8", 9: "int8", 1: "float16", 2: "int32", 7: "int16"}
-
-
-def tensor_name(tensor: Any) -> str:
-    """A flatbuffer tensor's name as text (the object API gives bytes)."""
-    return tensor.name.decode() if isinstance(tensor.name, bytes) else str(tensor.name)
+    sg = tflite_graph.read(model).subgraphs[0]
+    return tflite_graph.dtype_name(sg.tensors[sg.inputs[0]])
 
 
 def read_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:
@@ -188,22 +179,15 @@ def set_ranges(calibrated: bytes, ranges: dict[int, tuple[float, float]]) -> byt
 
 def op_names(model: bytes) -> list[str]:
     """Builtin ops in graph order, read from the flatbuffer (no interpreter needed)."""
-    from tensorflow.lite.python import schema_py_generated as schema
-    from tensorflow.lite.tools import flatbuffer_utils as fbu
-
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    m = fbu.read_model_from_bytearray(bytearray(model))
-    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in m.operatorCodes]
-    return [names.get(codes[op.opcodeIndex], "CUSTOM") for op in m.subgraphs[0].operators]
+    m = tflite_graph.read(model)
+    return [tflite_graph.op_name(m, op) for op in m.subgraphs[0].operators]
 
 
 def op_names_by_output(model: bytes) -> dict[str, str]:
     """Output tensor name -> builtin op name, read from the flatbuffer."""
-    from tensorflow.lite.tools import flatbuffer_utils as fbu
-
-    m = fbu.read_model_from_bytearray(bytearray(model))
+    m = tflite_graph.read(model)
     tensors = m.subgraphs[0].tensors
-    return {tensor_name(tensors[op.outputs[0]]): name for op, name in zip(m.subgraphs[0].operators, op_names(model))
+    return {tensor_name(tensors[op.outputs[0]]): tflite_graph.op_name(m, op) for op in m.subgraphs[0].operators
             if len(op.outputs)}
 
 
