@@ -8,11 +8,15 @@ onnxruntime's static QDQ int8 (per-channel; MinMax, Percentile, Entropy: best sh
 each scored on 300 held-apart images (SQNR in dB of the logits against the float ONNX
 model run by onnxruntime, and top-1 agreement); whether each int8 model runs on XNNPACK
 and on the reference kernels (checked in a child process), XNNPACK partitions, and
-float32 vs int8 latency at 1 thread (interleaved, median).
+float32 vs int8 latency at 1 thread (interleaved, median). Issue 13's column (``target``):
+the model ``edgeship quantize --target x86-host`` writes (its SQNR budget search included),
+XNNPACK partitions and ops left outside for it and for float32, and float32 vs that model
+(and edgeship's default int8) at 1 thread, interleaved in one run; its own table follows.
 
     python benchmarks/arch_matrix.py                       # the 8 architectures, dynamo export
     python benchmarks/arch_matrix.py --models resnet18,vit_tiny:torchscript
     python benchmarks/arch_matrix.py --full --json out.json   # + TorchScript exports + variants
+    python benchmarks/arch_matrix.py --columns target --runs 100   # issue 13's table only
 
 A column that fails shows its one-line error and the run goes on.
 """
@@ -50,7 +54,9 @@ NUM_EVAL = 300
 # Through quantize_static, Entropy runs with 128 histogram bins for 128 quantized bins (its
 # num_bins is not an extra_option there), so it usually lands on MinMax's ranges: what users get.
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
-COLUMNS = ("edgeship", "tf", "ort", "latency")
+COLUMNS = ("edgeship", "tf", "ort", "latency", "target")
+#: Issue 13's column: the model ``quantize --target TARGET`` writes (budget search included).
+TARGET = "x86-host"
 
 
 @dataclass(frozen=True)
@@ -237,6 +243,65 @@ def latency(float_path: Path, int8_path: Path, runs: int) -> dict[str, Any]:
     return {"float32_ms": round(f, 2), "int8_ms": round(q, 2), "speedup": round(f / q, 2), "runs": runs}
 
 
+# ----------------------------------------------------------------------------- issue 13: the target's model
+def target_int8(convert_dir: Path, out: Path, proto: Protocol, target: str = TARGET) -> tuple[Path, dict[str, Any]]:
+    """``edgeship quantize --target`` in a child: the model a user of that target gets, and its report.
+
+    Exit 3 (over the target's SQNR budget) still writes a model, ``model_int8_OVER_BUDGET.tflite``:
+    that is what the command produced, so it is measured too.
+    """
+    cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), "--calib", str(proto.folder),
+           "--num-calib", str(NUM_CALIB), "--max-eval", "50", "--target", target, "-o", str(out), "-q", "--force"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    report_path = out / "quant_report.json"
+    if proc.returncode not in (0, 3) or not report_path.is_file():
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        raise RuntimeError(f"edgeship quantize --target {target} {exit_text(proc.returncode)}: "
+                           f"{lines[-1] if lines else 'no output'}")
+    report = json.loads(report_path.read_text())
+    return out / report["output"], report
+
+
+def delegation_of(path: Path) -> dict[str, Any]:
+    """XNNPACK partitions and the ops left outside (for a model that runs on XNNPACK)."""
+    from edgeship.runtime.delegation import of_interpreter
+    from edgeship.runtime.interpreter import TFLiteModel
+
+    d = of_interpreter(TFLiteModel(path, num_threads=1).interpreter)
+    return {"partitions": d.partitions, "outside": dict(d.outside)}
+
+
+def target_speed(float_path: Path, target_path: Path, int8_path: Path | None, runs: int) -> dict[str, Any]:
+    """float32 vs the target's model (and edgeship's default int8) at 1 thread, XNNPACK, interleaved in one run."""
+    paths = [float_path, target_path] + ([int8_path] if int8_path is not None else [])
+    doc = benchmark(paths, BenchOptions(threads=(1,), runs=runs, warmup=20))
+    by = {r["path"]: r["p50_ms"] for r in doc["results"]}
+    f, t = by[str(float_path)], by[str(target_path)]
+    out = {"float32_ms": round(f, 2), "target_ms": round(t, 2), "speedup": round(f / t, 2), "runs": runs}
+    if int8_path is not None:
+        out["default_int8_ms"] = round(by[str(int8_path)], 2)
+    return out
+
+
+def target_column(conv_dir: Path, work: Path, proto: Protocol, eval_px: np.ndarray, prep: Preprocessing,
+                  ref: np.ndarray, int8_path: Path | None) -> dict[str, Any]:
+    """Issue 13 for one model: partitions float/target, ops outside, SQNR, float32 vs target latency."""
+    float_path = conv_dir / "model_float32.tflite"
+    path, report = target_int8(conv_dir, work / TARGET, proto)
+    mixed = report.get("mixed_precision") or {}
+    row: dict[str, Any] = {"target": TARGET, "file": path.name, **score_tflite(path, eval_px, prep, ref),
+                           "quant_sqnr_db": report["figures"]["sqnr_db"],
+                           "float_ops": mixed.get("float_ops", 0),
+                           "float_islands": len(report["runs_on"].get("float_islands", [])),
+                           "kept_float": [k["name"] for k in mixed.get("kept_float", [])]}
+    if not row.get("xnnpack"):
+        return {**row, "error": f"the {TARGET} model does not run on XNNPACK"}
+    row["delegation_float32"], row["delegation_target"] = delegation_of(float_path), delegation_of(path)
+    if proto.latency_runs > 0:
+        row["latency"] = cell(lambda: target_speed(float_path, path, int8_path, proto.latency_runs))
+    return row
+
+
 # ----------------------------------------------------------------------------- one model
 def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COLUMNS) -> dict[str, Any]:
     """Every column of the matrix for one (model, exporter)."""
@@ -287,6 +352,10 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
         ok = int8 is not None and row.get("edgeship_int8", {}).get("xnnpack")
         row["latency"] = cell(lambda: latency(conv_dir / "model_float32.tflite", int8, proto.latency_runs)) if ok \
             else {"error": "no int8 model that runs on XNNPACK"}
+    if "target" in columns:
+        es_ok = int8 is not None and row.get("edgeship_int8", {}).get("xnnpack")
+        row["target_int8"] = cell(lambda: target_column(conv_dir, work, proto, tfl_eval_px, tfl_prep, ref,
+                                                        int8 if es_ok else None))
     row["total_s"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -341,6 +410,42 @@ def _export(r: dict[str, Any]) -> str:
     return f"opset {e['opset']}{' +data' if e.get('external_data') else ''}" if e else "-"
 
 
+#: Issue 13: the target's model must be at least this much faster than float32 at 1 thread.
+MIN_SPEEDUP = 1.3
+
+
+def _outside(d: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k} x{v}" for k, v in (d or {}).get("outside", {}).items()) or "none"
+
+
+def target_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 13's table: XNNPACK partitions, ops outside, float32 vs the ``--target`` model at 1 thread."""
+    head = (f"| model | partitions fp32/{TARGET} | ops outside fp32 | ops outside {TARGET} | fp32 ms | {TARGET} ms | "
+            f"speed-up | default int8 ms | SQNR dB (300 held-apart) | float ops kept | file |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    errors = []
+    for r in rows:
+        t = r.get("target_int8")
+        if not t:
+            continue
+        label = f"{r['model']} ({r['exporter']})"
+        if "delegation_target" not in t:
+            lines.append(f"| {label} | ERR | - | - | - | - | - | - | {t.get('sqnr_db', '-')} | - | "
+                         f"{t.get('file', '-')} |")
+            errors.append(f"{label} target_int8: {t.get('error')}")
+            continue
+        lat, df, dt = t.get("latency", {}), t["delegation_float32"], t["delegation_target"]
+        speed = lat.get("speedup")
+        mark = "" if speed is None else (" (SLOWER)" if speed < 1.0 else (" (<1.3)" if speed < MIN_SPEEDUP else ""))
+        lines.append(f"| {label} | {df['partitions']}/{dt['partitions']} | {_outside(df)} | {_outside(dt)} | "
+                     f"{lat.get('float32_ms', '-')} | {lat.get('target_ms', '-')} | {speed if speed else '-'}{mark} | "
+                     f"{lat.get('default_int8_ms', '-')} | {t['sqnr_db']:.1f} | "
+                     f"{t['float_ops'] + t['float_islands']} | {t['file']} |")
+        if lat.get("error"):
+            errors.append(f"{label} target latency: {lat['error']}")
+    return lines + ([""] + errors if errors else [])
+
+
 # ----------------------------------------------------------------------------- CLI
 def cases(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The (model, exporter) pairs asked for."""
@@ -389,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"calibration: first {NUM_CALIB} shared images by name; evaluation: the next {NUM_EVAL}; "
           f"SQNR of int8 logits vs the float ONNX model (onnxruntime); latency at 1 thread, XNNPACK")
     print("\n".join(table(rows)))
+    if any("target_int8" in r for r in rows):
+        print(f"\nissue 13: `quantize --target {TARGET}` model vs float32, XNNPACK, 1 thread, interleaved in one run "
+              f"({args.runs} invokes each, median); float ops kept = budget-search ops + float islands")
+        print("\n".join(target_table(rows)))
     return 0
 
 

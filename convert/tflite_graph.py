@@ -237,3 +237,144 @@ def relu_0_to_1_as_relu6(model: Any) -> int:
                                    new_op(model, "MUL", [clipped, sixth], [y], copy.deepcopy(mul))]
         changed += 1
     return changed
+
+
+@cleanup("constant_gather_as_slice")
+def constant_gathers_as_slices(model: Any) -> int:
+    """``GATHER(x, k)`` or ``GATHER(x, [k, ..., k+n-1])`` on one axis becomes a SLICE (+ RESHAPE).
+
+    A ViT reads its class token as ``x[:, 0]``, which onnx2tf writes as a GATHER with the
+    scalar index 0 right before the classifier; XNNPACK has no GATHER, so the classifier
+    ran in a second partition. A scalar index drops the axis: SLICE of size 1 on it, then
+    a RESHAPE to the GATHER's output shape. A run of consecutive indices is a SLICE alone.
+    Identity GATHERs are ``identity_gather``'s (registered first).
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    sg = model.subgraphs[0]
+    changed = 0
+    for op in ops_of(model, "GATHER"):
+        indices, x = constant(model, op.inputs[1]), sg.tensors[op.inputs[0]]
+        if indices is None or indices.ndim > 1 or x.shape is None or not len(x.shape) or min(x.shape) < 1:
+            continue
+        if x.type != 0 or int(getattr(op.builtinOptions, "batchDims", 0) or 0) or _dynamic(x):
+            continue  # float graphs only (quantized ones are made from them); static shapes only
+        shape = [int(d) for d in x.shape]
+        axis = int(getattr(op.builtinOptions, "axis", 0) or 0) % len(shape)
+        flat = indices.reshape(-1).astype(np.int64)
+        if not flat.size or np.any(flat < 0) or np.any(flat >= shape[axis]):
+            continue  # TFLite's GATHER fails on these: keep that behaviour
+        if not np.array_equal(flat, flat[0] + np.arange(flat.size)):
+            continue
+        begin, size = [0] * len(shape), list(shape)
+        begin[axis], size[axis] = int(flat[0]), int(flat.size)
+        base = tensor_name(sg.tensors[op.outputs[0]])
+        sliced = op.outputs[0] if indices.ndim == 1 else new_activation(model, op.inputs[0], f"{base}/edgeship_slice")
+        if sliced != op.outputs[0]:
+            sg.tensors[sliced].shape = np.array(size, dtype=np.int32)
+            sg.tensors[sliced].shapeSignature = None
+        at = sg.operators.index(op)
+        bounds = [new_constant(model, np.array(v), f"{base}/edgeship_{k}", np.int32) for k, v in (("begin", begin),
+                                                                                                 ("size", size))]
+        new = [new_op(model, "SLICE", [op.inputs[0], *bounds], [sliced],
+                      (schema.BuiltinOptions.SliceOptions, schema.SliceOptionsT()))]
+        if indices.ndim == 0:
+            options = schema.ReshapeOptionsT()
+            options.newShape = [int(d) for d in sg.tensors[op.outputs[0]].shape]
+            target = new_constant(model, np.array(options.newShape), f"{base}/edgeship_shape", np.int32)
+            new.append(new_op(model, "RESHAPE", [sliced, target], op.outputs,
+                              (schema.BuiltinOptions.ReshapeOptions, options)))
+        sg.operators[at:at + 1] = new
+        changed += 1
+    return changed
+
+
+def _dynamic(tensor: Any) -> bool:
+    """Whether a tensor's signature has an unknown dimension (its static shape is then a placeholder)."""
+    sig = tensor.shapeSignature
+    return sig is not None and len(sig) > 0 and any(int(d) < 0 for d in sig)
+
+
+@cleanup("grouped_conv_as_depthwise")
+def grouped_convs_as_depthwise(model: Any) -> int:
+    """A CONV_2D with one input channel per group (filter ``[C*m, kh, kw, 1]`` on C channels) is depthwise.
+
+    onnx2tf writes most of a torch ConvNeXt's 7x7 depthwise convs (``Conv`` with
+    ``group=C``) this way; XNNPACK runs them as C one-channel convolutions, far slower
+    than its depthwise kernels, in float and more so in int8. The same sums as a
+    DEPTHWISE_CONV_2D with depth multiplier m and the filter as ``[1, kh, kw, C*m]``.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    sg = model.subgraphs[0]
+    changed = 0
+    for op in ops_of(model, "CONV_2D"):
+        x, w = sg.tensors[op.inputs[0]], sg.tensors[op.inputs[1]]
+        weights = constant(model, op.inputs[1])
+        if weights is None or w.type != 0 or weights.ndim != 4 or weights.shape[3] != 1 or x.shape is None:
+            continue  # float filters only (quantized models are made from the float graph)
+        channels, out = int(x.shape[-1]), int(weights.shape[0])
+        if channels < 2 or out % channels or _readers(sg, op.inputs[1]) != 1:
+            continue
+        conv = op.builtinOptions
+        options = schema.DepthwiseConv2DOptionsT()
+        options.padding, options.strideW, options.strideH = conv.padding, conv.strideW, conv.strideH
+        options.dilationWFactor, options.dilationHFactor = conv.dilationWFactor, conv.dilationHFactor
+        options.fusedActivationFunction, options.depthMultiplier = conv.fusedActivationFunction, out // channels
+        depthwise = np.ascontiguousarray(weights.transpose(3, 1, 2, 0))
+        model.buffers[w.buffer].data = np.frombuffer(depthwise.tobytes(), dtype=np.uint8)
+        w.shape = np.array(depthwise.shape, dtype=np.int32)
+        w.shapeSignature = None
+        sg.operators[sg.operators.index(op)] = new_op(model, "DEPTHWISE_CONV_2D", op.inputs, op.outputs,
+                                                      (schema.BuiltinOptions.DepthwiseConv2DOptions, options))
+        changed += 1
+    return changed
+
+
+def _readers(sg: Any, tensor: int) -> int:
+    return sum(tensor in op.inputs for op in sg.operators)
+
+
+#: Fused activations whose output is >= 0 (RELU, RELU6).
+_NON_NEGATIVE_FUSED = (1, 3)
+
+
+@cleanup("max_pool_pad_after_relu")
+def max_pool_pads_after_relu(model: Any) -> int:
+    """``PADV2(x, pads, -inf or -FLT_MAX)`` before MAX_POOL_2D becomes a zero PAD when ``x >= 0``.
+
+    torch's padded max-pool (ResNet's stem) reaches TFLite as PADV2 with the lowest float;
+    XNNPACK leaves it outside, a second partition. After a ReLU every window's maximum is
+    >= 0 and every window holds at least one real value (pads < pool size), so padding
+    with 0 gives the same maxima, and a zero PAD runs inside XNNPACK.
+    """
+    sg = model.subgraphs[0]
+    changed = 0
+    producers = {o: op for op in sg.operators for o in op.outputs}
+    for op in ops_of(model, "PADV2"):
+        value = constant(model, op.inputs[2]) if len(op.inputs) > 2 else None
+        pads = constant(model, op.inputs[1])
+        if value is None or value.size != 1 or float(value.reshape(-1)[0]) > -3.0e38 or pads is None:
+            continue
+        readers = [o for o in sg.operators if op.outputs[0] in o.inputs]
+        if op.outputs[0] in sg.outputs or not readers or any(op_name(model, r) != "MAX_POOL_2D" for r in readers):
+            continue
+        if any(int(pads.reshape(-1, 2)[1:3].max()) >= min(r.builtinOptions.filterHeight, r.builtinOptions.filterWidth)
+               for r in readers):
+            continue  # a window of padding only would read 0 instead of -inf
+        if not _non_negative(model, producers.get(op.inputs[0])):
+            continue
+        op.inputs = op.inputs[:2]
+        op.opcodeIndex = opcode_index(model, "PAD")
+        op.builtinOptionsType, op.builtinOptions = 0, None
+        changed += 1
+    return changed
+
+
+def _non_negative(model: Any, producer: Any) -> bool:
+    """Whether an op's output is >= 0 by construction (RELU, RELU6, or a fused RELU/RELU6)."""
+    if producer is None:
+        return False
+    if op_name(model, producer) in ("RELU", "RELU6"):
+        return True
+    return int(getattr(producer.builtinOptions, "fusedActivationFunction", 0) or 0) in _NON_NEGATIVE_FUSED

@@ -14,7 +14,7 @@ measured error of the int8 model TensorFlow's quantizer makes from each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -272,3 +272,65 @@ def choose_ranges(hists: dict[int, Histogram], method: CalibrationMethod, param:
     fn = RANGE_METHODS[method]
     skip = set(keep)
     return {i: (_seen(h) if i in skip else fn(h, param)) for i, h in hists.items()}
+
+
+#: Range methods the cross-fitted choice measures (per model): percentile clipping, which wins on
+#: trained networks (MobileNetV2 22.8 vs 22.0 dB), and min-max, which wins where unseen images
+#: exceed the calibration tails (EfficientNet-B0 8.9 vs 7.7 dB on held-apart images).
+CROSS_FIT_CANDIDATES = (CalibrationMethod.PERCENTILE, CalibrationMethod.MINMAX)
+
+
+@dataclass(frozen=True)
+class FoldError:
+    """Signal and error energy of an int8 model's logits on one fold's images (sums of squares)."""
+
+    signal: float
+    noise: float
+
+
+def pooled_sqnr_db(errors: Iterable[FoldError]) -> float:
+    """SQNR (dB) over every fold's images together (energies pooled, not dB averaged)."""
+    errs = list(errors)
+    signal, noise = sum(e.signal for e in errs), sum(e.noise for e in errs)
+    return float("inf") if noise <= 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
+
+
+def choose_cross_fitted(folds: Sequence[dict[int, Histogram]], param: float,
+                        measure: Callable[[int, dict[int, tuple[float, float]]], FoldError],
+                        methods: Sequence[CalibrationMethod] = CROSS_FIT_CANDIDATES,
+                        keep: Iterable[int] = ()) -> tuple[CalibrationMethod, dict[str, object]]:
+    """The range method whose ranges generalise best from some calibration images to the others.
+
+    For each method and each fold ``k``, ranges are fitted on the histograms of every other
+    fold and ``measure(k, ranges)`` scores the int8 model made with them on fold ``k``'s
+    images; the method with the highest pooled SQNR wins (ties: the earlier one). Ranges are
+    never scored on the images they were fitted on, and pooling every fold makes the score
+    rest on all calibration images (one 48-image split was too noisy to carry over).
+    """
+    if len(folds) < 2:
+        raise ValueError("cross-fitting needs at least two folds of calibration images")
+    keep = set(keep)
+    scores: dict[str, float] = {}
+    for method in methods:
+        errs = [measure(k, choose_ranges(merge_histograms([f for j, f in enumerate(folds) if j != k]),
+                                         method, param, keep=keep)) for k in range(len(folds))]
+        scores[method.value] = pooled_sqnr_db(errs)
+    best = max(methods, key=lambda m: (scores[m.value], -list(methods).index(m)))
+    return best, {"chosen": best.value, "cross_fitted_sqnr_db": {k: round(v, 3) for k, v in scores.items()},
+                  "folds": len(folds)}
+
+
+def merge_histograms(parts: Sequence[dict[int, Histogram]]) -> dict[int, Histogram]:
+    """One histogram per tensor from histograms of the same tensors over the same bins."""
+    merged: dict[int, Histogram] = {}
+    for part in parts:
+        for i, h in part.items():
+            m = merged.get(i)
+            if m is None:
+                merged[i] = Histogram(h.lo, h.hi, h.counts.copy(), h.seen_min, h.seen_max, h.consumers)
+                continue
+            if (m.lo, m.hi, len(m.counts)) != (h.lo, h.hi, len(h.counts)):
+                raise ValueError(f"tensor {i}: histograms over different bins cannot be merged")
+            m.counts += h.counts
+            m.seen_min, m.seen_max = min(m.seen_min, h.seen_min), max(m.seen_max, h.seen_max)
+    return merged

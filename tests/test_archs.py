@@ -175,6 +175,18 @@ def test_int8_runs(matrix: Matrix, case: tuple[str, str], xnnpack: bool) -> None
     assert result.ok, result.error
 
 
+#: Issue 13: float and int8 models stay (nearly) whole inside XNNPACK.
+MAX_PARTITIONS = 3
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_stays_whole_inside_xnnpack(matrix: Matrix, case: tuple[str, str]) -> None:
+    floats = _card(matrix.convert(case).need("convert"), "convert_report.json")["xnnpack"]
+    int8 = _card(matrix.quantize(case).need("quantize"), "quant_report.json")["runs_on"]["delegation"]
+    assert floats["partitions"] <= MAX_PARTITIONS, f"float32: {floats}"
+    assert int8["partitions"] <= MAX_PARTITIONS, f"int8: {int8}"
+
+
 # ----------------------------------------------------------------------------- variants
 @pytest.mark.parametrize("name, kind", [("tiny_softmax", "none"), ("tiny_logsoftmax", "exp")])
 def test_softmax_tail_gets_no_second_softmax(matrix: Matrix, assets: Path, name: str, kind: str) -> None:

@@ -190,3 +190,83 @@ def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bun
     assert mixed_report["searched"] and mixed_report["kept_float"]
     assert mixed_report["eval_sqnr_db"] >= budget
     assert set(mixed_report["latency_ms_1_thread"]) == {"float32", "all_int8", "budgeted"}
+
+
+# ----------------------------------------------------------------------------- normalisation groups
+def _layer_norm_ops() -> list[mixed.OpInfo]:
+    """fc -> residual add -> LayerNorm (mean, squared_difference, mean, add eps, rsqrt, mul, mul, sub, add) -> fc,
+    then an SE-style gate (mean -> logistic -> mul) that holds no normalisation."""
+    o = mixed.OpInfo
+    return [o("FULLY_CONNECTED", "fc0", 37_824, 7_000_000, (0,), (1,)), o("ADD", "res", 37_824, 0, (1, 0), (2,)),
+            o("MEAN", "mu", 197, 0, (2,), (3,)), o("SQUARED_DIFFERENCE", "sq", 37_824, 0, (2, 3), (4,)),
+            o("MEAN", "var", 197, 0, (4,), (5,)), o("ADD", "eps", 197, 0, (5,), (6,)),
+            o("RSQRT", "inv", 197, 0, (6,), (7,)), o("MUL", "scale", 197, 0, (7,), (8,)),
+            o("MUL", "xs", 37_824, 0, (2, 8), (9,)), o("MUL", "ms", 197, 0, (3, 8), (10,)),
+            o("SUB", "shift", 197, 0, (10,), (11,)), o("ADD", "ln", 37_824, 0, (9, 11), (12,)),
+            o("FULLY_CONNECTED", "fc1", 37_824, 7_000_000, (12,), (13,)),
+            o("MEAN", "pool", 192, 0, (13,), (14,)), o("LOGISTIC", "g", 192, 0, (14,), (15,)),
+            o("MUL", "gate", 37_824, 0, (13, 15), (16,))]
+
+
+def test_normalization_groups_hold_the_whole_layer_norm_and_nothing_else() -> None:
+    groups = mixed.normalization_groups(_layer_norm_ops())
+    assert len(groups) == 1
+    assert set(groups[0].nodes) == {"res", "mu", "sq", "var", "eps", "inv", "scale", "xs", "ms", "shift", "ln"}
+    assert groups[0].cost > 0 and groups[0].name == "normalisation x1"
+
+
+def test_no_normalization_groups_without_a_normalisation() -> None:
+    assert mixed.normalization_groups(_ops()) == []  # conv net with an SE gate: nothing to keep float
+
+
+# ----------------------------------------------------------------------------- cross-fitted range choice
+def _folds(values: list[np.ndarray]) -> list[dict[int, Histogram]]:
+    lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
+    return [{7: Histogram(lo, hi, np.histogram(v, bins=2048, range=(lo, hi))[0], float(v.min()), float(v.max()))}
+            for v in values]
+
+
+def _clip_error(test: list[np.ndarray]):
+    """A fake int8 model: the fold's values clipped to the fitted range and rounded to 255 levels."""
+    from edgeship.quantize.ranges import FoldError
+
+    def measure(k: int, ranges: dict[int, tuple[float, float]]) -> FoldError:
+        lo, hi = ranges[7]
+        step = (hi - lo) / 255
+        x = test[k]
+        q = np.round((np.clip(x, lo, hi) - lo) / step) * step + lo
+        return FoldError(float(np.sum(x**2)), float(np.sum((x - q) ** 2)))
+
+    return measure
+
+
+def test_cross_fitted_choice_takes_min_max_when_unseen_images_exceed_the_tails() -> None:
+    from edgeship.quantize.ranges import choose_cross_fitted
+
+    rng = np.random.default_rng(7)
+    # each fold has its own rare, large values: clipping the tails fitted on one fold cuts the other's
+    values = [np.concatenate([rng.normal(0, 1, 100_000), rng.uniform(20, 40, 400) * s]) for s in (1, -1, 1, -1)]
+    method, report = choose_cross_fitted(_folds(values), 99.9, _clip_error(values))
+    assert method == CalibrationMethod.MINMAX, report
+    assert report["folds"] == 4 and set(report["cross_fitted_sqnr_db"]) == {"percentile", "minmax"}
+
+
+def test_cross_fitted_choice_takes_percentile_when_the_tails_are_rare_noise() -> None:
+    from edgeship.quantize.ranges import choose_cross_fitted
+
+    rng = np.random.default_rng(8)
+    values = [np.concatenate([rng.normal(0, 1, 200_000), [60.0 * (-1) ** k]]) for k in range(4)]
+    method, report = choose_cross_fitted(_folds(values), 99.99, _clip_error(values))
+    assert method == CalibrationMethod.PERCENTILE, report
+
+
+def test_merge_histograms_adds_counts_and_extremes() -> None:
+    from edgeship.quantize.ranges import merge_histograms
+
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(0, 1, 1000), rng.normal(3, 1, 1000)
+    merged = merge_histograms(_folds([a, b]))[7]
+    assert merged.counts.sum() == 2000
+    assert merged.seen_min == pytest.approx(min(a.min(), b.min())) and merged.seen_max == pytest.approx(max(a.max(), b.max()))
+    with pytest.raises(ValueError):
+        merge_histograms([{1: Histogram(0, 1, np.zeros(4, np.int64))}, {1: Histogram(0, 2, np.zeros(4, np.int64))}])

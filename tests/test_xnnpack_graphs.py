@@ -120,3 +120,90 @@ def test_int8_keeps_ops_without_int8_kernels_as_float_islands(tmp_path: Path, ca
     assert main(["quantize", str(out), "--calib", str(calib_images), "-o", str(full), "-q", "--full-integer"]) == 0
     runs = json.loads((full / "quant_report.json").read_text())["runs_on"]
     assert "float_islands" not in runs and runs["delegation"]["outside"] == {"HARD_SWISH": 2}
+
+
+def _token_model(indices: object) -> bytes:
+    """A ViT-like tail: patch conv -> tokens [1, 16, 8] -> GATHER(tokens, indices, axis=1) -> dense."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    w = tf.constant(rng.standard_normal((4, 4, 3, 8)).astype(np.float32) * 0.3)
+    fc = tf.constant(rng.standard_normal((8, 10)).astype(np.float32))
+
+    def fn(x):
+        tokens = tf.reshape(tf.nn.conv2d(x, w, 4, "VALID"), [1, 16, 8])
+        picked = tf.gather(tokens, tf.constant(indices, tf.int32), axis=1)
+        return tf.matmul(tf.reshape(picked, [1, -1])[:, :8], fc)
+
+    return _tflite(fn, (1, 16, 16, 3))
+
+
+@pytest.mark.parametrize("indices", [0, 15, [2, 3, 4]], ids=["class-token", "last-token", "run"])
+def test_constant_gather_becomes_a_slice_inside_xnnpack(indices: object) -> None:
+    """ViT's class token ``x[:, 0]``: onnx2tf writes GATHER(x, 0, axis=1) before the classifier."""
+    model = _token_model(indices)
+    assert of_interpreter(TFLiteModel(model).interpreter).outside == {"GATHER": 1}
+    cleaned, counts = tflite_graph.clean(model)
+    assert counts == {"constant_gather_as_slice": 1}
+    after = of_interpreter(TFLiteModel(cleaned).interpreter)
+    assert (after.partitions, after.outside) == (1, {})
+    x = np.random.default_rng(6).standard_normal((1, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_run(cleaned, x), _run(model, x))
+
+
+def test_scattered_gather_is_left_alone() -> None:
+    model = _token_model([0, 2])
+    assert tflite_graph.clean(model) == (model, {})
+
+
+def test_grouped_conv_with_one_channel_per_group_becomes_depthwise() -> None:
+    """ConvNeXt's 7x7 depthwise convs: onnx2tf writes most as CONV_2D with a [C*m, 7, 7, 1] filter."""
+    import tensorflow as tf
+
+    w = tf.constant(np.random.default_rng(7).standard_normal((7, 7, 1, 32)).astype(np.float32) * 0.3)  # m = 2
+
+    def fn(x):
+        return tf.nn.relu(tf.nn.conv2d(x, w, 2, "SAME") + 0.5)
+
+    model = _tflite(fn, (1, 15, 15, 16))
+    graph = tflite_graph.read(model)
+    assert [tflite_graph.op_name(graph, op) for op in graph.subgraphs[0].operators] == ["CONV_2D"]
+    cleaned, counts = tflite_graph.clean(model)
+    assert counts == {"grouped_conv_as_depthwise": 1}
+    (op,) = tflite_graph.read(cleaned).subgraphs[0].operators
+    assert tflite_graph.op_name(tflite_graph.read(cleaned), op) == "DEPTHWISE_CONV_2D"
+    assert (op.builtinOptions.depthMultiplier, op.builtinOptions.strideH, op.builtinOptions.fusedActivationFunction) \
+        == (2, 2, 1)
+    x = np.random.default_rng(8).standard_normal((1, 15, 15, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(cleaned, x), _run(model, x), rtol=1e-5, atol=1e-5)
+
+
+def _padded_max_pool(relu: bool) -> bytes:
+    """ResNet's stem after onnx2tf: conv (+ReLU) -> PADV2(-FLT_MAX) -> MAX_POOL_2D 3x3/2 VALID."""
+    import tensorflow as tf
+
+    w = tf.constant(np.random.default_rng(9).standard_normal((3, 3, 3, 8)).astype(np.float32))
+
+    def fn(x):
+        y = tf.nn.conv2d(x, w, 1, "SAME")
+        y = tf.nn.relu(y) if relu else y
+        y = tf.pad(y, [[0, 0], [1, 1], [1, 1], [0, 0]], constant_values=float(np.finfo(np.float32).min))
+        return tf.nn.max_pool2d(y, 3, 2, "VALID")
+
+    return _tflite(fn, (1, 16, 16, 3))
+
+
+def test_padded_max_pool_after_relu_pads_with_zero() -> None:
+    model = _padded_max_pool(relu=True)
+    assert of_interpreter(TFLiteModel(model).interpreter).outside == {"PADV2": 1}
+    cleaned, counts = tflite_graph.clean(model)
+    assert counts == {"max_pool_pad_after_relu": 1}
+    after = of_interpreter(TFLiteModel(cleaned).interpreter)
+    assert (after.partitions, after.outside) == (1, {})
+    x = np.random.default_rng(10).standard_normal((1, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(_run(cleaned, x), _run(model, x))
+
+
+def test_padded_max_pool_of_signed_values_keeps_its_pad() -> None:
+    model = _padded_max_pool(relu=False)
+    assert tflite_graph.clean(model) == (model, {})
