@@ -27,7 +27,7 @@ from edgeship.verify import outputs as verify
 from edgeship.convert.fold import fold_input_affine, normalization_into_graph
 from edgeship.convert.simplify import OrtRunner, simplify
 from edgeship.errors import ConversionError, InputError, VerificationError
-from edgeship.runtime.card import CARD_FILE, Layout, ModelCard, Preprocessing, TensorSpec
+from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec
 from edgeship.runtime.images import ImageSet, Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import compare
@@ -36,8 +36,8 @@ log = logging.getLogger(__name__)
 
 # File names of a saved conversion (kept importable from here).
 from edgeship.convert.result import (  # noqa: E402
-    FLOAT16_CARD, FLOAT16_FILE, FLOAT32_FILE, LABELS_FILE, REPORT_FILE, SAVED_MODEL_DIR, SIMPLIFIED_FILE,
-    ConvertResult,
+    FLOAT16_FILE, FLOAT32_FILE, LABELS_FILE, SIMPLIFIED_FILE,
+    ConvertResult, file_names,
 )
 
 
@@ -97,13 +97,8 @@ class ConvertOptions:
 
 
 def output_names(options: ConvertOptions) -> list[str]:
-    """What :meth:`ConvertResult.save` writes for these options."""
-    names = [FLOAT32_FILE, CARD_FILE, REPORT_FILE, SIMPLIFIED_FILE, SAVED_MODEL_DIR]
-    if options.fp16:
-        names += [FLOAT16_FILE, FLOAT16_CARD]
-    if options.labels:
-        names.append(LABELS_FILE)
-    return names
+    """What :meth:`ConvertResult.save` writes for these options (checked before the work starts)."""
+    return file_names(fp16=options.fp16, labels=options.labels is not None)
 
 
 def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertOptions(),

@@ -26,6 +26,13 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_names(*, fp16: bool, labels: bool) -> list[str]:
+    """The files of a saved conversion."""
+    names = [FLOAT32_FILE, CARD_FILE, REPORT_FILE, SIMPLIFIED_FILE, SAVED_MODEL_DIR]
+    names += [FLOAT16_FILE, FLOAT16_CARD] if fp16 else []
+    return names + ([LABELS_FILE] if labels else [])
+
+
 @dataclass(frozen=True)
 class ConvertResult:
     """A converted model, in memory: nothing is written until :meth:`save`.
@@ -57,20 +64,11 @@ class ConvertResult:
         return self.folder / FLOAT32_FILE if self.folder else None
 
     def label_names(self) -> Labels | None:
-        if self.labels is None:
-            return None
-        try:
-            return Labels.parse(self.labels.decode("utf-8").splitlines())
-        except UnicodeDecodeError as exc:
-            raise InputError("labels are not UTF-8 text") from exc
+        return Labels.from_bytes(self.labels, "the conversion's labels") if self.labels is not None else None
 
     def file_names(self) -> list[str]:
         """What :meth:`save` writes."""
-        names = [FLOAT32_FILE, CARD_FILE, REPORT_FILE, SIMPLIFIED_FILE]
-        names += [SAVED_MODEL_DIR] if self.saved_model else []
-        names += [FLOAT16_FILE, FLOAT16_CARD] if self.float16 is not None else []
-        names += [LABELS_FILE] if self.labels is not None else []
-        return names
+        return file_names(fp16=self.float16 is not None, labels=self.labels is not None)
 
     def save(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> ConvertResult:
         """Write the model, card, report (and float16, labels, SavedModel) into ``out_dir`` as one set.
@@ -95,8 +93,9 @@ class ConvertResult:
         return replace(self, folder=out)
 
     @classmethod
-    def load(cls, folder: str | os.PathLike[str]) -> ConvertResult:
-        """A saved convert folder (``edgeship convert -o FOLDER``) as a result."""
+    def load(cls, folder: str | os.PathLike[str], *, saved_model: bool = False) -> ConvertResult:
+        """A saved convert folder (``edgeship convert -o FOLDER``) as a result (onnx2tf's SavedModel
+        only when asked: quantize does not use it)."""
         folder = Path(folder)
         card_path = folder / CARD_FILE
         if not card_path.is_file():
@@ -108,7 +107,7 @@ class ConvertResult:
                              f"{card.precision}); pass the ONNX model or a `edgeship convert` folder")
         return cls(model=(folder / card.model_file).read_bytes(), card=card, report=_read_json(folder / REPORT_FILE),
                    simplified_onnx=_read(folder / SIMPLIFIED_FILE) or b"", float16=_read(folder / FLOAT16_FILE),
-                   saved_model=_read_tree(folder / SAVED_MODEL_DIR),
+                   saved_model=_read_tree(folder / SAVED_MODEL_DIR) if saved_model else {},
                    labels=_read(folder / card.labels_file) if card.labels_file else None, folder=folder)
 
     def to_dict(self) -> dict[str, Any]:

@@ -220,8 +220,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import check_outputs_free
+    from edgeship.convert import ConvertOptions
+    from edgeship.convert.pipeline import output_names as convert_outputs
     from edgeship.quantize import QuantizeOptions, quantize
-    from edgeship.quantize.pipeline import output_names, reusable_conversion
+    from edgeship.quantize.pipeline import conversion_for, output_names
 
     given = dict(num_calib=args.num_calib, seed=args.seed, method=args.method, percentile=args.percentile,
                  io=args.io, per_tensor=args.per_tensor or None, float_islands=False if args.full_integer else None,
@@ -233,19 +235,18 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         options = QuantizeOptions.for_target(load_target(args.target), **given)
     else:
         options = QuantizeOptions(**{k: v for k, v in given.items() if v is not None})
-    check_outputs_free(args.out, output_names(), force=args.force)  # before minutes of work
-    model: Any = args.model
-    if model.is_file():  # an ONNX file: converted into the output folder too (reused when it already is)
-        model = reusable_conversion(args.out, model) or model
+    model = conversion_for(args.model, args.out, force=args.force)
+    new_files = output_names() + (convert_outputs(ConvertOptions()) if isinstance(model, Path) and model.is_file()
+                                  else [])
+    check_outputs_free(args.out, new_files, force=args.force)  # before minutes of work
     result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
-    if result.source is not None and result.source.folder is None:
-        result.source.save(args.out, force=args.force)
-    result = result.save(args.out, force=args.force)
-    payload = {"summary": _quant_summary(result.report) + _input_contract(result.card),
-               "result": {"out_dir": str(result.folder), "report": result.report}}
+    result = result.save_with_source(args.out, force=args.force)
+    payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _input_contract(result.card),
+                               "result": {"out_dir": str(result.folder), "report": result.report}}
     try:
         result.raise_for_budget()
     except EdgeshipError as exc:
+        payload["result"]["error"] = {"type": type(exc).__name__, "message": exc.cli_message()}
         return exc.exit_code, {**payload, "error": exc.cli_message()}
     return 0, payload
 
@@ -287,9 +288,6 @@ def _xnnpack_line(runs: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- verify
-from edgeship.targets.devices import NO_ADB_DRIFT_CHECKS  # noqa: E402 - light module, kept for importers
-
-
 def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None:
     g = p.add_argument_group("device (default: run on this machine)")
     where = g.add_mutually_exclusive_group()
@@ -506,6 +504,8 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship.deploy import DeployOptions, deploy
+
+    from edgeship.targets.devices import NO_ADB_DRIFT_CHECKS
 
     device = _device_spec(args)
     if device is not None and device.kind == "adb":

@@ -228,10 +228,9 @@ def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets
     fp16 = any(t.model.precision.value == "float16" for t in targets)
     pixels = any(t.runtime.client.reads_metadata for t in targets)  # per-channel normalisation goes in the graph
     labels = options.labels
-    key = {"stage": "convert", "model_sha256": sha256_file(model), "fp16": fp16, "pixels_in_graph": pixels,
-           "labels": sha256_file(labels) if labels else None}
     copts = ConvertOptions(fp16=fp16, labels=labels, pixels_in_graph=pixels)
-    key = {**key, "options": copts.to_dict()}
+    key = {"stage": "convert", "model_sha256": sha256_file(model), "options": copts.to_dict(),
+           "labels_sha256": sha256_file(labels) if labels else None}
     return stages.run("convert", key,
                       lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True))
 

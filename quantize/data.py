@@ -77,25 +77,35 @@ def _check_enough(calib: int, evals: int, split: Split) -> None:
                                f"at least {split.min_calib} needed")
 
 
-def from_folders(calibration: Path, evaluation: Path | None, split: Split, prep: Preprocessing,
-                 labels: Labels | None, progress: Progress = silent) -> tuple[Pixels, Pixels]:
-    calib, evals = split_images(calibration, split, evaluation)
+def from_sets(calib: ImageSet, evals: ImageSet, held_apart: bool, prep: Preprocessing, labels: Labels | None,
+              progress: Progress = silent) -> tuple[Pixels, Pixels]:
+    """Decode listed calibration and evaluation images (see :func:`split_images`)."""
     return (Pixels(load_pixels(calib.files, prep, progress=progress), tuple(calib.labels_for(labels)),
                    folder_report(calib)),
             Pixels(load_pixels(evals.files, prep, progress=progress), tuple(evals.labels_for(labels)),
-                   {**folder_report(evals), "held_apart_from_calibration": evaluation is None}))
+                   {**folder_report(evals), "held_apart_from_calibration": held_apart}))
+
+
+def from_folders(calibration: Path, evaluation: Path | None, split: Split, prep: Preprocessing,
+                 labels: Labels | None, progress: Progress = silent) -> tuple[Pixels, Pixels]:
+    calib, evals = split_images(calibration, split, evaluation)
+    return from_sets(calib, evals, evaluation is None, prep, labels, progress)
 
 
 def from_arrays(calibration: Iterable[np.ndarray], evaluation: Iterable[np.ndarray] | None, split: Split,
                 prep: Preprocessing) -> tuple[Pixels, Pixels]:
-    """Arrays (HxWx3 uint8 RGB frames of any size), resized and cropped like files."""
+    """Arrays (HxWx3 uint8 RGB frames of any size), resized and cropped like files.
+
+    Held apart like a folder's images: with more than ``num_calib`` arrays the first
+    ``num_calib`` calibrate and the rest are evaluated, else the last ``eval_split`` are.
+    """
     calib = _crops(calibration, prep, "calibration")
     if evaluation is not None:
         evals = _crops(evaluation, prep, "evaluation")
+        calib = calib[:split.num_calib]
     else:
-        n_eval = max(1, round(len(calib) * split.eval_split))
-        calib, evals = calib[:len(calib) - n_eval], calib[len(calib) - n_eval:]
-    calib = calib[:split.num_calib]
+        keep = split.num_calib if len(calib) > split.num_calib else len(calib) - max(1, round(len(calib) * split.eval_split))
+        calib, evals = calib[:keep], calib[keep:]
     _check_enough(len(calib), len(evals), split)
     evals = evals[:split.max_eval] if split.max_eval else evals
     return (Pixels(calib, (None,) * len(calib), array_report(calib)),

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgeship._child import ChildWorker
 from edgeship._deps import HOST_TOOLS, versions
-from edgeship._io import atomic_write_bytes, atomic_write_json, staged_output
+from edgeship._io import atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
 from edgeship._progress import Progress, Timer, silent
 from edgeship.convert import tflite_graph
 from edgeship.convert.pipeline import convert
@@ -28,7 +28,7 @@ from edgeship.quantize.data import Images, Pixels, is_folder
 from edgeship.quantize.options import CalibrationMethod, QuantizeOptions
 from edgeship.runtime.card import CARD_FILE, ModelCard, TensorSpec
 from edgeship.runtime.delegation import Delegation, of_interpreter
-from edgeship.runtime.images import Labels, normalize
+from edgeship.runtime.images import ImageSet, Labels, normalize
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
 
@@ -85,9 +85,11 @@ class QuantizeResult:
         """
         out = Path(out_dir)
         card_file = INT8_CARD if self.within_budget else OVER_BUDGET_CARD
+        other = (OVER_BUDGET_FILE, OVER_BUDGET_CARD) if self.within_budget else (INT8_FILE, INT8_CARD)
         labels = self.source.labels if self.source and self.card.labels_file else None
         names = [self.model_file, card_file, REPORT_FILE, LAYER_PLOT] + ([self.card.labels_file] if labels else [])
         same_labels = labels is not None and _holds(out / str(self.card.labels_file), labels)
+        check_outputs_free(out, [*names, *other], force=force)  # the other outcome's files count as outputs too
         with staged_output(out, [n for n in names if not (same_labels and n == self.card.labels_file)],
                            force=force) as stage:
             atomic_write_bytes(stage / self.model_file, self.model)
@@ -97,9 +99,15 @@ class QuantizeResult:
                 atomic_write_bytes(stage / LAYER_PLOT, self.layer_plot)
             if labels is not None and not same_labels:
                 atomic_write_bytes(stage / str(self.card.labels_file), labels)
-        for stale in ((OVER_BUDGET_FILE, OVER_BUDGET_CARD) if self.within_budget else (INT8_FILE, INT8_CARD)):
+        for stale in other:  # only reached with force when they existed: they cannot be mistaken for this run's
             (out / stale).unlink(missing_ok=True)
         return replace(self, folder=out)
+
+    def save_with_source(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> QuantizeResult:
+        """:meth:`save`, and the conversion it was made from when that was never saved (an ONNX input)."""
+        if self.source is not None and self.source.folder is None:
+            self.source.save(out_dir, force=force)
+        return self.save(out_dir, force=force)
 
     def raise_for_budget(self) -> None:
         """Raise :class:`AccuracyDriftError` when the model is over its budget (after :meth:`save`, say)."""
@@ -176,10 +184,11 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
     """
     started = time.perf_counter()
     timer = Timer(progress)
+    listed = _listed(calibration, evaluation, options)  # bad image folders are found before any conversion
     source = float_source(model, progress)
     prep = source.card.preprocessing
     with timer.stage("load images"):
-        calib, evals = _images(calibration, evaluation, options, prep, source.label_names(), progress)
+        calib, evals = _images(listed, calibration, evaluation, options, prep, source.label_names(), progress)
     with ChildWorker() as native, tempfile.TemporaryDirectory(prefix="edgeship-quantize-") as work:
         stage, float_model = Path(work), source.model
         calib_px, eval_px = calib.pixels, evals.pixels
@@ -253,14 +262,21 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
     return QuantizeResult(quant, card, figs, report, within, source, layer_plot)
 
 
-def _images(calibration: Images, evaluation: Images | None, options: QuantizeOptions, prep: Any,
-            labels: Labels | None, progress: Progress) -> tuple[Pixels, Pixels]:
-    """Calibration and evaluation pixels, from folders or from arrays (the same kind for both)."""
+def _listed(calibration: Images, evaluation: Images | None,
+            options: QuantizeOptions) -> tuple[ImageSet, ImageSet] | None:
+    """Calibration and evaluation folders listed and split (None for arrays)."""
     if evaluation is not None and is_folder(calibration) != is_folder(evaluation):
         raise InputError("give calibration and evaluation images the same way: both folders, or both arrays")
-    if is_folder(calibration):
-        return data.from_folders(Path(calibration), Path(evaluation) if evaluation is not None else None,
-                                 options.split, prep, labels, progress)
+    if not is_folder(calibration):
+        return None
+    return data.split_images(Path(calibration), options.split, Path(evaluation) if evaluation is not None else None)
+
+
+def _images(listed: tuple[ImageSet, ImageSet] | None, calibration: Images, evaluation: Images | None,
+            options: QuantizeOptions, prep: Any, labels: Labels | None, progress: Progress) -> tuple[Pixels, Pixels]:
+    """Calibration and evaluation pixels, from the listed folders or from arrays."""
+    if listed is not None:
+        return data.from_sets(*listed, evaluation is None, prep, labels, progress)
     return data.from_arrays(calibration, evaluation, options.split, prep)
 
 
@@ -274,6 +290,15 @@ def float_source(model: ConvertResult | str | os.PathLike[str], progress: Progre
     if path.is_file():
         return convert(path, progress=progress)
     raise InputError(f"model {path} does not exist")
+
+
+def conversion_for(model: Path, out: Path, *, force: bool) -> ConvertResult | Path:
+    """What ``quantize MODEL -o OUT`` quantizes: a convert folder as it is; for an ONNX file, the
+    conversion of exactly that file already saved in OUT (unless ``force``), else the file (converted
+    by :func:`quantize`; :meth:`QuantizeResult.save_with_source` writes the conversion into OUT too)."""
+    if model.is_file() and not force:
+        return reusable_conversion(out, model) or model
+    return model
 
 
 def reusable_conversion(folder: Path, onnx: Path) -> ConvertResult | None:

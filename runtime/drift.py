@@ -13,11 +13,6 @@ import numpy as np
 
 from edgeship.runtime.classifier import Classifier
 
-#: File names of the model and labels shipped to a device for a drift check (chosen here, never the user's).
-STAGED_MODEL = "model.tflite"
-STAGED_LABELS = "labels.txt"
-
-
 def candidate_outputs(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], *,
                       num_threads: int | None = None, use_xnnpack: bool = True,
                       progress: Callable[[str, int | None, int | None], None] | None = None

@@ -71,6 +71,14 @@ class Labels:
         return cls.parse(lines, f"labels file {path}")
 
     @classmethod
+    def from_bytes(cls, data: bytes, where: str = "labels") -> "Labels":
+        """Labels from a labels file's contents (UTF-8)."""
+        try:
+            return cls.parse(data.decode("utf-8").splitlines(), where)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where} is not UTF-8 text") from exc
+
+    @classmethod
     def parse(cls, lines: Sequence[str], where: str = "labels") -> "Labels":
         """Labels from the lines of a labels file (``wnid<TAB>names`` or one name per line)."""
         lines = [ln for ln in lines if ln.strip()]

@@ -14,14 +14,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from edgeship._progress import Progress
 from edgeship.errors import DeviceError, InputError
 from edgeship.targets.profile import Arch, Target
-
-ProgressFn = Callable[[str, Optional[int], Optional[int]], None]
 
 #: Why drift checks refuse adb (verify and deploy parse --adb and explain with this).
 NO_ADB_DRIFT_CHECKS = ("drift checks over adb need Python on the phone, which Android does not have; use --emulate "
@@ -42,14 +41,14 @@ class Device(Protocol):
     """Runs a staged bundle on image files."""
 
     def collect(self, bundle: Path, files: Sequence[Path], *, threads: int | None, use_xnnpack: bool,
-                progress: ProgressFn | None = None) -> Collected: ...
+                progress: Progress | None = None) -> Collected: ...
 
 
 class LocalDevice:
     """This machine, in-process."""
 
     def collect(self, bundle: Path, files: Sequence[Path], *, threads: int | None, use_xnnpack: bool,
-                progress: ProgressFn | None = None) -> Collected:
+                progress: Progress | None = None) -> Collected:
         from edgeship.runtime.drift import candidate_outputs
 
         logits, runtime = candidate_outputs(bundle, files, num_threads=threads, use_xnnpack=use_xnnpack,
@@ -72,7 +71,7 @@ class StagedDevice:
         self.describe_where = where
 
     def collect(self, bundle: Path, files: Sequence[Path], *, threads: int | None, use_xnnpack: bool,
-                progress: ProgressFn | None = None) -> Collected:
+                progress: Progress | None = None) -> Collected:
         with tempfile.TemporaryDirectory(prefix="edgeship-images-") as tmp:
             expected = stage_images(files, Path(tmp))
             if progress:

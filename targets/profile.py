@@ -17,9 +17,12 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeship.errors import TargetError
+
+if TYPE_CHECKING:
+    from edgeship.runtime.metrics import DriftFigures
 
 
 class Arch(str, Enum):
@@ -154,7 +157,7 @@ class Budget:
         if not 0 <= self.min_top1_agreement <= 100:
             raise ValueError(f"min_top1_agreement is a percentage, got {self.min_top1_agreement}")
 
-    def check(self, figures: Any) -> list[BudgetCheck]:
+    def check(self, figures: DriftFigures) -> list[BudgetCheck]:
         """Every budget line against drift figures (:class:`~edgeship.runtime.metrics.DriftFigures`)."""
         agreement = figures.agreement_pct
         checks = [

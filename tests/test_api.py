@@ -47,6 +47,11 @@ def snippet(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     return {"conv": conv, "q": q, "d": d, "out": out}
 
 
+@pytest.fixture(scope="module")
+def tiny_conv(tiny_onnx: Path) -> object:
+    return edgeship.convert(tiny_onnx)
+
+
 @pytest.mark.slow
 def test_snippet_runs_on_real_mobilenetv2(snippet: dict[str, object]) -> None:
     conv, q, d, out = snippet["conv"], snippet["q"], snippet["d"], snippet["out"]
@@ -104,11 +109,11 @@ def test_runtime_imports_nothing_host_side() -> None:
                 assert not name.startswith(("edgeship.convert", "edgeship.quantize", "edgeship.verify")), (path, name)
 
 
-def test_over_budget_is_a_result_not_a_lost_exception(tiny_onnx: Path, calib_images: Path, tmp_path: Path) -> None:
+def test_over_budget_is_a_result_not_a_lost_exception(tiny_conv: object, calib_images: Path, tmp_path: Path) -> None:
+    from edgeship.errors import OutputExistsError
     from edgeship.quantize import QuantizeOptions
 
-    conv = edgeship.convert(tiny_onnx)
-    q = edgeship.quantize(conv, calib_images, options=QuantizeOptions(num_calib=20, min_sqnr_db=99.0,
+    q = edgeship.quantize(tiny_conv, calib_images, options=QuantizeOptions(num_calib=20, min_sqnr_db=99.0,
                                                                       float_islands=False))
     assert not q.within_budget and q.model_file == "model_int8_OVER_BUDGET.tflite"
     with pytest.raises(AccuracyDriftError, match="SQNR budget of 99.0 dB"):
@@ -118,13 +123,18 @@ def test_over_budget_is_a_result_not_a_lost_exception(tiny_onnx: Path, calib_ima
     assert not (tmp_path / "q" / "model_int8.tflite").exists()
     with pytest.raises(AccuracyDriftError, match=str(saved.model_path)):
         saved.raise_for_budget()
+    within = edgeship.quantize(tiny_conv, calib_images, options=QuantizeOptions(num_calib=20))
+    with pytest.raises(OutputExistsError):  # the earlier outcome's files are outputs too: kept without force
+        within.save(tmp_path / "q")
+    assert (tmp_path / "q" / "model_int8_OVER_BUDGET.tflite").is_file()
+    within.save(tmp_path / "q", force=True)
+    assert (tmp_path / "q" / "model_int8.tflite").is_file() and not (tmp_path / "q" / "model_int8_OVER_BUDGET.tflite").exists()
 
 
-def test_arrays_and_folders_give_the_same_pixels(tiny_onnx: Path, tiny_images: Path) -> None:
+def test_arrays_and_folders_give_the_same_pixels(tiny_conv: object, tiny_images: Path) -> None:
     from edgeship.quantize import data
 
-    conv = edgeship.convert(tiny_onnx)
-    prep = conv.card.preprocessing
+    prep = tiny_conv.card.preprocessing
     from PIL import Image
 
     files = sorted(tiny_images.iterdir())
@@ -134,13 +144,27 @@ def test_arrays_and_folders_give_the_same_pixels(tiny_onnx: Path, tiny_images: P
     calib_f, _ = data.from_folders(tiny_images, None, split, prep, None)
     assert np.array_equal(calib_a.pixels, calib_f.pixels)
     assert len(eval_a) == 4 and eval_a.report["held_apart_from_calibration"] is False
+    calib_b, eval_b = data.from_arrays(arrays, None, data.Split(num_calib=5, min_calib=2), prep)
+    assert len(calib_b) == 5 and len(eval_b) == 7  # like a folder: the rest are evaluated
+    calib_c, eval_c = data.from_arrays(arrays, None, data.Split(num_calib=50, min_calib=2), prep)
+    assert len(calib_c) == 10 and len(eval_c) == 2  # fewer than num_calib: eval_split held apart
 
 
 @pytest.mark.parametrize("bad", [np.zeros((8, 8), np.uint8), np.zeros((8, 8, 3), np.float32), "a.jpg"])
-def test_bad_arrays_are_one_clear_error(tiny_onnx: Path, bad: object) -> None:
-    conv = edgeship.convert(tiny_onnx)
+def test_bad_arrays_are_one_clear_error(tiny_conv: object, bad: object) -> None:
     with pytest.raises(InputError, match="calibration image 1 must be an HxWx3 uint8 RGB array"):
-        edgeship.quantize(conv, [np.zeros((8, 8, 3), np.uint8), bad])
+        edgeship.quantize(tiny_conv, [np.zeros((8, 8, 3), np.uint8), bad])
+
+
+def test_bad_calibration_folder_is_found_before_converting(tiny_onnx: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgeship.quantize.pipeline as pipeline
+    from edgeship.errors import CalibrationError
+
+    monkeypatch.setattr(pipeline, "convert", lambda *a, **k: pytest.fail("converted before listing the images"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CalibrationError, match="calibration needs at least 10"):
+        edgeship.quantize(tiny_onnx, tmp_path / "empty")
 
 
 def test_options_round_trip_and_target_rules() -> None:

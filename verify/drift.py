@@ -13,22 +13,24 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
 
 from edgeship._io import atomic_write_bytes, atomic_write_json
+from edgeship._progress import Progress
 from edgeship.errors import AccuracyDriftError, InputError, VerificationError
 from edgeship.runtime.card import CARD_FILE, ModelCard
-from edgeship.runtime.drift import STAGED_LABELS, STAGED_MODEL
 from edgeship.runtime.images import ImageSet, Labels, iter_pixels, list_images, normalize
 from edgeship.runtime.metrics import DriftFigures, compare
 from edgeship.targets.devices import Device, DeviceSpec, LocalDevice, make_device
 from edgeship.targets.profile import BudgetCheck, Target, load_target
 
-ProgressFn = Callable[[str, Optional[int], Optional[int]], None]
 REPORT_FILE = "drift_report.json"
 OUTPUTS_FILE = "outputs.npz"
+#: File names of the model and labels shipped to a device for a drift check (chosen here, never the user's).
+STAGED_MODEL = "model.tflite"
+STAGED_LABELS = "labels.txt"
 #: A candidate: a saved .tflite (card beside it), a bundle folder, or a stage result in memory.
 Candidate = Union[str, os.PathLike, Any]
 
@@ -61,6 +63,18 @@ class DriftResult:
             raise AccuracyDriftError(f"over the drift budget of target {self.report['target']['name']}: "
                                      + "; ".join(self.failures), failing)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The report (figures, budget lines, where it ran); the outputs are kept by :meth:`save`."""
+        return self.report
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, reference: np.ndarray | None = None, candidate: np.ndarray | None = None,
+                  files: Sequence[Path] = ()) -> DriftResult:
+        figs = {k: v for k, v in d["figures"].items() if k in DriftFigures.__dataclass_fields__}
+        figs["disagreements"] = tuple(figs.get("disagreements", ()))
+        checks = tuple(BudgetCheck(**c) for c in d["budget"])
+        return cls(DriftFigures(**figs), checks, dict(d), reference, candidate, tuple(Path(f) for f in files))
+
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """``drift_report.json`` and ``outputs.npz`` (reference and candidate outputs) into ``folder``."""
         folder = Path(folder)
@@ -80,21 +94,17 @@ class DriftResult:
         """A saved drift check (what :meth:`save` wrote)."""
         folder = Path(folder)
         report = json.loads((folder / REPORT_FILE).read_text())
-        figs = {k: v for k, v in report["figures"].items() if k in DriftFigures.__dataclass_fields__}
-        figs["disagreements"] = tuple(figs.get("disagreements", ()))
-        checks = tuple(BudgetCheck(**c) for c in report["budget"])
-        ref = cand = None
-        files: tuple[Path, ...] = ()
-        if (folder / OUTPUTS_FILE).is_file():
-            with np.load(folder / OUTPUTS_FILE) as data:
-                ref, cand, files = data["reference"], data["candidate"], tuple(Path(str(f)) for f in data["files"])
-        return cls(DriftFigures(**figs), checks, report, ref, cand, files)
+        if not (folder / OUTPUTS_FILE).is_file():
+            return cls.from_dict(report)
+        with np.load(folder / OUTPUTS_FILE) as data:
+            return cls.from_dict(report, reference=data["reference"], candidate=data["candidate"],
+                                 files=[Path(str(f)) for f in data["files"]])
 
 
 def verify(reference_onnx: str | os.PathLike[str], candidate: Candidate, images: str | os.PathLike[str] | ImageSet,
            *, target: str | Target = "x86-host", device: Device | DeviceSpec | None = None,
            max_images: int | None = None, reference: np.ndarray | None = None,
-           progress: ProgressFn | None = None) -> DriftResult:
+           progress: Progress | None = None) -> DriftResult:
     """Run ``candidate`` the way ``target`` will and compare it with the ONNX reference.
 
     Args:
@@ -156,7 +166,7 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: Candidate, images:
         if target.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
             from edgeship.targets.mediapipe_check import add_client_check
 
-            add_client_check(result, bundle / STAGED_MODEL, card.with_(model_file=STAGED_MODEL), progress=progress)
+            add_client_check(result, bundle / STAGED_MODEL, card, progress=progress)
     return result
 
 
@@ -219,7 +229,7 @@ def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCar
 
 
 def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Path], card: ModelCard,
-                      progress: ProgressFn | None = None) -> np.ndarray:
+                      progress: Progress | None = None) -> np.ndarray:
     """onnxruntime outputs of the source model on the images (the candidate's image path, so the same pixels)."""
     from edgeship.convert.onnx_model import inspect_model, load_model
     from edgeship.convert.simplify import OrtRunner
