@@ -42,7 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/archs.py: the shared model builders
 
 from edgeship._assets import shared_assets  # noqa: E402
-from edgeship.convert.verify import load_pixels, run_onnx  # noqa: E402
+from edgeship.verify.outputs import load_pixels, run_onnx  # noqa: E402
 from edgeship.runtime.bench import BenchOptions, benchmark  # noqa: E402
 from edgeship.runtime.card import ModelCard, Preprocessing  # noqa: E402
 from edgeship.runtime.images import ImageSet, list_images, normalize  # noqa: E402

@@ -74,10 +74,10 @@ def latency(model: Path, photo: Path, small: list[Path], *, threads: int, rounds
 
 def drift(model: Path, reference: Path, images: object) -> dict[str, object]:
     """Top-1 agreement with the float reference on the held-apart images, as ``edgeship verify`` runs it."""
-    from edgeship.runtime.drift import verify
+    from edgeship.verify.drift import verify
     from edgeship.targets import load_target
 
-    result = verify(reference, model, images, load_target("x86-host"))
+    result = verify(reference, model, images, target=load_target("x86-host"))
     cand = result.report["candidate"]
     return {"agreement_pct": result.figures.agreement_pct, "count": result.figures.count,
             "cand_top1": result.figures.to_dict().get("cand_top1"),

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 
 from edgeship._assets import shared_assets
-from edgeship.convert.verify import load_pixels
+from edgeship.verify.outputs import load_pixels
 from edgeship.runtime.bench import BenchOptions, benchmark, table
 from edgeship.runtime.card import ModelCard, Preprocessing
-from edgeship.runtime.drift import reference_outputs
+from edgeship.verify.drift import reference_outputs
 from edgeship.runtime.images import Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import compare

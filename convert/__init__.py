@@ -1,11 +1,15 @@
-"""Convert stage: ONNX image classifier -> verified float TFLite.
+"""Convert stage: ONNX image classifier -> verified float TFLite, as a :class:`ConvertResult`.
 
-Heavy packages (onnx, onnxsim, onnxruntime, onnx2tf, TensorFlow) are imported only
-inside the functions that need them.
+``edgeship.convert(path, options=...)`` calls :func:`convert`. Heavy packages (onnx,
+onnxsim, onnxruntime, onnx2tf, TensorFlow) are imported only inside the functions that
+need them.
 """
 
+from edgeship._stage import callable_stage
 from edgeship.convert.pipeline import ConvertOptions as ConvertOptions
-from edgeship.convert.pipeline import ConvertResult as ConvertResult
 from edgeship.convert.pipeline import convert as convert
+from edgeship.convert.result import ConvertResult as ConvertResult
+
+callable_stage(__name__, convert)
 
 __all__ = ["convert", "ConvertOptions", "ConvertResult"]

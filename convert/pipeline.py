@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +20,25 @@ import numpy as np
 
 from edgeship._child import one_line
 from edgeship._deps import HOST_TOOLS, versions
-from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, check_outputs_free, sha256_file, staged_output
+from edgeship._io import atomic_write_bytes, sha256_file
 from edgeship._progress import Progress, Timer, silent
-from edgeship.convert import onnx_model, tflite_graph, verify
+from edgeship.convert import onnx_model, tflite_graph
+from edgeship.verify import outputs as verify
 from edgeship.convert.fold import fold_input_affine, normalization_into_graph
 from edgeship.convert.simplify import OrtRunner, simplify
 from edgeship.errors import ConversionError, InputError, VerificationError
-from edgeship.runtime.card import CARD_FILE, Layout, ModelCard, Preprocessing, TensorSpec
+from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec
 from edgeship.runtime.images import ImageSet, Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import compare
 
 log = logging.getLogger(__name__)
 
-FLOAT32_FILE = "model_float32.tflite"
-FLOAT16_FILE = "model_float16.tflite"
-FLOAT16_CARD = "model_float16.card.json"
-REPORT_FILE = "convert_report.json"
-SIMPLIFIED_FILE = "model_simplified.onnx"
-SAVED_MODEL_DIR = "saved_model"
-LABELS_FILE = "labels.txt"
+# File names of a saved conversion (kept importable from here).
+from edgeship.convert.result import (  # noqa: E402
+    FLOAT16_FILE, FLOAT32_FILE, LABELS_FILE, SIMPLIFIED_FILE,
+    ConvertResult, file_names,
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,6 @@ class ConvertOptions:
         max_images: Verify on at most this many images (None: all).
         labels: Labels file (``wnid<TAB>names`` or one name per line) copied into the output.
         preprocessing: Image preprocessing (default: ImageNet recipe for the input size).
-        force: Overwrite existing outputs.
         synthetic_count: Number of generated inputs when no images are given.
         fold_input_affine: Fold leading Mul/Add/Sub/Div-by-constant ops on the input into
             the preprocessing (exact; fewer ops, and int8 input quantized once).
@@ -67,7 +65,6 @@ class ConvertOptions:
     max_images: int | None = None
     labels: Path | None = None
     preprocessing: Preprocessing | None = None
-    force: bool = False
     synthetic_count: int = 16
     fold_input_affine: bool = True
     pixels_in_graph: bool = False
@@ -78,48 +75,53 @@ class ConvertOptions:
         if self.synthetic_count < 1:
             raise InputError(f"synthetic_count must be >= 1, got {self.synthetic_count}")
 
+    def to_dict(self) -> dict[str, Any]:
+        d = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        d["input_shape"] = list(self.input_shape) if self.input_shape else None
+        d["images"] = str(self.images) if self.images else None
+        d["labels"] = str(self.labels) if self.labels else None
+        d["preprocessing"] = self.preprocessing.to_dict() if self.preprocessing else None
+        return d
 
-@dataclass(frozen=True)
-class ConvertResult:
-    """What :func:`convert` produced."""
-
-    out_dir: Path
-    model_path: Path
-    card: ModelCard
-    report: dict[str, Any] = field(repr=False)
-    float16_path: Path | None = None
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ConvertOptions:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown convert option(s): {', '.join(sorted(unknown))}")
+        d = dict(d)
+        for key in ("images", "labels"):
+            d[key] = Path(d[key]) if d.get(key) else None
+        d["input_shape"] = tuple(d["input_shape"]) if d.get("input_shape") else None
+        d["preprocessing"] = Preprocessing.from_dict(d["preprocessing"]) if d.get("preprocessing") else None
+        return cls(**d)
 
 
 def output_names(options: ConvertOptions) -> list[str]:
-    names = [FLOAT32_FILE, CARD_FILE, REPORT_FILE, SIMPLIFIED_FILE, SAVED_MODEL_DIR]
-    if options.fp16:
-        names += [FLOAT16_FILE, FLOAT16_CARD]
-    if options.labels:
-        names.append(LABELS_FILE)
-    return names
+    """What :meth:`ConvertResult.save` writes for these options (checked before the work starts)."""
+    return file_names(fp16=options.fp16, labels=options.labels is not None)
 
 
-def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-            options: ConvertOptions = ConvertOptions(), progress: Progress = silent) -> ConvertResult:
-    """Convert an ONNX image classifier to a verified float TFLite model.
+def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertOptions(),
+            progress: Progress = silent) -> ConvertResult:
+    """Convert an ONNX image classifier to a verified float TFLite model (in memory).
 
     Args:
         model: Path to the ONNX model (never modified).
-        out_dir: Output folder; existing outputs are only replaced with ``options.force``.
         options: See :class:`ConvertOptions`.
         progress: Progress hook (stage name, done, total).
 
     Returns:
-        A :class:`ConvertResult` with the TFLite path, its model card and the report.
+        A :class:`ConvertResult`: the TFLite bytes, its model card and the report;
+        :meth:`ConvertResult.save` writes them.
 
     Raises:
-        InputError: Missing/corrupt model, wrong interface, bad image folder, outputs exist.
+        InputError: Missing/corrupt model, wrong interface, bad image folder.
         ConversionError: Simplification or onnx2tf failed.
         VerificationError: The TFLite model does not match onnxruntime within tolerance.
     """
     started = time.perf_counter()
     timer = Timer(progress)
-    src, out_dir = Path(model), Path(out_dir)
+    src = Path(model)
     with timer.stage("load"):
         original = onnx_model.load_model(src)
         info = onnx_model.inspect_model(original, str(src))
@@ -130,12 +132,10 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                              f"{shape[2]}x{shape[3]}")
         labels = Labels.load(options.labels) if options.labels else None
         images = _verification_images(options)
-    check_outputs_free(out_dir, output_names(options), force=options.force)
     source_sha = sha256_file(src)
     src_stat = src.stat()
 
-    with staged_output(out_dir, output_names(options), force=options.force) as stage, \
-            tempfile.TemporaryDirectory(prefix="edgeship-convert-") as work:
+    with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as work:
         work_dir = Path(work)
         inputs = verify.make_inputs(images, prep, synthetic_count=options.synthetic_count,
                                     labels=images.labels_for(labels) if images and labels else (),
@@ -158,9 +158,9 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                                                                                model_prep, shape[1])
                 notes += graph_notes
             sim_check = _check_simplified(original, simplified, inputs, prep, model_prep, shape[0])
-            atomic_write_bytes(stage / SIMPLIFIED_FILE, simplified.SerializeToString())
+            atomic_write_bytes(work_dir / SIMPLIFIED_FILE, simplified.SerializeToString())
         with timer.stage("onnx2tf"):
-            child = _run_onnx2tf(stage / SIMPLIFIED_FILE, work_dir)
+            child = run_onnx2tf(work_dir / SIMPLIFIED_FILE, work_dir)
         tfl32 = work_dir / "tf" / "model_float32.tflite"
         cleaned = _clean_graph(tfl32, work_dir / "tf" / "model_float16.tflite" if options.fp16 else None)
         with timer.stage("verify"):
@@ -171,19 +171,14 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                                                 model_prep, "float16", progress)
         _raise_on_failures(checks)
         with timer.stage("write"):
-            atomic_copy(tfl32, stage / FLOAT32_FILE)
-            if options.fp16:
-                atomic_copy(work_dir / "tf" / "model_float16.tflite", stage / FLOAT16_FILE)
-            _keep_saved_model(work_dir / "tf", stage / SAVED_MODEL_DIR)
-            if options.labels:
-                atomic_copy(options.labels, stage / LABELS_FILE)
-            card = _card(stage / FLOAT32_FILE, FLOAT32_FILE, "float32", model_prep, src, source_sha,
+            tf_dir = work_dir / "tf"
+            labels_bytes = options.labels.read_bytes() if options.labels else None
+            card = _card(tfl32, FLOAT32_FILE, "float32", model_prep, src, source_sha,
                          labels, LABELS_FILE if options.labels else None).with_(postprocessing=scores)
             if model_prep != prep:
                 card = card.with_(source_preprocessing=prep, notes=tuple(n for n in notes if "folded" in n))
-            atomic_write_json(stage / CARD_FILE, card.to_dict())
-            if options.fp16:
-                atomic_write_json(stage / FLOAT16_CARD, card.with_(model_file=FLOAT16_FILE, precision="float16").to_dict())
+            float16 = (tf_dir / FLOAT16_FILE).read_bytes() if options.fp16 else None
+            model_bytes = tfl32.read_bytes()
             report = {
                 "edgeship_report": "convert",
                 "source": {"path": str(src.resolve()), "sha256": source_sha, "bytes": src_stat.st_size,
@@ -197,26 +192,37 @@ def convert(model: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
                                 "total_after": len(simplified.graph.node)},
                 "simplify_check": sim_check,
                 "graph_cleanups": cleaned,
-                "xnnpack": _delegation(stage / FLOAT32_FILE),
+                "xnnpack": _delegation(tfl32),
                 "verification": {k: v for k, v in checks.items()},
                 "verification_inputs": {"source": inputs.source, "count": int(len(inputs.pixels)),
                                         "folder": str(images.root) if images else None,
                                         "skipped_files": len(images.skipped) if images else 0},
                 "preprocessing": model_prep.to_dict(),
                 "preprocessing_of_source": prep.to_dict(),
-                "sizes": {"onnx": src_stat.st_size, FLOAT32_FILE: (stage / FLOAT32_FILE).stat().st_size,
-                          **({FLOAT16_FILE: (stage / FLOAT16_FILE).stat().st_size} if options.fp16 else {})},
+                "sizes": {"onnx": src_stat.st_size, FLOAT32_FILE: len(model_bytes),
+                          **({FLOAT16_FILE: len(float16)} if float16 is not None else {})},
                 "onnx2tf_child": child,
                 "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
                 "timings_s": timer.seconds,
             }
             report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
-            atomic_write_json(stage / REPORT_FILE, report)
+            result = ConvertResult(model=model_bytes, card=card, report=report,
+                                   simplified_onnx=(work_dir / SIMPLIFIED_FILE).read_bytes(), float16=float16,
+                                   saved_model=_saved_model(tf_dir), labels=labels_bytes)
         if src.stat().st_mtime_ns != src_stat.st_mtime_ns or sha256_file(src) != source_sha:
-            raise ConversionError(f"the input model {src} changed during conversion; outputs discarded")
-    final = out_dir / FLOAT32_FILE
-    return ConvertResult(out_dir, final, card, report,
-                         out_dir / FLOAT16_FILE if options.fp16 else None)
+            raise ConversionError(f"the input model {src} changed during conversion; nothing is returned")
+    return result
+
+
+def preprocessing_for(model: str | os.PathLike[str], input_shape: tuple[int, ...] | None,
+                      given: dict[str, Any]) -> Preprocessing:
+    """Preprocessing from ``given`` keys, sized for the input the model will be converted with
+    (crop = input H x W, resize 256/224 of it unless given)."""
+    info = onnx_model.inspect_model(onnx_model.load_model(model), str(model))
+    shape, _ = onnx_model.resolve_shape(info, input_shape)
+    height, width = shape[2], shape[3]
+    sized = {"crop": [height, width], "resize_shorter": round(min(height, width) * 256 / 224), **given}
+    return Preprocessing.from_dict(sized)
 
 
 def _verification_images(options: ConvertOptions) -> ImageSet | None:
@@ -244,7 +250,7 @@ def _check_simplified(original: Any, simplified: Any, inputs: verify.VerifyInput
     return result
 
 
-def _run_onnx2tf(onnx_path: Path, work_dir: Path) -> dict[str, Any]:
+def run_onnx2tf(onnx_path: Path, work_dir: Path) -> dict[str, Any]:
     """Run onnx2tf in a child process on a private copy; return its figures."""
     model_copy = work_dir / "model.onnx"
     shutil.copyfile(onnx_path, model_copy)
@@ -320,13 +326,14 @@ def _raise_on_failures(checks: dict[str, dict[str, Any]]) -> None:
         raise VerificationError("converted TFLite does not match onnxruntime: " + "; ".join(problems))
 
 
-def _keep_saved_model(tf_dir: Path, dest: Path) -> None:
-    """Keep onnx2tf's SavedModel (the quantize stage calibrates from it)."""
-    dest.mkdir()
+def _saved_model(tf_dir: Path) -> dict[str, bytes]:
+    """onnx2tf's SavedModel, file by file (kept for TensorFlow's own tools)."""
+    files: dict[str, bytes] = {}
     for name in ("saved_model.pb", "variables", "assets", "fingerprint.pb"):
         src = tf_dir / name
-        if src.exists():
-            shutil.move(str(src), dest / name)
+        for f in ([src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []):
+            files[str(f.relative_to(tf_dir))] = f.read_bytes()
+    return files
 
 
 def _card(path: Path, file_name: str, precision: str, prep: Preprocessing, src: Path, sha: str,
@@ -339,10 +346,8 @@ def _card(path: Path, file_name: str, precision: str, prep: Preprocessing, src: 
     return ModelCard(
         model_file=file_name,
         precision=precision,
-        input=TensorSpec(inp.name, inp.shape, inp.dtype.name, Layout.NHWC.value,
-                         inp.scale or None, inp.zero_point if inp.quantized else None),
-        output=TensorSpec(out.name, out.shape, out.dtype.name, None,
-                          out.scale or None, out.zero_point if out.quantized else None),
+        input=TensorSpec.of(inp, Layout.NHWC.value),
+        output=TensorSpec.of(out),
         preprocessing=prep,
         source_model=src.name,
         source_sha256=sha,

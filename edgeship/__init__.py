@@ -1,9 +1,14 @@
 """edgeship: ONNX image classifier -> fast, small, verified int8 TFLite for phones and Pis.
 
-Stages are subpackages: :mod:`edgeship.convert`, :mod:`edgeship.quantize`,
-:mod:`edgeship.runtime` (the only part a device needs) and :mod:`edgeship.targets`.
-The public entry points are re-exported lazily here so that importing the runtime on a
-device never pulls in the host tool chain.
+Stages are subpackages you can call, each passing a typed value to the next::
+
+    conv = edgeship.convert("model.onnx", options=edgeship.ConvertOptions())   # ConvertResult
+    q = edgeship.quantize(conv, "calib/", options=edgeship.QuantizeOptions())   # QuantizeResult
+    d = edgeship.verify("model.onnx", q, "images/", target="x86-host")          # DriftResult
+
+:mod:`edgeship.runtime` is the only part a device needs; :mod:`edgeship.targets` holds the
+target profiles and devices. Everything here is imported lazily, so importing the runtime
+on a device never pulls in the host tool chain.
 """
 
 from __future__ import annotations
@@ -24,19 +29,27 @@ from edgeship.errors import OutputExistsError as OutputExistsError
 from edgeship.errors import TargetError as TargetError
 from edgeship.errors import VerificationError as VerificationError
 
+#: The callable stage packages (``edgeship.convert(...)`` calls ``edgeship.convert.convert``).
+_STAGES = ("convert", "quantize", "verify")
 _LAZY = {
-    "convert": ("edgeship.convert", "convert"),
     "ConvertOptions": ("edgeship.convert", "ConvertOptions"),
     "ConvertResult": ("edgeship.convert", "ConvertResult"),
+    "QuantizeOptions": ("edgeship.quantize", "QuantizeOptions"),
+    "QuantizeResult": ("edgeship.quantize", "QuantizeResult"),
+    "DriftResult": ("edgeship.verify", "DriftResult"),
+    "DeviceSpec": ("edgeship.targets.devices", "DeviceSpec"),
+    "load_target": ("edgeship.targets", "load_target"),
     "ModelCard": ("edgeship.runtime.card", "ModelCard"),
     "Preprocessing": ("edgeship.runtime.card", "Preprocessing"),
 }
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
+    import importlib
 
+    if name in _STAGES:
+        return importlib.import_module(f"edgeship.{name}")
+    if name in _LAZY:
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'edgeship' has no attribute {name!r}")
@@ -56,5 +69,6 @@ __all__ = [
     "OutputExistsError",
     "TargetError",
     "VerificationError",
+    *_STAGES,
     *_LAZY,
 ]

@@ -108,6 +108,14 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def cache_dir(*parts: str) -> Path:
+    """edgeship's cache: ``$EDGESHIP_CACHE``, else ``$XDG_CACHE_HOME/edgeship``, else ``~/.cache/edgeship``."""
+    if os.environ.get("EDGESHIP_CACHE"):
+        return Path(os.environ["EDGESHIP_CACHE"]).expanduser().joinpath(*parts)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base, "edgeship", *parts)
+
+
 def writable_dir_problem(out_dir: str | os.PathLike[str]) -> str | None:
     """Why ``out_dir`` cannot be created or written (None: it can).
 

@@ -96,9 +96,8 @@ def _add_preprocessing(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pixel-scale", type=float, help="multiplier for 0..255 pixels (default 1/255)")
 
 
-def _preprocessing(args: argparse.Namespace, height: int | None = None, width: int | None = None) -> Any:
-    from edgeship.runtime.card import Preprocessing
-
+def _preprocessing_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The preprocessing the flags give (keys of :class:`~edgeship.runtime.card.Preprocessing`)."""
     base: dict[str, Any] = {}
     if args.preprocess:
         try:
@@ -114,10 +113,7 @@ def _preprocessing(args: argparse.Namespace, height: int | None = None, width: i
         base["resize_shorter"] = args.resize or None
     if args.bgr:
         base["color_order"] = "BGR"
-    if height and width:
-        base.setdefault("crop", [height, width])
-        base.setdefault("resize_shorter", round(min(height, width) * 256 / 224))
-    return Preprocessing.from_dict(base)
+    return base
 
 
 # ---------------------------------------------------------------- convert
@@ -144,24 +140,24 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship._io import check_outputs_free
     from edgeship.convert import ConvertOptions, convert
+    from edgeship.convert.pipeline import output_names, preprocessing_for
 
-    prep = None
-    if _has_prep_flags(args):
-        height, width = _model_hw(args.model, args.input_shape)
-        prep = _preprocessing(args, height, width)
+    prep = preprocessing_for(args.model, args.input_shape, _preprocessing_flags(args)) if _has_prep_flags(args) else None
     options = ConvertOptions(input_shape=args.input_shape, fp16=args.fp16, images=args.images,
-                             max_images=args.max_images, labels=args.labels, preprocessing=prep, force=args.force,
+                             max_images=args.max_images, labels=args.labels, preprocessing=prep,
                              pixels_in_graph=args.pixels_in_graph)
-    result = convert(args.model, args.out, options=options, progress=progress)
-    lines = [f"wrote {result.model_path} ({result.report['sizes']['model_float32.tflite'] / 1e6:.1f} MB) "
+    check_outputs_free(args.out, output_names(options), force=args.force)  # before minutes of work
+    result = convert(args.model, options=options, progress=progress).save(args.out, force=args.force)
+    lines = [f"wrote {result.model_path} ({len(result.model) / 1e6:.1f} MB) "
              f"in {result.report['timings_s']['total']:.1f} s"]
     for name, v in result.report["verification"].items():
         lines.append(f"  {name}: top-1 agreement {100 * v['top1_agreement']:.2f}%  mean cosine "
                      f"{v['mean_cosine']:.6f}  max-abs {v['max_abs_error']:.2e}  on {v['count']} "
                      f"{'real images' if v['agreement_enforced'] else 'generated inputs'}")
     lines += _input_contract(result.card)
-    return 0, {"summary": lines, "result": {"out_dir": str(result.out_dir), "report": result.report}}
+    return 0, {"summary": lines, "result": {"out_dir": str(result.folder), "report": result.report}}
 
 
 def _input_contract(card: Any) -> list[str]:
@@ -175,15 +171,6 @@ def _input_contract(card: Any) -> list[str]:
 def _has_prep_flags(args: argparse.Namespace) -> bool:
     return any(getattr(args, k) is not None for k in ("preprocess", "mean", "std", "resize", "interpolation",
                                                        "pixel_scale")) or args.bgr
-
-
-def _model_hw(model: Path, input_shape: Sequence[int] | None) -> tuple[int, int]:
-    """Input height and width the model will be converted with (for sizing preprocessing flags)."""
-    from edgeship.convert import onnx_model
-
-    info = onnx_model.inspect_model(onnx_model.load_model(model), str(model))
-    shape, _ = onnx_model.resolve_shape(info, input_shape)
-    return shape[2], shape[3]
 
 
 # ---------------------------------------------------------------- quantize
@@ -232,28 +219,36 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship._io import check_outputs_free
+    from edgeship.convert import ConvertOptions
+    from edgeship.convert.pipeline import output_names as convert_outputs
     from edgeship.quantize import QuantizeOptions, quantize
+    from edgeship.quantize.pipeline import conversion_for, output_names
 
-    io, per_tensor, islands = args.io, args.per_tensor, not args.full_integer
+    given = dict(num_calib=args.num_calib, seed=args.seed, method=args.method, percentile=args.percentile,
+                 io=args.io, per_tensor=args.per_tensor or None, float_islands=False if args.full_integer else None,
+                 bias_correction=args.bias_correction, equalize=args.equalize, max_eval=args.max_eval,
+                 max_drop=args.max_drop, max_float_layers=args.max_float_layers, min_sqnr_db=args.min_sqnr_db)
     if args.target:
         from edgeship.targets import load_target
 
-        target = load_target(args.target)
-        io = io or target.model.io_dtype.value
-        per_tensor = per_tensor or target.model.per_tensor
-        islands = islands and target.model.float_islands
-        if args.min_sqnr_db is None:
-            args.min_sqnr_db = target.budget.min_sqnr_db
-    options = QuantizeOptions(num_calib=args.num_calib, seed=args.seed, method=args.method,
-                              percentile=args.percentile, io=io or "int8", per_tensor=per_tensor, float_islands=islands,
-                              bias_correction=args.bias_correction,
-                              equalize=args.equalize, eval_dir=args.eval_dir, max_eval=args.max_eval,
-                              max_drop=args.max_drop, max_float_layers=args.max_float_layers,
-                              min_sqnr_db=args.min_sqnr_db, force=args.force)
-    result = quantize(args.model, args.calib, args.out, options=options, progress=progress)
-    return 0, {"summary": _quant_summary(result.report) + _input_contract(result.card),
-               "result": {"out_dir": str(result.out_dir),
-                                                                     "report": result.report}}
+        options = QuantizeOptions.for_target(load_target(args.target), **given)
+    else:
+        options = QuantizeOptions(**{k: v for k, v in given.items() if v is not None})
+    model = conversion_for(args.model, args.out, force=args.force)
+    new_files = output_names() + (convert_outputs(ConvertOptions()) if isinstance(model, Path) and model.is_file()
+                                  else [])
+    check_outputs_free(args.out, new_files, force=args.force)  # before minutes of work
+    result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
+    result = result.save_with_source(args.out, force=args.force)
+    payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _input_contract(result.card),
+                               "result": {"out_dir": str(result.folder), "report": result.report}}
+    try:
+        result.raise_for_budget()
+    except EdgeshipError as exc:
+        payload["result"]["error"] = {"type": type(exc).__name__, "message": exc.cli_message()}
+        return exc.exit_code, {**payload, "error": exc.cli_message()}
+    return 0, payload
 
 
 def _quant_summary(report: dict[str, Any]) -> list[str]:
@@ -293,12 +288,6 @@ def _xnnpack_line(runs: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- verify
-#: Why verify and deploy refuse --adb (parsed, kept out of their --help, and refused with this).
-NO_ADB_DRIFT_CHECKS = ("drift checks over adb need Python on the phone, which Android does not have; use --emulate "
-                       "for android-arm64-cpu (same XNNPACK aarch64 kernels) and `edgeship bench --adb` for phone "
-                       "latency")
-
-
 def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None:
     g = p.add_argument_group("device (default: run on this machine)")
     where = g.add_mutually_exclusive_group()
@@ -316,30 +305,19 @@ def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None
                    "'--no-index --find-links /wheels'")
 
 
-def _device(args: argparse.Namespace, target: Any) -> Any:
-    """The device object for --host/--emulate (None: this machine)."""
-    from edgeship.errors import TargetError
+def _device_spec(args: argparse.Namespace) -> Any:
+    """Where the command runs, as a :class:`~edgeship.targets.devices.DeviceSpec` (None: this machine)."""
+    from edgeship.targets.devices import DeviceSpec
 
     if getattr(args, "emulate", False):
-        if target.arch.value != "aarch64":
-            raise TargetError(f"--emulate runs aarch64 only; target {target.name} is {target.arch.value}")
-        from edgeship.targets.emulate import EmulatedDevice
-
-        return EmulatedDevice()
+        return DeviceSpec("emulate")
     if getattr(args, "host", None):
-        from edgeship.targets.remote import SshCollector
-
-        return SshCollector(_ssh_device(args), target, pip_args=shlex.split(args.pip_args))
+        return DeviceSpec("ssh", host=args.host, identity=args.identity, known_hosts=args.known_hosts,
+                          accept_new_host_key=args.accept_new_host_key, python=args.remote_python,
+                          pip_args=tuple(shlex.split(args.pip_args)))
     if getattr(args, "adb", None):
-        raise InputError(NO_ADB_DRIFT_CHECKS)
+        return DeviceSpec("adb", host=args.adb)
     return None
-
-
-def _ssh_device(args: argparse.Namespace) -> Any:
-    from edgeship.targets.ssh import SshDevice, SshTarget
-
-    return SshDevice(SshTarget.parse(args.host, identity=args.identity, known_hosts=args.known_hosts,
-                                     accept_new_host_key=args.accept_new_host_key, python=args.remote_python))
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -362,28 +340,25 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import atomic_write_json
-    from edgeship.runtime.drift import raise_if_over, verify
     from edgeship.targets import load_target
+    from edgeship.verify import drift
 
     target = load_target(args.target)
     _check_report_path(args.report, "-r", force=args.force)
-    result = verify(args.reference, args.candidate, args.images, target, max_images=args.max_images,
-                    device=_device(args, target), progress=progress)
-    client = None
-    if target.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
-        from edgeship.targets.mediapipe_check import add_client_check, summary_line
-
-        client = summary_line(add_client_check(result, args.candidate, progress=progress))
+    result = drift.verify(args.reference, args.candidate, args.images, target=target, device=_device_spec(args),
+                          max_images=args.max_images, progress=progress)
     atomic_write_json(args.report, result.report)
     f = result.figures
     lines = [f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
-             f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.report['passed'] else 'FAIL'}"]
+             f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.passed else 'FAIL'}"]
     lines += [f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
               f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}" for c in result.checks]
-    lines += [f"  {client}"] if client else []
+    if result.report.get("client_check"):
+        lines.append(f"  {result.report['client_check']['summary']}")
+    lines += [f"  note: {n}" for n in result.report["notes"]]
     lines.append(f"  report: {args.report}")
     try:
-        raise_if_over(result, target.name, result.report["io_problems"])
+        result.raise_for_budget()
     except EdgeshipError as exc:
         return exc.exit_code, {"summary": lines, "result": result.report, "error": str(exc)}
     return 0, {"summary": lines, "result": result.report}
@@ -441,17 +416,21 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
         if not m.is_file():
             raise InputError(f"model {m} does not exist")
     threads = args.threads or ((target.execution.threads,) if target else (1,))
-    use_xnnpack = target is None or target.execution.delegate.value == "xnnpack"
+    use_xnnpack = target is None or target.execution.use_xnnpack
     if args.image and args.adb:
         raise InputError("--image needs Python on the device (end to end runs Classifier.predict); --adb runs "
                          "benchmark_model, invoke() only: use --host for a Pi")
     if args.adb:
+        from edgeship.targets.adb import adb_benchmark
+
         if args.duration:
             raise InputError("--duration is not supported with --adb; use --runs (benchmark_model --num_runs)")
-        doc = _bench_adb(args, target, threads)
+        doc = adb_benchmark(args.adb, args.benchmark_binary, target, args.models, threads=threads, runs=args.runs,
+                            warmup=args.warmup)
     elif args.host:
         if target is None:
             raise InputError("--host needs --target (which runtime package to install on the device)")
+        from edgeship.targets.devices import ssh_device
         from edgeship.targets.remote import ssh_benchmark
 
         bench_args = ["--threads", ",".join(map(str, threads)), "--runs", str(args.runs), "--warmup", str(args.warmup)]
@@ -460,7 +439,8 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
         bench_args += ["--e2e-runs", str(args.e2e_runs)] if args.e2e_runs else []
         # The images go to the device too: the same runtime code times them there.
         extra = {"images": [Path(f) for f in image_files(args.image)]} if args.image else {}
-        doc = ssh_benchmark(_ssh_device(args), target, args.models, bench_args, pip_args=shlex.split(args.pip_args),
+        spec = _device_spec(args)
+        doc = ssh_benchmark(ssh_device(spec), target, args.models, bench_args, pip_args=spec.pip_args,
                             progress=progress, **extra)
     else:
         if args.emulate:
@@ -472,36 +452,6 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
     doc["target"] = target.name if target else None
     atomic_write_json(args.out, doc)
     return 0, {"summary": table(doc) + [f"wrote {args.out}"], "result": doc}
-
-
-def _bench_adb(args: argparse.Namespace, target: Any, threads: Sequence[int]) -> dict[str, Any]:
-    from edgeship.targets import adb
-
-    if target is None:
-        from edgeship.targets import load_target
-
-        target = load_target("android-arm64-cpu")
-    if args.benchmark_binary is None:
-        raise InputError("--adb needs --benchmark-binary PATH (TensorFlow Lite's benchmark_model for Android)")
-    device = adb.AdbDevice(args.adb)
-    results = []
-    for t in threads:
-        for m in args.models:
-            flags = adb.benchmark_flags(target, threads=t, runs=args.runs, warmup=args.warmup)
-            r = adb.run_benchmark(device, args.benchmark_binary, m, flags)
-            results.append({"model": m.name, "path": str(m), "threads": t, "size_bytes": m.stat().st_size,
-                            "runtime": {"interpreter": "benchmark_model", "interpreter_version": None,
-                                        "delegate": target.execution.delegate.value}, **r})
-    base: dict[int, float] = {}
-    for r in results:
-        key = r.get("p50_ms", r["mean_ms"])
-        base.setdefault(r["threads"], key)
-        r["ratio_p50_to_first"] = round(key / base[r["threads"]], 3)
-        r.setdefault("p50_ms", r["mean_ms"])
-        r.setdefault("p90_ms", float("nan"))
-        r.setdefault("p99_ms", float("nan"))
-        r.setdefault("peak_rss_mb", float("nan"))
-    return {"schema": "edgeship-bench/1", "host": {"adb_serial": args.adb}, "results": results}
 
 
 # ---------------------------------------------------------------- bundle
@@ -555,14 +505,10 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship.deploy import DeployOptions, deploy
 
-    device = None
-    if args.emulate:
-        device = {"kind": "emulate"}
-    elif args.host:
-        device = {"kind": "ssh", "host": args.host, "identity": args.identity, "known_hosts": args.known_hosts,
-                  "accept_new_host_key": args.accept_new_host_key, "python": args.remote_python,
-                  "pip_args": shlex.split(args.pip_args)}
-    elif args.adb:
+    from edgeship.targets.devices import NO_ADB_DRIFT_CHECKS
+
+    device = _device_spec(args)
+    if device is not None and device.kind == "adb":
         raise InputError(NO_ADB_DRIFT_CHECKS)
     options = DeployOptions(targets=tuple(args.target), num_calib=args.num_calib, seed=args.seed,
                             method=args.method, eval_dir=args.eval_dir, max_eval=args.max_eval, labels=args.labels,

@@ -24,6 +24,7 @@ from edgeship._io import atomic_write_json, sha256_file
 from edgeship._progress import Progress, silent
 from edgeship._version import __version__
 from edgeship.errors import InputError, OutputExistsError
+from edgeship.targets.devices import DeviceSpec
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class DeployOptions:
     labels: Path | None = None
     bench_threads: tuple[int, ...] = (1, 2)
     bench_runs: int = 100
-    device: dict[str, Any] | None = None  # {"kind": "ssh"|"emulate", ...}
+    device: DeviceSpec | None = None  # where drift checks run (None: this machine)
     force: bool = False
 
     def __post_init__(self) -> None:
@@ -87,9 +88,10 @@ def code_fingerprint() -> str:
     import edgeship.quantize
     import edgeship.runtime
     import edgeship.targets
+    import edgeship.verify
 
     h = hashlib.sha256()
-    for pkg in (edgeship, edgeship.convert, edgeship.quantize, edgeship.runtime, edgeship.targets):
+    for pkg in (edgeship, edgeship.convert, edgeship.quantize, edgeship.runtime, edgeship.targets, edgeship.verify):
         root = Path(pkg.__file__).parent
         for f in sorted(root.glob("*.py")) + sorted(root.glob("*.toml")):
             h.update(f.name.encode())
@@ -169,8 +171,7 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
            progress: Progress = silent) -> DeployResult:
     """Run the whole pipeline for several targets; see the module docstring."""
     from edgeship import zoo
-    from edgeship.quantize.options import QuantizeOptions
-    from edgeship.quantize.pipeline import split_images
+    from edgeship.quantize.data import Split, split_images
     from edgeship.runtime.images import list_images
     from edgeship.targets import load_target
 
@@ -186,17 +187,17 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     inspect_model(load_model(model_path), str(model_path))  # bad models fail before OUT_DIR is touched
     if options.labels is not None:
         Labels.load(options.labels)
-    qopts = QuantizeOptions(num_calib=options.num_calib, seed=options.seed, method=options.method,
-                            eval_dir=options.eval_dir, max_eval=options.max_eval, force=True)
-    calib_set, eval_set = split_images(Path(calibration), qopts)
+    calib_set, eval_set = split_images(Path(calibration), Split(options.num_calib, options.seed,
+                                                                max_eval=options.max_eval), options.eval_dir)
     folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
     _check_out_dir(out, options.force)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MARKER, {"edgeship": __version__})
     stages = _Stages(out, progress)
     conv_dir, conv_key = _convert_stage(stages, model_path, options, targets)
-    models = _quantize_stages(stages, conv_dir, conv_key, Path(calibration), folder_digest, qopts, targets)
-    verify_results = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
+    models = _quantize_stages(stages, conv_dir, conv_key, Path(calibration), folder_digest, options, targets)
+    drifts = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
+    verify_results = {name: d.report for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv_dir, models, options, progress, eval_set)
     bundles = _bundle_stages(stages, models, targets, options)
     summary = {
@@ -211,10 +212,10 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
                              "client_check": verify_results[t.name].get("client_check")} for t in targets},
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    from edgeship.report import write_report
+    from edgeship.report import ReportInputs, write_report
 
     progress("report")
-    write_report(out, summary, bench_doc)
+    write_report(out, ReportInputs(summary, bench_doc, drifts, _labels(conv_dir), _layer_plots(out, models)))
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out / SUMMARY, summary)
     passed = all(v["passed"] for v in summary["targets"].values())
@@ -227,10 +228,11 @@ def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets
     fp16 = any(t.model.precision.value == "float16" for t in targets)
     pixels = any(t.runtime.client.reads_metadata for t in targets)  # per-channel normalisation goes in the graph
     labels = options.labels
-    key = {"stage": "convert", "model_sha256": sha256_file(model), "fp16": fp16, "pixels_in_graph": pixels,
-           "labels": sha256_file(labels) if labels else None}
-    copts = ConvertOptions(fp16=fp16, labels=labels, force=True, pixels_in_graph=pixels)
-    return stages.run("convert", key, lambda d: convert(model, d, options=copts, progress=stages.progress))
+    copts = ConvertOptions(fp16=fp16, labels=labels, pixels_in_graph=pixels)
+    key = {"stage": "convert", "model_sha256": sha256_file(model), "options": copts.to_dict(),
+           "labels_sha256": sha256_file(labels) if labels else None}
+    return stages.run("convert", key,
+                      lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True))
 
 
 def _variant(target: Any) -> str:
@@ -242,87 +244,82 @@ def _variant(target: Any) -> str:
 
 
 def _quantize_stages(stages: _Stages, conv_dir: Path, conv_key: str, calib: Path, folder_digest: str,
-                     qopts: Any, targets: list[Any]) -> dict[str, Path]:
-    """One quantized model per distinct need, shared by the targets that need it."""
-    from dataclasses import replace
+                     options: DeployOptions, targets: list[Any]) -> dict[str, Path]:
+    """One quantized model per distinct need, shared by the targets that need it.
 
-    from edgeship.convert.pipeline import FLOAT16_FILE, FLOAT32_FILE
-    from edgeship.quantize import quantize
-    from edgeship.quantize.pipeline import INT8_FILE
+    Each is made for its target's budget (mixed models keep float op groups to meet it);
+    a model still over budget is kept as ``model_int8_OVER_BUDGET.tflite`` and its targets'
+    drift checks say so.
+    """
+    from edgeship.convert.result import FLOAT16_FILE, FLOAT32_FILE
+    from edgeship.quantize import QuantizeOptions, quantize
+    from edgeship.quantize.pipeline import INT8_FILE, OVER_BUDGET_FILE
+
+    from dataclasses import replace
 
     models: dict[str, Path] = {}
     built: dict[str, Path] = {}
+    strictest: dict[str, float] = {}  # targets sharing a model: the highest SQNR budget among them
+    for t in targets:
+        strictest[_variant(t)] = max(strictest.get(_variant(t), t.budget.min_sqnr_db), t.budget.min_sqnr_db)
     for t in targets:
         variant = _variant(t)
         if variant in ("float32", "float16"):
             models[t.name] = conv_dir / (FLOAT32_FILE if variant == "float32" else FLOAT16_FILE)
             continue
         if variant not in built:
-            opts = replace(qopts, io=t.model.io_dtype.value, per_tensor=t.model.per_tensor,
-                           float_islands=t.model.float_islands)
+            opts = QuantizeOptions.for_target(t, num_calib=options.num_calib, seed=options.seed, method=options.method,
+                                              max_eval=options.max_eval)
+            opts = replace(opts, min_sqnr_db=strictest[variant])
             key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
-                   "options": opts.to_dict()}
+                   "evaluation": str(options.eval_dir) if options.eval_dir else None, "options": opts.to_dict()}
             folder, _ = stages.run(f"quantize/{variant}", key,
-                                   lambda d, o=opts: quantize(conv_dir, calib, d, options=o, progress=stages.progress))
-            built[variant] = folder / INT8_FILE
+                                   lambda d, o=opts: quantize(conv_dir, calib, evaluation=options.eval_dir, options=o,
+                                                              progress=stages.progress).save(d, force=True))
+            built[variant] = folder / (INT8_FILE if (folder / INT8_FILE).is_file() else OVER_BUDGET_FILE)
         models[t.name] = built[variant]
     return models
 
 
 def _verify_stages(stages: _Stages, model: Path, models: dict[str, Path], eval_set: Any, targets: list[Any],
-                   options: DeployOptions, progress: Progress) -> dict[str, dict[str, Any]]:
+                   options: DeployOptions, progress: Progress) -> dict[str, Any]:
     from edgeship.runtime.classifier import find_card
-    from edgeship.runtime.drift import reference_outputs, verify
+    from edgeship.verify.drift import DriftResult, reference_outputs, verify
 
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, DriftResult] = {}
     reference: dict[str, np.ndarray] = {}
     for t in targets:
         cand = models[t.name]
         key = {"stage": "verify", "candidate_sha256": sha256_file(cand), "target": t.to_dict(),
                "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
-               "device": options.device}
+               "device": options.device.to_dict() if options.device else None}
 
         def build(d: Path, t: Any = t, cand: Path = cand) -> None:
             card = find_card(cand)
             ref_key = json.dumps(card.reference_preprocessing.to_dict(), sort_keys=True)
             if ref_key not in reference:
                 reference[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
-            result = verify(model, cand, eval_set, t, device=_make_device(options.device, t),
-                            reference=reference[ref_key], progress=progress)
-            if t.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
-                from edgeship.targets.mediapipe_check import add_client_check
-
-                add_client_check(result, cand, progress=progress)
-            d.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(d / "drift_report.json", result.report)
-            np.savez(d / "outputs.npz", reference=result.reference, candidate=result.candidate,
-                     files=np.array([str(f) for f in result.files]))
+            verify(model, cand, eval_set, target=t, device=options.device, reference=reference[ref_key],
+                   progress=progress).save(d)
 
         folder, _ = stages.run(f"verify/{t.name}", key, build)
-        results[t.name] = json.loads((folder / "drift_report.json").read_text())
+        results[t.name] = DriftResult.load(folder)
     return results
 
 
-def _make_device(spec: dict[str, Any] | None, target: Any) -> Any:
-    if not spec:
-        return None
-    if spec["kind"] == "emulate":
-        if target.arch.value != "aarch64":
-            return None  # emulation is for aarch64 targets; others run on this machine
-        from edgeship.targets.emulate import EmulatedDevice
+def _labels(conv_dir: Path) -> list[str] | None:
+    from edgeship.convert.result import LABELS_FILE
+    from edgeship.runtime.images import Labels
 
-        return EmulatedDevice()
-    if spec["kind"] == "ssh":
-        from edgeship.targets.remote import SshCollector
-        from edgeship.targets.ssh import SshDevice, SshTarget
+    path = conv_dir / LABELS_FILE
+    return list(Labels.load(path).names) if path.is_file() else None
 
-        if target.access.value != "ssh":
-            return None
-        ssh = SshTarget.parse(spec["host"], identity=spec.get("identity"), known_hosts=spec.get("known_hosts"),
-                              accept_new_host_key=spec.get("accept_new_host_key", False),
-                              python=spec.get("python", "python3"))
-        return SshCollector(SshDevice(ssh), target, pip_args=spec.get("pip_args", ()))
-    return None
+
+def _layer_plots(out: Path, models: dict[str, Path]) -> dict[str, Path]:
+    from edgeship.quantize.pipeline import LAYER_PLOT
+
+    plots = {m.parent.name: m.parent / LAYER_PLOT for m in models.values() if m.parent.parent == out / "quantize"}
+    return {variant: p for variant, p in plots.items() if p.is_file()}
 
 
 def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str, Path], options: DeployOptions,
@@ -331,7 +328,7 @@ def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str,
 
     The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images.
     """
-    from edgeship.convert.pipeline import FLOAT32_FILE
+    from edgeship.convert.result import FLOAT32_FILE
     from edgeship.runtime.bench import BenchOptions, benchmark
 
     unique = [model, conv_dir / FLOAT32_FILE]

@@ -6,6 +6,7 @@ import base64
 import html
 import io
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -65,13 +66,16 @@ def size_plot(sizes: dict[str, int], path: Path) -> Path:
     return _save(fig, path)
 
 
-def _labels(out: Path) -> list[str] | None:
-    path = out / "convert" / "labels.txt"
-    if not path.is_file():
-        return None
-    from edgeship.runtime.images import Labels
+@dataclass(frozen=True)
+class ReportInputs:
+    """What the report shows, as values: deploy's summary and bench document, each target's
+    drift check (with its outputs), the labels, and the per-layer error plots by model variant."""
 
-    return list(Labels.load(path).names)
+    summary: dict[str, Any]
+    bench: dict[str, Any]
+    drifts: dict[str, Any]  # target name -> edgeship.verify.DriftResult
+    labels: list[str] | None = None
+    layer_plots: dict[str, Path] = field(default_factory=dict)
 
 
 class Disagreement(NamedTuple):
@@ -84,13 +88,11 @@ class Disagreement(NamedTuple):
     thumbnail: bytes  # JPEG
 
 
-def disagreements(verify_dir: Path, labels: list[str] | None, *, count: int = 6) -> list[Disagreement]:
+def disagreements(drift: Any, labels: list[str] | None, *, count: int = 6) -> list[Disagreement]:
     """The images where reference and candidate disagree most (lowest cosine among top-1 changes)."""
-    npz = verify_dir / "outputs.npz"
-    if not npz.is_file():
+    if drift.reference is None or drift.candidate is None:
         return []
-    with np.load(npz) as data:
-        ref, cand, files = data["reference"], data["candidate"], [str(f) for f in data["files"]]
+    ref, cand, files = drift.reference, drift.candidate, [str(f) for f in drift.files]
     from edgeship.runtime.metrics import cosine_per_sample, softmax, topk
 
     differ = np.nonzero(np.argmax(ref, 1) != np.argmax(cand, 1))[0]
@@ -124,27 +126,23 @@ def _thumbnail(path: str, size: int = 224) -> bytes:
     return buf.getvalue()
 
 
-def disagreement_groups(out: Path, summary: dict[str, Any]) -> list[tuple[list[str], Path]]:
-    """Targets whose drift checks gave identical outputs (same model, same machine), with one verify folder each."""
-    groups: dict[tuple[str, str, str], list[str]] = {}
-    for name, t in summary["targets"].items():
-        npz = out / "verify" / name / "outputs.npz"
-        digest = ""
-        if npz.is_file():
-            import hashlib
+def disagreement_groups(inputs: ReportInputs) -> list[tuple[list[str], Any]]:
+    """Targets whose drift checks gave identical outputs (same model, same machine), with one drift check each."""
+    import hashlib
 
-            with np.load(npz) as data:
-                digest = hashlib.sha256(np.ascontiguousarray(data["candidate"]).tobytes()).hexdigest()
-        groups.setdefault((t["model"], t.get("ran_on", "?"), digest or name), []).append(name)
-    return [(names, out / "verify" / names[0]) for names in groups.values()]
+    groups: dict[tuple[str, str, str], list[str]] = {}
+    for name, t in inputs.summary["targets"].items():
+        cand = inputs.drifts[name].candidate if name in inputs.drifts else None
+        digest = hashlib.sha256(np.ascontiguousarray(cand).tobytes()).hexdigest() if cand is not None else name
+        groups.setdefault((t["model"], t.get("ran_on", "?"), digest), []).append(name)
+    return [(names, inputs.drifts[names[0]]) for names in groups.values() if names[0] in inputs.drifts]
 
 
 _MACHINES = {"x86_64": ("x86_64", "amd64"), "aarch64": ("aarch64", "arm64"), "armv7l": ("armv7l", "armv7")}
 
 
-def isa_check(name: str, ran_on: str, out: Path) -> tuple[bool, str]:
+def isa_check(ran_on: str, arch: str) -> tuple[bool, str]:
     """(was the drift check run on the target's own ISA?, how, in a few words)."""
-    arch = _target_arch(name, out) or "?"
     if ran_on.startswith("qemu-user"):
         return True, f"{arch} emulated under qemu-user, --emulate"
     if ran_on.startswith("ssh"):
@@ -155,20 +153,12 @@ def isa_check(name: str, ran_on: str, out: Path) -> tuple[bool, str]:
     return False, arch
 
 
-def _target_arch(name: str, out: Path) -> str | None:
-    report = out / "verify" / name / "drift_report.json"
+def _target_arch(name: str, inputs: ReportInputs) -> str:
+    drift = inputs.drifts.get(name)
     try:
-        import json
-
-        return str(json.loads(report.read_text())["target"]["arch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    try:
-        from edgeship.targets import load_target
-
-        return load_target(name).arch.value
-    except Exception:  # noqa: BLE001 - a custom profile that moved away: say "?"
-        return None
+        return str(drift.report["target"]["arch"])  # type: ignore[union-attr]
+    except (AttributeError, KeyError, TypeError):
+        return "?"
 
 
 def _pct(v: Any) -> str:
@@ -179,7 +169,8 @@ def _num(v: Any, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def _tables(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> dict[str, list[list[str]]]:
+def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
+    summary, bench = inputs.summary, inputs.bench
     stages = [["stage", "reused", "seconds this run", "seconds when built"]] + [
         [s["name"], "yes" if s["reused"] else "no", f"{s['seconds']:.1f}", f"{s.get('built_seconds', 0.0):.1f}"]
         for s in summary["stages"]]
@@ -187,7 +178,7 @@ def _tables(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> dict[s
               "SQNR dB", "budget (agree / drop / SQNR)", "result"]]
     for name, t in summary["targets"].items():
         f, b = t["figures"], {c["metric"]: c for c in t["budget"]}
-        own, _ = isa_check(name, t.get("ran_on", "?"), out)
+        own, _ = isa_check(t.get("ran_on", "?"), _target_arch(name, inputs))
         drift.append([name, Path(t["model"]).name, t.get("ran_on", "?"), "yes" if own else "NO",
                       _pct(f["top1_agreement"]), _pct(f.get("ref_top1")),
                       _pct(f.get("cand_top1")), _num(f["mean_cosine"], ".4f"), _num(f["sqnr_db"], ".1f"),
@@ -246,29 +237,24 @@ def _e2e_note(bench: dict[str, Any]) -> str:
             f"Image path — {how}.")
 
 
-def _image_path_line(out: Path, summary: dict[str, Any]) -> list[str]:
+def _image_path_line(inputs: ReportInputs) -> list[str]:
     """The image path each drift check ran (the float reference saw the same decoded pixels)."""
-    import json
-
     paths: dict[str, list[str]] = {}
-    for name in summary["targets"]:
-        try:
-            report = json.loads((out / "verify" / name / "drift_report.json").read_text())
-            path = report["candidate"]["runtime"]["image_path"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        paths.setdefault(str(path), []).append(name)
+    for name, drift in inputs.drifts.items():
+        path = drift.report.get("candidate", {}).get("runtime", {}).get("image_path")
+        if path is not None:
+            paths.setdefault(str(path), []).append(name)
     return [f"Image path ({', '.join(names)}): {path}; the float reference was fed the same decoded pixels."
             for path, names in paths.items()]
 
 
-def _isa_summary(out: Path, summary: dict[str, Any]) -> list[str]:
+def _isa_summary(inputs: ReportInputs) -> list[str]:
     """Which targets' drift checks ran on their own ISA, and which only on this machine, said plainly."""
     import platform
 
     own, host_only = [], []
-    for name, t in summary["targets"].items():
-        ok, words = isa_check(name, t.get("ran_on", "?"), out)
+    for name, t in inputs.summary["targets"].items():
+        ok, words = isa_check(t.get("ran_on", "?"), _target_arch(name, inputs))
         (own if ok else host_only).append(f"{name} ({words})")
     lines = []
     if own:
@@ -302,12 +288,12 @@ def _group_title(names: list[str], summary: dict[str, Any]) -> str:
     return f"Worst disagreements, shared by {', '.join(names)}: {why}, so they are shown once"
 
 
-def _disagreement_sections(out: Path, summary: dict[str, Any], labels: list[str] | None,
-                           assets: Path) -> list[tuple[str, list[Disagreement], list[Path]]]:
+def _disagreement_sections(inputs: ReportInputs, assets: Path) -> list[tuple[str, list[Disagreement], list[Path]]]:
     """(title, picks, thumbnail files) per set of targets with the same worst disagreements."""
     merged: dict[tuple[Any, ...], tuple[list[str], list[Disagreement]]] = {}
-    for names, verify_dir in disagreement_groups(out, summary):
-        picks = disagreements(verify_dir, labels)
+    summary = inputs.summary
+    for names, drift in disagreement_groups(inputs):
+        picks = disagreements(drift, inputs.labels)
         if picks:
             key = tuple((d.file, tuple(n for n, _ in d.reference), tuple(n for n, _ in d.deployed)) for d in picks)
             merged.setdefault(key, ([], picks))[0].extend(names)
@@ -318,23 +304,23 @@ def _disagreement_sections(out: Path, summary: dict[str, Any], labels: list[str]
     return sections
 
 
-def write_report(out: Path, summary: dict[str, Any], bench: dict[str, Any]) -> tuple[Path, Path]:
-    """Write ``report.md`` and ``report.html`` (plots and thumbnails in ``report/``, embedded in the HTML)."""
+def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
+    """Write ``report.md`` and ``report.html`` into ``out`` (plots and thumbnails in ``report/``,
+    embedded in the HTML)."""
+    summary, bench = inputs.summary, inputs.bench
     assets = out / ASSETS
-    assets.mkdir(exist_ok=True)
-    labels = _labels(out)
+    assets.mkdir(parents=True, exist_ok=True)
     plots: list[tuple[str, Path]] = [("Latency", latency_plot(bench, assets / "latency.png"))]
     sizes = {r["model"]: r["size_bytes"] for r in bench["results"]}
     plots.append(("Sizes", size_plot(sizes, assets / "sizes.png")))
-    for q in sorted((out / "quantize").glob("*/layer_errors.png")):
-        plots.append((f"Per-layer error, {q.parent.name}", q))
+    plots += [(f"Per-layer error, {variant}", path) for variant, path in sorted(inputs.layer_plots.items())]
     for old in assets.glob("disagreement-*.jpg"):  # a previous run may have had more groups
         old.unlink()
-    groups = _disagreement_sections(out, summary, labels, assets)
-    tables = _tables(out, summary, bench)
+    groups = _disagreement_sections(inputs, assets)
+    tables = _tables(inputs)
     verdict = "all targets inside their drift budgets" if all(t["passed"] for t in summary["targets"].values()) \
         else "some targets are OVER their drift budget"
-    isa = _isa_summary(out, summary) + _image_path_line(out, summary)
+    isa = _isa_summary(inputs) + _image_path_line(inputs)
     md = [f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
           f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",
           "## Pipeline\n", _md_table(tables["stages"]), f"\nTotal wall time {summary['wall_s']:.1f} s.\n",

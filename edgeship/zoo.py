@@ -41,7 +41,9 @@ ZOO = {
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("EDGESHIP_CACHE") or Path.home() / ".cache" / "edgeship")
+    from edgeship._io import cache_dir as edgeship_cache
+
+    return edgeship_cache()
 
 
 def is_zoo_name(spec: str) -> bool:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from enum import Enum
-from pathlib import Path
 from typing import Any
 
 from edgeship.errors import InputError
-from edgeship.targets.profile import IODtype  # one I/O dtype vocabulary for targets and the quantizer
+from edgeship.quantize.data import Split
+from edgeship.targets.profile import IODtype, Target  # one I/O dtype vocabulary for targets and the quantizer
 
 
 class CalibrationMethod(str, Enum):
@@ -45,9 +45,8 @@ class QuantizeOptions:
             LayerNorm's pieces...) in float, where XNNPACK runs them inside the same
             partition between QUANTIZE/DEQUANTIZE, instead of letting each one split the
             graph and run on TFLite's slow kernels. False: full-integer (NNAPI, DSPs).
-        eval_dir: Images to measure drift on (None: a held-apart split of the calibration folder).
-        eval_split: When ``eval_dir`` is None, calibrate on the first ``1 - eval_split`` of the
-            sorted folder and evaluate on the rest.
+        eval_split: When no evaluation images are given and there are no more images than
+            ``num_calib``, calibrate on the first ``1 - eval_split`` and evaluate on the rest.
         max_eval: Evaluate on at most this many images.
         max_drop: Top-1 agreement drop budget (points) for accuracy-aware mode; None: off.
         max_float_layers: At most this many layers kept in float by accuracy-aware mode.
@@ -59,7 +58,6 @@ class QuantizeOptions:
         search_images: Calibration images the range choice (``method=auto``) and the
             budget search measure on (the evaluation images are never used for choosing).
         min_calib: Fewer usable calibration images than this is an error.
-        force: Replace existing outputs.
     """
 
     num_calib: int = 200
@@ -71,7 +69,6 @@ class QuantizeOptions:
     per_tensor: bool = False
     equalize: bool = False
     float_islands: bool = True
-    eval_dir: Path | None = None
     eval_split: float = 0.2
     max_eval: int | None = None
     max_drop: float | None = None
@@ -79,7 +76,6 @@ class QuantizeOptions:
     min_sqnr_db: float | None = None
     search_images: int = 48
     min_calib: int = 10
-    force: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", CalibrationMethod(self.method))
@@ -105,9 +101,31 @@ class QuantizeOptions:
     def use_bias_correction(self) -> bool:
         return self.per_tensor if self.bias_correction is None else self.bias_correction
 
+    @property
+    def split(self) -> Split:
+        return Split(self.num_calib, self.seed, self.eval_split, self.max_eval, self.min_calib)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["method"] = self.method.value
         d["io"] = self.io.value
-        d["eval_dir"] = str(self.eval_dir) if self.eval_dir else None
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantizeOptions:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    @classmethod
+    def for_target(cls, target: Target, **given: Any) -> QuantizeOptions:
+        """The options a target needs (I/O dtype, per-tensor, mixed models, SQNR budget) under
+        what was given explicitly (None: not given). The one place these rules live."""
+        needs = target.model
+        chosen = {k: v for k, v in given.items() if v is not None}
+        chosen.setdefault("io", needs.io_dtype.value)
+        chosen["per_tensor"] = bool(chosen.get("per_tensor")) or needs.per_tensor
+        chosen["float_islands"] = chosen.get("float_islands", True) and needs.float_islands
+        chosen.setdefault("min_sqnr_db", target.budget.min_sqnr_db)
+        return cls(**chosen)

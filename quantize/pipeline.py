@@ -1,15 +1,14 @@
-"""``quantize``: int8 post-training quantization from a folder of calibration images."""
+"""``quantize``: int8 post-training quantization from calibration images (a folder or arrays), in memory."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
 import tempfile
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -17,17 +16,19 @@ import numpy as np
 
 from edgeship._child import ChildWorker
 from edgeship._deps import HOST_TOOLS, versions
-from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
+from edgeship._io import atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
 from edgeship._progress import Progress, Timer, silent
-from edgeship.convert import pipeline as conv
 from edgeship.convert import tflite_graph
-from edgeship.convert.verify import load_pixels, run_tflite
+from edgeship.convert.pipeline import convert
+from edgeship.convert.result import FLOAT32_FILE, ConvertResult, sha256
+from edgeship.verify.outputs import run_tflite
 from edgeship.errors import AccuracyDriftError, CalibrationError, InputError
-from edgeship.quantize import layers, mixed, ranges, rewrites, tflite_quant
+from edgeship.quantize import data, layers, mixed, ranges, rewrites, tflite_quant
+from edgeship.quantize.data import Images, Pixels, is_folder
 from edgeship.quantize.options import CalibrationMethod, QuantizeOptions
 from edgeship.runtime.card import CARD_FILE, ModelCard, TensorSpec
-from edgeship.runtime.images import ImageSet, Labels, list_images, normalize
 from edgeship.runtime.delegation import Delegation, of_interpreter
+from edgeship.runtime.images import ImageSet, Labels, normalize
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
 
@@ -44,72 +45,164 @@ LAYER_SAMPLES = 16
 
 @dataclass(frozen=True)
 class QuantizeResult:
-    """What :func:`quantize` produced."""
+    """A quantized model, in memory: nothing is written until :meth:`save`.
 
-    out_dir: Path
-    model_path: Path
+    Attributes:
+        model: The int8 (or mixed) TFLite flatbuffer.
+        card: Its model card.
+        figures: Drift against the float model on the evaluation images.
+        report: Quantization report (ranges, delegation, per-layer errors, budget, timings).
+        within_budget: False when a budget was given (``max_drop``, ``min_sqnr_db``) and
+            not met; the model is then the best one found.
+        source: The conversion it was made from.
+        layer_plot: PNG of the worst tensors' errors.
+        folder: Where the result was saved (None: only in memory).
+    """
+
+    model: bytes = field(repr=False)
     card: ModelCard
     figures: DriftFigures
     report: dict[str, Any] = field(repr=False)
     within_budget: bool = True
+    source: ConvertResult | None = field(default=None, repr=False)
+    layer_plot: bytes | None = field(default=None, repr=False)
+    folder: Path | None = None
+
+    @property
+    def model_file(self) -> str:
+        return INT8_FILE if self.within_budget else OVER_BUDGET_FILE
+
+    @property
+    def model_path(self) -> Path | None:
+        """The saved model (None until saved)."""
+        return self.folder / self.model_file if self.folder else None
+
+    def save(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> QuantizeResult:
+        """Write the model, its card, the report and the layer plot into ``out_dir`` as one set.
+
+        An over-budget model is written as ``model_int8_OVER_BUDGET.tflite``. With ``force``,
+        the other outcome's files from an earlier run are removed so they cannot be mistaken.
+        """
+        out = Path(out_dir)
+        card_file = INT8_CARD if self.within_budget else OVER_BUDGET_CARD
+        other = (OVER_BUDGET_FILE, OVER_BUDGET_CARD) if self.within_budget else (INT8_FILE, INT8_CARD)
+        labels = self.source.labels if self.source and self.card.labels_file else None
+        names = [self.model_file, card_file, REPORT_FILE, LAYER_PLOT] + ([self.card.labels_file] if labels else [])
+        same_labels = labels is not None and _holds(out / str(self.card.labels_file), labels)
+        check_outputs_free(out, [*names, *other], force=force)  # the other outcome's files count as outputs too
+        with staged_output(out, [n for n in names if not (same_labels and n == self.card.labels_file)],
+                           force=force) as stage:
+            atomic_write_bytes(stage / self.model_file, self.model)
+            atomic_write_json(stage / card_file, self.card.to_dict())
+            atomic_write_json(stage / REPORT_FILE, self.report)
+            if self.layer_plot:
+                atomic_write_bytes(stage / LAYER_PLOT, self.layer_plot)
+            if labels is not None and not same_labels:
+                atomic_write_bytes(stage / str(self.card.labels_file), labels)
+        for stale in other:  # only reached with force when they existed: they cannot be mistaken for this run's
+            (out / stale).unlink(missing_ok=True)
+        return replace(self, folder=out)
+
+    def save_with_source(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> QuantizeResult:
+        """:meth:`save`, and the conversion it was made from when that was never saved (an ONNX input)."""
+        if self.source is not None and self.source.folder is None:
+            self.source.save(out_dir, force=force)
+        return self.save(out_dir, force=force)
+
+    def raise_for_budget(self) -> None:
+        """Raise :class:`AccuracyDriftError` when the model is over its budget (after :meth:`save`, say)."""
+        if self.within_budget:
+            return
+        where = f"; best model kept as {self.model_path}" if self.model_path else ""
+        options, figs = self.report["options"], self.figures
+        if options.get("min_sqnr_db") is not None and figs.sqnr_db < options["min_sqnr_db"]:
+            mixed_report = self.report.get("mixed_precision") or {}
+            how = (f"after keeping {mixed_report.get('float_ops', 0)} op(s) float" if options["float_islands"]
+                   else "as a full-integer model (the target allows no float ops)")
+            raise AccuracyDriftError(f"int8 model under the SQNR budget of {options['min_sqnr_db']} dB {how}: "
+                                     f"SQNR {figs.sqnr_db:.2f} dB{where}", [f"sqnr_db {figs.sqnr_db:.2f}"])
+        kept = self.report["accuracy_aware"]["kept_in_float"]
+        raise AccuracyDriftError(
+            f"int8 model still over the --max-drop budget of {options['max_drop']} points after keeping "
+            f"{len(kept)} layer(s) in float: top-1 agreement {100 * figs.top1_agreement:.2f}%{where}",
+            [f"top1_agreement {100 * figs.top1_agreement:.2f}%"])
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything but the bytes, which are named by their sha256."""
+        return {"card": self.card.to_dict(), "figures": self.figures.to_dict(), "report": self.report,
+                "within_budget": self.within_budget, "model_sha256": sha256(self.model),
+                "source": self.source.to_dict() if self.source else None,
+                "folder": str(self.folder) if self.folder else None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, model: bytes) -> QuantizeResult:
+        """The inverse of :meth:`to_dict` (without the source's bytes), given the model bytes it names."""
+        if sha256(model) != d["model_sha256"]:
+            raise InputError("model bytes do not match the sha256 the result names")
+        figs = {k: v for k, v in d["figures"].items() if k in DriftFigures.__dataclass_fields__}
+        figs["disagreements"] = tuple(figs.get("disagreements", ()))
+        return cls(model=model, card=ModelCard.from_dict(d["card"]), figures=DriftFigures(**figs),
+                   report=dict(d["report"]), within_budget=bool(d["within_budget"]),
+                   folder=Path(d["folder"]) if d.get("folder") else None)
 
 
-@dataclass(frozen=True)
-class _Source:
-    folder: Path
-    card: ModelCard
-    labels: Labels | None
+def _holds(path: Path, data: bytes) -> bool:
+    return path.is_file() and path.read_bytes() == data
 
 
 def output_names() -> list[str]:
     return [INT8_FILE, INT8_CARD, REPORT_FILE, LAYER_PLOT, OVER_BUDGET_FILE, OVER_BUDGET_CARD]
 
 
-def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-             *, options: QuantizeOptions = QuantizeOptions(), progress: Progress = silent) -> QuantizeResult:
-    """Quantize a model to an int8 TFLite and measure how far it drifted.
+def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images, *,
+             evaluation: Images | None = None, options: QuantizeOptions = QuantizeOptions(),
+             progress: Progress = silent) -> QuantizeResult:
+    """Quantize a converted model to int8 and measure how far it drifted (in memory).
 
     Full-integer, or with float islands (ops XNNPACK has no int8 kernel for) and, under an
     SQNR budget, float op groups, where ``options`` allow mixed models.
 
     Args:
-        model: An ONNX file (converted first, into ``out_dir``) or the output folder of
-            a previous ``convert``.
-        calibration: Folder of calibration images (JPEG, PNG, BMP, WebP; any mode).
-        out_dir: Output folder (may be the convert folder itself).
+        model: A :class:`ConvertResult`, the folder of a saved conversion, or an ONNX file
+            (converted first, in memory, with default options).
+        calibration: A folder of images (JPEG, PNG, BMP, WebP; any mode), or an iterable
+            of ``HxWx3`` uint8 RGB arrays (any size; resized and cropped like files).
+        evaluation: Images to measure drift on, as for ``calibration`` (None: images held
+            apart from ``calibration``, never the same ones).
         options: See :class:`QuantizeOptions`.
         progress: Progress hook.
 
+    Returns:
+        A :class:`QuantizeResult`; ``within_budget`` is False when a budget was given and
+        not met (:meth:`QuantizeResult.raise_for_budget` raises then). ``save`` writes it.
+
     Raises:
-        InputError: Bad model path or image folder, or outputs exist without ``force``.
+        InputError: Bad model path, image folder or arrays.
         CalibrationError: Too few usable calibration images, the quantizer failed, or its
             model does not run on XNNPACK and the reference kernels.
         NativeCrashError: TensorFlow's native code died in the child (one line, the stage named).
-        AccuracyDriftError: ``max_drop`` given and still over budget after keeping
-            layers in float (the best model is written as ``model_int8_OVER_BUDGET.tflite``).
     """
     started = time.perf_counter()
     timer = Timer(progress)
-    model, out_dir = Path(model), Path(out_dir)
-    calib_set, eval_set = split_images(Path(calibration), options)
-    check_outputs_free(out_dir, output_names(), force=options.force)
-    source = _float_source(model, out_dir, options, progress)
+    listed = _listed(calibration, evaluation, options)  # bad image folders are found before any conversion
+    source = float_source(model, progress)
     prep = source.card.preprocessing
-    with staged_output(out_dir, output_names(), force=options.force) as stage, ChildWorker() as native:
-        with timer.stage("load images"):
-            calib_px = load_pixels(calib_set, prep, progress)
-            eval_px = load_pixels(eval_set, prep, progress)
+    with timer.stage("load images"):
+        calib, evals = _images(listed, calibration, evaluation, options, prep, source.label_names(), progress)
+    with ChildWorker() as native, tempfile.TemporaryDirectory(prefix="edgeship-quantize-") as work:
+        stage, float_model = Path(work), source.model
+        calib_px, eval_px = calib.pixels, evals.pixels
         samples = _sampler(calib_px, prep)
-        float_model, eq_report = (source.folder / source.card.model_file).read_bytes(), {"enabled": options.equalize}
+        eq_report: dict[str, Any] = {"enabled": options.equalize}
         if options.equalize:
-            with timer.stage("equalize"), tempfile.TemporaryDirectory(prefix="edgeship-equalize-") as work:
-                float_model, info = _equalized_float_model(source.folder, Path(work))
+            with timer.stage("equalize"):
+                float_model, info = _equalized_float_model(source, stage)
                 eq_report.update(info)
         with timer.stage("calibrate"):
             calibrated = native.call("calibrate (TensorFlow)", tflite_quant.calibrate, float_model,
                                      normalize(calib_px, prep), progress=lambda k: progress("calibrate", k, len(calib_px)))
         calibrated, rewritten = rewrites.apply(calibrated)
-        score = _calib_scorer(native, source.folder / source.card.model_file, calib_px, prep, options, stage, progress)
+        score = _calib_scorer(native, source.model, calib_px, prep, options, progress)
         calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress, score)
         with timer.stage("quantize"):
             quant, runs = _quantize_checked(native, calibrated, options)
@@ -118,11 +211,10 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
             with timer.stage("bias correction"):
                 quant, info = _bias_correct(quant, calibrated, calib_px, prep, progress)
                 bc_report.update(info)
-        float_path = source.folder / source.card.model_file
-        truth = eval_set.labels_for(source.labels)
+        truth = list(evals.truth)
         with timer.stage("evaluate"):
-            reference = run_tflite(float_path, eval_px, prep, progress=progress, label="run float reference")
-            figs = _evaluate(quant, eval_px, prep, reference, truth, stage, progress)
+            reference = run_tflite(source.model, eval_px, prep, progress=progress, label="run float reference")
+            figs = _evaluate(quant, eval_px, prep, reference, truth, progress)
         with timer.stage("per-layer"):
             layer_errs = layers.layer_errors(calibrated, quant, *_paired_inputs(quant, eval_px[:LAYER_SAMPLES], prep))
         kept: list[dict[str, Any]] = []
@@ -130,128 +222,94 @@ def quantize(model: str | os.PathLike[str], calibration: str | os.PathLike[str],
         if options.min_sqnr_db is not None:
             with timer.stage("budget search"):
                 quant, figs, mixed_report, within = _budget_search(native, calibrated, quant, figs, score, eval_px,
-                                                                   prep, reference, truth, float_path, stage, options,
+                                                                   prep, reference, truth, source.model, stage, options,
                                                                    progress)
         if options.max_drop is not None:
             with timer.stage("accuracy-aware"):
                 quant, figs, kept, within_drop = _accuracy_aware(native, calibrated, quant, figs, layer_errs,
-                                                                 eval_px, prep, reference, truth, stage, options,
-                                                                 progress)
+                                                                 eval_px, prep, reference, truth, options, progress)
                 within = within and within_drop
         final_name = INT8_FILE if within else OVER_BUDGET_FILE
-        atomic_write_bytes(stage / final_name, quant)
-        layers.plot_worst(layer_errs, stage / LAYER_PLOT,
-                          title=f"worst tensors, {options.method.value} calibration "
-                                f"({'per-tensor' if options.per_tensor else 'per-channel'})")
-        card = _int8_card(stage / final_name, final_name, source.card)
-        if source.card.labels_file and out_dir.resolve() != source.folder.resolve():
-            atomic_copy(source.folder / source.card.labels_file, stage / source.card.labels_file)
-        atomic_write_json(stage / (INT8_CARD if within else OVER_BUDGET_CARD), card.to_dict())
-        float_size = float_path.stat().st_size
-        report = {
-            "edgeship_report": "quantize",
-            "source": {"folder": str(source.folder), "float_model": source.card.model_file,
-                       "source_model": source.card.source_model, "source_sha256": source.card.source_sha256},
-            "options": options.to_dict(),
-            "calibration": _image_report(calib_set),
-            "evaluation": {**_image_report(eval_set), "held_apart_from_calibration": options.eval_dir is None},
-            "ranges": range_report,
-            "rewrites": rewritten,
-            "runs_on": runs,
-            "equalization": eq_report,
-            "bias_correction": bc_report,
-            "figures": figs.to_dict(),
-            "sizes": {"float32": float_size, "int8": len(quant), "ratio": round(float_size / len(quant), 2)},
-            "ops": _op_histogram(quant),
-            "worst_layers": [e.to_dict() for e in layer_errs[:10]],
-            "layer_count": len(layer_errs),
-            "accuracy_aware": {"max_drop": options.max_drop, "kept_in_float": kept, "within_budget": within},
-            "mixed_precision": mixed_report,
-            "output": final_name,
-            "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
-            "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
-        }
-        atomic_write_json(stage / REPORT_FILE, report)
-    # With --force, drop the other outcome's files from an earlier run so they cannot be mistaken.
-    for stale in ((OVER_BUDGET_FILE, OVER_BUDGET_CARD) if within else (INT8_FILE, INT8_CARD)):
-        (out_dir / stale).unlink(missing_ok=True)
-    result = QuantizeResult(out_dir, out_dir / final_name, card, figs, report, within)
-    if not within and options.min_sqnr_db is not None and figs.sqnr_db < options.min_sqnr_db:
-        how = (f"after keeping {mixed_report.get('float_ops', 0)} op(s) float" if options.float_islands
-               else "as a full-integer model (the target allows no float ops)")
-        raise AccuracyDriftError(
-            f"int8 model under the SQNR budget of {options.min_sqnr_db} dB {how}: SQNR {figs.sqnr_db:.2f} dB; "
-            f"best model kept as {out_dir / OVER_BUDGET_FILE}", [f"sqnr_db {figs.sqnr_db:.2f}"])
-    if not within:
-        raise AccuracyDriftError(
-            f"int8 model still over the --max-drop budget of {options.max_drop} points after keeping "
-            f"{len(kept)} layer(s) in float: top-1 agreement {100 * figs.top1_agreement:.2f}%; best model kept "
-            f"as {out_dir / OVER_BUDGET_FILE}", [f"top1_agreement {100 * figs.top1_agreement:.2f}%"])
-    return result
+        plot = layers.plot_worst(layer_errs, stage / LAYER_PLOT,
+                                 title=f"worst tensors, {options.method.value} calibration "
+                                       f"({'per-tensor' if options.per_tensor else 'per-channel'})")
+        layer_plot = plot.read_bytes() if plot and Path(plot).is_file() else None
+    card = _int8_card(quant, final_name, source.card)
+    float_size = len(source.model)
+    report = {
+        "edgeship_report": "quantize",
+        "source": {"folder": str(source.folder) if source.folder else None, "float_model": source.card.model_file,
+                   "source_model": source.card.source_model, "source_sha256": source.card.source_sha256},
+        "options": options.to_dict(),
+        "calibration": calib.report,
+        "evaluation": evals.report,
+        "ranges": range_report,
+        "rewrites": rewritten,
+        "runs_on": runs,
+        "equalization": eq_report,
+        "bias_correction": bc_report,
+        "figures": figs.to_dict(),
+        "sizes": {"float32": float_size, "int8": len(quant), "ratio": round(float_size / len(quant), 2)},
+        "ops": _op_histogram(quant),
+        "worst_layers": [e.to_dict() for e in layer_errs[:10]],
+        "layer_count": len(layer_errs),
+        "accuracy_aware": {"max_drop": options.max_drop, "kept_in_float": kept, "within_budget": within},
+        "mixed_precision": mixed_report,
+        "output": final_name,
+        "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
+        "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
+    }
+    return QuantizeResult(quant, card, figs, report, within, source, layer_plot)
 
 
-def split_images(folder: Path, options: QuantizeOptions) -> tuple[ImageSet, ImageSet]:
-    """Calibration images and the evaluation images (never the same files)."""
-    images = list_images(folder, minimum=0)
-    if len(images) < options.min_calib:
-        raise CalibrationError(
-            f"{folder} has {len(images)} usable image(s) ({len(images.skipped)} other file(s) skipped); "
-            f"calibration needs at least {options.min_calib}")
-    if options.eval_dir is not None:
-        evals = list_images(options.eval_dir, minimum=1)
-        calib = images.sample(options.num_calib, seed=options.seed)
-        overlap = {f.resolve() for f in calib.files} & {f.resolve() for f in evals.files}
-        if overlap:
-            raise InputError(f"{len(overlap)} evaluation image(s) are also calibration images "
-                             f"(e.g. {sorted(overlap)[0]}); keep the two sets apart")
-    elif len(images) > options.num_calib and len(images) - options.num_calib >= 1:
-        chosen = images.sample(options.num_calib, seed=options.seed)
-        picked = set(chosen.files)
-        calib = chosen
-        evals = images.subset([i for i, f in enumerate(images.files) if f not in picked])
-    else:
-        n_eval = max(1, round(len(images) * options.eval_split))
-        calib, evals = images.split(len(images) - n_eval)
-        calib = calib.sample(options.num_calib, seed=options.seed)
-    if len(calib) < options.min_calib:
-        raise CalibrationError(f"only {len(calib)} calibration image(s) left after holding out "
-                               f"{len(evals)} for evaluation; at least {options.min_calib} needed")
-    if options.max_eval:
-        evals = evals.sample(options.max_eval)
-    return calib, evals
+def _listed(calibration: Images, evaluation: Images | None,
+            options: QuantizeOptions) -> tuple[ImageSet, ImageSet] | None:
+    """Calibration and evaluation folders listed and split (None for arrays)."""
+    if evaluation is not None and is_folder(calibration) != is_folder(evaluation):
+        raise InputError("give calibration and evaluation images the same way: both folders, or both arrays")
+    if not is_folder(calibration):
+        return None
+    return data.split_images(Path(calibration), options.split, Path(evaluation) if evaluation is not None else None)
 
 
-def _float_source(model: Path, out_dir: Path, options: QuantizeOptions, progress: Progress) -> _Source:
-    """The float model to quantize: a convert folder, or convert the ONNX file first."""
-    if model.is_dir():
-        card_path = model / CARD_FILE
-        if not card_path.is_file():
-            raise InputError(f"{model} is not an edgeship convert folder (no {CARD_FILE}); pass the ONNX model "
-                             "or run `edgeship convert` first")
-        card = ModelCard.load(card_path)
-        if card.precision != "float32" or not (model / card.model_file).is_file():
-            raise InputError(f"{model} holds no float32 model to quantize (its card names {card.model_file}, "
-                             f"{card.precision}); pass the ONNX model or a `edgeship convert` folder")
-    elif model.is_file():
-        folder = out_dir
-        if _same_conversion(folder, model) and not options.force:
-            log.info("reusing the conversion of %s in %s", model, folder)
-        else:
-            conv.convert(model, folder, options=conv.ConvertOptions(force=options.force), progress=progress)
-        return _float_source(folder, out_dir, options, progress)
-    else:
-        raise InputError(f"model {model} does not exist")
-    labels = Labels.load(model / card.labels_file) if card.labels_file and (model / card.labels_file).is_file() else None
-    return _Source(model, card, labels)
+def _images(listed: tuple[ImageSet, ImageSet] | None, calibration: Images, evaluation: Images | None,
+            options: QuantizeOptions, prep: Any, labels: Labels | None, progress: Progress) -> tuple[Pixels, Pixels]:
+    """Calibration and evaluation pixels, from the listed folders or from arrays."""
+    if listed is not None:
+        return data.from_sets(*listed, evaluation is None, prep, labels, progress)
+    return data.from_arrays(calibration, evaluation, options.split, prep)
 
 
-def _same_conversion(folder: Path, model: Path) -> bool:
-    """Whether ``folder`` holds a conversion of exactly this ONNX file."""
+def float_source(model: ConvertResult | str | os.PathLike[str], progress: Progress = silent) -> ConvertResult:
+    """The float model to quantize: a conversion, a saved convert folder, or an ONNX file converted now."""
+    if isinstance(model, ConvertResult):
+        return model
+    path = Path(model)
+    if path.is_dir():
+        return ConvertResult.load(path)
+    if path.is_file():
+        return convert(path, progress=progress)
+    raise InputError(f"model {path} does not exist")
+
+
+def conversion_for(model: Path, out: Path, *, force: bool) -> ConvertResult | Path:
+    """What ``quantize MODEL -o OUT`` quantizes: a convert folder as it is; for an ONNX file, the
+    conversion of exactly that file already saved in OUT (unless ``force``), else the file (converted
+    by :func:`quantize`; :meth:`QuantizeResult.save_with_source` writes the conversion into OUT too)."""
+    if model.is_file() and not force:
+        return reusable_conversion(out, model) or model
+    return model
+
+
+def reusable_conversion(folder: Path, onnx: Path) -> ConvertResult | None:
+    """The conversion of exactly this ONNX file saved in ``folder``, if there is one."""
     from edgeship._io import sha256_file
 
-    if not (folder / CARD_FILE).is_file() or not (folder / conv.FLOAT32_FILE).is_file():
-        return False
-    return ModelCard.load(folder / CARD_FILE).source_sha256 == sha256_file(model)
+    if not (folder / CARD_FILE).is_file() or not (folder / FLOAT32_FILE).is_file():
+        return None
+    if ModelCard.load(folder / CARD_FILE).source_sha256 != sha256_file(onnx):
+        return None
+    return ConvertResult.load(folder)
 
 
 def _sampler(pixels: np.ndarray, prep: Any) -> Callable[[], Iterable[np.ndarray]]:
@@ -290,8 +348,8 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
     return tflite_quant.set_ranges(calibrated, new), report
 
 
-def _calib_scorer(native: ChildWorker, float_path: Path, calib_px: np.ndarray, prep: Any, options: QuantizeOptions,
-                  stage: Path, progress: Progress) -> Callable[..., float]:
+def _calib_scorer(native: ChildWorker, float_model: bytes, calib_px: np.ndarray, prep: Any, options: QuantizeOptions,
+                  progress: Progress) -> Callable[..., float]:
     """``score(calibrated, float_nodes=())``: SQNR (dB) against the float model, on calibration images only,
     of the int8 model TensorFlow's quantizer makes (what the range choice and the budget search measure)."""
     pixels = calib_px[: options.search_images]
@@ -299,9 +357,9 @@ def _calib_scorer(native: ChildWorker, float_path: Path, calib_px: np.ndarray, p
 
     def score(calibrated: bytes, float_nodes: Sequence[str] = ()) -> float:
         if not reference:
-            reference.append(run_tflite(float_path, pixels, prep, progress=progress, label="run float (search images)"))
+            reference.append(run_tflite(float_model, pixels, prep, progress=progress, label="run float (search images)"))
         quant, _ = _quantize_checked(native, calibrated, options, float_nodes)
-        return _evaluate(quant, pixels, prep, reference[0], [None] * len(pixels), stage, progress,
+        return _evaluate(quant, pixels, prep, reference[0], [None] * len(pixels), progress,
                          label="measure a candidate").sqnr_db
 
     return score
@@ -309,7 +367,7 @@ def _calib_scorer(native: ChildWorker, float_path: Path, calib_px: np.ndarray, p
 
 def _budget_search(native: ChildWorker, calibrated: bytes, quant: bytes, figs: DriftFigures,
                    score: Callable[..., float], eval_px: np.ndarray, prep: Any, reference: np.ndarray,
-                   truth: list[int | None], float_path: Path, stage: Path, options: QuantizeOptions,
+                   truth: list[int | None], float_model: bytes, stage: Path, options: QuantizeOptions,
                    progress: Progress) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
     """Meet ``options.min_sqnr_db`` by keeping the cheapest op groups float (mixed models only)."""
     budget = float(options.min_sqnr_db or 0.0)
@@ -322,12 +380,12 @@ def _budget_search(native: ChildWorker, calibrated: bytes, quant: bytes, figs: D
     if not found.kept:
         return quant, figs, report, False
     candidate, runs = _quantize_checked(native, calibrated, options, found.nodes)
-    cfigs = _evaluate(candidate, eval_px, prep, reference, truth, stage, progress, label="run budgeted int8")
+    cfigs = _evaluate(candidate, eval_px, prep, reference, truth, progress, label="run budgeted int8")
     report.update(eval_sqnr_db=cfigs.sqnr_db)
     if cfigs.sqnr_db <= figs.sqnr_db:  # better on the search images only: keep the all-int8 model
         return quant, figs, {**report, "kept_float": [], "float_ops": 0}, False
     report.update(delegation=runs["delegation"],
-                  latency_ms_1_thread=mixed.latencies({"float32": float_path, "all_int8": quant, "budgeted": candidate},
+                  latency_ms_1_thread=mixed.latencies({"float32": float_model, "all_int8": quant, "budgeted": candidate},
                                                       stage))
     return candidate, cfigs, report, cfigs.sqnr_db >= budget
 
@@ -377,20 +435,19 @@ def _op_summary(model: bytes) -> str:
     return ", ".join(f"{name} x{n}" for name, n in _op_histogram(model).items())
 
 
-def _equalized_float_model(folder: Path, work: Path) -> tuple[bytes, dict[str, Any]]:
+def _equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, dict[str, Any]]:
     """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
     from edgeship._deps import require
+    from edgeship.convert.pipeline import run_onnx2tf
     from edgeship.quantize.equalize import equalize
 
     onnx = require("onnx", purpose="equalize the model")
-
-    simplified = folder / conv.SIMPLIFIED_FILE
-    if not simplified.is_file():
-        raise InputError(f"{folder} has no {conv.SIMPLIFIED_FILE}; re-run `edgeship convert` to use --equalize")
-    model, info = equalize(onnx.load(str(simplified)))
+    if not source.simplified_onnx:
+        raise InputError("the conversion has no simplified ONNX model; re-run `edgeship convert` to use --equalize")
+    model, info = equalize(onnx.load_from_string(source.simplified_onnx))
     onnx.save(model, str(work / "equalized.onnx"))
-    child = conv._run_onnx2tf(work / "equalized.onnx", work)  # noqa: SLF001 - the same offline child run
-    model, _ = tflite_graph.clean((work / "tf" / conv.FLOAT32_FILE).read_bytes())
+    child = run_onnx2tf(work / "equalized.onnx", work)
+    model, _ = tflite_graph.clean((work / "tf" / FLOAT32_FILE).read_bytes())
     return model, {**info, "onnx2tf_s": child["wall_s"]}
 
 
@@ -412,18 +469,12 @@ def _paired_inputs(quant: bytes, pixels: np.ndarray, prep: Any) -> tuple[np.ndar
 
 
 def _evaluate(quant: bytes, pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None],
-              stage: Path, progress: Progress, label: str = "run int8") -> DriftFigures:
-    tmp = stage / ".eval.tflite"
-    atomic_write_bytes(tmp, quant)
-    try:
-        got = run_tflite(tmp, pixels, prep, progress=progress, label=label)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return compare(reference, got, truth)
+              progress: Progress, label: str = "run int8") -> DriftFigures:
+    return compare(reference, run_tflite(quant, pixels, prep, progress=progress, label=label), truth)
 
 
 def _accuracy_aware(native: ChildWorker, calibrated: bytes, quant: bytes, figs: DriftFigures, errs: list[layers.LayerError],
-                    pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None], stage: Path,
+                    pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None],
                     options: QuantizeOptions, progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
     """Keep the most harmful layers in float one at a time until the drop is inside the budget."""
     budget = options.max_drop or 0.0
@@ -436,7 +487,7 @@ def _accuracy_aware(native: ChildWorker, calibrated: bytes, quant: bytes, figs: 
             break
         denied.append(err.name)
         candidate, _ = _quantize_checked(native, calibrated, options, denied)
-        cfigs = _evaluate(candidate, pixels, prep, reference, truth, stage, progress,
+        cfigs = _evaluate(candidate, pixels, prep, reference, truth, progress,
                           label=f"re-measure with {len(denied)} float layer(s)")
         drop = cfigs.agreement_drop
         kept.append({"layer": err.name, "op": err.op, "sqnr_db": err.sqnr_db, "added_error_db": err.added_error_db,
@@ -448,24 +499,10 @@ def _accuracy_aware(native: ChildWorker, calibrated: bytes, quant: bytes, figs: 
     return best[0], best[1], kept, within
 
 
-def _int8_card(path: Path, file_name: str, float_card: ModelCard) -> ModelCard:
-    m = TFLiteModel(path)
-    i, o = m.input, m.output
-    return float_card.with_(
-        model_file=file_name,
-        precision="int8",
-        input=TensorSpec(i.name, i.shape, i.dtype.name, float_card.input.layout, i.scale or None,
-                         i.zero_point if i.quantized else None),
-        output=TensorSpec(o.name, o.shape, o.dtype.name, None, o.scale or None, o.zero_point if o.quantized else None),
-    )
-
-
-def _image_report(images: ImageSet) -> dict[str, Any]:
-    names = "\n".join(str(f.relative_to(images.root)) for f in images.files)
-    return {"folder": str(images.root), "count": len(images), "skipped_files": len(images.skipped),
-            "first": images.files[0].name if images.files else None,
-            "last": images.files[-1].name if images.files else None,
-            "file_list_sha256": hashlib.sha256(names.encode()).hexdigest()}
+def _int8_card(quant: bytes, file_name: str, float_card: ModelCard) -> ModelCard:
+    m = TFLiteModel(quant, use_xnnpack=False)
+    return float_card.with_(model_file=file_name, precision="int8",
+                            input=TensorSpec.of(m.input, float_card.input.layout), output=TensorSpec.of(m.output))
 
 
 def _op_histogram(model: bytes) -> dict[str, int]:

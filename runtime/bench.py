@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import os
 import platform
 import resource
@@ -31,7 +32,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from edgeship.errors import EdgeshipError, InputError
+from edgeship.errors import EdgeshipError, InputError, NativeCrashError
 
 SCHEMA = "edgeship-bench/1"
 
@@ -217,7 +218,9 @@ class _Worker:
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
-            raise InputError(f"benchmark worker for {self.label} died (exit {self.proc.wait()})")
+            code = self.proc.wait()
+            how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit {code}"
+            raise NativeCrashError(f"benchmark worker for {self.label} died ({how})")
         reply = json.loads(line)
         if "error" in reply:
             raise InputError(f"benchmark of {self.label} failed: {reply['error']}")
@@ -226,7 +229,7 @@ class _Worker:
     def close(self) -> None:
         try:
             self.ask({"cmd": "quit"})
-        except (InputError, BrokenPipeError, ValueError):
+        except (EdgeshipError, BrokenPipeError, ValueError):
             pass
         self.proc.wait(timeout=30)
 

@@ -142,6 +142,12 @@ class TensorSpec:
         _need(self.zero_point is None or _is_int(self.zero_point), "zero_point", "an integer or null", self.zero_point)
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
 
+    @classmethod
+    def of(cls, tensor: Any, layout: str | None = None) -> "TensorSpec":
+        """The spec of an interpreter tensor (:class:`~edgeship.runtime.interpreter.IOSpec`)."""
+        return cls(tensor.name, tensor.shape, tensor.dtype.name, layout, tensor.scale or None,
+                   tensor.zero_point if tensor.quantized else None)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)

@@ -234,8 +234,8 @@ def _card_from_model(model: TFLiteModel, file_name: str) -> ModelCard:
     return ModelCard(
         model_file=file_name,
         precision="int8" if model.input.quantized else "float32",
-        input=TensorSpec(model.input.name, shape, model.input.dtype.name, Layout.NHWC.value),
-        output=TensorSpec(model.output.name, model.output.shape, model.output.dtype.name),
+        input=TensorSpec.of(model.input, Layout.NHWC.value),
+        output=TensorSpec.of(model.output),
         preprocessing=Preprocessing.imagenet(shape[1], shape[2]),
         num_classes=int(np.prod(model.output.shape[1:])),
     )

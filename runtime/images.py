@@ -68,9 +68,22 @@ class Labels:
             raise InputError(f"labels file {path} is not UTF-8 text") from exc
         except OSError as exc:
             raise InputError(f"cannot read labels file {path}: {exc.strerror or exc}") from exc
+        return cls.parse(lines, f"labels file {path}")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "labels") -> "Labels":
+        """Labels from a labels file's contents (UTF-8)."""
+        try:
+            return cls.parse(data.decode("utf-8").splitlines(), where)
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{where} is not UTF-8 text") from exc
+
+    @classmethod
+    def parse(cls, lines: Sequence[str], where: str = "labels") -> "Labels":
+        """Labels from the lines of a labels file (``wnid<TAB>names`` or one name per line)."""
         lines = [ln for ln in lines if ln.strip()]
         if not lines:
-            raise InputError(f"labels file {path} is empty")
+            raise InputError(f"{where} is empty")
         if all("\t" in ln for ln in lines):
             ids, names = zip(*(ln.split("\t", 1) for ln in lines))
             return cls(tuple(n.split(",")[0].strip() for n in names), tuple(i.strip() for i in ids))

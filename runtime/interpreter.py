@@ -96,10 +96,9 @@ for line in sys.stdin:
 
 
 def _check_cache_dir() -> Path:
-    if os.environ.get("EDGESHIP_CACHE"):
-        return Path(os.environ["EDGESHIP_CACHE"]).expanduser() / "model-checks"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgeship" / "model-checks"
+    from edgeship._io import cache_dir
+
+    return cache_dir("model-checks")
 
 
 def _header_problem(path: Path) -> str | None:

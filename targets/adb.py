@@ -16,7 +16,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
 
@@ -129,3 +129,36 @@ def parse_benchmark_output(text: str) -> dict[str, Any]:
     if delta:
         result["memory_delta_mb"] = {"init": float(delta.group(1)), "overall": float(delta.group(2))}
     return result
+
+
+def adb_benchmark(serial: str, binary: Path | None, target: Any, models: Sequence[Path], *,
+                  threads: Sequence[int], runs: int, warmup: int) -> dict[str, Any]:
+    """``bench --adb``: TensorFlow Lite's ``benchmark_model`` on the phone, as a bench.json document."""
+    if target is None:
+        from edgeship.targets import load_target
+
+        target = load_target("android-arm64-cpu")
+    if binary is None:
+        raise InputError("--adb needs --benchmark-binary PATH (TensorFlow Lite's benchmark_model for Android)")
+    device = AdbDevice(serial)
+    results = []
+    for t in threads:
+        for m in models:
+            r = run_benchmark(device, binary, m, benchmark_flags(target, threads=t, runs=runs, warmup=warmup))
+            results.append({"model": m.name, "path": str(m), "threads": t, "size_bytes": m.stat().st_size,
+                            "runtime": {"interpreter": "benchmark_model", "interpreter_version": None,
+                                        "delegate": target.execution.delegate.value}, **r})
+    return {"schema": "edgeship-bench/1", "host": {"adb_serial": serial}, "results": _with_ratios(results)}
+
+
+def _with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ratios to the first model per thread count, and the bench.json fields benchmark_model lacks."""
+    base: dict[int, float] = {}
+    for r in results:
+        key = r.get("p50_ms", r["mean_ms"])
+        base.setdefault(r["threads"], key)
+        r["ratio_p50_to_first"] = round(key / base[r["threads"]], 3)
+        r.setdefault("p50_ms", r["mean_ms"])
+        for missing in ("p90_ms", "p99_ms", "peak_rss_mb"):
+            r.setdefault(missing, float("nan"))
+    return results

@@ -102,11 +102,10 @@ def _require_build_tools() -> None:
 
 
 def default_cache_dir() -> Path:
-    """``$EDGESHIP_CACHE``, else ``$XDG_CACHE_HOME/edgeship``, else ``~/.cache/edgeship``."""
-    if os.environ.get("EDGESHIP_CACHE"):
-        return Path(os.environ["EDGESHIP_CACHE"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "edgeship"
+    """edgeship's cache (:func:`edgeship._io.cache_dir`)."""
+    from edgeship._io import cache_dir
+
+    return cache_dir()
 
 
 # --------------------------------------------------------------------------- the root

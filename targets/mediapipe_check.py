@@ -211,21 +211,18 @@ def summary_line(drift: ClientDrift) -> str:
             f"no crop), {drift.roi_preprocessing.agreement_pct:.2f}% with the crop as region of interest; with edgeship's runtime on the same pixels {same} ({drift.images} images)")
 
 
-def add_client_check(result: Any, candidate: str | os.PathLike[str], *,
+def add_client_check(result: Any, model_path: Path, card: ModelCard, *,
                      progress: Progress | None = None) -> ClientDrift:
     """Run :func:`mediapipe_drift` on a finished drift check's images and add it to its report.
 
-    ``result`` is a :class:`edgeship.runtime.drift.VerifyResult`; its report gets
+    ``result`` is a :class:`edgeship.verify.DriftResult`; its report gets
     ``client_check``, and a failing client path (MediaPipe answering differently from
     edgeship's runtime on the same pixels) becomes one of its ``io_problems``.
     """
-    from edgeship.runtime.drift import resolve_candidate
-
-    model_path, card, _ = resolve_candidate(candidate)
     drift = mediapipe_drift(model_path, list(result.files), result.reference, card=card,
                             runtime_outputs=result.candidate, progress=progress)
     report = result.report
-    report["client_check"] = drift.to_dict()
+    report["client_check"] = {**drift.to_dict(), "summary": summary_line(drift)}
     if not drift.ok:
         report["io_problems"].append(
             f"MediaPipe ImageClassifier agrees with edgeship's runtime on only {100 * drift.runtime_agreement:.2f}% "

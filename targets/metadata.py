@@ -218,7 +218,7 @@ def input_contract(card: ModelCard) -> str | None:
             from edgeship.runtime.images import pixel_offset
 
             k = pixel_offset(prep, spec.scale, spec.zero_point or 0)
-            how = (f" (feed pixels as they are)" if k == 0 else f" (feed pixel {k:+d})" if k is not None
+            how = (" (feed pixels as they are)" if k == 0 else f" (feed pixel {k:+d})" if k is not None
                    else f" (scale {spec.scale:.6g}, zero point {spec.zero_point})")
         diffs.append(f"dtype float32 -> {spec.dtype}{how}")
     if _norm_text(src) != _norm_text(prep):

@@ -17,9 +17,12 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from enum import Enum
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgeship.errors import TargetError
+
+if TYPE_CHECKING:
+    from edgeship.runtime.metrics import DriftFigures
 
 
 class Arch(str, Enum):
@@ -118,10 +121,33 @@ class Execution:
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
 
+    @property
+    def use_xnnpack(self) -> bool:
+        """Whether edgeship's runtime uses XNNPACK for this target (GPU/NNAPI run on the CPU off-device)."""
+        return self.delegate == Delegate.XNNPACK
+
+
+@dataclass(frozen=True)
+class BudgetCheck:
+    """One budget line: the measured value, the limit, and whether it passed."""
+
+    metric: str
+    value: float | None
+    limit: float
+    passed: bool
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
 
 @dataclass(frozen=True)
 class Budget:
-    """Accuracy-drift budget of the deployed model against the float reference."""
+    """Accuracy-drift budget of the deployed model against the float reference.
+
+    ``min_top1_agreement`` 0 gives a budget on SQNR alone (useful where logits are full of
+    near-ties, e.g. models with random weights).
+    """
 
     min_top1_agreement: float  # percent
     max_top1_drop: float  # accuracy points, when labels are known
@@ -130,6 +156,21 @@ class Budget:
     def __post_init__(self) -> None:
         if not 0 <= self.min_top1_agreement <= 100:
             raise ValueError(f"min_top1_agreement is a percentage, got {self.min_top1_agreement}")
+
+    def check(self, figures: DriftFigures) -> list[BudgetCheck]:
+        """Every budget line against drift figures (:class:`~edgeship.runtime.metrics.DriftFigures`)."""
+        agreement = figures.agreement_pct
+        checks = [
+            BudgetCheck("top1_agreement_pct", agreement, self.min_top1_agreement, agreement >= self.min_top1_agreement),
+            BudgetCheck("sqnr_db", figures.sqnr_db, self.min_sqnr_db, figures.sqnr_db >= self.min_sqnr_db),
+        ]
+        drop = figures.top1_drop
+        if drop is None:
+            return [*checks, BudgetCheck("top1_drop_points", None, self.max_top1_drop, True, "no labels: not checked")]
+        step = 100.0 / max(figures.count, 1)
+        # A drop is counted in whole images: on a small set one image can be most of the budget.
+        note = f"{figures.count} images: one image is {step:.2f} pt" if step > self.max_top1_drop / 2 else ""
+        return [*checks, BudgetCheck("top1_drop_points", drop, self.max_top1_drop, drop <= self.max_top1_drop, note)]
 
 
 @dataclass(frozen=True)

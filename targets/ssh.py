@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from edgeship._io import cache_dir, sha256_file
 from edgeship.errors import DeviceError, EdgeshipError, InputError, MissingDependencyError
 
 if TYPE_CHECKING:
@@ -419,7 +420,7 @@ class SshDevice:
         for w in wheels:
             if not w.is_file() or w.suffix != ".whl":
                 raise InputError(f"wheel {w} does not exist or is not a .whl file")
-        digests = {w.name: _sha256(w) for w in wheels}
+        digests = {w.name: sha256_file(w) for w in wheels}
         key = _venv_key(self.target.python, facts, requirements, sorted(digests), system_site_packages)
         venv = f"{self.workdir()}/venv-{key}"
         python = f"{venv}/bin/python"
@@ -535,14 +536,6 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _venv_key(python: str, facts: dict[str, str], requirements: Sequence[str], wheel_names: Sequence[str],
               system_site_packages: bool) -> str:
     blob = json.dumps([python, facts.get("python"), facts.get("machine"), list(requirements),
@@ -650,9 +643,8 @@ def build_edgeship_wheel(dest: Path) -> Path:
 
 
 def default_wheel_cache() -> Path:
-    """``$XDG_CACHE_HOME/edgeship/wheels`` (default ``~/.cache/edgeship/wheels``)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "edgeship" / "wheels"
+    """The ``wheels`` folder of edgeship's cache (:func:`edgeship._io.cache_dir`)."""
+    return cache_dir("wheels")
 
 
 # --------------------------------------------------------------------------- collect

@@ -236,7 +236,7 @@ def test_real_per_channel_model_through_mediapipe(assets: Path, tmp_path: Path) 
     import onnx
 
     from edgeship.runtime.card import ModelCard
-    from edgeship.runtime.drift import reference_outputs
+    from edgeship.verify.drift import reference_outputs
     from edgeship.runtime.images import list_images
     from edgeship.targets.mediapipe_check import mediapipe_drift
 

@@ -70,7 +70,7 @@ def _quantize_job(convert_dir: str, calib: str, out_dir: str) -> str:
     from edgeship.quantize.pipeline import quantize
 
     try:
-        quantize(convert_dir, calib, out_dir, options=QuantizeOptions(num_calib=NUM_CALIB, max_eval=MAX_EVAL))
+        quantize(convert_dir, calib, options=QuantizeOptions(num_calib=NUM_CALIB, max_eval=MAX_EVAL)).save(out_dir)
     except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
         return _one_line(exc)
     return ""
@@ -99,9 +99,9 @@ class Matrix:
         out = self.root / f"{case[0]}-{case[1]}" / "convert"
         try:
             model = self.onnx(case)
-            convert(model, out, options=ConvertOptions(
+            convert(model, options=ConvertOptions(
                 images=self.images, max_images=VERIFY_IMAGES, preprocessing=arch.prep,
-                input_shape=arch.input_shape if arch.dynamic_hw else None))
+                input_shape=arch.input_shape if arch.dynamic_hw else None)).save(out)
         except Exception as exc:  # noqa: BLE001 - every test of the case reports it
             return Outcome(error=_one_line(exc))
         return Outcome(out)
@@ -222,7 +222,7 @@ def test_dynamic_hw_needs_input_shape(matrix: Matrix, tmp_path: Path) -> None:
     from edgeship.errors import InputError
 
     with pytest.raises(InputError, match="--input-shape"):
-        convert(matrix.onnx(("tiny_dynamic_hw", "dynamo")), tmp_path / "out")
+        convert(matrix.onnx(("tiny_dynamic_hw", "dynamo")))
 
 
 @pytest.mark.parametrize("name, shape, classes", [("tiny_192x256", [1, 192, 256, 3], 1000),

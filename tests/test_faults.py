@@ -197,7 +197,7 @@ def _pwned(*folders: Path) -> list[Path]:
 def test_legacy_scp_runs_nothing_from_model_names(sshd: SshServer, legacy_scp: None, tmp_path: Path,  # noqa: F811
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """``bench --host`` and the drift check's copy, with a hostile model name, over ``scp -O``."""
-    from edgeship.runtime.drift import _stage_candidate
+    from edgeship.verify.drift import stage_bundle
     from edgeship.runtime.card import ModelCard
     from edgeship.targets import load_target, remote, ssh
 
@@ -234,7 +234,7 @@ def test_legacy_scp_runs_nothing_from_model_names(sshd: SshServer, legacy_scp: N
     card = ModelCard.from_dict({**GOOGLE_CARD, "model_file": EVIL, "labels_file": "l$(touch pwned2).txt"})
     (local / "l$(touch pwned2).txt").write_text("a\n")
     bundle = tmp_path / "bundle"
-    _stage_candidate(model, card, local, bundle)
+    stage_bundle(bundle, model.read_bytes(), card, (local / "l$(touch pwned2).txt").read_bytes())
     assert sorted(p.name for p in bundle.iterdir()) == ["labels.txt", "model.tflite", "model_card.json"]
     job = ssh._new_job(device)
     device.push(bundle, f"{job}/bundle")
@@ -302,12 +302,12 @@ def _sys_read_only() -> bool:
 @pytest.fixture()
 def no_convert(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make sure the conversion never starts: output problems must be found before it."""
-    import edgeship.convert.pipeline as pipeline
+    import edgeship.convert.onnx_model as onnx_model
 
     def boom(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("the work started before the output was checked")
 
-    monkeypatch.setattr(pipeline, "staged_output", boom)
+    monkeypatch.setattr(onnx_model, "load_model", boom)
 
 
 @pytest.mark.parametrize("where", ["unwritable", "unwritable_parent", "file_parent"])
@@ -341,7 +341,7 @@ def test_json_in_unwritable_folder(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_verify_report_folder_found_before_running(tmp_path: Path, tiny_onnx: Path, google: Path,
                                                    monkeypatch: pytest.MonkeyPatch,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
-    import edgeship.runtime.drift as drift
+    import edgeship.verify.drift as drift
 
     monkeypatch.setattr(drift, "verify", lambda *a, **k: pytest.fail("verify ran before the report path was checked"))
     (tmp_path / "imgs").mkdir()
@@ -556,9 +556,10 @@ def test_force_hint_is_spelled_for_cli_and_api(google: Path, tmp_path: Path,
 
 def test_verify_float_model_on_int8_target_is_a_mismatch_before_running(
         tmp_path: Path, google: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import edgeship.runtime.drift as drift
+    import edgeship.runtime.drift as device_side
+    import edgeship.verify.drift as drift
 
-    monkeypatch.setattr(drift, "candidate_outputs", lambda *a, **k: pytest.fail("the candidate ran"))
+    monkeypatch.setattr(device_side, "candidate_outputs", lambda *a, **k: pytest.fail("the candidate ran"))
     monkeypatch.setattr(drift, "reference_outputs", lambda *a, **k: pytest.fail("the reference ran"))
     folder = tmp_path / "float"
     folder.mkdir()

@@ -256,7 +256,10 @@ def test_bench_image_errors_are_one_line(tiny_bundle: Path, tmp_path: Path, caps
 
 
 def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_images: Path) -> None:
-    from edgeship.report import write_report
+    from edgeship.report import ReportInputs, write_report
+    from edgeship.runtime.metrics import compare
+    from edgeship.targets import load_target
+    from edgeship.verify import DriftResult
 
     out = tmp_path / "out"
     files = [str(f) for f in sorted(tiny_images.iterdir())]
@@ -265,13 +268,12 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
     cand = ref + rng.normal(scale=0.8, size=ref.shape).astype(np.float32)
     names = ["x86-host", "rpi4-aarch64", "android-arm64-cpu"]
     emulated = ref + rng.normal(scale=0.8, size=ref.shape).astype(np.float32)  # other kernels, other outputs
+    drifts = {}
     for name in names:
-        (out / "verify" / name).mkdir(parents=True)
-        np.savez(out / "verify" / name / "outputs.npz", reference=ref, files=np.array(files),
-                 candidate=emulated if name == "rpi4-aarch64" else cand)
-    (out / "convert").mkdir()
-    (out / "convert" / "labels.txt").write_text("".join(f"n{i:08d}\tlong class name number {i}, alias\n"
-                                                        for i in range(10)))
+        got = emulated if name == "rpi4-aarch64" else cand
+        drifts[name] = DriftResult(compare(ref, got), (), {"target": load_target(name).to_dict()}, ref, got,
+                                   tuple(Path(f) for f in files))
+    labels = [f"long class name number {i}" for i in range(10)]
     figures = {"top1_agreement": 0.9, "ref_top1": None, "cand_top1": None, "mean_cosine": 0.99, "sqnr_db": 20.0}
     budget = [{"metric": "top1_agreement_pct", "limit": 97.5}, {"metric": "top1_drop_points", "limit": 1.0},
               {"metric": "sqnr_db", "limit": 18.0}]
@@ -286,7 +288,7 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
          "e2e": {"images": 12, "image": str(tiny_images), "runs": 3, "p50_ms": 5.5, "p90_ms": 6.0,
                  "steps_p50_ms": {"decode": 0.8, "preprocess": 0.3, "invoke": 4.2, "postprocess": 0.2},
                  "ratio_p50_to_invoke": 1.38, "invoke_only_p50_ms": 4.0, "image_path": "JPEG draft decode"}}]}
-    _, html_path = write_report(out, summary, bench)
+    _, html_path = write_report(out, ReportInputs(summary, bench, drifts, labels))
     page = html_path.read_text()
     # x86-host and android-arm64-cpu ran the same model on the same machine: one set of images for both.
     assert page.count("shared by x86-host, android-arm64-cpu: the same model ran on the same machine") == 1

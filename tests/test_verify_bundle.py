@@ -165,23 +165,21 @@ def test_zoo_offline_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_budget_drop_is_counted_in_images() -> None:
-    from edgeship.runtime.drift import check_budget
     from edgeship.runtime.metrics import DriftFigures
     from edgeship.targets import load_target
 
     budget = load_target("x86-host").budget
     small = DriftFigures(100, 0.98, 0.99, 0.98, 1.0, 25.0, ref_top1=0.87, cand_top1=0.86)
-    drop = {c.metric: c for c in check_budget(small, budget)}["top1_drop_points"]
+    drop = {c.metric: c for c in budget.check(small)}["top1_drop_points"]
     assert drop.passed and drop.value == 1.0
     assert "one image is 1.00 pt" in drop.note
     large = DriftFigures(1000, 0.98, 0.99, 0.98, 1.0, 25.0, ref_top1=0.87, cand_top1=0.855)
-    drop = {c.metric: c for c in check_budget(large, budget)}["top1_drop_points"]
+    drop = {c.metric: c for c in budget.check(large)}["top1_drop_points"]
     assert not drop.passed and drop.note == ""
 
 
 def test_budget_edges_compare_exactly() -> None:
     """99/100 images agreeing is a 1.0 point drop, not 1.0000000000000009."""
-    from edgeship.runtime.drift import check_budget
     from edgeship.runtime.metrics import DriftFigures
     from edgeship.targets import load_target
 
@@ -191,4 +189,4 @@ def test_budget_edges_compare_exactly() -> None:
     assert edge.agreement_pct == 29.0  # 0.29 * 100 is 28.999999999999996 in floating point
     budget = load_target("x86-host").budget
     at_limit = DriftFigures(400, budget.min_top1_agreement / 100, 0.99, 0.98, 1.0, budget.min_sqnr_db)
-    assert all(c.passed for c in check_budget(at_limit, budget))
+    assert all(c.passed for c in budget.check(at_limit))

@@ -1,4 +1,5 @@
-"""Check a float TFLite model against onnxruntime on the original ONNX model."""
+"""Running models on the same pixels on the host: a TFLite model, the ONNX model through onnxruntime, and
+the tolerances that say a float conversion is the same model (convert's check; quantize measures with them too)."""
 
 from __future__ import annotations
 
@@ -69,9 +70,9 @@ def nchw_batches(pixels: np.ndarray, prep: Preprocessing, batch: int = 32) -> li
             for i in range(0, len(pixels), batch)]
 
 
-def run_tflite(path: Path | str, pixels: np.ndarray, prep: Preprocessing, *, num_threads: int | None = None,
+def run_tflite(path: Path | str | bytes, pixels: np.ndarray, prep: Preprocessing, *, num_threads: int | None = None,
                progress: Progress = silent, label: str = "run tflite") -> np.ndarray:
-    """Float outputs of a TFLite model (any I/O dtype) on the pixels, one image at a time."""
+    """Float outputs of a TFLite model (a path or its bytes; any I/O dtype) on the pixels, one image at a time."""
     model = TFLiteModel(path, num_threads=num_threads)
     step = model.input.shape[0]
     outs = []

@@ -1,0 +1,138 @@
+"""Calibration and evaluation images as values: a folder of files, or arrays in memory."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Union
+
+import numpy as np
+
+from edgeship._progress import Progress, silent
+from edgeship.errors import CalibrationError, InputError
+from edgeship.runtime.card import Preprocessing
+from edgeship.runtime.images import ImageSet, Labels, frame_pixels, list_images, load_pixels
+
+#: What ``quantize`` takes as images: a folder path, or HxWx3 uint8 RGB arrays (any size).
+Images = Union[str, os.PathLike, Iterable[np.ndarray]]
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """Images ready for the model: uint8 ``[N, H, W, 3]`` crops, their labels, where they came from."""
+
+    pixels: np.ndarray = field(repr=False)
+    truth: tuple[int | None, ...]
+    report: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+
+@dataclass(frozen=True)
+class Split:
+    """How many calibration images to use and how to hold images apart for evaluation."""
+
+    num_calib: int = 200
+    seed: int | None = None
+    eval_split: float = 0.2
+    max_eval: int | None = None
+    min_calib: int = 10
+
+
+def is_folder(images: Any) -> bool:
+    return isinstance(images, (str, os.PathLike))
+
+
+def split_images(folder: Path, split: Split, evaluation: Path | None = None) -> tuple[ImageSet, ImageSet]:
+    """Calibration images and the evaluation images of a folder (never the same files)."""
+    images = list_images(folder, minimum=0)
+    if len(images) < split.min_calib:
+        raise CalibrationError(
+            f"{folder} has {len(images)} usable image(s) ({len(images.skipped)} other file(s) skipped); "
+            f"calibration needs at least {split.min_calib}")
+    if evaluation is not None:
+        evals = list_images(evaluation, minimum=1)
+        calib = images.sample(split.num_calib, seed=split.seed)
+        overlap = {f.resolve() for f in calib.files} & {f.resolve() for f in evals.files}
+        if overlap:
+            raise InputError(f"{len(overlap)} evaluation image(s) are also calibration images "
+                             f"(e.g. {sorted(overlap)[0]}); keep the two sets apart")
+    elif len(images) > split.num_calib:
+        calib = images.sample(split.num_calib, seed=split.seed)
+        picked = set(calib.files)
+        evals = images.subset([i for i, f in enumerate(images.files) if f not in picked])
+    else:
+        calib, evals = images.split(len(images) - max(1, round(len(images) * split.eval_split)))
+        calib = calib.sample(split.num_calib, seed=split.seed)
+    _check_enough(len(calib), len(evals), split)
+    return calib, evals.sample(split.max_eval) if split.max_eval else evals
+
+
+def _check_enough(calib: int, evals: int, split: Split) -> None:
+    if calib < split.min_calib:
+        raise CalibrationError(f"only {calib} calibration image(s) left after holding out {evals} for evaluation; "
+                               f"at least {split.min_calib} needed")
+
+
+def from_sets(calib: ImageSet, evals: ImageSet, held_apart: bool, prep: Preprocessing, labels: Labels | None,
+              progress: Progress = silent) -> tuple[Pixels, Pixels]:
+    """Decode listed calibration and evaluation images (see :func:`split_images`)."""
+    return (Pixels(load_pixels(calib.files, prep, progress=progress), tuple(calib.labels_for(labels)),
+                   folder_report(calib)),
+            Pixels(load_pixels(evals.files, prep, progress=progress), tuple(evals.labels_for(labels)),
+                   {**folder_report(evals), "held_apart_from_calibration": held_apart}))
+
+
+def from_folders(calibration: Path, evaluation: Path | None, split: Split, prep: Preprocessing,
+                 labels: Labels | None, progress: Progress = silent) -> tuple[Pixels, Pixels]:
+    calib, evals = split_images(calibration, split, evaluation)
+    return from_sets(calib, evals, evaluation is None, prep, labels, progress)
+
+
+def from_arrays(calibration: Iterable[np.ndarray], evaluation: Iterable[np.ndarray] | None, split: Split,
+                prep: Preprocessing) -> tuple[Pixels, Pixels]:
+    """Arrays (HxWx3 uint8 RGB frames of any size), resized and cropped like files.
+
+    Held apart like a folder's images: with more than ``num_calib`` arrays the first
+    ``num_calib`` calibrate and the rest are evaluated, else the last ``eval_split`` are.
+    """
+    calib = _crops(calibration, prep, "calibration")
+    if evaluation is not None:
+        evals = _crops(evaluation, prep, "evaluation")
+        calib = calib[:split.num_calib]
+    else:
+        keep = split.num_calib if len(calib) > split.num_calib else len(calib) - max(1, round(len(calib) * split.eval_split))
+        calib, evals = calib[:keep], calib[keep:]
+    _check_enough(len(calib), len(evals), split)
+    evals = evals[:split.max_eval] if split.max_eval else evals
+    return (Pixels(calib, (None,) * len(calib), array_report(calib)),
+            Pixels(evals, (None,) * len(evals), {**array_report(evals),
+                                                  "held_apart_from_calibration": evaluation is None}))
+
+
+def _crops(frames: Iterable[np.ndarray], prep: Preprocessing, what: str) -> np.ndarray:
+    crops = []
+    for i, frame in enumerate(frames):
+        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+            got = f"{type(frame).__name__} {getattr(frame, 'dtype', '')} {getattr(frame, 'shape', '')}".strip()
+            raise InputError(f"{what} image {i} must be an HxWx3 uint8 RGB array, got {got}")
+        crops.append(frame_pixels(frame, prep, "RGB"))
+    if not crops:
+        raise CalibrationError(f"no {what} images given")
+    return np.stack(crops)
+
+
+def folder_report(images: ImageSet) -> dict[str, Any]:
+    names = "\n".join(str(f.relative_to(images.root)) for f in images.files)
+    return {"folder": str(images.root), "count": len(images), "skipped_files": len(images.skipped),
+            "first": images.files[0].name if images.files else None,
+            "last": images.files[-1].name if images.files else None,
+            "file_list_sha256": hashlib.sha256(names.encode()).hexdigest()}
+
+
+def array_report(pixels: np.ndarray) -> dict[str, Any]:
+    return {"folder": None, "source": "arrays", "count": len(pixels),
+            "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}

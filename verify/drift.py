@@ -1,0 +1,272 @@
+"""Host-side drift check: the deployed model on its target against the float ONNX model.
+
+The reference runs through onnxruntime here; the candidate runs where the target says
+(this machine, an ssh device, qemu-emulated aarch64: :mod:`edgeship.targets.devices`)
+through the on-device runtime; the target's :class:`~edgeship.targets.profile.Budget`
+judges the figures. For MediaPipe targets, the app's own client is run too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+from edgeship._io import atomic_write_bytes, atomic_write_json
+from edgeship._progress import Progress
+from edgeship.errors import AccuracyDriftError, InputError, VerificationError
+from edgeship.runtime.card import CARD_FILE, ModelCard
+from edgeship.runtime.images import ImageSet, Labels, iter_pixels, list_images, normalize
+from edgeship.runtime.metrics import DriftFigures, compare
+from edgeship.targets.devices import Device, DeviceSpec, LocalDevice, make_device
+from edgeship.targets.profile import BudgetCheck, Target, load_target
+
+REPORT_FILE = "drift_report.json"
+OUTPUTS_FILE = "outputs.npz"
+#: File names of the model and labels shipped to a device for a drift check (chosen here, never the user's).
+STAGED_MODEL = "model.tflite"
+STAGED_LABELS = "labels.txt"
+#: A candidate: a saved .tflite (card beside it), a bundle folder, or a stage result in memory.
+Candidate = Union[str, os.PathLike, Any]
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    """Figures, budget lines and the report of one drift check (outputs kept for reports)."""
+
+    figures: DriftFigures
+    checks: tuple[BudgetCheck, ...]
+    report: dict[str, Any] = field(repr=False)
+    reference: np.ndarray | None = field(default=None, repr=False)
+    candidate: np.ndarray | None = field(default=None, repr=False)
+    files: tuple[Path, ...] = field(default=(), repr=False)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.report.get("passed", all(c.passed for c in self.checks)))
+
+    @property
+    def failures(self) -> list[str]:
+        """Every budget line missed and every I/O problem, one string each."""
+        lines = [f"{c.metric} {c.value:.3f} (limit {c.limit})" for c in self.checks if not c.passed and c.value is not None]
+        return lines + list(self.report.get("io_problems", []))
+
+    def raise_for_budget(self) -> None:
+        """Raise :class:`AccuracyDriftError` (exit 3) when the check did not pass."""
+        if not self.passed:
+            failing = [c.metric for c in self.checks if not c.passed] + list(self.report.get("io_problems", []))
+            raise AccuracyDriftError(f"over the drift budget of target {self.report['target']['name']}: "
+                                     + "; ".join(self.failures), failing)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report (figures, budget lines, where it ran); the outputs are kept by :meth:`save`."""
+        return self.report
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, reference: np.ndarray | None = None, candidate: np.ndarray | None = None,
+                  files: Sequence[Path] = ()) -> DriftResult:
+        figs = {k: v for k, v in d["figures"].items() if k in DriftFigures.__dataclass_fields__}
+        figs["disagreements"] = tuple(figs.get("disagreements", ()))
+        checks = tuple(BudgetCheck(**c) for c in d["budget"])
+        return cls(DriftFigures(**figs), checks, dict(d), reference, candidate, tuple(Path(f) for f in files))
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """``drift_report.json`` and ``outputs.npz`` (reference and candidate outputs) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / REPORT_FILE, self.report)
+        if self.reference is not None and self.candidate is not None:
+            import io
+
+            buf = io.BytesIO()
+            np.savez(buf, reference=self.reference, candidate=self.candidate,
+                     files=np.array([str(f) for f in self.files]))
+            atomic_write_bytes(folder / OUTPUTS_FILE, buf.getvalue())
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str]) -> DriftResult:
+        """A saved drift check (what :meth:`save` wrote)."""
+        folder = Path(folder)
+        report = json.loads((folder / REPORT_FILE).read_text())
+        if not (folder / OUTPUTS_FILE).is_file():
+            return cls.from_dict(report)
+        with np.load(folder / OUTPUTS_FILE) as data:
+            return cls.from_dict(report, reference=data["reference"], candidate=data["candidate"],
+                                 files=[Path(str(f)) for f in data["files"]])
+
+
+def verify(reference_onnx: str | os.PathLike[str], candidate: Candidate, images: str | os.PathLike[str] | ImageSet,
+           *, target: str | Target = "x86-host", device: Device | DeviceSpec | None = None,
+           max_images: int | None = None, reference: np.ndarray | None = None,
+           progress: Progress | None = None) -> DriftResult:
+    """Run ``candidate`` the way ``target`` will and compare it with the ONNX reference.
+
+    Args:
+        reference_onnx: The source float ONNX model (run with onnxruntime on this machine).
+        candidate: A :class:`~edgeship.quantize.QuantizeResult` or
+            :class:`~edgeship.convert.ConvertResult`, a ``.tflite`` (card beside it), or a bundle folder.
+        images: Folder of real images (labels from ImageNet wnid names, subfolders or labels.txt),
+            or an :class:`~edgeship.runtime.images.ImageSet`.
+        target: Target name, profile path or :class:`~edgeship.targets.Target`.
+        device: Where the candidate runs: a :class:`~edgeship.targets.devices.Device`, a
+            :class:`~edgeship.targets.devices.DeviceSpec`, or None (this machine).
+        max_images: Use at most this many images.
+        reference: Reference outputs already computed for these images (skips onnxruntime).
+        progress: Progress hook.
+
+    Returns:
+        A :class:`DriftResult`; ``raise_for_budget()`` fails loudly.
+    """
+    from edgeship.targets.bundle import check_fits
+
+    target = target if isinstance(target, Target) else load_target(target)
+    if max_images is not None and max_images < 1:
+        raise InputError(f"--max-images must be >= 1, got {max_images}")
+    notes: list[str] = []
+    if device is None or isinstance(device, DeviceSpec):
+        device, note = make_device(device, target)
+        notes += [note] if note else []
+    with tempfile.TemporaryDirectory(prefix="edgeship-verify-") as tmp:
+        bundle, card, labels, name = stage_candidate(candidate, Path(tmp) / "bundle")
+        check_fits(card, target)  # a float model for an int8 target is a mismatch, not drift: say so before running
+        image_set = _image_set(images, max_images)
+        if target.execution.delegate.value in ("gpu", "nnapi") and isinstance(device, LocalDevice):
+            notes.append(f"{target.execution.delegate.value} delegate is not available on this host: "
+                         "the candidate ran on the CPU")
+        ran = device.collect(bundle, list(image_set.files), threads=target.execution.threads,
+                             use_xnnpack=target.execution.use_xnnpack, progress=progress)
+        ref = reference if reference is not None else reference_outputs(reference_onnx, list(image_set.files), card,
+                                                                         progress)
+        if ref.shape != ran.logits.shape:
+            raise InputError(f"reference and candidate do not answer alike: {ref.shape[1]} vs {ran.logits.shape[1]} "
+                             f"outputs per image; is {Path(str(reference_onnx)).name} the source of {name}?")
+        truth = image_set.labels_for(labels)
+        fig = compare(ref, ran.logits, truth)
+        checks = tuple(target.budget.check(fig))
+        report = {
+            "edgeship_report": "drift",
+            "target": target.to_dict(),
+            "reference": {"model": str(reference_onnx), "runtime": "onnxruntime"},
+            "candidate": {"model": name, "precision": card.precision, "runtime": ran.runtime, "ran_on": ran.where},
+            "images": {"folder": str(image_set.root), "count": len(image_set), "skipped_files": len(image_set.skipped),
+                       "labelled": sum(t is not None for t in truth)},
+            "figures": fig.to_dict(),
+            "budget": [c.to_dict() for c in checks],
+            "io_problems": io_problems(ran.runtime, target),
+            "notes": notes,
+        }
+        report["passed"] = all(c.passed for c in checks) and not report["io_problems"]
+        result = DriftResult(fig, checks, report, ref, ran.logits, tuple(image_set.files))
+        if target.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
+            from edgeship.targets.mediapipe_check import add_client_check
+
+            add_client_check(result, bundle / STAGED_MODEL, card, progress=progress)
+    return result
+
+
+def stage_candidate(candidate: Candidate, dest: Path) -> tuple[Path, ModelCard, Labels | None, str]:
+    """A minimal bundle (model, card, labels) under fixed file names, from a result or from files.
+
+    The user's file names never reach a device: nothing there (a remote shell, scp's legacy
+    protocol) can read them as anything but data. Returns (bundle folder, card, labels, name).
+    """
+    model, card, labels_bytes, name = _candidate_parts(candidate)
+    staged = stage_bundle(dest, model, card, labels_bytes)
+    labels = Labels.parse(labels_bytes.decode("utf-8").splitlines()) if labels_bytes is not None else None
+    return dest, staged, labels, name
+
+
+def stage_bundle(dest: Path, model: bytes, card: ModelCard, labels: bytes | None) -> ModelCard:
+    """Write model, card and labels into ``dest`` under fixed names; return the card written."""
+    dest.mkdir(parents=True)
+    atomic_write_bytes(dest / STAGED_MODEL, model)
+    if labels is not None:
+        atomic_write_bytes(dest / STAGED_LABELS, labels)
+    staged = card.with_(model_file=STAGED_MODEL, labels_file=STAGED_LABELS if labels is not None else None)
+    atomic_write_json(dest / CARD_FILE, staged.to_dict())
+    return staged
+
+
+def _candidate_parts(candidate: Candidate) -> tuple[bytes, ModelCard, bytes | None, str]:
+    """(model bytes, card, labels bytes, name for reports) of any kind of candidate."""
+    if hasattr(candidate, "model") and hasattr(candidate, "card"):  # a convert or quantize result
+        source = getattr(candidate, "source", candidate)
+        labels = getattr(source, "labels", None) if candidate.card.labels_file else None
+        path = getattr(candidate, "model_path", None)
+        return candidate.model, candidate.card, labels, str(path) if path else f"(in memory) {candidate.card.model_file}"
+    model_path, card, folder = resolve_candidate(candidate)
+    labels_path = folder / card.labels_file if card.labels_file else None
+    labels = labels_path.read_bytes() if labels_path and labels_path.is_file() else None
+    return model_path.read_bytes(), card, labels, str(model_path)
+
+
+def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCard, Path]:
+    """(model file, card, folder) for a .tflite path or a bundle folder; the model file is checked."""
+    from edgeship.runtime.classifier import find_card
+    from edgeship.runtime.interpreter import check_model_file
+
+    path = Path(candidate)
+    if not path.exists():
+        raise InputError(f"candidate {path} does not exist (a .tflite file or a bundle folder)")
+    if path.is_dir():
+        card = ModelCard.load(path)
+        model, folder = path / card.model_file, path
+    else:
+        found = find_card(path)
+        if found is None:
+            raise InputError(f"no model card beside {path} ({path.stem}.card.json or {CARD_FILE}): the "
+                             "preprocessing it was built with is unknown; pass the convert/quantize folder's model "
+                             "with its card, or a bundle folder")
+        card, model, folder = found, path, path.parent
+    check_model_file(model)
+    return model, card, folder
+
+
+def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Path], card: ModelCard,
+                      progress: Progress | None = None) -> np.ndarray:
+    """onnxruntime outputs of the source model on the images (the candidate's image path, so the same pixels)."""
+    from edgeship.convert.onnx_model import inspect_model, load_model
+    from edgeship.convert.simplify import OrtRunner
+
+    prep = card.reference_preprocessing
+    model = load_model(reference_onnx)
+    info = inspect_model(model, str(reference_onnx))
+    hw = tuple(info.input_shape[2:])
+    if all(isinstance(d, int) for d in hw) and hw != tuple(prep.crop):
+        raise InputError(f"reference {reference_onnx} takes {hw[0]}x{hw[1]} images but the candidate's card crops "
+                         f"{prep.crop[0]}x{prep.crop[1]}; is it the candidate's source model?")
+    runner = OrtRunner(model)
+    rows = []
+    for i, pixels in enumerate(iter_pixels(files, prep)):
+        x = normalize(pixels, prep).transpose(2, 0, 1)[None]
+        try:
+            rows.append(runner.run(x).reshape(-1))
+        except Exception as exc:  # onnxruntime raises its own types
+            raise VerificationError(f"onnxruntime could not run {reference_onnx}: "
+                                    f"{str(exc).splitlines()[0][:200]}") from exc
+        if progress:
+            progress("run reference (onnxruntime)", i + 1, len(files))
+    return np.stack(rows)
+
+
+def io_problems(describe: dict[str, Any], target: Target) -> list[str]:
+    """What about the model's I/O does not suit the target."""
+    want = target.model.io_dtype.value
+    got_in, got_out = describe["input"]["dtype"], describe["output"]["dtype"]
+    if got_in != want or got_out != want:
+        return [f"model I/O is {got_in}/{got_out} but target {target.name} needs {want}"]
+    return []
+
+
+def _image_set(images: str | os.PathLike[str] | ImageSet, max_images: int | None) -> ImageSet:
+    found = images if isinstance(images, ImageSet) else list_images(images, minimum=1)
+    return found.sample(max_images) if max_images else found
+
+
+__all__ = ["DriftResult", "verify", "reference_outputs", "resolve_candidate", "stage_candidate", "REPORT_FILE"]
