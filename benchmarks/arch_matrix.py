@@ -138,9 +138,9 @@ def convert_model(onnx: Path, arch: archs.Arch, out: Path, proto: Protocol) -> d
     if (out / "convert_report.json").is_file():  # a kept --work folder: reuse its conversion
         report = json.loads((out / "convert_report.json").read_text())
     else:
-        report = convert(onnx, out, options=ConvertOptions(
+        report = convert(onnx, options=ConvertOptions(
             images=proto.folder, max_images=proto.verify_images, preprocessing=arch.prep,
-            input_shape=arch.input_shape if arch.dynamic_hw else None)).report
+            input_shape=arch.input_shape if arch.dynamic_hw else None)).save(out).report
     check = report["verification"]["float32"]
     return {"seconds": round(report["timings_s"]["total"], 1), "agreement": check["top1_agreement"],
             "mean_cosine": round(check["mean_cosine"], 6), "images": check["count"]}

@@ -267,6 +267,13 @@ def _quant_summary(report: dict[str, Any]) -> list[str]:
         lines.append("  worst layers: " + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} "
                                                      f"{w['sqnr_db']:.1f} dB" for w in worst))
     lines.append("  " + _xnnpack_line(report.get("runs_on", {})))
+    speed = report.get("speed") or {}
+    if speed.get("measured"):
+        ms = speed["ms"]
+        lines.append(f"  1 thread, XNNPACK: float32 {ms['float32']:.2f} ms, {report['output']} {ms['int8']:.2f} ms "
+                     f"({speed['speedup_vs_float32']:.2f}x)")
+        if speed.get("verdict"):
+            lines.append(f"  NOT FAST ENOUGH: {speed['verdict']}")
     mixed = report.get("mixed_precision") or {}
     if mixed.get("kept_float"):
         lat = mixed.get("latency_ms_1_thread", {})

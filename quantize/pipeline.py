@@ -38,6 +38,13 @@ INT8_FILE = "model_int8.tflite"
 INT8_CARD = "model_int8.card.json"
 OVER_BUDGET_FILE = "model_int8_OVER_BUDGET.tflite"
 OVER_BUDGET_CARD = "model_int8_OVER_BUDGET.card.json"
+#: Written beside the output when that is not faster than float32 and the all-int8 model is.
+FAST_FILE = "model_int8_FAST.tflite"
+FAST_CARD = "model_int8_FAST.card.json"
+#: Invokes per model of the speed check (1 thread, XNNPACK, interleaved; the median counts).
+SPEED_RUNS = 60
+#: Under this speed-up over float32 the report says so and offers the faster model (issue 13's bar).
+MIN_SPEEDUP = 1.3
 REPORT_FILE = "quant_report.json"
 LAYER_PLOT = "layer_errors.png"
 LAYER_SAMPLES = 16
@@ -67,6 +74,9 @@ class QuantizeResult:
     source: ConvertResult | None = field(default=None, repr=False)
     layer_plot: bytes | None = field(default=None, repr=False)
     folder: Path | None = None
+    #: The all-int8 model, when the written one is under ``MIN_SPEEDUP`` x float32 at 1 thread and
+    #: this one is faster (saved as ``model_int8_FAST.tflite``); the report's ``speed`` says why.
+    faster: bytes | None = field(default=None, repr=False)
 
     @property
     def model_file(self) -> str:
@@ -86,8 +96,11 @@ class QuantizeResult:
         out = Path(out_dir)
         card_file = INT8_CARD if self.within_budget else OVER_BUDGET_CARD
         other = (OVER_BUDGET_FILE, OVER_BUDGET_CARD) if self.within_budget else (INT8_FILE, INT8_CARD)
+        fast = (FAST_FILE, FAST_CARD)
+        other += () if self.faster is not None else fast
         labels = self.source.labels if self.source and self.card.labels_file else None
         names = [self.model_file, card_file, REPORT_FILE, LAYER_PLOT] + ([self.card.labels_file] if labels else [])
+        names += list(fast) if self.faster is not None else []
         same_labels = labels is not None and _holds(out / str(self.card.labels_file), labels)
         check_outputs_free(out, [*names, *other], force=force)  # the other outcome's files count as outputs too
         with staged_output(out, [n for n in names if not (same_labels and n == self.card.labels_file)],
@@ -97,6 +110,9 @@ class QuantizeResult:
             atomic_write_json(stage / REPORT_FILE, self.report)
             if self.layer_plot:
                 atomic_write_bytes(stage / LAYER_PLOT, self.layer_plot)
+            if self.faster is not None:
+                atomic_write_bytes(stage / FAST_FILE, self.faster)
+                atomic_write_json(stage / FAST_CARD, _int8_card(self.faster, FAST_FILE, self.card).to_dict())
             if labels is not None and not same_labels:
                 atomic_write_bytes(stage / str(self.card.labels_file), labels)
         for stale in other:  # only reached with force when they existed: they cannot be mistaken for this run's
@@ -114,6 +130,7 @@ class QuantizeResult:
         if self.within_budget:
             return
         where = f"; best model kept as {self.model_path}" if self.model_path else ""
+        where += f"; {self.report['speed']['verdict']}" if self.report.get("speed", {}).get("verdict") else ""
         options, figs = self.report["options"], self.figures
         if options.get("min_sqnr_db") is not None and figs.sqnr_db < options["min_sqnr_db"]:
             mixed_report = self.report.get("mixed_precision") or {}
@@ -151,7 +168,7 @@ def _holds(path: Path, data: bytes) -> bool:
 
 
 def output_names() -> list[str]:
-    return [INT8_FILE, INT8_CARD, REPORT_FILE, LAYER_PLOT, OVER_BUDGET_FILE, OVER_BUDGET_CARD]
+    return [INT8_FILE, INT8_CARD, REPORT_FILE, LAYER_PLOT, OVER_BUDGET_FILE, OVER_BUDGET_CARD, FAST_FILE, FAST_CARD]
 
 
 def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images, *,
@@ -203,7 +220,8 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
                                      normalize(calib_px, prep), progress=lambda k: progress("calibrate", k, len(calib_px)))
         calibrated, rewritten = rewrites.apply(calibrated)
         score = _calib_scorer(native, source.model, calib_px, prep, options, progress)
-        calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress, score)
+        measure = _fold_measurer(native, source.model, calib_px, prep, options, progress)
+        calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress, measure)
         with timer.stage("quantize"):
             quant, runs = _quantize_checked(native, calibrated, options)
         bc_report: dict[str, Any] = {"enabled": options.use_bias_correction}
@@ -219,6 +237,7 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
             layer_errs = layers.layer_errors(calibrated, quant, *_paired_inputs(quant, eval_px[:LAYER_SAMPLES], prep))
         kept: list[dict[str, Any]] = []
         within, mixed_report = True, {}
+        all_int8 = (quant, figs)  # before any op group is kept float: the speed check's alternative
         if options.min_sqnr_db is not None:
             with timer.stage("budget search"):
                 quant, figs, mixed_report, within = _budget_search(native, calibrated, quant, figs, score, eval_px,
@@ -230,6 +249,14 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
                                                                  eval_px, prep, reference, truth, options, progress)
                 within = within and within_drop
         final_name = INT8_FILE if within else OVER_BUDGET_FILE
+        speed: dict[str, Any] = {"measured": False}
+        if options.float_islands:  # XNNPACK targets; full-integer ones run on NNAPI/DSPs, not measured here
+            with timer.stage("speed check"):
+                speed = _speed_check(source.model, quant, all_int8, stage, progress)
+            if "latency_ms_1_thread" in mixed_report:  # the same interleaved run, shown in the budget search too
+                mixed_report["latency_ms_1_thread"] = {"float32": speed["ms"]["float32"],
+                                                       "all_int8": speed["ms"].get("all_int8", speed["ms"]["int8"]),
+                                                       "budgeted": speed["ms"]["int8"]}
         plot = layers.plot_worst(layer_errs, stage / LAYER_PLOT,
                                  title=f"worst tensors, {options.method.value} calibration "
                                        f"({'per-tensor' if options.per_tensor else 'per-channel'})")
@@ -255,11 +282,15 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
         "layer_count": len(layer_errs),
         "accuracy_aware": {"max_drop": options.max_drop, "kept_in_float": kept, "within_budget": within},
         "mixed_precision": mixed_report,
+        "speed": speed,
         "output": final_name,
         "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
         "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
     }
-    return QuantizeResult(quant, card, figs, report, within, source, layer_plot)
+    if speed.get("verdict"):
+        log.warning("%s", speed["verdict"])
+    faster = all_int8[0] if (speed.get("offered") or {}).get("kind") == "all_int8" else None
+    return QuantizeResult(quant, card, figs, report, within, source, layer_plot, faster=faster)
 
 
 def _listed(calibration: Images, evaluation: Images | None,
@@ -322,30 +353,62 @@ def _sampler(pixels: np.ndarray, prep: Any) -> Callable[[], Iterable[np.ndarray]
 
 def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.ndarray]], n: int,
                         options: QuantizeOptions, progress: Progress,
-                        score: Callable[..., float] | None = None) -> tuple[bytes, dict[str, Any]]:
+                        measure: Callable[[int, bytes], ranges.FoldError] | None = None) -> tuple[bytes, dict[str, Any]]:
     recorded = tflite_quant.read_ranges(calibrated)
     report: dict[str, Any] = {"method": options.method.value, "tensors": len(recorded)}
-    hists = ranges.collect_histograms(calibrated, recorded, samples(),
-                                      progress=lambda k: progress("histograms", k, n))
     # Every method starts from edgeship's own statistics: TensorFlow's calibrator records an
     # in-place ADD's range on its producer too, which widens residual branches up to 1.5x.
     # The model input and the final scores keep their true min-max: clipping scores changes
     # the arg-max.
     m = TFLiteModel(calibrated, use_xnnpack=False)
     keep = {m.input.index, m.output.index}
-    if options.method == CalibrationMethod.AUTO and score is not None:
-        # Candidates fitted on the calibration images the scorer does not measure on, so that
-        # the choice rewards ranges that generalise; the winner is then fitted on all of them.
-        fit = hists if n <= 2 * options.search_images else ranges.collect_histograms(
-            calibrated, recorded, itertools.islice(samples(), options.search_images, None))
-        progress("choose ranges by measured SQNR", None, None)
-        new, report["auto"] = ranges.choose_by_measurement(
-            fit, options.percentile, lambda r: score(tflite_quant.set_ranges(calibrated, r)), keep=keep, final=hists)
+    if options.method == CalibrationMethod.AUTO and measure is not None and n >= 2 * CROSS_FOLDS:
+        # Per model: the method whose ranges, fitted on one half of the calibration images, give
+        # the best int8 model on the other half (both ways, pooled); then fitted on all of them.
+        folds = [ranges.collect_histograms(calibrated, recorded, itertools.islice(samples(), a, b),
+                                           progress=lambda k, a=a: progress("histograms", a + k, n))
+                 for a, b in _fold_bounds(n)]
+        hists = ranges.merge_histograms(folds)
+        progress("choose the range method by cross-fitted SQNR", None, None)
+        method, report["auto"] = ranges.choose_cross_fitted(
+            folds, options.percentile, lambda k, r: measure(k, tflite_quant.set_ranges(calibrated, r)), keep=keep)
+        new = ranges.choose_ranges(hists, method, options.percentile, keep=keep)
     else:
+        hists = ranges.collect_histograms(calibrated, recorded, samples(),
+                                          progress=lambda k: progress("histograms", k, n))
         new = ranges.choose_ranges(hists, options.method, options.percentile, keep=keep)
     shrink = [(hi - lo) / max(recorded[i][2] - recorded[i][1], 1e-12) for i, (lo, hi) in new.items()]
     report.update({"adjusted": len(new), "mean_range_fraction": float(np.mean(shrink)) if shrink else 1.0})
     return tflite_quant.set_ranges(calibrated, new), report
+
+
+#: Folds of the calibration images for the cross-fitted range choice (``method=auto``).
+CROSS_FOLDS = 2
+
+
+def _fold_bounds(n: int, folds: int = CROSS_FOLDS) -> list[tuple[int, int]]:
+    """Consecutive folds of the ``n`` calibration images (the order ``samples()`` yields them)."""
+    edges = np.linspace(0, n, folds + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _fold_measurer(native: ChildWorker, float_model: bytes, calib_px: np.ndarray, prep: Any,
+                   options: QuantizeOptions, progress: Progress) -> Callable[[int, bytes], ranges.FoldError]:
+    """``measure(k, calibrated)``: signal and error energy of the logits of the int8 model TensorFlow's
+    quantizer makes from ``calibrated``, against the float model, on fold ``k`` of the calibration images."""
+    bounds = _fold_bounds(len(calib_px))
+    reference: dict[int, np.ndarray] = {}
+
+    def measure(k: int, calibrated: bytes) -> ranges.FoldError:
+        a, b = bounds[k]
+        if k not in reference:
+            reference[k] = run_tflite(float_model, calib_px[a:b], prep, progress=progress, label="run float (folds)")
+        quant, _ = _quantize_checked(native, calibrated, options)
+        got = run_tflite(quant, calib_px[a:b], prep, progress=progress, label="measure a range method")
+        ref = reference[k].astype(np.float64)
+        return ranges.FoldError(float(np.sum(ref ** 2)), float(np.sum((ref - got) ** 2)))
+
+    return measure
 
 
 def _calib_scorer(native: ChildWorker, float_model: bytes, calib_px: np.ndarray, prep: Any, options: QuantizeOptions,
@@ -384,22 +447,65 @@ def _budget_search(native: ChildWorker, calibrated: bytes, quant: bytes, figs: D
     report.update(eval_sqnr_db=cfigs.sqnr_db)
     if cfigs.sqnr_db <= figs.sqnr_db:  # better on the search images only: keep the all-int8 model
         return quant, figs, {**report, "kept_float": [], "float_ops": 0}, False
-    report.update(delegation=runs["delegation"],
-                  latency_ms_1_thread=mixed.latencies({"float32": float_model, "all_int8": quant, "budgeted": candidate},
-                                                      stage))
+    # latency_ms_1_thread: filled in by the speed check (one interleaved run with the written model)
+    report.update(delegation=runs["delegation"], latency_ms_1_thread={})
     return candidate, cfigs, report, cfigs.sqnr_db >= budget
+
+
+def _speed_check(float_model: bytes, model: bytes, all_int8: tuple[bytes, DriftFigures], work: Path,
+                 progress: Progress) -> dict[str, Any]:
+    """The written model against float32 (and the all-int8 model, when ops were kept float) at 1 thread.
+
+    XNNPACK, interleaved in one run (:func:`mixed.latencies`). Under ``MIN_SPEEDUP`` x float32
+    (an int8 build slower than, or barely faster than, its float build is never left unsaid),
+    ``verdict`` says so and ``offered`` names the fastest of the others: the all-int8 model
+    (saved beside as ``model_int8_FAST.tflite``; its SQNR is under the budget) or the float32
+    model (exact).
+    """
+    progress("speed check (1 thread, XNNPACK)", None, None)
+    alt = all_int8[0] if all_int8[0] != model else None
+    models: dict[str, Any] = {"float32": float_model, "int8": model, **({"all_int8": alt} if alt is not None else {})}
+    ms = mixed.latencies(models, work, runs=SPEED_RUNS)
+    speedup = ms["float32"] / ms["int8"]
+    report: dict[str, Any] = {"measured": True, "threads": 1, "delegate": "xnnpack", "runs": SPEED_RUNS, "ms": ms,
+                              "speedup_vs_float32": round(speedup, 3), "faster_than_float32": speedup > 1.0,
+                              "min_speedup": MIN_SPEEDUP, "offered": None}
+    if speedup >= MIN_SPEEDUP:
+        return report
+    how = "SLOWER than" if speedup < 1.0 else f"only {speedup:.2f}x as fast as"
+    verdict = (f"the int8 model is {how} float32 at 1 thread on XNNPACK ({ms['int8']:.2f} ms vs "
+               f"{ms['float32']:.2f} ms; floor {MIN_SPEEDUP}x)")
+    faster = min((k for k in ("all_int8", "float32") if k in ms and ms[k] < ms["int8"]), key=ms.get, default=None)
+    if faster == "all_int8":
+        report["offered"] = {"kind": "all_int8", "model": FAST_FILE, "ms": ms["all_int8"],
+                             "speedup_vs_float32": round(ms["float32"] / ms["all_int8"], 3),
+                             "sqnr_db": round(all_int8[1].sqnr_db, 2)}
+        verdict += (f": {FAST_FILE} (all-int8, SQNR {all_int8[1].sqnr_db:.1f} dB, under the budget) runs "
+                    f"{ms['all_int8']:.2f} ms, {report['offered']['speedup_vs_float32']:.2f}x float32")
+    elif faster == "float32":
+        report["offered"] = {"kind": "float32", "model": "the float32 model", "ms": ms["float32"],
+                             "speedup_vs_float32": 1.0, "sqnr_db": None}
+        verdict += ": the float32 model is faster (and exact)"
+    else:
+        verdict += f"; nothing faster was made: the float32 model is exact at {1 / speedup:.2f}x the time"
+    report["verdict"] = verdict
+    return report
 
 
 def _quantize_checked(native: ChildWorker, calibrated: bytes, options: QuantizeOptions,
                       denied: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
     """TensorFlow's quantizer, then a first run on XNNPACK and the reference kernels, both in the child.
 
-    With ``options.float_islands``, the ops XNNPACK left outside in int8 but runs in float
-    are quantized again as float islands, kept when that gives fewer partitions.
+    With ``options.float_islands``, normalisations (LayerNorm's elementwise pieces, see
+    :func:`edgeship.quantize.mixed.normalization_groups`) stay float, and the ops XNNPACK left
+    outside in int8 but runs in float are quantized again as float islands, kept when that
+    gives fewer partitions.
 
     Raises:
         CalibrationError: The model the quantizer wrote does not run on one of them.
     """
+    if options.float_islands:  # LayerNorm's pieces float inside XNNPACK, as onnxruntime's QDQ computes them
+        denied = [*denied, *(n for n in mixed.normalization_nodes(calibrated) if n not in set(denied))]
     quant, runs = _quantize_once(native, calibrated, options, denied)
     islands = _island_candidates(calibrated, Delegation.from_dict(runs["delegation"])) if options.float_islands else []
     if islands:

@@ -4,11 +4,12 @@ Histograms of every calibrated activation are collected by running the calibrate
 float model with all intermediate tensors preserved. Each method maps a histogram and
 the observed range to the range handed to TFLite's quantizer.
 
-``auto`` measures instead of assuming: per tensor it keeps the candidate range with the
-least expected error *at its consumers' outputs* (clipping a LOGISTIC or HARD_SWISH input
-where the function is flat costs nothing there; rounding noise is scaled by the consumer's
-slope), and :func:`pick_best` chooses per model between whole candidate range sets by the
-measured error of the int8 model TensorFlow's quantizer makes from each.
+``auto`` measures instead of assuming: :func:`choose_cross_fitted` picks, per model, the
+method of :data:`CROSS_FIT_CANDIDATES` whose ranges fitted on one half of the calibration
+images give the best int8 model on the other half (both ways). Per tensor,
+:func:`least_consumer_error` is the candidate range with the least expected error *at its
+consumers' outputs* (clipping a LOGISTIC or HARD_SWISH input where the function is flat
+costs nothing there; rounding noise is scaled by the consumer's slope).
 """
 
 from __future__ import annotations
@@ -200,42 +201,6 @@ def least_consumer_error(hist: Histogram, param: float) -> tuple[float, float]:
     rows = candidate_ranges(hist, param)
     lo, hi = rows[int(np.argmin(consumer_errors(hist, rows)))]
     return float(lo), float(hi)
-
-
-def pick_best(candidates: dict[str, dict[int, tuple[float, float]]],
-              score: Callable[[dict[int, tuple[float, float]]], float]) -> tuple[str, dict[str, float]]:
-    """The name of the candidate range set with the highest measured score, and every score.
-
-    ``score`` quantizes with the ranges and measures the result (e.g. SQNR of the int8
-    model on calibration images); ties keep the earlier candidate.
-    """
-    scores = {name: float(score(r)) for name, r in candidates.items()}
-    best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
-    return best, scores
-
-
-#: Whole range sets the ``auto`` method measures, per model (the first wins ties: today's default).
-MEASURED_CANDIDATES = (CalibrationMethod.PERCENTILE, CalibrationMethod.AUTO, CalibrationMethod.MSE,
-                       CalibrationMethod.ENTROPY, CalibrationMethod.MINMAX)
-
-
-def choose_by_measurement(hists: dict[int, Histogram], param: float,
-                          score: Callable[[dict[int, tuple[float, float]]], float], keep: Iterable[int] = (),
-                          final: dict[int, Histogram] | None = None
-                          ) -> tuple[dict[int, tuple[float, float]], dict[str, object]]:
-    """The range set of :data:`MEASURED_CANDIDATES` whose int8 model ``score`` rates best, and a report.
-
-    Each candidate is computed per tensor (``auto``: least error at the consumers' outputs);
-    ``score`` quantizes with it and measures the whole model, so the choice is per model.
-    ``hists`` should come from other images than the ones ``score`` measures on (ranges fitted
-    to the very images they are scored on favour tight clipping); the chosen method is then
-    applied to ``final`` (the histograms of every calibration image; default ``hists``).
-    """
-    keep = set(keep)
-    sets = {m.value: choose_ranges(hists, m, param, keep=keep) for m in MEASURED_CANDIDATES}
-    best, scores = pick_best(sets, score)
-    chosen = sets[best] if final is None else choose_ranges(final, CalibrationMethod(best), param, keep=keep)
-    return chosen, {"chosen": best, "search_sqnr_db": {k: round(v, 3) for k, v in scores.items()}}
 
 
 def collect_histograms(model: bytes, tensors: dict[int, tuple[str, float, float]],

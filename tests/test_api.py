@@ -201,3 +201,45 @@ def test_devices_are_built_in_one_place() -> None:
         make_device(DeviceSpec("adb", host="serial"), load_target("android-arm64-cpu"))
     spec = DeviceSpec("ssh", host="pi@pi5:2222", identity=Path("/k"), pip_args=("--no-index",))
     assert DeviceSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def _fake_latencies(ms: dict[str, float]):  # type: ignore[no-untyped-def]
+    def latencies(models, work, runs=60):  # type: ignore[no-untyped-def]  # mixed.latencies' signature
+        return {label: ms[label] for label in models}
+    return latencies
+
+
+@pytest.mark.parametrize("ms, offered, words", [
+    ({"float32": 2.0, "int8": 1.0, "all_int8": 1.0}, None, None),
+    ({"float32": 1.0, "int8": 1.5, "all_int8": 1.5}, "float32", "SLOWER than float32"),
+    ({"float32": 1.0, "int8": 0.9, "all_int8": 0.9}, None, "only 1.11x as fast as float32"),
+    ({"float32": 1.0, "int8": 1.2, "all_int8": 0.5}, "all_int8", "model_int8_FAST.tflite (all-int8"),
+])
+def test_speed_check_says_when_int8_is_not_faster(ms: dict[str, float], offered: str | None, words: str | None,
+                                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from edgeship.quantize import mixed, pipeline
+    from edgeship.runtime.metrics import DriftFigures
+
+    monkeypatch.setattr(mixed, "latencies", _fake_latencies(ms))
+    written = b"mixed" if offered == "all_int8" else b"int8"
+    speed = pipeline._speed_check(b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
+                                  lambda *a: None)
+    assert speed["measured"] and speed["speedup_vs_float32"] == round(ms["float32"] / ms["int8"], 3)
+    assert (speed["offered"] or {}).get("kind") == offered
+    assert (words is None) == ("verdict" not in speed) and (words is None or words in speed["verdict"])
+
+
+def test_offered_all_int8_model_is_saved_beside_and_removed_later(tiny_conv: object, calib_images: Path,
+                                                                 tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from edgeship.quantize import QuantizeOptions
+
+    q = edgeship.quantize(tiny_conv, calib_images, options=QuantizeOptions(num_calib=20))
+    assert q.report["speed"]["measured"] and q.report["speed"]["ms"]["float32"] > 0
+    offered = replace(q, faster=q.model, report={**q.report, "speed": {**q.report["speed"], "verdict": "slow"}})
+    offered.save(tmp_path / "q")
+    assert (tmp_path / "q" / "model_int8_FAST.tflite").read_bytes() == q.model
+    assert json.loads((tmp_path / "q" / "model_int8_FAST.card.json").read_text())["model_file"] == "model_int8_FAST.tflite"
+    q.save(tmp_path / "q", force=True)
+    assert not (tmp_path / "q" / "model_int8_FAST.tflite").exists()

@@ -11,9 +11,8 @@ import pytest
 from edgeship.cli import main
 from edgeship.quantize import mixed
 from edgeship.quantize.options import CalibrationMethod
-from edgeship.quantize.ranges import (CONSUMER_FNS, MEASURED_CANDIDATES, RANGE_METHODS, Histogram, candidate_ranges,
-                                      choose_by_measurement, consumer_errors, entropy, least_consumer_error, minmax,
-                                      mse, percentile, pick_best)
+from edgeship.quantize.ranges import (CONSUMER_FNS, Histogram, candidate_ranges, consumer_errors,
+                                      entropy, least_consumer_error, minmax, mse, percentile)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -71,25 +70,6 @@ def test_entropy_penalises_clipping() -> None:
     values = rng.normal(0, 1, 200_000)
     lo, hi = entropy(_hist(values), 0)
     assert 2.5 < hi <= values.max() and values.min() <= lo < -2.5  # clips the sparse tails, never the body
-
-
-def test_pick_best_takes_the_measured_winner_and_keeps_the_first_on_ties() -> None:
-    sets = {"a": {1: (0.0, 1.0)}, "b": {1: (0.0, 2.0)}, "c": {1: (0.0, 3.0)}}
-    assert pick_best(sets, lambda r: -abs(r[1][1] - 2.0))[0] == "b"
-    assert pick_best(sets, lambda r: 5.0)[0] == "a"
-
-
-def test_choose_by_measurement_returns_the_ranges_the_scorer_prefers() -> None:
-    rng = np.random.default_rng(4)
-    hists = {7: _hist(np.concatenate([rng.normal(0, 1, 50_000), [20.0]])), 9: _hist(rng.normal(0, 1, 50_000))}
-    # A scorer that rewards the narrowest top of tensor 7: the method with the lowest one must win.
-    ranges, report = choose_by_measurement(hists, 99.999, lambda r: -r[7][1], keep={9})
-    tops = {m.value: RANGE_METHODS[m](hists[7], 99.999)[1] for m in MEASURED_CANDIDATES}
-    assert report["chosen"] == min(tops, key=tops.get)
-    assert ranges[7] == RANGE_METHODS[CalibrationMethod(report["chosen"])](hists[7], 99.999)
-    assert ranges[9] == minmax(hists[9], 0)  # kept tensors keep their true range
-    assert report["search_sqnr_db"][report["chosen"]] == pytest.approx(-min(tops.values()), abs=1e-3)
-    assert set(report["search_sqnr_db"]) == {"percentile", "auto", "mse", "entropy", "minmax"}
 
 
 # ----------------------------------------------------------------------------- budget search
