@@ -187,8 +187,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (default 200; all when fewer)")
     g.add_argument("--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)")
     g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="percentile",
-                   help="activation range method (default percentile; auto: per tensor by the error at its "
-                   "consumers, per model by the measured SQNR of each candidate set on calibration images)")
+                   help="activation range method (default percentile; auto: percentile or min-max, chosen per "
+                   "model by cross-fitted SQNR on the calibration images)")
     g.add_argument("--percentile", type=float, default=99.999, help="kept mass for --method percentile "
                    "(default 99.999)")
     bc = g.add_mutually_exclusive_group()

@@ -117,13 +117,21 @@ def test_output_that_is_not_class_scores_is_refused_before_onnx2tf(tmp_path: Pat
 @pytest.mark.parametrize("before_pool", ["Relu", "none"])
 def test_padded_max_pool_quantizes_and_runs(before_pool: str, tmp_path: Path, tiny_images: Path,
                                             calib_images: Path) -> None:
-    """torch's padded max-pool becomes PADV2(-FLT_MAX): int8 used to abort; now both kernels run it."""
+    """torch's padded max-pool becomes PADV2(-FLT_MAX): int8 used to abort; now both kernels run it.
+
+    After a ReLU, convert already makes it a zero PAD (exact: the input is >= 0); otherwise
+    quantize pads with the bottom of the input's range."""
     onnx_path = _save(_classifier(maxpool_after=before_pool), tmp_path, "maxpool.onnx")
     out = tmp_path / "q"
     assert main(["quantize", str(onnx_path), "--calib", str(calib_images), "-o", str(out), "-q",
                  "--num-calib", "20"]) == 0
     report = json.loads((out / "quant_report.json").read_text())
-    assert report["rewrites"] == {"max_pool_padding_to_range_min": 1}
+    cleanups = json.loads((out / "convert_report.json").read_text())["graph_cleanups"]
+    if before_pool == "Relu":
+        assert cleanups.get("max_pool_pad_after_relu") == 1 and report["rewrites"] == {}
+    else:
+        assert "max_pool_pad_after_relu" not in cleanups
+        assert report["rewrites"] == {"max_pool_padding_to_range_min": 1}
     assert report["runs_on"]["xnnpack"] is None and report["runs_on"]["reference"] is None
     # After a ReLU the pad becomes a plain PAD and XNNPACK keeps the graph whole; a PADV2 with a
     # finite value runs on TFLite's kernels between two partitions.
