@@ -163,7 +163,8 @@ def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bun
     assert main([*args, "--min-sqnr", "90"]) == 3  # nothing reaches 90 dB: best model kept, exit 3
     report = json.loads((out / "quant_report.json").read_text())
     all_int8 = report["mixed_precision"]["eval_sqnr_db_all_int8"]
-    assert report["ranges"]["auto"]["chosen"] in report["ranges"]["auto"]["search_sqnr_db"]
+    auto = report["ranges"]["auto"]
+    assert set(auto["cross_fitted_sqnr_db"]) == {"percentile", "minmax"} and auto["chosen"] in auto["cross_fitted_sqnr_db"]
     budget = round(all_int8 + 6.0, 1)  # above all-int8: something must stay float
     assert main([*args, "--min-sqnr", str(budget), "--force"]) == 0
     mixed_report = json.loads((out / "quant_report.json").read_text())["mixed_precision"]
