@@ -27,7 +27,7 @@ from edgeship.verify import outputs as verify
 from edgeship.convert.fold import fold_input_affine, normalization_into_graph
 from edgeship.convert.simplify import OrtRunner, simplify
 from edgeship.errors import ConversionError, InputError, VerificationError
-from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec
+from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, known_keys
 from edgeship.runtime.images import ImageSet, Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import compare
@@ -85,10 +85,7 @@ class ConvertOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConvertOptions:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown convert option(s): {', '.join(sorted(unknown))}")
-        d = dict(d)
+        d = known_keys(cls, d, "convert option")
         for key in ("images", "labels"):
             d[key] = Path(d[key]) if d.get(key) else None
         d["input_shape"] = tuple(d["input_shape"]) if d.get("input_shape") else None

@@ -8,6 +8,7 @@ from typing import Any
 
 from edgeship.errors import InputError
 from edgeship.quantize.data import Split
+from edgeship.runtime.card import known_keys
 from edgeship.targets.profile import IODtype, Target  # one I/O dtype vocabulary for targets and the quantizer
 
 
@@ -116,10 +117,7 @@ class QuantizeOptions:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantizeOptions:
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return cls(**known_keys(cls, d, "quantize option"))
 
     @classmethod
     def for_target(cls, target: Target, **given: Any) -> QuantizeOptions:

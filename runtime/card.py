@@ -117,7 +117,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
         try:
-            return cls(**_known(cls, d, "preprocessing"))
+            return cls(**known_keys(cls, d, "preprocessing"))
         except (TypeError, ValueError) as exc:
             raise InputError(f"invalid preprocessing {d}: {exc}") from exc
 
@@ -156,7 +156,7 @@ class TensorSpec:
     @classmethod
     def from_dict(cls, d: dict[str, Any], what: str = "tensor") -> "TensorSpec":
         try:
-            return cls(**_known(cls, d, what))
+            return cls(**known_keys(cls, d, what))
         except InputError as exc:
             raise InputError(f"{what}.{exc}" if str(exc).split(" ", 1)[0] in {f.name for f in fields(cls)}
                              else str(exc)) from exc
@@ -211,7 +211,7 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
-        d = _known(cls, d, "model card")
+        d = known_keys(cls, d, "model card")
         missing = [k for k in ("model_file", "precision", "input", "output", "preprocessing") if k not in d]
         if missing:
             raise InputError(f"missing key(s) {', '.join(missing)}")
@@ -251,7 +251,8 @@ class ModelCard:
         return replace(self, **changes)
 
 
-def _known(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+def known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
+    """A copy of ``d`` after checking it is an object holding only ``cls``'s dataclass fields."""
     if not isinstance(d, dict):
         raise InputError(f"{what} must be a JSON object, got {type(d).__name__} {d!r:.60}")
     names = {f.name for f in fields(cls)}
