@@ -213,6 +213,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "by --max-drop (default 8)")
     e.add_argument("--min-sqnr", type=float, dest="min_sqnr_db", help="SQNR budget in dB (default: the --target's): "
                    "mixed models keep the cheapest op groups float to meet it; full-integer ones exit 3 when under")
+    e.add_argument("--min-speedup", type=float, help="speed floor of mixed models: the budget search keeps nothing "
+                   "float that makes the model slower than this many times float32's speed at 1 thread on "
+                   "XNNPACK (default 1.3; 0: no floor)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _add_common(p)
     p.set_defaults(func=_cmd_quantize)
@@ -228,7 +231,8 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     given = dict(num_calib=args.num_calib, seed=args.seed, method=args.method, percentile=args.percentile,
                  io=args.io, per_tensor=args.per_tensor or None, float_islands=False if args.full_integer else None,
                  bias_correction=args.bias_correction, equalize=args.equalize, max_eval=args.max_eval,
-                 max_drop=args.max_drop, max_float_layers=args.max_float_layers, min_sqnr_db=args.min_sqnr_db)
+                 max_drop=args.max_drop, max_float_layers=args.max_float_layers, min_sqnr_db=args.min_sqnr_db,
+                 min_speedup=args.min_speedup)
     if args.target:
         from edgeship.targets import load_target
 
@@ -267,6 +271,12 @@ def _quant_summary(report: dict[str, Any]) -> list[str]:
         lines.append("  worst layers: " + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} "
                                                      f"{w['sqnr_db']:.1f} dB" for w in worst))
     lines.append("  " + _xnnpack_line(report.get("runs_on", {})))
+    placed = report.get("placement") or {}
+    if placed.get("candidates"):
+        ms = placed["ms"]
+        lines.append(f"  placement: {placed['candidates']} large depthwise conv(s) "
+                     f"{'kept float' if placed['kept_float'] else 'left int8'} (1 thread: all-int8 {ms['int8']:.2f} ms, "
+                     f"with them float {ms['placed']:.2f} ms)")
     speed = report.get("speed") or {}
     if speed.get("measured"):
         ms = speed["ms"]

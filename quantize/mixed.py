@@ -14,7 +14,9 @@ less than keeping convolutions float. The search:
 2. measures each candidate's SQNR gain alone (the int8 model TensorFlow's quantizer makes
    with those ops denylisted, measured against the float model);
 3. adds candidates in order of gain per cost, re-measuring after each and dropping one
-   that does not help, until the budget is met (:func:`search`).
+   that does not help, or one that would make the model too slow (an optional measured
+   speed floor: at most ``min_speedup`` x float32's time), until the budget is met
+   (:func:`search`).
 
 The measuring is a callable handed in by the pipeline, so this module needs no
 interpreter and the search can be tested with any scorer.
@@ -67,9 +69,12 @@ class Step:
     candidate: str
     sqnr_db: float
     kept: bool
+    #: Set when the candidate helped but the model with it failed the speed floor.
+    too_slow: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "candidate": self.candidate, "sqnr_db": round(self.sqnr_db, 3), "kept": self.kept}
+        return {"phase": self.phase, "candidate": self.candidate, "sqnr_db": round(self.sqnr_db, 3), "kept": self.kept,
+                **({"too_slow": True} if self.too_slow else {})}
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,27 @@ def normalization_nodes(calibrated: bytes) -> list[str]:
     return [n for c in normalization_groups(read_ops(calibrated)) for n in c.nodes]
 
 
+#: Depthwise convolutions with more kernel taps than this are candidates for timed placement:
+#: XNNPACK's int8 7x7 depthwise kernel ran 1.5x slower than its float one on this x86 CPU (issue 13).
+SLOW_DEPTHWISE_TAPS = 9
+
+
+def slow_int8_candidates(model: bytes) -> list[str]:
+    """Output names of the ops whose int8 XNNPACK kernel may be slower than the float one: depthwise
+    convolutions with large kernels (ConvNeXt's 7x7, EfficientNet's and MobileNetV3's 5x5).
+    Whether keeping them float pays is measured by the pipeline, on the machine that runs the model."""
+    from edgeship.convert import tflite_graph as g
+
+    m = g.read(model)
+    sg = m.subgraphs[0]
+    found = []
+    for op in g.ops_of(m, "DEPTHWISE_CONV_2D"):
+        kernel = sg.tensors[op.inputs[1]].shape
+        if kernel is not None and len(kernel) == 4 and int(kernel[1]) * int(kernel[2]) > SLOW_DEPTHWISE_TAPS:
+            found.append(g.tensor_name(sg.tensors[op.outputs[0]]))
+    return found
+
+
 def _components(members: Sequence[int], ops: Sequence[OpInfo]) -> list[list[int]]:
     """Connected components (producer -> consumer edges) of the listed ops, each in graph order."""
     parent = {i: i for i in members}
@@ -207,7 +233,7 @@ def order_by_value(cands: Sequence[Candidate], gains: dict[str, float], min_gain
 
 
 def search(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float], budget_db: float,
-           base_db: float) -> SearchResult:
+           base_db: float, fast_enough: Callable[[Sequence[str]], bool] | None = None) -> SearchResult:
     """Keep the cheapest set of candidates float that meets ``budget_db`` (greedy by gain per cost).
 
     Args:
@@ -215,6 +241,8 @@ def search(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float]
         measure: SQNR (dB) of the int8 model with the given nodes kept float.
         budget_db: SQNR to reach.
         base_db: SQNR of the all-int8 model (nothing kept float beyond what the pipeline keeps).
+        fast_enough: The speed floor: False when the model with the given nodes kept float is
+            too slow (asked only of sets that raise the SQNR). None: no floor.
 
     Returns:
         The kept candidates and the SQNR they reach; ``within_budget`` is False when even
@@ -226,9 +254,11 @@ def search(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float]
     kept: list[Candidate] = []
     current = base_db
     for c in order_by_value(cands, gains):
-        db = measure([n for k in (*kept, c) for n in k.nodes])
-        better = db > current
-        steps.append(Step("greedy", c.name, db, better))
+        nodes = [n for k in (*kept, c) for n in k.nodes]
+        db = measure(nodes)
+        slow = db > current and fast_enough is not None and not fast_enough(nodes)
+        better = db > current and not slow
+        steps.append(Step("greedy", c.name, db, better, too_slow=slow))
         if better:
             kept, current = [*kept, c], db
         if current >= budget_db:
@@ -279,8 +309,9 @@ MARGIN_DB = 0.5
 
 
 def budgeted(calibrated: bytes, measure: Callable[[Sequence[str]], float], budget_db: float,
-             held_apart_db: float | None = None, parts: int = 2) -> SearchResult:
-    """Run the budget search on a calibrated float model (``measure`` as for :func:`search`).
+             held_apart_db: float | None = None, parts: int = 2,
+             fast_enough: Callable[[Sequence[str]], bool] | None = None) -> SearchResult:
+    """Run the budget search on a calibrated float model (``measure``, ``fast_enough`` as for :func:`search`).
 
     ``held_apart_db``: the all-int8 model's SQNR on the evaluation images; when the search
     images flatter the model by more (their ranges were calibrated on them), the search
@@ -288,7 +319,7 @@ def budgeted(calibrated: bytes, measure: Callable[[Sequence[str]], float], budge
     """
     base = measure(())
     gap = max(0.0, base - held_apart_db) if held_apart_db is not None else 0.0
-    return search(candidates(read_ops(calibrated), parts), measure, budget_db + MARGIN_DB + gap, base)
+    return search(candidates(read_ops(calibrated), parts), measure, budget_db + MARGIN_DB + gap, base, fast_enough)
 
 
 def latencies(models: dict[str, Any], work: Any, runs: int = 60) -> dict[str, float]:

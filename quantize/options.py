@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from dataclasses import asdict, dataclass
 from enum import Enum
 from typing import Any
@@ -59,6 +60,16 @@ class QuantizeOptions:
             set of op groups float that meets it (:mod:`edgeship.quantize.mixed`); a
             full-integer model over budget is written as ``model_int8_OVER_BUDGET.tflite``.
             None: off.
+        min_speedup: The speed floor of mixed models: the budget search keeps no op group
+            float that makes the model slower than this many times float32's speed (1
+            thread, XNNPACK, measured interleaved), and the speed check names a written
+            model under it and offers the faster one. 0: no floor in the search (the check
+            then speaks up only when the model is slower than float32).
+        timed_placement: With ``float_islands``, time the model with its large depthwise
+            convolutions float against all-int8 (1 thread, XNNPACK, here) and keep them
+            float when that is 5 % faster or more (XNNPACK's int8 7x7 depthwise kernel is
+            slower than its float one on x86). Measured on this machine, so
+            :meth:`for_target` turns it on only for targets of this machine's architecture.
         search_images: Calibration images the
             budget search measure on (the evaluation images are never used for choosing).
         min_calib: Fewer usable calibration images than this is an error.
@@ -78,6 +89,8 @@ class QuantizeOptions:
     max_drop: float | None = None
     max_float_layers: int = 8
     min_sqnr_db: float | None = None
+    min_speedup: float = 1.3
+    timed_placement: bool = True
     search_images: int = 48
     min_calib: int = 10
 
@@ -96,6 +109,8 @@ class QuantizeOptions:
             raise InputError(f"max_eval must be >= 1, got {self.max_eval}")
         if self.max_float_layers < 1:
             raise InputError(f"max_float_layers must be >= 1, got {self.max_float_layers}")
+        if self.min_speedup < 0:
+            raise InputError(f"min_speedup must be >= 0, got {self.min_speedup}")
         if self.search_images < 1:
             raise InputError(f"search_images must be >= 1, got {self.search_images}")
         if self.min_calib < 1:
@@ -129,4 +144,5 @@ class QuantizeOptions:
         chosen["per_tensor"] = bool(chosen.get("per_tensor")) or needs.per_tensor
         chosen["float_islands"] = chosen.get("float_islands", True) and needs.float_islands
         chosen.setdefault("min_sqnr_db", target.budget.min_sqnr_db)
+        chosen.setdefault("timed_placement", target.arch.value == platform.machine())
         return cls(**chosen)

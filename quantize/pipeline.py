@@ -43,8 +43,6 @@ FAST_FILE = "model_int8_FAST.tflite"
 FAST_CARD = "model_int8_FAST.card.json"
 #: Invokes per model of the speed check (1 thread, XNNPACK, interleaved; the median counts).
 SPEED_RUNS = 60
-#: Under this speed-up over float32 the report says so and offers the faster model (issue 13's bar).
-MIN_SPEEDUP = 1.3
 REPORT_FILE = "quant_report.json"
 LAYER_PLOT = "layer_errors.png"
 LAYER_SAMPLES = 16
@@ -74,7 +72,7 @@ class QuantizeResult:
     source: ConvertResult | None = field(default=None, repr=False)
     layer_plot: bytes | None = field(default=None, repr=False)
     folder: Path | None = None
-    #: The all-int8 model, when the written one is under ``MIN_SPEEDUP`` x float32 at 1 thread and
+    #: The all-int8 model, when the written one is under ``options.min_speedup`` x float32 at 1 thread and
     #: this one is faster (saved as ``model_int8_FAST.tflite``); the report's ``speed`` says why.
     faster: bytes | None = field(default=None, repr=False)
 
@@ -219,11 +217,17 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
             calibrated = native.call("calibrate (TensorFlow)", tflite_quant.calibrate, float_model,
                                      normalize(calib_px, prep), progress=lambda k: progress("calibrate", k, len(calib_px)))
         calibrated, rewritten = rewrites.apply(calibrated)
-        score = _calib_scorer(native, source.model, calib_px, prep, options, progress)
-        measure = _fold_measurer(native, source.model, calib_px, prep, options, progress)
+        quantized = Quantizer(native, options)
+        score = _calib_scorer(quantized, source.model, calib_px, prep, options, progress)
+        measure = _fold_measurer(quantized, source.model, calib_px, prep, progress)
         calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress, measure)
         with timer.stage("quantize"):
-            quant, runs = _quantize_checked(native, calibrated, options)
+            quant, runs = quantized(calibrated)
+        placement: dict[str, Any] = {"enabled": options.timed_placement}
+        if options.timed_placement and options.float_islands:
+            with timer.stage("placement"):
+                (quant, runs), info = _timed_placement(quantized, calibrated, (quant, runs), stage, progress)
+                placement.update(info)
         bc_report: dict[str, Any] = {"enabled": options.use_bias_correction}
         if options.use_bias_correction:
             with timer.stage("bias correction"):
@@ -240,19 +244,19 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
         all_int8 = (quant, figs)  # before any op group is kept float: the speed check's alternative
         if options.min_sqnr_db is not None:
             with timer.stage("budget search"):
-                quant, figs, mixed_report, within = _budget_search(native, calibrated, quant, figs, score, eval_px,
+                quant, figs, mixed_report, within = _budget_search(quantized, calibrated, quant, figs, score, eval_px,
                                                                    prep, reference, truth, source.model, stage, options,
                                                                    progress)
         if options.max_drop is not None:
             with timer.stage("accuracy-aware"):
-                quant, figs, kept, within_drop = _accuracy_aware(native, calibrated, quant, figs, layer_errs,
+                quant, figs, kept, within_drop = _accuracy_aware(quantized, calibrated, quant, figs, layer_errs,
                                                                  eval_px, prep, reference, truth, options, progress)
                 within = within and within_drop
         final_name = INT8_FILE if within else OVER_BUDGET_FILE
         speed: dict[str, Any] = {"measured": False}
         if options.float_islands:  # XNNPACK targets; full-integer ones run on NNAPI/DSPs, not measured here
             with timer.stage("speed check"):
-                speed = _speed_check(source.model, quant, all_int8, stage, progress)
+                speed = _speed_check(source.model, quant, all_int8, stage, options.min_speedup, progress)
             if "latency_ms_1_thread" in mixed_report:  # the same interleaved run, shown in the budget search too
                 mixed_report["latency_ms_1_thread"] = {"float32": speed["ms"]["float32"],
                                                        "all_int8": speed["ms"].get("all_int8", speed["ms"]["int8"]),
@@ -273,6 +277,7 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
         "ranges": range_report,
         "rewrites": rewritten,
         "runs_on": runs,
+        "placement": placement,
         "equalization": eq_report,
         "bias_correction": bc_report,
         "figures": figs.to_dict(),
@@ -392,8 +397,52 @@ def _fold_bounds(n: int, folds: int = CROSS_FOLDS) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _fold_measurer(native: ChildWorker, float_model: bytes, calib_px: np.ndarray, prep: Any,
-                   options: QuantizeOptions, progress: Progress) -> Callable[[int, bytes], ranges.FoldError]:
+class Quantizer:
+    """``quantized(calibrated, float_nodes=())``: :func:`_quantize_checked`, remembered per model and node
+    set (the budget search measures the same set's SQNR and speed, then writes it).
+
+    ``placed``: nodes kept float for speed (:func:`_timed_placement`), kept float in every model made after.
+    """
+
+    def __init__(self, native: ChildWorker, options: QuantizeOptions) -> None:
+        self.native, self.options = native, options
+        self.placed: tuple[str, ...] = ()
+        self.done: dict[tuple[int, tuple[str, ...]], tuple[bytes, dict[str, Any]]] = {}
+
+    def __call__(self, calibrated: bytes, float_nodes: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
+        nodes = (*self.placed, *(n for n in float_nodes if n not in self.placed))
+        key = (hash(calibrated), nodes)
+        if key not in self.done:
+            self.done[key] = _quantize_checked(self.native, calibrated, self.options, nodes)
+        return self.done[key]
+
+
+#: Timed placement keeps its candidates float only when that is at least this much faster.
+PLACEMENT_GAIN = 1.05
+
+
+def _timed_placement(quantized: Quantizer, calibrated: bytes, quant: tuple[bytes, dict[str, Any]], work: Path,
+                     progress: Progress) -> tuple[tuple[bytes, dict[str, Any]], dict[str, Any]]:
+    """Keep the ops float whose int8 kernel may be slower than the float one here (large depthwise
+    convolutions: :func:`mixed.slow_int8_candidates`) when the model measures faster that way
+    (1 thread, XNNPACK, interleaved); ``quantized.placed`` remembers them for every model made after."""
+    nodes = mixed.slow_int8_candidates(calibrated)
+    if not nodes:
+        return quant, {"candidates": 0}
+    progress("placement: time large depthwise convolutions in float", None, None)
+    placed = quantized(calibrated, nodes)
+    ms = mixed.latencies({"int8": quant[0], "placed": placed[0]}, work, runs=SPEED_RUNS)
+    keep = ms["int8"] >= PLACEMENT_GAIN * ms["placed"]
+    report = {"candidates": len(nodes), "kept_float": keep, "ms": ms, "min_gain": PLACEMENT_GAIN,
+              "nodes": list(nodes)}
+    if not keep:
+        return quant, report
+    quantized.placed = tuple(nodes)
+    return placed, report
+
+
+def _fold_measurer(quantized: Quantizer, float_model: bytes, calib_px: np.ndarray, prep: Any,
+                   progress: Progress) -> Callable[[int, bytes], ranges.FoldError]:
     """``measure(k, calibrated)``: signal and error energy of the logits of the int8 model TensorFlow's
     quantizer makes from ``calibrated``, against the float model, on fold ``k`` of the calibration images."""
     bounds = _fold_bounds(len(calib_px))
@@ -403,7 +452,7 @@ def _fold_measurer(native: ChildWorker, float_model: bytes, calib_px: np.ndarray
         a, b = bounds[k]
         if k not in reference:
             reference[k] = run_tflite(float_model, calib_px[a:b], prep, progress=progress, label="run float (folds)")
-        quant, _ = _quantize_checked(native, calibrated, options)
+        quant, _ = quantized(calibrated)
         got = run_tflite(quant, calib_px[a:b], prep, progress=progress, label="measure a range method")
         ref = reference[k].astype(np.float64)
         return ranges.FoldError(float(np.sum(ref ** 2)), float(np.sum((ref - got) ** 2)))
@@ -411,7 +460,7 @@ def _fold_measurer(native: ChildWorker, float_model: bytes, calib_px: np.ndarray
     return measure
 
 
-def _calib_scorer(native: ChildWorker, float_model: bytes, calib_px: np.ndarray, prep: Any, options: QuantizeOptions,
+def _calib_scorer(quantized: Quantizer, float_model: bytes, calib_px: np.ndarray, prep: Any, options: QuantizeOptions,
                   progress: Progress) -> Callable[..., float]:
     """``score(calibrated, float_nodes=())``: SQNR (dB) against the float model, on calibration images only,
     of the int8 model TensorFlow's quantizer makes (what the range choice and the budget search measure)."""
@@ -421,28 +470,57 @@ def _calib_scorer(native: ChildWorker, float_model: bytes, calib_px: np.ndarray,
     def score(calibrated: bytes, float_nodes: Sequence[str] = ()) -> float:
         if not reference:
             reference.append(run_tflite(float_model, pixels, prep, progress=progress, label="run float (search images)"))
-        quant, _ = _quantize_checked(native, calibrated, options, float_nodes)
+        quant, _ = quantized(calibrated, float_nodes)
         return _evaluate(quant, pixels, prep, reference[0], [None] * len(pixels), progress,
                          label="measure a candidate").sqnr_db
 
     return score
 
 
-def _budget_search(native: ChildWorker, calibrated: bytes, quant: bytes, figs: DriftFigures,
+#: The budget search aims this much above the speed floor: one 60-invoke measurement is noisy,
+#: and the speed check measures the written model again.
+SEARCH_SPEED_MARGIN = 1.05
+
+
+def _speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, work: Path, floor: float,
+                 measured: list[dict[str, Any]], progress: Progress) -> Callable[[Sequence[str]], bool] | None:
+    """``fast_enough(float_nodes)`` of the budget search: the model with those nodes float runs at least
+    ``floor`` x float32's speed (1 thread, XNNPACK, interleaved); each measurement is appended to ``measured``."""
+    if floor <= 0:
+        return None
+    floor *= SEARCH_SPEED_MARGIN
+
+    def fast_enough(float_nodes: Sequence[str]) -> bool:
+        progress("budget search: speed of a candidate", None, None)
+        ms = mixed.latencies({"float32": float_model, "candidate": quantized(calibrated, float_nodes)[0]}, work,
+                             runs=SPEED_RUNS)
+        speedup = ms["float32"] / ms["candidate"]
+        measured.append({"float_ops": len(float_nodes), "ms": ms, "speedup_vs_float32": round(speedup, 3)})
+        return speedup >= floor
+
+    return fast_enough
+
+
+def _budget_search(quantized: Quantizer, calibrated: bytes, quant: bytes, figs: DriftFigures,
                    score: Callable[..., float], eval_px: np.ndarray, prep: Any, reference: np.ndarray,
                    truth: list[int | None], float_model: bytes, stage: Path, options: QuantizeOptions,
                    progress: Progress) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
-    """Meet ``options.min_sqnr_db`` by keeping the cheapest op groups float (mixed models only)."""
+    """Meet ``options.min_sqnr_db`` by keeping the cheapest op groups float (mixed models only), never
+    going under ``options.min_speedup`` x float32's speed."""
     budget = float(options.min_sqnr_db or 0.0)
     if not options.float_islands or figs.sqnr_db >= budget:
         return quant, figs, {"budget_sqnr_db": budget, "searched": False}, figs.sqnr_db >= budget
     progress("budget search", None, None)
-    found = mixed.budgeted(calibrated, lambda nodes: score(calibrated, nodes), budget, held_apart_db=figs.sqnr_db)
+    timed: list[dict[str, Any]] = []
+    fast_enough = _speed_floor(quantized, calibrated, float_model, stage, options.min_speedup, timed, progress)
+    found = mixed.budgeted(calibrated, lambda nodes: score(calibrated, nodes), budget, held_apart_db=figs.sqnr_db,
+                           fast_enough=fast_enough)
     report: dict[str, Any] = {"budget_sqnr_db": budget, **found.to_dict(), "searched": True,
-                              "eval_sqnr_db_all_int8": figs.sqnr_db}
+                              "eval_sqnr_db_all_int8": figs.sqnr_db, "min_speedup": options.min_speedup,
+                              "speed_measurements": timed}
     if not found.kept:
         return quant, figs, report, False
-    candidate, runs = _quantize_checked(native, calibrated, options, found.nodes)
+    candidate, runs = quantized(calibrated, found.nodes)
     cfigs = _evaluate(candidate, eval_px, prep, reference, truth, progress, label="run budgeted int8")
     report.update(eval_sqnr_db=cfigs.sqnr_db)
     if cfigs.sqnr_db <= figs.sqnr_db:  # better on the search images only: keep the all-int8 model
@@ -453,10 +531,10 @@ def _budget_search(native: ChildWorker, calibrated: bytes, quant: bytes, figs: D
 
 
 def _speed_check(float_model: bytes, model: bytes, all_int8: tuple[bytes, DriftFigures], work: Path,
-                 progress: Progress) -> dict[str, Any]:
+                 min_speedup: float, progress: Progress) -> dict[str, Any]:
     """The written model against float32 (and the all-int8 model, when ops were kept float) at 1 thread.
 
-    XNNPACK, interleaved in one run (:func:`mixed.latencies`). Under ``MIN_SPEEDUP`` x float32
+    XNNPACK, interleaved in one run (:func:`mixed.latencies`). Under ``min_speedup`` x float32 (1.0 when 0)
     (an int8 build slower than, or barely faster than, its float build is never left unsaid),
     ``verdict`` says so and ``offered`` names the fastest of the others: the all-int8 model
     (saved beside as ``model_int8_FAST.tflite``; its SQNR is under the budget) or the float32
@@ -466,15 +544,15 @@ def _speed_check(float_model: bytes, model: bytes, all_int8: tuple[bytes, DriftF
     alt = all_int8[0] if all_int8[0] != model else None
     models: dict[str, Any] = {"float32": float_model, "int8": model, **({"all_int8": alt} if alt is not None else {})}
     ms = mixed.latencies(models, work, runs=SPEED_RUNS)
-    speedup = ms["float32"] / ms["int8"]
+    speedup, floor = ms["float32"] / ms["int8"], min_speedup or 1.0
     report: dict[str, Any] = {"measured": True, "threads": 1, "delegate": "xnnpack", "runs": SPEED_RUNS, "ms": ms,
                               "speedup_vs_float32": round(speedup, 3), "faster_than_float32": speedup > 1.0,
-                              "min_speedup": MIN_SPEEDUP, "offered": None}
-    if speedup >= MIN_SPEEDUP:
+                              "min_speedup": floor, "offered": None}
+    if speedup >= floor:
         return report
     how = "SLOWER than" if speedup < 1.0 else f"only {speedup:.2f}x as fast as"
     verdict = (f"the int8 model is {how} float32 at 1 thread on XNNPACK ({ms['int8']:.2f} ms vs "
-               f"{ms['float32']:.2f} ms; floor {MIN_SPEEDUP}x)")
+               f"{ms['float32']:.2f} ms; floor {floor}x)")
     faster = min((k for k in ("all_int8", "float32") if k in ms and ms[k] < ms["int8"]), key=ms.get, default=None)
     if faster == "all_int8":
         report["offered"] = {"kind": "all_int8", "model": FAST_FILE, "ms": ms["all_int8"],
@@ -579,7 +657,7 @@ def _evaluate(quant: bytes, pixels: np.ndarray, prep: Any, reference: np.ndarray
     return compare(reference, run_tflite(quant, pixels, prep, progress=progress, label=label), truth)
 
 
-def _accuracy_aware(native: ChildWorker, calibrated: bytes, quant: bytes, figs: DriftFigures, errs: list[layers.LayerError],
+def _accuracy_aware(quantized: Quantizer, calibrated: bytes, quant: bytes, figs: DriftFigures, errs: list[layers.LayerError],
                     pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None],
                     options: QuantizeOptions, progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
     """Keep the most harmful layers in float one at a time until the drop is inside the budget."""
@@ -592,7 +670,7 @@ def _accuracy_aware(native: ChildWorker, calibrated: bytes, quant: bytes, figs: 
         if drop <= budget:
             break
         denied.append(err.name)
-        candidate, _ = _quantize_checked(native, calibrated, options, denied)
+        candidate, _ = quantized(calibrated, denied)
         cfigs = _evaluate(candidate, pixels, prep, reference, truth, progress,
                           label=f"re-measure with {len(denied)} float layer(s)")
         drop = cfigs.agreement_drop

@@ -223,7 +223,7 @@ def test_speed_check_says_when_int8_is_not_faster(ms: dict[str, float], offered:
     monkeypatch.setattr(mixed, "latencies", _fake_latencies(ms))
     written = b"mixed" if offered == "all_int8" else b"int8"
     speed = pipeline._speed_check(b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
-                                  lambda *a: None)
+                                  1.3, lambda *a: None)
     assert speed["measured"] and speed["speedup_vs_float32"] == round(ms["float32"] / ms["int8"], 3)
     assert (speed["offered"] or {}).get("kind") == offered
     assert (words is None) == ("verdict" not in speed) and (words is None or words in speed["verdict"])

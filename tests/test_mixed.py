@@ -133,6 +133,23 @@ def test_search_drops_a_candidate_that_stops_helping_together() -> None:
     assert [c.name for c in found.kept] == ["x"] and found.sqnr_db == 12.0
 
 
+def test_search_skips_a_candidate_that_breaks_the_speed_floor() -> None:
+    cands = [mixed.Candidate("cheap", ("a",), 1.0), mixed.Candidate("slow", ("b",), 2.0),
+             mixed.Candidate("other", ("c",), 3.0)]
+    measure, _ = _additive({"a": 1.0, "b": 5.0, "c": 2.0}, base=10.0)
+    asked: list[tuple[str, ...]] = []
+
+    def fast_enough(nodes):
+        asked.append(tuple(nodes))
+        return "b" not in nodes
+
+    found = mixed.search(cands, measure, budget_db=20.0, base_db=10.0, fast_enough=fast_enough)
+    assert [c.name for c in found.kept] == ["cheap", "other"] and found.sqnr_db == pytest.approx(13.0)
+    assert asked == [("b",), ("a",), ("a", "c")]  # best gain per cost first; only sets that help are timed
+    slow = [s for s in found.steps if s.too_slow]
+    assert [s.candidate for s in slow] == ["slow"] and not slow[0].kept
+
+
 def test_no_search_when_already_within_budget() -> None:
     measure, calls = _additive({}, base=25.0)
     found = mixed.search([mixed.Candidate("x", ("a",), 1.0)], measure, budget_db=20.0, base_db=25.0)
@@ -166,11 +183,18 @@ def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bun
     auto = report["ranges"]["auto"]
     assert set(auto["cross_fitted_sqnr_db"]) == {"percentile", "minmax"} and auto["chosen"] in auto["cross_fitted_sqnr_db"]
     budget = round(all_int8 + 6.0, 1)  # above all-int8: something must stay float
-    assert main([*args, "--min-sqnr", str(budget), "--force"]) == 0
+    assert main([*args, "--min-sqnr", str(budget), "--min-speedup", "0", "--force"]) == 0
     mixed_report = json.loads((out / "quant_report.json").read_text())["mixed_precision"]
     assert mixed_report["searched"] and mixed_report["kept_float"]
     assert mixed_report["eval_sqnr_db"] >= budget
     assert set(mixed_report["latency_ms_1_thread"]) == {"float32", "all_int8", "budgeted"}
+    assert mixed_report["speed_measurements"] == []  # no floor: nothing timed during the search
+    # A floor no mixed model can meet: the search keeps nothing float, the best model is all-int8, exit 3.
+    assert main([*args, "--min-sqnr", str(budget), "--min-speedup", "1000", "--force"]) == 3
+    mixed_report = json.loads((out / "quant_report.json").read_text())["mixed_precision"]
+    assert mixed_report["speed_measurements"] and not mixed_report["kept_float"]
+    assert all(m["speedup_vs_float32"] < 1000 for m in mixed_report["speed_measurements"])
+    assert any(s.get("too_slow") for s in mixed_report["steps"])
 
 
 # ----------------------------------------------------------------------------- normalisation groups

@@ -207,3 +207,29 @@ def test_padded_max_pool_after_relu_pads_with_zero() -> None:
 def test_padded_max_pool_of_signed_values_keeps_its_pad() -> None:
     model = _padded_max_pool(relu=False)
     assert tflite_graph.clean(model) == (model, {})
+
+
+def test_large_depthwise_convolutions_are_the_timed_placement_candidates() -> None:
+    """Issue 13: 7x7 and 5x5 depthwise convs may run slower in int8 on XNNPACK; 3x3 ones and dense convs are not
+    candidates."""
+    import tensorflow as tf
+
+    from edgeship.quantize.mixed import slow_int8_candidates
+
+    rng = np.random.default_rng(0)
+    dw = {k: tf.constant(rng.standard_normal((k, k, 8, 1)).astype(np.float32)) for k in (3, 5, 7)}
+    dense = tf.constant(rng.standard_normal((7, 7, 8, 8)).astype(np.float32))
+
+    def fn(x):
+        for k in (3, 7, 5):
+            x = tf.nn.relu(tf.nn.depthwise_conv2d(x, dw[k], [1, 1, 1, 1], "SAME"))
+        return tf.reduce_mean(tf.nn.conv2d(x, dense, 1, "SAME"), axis=[1, 2])
+
+    model = _tflite(fn, (1, 16, 16, 8))
+    m = tflite_graph.read(model)
+    sg = m.subgraphs[0]
+    kernels = {tflite_graph.tensor_name(sg.tensors[op.outputs[0]]): int(sg.tensors[op.inputs[1]].shape[1])
+               for op in tflite_graph.ops_of(m, "DEPTHWISE_CONV_2D")}
+    assert sorted(kernels.values()) == [3, 5, 7]
+    found = slow_int8_candidates(model)
+    assert sorted(kernels[n] for n in found) == [5, 7]
