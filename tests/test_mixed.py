@@ -275,3 +275,27 @@ def test_merge_histograms_adds_counts_and_extremes() -> None:
     assert merged.seen_min == pytest.approx(min(a.min(), b.min())) and merged.seen_max == pytest.approx(max(a.max(), b.max()))
     with pytest.raises(ValueError):
         merge_histograms([{1: Histogram(0, 1, np.zeros(4, np.int64))}, {1: Histogram(0, 2, np.zeros(4, np.int64))}])
+
+
+# ----------------------------------------------------------------------------- timed placement (issue 13)
+@pytest.mark.parametrize("ms, kept", [({"int8": 10.0, "placed": 8.0}, True), ({"int8": 10.0, "placed": 9.8}, False)])
+def test_timed_placement_keeps_large_depthwise_float_only_when_measured_faster(
+        ms: dict[str, float], kept: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from edgeship.quantize import pipeline
+
+    made: list[tuple[str, ...]] = []
+
+    def fake_quantize(native, calibrated, options, nodes=()):
+        made.append(tuple(nodes))
+        return b"q:" + ",".join(nodes).encode(), {"delegation": {}}
+
+    monkeypatch.setattr(pipeline, "_quantize_checked", fake_quantize)
+    monkeypatch.setattr(mixed, "slow_int8_candidates", lambda model: ["dw1", "dw2"])
+    monkeypatch.setattr(mixed, "latencies", lambda models, work, runs: dict(ms))
+    quantized = pipeline.Quantizer(None, pipeline.QuantizeOptions())
+    base = quantized(b"calibrated")
+    (model, _), report = pipeline._timed_placement(quantized, b"calibrated", base, tmp_path, lambda *a: None)
+    assert report["kept_float"] is kept and report["candidates"] == 2
+    assert model == (b"q:dw1,dw2" if kept else b"q:")
+    quantized(b"calibrated", ["se"])  # every later model keeps the placed nodes float too
+    assert made[-1] == (("dw1", "dw2", "se") if kept else ("se",))
