@@ -8,7 +8,9 @@ with its own working folder, keeps all of that away from the caller:
 * the model is a copy in the work folder, so the user's file is never touched;
 * onnx2tf's own onnxsim pass is off (edgeship has already simplified the model);
 * the sample-data download is replaced by deterministic local data, and any HTTP
-  request raises at once instead of hanging.
+  request raises at once instead of hanging;
+* an ``Erf`` left outside a GELU becomes onnx2tf's polynomial erf (builtin ops), not a
+  TensorFlow Select op the on-device interpreters do not have.
 
 Usage (internal): ``python -m edgeship.convert.onnx2tf_worker JOB.json``.
 """
@@ -61,6 +63,9 @@ def main(argv: list[str]) -> int:
             input_onnx_file_path=job["onnx"],
             output_folder_path=job["output"],
             not_use_onnxsim=True,
+            # An Erf outside a GELU (edgeship fuses those) as builtin ops, not a Select TF op (FlexErf)
+            # that no on-device interpreter has; abs error <= 1.5e-7 (Abramowitz & Stegun 7.1.26).
+            replace_to_pseudo_operators=["erf"],
             output_signaturedefs=True,
             copy_onnx_input_output_names_to_tflite=True,
             non_verbose=True,

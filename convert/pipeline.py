@@ -25,6 +25,7 @@ from edgeship._progress import Progress, Timer, silent
 from edgeship.convert import onnx_model, tflite_graph
 from edgeship.verify import outputs as verify
 from edgeship.convert.fold import fold_input_affine, normalization_into_graph
+from edgeship.convert.gelu import fuse_gelu, lone_erf_notes
 from edgeship.convert.simplify import OrtRunner, simplify
 from edgeship.errors import ConversionError, InputError, VerificationError
 from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, known_keys
@@ -139,7 +140,8 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
                                     progress=progress)
         with timer.stage("simplify"):
             prepared, notes = onnx_model.normalise(original, info, shape)
-            simplified = simplify(prepared)
+            simplified, gelu_notes = fuse_gelu(simplify(prepared))
+            notes += gelu_notes + lone_erf_notes(simplified)
             onnx_model.check_scores_output(simplified, src.name)
             scores = onnx_model.output_kind(simplified)
             renames = onnx_model.sanitise_names(simplified)
@@ -159,8 +161,10 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
         with timer.stage("onnx2tf"):
             child = run_onnx2tf(work_dir / SIMPLIFIED_FILE, work_dir)
         tfl32 = work_dir / "tf" / "model_float32.tflite"
-        cleaned = _clean_graph(tfl32, work_dir / "tf" / "model_float16.tflite" if options.fp16 else None)
+        tfl16 = work_dir / "tf" / "model_float16.tflite" if options.fp16 else None
+        cleaned = _clean_graph(tfl32, tfl16)
         with timer.stage("verify"):
+            _check_runnable(tfl32, tfl16)
             reference = verify.run_onnx(original, inputs.pixels, prep, progress=progress)
             checks = {"float32": _verify_one(tfl32, reference, inputs, model_prep, "float32", progress)}
             if options.fp16:
@@ -284,6 +288,38 @@ def _clean_graph(*paths: Path | None) -> dict[str, int]:
             path.write_bytes(model)
         counts = counts or changed
     return counts
+
+
+def _check_runnable(*paths: Path | None) -> None:
+    """Refuse a model the on-device interpreter cannot run, before verifying it here.
+
+    This process has TensorFlow loaded (the graph clean-ups use it), and with it the
+    interpreter silently gains TensorFlow's Flex delegate, which no device has: so Select
+    TF ops and custom ops are refused from the file itself, then each model is loaded,
+    allocated and run once in a child process with only the runtime's interpreter.
+    """
+    from edgeship.runtime.delegation import FLEX_PREFIX
+    from edgeship.runtime.interpreter import check_model_files
+
+    present = [p for p in paths if p is not None]
+    for path in present:
+        ops = tflite_graph.custom_ops(path.read_bytes())
+        flex = {k: v for k, v in ops.items() if k.startswith(FLEX_PREFIX)}
+        other = {k: v for k, v in ops.items() if k not in flex}
+        if flex or other:
+            raise ConversionError(_unsupported_ops_message(flex, other))
+    for path, problem in check_model_files(present).items():
+        if problem:
+            raise ConversionError(f"the converted model {path.name} does not run on the on-device interpreter: {problem}")
+
+
+def _unsupported_ops_message(flex: dict[str, int], custom: dict[str, int]) -> str:
+    def listed(ops: dict[str, int]) -> str:
+        return ", ".join(f"{name} x{n}" for name, n in ops.items())
+
+    parts = ([f"TensorFlow Select ops the on-device runtime does not have: {listed(flex)}"] if flex else []) + \
+            ([f"custom ops the on-device runtime does not have: {listed(custom)}"] if custom else [])
+    return "the converted model needs " + "; and ".join(parts) + " (replace those ops in the ONNX model)"
 
 
 def _delegation(path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ The editing helpers work on TensorFlow Lite's flatbuffer object API (pure Python
 
 from __future__ import annotations
 
+import collections
 import copy
 import functools
 from typing import Any, Callable
@@ -30,7 +31,22 @@ def cleanup(name: str) -> Callable[[Callable[[Any], int]], Callable[[Any], int]]
 
 
 # ----------------------------------------------------------------------------- editing helpers
+@functools.lru_cache(maxsize=1)
+def _import_tensorflow() -> None:
+    """Import TensorFlow once, its native start-up lines (CUDA probes, oneDNN notes) sent to the debug log.
+
+    They are not errors, and on a terminal they bury the one line a failed command prints.
+    """
+    import logging
+
+    from edgeship.runtime.interpreter import native_stderr_to_log
+
+    with native_stderr_to_log(logging.DEBUG):
+        import tensorflow  # noqa: F401
+
+
 def read(model: bytes) -> Any:
+    _import_tensorflow()
     from tensorflow.lite.tools import flatbuffer_utils as fbu
 
     return fbu.read_model_from_bytearray(bytearray(model))
@@ -63,6 +79,7 @@ def clean(model: bytes) -> tuple[bytes, dict[str, int]]:
 
 
 def opcode(name: str) -> int:
+    _import_tensorflow()
     from tensorflow.lite.python import schema_py_generated as schema
 
     return int(getattr(schema.BuiltinOperator, name))
@@ -83,9 +100,28 @@ def op_name(model: Any, op: Any) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _builtin_names() -> dict[int, str]:
+    _import_tensorflow()
     from tensorflow.lite.python import schema_py_generated as schema
 
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
+def custom_ops(model: bytes) -> dict[str, int]:
+    """Ops outside TFLite's builtin set, over every subgraph: custom op name -> count, most frequent first.
+
+    TensorFlow Select ops are custom ops named ``Flex<TF op>`` (``FlexErf``); the on-device
+    interpreters (ai-edge-litert, tflite-runtime) have neither those nor any other custom op.
+    """
+    obj = read(model)
+    custom = opcode("CUSTOM")
+    names: list[str] = []
+    for sg in obj.subgraphs:
+        for op in sg.operators:
+            entry = obj.operatorCodes[op.opcodeIndex]
+            if _code(entry) == custom:
+                code = entry.customCode
+                names.append(code.decode() if isinstance(code, bytes) else str(code or "?"))
+    return dict(collections.Counter(names).most_common())
 
 
 def dtype_name(tensor: Any) -> str:

@@ -40,7 +40,7 @@ class Delegation:
                 "outside": dict(self.outside), "outside_outputs": list(self.outside_outputs)}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Delegation":
+    def from_dict(cls, d: dict[str, Any]) -> Delegation:
         return cls(d["partitions"], d["ops"], dict(d.get("outside", {})), tuple(d.get("outside_outputs", ())))
 
     def summary(self) -> str:
@@ -54,23 +54,44 @@ def of_interpreter(interpreter: Any) -> Delegation:
     return delegation(interpreter._get_ops_details(), names)  # noqa: SLF001 - the only view of the nodes
 
 
+#: Name prefix of TensorFlow Select ops: custom ops that only TensorFlow's Flex delegate runs (never XNNPACK,
+#: and no on-device interpreter).
+FLEX_PREFIX = "Flex"
+
+
 def delegation(ops: list[dict[str, Any]], names: dict[int, str] | None = None) -> Delegation:
-    """Delegation figures from an XNNPACK interpreter's ``_get_ops_details()`` (and tensor names)."""
+    """Delegation figures from an XNNPACK interpreter's ``_get_ops_details()`` (and tensor names).
+
+    In a process that has TensorFlow loaded, the interpreter also applies TensorFlow's
+    Flex delegate to Select TF ops (``FlexErf``...), one ``DELEGATE`` node each. Those
+    are not XNNPACK partitions: their ops count as outside and they are not counted.
+    """
     original = [op for op in ops if op["op_name"] != "DELEGATE"]
     producer = {int(t): i for i, op in enumerate(original) for t in op["outputs"]}
     inside: set[int] = set()
-    partitions = [op for op in ops if op["op_name"] == "DELEGATE"]
-    for part in partitions:
-        stop = {int(t) for t in part["inputs"]}
-        todo = [int(t) for t in part["outputs"]]
-        while todo:
-            t = todo.pop()
-            i = producer.get(t)
-            if t in stop or i is None or i in inside:
-                continue
-            inside.add(i)
-            todo.extend(int(x) for x in original[i]["inputs"] if x >= 0)
+    partitions = 0
+    for part in (op for op in ops if op["op_name"] == "DELEGATE"):
+        members = _members(part, original, producer)
+        if any(original[i]["op_name"].startswith(FLEX_PREFIX) for i in members):
+            continue
+        partitions += 1
+        inside |= members
     left = [op for i, op in enumerate(original) if i not in inside]
     outside = Counter(op["op_name"] for op in left)
     outputs = tuple((names or {}).get(int(op["outputs"][0]), str(op["outputs"][0])) for op in left if len(op["outputs"]))
-    return Delegation(len(partitions), len(original), dict(outside.most_common()), outputs)
+    return Delegation(partitions, len(original), dict(outside.most_common()), outputs)
+
+
+def _members(part: dict[str, Any], original: list[dict[str, Any]], producer: dict[int, int]) -> set[int]:
+    """Indices of the ops a ``DELEGATE`` node replaced: walking back from its outputs to its inputs."""
+    stop = {int(t) for t in part["inputs"]}
+    todo = [int(t) for t in part["outputs"]]
+    members: set[int] = set()
+    while todo:
+        t = todo.pop()
+        i = producer.get(t)
+        if t in stop or i is None or i in members:
+            continue
+        members.add(i)
+        todo.extend(int(x) for x in original[i]["inputs"] if x >= 0)
+    return members

@@ -8,6 +8,7 @@ first two are missing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import importlib
@@ -259,11 +260,12 @@ def check_model_file(path: str | os.PathLike[str], *, backend: str | None = None
 
 
 @contextlib.contextmanager
-def _native_stderr_to_log() -> Iterator[None]:
+def native_stderr_to_log(level: int | None = None) -> Iterator[None]:
     """Send what native code writes to fd 2 (LiteRT's "INFO: Created ... delegate") to the log.
 
     The interpreter prints with C stdio, not Python, so only redirecting the file
-    descriptor catches it. INFO lines go to DEBUG, anything else to WARNING.
+    descriptor catches it. INFO lines go to DEBUG, anything else to WARNING, or every
+    line to ``level`` when given (TensorFlow's start-up chatter, which says nothing wrong).
     """
     try:
         sys.stderr.flush()
@@ -281,7 +283,9 @@ def _native_stderr_to_log() -> Iterator[None]:
             sink.seek(0)
             for line in sink.read().decode("utf-8", "replace").splitlines():
                 if line.strip():
-                    log.log(logging.DEBUG if line.startswith("INFO:") else logging.WARNING, "%s", line)
+                    line_level = level if level is not None else \
+                        logging.DEBUG if line.startswith("INFO:") else logging.WARNING
+                    log.log(line_level, "%s", line)
 
 
 @dataclass(frozen=True)
@@ -329,11 +333,12 @@ class TFLiteModel:
         if not use_xnnpack:
             kwargs["experimental_op_resolver_type"] = _resolver(self.backend, "BUILTIN_WITHOUT_DEFAULT_DELEGATES")
         try:
-            with _native_stderr_to_log():
+            with native_stderr_to_log():
                 self.interpreter = Interpreter(**kwargs)
                 self.interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise InputError(f"cannot load TFLite model {self.path or '<bytes>'}: {exc}") from exc
+        self._refuse_flex()
         self.inputs = [self._spec(d) for d in self.interpreter.get_input_details()]
         self.outputs = [self._spec(d) for d in self.interpreter.get_output_details()]
         if not self.inputs or not self.outputs:
@@ -342,6 +347,21 @@ class TFLiteModel:
         if self.backend == "tflite_runtime" and self.inputs and self.inputs[0].quantized:
             log.warning("tflite-runtime does not use XNNPACK for int8 models; install ai-edge-litert for the fast path")
             self.delegate = "none (tflite-runtime int8: reference kernels)"
+
+    def _refuse_flex(self) -> None:
+        """Refuse TensorFlow Select ops, which only load here because TensorFlow is in this process.
+
+        With TensorFlow imported, every TFLite interpreter picks up its Flex delegate and
+        runs ``Flex*`` ops; no on-device interpreter can. Refusing them keeps a host run
+        (a conversion's verification, a benchmark) honest about what the device will do.
+        """
+        from edgeship.runtime.delegation import FLEX_PREFIX
+
+        flex = collections.Counter(name for name in self.op_names() if name.startswith(FLEX_PREFIX))
+        if flex:
+            listed = ", ".join(f"{name} x{n}" for name, n in flex.most_common())
+            raise InputError(f"cannot load TFLite model {self.path or '<bytes>'}: it needs TensorFlow Select ops "
+                             f"the on-device runtime does not have: {listed}")
 
     @staticmethod
     def _spec(d: dict[str, Any]) -> IOSpec:
