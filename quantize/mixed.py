@@ -268,11 +268,10 @@ def search(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float]
 
 def read_ops(model: bytes) -> list[OpInfo]:
     """The float model's ops in graph order: type, output name, output size and multiply-adds."""
-    from tensorflow.lite.tools import flatbuffer_utils as fbu
-
+    from edgeship.convert import tflite_graph
     from edgeship.quantize.tflite_quant import op_names, tensor_name
 
-    m = fbu.read_model_from_bytearray(bytearray(model))
+    m = tflite_graph.read(model)
     sg = m.subgraphs[0]
     const = {i for i, t in enumerate(sg.tensors) if t.buffer and m.buffers[t.buffer].data is not None
              and len(m.buffers[t.buffer].data)}

@@ -153,9 +153,7 @@ def _io_dtype(model: bytes) -> str:
 
 def read_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:
     """Recorded activation ranges: tensor index -> (name, min, max)."""
-    from tensorflow.lite.tools import flatbuffer_utils as fbu
-
-    model = fbu.read_model_from_bytearray(bytearray(calibrated))
+    model = tflite_graph.read(calibrated)
     found = {}
     for i, t in enumerate(model.subgraphs[0].tensors):
         q = t.quantization
@@ -166,9 +164,9 @@ def read_ranges(calibrated: bytes) -> dict[int, tuple[str, float, float]]:
 
 def set_ranges(calibrated: bytes, ranges: dict[int, tuple[float, float]]) -> bytes:
     """A copy of the calibrated model with some activation ranges replaced."""
+    model = tflite_graph.read(calibrated)  # TensorFlow imported quietly
     from tensorflow.lite.tools import flatbuffer_utils as fbu
 
-    model = fbu.read_model_from_bytearray(bytearray(calibrated))
     tensors = model.subgraphs[0].tensors
     for index, (lo, hi) in ranges.items():
         q = tensors[index].quantization
