@@ -133,12 +133,14 @@ def fuse_gelu(model: Any) -> tuple[Any, list[str]]:
     one opset that has ``Gelu``). Returns the model (unchanged when there is no GELU, or
     when the opset cannot be moved: its ``Erf`` then stays) and notes for the report.
     """
-    if not find_gelus(model):
+    if _has_subgraphs(model) or not find_gelus(model):  # If/Loop bodies read tensors this matcher cannot see
         return model, []
     m, notes = _at_gelu_opset(model)
     if m is None:
         return model, notes
     matches = find_gelus(m)
+    if not matches:  # the version converter rewrote the pattern: keep the model as it came
+        return model, []
     replaced = {id(n): match for match in matches for n in match.nodes}
     nodes: list[Any] = []
     for node in m.graph.node:
@@ -154,6 +156,10 @@ def fuse_gelu(model: Any) -> tuple[Any, list[str]]:
     note = (f"{len(matches)} exact-erf GELU(s) spelled out as Div/Erf/Add/Mul fused into ONNX Gelu "
             "(TFLite GELU instead of a TensorFlow Select FlexErf)")
     return m, notes + [note]
+
+
+def _has_subgraphs(model: Any) -> bool:
+    return any(a.type in (5, 10) for n in model.graph.node for a in n.attribute)  # GRAPH, GRAPHS
 
 
 def _gelu_node(match: GeluMatch, name: str) -> Any:

@@ -186,9 +186,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (default 200; all when fewer)")
     g.add_argument("--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)")
-    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="percentile",
-                   help="activation range method (default percentile; auto: percentile or min-max, chosen per "
-                   "model by cross-fitted SQNR on the calibration images)")
+    g.add_argument("--method", choices=[m.value for m in CalibrationMethod],
+                   help="activation range method (default auto: percentile 99.9999 or 99.99, min-max, or min-max "
+                   "with a 10%% margin, chosen per model by cross-fitted SQNR on the calibration images)")
     g.add_argument("--percentile", type=float, default=99.999, help="kept mass for --method percentile "
                    "(default 99.999)")
     bc = g.add_mutually_exclusive_group()
@@ -507,7 +507,8 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("quantization and evaluation")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (the rest are evaluated)")
     g.add_argument("--seed", type=int, help="random calibration choice (default: first N by name)")
-    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="percentile")
+    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], help="activation range method "
+                   "(default auto, as for quantize)")
     g.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: held-out split)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
     b = p.add_argument_group("benchmark")

@@ -40,7 +40,7 @@ class DeployOptions:
     targets: tuple[str, ...]
     num_calib: int = 200
     seed: int | None = None
-    method: str = "percentile"
+    method: str | None = None  # None: quantize's default
     eval_dir: Path | None = None
     max_eval: int | None = None
     labels: Path | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -223,7 +224,7 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
         calibrated, range_report = _apply_range_method(calibrated, samples, len(calib_px), options, progress, measure)
         with timer.stage("quantize"):
             quant, runs = quantized(calibrated)
-        placement: dict[str, Any] = {"enabled": options.timed_placement}
+        placement: dict[str, Any] = {"enabled": options.timed_placement and options.float_islands}
         if options.timed_placement and options.float_islands:
             with timer.stage("placement"):
                 (quant, runs), info = _timed_placement(quantized, calibrated, (quant, runs), stage, progress)
@@ -381,7 +382,11 @@ def _apply_range_method(calibrated: bytes, samples: Callable[[], Iterable[np.nda
     else:
         hists = ranges.collect_histograms(calibrated, recorded, samples(),
                                           progress=lambda k: progress("histograms", k, n))
-        new = ranges.choose_ranges(hists, options.method, options.percentile, keep=keep)
+        method: CalibrationMethod | ranges.RangeChoice = options.method
+        if method == CalibrationMethod.AUTO:  # too few images (or nothing to measure with) to cross-fit
+            method = ranges.CROSS_FIT_CANDIDATES[0]
+            report["auto"] = {"chosen": method.label, "fallback": f"{n} calibration image(s): too few to cross-fit"}
+        new = ranges.choose_ranges(hists, method, options.percentile, keep=keep)
     shrink = [(hi - lo) / max(recorded[i][2] - recorded[i][1], 1e-12) for i, (lo, hi) in new.items()]
     report.update({"adjusted": len(new), "mean_range_fraction": float(np.mean(shrink)) if shrink else 1.0})
     return tflite_quant.set_ranges(calibrated, new), report
@@ -407,14 +412,21 @@ class Quantizer:
     def __init__(self, native: ChildWorker, options: QuantizeOptions) -> None:
         self.native, self.options = native, options
         self.placed: tuple[str, ...] = ()
-        self.done: dict[tuple[int, tuple[str, ...]], tuple[bytes, dict[str, Any]]] = {}
+        self.done: dict[tuple[bytes, frozenset[str]], tuple[bytes, dict[str, Any]]] = {}
 
     def __call__(self, calibrated: bytes, float_nodes: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
-        nodes = (*self.placed, *(n for n in float_nodes if n not in self.placed))
-        key = (hash(calibrated), nodes)
+        nodes = self._with_placed(float_nodes)
+        key = (hashlib.sha256(calibrated).digest(), frozenset(nodes))
         if key not in self.done:
             self.done[key] = _quantize_checked(self.native, calibrated, self.options, nodes)
         return self.done[key]
+
+    def once(self, calibrated: bytes) -> tuple[bytes, dict[str, Any]]:
+        """Not remembered: for models made once and dropped (the range choice's fold models)."""
+        return _quantize_checked(self.native, calibrated, self.options, self._with_placed(()))
+
+    def _with_placed(self, float_nodes: Sequence[str]) -> tuple[str, ...]:
+        return (*self.placed, *(n for n in float_nodes if n not in self.placed))
 
 
 #: Timed placement keeps its candidates float only when that is at least this much faster.
@@ -452,7 +464,7 @@ def _fold_measurer(quantized: Quantizer, float_model: bytes, calib_px: np.ndarra
         a, b = bounds[k]
         if k not in reference:
             reference[k] = run_tflite(float_model, calib_px[a:b], prep, progress=progress, label="run float (folds)")
-        quant, _ = quantized(calibrated)
+        quant, _ = quantized.once(calibrated)
         got = run_tflite(quant, calib_px[a:b], prep, progress=progress, label="measure a range method")
         ref = reference[k].astype(np.float64)
         return ranges.FoldError(float(np.sum(ref ** 2)), float(np.sum((ref - got) ** 2)))
@@ -491,6 +503,8 @@ def _speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, wo
     floor *= SEARCH_SPEED_MARGIN
 
     def fast_enough(float_nodes: Sequence[str]) -> bool:
+        if measured and measured[0]["float_ops"] == 0 and measured[0]["speedup_vs_float32"] < floor:
+            return False  # the all-int8 model is already under the floor: no float op can help
         progress("budget search: speed of a candidate", None, None)
         ms = mixed.latencies({"float32": float_model, "candidate": quantized(calibrated, float_nodes)[0]}, work,
                              runs=SPEED_RUNS)
@@ -498,6 +512,7 @@ def _speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, wo
         measured.append({"float_ops": len(float_nodes), "ms": ms, "speedup_vs_float32": round(speedup, 3)})
         return speedup >= floor
 
+    fast_enough(())  # the all-int8 model first: when it is under the floor, nothing is timed after it
     return fast_enough
 
 
@@ -534,7 +549,7 @@ def _speed_check(float_model: bytes, model: bytes, all_int8: tuple[bytes, DriftF
                  min_speedup: float, progress: Progress) -> dict[str, Any]:
     """The written model against float32 (and the all-int8 model, when ops were kept float) at 1 thread.
 
-    XNNPACK, interleaved in one run (:func:`mixed.latencies`). Under ``min_speedup`` x float32 (1.0 when 0)
+    XNNPACK, interleaved in one run (:func:`mixed.latencies`). Under ``min_speedup`` x float32 (at least 1.0)
     (an int8 build slower than, or barely faster than, its float build is never left unsaid),
     ``verdict`` says so and ``offered`` names the fastest of the others: the all-int8 model
     (saved beside as ``model_int8_FAST.tflite``; its SQNR is under the budget) or the float32
@@ -544,7 +559,7 @@ def _speed_check(float_model: bytes, model: bytes, all_int8: tuple[bytes, DriftF
     alt = all_int8[0] if all_int8[0] != model else None
     models: dict[str, Any] = {"float32": float_model, "int8": model, **({"all_int8": alt} if alt is not None else {})}
     ms = mixed.latencies(models, work, runs=SPEED_RUNS)
-    speedup, floor = ms["float32"] / ms["int8"], min_speedup or 1.0
+    speedup, floor = ms["float32"] / ms["int8"], max(min_speedup, 1.0)
     report: dict[str, Any] = {"measured": True, "threads": 1, "delegate": "xnnpack", "runs": SPEED_RUNS, "ms": ms,
                               "speedup_vs_float32": round(speedup, 3), "faster_than_float32": speedup > 1.0,
                               "min_speedup": floor, "offered": None}

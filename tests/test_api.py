@@ -185,6 +185,14 @@ def test_options_round_trip_and_target_rules() -> None:
     assert QuantizeOptions.for_target(load_target("android-arm64-cpu")).io.value == "uint8"
     given = QuantizeOptions.for_target(load_target("x86-host"), io="float32", min_sqnr_db=25.0, float_islands=False)
     assert given.io.value == "float32" and given.min_sqnr_db == 25.0 and not given.float_islands
+    # Timed placement measures here: only for XNNPACK targets of this machine's architecture.
+    from edgeship.quantize.options import host_arch
+
+    for name in ("x86-host", "rpi5-aarch64", "android-gpu"):
+        target = load_target(name)
+        placed = QuantizeOptions.for_target(target).timed_placement
+        assert placed == (target.arch.value == host_arch() and target.execution.use_xnnpack), name
+    assert not QuantizeOptions.for_target(load_target("rpi5-aarch64")).timed_placement or host_arch() == "aarch64"
 
 
 def test_devices_are_built_in_one_place() -> None:
@@ -227,6 +235,18 @@ def test_speed_check_says_when_int8_is_not_faster(ms: dict[str, float], offered:
     assert speed["measured"] and speed["speedup_vs_float32"] == round(ms["float32"] / ms["int8"], 3)
     assert (speed["offered"] or {}).get("kind") == offered
     assert (words is None) == ("verdict" not in speed) and (words is None or words in speed["verdict"])
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.5])
+def test_a_low_speed_floor_never_hides_a_model_slower_than_float(floor: float, monkeypatch: pytest.MonkeyPatch,
+                                                                  tmp_path: Path) -> None:
+    from edgeship.quantize import mixed, pipeline
+    from edgeship.runtime.metrics import DriftFigures
+
+    monkeypatch.setattr(mixed, "latencies", _fake_latencies({"float32": 1.0, "int8": 1.5}))
+    speed = pipeline._speed_check(b"float", b"int8", (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
+                                  floor, lambda *a: None)
+    assert "SLOWER than float32" in speed["verdict"] and speed["min_speedup"] == 1.0
 
 
 def test_offered_all_int8_model_is_saved_beside_and_removed_later(tiny_conv: object, calib_images: Path,

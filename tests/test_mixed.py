@@ -11,8 +11,8 @@ import pytest
 from edgeship.cli import main
 from edgeship.quantize import mixed
 from edgeship.quantize.options import CalibrationMethod
-from edgeship.quantize.ranges import (CONSUMER_FNS, Histogram, candidate_ranges, consumer_errors,
-                                      entropy, least_consumer_error, minmax, mse, percentile)
+from edgeship.quantize.ranges import (CONSUMER_FNS, CROSS_FIT_CANDIDATES, Histogram, candidate_ranges,
+                                      consumer_errors, entropy, least_consumer_error, minmax, mse, percentile)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -181,7 +181,8 @@ def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bun
     report = json.loads((out / "quant_report.json").read_text())
     all_int8 = report["mixed_precision"]["eval_sqnr_db_all_int8"]
     auto = report["ranges"]["auto"]
-    assert set(auto["cross_fitted_sqnr_db"]) == {"percentile", "minmax"} and auto["chosen"] in auto["cross_fitted_sqnr_db"]
+    assert set(auto["cross_fitted_sqnr_db"]) == {c.label for c in CROSS_FIT_CANDIDATES}
+    assert auto["chosen"] in auto["cross_fitted_sqnr_db"]
     budget = round(all_int8 + 6.0, 1)  # above all-int8: something must stay float
     assert main([*args, "--min-sqnr", str(budget), "--min-speedup", "0", "--force"]) == 0
     mixed_report = json.loads((out / "quant_report.json").read_text())["mixed_precision"]
@@ -193,7 +194,8 @@ def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bun
     assert main([*args, "--min-sqnr", str(budget), "--min-speedup", "1000", "--force"]) == 3
     mixed_report = json.loads((out / "quant_report.json").read_text())["mixed_precision"]
     assert mixed_report["speed_measurements"] and not mixed_report["kept_float"]
-    assert all(m["speedup_vs_float32"] < 1000 for m in mixed_report["speed_measurements"])
+    assert mixed_report["speed_measurements"][0]["float_ops"] == 0  # all-int8 timed first, then nothing more
+    assert len(mixed_report["speed_measurements"]) == 1
     assert any(s.get("too_slow") for s in mixed_report["steps"])
 
 
@@ -251,8 +253,9 @@ def test_cross_fitted_choice_takes_min_max_when_unseen_images_exceed_the_tails()
     rng = np.random.default_rng(7)
     # each fold has its own rare, large values: clipping the tails fitted on one fold cuts the other's
     values = [np.concatenate([rng.normal(0, 1, 100_000), rng.uniform(20, 40, 400) * s]) for s in (1, -1, 1, -1)]
-    method, report = choose_cross_fitted(_folds(values), 99.9, _clip_error(values))
-    assert method == CalibrationMethod.MINMAX, report
+    two = (CalibrationMethod.PERCENTILE, CalibrationMethod.MINMAX)
+    method, report = choose_cross_fitted(_folds(values), 99.9, _clip_error(values), methods=two)
+    assert method.method == CalibrationMethod.MINMAX, report
     assert report["folds"] == 4 and set(report["cross_fitted_sqnr_db"]) == {"percentile", "minmax"}
 
 
@@ -261,8 +264,9 @@ def test_cross_fitted_choice_takes_percentile_when_the_tails_are_rare_noise() ->
 
     rng = np.random.default_rng(8)
     values = [np.concatenate([rng.normal(0, 1, 200_000), [60.0 * (-1) ** k]]) for k in range(4)]
-    method, report = choose_cross_fitted(_folds(values), 99.99, _clip_error(values))
-    assert method == CalibrationMethod.PERCENTILE, report
+    two = (CalibrationMethod.PERCENTILE, CalibrationMethod.MINMAX)
+    method, report = choose_cross_fitted(_folds(values), 99.99, _clip_error(values), methods=two)
+    assert method.method == CalibrationMethod.PERCENTILE and method.param is None, report
 
 
 def test_merge_histograms_adds_counts_and_extremes() -> None:
