@@ -215,6 +215,6 @@ def lone_erf_notes(model: Any) -> list[str]:
     if not count:
         return []
     note = (f"{count} Erf op(s) outside a GELU computed with onnx2tf's polynomial erf (builtin ops, "
-            "abs error <= 1.5e-7) instead of a TensorFlow Select FlexErf")
+            "abs error about 1e-7) instead of a TensorFlow Select FlexErf")
     return [note]
 

@@ -159,5 +159,6 @@ class QuantizeOptions:
         chosen["per_tensor"] = bool(chosen.get("per_tensor")) or needs.per_tensor
         chosen["float_islands"] = chosen.get("float_islands", True) and needs.float_islands
         chosen.setdefault("min_sqnr_db", target.budget.min_sqnr_db)
+        chosen.setdefault("min_speedup", target.budget.min_speedup)
         chosen.setdefault("timed_placement", target.execution.use_xnnpack and target.arch.value == host_arch())
         return cls(**chosen)

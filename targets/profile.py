@@ -152,6 +152,9 @@ class Budget:
     min_top1_agreement: float  # percent
     max_top1_drop: float  # accuracy points, when labels are known
     min_sqnr_db: float
+    #: Speed floor of mixed models: quantize keeps nothing float that brings the model under this
+    #: many times float32's speed (1 thread, XNNPACK, measured on the host that quantizes).
+    min_speedup: float = 1.3
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_top1_agreement <= 100:
