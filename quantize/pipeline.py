@@ -489,9 +489,10 @@ def _calib_scorer(quantized: Quantizer, float_model: bytes, calib_px: np.ndarray
     return score
 
 
-#: The budget search aims this much above the speed floor: one 60-invoke measurement is noisy,
+#: The budget search aims this much above the speed floor: one 60-invoke measurement is noisy on a
+#: loaded machine (MobileNetV3-Large: 1.72x in the search, 1.46x in the speed check, 1.21x in a later run),
 #: and the speed check measures the written model again.
-SEARCH_SPEED_MARGIN = 1.05
+SEARCH_SPEED_MARGIN = 1.15
 
 
 def _speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, work: Path, floor: float,
