@@ -64,7 +64,7 @@ def main() -> int:
         if qdir is None:
             qdir = Path(tmp) / "q"
             subprocess.run([sys.executable, "-m", "edgeship", "quantize", str(onnx), "--calib", str(images),
-                            "--num-calib", "100", "--method", "mse", "-o", str(qdir), "-q"], check=False)
+                            "--num-calib", "100", "-o", str(qdir), "-q"], check=False)  # quantize's defaults
         report(onnx, images, qdir, assets, args)
     return 0
 
