@@ -194,8 +194,9 @@ def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bun
     assert main([*args, "--min-sqnr", str(budget), "--min-speedup", "1000", "--force"]) == 3
     mixed_report = json.loads((out / "quant_report.json").read_text())["mixed_precision"]
     assert mixed_report["speed_measurements"] and not mixed_report["kept_float"]
-    assert mixed_report["speed_measurements"][0]["float_ops"] == 0  # all-int8 timed first, then nothing more
-    assert len(mixed_report["speed_measurements"]) == 1
+    timed = mixed_report["speed_measurements"]
+    assert timed[0]["float_ops"] == 0  # all-int8 first, then each candidate that raised the SQNR, all too slow
+    assert len(timed) - 1 == sum(bool(s.get("too_slow")) for s in mixed_report["steps"]) >= 1
     assert any(s.get("too_slow") for s in mixed_report["steps"])
 
 
