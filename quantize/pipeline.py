@@ -443,7 +443,7 @@ def _timed_placement(quantized: Quantizer, calibrated: bytes, quant: tuple[bytes
         return quant, {"candidates": 0}
     progress("placement: time large depthwise convolutions in float", None, None)
     placed = quantized(calibrated, nodes)
-    ms = mixed.latencies({"int8": quant[0], "placed": placed[0]}, work, runs=SPEED_RUNS)
+    ms = mixed.latencies({"int8": quant[0], "placed": placed[0]}, work, runs=SPEED_RUNS, stat="min_ms")
     keep = ms["int8"] >= PLACEMENT_GAIN * ms["placed"]
     report = {"candidates": len(nodes), "kept_float": keep, "ms": ms, "min_gain": PLACEMENT_GAIN,
               "nodes": list(nodes)}
@@ -498,7 +498,8 @@ SEARCH_SPEED_MARGIN = 1.15
 def _speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, work: Path, floor: float,
                  measured: list[dict[str, Any]], progress: Progress) -> Callable[[Sequence[str]], bool] | None:
     """``fast_enough(float_nodes)`` of the budget search: the model with those nodes float runs at least
-    ``floor`` x float32's speed (1 thread, XNNPACK, interleaved); each measurement is appended to ``measured``."""
+    ``floor`` x float32's speed (1 thread, XNNPACK, interleaved, fastest invoke of each); each measurement
+    is appended to ``measured``."""
     if floor <= 0:
         return None
     floor *= SEARCH_SPEED_MARGIN
@@ -506,7 +507,7 @@ def _speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, wo
     def fast_enough(float_nodes: Sequence[str]) -> bool:
         progress("budget search: speed of a candidate", None, None)
         ms = mixed.latencies({"float32": float_model, "candidate": quantized(calibrated, float_nodes)[0]}, work,
-                             runs=SPEED_RUNS)
+                             runs=SPEED_RUNS, stat="min_ms")
         speedup = ms["float32"] / ms["candidate"]
         measured.append({"float_ops": len(float_nodes), "ms": ms, "speedup_vs_float32": round(speedup, 3)})
         return speedup >= floor

@@ -212,7 +212,7 @@ def test_devices_are_built_in_one_place() -> None:
 
 
 def _fake_latencies(ms: dict[str, float]):  # type: ignore[no-untyped-def]
-    def latencies(models, work, runs=60):  # type: ignore[no-untyped-def]  # mixed.latencies' signature
+    def latencies(models, work, runs=60, stat="p50_ms"):  # type: ignore[no-untyped-def]  # mixed.latencies' signature
         return {label: ms[label] for label in models}
     return latencies
 

@@ -296,7 +296,7 @@ def test_timed_placement_keeps_large_depthwise_float_only_when_measured_faster(
 
     monkeypatch.setattr(pipeline, "_quantize_checked", fake_quantize)
     monkeypatch.setattr(mixed, "slow_int8_candidates", lambda model: ["dw1", "dw2"])
-    monkeypatch.setattr(mixed, "latencies", lambda models, work, runs: dict(ms))
+    monkeypatch.setattr(mixed, "latencies", lambda models, work, runs, stat="p50_ms": dict(ms))
     quantized = pipeline.Quantizer(None, pipeline.QuantizeOptions())
     base = quantized(b"calibrated")
     (model, _), report = pipeline._timed_placement(quantized, b"calibrated", base, tmp_path, lambda *a: None)
