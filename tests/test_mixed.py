@@ -13,6 +13,7 @@ from edgeship.quantize import mixed
 from edgeship.quantize.options import CalibrationMethod
 from edgeship.quantize.ranges import (CONSUMER_FNS, CROSS_FIT_CANDIDATES, Histogram, candidate_ranges,
                                       consumer_errors, entropy, least_consumer_error, minmax, mse, percentile)
+from tests.test_ranges import _folds, _rounding_model  # the fake fold model, one copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -228,26 +229,6 @@ def test_no_normalization_groups_without_a_normalisation() -> None:
 
 
 # ----------------------------------------------------------------------------- cross-fitted range choice
-def _folds(values: list[np.ndarray]) -> list[dict[int, Histogram]]:
-    lo, hi = min(float(v.min()) for v in values), max(float(v.max()) for v in values)
-    return [{7: Histogram(lo, hi, np.histogram(v, bins=2048, range=(lo, hi))[0], float(v.min()), float(v.max()))}
-            for v in values]
-
-
-def _clip_error(test: list[np.ndarray]):
-    """A fake int8 model: the fold's values clipped to the fitted range and rounded to 255 levels."""
-    from edgeship.quantize.ranges import FoldError
-
-    def measure(k: int, ranges: dict[int, tuple[float, float]]) -> FoldError:
-        lo, hi = ranges[7]
-        step = (hi - lo) / 255
-        x = test[k]
-        q = np.round((np.clip(x, lo, hi) - lo) / step) * step + lo
-        return FoldError(float(np.sum(x**2)), float(np.sum((x - q) ** 2)))
-
-    return measure
-
-
 def test_cross_fitted_choice_takes_min_max_when_unseen_images_exceed_the_tails() -> None:
     from edgeship.quantize.ranges import choose_cross_fitted
 
@@ -255,7 +236,7 @@ def test_cross_fitted_choice_takes_min_max_when_unseen_images_exceed_the_tails()
     # each fold has its own rare, large values: clipping the tails fitted on one fold cuts the other's
     values = [np.concatenate([rng.normal(0, 1, 100_000), rng.uniform(20, 40, 400) * s]) for s in (1, -1, 1, -1)]
     two = (CalibrationMethod.PERCENTILE, CalibrationMethod.MINMAX)
-    method, report = choose_cross_fitted(_folds(values), 99.9, _clip_error(values), methods=two)
+    method, report = choose_cross_fitted(_folds(values), 99.9, _rounding_model(values), methods=two)
     assert method.method == CalibrationMethod.MINMAX, report
     assert report["folds"] == 4 and set(report["cross_fitted_sqnr_db"]) == {"percentile", "minmax"}
 
@@ -266,7 +247,7 @@ def test_cross_fitted_choice_takes_percentile_when_the_tails_are_rare_noise() ->
     rng = np.random.default_rng(8)
     values = [np.concatenate([rng.normal(0, 1, 200_000), [60.0 * (-1) ** k]]) for k in range(4)]
     two = (CalibrationMethod.PERCENTILE, CalibrationMethod.MINMAX)
-    method, report = choose_cross_fitted(_folds(values), 99.99, _clip_error(values), methods=two)
+    method, report = choose_cross_fitted(_folds(values), 99.99, _rounding_model(values), methods=two)
     assert method.method == CalibrationMethod.PERCENTILE and method.param is None, report
 
 
