@@ -298,7 +298,7 @@ def _check_runnable(*paths: Path | None) -> None:
     TF ops and custom ops are refused from the file itself, then each model is loaded,
     allocated and run once in a child process with only the runtime's interpreter.
     """
-    from edgeship.runtime.delegation import FLEX_PREFIX
+    from edgeship.runtime.delegation import FLEX_PREFIX, op_counts
     from edgeship.runtime.interpreter import check_model_files
 
     present = [p for p in paths if p is not None]
@@ -306,19 +306,11 @@ def _check_runnable(*paths: Path | None) -> None:
         ops = tflite_graph.custom_ops(path.read_bytes())
         flex = {k: v for k, v in ops.items() if k.startswith(FLEX_PREFIX)}
         if flex:  # other custom ops: the child's run says whether the runtime resolves them
-            raise ConversionError(_unsupported_ops_message(flex, {}))
+            raise ConversionError(f"the converted model needs TensorFlow Select ops the on-device runtime does not "
+                                  f"have: {op_counts(flex)} (replace those ops in the ONNX model)")
     for path, problem in check_model_files(present).items():
         if problem:
             raise ConversionError(f"the converted model {path.name} does not run on the on-device interpreter: {problem}")
-
-
-def _unsupported_ops_message(flex: dict[str, int], custom: dict[str, int]) -> str:
-    def listed(ops: dict[str, int]) -> str:
-        return ", ".join(f"{name} x{n}" for name, n in ops.items())
-
-    parts = ([f"TensorFlow Select ops the on-device runtime does not have: {listed(flex)}"] if flex else []) + \
-            ([f"custom ops the on-device runtime does not have: {listed(custom)}"] if custom else [])
-    return "the converted model needs " + "; and ".join(parts) + " (replace those ops in the ONNX model)"
 
 
 def _delegation(path: Path) -> dict[str, Any]:

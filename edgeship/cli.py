@@ -296,7 +296,9 @@ def _quant_summary(report: dict[str, Any]) -> list[str]:
 
 def _xnnpack_line(runs: dict[str, Any]) -> str:
     d = runs.get("delegation") or {}
-    outside = ", ".join(f"{k} x{v}" for k, v in d.get("outside", {}).items()) or "none"
+    from edgeship.runtime.delegation import op_counts
+
+    outside = op_counts(d.get("outside", {})) or "none"
     line = f"XNNPACK: {d.get('partitions', '?')} partition(s); ops outside: {outside}"
     if runs.get("float_islands"):
         line += (f"; {len(runs['float_islands'])} op(s) kept float inside XNNPACK (no int8 kernel; all-int8 had "

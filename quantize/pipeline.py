@@ -28,7 +28,7 @@ from edgeship.quantize import data, layers, mixed, ranges, rewrites, tflite_quan
 from edgeship.quantize.data import Images, Pixels, is_folder
 from edgeship.quantize.options import CalibrationMethod, QuantizeOptions
 from edgeship.runtime.card import CARD_FILE, ModelCard, TensorSpec
-from edgeship.runtime.delegation import Delegation, of_interpreter
+from edgeship.runtime.delegation import Delegation, of_interpreter, op_counts
 from edgeship.runtime.images import ImageSet, Labels, normalize
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
@@ -633,7 +633,7 @@ def _island_candidates(calibrated: bytes, int8: Delegation) -> list[str]:
 
 
 def _op_summary(model: bytes) -> str:
-    return ", ".join(f"{name} x{n}" for name, n in _op_histogram(model).items())
+    return op_counts(_op_histogram(model))
 
 
 def _equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, dict[str, Any]]:

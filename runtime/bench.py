@@ -400,7 +400,9 @@ def delegation_note(runtime: dict[str, Any]) -> str:
     d = runtime.get("xnnpack")
     if not d:
         return ""
-    outside = ", ".join(f"{k} x{v}" for k, v in d["outside"].items())
+    from edgeship.runtime.delegation import op_counts
+
+    outside = op_counts(d["outside"])
     return f" ({d['partitions']} partition{'s' if d['partitions'] != 1 else ''}" + (f"; outside: {outside})" if outside else ")")
 
 

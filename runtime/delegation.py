@@ -12,7 +12,12 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
+
+
+def op_counts(counts: Mapping[str, int]) -> str:
+    """``HARD_SWISH x20, GELU x14``: op types and how many, in the mapping's order (empty: ``""``)."""
+    return ", ".join(f"{name} x{n}" for name, n in counts.items())
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ class Delegation:
         return cls(d["partitions"], d["ops"], dict(d.get("outside", {})), tuple(d.get("outside_outputs", ())))
 
     def summary(self) -> str:
-        outside = ", ".join(f"{k} x{v}" for k, v in self.outside.items()) or "none"
+        outside = op_counts(self.outside) or "none"
         return f"{self.partitions} XNNPACK partition(s), {self.delegated_ops}/{self.ops} ops inside; outside: {outside}"
 
 

@@ -355,13 +355,12 @@ class TFLiteModel:
         runs ``Flex*`` ops; no on-device interpreter can. Refusing them keeps a host run
         (a conversion's verification, a benchmark) honest about what the device will do.
         """
-        from edgeship.runtime.delegation import FLEX_PREFIX
+        from edgeship.runtime.delegation import FLEX_PREFIX, op_counts
 
         flex = collections.Counter(name for name in self.op_names() if name.startswith(FLEX_PREFIX))
         if flex:
-            listed = ", ".join(f"{name} x{n}" for name, n in flex.most_common())
             raise InputError(f"cannot load TFLite model {self.path or '<bytes>'}: it needs TensorFlow Select ops "
-                             f"the on-device runtime does not have: {listed}")
+                             f"the on-device runtime does not have: {op_counts(dict(flex.most_common()))}")
 
     @staticmethod
     def _spec(d: dict[str, Any]) -> IOSpec:
