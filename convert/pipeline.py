@@ -298,16 +298,15 @@ def _check_runnable(*paths: Path | None) -> None:
     TF ops and custom ops are refused from the file itself, then each model is loaded,
     allocated and run once in a child process with only the runtime's interpreter.
     """
-    from edgeship.runtime.delegation import FLEX_PREFIX, op_counts
+    from edgeship.runtime.delegation import flex_refusal
     from edgeship.runtime.interpreter import check_model_files
 
     present = [p for p in paths if p is not None]
     for path in present:
         ops = tflite_graph.custom_ops(path.read_bytes())
-        flex = {k: v for k, v in ops.items() if k.startswith(FLEX_PREFIX)}
-        if flex:  # other custom ops: the child's run says whether the runtime resolves them
-            raise ConversionError(f"the converted model needs TensorFlow Select ops the on-device runtime does not "
-                                  f"have: {op_counts(flex)} (replace those ops in the ONNX model)")
+        refusal = flex_refusal(name for name, count in ops.items() for _ in range(count))
+        if refusal:  # other custom ops: the child's run says whether the runtime resolves them
+            raise ConversionError(f"the converted model {refusal} (replace those ops in the ONNX model)")
     for path, problem in check_model_files(present).items():
         if problem:
             raise ConversionError(f"the converted model {path.name} does not run on the on-device interpreter: {problem}")

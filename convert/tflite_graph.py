@@ -39,10 +39,11 @@ def _import_tensorflow() -> None:
     """
     import logging
 
+    from edgeship._deps import require
     from edgeship.runtime.interpreter import native_stderr_to_log
 
     with native_stderr_to_log(logging.DEBUG):
-        import tensorflow  # noqa: F401
+        require("tensorflow", purpose="read and edit TFLite models")
 
 
 def read(model: bytes) -> Any:

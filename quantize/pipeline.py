@@ -136,7 +136,8 @@ class QuantizeResult:
             how = (f"after keeping {mixed_report.get('float_ops', 0)} op(s) float" if options["float_islands"]
                    else "as a full-integer model (the target allows no float ops)")
             raise AccuracyDriftError(f"int8 model under the SQNR budget of {options['min_sqnr_db']} dB {how}: "
-                                     f"SQNR {figs.sqnr_db:.2f} dB{where}", [f"sqnr_db {figs.sqnr_db:.2f}"])
+                                     f"SQNR {figs.sqnr_db:.2f} dB{where}{_ceiling_note(mixed_report, options)}",
+                                     [f"sqnr_db {figs.sqnr_db:.2f}"])
         kept = self.report["accuracy_aware"]["kept_in_float"]
         raise AccuracyDriftError(
             f"int8 model still over the --max-drop budget of {options['max_drop']} points after keeping "
@@ -162,8 +163,43 @@ class QuantizeResult:
                    folder=Path(d["folder"]) if d.get("folder") else None)
 
 
+def _ceiling_note(mixed_report: dict[str, Any], options: dict[str, Any]) -> str:
+    """Why a budget search fell short, when int8 convolutions alone cap the model under the budget."""
+    ceiling = mixed_report.get("int8_matrix_ceiling_db")
+    if ceiling is None or ceiling >= options["min_sqnr_db"]:
+        return ""
+    lower = "--min-speedup or the budget" if options.get("min_speedup") else "the budget"
+    return (f"; with every op but its convolutions and matrix multiplies float it reaches {ceiling:.1f} dB on the "
+            f"calibration images, so this budget needs convolutions float (slower: lower {lower})")
+
+
 def _holds(path: Path, data: bytes) -> bool:
     return path.is_file() and path.read_bytes() == data
+
+
+@dataclass(frozen=True)
+class Judged:
+    """Images a model is judged on, with the float model's outputs on them (and labels, where known).
+
+    The held-apart evaluation images (what the written model's figures come from) or the
+    search images (calibration images the budget search measures candidates on).
+    """
+
+    pixels: np.ndarray
+    prep: Any
+    reference: np.ndarray
+    truth: tuple[int | None, ...]
+
+    @classmethod
+    def of(cls, float_model: bytes, pixels: np.ndarray, prep: Any, truth: Sequence[int | None] | None = None, *,
+           progress: Progress = silent, label: str = "run float reference") -> Judged:
+        reference = run_tflite(float_model, pixels, prep, progress=progress, label=label)
+        return cls(pixels, prep, reference, tuple(truth) if truth is not None else (None,) * len(pixels))
+
+    def figures(self, model: bytes, progress: Progress, label: str = "run int8") -> DriftFigures:
+        """Drift of ``model``'s outputs from the float model's on these images."""
+        got = run_tflite(model, self.pixels, self.prep, progress=progress, label=label)
+        return compare(self.reference, got, list(self.truth))
 
 
 def output_names() -> list[str]:
@@ -234,10 +270,9 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
             with timer.stage("bias correction"):
                 quant, info = _bias_correct(quant, calibrated, calib_px, prep, progress)
                 bc_report.update(info)
-        truth = list(evals.truth)
         with timer.stage("evaluate"):
-            reference = run_tflite(source.model, eval_px, prep, progress=progress, label="run float reference")
-            figs = _evaluate(quant, eval_px, prep, reference, truth, progress)
+            judged = Judged.of(source.model, eval_px, prep, evals.truth, progress=progress)
+            figs = judged.figures(quant, progress)
         with timer.stage("per-layer"):
             layer_errs = layers.layer_errors(calibrated, quant, *_paired_inputs(quant, eval_px[:LAYER_SAMPLES], prep))
         kept: list[dict[str, Any]] = []
@@ -245,13 +280,12 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
         all_int8 = (quant, figs)  # before any op group is kept float: the speed check's alternative
         if options.min_sqnr_db is not None:
             with timer.stage("budget search"):
-                quant, figs, mixed_report, within = _budget_search(quantized, calibrated, quant, figs, score, eval_px,
-                                                                   prep, reference, truth, source.model, stage, options,
-                                                                   progress)
+                quant, figs, mixed_report, within = _budget_search(quantized, calibrated, (quant, figs), score, judged,
+                                                                   source.model, stage, options, progress)
         if options.max_drop is not None:
             with timer.stage("accuracy-aware"):
-                quant, figs, kept, within_drop = _accuracy_aware(quantized, calibrated, quant, figs, layer_errs,
-                                                                 eval_px, prep, reference, truth, options, progress)
+                quant, figs, kept, within_drop = _accuracy_aware(quantized, calibrated, (quant, figs), layer_errs,
+                                                                 judged, options, progress)
                 within = within and within_drop
         final_name = INT8_FILE if within else OVER_BUDGET_FILE
         speed: dict[str, Any] = {"measured": False}
@@ -477,14 +511,13 @@ def _calib_scorer(quantized: Quantizer, float_model: bytes, calib_px: np.ndarray
     """``score(calibrated, float_nodes=())``: SQNR (dB) against the float model, on calibration images only,
     of the int8 model TensorFlow's quantizer makes (what the range choice and the budget search measure)."""
     pixels = calib_px[: options.search_images]
-    reference: list[np.ndarray] = []
+    judged: list[Judged] = []
 
     def score(calibrated: bytes, float_nodes: Sequence[str] = ()) -> float:
-        if not reference:
-            reference.append(run_tflite(float_model, pixels, prep, progress=progress, label="run float (search images)"))
+        if not judged:
+            judged.append(Judged.of(float_model, pixels, prep, progress=progress, label="run float (search images)"))
         quant, _ = quantized(calibrated, float_nodes)
-        return _evaluate(quant, pixels, prep, reference[0], [None] * len(pixels), progress,
-                         label="measure a candidate").sqnr_db
+        return judged[0].figures(quant, progress, label="measure a candidate").sqnr_db
 
     return score
 
@@ -518,12 +551,12 @@ def _speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, wo
     return fast_enough
 
 
-def _budget_search(quantized: Quantizer, calibrated: bytes, quant: bytes, figs: DriftFigures,
-                   score: Callable[..., float], eval_px: np.ndarray, prep: Any, reference: np.ndarray,
-                   truth: list[int | None], float_model: bytes, stage: Path, options: QuantizeOptions,
-                   progress: Progress) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
+def _budget_search(quantized: Quantizer, calibrated: bytes, all_int8: tuple[bytes, DriftFigures],
+                   score: Callable[..., float], judged: Judged, float_model: bytes, stage: Path,
+                   options: QuantizeOptions, progress: Progress) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
     """Meet ``options.min_sqnr_db`` by keeping the cheapest op groups float (mixed models only), never
     going under ``options.min_speedup`` x float32's speed."""
+    quant, figs = all_int8
     budget = float(options.min_sqnr_db or 0.0)
     if not options.float_islands or figs.sqnr_db >= budget:
         return quant, figs, {"budget_sqnr_db": budget, "searched": False}, figs.sqnr_db >= budget
@@ -538,7 +571,7 @@ def _budget_search(quantized: Quantizer, calibrated: bytes, quant: bytes, figs: 
     if not found.kept:
         return quant, figs, report, False
     candidate, runs = quantized(calibrated, found.nodes)
-    cfigs = _evaluate(candidate, eval_px, prep, reference, truth, progress, label="run budgeted int8")
+    cfigs = judged.figures(candidate, progress, label="run budgeted int8")
     report.update(eval_sqnr_db=cfigs.sqnr_db)
     if cfigs.sqnr_db <= figs.sqnr_db:  # better on the search images only: keep the all-int8 model
         return quant, figs, {**report, "kept_float": [], "float_ops": 0}, False
@@ -669,15 +702,11 @@ def _paired_inputs(quant: bytes, pixels: np.ndarray, prep: Any) -> tuple[np.ndar
     return normalize(pixels, prep), TFLiteModel(quant, use_xnnpack=False).input_from_pixels(pixels, prep)
 
 
-def _evaluate(quant: bytes, pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None],
-              progress: Progress, label: str = "run int8") -> DriftFigures:
-    return compare(reference, run_tflite(quant, pixels, prep, progress=progress, label=label), truth)
-
-
-def _accuracy_aware(quantized: Quantizer, calibrated: bytes, quant: bytes, figs: DriftFigures, errs: list[layers.LayerError],
-                    pixels: np.ndarray, prep: Any, reference: np.ndarray, truth: list[int | None],
-                    options: QuantizeOptions, progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
+def _accuracy_aware(quantized: Quantizer, calibrated: bytes, start: tuple[bytes, DriftFigures],
+                    errs: list[layers.LayerError], judged: Judged, options: QuantizeOptions,
+                    progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
     """Keep the most harmful layers in float one at a time until the drop is inside the budget."""
+    quant, figs = start
     budget = options.max_drop or 0.0
     drop = figs.agreement_drop
     kept: list[dict[str, Any]] = []
@@ -688,8 +717,7 @@ def _accuracy_aware(quantized: Quantizer, calibrated: bytes, quant: bytes, figs:
             break
         denied.append(err.name)
         candidate, _ = quantized(calibrated, denied)
-        cfigs = _evaluate(candidate, pixels, prep, reference, truth, progress,
-                          label=f"re-measure with {len(denied)} float layer(s)")
+        cfigs = judged.figures(candidate, progress, label=f"re-measure with {len(denied)} float layer(s)")
         drop = cfigs.agreement_drop
         kept.append({"layer": err.name, "op": err.op, "sqnr_db": err.sqnr_db, "added_error_db": err.added_error_db,
                      "size_bytes": len(candidate),

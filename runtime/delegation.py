@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 
 def op_counts(counts: Mapping[str, int]) -> str:
@@ -62,6 +62,18 @@ def of_interpreter(interpreter: Any) -> Delegation:
 #: Name prefix of TensorFlow Select ops: custom ops that only TensorFlow's Flex delegate runs (never XNNPACK,
 #: and no on-device interpreter).
 FLEX_PREFIX = "Flex"
+
+
+def flex_refusal(op_names: Iterable[str]) -> str | None:
+    """Why a model with these ops cannot run on a device, when it holds TensorFlow Select (Flex) ops.
+
+    ``needs TensorFlow Select ops the on-device runtime does not have: FlexErf x2``; None without any.
+    The one rule for convert's check of the file and the interpreter's refusal to load it.
+    """
+    flex = Counter(name for name in op_names if name.startswith(FLEX_PREFIX))
+    if not flex:
+        return None
+    return f"needs TensorFlow Select ops the on-device runtime does not have: {op_counts(dict(flex.most_common()))}"
 
 
 def delegation(ops: list[dict[str, Any]], names: dict[int, str] | None = None) -> Delegation:

@@ -8,7 +8,6 @@ first two are missing.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import hashlib
 import importlib
@@ -355,12 +354,11 @@ class TFLiteModel:
         runs ``Flex*`` ops; no on-device interpreter can. Refusing them keeps a host run
         (a conversion's verification, a benchmark) honest about what the device will do.
         """
-        from edgeship.runtime.delegation import FLEX_PREFIX, op_counts
+        from edgeship.runtime.delegation import flex_refusal
 
-        flex = collections.Counter(name for name in self.op_names() if name.startswith(FLEX_PREFIX))
-        if flex:
-            raise InputError(f"cannot load TFLite model {self.path or '<bytes>'}: it needs TensorFlow Select ops "
-                             f"the on-device runtime does not have: {op_counts(dict(flex.most_common()))}")
+        refusal = flex_refusal(self.op_names())
+        if refusal:
+            raise InputError(f"cannot load TFLite model {self.path or '<bytes>'}: it {refusal}")
 
     @staticmethod
     def _spec(d: dict[str, Any]) -> IOSpec:

@@ -151,6 +151,26 @@ def test_search_skips_a_candidate_that_breaks_the_speed_floor() -> None:
     assert [s.candidate for s in slow] == ["slow"] and not slow[0].kept
 
 
+def test_search_measures_the_int8_matrix_ceiling_only_when_over_budget() -> None:
+    cands = [mixed.Candidate("x", ("a",), 1.0)]
+    measure, calls = _additive({"a": 1.0, "e": 2.0, "f": 0.5}, base=10.0)
+    over = mixed.search(cands, measure, budget_db=20.0, base_db=10.0, ceiling_nodes=("e", "f"))
+    assert over.ceiling_db == pytest.approx(12.5) and calls[-1] == ("e", "f")
+    assert over.to_dict()["int8_matrix_ceiling_db"] == pytest.approx(12.5)
+    calls.clear()
+    met = mixed.search(cands, measure, budget_db=10.5, base_db=10.0, ceiling_nodes=("e", "f"))
+    assert met.within_budget and met.ceiling_db is None and ("e", "f") not in calls
+    assert "int8_matrix_ceiling_db" not in met.to_dict()
+
+
+def test_float_except_matrix_leaves_only_the_large_matrix_ops_int8() -> None:
+    ops = [mixed.OpInfo("CONV_2D", "conv", 112 * 112 * 32, 10**7), mixed.OpInfo("LOGISTIC", "sig", 112 * 112 * 32, 0),
+           mixed.OpInfo("MEAN", "pool", 32, 0), mixed.OpInfo("FULLY_CONNECTED", "se_fc", 8, 256),
+           mixed.OpInfo("DEPTHWISE_CONV_2D", "dw", 56 * 56 * 32, 10**6),
+           mixed.OpInfo("FULLY_CONNECTED", "logits", 1000, 10**6), mixed.OpInfo("BATCH_MATMUL", "attn", 197 * 197 * 3, 10**7)]
+    assert mixed.float_except_matrix(ops) == ["sig", "pool", "se_fc", "logits"]
+
+
 def test_no_search_when_already_within_budget() -> None:
     measure, calls = _additive({}, base=25.0)
     found = mixed.search([mixed.Candidate("x", ("a",), 1.0)], measure, budget_db=20.0, base_db=25.0)
@@ -174,12 +194,17 @@ def test_full_integer_under_budget_exits_3_with_the_best_model(tmp_path: Path, t
     assert report["mixed_precision"]["searched"] is False  # full-integer: nothing may stay float
 
 
-def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bundle: Path, calib_images: Path) -> None:
+def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bundle: Path, calib_images: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "q"
     args = ["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20",
             "--method", "auto", "--no-bias-correction"]
     assert main([*args, "--min-sqnr", "90"]) == 3  # nothing reaches 90 dB: best model kept, exit 3
     report = json.loads((out / "quant_report.json").read_text())
+    ceiling = report["mixed_precision"]["int8_matrix_ceiling_db"]  # int8 convolutions alone cap it under 90 dB
+    assert np.isfinite(ceiling) and ceiling < 90
+    assert f"reaches {ceiling:.1f} dB on the calibration images, so this budget needs convolutions float" \
+        in capsys.readouterr().err
     all_int8 = report["mixed_precision"]["eval_sqnr_db_all_int8"]
     auto = report["ranges"]["auto"]
     assert set(auto["cross_fitted_sqnr_db"]) == {c.label for c in CROSS_FIT_CANDIDATES}

@@ -1,0 +1,295 @@
+"""How high an int8 model's SQNR can go on each architecture, and at what speed (issue 12's budget point).
+
+On the architecture matrix's protocol (tests/archs.py models, calibration on the first 100
+shared images by name, SQNR of the logits on the next 300 against the float ONNX model run
+by onnxruntime), for each model:
+
+    weights   int8 weights (per-channel, round to nearest) with float activations, simulated
+              in the float model: the error of the weights alone
+    default   ``edgeship quantize`` with its defaults
+    ceiling   every op but the convolutions and matrix multiplies float (int8 only where the
+              time goes; the range method the default chose): near the most any model with
+              int8 convolutions reaches
+    budget    ``quantize --min-sqnr 20 --min-speedup 0``: what the budget search keeps float
+              for 20 dB with no speed floor
+    floor     ``quantize --min-sqnr 20 --min-speedup 1.25``: the same under issue 12's floor
+    int16     TFLite's 16x8 scheme (int16 activations, int8 weights, TensorFlow's min-max
+              ranges); XNNPACK has no kernels for it, so it runs on the reference kernels
+
+and float32 against each model at 1 thread on XNNPACK, interleaved in one run (median).
+
+    python benchmarks/int8_ceiling.py                      # EfficientNet-B0, MobileNetV3-S/-L, ViT-tiny
+    python benchmarks/int8_ceiling.py --models vit_tiny --columns weights,default,ceiling
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/archs.py and arch_matrix.py
+
+from benchmarks.arch_matrix import NUM_CALIB, NUM_EVAL, Protocol, cell, convert_model, figures, tflite_outputs  # noqa: E402
+from edgeship._assets import shared_assets  # noqa: E402
+from edgeship.runtime.card import ModelCard  # noqa: E402
+from edgeship.verify.outputs import load_pixels, run_onnx  # noqa: E402
+from tests import archs  # noqa: E402
+
+MODELS = ("efficientnet_b0", "mobilenetv3_small", "mobilenetv3_large", "vit_tiny")
+COLUMNS = ("weights", "default", "ceiling", "budget", "floor", "int16")
+BUDGET_DB = 20.0
+FLOOR = 1.25
+#: Weight tensors by op: the axis that holds output channels.
+CHANNEL_AXIS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}
+
+
+def weights_only(float_model: bytes) -> bytes:
+    """The float model with every conv/FC weight rounded to a per-channel symmetric int8 grid."""
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    from edgeship.convert import tflite_graph as g
+
+    m = g.read(float_model)
+    sg = m.subgraphs[0]
+    for op in sg.operators:
+        axis = CHANNEL_AXIS.get(g.op_name(m, op))
+        if axis is None or len(op.inputs) < 2:
+            continue
+        t = sg.tensors[op.inputs[1]]
+        buf = m.buffers[t.buffer]
+        if buf.data is None or not len(buf.data) or g.dtype_name(t) != "float32":
+            continue
+        w = np.frombuffer(np.asarray(buf.data, np.uint8).tobytes(), np.float32).reshape(t.shape)
+        scale = np.abs(w).max(axis=tuple(i for i in range(w.ndim) if i != axis), keepdims=True) / 127
+        scale[scale == 0] = 1.0
+        buf.data = np.frombuffer((np.round(w / scale) * scale).astype(np.float32).tobytes(), np.uint8)
+    return bytes(fbu.convert_object_to_bytearray(m))
+
+
+def quantize_16x8(calibrated: bytes) -> bytes:
+    """TFLite's 16x8 model (int16 activations, int8 weights) from a calibrated model, float I/O (in a child)."""
+    from tensorflow.core.framework import types_pb2
+    from tensorflow.lite.python import convert as tfl_convert
+
+    from edgeship._deps import require
+
+    tf = require("tensorflow", purpose="quantize models")
+    return bytes(tfl_convert.mlir_quantize(calibrated, inference_type=types_pb2.QUANTIZED_INT16,
+                                           input_data_type=tf.float32, output_data_type=tf.float32))
+
+
+def calibrated_model(native: Any, float_model: bytes, calib_px: np.ndarray, prep: Any) -> bytes:
+    """TensorFlow's calibration of the float model on the calibration images (edgeship's rewrites applied)."""
+    from edgeship.quantize import rewrites, tflite_quant
+    from edgeship.runtime.images import normalize
+
+    calibrated = native.call("calibrate (TensorFlow)", tflite_quant.calibrate, float_model, normalize(calib_px, prep))
+    return rewrites.apply(calibrated)[0]
+
+
+def ceiling_model(native: Any, calibrated: bytes, calib_px: np.ndarray, prep: Any, chosen: str) -> tuple[bytes, int]:
+    """The int8 model with every op but the large matrix ops float, ranges by the default's chosen method."""
+    from edgeship.quantize import mixed, ranges, tflite_quant
+    from edgeship.runtime.images import normalize
+    from edgeship.runtime.interpreter import TFLiteModel
+
+    choice = next(c for c in ranges.CROSS_FIT_CANDIDATES if c.label == chosen)
+    hists = ranges.collect_histograms(calibrated, tflite_quant.read_ranges(calibrated),
+                                      (normalize(calib_px[i:i + 1], prep) for i in range(len(calib_px))))
+    m = TFLiteModel(calibrated, use_xnnpack=False)
+    fitted = choice.fit(hists, 99.999, keep={m.input.index, m.output.index})
+    nodes = mixed.float_except_matrix(mixed.read_ops(calibrated))
+    model = native.call("quantize (TensorFlow)", tflite_quant.quantize_calibrated,
+                        tflite_quant.set_ranges(calibrated, fitted), denylisted_nodes=nodes)
+    return model, len(nodes)
+
+
+def quantize_api(conv_dir: Path, proto: Protocol, out: Path, **options: Any) -> tuple[Path, dict[str, Any]]:
+    """``edgeship.quantize`` on the protocol's calibration images; the model it writes and its report.
+
+    A kept ``--work`` folder's model is reused when its report was made with the same options
+    (``edgeship quantize ... -o <work>/<model>/<column>`` on the command line makes one too).
+    """
+    from edgeship.quantize import QuantizeOptions, quantize
+
+    wanted = QuantizeOptions(num_calib=NUM_CALIB, **options)
+    kept = out / "quant_report.json"
+    if kept.is_file():
+        report = json.loads(kept.read_text())
+        same = all(report["options"].get(k) == v for k, v in wanted.to_dict().items()
+                   if k in ("num_calib", "seed", "method", "min_sqnr_db", "min_speedup", "float_islands"))
+        if same and (out / report["output"]).is_file():
+            return out / report["output"], report
+    result = quantize(conv_dir, proto.folder, options=replace(wanted, max_eval=50))
+    result.save(out, force=True)
+    return out / result.model_file, result.report
+
+
+def speeds(paths: dict[str, Path], runs: int) -> dict[str, dict[str, float]]:
+    """Median and fastest ms of each model at 1 thread, XNNPACK, interleaved in one run (float32 first)."""
+    from edgeship.runtime.bench import BenchOptions, benchmark
+
+    doc = benchmark(list(paths.values()), BenchOptions(threads=(1,), runs=runs, warmup=10))
+    return {label: {"p50_ms": round(r["p50_ms"], 3), "min_ms": round(r["min_ms"], 3)}
+            for label, r in zip(paths, doc["results"])}
+
+
+def measure(name: str, exporter: str, proto: Protocol, columns: set[str]) -> dict[str, Any]:
+    """Every column for one model."""
+    from edgeship._child import ChildWorker
+
+    arch, work = archs.ARCHS[name], proto.work / f"{name}-{exporter}"
+    work.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"model": name, "exporter": exporter}
+    onnx_path = archs.build(name, exporter)
+    conv_dir = work / "convert"
+    row["convert"] = cell(lambda: convert_model(onnx_path, arch, conv_dir, proto))
+    if "error" in row["convert"]:
+        return row
+    prep = ModelCard.load(conv_dir / "model_card.json").preprocessing
+    calib_set, eval_set = proto.split()
+    ref = run_onnx(str(onnx_path), load_pixels(eval_set, arch.prep), arch.prep)
+    eval_px, calib_px = load_pixels(eval_set, prep), load_pixels(calib_set, prep)
+    float_path = conv_dir / "model_float32.tflite"
+    float_model = float_path.read_bytes()
+    paths: dict[str, Path] = {"float32": float_path}
+
+    def score(label: str, path: Path, timed: bool = True, **extra: Any) -> dict[str, Any]:
+        if timed:
+            paths[label] = path
+        return {**figures(ref, tflite_outputs(path, eval_px, prep, xnnpack=True)), **extra}
+
+    if "weights" in columns:
+        row["weights"] = cell(lambda: score("weights", _write(work / "weights_only.tflite", weights_only(float_model)),
+                                            timed=False))
+    chosen = "percentile 99.9999"
+    if "default" in columns or "ceiling" in columns:
+        def default() -> dict[str, Any]:
+            nonlocal chosen
+            path, report = quantize_api(conv_dir, proto, work / "default")
+            chosen = report["ranges"].get("auto", {}).get("chosen", chosen)
+            return score("default", path, range_method=chosen)
+        row["default"] = cell(default)
+    with ChildWorker() as native:
+        calibrated: list[bytes] = []
+
+        def cal() -> bytes:
+            if not calibrated:
+                calibrated.append(calibrated_model(native, float_model, calib_px, prep))
+            return calibrated[0]
+
+        if "ceiling" in columns:
+            def ceiling() -> dict[str, Any]:
+                model, nodes = ceiling_model(native, cal(), calib_px, prep, chosen)
+                return score("ceiling", _write(work / "ceiling.tflite", model), float_ops=nodes)
+            row["ceiling"] = cell(ceiling)
+        if "int16" in columns:
+            row["int16"] = cell(lambda: _int16(native, cal(), work, float_path, eval_px, prep, ref, proto.latency_runs))
+    for label, floor in (("budget", 0.0), ("floor", FLOOR)):
+        if label in columns:
+            def budgeted(label: str = label, floor: float = floor) -> dict[str, Any]:
+                path, report = quantize_api(conv_dir, proto, work / label, min_sqnr_db=BUDGET_DB, min_speedup=floor)
+                found = report.get("mixed_precision") or {}
+                return score(label, path, float_ops=found.get("float_ops", 0),
+                             ceiling_calib_db=found.get("int8_matrix_ceiling_db"))
+            row[label] = cell(budgeted)
+    if proto.latency_runs > 0 and len(paths) > 1:
+        row["speed"] = cell(lambda: speeds(paths, proto.latency_runs))
+    return row
+
+
+def _int16(native: Any, calibrated: bytes, work: Path, float_path: Path, eval_px: np.ndarray, prep: Any,
+           ref: np.ndarray, runs: int) -> dict[str, Any]:
+    """16x8 on the reference kernels: SQNR on the first 100 evaluation images (slow kernels) and speed."""
+    from edgeship.runtime.bench import BenchOptions, benchmark
+
+    path = _write(work / "int16x8.tflite", native.call("quantize 16x8 (TensorFlow)", quantize_16x8, calibrated))
+    found = figures(ref[:100], tflite_outputs(path, eval_px[:100], prep, xnnpack=False))
+    if runs > 0:
+        doc = benchmark([float_path, path], BenchOptions(threads=(1,), runs=max(runs // 10, 5), warmup=2))
+        f, q = (r["p50_ms"] for r in doc["results"])
+        found.update(ms=round(q, 2), float32_ms=round(f, 2), speedup=round(f / q, 3), images=100)
+    return found
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def table(rows: list[dict[str, Any]]) -> list[str]:
+    head = ["model", "weights-only dB", "default dB / x", "ceiling dB / x (float ops)", "budget 20, no floor: dB / x",
+            f"budget 20, floor {FLOOR}: dB / x", "16x8 dB / x (reference kernels)"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        sp = r.get("speed") or {}
+        f32 = (sp.get("float32") or {}).get("p50_ms")
+
+        def q(label: str) -> str:
+            d = r.get(label)
+            if not d:
+                return "-"
+            if "error" in d:
+                return "error: " + d["error"][:60]
+            ms = (sp.get(label) or {}).get("p50_ms")
+            x = f" / {f32 / ms:.2f}x" if ms and f32 else ""
+            ops = f" ({d['float_ops']})" if "float_ops" in d else ""
+            return f"{d['sqnr_db']:.1f}{x}{ops}"
+
+        i16 = r.get("int16") or {}
+        i16s = ("error: " + i16["error"][:60]) if "error" in i16 else \
+            (f"{i16['sqnr_db']:.1f} / {i16['speedup']:.2f}x" if "speedup" in i16 else q("int16"))
+        w = r.get("weights") or {}
+        out.append(f"| {r['model']} ({r['exporter']}) | {w.get('sqnr_db', '-')} | {q('default')} | {q('ceiling')} | "
+                   f"{q('budget')} | {q('floor')} | {i16s} |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated names, optionally name:exporter")
+    ap.add_argument("--exporter", choices=archs.EXPORTERS, default="dynamo")
+    ap.add_argument("--columns", default=",".join(COLUMNS), help=f"subset of {','.join(COLUMNS)}")
+    ap.add_argument("--runs", type=int, default=200, help="latency: invokes per model (0: skip)")
+    ap.add_argument("--work", type=Path, help="keep the converted and quantized models here")
+    ap.add_argument("--json", type=Path, help="write the rows as JSON")
+    args = ap.parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)
+    assets = shared_assets()
+    if assets is None:
+        ap.error("shared assets not found (set EDGE_ASSETS or check out ../shared)")
+    columns = set(args.columns.split(","))
+    if columns - set(COLUMNS):
+        ap.error(f"unknown column(s) {sorted(columns - set(COLUMNS))}; known: {', '.join(COLUMNS)}")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="int8-ceiling-") as tmp:
+        proto = Protocol(assets, args.work or Path(tmp), latency_runs=args.runs)
+        for item in args.models.split(","):
+            name, _, exporter = item.partition(":")
+            if name not in archs.ARCHS:
+                ap.error(f"unknown model {name!r}; known: {', '.join(archs.ARCHS)}")
+            print(f"== {name} ({exporter or args.exporter})", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            rows.append({**measure(name, exporter or args.exporter, proto, columns),
+                         "total_s": round(time.perf_counter() - start, 1)})
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1))
+    print(f"calibration: first {NUM_CALIB} shared images by name; SQNR of the logits on the next {NUM_EVAL} against "
+          f"the float ONNX model; speed-up over float32 at 1 thread, XNNPACK, interleaved in one run (median)")
+    print("\n".join(table(rows)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
