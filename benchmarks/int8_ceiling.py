@@ -6,6 +6,8 @@ by onnxruntime), for each model:
 
     weights   int8 weights (per-channel, round to nearest) with float activations, simulated
               in the float model: the error of the weights alone
+    io        the float model with only its input, then only its output, on the default int8
+              model's I/O grid: no model with int8 I/O does better than the output's figure
     default   ``edgeship quantize`` with its defaults
     ceiling   every op but the convolutions and matrix multiplies float (int8 only where the
               time goes; the range method the default chose): near the most any model with
@@ -40,14 +42,15 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/archs.py and arch_matrix.py
 
-from benchmarks.arch_matrix import NUM_CALIB, NUM_EVAL, Protocol, cell, convert_model, figures, tflite_outputs  # noqa: E402
+from benchmarks.arch_matrix import (NUM_CALIB, NUM_EVAL, Protocol, cell, convert_model, figures,  # noqa: E402
+                                    tflite_outputs)
 from edgeship._assets import shared_assets  # noqa: E402
 from edgeship.runtime.card import ModelCard  # noqa: E402
 from edgeship.verify.outputs import load_pixels, run_onnx  # noqa: E402
 from tests import archs  # noqa: E402
 
 MODELS = ("efficientnet_b0", "mobilenetv3_small", "mobilenetv3_large", "vit_tiny")
-COLUMNS = ("weights", "default", "ceiling", "budget", "floor", "int16")
+COLUMNS = ("weights", "io", "default", "ceiling", "budget", "floor", "int16")
 BUDGET_DB = 20.0
 FLOOR = 1.25
 #: Weight tensors by op: the axis that holds output channels.
@@ -77,16 +80,44 @@ def weights_only(float_model: bytes) -> bytes:
     return bytes(fbu.convert_object_to_bytearray(m))
 
 
-def quantize_16x8(calibrated: bytes) -> bytes:
-    """TFLite's 16x8 model (int16 activations, int8 weights) from a calibrated model, float I/O (in a child)."""
-    from tensorflow.core.framework import types_pb2
-    from tensorflow.lite.python import convert as tfl_convert
+def io_grids(float_path: Path, int8_path: Path, pixels: np.ndarray, prep: Any, ref: np.ndarray) -> dict[str, Any]:
+    """SQNR of the float model with its input on the int8 model's input grid, and of its outputs on the output grid."""
+    from edgeship.runtime.images import normalize
+    from edgeship.runtime.interpreter import TFLiteModel
 
+    q = TFLiteModel(int8_path, use_xnnpack=False)
+    f = TFLiteModel(float_path, num_threads=2)
+    found: dict[str, Any] = {}
+    if q.input.quantized:
+        x = q.input_from_pixels(pixels, prep).astype(np.float32)
+        x = (x - q.input.zero_point) * np.float32(q.input.scale)
+        grid_in = np.concatenate([f.run(x[i:i + 1]).reshape(1, -1) for i in range(len(x))])
+        exact = np.concatenate([f.run(normalize(pixels[i:i + 1], prep)).reshape(1, -1) for i in range(len(x))])
+        found["input_grid_db"] = figures(exact, grid_in)["sqnr_db"]
+    if q.output.quantized:
+        info, o = np.iinfo(q.output.dtype), q.output
+        grid = np.clip(np.round(ref / o.scale) + o.zero_point, info.min, info.max)
+        found["output_grid_db"] = figures(ref, ((grid - o.zero_point) * o.scale).astype(np.float32))["sqnr_db"]
+    return found
+
+
+def quantize_16x8(float_model: bytes, inputs: np.ndarray) -> bytes:
+    """TFLite's 16x8 model (int16 activations, int8 weights, min-max ranges), float I/O (in a child).
+
+    TensorFlow makes it with its older quantizer (symmetric int16, which the kernels require), so
+    it calibrates again here instead of reusing the int8 calibration.
+    """
     from edgeship._deps import require
 
     tf = require("tensorflow", purpose="quantize models")
-    return bytes(tfl_convert.mlir_quantize(calibrated, inference_type=types_pb2.QUANTIZED_INT16,
-                                           input_data_type=tf.float32, output_data_type=tf.float32))
+    from tensorflow.lite.python.optimize import calibrator
+
+    def dataset() -> Any:
+        for k in range(len(inputs)):
+            yield [inputs[k:k + 1]]
+
+    c = calibrator.Calibrator(float_model)
+    return bytes(c.calibrate_and_quantize(dataset, tf.float32, tf.float32, False, activations_type=tf.int16))
 
 
 def calibrated_model(native: Any, float_model: bytes, calib_px: np.ndarray, prep: Any) -> bytes:
@@ -181,6 +212,8 @@ def measure(name: str, exporter: str, proto: Protocol, columns: set[str]) -> dic
             chosen = report["ranges"].get("auto", {}).get("chosen", chosen)
             return score("default", path, range_method=chosen)
         row["default"] = cell(default)
+    if "io" in columns and "default" in paths:
+        row["io"] = cell(lambda: io_grids(float_path, paths["default"], eval_px, prep, ref))
     with ChildWorker() as native:
         calibrated: list[bytes] = []
 
@@ -195,7 +228,8 @@ def measure(name: str, exporter: str, proto: Protocol, columns: set[str]) -> dic
                 return score("ceiling", _write(work / "ceiling.tflite", model), float_ops=nodes)
             row["ceiling"] = cell(ceiling)
         if "int16" in columns:
-            row["int16"] = cell(lambda: _int16(native, cal(), work, float_path, eval_px, prep, ref, proto.latency_runs))
+            row["int16"] = cell(lambda: _int16(native, float_model, calib_px, work, float_path, eval_px, prep, ref,
+                                               proto.latency_runs))
     for label, floor in (("budget", 0.0), ("floor", FLOOR)):
         if label in columns:
             def budgeted(label: str = label, floor: float = floor) -> dict[str, Any]:
@@ -209,12 +243,15 @@ def measure(name: str, exporter: str, proto: Protocol, columns: set[str]) -> dic
     return row
 
 
-def _int16(native: Any, calibrated: bytes, work: Path, float_path: Path, eval_px: np.ndarray, prep: Any,
-           ref: np.ndarray, runs: int) -> dict[str, Any]:
+def _int16(native: Any, float_model: bytes, calib_px: np.ndarray, work: Path, float_path: Path, eval_px: np.ndarray,
+           prep: Any, ref: np.ndarray, runs: int) -> dict[str, Any]:
     """16x8 on the reference kernels: SQNR on the first 100 evaluation images (slow kernels) and speed."""
     from edgeship.runtime.bench import BenchOptions, benchmark
 
-    path = _write(work / "int16x8.tflite", native.call("quantize 16x8 (TensorFlow)", quantize_16x8, calibrated))
+    from edgeship.runtime.images import normalize
+
+    model = native.call("quantize 16x8 (TensorFlow)", quantize_16x8, float_model, normalize(calib_px, prep))
+    path = _write(work / "int16x8.tflite", model)
     found = figures(ref[:100], tflite_outputs(path, eval_px[:100], prep, xnnpack=False))
     if runs > 0:
         doc = benchmark([float_path, path], BenchOptions(threads=(1,), runs=max(runs // 10, 5), warmup=2))
@@ -229,8 +266,9 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    head = ["model", "weights-only dB", "default dB / x", "ceiling dB / x (float ops)", "budget 20, no floor: dB / x",
-            f"budget 20, floor {FLOOR}: dB / x", "16x8 dB / x (reference kernels)"]
+    head = ["model", "weights-only dB", "int8 input / output grid alone dB", "default dB / x",
+            "ceiling dB / x (float ops)",
+            "budget 20, no floor: dB / x", f"budget 20, floor {FLOOR}: dB / x", "16x8 dB / x (reference kernels)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sp = r.get("speed") or {}
@@ -250,9 +288,11 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         i16 = r.get("int16") or {}
         i16s = ("error: " + i16["error"][:60]) if "error" in i16 else \
             (f"{i16['sqnr_db']:.1f} / {i16['speedup']:.2f}x" if "speedup" in i16 else q("int16"))
-        w = r.get("weights") or {}
-        out.append(f"| {r['model']} ({r['exporter']}) | {w.get('sqnr_db', '-')} | {q('default')} | {q('ceiling')} | "
-                   f"{q('budget')} | {q('floor')} | {i16s} |")
+        w, io = r.get("weights") or {}, r.get("io") or {}
+        grids = f"{io.get('input_grid_db', '-')} / {io.get('output_grid_db', '-')}" if "error" not in io else \
+            "error: " + io["error"][:60]
+        out.append(f"| {r['model']} ({r['exporter']}) | {w.get('sqnr_db', '-')} | {grids} | {q('default')} | "
+                   f"{q('ceiling')} | {q('budget')} | {q('floor')} | {i16s} |")
     return out
 
 

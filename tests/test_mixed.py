@@ -202,10 +202,12 @@ def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bun
     assert main([*args, "--min-sqnr", "90"]) == 3  # nothing reaches 90 dB: best model kept, exit 3
     report = json.loads((out / "quant_report.json").read_text())
     ceiling = report["mixed_precision"]["int8_matrix_ceiling_db"]  # int8 convolutions alone cap it under 90 dB
-    assert np.isfinite(ceiling) and ceiling < 90
-    assert f"reaches {ceiling:.1f} dB on the calibration images, so this budget needs convolutions float" \
-        in capsys.readouterr().err
+    limit = report["mixed_precision"]["int8_output_limit_db"]  # so does the int8 output's grid, whatever is float
     all_int8 = report["mixed_precision"]["eval_sqnr_db_all_int8"]
+    assert np.isfinite(ceiling) and ceiling < 90 and all_int8 - 1.0 < limit < 90
+    err = capsys.readouterr().err
+    assert f"its int8 output alone holds at most {limit:.1f} dB on the evaluation images" in err
+    assert f"reaches {ceiling:.1f} dB on the calibration images, so this budget needs convolutions float" in err
     auto = report["ranges"]["auto"]
     assert set(auto["cross_fitted_sqnr_db"]) == {c.label for c in CROSS_FIT_CANDIDATES}
     assert auto["chosen"] in auto["cross_fitted_sqnr_db"]
