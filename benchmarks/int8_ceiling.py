@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -43,7 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/archs.py and arch_matrix.py
 
 from benchmarks.arch_matrix import (NUM_CALIB, NUM_EVAL, Protocol, cell, convert_model, figures,  # noqa: E402
-                                    tflite_outputs)
+                                    one_line, tflite_outputs)
 from edgeship._assets import shared_assets  # noqa: E402
 from edgeship.runtime.card import ModelCard  # noqa: E402
 from edgeship.verify.outputs import load_pixels, run_onnx  # noqa: E402
@@ -250,9 +251,18 @@ def _int16(native: Any, float_model: bytes, calib_px: np.ndarray, work: Path, fl
 
     from edgeship.runtime.images import normalize
 
-    model = native.call("quantize 16x8 (TensorFlow)", quantize_16x8, float_model, normalize(calib_px, prep))
+    try:
+        model = native.call("quantize 16x8 (TensorFlow)", quantize_16x8, float_model, normalize(calib_px, prep))
+    except RuntimeError as exc:  # e.g. "Quantization to 16x8-bit not yet supported for op: 'HARD_SWISH'", per op
+        ops = sorted(set(re.findall(r"not yet supported for op: '(\w+)'", str(exc))))
+        return {"error": f"TensorFlow's 16x8 quantizer does not support {', '.join(ops)}" if ops else one_line(exc)}
     path = _write(work / "int16x8.tflite", model)
-    found = figures(ref[:100], tflite_outputs(path, eval_px[:100], prep, xnnpack=False))
+    try:
+        found = figures(ref[:100], tflite_outputs(path, eval_px[:100], prep, xnnpack=False))
+    except Exception as exc:  # noqa: BLE001 - a model TensorFlow wrote that no kernel prepares
+        node = re.search(r"\((\w+)\) failed to prepare", str(exc))
+        return {"error": f"the 16x8 model does not run: {node.group(1) if node else 'an op'} fails to prepare"
+                         f" ({one_line(exc)[-80:]})"}
     if runs > 0:
         doc = benchmark([float_path, path], BenchOptions(threads=(1,), runs=max(runs // 10, 5), warmup=2))
         f, q = (r["p50_ms"] for r in doc["results"])
@@ -286,7 +296,7 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             return f"{d['sqnr_db']:.1f}{x}{ops}"
 
         i16 = r.get("int16") or {}
-        i16s = ("error: " + i16["error"][:60]) if "error" in i16 else \
+        i16s = i16["error"] if "error" in i16 else \
             (f"{i16['sqnr_db']:.1f} / {i16['speedup']:.2f}x" if "speedup" in i16 else q("int16"))
         w, io = r.get("weights") or {}, r.get("io") or {}
         grids = f"{io.get('input_grid_db', '-')} / {io.get('output_grid_db', '-')}" if "error" not in io else \
