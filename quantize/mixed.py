@@ -241,9 +241,9 @@ def float_except_matrix(ops: Sequence[OpInfo]) -> list[str]:
 
     The most a mixed model can keep float while its convolutions and matrix multiplies (its
     time) stay int8: their int8 inputs, outputs and weights remain. On the issue-12 models
-    this caps the SQNR near the all-int8 figure (EfficientNet-B0 10.9 dB, MobileNetV3-Large
-    11.8 dB against 9.0 and 11.0 all-int8, held-apart), so a budget above it needs
-    convolutions float, which costs their speed.
+    this caps the SQNR near the all-int8 figure (EfficientNet-B0 11.1 dB, MobileNetV3-Large
+    11.8 dB against 9.0 and 10.9 all-int8, held-apart; ``benchmarks/int8_ceiling.py``), so a
+    budget above it needs convolutions float, which costs their speed.
     """
     return [o.output for o in ops if not (o.op in MATRIX and o.out_elements > VECTOR_ELEMENTS)]
 
