@@ -43,8 +43,8 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/archs.py and arch_matrix.py
 
-from benchmarks.arch_matrix import (NUM_CALIB, NUM_EVAL, Protocol, cell, convert_model, figures,  # noqa: E402
-                                    one_line, tflite_outputs)
+from benchmarks.arch_matrix import (NUM_CALIB, NUM_EVAL, Protocol, cases, cell, convert_model,  # noqa: E402
+                                    figures, one_line, tflite_outputs)
 from edgeship._assets import shared_assets  # noqa: E402
 from edgeship.runtime.card import ModelCard  # noqa: E402
 from edgeship.verify.outputs import load_pixels, run_onnx  # noqa: E402
@@ -326,14 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="int8-ceiling-") as tmp:
         proto = Protocol(assets, args.work or Path(tmp), latency_runs=args.runs)
-        for item in args.models.split(","):
-            name, _, exporter = item.partition(":")
-            if name not in archs.ARCHS:
-                ap.error(f"unknown model {name!r}; known: {', '.join(archs.ARCHS)}")
-            print(f"== {name} ({exporter or args.exporter})", file=sys.stderr, flush=True)
+        for name, exporter in cases(argparse.Namespace(models=args.models, exporter=args.exporter, full=False)):
+            print(f"== {name} ({exporter})", file=sys.stderr, flush=True)
             start = time.perf_counter()
-            rows.append({**measure(name, exporter or args.exporter, proto, columns),
-                         "total_s": round(time.perf_counter() - start, 1)})
+            rows.append({**measure(name, exporter, proto, columns), "total_s": round(time.perf_counter() - start, 1)})
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
     print(f"calibration: first {NUM_CALIB} shared images by name; SQNR of the logits on the next {NUM_EVAL} against "
