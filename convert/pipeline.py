@@ -304,7 +304,7 @@ def _check_runnable(*paths: Path | None) -> None:
     present = [p for p in paths if p is not None]
     for path in present:
         ops = tflite_graph.custom_ops(path.read_bytes())
-        refusal = flex_refusal(name for name, count in ops.items() for _ in range(count))
+        refusal = flex_refusal(ops)
         if refusal:  # other custom ops: the child's run says whether the runtime resolves them
             raise ConversionError(f"the converted model {refusal} (replace those ops in the ONNX model)")
     for path, problem in check_model_files(present).items():

@@ -24,10 +24,13 @@ interpreter and the search can be tested with any scorer.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 #: Op types that may stay float inside XNNPACK, by kind. Elementwise kinds cost their
 #: output's size; matrix kinds cost their multiply-adds (kept float only when nothing cheaper works).
@@ -86,7 +89,7 @@ class SearchResult:
     sqnr_db: float
     kept: tuple[Candidate, ...]
     steps: tuple[Step, ...] = field(default=())
-    #: SQNR with every op but the large matrix ops float (:func:`int8_matrix_nodes`), measured when
+    #: SQNR with every op but the large matrix ops float (:func:`float_except_matrix`), measured when
     #: the search ends under budget: near the most any model with int8 convolutions reaches.
     ceiling_db: float | None = None
 
@@ -282,8 +285,20 @@ def search(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float]
             kept, current = [*kept, c], db
         if current >= budget_db:
             break
-    ceiling = measure(ceiling_nodes) if current < budget_db and ceiling_nodes else None
+    ceiling = _measured_or_none(measure, ceiling_nodes) if current < budget_db and ceiling_nodes else None
     return SearchResult(budget_db, base_db, current, tuple(kept), tuple(steps), ceiling)
+
+
+def _measured_or_none(measure: Callable[[Sequence[str]], float], nodes: Sequence[str]) -> float | None:
+    """``measure(nodes)``, None when that model cannot be made or run: the ceiling only explains a shortfall,
+    it must not cost the user the best model found."""
+    from edgeship.errors import EdgeshipError
+
+    try:
+        return measure(nodes)
+    except EdgeshipError as exc:
+        log.warning("could not measure the int8 ceiling (every op but the large matrix ops float): %s", exc)
+        return None
 
 
 def read_ops(model: bytes) -> list[OpInfo]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 
 def op_counts(counts: Mapping[str, int]) -> str:
@@ -64,13 +64,13 @@ def of_interpreter(interpreter: Any) -> Delegation:
 FLEX_PREFIX = "Flex"
 
 
-def flex_refusal(op_names: Iterable[str]) -> str | None:
-    """Why a model with these ops cannot run on a device, when it holds TensorFlow Select (Flex) ops.
+def flex_refusal(ops: Mapping[str, int]) -> str | None:
+    """Why a model with these ops (name -> count) cannot run on a device: it holds TensorFlow Select ops.
 
     ``needs TensorFlow Select ops the on-device runtime does not have: FlexErf x2``; None without any.
     The one rule for convert's check of the file and the interpreter's refusal to load it.
     """
-    flex = Counter(name for name in op_names if name.startswith(FLEX_PREFIX))
+    flex = Counter({name: n for name, n in ops.items() if name.startswith(FLEX_PREFIX)})
     if not flex:
         return None
     return f"needs TensorFlow Select ops the on-device runtime does not have: {op_counts(dict(flex.most_common()))}"

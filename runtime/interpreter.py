@@ -354,9 +354,11 @@ class TFLiteModel:
         runs ``Flex*`` ops; no on-device interpreter can. Refusing them keeps a host run
         (a conversion's verification, a benchmark) honest about what the device will do.
         """
+        from collections import Counter
+
         from edgeship.runtime.delegation import flex_refusal
 
-        refusal = flex_refusal(self.op_names())
+        refusal = flex_refusal(Counter(self.op_names()))
         if refusal:
             raise InputError(f"cannot load TFLite model {self.path or '<bytes>'}: it {refusal}")
 

@@ -3,22 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("torch", reason="benchmarks/int8_ceiling.py imports the matrix builders (pip install -e '.[dev]')")
+pytest.importorskip("tensorflow", reason="the weights-only simulation edits models with TensorFlow's flatbuffer tools")
 
 
 @pytest.fixture(scope="module")
 def bench():
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root))
-    spec = importlib.util.spec_from_file_location("int8_ceiling", root / "benchmarks" / "int8_ceiling.py")
-    module = sys.modules.setdefault("int8_ceiling", importlib.util.module_from_spec(spec))
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "int8_ceiling.py"
+    spec = importlib.util.spec_from_file_location("int8_ceiling", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]  # it puts the repository root on sys.path itself
     return module
 
 
