@@ -83,6 +83,7 @@ def weights_only(float_model: bytes) -> bytes:
 
 def io_grids(float_path: Path, int8_path: Path, pixels: np.ndarray, prep: Any, ref: np.ndarray) -> dict[str, Any]:
     """SQNR of the float model with its input on the int8 model's input grid, and of its outputs on the output grid."""
+    from edgeship.quantize.pipeline import output_grid_db
     from edgeship.runtime.images import normalize
     from edgeship.runtime.interpreter import TFLiteModel
 
@@ -95,10 +96,9 @@ def io_grids(float_path: Path, int8_path: Path, pixels: np.ndarray, prep: Any, r
         grid_in = np.concatenate([f.run(x[i:i + 1]).reshape(1, -1) for i in range(len(x))])
         exact = np.concatenate([f.run(normalize(pixels[i:i + 1], prep)).reshape(1, -1) for i in range(len(x))])
         found["input_grid_db"] = figures(exact, grid_in)["sqnr_db"]
-    if q.output.quantized:
-        info, o = np.iinfo(q.output.dtype), q.output
-        grid = np.clip(np.round(ref / o.scale) + o.zero_point, info.min, info.max)
-        found["output_grid_db"] = figures(ref, ((grid - o.zero_point) * o.scale).astype(np.float32))["sqnr_db"]
+    limit = output_grid_db(int8_path.read_bytes(), ref)  # what quantize reports as int8_output_limit_db
+    if limit is not None:
+        found["output_grid_db"] = round(limit, 2)
     return found
 
 

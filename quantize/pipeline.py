@@ -570,7 +570,7 @@ def _budget_search(quantized: Quantizer, calibrated: bytes, all_int8: tuple[byte
     if not options.float_islands or figs.sqnr_db >= budget:
         return quant, figs, {"budget_sqnr_db": budget, "searched": False}, figs.sqnr_db >= budget
     progress("budget search", None, None)
-    limit = _output_grid_db(quant, judged.reference)
+    limit = output_grid_db(quant, judged.reference)
     timed: list[dict[str, Any]] = []
     fast_enough = _speed_floor(quantized, calibrated, float_model, stage, options.min_speedup, timed, progress)
     found = mixed.budgeted(calibrated, lambda nodes: score(calibrated, nodes), budget, held_apart_db=figs.sqnr_db,
@@ -591,7 +591,7 @@ def _budget_search(quantized: Quantizer, calibrated: bytes, all_int8: tuple[byte
     return candidate, cfigs, report, cfigs.sqnr_db >= budget
 
 
-def _output_grid_db(model: bytes, reference: np.ndarray) -> float | None:
+def output_grid_db(model: bytes, reference: np.ndarray) -> float | None:
     """SQNR of the float model's outputs rounded to ``model``'s integer output grid, nothing else changed.
 
     No model with that output tensor does better on these images, whatever stays float inside:
