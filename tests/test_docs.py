@@ -254,6 +254,30 @@ def test_toml_target_profiles_in_the_docs_load() -> None:
     assert checked >= 2
 
 
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lstrip("#").strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_relative_links_and_anchors_resolve() -> None:
+    bad = []
+    for page in [*PAGES, ROOT / "CHANGELOG.md"]:
+        text = page.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", target):
+                continue  # an external address
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            if not dest.exists():
+                bad.append(f"{_page_name(page)}: {target}: no such file")
+            elif anchor and dest.suffix == ".md":
+                anchors = {slug(ln) for ln in dest.read_text(encoding="utf-8").splitlines() if ln.startswith("#")}
+                if anchor not in anchors:
+                    bad.append(f"{_page_name(page)}: {target}: no such heading")
+    assert not bad, "\n".join(bad)
+
+
 @pytest.mark.slow
 def test_python_snippets_run_as_plain_scripts(assets: Path, tmp_path: Path) -> None:
     (tmp_path / "shared").symlink_to(assets.resolve(), target_is_directory=True)
