@@ -22,7 +22,7 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -158,7 +158,7 @@ def mentions(page: str, text: str) -> list[Mention]:
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_flags(command: str) -> frozenset[str]:
     """The flags ``--help`` lists for an edgeship subcommand (or the on-device runtime)."""
     env = {**os.environ, "COLUMNS": "200"}
@@ -290,7 +290,7 @@ def test_python_snippets_run_as_plain_scripts(assets: Path, tmp_path: Path) -> N
             continue
         script = work / f"snippets_{page.stem}.py"
         script.write_text(code + "\n", encoding="utf-8")
-        proc = subprocess.run([sys.executable, script.name], cwd=work, capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, script.name], check=False, cwd=work, capture_output=True, text=True,
                               timeout=SNIPPET_TIMEOUT_S)
         ran.append(_page_name(page))
         if proc.returncode != 0:
