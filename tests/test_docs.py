@@ -34,7 +34,6 @@ FENCE = re.compile(r"^```(\S*)\s*$")
 FLAG = re.compile(r"^--[a-z0-9][a-z0-9-]*")
 PROSE_FLAG = re.compile(r"(?<![\w\-/.])--[a-z][a-z0-9-]*")
 SPAN = re.compile(r"`([^`\n]+(?:\n[^`\n]+)*)`")
-SUBCOMMANDS = ("convert", "quantize", "verify", "bench", "bundle", "deploy", "targets")
 RUNTIME = "runtime"  # python -m edgeship.runtime
 #: First words of command lines that are not edgeship's (their flags are theirs).
 OTHER_TOOLS = ("pip", "pip3", "onnx2tf", "benchmark_model", "bazel", "adb", "ssh", "scp", "tf2onnx", "git",
@@ -97,10 +96,10 @@ def command_of(tokens: list[str]) -> str | None:
         return None
     first = tokens[0]
     if first == "edgeship":
-        return tokens[1] if len(tokens) > 1 and tokens[1] in SUBCOMMANDS else "edgeship"
+        return tokens[1] if len(tokens) > 1 and tokens[1] in subcommands() else "edgeship"
     if Path(first).name.startswith("python"):
         return RUNTIME if tokens[1:3] == ["-m", "edgeship.runtime"] else "other"
-    if first in SUBCOMMANDS and len(tokens) > 1:
+    if first in subcommands() and len(tokens) > 1:
         return first
     if Path(first).name in OTHER_TOOLS:
         return "other"
@@ -119,7 +118,7 @@ def _section_commands(text: str) -> list[tuple[int, str | None]]:
     for n, line in enumerate(text.splitlines(), 1):
         if line.startswith("#"):
             m = re.search(r"edgeship (\w+)", line)
-            sub = m.group(1) if m and m.group(1) in SUBCOMMANDS else RUNTIME if "edgeship.runtime" in line else None
+            sub = m.group(1) if m and m.group(1) in subcommands() else RUNTIME if "edgeship.runtime" in line else None
             sections.append((n, sub))
     return sections
 
@@ -159,29 +158,48 @@ def mentions(page: str, text: str) -> list[Mention]:
 
 
 @cache
-def help_flags(command: str) -> frozenset[str]:
-    """The flags ``--help`` lists for an edgeship subcommand (or the on-device runtime)."""
-    env = {**os.environ, "COLUMNS": "200"}
-    if command == RUNTIME:
-        argvs = [[sys.executable, "-m", "edgeship.runtime", "--help"]]
-    elif command == "edgeship":
-        argvs = [[sys.executable, "-m", "edgeship", "--help"]]
-    elif command == "targets":
-        argvs = [[sys.executable, "-m", "edgeship", "targets", action, "--help"] for action in ("list", "show")]
-    else:
-        argvs = [[sys.executable, "-m", "edgeship", command, "--help"]]
+def help_text(*argv: str) -> str:
+    """``--help`` of ``edgeship ARGV...`` (``runtime``: of ``python -m edgeship.runtime``)."""
+    command = ["edgeship.runtime"] if argv == (RUNTIME,) else ["edgeship", *argv]
+    return subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"}, check=True).stdout
+
+
+def _actions(help_out: str) -> list[str]:
+    """The subcommands a help text lists (argparse indents them by four spaces)."""
+    return re.findall(r"^    ([a-z][\w-]*)(?:\s{2,}|$)", help_out, re.MULTILINE)
+
+
+@cache
+def subcommands() -> tuple[str, ...]:
+    """The ``edgeship`` subcommands, as ``edgeship --help`` lists them."""
+    return tuple(_actions(help_text()))
+
+
+def _option_flags(help_out: str) -> set[str]:
     flags: set[str] = set()
-    for argv in argvs:
-        out = subprocess.run(argv, capture_output=True, text=True, env=env, check=True).stdout
-        for line in out.splitlines():
-            if line.lstrip().startswith("-"):  # an option line: the flags come before the help text
-                flags.update(_flags(re.split(r"\s{2,}", line.strip())[0].replace(",", " ").split()))
+    for line in help_out.splitlines():
+        if line.lstrip().startswith("-"):  # an option line: the flags come before the help text
+            flags.update(_flags(re.split(r"\s{2,}", line.strip())[0].replace(",", " ").split()))
+    return flags
+
+
+@cache
+def help_flags(command: str) -> frozenset[str]:
+    """The flags ``--help`` lists for an edgeship subcommand and its actions (``targets list``), for the
+    top level (``edgeship``), or for the on-device runtime."""
+    if command == "edgeship":
+        return frozenset(_option_flags(help_text()))
+    out = help_text(command)
+    flags = _option_flags(out)
+    for action in _actions(out) if command != RUNTIME else []:
+        flags |= _option_flags(help_text(command, action))
     return frozenset(flags)
 
 
 def unknown_flags(found: list[Mention]) -> list[str]:
     """Every mention whose flag is not in its subcommand's help (or in no subcommand's, when unnamed)."""
-    every = frozenset().union(*(help_flags(c) for c in ("edgeship", *SUBCOMMANDS, RUNTIME)))
+    every = frozenset().union(*(help_flags(c) for c in ("edgeship", *subcommands(), RUNTIME)))
     bad = []
     for m in found:
         known = every if m.command is None else help_flags(m.command)
@@ -228,6 +246,13 @@ def test_a_made_up_or_misplaced_flag_is_caught(text: str, expected: str) -> None
 ])
 def test_other_tools_flags_and_real_flags_pass(text: str) -> None:
     assert unknown_flags(mentions("page.md", text)) == []
+
+
+def test_subcommands_and_their_flags_come_from_help() -> None:
+    assert {"convert", "quantize", "verify", "bench", "bundle", "deploy", "targets"} <= set(subcommands())
+    assert {"--calib", "--num-calib", "--min-sqnr", "--json"} <= help_flags("quantize")
+    assert "--json" in help_flags("targets") and "--no-xnnpack" in help_flags(RUNTIME)
+    assert "--calib" not in help_flags("bundle")
 
 
 def test_skip_marks_and_script_assembly() -> None:
