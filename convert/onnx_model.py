@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from edgeship._deps import require
+from edgeship.reference import MAX_IR_VERSION as MAX_IR_VERSION
 from edgeship.errors import ConversionError, InputError
 from edgeship.runtime.card import Layout, Postprocessing
 
@@ -22,8 +23,6 @@ log = logging.getLogger(__name__)
 
 #: Opset the converter normalises older models to (well supported by onnxsim and onnx2tf).
 TARGET_OPSET = 13
-#: Highest IR version the pinned onnxsim accepts.
-MAX_IR_VERSION = 10
 
 
 @dataclass(frozen=True)

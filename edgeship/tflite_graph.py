@@ -12,9 +12,13 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import logging
 from typing import Any, Callable
 
 import numpy as np
+
+from edgeship._deps import require
+from edgeship.runtime.interpreter import native_stderr_to_log
 
 #: name -> clean-up(model object) -> number of places changed.
 CLEANUPS: dict[str, Callable[[Any], int]] = {}
@@ -37,11 +41,6 @@ def _import_tensorflow() -> None:
 
     They are not errors, and on a terminal they bury the one line a failed command prints.
     """
-    import logging
-
-    from edgeship._deps import require
-    from edgeship.runtime.interpreter import native_stderr_to_log
-
     with native_stderr_to_log(logging.DEBUG):
         require("tensorflow", purpose="read and edit TFLite models")
 

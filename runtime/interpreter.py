@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -472,9 +473,11 @@ def debug_interpreter(model: bytes) -> Any:
     only meaningful without them.
     """
     backend = _pick_backend()
-    interp = _import_backend(backend)(
-        model_content=model, experimental_preserve_all_tensors=True,
-        experimental_op_resolver_type=_resolver(backend, "BUILTIN_WITHOUT_DEFAULT_DELEGATES"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "preserve_all_tensors is for debugging": it is
+        interp = _import_backend(backend)(
+            model_content=model, experimental_preserve_all_tensors=True,
+            experimental_op_resolver_type=_resolver(backend, "BUILTIN_WITHOUT_DEFAULT_DELEGATES"))
     interp.allocate_tensors()
     return interp
 

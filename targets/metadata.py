@@ -18,7 +18,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgeship.errors import MissingDependencyError, ModelTargetMismatchError
-from edgeship.runtime.card import ModelCard, Postprocessing, Preprocessing
+from edgeship.runtime.card import ModelCard, Postprocessing, Preprocessing, simple_value
+from edgeship.runtime.images import pixel_offset
 
 MODEL_NAME = "ImageClassifier"
 METADATA_JSON = "model_metadata.json"
@@ -74,8 +75,6 @@ def client_normalization(prep: Preprocessing) -> tuple[float, float]:
     Raises:
         ModelTargetMismatchError: The normalisation differs per channel (no client expresses that).
     """
-    from edgeship.convert.fold import simple_value
-
     means = {simple_value(m / prep.pixel_scale) for m in prep.mean}
     stds = {simple_value(s / prep.pixel_scale) for s in prep.std}
     if len(means) != 1 or len(stds) != 1:
@@ -215,8 +214,6 @@ def input_contract(card: ModelCard) -> str | None:
     if spec.dtype != "float32":
         how = ""
         if spec.scale:
-            from edgeship.runtime.images import pixel_offset
-
             k = pixel_offset(prep, spec.scale, spec.zero_point or 0)
             how = (" (feed pixels as they are)" if k == 0 else f" (feed pixel {k:+d})" if k is not None
                    else f" (scale {spec.scale:.6g}, zero point {spec.zero_point})")

@@ -556,7 +556,7 @@ def test_force_hint_is_spelled_for_cli_and_api(google: Path, tmp_path: Path,
 
 def test_verify_float_model_on_int8_target_is_a_mismatch_before_running(
         tmp_path: Path, google: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import edgeship.runtime.drift as device_side
+    import edgeship.runtime.candidate as device_side
     import edgeship.verify.drift as drift
 
     monkeypatch.setattr(device_side, "candidate_outputs", lambda *a, **k: pytest.fail("the candidate ran"))
