@@ -18,23 +18,29 @@ from typing import Any
 
 import numpy as np
 
+from edgeship import reference, tflite_graph
 from edgeship._child import one_line
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_write_bytes, sha256_file
 from edgeship._progress import Progress, Timer, silent
-from edgeship import reference, tflite_graph
 from edgeship.convert import onnx_model
 from edgeship.convert.fold import fold_input_affine, normalization_into_graph
 from edgeship.convert.gelu import fuse_gelu, lone_erf_notes
 from edgeship.convert.report import (
-    ChildRun, ConvertReport, ConvertSource, FloatCheck, NodeCounts, SimplifyCheck, VerificationInputs,
+    ChildRun,
+    ConvertReport,
+    ConvertSource,
+    FloatCheck,
+    NodeCounts,
+    SimplifyCheck,
+    VerificationInputs,
 )
 from edgeship.convert.simplify import simplify
 from edgeship.errors import ConversionError, InputError, VerificationError
-from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, known_keys
-from edgeship.runtime.images import ImageSet, Labels, list_images
 from edgeship.reference import OrtRunner
+from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, known_keys
 from edgeship.runtime.delegation import flex_refusal, of_interpreter
+from edgeship.runtime.images import ImageSet, Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel, check_model_files
 from edgeship.runtime.metrics import compare
 
@@ -42,8 +48,12 @@ log = logging.getLogger(__name__)
 
 # File names of a saved conversion (kept importable from here).
 from edgeship.convert.result import (  # noqa: E402
-    FLOAT16_FILE, FLOAT32_FILE, LABELS_FILE, SIMPLIFIED_FILE,
-    ConvertResult, file_names,
+    FLOAT16_FILE,
+    FLOAT32_FILE,
+    LABELS_FILE,
+    SIMPLIFIED_FILE,
+    ConvertResult,
+    file_names,
 )
 
 
@@ -304,7 +314,8 @@ def _check_runnable(*paths: Path | None) -> None:
             raise ConversionError(f"the converted model {refusal} (replace those ops in the ONNX model)")
     for path, problem in check_model_files(present).items():
         if problem:
-            raise ConversionError(f"the converted model {path.name} does not run on the on-device interpreter: {problem}")
+            raise ConversionError(f"the converted model {path.name} does not run on the on-device interpreter: "
+                                  f"{problem}")
 
 
 def _keep_log(log_path: Path) -> Path | None:

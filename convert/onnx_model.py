@@ -56,7 +56,7 @@ class ModelInfo:
         }
 
 
-def load_model(path: str | Path) -> Any:
+def load_model(path: str | os.PathLike[str]) -> Any:
     """Read and structurally check an ONNX file; raise :class:`InputError` if it is not one."""
     onnx = require("onnx", purpose="read ONNX models")
     path = Path(path)

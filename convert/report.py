@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from edgeship._version import SCHEMA_VERSION
 from edgeship.convert.onnx_model import ModelInfo
@@ -29,9 +30,16 @@ class ConvertSource:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> ConvertSource:
-        info = ModelInfo(str(d["input_name"]), tuple(d["input_shape"]), Layout(d["layout"]), str(d["output_name"]),
-                         tuple(d["output_shape"]), int(d["opset"]), int(d["ir_version"]),
-                         int(d.get("initializer_inputs", 0)))
+        info = ModelInfo(
+            str(d["input_name"]),
+            tuple(d["input_shape"]),
+            Layout(d["layout"]),
+            str(d["output_name"]),
+            tuple(d["output_shape"]),
+            int(d["opset"]),
+            int(d["ir_version"]),
+            int(d.get("initializer_inputs", 0)),
+        )
         return cls(str(d["path"]), str(d["sha256"]), int(d["bytes"]), info)
 
 
@@ -71,9 +79,14 @@ class FloatCheck:
     def to_dict(self) -> dict[str, Any]:
         figures = self.figures.to_dict()
         figures.pop("disagreements")
-        return {**figures, "disagreement_indices": list(self.figures.disagreements)[:50],
-                "tolerance": self.tolerance.to_dict(), "agreement_enforced": self.agreement_enforced,
-                "passed": self.passed, "failures": list(self.failures)}
+        return {
+            **figures,
+            "disagreement_indices": list(self.figures.disagreements)[:50],
+            "tolerance": self.tolerance.to_dict(),
+            "agreement_enforced": self.agreement_enforced,
+            "passed": self.passed,
+            "failures": list(self.failures),
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> FloatCheck:
@@ -132,9 +145,12 @@ class ConvertReport:
             "fixes": list(self.fixes),
             "input_shape_onnx": list(self.input_shape_onnx),
             "layout": {"onnx": Layout.NCHW.value, "tflite": Layout.NHWC.value},
-            "node_counts": {"before": dict(self.node_counts.before), "after": dict(self.node_counts.after),
-                            "total_before": self.node_counts.total_before,
-                            "total_after": self.node_counts.total_after},
+            "node_counts": {
+                "before": dict(self.node_counts.before),
+                "after": dict(self.node_counts.after),
+                "total_before": self.node_counts.total_before,
+                "total_after": self.node_counts.total_after,
+            },
             "simplify_check": asdict(self.simplify_check),
             "graph_cleanups": dict(self.graph_cleanups),
             "xnnpack": self.xnnpack.to_dict(),

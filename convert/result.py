@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edgeship._io import atomic_write_bytes, atomic_write_json, staged_output
 from edgeship.convert.report import ConvertReport
@@ -131,7 +132,8 @@ class ConvertResult:
             want = d.get(f"{what}_sha256")
             if data is not None and want and sha256(data) != want:
                 raise InputError(f"{what} bytes do not match the sha256 the result names")
-        return cls(model=model, card=ModelCard.from_dict(d["card"]), report=ConvertReport.from_dict(d["report"]) if d.get("report") else None,
+        report = ConvertReport.from_dict(d["report"]) if d.get("report") else None
+        return cls(model=model, card=ModelCard.from_dict(d["card"]), report=report,
                    simplified_onnx=simplified_onnx, float16=float16, labels=labels,
                    folder=Path(d["folder"]) if d.get("folder") else None)
 

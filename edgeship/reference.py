@@ -3,9 +3,10 @@ tolerances that say a float conversion is the same model (convert's check; quant
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import base64
 import html
 import io
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
 import numpy as np
+from PIL import Image
 
 from edgeship._deps import require
 from edgeship._io import atomic_write_bytes, atomic_write_text
@@ -100,7 +101,10 @@ def disagreements(drift: DriftResult, labels: list[str] | None, *, count: int = 
     order = differ[np.argsort(cosine_per_sample(ref[differ], cand[differ]))] if len(differ) else \
         np.argsort(cosine_per_sample(ref, cand))[:3]
     cos = cosine_per_sample(ref, cand)
-    name = (lambda i: labels[i] if labels and i < len(labels) else str(i))
+
+    def name(i: int) -> str:
+        return labels[i] if labels and i < len(labels) else str(i)
+
     picks = []
     for i in order[:count]:
         pr, pc = softmax(ref[i:i + 1])[0], softmax(cand[i:i + 1])[0]
@@ -114,10 +118,8 @@ def disagreements(drift: DriftResult, labels: list[str] | None, *, count: int = 
 def _thumbnail(path: str, size: int = 224) -> bytes:
     """A JPEG thumbnail, read the way the runtime reads images (upright, any mode)."""
     try:
-        im = load_rgb(path)
+        im = cast(Image.Image, load_rgb(path))  # load_rgb is annotated as object
     except Exception:  # noqa: BLE001 - a vanished image must not cost the whole report
-        from PIL import Image
-
         im = Image.new("RGB", (size, size), (235, 235, 235))
     im.thumbnail((size, size))
     buf = io.BytesIO()
@@ -202,7 +204,8 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
                     f"{e['steps_p50_ms']['decode']:.2f} / {e['steps_p50_ms']['preprocess']:.2f}" if e else "–",
                     f"{e['ratio_p50_to_invoke']:.2f} (of {e['invoke_only_p50_ms']:.2f})" if e else "–",
                     f"{r['p99_ms']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1e6:.2f}",
-                    f"{r['ratio_p50_to_first']:.2f}", f"{rt['interpreter']} {rt.get('delegate', '')}{delegation_note(rt)}"])
+                    f"{r['ratio_p50_to_first']:.2f}",
+                    f"{rt['interpreter']} {rt.get('delegate', '')}{delegation_note(rt)}"])
     return {"stages": stages, "drift": drift, "latency": lat, "client": _client_rows(inputs)}
 
 
@@ -255,7 +258,8 @@ def _isa_summary(inputs: ReportInputs) -> list[str]:
     """Which targets' drift checks ran on their own ISA, and which only on this machine, said plainly."""
     import platform
 
-    own, host_only = [], []
+    own: list[str] = []
+    host_only: list[str] = []
     for name in inputs.summary["targets"]:
         ok, words = isa_check(_ran_on(name, inputs), _target_arch(name, inputs))
         (own if ok else host_only).append(f"{name} ({words})")
@@ -294,7 +298,6 @@ def _group_title(names: list[str], inputs: ReportInputs) -> str:
 def _disagreement_sections(inputs: ReportInputs, assets: Path) -> list[tuple[str, list[Disagreement], list[Path]]]:
     """(title, picks, thumbnail files) per set of targets with the same worst disagreements."""
     merged: dict[tuple[Any, ...], tuple[list[str], list[Disagreement]]] = {}
-    summary = inputs.summary
     for names, drift in disagreement_groups(inputs):
         picks = disagreements(drift, inputs.labels)
         if picks:
@@ -349,7 +352,8 @@ th{background:#f3f3f3}td.pass{color:#060;font-weight:bold}td.fail{color:#b00;fon
 img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
 .cards{display:flex;flex-wrap:wrap;gap:16px}.card{width:340px;margin:0;font-size:14px}
 .card img{width:224px;display:block}.card table{margin:0.3em 0;font-size:14px;width:100%}
-.card td.p{text-align:right;font-variant-numeric:tabular-nums}.card figcaption{font-weight:600;overflow-wrap:anywhere}"""
+.card td.p{text-align:right;font-variant-numeric:tabular-nums}
+.card figcaption{font-weight:600;overflow-wrap:anywhere}"""
 
 _CHECK = """window.addEventListener('load',function(){var imgs=document.images,ok=0;
 for(var i=0;i<imgs.length;i++){if(imgs[i].complete&&imgs[i].naturalWidth>0)ok++;}

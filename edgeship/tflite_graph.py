@@ -265,7 +265,8 @@ def relu_0_to_1_as_relu6(model: Any) -> int:
         base = tensor_name(sg.tensors[y])
         six = new_constant(model, np.array(6.0), f"{base}/edgeship_six")
         sixth = new_constant(model, np.array(1.0 / 6.0), f"{base}/edgeship_sixth")
-        scaled, clipped = new_activation(model, x, f"{base}/edgeship_x6"), new_activation(model, x, f"{base}/edgeship_relu6")
+        scaled = new_activation(model, x, f"{base}/edgeship_x6")
+        clipped = new_activation(model, x, f"{base}/edgeship_relu6")
         mul = (schema.BuiltinOptions.MulOptions, schema.MulOptionsT())
         at = sg.operators.index(op)
         sg.operators[at:at + 1] = [new_op(model, "MUL", [x, six], [scaled], mul),

@@ -78,10 +78,9 @@ class ClientDrift:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClientDrift:
         """The inverse of :meth:`to_dict` (derived entries such as ``ok`` and ``summary`` are recomputed)."""
-        figures = [DriftFigures.from_dict(d[k]) for k in ("client_preprocessing", "card_preprocessing",
-                                                           "roi_preprocessing")]
-        return cls(str(d["client"]), int(d["images"]), *figures, d.get("runtime_agreement"),
-                   dict(d.get("metadata") or {}), d.get("metadata_source") != "model")
+        return cls(str(d["client"]), int(d["images"]), DriftFigures.from_dict(d["client_preprocessing"]),
+                   DriftFigures.from_dict(d["card_preprocessing"]), DriftFigures.from_dict(d["roi_preprocessing"]),
+                   d.get("runtime_agreement"), dict(d.get("metadata") or {}), d.get("metadata_source") != "model")
 
 
 def _mediapipe() -> Any:
@@ -214,13 +213,14 @@ def summary_line(drift: ClientDrift) -> str:
     same = "n/a" if drift.runtime_agreement is None else f"{100 * drift.runtime_agreement:.2f}%"
     return (f"{drift.client}: top-1 agreement with the float reference {drift.card_preprocessing.agreement_pct:.2f}% "
             f"on the card's crop, {drift.client_preprocessing.agreement_pct:.2f}% on full images (its own resize, "
-            f"no crop), {drift.roi_preprocessing.agreement_pct:.2f}% with the crop as region of interest; with edgeship's runtime on the same pixels {same} ({drift.images} images)")
+            f"no crop), {drift.roi_preprocessing.agreement_pct:.2f}% with the crop as region of interest; "
+            f"with edgeship's runtime on the same pixels {same} ({drift.images} images)")
 
 
 def client_problems(drift: ClientDrift) -> list[str]:
     """Why the client path fails the check: MediaPipe answering differently from edgeship's runtime on the same
     pixels (empty when it agrees)."""
-    if drift.ok:
+    if drift.ok or drift.runtime_agreement is None:
         return []
     return [f"MediaPipe ImageClassifier agrees with edgeship's runtime on only {100 * drift.runtime_agreement:.2f}% "
             f"of the same pixels (needs >= {100 * MIN_RUNTIME_AGREEMENT:.0f}%): the app would not see these answers"]

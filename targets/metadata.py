@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -98,7 +99,8 @@ def classifier_metadata(card: ModelCard, labels: Sequence[str] | None) -> Classi
             if dtype == "uint8" else f"float32 (pixel - {mean:g}) / {std:g}")
     score = SCORES[card.postprocessing]
     out_dtype = card.output.dtype
-    out = _SCORE_TEXT[score] + ("; uint8, dequantize with the tensor's scale/zero point" if out_dtype == "uint8" else "")
+    uint8 = "; uint8, dequantize with the tensor's scale/zero point" if out_dtype == "uint8" else ""
+    out = _SCORE_TEXT[score] + uint8
     return ClassifierMetadata(
         name=MODEL_NAME,
         description=(f"{card.source_model or 'image classifier'} converted by edgeship ({card.precision}); "
@@ -133,7 +135,8 @@ def embed_metadata(model: bytes, card: ModelCard, labels: Sequence[str] | None) 
     meta = classifier_metadata(card, labels)
     writer = mw.MetadataWriter.create(bytearray(model))
     writer.add_general_info(meta.name, meta.description)
-    space = mw.MetadataWriter.color_space_types.BGR if meta.color_space == "BGR" else mw.MetadataWriter.color_space_types.RGB
+    spaces = mw.MetadataWriter.color_space_types
+    space = spaces.BGR if meta.color_space == "BGR" else spaces.RGB
     writer.add_image_input(list(meta.norm_mean), list(meta.norm_std), color_space_type=space, name="image",
                            description=meta.input_description)
     mp_labels = mw.Labels().add(list(meta.labels), exported_filename=meta.labels_file) if meta.labels else None

@@ -16,8 +16,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Source folder -> import package (pyproject's package-dir).
-FOLDERS = {"edgeship": "edgeship", "convert": "edgeship.convert", "quantize": "edgeship.quantize",
-           "runtime": "edgeship.runtime", "targets": "edgeship.targets", "verify": "edgeship.verify"}
+FOLDERS = {
+    "edgeship": "edgeship",
+    "convert": "edgeship.convert",
+    "quantize": "edgeship.quantize",
+    "runtime": "edgeship.runtime",
+    "targets": "edgeship.targets",
+    "verify": "edgeship.verify",
+}
 STAGES = ("convert", "quantize", "verify", "targets")
 
 #: Layers, bottom first; a module imports only its own layer or lower ones.
@@ -26,8 +32,18 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "runtime": ("edgeship", "edgeship.errors", "edgeship._version", "edgeship.runtime"),
     # Host-side pieces the stages share: files, progress, optional dependencies, the child worker, TFLite graph
     # editing, the reference runners, the wheel builder, downloads.
-    "shared": ("edgeship._io", "edgeship._progress", "edgeship._deps", "edgeship._child", "edgeship._stage",
-               "edgeship._assets", "edgeship.tflite_graph", "edgeship.reference", "edgeship.wheel", "edgeship.zoo"),
+    "shared": (
+        "edgeship._io",
+        "edgeship._progress",
+        "edgeship._deps",
+        "edgeship._child",
+        "edgeship._stage",
+        "edgeship._assets",
+        "edgeship.tflite_graph",
+        "edgeship.reference",
+        "edgeship.wheel",
+        "edgeship.zoo",
+    ),
     "stages": tuple(f"edgeship.{s}" for s in STAGES),
     "top": ("edgeship.deploy", "edgeship.report", "edgeship.cli", "edgeship.__main__"),
 }
@@ -43,22 +59,34 @@ ALLOWED: dict[tuple[str, str], str] = {}
 #: test_pending_edges_are_gone is expected to fail until they are; after merging, the lead drops its xfail
 #: mark and empties this table, and any edge left becomes a failure.
 PENDING: dict[tuple[str, str, str | None], str] = {
-    ("edgeship.quantize.options", "edgeship.targets.profile", None):
-        "host_arch() and Target move out of quantize/options.py (helper quant)",
-    ("edgeship.quantize.mixed", "edgeship.runtime.bench", None):
-        "the budget search stops running benchmarks from inside mixed.py (helper quant)",
-    ("edgeship.targets.bundle", "edgeship.targets.ssh", "build_edgeship_wheel"):
-        "the wheel builder moves from targets/ssh.py to edgeship/wheel.py (helper pi)",
+    (
+        "edgeship.quantize.options",
+        "edgeship.targets.profile",
+        None,
+    ): "host_arch() and Target move out of quantize/options.py (helper quant)",
+    (
+        "edgeship.quantize.mixed",
+        "edgeship.runtime.bench",
+        None,
+    ): "the budget search stops running benchmarks from inside mixed.py (helper quant)",
+    (
+        "edgeship.targets.bundle",
+        "edgeship.targets.ssh",
+        "build_edgeship_wheel",
+    ): "the wheel builder moves from targets/ssh.py to edgeship/wheel.py (helper pi)",
     ("edgeship.targets.remote", "edgeship.targets.ssh", "_new_job"): "remote.py stops using ssh's private job "
-        "helpers (helper pi)",
+    "helpers (helper pi)",
     ("edgeship.targets.remote", "edgeship.targets.ssh", "_remove_job"): "as _new_job (helper pi)",
     ("edgeship.runtime.bench", "edgeship._io", None): "the runtime's atomic writes, once _io is split",
     ("edgeship.runtime.collect", "edgeship._io", None): "the runtime's atomic writes, once _io is split",
     ("edgeship.runtime.interpreter", "edgeship._io", None): "the crash checker's cache folder, once _io is split",
     ("edgeship.runtime.bench", "edgeship._deps", None): "require() of onnxruntime for benchmarking .onnx files "
-        "(host only): a runtime-level require() helper, or the check moves to the CLI",
-    ("edgeship.runtime.bench", "edgeship.runtime.classifier", "_card_from_model"):
-        "a private name used outside its module: make it public (unassigned)",
+    "(host only): a runtime-level require() helper, or the check moves to the CLI",
+    (
+        "edgeship.runtime.bench",
+        "edgeship.runtime.classifier",
+        "_card_from_model",
+    ): "a private name used outside its module: make it public (unassigned)",
 }
 
 
@@ -196,8 +224,11 @@ def pending(edge: Edge) -> bool:
 
 def private_names(edge: Edge) -> list[str]:
     """Another module's private names that the import takes (the pending ones left out)."""
-    return [n for n in edge.names if n.startswith("_") and not n.startswith("__")
-            and (edge.importer, edge.imported, n) not in PENDING]
+    return [
+        n
+        for n in edge.names
+        if n.startswith("_") and not n.startswith("__") and (edge.importer, edge.imported, n) not in PENDING
+    ]
 
 
 def test_every_module_has_a_layer() -> None:
@@ -206,8 +237,13 @@ def test_every_module_has_a_layer() -> None:
 
 
 def test_imports_go_down_the_layers() -> None:
-    bad = sorted({f"{v} (line {e.line})" for e in edges() if (v := violation(e))
-                  and (e.importer, e.imported) not in ALLOWED and not pending(e)})
+    bad = sorted(
+        {
+            f"{v} (line {e.line})"
+            for e in edges()
+            if (v := violation(e)) and (e.importer, e.imported) not in ALLOWED and not pending(e)
+        }
+    )
     assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
@@ -216,22 +252,35 @@ def test_no_package_cycles_beyond_the_pending_edges() -> None:
 
 
 def test_no_module_takes_another_modules_private_names() -> None:
-    bad = sorted({f"{e.importer}:{e.line} takes {', '.join(private_names(e))} from {e.imported}"
-                  for e in edges() if private_names(e)})
+    bad = sorted(
+        {
+            f"{e.importer}:{e.line} takes {', '.join(private_names(e))} from {e.imported}"
+            for e in edges()
+            if private_names(e)
+        }
+    )
     assert not bad, bad
 
 
 @pytest.mark.xfail(reason="edges being removed on other branches (PENDING); strict after merging", strict=False)
 def test_pending_edges_are_gone() -> None:
     found = edges()
-    left = sorted(f"{a} -> {b}{f' ({n})' if n else ''}: {why}" for (a, b, n), why in PENDING.items()
-                  if any(e.importer == a and e.imported == b and (n is None or n in e.names) for e in found))
+    left = sorted(
+        f"{a} -> {b}{f' ({n})' if n else ''}: {why}"
+        for (a, b, n), why in PENDING.items()
+        if any(e.importer == a and e.imported == b and (n is None or n in e.names) for e in found)
+    )
     assert not left, "\n".join(left)
 
 
 def test_runtime_imports_only_the_bottom_layer() -> None:
-    bad = sorted({f"{e.importer}:{e.line} -> {e.imported}" for e in edges() if e.importer.startswith(
-        "edgeship.runtime") and layer_of(e.imported)[0] > 0 and not pending(e)})
+    bad = sorted(
+        {
+            f"{e.importer}:{e.line} -> {e.imported}"
+            for e in edges()
+            if e.importer.startswith("edgeship.runtime") and layer_of(e.imported)[0] > 0 and not pending(e)
+        }
+    )
     assert not bad, bad
 
 
@@ -240,8 +289,12 @@ def test_the_checker_sees_a_planted_upward_import() -> None:
     assert violation(Edge("edgeship.runtime.card", "edgeship._io", 1, True))
     assert violation(Edge("edgeship.reference", "edgeship.convert.onnx_model", 1, False))
     assert violation(Edge("edgeship.quantize.pipeline", "edgeship.convert.result", 1, False)) is None
-    assert cycles([Edge("edgeship.convert.a", "edgeship.verify.b", 1, False),
-                   Edge("edgeship.verify.b", "edgeship.convert.c", 1, True)]) == [["convert", "verify"]]
+    assert cycles(
+        [
+            Edge("edgeship.convert.a", "edgeship.verify.b", 1, False),
+            Edge("edgeship.verify.b", "edgeship.convert.c", 1, True),
+        ]
+    ) == [["convert", "verify"]]
 
 
 def main() -> int:
@@ -254,12 +307,13 @@ def main() -> int:
             print(f"{a} -> {b}")
             for e in group:
                 print(f"    {'function' if e.in_function else 'module  '} {e.importer}:{e.line} -> {e.imported}")
-    print(f"imports between edgeship modules: {len(found)} "
-          f"({sum(e.in_function for e in found)} inside functions)")
+    print(f"imports between edgeship modules: {len(found)} ({sum(e.in_function for e in found)} inside functions)")
     print("package cycles:", cycles(found) or "none")
     for e in found:
-        if (v := violation(e) or (private_names(e) and f"{e.importer} takes {private_names(e)} of {e.imported}")) \
-                and (e.importer, e.imported) not in ALLOWED:
+        if (v := violation(e) or (private_names(e) and f"{e.importer} takes {private_names(e)} of {e.imported}")) and (
+            e.importer,
+            e.imported,
+        ) not in ALLOWED:
             print(f"{'pending' if pending(e) else 'VIOLATION'}: {v} (line {e.line})")
     return 0
 

@@ -73,7 +73,8 @@ class DriftResult:
     @property
     def failures(self) -> list[str]:
         """Every budget line missed and every I/O problem, one string each."""
-        lines = [f"{c.metric} {c.value:.3f} (limit {c.limit})" for c in self.checks if not c.passed and c.value is not None]
+        lines = [f"{c.metric} {c.value:.3f} (limit {c.limit})" for c in self.checks
+                 if not c.passed and c.value is not None]
         return lines + list(self.report.io_problems)
 
     def raise_for_budget(self) -> None:
@@ -207,7 +208,8 @@ def _candidate_parts(candidate: Candidate) -> tuple[bytes, ModelCard, bytes | No
         source = getattr(candidate, "source", candidate)
         labels = getattr(source, "labels", None) if candidate.card.labels_file else None
         path = getattr(candidate, "model_path", None)
-        return candidate.model, candidate.card, labels, str(path) if path else f"(in memory) {candidate.card.model_file}"
+        name = str(path) if path else f"(in memory) {candidate.card.model_file}"
+        return candidate.model, candidate.card, labels, name
     model_path, card, folder = resolve_candidate(candidate)
     labels_path = folder / card.labels_file if card.labels_file else None
     labels = labels_path.read_bytes() if labels_path and labels_path.is_file() else None

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from edgeship._version import SCHEMA_VERSION
 from edgeship.runtime.metrics import DriftFigures
@@ -97,8 +98,12 @@ class DriftReport:
             "target": self.target.to_dict(),
             "reference": {"model": self.reference.model, "runtime": self.reference.runtime},
             "candidate": self.candidate.to_dict(),
-            "images": {"folder": self.images.folder, "count": self.images.count,
-                       "skipped_files": self.images.skipped_files, "labelled": self.images.labelled},
+            "images": {
+                "folder": self.images.folder,
+                "count": self.images.count,
+                "skipped_files": self.images.skipped_files,
+                "labelled": self.images.labelled,
+            },
             "figures": self.figures.to_dict(),
             "budget": [c.to_dict() for c in self.budget],
             "io_problems": list(self.io_problems),
