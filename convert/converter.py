@@ -41,7 +41,8 @@ from edgeship.reference import OrtRunner
 from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, known_keys
 from edgeship.runtime.delegation import flex_refusal, of_interpreter
 from edgeship.runtime.images import ImageSet, Labels, list_images
-from edgeship.runtime.interpreter import TFLiteModel, check_model_files
+from edgeship.runtime.interpreter import TFLiteModel
+from edgeship.runtime.model_check import check_model_files
 from edgeship.runtime.metrics import compare
 
 log = logging.getLogger(__name__)

@@ -158,7 +158,8 @@ def test_torchscript_gelu_runs_on_the_device_interpreter(gelu_converted: Path, g
     """Loaded, allocated and run by ai-edge-litert in a process without TensorFlow, and it matches onnxruntime."""
     import onnxruntime as ort
 
-    from edgeship.runtime.interpreter import TFLiteModel, check_model_files
+    from edgeship.runtime.interpreter import TFLiteModel
+    from edgeship.runtime.model_check import check_model_files
 
     model = gelu_converted / "model_float32.tflite"
     assert check_model_files([model], backend="ai_edge_litert") == {model: None}
@@ -208,7 +209,8 @@ def test_host_interpreter_refuses_flex_even_with_tensorflow_loaded(flex_tflite: 
     pytest.importorskip("tensorflow")
     from edgeship import tflite_graph
     from edgeship.errors import InputError
-    from edgeship.runtime.interpreter import TFLiteModel, check_model_files
+    from edgeship.runtime.interpreter import TFLiteModel
+    from edgeship.runtime.model_check import check_model_files
 
     assert tflite_graph.custom_ops(flex_tflite.read_bytes()) == {"FlexTan": 1}
     with pytest.raises(InputError, match="TensorFlow Select ops the on-device runtime does not have: FlexTan x1"):

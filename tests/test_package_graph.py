@@ -79,7 +79,7 @@ PENDING: dict[tuple[str, str, str | None], str] = {
     ("edgeship.targets.remote", "edgeship.targets.ssh", "_remove_job"): "as _new_job (helper pi)",
     ("edgeship.runtime.bench", "edgeship._io", None): "the runtime's atomic writes, once _io is split",
     ("edgeship.runtime.collect", "edgeship._io", None): "the runtime's atomic writes, once _io is split",
-    ("edgeship.runtime.interpreter", "edgeship._io", None): "the crash checker's cache folder, once _io is split",
+    ("edgeship.runtime.model_check", "edgeship._io", None): "the crash checker's cache folder, once _io is split",
     ("edgeship.runtime.bench", "edgeship._deps", None): "require() of onnxruntime for benchmarking .onnx files "
     "(host only): a runtime-level require() helper, or the check moves to the CLI",
     (

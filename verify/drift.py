@@ -26,7 +26,7 @@ from edgeship.reference import OrtRunner
 from edgeship.runtime.card import CARD_FILE, ModelCard
 from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import ImageSet, Labels, iter_pixels, list_images, normalize
-from edgeship.runtime.interpreter import check_model_file
+from edgeship.runtime.model_check import check_model_file
 from edgeship.runtime.metrics import DriftFigures, compare
 from edgeship.targets.bundle import check_fits
 from edgeship.targets.devices import Device, DeviceSpec, LocalDevice, make_device
