@@ -13,6 +13,7 @@ on a device never pulls in the host tool chain.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from edgeship._version import __version__ as __version__
@@ -45,8 +46,6 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    import importlib
-
     if name in _STAGES:
         return importlib.import_module(f"edgeship.{name}")
     if name in _LAZY:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -25,10 +27,10 @@ ASSETS = "report"
 
 def _plt() -> Any:
     require("matplotlib", purpose="draw report plots")
-    import matplotlib
+    import matplotlib  # heavy optional dependency: deferred
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     return plt
 
@@ -129,8 +131,6 @@ def _thumbnail(path: str, size: int = 224) -> bytes:
 
 def disagreement_groups(inputs: ReportInputs) -> list[tuple[list[str], DriftResult]]:
     """Targets whose drift checks gave identical outputs (same model, same machine), with one drift check each."""
-    import hashlib
-
     groups: dict[tuple[str, str, str], list[str]] = {}
     for name, t in inputs.summary["targets"].items():
         drift = inputs.drifts.get(name)
@@ -256,8 +256,6 @@ def _image_path_line(inputs: ReportInputs) -> list[str]:
 
 def _isa_summary(inputs: ReportInputs) -> list[str]:
     """Which targets' drift checks ran on their own ISA, and which only on this machine, said plainly."""
-    import platform
-
     own: list[str] = []
     host_only: list[str] = []
     for name in inputs.summary["targets"]:

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeship._version import SCHEMA_VERSION
 from edgeship.errors import MissingDependencyError, ModelTargetMismatchError
 from edgeship.runtime.card import ModelCard, Postprocessing, Preprocessing, simple_value
 from edgeship.runtime.images import pixel_offset
@@ -65,7 +66,8 @@ class ClassifierMetadata:
     labels: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """What ``model_metadata.json`` holds (the labels as their count)."""
+        d: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         d["norm_mean"], d["norm_std"], d["labels"] = list(self.norm_mean), list(self.norm_std), len(self.labels)
         return d
 
@@ -117,7 +119,7 @@ def classifier_metadata(card: ModelCard, labels: Sequence[str] | None) -> Classi
 
 def _mediapipe_writer() -> Any:
     try:
-        from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer
+        from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer  # heavy optional: deferred
     except ImportError as exc:
         raise MissingDependencyError(
             f"mediapipe is not installed (needed to write TFLite Metadata for Android clients): "
@@ -148,7 +150,7 @@ def embed_metadata(model: bytes, card: ModelCard, labels: Sequence[str] | None) 
 def read_metadata(model: bytes | str | os.PathLike[str]) -> ClassifierMetadata | None:
     """The image-classifier metadata embedded in a model (bytes or path), or None when it has none."""
     try:
-        from mediapipe.tasks.python.metadata import metadata as md
+        from mediapipe.tasks.python.metadata import metadata as md  # heavy optional dependency: deferred
     except ImportError as exc:
         raise MissingDependencyError(f"mediapipe is not installed (needed to read TFLite Metadata): "
                                      f"pip install 'edgeship[android]' ({exc})") from exc

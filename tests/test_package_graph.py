@@ -307,7 +307,9 @@ def main() -> int:
             print(f"{a} -> {b}")
             for e in group:
                 print(f"    {'function' if e.in_function else 'module  '} {e.importer}:{e.line} -> {e.imported}")
-    print(f"imports between edgeship modules: {len(found)} ({sum(e.in_function for e in found)} inside functions)")
+    statements = {(e.importer, e.line) for e in found}
+    in_functions = {(e.importer, e.line) for e in found if e.in_function}
+    print(f"import statements naming edgeship modules: {len(statements)} ({len(in_functions)} inside functions)")
     print("package cycles:", cycles(found) or "none")
     for e in found:
         if (v := violation(e) or (private_names(e) and f"{e.importer} takes {private_names(e)} of {e.imported}")) and (
