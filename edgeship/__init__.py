@@ -35,9 +35,11 @@ _STAGES = ("convert", "quantize", "verify")
 _LAZY = {
     "ConvertOptions": ("edgeship.convert", "ConvertOptions"),
     "ConvertResult": ("edgeship.convert", "ConvertResult"),
+    "ConvertReport": ("edgeship.convert.report", "ConvertReport"),
     "QuantizeOptions": ("edgeship.quantize", "QuantizeOptions"),
     "QuantizeResult": ("edgeship.quantize", "QuantizeResult"),
     "DriftResult": ("edgeship.verify", "DriftResult"),
+    "DriftReport": ("edgeship.verify.report", "DriftReport"),
     "DeviceSpec": ("edgeship.targets.devices", "DeviceSpec"),
     "load_target": ("edgeship.targets", "load_target"),
     "ModelCard": ("edgeship.runtime.card", "ModelCard"),

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from edgeship._version import __version__
+from edgeship._version import SCHEMA_VERSION, __version__
 from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
 
 log = logging.getLogger("edgeship")
@@ -654,7 +654,7 @@ def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) ->
     """Write the ``--json`` document (if asked); return the exit code (1 when it cannot be written)."""
     if not getattr(args, "json", None):
         return code
-    doc = {"command": args.command, "exit_code": code, **payload}
+    doc = {"schema_version": SCHEMA_VERSION, "command": args.command, "exit_code": code, **payload}
     if str(args.json) == "-":
         print(json.dumps(doc, indent=2, default=str))
         return code
