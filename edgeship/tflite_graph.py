@@ -4,7 +4,8 @@ onnx2tf leaves ops behind for torch exports that XNNPACK cannot take, and every 
 splits the delegate into another partition with copies at each boundary. The clean-ups
 here rewrite them into ops XNNPACK runs, on the float TFLite right after onnx2tf; the
 convert stage then verifies the result against onnxruntime as it does any conversion.
-The editing helpers work on TensorFlow Lite's flatbuffer object API (pure Python).
+The editing helpers work on TensorFlow Lite's flatbuffer object API (pure Python); quantize's
+rewrites edit models through them too.
 """
 
 from __future__ import annotations
