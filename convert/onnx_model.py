@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from edgeship._deps import require
-from edgeship.reference import MAX_IR_VERSION as MAX_IR_VERSION
 from edgeship.errors import ConversionError, InputError
+from edgeship.reference import MAX_IR_VERSION as MAX_IR_VERSION
 from edgeship.runtime.card import Layout, Postprocessing
 
 log = logging.getLogger(__name__)
