@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +17,13 @@ from typing import Any, Sequence
 
 from edgeship._deps import require
 from edgeship.errors import ConversionError, InputError
+from edgeship.reference import MAX_IR_VERSION as MAX_IR_VERSION
 from edgeship.runtime.card import Layout, Postprocessing
 
 log = logging.getLogger(__name__)
 
 #: Opset the converter normalises older models to (well supported by onnxsim and onnx2tf).
 TARGET_OPSET = 13
-#: Highest IR version the pinned onnxsim accepts.
-MAX_IR_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class ModelInfo:
         }
 
 
-def load_model(path: str | Path) -> Any:
+def load_model(path: str | os.PathLike[str]) -> Any:
     """Read and structurally check an ONNX file; raise :class:`InputError` if it is not one."""
     onnx = require("onnx", purpose="read ONNX models")
     path = Path(path)

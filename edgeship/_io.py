@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+from edgeship._version import SCHEMA_VERSION
 from edgeship.errors import InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
+    """Write ``obj`` as indented JSON atomically; a JSON object gets ``schema_version`` when it has none."""
+    if isinstance(obj, dict) and "schema_version" not in obj:
+        obj = {"schema_version": SCHEMA_VERSION, **obj}
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 

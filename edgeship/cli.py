@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from edgeship._version import __version__
+from edgeship._version import SCHEMA_VERSION, __version__
 from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
 
 log = logging.getLogger("edgeship")
@@ -142,7 +142,7 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import check_outputs_free
     from edgeship.convert import ConvertOptions, convert
-    from edgeship.convert.pipeline import output_names, preprocessing_for
+    from edgeship.convert.converter import output_names, preprocessing_for
 
     prep = preprocessing_for(args.model, args.input_shape, _preprocessing_flags(args)) if _has_prep_flags(args) else None
     options = ConvertOptions(input_shape=args.input_shape, fp16=args.fp16, images=args.images,
@@ -150,14 +150,16 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
                              pixels_in_graph=args.pixels_in_graph)
     check_outputs_free(args.out, output_names(options), force=args.force)  # before minutes of work
     result = convert(args.model, options=options, progress=progress).save(args.out, force=args.force)
-    lines = [f"wrote {result.model_path} ({len(result.model) / 1e6:.1f} MB) "
-             f"in {result.report['timings_s']['total']:.1f} s"]
-    for name, v in result.report["verification"].items():
-        lines.append(f"  {name}: top-1 agreement {100 * v['top1_agreement']:.2f}%  mean cosine "
-                     f"{v['mean_cosine']:.6f}  max-abs {v['max_abs_error']:.2e}  on {v['count']} "
-                     f"{'real images' if v['agreement_enforced'] else 'generated inputs'}")
+    report = result.report
+    assert report is not None  # a fresh conversion always has one
+    lines = [f"wrote {result.model_path} ({len(result.model) / 1e6:.1f} MB) in {report.timings_s['total']:.1f} s"]
+    for name, check in report.verification.items():
+        f = check.figures
+        lines.append(f"  {name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.6f}  "
+                     f"max-abs {f.max_abs_error:.2e}  on {f.count} "
+                     f"{'real images' if check.agreement_enforced else 'generated inputs'}")
     lines += _input_contract(result.card)
-    return 0, {"summary": lines, "result": {"out_dir": str(result.folder), "report": result.report}}
+    return 0, {"summary": lines, "result": {"out_dir": str(result.folder), "report": report.to_dict()}}
 
 
 def _input_contract(card: Any) -> list[str]:
@@ -224,7 +226,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import check_outputs_free
     from edgeship.convert import ConvertOptions
-    from edgeship.convert.pipeline import output_names as convert_outputs
+    from edgeship.convert.converter import output_names as convert_outputs
     from edgeship.quantize import QuantizeOptions, quantize
     from edgeship.quantize.pipeline import conversion_for, output_names
 
@@ -360,27 +362,29 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import atomic_write_json
     from edgeship.targets import load_target
+    from edgeship.targets.mediapipe_check import summary_line
     from edgeship.verify import drift
 
     target = load_target(args.target)
     _check_report_path(args.report, "-r", force=args.force)
     result = drift.verify(args.reference, args.candidate, args.images, target=target, device=_device_spec(args),
                           max_images=args.max_images, progress=progress)
-    atomic_write_json(args.report, result.report)
+    doc = result.to_dict()
+    atomic_write_json(args.report, doc)
     f = result.figures
     lines = [f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
              f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.passed else 'FAIL'}"]
     lines += [f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
               f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}" for c in result.checks]
-    if result.report.get("client_check"):
-        lines.append(f"  {result.report['client_check']['summary']}")
-    lines += [f"  note: {n}" for n in result.report["notes"]]
+    if result.client_check:
+        lines.append(f"  {summary_line(result.client_check)}")
+    lines += [f"  note: {n}" for n in result.report.notes]
     lines.append(f"  report: {args.report}")
     try:
         result.raise_for_budget()
     except EdgeshipError as exc:
-        return exc.exit_code, {"summary": lines, "result": result.report, "error": str(exc)}
-    return 0, {"summary": lines, "result": result.report}
+        return exc.exit_code, {"summary": lines, "result": doc, "error": str(exc)}
+    return 0, {"summary": lines, "result": doc}
 
 
 def _check_report_path(path: Path, flag: str, *, force: bool) -> None:
@@ -650,7 +654,7 @@ def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) ->
     """Write the ``--json`` document (if asked); return the exit code (1 when it cannot be written)."""
     if not getattr(args, "json", None):
         return code
-    doc = {"command": args.command, "exit_code": code, **payload}
+    doc = {"schema_version": SCHEMA_VERSION, "command": args.command, "exit_code": code, **payload}
     if str(args.json) == "-":
         print(json.dumps(doc, indent=2, default=str))
         return code

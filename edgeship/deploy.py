@@ -197,7 +197,7 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     conv_dir, conv_key = _convert_stage(stages, model_path, options, targets)
     models = _quantize_stages(stages, conv_dir, conv_key, Path(calibration), folder_digest, options, targets)
     drifts = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
-    verify_results = {name: d.report for name, d in drifts.items()}
+    verify_results = {name: d.to_dict() for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv_dir, models, options, progress, eval_set)
     bundles = _bundle_stages(stages, models, targets, options)
     summary = {

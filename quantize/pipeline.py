@@ -19,10 +19,10 @@ from edgeship._child import ChildWorker
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
 from edgeship._progress import Progress, Timer, silent
-from edgeship.convert import tflite_graph
-from edgeship.convert.pipeline import convert
+from edgeship import tflite_graph
+from edgeship.convert.converter import convert
 from edgeship.convert.result import FLOAT32_FILE, ConvertResult, sha256
-from edgeship.verify.outputs import run_tflite
+from edgeship.reference import run_tflite
 from edgeship.errors import AccuracyDriftError, CalibrationError, InputError
 from edgeship.quantize import data, layers, mixed, ranges, rewrites, tflite_quant
 from edgeship.quantize.data import Images, Pixels, is_folder
@@ -699,7 +699,7 @@ def _op_summary(model: bytes) -> str:
 def _equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, dict[str, Any]]:
     """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
     from edgeship._deps import require
-    from edgeship.convert.pipeline import run_onnx2tf
+    from edgeship.convert.converter import run_onnx2tf
     from edgeship.quantize.equalize import equalize
 
     onnx = require("onnx", purpose="equalize the model")
@@ -709,7 +709,7 @@ def _equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, di
     onnx.save(model, str(work / "equalized.onnx"))
     child = run_onnx2tf(work / "equalized.onnx", work)
     model, _ = tflite_graph.clean((work / "tf" / FLOAT32_FILE).read_bytes())
-    return model, {**info, "onnx2tf_s": child["wall_s"]}
+    return model, {**info, "onnx2tf_s": child.wall_s}
 
 
 BIAS_CORRECTION_IMAGES = 64

@@ -15,6 +15,9 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edgeship._version import SCHEMA_VERSION
 from edgeship.errors import InputError
 
 CARD_FILE = "model_card.json"
@@ -252,9 +255,15 @@ class ModelCard:
 
 
 def known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
-    """A copy of ``d`` after checking it is an object holding only ``cls``'s dataclass fields."""
+    """A copy of ``d`` (without ``schema_version``) after checking it is an object holding only ``cls``'s
+    dataclass fields and was not written by a newer edgeship."""
     if not isinstance(d, dict):
         raise InputError(f"{what} must be a JSON object, got {type(d).__name__} {d!r:.60}")
+    d = dict(d)
+    version = d.pop("schema_version", SCHEMA_VERSION)
+    if not _is_int(version) or version > SCHEMA_VERSION:
+        raise InputError(f"{what} has schema_version {version!r:.20}; this edgeship reads up to {SCHEMA_VERSION}: "
+                         "upgrade edgeship")
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -287,3 +296,20 @@ def _need_numbers(key: str, value: Any) -> None:
 def _need_str(key: str, value: Any, *, optional: bool = False) -> None:
     _need(isinstance(value, str) or (optional and value is None), key, "a string" + (" or null" if optional else ""),
           value)
+
+
+def simple_value(value: float, *, rel: float = 2 * float(np.finfo(np.float32).eps)) -> float:
+    """``value``, or the shortest decimal within float32 precision of it.
+
+    Folding float32 constants leaves values such as 0.49999998555 where the model means
+    0.5; clients compare normalisation values exactly (MediaPipe treats
+    ``[0.49999998, 0.5, 0.50000001]`` as per-channel), so the card says 0.5.
+    """
+    v = float(value)
+    if v == 0 or not np.isfinite(v):
+        return v
+    for digits in range(1, 6):
+        r = float(f"{v:.{digits}g}")
+        if abs(r - v) <= rel * abs(v):
+            return r
+    return v

@@ -81,7 +81,7 @@ class Classifier:
         else:
             model_path = path
             card = find_card(path)  # type: ignore[assignment]
-        from edgeship.runtime.interpreter import check_model_file
+        from edgeship.runtime.model_check import check_model_file
 
         check_model_file(model_path, backend=backend)
         if card is None and preprocessing is None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, staged_output
 from edgeship.errors import InputError, ModelTargetMismatchError, TargetError
 from edgeship.runtime.card import CARD_FILE, ModelCard
-from edgeship.runtime.interpreter import check_model_file
+from edgeship.runtime.model_check import check_model_file
 from edgeship.targets.profile import Access, Target
 from edgeship.targets.metadata import METADATA_JSON
 
