@@ -89,8 +89,12 @@ def _load_external_data(model: Any, path: Path) -> None:
     onnx refuses ``..`` and absolute locations but follows a symbolic link, so a link
     inside the folder could pull any file of the machine into the converted model.
     """
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, load_external_data_for_model
-    from onnx.external_data_helper import uses_external_data
+    from onnx.external_data_helper import (
+        ExternalDataInfo,
+        _get_all_tensors,
+        load_external_data_for_model,
+        uses_external_data,
+    )
 
     for tensor in (t for t in _get_all_tensors(model) if uses_external_data(t)):
         location = ExternalDataInfo(tensor).location

@@ -176,13 +176,19 @@ def check_writable_dir(out_dir: str | os.PathLike[str], what: str = "output fold
     return Path(out_dir)
 
 
-def check_outputs_free(out_dir: Path, names: list[str], *, force: bool) -> None:
+def check_outputs_free(out_dir: Path, names: list[str], *, force: bool,
+                       reads: Iterable[str | os.PathLike[str] | None] = ()) -> None:
     """Raise :class:`OutputExistsError` when any of ``names`` exists in ``out_dir``.
 
-    Also checks, before any work, that ``out_dir`` can be written (:func:`check_writable_dir`).
+    Also checks, before any work, that ``out_dir`` can be written (:func:`check_writable_dir`)
+    and that no output would replace one of the command's input files ``reads``, even with ``force``.
     """
     check_writable_dir(out_dir)
-    if force or not out_dir.exists():
+    if not Path(out_dir).exists():
+        return
+    for name in names:
+        _refuse_input(Path(out_dir) / name, reads, f"output {name}")
+    if force:
         return
     clash = sorted(n for n in names if (out_dir / n).exists())
     if clash:
@@ -217,14 +223,18 @@ def check_output_file(path: str | os.PathLike[str], flag: str, *, force: bool,
     problem = writable_dir_problem(path.parent)
     if problem:
         raise InputError(f"cannot write {flag} {path}: {problem}")
-    for other in (Path(p) for p in reads if p is not None):
-        if _reads(other, path):
-            raise InputError(f"{flag} {path} would replace {other}, which this command reads; write it elsewhere")
+    _refuse_input(path, reads, f"{flag} {path}")
     for other in (Path(p) for p in writes if p is not None):
         if path.resolve() == other.resolve():
             raise InputError(f"{flag} {path} is also written as another output of this command; write it elsewhere")
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists; pass {OutputExistsError.FORCE} to overwrite it")
+
+
+def _refuse_input(path: Path, reads: Iterable[str | os.PathLike[str] | None], what: str) -> None:
+    for other in (Path(p) for p in reads if p is not None):
+        if _reads(other, path):
+            raise InputError(f"{what} would replace {other}, which this command reads; write it elsewhere")
 
 
 def _reads(source: Path, path: Path) -> bool:

@@ -151,7 +151,7 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
                              max_images=args.max_images, labels=args.labels, preprocessing=prep,
                              pixels_in_graph=args.pixels_in_graph)
     check_apart(args.out, {"--images": args.images})
-    check_outputs_free(args.out, output_names(options), force=args.force)  # before minutes of work
+    check_outputs_free(args.out, output_names(options), force=args.force, reads=_inputs(args))  # before the work
     result = convert(args.model, options=options, progress=progress).save(args.out, force=args.force)
     lines = [f"wrote {result.model_path} ({len(result.model) / 1e6:.1f} MB) "
              f"in {result.report['timings_s']['total']:.1f} s"]
@@ -247,7 +247,7 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     new_files = output_names() + (convert_outputs(ConvertOptions()) if isinstance(model, Path) and model.is_file()
                                   else [])
     check_apart(args.out, {"--calib": args.calib, "--eval": args.eval_dir})
-    check_outputs_free(args.out, new_files, force=args.force)  # before minutes of work
+    check_outputs_free(args.out, new_files, force=args.force, reads=_inputs(args))  # before minutes of work
     result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
     result = result.save_with_source(args.out, force=args.force)
     payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _input_contract(result.card),
@@ -543,7 +543,8 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     b = p.add_argument_group("benchmark")
     b.add_argument("--bench-threads", type=_csv_ints, default=(1, 2), help="thread counts (default 1,2)")
     b.add_argument("--bench-runs", type=int, default=100)
-    p.add_argument("--force", action="store_true", help="use a non-empty folder that is not a deploy folder")
+    p.add_argument("--force", action="store_true", help="write beside the files of a non-empty folder that is not a "
+                   "deploy folder (deploy never removes or replaces files it did not write)")
     _add_device_options(p, adb=False)
     _add_common(p)
     p.set_defaults(func=_cmd_deploy)

@@ -176,7 +176,10 @@ class _Written:
         self.deploy_folder = (out / MARKER).is_file()
         record = _read_marker(out / MARKER)
         files = record.get("written")
-        self.files = set(files) if isinstance(files, list) else _legacy_written(out) if self.deploy_folder else set()
+        if isinstance(files, list):
+            self.files = {f for f in files if isinstance(f, str)}
+        else:
+            self.files = _legacy_written(out) if self.deploy_folder else set()
 
     def foreign(self, *paths: Path) -> list[str]:
         """Files under ``paths`` (default: deploy's entries) that deploy did not write."""

@@ -10,7 +10,6 @@ names the file it could not write.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -131,6 +130,15 @@ def test_json_never_replaces_the_commands_own_input(tmp_path: Path, model: Path)
         one_line(edgeship("convert", model, "-o", tmp_path / "x", "--json", json_file, "-q", *force), code=2,
                  match="which this command reads")
         assert model.read_bytes() == before and not (tmp_path / "x").exists()
+
+
+def test_outputs_never_replace_the_commands_own_input(tmp_path: Path, model: Path) -> None:
+    folder = tmp_path / "work"
+    folder.mkdir()
+    source = folder / "model_simplified.onnx"  # the name of one of convert's outputs
+    shutil.copy(model, source)
+    one_line(edgeship("convert", source, "-o", folder, "--force", "-q"), match="which this command reads")
+    assert source.read_bytes() == model.read_bytes() and sorted(p.name for p in folder.iterdir()) == [source.name]
 
 
 def test_json_never_replaces_an_existing_file_without_force(tmp_path: Path) -> None:
@@ -373,9 +381,9 @@ def test_two_targets_with_one_name_are_refused(tmp_path: Path, model: Path, imag
 def _can_mount() -> bool:
     if not shutil.which("unshare"):
         return False
-    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c",
-                            "mount -t tmpfs -o size=64k tmpfs /mnt 2>/dev/null || mount -t tmpfs -o size=64k tmpfs "
-                            "/tmp"], capture_output=True, check=False)
+    mount = "mount -t tmpfs -o size=64k tmpfs"
+    probe = subprocess.run(["unshare", "--mount", "--map-root-user", "sh", "-c", f"{mount} /mnt || {mount} /tmp"],
+                           capture_output=True, check=False)
     return probe.returncode == 0
 
 
