@@ -11,8 +11,8 @@ Only the standard library is used: the on-device runtime reads bundles through i
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 from edgeship.errors import InputError
 
