@@ -257,6 +257,13 @@ _PRIVATE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)\.(?P
 #: Staging folders named before the owner was in the name: removed once this old (seconds).
 _LEGACY_STAGING = re.compile(r"^\.(?P<name>.+)\.staging-[a-z0-9_]{8}$")
 LEGACY_STALE_AFTER = 24 * 3600.0
+#: A temporary file of :func:`atomic_write_bytes` (left behind only by a killed process).
+_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def private_name(name: str) -> bool:
+    """Whether ``name`` is one of edgeship's own temporary or moved-aside entries (by its pattern)."""
+    return bool(_PRIVATE.match(name) or _TEMP.match(name))
 
 
 def owner_tag(pid: int | None = None) -> str:

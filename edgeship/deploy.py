@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeship._io import atomic_write_json, sha256_file
+from edgeship._io import atomic_write_json, private_name, sha256_file
 from edgeship._lock import LOCK_FILE, folder_lock
 from edgeship._paths import check_apart, relative
 from edgeship._progress import Progress, silent
@@ -184,7 +184,8 @@ class _Written:
     def foreign(self, *paths: Path) -> list[str]:
         """Files under ``paths`` (default: deploy's entries) that deploy did not write."""
         paths = paths or tuple(self.out / name for name in ENTRIES)
-        return sorted(f for p in paths for f in _files_under(self.out, p) if f not in self.files)
+        return sorted(f for p in paths for f in _files_under(self.out, p)
+                      if f not in self.files and not any(private_name(part) for part in f.split("/")))
 
     def drop(self, folder: Path) -> None:
         """Forget ``folder``'s files before it is deleted; refuse when deploy did not write them all."""
