@@ -107,13 +107,14 @@ class ConvertResult:
             raise InputError(f"{folder} is not an edgeship convert folder (no {CARD_FILE}); pass the ONNX model "
                              "or run `edgeship convert` first")
         card = ModelCard.load(card_path)
-        if card.precision != "float32" or not (folder / card.model_file).is_file():
+        model, labels = card.file(folder), card.file(folder, "labels_file")
+        if card.precision != "float32" or not model.is_file():
             raise InputError(f"{folder} holds no float32 model to quantize (its card names {card.model_file}, "
                              f"{card.precision}); pass the ONNX model or a `edgeship convert` folder")
-        return cls(model=(folder / card.model_file).read_bytes(), card=card, report=_read_report(folder / REPORT_FILE),
+        return cls(model=model.read_bytes(), card=card, report=_read_report(folder / REPORT_FILE),
                    simplified_onnx=_read(folder / SIMPLIFIED_FILE) or b"", float16=_read(folder / FLOAT16_FILE),
                    saved_model=_read_tree(folder / SAVED_MODEL_DIR) if saved_model else {},
-                   labels=_read(folder / card.labels_file) if card.labels_file else None, folder=folder)
+                   labels=_read(labels) if labels else None, folder=folder)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the bytes, which are named by their sha256 (what a cache key needs)."""

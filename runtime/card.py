@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeship._paths import inside, safe_name
 from edgeship._version import SCHEMA_VERSION
 from edgeship.errors import InputError
 
@@ -189,8 +190,10 @@ class ModelCard:
     def __post_init__(self) -> None:
         for key in ("model_file", "precision", "source_model", "source_sha256"):
             _need_str(key, getattr(self, key))
-        _need(bool(self.model_file), "model_file", "a file name", self.model_file)
         _need_str("labels_file", self.labels_file, optional=True)
+        for key in ("model_file", "labels_file"):  # names of files inside the card's folder, never paths
+            if getattr(self, key) is not None:
+                safe_name(getattr(self, key), key)
         _need(_is_int(self.num_classes) and self.num_classes >= 0, "num_classes", "a non-negative integer",
               self.num_classes)
         _need(_is_int(self.schema), "schema", "an integer", self.schema)
@@ -248,6 +251,17 @@ class ModelCard:
             return cls.from_dict(data)
         except (InputError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"model card {path} is invalid: {exc}") from exc
+
+    def file(self, folder: str | Path, key: str = "model_file") -> Path | None:
+        """Where the card's ``model_file`` or ``labels_file`` is: inside ``folder``, links resolved.
+
+        Returns None when the card names no such file (no labels).
+
+        Raises:
+            InputError: The file leads outside ``folder`` (a symbolic link pointing elsewhere).
+        """
+        name = getattr(self, key)
+        return None if name is None else inside(folder, name, f"{key} of the model card")
 
     def with_(self, **changes: Any) -> "ModelCard":
         """A copy with some fields replaced."""

@@ -151,8 +151,9 @@ def with_metadata(model_path: Path, card: ModelCard, folder: Path, dest: Path) -
     if found is not None:
         return model_path, found.to_dict(), False
     labels = None
-    if card.labels_file and (folder / card.labels_file).is_file():
-        labels = Labels.load(folder / card.labels_file).names
+    labels_path = card.file(folder, "labels_file")
+    if labels_path is not None and labels_path.is_file():
+        labels = Labels.load(labels_path).names
     written, meta = embed_metadata(data, card, labels)
     out = dest / model_path.name
     out.write_bytes(written)

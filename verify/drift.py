@@ -211,7 +211,7 @@ def _candidate_parts(candidate: Candidate) -> tuple[bytes, ModelCard, bytes | No
         name = str(path) if path else f"(in memory) {candidate.card.model_file}"
         return candidate.model, candidate.card, labels, name
     model_path, card, folder = resolve_candidate(candidate)
-    labels_path = folder / card.labels_file if card.labels_file else None
+    labels_path = card.file(folder, "labels_file")
     labels = labels_path.read_bytes() if labels_path and labels_path.is_file() else None
     return model_path.read_bytes(), card, labels, str(model_path)
 
@@ -223,7 +223,7 @@ def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCar
         raise InputError(f"candidate {path} does not exist (a .tflite file or a bundle folder)")
     if path.is_dir():
         card = ModelCard.load(path)
-        model, folder = path / card.model_file, path
+        model, folder = card.file(path), path
     else:
         found = find_card(path)
         if found is None:
