@@ -21,6 +21,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from edgeship._lock import folder_lock
+from edgeship._paths import check_writable_dir as check_writable_dir
+from edgeship._paths import writable_dir_problem as writable_dir_problem
 from edgeship._version import SCHEMA_VERSION
 from edgeship.errors import InputError, OutputExistsError
 
@@ -136,47 +139,6 @@ def cache_dir(*parts: str) -> Path:
         return Path(os.environ["EDGESHIP_CACHE"]).expanduser().joinpath(*parts)
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base, "edgeship", *parts)
-
-
-def writable_dir_problem(out_dir: str | os.PathLike[str]) -> str | None:
-    """Why ``out_dir`` cannot be created or written (None: it can).
-
-    Nothing is created: a probe file is written and removed in ``out_dir`` or, when it
-    does not exist yet, in its nearest existing ancestor.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        return "it is a file, not a folder"
-    probe_in = out_dir
-    while not probe_in.exists():
-        if probe_in.is_symlink():
-            return f"{probe_in} is a dangling symbolic link"
-        probe_in = probe_in.parent
-    if not probe_in.is_dir():
-        return f"{probe_in} is a file, not a folder"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".edgeship-write-probe-", dir=probe_in)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        return f"{exc.strerror or exc}" + ("" if probe_in == out_dir else f" (in {probe_in})")
-    return None
-
-
-def check_writable_dir(out_dir: str | os.PathLike[str], what: str = "output folder") -> Path:
-    """Fail early, with one line, when ``out_dir`` cannot be created or written.
-
-    Called before any work starts, so a run does not spend minutes and then fail at
-    publishing (see :func:`writable_dir_problem`).
-
-    Raises:
-        InputError: A path component is a file, or the folder (or where it would be
-            created) is not writable.
-    """
-    problem = writable_dir_problem(out_dir)
-    if problem:
-        raise InputError(f"cannot write {what} {out_dir}: {problem}")
-    return Path(out_dir)
 
 
 def check_outputs_free(out_dir: Path, names: list[str], *, force: bool,
@@ -388,7 +350,6 @@ def staged_output(out_dir: str | os.PathLike[str], names: list[str], *, force: b
     when ``force``); when it raises, the staging folder is removed and ``out_dir`` is
     left as it was.
     """
-    from edgeship._lock import folder_lock
 
     out_dir = Path(out_dir).resolve()
     check_outputs_free(out_dir, names, force=force)

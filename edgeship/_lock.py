@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from edgeship._paths import check_writable_dir
 from edgeship.errors import InputError
 
 #: The lock file inside a folder being written (hidden: image listings and bundles skip it).
@@ -31,8 +32,6 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
     Raises:
         InputError: Another process (or thread) holds it, or the folder cannot be created.
     """
-    from edgeship._io import check_writable_dir
-
     root = Path(folder).resolve()
     key = (threading.get_ident(), root)
     if key in _held:

@@ -11,6 +11,7 @@ Only the standard library is used: the on-device runtime reads bundles through i
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -97,3 +98,44 @@ def check_apart(out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathL
         if folder is not None and Path(folder).is_dir() and is_inside(out, folder):
             raise InputError(f"{out_what} {out} is inside {what} {folder}: edgeship would read its own outputs "
                              f"as images; pick an output folder outside {folder}")
+
+
+def writable_dir_problem(out_dir: str | os.PathLike[str]) -> str | None:
+    """Why ``out_dir`` cannot be created or written (None: it can).
+
+    Nothing is created: a probe file is written and removed in ``out_dir`` or, when it
+    does not exist yet, in its nearest existing ancestor.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        return "it is a file, not a folder"
+    probe_in = out_dir
+    while not probe_in.exists():
+        if probe_in.is_symlink():
+            return f"{probe_in} is a dangling symbolic link"
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        return f"{probe_in} is a file, not a folder"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".edgeship-write-probe-", dir=probe_in)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        return f"{exc.strerror or exc}" + ("" if probe_in == out_dir else f" (in {probe_in})")
+    return None
+
+
+def check_writable_dir(out_dir: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Fail early, with one line, when ``out_dir`` cannot be created or written.
+
+    Called before any work starts, so a run does not spend minutes and then fail at
+    publishing (see :func:`writable_dir_problem`).
+
+    Raises:
+        InputError: A path component is a file, or the folder (or where it would be
+            created) is not writable.
+    """
+    problem = writable_dir_problem(out_dir)
+    if problem:
+        raise InputError(f"cannot write {what} {out_dir}: {problem}")
+    return Path(out_dir)

@@ -29,11 +29,12 @@ STAGES = ("convert", "quantize", "verify", "targets")
 #: Layers, bottom first; a module imports only its own layer or lower ones.
 LAYERS: dict[str, tuple[str, ...]] = {
     # On-device: numpy and a TFLite interpreter only (the root package imports only errors and the version).
-    "runtime": ("edgeship", "edgeship.errors", "edgeship._version", "edgeship.runtime"),
+    "runtime": ("edgeship", "edgeship.errors", "edgeship._version", "edgeship._paths", "edgeship.runtime"),
     # Host-side pieces the stages share: files, progress, optional dependencies, the child worker, TFLite graph
     # editing, the reference runners, the wheel builder, downloads.
     "shared": (
         "edgeship._io",
+        "edgeship._lock",
         "edgeship._progress",
         "edgeship._deps",
         "edgeship._child",
