@@ -171,8 +171,7 @@ class ChildWorker:
                 progress(*reply[1])  # type: ignore[misc]
         except (EOFError, BrokenPipeError, ConnectionResetError):
             raise self._crash(stage, start) from None
-        finally:
-            self._busy = False
+        self._busy = False  # not on an interrupt: close() then kills the child mid-call
         if reply[0] == "error":
             raise _failure(stage, reply[1], reply[2])
         return reply[1]

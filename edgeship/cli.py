@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from edgeship._run import Terminated, run_temp_dir, signals_as_interrupt
 from edgeship._version import __version__
 from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
 
@@ -612,7 +613,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CODES["usage"]
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
-        code, payload = args.func(args, progress)
+        with signals_as_interrupt(), run_temp_dir():
+            code, payload = args.func(args, progress)
     except (EdgeshipError, OSError) as exc:
         progress.close()
         if isinstance(exc, OSError):  # the file system refused something unforeseen: still one line
@@ -620,10 +622,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgeship {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         payload = {"error": {"type": type(exc).__name__, "message": exc.cli_message()}}
         return _write_json(args, payload, exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: temporary and staging folders are gone by now
         progress.close()
-        print(f"edgeship {args.command}: interrupted", file=sys.stderr)
-        return 130
+        signum = exc.signum if isinstance(exc, Terminated) else 2
+        print(f"edgeship {args.command}: interrupted" + (f" ({exc})" if isinstance(exc, Terminated) else ""),
+              file=sys.stderr)
+        return 128 + signum
     progress.close()
     if args.json is None or str(args.json) != "-":
         for line in payload.get("summary", []):
