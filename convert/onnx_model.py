@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 TARGET_OPSET = 13
 #: Highest IR version the pinned onnxsim accepts.
 MAX_IR_VERSION = 10
+#: The largest input side edgeship converts (more is a mistake in an image classifier's shape).
+MAX_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tupl
                 raise InputError(f"--input-shape {list(shape)} contradicts the model's static dimension "
                                  f"{i} = {have} (declared {list(info.input_shape)})")
         notes.append(f"input shape set to {list(shape)} by --input-shape (declared {list(info.input_shape)})")
-        return shape, notes
+        return _checked_size(shape, info), notes
     shape_list: list[int] = []
     for i, d in enumerate(info.input_shape):
         if isinstance(d, int):
@@ -146,7 +148,19 @@ def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tupl
         else:
             raise InputError(f"input dimension {i} ('{d}') is dynamic; give the size with "
                              f"--input-shape N,C,H,W (declared {list(info.input_shape)})")
-    return tuple(shape_list), notes
+    return _checked_size(tuple(shape_list), info), notes
+
+
+def _checked_size(shape: tuple[int, ...], info: ModelInfo) -> tuple[int, ...]:
+    """``shape`` when edgeship can convert it: batch 1, and an image of at most ``MAX_SIDE`` pixels a side."""
+    declared = list(info.input_shape)
+    if shape[0] != 1:
+        raise InputError(f"the model's batch dimension is fixed to {shape[0]} (declared {declared}); edgeship "
+                         "converts batch 1: export the model with batch 1 or a dynamic batch")
+    if max(shape[2:4]) > MAX_SIDE:  # NCHW (inspect_model refuses other layouts)
+        raise InputError(f"input shape {list(shape)} is too large for an image classifier (at most {MAX_SIDE} "
+                         f"pixels a side; declared {declared})")
+    return shape
 
 
 def node_counts(model: Any) -> dict[str, int]:

@@ -83,3 +83,66 @@ def test_next_run_removes_temporary_folders_of_dead_runs(tmp_path: Path) -> None
     assert_one_line(edgeship("convert", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o"), "-q",
                              env={"TMPDIR": str(scratch)}), "missing.onnx")
     assert not dead.exists() and live.is_dir() and other.is_dir()
+
+
+# --- case 9 and huge inputs: refused in one line before any work ------------------------------------------
+
+def _save(model: object, path: Path) -> Path:
+    import onnx
+
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def batch4_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import tiny_classifier
+
+    return _save(tiny_classifier(batch=4), tmp_path_factory.mktemp("b4") / "batch4.onnx")
+
+
+def test_fixed_batch_4_is_refused_by_convert_and_quantize(tmp_path: Path, batch4_onnx: Path,
+                                                          tiny_images: Path) -> None:
+    out = tmp_path / "c"
+    assert_one_line(edgeship("convert", str(batch4_onnx), "-o", str(out), "-q"), "batch dimension is fixed to 4")
+    assert not out.exists()
+    assert_one_line(edgeship("quantize", str(batch4_onnx), "--calib", str(tiny_images), "-o", str(out), "-q"),
+                    "batch dimension is fixed to 4")
+    assert not out.exists()
+
+
+def test_quantize_refuses_a_convert_folder_of_batch_4(tmp_path: Path, tiny_bundle: Path, tiny_images: Path) -> None:
+    import json
+    import shutil
+
+    folder = tmp_path / "conv"
+    shutil.copytree(tiny_bundle, folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    card["input"]["shape"][0] = 4  # what an older edgeship wrote for a batch-4 model
+    (folder / "model_card.json").write_text(json.dumps(card))
+    out = tmp_path / "q"
+    assert_one_line(edgeship("quantize", str(folder), "--calib", str(tiny_images), "-o", str(out), "-q"),
+                    "batch 4")
+    assert not out.exists()
+
+
+def test_huge_input_shape_is_refused(tmp_path: Path, tiny_images: Path) -> None:
+    from tests.conftest import tiny_classifier
+
+    out = tmp_path / "c"
+    dynamic = tiny_classifier()
+    for i in (2, 3):
+        dynamic.graph.input[0].type.tensor_type.shape.dim[i].dim_param = "HW"[i - 2]
+    dyn = _save(dynamic, tmp_path / "dynamic.onnx")
+    assert_one_line(edgeship("convert", str(dyn), "-o", str(out), "--input-shape", "1,3,100000,100000", "-q"),
+                    "too large")
+    assert not out.exists()
+    huge = tiny_classifier()
+    huge.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 100000
+    huge.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 100000
+    path = _save(huge, tmp_path / "huge.onnx")
+    assert_one_line(edgeship("convert", str(path), "-o", str(out), "-q"), "too large")
+    assert not out.exists()
+    assert_one_line(edgeship("deploy", str(path), "--calib", str(tiny_images), "--target", "x86-host", "-o", str(out),
+                             "-q"), "too large")
+    assert not out.exists()
