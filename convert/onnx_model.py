@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from edgeship._deps import require
 from edgeship.errors import ConversionError, InputError
-from edgeship.runtime.card import Layout, Postprocessing
+from edgeship.runtime.card import MAX_SIDE, Layout, Postprocessing
 
 log = logging.getLogger(__name__)
 
@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 TARGET_OPSET = 13
 #: Highest IR version the pinned onnxsim accepts.
 MAX_IR_VERSION = 10
-#: The largest input side edgeship converts (more is a mistake in an image classifier's shape).
-MAX_SIDE = 8192
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,8 @@ def _preprocessing_flags(args: argparse.Namespace) -> dict[str, Any]:
     base: dict[str, Any] = {}
     if args.preprocess:
         try:
-            base = json.loads(Path(args.preprocess).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            base = json.loads(Path(args.preprocess).read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
             raise InputError(f"cannot read preprocessing JSON {args.preprocess}: {exc}") from exc
         if not isinstance(base, dict):
             raise InputError(f"preprocessing JSON {args.preprocess} must hold an object")
