@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 TARGET_OPSET = 13
 #: Highest IR version the pinned onnxsim accepts.
 MAX_IR_VERSION = 10
+#: Op domains of the ONNX standard (any other is a custom op set).
+STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,15 @@ def load_model(path: str | Path) -> Any:
     return model
 
 
+def _refuse_custom_ops(model: Any, source: str) -> None:
+    """Ops of a custom domain (``com.example``, onnxruntime's ``com.microsoft``) have no TFLite conversion."""
+    custom = sorted({(n.domain, n.op_type) for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    if custom:
+        ops = ", ".join(f"{domain}.{op}" for domain, op in custom[:5]) + (" ..." if len(custom) > 5 else "")
+        raise InputError(f"{source} uses {len(custom)} op type(s) of a custom domain ({ops}) that edgeship cannot "
+                         "convert; export the model with standard ONNX ops only")
+
+
 def _dims(value_info: Any) -> tuple[int | str, ...]:
     dims: list[int | str] = []
     for d in value_info.type.tensor_type.shape.dim:
@@ -117,6 +128,7 @@ def inspect_model(model: Any, source: str = "model") -> ModelInfo:
         raise InputError(f"{source} input '{inp.name}' has {shape[1]} channels; expected 1 or 3 (NCHW)")
     if len(model.graph.output) != 1:
         raise InputError(f"{source} must have exactly one output (class scores), found {len(model.graph.output)}")
+    _refuse_custom_ops(model, source)
     out = model.graph.output[0]
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return ModelInfo(inp.name, shape, layout, out.name, _dims(out), opset, model.ir_version,
@@ -186,7 +198,7 @@ def normalise(model: Any, info: ModelInfo, shape: Sequence[int]) -> tuple[Any, l
         m.graph.input.remove(i)
     if stale:
         notes.append(f"{len(stale)} initializers listed as graph inputs (IR {info.ir_version} style) removed from inputs")
-    min_ir = onnx.helper.find_min_ir_version_for(m.opset_import)
+    min_ir = onnx.helper.find_min_ir_version_for([o for o in m.opset_import if o.domain in STANDARD_DOMAINS])
     if m.ir_version < min_ir:
         notes.append(f"IR version {m.ir_version} raised to {min_ir}")
         m.ir_version = min_ir

@@ -241,14 +241,32 @@ def _check_simplified(original: Any, simplified: Any, inputs: verify.VerifyInput
     pixels = inputs.pixels[: max(batch, 8)]
     x = verify.nchw_batches(pixels, prep, batch=len(pixels))[0]
     ref = OrtRunner(original).run(x)
+    _refuse_non_finite(original, ref)
     got = OrtRunner(simplified).run(verify.nchw_batches(pixels, model_prep, batch=len(pixels))[0])
     fig = compare(ref.reshape(len(x), -1), got.reshape(len(x), -1))
     result = {"count": len(x), "max_abs_error": fig.max_abs_error, "mean_cosine": fig.mean_cosine,
               "top1_agreement": fig.top1_agreement}
+    if not np.isfinite(got).all():
+        raise ConversionError(f"the simplified model gives NaN or infinite scores ({np.count_nonzero(~np.isfinite(got))} "
+                              f"of {got.size}) where the original does not")
     if fig.mean_cosine < 0.99999:
         raise ConversionError(f"simplified model differs from the original: mean cosine {fig.mean_cosine:.6f}, "
                               f"max-abs {fig.max_abs_error:.3g}")
     return result
+
+
+def _refuse_non_finite(original: Any, scores: np.ndarray) -> None:
+    """The source model's own scores are NaN or infinite: say so (and where), not "cosine 0"."""
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if not bad:
+        return
+    from onnx import numpy_helper
+
+    weights = sum(int(np.count_nonzero(~np.isfinite(a))) for a in map(numpy_helper.to_array, original.graph.initializer)
+                  if a.dtype.kind == "f")
+    where = f"{weights} of its weight values are NaN or infinite" if weights else "its weights are finite"
+    raise ConversionError(f"the source model's scores are NaN or infinite ({bad} of {scores.size} on the check "
+                          f"inputs; {where}); nothing was written")
 
 
 def run_onnx2tf(onnx_path: Path, work_dir: Path) -> dict[str, Any]:
