@@ -334,17 +334,13 @@ def open_image(source: "str | os.PathLike[str] | Any", prep: Preprocessing | Non
         raise
 
 
-_BOMB_WARNING_OFF = False
-
-
 def _quiet_bomb_warning() -> None:
     """Pillow warns between 1x and 2x its pixel limit; open_image refuses all of those itself, in one message."""
-    global _BOMB_WARNING_OFF
-    if not _BOMB_WARNING_OFF:
-        from PIL import Image
+    from PIL import Image
 
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
-        _BOMB_WARNING_OFF = True
+    bomb = Image.DecompressionBombWarning
+    if not any(f[0] == "ignore" and f[2] is bomb for f in warnings.filters):  # once, unless a caller reset them
+        warnings.filterwarnings("ignore", category=bomb)
 
 
 def _orientation(im: Any) -> int:

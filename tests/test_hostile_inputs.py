@@ -224,13 +224,13 @@ def test_labels_from_dev_zero_is_capped(tmp_path: Path, tiny_onnx: Path) -> None
 def test_bad_model_check_cache_entry_is_a_miss(tmp_path: Path, int8_bundle: Path, tiny_images: Path) -> None:
     env = {"EDGESHIP_CACHE": str(tmp_path / "cache")}
     image = str(tiny_images / "img_00.png")
-    first = py(["-m", "edgeship.runtime", str(int8_bundle), image, "-q"], env=env)
+    first = py(["-m", "edgeship.runtime", str(int8_bundle / "model_int8.tflite"), image, "-q"], env=env)
     assert first.returncode == 0, first.stderr
     entries = list((tmp_path / "cache" / "model-checks").glob("*.json"))
     assert entries
     for i, entry in enumerate(entries):
         entry.write_text(['[1, 2]', '{"verdict": 5}', '"ok"', '{"verdict": null}'][i % 4])
-    again = py(["-m", "edgeship.runtime", str(int8_bundle), image, "-q"], env=env)
+    again = py(["-m", "edgeship.runtime", str(int8_bundle / "model_int8.tflite"), image, "-q"], env=env)
     assert again.returncode == 0 and not again.stderr, again.stderr[-2000:]
     assert again.stdout == first.stdout
 
