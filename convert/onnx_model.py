@@ -147,7 +147,7 @@ def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tupl
                 raise InputError(f"--input-shape {list(shape)} contradicts the model's static dimension "
                                  f"{i} = {have} (declared {list(info.input_shape)})")
         notes.append(f"input shape set to {list(shape)} by --input-shape (declared {list(info.input_shape)})")
-        return _checked_size(shape, info), notes
+        return _checked_size(shape, info, batch=shape[0]), notes
     shape_list: list[int] = []
     for i, d in enumerate(info.input_shape):
         if isinstance(d, int):
@@ -161,10 +161,11 @@ def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tupl
     return _checked_size(tuple(shape_list), info), notes
 
 
-def _checked_size(shape: tuple[int, ...], info: ModelInfo) -> tuple[int, ...]:
-    """``shape`` when edgeship can convert it: batch 1, and an image of at most ``MAX_SIDE`` pixels a side."""
+def _checked_size(shape: tuple[int, ...], info: ModelInfo, batch: int = 1) -> tuple[int, ...]:
+    """``shape`` when edgeship can convert it: batch 1 (or the one ``--input-shape`` asked for), and an
+    image of at most ``MAX_SIDE`` pixels a side."""
     declared = list(info.input_shape)
-    if shape[0] != 1:
+    if shape[0] != batch:
         raise InputError(f"the model's batch dimension is fixed to {shape[0]} (declared {declared}); edgeship "
                          "converts batch 1: export the model with batch 1 or a dynamic batch")
     if max(shape[2:4]) > MAX_SIDE:  # NCHW (inspect_model refuses other layouts)
