@@ -370,3 +370,45 @@ def test_utf8_bom_is_not_part_of_the_first_label(tmp_path: Path, tiny_onnx: Path
 
     names = {p["label"] for preds in json.loads(run.stdout)["predictions"].values() for p in preds}
     assert names == {f"class{i}" for i in range(10)}, names
+
+
+# --- case 7: a child's failure says what it was -------------------------------------------------------------
+
+class _Unpicklable(Exception):
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        raise TypeError("cannot pickle this")
+
+
+def _raise_unpicklable() -> None:
+    raise _Unpicklable("the quantizer said no")
+
+
+def _exit_from_library_code() -> None:
+    import sys
+
+    sys.exit(3)
+
+
+def _die_after_an_error_line() -> None:
+    import sys
+
+    sys.stderr.write("F0000 something.cc:12] Check failed: tensor->bytes == 40\n")
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def test_child_failures_say_what_they_were() -> None:
+    from edgeship._child import ChildWorker
+    from edgeship.errors import EdgeshipError, NativeCrashError
+
+    with ChildWorker() as worker:
+        with pytest.raises(EdgeshipError, match=r"^calibrate \(TensorFlow\): _Unpicklable: the quantizer said no$"):
+            worker.call("calibrate (TensorFlow)", _raise_unpicklable)
+        with pytest.raises(EdgeshipError, match=r"^quantize \(TensorFlow\): SystemExit: 3$"):
+            worker.call("quantize (TensorFlow)", _exit_from_library_code)
+        with pytest.raises(NativeCrashError, match=r"^stage: the worker process exited \(exit status 1\): F0000 "
+                                                   r"something.cc:12\] Check failed: tensor->bytes == 40; nothing"):
+            worker.call("stage", _die_after_an_error_line)
+        with pytest.raises(EdgeshipError, match=r"^stage: the call cannot be sent to the worker process"):
+            worker.call("stage", lambda: None)
+        assert worker.call("after", sorted, [2, 1]) == [1, 2]
