@@ -342,7 +342,9 @@ def _keep_log(log_path: Path) -> Path | None:
         return None
     text = log_path.read_text(errors="replace")
     log.debug("onnx2tf log:\n%s", text)
-    fd, kept = tempfile.mkstemp(prefix="edgeship-onnx2tf-", suffix=".log")
+    from edgeship._run import lasting_temp_dir
+
+    fd, kept = tempfile.mkstemp(prefix="edgeship-onnx2tf-", suffix=".log", dir=lasting_temp_dir())
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     return Path(kept)

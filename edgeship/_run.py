@@ -64,6 +64,14 @@ def clean_dead_runs(root: str | os.PathLike[str] | None = None) -> list[Path]:
     return removed
 
 
+_outer: str | None = None  # the system's temporary folder while a run folder stands in for it
+
+
+def lasting_temp_dir() -> str:
+    """Where to leave a file for the user after the command ends (a failed tool's full log)."""
+    return _outer or tempfile.gettempdir()
+
+
 @contextlib.contextmanager
 def run_temp_dir() -> Iterator[Path | None]:
     """Point ``tempfile`` and ``TMPDIR`` at a fresh run folder for the block, then remove it.
@@ -77,12 +85,14 @@ def run_temp_dir() -> Iterator[Path | None]:
     except OSError:
         yield None
         return
-    saved_dir, saved_env = tempfile.tempdir, os.environ.get("TMPDIR")
+    global _outer
+    saved_dir, saved_env, saved_outer = tempfile.tempdir, os.environ.get("TMPDIR"), _outer
+    _outer = str(run.parent)
     tempfile.tempdir, os.environ["TMPDIR"] = str(run), str(run)
     try:
         yield run
     finally:
-        tempfile.tempdir = saved_dir
+        tempfile.tempdir, _outer = saved_dir, saved_outer
         if saved_env is None:
             os.environ.pop("TMPDIR", None)
         else:
