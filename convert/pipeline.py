@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -18,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeship._child import one_line
+from edgeship._child import ChildWorker, one_line
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_write_bytes, sha256_file
 from edgeship._progress import Progress, Timer, silent
@@ -27,7 +24,7 @@ from edgeship.verify import outputs as verify
 from edgeship.convert.fold import fold_input_affine, normalization_into_graph
 from edgeship.convert.gelu import fuse_gelu, lone_erf_notes
 from edgeship.convert.simplify import OrtRunner, simplify
-from edgeship.errors import ConversionError, InputError, VerificationError
+from edgeship.errors import ConversionError, InputError, NativeCrashError, VerificationError
 from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, known_keys
 from edgeship.runtime.images import ImageSet, Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel
@@ -246,9 +243,10 @@ def _check_simplified(original: Any, simplified: Any, inputs: verify.VerifyInput
     fig = compare(ref.reshape(len(x), -1), got.reshape(len(x), -1))
     result = {"count": len(x), "max_abs_error": fig.max_abs_error, "mean_cosine": fig.mean_cosine,
               "top1_agreement": fig.top1_agreement}
-    if not np.isfinite(got).all():
-        raise ConversionError(f"the simplified model gives NaN or infinite scores ({np.count_nonzero(~np.isfinite(got))} "
-                              f"of {got.size}) where the original does not")
+    bad = int(np.count_nonzero(~np.isfinite(got)))
+    if bad:
+        raise ConversionError(f"the simplified model gives NaN or infinite scores ({bad} of {got.size}) where the "
+                              "original does not")
     if fig.mean_cosine < 0.99999:
         raise ConversionError(f"simplified model differs from the original: mean cosine {fig.mean_cosine:.6f}, "
                               f"max-abs {fig.max_abs_error:.3g}")
@@ -270,31 +268,28 @@ def _refuse_non_finite(original: Any, scores: np.ndarray) -> None:
 
 
 def run_onnx2tf(onnx_path: Path, work_dir: Path) -> dict[str, Any]:
-    """Run onnx2tf in a child process on a private copy; return its figures."""
+    """Run onnx2tf in edgeship's worker process on a private copy; return its figures."""
+    from edgeship.convert import onnx2tf_worker
+
     model_copy = work_dir / "model.onnx"
     shutil.copyfile(onnx_path, model_copy)
-    job = {"onnx": str(model_copy), "output": str(work_dir / "tf"), "workdir": str(work_dir),
-           "result": str(work_dir / "result.json")}
-    (work_dir / "job.json").write_text(json.dumps(job))
-    log_path = work_dir / "onnx2tf.log"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="-1")
+    job = {"onnx": str(model_copy), "output": str(work_dir / "tf"), "workdir": str(work_dir)}
     start = time.perf_counter()
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.run([sys.executable, "-m", "edgeship.convert.onnx2tf_worker", str(work_dir / "job.json")],
-                              stdout=log_file, stderr=subprocess.STDOUT, cwd=work_dir, env=env, check=False)
+    with ChildWorker(env={"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}) as worker:
+        try:
+            result = worker.call("onnx2tf", onnx2tf_worker.run, job)
+        except NativeCrashError as exc:
+            result = {"ok": False, "error": str(exc)}
+        log_text = Path(worker.log_path).read_text(errors="replace")
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    try:
-        result = json.loads((work_dir / "result.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        result = {"ok": False, "error": f"onnx2tf worker died with status {proc.returncode}"}
     if not result.get("ok") or not (work_dir / "tf" / "model_float32.tflite").is_file():
-        kept = _keep_log(log_path)
-        tail = one_line(log_path.read_text(errors="replace")) if log_path.is_file() else ""
+        kept = _keep_log(log_text)
+        tail = one_line(log_text)
         raise ConversionError(f"onnx2tf failed: {result.get('error', 'no TFLite written')}"
                               + (f" ({tail})" if tail and tail not in result.get("error", "") else "")
                               + (f"; full log: {kept}" if kept else ""))
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak_mb, 1), "returncode": proc.returncode}
+    return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak_mb, 1), "returncode": 0}
 
 
 def _clean_graph(*paths: Path | None) -> dict[str, int]:
@@ -336,11 +331,10 @@ def _delegation(path: Path) -> dict[str, Any]:
     return of_interpreter(TFLiteModel(path).interpreter).to_dict()
 
 
-def _keep_log(log_path: Path) -> Path | None:
-    """Copy a failed child's log out of the work folder (which is removed) and log it at DEBUG level."""
-    if not log_path.is_file():
+def _keep_log(text: str) -> Path | None:
+    """Keep a failed worker's log where the user can read it (the run's folders are removed) and log it."""
+    if not text.strip():
         return None
-    text = log_path.read_text(errors="replace")
     log.debug("onnx2tf log:\n%s", text)
     from edgeship._run import lasting_temp_dir
 

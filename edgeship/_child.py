@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Mapping
 
 from edgeship.errors import EdgeshipError, NativeCrashError
 
@@ -98,7 +98,9 @@ def describe(exc: BaseException) -> str:
 class ChildWorker:
     """One child process that runs native-code calls for a run; use as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        """``env``: variables set in the child's environment besides this process's."""
+        self._env = dict(env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._busy = False
         fd, self.log_path = tempfile.mkstemp(prefix="edgeship-native-", suffix=".log")
@@ -133,7 +135,7 @@ class ChildWorker:
     def _start(self) -> subprocess.Popen[bytes]:
         with open(self.log_path, "ab") as log_file:
             proc = subprocess.Popen([sys.executable, "-m", "edgeship._worker", self.log_path], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=log_file, close_fds=True)
+                                    stdout=subprocess.PIPE, stderr=log_file, env={**os.environ, **self._env})
         self._proc = proc
         write_frame(proc.stdin, ("path", list(sys.path)))  # type: ignore[arg-type]
         return proc

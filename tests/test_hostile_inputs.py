@@ -54,7 +54,7 @@ def _wait_for_onnx2tf(proc: subprocess.Popen[bytes]) -> None:
 
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if any("onnx2tf_worker" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)):
+        if any("edgeship._worker" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)):
             time.sleep(1.0)  # mid-conversion: onnx2tf has its model copy and output folder in the temporary folder
             return
         time.sleep(0.2)
