@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -88,7 +89,11 @@ class Protocol:
     def split(self) -> tuple[ImageSet, ImageSet]:
         """Calibration (100 chosen as ``edgeship quantize`` does, or the first 100) and evaluation (the other 400)."""
         images = list_images(self.folder)
-        calib, rest = images.split(NUM_CALIB) if self.calib_first else images.divide(NUM_CALIB)
+        if not self.calib_first:
+            calib, rest = images.divide(NUM_CALIB)
+        else:
+            calib, rest = images.split(NUM_CALIB)
+            calib = dataclasses.replace(calib, selection=f"the first {NUM_CALIB} by name")
         return calib, rest.subset(range(min(NUM_EVAL, len(rest))))
 
     def labels(self) -> Labels:
@@ -604,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=200, help="latency: invokes per model (0: skip)")
     ap.add_argument("--work", type=Path, help="keep the converted and quantized models here")
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
+    ap.add_argument("--tables", type=Path, nargs="+", help="print the tables of rows kept by --json (no measuring)")
     ap.add_argument("--child-tf-ptq", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child-ort", nargs=4, help=argparse.SUPPRESS)
     ap.add_argument("--child-aeq", nargs=3, help=argparse.SUPPRESS)
@@ -614,6 +620,9 @@ def main(argv: list[str] | None = None) -> int:
         return _child_ort(*args.child_ort)
     if args.child_aeq:
         return _child_aeq(*args.child_aeq)
+    if args.tables:
+        print_tables([row for path in args.tables for row in json.loads(path.read_text())], args.runs)
+        return 0
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns on the root logger
     assets = shared_assets()
     if assets is None:
@@ -626,6 +635,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(measure(case, proto, args.columns.split(",")))
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
+    print_tables(rows, args.runs)
+    return 0
+
+
+def print_tables(rows: list[dict[str, Any]], runs: int) -> None:
+    """The matrix table, issue 25's accuracy table and issue 13's target table (when measured)."""
     split = rows[0].get("split", {}) if rows else {}
     print(f"calibration: {NUM_CALIB} shared images, {split.get('calibration', '?')} ({split.get('calib_classes', '?')} "
           f"classes); evaluation: the other {split.get('eval', NUM_EVAL)} ({split.get('eval_classes', '?')} classes); "
@@ -636,9 +651,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(accuracy_table(rows)))
     if any("target_int8" in r for r in rows):
         print(f"\nissue 13: `quantize --target {TARGET}` model vs float32, XNNPACK, 1 thread, interleaved in one run "
-              f"({args.runs} invokes each, median); float ops kept = budget-search ops + float islands")
+              f"({runs} invokes each, median); float ops kept = budget-search ops + float islands")
         print("\n".join(target_table(rows)))
-    return 0
 
 
 if __name__ == "__main__":
