@@ -251,7 +251,7 @@ def _top1(model: Path, files: tuple[Path, ...], prep: Any, truth: list[int | Non
     return float(np.mean(hits))
 
 
-def test_trained_model_keeps_its_top1(matrix: Matrix, assets: Path) -> None:
+def test_trained_efficientnet_lite1_keeps_its_top1(matrix: Matrix, assets: Path) -> None:
     """EfficientNet-Lite1's trained weights: float top-1 on held-apart images, int8 within 3 of 100 of it."""
     from edgeship.runtime.card import ModelCard
     from edgeship.runtime.images import Labels, list_images
