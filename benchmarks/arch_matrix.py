@@ -81,6 +81,8 @@ class Protocol:
     verify_images: int = 200
     #: Calibrate on the first 100 by name (the old default) instead of edgeship's default choice.
     calib_first: bool = False
+    #: onnxruntime's calibration methods to try (the best SQNR is kept).
+    ort_methods: tuple[str, ...] = ORT_METHODS
 
     @property
     def folder(self) -> Path:
@@ -241,7 +243,7 @@ class _Reader:
 
 
 def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Preprocessing, ref: np.ndarray,
-            work: Path, truth: list[int | None] | None = None) -> dict[str, Any]:
+            work: Path, truth: list[int | None] | None = None, methods: tuple[str, ...] = ORT_METHODS) -> dict[str, Any]:
     """onnxruntime static QDQ int8, per-channel, three calibration methods: best SQNR kept.
 
     Each method runs in a child: the histogram calibrators keep every intermediate output
@@ -249,7 +251,7 @@ def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Prepr
     """
     np.save(work / "ort.calib.npy", calib_nchw)
     per: dict[str, Any] = {}
-    for method in ORT_METHODS:
+    for method in methods:
         def one(method: str = method) -> dict[str, Any]:
             out = work / f"ort_{method.lower()}.onnx"
             proc = subprocess.run([sys.executable, __file__, "--child-ort", method, str(onnx),
@@ -422,7 +424,7 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
     if "ort" in columns:
         calib_nchw = np.stack([normalize(p, arch.prep) for p in load_pixels(calib_set, arch.prep)]).transpose(0, 3, 1, 2)
         row["ort_qdq"] = cell(lambda: ort_qdq(onnx_path, np.ascontiguousarray(calib_nchw), eval_px, arch.prep, ref,
-                                              work, truth))
+                                              work, truth, proto.ort_methods))
     if "aeq" in columns:
         row["aeq_int8"] = cell(lambda: score_tflite(aeq_int8(conv_dir / "model_float32.tflite", calib_tfl,
                                                              work / "aeq_int8.tflite"), tfl_eval_px, tfl_prep, ref, truth))
@@ -606,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-first", action="store_true", help="calibrate on the first 100 images by name (the old "
                     "default) instead of edgeship's default choice")
     ap.add_argument("--columns", default=",".join(COLUMNS), help=f"subset of {','.join(COLUMNS)}")
+    ap.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibration methods to try "
+                    "(the histogram ones hold every intermediate output in memory: ~9 GB on EfficientNet-Lite1)")
     ap.add_argument("--runs", type=int, default=200, help="latency: invokes per model (0: skip)")
     ap.add_argument("--work", type=Path, help="keep the converted and quantized models here")
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
@@ -629,7 +633,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("shared assets not found (set EDGE_ASSETS or check out ../shared)")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="arch-matrix-") as tmp:
-        proto = Protocol(assets, args.work or Path(tmp), latency_runs=args.runs, calib_first=args.calib_first)
+        proto = Protocol(assets, args.work or Path(tmp), latency_runs=args.runs, calib_first=args.calib_first,
+                         ort_methods=tuple(args.ort_methods.split(",")))
         for case in cases(args):
             print(f"== {case[0]} ({case[1]})", file=sys.stderr, flush=True)
             rows.append(measure(case, proto, args.columns.split(",")))
