@@ -1,19 +1,24 @@
 """The architecture matrix in one run: convert, int8 quality against the peers, runnability, speed.
 
-For every model of tests/archs.py (built into its cache): export kind and opset, convert
-time, float top-1 agreement and cosine (convert's own report), then on the same
-calibration images (the first 100 shared images by name) edgeship's int8, TensorFlow's
-own PTQ (TFLiteConverter on the converted SavedModel, full-integer int8) and
-onnxruntime's static QDQ int8 (per-channel; MinMax, Percentile, Entropy: best shown),
-each scored on 300 held-apart images (SQNR in dB of the logits against the float ONNX
-model run by onnxruntime, and top-1 agreement); whether each int8 model runs on XNNPACK
+For every model of tests/archs.py (built into its cache) and the shared real MobileNetV2
+(``mobilenetv2``, exporter ``tf2onnx``): export kind and opset, convert time, float top-1
+agreement and cosine (convert's own report), then on the same calibration images (100 of
+the 500 shared ones, chosen as ``edgeship quantize`` chooses by default: round-robin over
+the classes; ``--calib-first`` takes the first 100 by name instead) edgeship's int8,
+TensorFlow's own PTQ (TFLiteConverter on the converted SavedModel, full-integer int8),
+onnxruntime's static QDQ int8 (per-channel; MinMax, Percentile, Entropy: best shown) and
+Google's ai-edge-quantizer (``static_wi8_ai8`` recipe on the float TFLite model; installed
+apart, see ``aeq_path``), each scored on the other 400 images: top-1 against the labels
+(beside the float ONNX model's), top-1 agreement with it and SQNR in dB of the logits
+against it (run by onnxruntime); whether each int8 model runs on XNNPACK
 and on the reference kernels (checked in a child process), XNNPACK partitions, and
 float32 vs int8 latency at 1 thread (interleaved, median). Issue 13's column (``target``):
 the model ``edgeship quantize --target x86-host`` writes (its SQNR budget search included),
 XNNPACK partitions and ops left outside for it and for float32, and float32 vs that model
 (and edgeship's default int8) at 1 thread, interleaved in one run; its own table follows.
 
-    python benchmarks/arch_matrix.py                       # the 8 architectures, dynamo export
+    python benchmarks/arch_matrix.py                       # the architectures, dynamo export
+    python benchmarks/arch_matrix.py --trained --columns edgeship,tf,ort,aeq --runs 0   # issue 25's table
     python benchmarks/arch_matrix.py --models resnet18,vit_tiny:torchscript
     python benchmarks/arch_matrix.py --full --json out.json   # + TorchScript exports + variants
     python benchmarks/arch_matrix.py --columns target --runs 100   # issue 13's table only
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -45,16 +51,22 @@ from edgeship._assets import shared_assets  # noqa: E402
 from edgeship.reference import load_pixels, run_onnx  # noqa: E402
 from edgeship.runtime.bench import BenchOptions, benchmark  # noqa: E402
 from edgeship.runtime.card import ModelCard, Preprocessing  # noqa: E402
-from edgeship.runtime.images import ImageSet, list_images, normalize  # noqa: E402
-from edgeship.runtime.metrics import compare  # noqa: E402
+from edgeship.runtime.images import ImageSet, Labels, list_images, normalize  # noqa: E402
+from edgeship.runtime.metrics import accuracy, compare  # noqa: E402
 from tests import archs  # noqa: E402
 
 NUM_CALIB = 100
-NUM_EVAL = 300
+NUM_EVAL = 400
+#: Real ONNX models of the shared assets: name -> (file under models/, exporter label, how it is fed).
+SHARED = {"mobilenetv2": ("mobilenetv2-1.0-tf-op13.onnx", "tf2onnx",
+                          archs.Arch(archs.nn.Identity, trained=True))}  # the file is used as it is
+#: Issue 25: the trained models, every export of each.
+TRAINED = [("efficientnet_lite1", "dynamo"), ("efficientnet_lite1", "torchscript"), ("efficientnet_lite2", "dynamo"),
+           ("efficientnet_lite2", "torchscript"), ("mobilenetv2", "tf2onnx")]
 # Through quantize_static, Entropy runs with 128 histogram bins for 128 quantized bins (its
 # num_bins is not an extra_option there), so it usually lands on MinMax's ranges: what users get.
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
-COLUMNS = ("edgeship", "tf", "ort", "latency", "target")
+COLUMNS = ("edgeship", "tf", "ort", "aeq", "latency", "target")
 #: Issue 13's column: the model ``quantize --target TARGET`` writes (budget search included).
 TARGET = "x86-host"
 
@@ -67,15 +79,45 @@ class Protocol:
     work: Path
     latency_runs: int = 200
     verify_images: int = 200
+    #: Calibrate on the first 100 by name (the old default) instead of edgeship's default choice.
+    calib_first: bool = False
+    #: onnxruntime's calibration methods to try (the best SQNR is kept).
+    ort_methods: tuple[str, ...] = ORT_METHODS
 
     @property
     def folder(self) -> Path:
         return self.assets / "data" / "imagenet-sample"
 
     def split(self) -> tuple[ImageSet, ImageSet]:
-        """Calibration (first 100 by name) and evaluation (the next 300; BN used the last 64)."""
-        calib, rest = list_images(self.folder).split(NUM_CALIB)
+        """Calibration (100 chosen as ``edgeship quantize`` does, or the first 100) and evaluation (the other 400)."""
+        images = list_images(self.folder)
+        if not self.calib_first:
+            calib, rest = images.divide(NUM_CALIB)
+        else:
+            calib, rest = images.split(NUM_CALIB)
+            calib = dataclasses.replace(calib, selection=f"the first {NUM_CALIB} by name")
         return calib, rest.subset(range(min(NUM_EVAL, len(rest))))
+
+    def labels(self) -> Labels:
+        return Labels.load(self.assets / "data" / "imagenet_classes.txt")
+
+    def calib_args(self, work: Path) -> list[str]:
+        """``edgeship quantize`` arguments for the protocol's calibration (a folder of links for the first 100)."""
+        if not self.calib_first:
+            return ["--calib", str(self.folder), "--num-calib", str(NUM_CALIB)]
+        calib, rest = self.split()
+        for name, chosen in (("calib", calib), ("eval", rest)):
+            (work / name).mkdir(parents=True, exist_ok=True)
+            for f in chosen.files:
+                if not (work / name / f.name).exists():
+                    (work / name / f.name).symlink_to(f)
+        return ["--calib", str(work / "calib"), "--eval", str(work / "eval"), "--num-calib", str(NUM_CALIB)]
+
+
+def aeq_path() -> Path:
+    """Where ai-edge-quantizer is installed apart (``pip install --no-deps --target``): it pins
+    ai-edge-litert 2.3.0 while the host extra pins 2.1.0, so it cannot share the environment."""
+    return Path(os.environ.get("EDGESHIP_AEQ_PATH") or Path.home() / ".cache" / "edgeship" / "aeq")
 
 
 def one_line(exc: BaseException | str) -> str:
@@ -101,10 +143,11 @@ def cell(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return {"error": one_line(exc)}
 
 
-def figures(ref: np.ndarray, out: np.ndarray) -> dict[str, Any]:
-    f = compare(ref, out)
+def figures(ref: np.ndarray, out: np.ndarray, truth: list[int | None] | None = None) -> dict[str, Any]:
+    f = compare(ref, out, truth)
+    top1 = {"top1": round(f.cand_top1, 4)} if f.cand_top1 is not None else {}
     return {"sqnr_db": round(f.sqnr_db, 2), "agreement": round(f.top1_agreement, 4),
-            "mean_cosine": round(f.mean_cosine, 5)}
+            "mean_cosine": round(f.mean_cosine, 5), **top1}
 
 
 def runs_on(path: Path) -> dict[str, Any]:
@@ -122,13 +165,14 @@ def tflite_outputs(path: Path, pixels: np.ndarray, prep: Preprocessing, xnnpack:
     return np.concatenate([m.run_pixels(pixels[i:i + 1], prep).reshape(1, -1) for i in range(len(pixels))])
 
 
-def score_tflite(path: Path, pixels: np.ndarray, prep: Preprocessing, ref: np.ndarray) -> dict[str, Any]:
-    """Runnability plus SQNR/agreement on whichever kernels run it (XNNPACK first)."""
+def score_tflite(path: Path, pixels: np.ndarray, prep: Preprocessing, ref: np.ndarray,
+                 truth: list[int | None] | None = None) -> dict[str, Any]:
+    """Runnability plus SQNR/agreement/top-1 on whichever kernels run it (XNNPACK first)."""
     info = runs_on(path)
     if not (info["xnnpack"] or info["reference"]):
         return {**info, "error": "runs on neither interpreter: " + "; ".join(info["run_errors"].values())}
     out = tflite_outputs(path, pixels, prep, xnnpack=info["xnnpack"])
-    return {**info, **figures(ref, out), "size_mb": round(path.stat().st_size / 1e6, 2)}
+    return {**info, **figures(ref, out, truth), "size_mb": round(path.stat().st_size / 1e6, 2)}
 
 
 # ----------------------------------------------------------------------------- stages
@@ -148,9 +192,9 @@ def convert_model(onnx: Path, arch: archs.Arch, out: Path, proto: Protocol) -> d
 
 def edgeship_int8(convert_dir: Path, out: Path, proto: Protocol) -> Path:
     """``edgeship quantize`` with its defaults, in a child (an abort must not end the matrix)."""
-    cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), "--calib", str(proto.folder),
-           "--num-calib", str(NUM_CALIB), "--max-eval", "50", "-o", str(out), "-q", "--force"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), *proto.calib_args(out.parent),
+           "--max-eval", "50", "-o", str(out), "-q", "--force"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise RuntimeError(f"edgeship quantize {exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
@@ -161,7 +205,7 @@ def tf_ptq(convert_dir: Path, calib: np.ndarray, out: Path) -> Path:
     """TensorFlow's own full-integer PTQ of the converted SavedModel, in a child process."""
     np.save(out.with_suffix(".calib.npy"), calib)
     proc = subprocess.run([sys.executable, __file__, "--child-tf-ptq", str(convert_dir / "saved_model"),
-                           str(out.with_suffix(".calib.npy")), str(out)], capture_output=True, text=True)
+                           str(out.with_suffix(".calib.npy")), str(out)], capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not out.is_file():
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise RuntimeError(f"TF PTQ {exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
@@ -199,7 +243,7 @@ class _Reader:
 
 
 def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Preprocessing, ref: np.ndarray,
-            work: Path) -> dict[str, Any]:
+            work: Path, truth: list[int | None] | None = None, methods: tuple[str, ...] = ORT_METHODS) -> dict[str, Any]:
     """onnxruntime static QDQ int8, per-channel, three calibration methods: best SQNR kept.
 
     Each method runs in a child: the histogram calibrators keep every intermediate output
@@ -207,15 +251,15 @@ def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Prepr
     """
     np.save(work / "ort.calib.npy", calib_nchw)
     per: dict[str, Any] = {}
-    for method in ORT_METHODS:
+    for method in methods:
         def one(method: str = method) -> dict[str, Any]:
             out = work / f"ort_{method.lower()}.onnx"
             proc = subprocess.run([sys.executable, __file__, "--child-ort", method, str(onnx),
-                                   str(work / "ort.calib.npy"), str(out)], capture_output=True, text=True)
+                                   str(work / "ort.calib.npy"), str(out)], capture_output=True, text=True, check=False)
             if proc.returncode != 0 or not out.is_file():
                 lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
                 raise RuntimeError(f"{exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
-            return figures(ref, run_onnx(str(out), eval_px, prep))
+            return figures(ref, run_onnx(str(out), eval_px, prep), truth)
         per[method] = cell(one)
     ok = {m: f for m, f in per.items() if "sqnr_db" in f}
     if not ok:
@@ -225,13 +269,41 @@ def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Prepr
 
 
 def _child_ort(method: str, onnx: str, calib_npy: str, out: str) -> int:
+    import onnxruntime as ort
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns on the root logger
+    name = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"]).get_inputs()[0].name
     with contextlib.redirect_stdout(sys.stderr):  # and prints its calibration progress
-        quantize_static(onnx, out, _Reader("x", np.load(calib_npy)), quant_format=QuantFormat.QDQ,
+        quantize_static(onnx, out, _Reader(name, np.load(calib_npy)), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                         calibrate_method=getattr(CalibrationMethod, method))
+    return 0
+
+
+def aeq_int8(float_tflite: Path, calib: np.ndarray, out: Path) -> Path:
+    """ai-edge-quantizer's static int8 recipe (``static_wi8_ai8``, min/max) on the float TFLite model, in a child."""
+    np.save(out.with_suffix(".calib.npy"), calib)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(aeq_path()), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, __file__, "--child-aeq", str(float_tflite), str(out.with_suffix(".calib.npy")),
+                           str(out)], capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0 or not out.is_file():
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        raise RuntimeError(f"ai-edge-quantizer {exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
+    return out
+
+
+def _child_aeq(float_tflite: str, calib_npy: str, out: str) -> int:
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import quantizer, recipe
+
+    signatures = Interpreter(model_path=float_tflite).get_signature_list()
+    key = next(iter(signatures))
+    name = signatures[key]["inputs"][0]
+    qt = quantizer.Quantizer(float_tflite, recipe.static_wi8_ai8())
+    with contextlib.redirect_stdout(sys.stderr):  # it prints a size/time report
+        calibration = qt.calibrate({key: [{name: x[None]} for x in np.load(calib_npy)]}, num_threads=2)
+        qt.quantize(calibration).export_model(out, overwrite=True)
     return 0
 
 
@@ -250,9 +322,9 @@ def target_int8(convert_dir: Path, out: Path, proto: Protocol, target: str = TAR
     Exit 3 (over the target's SQNR budget) still writes a model, ``model_int8_OVER_BUDGET.tflite``:
     that is what the command produced, so it is measured too.
     """
-    cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), "--calib", str(proto.folder),
-           "--num-calib", str(NUM_CALIB), "--max-eval", "50", "--target", target, "-o", str(out), "-q", "--force"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), *proto.calib_args(out.parent),
+           "--max-eval", "50", "--target", target, "-o", str(out), "-q", "--force"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     report_path = out / "quant_report.json"
     if proc.returncode not in (0, 3) or not report_path.is_file():
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -308,13 +380,13 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
     import onnx as onnx_lib
 
     name, exporter = case
-    arch, columns = archs.ARCHS[name], set(columns)
+    arch, columns = SHARED[name][2] if name in SHARED else archs.ARCHS[name], set(columns)
     work = proto.work / f"{name}-{exporter}"
     work.mkdir(parents=True, exist_ok=True)
     row: dict[str, Any] = {"model": name, "exporter": exporter}
     start = time.perf_counter()
     try:
-        onnx_path = archs.build(name, exporter)
+        onnx_path = proto.assets / "models" / SHARED[name][0] if name in SHARED else archs.build(name, exporter)
     except Exception as exc:  # noqa: BLE001
         return {**row, "error": f"build: {one_line(exc)}"}
     meta = onnx_lib.load(str(onnx_path), load_external_data=False)
@@ -326,28 +398,36 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
         return row
     card = ModelCard.load(conv_dir / "model_card.json")
     calib_set, eval_set = proto.split()
+    truth = eval_set.labels_for(proto.labels()) if arch.classes == 1000 else None
+    row["split"] = {"calibration": calib_set.selection, "calib_classes": calib_set.classes(),
+                    "eval_classes": eval_set.classes(), "calib": len(calib_set), "eval": len(eval_set)}
     eval_px = load_pixels(eval_set, arch.prep)
     ref = run_onnx(str(onnx_path), eval_px, arch.prep)
+    if truth is not None:
+        row["float_top1"] = round(accuracy(ref, truth, 1) or 0.0, 4)
     tfl_prep = card.preprocessing  # input affine ops may have been folded into it
     tfl_eval_px = load_pixels(eval_set, tfl_prep)
     row["float32"] = cell(lambda: {**runs_on(conv_dir / "model_float32.tflite"),
                                    **figures(ref, tflite_outputs(conv_dir / "model_float32.tflite",
-                                                                 tfl_eval_px, tfl_prep, True))})
+                                                                 tfl_eval_px, tfl_prep, True), truth)})
     int8: Path | None = None
     if "edgeship" in columns:
         def es() -> dict[str, Any]:
             nonlocal int8
             int8 = edgeship_int8(conv_dir, work / "int8", proto)
-            return score_tflite(int8, tfl_eval_px, tfl_prep, ref)
+            return {**score_tflite(int8, tfl_eval_px, tfl_prep, ref, truth), **quant_choices(work / "int8")}
         row["edgeship_int8"] = cell(es)
+    calib_tfl = np.stack([normalize(p, tfl_prep) for p in load_pixels(calib_set, tfl_prep)])
     if "tf" in columns:
-        calib_tfl = np.stack([normalize(p, tfl_prep) for p in load_pixels(calib_set, tfl_prep)])
         row["tf_ptq"] = cell(lambda: score_tflite(tf_ptq(conv_dir, calib_tfl, work / "tf_ptq.tflite"),
-                                                  tfl_eval_px, tfl_prep, ref))
+                                                  tfl_eval_px, tfl_prep, ref, truth))
     if "ort" in columns:
         calib_nchw = np.stack([normalize(p, arch.prep) for p in load_pixels(calib_set, arch.prep)]).transpose(0, 3, 1, 2)
         row["ort_qdq"] = cell(lambda: ort_qdq(onnx_path, np.ascontiguousarray(calib_nchw), eval_px, arch.prep, ref,
-                                              work))
+                                              work, truth, proto.ort_methods))
+    if "aeq" in columns:
+        row["aeq_int8"] = cell(lambda: score_tflite(aeq_int8(conv_dir / "model_float32.tflite", calib_tfl,
+                                                             work / "aeq_int8.tflite"), tfl_eval_px, tfl_prep, ref, truth))
     if "latency" in columns and proto.latency_runs > 0:
         ok = int8 is not None and row.get("edgeship_int8", {}).get("xnnpack")
         row["latency"] = cell(lambda: latency(conv_dir / "model_float32.tflite", int8, proto.latency_runs)) if ok \
@@ -358,6 +438,15 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
                                                         int8 if es_ok else None))
     row["total_s"] = round(time.perf_counter() - start, 1)
     return row
+
+
+def quant_choices(out: Path) -> dict[str, Any]:
+    """What edgeship's default chose (range method, float islands, per-channel) and which images it calibrated on."""
+    report = json.loads((out / "quant_report.json").read_text())
+    opts, calib = report.get("options", {}), report.get("calibration", {})
+    return {"range_method": report.get("ranges", {}).get("auto", {}).get("chosen", opts.get("method")),
+            "per_channel": opts.get("per_channel"), "float_islands": len(report.get("runs_on", {}).get("float_islands", [])),
+            "calibration": {k: calib.get(k) for k in ("count", "selection", "classes", "file_list_sha256")}}
 
 
 # ----------------------------------------------------------------------------- table
@@ -410,6 +499,48 @@ def _export(r: dict[str, Any]) -> str:
     return f"opset {e['opset']}{' +data' if e.get('external_data') else ''}" if e else "-"
 
 
+#: Issue 25's columns: (row key, heading).
+PEERS = (("edgeship_int8", "edgeship"), ("tf_ptq", "TF PTQ"), ("ort_qdq", "ORT QDQ best"), ("aeq_int8", "AI Edge Q"))
+#: Issue 25: edgeship's int8 top-1 within this of float; no peer better by more than one image of 400.
+MAX_DROP, ONE_IMAGE = 0.005, 0.0025
+
+
+def _acc(d: dict[str, Any] | None) -> str:
+    if not d or "agreement" not in d:
+        return "ERR" if d else "-"
+    top1 = f"{100 * d['top1']:.2f}" if "top1" in d else "-"
+    return f"{top1} / {100 * d['agreement']:.2f} / {d['sqnr_db']:.1f}"
+
+
+def verdict(r: dict[str, Any]) -> str:
+    """Issue 25's acceptance for one row: edgeship within 0.5 pt of float, no peer ahead by more than one image."""
+    es = r.get("edgeship_int8") or {}
+    if "top1" not in es or "float_top1" not in r:
+        return "-"
+    bad = [f"drop {100 * (r['float_top1'] - es['top1']):.2f} pt"] if r["float_top1"] - es["top1"] > MAX_DROP + 1e-9 else []
+    for key, label in PEERS[1:]:
+        d = r.get(key) or {}
+        for fig in ("top1", "agreement"):
+            if fig in d and d[fig] - es[fig] > ONE_IMAGE + 1e-9:
+                bad.append(f"{label} {fig} +{100 * (d[fig] - es[fig]):.2f} pt")
+    return "pass" if not bad else "; ".join(bad)
+
+
+def accuracy_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Issue 25's table: float top-1, then top-1 / agreement (%) / SQNR (dB) for edgeship and each peer."""
+    head = ("| model | export | float top-1 | " + " | ".join(f"{h} top-1 / agree / SQNR" for _, h in PEERS)
+            + " | edgeship chose | verdict |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "float_top1" not in r:
+            continue
+        es = r.get("edgeship_int8") or {}
+        chose = f"{es.get('range_method', '-')}, islands {es.get('float_islands', '-')}" if "top1" in es else "-"
+        lines.append(f"| {r['model']} | {r['exporter']} | {100 * r['float_top1']:.2f} | "
+                     + " | ".join(_acc(r.get(k)) for k, _ in PEERS) + f" | {chose} | {verdict(r)} |")
+    return lines
+
+
 #: Issue 13: the target's model must be at least this much faster than float32 at 1 thread.
 MIN_SPEEDUP = 1.3
 
@@ -450,17 +581,21 @@ def target_table(rows: list[dict[str, Any]]) -> list[str]:
 def cases(args: argparse.Namespace) -> list[tuple[str, str]]:
     """The (model, exporter) pairs asked for."""
     big = [n for n in archs.ARCHS if not n.startswith("tiny")]
+    shared = [(n, SHARED[n][1]) for n in SHARED]
     if args.models:
         out = []
         for item in args.models.split(","):
             name, _, exporter = item.partition(":")
-            if name not in archs.ARCHS:
-                raise SystemExit(f"unknown model {name!r}; known: {', '.join(archs.ARCHS)}")
-            out.append((name, exporter or args.exporter))
+            if name not in archs.ARCHS and name not in SHARED:
+                raise SystemExit(f"unknown model {name!r}; known: {', '.join([*archs.ARCHS, *SHARED])}")
+            out.append((name, SHARED[name][1] if name in SHARED else exporter or args.exporter))
         return out
+    if getattr(args, "trained", False):
+        return list(TRAINED)
     if args.full:
-        return [(n, e) for n in big for e in archs.EXPORTERS] + [(n, "dynamo") for n in archs.ARCHS if n not in big]
-    return [(n, args.exporter) for n in big]
+        return [(n, e) for n in big for e in archs.EXPORTERS] + shared + [(n, "dynamo") for n in archs.ARCHS
+                                                                          if n not in big]
+    return [(n, args.exporter) for n in big] + shared
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -468,37 +603,61 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated names, optionally name:exporter (default: the 8 architectures)")
     ap.add_argument("--exporter", choices=archs.EXPORTERS, default="dynamo")
     ap.add_argument("--full", action="store_true", help="every architecture with both exporters, plus the variants")
+    ap.add_argument("--trained", action="store_true", help="the trained models only: EfficientNet-Lite1/2 (both "
+                    "exporters) and the shared MobileNetV2")
+    ap.add_argument("--calib-first", action="store_true", help="calibrate on the first 100 images by name (the old "
+                    "default) instead of edgeship's default choice")
     ap.add_argument("--columns", default=",".join(COLUMNS), help=f"subset of {','.join(COLUMNS)}")
+    ap.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibration methods to try "
+                    "(the histogram ones hold every intermediate output in memory: ~9 GB on EfficientNet-Lite1)")
     ap.add_argument("--runs", type=int, default=200, help="latency: invokes per model (0: skip)")
     ap.add_argument("--work", type=Path, help="keep the converted and quantized models here")
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
+    ap.add_argument("--tables", type=Path, nargs="+", help="print the tables of rows kept by --json (no measuring)")
     ap.add_argument("--child-tf-ptq", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--child-ort", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--child-aeq", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child_tf_ptq:
         return _child_tf_ptq(*args.child_tf_ptq)
     if args.child_ort:
         return _child_ort(*args.child_ort)
+    if args.child_aeq:
+        return _child_aeq(*args.child_aeq)
+    if args.tables:
+        print_tables([row for path in args.tables for row in json.loads(path.read_text())], args.runs)
+        return 0
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime's quantizer warns on the root logger
     assets = shared_assets()
     if assets is None:
         ap.error("shared assets not found (set EDGE_ASSETS or check out ../shared)")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="arch-matrix-") as tmp:
-        proto = Protocol(assets, args.work or Path(tmp), latency_runs=args.runs)
+        proto = Protocol(assets, args.work or Path(tmp), latency_runs=args.runs, calib_first=args.calib_first,
+                         ort_methods=tuple(args.ort_methods.split(",")))
         for case in cases(args):
             print(f"== {case[0]} ({case[1]})", file=sys.stderr, flush=True)
             rows.append(measure(case, proto, args.columns.split(",")))
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
-    print(f"calibration: first {NUM_CALIB} shared images by name; evaluation: the next {NUM_EVAL}; "
+    print_tables(rows, args.runs)
+    return 0
+
+
+def print_tables(rows: list[dict[str, Any]], runs: int) -> None:
+    """The matrix table, issue 25's accuracy table and issue 13's target table (when measured)."""
+    split = rows[0].get("split", {}) if rows else {}
+    print(f"calibration: {NUM_CALIB} shared images, {split.get('calibration', '?')} ({split.get('calib_classes', '?')} "
+          f"classes); evaluation: the other {split.get('eval', NUM_EVAL)} ({split.get('eval_classes', '?')} classes); "
           f"SQNR of int8 logits vs the float ONNX model (onnxruntime); latency at 1 thread, XNNPACK")
     print("\n".join(table(rows)))
+    if any("float_top1" in r for r in rows):
+        print("\ntop-1 against labels (%), top-1 agreement with float (%), SQNR (dB) on the evaluation images")
+        print("\n".join(accuracy_table(rows)))
     if any("target_int8" in r for r in rows):
         print(f"\nissue 13: `quantize --target {TARGET}` model vs float32, XNNPACK, 1 thread, interleaved in one run "
-              f"({args.runs} invokes each, median); float ops kept = budget-search ops + float islands")
+              f"({runs} invokes each, median); float ops kept = budget-search ops + float islands")
         print("\n".join(target_table(rows)))
-    return 0
 
 
 if __name__ == "__main__":

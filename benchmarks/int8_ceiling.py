@@ -1,8 +1,8 @@
 """How high an int8 model's SQNR can go on each architecture, and at what speed (issue 12's budget point).
 
-On the architecture matrix's protocol (tests/archs.py models, calibration on the first 100
-shared images by name, SQNR of the logits on the next 300 against the float ONNX model run
-by onnxruntime), for each model:
+On the architecture matrix's protocol (tests/archs.py models, calibration on 100 shared
+images chosen as ``edgeship quantize`` chooses by default, SQNR of the logits on the other
+400 against the float ONNX model run by onnxruntime), for each model:
 
     weights   int8 weights (per-channel, round to nearest) with float activations, simulated
               in the float model: the error of the weights alone
@@ -332,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**measure(name, exporter, proto, columns), "total_s": round(time.perf_counter() - start, 1)})
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
-    print(f"calibration: first {NUM_CALIB} shared images by name; SQNR of the logits on the next {NUM_EVAL} against "
+    print(f"calibration: {NUM_CALIB} shared images (edgeship's default choice); SQNR of the logits on the other "
+          f"{NUM_EVAL} against "
           f"the float ONNX model; speed-up over float32 at 1 thread, XNNPACK, interleaved in one run (median)")
     print("\n".join(table(rows)))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Union
@@ -13,7 +14,7 @@ import numpy as np
 from edgeship._progress import Progress, silent
 from edgeship.errors import CalibrationError, InputError
 from edgeship.runtime.card import Preprocessing
-from edgeship.runtime.images import ImageSet, Labels, frame_pixels, list_images, load_pixels
+from edgeship.runtime.images import ImageSet, Labels, frame_pixels, list_images, load_pixels, spread_indices
 
 #: What ``quantize`` takes as images: a folder path, or HxWx3 uint8 RGB arrays (any size).
 Images = Union[str, os.PathLike, Iterable[np.ndarray]]
@@ -60,15 +61,17 @@ def split_images(folder: Path, split: Split, evaluation: Path | None = None) -> 
         if overlap:
             raise InputError(f"{len(overlap)} evaluation image(s) are also calibration images "
                              f"(e.g. {sorted(overlap)[0]}); keep the two sets apart")
-    elif len(images) > split.num_calib:
-        calib = images.sample(split.num_calib, seed=split.seed)
-        picked = set(calib.files)
-        evals = images.subset([i for i, f in enumerate(images.files) if f not in picked])
     else:
-        calib, evals = images.split(len(images) - max(1, round(len(images) * split.eval_split)))
-        calib = calib.sample(split.num_calib, seed=split.seed)
+        calib, evals = images.divide(_calib_count(len(images), split), seed=split.seed)
     _check_enough(len(calib), len(evals), split)
     return calib, evals.sample(split.max_eval) if split.max_eval else evals
+
+
+def _calib_count(available: int, split: Split) -> int:
+    """``num_calib``, or all but ``eval_split`` of them when there are no more images than that."""
+    if available > split.num_calib:
+        return split.num_calib
+    return available - max(1, round(available * split.eval_split))
 
 
 def _check_enough(calib: int, evals: int, split: Split) -> None:
@@ -96,21 +99,38 @@ def from_arrays(calibration: Iterable[np.ndarray], evaluation: Iterable[np.ndarr
                 prep: Preprocessing) -> tuple[Pixels, Pixels]:
     """Arrays (HxWx3 uint8 RGB frames of any size), resized and cropped like files.
 
-    Held apart like a folder's images: with more than ``num_calib`` arrays the first
-    ``num_calib`` calibrate and the rest are evaluated, else the last ``eval_split`` are.
+    Chosen and held apart like a folder's images without labels: with more than ``num_calib``
+    arrays, ``num_calib`` evenly spaced ones calibrate (a seeded random choice with
+    ``seed``) and the rest are evaluated; with fewer, ``eval_split`` of them are held apart
+    the same way.
     """
-    calib = _crops(calibration, prep, "calibration")
-    if evaluation is not None:
-        evals = _crops(evaluation, prep, "evaluation")
-        calib = calib[:split.num_calib]
-    else:
-        keep = split.num_calib if len(calib) > split.num_calib else len(calib) - max(1, round(len(calib) * split.eval_split))
-        calib, evals = calib[:keep], calib[keep:]
+    frames = _crops(calibration, prep, "calibration")
+    count = split.num_calib if evaluation is not None else _calib_count(len(frames), split)
+    picks = _pick(len(frames), count, split.seed)
+    calib = frames[picks]
+    evals = _crops(evaluation, prep, "evaluation") if evaluation is not None else np.delete(frames, picks, axis=0)
     _check_enough(len(calib), len(evals), split)
-    evals = evals[:split.max_eval] if split.max_eval else evals
-    return (Pixels(calib, (None,) * len(calib), array_report(calib)),
-            Pixels(evals, (None,) * len(evals), {**array_report(evals),
+    evals = evals[_pick(len(evals), split.max_eval, None)] if split.max_eval else evals
+    how = _array_selection(len(frames), count, split.seed)
+    return (Pixels(calib, (None,) * len(calib), array_report(calib, how)),
+            Pixels(evals, (None,) * len(evals), {**array_report(evals, "the arrays not chosen" if evaluation is None
+                                                                else "all arrays"),
                                                   "held_apart_from_calibration": evaluation is None}))
+
+
+def _pick(available: int, count: int, seed: int | None) -> list[int]:
+    """Indices of ``count`` of ``available`` arrays: evenly spaced, or a seeded random choice."""
+    if count >= available:
+        return list(range(available))
+    if seed is not None:
+        return sorted(random.Random(seed).sample(range(available), count))
+    return spread_indices((None,) * available, count)
+
+
+def _array_selection(available: int, count: int, seed: int | None) -> str:
+    if count >= available:
+        return "all arrays"
+    return f"seeded random choice (seed {seed})" if seed is not None else "evenly spaced"
 
 
 def _crops(frames: Iterable[np.ndarray], prep: Preprocessing, what: str) -> np.ndarray:
@@ -129,11 +149,12 @@ def _crops(frames: Iterable[np.ndarray], prep: Preprocessing, what: str) -> np.n
 def folder_report(images: ImageSet) -> dict[str, Any]:
     names = "\n".join(str(f.relative_to(images.root)) for f in images.files)
     return {"folder": str(images.root), "count": len(images), "skipped_files": len(images.skipped),
+            "selection": images.selection or "all images", "classes": images.classes(),
             "first": images.files[0].name if images.files else None,
             "last": images.files[-1].name if images.files else None,
             "file_list_sha256": hashlib.sha256(names.encode()).hexdigest()}
 
 
-def array_report(pixels: np.ndarray) -> dict[str, Any]:
-    return {"folder": None, "source": "arrays", "count": len(pixels),
+def array_report(pixels: np.ndarray, selection: str = "all arrays") -> dict[str, Any]:
+    return {"folder": None, "source": "arrays", "count": len(pixels), "selection": selection,
             "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}

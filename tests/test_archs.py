@@ -5,8 +5,9 @@ images, quantizes without crashing, and its int8 model runs on XNNPACK and on th
 reference kernels. Two tiers (convert is ~25-115 s per model on a 2-core machine):
 
 - every CI run: ResNet-18 (dynamo export), MobileNetV3-Small (TorchScript export),
-  ViT-tiny (dynamo), and the variants on a tiny net (Softmax/LogSoftmax tails, dynamic
-  H/W, 192x256 input, 10 classes, names TensorFlow rejects, a BGR contract);
+  ViT-tiny (dynamo), the trained EfficientNet-Lite1 (dynamo; its float and int8 top-1
+  against the labels too), and the variants on a tiny net (Softmax/LogSoftmax tails,
+  dynamic H/W, 192x256 input, 10 classes, names TensorFlow rejects, a BGR contract);
 - ``-m matrix`` (not run by default; ``benchmarks/arch_matrix.py --full`` covers it too):
   every other model x exporter, and ResNet-18's int8 SQNR against onnxruntime's QDQ.
 
@@ -36,7 +37,8 @@ VERIFY_IMAGES = 100
 NUM_CALIB = 50
 MAX_EVAL = 50
 
-CI = [("resnet18", "dynamo"), ("mobilenetv3_small", "torchscript"), ("vit_tiny", "dynamo")]
+CI = [("resnet18", "dynamo"), ("mobilenetv3_small", "torchscript"), ("vit_tiny", "dynamo"),
+      ("efficientnet_lite1", "dynamo")]
 VARIANTS = [("tiny_softmax", "dynamo"), ("tiny_logsoftmax", "torchscript"), ("tiny_dynamic_hw", "dynamo"),
             ("tiny_192x256", "dynamo"), ("tiny_10class", "torchscript"), ("tiny_bad_names", "dynamo"),
             ("tiny_bgr", "dynamo")]
@@ -233,6 +235,36 @@ def test_shapes_and_classes_in_card(matrix: Matrix, name: str, shape: list[int],
     assert card["input"]["shape"] == shape
     assert card["num_classes"] == classes
     assert card["preprocessing"]["crop"] == shape[1:3]
+
+
+# ----------------------------------------------------------------------------- trained weights
+#: Held-apart images scored for the trained model (none of them calibrated).
+TRAINED_EVAL = 100
+
+
+def _top1(model: Path, files: tuple[Path, ...], prep: Any, truth: list[int | None]) -> float:
+    from edgeship.runtime.images import load_pixels
+    from edgeship.runtime.interpreter import TFLiteModel
+
+    m, px = TFLiteModel(model, num_threads=2), load_pixels(files, prep)
+    hits = [int(np.argmax(m.run_pixels(px[i:i + 1], prep))) == t for i, t in enumerate(truth)]
+    return float(np.mean(hits))
+
+
+def test_trained_efficientnet_lite1_keeps_its_top1(matrix: Matrix, assets: Path) -> None:
+    """EfficientNet-Lite1's trained weights: float top-1 on held-apart images, int8 within 3 of 100 of it."""
+    from edgeship.runtime.card import ModelCard
+    from edgeship.runtime.images import Labels, list_images
+
+    case = ("efficientnet_lite1", "dynamo")
+    conv, quant = matrix.convert(case).need("convert"), matrix.quantize(case).need("quantize")
+    held_apart = list_images(matrix.images).divide(NUM_CALIB)[1].sample(TRAINED_EVAL)
+    truth = held_apart.labels_for(Labels.load(assets / "data" / "imagenet_classes.txt"))
+    floats = _top1(conv / "model_float32.tflite", held_apart.files, ModelCard.load(conv).preprocessing, truth)
+    int8 = _top1(quant / "model_int8.tflite", held_apart.files,
+                 ModelCard.load(quant / "model_int8.card.json").preprocessing, truth)
+    assert floats >= 0.75, floats
+    assert int8 >= floats - 0.03, (floats, int8)
 
 
 # ----------------------------------------------------------------------------- int8 quality vs peer
