@@ -186,7 +186,7 @@ def test_options_round_trip_and_target_rules() -> None:
     given = QuantizeOptions.for_target(load_target("x86-host"), io="float32", min_sqnr_db=25.0, float_islands=False)
     assert given.io.value == "float32" and given.min_sqnr_db == 25.0 and not given.float_islands
     # Timed placement measures here: only for XNNPACK targets of this machine's architecture.
-    from edgeship.quantize.options import host_arch
+    from edgeship.runtime.delegation import host_arch
 
     for name in ("x86-host", "rpi5-aarch64", "android-gpu"):
         target = load_target(name)
