@@ -530,10 +530,13 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     device = _device_spec(args)
     if device is not None and device.kind == "adb":
         raise InputError(NO_ADB_DRIFT_CHECKS)
-    options = DeployOptions(targets=tuple(args.target), num_calib=args.num_calib, seed=args.seed,
-                            method=args.method, eval_dir=args.eval_dir, max_eval=args.max_eval, labels=args.labels,
-                            bench_threads=tuple(args.bench_threads), bench_runs=args.bench_runs, device=device,
-                            force=args.force)
+    from edgeship.quantize import QuantizeOptions
+
+    given = dict(num_calib=args.num_calib, seed=args.seed, method=args.method, max_eval=args.max_eval)
+    options = DeployOptions(targets=tuple(args.target), quantize=QuantizeOptions(**{k: v for k, v in given.items()
+                                                                                     if v is not None}),
+                            eval_dir=args.eval_dir, labels=args.labels, bench_threads=tuple(args.bench_threads),
+                            bench_runs=args.bench_runs, device=device, force=args.force)
     result = deploy(args.model, args.calib, args.out, options, progress=progress)
     lines = [f"{'stage':<40}{'reused':<8}seconds"]
     lines += [f"{r.name:<40}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]

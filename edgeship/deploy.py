@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,7 +23,11 @@ import numpy as np
 from edgeship._io import atomic_write_json, sha256_file
 from edgeship._progress import Progress, silent
 from edgeship._version import __version__
+from edgeship.convert.result import FLOAT16_FILE, ConvertResult
 from edgeship.errors import InputError, OutputExistsError
+from edgeship.quantize.options import QuantizeOptions
+from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
+from edgeship.runtime.card import ModelCard
 from edgeship.targets.devices import DeviceSpec
 
 log = logging.getLogger(__name__)
@@ -38,11 +42,9 @@ class DeployOptions:
     """Options of :func:`deploy` (the quantize options apply to every quantized model)."""
 
     targets: tuple[str, ...]
-    num_calib: int = 200
-    seed: int | None = None
-    method: str | None = None  # None: quantize's default
+    #: Every quantized model's options, each fitted to its targets (:meth:`QuantizeOptions.fitted`).
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     eval_dir: Path | None = None
-    max_eval: int | None = None
     labels: Path | None = None
     bench_threads: tuple[int, ...] = (1, 2)
     bench_runs: int = 100
@@ -52,6 +54,16 @@ class DeployOptions:
     def __post_init__(self) -> None:
         if not self.targets:
             raise InputError("deploy needs at least one --target")
+
+
+@dataclass(frozen=True)
+class DeployedModel:
+    """What a target deploys: the saved model file, and the quantize result when it is an int8 model."""
+
+    path: Path
+    variant: str
+    card: ModelCard
+    quantized: QuantizeResult | None = None  # None: a float model of the conversion
 
 
 @dataclass
@@ -187,25 +199,26 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     inspect_model(load_model(model_path), str(model_path))  # bad models fail before OUT_DIR is touched
     if options.labels is not None:
         Labels.load(options.labels)
-    calib_set, eval_set = split_images(Path(calibration), Split(options.num_calib, options.seed,
-                                                                max_eval=options.max_eval), options.eval_dir)
+    qopts = options.quantize
+    calib_set, eval_set = split_images(Path(calibration), Split(qopts.num_calib, qopts.seed, max_eval=qopts.max_eval),
+                                       options.eval_dir)
     folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
     _check_out_dir(out, options.force)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MARKER, {"edgeship": __version__})
     stages = _Stages(out, progress)
-    conv_dir, conv_key = _convert_stage(stages, model_path, options, targets)
-    models = _quantize_stages(stages, conv_dir, conv_key, Path(calibration), folder_digest, options, targets)
+    conv, conv_key = _convert_stage(stages, model_path, options, targets)
+    models = _quantize_stages(stages, conv, conv_key, Path(calibration), folder_digest, options, targets)
     drifts = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
     verify_results = {name: d.report for name, d in drifts.items()}
-    bench_doc = _bench_stage(stages, model_path, conv_dir, models, options, progress, eval_set)
+    bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
     bundles = _bundle_stages(stages, models, targets, options)
     summary = {
         "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
                                                                           "count": len(calib_set)},
         "evaluation": {"count": len(eval_set), "held_apart": options.eval_dir is None},
         "stages": [asdict(r) for r in stages.records],
-        "targets": {t.name: {"model": str(models[t.name]), "bundle": str(bundles[t.name]),
+        "targets": {t.name: {"model": str(models[t.name].path), "bundle": str(bundles[t.name]),
                              "passed": verify_results[t.name]["passed"], "figures": verify_results[t.name]["figures"],
                              "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
                              "budget": verify_results[t.name]["budget"],
@@ -215,14 +228,17 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     from edgeship.report import ReportInputs, write_report
 
     progress("report")
-    write_report(out, ReportInputs(summary, bench_doc, drifts, _labels(conv_dir), _layer_plots(out, models)))
+    labels = conv.label_names()
+    write_report(out, ReportInputs(summary, bench_doc, drifts, list(labels.names) if labels else None,
+                                   _layer_plots(models)))
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out / SUMMARY, summary)
     passed = all(v["passed"] for v in summary["targets"].values())
     return DeployResult(out, stages.records, summary["targets"], passed, summary)
 
 
-def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets: list[Any]) -> tuple[Path, str]:
+def _convert_stage(stages: _Stages, model: Path, options: DeployOptions,
+                   targets: list[Any]) -> tuple[ConvertResult, str]:
     from edgeship.convert import ConvertOptions, convert
 
     fp16 = any(t.model.precision.value == "float16" for t in targets)
@@ -231,75 +247,102 @@ def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets
     copts = ConvertOptions(fp16=fp16, labels=labels, pixels_in_graph=pixels)
     key = {"stage": "convert", "model_sha256": sha256_file(model), "options": copts.to_dict(),
            "labels_sha256": sha256_file(labels) if labels else None}
-    return stages.run("convert", key,
-                      lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True))
+    folder, digest = stages.run("convert", key,
+                                lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True))
+    return ConvertResult.load(folder), digest
 
 
-def _variant(target: Any) -> str:
+def _variant(target: Any, io: str | None = None) -> str:
+    """The folder name of the model a target deploys (``io``: another I/O dtype)."""
     m = target.model
     if m.precision.value != "int8":
         return m.precision.value
-    return (f"int8-io-{m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
+    return (f"int8-io-{io or m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
             f"{'' if m.float_islands else '-full-integer'}")
 
 
-def _quantize_stages(stages: _Stages, conv_dir: Path, conv_key: str, calib: Path, folder_digest: str,
-                     options: DeployOptions, targets: list[Any]) -> dict[str, Path]:
-    """One quantized model per distinct need, shared by the targets that need it.
+def _calibration(target: Any) -> str:
+    """Targets with the same calibration share one quantized model: those whose models differ only in
+    int8/uint8 I/O get it with the interface rewritten (exact), not calibrated and quantized again."""
+    from edgeship.quantize.interface import EXACT
 
-    Each is made for its target's budget (mixed models keep float op groups to meet it);
-    a model still over budget is kept as ``model_int8_OVER_BUDGET.tflite`` and its targets'
-    drift checks say so.
+    io = target.model.io_dtype.value
+    return _variant(target, "int8" if io in EXACT else io)
+
+
+def _quantize_stages(stages: _Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str,
+                     options: DeployOptions, targets: list[Any]) -> dict[str, DeployedModel]:
+    """One calibrated, quantized model per distinct need, shared by the targets that need it.
+
+    It is made for the strictest SQNR budget of its targets (mixed models keep float op groups to
+    meet it); a model still over budget is kept as ``model_int8_OVER_BUDGET.tflite`` and its
+    targets' drift checks say so. A target needing other I/O gets a copy with its interface rewritten.
     """
-    from edgeship.convert.result import FLOAT16_FILE, FLOAT32_FILE
-    from edgeship.quantize import QuantizeOptions, quantize
-    from edgeship.quantize.pipeline import INT8_FILE, OVER_BUDGET_FILE
-
-    from dataclasses import replace
-
-    models: dict[str, Path] = {}
-    built: dict[str, Path] = {}
-    strictest: dict[str, float] = {}  # targets sharing a model: the highest SQNR budget among them
+    models: dict[str, DeployedModel] = {}
+    groups: dict[str, list[Any]] = {}
     for t in targets:
-        strictest[_variant(t)] = max(strictest.get(_variant(t), t.budget.min_sqnr_db), t.budget.min_sqnr_db)
-    for t in targets:
-        variant = _variant(t)
-        if variant in ("float32", "float16"):
-            models[t.name] = conv_dir / (FLOAT32_FILE if variant == "float32" else FLOAT16_FILE)
-            continue
-        if variant not in built:
-            opts = QuantizeOptions.for_target(t, num_calib=options.num_calib, seed=options.seed, method=options.method,
-                                              max_eval=options.max_eval)
-            opts = replace(opts, min_sqnr_db=strictest[variant])
-            key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
-                   "evaluation": str(options.eval_dir) if options.eval_dir else None, "options": opts.to_dict()}
-            folder, _ = stages.run(f"quantize/{variant}", key,
-                                   lambda d, o=opts: quantize(conv_dir, calib, evaluation=options.eval_dir, options=o,
-                                                              progress=stages.progress).save(d, force=True))
-            built[variant] = folder / (INT8_FILE if (folder / INT8_FILE).is_file() else OVER_BUDGET_FILE)
-        models[t.name] = built[variant]
+        if t.model.precision.value in ("float32", "float16"):
+            card = conv.card if t.model.precision.value == "float32" else conv.card.with_(
+                model_file=FLOAT16_FILE, precision="float16")
+            models[t.name] = DeployedModel(Path(str(conv.folder)) / card.model_file, _variant(t), card)
+        else:
+            groups.setdefault(_calibration(t), []).append(t)
+    for variant, members in groups.items():
+        base = _quantize_stage(stages, conv, conv_key, calib, folder_digest, options, variant, members)
+        for t in members:
+            models[t.name] = _interface_stage(stages, conv, base, t)
     return models
 
 
-def _verify_stages(stages: _Stages, model: Path, models: dict[str, Path], eval_set: Any, targets: list[Any],
-                   options: DeployOptions, progress: Progress) -> dict[str, Any]:
-    from edgeship.runtime.classifier import find_card
+def _quantize_stage(stages: _Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str,
+                    options: DeployOptions, variant: str, members: list[Any]) -> tuple[DeployedModel, str]:
+    from edgeship.quantize import quantize
+
+    opts = options.quantize.fitted(members[0])
+    io = "int8" if opts.io.value in ("int8", "uint8") else opts.io.value
+    opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
+    key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
+           "evaluation": str(options.eval_dir) if options.eval_dir else None, "options": opts.to_dict()}
+    folder, digest = stages.run(f"quantize/{variant}", key,
+                                lambda d: quantize(conv, calib, evaluation=options.eval_dir, options=opts,
+                                                   progress=stages.progress).save(d, force=True))
+    result = QuantizeResult.load(folder, source=conv)
+    return DeployedModel(Path(str(result.model_path)), variant, result.card, result), digest
+
+
+def _interface_stage(stages: _Stages, conv: ConvertResult, base: tuple[DeployedModel, str],
+                     target: Any) -> DeployedModel:
+    """The calibrated model as it is, or with its interface rewritten for the target's I/O dtype (own stage)."""
+    model, base_key = base
+    variant, io = _variant(target), target.model.io_dtype.value
+    if variant == model.variant or model.quantized is None:
+        return model
+    calibrated = model.quantized
+    folder, _ = stages.run(f"quantize/{variant}", {"stage": "interface", "quantize": base_key, "io": io},
+                           lambda d: calibrated.with_io(io).save(d, force=True))
+    result = QuantizeResult.load(folder, source=conv)
+    return DeployedModel(Path(str(result.model_path)), variant, result.card, result)
+
+
+def _verify_stages(stages: _Stages, model: Path, models: dict[str, DeployedModel], eval_set: Any,
+                   targets: list[Any], options: DeployOptions, progress: Progress) -> dict[str, Any]:
     from edgeship.verify.drift import DriftResult, reference_outputs, verify
 
     results: dict[str, DriftResult] = {}
     reference: dict[str, np.ndarray] = {}
     for t in targets:
         cand = models[t.name]
-        key = {"stage": "verify", "candidate_sha256": sha256_file(cand), "target": t.to_dict(),
+        key = {"stage": "verify", "candidate_sha256": sha256_file(cand.path), "target": t.to_dict(),
                "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
                "device": options.device.to_dict() if options.device else None}
 
-        def build(d: Path, t: Any = t, cand: Path = cand) -> None:
-            card = find_card(cand)
+        def build(d: Path, t: Any = t, cand: DeployedModel = cand) -> None:
+            candidate = cand.quantized or cand.path
+            card = cand.card
             ref_key = json.dumps(card.reference_preprocessing.to_dict(), sort_keys=True)
             if ref_key not in reference:
                 reference[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
-            verify(model, cand, eval_set, target=t, device=options.device, reference=reference[ref_key],
+            verify(model, candidate, eval_set, target=t, device=options.device, reference=reference[ref_key],
                    progress=progress).save(d)
 
         folder, _ = stages.run(f"verify/{t.name}", key, build)
@@ -307,34 +350,28 @@ def _verify_stages(stages: _Stages, model: Path, models: dict[str, Path], eval_s
     return results
 
 
-def _labels(conv_dir: Path) -> list[str] | None:
-    from edgeship.convert.result import LABELS_FILE
-    from edgeship.runtime.images import Labels
-
-    path = conv_dir / LABELS_FILE
-    return list(Labels.load(path).names) if path.is_file() else None
-
-
-def _layer_plots(out: Path, models: dict[str, Path]) -> dict[str, Path]:
-    from edgeship.quantize.pipeline import LAYER_PLOT
-
-    plots = {m.parent.name: m.parent / LAYER_PLOT for m in models.values() if m.parent.parent == out / "quantize"}
-    return {variant: p for variant, p in plots.items() if p.is_file()}
+def _layer_plots(models: dict[str, DeployedModel]) -> dict[str, Path]:
+    """The per-layer error plot of each quantization (not of its interface rewrites, which share it)."""
+    plots = {}
+    for m in models.values():
+        q = m.quantized
+        if q is not None and q.layer_plot and q.folder is not None and "interface" not in q.report:
+            plots[m.variant] = q.folder / LAYER_PLOT
+    return plots
 
 
-def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str, Path], options: DeployOptions,
-                 progress: Progress, eval_set: Any = None) -> dict[str, Any]:
+def _bench_stage(stages: _Stages, model: Path, conv: ConvertResult, models: dict[str, DeployedModel],
+                 options: DeployOptions, progress: Progress, eval_set: Any = None) -> dict[str, Any]:
     """ONNX through onnxruntime (the baseline), the float32 TFLite, then every deployed model.
 
     The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images.
     """
-    from edgeship.convert.result import FLOAT32_FILE
     from edgeship.runtime.bench import BenchOptions, benchmark
 
-    unique = [model, conv_dir / FLOAT32_FILE]
+    unique = [model, Path(str(conv.model_path))]
     for m in models.values():
-        if m not in unique:
-            unique.append(m)
+        if m.path not in unique:
+            unique.append(m.path)
     images = tuple(str(f) for f in eval_set.files[:20]) if eval_set is not None else ()
     key = {"stage": "bench", "models": {str(m): sha256_file(m) for m in unique},
            "threads": list(options.bench_threads), "runs": options.bench_runs, "e2e_images": list(images)}
@@ -349,15 +386,14 @@ def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str,
     return json.loads((folder / "bench.json").read_text())
 
 
-def _bundle_stages(stages: _Stages, models: dict[str, Path], targets: list[Any],
+def _bundle_stages(stages: _Stages, models: dict[str, DeployedModel], targets: list[Any],
                    options: DeployOptions) -> dict[str, Path]:
     from edgeship.targets.bundle import bundle
 
     out: dict[str, Path] = {}
     for t in targets:
-        m = models[t.name]
-        card = m.with_name(m.stem + ".card.json")
-        key = {"stage": "bundle", "model": sha256_file(m), "card": sha256_file(card) if card.is_file() else None,
+        m = models[t.name].path
+        key = {"stage": "bundle", "model": sha256_file(m), "card": models[t.name].card.to_dict(),
                "target": t.to_dict()}
         folder, _ = stages.run(f"bundles/{t.name}", key, lambda d, t=t, m=m: bundle(m, t, d, force=True))
         out[t.name] = folder
