@@ -212,7 +212,7 @@ def test_devices_are_built_in_one_place() -> None:
 
 
 def _fake_latencies(ms: dict[str, float]):  # type: ignore[no-untyped-def]
-    def latencies(models, work, runs=60, stat="p50_ms"):  # type: ignore[no-untyped-def]  # mixed.latencies' signature
+    def latencies(models, work, runs=60, stat="p50_ms"):  # type: ignore[no-untyped-def]  # speed.latencies' signature
         return {label: ms[label] for label in models}
     return latencies
 
@@ -225,12 +225,12 @@ def _fake_latencies(ms: dict[str, float]):  # type: ignore[no-untyped-def]
 ])
 def test_speed_check_says_when_int8_is_not_faster(ms: dict[str, float], offered: str | None, words: str | None,
                                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from edgeship.quantize import mixed, pipeline
+    from edgeship.quantize import speed as speed_module
     from edgeship.runtime.metrics import DriftFigures
 
-    monkeypatch.setattr(mixed, "latencies", _fake_latencies(ms))
+    monkeypatch.setattr(speed_module, "latencies", _fake_latencies(ms))
     written = b"mixed" if offered == "all_int8" else b"int8"
-    speed = pipeline._speed_check(b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
+    speed = speed_module.speed_check(b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
                                   1.3, lambda *a: None)
     assert speed["measured"] and speed["speedup_vs_float32"] == round(ms["float32"] / ms["int8"], 3)
     assert (speed["offered"] or {}).get("kind") == offered
@@ -240,11 +240,11 @@ def test_speed_check_says_when_int8_is_not_faster(ms: dict[str, float], offered:
 @pytest.mark.parametrize("floor", [0.0, 0.5])
 def test_a_low_speed_floor_never_hides_a_model_slower_than_float(floor: float, monkeypatch: pytest.MonkeyPatch,
                                                                   tmp_path: Path) -> None:
-    from edgeship.quantize import mixed, pipeline
+    from edgeship.quantize import speed as speed_module
     from edgeship.runtime.metrics import DriftFigures
 
-    monkeypatch.setattr(mixed, "latencies", _fake_latencies({"float32": 1.0, "int8": 1.5}))
-    speed = pipeline._speed_check(b"float", b"int8", (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
+    monkeypatch.setattr(speed_module, "latencies", _fake_latencies({"float32": 1.0, "int8": 1.5}))
+    speed = speed_module.speed_check(b"float", b"int8", (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
                                   floor, lambda *a: None)
     assert "SLOWER than float32" in speed["verdict"] and speed["min_speedup"] == 1.0
 
