@@ -12,14 +12,18 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from edgeship._child import ChildWorker
 from edgeship._io import atomic_write_json, sha256_file
 from edgeship._progress import Progress, silent
 from edgeship._version import __version__
@@ -119,6 +123,17 @@ class _Stages:
         self.progress = progress
         self.records: list[StageRecord] = []
 
+    def will_build(self, name: str, key: dict[str, Any]) -> bool:
+        """Whether :meth:`run` would build this stage (its outputs are missing, changed or made from other inputs)."""
+        previous = _read_marker(self.out / name / STAGE_MARK)
+        digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
+        return not (previous.get("key") == digest and _intact(self.out / name, previous.get("files")))
+
+    def order(self, names: list[str]) -> None:
+        """Records of stages run side by side, put in this order (the order they were asked for)."""
+        rank = {n: i for i, n in enumerate(names)}
+        self.records.sort(key=lambda r: rank.get(r.name, -1))
+
     def run(self, name: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, str]:
         folder = self.out / name
         digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
@@ -207,12 +222,12 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / MARKER, {"edgeship": __version__})
     stages = _Stages(out, progress)
-    conv, conv_key = _convert_stage(stages, model_path, options, targets)
-    models = _quantize_stages(stages, conv, conv_key, Path(calibration), folder_digest, options, targets)
-    drifts = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
+    with ChildWorker() as native:  # quantize's TensorFlow process, started while convert runs
+        conv, conv_key = _convert_stage(stages, model_path, options, targets, native)
+        models = _quantize_stages(stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native)
+    drifts, bundles = _verify_and_bundle(stages, model_path, models, eval_set, targets, options, progress)
     verify_results = {name: d.report for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
-    bundles = _bundle_stages(stages, models, targets, options)
     summary = {
         "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
                                                                           "count": len(calib_set)},
@@ -237,8 +252,9 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     return DeployResult(out, stages.records, summary["targets"], passed, summary)
 
 
-def _convert_stage(stages: _Stages, model: Path, options: DeployOptions,
-                   targets: list[Any]) -> tuple[ConvertResult, str]:
+def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets: list[Any],
+                   native: ChildWorker) -> tuple[ConvertResult, str]:
+    """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow meanwhile."""
     from edgeship.convert import ConvertOptions, convert
 
     fp16 = any(t.model.precision.value == "float16" for t in targets)
@@ -247,9 +263,21 @@ def _convert_stage(stages: _Stages, model: Path, options: DeployOptions,
     copts = ConvertOptions(fp16=fp16, labels=labels, pixels_in_graph=pixels)
     key = {"stage": "convert", "model_sha256": sha256_file(model), "options": copts.to_dict(),
            "labels_sha256": sha256_file(labels) if labels else None}
-    folder, digest = stages.run("convert", key,
-                                lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True))
+    with ThreadPoolExecutor(1) as pool:
+        if stages.will_build("convert", key) and any(t.model.precision.value == "int8" for t in targets):
+            _start_tensorflow(native, pool)
+        folder, digest = stages.run("convert", key, lambda d: convert(model, options=copts, progress=stages.progress)
+                                    .save(d, force=True))
     return ConvertResult.load(folder), digest
+
+
+def _start_tensorflow(native: ChildWorker, pool: ThreadPoolExecutor) -> Future[Any]:
+    """The child started from this thread (it dies with the thread that started it), TensorFlow imported
+    in it on ``pool``'s thread."""
+    from edgeship.quantize import tflite_quant
+
+    native.call("start the native worker", os.getpid)
+    return pool.submit(native.call, "start TensorFlow", tflite_quant.start)
 
 
 def _variant(target: Any, io: str | None = None) -> str:
@@ -271,7 +299,7 @@ def _calibration(target: Any) -> str:
 
 
 def _quantize_stages(stages: _Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str,
-                     options: DeployOptions, targets: list[Any]) -> dict[str, DeployedModel]:
+                     options: DeployOptions, targets: list[Any], native: ChildWorker) -> dict[str, DeployedModel]:
     """One calibrated, quantized model per distinct need, shared by the targets that need it.
 
     It is made for the strictest SQNR budget of its targets (mixed models keep float op groups to
@@ -288,14 +316,15 @@ def _quantize_stages(stages: _Stages, conv: ConvertResult, conv_key: str, calib:
         else:
             groups.setdefault(_calibration(t), []).append(t)
     for variant, members in groups.items():
-        base = _quantize_stage(stages, conv, conv_key, calib, folder_digest, options, variant, members)
+        base = _quantize_stage(stages, conv, conv_key, calib, folder_digest, options, variant, members, native)
         for t in members:
             models[t.name] = _interface_stage(stages, conv, base, t)
     return models
 
 
 def _quantize_stage(stages: _Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str,
-                    options: DeployOptions, variant: str, members: list[Any]) -> tuple[DeployedModel, str]:
+                    options: DeployOptions, variant: str, members: list[Any],
+                    native: ChildWorker) -> tuple[DeployedModel, str]:
     from edgeship.quantize import quantize
 
     opts = options.quantize.fitted(members[0])
@@ -305,7 +334,7 @@ def _quantize_stage(stages: _Stages, conv: ConvertResult, conv_key: str, calib: 
            "evaluation": str(options.eval_dir) if options.eval_dir else None, "options": opts.to_dict()}
     folder, digest = stages.run(f"quantize/{variant}", key,
                                 lambda d: quantize(conv, calib, evaluation=options.eval_dir, options=opts,
-                                                   progress=stages.progress).save(d, force=True))
+                                                   progress=stages.progress, worker=native).save(d, force=True))
     result = QuantizeResult.load(folder, source=conv)
     return DeployedModel(Path(str(result.model_path)), variant, result.card, result), digest
 
@@ -324,30 +353,61 @@ def _interface_stage(stages: _Stages, conv: ConvertResult, base: tuple[DeployedM
     return DeployedModel(Path(str(result.model_path)), variant, result.card, result)
 
 
-def _verify_stages(stages: _Stages, model: Path, models: dict[str, DeployedModel], eval_set: Any,
-                   targets: list[Any], options: DeployOptions, progress: Progress) -> dict[str, Any]:
-    from edgeship.verify.drift import DriftResult, reference_outputs, verify
+def _verify_and_bundle(stages: _Stages, model: Path, models: dict[str, DeployedModel], eval_set: Any,
+                       targets: list[Any], options: DeployOptions,
+                       progress: Progress) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Every target's drift check and bundle, two at a time (no benchmark runs meanwhile).
 
-    results: dict[str, DriftResult] = {}
-    reference: dict[str, np.ndarray] = {}
-    for t in targets:
-        cand = models[t.name]
-        key = {"stage": "verify", "candidate_sha256": sha256_file(cand.path), "target": t.to_dict(),
-               "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
-               "device": options.device.to_dict() if options.device else None}
+    The float reference is computed once per reference preprocessing, the edgeship wheel once.
+    """
+    keys = {t.name: _verify_key(models[t.name], t, eval_set, options) for t in targets}
+    needed = [models[t.name].card for t in targets if stages.will_build(f"verify/{t.name}", keys[t.name])]
+    reference = _references(model, needed, eval_set, progress)
+    slow_first = sorted(targets, key=lambda t: not t.runtime.client.reads_metadata)  # the app-client check is longest
+    with tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir, ThreadPoolExecutor(2) as pool:
+        wheel = _wheel_future(pool, Path(wheel_dir), stages, models, targets)
+        checks = {t.name: pool.submit(_verify_stage, stages, model, models[t.name], keys[t.name], eval_set, t,
+                                      options, reference, progress) for t in slow_first}
+        built = {t.name: pool.submit(_bundle_stage, stages, models[t.name], t, wheel) for t in targets}
+        drifts = {t.name: checks[t.name].result() for t in targets}
+        bundles = {t.name: built[t.name].result() for t in targets}
+    stages.order([r.name for r in stages.records if not r.name.startswith(("verify/", "bundles/"))]
+                 + [f"verify/{t.name}" for t in targets] + [f"bundles/{t.name}" for t in targets])
+    return drifts, bundles
 
-        def build(d: Path, t: Any = t, cand: DeployedModel = cand) -> None:
-            candidate = cand.quantized or cand.path
-            card = cand.card
-            ref_key = json.dumps(card.reference_preprocessing.to_dict(), sort_keys=True)
-            if ref_key not in reference:
-                reference[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
-            verify(model, candidate, eval_set, target=t, device=options.device, reference=reference[ref_key],
-                   progress=progress).save(d)
 
-        folder, _ = stages.run(f"verify/{t.name}", key, build)
-        results[t.name] = DriftResult.load(folder)
-    return results
+def _verify_key(cand: DeployedModel, target: Any, eval_set: Any, options: DeployOptions) -> dict[str, Any]:
+    return {"stage": "verify", "candidate_sha256": sha256_file(cand.path), "target": target.to_dict(),
+            "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
+            "device": options.device.to_dict() if options.device else None}
+
+
+def _references(model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress) -> dict[str, np.ndarray]:
+    """onnxruntime's outputs of the source model on the evaluation images, per reference preprocessing."""
+    from edgeship.verify.drift import reference_outputs
+
+    found: dict[str, np.ndarray] = {}
+    for card in cards:
+        ref_key = _reference_key(card)
+        if ref_key not in found:
+            found[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
+    return found
+
+
+def _reference_key(card: ModelCard) -> str:
+    return json.dumps(card.reference_preprocessing.to_dict(), sort_keys=True)
+
+
+def _verify_stage(stages: _Stages, model: Path, cand: DeployedModel, key: dict[str, Any], eval_set: Any, target: Any,
+                  options: DeployOptions, reference: dict[str, np.ndarray], progress: Progress) -> Any:
+    from edgeship.verify.drift import DriftResult, verify
+
+    def build(d: Path) -> None:
+        verify(model, cand.quantized or cand.path, eval_set, target=target, device=options.device,
+               reference=reference[_reference_key(cand.card)], progress=progress).save(d)
+
+    folder, _ = stages.run(f"verify/{target.name}", key, build)
+    return DriftResult.load(folder)
 
 
 def _layer_plots(models: dict[str, DeployedModel]) -> dict[str, Path]:
@@ -386,15 +446,31 @@ def _bench_stage(stages: _Stages, model: Path, conv: ConvertResult, models: dict
     return json.loads((folder / "bench.json").read_text())
 
 
-def _bundle_stages(stages: _Stages, models: dict[str, DeployedModel], targets: list[Any],
-                   options: DeployOptions) -> dict[str, Path]:
+def _bundle_key(m: DeployedModel, target: Any) -> dict[str, Any]:
+    return {"stage": "bundle", "model": sha256_file(m.path), "card": m.card.to_dict(), "target": target.to_dict()}
+
+
+def _wheel_future(pool: ThreadPoolExecutor, folder: Path, stages: _Stages, models: dict[str, DeployedModel],
+                  targets: list[Any]) -> Future[Path | None]:
+    """The edgeship wheel, built once into ``folder`` when a bundle to be built ships it (None: none does)."""
+    from edgeship.targets.profile import Access
+    from edgeship.targets.ssh import build_edgeship_wheel
+
+    needs = any(t.access != Access.ADB and stages.will_build(f"bundles/{t.name}", _bundle_key(models[t.name], t))
+                for t in targets)
+
+    def build() -> Path | None:
+        if not needs:
+            return None
+        build_edgeship_wheel(folder)
+        return folder
+
+    return pool.submit(build)
+
+
+def _bundle_stage(stages: _Stages, m: DeployedModel, target: Any, wheel: Future[Path | None]) -> Path:
     from edgeship.targets.bundle import bundle
 
-    out: dict[str, Path] = {}
-    for t in targets:
-        m = models[t.name].path
-        key = {"stage": "bundle", "model": sha256_file(m), "card": models[t.name].card.to_dict(),
-               "target": t.to_dict()}
-        folder, _ = stages.run(f"bundles/{t.name}", key, lambda d, t=t, m=m: bundle(m, t, d, force=True))
-        out[t.name] = folder
-    return out
+    folder, _ = stages.run(f"bundles/{target.name}", _bundle_key(m, target),
+                           lambda d: bundle(m.path, target, d, force=True, wheel_dir=wheel.result()))
+    return folder
