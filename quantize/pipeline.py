@@ -32,7 +32,7 @@ from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.range_choice import apply_range_method, fold_measurer
 from edgeship.quantize.result import (FAST_FILE, INT8_FILE, LAYER_PLOT, OVER_BUDGET_FILE,  # noqa: F401 - re-exported
                                       REPORT_FILE, QuantizeResult, int8_card, op_histogram, output_names)
-from edgeship.quantize.search import Judged, accuracy_aware, budget_search, calib_scorer
+from edgeship.quantize.search import Judged, accuracy_aware, budget_search, calib_scorer, drop_measure
 from edgeship.quantize.search import output_grid_db as output_grid_db
 from edgeship.quantize.speed import speed_check, timed_placement
 from edgeship.quantize.worker import Quantizer
@@ -123,7 +123,9 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
         "sizes": {"float32": len(source.model), "int8": len(quant), "ratio": round(len(source.model) / len(quant), 2)},
         "ops": op_histogram(quant), "worst_layers": [e.to_dict() for e in layer_errs[:10]],
         "layer_count": len(layer_errs),
-        "accuracy_aware": {"max_drop": options.max_drop, "kept_in_float": kept, "within_budget": within},
+        "accuracy": _accuracy(figs, evals),
+        "accuracy_aware": {"max_drop": options.max_drop, "measure": drop_measure(figs), "kept_in_float": kept,
+                           "within_budget": within},
         "mixed_precision": mixed_report, "speed": speed, "output": INT8_FILE if within else OVER_BUDGET_FILE,
         "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
         "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
@@ -131,6 +133,15 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
     faster = all_int8[0] if (speed.get("offered") or {}).get("kind") == "all_int8" else None
     card = int8_card(quant, report["output"], source.card)
     return QuantizeResult(quant, card, figs, report, within, source, layer_plot, faster=faster)
+
+
+def _accuracy(figs: DriftFigures, evals: Pixels) -> dict[str, Any]:
+    """Top-1 (and top-5) against the labels of the evaluation images, float and int8, when labels are known."""
+    labelled = sum(t is not None for t in evals.truth)
+    if not labelled or figs.ref_top1 is None:
+        return {"labelled": 0}
+    return {"labelled": labelled, "float_top1": figs.ref_top1, "int8_top1": figs.cand_top1,
+            "top1_drop_points": figs.top1_drop, "float_top5": figs.ref_top5, "int8_top5": figs.cand_top5}
 
 
 @contextlib.contextmanager

@@ -160,10 +160,14 @@ class QuantizeResult:
                                      f"SQNR {figs.sqnr_db:.2f} dB{where}{_shortfall_note(mixed_report, options)}",
                                      [f"sqnr_db {figs.sqnr_db:.2f}"])
         kept = self.report["accuracy_aware"]["kept_in_float"]
+        if figs.top1_drop is not None:
+            what = (f"top-1 against labels {100 * (figs.cand_top1 or 0):.2f}% (float {100 * (figs.ref_top1 or 0):.2f}%, "
+                    f"{figs.top1_drop:.2f} points lost)")
+        else:
+            what = f"top-1 agreement {100 * figs.top1_agreement:.2f}%"
         raise AccuracyDriftError(
             f"int8 model still over the --max-drop budget of {options['max_drop']} points after keeping "
-            f"{len(kept)} layer(s) in float: top-1 agreement {100 * figs.top1_agreement:.2f}%{where}",
-            [f"top1_agreement {100 * figs.top1_agreement:.2f}%"])
+            f"{len(kept)} layer(s) in float: {what}{where}", [what])
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the bytes, which are named by their sha256."""

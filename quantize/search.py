@@ -110,13 +110,24 @@ def output_grid_db(model: bytes, reference: np.ndarray) -> float | None:
     return compare(reference, ((grid - spec.zero_point) * spec.scale).astype(np.float32)).sqnr_db
 
 
+def accuracy_drop(figs: DriftFigures) -> float:
+    """Points ``--max-drop`` counts: top-1 accuracy lost against the labels when they are known, else top-1
+    agreement lost against the float model."""
+    return figs.top1_drop if figs.top1_drop is not None else figs.agreement_drop
+
+
+def drop_measure(figs: DriftFigures) -> str:
+    return "top-1 against labels" if figs.top1_drop is not None else "top-1 agreement with float"
+
+
 def accuracy_aware(quantized: Quantizer, calibrated: bytes, start: tuple[bytes, DriftFigures],
-                    errs: list[layers.LayerError], judged: Judged, options: QuantizeOptions,
-                    progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
-    """Keep the most harmful layers in float one at a time until the drop is inside the budget."""
+                   errs: list[layers.LayerError], judged: Judged, options: QuantizeOptions,
+                   progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
+    """Keep the most harmful layers in float one at a time until the drop (:func:`accuracy_drop`) is inside
+    the budget."""
     quant, figs = start
     budget = options.max_drop or 0.0
-    drop = figs.agreement_drop
+    drop = accuracy_drop(figs)
     kept: list[dict[str, Any]] = []
     denied: list[str] = []
     best = (quant, figs)
@@ -126,11 +137,11 @@ def accuracy_aware(quantized: Quantizer, calibrated: bytes, start: tuple[bytes, 
         denied.append(err.name)
         candidate, _ = quantized(calibrated, denied)
         cfigs = judged.figures(candidate, progress, label=f"re-measure with {len(denied)} float layer(s)")
-        drop = cfigs.agreement_drop
+        drop = accuracy_drop(cfigs)
         kept.append({"layer": err.name, "op": err.op, "sqnr_db": err.sqnr_db, "added_error_db": err.added_error_db,
-                     "size_bytes": len(candidate),
-                     "top1_agreement": cfigs.top1_agreement, "mean_cosine": cfigs.mean_cosine})
-        if cfigs.top1_agreement >= best[1].top1_agreement:
+                     "size_bytes": len(candidate), "top1_agreement": cfigs.top1_agreement,
+                     "top1": cfigs.cand_top1, "drop_points": drop, "mean_cosine": cfigs.mean_cosine})
+        if drop <= accuracy_drop(best[1]):
             best = (candidate, cfigs)
-    within = best[1].agreement_drop <= budget
+    within = accuracy_drop(best[1]) <= budget
     return best[0], best[1], kept, within
