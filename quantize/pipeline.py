@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
+
 from edgeship._child import ChildWorker
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._progress import Progress, Timer, silent
@@ -29,7 +31,7 @@ from edgeship.quantize import data, layers, rewrites, tflite_quant
 from edgeship.quantize.corrections import bias_correct, equalized_float_model, paired_inputs
 from edgeship.quantize.data import Images, Pixels, is_folder
 from edgeship.quantize.options import QuantizeOptions
-from edgeship.quantize.range_choice import apply_range_method, fold_measurer
+from edgeship.quantize.range_choice import apply_range_method, cross_fits, fold_bounds, fold_measurer
 from edgeship.quantize.result import (FAST_FILE, INT8_FILE, LAYER_PLOT, OVER_BUDGET_FILE,  # noqa: F401 - re-exported
                                       REPORT_FILE, QuantizeResult, int8_card, op_histogram, output_names)
 from edgeship.quantize.search import Judged, accuracy_aware, budget_search, calib_scorer, drop_measure
@@ -103,12 +105,12 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
         calib, evals = _load_images(native, timer, listed, calibration, evaluation, options, source, progress)
         run = _Run(source, options, native, Path(work), timer, progress, calib, evals)
         float_model, equalization = _equalize(run)
-        calibrated, rewritten = _calibrate(run, float_model)
-        calibrated, range_report = _choose_ranges(run, calibrated)
+        (calibrated, rewritten), refs = _calibrate(run, float_model)
+        calibrated, range_report = _choose_ranges(run, calibrated, refs.folds)
         quantized = Quantizer(native, options)
         (quant, runs), placement = _quantize_and_place(run, quantized, calibrated)
         quant, bias = _bias_correction(run, quant, calibrated)
-        judged, figs, layer_errs, layer_plot = _evaluate(run, quant, calibrated)
+        judged, figs, layer_errs, layer_plot = _evaluate(run, quant, calibrated, refs.evaluation)
         all_int8 = (quant, figs)  # before any op group is kept float: the speed check's alternative
         quant, figs, mixed_report, within = _sqnr_budget(run, quantized, calibrated, all_int8, judged)
         quant, figs, kept, within = _max_drop(run, quantized, calibrated, (quant, figs), layer_errs, judged, within)
@@ -177,17 +179,30 @@ def _equalize(run: _Run) -> tuple[bytes, dict[str, Any]]:
     return model, {"enabled": True, **info}
 
 
-def _calibrate(run: _Run, float_model: bytes) -> tuple[bytes, dict[str, int]]:
-    """TensorFlow's calibrator on the calibration images (in the child), then the int8-breaking rewrites."""
+@dataclass(frozen=True)
+class _References:
+    """The float model's outputs on the evaluation images and on each calibration fold."""
+
+    evaluation: np.ndarray
+    folds: dict[int, np.ndarray]
+
+
+def _calibrate(run: _Run, float_model: bytes) -> tuple[tuple[bytes, dict[str, int]], _References]:
+    """TensorFlow's calibrator on the calibration images (in the child), then the int8-breaking rewrites;
+    meanwhile this process runs the float model on every image the later steps compare with."""
     px = run.calib.pixels
-    with run.timer.stage("calibrate"):
-        calibrated = run.native.call("calibrate (TensorFlow)", tflite_quant.calibrate, float_model,
-                                     normalize(px, run.prep), progress=lambda k: run.progress("calibrate", k, len(px)))
-    return rewrites.apply(calibrated)
+    with run.timer.stage("calibrate"), ThreadPoolExecutor(1) as pool:
+        calibrating = pool.submit(run.native.call, "calibrate (TensorFlow)", tflite_quant.calibrate, float_model,
+                                  normalize(px, run.prep), progress=lambda k: run.progress("calibrate", k, len(px)))
+        folds = fold_bounds(len(px)) if cross_fits(run.options, len(px)) else []
+        refs = _References(run_tflite(run.source.model, run.evals.pixels, run.prep),
+                           {k: run_tflite(run.source.model, px[a:b], run.prep) for k, (a, b) in enumerate(folds)})
+        calibrated = calibrating.result()
+    return rewrites.apply(calibrated), refs
 
 
-def _choose_ranges(run: _Run, calibrated: bytes) -> tuple[bytes, dict[str, Any]]:
-    measure = fold_measurer(run.source.model, run.calib.pixels, run.prep, run.progress)
+def _choose_ranges(run: _Run, calibrated: bytes, folds: dict[int, np.ndarray]) -> tuple[bytes, dict[str, Any]]:
+    measure = fold_measurer(run.source.model, run.calib.pixels, run.prep, run.progress, dict(folds))
     with run.timer.stage("ranges"):
         return apply_range_method(calibrated, run.calib.pixels, run.prep, run.options, run.native, run.progress,
                                   measure)
@@ -214,17 +229,17 @@ def _bias_correction(run: _Run, quant: bytes, calibrated: bytes) -> tuple[bytes,
     return quant, {"enabled": True, **info}
 
 
-def _evaluate(run: _Run, quant: bytes, calibrated: bytes) -> tuple[Judged, DriftFigures, list[Any], bytes | None]:
-    """Drift on the evaluation images, per-layer errors and their plot; the float reference runs meanwhile
-    on the other core."""
+def _evaluate(run: _Run, quant: bytes, calibrated: bytes,
+              reference: np.ndarray) -> tuple[Judged, DriftFigures, list[Any], bytes | None]:
+    """Drift on the evaluation images, per-layer errors and their plot (the int8 run on the other core)."""
     px, prep = run.evals.pixels, run.prep
     with run.timer.stage("evaluate"), ThreadPoolExecutor(1) as pool:
-        reference = pool.submit(run_tflite, run.source.model, px, prep)
-        got = run_tflite(quant, px, prep, progress=run.progress, label="run int8")
+        got = pool.submit(run_tflite, quant, px, prep)
         layer_errs = layers.layer_errors(calibrated, quant, *paired_inputs(quant, px[:LAYER_SAMPLES], prep))
         layer_plot = _layer_plot(run, layer_errs)
-        judged = Judged(px, prep, reference.result(), tuple(run.evals.truth))
-    return judged, compare(judged.reference, got, list(judged.truth)), layer_errs, layer_plot
+        judged = Judged(px, prep, reference, tuple(run.evals.truth))
+        figs = compare(reference, got.result(), list(judged.truth))
+    return judged, figs, layer_errs, layer_plot
 
 
 def _layer_plot(run: _Run, layer_errs: list[Any]) -> bytes | None:

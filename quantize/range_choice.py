@@ -33,6 +33,11 @@ def fold_bounds(n: int, folds: int = CROSS_FOLDS) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
 
+def cross_fits(options: QuantizeOptions, n: int) -> bool:
+    """Whether the range method is chosen by cross-fitting (``auto``, and enough calibration images)."""
+    return options.method == CalibrationMethod.AUTO and n >= 2 * CROSS_FOLDS
+
+
 def apply_range_method(calibrated: bytes, pixels: np.ndarray, prep: Preprocessing, options: QuantizeOptions,
                        native: ChildWorker, progress: Progress,
                        measure: Callable[[int, bytes], ranges.FoldError] | None = None) -> tuple[bytes, dict[str, Any]]:
@@ -47,7 +52,7 @@ def apply_range_method(calibrated: bytes, pixels: np.ndarray, prep: Preprocessin
     m = TFLiteModel(calibrated, use_xnnpack=False)
     keep = {m.input.index, m.output.index}
     n = len(pixels)
-    cross_fit = options.method == CalibrationMethod.AUTO and measure is not None and n >= 2 * CROSS_FOLDS
+    cross_fit = cross_fits(options, n) and measure is not None
     folds = histograms(calibrated, recorded, pixels, prep, fold_bounds(n, CROSS_FOLDS if n >= 2 else 1), native,
                        progress)
     hists = ranges.merge_histograms(folds)
@@ -99,12 +104,12 @@ def cross_fitted(calibrated: bytes, folds: list[dict[int, ranges.Histogram]], op
     return ranges.pick_cross_fitted(plan, errors)
 
 
-def fold_measurer(float_model: bytes, pixels: np.ndarray, prep: Preprocessing,
-                  progress: Progress) -> Callable[[int, bytes], ranges.FoldError]:
+def fold_measurer(float_model: bytes, pixels: np.ndarray, prep: Preprocessing, progress: Progress,
+                  reference: dict[int, np.ndarray] | None = None) -> Callable[[int, bytes], ranges.FoldError]:
     """``measure(k, quant)``: signal and error energy of the logits of the int8 model ``quant`` against the
-    float model, on fold ``k`` of the calibration images."""
+    float model, on fold ``k`` of the calibration images (``reference``: the float outputs already run per fold)."""
     bounds = fold_bounds(len(pixels))
-    reference: dict[int, np.ndarray] = {}
+    reference = reference if reference is not None else {}
 
     def measure(k: int, quant: bytes) -> ranges.FoldError:
         a, b = bounds[k]
