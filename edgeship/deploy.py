@@ -326,9 +326,10 @@ def _quantize_stage(stages: _Stages, conv: ConvertResult, conv_key: str, calib: 
                     options: DeployOptions, variant: str, members: list[Any],
                     native: ChildWorker) -> tuple[DeployedModel, str]:
     from edgeship.quantize import quantize
+    from edgeship.quantize.interface import EXACT
 
     opts = options.quantize.fitted(members[0])
-    io = "int8" if opts.io.value in ("int8", "uint8") else opts.io.value
+    io = "int8" if opts.io.value in EXACT else opts.io.value
     opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
     key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
            "evaluation": str(options.eval_dir) if options.eval_dir else None, "options": opts.to_dict()}
