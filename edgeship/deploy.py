@@ -129,6 +129,10 @@ class _Stages:
         digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
         return not (previous.get("key") == digest and _intact(self.out / name, previous.get("files")))
 
+    def step(self, name: str, seconds: float) -> None:
+        """Record work done for several stages and kept by none (shown in the table, never reused)."""
+        self.records.append(StageRecord(name, False, round(seconds, 2), "", round(seconds, 2)))
+
     def order(self, names: list[str]) -> None:
         """Records of stages run side by side, put in this order (the order they were asked for)."""
         rank = {n: i for i, n in enumerate(names)}
@@ -363,17 +367,24 @@ def _verify_and_bundle(stages: _Stages, model: Path, models: dict[str, DeployedM
     """
     keys = {t.name: _verify_key(models[t.name], t, eval_set, options) for t in targets}
     needed = [models[t.name].card for t in targets if stages.will_build(f"verify/{t.name}", keys[t.name])]
+    start = time.perf_counter()
     reference = _references(model, needed, eval_set, progress)
+    if reference:
+        stages.step("verify: float reference (onnxruntime)", time.perf_counter() - start)
     slow_first = sorted(targets, key=lambda t: not t.runtime.client.reads_metadata)  # the app-client check is longest
+    wheel_s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir, ThreadPoolExecutor(2) as pool:
-        wheel = _wheel_future(pool, Path(wheel_dir), stages, models, targets)
+        wheel = _wheel_future(pool, Path(wheel_dir), stages, models, targets, wheel_s)
         checks = {t.name: pool.submit(_verify_stage, stages, model, models[t.name], keys[t.name], eval_set, t,
                                       options, reference, progress) for t in slow_first}
         built = {t.name: pool.submit(_bundle_stage, stages, models[t.name], t, wheel) for t in targets}
         drifts = {t.name: checks[t.name].result() for t in targets}
         bundles = {t.name: built[t.name].result() for t in targets}
+    if wheel_s:
+        stages.step("bundles: edgeship wheel", wheel_s[0])
     stages.order([r.name for r in stages.records if not r.name.startswith(("verify/", "bundles/"))]
-                 + [f"verify/{t.name}" for t in targets] + [f"bundles/{t.name}" for t in targets])
+                 + [f"verify/{t.name}" for t in targets] + [f"bundles/{t.name}" for t in targets]
+                 + ["bundles: edgeship wheel"])
     return drifts, bundles
 
 
@@ -454,8 +465,9 @@ def _bundle_key(m: DeployedModel, target: Any) -> dict[str, Any]:
 
 
 def _wheel_future(pool: ThreadPoolExecutor, folder: Path, stages: _Stages, models: dict[str, DeployedModel],
-                  targets: list[Any]) -> Future[Path | None]:
-    """The edgeship wheel, built once into ``folder`` when a bundle to be built ships it (None: none does)."""
+                  targets: list[Any], seconds: list[float]) -> Future[Path | None]:
+    """The edgeship wheel, built once into ``folder`` when a bundle to be built ships it (None: none does);
+    the build's time is appended to ``seconds``."""
     from edgeship.targets.profile import Access
     from edgeship.targets.ssh import build_edgeship_wheel
 
@@ -465,7 +477,9 @@ def _wheel_future(pool: ThreadPoolExecutor, folder: Path, stages: _Stages, model
     def build() -> Path | None:
         if not needs:
             return None
+        start = time.perf_counter()
         build_edgeship_wheel(folder)
+        seconds.append(time.perf_counter() - start)
         return folder
 
     return pool.submit(build)

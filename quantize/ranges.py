@@ -239,8 +239,8 @@ def _bin_index(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """
     x = values - np.float32(lo) if values.dtype == np.float32 else (values - lo).astype(np.float32)
     x *= np.float32(BINS / (hi - lo))
+    np.fmax(x, 0, out=x)  # NaN becomes 0 here, as truncating it did
     np.fmin(x, BINS - 1, out=x)
-    np.fmax(x, 0, out=x)
     return x.astype(np.intp)
 
 
