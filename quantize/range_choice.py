@@ -8,6 +8,7 @@ those of the same steps run one after another.
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator
 
@@ -53,15 +54,19 @@ def apply_range_method(calibrated: bytes, pixels: np.ndarray, prep: Preprocessin
     keep = {m.input.index, m.output.index}
     n = len(pixels)
     cross_fit = cross_fits(options, n) and measure is not None
+    start = time.perf_counter()
     folds = histograms(calibrated, recorded, pixels, prep, fold_bounds(n, CROSS_FOLDS if n >= 2 else 1), native,
                        progress)
     hists = ranges.merge_histograms(folds)
+    report["seconds"] = {"histograms": round(time.perf_counter() - start, 3)}
     method: CalibrationMethod | ranges.RangeChoice = options.method
     if cross_fit and measure is not None:
         # Per model: the method whose ranges, fitted on one half of the calibration images, give
         # the best int8 model on the other half (both ways, pooled); then fitted on all of them.
         progress("choose the range method by cross-fitted SQNR", None, None)
+        start = time.perf_counter()
         method, report["auto"] = cross_fitted(calibrated, folds, options, keep, native, measure)
+        report["seconds"]["cross_fit"] = round(time.perf_counter() - start, 3)
     elif method == CalibrationMethod.AUTO:  # too few images (or nothing to measure with) to cross-fit
         method = ranges.CROSS_FIT_CANDIDATES[0]
         report["auto"] = {"chosen": method.label, "fallback": f"{n} calibration image(s): too few to cross-fit"}
