@@ -161,8 +161,8 @@ class QuantizeResult:
                                      [f"sqnr_db {figs.sqnr_db:.2f}"])
         kept = self.report["accuracy_aware"]["kept_in_float"]
         if figs.top1_drop is not None:
-            what = (f"top-1 against labels {100 * (figs.cand_top1 or 0):.2f}% (float {100 * (figs.ref_top1 or 0):.2f}%, "
-                    f"{figs.top1_drop:.2f} points lost)")
+            what = (f"top-1 against labels {100 * (figs.cand_top1 or 0):.2f}% "
+                    f"(float {100 * (figs.ref_top1 or 0):.2f}%, {figs.top1_drop:.2f} points lost)")
         else:
             what = f"top-1 agreement {100 * figs.top1_agreement:.2f}%"
         raise AccuracyDriftError(
