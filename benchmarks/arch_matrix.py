@@ -42,7 +42,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/archs.py: the shared model builders
 
 from edgeship._assets import shared_assets  # noqa: E402
-from edgeship.verify.outputs import load_pixels, run_onnx  # noqa: E402
+from edgeship.reference import load_pixels, run_onnx  # noqa: E402
 from edgeship.runtime.bench import BenchOptions, benchmark  # noqa: E402
 from edgeship.runtime.card import ModelCard, Preprocessing  # noqa: E402
 from edgeship.runtime.images import ImageSet, list_images, normalize  # noqa: E402
@@ -133,14 +133,14 @@ def score_tflite(path: Path, pixels: np.ndarray, prep: Preprocessing, ref: np.nd
 
 # ----------------------------------------------------------------------------- stages
 def convert_model(onnx: Path, arch: archs.Arch, out: Path, proto: Protocol) -> dict[str, Any]:
-    from edgeship.convert.pipeline import ConvertOptions, convert
+    from edgeship.convert.converter import ConvertOptions, convert
 
     if (out / "convert_report.json").is_file():  # a kept --work folder: reuse its conversion
         report = json.loads((out / "convert_report.json").read_text())
     else:
         report = convert(onnx, options=ConvertOptions(
             images=proto.folder, max_images=proto.verify_images, preprocessing=arch.prep,
-            input_shape=arch.input_shape if arch.dynamic_hw else None)).save(out).report
+            input_shape=arch.input_shape if arch.dynamic_hw else None)).save(out).to_dict()["report"]
     check = report["verification"]["float32"]
     return {"seconds": round(report["timings_s"]["total"], 1), "agreement": check["top1_agreement"],
             "mean_cosine": round(check["mean_cosine"], 6), "images": check["count"]}

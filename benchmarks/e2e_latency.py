@@ -78,10 +78,9 @@ def drift(model: Path, reference: Path, images: object) -> dict[str, object]:
     from edgeship.targets import load_target
 
     result = verify(reference, model, images, target=load_target("x86-host"))
-    cand = result.report["candidate"]
     return {"agreement_pct": result.figures.agreement_pct, "count": result.figures.count,
-            "cand_top1": result.figures.to_dict().get("cand_top1"),
-            "path": cand["runtime"].get("image_path", "(not reported)")}
+            "cand_top1": result.figures.cand_top1,
+            "path": result.report.candidate.image_path or "(not reported)"}
 
 
 def main() -> int:

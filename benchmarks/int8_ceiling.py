@@ -47,7 +47,7 @@ from benchmarks.arch_matrix import (NUM_CALIB, NUM_EVAL, Protocol, cases, cell, 
                                     figures, one_line, tflite_outputs)
 from edgeship._assets import shared_assets  # noqa: E402
 from edgeship.runtime.card import ModelCard  # noqa: E402
-from edgeship.verify.outputs import load_pixels, run_onnx  # noqa: E402
+from edgeship.reference import load_pixels, run_onnx  # noqa: E402
 from tests import archs  # noqa: E402
 
 MODELS = ("efficientnet_b0", "mobilenetv3_small", "mobilenetv3_large", "vit_tiny")
@@ -62,7 +62,7 @@ def weights_only(float_model: bytes) -> bytes:
     """The float model with every conv/FC weight rounded to a per-channel symmetric int8 grid."""
     from tensorflow.lite.tools import flatbuffer_utils as fbu
 
-    from edgeship.convert import tflite_graph as g
+    from edgeship import tflite_graph as g
 
     m = g.read(float_model)
     sg = m.subgraphs[0]

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from edgeship._assets import shared_assets  # noqa: E402
-from edgeship.convert import pipeline as conv  # noqa: E402
+from edgeship.convert import converter as conv  # noqa: E402
 from edgeship.quantize import QuantizeOptions, quantize, speed  # noqa: E402
 from edgeship.quantize.pipeline import REPORT_FILE  # noqa: E402
 from edgeship.runtime.card import CARD_FILE  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from edgeship._assets import shared_assets
-from edgeship.verify.outputs import load_pixels
+from edgeship.reference import load_pixels
 from edgeship.runtime.bench import BenchOptions, benchmark, table
 from edgeship.runtime.card import ModelCard, Preprocessing
 from edgeship.verify.drift import reference_outputs

@@ -6,8 +6,8 @@ need them.
 """
 
 from edgeship._stage import callable_stage
-from edgeship.convert.pipeline import ConvertOptions as ConvertOptions
-from edgeship.convert.pipeline import convert as convert
+from edgeship.convert.converter import ConvertOptions as ConvertOptions
+from edgeship.convert.converter import convert as convert
 from edgeship.convert.result import ConvertResult as ConvertResult
 
 callable_stage(__name__, convert)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgeship._deps import require
-from edgeship.runtime.card import Preprocessing
+from edgeship.runtime.card import Preprocessing, simple_value
 
 _FOLDABLE = ("Mul", "Add", "Sub", "Div")
 
@@ -100,23 +100,6 @@ def fold_input_affine(model: Any, input_name: str, prep: Preprocessing, channels
     note = (f"leading {ops} on the input folded into preprocessing: mean {_fmt(prep.mean)} -> {_fmt(new_prep.mean)}, "
             f"std {_fmt(prep.std)} -> {_fmt(new_prep.std)}")
     return m, new_prep, [note]
-
-
-def simple_value(value: float, *, rel: float = 2 * float(np.finfo(np.float32).eps)) -> float:
-    """``value``, or the shortest decimal within float32 precision of it.
-
-    Folding float32 constants leaves values such as 0.49999998555 where the model means
-    0.5; clients compare normalisation values exactly (MediaPipe treats
-    ``[0.49999998, 0.5, 0.50000001]`` as per-channel), so the card says 0.5.
-    """
-    v = float(value)
-    if v == 0 or not np.isfinite(v):
-        return v
-    for digits in range(1, 6):
-        r = float(f"{v:.{digits}g}")
-        if abs(r - v) <= rel * abs(v):
-            return r
-    return v
 
 
 def per_tensor(prep: Preprocessing) -> bool:

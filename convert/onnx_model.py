@@ -9,21 +9,22 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from edgeship._deps import require
+from edgeship._paths import is_inside
 from edgeship.errors import ConversionError, InputError
+from edgeship.reference import MAX_IR_VERSION as MAX_IR_VERSION
 from edgeship.runtime.card import Layout, Postprocessing
 
 log = logging.getLogger(__name__)
 
 #: Opset the converter normalises older models to (well supported by onnxsim and onnx2tf).
 TARGET_OPSET = 13
-#: Highest IR version the pinned onnxsim accepts.
-MAX_IR_VERSION = 10
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class ModelInfo:
         }
 
 
-def load_model(path: str | Path) -> Any:
+def load_model(path: str | os.PathLike[str]) -> Any:
     """Read and structurally check an ONNX file; raise :class:`InputError` if it is not one."""
     onnx = require("onnx", purpose="read ONNX models")
     path = Path(path)
@@ -68,10 +69,11 @@ def load_model(path: str | Path) -> Any:
     if path.stat().st_size == 0:
         raise InputError(f"model {path} is empty")
     try:
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various
         raise InputError(f"{path} is not a readable ONNX model (truncated or another format?): "
                          f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+    _load_external_data(model, path)
     if not model.graph.node:
         raise InputError(f"{path} is not an ONNX model: its graph has no nodes")
     try:
@@ -79,6 +81,31 @@ def load_model(path: str | Path) -> Any:
     except Exception as exc:
         raise InputError(f"{path} failed the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
     return model
+
+
+def _load_external_data(model: Any, path: Path) -> None:
+    """Read the tensors stored beside the model, only from files inside the model's folder.
+
+    onnx refuses ``..`` and absolute locations but follows a symbolic link, so a link
+    inside the folder could pull any file of the machine into the converted model.
+    """
+    from onnx.external_data_helper import (
+        ExternalDataInfo,
+        _get_all_tensors,
+        load_external_data_for_model,
+        uses_external_data,
+    )
+
+    for tensor in (t for t in _get_all_tensors(model) if uses_external_data(t)):
+        location = ExternalDataInfo(tensor).location
+        data = path.parent / location
+        if not is_inside(data, path.parent):
+            raise InputError(f"{path}: tensor '{tensor.name}' stores its data in {location}, which leads outside "
+                             f"the model's folder (to {data.resolve()}); keep external data files beside the model")
+    try:
+        load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:  # a missing or short data file
+        raise InputError(f"{path}: cannot read its external data: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
 def _dims(value_info: Any) -> tuple[int | str, ...]:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from edgeship._io import atomic_write_bytes, atomic_write_json, staged_output
+from edgeship.convert.report import ConvertReport
 from edgeship.errors import InputError
 from edgeship.runtime.card import CARD_FILE, ModelCard
 from edgeship.runtime.images import Labels
@@ -40,7 +43,8 @@ class ConvertResult:
     Attributes:
         model: The verified float32 TFLite flatbuffer.
         card: Its model card (preprocessing, I/O, postprocessing, source).
-        report: Conversion report (fixes, verification figures, delegation, timings).
+        report: Conversion report (fixes, verification figures, delegation, timings); None for a saved
+            folder without ``convert_report.json``.
         simplified_onnx: The simplified (and folded) ONNX that was converted.
         float16: The float16 TFLite, when asked for.
         saved_model: onnx2tf's SavedModel, file by file (for TensorFlow's own tools;
@@ -51,7 +55,7 @@ class ConvertResult:
 
     model: bytes = field(repr=False)
     card: ModelCard
-    report: dict[str, Any] = field(repr=False)
+    report: ConvertReport | None = field(repr=False)
     simplified_onnx: bytes = field(repr=False, default=b"")
     float16: bytes | None = field(repr=False, default=None)
     saved_model: Mapping[str, bytes] = field(repr=False, default_factory=dict)
@@ -80,7 +84,8 @@ class ConvertResult:
         with staged_output(out, self.file_names(), force=force) as stage:
             atomic_write_bytes(stage / FLOAT32_FILE, self.model)
             atomic_write_json(stage / CARD_FILE, self.card.to_dict())
-            atomic_write_json(stage / REPORT_FILE, self.report)
+            if self.report is not None:
+                atomic_write_json(stage / REPORT_FILE, self.report.to_dict())
             atomic_write_bytes(stage / SIMPLIFIED_FILE, self.simplified_onnx)
             for rel, data in self.saved_model.items():
                 atomic_write_bytes(stage / SAVED_MODEL_DIR / rel, data)
@@ -102,17 +107,19 @@ class ConvertResult:
             raise InputError(f"{folder} is not an edgeship convert folder (no {CARD_FILE}); pass the ONNX model "
                              "or run `edgeship convert` first")
         card = ModelCard.load(card_path)
-        if card.precision != "float32" or not (folder / card.model_file).is_file():
+        model, labels = card.file(folder), card.file(folder, "labels_file")
+        if card.precision != "float32" or not model.is_file():
             raise InputError(f"{folder} holds no float32 model to quantize (its card names {card.model_file}, "
                              f"{card.precision}); pass the ONNX model or a `edgeship convert` folder")
-        return cls(model=(folder / card.model_file).read_bytes(), card=card, report=_read_json(folder / REPORT_FILE),
+        return cls(model=model.read_bytes(), card=card, report=_read_report(folder / REPORT_FILE),
                    simplified_onnx=_read(folder / SIMPLIFIED_FILE) or b"", float16=_read(folder / FLOAT16_FILE),
                    saved_model=_read_tree(folder / SAVED_MODEL_DIR) if saved_model else {},
-                   labels=_read(folder / card.labels_file) if card.labels_file else None, folder=folder)
+                   labels=_read(labels) if labels else None, folder=folder)
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the bytes, which are named by their sha256 (what a cache key needs)."""
-        return {"card": self.card.to_dict(), "report": self.report, "model_sha256": sha256(self.model),
+        return {"card": self.card.to_dict(), "report": self.report.to_dict() if self.report else None,
+                "model_sha256": sha256(self.model),
                 "simplified_onnx_sha256": sha256(self.simplified_onnx),
                 "float16_sha256": sha256(self.float16) if self.float16 is not None else None,
                 "labels_sha256": sha256(self.labels) if self.labels is not None else None,
@@ -126,7 +133,8 @@ class ConvertResult:
             want = d.get(f"{what}_sha256")
             if data is not None and want and sha256(data) != want:
                 raise InputError(f"{what} bytes do not match the sha256 the result names")
-        return cls(model=model, card=ModelCard.from_dict(d["card"]), report=dict(d["report"]),
+        report = ConvertReport.from_dict(d["report"]) if d.get("report") else None
+        return cls(model=model, card=ModelCard.from_dict(d["card"]), report=report,
                    simplified_onnx=simplified_onnx, float16=float16, labels=labels,
                    folder=Path(d["folder"]) if d.get("folder") else None)
 
@@ -135,13 +143,14 @@ def _read(path: Path) -> bytes | None:
     return path.read_bytes() if path.is_file() else None
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    import json
-
+def _read_report(path: Path) -> ConvertReport | None:
+    if not path.is_file():
+        return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+        return ConvertReport.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{path} is not a readable convert report ({type(exc).__name__}: {exc}); "
+                         "re-run `edgeship convert`") from exc
 
 
 def _read_tree(root: Path) -> dict[str, bytes]:

@@ -13,6 +13,7 @@ on a device never pulls in the host tool chain.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from edgeship._version import __version__ as __version__
@@ -34,9 +35,11 @@ _STAGES = ("convert", "quantize", "verify")
 _LAZY = {
     "ConvertOptions": ("edgeship.convert", "ConvertOptions"),
     "ConvertResult": ("edgeship.convert", "ConvertResult"),
+    "ConvertReport": ("edgeship.convert.report", "ConvertReport"),
     "QuantizeOptions": ("edgeship.quantize", "QuantizeOptions"),
     "QuantizeResult": ("edgeship.quantize", "QuantizeResult"),
     "DriftResult": ("edgeship.verify", "DriftResult"),
+    "DriftReport": ("edgeship.verify.report", "DriftReport"),
     "DeviceSpec": ("edgeship.targets.devices", "DeviceSpec"),
     "load_target": ("edgeship.targets", "load_target"),
     "ModelCard": ("edgeship.runtime.card", "ModelCard"),
@@ -45,8 +48,6 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
-    import importlib
-
     if name in _STAGES:
         return importlib.import_module(f"edgeship.{name}")
     if name in _LAZY:

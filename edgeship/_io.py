@@ -8,6 +8,7 @@ Whole runs stage their files in a hidden sibling folder and publish them at the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -18,11 +19,18 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
+from edgeship._lock import folder_lock
+from edgeship._paths import check_writable_dir as check_writable_dir
+from edgeship._paths import writable_dir_problem as writable_dir_problem
+from edgeship._version import SCHEMA_VERSION
 from edgeship.errors import InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
+
+#: Errors of a write that the disk refused: reported naming the file being written.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def _umask() -> int:
@@ -36,22 +44,38 @@ def _publishable(tmp: str) -> None:
     os.chmod(tmp, 0o666 & ~_umask())
 
 
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[str]:
+    """A temporary file beside ``path`` that replaces it when the block ends, removed if the block fails.
+
+    A write the disk refuses (full, read-only) is reported naming ``path``: a full disk's
+    error names no file, a copy's names its source.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield tmp
+            _publishable(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _publishable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with _replacing(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
     return path
 
 
@@ -61,25 +85,26 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically."""
+    """Write ``obj`` as indented JSON atomically; a JSON object gets ``schema_version`` when it has none."""
+    if isinstance(obj, dict) and "schema_version" not in obj:
+        obj = {"schema_version": SCHEMA_VERSION, **obj}
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
 def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Copy a file atomically."""
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
+    with _replacing(dst) as tmp:
         shutil.copyfile(src, tmp)
-        _publishable(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return dst
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an error of the file system: what it said and the file (the one written, for a full disk)."""
+    name = exc.filename2 if exc.errno in _WRITE_ERRNOS and exc.filename2 else exc.filename
+    if exc.errno in _WRITE_ERRNOS and name:
+        return f"cannot write {name}: {exc.strerror or exc}"
+    return f"{exc.strerror or exc}: {name}" if name else str(exc)
 
 
 def _json_default(obj: Any) -> Any:
@@ -116,60 +141,78 @@ def cache_dir(*parts: str) -> Path:
     return Path(base, "edgeship", *parts)
 
 
-def writable_dir_problem(out_dir: str | os.PathLike[str]) -> str | None:
-    """Why ``out_dir`` cannot be created or written (None: it can).
-
-    Nothing is created: a probe file is written and removed in ``out_dir`` or, when it
-    does not exist yet, in its nearest existing ancestor.
-    """
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        return "it is a file, not a folder"
-    probe_in = out_dir
-    while not probe_in.exists():
-        if probe_in.is_symlink():
-            return f"{probe_in} is a dangling symbolic link"
-        probe_in = probe_in.parent
-    if not probe_in.is_dir():
-        return f"{probe_in} is a file, not a folder"
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".edgeship-write-probe-", dir=probe_in)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as exc:
-        return f"{exc.strerror or exc}" + ("" if probe_in == out_dir else f" (in {probe_in})")
-    return None
-
-
-def check_writable_dir(out_dir: str | os.PathLike[str], what: str = "output folder") -> Path:
-    """Fail early, with one line, when ``out_dir`` cannot be created or written.
-
-    Called before any work starts, so a run does not spend minutes and then fail at
-    publishing (see :func:`writable_dir_problem`).
-
-    Raises:
-        InputError: A path component is a file, or the folder (or where it would be
-            created) is not writable.
-    """
-    problem = writable_dir_problem(out_dir)
-    if problem:
-        raise InputError(f"cannot write {what} {out_dir}: {problem}")
-    return Path(out_dir)
-
-
-def check_outputs_free(out_dir: Path, names: list[str], *, force: bool) -> None:
+def check_outputs_free(out_dir: Path, names: list[str], *, force: bool,
+                       reads: Iterable[str | os.PathLike[str] | None] = ()) -> None:
     """Raise :class:`OutputExistsError` when any of ``names`` exists in ``out_dir``.
 
-    Also checks, before any work, that ``out_dir`` can be written (:func:`check_writable_dir`).
+    Also checks, before any work, that ``out_dir`` can be written (:func:`check_writable_dir`)
+    and that no output would replace one of the command's input files ``reads``, even with ``force``.
     """
     check_writable_dir(out_dir)
-    if force or not out_dir.exists():
+    if not Path(out_dir).exists():
+        return
+    for name in names:
+        _refuse_input(Path(out_dir) / name, reads, f"output {name}")
+    if force:
         return
     clash = sorted(n for n in names if (out_dir / n).exists())
     if clash:
         raise OutputExistsError(
             f"{out_dir} already holds {', '.join(clash)}; pass {OutputExistsError.FORCE} to overwrite"
         )
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str, *, force: bool,
+                      reads: Iterable[str | os.PathLike[str] | None] = (),
+                      writes: Iterable[str | os.PathLike[str] | None] = ()) -> None:
+    """The overwrite rule of a file a command writes (``--json``, ``-r``), checked before it runs.
+
+    The file must not be a folder and its folder must be writable; an existing file is
+    replaced only with ``force``, and never when the same command reads it (the same
+    path or inode as an input file, or inside an input folder) or writes it otherwise.
+
+    Args:
+        path: The file to write.
+        flag: How messages name it (``--json``).
+        force: Whether an existing file may be replaced.
+        reads: The command's input files and folders (None entries are skipped).
+        writes: The command's other output files.
+
+    Raises:
+        InputError: A folder, an unwritable place, or a file the command reads or writes.
+        OutputExistsError: The file exists and ``force`` is not given.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a folder; give a file path")
+    problem = writable_dir_problem(path.parent)
+    if problem:
+        raise InputError(f"cannot write {flag} {path}: {problem}")
+    _refuse_input(path, reads, f"{flag} {path}")
+    for other in (Path(p) for p in writes if p is not None):
+        if path.resolve() == other.resolve():
+            raise InputError(f"{flag} {path} is also written as another output of this command; write it elsewhere")
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists; pass {OutputExistsError.FORCE} to overwrite it")
+
+
+def _refuse_input(path: Path, reads: Iterable[str | os.PathLike[str] | None], what: str) -> None:
+    for other in (Path(p) for p in reads if p is not None):
+        if _reads(other, path):
+            raise InputError(f"{what} would replace {other}, which this command reads; write it elsewhere")
+
+
+def _reads(source: Path, path: Path) -> bool:
+    """Whether writing ``path`` replaces ``source`` or a file inside it (symbolic and hard links count)."""
+    from edgeship._paths import is_inside
+
+    if source.is_dir():
+        return path.exists() and is_inside(path, source)
+    if path.resolve() == source.resolve():
+        return True
+    with contextlib.suppress(OSError):
+        return os.path.samefile(path, source)
+    return False
 
 
 #: Hidden names of a run's private folders: ``.<out>.staging-<owner>-<random>`` beside the
@@ -179,6 +222,13 @@ _PRIVATE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)\.(?P
 #: Staging folders named before the owner was in the name: removed once this old (seconds).
 _LEGACY_STAGING = re.compile(r"^\.(?P<name>.+)\.staging-[a-z0-9_]{8}$")
 LEGACY_STALE_AFTER = 24 * 3600.0
+#: A temporary file of :func:`atomic_write_bytes` (left behind only by a killed process).
+_TEMP = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
+
+
+def private_name(name: str) -> bool:
+    """Whether ``name`` is one of edgeship's own temporary or moved-aside entries (by its pattern)."""
+    return bool(_PRIVATE.match(name) or _TEMP.match(name))
 
 
 def owner_tag(pid: int | None = None) -> str:
@@ -300,21 +350,28 @@ def staged_output(out_dir: str | os.PathLike[str], names: list[str], *, force: b
     when ``force``); when it raises, the staging folder is removed and ``out_dir`` is
     left as it was.
     """
+
     out_dir = Path(out_dir).resolve()
     check_outputs_free(out_dir, names, force=force)
-    clean_stale(out_dir)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{owner_tag()}-", dir=out_dir.parent))
-    except OSError as exc:
-        raise InputError(f"cannot write beside output folder {out_dir}: {exc.strerror or exc}") from None
-    try:
-        yield stage
-        check_outputs_free(out_dir, [p.name for p in stage.iterdir()], force=force)
+    with folder_lock(out_dir):
+        clean_stale(out_dir)
         try:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.staging-{owner_tag()}-", dir=out_dir.parent))
         except OSError as exc:
-            raise InputError(f"cannot create output folder {out_dir}: {exc.strerror or exc}") from None
-        _swap_in(stage, out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            raise InputError(f"cannot write beside output folder {out_dir}: {exc.strerror or exc}") from None
+        try:
+            yield stage
+            check_outputs_free(out_dir, [p.name for p in stage.iterdir()], force=force)
+            _swap_in(stage, out_dir)
+        except OSError as exc:
+            raise _in_place(exc, stage, out_dir)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def _in_place(exc: OSError, stage: Path, out_dir: Path) -> OSError:
+    """An error naming a staged file, as naming the file it was going to be in ``out_dir``."""
+    name = exc.filename
+    if isinstance(name, str) and Path(name).is_relative_to(stage):
+        return OSError(exc.errno, exc.strerror, str(out_dir / Path(name).relative_to(stage)))
+    return exc

@@ -6,6 +6,7 @@ Exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from edgeship._version import __version__
+from edgeship._version import SCHEMA_VERSION, __version__
 from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
 
 log = logging.getLogger("edgeship")
@@ -141,23 +142,27 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import check_outputs_free
+    from edgeship._paths import check_apart
     from edgeship.convert import ConvertOptions, convert
-    from edgeship.convert.pipeline import output_names, preprocessing_for
+    from edgeship.convert.converter import output_names, preprocessing_for
 
     prep = preprocessing_for(args.model, args.input_shape, _preprocessing_flags(args)) if _has_prep_flags(args) else None
     options = ConvertOptions(input_shape=args.input_shape, fp16=args.fp16, images=args.images,
                              max_images=args.max_images, labels=args.labels, preprocessing=prep,
                              pixels_in_graph=args.pixels_in_graph)
-    check_outputs_free(args.out, output_names(options), force=args.force)  # before minutes of work
+    check_apart(args.out, {"--images": args.images})
+    check_outputs_free(args.out, output_names(options), force=args.force, reads=_inputs(args))  # before the work
     result = convert(args.model, options=options, progress=progress).save(args.out, force=args.force)
-    lines = [f"wrote {result.model_path} ({len(result.model) / 1e6:.1f} MB) "
-             f"in {result.report['timings_s']['total']:.1f} s"]
-    for name, v in result.report["verification"].items():
-        lines.append(f"  {name}: top-1 agreement {100 * v['top1_agreement']:.2f}%  mean cosine "
-                     f"{v['mean_cosine']:.6f}  max-abs {v['max_abs_error']:.2e}  on {v['count']} "
-                     f"{'real images' if v['agreement_enforced'] else 'generated inputs'}")
+    report = result.report
+    assert report is not None  # a fresh conversion always has one
+    lines = [f"wrote {result.model_path} ({len(result.model) / 1e6:.1f} MB) in {report.timings_s['total']:.1f} s"]
+    for name, check in report.verification.items():
+        f = check.figures
+        lines.append(f"  {name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.6f}  "
+                     f"max-abs {f.max_abs_error:.2e}  on {f.count} "
+                     f"{'real images' if check.agreement_enforced else 'generated inputs'}")
     lines += _input_contract(result.card)
-    return 0, {"summary": lines, "result": {"out_dir": str(result.folder), "report": result.report}}
+    return 0, {"summary": lines, "result": {"out_dir": str(result.folder), "report": report.to_dict()}}
 
 
 def _input_contract(card: Any) -> list[str]:
@@ -223,8 +228,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import check_outputs_free
+    from edgeship._paths import check_apart
     from edgeship.convert import ConvertOptions
-    from edgeship.convert.pipeline import output_names as convert_outputs
+    from edgeship.convert.converter import output_names as convert_outputs
     from edgeship.quantize import QuantizeOptions, quantize
     from edgeship.quantize.pipeline import conversion_for, output_names
 
@@ -242,7 +248,8 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     model = conversion_for(args.model, args.out, force=args.force)
     new_files = output_names() + (convert_outputs(ConvertOptions()) if isinstance(model, Path) and model.is_file()
                                   else [])
-    check_outputs_free(args.out, new_files, force=args.force)  # before minutes of work
+    check_apart(args.out, {"--calib": args.calib, "--eval": args.eval_dir})
+    check_outputs_free(args.out, new_files, force=args.force, reads=_inputs(args))  # before minutes of work
     result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
     result = result.save_with_source(args.out, force=args.force)
     payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _input_contract(result.card),
@@ -361,41 +368,65 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship._io import atomic_write_json
     from edgeship.targets import load_target
+    from edgeship.targets.mediapipe_check import summary_line
     from edgeship.verify import drift
 
     target = load_target(args.target)
-    _check_report_path(args.report, "-r", force=args.force)
+    _check_report_path(args, args.report, "-r")
     result = drift.verify(args.reference, args.candidate, args.images, target=target, device=_device_spec(args),
                           max_images=args.max_images, progress=progress)
-    atomic_write_json(args.report, result.report)
+    doc = result.to_dict()
+    atomic_write_json(args.report, doc)
     f = result.figures
     lines = [f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
              f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.passed else 'FAIL'}"]
     lines += [f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
               f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}" for c in result.checks]
-    if result.report.get("client_check"):
-        lines.append(f"  {result.report['client_check']['summary']}")
-    lines += [f"  note: {n}" for n in result.report["notes"]]
+    if result.client_check:
+        lines.append(f"  {summary_line(result.client_check)}")
+    lines += [f"  note: {n}" for n in result.report.notes]
     lines.append(f"  report: {args.report}")
     try:
         result.raise_for_budget()
     except EdgeshipError as exc:
-        return exc.exit_code, {"summary": lines, "result": result.report, "error": str(exc)}
-    return 0, {"summary": lines, "result": result.report}
+        return exc.exit_code, {"summary": lines, "result": doc, "error": str(exc)}
+    return 0, {"summary": lines, "result": doc}
 
 
-def _check_report_path(path: Path, flag: str, *, force: bool) -> None:
-    """Before running: the report file can be written where asked (not a folder, not in a file...)."""
-    from edgeship._io import writable_dir_problem
-    from edgeship.errors import OutputExistsError
+def _check_report_path(args: argparse.Namespace, path: Path, flag: str) -> None:
+    """Before running: the report file can be written where asked, under the one overwrite rule."""
+    from edgeship._io import check_output_file
 
-    if path.is_dir():
-        raise InputError(f"{flag} {path} is a folder; give a file path, e.g. {path / 'report.json'}")
-    problem = writable_dir_problem(path.parent)
-    if problem:
-        raise InputError(f"cannot write {flag} {path}: {problem}")
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} exists; pass --force to overwrite it")
+    json_file = args.json if args.json is not None and str(args.json) != "-" else None
+    check_output_file(path, flag, force=args.force, reads=_inputs(args), writes=[json_file])
+
+
+#: Arguments naming what a command writes; every other path argument is read.
+_OUTPUTS = ("out", "report", "json")
+
+
+def _inputs(args: argparse.Namespace) -> list[Path]:
+    """Every file and folder the command reads (path arguments and target profiles given as files)."""
+    found: list[Path] = []
+    for key, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if key == "target":
+            found += [Path(v) for v in values if isinstance(v, str) and Path(v).is_file()]
+        elif key not in _OUTPUTS:
+            found += [v for v in values if isinstance(v, Path)]
+    out = getattr(args, "out", None)  # quantize reads and writes its convert folder: the folder is an output
+    return [p for p in found if not (out is not None and p.is_dir() and p.resolve() == Path(out).resolve())]
+
+
+def _written_folder(args: argparse.Namespace) -> tuple[Path, str] | None:
+    """The folder a command writes (locked while it runs), and what messages call it."""
+    if args.command in ("convert", "quantize", "bundle", "deploy"):
+        return args.out, "output folder"
+    if args.command == "verify":
+        return args.report.parent, "report folder"
+    if args.command == "bench":
+        return args.out.parent, "bench.json folder"
+    return None
 
 
 # ---------------------------------------------------------------- bench
@@ -431,7 +462,7 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
         from edgeship.targets import load_target
 
         target = load_target(args.target)
-    _check_report_path(args.out, "-o", force=args.force)
+    _check_report_path(args, args.out, "-o")
     for m in args.models:
         if not m.is_file():
             raise InputError(f"model {m} does not exist")
@@ -517,7 +548,8 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     b = p.add_argument_group("benchmark")
     b.add_argument("--bench-threads", type=_csv_ints, default=(1, 2), help="thread counts (default 1,2)")
     b.add_argument("--bench-runs", type=int, default=100)
-    p.add_argument("--force", action="store_true", help="use a non-empty folder that is not a deploy folder")
+    p.add_argument("--force", action="store_true", help="write beside the files of a non-empty folder that is not a "
+                   "deploy folder (deploy never removes or replaces files it did not write)")
     _add_device_options(p, adb=False)
     _add_common(p)
     p.set_defaults(func=_cmd_deploy)
@@ -562,6 +594,7 @@ def _add_targets(sub: argparse._SubParsersAction) -> None:
     show = tsub.add_parser("show", help="one target's profile")
     show.add_argument("name", help="target name or path to a .toml profile")
     for q in (listing, show):
+        q.add_argument("--force", action="store_true", help="overwrite an existing --json file")
         _add_common(q)
     p.set_defaults(func=_cmd_targets)
 
@@ -616,11 +649,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CODES["usage"]
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
-        code, payload = args.func(args, progress)
+        with _lock(args):
+            code, payload = args.func(args, progress)
     except (EdgeshipError, OSError) as exc:
         progress.close()
         if isinstance(exc, OSError):  # the file system refused something unforeseen: still one line
-            exc = EdgeshipError(f"{exc.strerror or exc}: {exc.filename}" if exc.filename else str(exc))
+            from edgeship._io import os_error_line
+
+            exc = EdgeshipError(os_error_line(exc))
         print(f"edgeship {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         payload = {"error": {"type": type(exc).__name__, "message": exc.cli_message()}}
         return _write_json(args, payload, exc.exit_code)
@@ -637,24 +673,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _write_json(args, payload.get("result", {}), code)
 
 
+def _lock(args: argparse.Namespace) -> Any:
+    """The write lock of the folder the command writes (nothing for commands that write none)."""
+    from edgeship._lock import folder_lock
+
+    written = _written_folder(args)
+    return folder_lock(*written) if written else contextlib.nullcontext()
+
+
 def _json_path_problem(args: argparse.Namespace) -> str | None:
-    """Why ``--json FILE`` cannot be written, found before anything runs (None: fine)."""
+    """Why ``--json FILE`` cannot be written, found before anything runs (None: fine).
+
+    The one overwrite rule: an existing file only with ``--force``, never a file the command reads.
+    """
     path = getattr(args, "json", None)
     if path is None or str(path) == "-":
         return None
-    if path.is_dir():
-        return f"--json {path} is a folder; give a file path"
-    from edgeship._io import writable_dir_problem
+    from edgeship._io import check_output_file
 
-    problem = writable_dir_problem(path.parent)
-    return f"cannot write --json {path}: {problem}" if problem else None
+    other = {"verify": getattr(args, "report", None), "bench": getattr(args, "out", None)}.get(args.command)
+    try:
+        check_output_file(path, "--json", force=args.force, reads=_inputs(args), writes=[other])
+    except EdgeshipError as exc:
+        return exc.cli_message()
+    return None
 
 
 def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) -> int:
     """Write the ``--json`` document (if asked); return the exit code (1 when it cannot be written)."""
     if not getattr(args, "json", None):
         return code
-    doc = {"command": args.command, "exit_code": code, **payload}
+    doc = {"schema_version": SCHEMA_VERSION, "command": args.command, "exit_code": code, **payload}
     if str(args.json) == "-":
         print(json.dumps(doc, indent=2, default=str))
         return code

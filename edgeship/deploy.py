@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -24,7 +25,9 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeship._child import ChildWorker
-from edgeship._io import atomic_write_json, sha256_file
+from edgeship._io import atomic_write_json, private_name, sha256_file
+from edgeship._lock import LOCK_FILE, folder_lock
+from edgeship._paths import check_apart, relative
 from edgeship._progress import Progress, silent
 from edgeship._version import __version__
 from edgeship.convert.result import FLOAT16_FILE, ConvertResult
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 MARKER = ".edgeship-deploy.json"
 STAGE_MARK = ".stage.json"
 SUMMARY = "deploy.json"
+#: What deploy writes at the top of OUT_DIR; anything else there is never touched.
+ENTRIES = ("convert", "quantize", "verify", "bench", "bundles", "report", "report.md", "report.html", SUMMARY, MARKER)
 
 
 @dataclass(frozen=True)
@@ -118,16 +123,19 @@ def code_fingerprint() -> str:
 class _Stages:
     """Runs named stages into subfolders of OUT_DIR, reusing those whose key is unchanged."""
 
-    def __init__(self, out: Path, progress: Progress) -> None:
+    def __init__(self, out: Path, progress: Progress, written: _Written | None = None) -> None:
         self.out = out
         self.progress = progress
         self.records: list[StageRecord] = []
+        self.written = written
+        self._written_lock = threading.Lock()  # stages run two at a time share the record of what deploy wrote
 
     def will_build(self, name: str, key: dict[str, Any]) -> bool:
         """Whether :meth:`run` would build this stage (its outputs are missing, changed or made from other inputs)."""
-        previous = _read_marker(self.out / name / STAGE_MARK)
+        folder = relative(self.out, name, "stage")
+        previous = _read_marker(folder / STAGE_MARK)
         digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
-        return not (previous.get("key") == digest and _intact(self.out / name, previous.get("files")))
+        return not (previous.get("key") == digest and _intact(folder, previous.get("files")))
 
     def step(self, name: str, seconds: float) -> None:
         """Record work done for several stages and kept by none (shown in the table, never reused)."""
@@ -139,7 +147,7 @@ class _Stages:
         self.records.sort(key=lambda r: rank.get(r.name, -1))
 
     def run(self, name: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, str]:
-        folder = self.out / name
+        folder = relative(self.out, name, "stage")
         digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
         marker = folder / STAGE_MARK
         start = time.perf_counter()
@@ -150,10 +158,16 @@ class _Stages:
             return folder, digest
         self.progress(name)
         if folder.exists():
+            if self.written is not None:
+                with self._written_lock:
+                    self.written.drop(folder)  # refuses files deploy did not write
             shutil.rmtree(folder)
         build(folder)
         seconds = round(time.perf_counter() - start, 2)
         atomic_write_json(marker, {"key": digest, "seconds": seconds, "inputs": key, "files": _manifest(folder)})
+        if self.written is not None:
+            with self._written_lock:
+                self.written.claim(folder)
         self.records.append(StageRecord(name, False, seconds, digest, seconds))
         return folder, digest
 
@@ -179,28 +193,125 @@ def _intact(folder: Path, files: Any) -> bool:
         return False
     try:
         for rel, (size, digest) in files.items():
-            f = folder / rel
+            f = relative(folder, rel, "manifest path")
             if f.stat().st_size != size or sha256_file(f) != digest:
                 log.warning("%s changed or was deleted since the stage was built: rebuilding it", f)
                 return False
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, InputError):
         log.warning("an output of %s is missing or unreadable: rebuilding the stage", folder)
         return False
     return True
 
 
-def _check_out_dir(out: Path, force: bool) -> None:
-    from edgeship._io import check_writable_dir
+class _Written:
+    """What deploy wrote in OUT_DIR, kept in its marker file: deploy removes or replaces nothing else."""
 
-    check_writable_dir(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file() and not force:
-        raise OutputExistsError(f"{out} is not empty and is not an edgeship deploy folder; pass {OutputExistsError.FORCE} or pick "
-                                "another folder")
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.deploy_folder = (out / MARKER).is_file()
+        record = _read_marker(out / MARKER)
+        files = record.get("written")
+        if isinstance(files, list):
+            self.files = {f for f in files if isinstance(f, str)}
+        else:
+            self.files = _legacy_written(out) if self.deploy_folder else set()
+
+    def foreign(self, *paths: Path) -> list[str]:
+        """Files under ``paths`` (default: deploy's entries) that deploy did not write."""
+        paths = paths or tuple(self.out / name for name in ENTRIES)
+        return sorted(f for p in paths for f in _files_under(self.out, p)
+                      if f not in self.files and not any(private_name(part) for part in f.split("/")))
+
+    def drop(self, folder: Path) -> None:
+        """Forget ``folder``'s files before it is deleted; refuse when deploy did not write them all."""
+        foreign = self.foreign(folder)
+        if foreign:
+            raise OutputExistsError(f"{self.out} holds {_some(foreign)}, which deploy did not write; move them, "
+                                    "deploy would delete them")
+        self.files -= set(_files_under(self.out, folder))
+        self._save()
+
+    def claim(self, *paths: Path) -> None:
+        """Record that deploy wrote every file under ``paths``."""
+        for p in paths:
+            self.files |= set(_files_under(self.out, p))
+        self._save()
+
+    def _save(self) -> None:
+        atomic_write_json(self.out / MARKER, {"edgeship": __version__, "written": sorted(self.files | {MARKER})})
+        self.deploy_folder = True
+
+
+def _files_under(out: Path, path: Path) -> list[str]:
+    """``path`` (a file or a link) or the files and links under it, relative to ``out`` with ``/``."""
+    if path.is_symlink() or path.is_file():
+        return [path.relative_to(out).as_posix()]
+    found: list[str] = []
+    for root, dirs, files in os.walk(path):
+        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        found += [Path(root, f).relative_to(out).as_posix() for f in [*files, *links]]
+    return found
+
+
+def _legacy_written(out: Path) -> set[str]:
+    """A deploy folder from before the record: its stages' manifests and its report say what it wrote."""
+    files = {MARKER, SUMMARY, "report.md", "report.html", *_files_under(out, out / "report")}
+    for mark in (f for name in ENTRIES[:5] for f in (out / name).rglob(STAGE_MARK)):
+        listed = _read_marker(mark).get("files")
+        prefix = mark.parent.relative_to(out).as_posix()
+        files |= {f"{prefix}/{STAGE_MARK}", *(f"{prefix}/{f}" for f in (listed if isinstance(listed, dict) else {}))}
+    return files
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _check_out_dir(out: Path, force: bool) -> _Written:
+    """What deploy wrote in ``out``; refuse a folder holding files of someone else where deploy writes.
+
+    Without ``force`` the folder must be empty or a deploy folder; with it, deploy writes
+    beside what is there. Either way, files deploy did not write are never removed.
+    """
+    written = _Written(out)
+    foreign = written.foreign()
+    if foreign:
+        raise OutputExistsError(f"{out} holds {_some(foreign)}, which deploy did not write but would replace or "
+                                f"delete; move them or pick another folder ({OutputExistsError.FORCE} never removes "
+                                "files edgeship did not write)")
+    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if present and not written.deploy_folder and not force:
+        raise OutputExistsError(f"{out} is not empty and is not an edgeship deploy folder (it holds {_some(present)}; "
+                                f"deploy would replace none of them): pass {OutputExistsError.FORCE} to write beside "
+                                "them, or pick another folder")
+    return written
+
+
+def _check_names(targets: list[Any], given: tuple[str, ...]) -> None:
+    """Refuse two targets with one name: the name is their folder (verify/NAME, bundles/NAME)."""
+    seen: dict[str, str] = {}
+    for target, source in zip(targets, given):
+        if target.name in seen:
+            raise InputError(f"two targets are named {target.name} ({seen[target.name]} and {source}); "
+                             "each target's results go to folders named after it: rename one")
+        seen[target.name] = source
 
 
 def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *,
            progress: Progress = silent) -> DeployResult:
-    """Run the whole pipeline for several targets; see the module docstring."""
+    """Run the whole pipeline for several targets; see the module docstring.
+
+    The output folder is locked for the run (a second writer is refused), must not be
+    inside the calibration or evaluation folder, and holds nothing of the user's where
+    deploy writes (see :func:`_check_out_dir`).
+    """
+    check_apart(out_dir, {"the calibration folder": calibration, "the evaluation folder": options.eval_dir})
+    with folder_lock(out_dir):
+        return _deploy(model, calibration, out_dir, options, progress=progress)
+
+
+def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *,
+            progress: Progress = silent) -> DeployResult:
     from edgeship import zoo
     from edgeship.quantize.data import Split, split_images
     from edgeship.runtime.images import list_images
@@ -209,6 +320,7 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     started = time.perf_counter()
     out = Path(out_dir)
     targets = [load_target(t) for t in options.targets]
+    _check_names(targets, options.targets)
     model_path = zoo.resolve(model, progress=progress)
     if not model_path.is_file():
         raise InputError(f"model {model_path} does not exist")
@@ -222,15 +334,13 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     calib_set, eval_set = split_images(Path(calibration), Split(qopts.num_calib, qopts.seed, max_eval=qopts.max_eval),
                                        options.eval_dir)
     folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
-    _check_out_dir(out, options.force)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / MARKER, {"edgeship": __version__})
-    stages = _Stages(out, progress)
+    written = _check_out_dir(out, options.force)
+    stages = _Stages(out, progress, written)
     with ChildWorker() as native:  # quantize's TensorFlow process, started while convert runs
         conv, conv_key = _convert_stage(stages, model_path, options, targets, native)
         models = _quantize_stages(stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native)
     drifts, bundles = _verify_and_bundle(stages, model_path, models, eval_set, targets, options, progress)
-    verify_results = {name: d.report for name, d in drifts.items()}
+    verify_results = {name: d.to_dict() for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
     summary = {
         "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
@@ -252,6 +362,7 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
                                    _layer_plots(models)))
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out / SUMMARY, summary)
+    written.claim(out / "report", out / "report.md", out / "report.html", out / SUMMARY)
     passed = all(v["passed"] for v in summary["targets"].values())
     return DeployResult(out, stages.records, summary["targets"], passed, summary)
 

@@ -3,28 +3,34 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
-from pathlib import Path
+import platform
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple, cast
 
 import numpy as np
+from PIL import Image
 
+from edgeship._deps import require
 from edgeship._io import atomic_write_bytes, atomic_write_text
 from edgeship.runtime.bench import delegation_note
+from edgeship.runtime.images import load_rgb
+from edgeship.runtime.metrics import cosine_per_sample, softmax, topk
+from edgeship.targets.mediapipe_check import PREPROCESSING as CLIENT_PREPROCESSING
+from edgeship.verify.drift import DriftResult
 
 ASSETS = "report"
 
 
 def _plt() -> Any:
-    from edgeship._deps import require
-
     require("matplotlib", purpose="draw report plots")
-    import matplotlib
+    import matplotlib  # heavy optional dependency: deferred
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     return plt
 
@@ -73,7 +79,7 @@ class ReportInputs:
 
     summary: dict[str, Any]
     bench: dict[str, Any]
-    drifts: dict[str, Any]  # target name -> edgeship.verify.DriftResult
+    drifts: dict[str, DriftResult]  # target name -> its drift check
     labels: list[str] | None = None
     layer_plots: dict[str, Path] = field(default_factory=dict)
 
@@ -88,18 +94,19 @@ class Disagreement(NamedTuple):
     thumbnail: bytes  # JPEG
 
 
-def disagreements(drift: Any, labels: list[str] | None, *, count: int = 6) -> list[Disagreement]:
+def disagreements(drift: DriftResult, labels: list[str] | None, *, count: int = 6) -> list[Disagreement]:
     """The images where reference and candidate disagree most (lowest cosine among top-1 changes)."""
     if drift.reference is None or drift.candidate is None:
         return []
     ref, cand, files = drift.reference, drift.candidate, [str(f) for f in drift.files]
-    from edgeship.runtime.metrics import cosine_per_sample, softmax, topk
-
     differ = np.nonzero(np.argmax(ref, 1) != np.argmax(cand, 1))[0]
     order = differ[np.argsort(cosine_per_sample(ref[differ], cand[differ]))] if len(differ) else \
         np.argsort(cosine_per_sample(ref, cand))[:3]
     cos = cosine_per_sample(ref, cand)
-    name = (lambda i: labels[i] if labels and i < len(labels) else str(i))
+
+    def name(i: int) -> str:
+        return labels[i] if labels and i < len(labels) else str(i)
+
     picks = []
     for i in order[:count]:
         pr, pc = softmax(ref[i:i + 1])[0], softmax(cand[i:i + 1])[0]
@@ -112,13 +119,9 @@ def disagreements(drift: Any, labels: list[str] | None, *, count: int = 6) -> li
 
 def _thumbnail(path: str, size: int = 224) -> bytes:
     """A JPEG thumbnail, read the way the runtime reads images (upright, any mode)."""
-    from edgeship.runtime.images import load_rgb
-
     try:
-        im = load_rgb(path)
+        im = cast(Image.Image, load_rgb(path))  # load_rgb is annotated as object
     except Exception:  # noqa: BLE001 - a vanished image must not cost the whole report
-        from PIL import Image
-
         im = Image.new("RGB", (size, size), (235, 235, 235))
     im.thumbnail((size, size))
     buf = io.BytesIO()
@@ -126,15 +129,14 @@ def _thumbnail(path: str, size: int = 224) -> bytes:
     return buf.getvalue()
 
 
-def disagreement_groups(inputs: ReportInputs) -> list[tuple[list[str], Any]]:
+def disagreement_groups(inputs: ReportInputs) -> list[tuple[list[str], DriftResult]]:
     """Targets whose drift checks gave identical outputs (same model, same machine), with one drift check each."""
-    import hashlib
-
     groups: dict[tuple[str, str, str], list[str]] = {}
     for name, t in inputs.summary["targets"].items():
-        cand = inputs.drifts[name].candidate if name in inputs.drifts else None
+        drift = inputs.drifts.get(name)
+        cand = drift.candidate if drift else None
         digest = hashlib.sha256(np.ascontiguousarray(cand).tobytes()).hexdigest() if cand is not None else name
-        groups.setdefault((t["model"], t.get("ran_on", "?"), digest), []).append(name)
+        groups.setdefault((t["model"], _ran_on(name, inputs), digest), []).append(name)
     return [(names, inputs.drifts[names[0]]) for names in groups.values() if names[0] in inputs.drifts]
 
 
@@ -155,10 +157,12 @@ def isa_check(ran_on: str, arch: str) -> tuple[bool, str]:
 
 def _target_arch(name: str, inputs: ReportInputs) -> str:
     drift = inputs.drifts.get(name)
-    try:
-        return str(drift.report["target"]["arch"])  # type: ignore[union-attr]
-    except (AttributeError, KeyError, TypeError):
-        return "?"
+    return drift.report.target.arch if drift else "?"
+
+
+def _ran_on(name: str, inputs: ReportInputs) -> str:
+    drift = inputs.drifts.get(name)
+    return drift.report.candidate.ran_on if drift else "?"
 
 
 def _pct(v: Any) -> str:
@@ -177,13 +181,16 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
     drift = [["target", "model", "ran on", "own ISA?", "agreement", "float top-1", "deployed top-1", "mean cos",
               "SQNR dB", "budget (agree / drop / SQNR)", "result"]]
     for name, t in summary["targets"].items():
-        f, b = t["figures"], {c["metric"]: c for c in t["budget"]}
-        own, _ = isa_check(t.get("ran_on", "?"), _target_arch(name, inputs))
-        drift.append([name, Path(t["model"]).name, t.get("ran_on", "?"), "yes" if own else "NO",
-                      _pct(f["top1_agreement"]), _pct(f.get("ref_top1")),
-                      _pct(f.get("cand_top1")), _num(f["mean_cosine"], ".4f"), _num(f["sqnr_db"], ".1f"),
-                      f"≥{b['top1_agreement_pct']['limit']}% / ≤{b['top1_drop_points']['limit']} pt / "
-                      f"≥{b['sqnr_db']['limit']} dB", "PASS" if t["passed"] else "FAIL"])
+        if name not in inputs.drifts:
+            continue
+        r = inputs.drifts[name].report
+        f, b = r.figures, {c.metric: c.limit for c in r.budget}
+        own, _ = isa_check(r.candidate.ran_on, r.target.arch)
+        drift.append([name, Path(t["model"]).name, r.candidate.ran_on, "yes" if own else "NO",
+                      _pct(f.top1_agreement), _pct(f.ref_top1), _pct(f.cand_top1), _num(f.mean_cosine, ".4f"),
+                      _num(f.sqnr_db, ".1f"),
+                      f"≥{b['top1_agreement_pct']}% / ≤{b['top1_drop_points']} pt / ≥{b['sqnr_db']} dB",
+                      "PASS" if r.passed else "FAIL"])
     lat = [["model", "threads", "init ms", "first ms", "invoke p50 / p90 ms", "end-to-end p50 / p90 ms",
             "decode / preprocess ms", "end-to-end × invoke", "p99 ms", "peak RSS MB", "size MB", "× first", "runtime"]]
     for r in bench["results"]:
@@ -197,28 +204,27 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
                     f"{e['steps_p50_ms']['decode']:.2f} / {e['steps_p50_ms']['preprocess']:.2f}" if e else "–",
                     f"{e['ratio_p50_to_invoke']:.2f} (of {e['invoke_only_p50_ms']:.2f})" if e else "–",
                     f"{r['p99_ms']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1e6:.2f}",
-                    f"{r['ratio_p50_to_first']:.2f}", f"{rt['interpreter']} {rt.get('delegate', '')}{delegation_note(rt)}"])
-    return {"stages": stages, "drift": drift, "latency": lat, "client": _client_rows(summary)}
+                    f"{r['ratio_p50_to_first']:.2f}",
+                    f"{rt['interpreter']} {rt.get('delegate', '')}{delegation_note(rt)}"])
+    return {"stages": stages, "drift": drift, "latency": lat, "client": _client_rows(inputs)}
 
 
-def _client_rows(summary: dict[str, Any]) -> list[list[str]]:
+def _client_rows(inputs: ReportInputs) -> list[list[str]]:
     """Drift through the app's own library (MediaPipe Tasks), for targets whose client reads metadata."""
     rows = [["target", "client", "images", "agreement, card's crop", "full image (client's resize)",
              "card's crop as region of interest", "same pixels as edgeship's runtime", "result"]]
-    for name, t in summary["targets"].items():
-        c = t.get("client_check")
+    for name, drift in inputs.drifts.items():
+        c = drift.client_check
         if c:
-            rows.append([name, c["client"], str(c["images"]), _pct(c["card_preprocessing"]["top1_agreement"]),
-                         _pct(c["client_preprocessing"]["top1_agreement"]),
-                         _pct(c["roi_preprocessing"]["top1_agreement"]), _pct(c["runtime_agreement"]),
-                         "PASS" if c["ok"] else "FAIL"])
+            rows.append([name, c.client, str(c.images), _pct(c.card_preprocessing.top1_agreement),
+                         _pct(c.client_preprocessing.top1_agreement), _pct(c.roi_preprocessing.top1_agreement),
+                         _pct(c.runtime_agreement), "PASS" if c.ok else "FAIL"])
     return rows
 
 
-def _client_note(summary: dict[str, Any]) -> str:
-    c = next((t["client_check"] for t in summary["targets"].values() if t.get("client_check")), None)
-    return (f"Agreement with the float reference; {c['preprocessing']}. The bundle's README shows the region of "
-            "interest.") if c else ""
+def _client_note() -> str:
+    return f"Agreement with the float reference; {CLIENT_PREPROCESSING}. The bundle's README shows the region of " \
+        "interest."
 
 
 def _e2e_note(bench: dict[str, Any]) -> str:
@@ -241,7 +247,7 @@ def _image_path_line(inputs: ReportInputs) -> list[str]:
     """The image path each drift check ran (the float reference saw the same decoded pixels)."""
     paths: dict[str, list[str]] = {}
     for name, drift in inputs.drifts.items():
-        path = drift.report.get("candidate", {}).get("runtime", {}).get("image_path")
+        path = drift.report.candidate.image_path
         if path is not None:
             paths.setdefault(str(path), []).append(name)
     return [f"Image path ({', '.join(names)}): {path}; the float reference was fed the same decoded pixels."
@@ -250,11 +256,10 @@ def _image_path_line(inputs: ReportInputs) -> list[str]:
 
 def _isa_summary(inputs: ReportInputs) -> list[str]:
     """Which targets' drift checks ran on their own ISA, and which only on this machine, said plainly."""
-    import platform
-
-    own, host_only = [], []
-    for name, t in inputs.summary["targets"].items():
-        ok, words = isa_check(t.get("ran_on", "?"), _target_arch(name, inputs))
+    own: list[str] = []
+    host_only: list[str] = []
+    for name in inputs.summary["targets"]:
+        ok, words = isa_check(_ran_on(name, inputs), _target_arch(name, inputs))
         (own if ok else host_only).append(f"{name} ({words})")
     lines = []
     if own:
@@ -278,11 +283,11 @@ def _html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def _group_title(names: list[str], summary: dict[str, Any]) -> str:
+def _group_title(names: list[str], inputs: ReportInputs) -> str:
     if len(names) == 1:
         return f"Worst disagreements on {names[0]}"
-    ran_on = {summary["targets"][n].get("ran_on", "?") for n in names}
-    models = {summary["targets"][n]["model"] for n in names}
+    ran_on = {_ran_on(n, inputs) for n in names}
+    models = {inputs.summary["targets"][n]["model"] for n in names}
     why = (f"the same model ran on the same machine ({ran_on.pop()})" if len(models) == 1 and len(ran_on) == 1
            else "they found the same images with the same top-3")
     return f"Worst disagreements, shared by {', '.join(names)}: {why}, so they are shown once"
@@ -291,7 +296,6 @@ def _group_title(names: list[str], summary: dict[str, Any]) -> str:
 def _disagreement_sections(inputs: ReportInputs, assets: Path) -> list[tuple[str, list[Disagreement], list[Path]]]:
     """(title, picks, thumbnail files) per set of targets with the same worst disagreements."""
     merged: dict[tuple[Any, ...], tuple[list[str], list[Disagreement]]] = {}
-    summary = inputs.summary
     for names, drift in disagreement_groups(inputs):
         picks = disagreements(drift, inputs.labels)
         if picks:
@@ -300,7 +304,7 @@ def _disagreement_sections(inputs: ReportInputs, assets: Path) -> list[tuple[str
     sections = []
     for g, (names, picks) in enumerate(merged.values()):
         thumbs = [atomic_write_bytes(assets / f"disagreement-{g}-{k}.jpg", d.thumbnail) for k, d in enumerate(picks)]
-        sections.append((_group_title(names, summary), picks, thumbs))
+        sections.append((_group_title(names, inputs), picks, thumbs))
     return sections
 
 
@@ -318,14 +322,14 @@ def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
         old.unlink()
     groups = _disagreement_sections(inputs, assets)
     tables = _tables(inputs)
-    verdict = "all targets inside their drift budgets" if all(t["passed"] for t in summary["targets"].values()) \
+    verdict = "all targets inside their drift budgets" if all(d.passed for d in inputs.drifts.values()) \
         else "some targets are OVER their drift budget"
     isa = _isa_summary(inputs) + _image_path_line(inputs)
     md = [f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
           f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",
           "## Pipeline\n", _md_table(tables["stages"]), f"\nTotal wall time {summary['wall_s']:.1f} s.\n",
           "## Accuracy drift per target\n", _md_table(tables["drift"]), "\n\n".join(isa) + "\n",
-          *(["## Through the app's own library\n", _md_table(tables["client"]), _client_note(summary) + "\n"]
+          *(["## Through the app's own library\n", _md_table(tables["client"]), _client_note() + "\n"]
             if len(tables["client"]) > 1 else []),
           "## Latency and size\n", _md_table(tables["latency"]), _e2e_note(bench) + "\n"]
     md += [f"\n### {title}\n\n![{title}]({p.relative_to(out)})\n" for title, p in plots]
@@ -346,7 +350,8 @@ th{background:#f3f3f3}td.pass{color:#060;font-weight:bold}td.fail{color:#b00;fon
 img{max-width:100%;border:1px solid #ddd;margin:0.5em 0}
 .cards{display:flex;flex-wrap:wrap;gap:16px}.card{width:340px;margin:0;font-size:14px}
 .card img{width:224px;display:block}.card table{margin:0.3em 0;font-size:14px;width:100%}
-.card td.p{text-align:right;font-variant-numeric:tabular-nums}.card figcaption{font-weight:600;overflow-wrap:anywhere}"""
+.card td.p{text-align:right;font-variant-numeric:tabular-nums}
+.card figcaption{font-weight:600;overflow-wrap:anywhere}"""
 
 _CHECK = """window.addEventListener('load',function(){var imgs=document.images,ok=0;
 for(var i=0;i<imgs.length;i++){if(imgs[i].complete&&imgs[i].naturalWidth>0)ok++;}
@@ -379,6 +384,6 @@ def _html(summary: dict[str, Any], tables: dict[str, list[list[str]]], plots: li
             f"<h2>Accuracy drift per target</h2>{_html_table(tables['drift'])}"
             + "".join(f"<p>{html.escape(line)}</p>" for line in isa)
             + (f"<h2>Through the app's own library</h2>{_html_table(tables['client'])}"
-               f"<p>{html.escape(_client_note(summary))}</p>" if len(tables["client"]) > 1 else "") +
+               f"<p>{html.escape(_client_note())}</p>" if len(tables["client"]) > 1 else "") +
             f"<h2>Latency and size</h2>{_html_table(tables['latency'])}<p>{note}</p>{figs}{cards}"
             f"<script>{_CHECK}</script></body></html>")

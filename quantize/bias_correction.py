@@ -35,13 +35,13 @@ def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, q
     """
     from tensorflow.lite.tools import flatbuffer_utils as fbu
 
-    from edgeship.quantize.layers import _interpreter
+    from edgeship.runtime.interpreter import debug_interpreter
     from edgeship.quantize.tflite_quant import tensor_name
 
     qobj = fbu.read_model_from_bytearray(bytearray(quant))
     sub = qobj.subgraphs[0]
-    q_ops = [d["op_name"] for d in _interpreter(quant)._get_ops_details()]  # noqa: SLF001
-    f_interp = _interpreter(float_model)
+    q_ops = [d["op_name"] for d in debug_interpreter(quant)._get_ops_details()]  # noqa: SLF001
+    f_interp = debug_interpreter(float_model)
     f_index = {d["name"]: d["index"] for d in f_interp.get_tensor_details()}
     convs = [op for op, name in zip(sub.operators, q_ops)
              if name in _CONV_OPS and len(op.inputs) > 2 and op.inputs[2] >= 0
@@ -82,10 +82,10 @@ def _score_producer(sub: Any, op_names: list[str]) -> int:
 def _measure(quant: bytes, f_interp: Any, f_index: dict[str, int], op: Any, sub: Any, float_inputs: np.ndarray,
              quant_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-channel mean output shift of one conv over the images, unclamped positions only."""
-    from edgeship.quantize.layers import _interpreter
+    from edgeship.runtime.interpreter import debug_interpreter
     from edgeship.quantize.tflite_quant import tensor_name
 
-    q_interp = _interpreter(quant)
+    q_interp = debug_interpreter(quant)
     out = op.outputs[0]
     detail = next(d for d in q_interp.get_tensor_details() if d["index"] == out)
     scale, zp = detail["quantization"]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from edgeship._progress import Progress
-from edgeship.convert import tflite_graph
+from edgeship import tflite_graph
 from edgeship.convert.result import FLOAT32_FILE, ConvertResult
 from edgeship.errors import InputError
 from edgeship.runtime.images import normalize
@@ -17,7 +17,7 @@ from edgeship.runtime.interpreter import TFLiteModel
 
 def equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, dict[str, Any]]:
     """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
-    from edgeship.convert.pipeline import run_onnx2tf
+    from edgeship.convert.converter import run_onnx2tf
     from edgeship.quantize.equalize import equalize
 
     from edgeship._deps import require
@@ -29,7 +29,7 @@ def equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, dic
     onnx.save(model, str(work / "equalized.onnx"))
     child = run_onnx2tf(work / "equalized.onnx", work)
     model, _ = tflite_graph.clean((work / "tf" / FLOAT32_FILE).read_bytes())
-    return model, {**info, "onnx2tf_s": child["wall_s"]}
+    return model, {**info, "onnx2tf_s": child.wall_s}
 
 
 BIAS_CORRECTION_IMAGES = 64

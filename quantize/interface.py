@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgeship.convert import tflite_graph as g
+from edgeship import tflite_graph as g
 
 from edgeship.errors import InputError
 

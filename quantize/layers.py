@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeship.runtime.interpreter import debug_interpreter
+
 
 @dataclass(frozen=True)
 class LayerError:
@@ -35,16 +37,6 @@ class LayerError:
         return {**self.__dict__, "added_error_db": self.added_error_db}
 
 
-def _interpreter(model: bytes) -> Any:
-    import warnings
-
-    from edgeship.runtime.interpreter import debug_interpreter
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "preserve_all_tensors is for debugging": it is
-        return debug_interpreter(model)
-
-
 def _producers(interp: Any) -> dict[int, str]:
     return {out: op["op_name"] for op in interp._get_ops_details() for out in op["outputs"]}  # noqa: SLF001
 
@@ -61,7 +53,7 @@ def layer_errors(float_model: bytes, quant_model: bytes, float_inputs: np.ndarra
     ``float_inputs`` ``[N, ...]`` feed the float model and ``quant_inputs`` (the same images
     as the quantized model's typed input, made the way deployment makes them) the other.
     """
-    f_int, q_int = _interpreter(float_model), _interpreter(quant_model)
+    f_int, q_int = debug_interpreter(float_model), debug_interpreter(quant_model)
     f_by_name = {d["name"]: d["index"] for d in f_int.get_tensor_details()}
     q_ops = _producers(q_int)
     pairs = []

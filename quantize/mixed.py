@@ -189,7 +189,7 @@ def slow_int8_candidates(model: bytes) -> list[str]:
     """Output names of the ops whose int8 XNNPACK kernel may be slower than the float one: depthwise
     convolutions with large kernels (ConvNeXt's 7x7, EfficientNet's and MobileNetV3's 5x5).
     Whether keeping them float pays is measured by the pipeline, on the machine that runs the model."""
-    from edgeship.convert import tflite_graph as g
+    from edgeship import tflite_graph as g
 
     m = g.read(model)
     sg = m.subgraphs[0]
@@ -303,7 +303,7 @@ def _measured_or_none(measure: Callable[[Sequence[str]], float], nodes: Sequence
 
 def read_ops(model: bytes) -> list[OpInfo]:
     """The float model's ops in graph order: type, output name, output size and multiply-adds."""
-    from edgeship.convert import tflite_graph
+    from edgeship import tflite_graph
     from edgeship.quantize.tflite_quant import op_names, tensor_name
 
     m = tflite_graph.read(model)

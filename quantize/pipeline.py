@@ -24,7 +24,7 @@ import numpy as np
 from edgeship._child import ChildWorker
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._progress import Progress, Timer, silent
-from edgeship.convert.pipeline import convert
+from edgeship.convert.converter import convert
 from edgeship.convert.result import FLOAT32_FILE, ConvertResult
 from edgeship.errors import InputError
 from edgeship.quantize import data, layers, rewrites, tflite_quant
@@ -41,7 +41,7 @@ from edgeship.quantize.worker import Quantizer
 from edgeship.runtime.card import CARD_FILE, ModelCard, Preprocessing
 from edgeship.runtime.images import ImageSet, Labels, normalize
 from edgeship.runtime.metrics import DriftFigures, compare
-from edgeship.verify.outputs import run_tflite
+from edgeship.reference import run_tflite
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from edgeship.quantize.worker import Quantizer
 from edgeship.runtime.card import Preprocessing
 from edgeship.runtime.images import normalize
 from edgeship.runtime.interpreter import TFLiteModel
-from edgeship.verify.outputs import run_tflite
+from edgeship.reference import run_tflite
 
 #: Folds of the calibration images for the cross-fitted range choice (``method=auto``).
 CROSS_FOLDS = 2

@@ -208,9 +208,9 @@ def collect_histograms(model: bytes, tensors: dict[int, tuple[str, float, float]
                        samples: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
                        ) -> dict[int, Histogram]:
     """Histogram every listed tensor over the samples (float model, all tensors kept)."""
-    from edgeship.quantize.layers import _interpreter
+    from edgeship.runtime.interpreter import debug_interpreter
 
-    interp = _interpreter(model)
+    interp = debug_interpreter(model)
     inp = interp.get_input_details()[0]["index"]
     readers: dict[int, list[str]] = {}
     for op in interp._get_ops_details():  # noqa: SLF001 - the interpreter's only view of the graph

@@ -2,7 +2,7 @@
 
 Each rewrite is exact for the int8 model it leads to and registers itself under a name
 that the quantize report lists with the number of places it changed. They edit the
-flatbuffer with :mod:`edgeship.convert.tflite_graph` (no interpreter).
+flatbuffer with :mod:`edgeship.tflite_graph` (no interpreter).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeship.convert import tflite_graph as g
+from edgeship import tflite_graph as g
 
 #: name -> rewrite(model object) -> number of places changed.
 REWRITES: dict[str, Callable[[Any], int]] = {}

@@ -17,7 +17,7 @@ from edgeship.quantize.worker import Quantizer
 from edgeship.runtime.card import Preprocessing
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
-from edgeship.verify.outputs import run_tflite
+from edgeship.reference import run_tflite
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,8 @@ import numpy as np
 
 from edgeship._child import CHILD_LOG_ENV, one_line
 from edgeship._deps import require
-from edgeship.convert import tflite_graph
-from edgeship.convert.tflite_graph import tensor_name as tensor_name  # one definition; bias correction and mixed use it here
+from edgeship import tflite_graph
+from edgeship.tflite_graph import tensor_name as tensor_name  # one definition; bias correction and mixed use it here
 from edgeship.errors import CalibrationError
 
 log = logging.getLogger(__name__)

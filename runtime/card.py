@@ -15,6 +15,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from edgeship._paths import inside, safe_name
+from edgeship._version import SCHEMA_VERSION
 from edgeship.errors import InputError
 
 CARD_FILE = "model_card.json"
@@ -194,8 +198,10 @@ class ModelCard:
     def __post_init__(self) -> None:
         for key in ("model_file", "precision", "source_model", "source_sha256"):
             _need_str(key, getattr(self, key))
-        _need(bool(self.model_file), "model_file", "a file name", self.model_file)
         _need_str("labels_file", self.labels_file, optional=True)
+        for key in ("model_file", "labels_file"):  # names of files inside the card's folder, never paths
+            if getattr(self, key) is not None:
+                safe_name(getattr(self, key), key)
         _need(_is_int(self.num_classes) and self.num_classes >= 0, "num_classes", "a non-negative integer",
               self.num_classes)
         _need(_is_int(self.schema), "schema", "an integer", self.schema)
@@ -254,15 +260,32 @@ class ModelCard:
         except (InputError, KeyError, TypeError, ValueError) as exc:
             raise InputError(f"model card {path} is invalid: {exc}") from exc
 
+    def file(self, folder: str | Path, key: str = "model_file") -> Path | None:
+        """Where the card's ``model_file`` or ``labels_file`` is: inside ``folder``, links resolved.
+
+        Returns None when the card names no such file (no labels).
+
+        Raises:
+            InputError: The file leads outside ``folder`` (a symbolic link pointing elsewhere).
+        """
+        name = getattr(self, key)
+        return None if name is None else inside(folder, name, f"{key} of the model card")
+
     def with_(self, **changes: Any) -> "ModelCard":
         """A copy with some fields replaced."""
         return replace(self, **changes)
 
 
 def known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
-    """A copy of ``d`` after checking it is an object holding only ``cls``'s dataclass fields."""
+    """A copy of ``d`` (without ``schema_version``) after checking it is an object holding only ``cls``'s
+    dataclass fields and was not written by a newer edgeship."""
     if not isinstance(d, dict):
         raise InputError(f"{what} must be a JSON object, got {type(d).__name__} {d!r:.60}")
+    d = dict(d)
+    version = d.pop("schema_version", SCHEMA_VERSION)
+    if not _is_int(version) or version > SCHEMA_VERSION:
+        raise InputError(f"{what} has schema_version {version!r:.20}; this edgeship reads up to {SCHEMA_VERSION}: "
+                         "upgrade edgeship")
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -295,3 +318,20 @@ def _need_numbers(key: str, value: Any) -> None:
 def _need_str(key: str, value: Any, *, optional: bool = False) -> None:
     _need(isinstance(value, str) or (optional and value is None), key, "a string" + (" or null" if optional else ""),
           value)
+
+
+def simple_value(value: float, *, rel: float = 2 * float(np.finfo(np.float32).eps)) -> float:
+    """``value``, or the shortest decimal within float32 precision of it.
+
+    Folding float32 constants leaves values such as 0.49999998555 where the model means
+    0.5; clients compare normalisation values exactly (MediaPipe treats
+    ``[0.49999998, 0.5, 0.50000001]`` as per-channel), so the card says 0.5.
+    """
+    v = float(value)
+    if v == 0 or not np.isfinite(v):
+        return v
+    for digits in range(1, 6):
+        r = float(f"{v:.{digits}g}")
+        if abs(r - v) <= rel * abs(v):
+            return r
+    return v

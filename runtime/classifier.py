@@ -77,11 +77,11 @@ class Classifier:
             raise InputError(f"{path} does not exist (expected a bundle folder or a .tflite file)")
         if path.is_dir():
             card = ModelCard.load(path / CARD_FILE)
-            model_path = path / card.model_file
+            model_path = card.file(path)
         else:
             model_path = path
             card = find_card(path)  # type: ignore[assignment]
-        from edgeship.runtime.interpreter import check_model_file
+        from edgeship.runtime.model_check import check_model_file
 
         check_model_file(model_path, backend=backend)
         if card is None and preprocessing is None:
@@ -95,8 +95,9 @@ class Classifier:
         if preprocessing is not None:
             card = card.with_(preprocessing=preprocessing)
         labels = None
-        if card.labels_file and (model_path.parent / card.labels_file).is_file():
-            labels = Labels.load(model_path.parent / card.labels_file)
+        labels_path = card.file(model_path.parent, "labels_file")
+        if labels_path is not None and labels_path.is_file():
+            labels = Labels.load(labels_path)
         return cls(model, card, labels)
 
     # ---------------------------------------------------------------- inputs

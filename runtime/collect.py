@@ -28,7 +28,7 @@ from edgeship.errors import EdgeshipError
 def collect(model: str | os.PathLike[str], image_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
             num_threads: int | None = None, use_xnnpack: bool = True) -> dict[str, object]:
     """Run ``model`` on every image of ``image_dir`` (sorted) and write ``out`` (.npz) atomically."""
-    from edgeship.runtime.drift import candidate_outputs
+    from edgeship.runtime.candidate import candidate_outputs
     from edgeship.runtime.images import list_images
 
     images = list_images(image_dir, minimum=1)

@@ -6,7 +6,7 @@ Each metric is registered by name so reports, budgets and checks share one table
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -131,6 +131,13 @@ class DriftFigures:
         d["disagreements"] = list(self.disagreements)
         d["top1_drop_points"] = self.top1_drop
         return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> DriftFigures:
+        """The inverse of :meth:`to_dict` (derived entries such as ``top1_drop_points`` are recomputed)."""
+        figs = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        figs["disagreements"] = tuple(figs.get("disagreements", ()))
+        return cls(**figs)
 
 
 def compare(ref: np.ndarray, cand: np.ndarray, labels: Sequence[int | None] | None = None) -> DriftFigures:

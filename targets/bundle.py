@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, atomic_write_text, staged_output
+from edgeship._lock import LOCK_FILE
 from edgeship.errors import InputError, ModelTargetMismatchError, TargetError
 from edgeship.runtime.card import CARD_FILE, ModelCard
-from edgeship.runtime.interpreter import check_model_file
+from edgeship.runtime.model_check import check_model_file
 from edgeship.targets.profile import Access, Target
 from edgeship.targets.metadata import METADATA_JSON
 
@@ -79,17 +80,18 @@ def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.Path
         raise InputError(f"no model card beside {model} (expected {model.stem}.card.json or {CARD_FILE})")
     check_fits(card, target)
     check_model_file(model)  # never ship a model that crashes the device's interpreter
+    labels = card.file(model.parent, "labels_file")  # never a file outside the model's folder
     names = [model.name, CARD_FILE, README, REQUIREMENTS, "wheels", METADATA_JSON] + (
         [card.labels_file] if card.labels_file else [])
     client = target.runtime.client
     with staged_output(out_dir, names, force=force) as stage:
         if client.reads_metadata:
-            card = _with_metadata(model, card, stage / model.name, stage / METADATA_JSON)
+            card = _with_metadata(model, card, labels, stage / model.name, stage / METADATA_JSON)
         else:
             atomic_copy(model, stage / model.name)
         atomic_write_json(stage / CARD_FILE, card.with_(model_file=model.name).to_dict())
-        if card.labels_file and (model.parent / card.labels_file).is_file():
-            atomic_copy(model.parent / card.labels_file, stage / card.labels_file)
+        if labels is not None and labels.is_file():
+            atomic_copy(labels, stage / labels.name)
         if target.access == Access.ADB:
             atomic_write_text(stage / README, _android_readme(card, target, model.name))
         else:
@@ -98,17 +100,15 @@ def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.Path
             atomic_write_text(stage / REQUIREMENTS, "\n".join(reqs) + "\n")
             atomic_write_text(stage / README, _python_readme(card, target, model.name))
     out = Path(out_dir)
-    return BundleResult(out, target.name, tuple(sorted(p.name for p in out.iterdir())))
+    return BundleResult(out, target.name, tuple(sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)))
 
 
-def _with_metadata(model: Path, card: ModelCard, dest: Path, meta_json: Path) -> ModelCard:
+def _with_metadata(model: Path, card: ModelCard, labels_path: Path | None, dest: Path, meta_json: Path) -> ModelCard:
     """Write ``model`` to ``dest`` with TFLite Metadata embedded; the card records it too."""
     from edgeship.runtime.images import Labels
     from edgeship.targets.metadata import embed_metadata
 
-    labels = None
-    if card.labels_file and (model.parent / card.labels_file).is_file():
-        labels = Labels.load(model.parent / card.labels_file).names
+    labels = Labels.load(labels_path).names if labels_path is not None and labels_path.is_file() else None
     data, meta = embed_metadata(model.read_bytes(), card, labels)
     atomic_write_bytes(dest, data)
     atomic_write_json(meta_json, meta.to_dict())

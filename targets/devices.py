@@ -49,7 +49,7 @@ class LocalDevice:
 
     def collect(self, bundle: Path, files: Sequence[Path], *, threads: int | None, use_xnnpack: bool,
                 progress: Progress | None = None) -> Collected:
-        from edgeship.runtime.drift import candidate_outputs
+        from edgeship.runtime.candidate import candidate_outputs
 
         logits, runtime = candidate_outputs(bundle, files, num_threads=threads, use_xnnpack=use_xnnpack,
                                             progress=progress)

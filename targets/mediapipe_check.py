@@ -30,7 +30,10 @@ import numpy as np
 
 from edgeship.errors import InputError, MissingDependencyError
 from edgeship.runtime.card import ModelCard
+from edgeship.runtime.classifier import Classifier, find_card
+from edgeship.runtime.images import Labels, load_rgb, resize_crop
 from edgeship.runtime.metrics import DriftFigures, compare
+from edgeship.targets.metadata import embed_metadata, read_metadata
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,15 @@ class ClientDrift:
                 "roi_preprocessing": self.roi_preprocessing.to_dict(),
                 "runtime_agreement": self.runtime_agreement, "min_runtime_agreement": MIN_RUNTIME_AGREEMENT,
                 "ok": self.ok, "metadata": self.metadata,
-                "metadata_source": "embedded by this check (the model had none)" if self.embedded_here else "model"}
+                "metadata_source": "embedded by this check (the model had none)" if self.embedded_here else "model",
+                "summary": summary_line(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClientDrift:
+        """The inverse of :meth:`to_dict` (derived entries such as ``ok`` and ``summary`` are recomputed)."""
+        return cls(str(d["client"]), int(d["images"]), DriftFigures.from_dict(d["client_preprocessing"]),
+                   DriftFigures.from_dict(d["card_preprocessing"]), DriftFigures.from_dict(d["roi_preprocessing"]),
+                   d.get("runtime_agreement"), dict(d.get("metadata") or {}), d.get("metadata_source") != "model")
 
 
 def _mediapipe() -> Any:
@@ -135,16 +146,14 @@ class MediaPipeClassifier:
 
 def with_metadata(model_path: Path, card: ModelCard, folder: Path, dest: Path) -> tuple[Path, dict[str, Any], bool]:
     """``model_path`` if it carries metadata, else a copy in ``dest`` with metadata embedded from the card."""
-    from edgeship.runtime.images import Labels
-    from edgeship.targets.metadata import embed_metadata, read_metadata
-
     data = model_path.read_bytes()
     found = read_metadata(data)
     if found is not None:
         return model_path, found.to_dict(), False
     labels = None
-    if card.labels_file and (folder / card.labels_file).is_file():
-        labels = Labels.load(folder / card.labels_file).names
+    labels_path = card.file(folder, "labels_file")
+    if labels_path is not None and labels_path.is_file():
+        labels = Labels.load(labels_path).names
     written, meta = embed_metadata(data, card, labels)
     out = dest / model_path.name
     out.write_bytes(written)
@@ -165,9 +174,6 @@ def mediapipe_drift(model: str | os.PathLike[str], files: Sequence[Path], refere
         runtime_outputs: edgeship's runtime outputs on the same files (computed when None).
         truth: Class indices for accuracy (optional).
     """
-    from edgeship.runtime.classifier import Classifier, find_card
-    from edgeship.runtime.images import load_rgb, resize_crop
-
     model = Path(model)
     card = card or find_card(model)
     if card is None:
@@ -208,24 +214,14 @@ def summary_line(drift: ClientDrift) -> str:
     same = "n/a" if drift.runtime_agreement is None else f"{100 * drift.runtime_agreement:.2f}%"
     return (f"{drift.client}: top-1 agreement with the float reference {drift.card_preprocessing.agreement_pct:.2f}% "
             f"on the card's crop, {drift.client_preprocessing.agreement_pct:.2f}% on full images (its own resize, "
-            f"no crop), {drift.roi_preprocessing.agreement_pct:.2f}% with the crop as region of interest; with edgeship's runtime on the same pixels {same} ({drift.images} images)")
+            f"no crop), {drift.roi_preprocessing.agreement_pct:.2f}% with the crop as region of interest; "
+            f"with edgeship's runtime on the same pixels {same} ({drift.images} images)")
 
 
-def add_client_check(result: Any, model_path: Path, card: ModelCard, *,
-                     progress: Progress | None = None) -> ClientDrift:
-    """Run :func:`mediapipe_drift` on a finished drift check's images and add it to its report.
-
-    ``result`` is a :class:`edgeship.verify.DriftResult`; its report gets
-    ``client_check``, and a failing client path (MediaPipe answering differently from
-    edgeship's runtime on the same pixels) becomes one of its ``io_problems``.
-    """
-    drift = mediapipe_drift(model_path, list(result.files), result.reference, card=card,
-                            runtime_outputs=result.candidate, progress=progress)
-    report = result.report
-    report["client_check"] = {**drift.to_dict(), "summary": summary_line(drift)}
-    if not drift.ok:
-        report["io_problems"].append(
-            f"MediaPipe ImageClassifier agrees with edgeship's runtime on only {100 * drift.runtime_agreement:.2f}% "
-            f"of the same pixels (needs >= {100 * MIN_RUNTIME_AGREEMENT:.0f}%): the app would not see these answers")
-        report["passed"] = False
-    return drift
+def client_problems(drift: ClientDrift) -> list[str]:
+    """Why the client path fails the check: MediaPipe answering differently from edgeship's runtime on the same
+    pixels (empty when it agrees)."""
+    if drift.ok or drift.runtime_agreement is None:
+        return []
+    return [f"MediaPipe ImageClassifier agrees with edgeship's runtime on only {100 * drift.runtime_agreement:.2f}% "
+            f"of the same pixels (needs >= {100 * MIN_RUNTIME_AGREEMENT:.0f}%): the app would not see these answers"]

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from edgeship._version import SCHEMA_VERSION
 from edgeship.errors import MissingDependencyError, ModelTargetMismatchError
-from edgeship.runtime.card import ModelCard, Postprocessing, Preprocessing
+from edgeship.runtime.card import ModelCard, Postprocessing, Preprocessing, simple_value
+from edgeship.runtime.images import pixel_offset
 
 MODEL_NAME = "ImageClassifier"
 METADATA_JSON = "model_metadata.json"
@@ -63,7 +66,8 @@ class ClassifierMetadata:
     labels: tuple[str, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        """What ``model_metadata.json`` holds (the labels as their count)."""
+        d: dict[str, Any] = {"schema_version": SCHEMA_VERSION, **asdict(self)}
         d["norm_mean"], d["norm_std"], d["labels"] = list(self.norm_mean), list(self.norm_std), len(self.labels)
         return d
 
@@ -74,8 +78,6 @@ def client_normalization(prep: Preprocessing) -> tuple[float, float]:
     Raises:
         ModelTargetMismatchError: The normalisation differs per channel (no client expresses that).
     """
-    from edgeship.convert.fold import simple_value
-
     means = {simple_value(m / prep.pixel_scale) for m in prep.mean}
     stds = {simple_value(s / prep.pixel_scale) for s in prep.std}
     if len(means) != 1 or len(stds) != 1:
@@ -99,7 +101,8 @@ def classifier_metadata(card: ModelCard, labels: Sequence[str] | None) -> Classi
             if dtype == "uint8" else f"float32 (pixel - {mean:g}) / {std:g}")
     score = SCORES[card.postprocessing]
     out_dtype = card.output.dtype
-    out = _SCORE_TEXT[score] + ("; uint8, dequantize with the tensor's scale/zero point" if out_dtype == "uint8" else "")
+    uint8 = "; uint8, dequantize with the tensor's scale/zero point" if out_dtype == "uint8" else ""
+    out = _SCORE_TEXT[score] + uint8
     return ClassifierMetadata(
         name=MODEL_NAME,
         description=(f"{card.source_model or 'image classifier'} converted by edgeship ({card.precision}); "
@@ -116,7 +119,7 @@ def classifier_metadata(card: ModelCard, labels: Sequence[str] | None) -> Classi
 
 def _mediapipe_writer() -> Any:
     try:
-        from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer
+        from mediapipe.tasks.python.metadata.metadata_writers import metadata_writer  # heavy optional: deferred
     except ImportError as exc:
         raise MissingDependencyError(
             f"mediapipe is not installed (needed to write TFLite Metadata for Android clients): "
@@ -134,7 +137,8 @@ def embed_metadata(model: bytes, card: ModelCard, labels: Sequence[str] | None) 
     meta = classifier_metadata(card, labels)
     writer = mw.MetadataWriter.create(bytearray(model))
     writer.add_general_info(meta.name, meta.description)
-    space = mw.MetadataWriter.color_space_types.BGR if meta.color_space == "BGR" else mw.MetadataWriter.color_space_types.RGB
+    spaces = mw.MetadataWriter.color_space_types
+    space = spaces.BGR if meta.color_space == "BGR" else spaces.RGB
     writer.add_image_input(list(meta.norm_mean), list(meta.norm_std), color_space_type=space, name="image",
                            description=meta.input_description)
     mp_labels = mw.Labels().add(list(meta.labels), exported_filename=meta.labels_file) if meta.labels else None
@@ -146,7 +150,7 @@ def embed_metadata(model: bytes, card: ModelCard, labels: Sequence[str] | None) 
 def read_metadata(model: bytes | str | os.PathLike[str]) -> ClassifierMetadata | None:
     """The image-classifier metadata embedded in a model (bytes or path), or None when it has none."""
     try:
-        from mediapipe.tasks.python.metadata import metadata as md
+        from mediapipe.tasks.python.metadata import metadata as md  # heavy optional dependency: deferred
     except ImportError as exc:
         raise MissingDependencyError(f"mediapipe is not installed (needed to read TFLite Metadata): "
                                      f"pip install 'edgeship[android]' ({exc})") from exc
@@ -215,8 +219,6 @@ def input_contract(card: ModelCard) -> str | None:
     if spec.dtype != "float32":
         how = ""
         if spec.scale:
-            from edgeship.runtime.images import pixel_offset
-
             k = pixel_offset(prep, spec.scale, spec.zero_point or 0)
             how = (" (feed pixels as they are)" if k == 0 else f" (feed pixel {k:+d})" if k is not None
                    else f" (scale {spec.scale:.6g}, zero point {spec.zero_point})")

@@ -8,6 +8,7 @@ is reached (local, ssh, adb) and its accuracy-drift budget. Profiles ship as
 
 from __future__ import annotations
 
+import re
 
 try:
     import tomllib
@@ -19,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgeship._paths import name_problem
 from edgeship.errors import TargetError
 from edgeship.runtime.card import IODtype as IODtype  # one I/O dtype vocabulary for targets and the quantizer
 
@@ -84,6 +86,13 @@ class Runtime:
         except ValueError:
             raise ValueError(f"runtime.client must be one of {[c.value for c in Client]}, "
                              f"got {self.client!r}") from None
+        # Both go into a bundle's requirements.txt: a requirement, never a line of pip options.
+        if not _PACKAGE.fullmatch(self.package):
+            raise ValueError(f"runtime.package must be a package name (letters, digits, '.', '_', '-'), "
+                             f"got {self.package!r}")
+        if not _VERSIONS.fullmatch(self.versions):
+            raise ValueError(f"runtime.versions must be PEP 440 version specifiers such as '>=2.1,<2.4', "
+                             f"got {self.versions!r}")
 
 
 @dataclass(frozen=True)
@@ -184,6 +193,9 @@ class Target:
     source: str = ""
 
     def __post_init__(self) -> None:
+        problem = name_problem(self.name)
+        if problem:  # it names the target's folders (deploy's verify/NAME, bundles/NAME)
+            raise ValueError(f"name {problem}")
         object.__setattr__(self, "arch", Arch(self.arch))
         object.__setattr__(self, "access", Access(self.access))
         client, io = self.runtime.client, self.model.io_dtype
@@ -209,6 +221,9 @@ class Target:
         return d
 
 
+#: A PEP 508 distribution name, and a comma-separated list of PEP 440 version specifiers (or none).
+_PACKAGE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
+_VERSIONS = re.compile(r"((~=|==|!=|<=|>=|<|>|===) ?[A-Za-z0-9.*+!_-]+( ?, ?(~=|==|!=|<=|>=|<|>|===) ?[A-Za-z0-9.*+!_-]+)*)?")
 _SECTIONS: dict[str, type] = {"runtime": Runtime, "model": ModelNeeds, "execution": Execution, "budget": Budget}
 _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
 

@@ -72,7 +72,7 @@ def softmax_model(tmp_path_factory: pytest.TempPathFactory, tiny_images: Path) -
 
 
 def test_softmax_output_gets_no_second_softmax(softmax_model: Path, tiny_images: Path) -> None:
-    from edgeship.convert.simplify import OrtRunner
+    from edgeship.reference import OrtRunner
     from edgeship.runtime.classifier import Classifier
     from edgeship.runtime.images import normalize
 

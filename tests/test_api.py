@@ -96,7 +96,7 @@ def test_stage_packages_are_callable_whatever_was_imported_first() -> None:
 
 
 def test_runtime_imports_nothing_host_side() -> None:
-    code = ("import sys, edgeship.runtime, edgeship.runtime.drift, edgeship.runtime.collect, edgeship.runtime.bench\n"
+    code = ("import sys, edgeship.runtime, edgeship.runtime.candidate, edgeship.runtime.collect, edgeship.runtime.bench\n"
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'tensorflow', 'onnx2tf'))\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True)

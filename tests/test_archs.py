@@ -93,7 +93,7 @@ class Matrix:
         return self.converted[case]
 
     def _convert(self, case: tuple[str, str]) -> Outcome:
-        from edgeship.convert.pipeline import ConvertOptions, convert
+        from edgeship.convert.converter import ConvertOptions, convert
 
         arch = archs.ARCHS[case[0]]
         out = self.root / f"{case[0]}-{case[1]}" / "convert"
@@ -218,7 +218,7 @@ def test_bgr_contract_is_kept(matrix: Matrix) -> None:
 
 
 def test_dynamic_hw_needs_input_shape(matrix: Matrix, tmp_path: Path) -> None:
-    from edgeship.convert.pipeline import convert
+    from edgeship.convert.converter import convert
     from edgeship.errors import InputError
 
     with pytest.raises(InputError, match="--input-shape"):

@@ -162,7 +162,7 @@ def test_offline_pip_is_one_device_error_line(monkeypatch: pytest.MonkeyPatch, t
 def test_emulated_collect_matches_the_host(device: emulate.EmulatedDevice, tiny_bundle: Path,
                                            tiny_images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import edgeship
-    from edgeship.runtime.drift import candidate_outputs
+    from edgeship.runtime.candidate import candidate_outputs
 
     monkeypatch.chdir(Path(edgeship.__file__).parents[1])  # its edgeship/ must not shadow the guest's package
     logits, files, describe = device.collect_outputs(tiny_bundle, tiny_images)

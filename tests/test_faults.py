@@ -101,11 +101,11 @@ def test_truncated_model_verify_one_line_before_running(google: Path, assets: Pa
 
 def test_intact_model_passes_the_check_and_it_is_cached(google: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgeship.runtime import interpreter
+    from edgeship.runtime import model_check
 
     monkeypatch.setenv("EDGESHIP_CACHE", str(tmp_path / "cache"))
     bad = cut(google, 0.9, tmp_path / "bad")
-    verdicts = interpreter.check_model_files([google, bad])
+    verdicts = model_check.check_model_files([google, bad])
     assert verdicts[google] is None
     assert verdicts[bad] is not None and "lies outside the" in verdicts[bad] and "truncated or corrupt" in verdicts[bad]
     # The flatbuffer walk refused the cut file in-process; the intact one went through the child and is cached.
@@ -114,25 +114,26 @@ def test_intact_model_passes_the_check_and_it_is_cached(google: Path, tmp_path: 
     def no_child(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("a cached verdict must not start a child")
 
-    monkeypatch.setattr(interpreter.subprocess, "run", no_child)
+    monkeypatch.setattr(model_check.subprocess, "run", no_child)
     start = time.perf_counter()
-    interpreter.check_model_file(google)
+    model_check.check_model_file(google)
     with pytest.raises(InputError, match="truncated or corrupt"):
-        interpreter.check_model_file(bad)
+        model_check.check_model_file(bad)
     assert time.perf_counter() - start < 1.0
 
 
 def test_checking_child_pins_a_crash_on_its_model(google: Path, tmp_path: Path) -> None:
     """Behind the flatbuffer walk: a crash in the child is the model's, and the others still get checked."""
-    from edgeship.runtime import interpreter
+    from edgeship.runtime import model_check
+    from edgeship.runtime.interpreter import pick_backend
 
     bad = cut(google, 0.9, tmp_path / "bad")
-    verdicts = interpreter._run_checker([google, bad, google], interpreter._pick_backend())
+    verdicts = model_check._run_checker([google, bad, google], pick_backend())
     assert verdicts == {0: "ok", 1: "crash: the interpreter crashed on it (SIGSEGV)", 2: "ok"}
 
 
 def test_model_header_is_checked_in_process(tmp_path: Path) -> None:
-    from edgeship.runtime.interpreter import check_model_file
+    from edgeship.runtime.model_check import check_model_file
 
     for name, data, match in [("empty.tflite", b"", "too small"), ("text.tflite", b"hello world, not a model",
                                                                     "no TFL3 identifier"),
@@ -556,7 +557,7 @@ def test_force_hint_is_spelled_for_cli_and_api(google: Path, tmp_path: Path,
 
 def test_verify_float_model_on_int8_target_is_a_mismatch_before_running(
         tmp_path: Path, google: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import edgeship.runtime.drift as device_side
+    import edgeship.runtime.candidate as device_side
     import edgeship.verify.drift as drift
 
     monkeypatch.setattr(device_side, "candidate_outputs", lambda *a, **k: pytest.fail("the candidate ran"))

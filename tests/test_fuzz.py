@@ -77,7 +77,7 @@ for start in range(0, len(todo), spec["batch"]):
         p.write_bytes(mutate(m))
         paths.append(p)
     if spec["format"] == "tflite":
-        from edgeship.runtime.interpreter import check_model_files
+        from edgeship.runtime.model_check import check_model_files
         check_model_files(paths)  # one checking child for the batch (it survives crashes itself)
     for m, p in zip(batch, paths):
         print("start", m["i"], flush=True)

@@ -139,7 +139,7 @@ def gelu_converted(gelu_torchscript: Path, tmp_path_factory: pytest.TempPathFact
 
 
 def test_torchscript_gelu_converts_to_builtin_gelu_without_flex(gelu_converted: Path) -> None:
-    from edgeship.convert import tflite_graph
+    from edgeship import tflite_graph
     from edgeship.runtime.interpreter import TFLiteModel
 
     model = gelu_converted / "model_float32.tflite"
@@ -158,7 +158,8 @@ def test_torchscript_gelu_runs_on_the_device_interpreter(gelu_converted: Path, g
     """Loaded, allocated and run by ai-edge-litert in a process without TensorFlow, and it matches onnxruntime."""
     import onnxruntime as ort
 
-    from edgeship.runtime.interpreter import TFLiteModel, check_model_files
+    from edgeship.runtime.interpreter import TFLiteModel
+    from edgeship.runtime.model_check import check_model_files
 
     model = gelu_converted / "model_float32.tflite"
     assert check_model_files([model], backend="ai_edge_litert") == {model: None}
@@ -196,7 +197,7 @@ def test_model_needing_select_tf_ops_is_refused_in_one_line(tmp_path: Path, caps
 @pytest.fixture(scope="module")
 def flex_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """onnx2tf's TFLite of the Tan model (one FlexTan), made without edgeship's checks."""
-    from edgeship.convert.pipeline import run_onnx2tf
+    from edgeship.convert.converter import run_onnx2tf
 
     work = tmp_path_factory.mktemp("flex")
     run_onnx2tf(_tan_model(work / "tan.onnx"), work)
@@ -206,9 +207,10 @@ def flex_tflite(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_host_interpreter_refuses_flex_even_with_tensorflow_loaded(flex_tflite: Path) -> None:
     """With TensorFlow imported, the interpreter would run FlexTan through TensorFlow's Flex delegate."""
     pytest.importorskip("tensorflow")
-    from edgeship.convert import tflite_graph
+    from edgeship import tflite_graph
     from edgeship.errors import InputError
-    from edgeship.runtime.interpreter import TFLiteModel, check_model_files
+    from edgeship.runtime.interpreter import TFLiteModel
+    from edgeship.runtime.model_check import check_model_files
 
     assert tflite_graph.custom_ops(flex_tflite.read_bytes()) == {"FlexTan": 1}
     with pytest.raises(InputError, match="TensorFlow Select ops the on-device runtime does not have: FlexTan x1"):

@@ -259,7 +259,9 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
     from edgeship.report import ReportInputs, write_report
     from edgeship.runtime.metrics import compare
     from edgeship.targets import load_target
+    from edgeship.targets.profile import BudgetCheck
     from edgeship.verify import DriftResult
+    from edgeship.verify.report import DriftCandidate, DriftImages, DriftReference, DriftReport, DriftTarget
 
     out = tmp_path / "out"
     files = [str(f) for f in sorted(tiny_images.iterdir())]
@@ -271,8 +273,13 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
     drifts = {}
     for name in names:
         got = emulated if name == "rpi4-aarch64" else cand
-        drifts[name] = DriftResult(compare(ref, got), (), {"target": load_target(name).to_dict()}, ref, got,
-                                   tuple(Path(f) for f in files))
+        ran_on = "qemu-user aarch64 (cortex-a72)" if name == "rpi4-aarch64" else "this machine (x86_64)"
+        limits = {"top1_agreement_pct": 97.5, "top1_drop_points": 1.0, "sqnr_db": 18.0}
+        report = DriftReport(DriftTarget.of(load_target(name)), DriftReference("m.onnx"),
+                             DriftCandidate("/x/model_int8.tflite", "int8", {}, ran_on),
+                             DriftImages(str(tiny_images), len(files), 0, 0), compare(ref, got),
+                             tuple(BudgetCheck(m, None, v, True) for m, v in limits.items()), (), (), True)
+        drifts[name] = DriftResult(report, ref, got, tuple(Path(f) for f in files))
     labels = [f"long class name number {i}" for i in range(10)]
     figures = {"top1_agreement": 0.9, "ref_top1": None, "cand_top1": None, "mean_cosine": 0.99, "sqnr_db": 20.0}
     budget = [{"metric": "top1_agreement_pct", "limit": 97.5}, {"metric": "top1_drop_points", "limit": 1.0},

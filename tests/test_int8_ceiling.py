@@ -22,7 +22,7 @@ def bench():
 
 
 def _weights(model: bytes) -> dict[str, tuple[str, np.ndarray]]:
-    from edgeship.convert import tflite_graph as g
+    from edgeship import tflite_graph as g
 
     m = g.read(model)
     sg = m.subgraphs[0]

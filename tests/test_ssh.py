@@ -262,7 +262,7 @@ def test_failed_install_is_not_marked_complete(device: SshDevice, remote_dir: Pa
 def test_remote_collect_matches_host_and_reuses_venv(device: SshDevice, tiny_bundle: Path, tiny_images: Path,
                                                      edgeship_wheel: Path, remote_dir: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    from edgeship.runtime.drift import candidate_outputs
+    from edgeship.runtime.candidate import candidate_outputs
     from edgeship.runtime.images import list_images
 
     caplog.set_level(logging.INFO, logger="edgeship.targets.ssh")

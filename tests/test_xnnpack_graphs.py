@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgeship.cli import main
-from edgeship.convert import tflite_graph
+from edgeship import tflite_graph
 from edgeship.runtime.delegation import delegation, of_interpreter
 from edgeship.runtime.interpreter import TFLiteModel
 

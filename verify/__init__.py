@@ -2,7 +2,7 @@
 
 ``edgeship.verify(reference_onnx, candidate, images, target=...)`` calls :func:`verify`
 (:mod:`edgeship.verify.drift`): the candidate on its target against onnxruntime, judged by
-the target's budget. :mod:`edgeship.verify.outputs` runs models on the same pixels (also
+the target's budget. :mod:`edgeship.reference` runs models on the same pixels (also
 used by convert's float check and quantize's measurements).
 """
 

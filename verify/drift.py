@@ -8,6 +8,7 @@ judges the figures. For MediaPipe targets, the app's own client is run too.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -19,12 +20,19 @@ import numpy as np
 
 from edgeship._io import atomic_write_bytes, atomic_write_json
 from edgeship._progress import Progress
+from edgeship.convert.onnx_model import inspect_model, load_model
 from edgeship.errors import AccuracyDriftError, InputError, VerificationError
+from edgeship.reference import OrtRunner
 from edgeship.runtime.card import CARD_FILE, ModelCard
+from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import ImageSet, Labels, iter_pixels, list_images, normalize
+from edgeship.runtime.model_check import check_model_file
 from edgeship.runtime.metrics import DriftFigures, compare
+from edgeship.targets.bundle import check_fits
 from edgeship.targets.devices import Device, DeviceSpec, LocalDevice, make_device
+from edgeship.targets.mediapipe_check import ClientDrift, client_problems, mediapipe_drift
 from edgeship.targets.profile import BudgetCheck, Target, load_target
+from edgeship.verify.report import DriftCandidate, DriftImages, DriftReference, DriftReport, DriftTarget
 
 REPORT_FILE = "drift_report.json"
 OUTPUTS_FILE = "outputs.npz"
@@ -37,52 +45,60 @@ Candidate = Union[str, os.PathLike, Any]
 
 @dataclass(frozen=True)
 class DriftResult:
-    """Figures, budget lines and the report of one drift check (outputs kept for reports)."""
+    """The report of one drift check, with both models' outputs and the image files (kept for reports)."""
 
-    figures: DriftFigures
-    checks: tuple[BudgetCheck, ...]
-    report: dict[str, Any] = field(repr=False)
+    report: DriftReport
     reference: np.ndarray | None = field(default=None, repr=False)
     candidate: np.ndarray | None = field(default=None, repr=False)
     files: tuple[Path, ...] = field(default=(), repr=False)
 
     @property
     def passed(self) -> bool:
-        return bool(self.report.get("passed", all(c.passed for c in self.checks)))
+        """The verdict: every budget line met and no I/O or client-path problem."""
+        return self.report.passed
+
+    @property
+    def figures(self) -> DriftFigures:
+        return self.report.figures
+
+    @property
+    def checks(self) -> tuple[BudgetCheck, ...]:
+        return self.report.budget
+
+    @property
+    def client_check(self) -> ClientDrift | None:
+        """The app's own client path (MediaPipe Tasks), for targets whose client reads metadata."""
+        return self.report.client_check
 
     @property
     def failures(self) -> list[str]:
         """Every budget line missed and every I/O problem, one string each."""
-        lines = [f"{c.metric} {c.value:.3f} (limit {c.limit})" for c in self.checks if not c.passed and c.value is not None]
-        return lines + list(self.report.get("io_problems", []))
+        lines = [f"{c.metric} {c.value:.3f} (limit {c.limit})" for c in self.checks
+                 if not c.passed and c.value is not None]
+        return lines + list(self.report.io_problems)
 
     def raise_for_budget(self) -> None:
         """Raise :class:`AccuracyDriftError` (exit 3) when the check did not pass."""
         if not self.passed:
-            failing = [c.metric for c in self.checks if not c.passed] + list(self.report.get("io_problems", []))
-            raise AccuracyDriftError(f"over the drift budget of target {self.report['target']['name']}: "
+            failing = [c.metric for c in self.checks if not c.passed] + list(self.report.io_problems)
+            raise AccuracyDriftError(f"over the drift budget of target {self.report.target.name}: "
                                      + "; ".join(self.failures), failing)
 
     def to_dict(self) -> dict[str, Any]:
         """The report (figures, budget lines, where it ran); the outputs are kept by :meth:`save`."""
-        return self.report
+        return self.report.to_dict()
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, reference: np.ndarray | None = None, candidate: np.ndarray | None = None,
                   files: Sequence[Path] = ()) -> DriftResult:
-        figs = {k: v for k, v in d["figures"].items() if k in DriftFigures.__dataclass_fields__}
-        figs["disagreements"] = tuple(figs.get("disagreements", ()))
-        checks = tuple(BudgetCheck(**c) for c in d["budget"])
-        return cls(DriftFigures(**figs), checks, dict(d), reference, candidate, tuple(Path(f) for f in files))
+        return cls(DriftReport.from_dict(d), reference, candidate, tuple(Path(f) for f in files))
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
         """``drift_report.json`` and ``outputs.npz`` (reference and candidate outputs) into ``folder``."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / REPORT_FILE, self.report)
+        atomic_write_json(folder / REPORT_FILE, self.report.to_dict())
         if self.reference is not None and self.candidate is not None:
-            import io
-
             buf = io.BytesIO()
             np.savez(buf, reference=self.reference, candidate=self.candidate,
                      files=np.array([str(f) for f in self.files]))
@@ -123,8 +139,6 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: Candidate, images:
     Returns:
         A :class:`DriftResult`; ``raise_for_budget()`` fails loudly.
     """
-    from edgeship.targets.bundle import check_fits
-
     target = target if isinstance(target, Target) else load_target(target)
     if max_images is not None and max_images < 1:
         raise InputError(f"--max-images must be >= 1, got {max_images}")
@@ -149,25 +163,20 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: Candidate, images:
         truth = image_set.labels_for(labels)
         fig = compare(ref, ran.logits, truth)
         checks = tuple(target.budget.check(fig))
-        report = {
-            "edgeship_report": "drift",
-            "target": target.to_dict(),
-            "reference": {"model": str(reference_onnx), "runtime": "onnxruntime"},
-            "candidate": {"model": name, "precision": card.precision, "runtime": ran.runtime, "ran_on": ran.where},
-            "images": {"folder": str(image_set.root), "count": len(image_set), "skipped_files": len(image_set.skipped),
-                       "labelled": sum(t is not None for t in truth)},
-            "figures": fig.to_dict(),
-            "budget": [c.to_dict() for c in checks],
-            "io_problems": io_problems(ran.runtime, target),
-            "notes": notes,
-        }
-        report["passed"] = all(c.passed for c in checks) and not report["io_problems"]
-        result = DriftResult(fig, checks, report, ref, ran.logits, tuple(image_set.files))
+        client = None
         if target.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
-            from edgeship.targets.mediapipe_check import add_client_check
-
-            add_client_check(result, bundle / STAGED_MODEL, card, progress=progress)
-    return result
+            client = mediapipe_drift(bundle / STAGED_MODEL, list(image_set.files), ref, card=card,
+                                     runtime_outputs=ran.logits, progress=progress)
+        problems = io_problems(ran.runtime, target) + (client_problems(client) if client else [])
+        report = DriftReport(
+            target=DriftTarget.of(target),
+            reference=DriftReference(str(reference_onnx)),
+            candidate=DriftCandidate(name, card.precision, ran.runtime, ran.where),
+            images=DriftImages(str(image_set.root), len(image_set), len(image_set.skipped),
+                               sum(t is not None for t in truth)),
+            figures=fig, budget=checks, io_problems=tuple(problems), notes=tuple(notes),
+            passed=all(c.passed for c in checks) and not problems, client_check=client)
+    return DriftResult(report, ref, ran.logits, tuple(image_set.files))
 
 
 def stage_candidate(candidate: Candidate, dest: Path) -> tuple[Path, ModelCard, Labels | None, str]:
@@ -199,24 +208,22 @@ def _candidate_parts(candidate: Candidate) -> tuple[bytes, ModelCard, bytes | No
         source = getattr(candidate, "source", candidate)
         labels = getattr(source, "labels", None) if candidate.card.labels_file else None
         path = getattr(candidate, "model_path", None)
-        return candidate.model, candidate.card, labels, str(path) if path else f"(in memory) {candidate.card.model_file}"
+        name = str(path) if path else f"(in memory) {candidate.card.model_file}"
+        return candidate.model, candidate.card, labels, name
     model_path, card, folder = resolve_candidate(candidate)
-    labels_path = folder / card.labels_file if card.labels_file else None
+    labels_path = card.file(folder, "labels_file")
     labels = labels_path.read_bytes() if labels_path and labels_path.is_file() else None
     return model_path.read_bytes(), card, labels, str(model_path)
 
 
 def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCard, Path]:
     """(model file, card, folder) for a .tflite path or a bundle folder; the model file is checked."""
-    from edgeship.runtime.classifier import find_card
-    from edgeship.runtime.interpreter import check_model_file
-
     path = Path(candidate)
     if not path.exists():
         raise InputError(f"candidate {path} does not exist (a .tflite file or a bundle folder)")
     if path.is_dir():
         card = ModelCard.load(path)
-        model, folder = path / card.model_file, path
+        model, folder = card.file(path), path
     else:
         found = find_card(path)
         if found is None:
@@ -231,9 +238,6 @@ def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCar
 def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Path], card: ModelCard,
                       progress: Progress | None = None) -> np.ndarray:
     """onnxruntime outputs of the source model on the images (the candidate's image path, so the same pixels)."""
-    from edgeship.convert.onnx_model import inspect_model, load_model
-    from edgeship.convert.simplify import OrtRunner
-
     prep = card.reference_preprocessing
     model = load_model(reference_onnx)
     info = inspect_model(model, str(reference_onnx))

@@ -7,11 +7,13 @@ budget) is :mod:`edgeship.verify`.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 import numpy as np
 
 from edgeship.runtime.classifier import Classifier
+
 
 def candidate_outputs(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], *,
                       num_threads: int | None = None, use_xnnpack: bool = True,

@@ -4,7 +4,8 @@ onnx2tf leaves ops behind for torch exports that XNNPACK cannot take, and every 
 splits the delegate into another partition with copies at each boundary. The clean-ups
 here rewrite them into ops XNNPACK runs, on the float TFLite right after onnx2tf; the
 convert stage then verifies the result against onnxruntime as it does any conversion.
-The editing helpers work on TensorFlow Lite's flatbuffer object API (pure Python).
+The editing helpers work on TensorFlow Lite's flatbuffer object API (pure Python); quantize's
+rewrites edit models through them too.
 """
 
 from __future__ import annotations
@@ -12,9 +13,13 @@ from __future__ import annotations
 import collections
 import copy
 import functools
+import logging
 from typing import Any, Callable
 
 import numpy as np
+
+from edgeship._deps import require
+from edgeship.runtime.interpreter import native_stderr_to_log
 
 #: name -> clean-up(model object) -> number of places changed.
 CLEANUPS: dict[str, Callable[[Any], int]] = {}
@@ -37,25 +42,35 @@ def _import_tensorflow() -> None:
 
     They are not errors, and on a terminal they bury the one line a failed command prints.
     """
-    import logging
-
-    from edgeship._deps import require
-    from edgeship.runtime.interpreter import native_stderr_to_log
-
     with native_stderr_to_log(logging.DEBUG):
         require("tensorflow", purpose="read and edit TFLite models")
 
 
-def read(model: bytes) -> Any:
+def _fbu() -> Any:
+    """TensorFlow Lite's flatbuffer helpers."""
     _import_tensorflow()
-    from tensorflow.lite.tools import flatbuffer_utils as fbu
+    from tensorflow.lite.tools import flatbuffer_utils  # heavy optional dependency: deferred
+
+    return flatbuffer_utils
+
+
+def _schema() -> Any:
+    """TensorFlow Lite's generated flatbuffer schema (the object API)."""
+    _import_tensorflow()
+    from tensorflow.lite.python import schema_py_generated  # heavy optional dependency: deferred
+
+    return schema_py_generated
+
+
+def read(model: bytes) -> Any:
+    fbu = _fbu()
 
     return fbu.read_model_from_bytearray(bytearray(model))
 
 
 def write(model: Any) -> bytes:
     """Serialise, dropping operator codes no op uses any more (an interpreter registers every listed one)."""
-    from tensorflow.lite.tools import flatbuffer_utils as fbu
+    fbu = _fbu()
 
     used = sorted({op.opcodeIndex for sg in model.subgraphs for op in sg.operators})
     remap = {old: new for new, old in enumerate(used)}
@@ -80,8 +95,7 @@ def clean(model: bytes) -> tuple[bytes, dict[str, int]]:
 
 
 def opcode(name: str) -> int:
-    _import_tensorflow()
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     return int(getattr(schema.BuiltinOperator, name))
 
@@ -101,8 +115,7 @@ def op_name(model: Any, op: Any) -> str:
 
 @functools.lru_cache(maxsize=1)
 def _builtin_names() -> dict[int, str]:
-    _import_tensorflow()
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
@@ -137,7 +150,7 @@ def ops_of(model: Any, name: str) -> list[Any]:
 
 def opcode_index(model: Any, name: str) -> int:
     """Index of builtin op ``name`` in the model's operator codes (added when missing)."""
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     code = opcode(name)
     for i, c in enumerate(model.operatorCodes):
@@ -165,7 +178,7 @@ def constant(model: Any, index: int) -> np.ndarray | None:
 
 def new_constant(model: Any, value: np.ndarray, name: str, dtype: type = np.float32) -> int:
     """Append a constant tensor (float32 or int32); return its index."""
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     value = np.asarray(value, dtype=dtype)
     buf = schema.BufferT()
@@ -180,7 +193,7 @@ def new_constant(model: Any, value: np.ndarray, name: str, dtype: type = np.floa
 
 def new_activation(model: Any, like: int, name: str) -> int:
     """Append an activation tensor shaped and typed like tensor ``like``; return its index."""
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     src = model.subgraphs[0].tensors[like]
     t = schema.TensorT()
@@ -192,7 +205,7 @@ def new_activation(model: Any, like: int, name: str) -> int:
 
 
 def new_op(model: Any, name: str, inputs: list[int], outputs: list[int], options: tuple[int, Any] | None = None) -> Any:
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     op = schema.OperatorT()
     op.opcodeIndex, op.inputs, op.outputs = opcode_index(model, name), list(inputs), list(outputs)
@@ -223,7 +236,7 @@ def drop_identity_gathers(model: Any) -> int:
     ``[1, n, 1, 1]``); XNNPACK has no GATHER, so each costs a partition break. 1-D
     indices make the op an identity; other shapes on a 1-D ``x`` make it a RESHAPE.
     """
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     sg = model.subgraphs[0]
     changed = 0
@@ -255,7 +268,7 @@ def relu_0_to_1_as_relu6(model: Any) -> int:
     hard sigmoids of squeeze-excite blocks act on ``[1, 1, 1, C]`` vectors: two tiny MULs
     cost far less than the partition break.
     """
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     sg = model.subgraphs[0]
     changed = 0
@@ -266,7 +279,8 @@ def relu_0_to_1_as_relu6(model: Any) -> int:
         base = tensor_name(sg.tensors[y])
         six = new_constant(model, np.array(6.0), f"{base}/edgeship_six")
         sixth = new_constant(model, np.array(1.0 / 6.0), f"{base}/edgeship_sixth")
-        scaled, clipped = new_activation(model, x, f"{base}/edgeship_x6"), new_activation(model, x, f"{base}/edgeship_relu6")
+        scaled = new_activation(model, x, f"{base}/edgeship_x6")
+        clipped = new_activation(model, x, f"{base}/edgeship_relu6")
         mul = (schema.BuiltinOptions.MulOptions, schema.MulOptionsT())
         at = sg.operators.index(op)
         sg.operators[at:at + 1] = [new_op(model, "MUL", [x, six], [scaled], mul),
@@ -286,7 +300,7 @@ def constant_gathers_as_slices(model: Any) -> int:
     a RESHAPE to the GATHER's output shape. A run of consecutive indices is a SLICE alone.
     Identity GATHERs are ``identity_gather``'s (registered first).
     """
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     sg = model.subgraphs[0]
     changed = 0
@@ -341,7 +355,7 @@ def grouped_convs_as_depthwise(model: Any) -> int:
     than its depthwise kernels, in float and more so in int8. The same sums as a
     DEPTHWISE_CONV_2D with depth multiplier m and the filter as ``[1, kh, kw, C*m]``.
     """
-    from tensorflow.lite.python import schema_py_generated as schema
+    schema = _schema()
 
     sg = model.subgraphs[0]
     changed = 0

@@ -18,27 +18,43 @@ from typing import Any
 
 import numpy as np
 
+from edgeship import reference, tflite_graph
 from edgeship._child import one_line
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_write_bytes, sha256_file
 from edgeship._progress import Progress, Timer, silent
-from edgeship.convert import onnx_model, tflite_graph
-from edgeship.verify import outputs as verify
+from edgeship.convert import onnx_model
 from edgeship.convert.fold import fold_input_affine, normalization_into_graph
 from edgeship.convert.gelu import fuse_gelu, lone_erf_notes
-from edgeship.convert.simplify import OrtRunner, simplify
+from edgeship.convert.report import (
+    ChildRun,
+    ConvertReport,
+    ConvertSource,
+    FloatCheck,
+    NodeCounts,
+    SimplifyCheck,
+    VerificationInputs,
+)
+from edgeship.convert.simplify import simplify
 from edgeship.errors import ConversionError, InputError, VerificationError
+from edgeship.reference import OrtRunner
 from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, known_keys
+from edgeship.runtime.delegation import flex_refusal, of_interpreter
 from edgeship.runtime.images import ImageSet, Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel
+from edgeship.runtime.model_check import check_model_files
 from edgeship.runtime.metrics import compare
 
 log = logging.getLogger(__name__)
 
 # File names of a saved conversion (kept importable from here).
 from edgeship.convert.result import (  # noqa: E402
-    FLOAT16_FILE, FLOAT32_FILE, LABELS_FILE, SIMPLIFIED_FILE,
-    ConvertResult, file_names,
+    FLOAT16_FILE,
+    FLOAT32_FILE,
+    LABELS_FILE,
+    SIMPLIFIED_FILE,
+    ConvertResult,
+    file_names,
 )
 
 
@@ -135,7 +151,7 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
 
     with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as work:
         work_dir = Path(work)
-        inputs = verify.make_inputs(images, prep, synthetic_count=options.synthetic_count,
+        inputs = reference.make_inputs(images, prep, synthetic_count=options.synthetic_count,
                                     labels=images.labels_for(labels) if images and labels else (),
                                     progress=progress)
         with timer.stage("simplify"):
@@ -165,10 +181,10 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
         cleaned = _clean_graph(tfl32, tfl16)
         with timer.stage("verify"):
             _check_runnable(tfl32, tfl16)
-            reference = verify.run_onnx(original, inputs.pixels, prep, progress=progress)
-            checks = {"float32": _verify_one(tfl32, reference, inputs, model_prep, "float32", progress)}
+            expected = reference.run_onnx(original, inputs.pixels, prep, progress=progress)
+            checks = {"float32": _verify_one(tfl32, expected, inputs, model_prep, "float32", progress)}
             if options.fp16:
-                checks["float16"] = _verify_one(work_dir / "tf" / "model_float16.tflite", reference, inputs,
+                checks["float16"] = _verify_one(work_dir / "tf" / "model_float16.tflite", expected, inputs,
                                                 model_prep, "float16", progress)
         _raise_on_failures(checks)
         with timer.stage("write"):
@@ -180,33 +196,27 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
                 card = card.with_(source_preprocessing=prep, notes=tuple(n for n in notes if "folded" in n))
             float16 = (tf_dir / FLOAT16_FILE).read_bytes() if options.fp16 else None
             model_bytes = tfl32.read_bytes()
-            report = {
-                "edgeship_report": "convert",
-                "source": {"path": str(src.resolve()), "sha256": source_sha, "bytes": src_stat.st_size,
-                           **info.to_dict()},
-                "fixes": shape_notes + notes,
-                "input_shape_onnx": list(shape),
-                "layout": {"onnx": Layout.NCHW.value, "tflite": Layout.NHWC.value},
-                "node_counts": {"before": onnx_model.node_counts(original),
-                                "after": onnx_model.node_counts(simplified),
-                                "total_before": len(original.graph.node),
-                                "total_after": len(simplified.graph.node)},
-                "simplify_check": sim_check,
-                "graph_cleanups": cleaned,
-                "xnnpack": _delegation(tfl32),
-                "verification": {k: v for k, v in checks.items()},
-                "verification_inputs": {"source": inputs.source, "count": int(len(inputs.pixels)),
-                                        "folder": str(images.root) if images else None,
-                                        "skipped_files": len(images.skipped) if images else 0},
-                "preprocessing": model_prep.to_dict(),
-                "preprocessing_of_source": prep.to_dict(),
-                "sizes": {"onnx": src_stat.st_size, FLOAT32_FILE: len(model_bytes),
-                          **({FLOAT16_FILE: len(float16)} if float16 is not None else {})},
-                "onnx2tf_child": child,
-                "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
-                "timings_s": timer.seconds,
-            }
-            report["timings_s"]["total"] = round(time.perf_counter() - started, 3)
+            report = ConvertReport(
+                source=ConvertSource(str(src.resolve()), source_sha, src_stat.st_size, info),
+                fixes=tuple(shape_notes + notes),
+                input_shape_onnx=tuple(shape),
+                node_counts=NodeCounts(onnx_model.node_counts(original), onnx_model.node_counts(simplified),
+                                       len(original.graph.node), len(simplified.graph.node)),
+                simplify_check=sim_check,
+                graph_cleanups=cleaned,
+                xnnpack=of_interpreter(TFLiteModel(tfl32).interpreter),
+                verification=checks,
+                verification_inputs=VerificationInputs(inputs.source, int(len(inputs.pixels)),
+                                                       str(images.root) if images else None,
+                                                       len(images.skipped) if images else 0),
+                preprocessing=model_prep,
+                preprocessing_of_source=prep,
+                sizes={"onnx": src_stat.st_size, FLOAT32_FILE: len(model_bytes),
+                       **({FLOAT16_FILE: len(float16)} if float16 is not None else {})},
+                onnx2tf_child=child,
+                versions={**versions(*HOST_TOOLS), "python": platform.python_version()},
+                timings_s={**timer.seconds, "total": round(time.perf_counter() - started, 3)},
+            )
             result = ConvertResult(model=model_bytes, card=card, report=report,
                                    simplified_onnx=(work_dir / SIMPLIFIED_FILE).read_bytes(), float16=float16,
                                    saved_model=_saved_model(tf_dir), labels=labels_bytes)
@@ -235,23 +245,22 @@ def _verification_images(options: ConvertOptions) -> ImageSet | None:
     return images
 
 
-def _check_simplified(original: Any, simplified: Any, inputs: verify.VerifyInputs, prep: Preprocessing,
-                      model_prep: Preprocessing, batch: int) -> dict[str, Any]:
+def _check_simplified(original: Any, simplified: Any, inputs: reference.VerifyInputs, prep: Preprocessing,
+                      model_prep: Preprocessing, batch: int) -> SimplifyCheck:
     """onnxruntime on the original vs the simplified (and folded) model, on a few of the inputs."""
     pixels = inputs.pixels[: max(batch, 8)]
-    x = verify.nchw_batches(pixels, prep, batch=len(pixels))[0]
+    x = reference.nchw_batches(pixels, prep, batch=len(pixels))[0]
     ref = OrtRunner(original).run(x)
-    got = OrtRunner(simplified).run(verify.nchw_batches(pixels, model_prep, batch=len(pixels))[0])
+    got = OrtRunner(simplified).run(reference.nchw_batches(pixels, model_prep, batch=len(pixels))[0])
     fig = compare(ref.reshape(len(x), -1), got.reshape(len(x), -1))
-    result = {"count": len(x), "max_abs_error": fig.max_abs_error, "mean_cosine": fig.mean_cosine,
-              "top1_agreement": fig.top1_agreement}
+    result = SimplifyCheck(len(x), fig.max_abs_error, fig.mean_cosine, fig.top1_agreement)
     if fig.mean_cosine < 0.99999:
         raise ConversionError(f"simplified model differs from the original: mean cosine {fig.mean_cosine:.6f}, "
                               f"max-abs {fig.max_abs_error:.3g}")
     return result
 
 
-def run_onnx2tf(onnx_path: Path, work_dir: Path) -> dict[str, Any]:
+def run_onnx2tf(onnx_path: Path, work_dir: Path) -> ChildRun:
     """Run onnx2tf in a child process on a private copy; return its figures."""
     model_copy = work_dir / "model.onnx"
     shutil.copyfile(onnx_path, model_copy)
@@ -276,7 +285,7 @@ def run_onnx2tf(onnx_path: Path, work_dir: Path) -> dict[str, Any]:
         raise ConversionError(f"onnx2tf failed: {result.get('error', 'no TFLite written')}"
                               + (f" ({tail})" if tail and tail not in result.get("error", "") else "")
                               + (f"; full log: {kept}" if kept else ""))
-    return {"wall_s": round(wall, 3), "peak_rss_mb": round(peak_mb, 1), "returncode": proc.returncode}
+    return ChildRun(round(wall, 3), round(peak_mb, 1), proc.returncode)
 
 
 def _clean_graph(*paths: Path | None) -> dict[str, int]:
@@ -298,9 +307,6 @@ def _check_runnable(*paths: Path | None) -> None:
     TF ops and custom ops are refused from the file itself, then each model is loaded,
     allocated and run once in a child process with only the runtime's interpreter.
     """
-    from edgeship.runtime.delegation import flex_refusal
-    from edgeship.runtime.interpreter import check_model_files
-
     present = [p for p in paths if p is not None]
     for path in present:
         ops = tflite_graph.custom_ops(path.read_bytes())
@@ -309,13 +315,8 @@ def _check_runnable(*paths: Path | None) -> None:
             raise ConversionError(f"the converted model {refusal} (replace those ops in the ONNX model)")
     for path, problem in check_model_files(present).items():
         if problem:
-            raise ConversionError(f"the converted model {path.name} does not run on the on-device interpreter: {problem}")
-
-
-def _delegation(path: Path) -> dict[str, Any]:
-    from edgeship.runtime.delegation import of_interpreter
-
-    return of_interpreter(TFLiteModel(path).interpreter).to_dict()
+            raise ConversionError(f"the converted model {path.name} does not run on the on-device interpreter: "
+                                  f"{problem}")
 
 
 def _keep_log(log_path: Path) -> Path | None:
@@ -330,21 +331,16 @@ def _keep_log(log_path: Path) -> Path | None:
     return Path(kept)
 
 
-def _verify_one(path: Path, reference: Any, inputs: verify.VerifyInputs, prep: Preprocessing, precision: str,
-                progress: Progress) -> dict[str, Any]:
-    got = verify.run_tflite(path, inputs.pixels, prep, progress=progress, label=f"run {precision} tflite")
-    fig = verify.figures(reference, got, inputs)
-    tol = verify.TOLERANCES[precision]
-    problems = verify.failures(fig, tol, real=inputs.real)
-    summary = fig.to_dict()
-    summary.pop("disagreements")
-    return {**summary, "disagreement_indices": list(fig.disagreements)[:50],
-            "tolerance": tol.to_dict(), "agreement_enforced": inputs.real, "passed": not problems,
-            "failures": problems}
+def _verify_one(path: Path, expected: Any, inputs: reference.VerifyInputs, prep: Preprocessing, precision: str,
+                progress: Progress) -> FloatCheck:
+    got = reference.run_tflite(path, inputs.pixels, prep, progress=progress, label=f"run {precision} tflite")
+    fig = reference.figures(expected, got, inputs)
+    tol = reference.TOLERANCES[precision]
+    return FloatCheck(fig, tol, inputs.real, tuple(reference.failures(fig, tol, real=inputs.real)))
 
 
-def _raise_on_failures(checks: dict[str, dict[str, Any]]) -> None:
-    problems = [f"{name}: {p}" for name, c in checks.items() for p in c["failures"]]
+def _raise_on_failures(checks: dict[str, FloatCheck]) -> None:
+    problems = [f"{name}: {p}" for name, c in checks.items() for p in c.failures]
     if problems:
         raise VerificationError("converted TFLite does not match onnxruntime: " + "; ".join(problems))
 

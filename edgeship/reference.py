@@ -1,18 +1,22 @@
-"""Running models on the same pixels on the host: a TFLite model, the ONNX model through onnxruntime, and
-the tolerances that say a float conversion is the same model (convert's check; quantize measures with them too)."""
+"""Reference runs on the host: a TFLite model and the ONNX model (onnxruntime) on the same pixels, and the
+tolerances that say a float conversion is the same model (convert's check; quantize and verify use the runners)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from edgeship._deps import require
 from edgeship._progress import Progress, silent
+from edgeship.errors import ConversionError
+from edgeship.runtime import images as runtime_images
 from edgeship.runtime.card import Preprocessing
 from edgeship.runtime.images import ImageSet, normalize, synthetic_pixels
-from edgeship.runtime.interpreter import TFLiteModel
+from edgeship.runtime.interpreter import TFLiteModel, in_fixed_batches
 from edgeship.runtime.metrics import DriftFigures, compare
 
 
@@ -26,6 +30,9 @@ class Tolerance:
     def to_dict(self) -> dict[str, float]:
         return {"min_cosine": self.min_cosine, "min_top1_agreement": self.min_top1_agreement}
 
+
+#: Highest ONNX IR version the pinned onnxsim accepts (and onnxruntime reads).
+MAX_IR_VERSION = 10
 
 #: float32 must be numerically the same model; float16 weights round to 11 bits.
 TOLERANCES = {
@@ -53,8 +60,6 @@ def load_pixels(images: ImageSet, prep: Preprocessing, progress: Progress = sile
     The same image path as the deployed runtime (``edgeship.runtime.images``), so
     calibration and checks see the pixels the device will see.
     """
-    from edgeship.runtime import images as runtime_images
-
     return runtime_images.load_pixels(images.files, prep, progress=progress)
 
 
@@ -84,8 +89,6 @@ def run_tflite(path: Path | str | bytes, pixels: np.ndarray, prep: Preprocessing
 
 
 def run_onnx(model: Any, pixels: np.ndarray, prep: Preprocessing, *, progress: Progress = silent) -> np.ndarray:
-    from edgeship.convert.simplify import OrtRunner
-
     runner = OrtRunner(model)
     outs = []
     batches = nchw_batches(pixels, prep)
@@ -107,3 +110,44 @@ def failures(fig: DriftFigures, tol: Tolerance, *, real: bool) -> list[str]:
 
 def figures(ref: np.ndarray, cand: np.ndarray, inputs: VerifyInputs) -> DriftFigures:
     return compare(ref, cand, inputs.labels if inputs.labels else None)
+
+
+class OrtRunner:
+    """Run an ONNX model with onnxruntime on the CPU, one input, one output."""
+
+    def __init__(self, model: Any, *, threads: int | None = None) -> None:
+        ort = require("onnxruntime", purpose="run the ONNX reference")
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        payload = model if isinstance(model, (bytes, str)) else _loadable(model).SerializeToString()
+        try:
+            self.session = ort.InferenceSession(payload, opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ConversionError(f"onnxruntime cannot load the model: {str(exc)[:300]}") from exc
+        self.input = self.session.get_inputs()[0]
+        self.output = self.session.get_outputs()[0]
+        batch = self.input.shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Float NCHW batch -> float outputs (split into the model's fixed batch if any)."""
+        return in_fixed_batches(x, self.fixed_batch or len(x), lambda chunk: self.session.run(
+            [self.output.name], {self.input.name: chunk.astype(np.float32)})[0])
+
+    def run_all(self, batches: Sequence[np.ndarray]) -> np.ndarray:
+        return np.concatenate([self.run(b) for b in batches], axis=0)
+
+
+def _loadable(model: Any) -> Any:
+    """The model with an IR version onnxruntime accepts (newer onnx writes IR 12; ORT 1.23 reads <= 11)."""
+    if model.ir_version <= MAX_IR_VERSION:
+        return model
+    onnx = require("onnx")
+    if onnx.helper.find_min_ir_version_for(model.opset_import) > MAX_IR_VERSION:
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.ir_version = MAX_IR_VERSION
+    return copy
