@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from edgeship.errors import InputError
 from edgeship.quantize.data import Split
 from edgeship.runtime.card import IODtype, known_keys
 from edgeship.runtime.delegation import host_arch
 
-if TYPE_CHECKING:
-    from edgeship.targets.profile import Target
+#: A target profile (:class:`edgeship.targets.Target`); quantize reads its fields and never imports targets.
+Target = Any
 
 
 class CalibrationMethod(str, Enum):
