@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgeship import reference, tflite_graph
-from edgeship._child import one_line
+from edgeship._child import ChildWorker, one_line
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_write_bytes, sha256_file
 from edgeship._progress import Progress, Timer, silent
@@ -36,7 +33,7 @@ from edgeship.convert.report import (
     VerificationInputs,
 )
 from edgeship.convert.simplify import simplify
-from edgeship.errors import ConversionError, InputError, VerificationError
+from edgeship.errors import ConversionError, InputError, NativeCrashError, VerificationError
 from edgeship.reference import OrtRunner
 from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, known_keys
 from edgeship.runtime.delegation import flex_refusal, of_interpreter
@@ -251,41 +248,57 @@ def _check_simplified(original: Any, simplified: Any, inputs: reference.VerifyIn
     pixels = inputs.pixels[: max(batch, 8)]
     x = reference.nchw_batches(pixels, prep, batch=len(pixels))[0]
     ref = OrtRunner(original).run(x)
+    _refuse_non_finite(original, ref)
     got = OrtRunner(simplified).run(reference.nchw_batches(pixels, model_prep, batch=len(pixels))[0])
     fig = compare(ref.reshape(len(x), -1), got.reshape(len(x), -1))
     result = SimplifyCheck(len(x), fig.max_abs_error, fig.mean_cosine, fig.top1_agreement)
+    bad = int(np.count_nonzero(~np.isfinite(got)))
+    if bad:
+        raise ConversionError(f"the simplified model gives NaN or infinite scores ({bad} of {got.size}) where the "
+                              "original does not")
     if fig.mean_cosine < 0.99999:
         raise ConversionError(f"simplified model differs from the original: mean cosine {fig.mean_cosine:.6f}, "
                               f"max-abs {fig.max_abs_error:.3g}")
     return result
 
 
+def _refuse_non_finite(original: Any, scores: np.ndarray) -> None:
+    """The source model's own scores are NaN or infinite: say so (and where), not "cosine 0"."""
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if not bad:
+        return
+    from onnx import numpy_helper  # heavy optional dependency: deferred
+
+    weights = sum(int(np.count_nonzero(~np.isfinite(a))) for a in map(numpy_helper.to_array, original.graph.initializer)
+                  if a.dtype.kind == "f")
+    where = f"{weights} of its weight values are NaN or infinite" if weights else "its weights are finite"
+    raise ConversionError(f"the source model's scores are NaN or infinite ({bad} of {scores.size} on the check "
+                          f"inputs; {where}); nothing was written")
+
+
 def run_onnx2tf(onnx_path: Path, work_dir: Path) -> ChildRun:
-    """Run onnx2tf in a child process on a private copy; return its figures."""
+    """Run onnx2tf in edgeship's worker process on a private copy; return its figures."""
+    from edgeship.convert import onnx2tf_worker
+
     model_copy = work_dir / "model.onnx"
     shutil.copyfile(onnx_path, model_copy)
-    job = {"onnx": str(model_copy), "output": str(work_dir / "tf"), "workdir": str(work_dir),
-           "result": str(work_dir / "result.json")}
-    (work_dir / "job.json").write_text(json.dumps(job))
-    log_path = work_dir / "onnx2tf.log"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="-1")
+    job = {"onnx": str(model_copy), "output": str(work_dir / "tf"), "workdir": str(work_dir)}
     start = time.perf_counter()
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.run([sys.executable, "-m", "edgeship.convert.onnx2tf_worker", str(work_dir / "job.json")],
-                              stdout=log_file, stderr=subprocess.STDOUT, cwd=work_dir, env=env, check=False)
+    with ChildWorker(env={"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}) as worker:
+        try:
+            result = worker.call("onnx2tf", onnx2tf_worker.run, job)
+        except NativeCrashError as exc:
+            result = {"ok": False, "error": str(exc)}
+        log_text = Path(worker.log_path).read_text(errors="replace")
     wall = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    try:
-        result = json.loads((work_dir / "result.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        result = {"ok": False, "error": f"onnx2tf worker died with status {proc.returncode}"}
     if not result.get("ok") or not (work_dir / "tf" / "model_float32.tflite").is_file():
-        kept = _keep_log(log_path)
-        tail = one_line(log_path.read_text(errors="replace")) if log_path.is_file() else ""
+        kept = _keep_log(log_text)
+        tail = one_line(log_text)
         raise ConversionError(f"onnx2tf failed: {result.get('error', 'no TFLite written')}"
                               + (f" ({tail})" if tail and tail not in result.get("error", "") else "")
                               + (f"; full log: {kept}" if kept else ""))
-    return ChildRun(round(wall, 3), round(peak_mb, 1), proc.returncode)
+    return ChildRun(round(wall, 3), round(peak_mb, 1), 0)
 
 
 def _clean_graph(*paths: Path | None) -> dict[str, int]:
@@ -319,13 +332,14 @@ def _check_runnable(*paths: Path | None) -> None:
                                   f"{problem}")
 
 
-def _keep_log(log_path: Path) -> Path | None:
-    """Copy a failed child's log out of the work folder (which is removed) and log it at DEBUG level."""
-    if not log_path.is_file():
+def _keep_log(text: str) -> Path | None:
+    """Keep a failed worker's log where the user can read it (the run's folders are removed) and log it."""
+    if not text.strip():
         return None
-    text = log_path.read_text(errors="replace")
     log.debug("onnx2tf log:\n%s", text)
-    fd, kept = tempfile.mkstemp(prefix="edgeship-onnx2tf-", suffix=".log")
+    from edgeship._run import lasting_temp_dir
+
+    fd, kept = tempfile.mkstemp(prefix="edgeship-onnx2tf-", suffix=".log", dir=lasting_temp_dir())
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     return Path(kept)

@@ -1,9 +1,10 @@
-"""Run onnx2tf in a child process, offline and on a private copy of the model.
+"""Run onnx2tf in edgeship's worker process, offline and on a private copy of the model.
 
 onnx2tf calls ``sys.exit`` from library code, writes back to its input path, calls
 the ``onnxsim`` executable by name (PATH-dependent) and downloads a sample-data file
-from the internet for fixed-batch image models. Running it here, in a child process
-with its own working folder, keeps all of that away from the caller:
+from the internet for fixed-batch image models. Running it here, in the worker process
+of :class:`edgeship._child.ChildWorker` (one per conversion) with its own working folder,
+keeps all of that away from the caller:
 
 * the model is a copy in the work folder, so the user's file is never touched;
 * onnx2tf's own onnxsim pass is off (edgeship has already simplified the model);
@@ -12,18 +13,17 @@ with its own working folder, keeps all of that away from the caller:
 * an ``Erf`` left outside a GELU becomes onnx2tf's polynomial erf (builtin ops), not a
   TensorFlow Select op the on-device interpreters do not have.
 
-Usage (internal): ``python -m edgeship.convert.onnx2tf_worker JOB.json``.
+Usage (internal): ``ChildWorker().call("onnx2tf", run, job)``.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import sys
 import traceback
 from pathlib import Path
+from typing import Any
 
-from edgeship._child import die_with_parent, one_line
+from edgeship._child import one_line
 
 
 def _offline_sample_data():  # type: ignore[no-untyped-def]
@@ -43,14 +43,12 @@ def _block_network() -> None:
     requests.post = refuse  # type: ignore[assignment]
 
 
-def main(argv: list[str]) -> int:
-    parent = os.getppid()
-    die_with_parent()
-    if os.getppid() != parent:  # the parent died before the request took effect
-        return 1
-    job = json.loads(Path(argv[0]).read_text())
-    result_path = Path(job["result"])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def run(job: dict[str, str]) -> dict[str, Any]:
+    """Convert ``job["onnx"]`` into ``job["output"]``, working in ``job["workdir"]`` (in the worker process).
+
+    Returns:
+        ``{"ok": True, "files": [...]}``, or ``{"ok": False, "error": one line, "traceback": ...}``.
+    """
     os.chdir(job["workdir"])
     try:
         _block_network()
@@ -72,17 +70,8 @@ def main(argv: list[str]) -> int:
             verbosity="error",
         )
     except SystemExit as exc:  # onnx2tf exits from library code on failure
-        result_path.write_text(json.dumps({"ok": False, "error": f"onnx2tf exited with status {exc.code}"}))
-        return 1
-    except BaseException as exc:  # report every failure to the parent, one line
-        tb = traceback.format_exc(limit=3)
-        result_path.write_text(json.dumps({"ok": False, "error": one_line(f"{type(exc).__name__}: {exc}"),
-                                           "traceback": tb}))
-        return 1
-    files = sorted(p.name for p in Path(job["output"]).iterdir())
-    result_path.write_text(json.dumps({"ok": True, "files": files}))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+        return {"ok": False, "error": f"onnx2tf exited with status {exc.code}"}
+    except Exception as exc:  # noqa: BLE001 - report every failure to the parent, one line
+        return {"ok": False, "error": one_line(f"{type(exc).__name__}: {exc}"),
+                "traceback": traceback.format_exc(limit=3)}
+    return {"ok": True, "files": sorted(p.name for p in Path(job["output"]).iterdir())}

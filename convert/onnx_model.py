@@ -19,12 +19,14 @@ from edgeship._deps import require
 from edgeship._paths import is_inside
 from edgeship.errors import ConversionError, InputError
 from edgeship.reference import MAX_IR_VERSION as MAX_IR_VERSION
-from edgeship.runtime.card import Layout, Postprocessing
+from edgeship.runtime.card import MAX_SIDE, Layout, Postprocessing
 
 log = logging.getLogger(__name__)
 
 #: Opset the converter normalises older models to (well supported by onnxsim and onnx2tf).
 TARGET_OPSET = 13
+#: Op domains of the ONNX standard (any other is a custom op set).
+STANDARD_DOMAINS = ("", "ai.onnx")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,15 @@ def _load_external_data(model: Any, path: Path) -> None:
         raise InputError(f"{path}: cannot read its external data: {type(exc).__name__}: {str(exc)[:200]}") from exc
 
 
+def _refuse_custom_ops(model: Any, source: str) -> None:
+    """Ops of a custom domain (``com.example``, onnxruntime's ``com.microsoft``) have no TFLite conversion."""
+    custom = sorted({(n.domain, n.op_type) for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    if custom:
+        ops = ", ".join(f"{domain}.{op}" for domain, op in custom[:5]) + (" ..." if len(custom) > 5 else "")
+        raise InputError(f"{source} uses {len(custom)} op type(s) of a custom domain ({ops}) that edgeship cannot "
+                         "convert; export the model with standard ONNX ops only")
+
+
 def _dims(value_info: Any) -> tuple[int | str, ...]:
     dims: list[int | str] = []
     for d in value_info.type.tensor_type.shape.dim:
@@ -144,6 +155,7 @@ def inspect_model(model: Any, source: str = "model") -> ModelInfo:
         raise InputError(f"{source} input '{inp.name}' has {shape[1]} channels; expected 1 or 3 (NCHW)")
     if len(model.graph.output) != 1:
         raise InputError(f"{source} must have exactly one output (class scores), found {len(model.graph.output)}")
+    _refuse_custom_ops(model, source)
     out = model.graph.output[0]
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return ModelInfo(inp.name, shape, layout, out.name, _dims(out), opset, model.ir_version,
@@ -162,7 +174,7 @@ def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tupl
                 raise InputError(f"--input-shape {list(shape)} contradicts the model's static dimension "
                                  f"{i} = {have} (declared {list(info.input_shape)})")
         notes.append(f"input shape set to {list(shape)} by --input-shape (declared {list(info.input_shape)})")
-        return shape, notes
+        return _checked_size(shape, info, batch=shape[0]), notes
     shape_list: list[int] = []
     for i, d in enumerate(info.input_shape):
         if isinstance(d, int):
@@ -173,7 +185,20 @@ def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tupl
         else:
             raise InputError(f"input dimension {i} ('{d}') is dynamic; give the size with "
                              f"--input-shape N,C,H,W (declared {list(info.input_shape)})")
-    return tuple(shape_list), notes
+    return _checked_size(tuple(shape_list), info), notes
+
+
+def _checked_size(shape: tuple[int, ...], info: ModelInfo, batch: int = 1) -> tuple[int, ...]:
+    """``shape`` when edgeship can convert it: batch 1 (or the one ``--input-shape`` asked for), and an
+    image of at most ``MAX_SIDE`` pixels a side."""
+    declared = list(info.input_shape)
+    if shape[0] != batch:
+        raise InputError(f"the model's batch dimension is fixed to {shape[0]} (declared {declared}); edgeship "
+                         "converts batch 1: export the model with batch 1 or a dynamic batch")
+    if max(shape[2:4]) > MAX_SIDE:  # NCHW (inspect_model refuses other layouts)
+        raise InputError(f"input shape {list(shape)} is too large for an image classifier (at most {MAX_SIDE} "
+                         f"pixels a side; declared {declared})")
+    return shape
 
 
 def node_counts(model: Any) -> dict[str, int]:
@@ -201,7 +226,7 @@ def normalise(model: Any, info: ModelInfo, shape: Sequence[int]) -> tuple[Any, l
         m.graph.input.remove(i)
     if stale:
         notes.append(f"{len(stale)} initializers listed as graph inputs (IR {info.ir_version} style) removed from inputs")
-    min_ir = onnx.helper.find_min_ir_version_for(m.opset_import)
+    min_ir = onnx.helper.find_min_ir_version_for([o for o in m.opset_import if o.domain in STANDARD_DOMAINS])
     if m.ir_version < min_ir:
         notes.append(f"IR version {m.ir_version} raised to {min_ir}")
         m.ir_version = min_ir

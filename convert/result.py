@@ -111,6 +111,9 @@ class ConvertResult:
         if card.precision != "float32" or not model.is_file():
             raise InputError(f"{folder} holds no float32 model to quantize (its card names {card.model_file}, "
                              f"{card.precision}); pass the ONNX model or a `edgeship convert` folder")
+        if card.input.shape and card.input.shape[0] != 1:
+            raise InputError(f"{folder} holds a model of batch {card.input.shape[0]} (input {list(card.input.shape)}); "
+                             "edgeship quantizes batch 1: convert the model again with this version")
         return cls(model=model.read_bytes(), card=card, report=_read_report(folder / REPORT_FILE),
                    simplified_onnx=_read(folder / SIMPLIFIED_FILE) or b"", float16=_read(folder / FLOAT16_FILE),
                    saved_model=_read_tree(folder / SAVED_MODEL_DIR) if saved_model else {},

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+from edgeship._run import Terminated, run_temp_dir, signals_as_interrupt
 from edgeship._version import SCHEMA_VERSION, __version__
 from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
 
@@ -102,8 +103,8 @@ def _preprocessing_flags(args: argparse.Namespace) -> dict[str, Any]:
     base: dict[str, Any] = {}
     if args.preprocess:
         try:
-            base = json.loads(Path(args.preprocess).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            base = json.loads(Path(args.preprocess).read_bytes().decode("utf-8"))
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
             raise InputError(f"cannot read preprocessing JSON {args.preprocess}: {exc}") from exc
         if not isinstance(base, dict):
             raise InputError(f"preprocessing JSON {args.preprocess} must hold an object")
@@ -649,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CODES["usage"]
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
-        with _lock(args):
+        with signals_as_interrupt(), run_temp_dir(), _lock(args):
             code, payload = args.func(args, progress)
     except (EdgeshipError, OSError) as exc:
         progress.close()
@@ -660,10 +661,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgeship {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         payload = {"error": {"type": type(exc).__name__, "message": exc.cli_message()}}
         return _write_json(args, payload, exc.exit_code)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: temporary and staging folders are gone by now
         progress.close()
-        print(f"edgeship {args.command}: interrupted", file=sys.stderr)
-        return 130
+        signum = exc.signum if isinstance(exc, Terminated) else 2
+        print(f"edgeship {args.command}: interrupted" + (f" ({exc})" if isinstance(exc, Terminated) else ""),
+              file=sys.stderr)
+        return 128 + signum
     progress.close()
     if args.json is None or str(args.json) != "-":
         for line in payload.get("summary", []):

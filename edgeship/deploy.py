@@ -324,10 +324,10 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
     model_path = zoo.resolve(model, progress=progress)
     if not model_path.is_file():
         raise InputError(f"model {model_path} does not exist")
-    from edgeship.convert.onnx_model import inspect_model, load_model
+    from edgeship.convert.onnx_model import inspect_model, load_model, resolve_shape
     from edgeship.runtime.images import Labels
 
-    inspect_model(load_model(model_path), str(model_path))  # bad models fail before OUT_DIR is touched
+    resolve_shape(inspect_model(load_model(model_path), str(model_path)), None)  # bad models fail before OUT_DIR
     if options.labels is not None:
         Labels.load(options.labels)
     qopts = options.quantize

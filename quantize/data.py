@@ -116,9 +116,10 @@ def from_arrays(calibration: Iterable[np.ndarray], evaluation: Iterable[np.ndarr
 def _crops(frames: Iterable[np.ndarray], prep: Preprocessing, what: str) -> np.ndarray:
     crops = []
     for i, frame in enumerate(frames):
-        if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        if (not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3
+                or 0 in frame.shape):
             got = f"{type(frame).__name__} {getattr(frame, 'dtype', '')} {getattr(frame, 'shape', '')}".strip()
-            raise InputError(f"{what} image {i} must be an HxWx3 uint8 RGB array, got {got}")
+            raise InputError(f"{what} image {i} must be an HxWx3 uint8 RGB array of at least 1x1 pixels, got {got}")
         crops.append(frame_pixels(frame, prep, "RGB"))
     if not crops:
         raise CalibrationError(f"no {what} images given")

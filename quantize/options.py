@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
 from typing import Any, Iterable
@@ -110,6 +111,10 @@ class QuantizeOptions:
             raise InputError(f"percentile must be in (50, 100], got {self.percentile}")
         if not 0.0 < self.eval_split < 1.0:
             raise InputError(f"eval_split must be in (0, 1), got {self.eval_split}")
+        for key in ("max_drop", "min_sqnr_db", "min_speedup"):  # NaN passes every comparison below
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                raise InputError(f"{key} must be a finite number, got {value}")
         if self.max_drop is not None and self.max_drop < 0:
             raise InputError(f"max_drop must be >= 0 points, got {self.max_drop}")
         if self.max_eval is not None and self.max_eval < 1:

@@ -263,6 +263,15 @@ class BenchOptions:
         object.__setattr__(self, "images", tuple(str(i) for i in self.images))
 
 
+def _check_loadable(paths: list[Path]) -> None:
+    """The one-line verdict of the interpreter pre-check (a child process) before any timing worker loads a model."""
+    from edgeship.runtime.interpreter import check_model_files
+
+    for path, problem in check_model_files(paths).items():
+        if problem:
+            raise InputError(f"cannot load TFLite model {path}: {problem}")
+
+
 def summarize(ns: Sequence[int]) -> dict[str, float]:
     ms = np.asarray(ns, dtype=np.float64) / 1e6
     return {"runs": int(ms.size), "min_ms": float(ms.min()), "mean_ms": float(ms.mean()), "std_ms": float(ms.std()),
@@ -279,6 +288,7 @@ def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = 
             raise InputError(f"model {p} does not exist")
         if p.suffix not in (".tflite", ".onnx"):
             raise InputError(f"{p} is neither a .tflite nor an .onnx model")
+    _check_loadable([p for p in paths if p.suffix == ".tflite"])
     images = image_files(options.images)
     configs = [(p, t) for t in options.threads for p in paths]
     workers: list[_Worker] = []

@@ -9,6 +9,7 @@ Only the standard library is used here so the card loads on any device.
 from __future__ import annotations
 
 import json
+import math
 import numbers
 from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
@@ -23,6 +24,8 @@ from edgeship.errors import InputError
 
 CARD_FILE = "model_card.json"
 CARD_SCHEMA = 1
+#: The largest image side a card may ask for (crop, resize): more is a mistake, not an image classifier.
+MAX_SIDE = 8192
 
 
 class IODtype(str, Enum):
@@ -99,18 +102,21 @@ class Preprocessing:
         object.__setattr__(self, "crop", tuple(int(v) for v in self.crop))
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
-        if len(self.crop) != 2 or min(self.crop) <= 0:
-            raise InputError(f"preprocessing crop must be two positive sizes, got {self.crop}")
-        if self.resize_shorter is not None and int(self.resize_shorter) <= 0:
-            raise InputError(f"preprocessing resize_shorter must be positive, got {self.resize_shorter}")
+        if len(self.crop) != 2 or min(self.crop) <= 0 or max(self.crop) > MAX_SIDE:
+            raise InputError(f"preprocessing crop must be two sizes from 1 to {MAX_SIDE}, got {list(self.crop)}")
+        if self.resize_shorter is not None and not 0 < int(self.resize_shorter) <= MAX_SIDE:
+            raise InputError(f"preprocessing resize_shorter must be from 1 to {MAX_SIDE}, got {self.resize_shorter}")
+        for key in ("mean", "std"):
+            if not all(math.isfinite(v) for v in getattr(self, key)):
+                raise InputError(f"preprocessing {key} must be finite numbers, got {list(getattr(self, key))}")
         if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
             raise InputError(
                 f"preprocessing mean/std need 1 or 3 values each, got mean={self.mean} std={self.std}"
             )
         if any(s == 0 for s in self.std):
             raise InputError(f"preprocessing std must not contain 0, got {self.std}")
-        if not self.pixel_scale > 0:
-            raise InputError(f"preprocessing pixel_scale must be > 0, got {self.pixel_scale}")
+        if not 0 < self.pixel_scale < math.inf:
+            raise InputError(f"preprocessing pixel_scale must be a finite number > 0, got {self.pixel_scale}")
 
     @classmethod
     def imagenet(cls, height: int = 224, width: int = 224) -> "Preprocessing":

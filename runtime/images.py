@@ -47,6 +47,8 @@ NOT_AN_IMAGE = "not an image"
 CORRUPT = "truncated or corrupt"
 TOO_LARGE = "over the decompression-bomb limit"
 UNSUPPORTED_MODE = "unsupported image mode"
+#: A labels file larger than this is not one (21k ImageNet classes take about 1 MiB).
+MAX_LABELS_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True)
@@ -58,23 +60,25 @@ class Labels:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "Labels":
-        """Read ``wnid<TAB>names`` lines (ImageNet style) or one name per line."""
+        """Read ``wnid<TAB>names`` lines (ImageNet style) or one name per line (at most ``MAX_LABELS_BYTES``)."""
         path = Path(path)
         try:
-            lines = path.read_text(encoding="utf-8").splitlines()
+            with open(path, "rb") as fh:
+                data = fh.read(MAX_LABELS_BYTES + 1)
         except FileNotFoundError as exc:
             raise InputError(f"labels file {path} does not exist") from exc
-        except UnicodeDecodeError as exc:
-            raise InputError(f"labels file {path} is not UTF-8 text") from exc
         except OSError as exc:
             raise InputError(f"cannot read labels file {path}: {exc.strerror or exc}") from exc
-        return cls.parse(lines, f"labels file {path}")
+        if len(data) > MAX_LABELS_BYTES:
+            raise InputError(f"labels file {path} is larger than {MAX_LABELS_BYTES // 2**20} MiB; "
+                             "give a text file of class names")
+        return cls.from_bytes(data, f"labels file {path}")
 
     @classmethod
     def from_bytes(cls, data: bytes, where: str = "labels") -> "Labels":
-        """Labels from a labels file's contents (UTF-8)."""
+        """Labels from a labels file's contents (UTF-8; a byte-order mark is dropped)."""
         try:
-            return cls.parse(data.decode("utf-8").splitlines(), where)
+            return cls.parse(data.decode("utf-8-sig").splitlines(), where)
         except UnicodeDecodeError as exc:
             raise InputError(f"{where} is not UTF-8 text") from exc
 
@@ -193,6 +197,7 @@ def list_images(folder: str | os.PathLike[str], *, minimum: int = 1, check: bool
     candidates: list[Path] = []
     skipped: list[tuple[str, str]] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        _check_name(root, path)
         if path.name == "labels.txt":
             continue
         if path.suffix.lower() in IMAGE_SUFFIXES:
@@ -214,6 +219,17 @@ def list_images(folder: str | os.PathLike[str], *, minimum: int = 1, check: bool
             f"{': ' + counts if skipped else ''}); at least {minimum} needed (JPEG, PNG, BMP or WebP)"
         )
     return images
+
+
+def _check_name(root: Path, path: Path) -> None:
+    """Refuse a file name that is not UTF-8: reports, caches and cards are UTF-8 text."""
+    rel = str(path.relative_to(root))
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(rel).decode("utf-8", errors="backslashreplace")
+        raise InputError(f"{root}: file name {shown!r} is not valid UTF-8; rename it or move it out of the "
+                         "folder") from None
 
 
 def check_images(paths: Sequence[Path], *, workers: int | None = None) -> list[str | None]:
@@ -286,6 +302,7 @@ def open_image(source: "str | os.PathLike[str] | Any", prep: Preprocessing | Non
     """
     from PIL import Image, UnidentifiedImageError
 
+    _quiet_bomb_warning()
     if isinstance(source, Image.Image):
         orientation = _orientation(source)
         return Decoded(_upright_rgb8(source, orientation, source), _upright(source.size, orientation))
@@ -315,6 +332,15 @@ def open_image(source: "str | os.PathLike[str] | Any", prep: Preprocessing | Non
     except BaseException:
         im.close()
         raise
+
+
+def _quiet_bomb_warning() -> None:
+    """Pillow warns between 1x and 2x its pixel limit; open_image refuses all of those itself, in one message."""
+    from PIL import Image
+
+    bomb = Image.DecompressionBombWarning
+    if not any(f[0] == "ignore" and f[2] is bomb for f in warnings.filters):  # once, unless a caller reset them
+        warnings.filterwarnings("ignore", category=bomb)
 
 
 def _orientation(im: Any) -> int:
@@ -421,8 +447,8 @@ def frame_pixels(frame: np.ndarray, prep: Preprocessing, color: ColorOrder | str
 
 
 def _check_frame(frame: np.ndarray, color: ColorOrder | str) -> ColorOrder:
-    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-        raise InputError(f"pixel arrays must be uint8 HxWx3, got {frame.dtype} {frame.shape}")
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3 or 0 in frame.shape:
+        raise InputError(f"pixel arrays must be non-empty uint8 HxWx3, got {frame.dtype} {frame.shape}")
     try:
         return ColorOrder(color)
     except ValueError as exc:

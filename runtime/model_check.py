@@ -118,10 +118,12 @@ def _cache_key(path: Path, backend: str) -> str:
 
 
 def _read_verdict(cache: Path, key: str) -> str | None:
+    """The cached verdict, or None: a missing, unreadable or wrongly typed entry is a cache miss."""
     try:
-        return json.loads((cache / f"{key}.json").read_text())["verdict"]
-    except (OSError, ValueError, KeyError, TypeError):
+        verdict = json.loads((cache / f"{key}.json").read_bytes().decode("utf-8"))["verdict"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return None
+    return verdict if isinstance(verdict, str) else None
 
 
 def _store_verdict(cache: Path, key: str, verdict: str) -> None:

@@ -107,12 +107,16 @@ class MediaPipeClassifier:
     """MediaPipe Tasks' ImageClassifier on one model file (which must carry TFLite Metadata)."""
 
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
-        mp, mp_tasks, vision = _mediapipe()
+        from edgeship.runtime.interpreter import native_stderr_to_log
+
+        with native_stderr_to_log(logging.DEBUG):  # absl/glog start-up lines (no EGL, no GPU) say nothing wrong
+            mp, mp_tasks, vision = _mediapipe()
         self._mp = mp
         opts = vision.ImageClassifierOptions(base_options=mp_tasks.BaseOptions(model_asset_path=str(model_path)),
                                              max_results=-1)
         try:
-            self._clf = vision.ImageClassifier.create_from_options(opts)
+            with native_stderr_to_log(logging.DEBUG):
+                self._clf = vision.ImageClassifier.create_from_options(opts)
         except (RuntimeError, ValueError) as exc:
             raise InputError(f"MediaPipe ImageClassifier refuses {Path(model_path).name}: "
                              f"{str(exc).splitlines()[0][:300]}") from exc
@@ -128,7 +132,10 @@ class MediaPipeClassifier:
 
             x, y, w, h = roi
             opts = ImageProcessingOptions(region_of_interest=Rect(left=x, top=y, right=x + w, bottom=y + h))
-        result = self._clf.classify(image, opts)
+        from edgeship.runtime.interpreter import native_stderr_to_log
+
+        with native_stderr_to_log(logging.DEBUG):
+            result = self._clf.classify(image, opts)
         out = np.full(num_classes, -np.inf, dtype=np.float32)
         for c in result.classifications[0].categories:
             out[c.index] = c.score

@@ -9,6 +9,7 @@ is reached (local, ssh, adb) and its accuracy-drift budget. Profiles ship as
 from __future__ import annotations
 
 import re
+import math
 
 try:
     import tomllib
@@ -161,6 +162,10 @@ class Budget:
     def __post_init__(self) -> None:
         if not 0 <= self.min_top1_agreement <= 100:
             raise ValueError(f"min_top1_agreement is a percentage, got {self.min_top1_agreement}")
+        for key in ("max_top1_drop", "min_sqnr_db", "min_speedup"):  # NaN would pass every budget check
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"budget {key} must be a finite number, got {value!r}")
 
     def check(self, figures: DriftFigures) -> list[BudgetCheck]:
         """Every budget line against drift figures (:class:`~edgeship.runtime.metrics.DriftFigures`)."""
@@ -293,7 +298,10 @@ def load_target(name_or_path: str | Path) -> Target:
         path = Path(text_name)
         if not path.is_file():
             raise TargetError(f"target file {path} does not exist")
-        source, text = str(path), path.read_text(encoding="utf-8")
+        try:
+            source, text = str(path), path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TargetError(f"cannot read target file {path} as UTF-8 text: {exc}") from None
     else:
         raise TargetError(f"unknown target '{text_name}'; valid targets: {', '.join(sorted(builtin))} "
                           "(or a path to a .toml profile)")

@@ -59,7 +59,7 @@ def test_onnx2tf_worker_dies_with_a_killed_convert(tmp_path: Path, tiny_onnx: Pa
     deadline = time.monotonic() + 120
     while worker is None and time.monotonic() < deadline and proc.poll() is None:
         worker = next((c for c in psutil.Process(proc.pid).children(recursive=True)
-                       if "onnx2tf_worker" in " ".join(c.cmdline())), None)
+                       if "edgeship._worker" in " ".join(c.cmdline())), None)
         time.sleep(0.2)
     assert worker is not None, "the onnx2tf worker never started"
     time.sleep(1.0)  # let it get past its start-up

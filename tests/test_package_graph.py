@@ -38,6 +38,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship._progress",
         "edgeship._deps",
         "edgeship._child",
+        "edgeship._worker",
+        "edgeship._run",
         "edgeship._stage",
         "edgeship._assets",
         "edgeship.tflite_graph",
@@ -154,7 +156,8 @@ def layer_of(module: str) -> tuple[int, str]:
     best = None
     for index, (_, prefixes) in enumerate(LAYERS.items()):
         for prefix in prefixes:
-            if module == prefix or module.startswith(prefix + "."):
+            # The root package is a layer of its own name only: its modules are each listed.
+            if module == prefix or (prefix != "edgeship" and module.startswith(prefix + ".")):
                 if best is None or len(prefix) > len(best[2]):
                     best = (index, prefix, prefix)
     if best is None:

@@ -187,7 +187,7 @@ def stage_candidate(candidate: Candidate, dest: Path) -> tuple[Path, ModelCard, 
     """
     model, card, labels_bytes, name = _candidate_parts(candidate)
     staged = stage_bundle(dest, model, card, labels_bytes)
-    labels = Labels.parse(labels_bytes.decode("utf-8").splitlines()) if labels_bytes is not None else None
+    labels = Labels.from_bytes(labels_bytes) if labels_bytes is not None else None
     return dest, staged, labels, name
 
 
