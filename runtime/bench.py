@@ -265,7 +265,7 @@ class BenchOptions:
 
 def _check_loadable(paths: list[Path]) -> None:
     """The one-line verdict of the interpreter pre-check (a child process) before any timing worker loads a model."""
-    from edgeship.runtime.interpreter import check_model_files
+    from edgeship.runtime.model_check import check_model_files
 
     for path, problem in check_model_files(paths).items():
         if problem:
