@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from edgeship._assets import shared_assets  # noqa: E402
 from edgeship.convert import converter as conv  # noqa: E402
-from edgeship.quantize import QuantizeOptions, mixed, quantize  # noqa: E402
+from edgeship.quantize import QuantizeOptions, quantize, speed  # noqa: E402
 from edgeship.quantize.pipeline import REPORT_FILE  # noqa: E402
 from edgeship.runtime.card import CARD_FILE  # noqa: E402
 
@@ -69,7 +69,7 @@ def measure(name: str, assets: Path, work: Path, max_eval: int, budget: float, m
     budgeted = run_quantize(float_dir, images, work / name / "budgeted",
                             QuantizeOptions(**common, method=method, min_sqnr_db=budget))
     card = json.loads((float_dir / CARD_FILE).read_text())
-    latency = mixed.latencies({"float32": float_dir / card["model_file"], "default": Path(default["model_path"]),
+    latency = speed.latencies({"float32": float_dir / card["model_file"], "default": Path(default["model_path"]),
                                "budgeted": Path(budgeted["model_path"])}, work)
     mp = budgeted.get("mixed_precision") or {}
     base_int8 = mp.get("eval_sqnr_db_all_int8", budgeted["figures"]["sqnr_db"])

@@ -264,16 +264,17 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
 
 
 def _quant_summary(report: dict[str, Any]) -> list[str]:
-    f, s = report["figures"], report["sizes"]
+    f, s, acc = report["figures"], report["sizes"], report.get("accuracy") or {}
     lines = [f"wrote {report['output']} ({s['int8'] / 1e6:.2f} MB, {s['ratio']:.1f}x smaller than float32) "
              f"in {report['timings_s']['total']:.1f} s",
              f"  calibrated on {report['calibration']['count']} images ({report['options']['method']}), "
-             f"evaluated on {report['evaluation']['count']} others",
-             f"  top-1 agreement {100 * f['top1_agreement']:.2f}%  mean cosine {f['mean_cosine']:.4f}  "
-             f"min cosine {f['min_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB"]
-    if f.get("ref_top1") is not None:
-        lines.append(f"  top-1 accuracy float {100 * f['ref_top1']:.1f}% -> int8 {100 * f['cand_top1']:.1f}%  "
-                     f"top-5 {100 * f['ref_top5']:.1f}% -> {100 * f['cand_top5']:.1f}%")
+             f"evaluated on {report['evaluation']['count']} others"]
+    if acc.get("labelled"):
+        lines.append(f"  top-1 against labels ({acc['labelled']} images): float {100 * acc['float_top1']:.2f}% -> "
+                     f"int8 {100 * acc['int8_top1']:.2f}% (drop {acc['top1_drop_points']:+.2f} points)  "
+                     f"top-5 {100 * acc['float_top5']:.1f}% -> {100 * acc['int8_top5']:.1f}%")
+    lines.append(f"  top-1 agreement with float {100 * f['top1_agreement']:.2f}%  mean cosine {f['mean_cosine']:.4f}  "
+                 f"min cosine {f['min_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB")
     worst = report["worst_layers"][:3]
     if worst:
         lines.append("  worst layers: " + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} "
@@ -563,10 +564,13 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     device = _device_spec(args)
     if device is not None and device.kind == "adb":
         raise InputError(NO_ADB_DRIFT_CHECKS)
-    options = DeployOptions(targets=tuple(args.target), num_calib=args.num_calib, seed=args.seed,
-                            method=args.method, eval_dir=args.eval_dir, max_eval=args.max_eval, labels=args.labels,
-                            bench_threads=tuple(args.bench_threads), bench_runs=args.bench_runs, device=device,
-                            force=args.force)
+    from edgeship.quantize import QuantizeOptions
+
+    given = dict(num_calib=args.num_calib, seed=args.seed, method=args.method, max_eval=args.max_eval)
+    options = DeployOptions(targets=tuple(args.target), quantize=QuantizeOptions(**{k: v for k, v in given.items()
+                                                                                     if v is not None}),
+                            eval_dir=args.eval_dir, labels=args.labels, bench_threads=tuple(args.bench_threads),
+                            bench_runs=args.bench_runs, device=device, force=args.force)
     result = deploy(args.model, args.calib, args.out, options, progress=progress)
     lines = [f"{'stage':<40}{'reused':<8}seconds"]
     lines += [f"{r.name:<40}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]

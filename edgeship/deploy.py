@@ -14,19 +14,27 @@ import json
 import logging
 import os
 import shutil
+import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from edgeship._child import ChildWorker
 from edgeship._io import atomic_write_json, private_name, sha256_file
 from edgeship._lock import LOCK_FILE, folder_lock
 from edgeship._paths import check_apart, relative
 from edgeship._progress import Progress, silent
 from edgeship._version import __version__
+from edgeship.convert.result import FLOAT16_FILE, ConvertResult
 from edgeship.errors import InputError, OutputExistsError
+from edgeship.quantize.options import QuantizeOptions
+from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
+from edgeship.runtime.card import ModelCard
 from edgeship.targets.devices import DeviceSpec
 
 log = logging.getLogger(__name__)
@@ -43,11 +51,9 @@ class DeployOptions:
     """Options of :func:`deploy` (the quantize options apply to every quantized model)."""
 
     targets: tuple[str, ...]
-    num_calib: int = 200
-    seed: int | None = None
-    method: str | None = None  # None: quantize's default
+    #: Every quantized model's options, each fitted to its targets (:meth:`QuantizeOptions.fitted`).
+    quantize: QuantizeOptions = field(default_factory=QuantizeOptions)
     eval_dir: Path | None = None
-    max_eval: int | None = None
     labels: Path | None = None
     bench_threads: tuple[int, ...] = (1, 2)
     bench_runs: int = 100
@@ -57,6 +63,16 @@ class DeployOptions:
     def __post_init__(self) -> None:
         if not self.targets:
             raise InputError("deploy needs at least one --target")
+
+
+@dataclass(frozen=True)
+class DeployedModel:
+    """What a target deploys: the saved model file, and the quantize result when it is an int8 model."""
+
+    path: Path
+    variant: str
+    card: ModelCard
+    quantized: QuantizeResult | None = None  # None: a float model of the conversion
 
 
 @dataclass
@@ -112,6 +128,23 @@ class _Stages:
         self.progress = progress
         self.records: list[StageRecord] = []
         self.written = written
+        self._written_lock = threading.Lock()  # stages run two at a time share the record of what deploy wrote
+
+    def will_build(self, name: str, key: dict[str, Any]) -> bool:
+        """Whether :meth:`run` would build this stage (its outputs are missing, changed or made from other inputs)."""
+        folder = relative(self.out, name, "stage")
+        previous = _read_marker(folder / STAGE_MARK)
+        digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
+        return not (previous.get("key") == digest and _intact(folder, previous.get("files")))
+
+    def step(self, name: str, seconds: float) -> None:
+        """Record work done for several stages and kept by none (shown in the table, never reused)."""
+        self.records.append(StageRecord(name, False, round(seconds, 2), "", round(seconds, 2)))
+
+    def order(self, names: list[str]) -> None:
+        """Records of stages run side by side, put in this order (the order they were asked for)."""
+        rank = {n: i for i, n in enumerate(names)}
+        self.records.sort(key=lambda r: rank.get(r.name, -1))
 
     def run(self, name: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, str]:
         folder = relative(self.out, name, "stage")
@@ -126,13 +159,15 @@ class _Stages:
         self.progress(name)
         if folder.exists():
             if self.written is not None:
-                self.written.drop(folder)  # refuses files deploy did not write
+                with self._written_lock:
+                    self.written.drop(folder)  # refuses files deploy did not write
             shutil.rmtree(folder)
         build(folder)
         seconds = round(time.perf_counter() - start, 2)
         atomic_write_json(marker, {"key": digest, "seconds": seconds, "inputs": key, "files": _manifest(folder)})
         if self.written is not None:
-            self.written.claim(folder)
+            with self._written_lock:
+                self.written.claim(folder)
         self.records.append(StageRecord(name, False, seconds, digest, seconds))
         return folder, digest
 
@@ -295,23 +330,24 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
     resolve_shape(inspect_model(load_model(model_path), str(model_path)), None)  # bad models fail before OUT_DIR
     if options.labels is not None:
         Labels.load(options.labels)
-    calib_set, eval_set = split_images(Path(calibration), Split(options.num_calib, options.seed,
-                                                                max_eval=options.max_eval), options.eval_dir)
+    qopts = options.quantize
+    calib_set, eval_set = split_images(Path(calibration), Split(qopts.num_calib, qopts.seed, max_eval=qopts.max_eval),
+                                       options.eval_dir)
     folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
     written = _check_out_dir(out, options.force)
     stages = _Stages(out, progress, written)
-    conv_dir, conv_key = _convert_stage(stages, model_path, options, targets)
-    models = _quantize_stages(stages, conv_dir, conv_key, Path(calibration), folder_digest, options, targets)
-    drifts = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
+    with ChildWorker() as native:  # quantize's TensorFlow process, started while convert runs
+        conv, conv_key = _convert_stage(stages, model_path, options, targets, native)
+        models = _quantize_stages(stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native)
+    drifts, bundles = _verify_and_bundle(stages, model_path, models, eval_set, targets, options, progress)
     verify_results = {name: d.to_dict() for name, d in drifts.items()}
-    bench_doc = _bench_stage(stages, model_path, conv_dir, models, options, progress, eval_set)
-    bundles = _bundle_stages(stages, models, targets, options)
+    bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
     summary = {
         "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
                                                                           "count": len(calib_set)},
         "evaluation": {"count": len(eval_set), "held_apart": options.eval_dir is None},
         "stages": [asdict(r) for r in stages.records],
-        "targets": {t.name: {"model": str(models[t.name]), "bundle": str(bundles[t.name]),
+        "targets": {t.name: {"model": str(models[t.name].path), "bundle": str(bundles[t.name]),
                              "passed": verify_results[t.name]["passed"], "figures": verify_results[t.name]["figures"],
                              "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
                              "budget": verify_results[t.name]["budget"],
@@ -321,7 +357,9 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
     from edgeship.report import ReportInputs, write_report
 
     progress("report")
-    write_report(out, ReportInputs(summary, bench_doc, drifts, _labels(conv_dir), _layer_plots(out, models)))
+    labels = conv.label_names()
+    write_report(out, ReportInputs(summary, bench_doc, drifts, list(labels.names) if labels else None,
+                                   _layer_plots(models)))
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out / SUMMARY, summary)
     written.claim(out / "report", out / "report.md", out / "report.html", out / SUMMARY)
@@ -329,7 +367,9 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
     return DeployResult(out, stages.records, summary["targets"], passed, summary)
 
 
-def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets: list[Any]) -> tuple[Path, str]:
+def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets: list[Any],
+                   native: ChildWorker) -> tuple[ConvertResult, str]:
+    """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow meanwhile."""
     from edgeship.convert import ConvertOptions, convert
 
     fp16 = any(t.model.precision.value == "float16" for t in targets)
@@ -338,117 +378,192 @@ def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets
     copts = ConvertOptions(fp16=fp16, labels=labels, pixels_in_graph=pixels)
     key = {"stage": "convert", "model_sha256": sha256_file(model), "options": copts.to_dict(),
            "labels_sha256": sha256_file(labels) if labels else None}
-    return stages.run("convert", key,
-                      lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True))
+    with ThreadPoolExecutor(1) as pool:
+        if stages.will_build("convert", key) and any(t.model.precision.value == "int8" for t in targets):
+            _start_tensorflow(native, pool)
+        folder, digest = stages.run("convert", key, lambda d: convert(model, options=copts, progress=stages.progress)
+                                    .save(d, force=True))
+    return ConvertResult.load(folder), digest
 
 
-def _variant(target: Any) -> str:
+def _start_tensorflow(native: ChildWorker, pool: ThreadPoolExecutor) -> Future[Any]:
+    """The child started from this thread (it dies with the thread that started it), TensorFlow imported
+    in it on ``pool``'s thread."""
+    from edgeship.quantize import tflite_quant
+
+    native.call("start the native worker", os.getpid)
+    return pool.submit(native.call, "start TensorFlow", tflite_quant.start)
+
+
+def _variant(target: Any, io: str | None = None) -> str:
+    """The folder name of the model a target deploys (``io``: another I/O dtype)."""
     m = target.model
     if m.precision.value != "int8":
         return m.precision.value
-    return (f"int8-io-{m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
+    return (f"int8-io-{io or m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
             f"{'' if m.float_islands else '-full-integer'}")
 
 
-def _quantize_stages(stages: _Stages, conv_dir: Path, conv_key: str, calib: Path, folder_digest: str,
-                     options: DeployOptions, targets: list[Any]) -> dict[str, Path]:
-    """One quantized model per distinct need, shared by the targets that need it.
+def _calibration(target: Any) -> str:
+    """Targets with the same calibration share one quantized model: those whose models differ only in
+    int8/uint8 I/O get it with the interface rewritten (exact), not calibrated and quantized again."""
+    from edgeship.quantize.interface import EXACT
 
-    Each is made for its target's budget (mixed models keep float op groups to meet it);
-    a model still over budget is kept as ``model_int8_OVER_BUDGET.tflite`` and its targets'
-    drift checks say so.
+    io = target.model.io_dtype.value
+    return _variant(target, "int8" if io in EXACT else io)
+
+
+def _quantize_stages(stages: _Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str,
+                     options: DeployOptions, targets: list[Any], native: ChildWorker) -> dict[str, DeployedModel]:
+    """One calibrated, quantized model per distinct need, shared by the targets that need it.
+
+    It is made for the strictest SQNR budget of its targets (mixed models keep float op groups to
+    meet it); a model still over budget is kept as ``model_int8_OVER_BUDGET.tflite`` and its
+    targets' drift checks say so. A target needing other I/O gets a copy with its interface rewritten.
     """
-    from edgeship.convert.result import FLOAT16_FILE, FLOAT32_FILE
-    from edgeship.quantize import QuantizeOptions, quantize
-    from edgeship.quantize.pipeline import INT8_FILE, OVER_BUDGET_FILE
-
-    from dataclasses import replace
-
-    models: dict[str, Path] = {}
-    built: dict[str, Path] = {}
-    strictest: dict[str, float] = {}  # targets sharing a model: the highest SQNR budget among them
+    models: dict[str, DeployedModel] = {}
+    groups: dict[str, list[Any]] = {}
     for t in targets:
-        strictest[_variant(t)] = max(strictest.get(_variant(t), t.budget.min_sqnr_db), t.budget.min_sqnr_db)
-    for t in targets:
-        variant = _variant(t)
-        if variant in ("float32", "float16"):
-            models[t.name] = conv_dir / (FLOAT32_FILE if variant == "float32" else FLOAT16_FILE)
-            continue
-        if variant not in built:
-            opts = QuantizeOptions.for_target(t, num_calib=options.num_calib, seed=options.seed, method=options.method,
-                                              max_eval=options.max_eval)
-            opts = replace(opts, min_sqnr_db=strictest[variant])
-            key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
-                   "evaluation": str(options.eval_dir) if options.eval_dir else None, "options": opts.to_dict()}
-            folder, _ = stages.run(f"quantize/{variant}", key,
-                                   lambda d, o=opts: quantize(conv_dir, calib, evaluation=options.eval_dir, options=o,
-                                                              progress=stages.progress).save(d, force=True))
-            built[variant] = folder / (INT8_FILE if (folder / INT8_FILE).is_file() else OVER_BUDGET_FILE)
-        models[t.name] = built[variant]
+        if t.model.precision.value in ("float32", "float16"):
+            card = conv.card if t.model.precision.value == "float32" else conv.card.with_(
+                model_file=FLOAT16_FILE, precision="float16")
+            models[t.name] = DeployedModel(Path(str(conv.folder)) / card.model_file, _variant(t), card)
+        else:
+            groups.setdefault(_calibration(t), []).append(t)
+    for variant, members in groups.items():
+        base = _quantize_stage(stages, conv, conv_key, calib, folder_digest, options, variant, members, native)
+        for t in members:
+            models[t.name] = _interface_stage(stages, conv, base, t)
     return models
 
 
-def _verify_stages(stages: _Stages, model: Path, models: dict[str, Path], eval_set: Any, targets: list[Any],
-                   options: DeployOptions, progress: Progress) -> dict[str, Any]:
-    from edgeship.runtime.classifier import find_card
-    from edgeship.verify.drift import DriftResult, reference_outputs, verify
+def _quantize_stage(stages: _Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str,
+                    options: DeployOptions, variant: str, members: list[Any],
+                    native: ChildWorker) -> tuple[DeployedModel, str]:
+    from edgeship.quantize import quantize
+    from edgeship.quantize.interface import EXACT
 
-    results: dict[str, DriftResult] = {}
-    reference: dict[str, np.ndarray] = {}
-    for t in targets:
-        cand = models[t.name]
-        key = {"stage": "verify", "candidate_sha256": sha256_file(cand), "target": t.to_dict(),
-               "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
-               "device": options.device.to_dict() if options.device else None}
-
-        def build(d: Path, t: Any = t, cand: Path = cand) -> None:
-            card = find_card(cand)
-            ref_key = json.dumps(card.reference_preprocessing.to_dict(), sort_keys=True)
-            if ref_key not in reference:
-                reference[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
-            verify(model, cand, eval_set, target=t, device=options.device, reference=reference[ref_key],
-                   progress=progress).save(d)
-
-        folder, _ = stages.run(f"verify/{t.name}", key, build)
-        results[t.name] = DriftResult.load(folder)
-    return results
+    opts = options.quantize.fitted(members[0])
+    io = "int8" if opts.io.value in EXACT else opts.io.value
+    opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
+    key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
+           "evaluation": str(options.eval_dir) if options.eval_dir else None, "options": opts.to_dict()}
+    folder, digest = stages.run(f"quantize/{variant}", key,
+                                lambda d: quantize(conv, calib, evaluation=options.eval_dir, options=opts,
+                                                   progress=stages.progress, worker=native).save(d, force=True))
+    result = QuantizeResult.load(folder, source=conv)
+    return DeployedModel(Path(str(result.model_path)), variant, result.card, result), digest
 
 
-def _labels(conv_dir: Path) -> list[str] | None:
-    from edgeship.convert.result import LABELS_FILE
-    from edgeship.runtime.images import Labels
+def _interface_stage(stages: _Stages, conv: ConvertResult, base: tuple[DeployedModel, str],
+                     target: Any) -> DeployedModel:
+    """The calibrated model as it is, or with its interface rewritten for the target's I/O dtype (own stage)."""
+    model, base_key = base
+    variant, io = _variant(target), target.model.io_dtype.value
+    if variant == model.variant or model.quantized is None:
+        return model
+    calibrated = model.quantized
+    folder, _ = stages.run(f"quantize/{variant}", {"stage": "interface", "quantize": base_key, "io": io},
+                           lambda d: calibrated.with_io(io).save(d, force=True))
+    result = QuantizeResult.load(folder, source=conv)
+    return DeployedModel(Path(str(result.model_path)), variant, result.card, result)
 
-    path = conv_dir / LABELS_FILE
-    return list(Labels.load(path).names) if path.is_file() else None
 
+def _verify_and_bundle(stages: _Stages, model: Path, models: dict[str, DeployedModel], eval_set: Any,
+                       targets: list[Any], options: DeployOptions,
+                       progress: Progress) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Every target's drift check and bundle, two at a time (no benchmark runs meanwhile).
 
-def _layer_plots(out: Path, models: dict[str, Path]) -> dict[str, Path]:
-    from edgeship.quantize.pipeline import LAYER_PLOT
-
-    plots = {m.parent.name: m.parent / LAYER_PLOT for m in models.values() if m.parent.parent == out / "quantize"}
-    return {variant: p for variant, p in plots.items() if p.is_file()}
-
-
-def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str, Path], options: DeployOptions,
-                 progress: Progress, eval_set: Any = None) -> dict[str, Any]:
-    """ONNX through onnxruntime (the baseline), the float32 TFLite, then every deployed model.
-
-    The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images.
+    The float reference is computed once per reference preprocessing, the edgeship wheel once.
     """
-    from edgeship.convert.result import FLOAT32_FILE
-    from edgeship.runtime.bench import BenchOptions, benchmark
+    keys = {t.name: _verify_key(models[t.name], t, eval_set, options) for t in targets}
+    needed = [models[t.name].card for t in targets if stages.will_build(f"verify/{t.name}", keys[t.name])]
+    start = time.perf_counter()
+    reference = _references(model, needed, eval_set, progress)
+    if reference:
+        stages.step("verify: float reference (onnxruntime)", time.perf_counter() - start)
+    slow_first = sorted(targets, key=lambda t: not t.runtime.client.reads_metadata)  # the app-client check is longest
+    wheel_s: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir, ThreadPoolExecutor(2) as pool:
+        wheel = _wheel_future(pool, Path(wheel_dir), stages, models, targets, wheel_s)
+        checks = {t.name: pool.submit(_verify_stage, stages, model, models[t.name], keys[t.name], eval_set, t,
+                                      options, reference, progress) for t in slow_first}
+        built = {t.name: pool.submit(_bundle_stage, stages, models[t.name], t, wheel) for t in targets}
+        drifts = {t.name: checks[t.name].result() for t in targets}
+        bundles = {t.name: built[t.name].result() for t in targets}
+    if wheel_s:
+        stages.step("bundles: edgeship wheel", wheel_s[0])
+    stages.order([r.name for r in stages.records if not r.name.startswith(("verify/", "bundles/"))]
+                 + [f"verify/{t.name}" for t in targets] + [f"bundles/{t.name}" for t in targets]
+                 + ["bundles: edgeship wheel"])
+    return drifts, bundles
 
-    unique = [model, conv_dir / FLOAT32_FILE]
-    for m in models.values():
-        if m not in unique:
-            unique.append(m)
-    images = tuple(str(f) for f in eval_set.files[:20]) if eval_set is not None else ()
-    key = {"stage": "bench", "models": {str(m): sha256_file(m) for m in unique},
-           "threads": list(options.bench_threads), "runs": options.bench_runs, "e2e_images": list(images)}
+
+def _verify_key(cand: DeployedModel, target: Any, eval_set: Any, options: DeployOptions) -> dict[str, Any]:
+    return {"stage": "verify", "candidate_sha256": sha256_file(cand.path), "target": target.to_dict(),
+            "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
+            "device": options.device.to_dict() if options.device else None}
+
+
+def _references(model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress) -> dict[str, np.ndarray]:
+    """onnxruntime's outputs of the source model on the evaluation images, per reference preprocessing."""
+    from edgeship.verify.drift import reference_outputs
+
+    found: dict[str, np.ndarray] = {}
+    for card in cards:
+        ref_key = _reference_key(card)
+        if ref_key not in found:
+            found[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
+    return found
+
+
+def _reference_key(card: ModelCard) -> str:
+    return json.dumps(card.reference_preprocessing.to_dict(), sort_keys=True)
+
+
+def _verify_stage(stages: _Stages, model: Path, cand: DeployedModel, key: dict[str, Any], eval_set: Any, target: Any,
+                  options: DeployOptions, reference: dict[str, np.ndarray], progress: Progress) -> Any:
+    from edgeship.verify.drift import DriftResult, verify
 
     def build(d: Path) -> None:
-        doc = benchmark(unique, BenchOptions(threads=options.bench_threads, runs=options.bench_runs, images=images),
-                        progress=progress)
+        verify(model, cand.quantized or cand.path, eval_set, target=target, device=options.device,
+               reference=reference[_reference_key(cand.card)], progress=progress).save(d)
+
+    folder, _ = stages.run(f"verify/{target.name}", key, build)
+    return DriftResult.load(folder)
+
+
+def _layer_plots(models: dict[str, DeployedModel]) -> dict[str, Path]:
+    """The per-layer error plot of each quantization (not of its interface rewrites, which share it)."""
+    plots = {}
+    for m in models.values():
+        q = m.quantized
+        if q is not None and q.layer_plot and q.folder is not None and "interface" not in q.report:
+            plots[m.variant] = q.folder / LAYER_PLOT
+    return plots
+
+
+def _bench_stage(stages: _Stages, model: Path, conv: ConvertResult, models: dict[str, DeployedModel],
+                 options: DeployOptions, progress: Progress, eval_set: Any = None) -> dict[str, Any]:
+    """ONNX through onnxruntime (the baseline), the float32 TFLite, then every deployed model.
+
+    The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images, each once.
+    """
+    from edgeship.runtime.bench import BenchOptions, benchmark
+
+    unique = [model, Path(str(conv.model_path))]
+    for m in models.values():
+        if m.path not in unique:
+            unique.append(m.path)
+    images = tuple(str(f) for f in eval_set.files[:20]) if eval_set is not None else ()
+    key = {"stage": "bench", "models": {str(m): sha256_file(m) for m in unique},
+           "threads": list(options.bench_threads), "runs": options.bench_runs, "e2e_images": list(images),
+           "e2e_runs": "each image once"}
+
+    def build(d: Path) -> None:
+        # End to end, each held-apart image once per configuration: decoding dominates and varies little.
+        doc = benchmark(unique, BenchOptions(threads=options.bench_threads, runs=options.bench_runs, images=images,
+                                             e2e_runs=min(options.bench_runs, len(images)) or None), progress=progress)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "bench.json", doc)
 
@@ -456,16 +571,34 @@ def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str,
     return json.loads((folder / "bench.json").read_text())
 
 
-def _bundle_stages(stages: _Stages, models: dict[str, Path], targets: list[Any],
-                   options: DeployOptions) -> dict[str, Path]:
+def _bundle_key(m: DeployedModel, target: Any) -> dict[str, Any]:
+    return {"stage": "bundle", "model": sha256_file(m.path), "card": m.card.to_dict(), "target": target.to_dict()}
+
+
+def _wheel_future(pool: ThreadPoolExecutor, folder: Path, stages: _Stages, models: dict[str, DeployedModel],
+                  targets: list[Any], seconds: list[float]) -> Future[Path | None]:
+    """The edgeship wheel, built once into ``folder`` when a bundle to be built ships it (None: none does);
+    the build's time is appended to ``seconds``."""
+    from edgeship.targets.profile import Access
+    from edgeship.targets.ssh import build_edgeship_wheel
+
+    needs = any(t.access != Access.ADB and stages.will_build(f"bundles/{t.name}", _bundle_key(models[t.name], t))
+                for t in targets)
+
+    def build() -> Path | None:
+        if not needs:
+            return None
+        start = time.perf_counter()
+        build_edgeship_wheel(folder)
+        seconds.append(time.perf_counter() - start)
+        return folder
+
+    return pool.submit(build)
+
+
+def _bundle_stage(stages: _Stages, m: DeployedModel, target: Any, wheel: Future[Path | None]) -> Path:
     from edgeship.targets.bundle import bundle
 
-    out: dict[str, Path] = {}
-    for t in targets:
-        m = models[t.name]
-        card = m.with_name(m.stem + ".card.json")
-        key = {"stage": "bundle", "model": sha256_file(m), "card": sha256_file(card) if card.is_file() else None,
-               "target": t.to_dict()}
-        folder, _ = stages.run(f"bundles/{t.name}", key, lambda d, t=t, m=m: bundle(m, t, d, force=True))
-        out[t.name] = folder
-    return out
+    folder, _ = stages.run(f"bundles/{target.name}", _bundle_key(m, target),
+                           lambda d: bundle(m.path, target, d, force=True, wheel_dir=wheel.result()))
+    return folder

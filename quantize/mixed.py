@@ -356,30 +356,3 @@ def budgeted(calibrated: bytes, measure: Callable[[Sequence[str]], float], budge
     ops = read_ops(calibrated)
     return search(candidates(ops, parts), measure, budget_db + MARGIN_DB + gap, base, fast_enough,
                   ceiling_nodes=float_except_matrix(ops))
-
-
-def latencies(models: dict[str, Any], work: Any, runs: int = 60, stat: str = "p50_ms") -> dict[str, float]:
-    """Invoke latency (ms; ``stat``: the median, or ``min_ms``) of each model at 1 thread on XNNPACK,
-    interleaved in one run.
-
-    ``models`` maps a label to a model path or the model's bytes (written to ``work`` for the run).
-    Decisions use ``min_ms``: other jobs on the machine only add time, and on a loaded 2-core
-    machine one 60-invoke median of the same model varied by up to 30 %.
-    """
-    from pathlib import Path
-
-    from edgeship._io import atomic_write_bytes
-    from edgeship.runtime.bench import BenchOptions, benchmark
-
-    paths, temps = {}, []
-    for label, model in models.items():
-        if isinstance(model, (bytes, bytearray)):
-            model = atomic_write_bytes(Path(work) / f".latency_{label}.tflite", bytes(model))
-            temps.append(Path(model))
-        paths[label] = Path(model)
-    try:
-        doc = benchmark(list(paths.values()), BenchOptions(threads=(1,), runs=runs, warmup=5, overhead_runs=1))
-    finally:
-        for t in temps:
-            t.unlink(missing_ok=True)
-    return {label: round(r[stat], 3) for label, r in zip(paths, doc["results"])}

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
-import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import Any
+from typing import Any, Iterable
 
 from edgeship.errors import InputError
 from edgeship.quantize.data import Split
-from edgeship.runtime.card import known_keys
-from edgeship.targets.profile import IODtype, Target  # one I/O dtype vocabulary for targets and the quantizer
+from edgeship.runtime.card import IODtype, known_keys
+from edgeship.runtime.delegation import host_arch
+
+#: A target profile (:class:`edgeship.targets.Target`); quantize reads its fields and never imports targets.
+Target = Any
 
 
 class CalibrationMethod(str, Enum):
@@ -25,16 +27,6 @@ class CalibrationMethod(str, Enum):
     #: margin: the one whose ranges, fitted on half of the calibration images, give the best int8
     #: model on the other half (both ways); see ``edgeship.quantize.ranges.CROSS_FIT_CANDIDATES``.
     AUTO = "auto"
-
-
-#: ``platform.machine()`` spellings of the targets' architectures (macOS, Windows).
-_MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
-
-
-def host_arch() -> str:
-    """This machine's architecture as target profiles name it (``x86_64``, ``aarch64``, ``armv7l``)."""
-    machine = platform.machine().lower()
-    return _MACHINE_ALIASES.get(machine, machine)
 
 
 @dataclass(frozen=True)
@@ -156,14 +148,21 @@ class QuantizeOptions:
 
     @classmethod
     def for_target(cls, target: Target, **given: Any) -> QuantizeOptions:
-        """The options a target needs (I/O dtype, per-tensor, mixed models, SQNR budget) under
-        what was given explicitly (None: not given). The one place these rules live."""
-        needs = target.model
+        """The options a target needs (see :meth:`fitted`) under what was given explicitly (None: not given)."""
         chosen = {k: v for k, v in given.items() if v is not None}
-        chosen.setdefault("io", needs.io_dtype.value)
-        chosen["per_tensor"] = bool(chosen.get("per_tensor")) or needs.per_tensor
-        chosen["float_islands"] = chosen.get("float_islands", True) and needs.float_islands
-        chosen.setdefault("min_sqnr_db", target.budget.min_sqnr_db)
-        chosen.setdefault("min_speedup", target.budget.min_speedup)
-        chosen.setdefault("timed_placement", target.execution.use_xnnpack and target.arch.value == host_arch())
-        return cls(**chosen)
+        return cls(**chosen).fitted(target, keep=chosen)
+
+    def fitted(self, target: Target, keep: Iterable[str] = ()) -> QuantizeOptions:
+        """These options made fit for ``target``: the one place these rules live.
+
+        Per-tensor weights when it needs them, mixed models only where it allows them; its I/O
+        dtype, SQNR budget and speed floor, and timed placement only for XNNPACK targets of this
+        machine's architecture, except for the fields named in ``keep``.
+        """
+        needs = target.model
+        fit: dict[str, Any] = {"io": needs.io_dtype, "min_sqnr_db": target.budget.min_sqnr_db,
+                               "min_speedup": target.budget.min_speedup,
+                               "timed_placement": target.execution.use_xnnpack and target.arch.value == host_arch()}
+        fit = {k: v for k, v in fit.items() if k not in set(keep)}
+        return replace(self, per_tensor=self.per_tensor or needs.per_tensor,
+                       float_islands=self.float_islands and needs.float_islands, **fit)

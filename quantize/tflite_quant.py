@@ -97,6 +97,11 @@ def _log_tail() -> str:
     return f" (TensorFlow: {tail})" if tail else ""
 
 
+def start() -> None:
+    """Import TensorFlow (in the child, ahead of its first call: its start-up overlaps other work)."""
+    _tf()
+
+
 def calibrate(model: bytes, inputs: np.ndarray, progress: Callable[[int], None] | None = None) -> bytes:
     """The float TFLite ``model`` with calibrated min/max on every activation tensor.
 

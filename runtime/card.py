@@ -28,6 +28,14 @@ CARD_SCHEMA = 1
 MAX_SIDE = 8192
 
 
+class IODtype(str, Enum):
+    """Input/output tensor dtype of a model (what a target needs, what quantize writes)."""
+
+    INT8 = "int8"
+    UINT8 = "uint8"
+    FLOAT32 = "float32"
+
+
 class Interpolation(str, Enum):
     BILINEAR = "bilinear"
     BICUBIC = "bicubic"

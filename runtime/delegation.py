@@ -10,9 +10,20 @@ op runs outside.
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+
+#: ``platform.machine()`` spellings of the targets' architectures (macOS, Windows).
+_MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
+
+
+def host_arch() -> str:
+    """This machine's architecture as target profiles name it (``x86_64``, ``aarch64``, ``armv7l``)."""
+    machine = platform.machine().lower()
+    return _MACHINE_ALIASES.get(machine, machine)
 
 
 def op_counts(counts: Mapping[str, int]) -> str:

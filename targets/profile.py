@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeship._paths import name_problem
 from edgeship.errors import TargetError
+from edgeship.runtime.card import IODtype as IODtype  # one I/O dtype vocabulary for targets and the quantizer
 
 if TYPE_CHECKING:
     from edgeship.runtime.metrics import DriftFigures
@@ -37,14 +38,6 @@ class Arch(str, Enum):
 class Precision(str, Enum):
     INT8 = "int8"
     FLOAT16 = "float16"
-    FLOAT32 = "float32"
-
-
-class IODtype(str, Enum):
-    """Input/output tensor dtype of a model (what a target needs, what quantize writes)."""
-
-    INT8 = "int8"
-    UINT8 = "uint8"
     FLOAT32 = "float32"
 
 

@@ -190,7 +190,7 @@ def test_options_round_trip_and_target_rules() -> None:
     given = QuantizeOptions.for_target(load_target("x86-host"), io="float32", min_sqnr_db=25.0, float_islands=False)
     assert given.io.value == "float32" and given.min_sqnr_db == 25.0 and not given.float_islands
     # Timed placement measures here: only for XNNPACK targets of this machine's architecture.
-    from edgeship.quantize.options import host_arch
+    from edgeship.runtime.delegation import host_arch
 
     for name in ("x86-host", "rpi5-aarch64", "android-gpu"):
         target = load_target(name)
@@ -216,7 +216,7 @@ def test_devices_are_built_in_one_place() -> None:
 
 
 def _fake_latencies(ms: dict[str, float]):  # type: ignore[no-untyped-def]
-    def latencies(models, work, runs=60, stat="p50_ms"):  # type: ignore[no-untyped-def]  # mixed.latencies' signature
+    def latencies(models, work, runs=60, stat="p50_ms"):  # type: ignore[no-untyped-def]  # speed.latencies' signature
         return {label: ms[label] for label in models}
     return latencies
 
@@ -229,12 +229,12 @@ def _fake_latencies(ms: dict[str, float]):  # type: ignore[no-untyped-def]
 ])
 def test_speed_check_says_when_int8_is_not_faster(ms: dict[str, float], offered: str | None, words: str | None,
                                                   monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from edgeship.quantize import mixed, pipeline
+    from edgeship.quantize import speed as speed_module
     from edgeship.runtime.metrics import DriftFigures
 
-    monkeypatch.setattr(mixed, "latencies", _fake_latencies(ms))
+    monkeypatch.setattr(speed_module, "latencies", _fake_latencies(ms))
     written = b"mixed" if offered == "all_int8" else b"int8"
-    speed = pipeline._speed_check(b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
+    speed = speed_module.speed_check(b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
                                   1.3, lambda *a: None)
     assert speed["measured"] and speed["speedup_vs_float32"] == round(ms["float32"] / ms["int8"], 3)
     assert (speed["offered"] or {}).get("kind") == offered
@@ -244,11 +244,11 @@ def test_speed_check_says_when_int8_is_not_faster(ms: dict[str, float], offered:
 @pytest.mark.parametrize("floor", [0.0, 0.5])
 def test_a_low_speed_floor_never_hides_a_model_slower_than_float(floor: float, monkeypatch: pytest.MonkeyPatch,
                                                                   tmp_path: Path) -> None:
-    from edgeship.quantize import mixed, pipeline
+    from edgeship.quantize import speed as speed_module
     from edgeship.runtime.metrics import DriftFigures
 
-    monkeypatch.setattr(mixed, "latencies", _fake_latencies({"float32": 1.0, "int8": 1.5}))
-    speed = pipeline._speed_check(b"float", b"int8", (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
+    monkeypatch.setattr(speed_module, "latencies", _fake_latencies({"float32": 1.0, "int8": 1.5}))
+    speed = speed_module.speed_check(b"float", b"int8", (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
                                   floor, lambda *a: None)
     assert "SLOWER than float32" in speed["verdict"] and speed["min_speedup"] == 1.0
 

@@ -38,6 +38,11 @@ def test_deploy_outputs(deployed: tuple[Path, Path, float]) -> None:
     # One int8 model shared by the two int8-I/O targets; the Android app's client (MediaPipe) gets uint8 I/O.
     assert [s["name"] for s in summary["stages"] if s["name"].startswith("quantize/")] == \
         ["quantize/int8-io-int8-per-channel", "quantize/int8-io-uint8-per-channel"]
+    # ... which is the calibrated int8 model with its interface rewritten, not a second calibration.
+    uint8 = json.loads((out / "quantize" / "int8-io-uint8-per-channel" / "quant_report.json").read_text())
+    int8 = json.loads((out / "quantize" / "int8-io-int8-per-channel" / "quant_report.json").read_text())
+    assert uint8["interface"] == {"rewritten_from": "int8", "to": "uint8", "exact": True}
+    assert uint8["ranges"] == int8["ranges"] and uint8["ops"]["QUANTIZE"] == int8["ops"].get("QUANTIZE", 0) + 2
     client = summary["targets"]["android-arm64-cpu"]["client_check"]
     assert client["ok"] and client["runtime_agreement"] == 1.0
     assert summary["targets"]["x86-host"]["client_check"] is None

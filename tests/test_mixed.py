@@ -184,7 +184,7 @@ def test_a_ceiling_that_cannot_be_made_leaves_the_search_result_alone() -> None:
     (None, 30.0, ""),
 ])
 def test_over_budget_note_names_the_limit_that_decides(limit: float | None, ceiling: float, says: str) -> None:
-    from edgeship.quantize.pipeline import _shortfall_note
+    from edgeship.quantize.result import _shortfall_note
 
     mixed_report = {"int8_matrix_ceiling_db": ceiling, "target_sqnr_db": 20.9,
                     **({"int8_output_limit_db": limit} if limit is not None else {})}
@@ -325,7 +325,8 @@ def test_merge_histograms_adds_counts_and_extremes() -> None:
 @pytest.mark.parametrize("ms, kept", [({"int8": 10.0, "placed": 8.0}, True), ({"int8": 10.0, "placed": 9.8}, False)])
 def test_timed_placement_keeps_large_depthwise_float_only_when_measured_faster(
         ms: dict[str, float], kept: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from edgeship.quantize import pipeline
+    from edgeship.quantize import speed, worker
+    from edgeship.quantize.options import QuantizeOptions
 
     made: list[tuple[str, ...]] = []
 
@@ -333,12 +334,12 @@ def test_timed_placement_keeps_large_depthwise_float_only_when_measured_faster(
         made.append(tuple(nodes))
         return b"q:" + ",".join(nodes).encode(), {"delegation": {}}
 
-    monkeypatch.setattr(pipeline, "_quantize_checked", fake_quantize)
+    monkeypatch.setattr(worker, "_quantize_checked", fake_quantize)
     monkeypatch.setattr(mixed, "slow_int8_candidates", lambda model: ["dw1", "dw2"])
-    monkeypatch.setattr(mixed, "latencies", lambda models, work, runs, stat="p50_ms": dict(ms))
-    quantized = pipeline.Quantizer(None, pipeline.QuantizeOptions())
+    monkeypatch.setattr(speed, "latencies", lambda models, work, runs, stat="p50_ms": dict(ms))
+    quantized = worker.Quantizer(None, QuantizeOptions())
     base = quantized(b"calibrated")
-    (model, _), report = pipeline._timed_placement(quantized, b"calibrated", base, tmp_path, lambda *a: None)
+    (model, _), report = speed.timed_placement(quantized, b"calibrated", base, tmp_path, lambda *a: None)
     assert report["kept_float"] is kept and report["candidates"] == 2
     assert model == (b"q:dw1,dw2" if kept else b"q:")
     quantized(b"calibrated", ["se"])  # every later model keeps the placed nodes float too

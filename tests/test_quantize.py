@@ -136,3 +136,53 @@ def test_range_methods_registry_and_math() -> None:
     counts, edges = np.histogram(lap, bins=2048)
     lo, hi = mse(Histogram(float(edges[0]), float(edges[-1]), counts), 0)
     assert 7 < hi < 0.95 * edges[-1] and 0.95 * edges[0] < lo < -7
+
+
+def test_uint8_interface_is_the_int8_model_rewritten_exactly(tiny_int8: Path, calib_images: Path,
+                                                             tmp_path: Path) -> None:
+    """A saved result loads back; ``with_io("uint8")`` adds QUANTIZE ops at both ends and answers bit for bit alike."""
+    from edgeship.errors import InputError
+    from edgeship.quantize import QuantizeResult
+
+    q = QuantizeResult.load(tiny_int8)
+    assert q.within_budget and q.model == (tiny_int8 / "model_int8.tflite").read_bytes()
+    assert q.figures.top1_agreement == json.loads((tiny_int8 / "quant_report.json").read_text())["figures"][
+        "top1_agreement"]
+    u = q.with_io("uint8").save(tmp_path / "u8")
+    model = TFLiteModel(u.model)
+    assert model.input.dtype == np.uint8 and model.output.dtype == np.uint8
+    assert model.input.zero_point == TFLiteModel(q.model).input.zero_point + 128
+    assert u.report["interface"]["rewritten_from"] == "int8" and u.report["ops"]["QUANTIZE"] == 2
+    for path in sorted(calib_images.glob("img_2*")):
+        a = Classifier.load(tiny_int8 / "model_int8.tflite").logits(path)
+        b = Classifier.load(tmp_path / "u8" / "model_int8.tflite").logits(path)
+        assert np.array_equal(a, b)
+    with pytest.raises(InputError, match="not float32"):
+        q.with_io("float32")
+    with pytest.raises(InputError, match="no saved quantize result"):
+        QuantizeResult.load(tmp_path)
+
+
+def test_max_drop_counts_top1_against_labels_when_known() -> None:
+    """--max-drop: accuracy points lost against labels when known, agreement with float otherwise."""
+    from edgeship.quantize import layers, search
+    from edgeship.quantize.options import QuantizeOptions
+    from edgeship.runtime.metrics import DriftFigures
+
+    labelled = DriftFigures(100, 0.95, 0.99, 0.9, 1.0, 20.0, ref_top1=0.80, cand_top1=0.79)
+    unlabelled = DriftFigures(100, 0.95, 0.99, 0.9, 1.0, 20.0)
+    assert search.accuracy_drop(labelled) == 1.0 and search.accuracy_drop(unlabelled) == 5.0
+
+    class Judged:  # every float layer kept lifts agreement by one point
+        def figures(self, model: bytes, progress: object, label: str = "") -> DriftFigures:
+            return DriftFigures(100, 0.95 + 0.01 * model.count(b"+"), 0.99, 0.9, 1.0, 20.0)
+
+    errs = [layers.LayerError(f"l{i}", "CONV_2D", 0.1, 0.1, 1.0, 10.0 - i, 30.0) for i in range(4)]
+    options = QuantizeOptions(max_drop=2.0)
+    quantized = lambda calibrated, denied: (b"+" * len(denied), {})  # noqa: E731
+    _, figs, kept, within = search.accuracy_aware(quantized, b"", (b"", labelled), errs, Judged(), options,
+                                                  lambda *a: None)
+    assert within and kept == [] and figs is labelled  # 1 point lost against labels: inside 2 points
+    _, figs, kept, within = search.accuracy_aware(quantized, b"", (b"", unlabelled), errs, Judged(), options,
+                                                  lambda *a: None)
+    assert within and len(kept) == 3 and figs.top1_agreement == pytest.approx(0.98)

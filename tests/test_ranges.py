@@ -90,3 +90,41 @@ def test_auto_is_the_default_and_measures_more_than_percentile_and_min_max() -> 
     labels = [c.label for c in CROSS_FIT_CANDIDATES]
     assert len(set(labels)) == len(labels) == 4
     assert "percentile 99.999" not in labels  # cross-fitting over-rates it (MobileNetV3-Small, issue 12)
+
+
+def test_fold_histograms_made_in_two_processes_merge_into_the_one_pass_histograms(tiny_bundle: object,
+                                                                                   calib_images: object) -> None:
+    """quantize histograms one fold here and the other in its child: together, exactly one pass's counts."""
+    from edgeship._child import ChildWorker
+    from edgeship.convert import ConvertResult
+    from edgeship.quantize import range_choice, ranges, tflite_quant
+    from edgeship.runtime.images import list_images, load_pixels, normalize
+
+    conv = ConvertResult.load(tiny_bundle)  # type: ignore[arg-type]
+    prep = conv.card.preprocessing
+    pixels = load_pixels(list_images(calib_images).files[:12], prep)  # type: ignore[arg-type]
+    calibrated = tflite_quant.calibrate(conv.model, normalize(pixels, prep))
+    recorded = tflite_quant.read_ranges(calibrated)
+    one_pass = ranges.collect_histograms(calibrated, recorded, (normalize(pixels[i:i + 1], prep)
+                                                                for i in range(len(pixels))))
+    with ChildWorker() as native:
+        folds = range_choice.histograms(calibrated, recorded, pixels, prep, range_choice.fold_bounds(12), native,
+                                        lambda *a: None)
+    merged = ranges.merge_histograms(folds)
+    assert len(folds) == 2 and set(merged) == set(one_pass) and one_pass
+    for i, h in one_pass.items():
+        assert np.array_equal(merged[i].counts, h.counts) and int(h.counts.sum()) > 0
+        assert (merged[i].seen_min, merged[i].seen_max) == (h.seen_min, h.seen_max)
+    assert not np.array_equal(folds[0][next(iter(folds[0]))].counts, folds[1][next(iter(folds[1]))].counts)
+
+
+def test_bin_index_matches_truncate_then_clip() -> None:
+    """The in-place float bins equal truncating to integers first and clipping after (the earlier rule)."""
+    from edgeship.quantize.ranges import BINS, _bin_index
+
+    values = np.random.default_rng(3).normal(0, 3, 100_000).astype(np.float32)
+    values[:4] = [-1e9, 1e9, 0.0, np.nan]
+    for lo, hi in ((-2.0, 2.0), (0.0, 6.0), (-0.001, 0.0005)):
+        old = np.clip(((values[4:] - lo) * (BINS / (hi - lo))).astype(np.int64), 0, BINS - 1)
+        assert np.array_equal(_bin_index(values[4:], lo, hi), old)
+        assert list(_bin_index(values[:4], lo, hi)[[0, 1, 3]]) == [0, BINS - 1, 0]

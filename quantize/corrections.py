@@ -1,0 +1,49 @@
+"""Corrections before and after quantizing: cross-layer equalization and empirical bias correction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeship._progress import Progress
+from edgeship import tflite_graph
+from edgeship.convert.result import FLOAT32_FILE, ConvertResult
+from edgeship.errors import InputError
+from edgeship.runtime.images import normalize
+from edgeship.runtime.interpreter import TFLiteModel
+
+
+def equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, dict[str, Any]]:
+    """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
+    from edgeship.convert.converter import run_onnx2tf
+    from edgeship.quantize.equalize import equalize
+
+    from edgeship._deps import require
+
+    onnx = require("onnx", purpose="equalize the model")
+    if not source.simplified_onnx:
+        raise InputError("the conversion has no simplified ONNX model; re-run `edgeship convert` to use --equalize")
+    model, info = equalize(onnx.load_from_string(source.simplified_onnx))
+    onnx.save(model, str(work / "equalized.onnx"))
+    child = run_onnx2tf(work / "equalized.onnx", work)
+    model, _ = tflite_graph.clean((work / "tf" / FLOAT32_FILE).read_bytes())
+    return model, {**info, "onnx2tf_s": child.wall_s}
+
+
+BIAS_CORRECTION_IMAGES = 64
+
+
+def bias_correct(quant: bytes, calibrated: bytes, pixels: np.ndarray, prep: Any,
+                  progress: Progress) -> tuple[bytes, dict[str, Any]]:
+    """Sequential empirical bias correction on (at most 64 of) the calibration images."""
+    from edgeship.quantize.bias_correction import correct_biases
+
+    return correct_biases(quant, calibrated, *paired_inputs(quant, pixels[:BIAS_CORRECTION_IMAGES], prep),
+                          progress=lambda k, n: progress("bias correction", k, n))
+
+
+def paired_inputs(quant: bytes, pixels: np.ndarray, prep: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The same images as the float model's input and as the int8 model's typed input (the deployment path)."""
+    return normalize(pixels, prep), TFLiteModel(quant, use_xnnpack=False).input_from_pixels(pixels, prep)
