@@ -131,11 +131,11 @@ class _Runner:
 
     def _classifier(self) -> Any:
         if self.classifier is None:
-            from edgeship.runtime.classifier import Classifier, _card_from_model, find_card
+            from edgeship.runtime.classifier import Classifier, card_from_model, find_card
 
             card = find_card(Path(self.model))
             self.card_note = "" if card else "no model card beside the model: ImageNet preprocessing assumed"
-            self.classifier = Classifier(self.tfl, card or _card_from_model(self.tfl, Path(self.model).name), None)
+            self.classifier = Classifier(self.tfl, card or card_from_model(self.tfl, Path(self.model).name), None)
         return self.classifier
 
 
@@ -466,7 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EdgeshipError, ValueError) as exc:
         print(f"edgeship.runtime.bench: error: {exc}", file=sys.stderr)
         return 1
-    from edgeship._io import atomic_write_json
+    from edgeship._files import atomic_write_json
 
     atomic_write_json(args.out, doc)
     print("\n".join(table(doc)))

@@ -91,7 +91,7 @@ class Classifier:
                              "or Classifier.load(..., preprocessing=Preprocessing(...)))")
         model = TFLiteModel(model_path, num_threads=num_threads, use_xnnpack=use_xnnpack, backend=backend)
         if card is None:
-            card = _card_from_model(model, path.name)
+            card = card_from_model(model, path.name)
         if preprocessing is not None:
             card = card.with_(preprocessing=preprocessing)
         labels = None
@@ -230,7 +230,7 @@ def find_card(model_path: Path) -> ModelCard | None:
     return None
 
 
-def _card_from_model(model: TFLiteModel, file_name: str) -> ModelCard:
+def card_from_model(model: TFLiteModel, file_name: str) -> ModelCard:
     shape = model.input.shape
     return ModelCard(
         model_file=file_name,

@@ -38,7 +38,7 @@ def collect(model: str | os.PathLike[str], image_dir: str | os.PathLike[str], ou
     files = np.array([str(f.relative_to(images.root)) for f in images.files])
     buf = io.BytesIO()
     np.savez(buf, logits=logits.astype(np.float32), files=files, runtime=np.array(json.dumps(describe)))
-    from edgeship._io import atomic_write_bytes
+    from edgeship._files import atomic_write_bytes
 
     atomic_write_bytes(out, buf.getvalue())
     return {"count": int(len(files)), **describe}

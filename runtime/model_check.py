@@ -68,7 +68,7 @@ for line in sys.stdin:
 
 
 def _check_cache_dir() -> Path:
-    from edgeship._io import cache_dir
+    from edgeship._files import cache_dir
 
     return cache_dir("model-checks")
 

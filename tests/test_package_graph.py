@@ -29,14 +29,14 @@ STAGES = ("convert", "quantize", "verify", "targets")
 #: Layers, bottom first; a module imports only its own layer or lower ones.
 LAYERS: dict[str, tuple[str, ...]] = {
     # On-device: numpy and a TFLite interpreter only (the root package imports only errors and the version).
-    "runtime": ("edgeship", "edgeship.errors", "edgeship._version", "edgeship._paths", "edgeship.runtime"),
+    "runtime": ("edgeship", "edgeship.errors", "edgeship._version", "edgeship._paths", "edgeship._files",
+                "edgeship._deps", "edgeship.runtime"),
     # Host-side pieces the stages share: files, progress, optional dependencies, the child worker, TFLite graph
     # editing, the reference runners, the wheel builder, downloads.
     "shared": (
         "edgeship._io",
         "edgeship._lock",
         "edgeship._progress",
-        "edgeship._deps",
         "edgeship._child",
         "edgeship._worker",
         "edgeship._run",
@@ -63,16 +63,6 @@ ALLOWED: dict[tuple[str, str], str] = {}
 #: mark and empties this table, and any edge left becomes a failure.
 PENDING: dict[tuple[str, str, str | None], str] = {
     (
-        "edgeship.quantize.options",
-        "edgeship.targets.profile",
-        None,
-    ): "host_arch() and Target move out of quantize/options.py (helper quant)",
-    (
-        "edgeship.quantize.mixed",
-        "edgeship.runtime.bench",
-        None,
-    ): "the budget search stops running benchmarks from inside mixed.py (helper quant)",
-    (
         "edgeship.targets.bundle",
         "edgeship.targets.ssh",
         "build_edgeship_wheel",
@@ -80,16 +70,6 @@ PENDING: dict[tuple[str, str, str | None], str] = {
     ("edgeship.targets.remote", "edgeship.targets.ssh", "_new_job"): "remote.py stops using ssh's private job "
     "helpers (helper pi)",
     ("edgeship.targets.remote", "edgeship.targets.ssh", "_remove_job"): "as _new_job (helper pi)",
-    ("edgeship.runtime.bench", "edgeship._io", None): "the runtime's atomic writes, once _io is split",
-    ("edgeship.runtime.collect", "edgeship._io", None): "the runtime's atomic writes, once _io is split",
-    ("edgeship.runtime.model_check", "edgeship._io", None): "the crash checker's cache folder, once _io is split",
-    ("edgeship.runtime.bench", "edgeship._deps", None): "require() of onnxruntime for benchmarking .onnx files "
-    "(host only): a runtime-level require() helper, or the check moves to the CLI",
-    (
-        "edgeship.runtime.bench",
-        "edgeship.runtime.classifier",
-        "_card_from_model",
-    ): "a private name used outside its module: make it public (unassigned)",
 }
 
 
