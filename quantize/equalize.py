@@ -5,8 +5,7 @@ of A by ``1/s_i`` and the matching input channel of B by ``s_i`` leaves the netw
 function unchanged (ReLU is positively homogeneous) and, with
 ``s_i = sqrt(r_A,i / r_B,i)``, gives both channels the same weight range ``sqrt(r_A r_B)``,
 which is what per-tensor weight quantization needs. ReLU6 is not scale-equivariant; the
-paper replaces it by ReLU, which on this MobileNetV2 changes 15 % of the float model's
-answers (measured). edgeship keeps the function exact instead: ``ReLU6(x) / s`` is
+paper replaces it by ReLU, which changes the float model's answers. edgeship keeps the function exact instead: ``ReLU6(x) / s`` is
 ``min(ReLU(x / s), 6 / s)``, a ReLU plus a per-channel ``Min``. Works on the ONNX graph
 before conversion.
 """

@@ -166,7 +166,7 @@ def normalization_groups(ops: Sequence[OpInfo]) -> list[Candidate]:
     dequantize and one quantize; TFLite's int8 graph quantizes each of its ~10 pieces
     (the variance and its reciprocal square root included) and, in a transformer, the
     residual stream the pieces hang off. Keeping these runs float inside the XNNPACK
-    partition is what the measured ViT-tiny gain comes from (6.5 -> 12.4 dB, issue 12).
+    partition keeps a transformer's normalisations at float precision, as onnxruntime's QDQ does.
     Runs without a marker (SE gates, activations) are not normalisations and are left out.
     """
     cheap = [i for i, o in enumerate(ops) if o.op in ELEMENTWISE]
@@ -181,7 +181,7 @@ def normalization_nodes(calibrated: bytes) -> list[str]:
 
 
 #: Depthwise convolutions with more kernel taps than this are candidates for timed placement:
-#: XNNPACK's int8 7x7 depthwise kernel ran 1.5x slower than its float one on this x86 CPU (issue 13).
+#: XNNPACK's int8 kernel for larger windows can be slower than its float one (timed per machine).
 SLOW_DEPTHWISE_TAPS = 9
 
 
@@ -243,10 +243,9 @@ def float_except_matrix(ops: Sequence[OpInfo]) -> list[str]:
     """Output names of every op but the matrix ops with more than :data:`VECTOR_ELEMENTS` outputs.
 
     The most a mixed model can keep float while its convolutions and matrix multiplies (its
-    time) stay int8: their int8 inputs, outputs and weights remain. On the issue-12 models
-    this caps the SQNR near the all-int8 figure (EfficientNet-B0 11.1 dB, MobileNetV3-Large
-    11.8 dB against 9.0 and 10.9 all-int8, held-apart; ``benchmarks/int8_ceiling.py``), so a
-    budget above it needs convolutions float, which costs their speed.
+    time) stay int8: their int8 inputs, outputs and weights remain. A budget this model misses
+    needs convolutions float, which costs their speed (``benchmarks/int8_ceiling.py`` measures it
+    per model).
     """
     return [o.output for o in ops if not (o.op in MATRIX and o.out_elements > VECTOR_ELEMENTS)]
 

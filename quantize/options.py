@@ -35,20 +35,17 @@ class QuantizeOptions:
 
     Attributes:
         num_calib: Calibration images to use (all when fewer are available).
-        seed: Seeded random choice of calibration images (None: the first ones by name).
+        seed: Seeded random choice of calibration images (None: a deterministic choice spread over the
+            data: round-robin over classes when labels are known, else evenly spaced).
         method: Activation range method. ``auto`` (default) chooses per model among
             percentile 99.9999 and 99.99, min-max, and min-max with a 10 % margin by
             cross-fitted SQNR on the calibration images (8 extra quantizations, each run on
-            half of them). On held-apart images it reaches at least the best of TensorFlow's
-            PTQ and onnxruntime's QDQ on every model of the architecture matrix (issue 12)
-            and lifts MobileNetV2 to 22.9 dB (99.0 % agreement on 400 images); ``percentile``
-            99.999 alone loses up to 2.4 dB there.
+            half of them); docs/quantization.md explains the choice.
         percentile: Kept mass for ``percentile`` (99.999 clips 0.0005 % off each tail);
             ``auto`` measures its own candidates.
         bias_correction: Empirical bias correction of every conv, layer by layer, on the
-            calibration images (Nagel et al. 2019); a few minutes for MobileNetV2. None
-            (default): on for per-tensor models, where it lifts MobileNetV2 from 7.5 % to
-            82 % agreement, off for per-channel ones, where it did not help (measured).
+            calibration images (Nagel et al. 2019). None (default): on for per-tensor models,
+            off for per-channel ones.
         io: Input/output dtype of the quantized model.
         per_tensor: Per-tensor weights (for accelerators that need them) instead of per-channel.
         equalize: Cross-layer equalization + bias correction before quantizing.
@@ -74,8 +71,8 @@ class QuantizeOptions:
             then speaks up only when the model is slower than float32).
         timed_placement: With ``float_islands``, time the model with its large depthwise
             convolutions float against all-int8 (1 thread, XNNPACK, here) and keep them
-            float when that is 5 % faster or more (XNNPACK's int8 7x7 depthwise kernel is
-            slower than its float one on x86). Measured on this machine, so
+            float when that is 5 % faster or more (XNNPACK's int8 kernel for large depthwise
+            windows can be slower than its float one). Measured on this machine, so
             :meth:`for_target` turns it on only for XNNPACK targets of this machine's
             architecture (and with no target, the model is taken to run here).
         search_images: Calibration images the

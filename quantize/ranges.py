@@ -265,9 +265,8 @@ class RangeChoice:
     Attributes:
         method: A fixed range method (:data:`RANGE_METHODS`, not ``auto``).
         param: Its parameter (kept mass for ``percentile``); None: the caller's.
-        widen: Both ends scaled by this factor after fitting (1.0: as fitted), a margin for
-            images beyond the calibration set: on RegNetX, min-max ranges 10 % wider lift the
-            held-apart SQNR from 17.8 to 18.6 dB (unseen images exceed the calibrated extremes).
+        widen: Both ends scaled by this factor after fitting (1.0: as fitted): a margin for
+            images beyond the calibration set, whose values can exceed the calibrated extremes.
     """
 
     method: CalibrationMethod
@@ -296,15 +295,9 @@ class RangeChoice:
         return {i: (r if i in skip else (r[0] - grow * abs(r[0]), r[1] + grow * abs(r[1]))) for i, r in fitted.items()}
 
 
-#: Candidates the cross-fitted choice measures (per model), the earlier preferred on ties.
-#: Chosen on the architecture matrix's protocol (calibrate on the first 100 ImageNet images by
-#: name, evaluate on the next 300, issue 12), where each model's pick is at or above the best
-#: peer: percentile 99.99 for the trained MobileNetV2 (22.9 dB), 99.9999 for most random-weight
-#: CNNs, a 10 % margin over min-max for RegNetX (18.6 dB). Percentile 99.999 is left out: there
-#: cross-fitting prefers clipping about one decade tighter than the later classes reward (it
-#: picks 99.999 on MobileNetV3-Small: 13.9 dB held-apart, 15.0 for 99.9999). Not universal:
-#: with a seeded random split of the same images, 99.999 beats this choice on MobileNetV3-Small
-#: (15.4 vs 14.6 dB) and RegNetX (18.2 vs 16.9 dB).
+#: Candidates the cross-fitted choice measures per model (the earlier wins ties): two percentile
+#: clippings, and min-max with and without a 10 % margin. Their figures on the architecture matrix
+#: are in docs/benchmarks.md.
 CROSS_FIT_CANDIDATES = (
     RangeChoice(CalibrationMethod.PERCENTILE, 99.9999),
     RangeChoice(CalibrationMethod.PERCENTILE, 99.99),

@@ -91,7 +91,7 @@ def speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, wor
         return speedup >= floor
 
     # The all-int8 model first, for the report. Not a shortcut: one timing on a loaded machine can put
-    # it under the floor (EfficientNet-B0: 1.29x once, 2.2x in a quiet pass), which would stop the search.
+    # it under the floor on a loaded machine, which would stop the search.
     fast_enough(())
     return fast_enough
 
