@@ -18,6 +18,8 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
+#: TFLite TensorType values: an int8 or uint8 activation, an int32 bias.
+_INT8_TYPES, _INT32 = (9, 3), 2
 
 
 def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, quant_inputs: np.ndarray, *,
@@ -44,8 +46,7 @@ def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, q
     f_interp = debug_interpreter(float_model)
     f_index = {d["name"]: d["index"] for d in f_interp.get_tensor_details()}
     convs = [op for op, name in zip(sub.operators, q_ops)
-             if name in _CONV_OPS and len(op.inputs) > 2 and op.inputs[2] >= 0
-             and tensor_name(sub.tensors[op.outputs[0]]) in f_index]
+             if name in _CONV_OPS and _integer_conv(sub, op) and tensor_name(sub.tensors[op.outputs[0]]) in f_index]
     # The layer producing the scores is left alone: its output range is the scores'.
     final = _score_producer(sub, q_ops)
     convs = [op for op in convs if op.outputs[0] != final]
@@ -67,6 +68,12 @@ def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, q
         "layers": len(convs), "images": int(len(float_inputs)),
         "mean_abs_shift_in_steps": round(float(np.mean(shifts)), 4) if shifts else 0.0,
         "max_layer_shift_in_steps": round(float(np.max(shifts)), 4) if shifts else 0.0}
+
+
+def _integer_conv(sub: Any, op: Any) -> bool:
+    """An int8 convolution with an int32 bias (convolutions a mixed model keeps float have no integer bias)."""
+    return (len(op.inputs) > 2 and op.inputs[2] >= 0 and sub.tensors[op.inputs[2]].type == _INT32
+            and sub.tensors[op.outputs[0]].type in _INT8_TYPES)
 
 
 def _score_producer(sub: Any, op_names: list[str]) -> int:

@@ -186,3 +186,22 @@ def test_max_drop_counts_top1_against_labels_when_known() -> None:
     _, figs, kept, within = search.accuracy_aware(quantized, b"", (b"", unlabelled), errs, Judged(), options,
                                                   lambda *a: None)
     assert within and len(kept) == 3 and figs.top1_agreement == pytest.approx(0.98)
+
+
+def test_bias_correction_leaves_convolutions_a_mixed_model_keeps_float(tiny_bundle: Path) -> None:
+    """A mixed model's float convolution has a float bias: bias correction corrects only the int8 ones."""
+    from edgeship.quantize import tflite_quant
+    from edgeship.quantize.bias_correction import correct_biases
+    from edgeship.quantize.tflite_quant import op_names_by_output
+
+    float_model = (tiny_bundle / "model_float32.tflite").read_bytes()
+    spec = TFLiteModel(tiny_bundle / "model_float32.tflite").input
+    x = np.random.default_rng(0).uniform(-1, 1, (12, *spec.shape[1:])).astype(np.float32)
+    calibrated = tflite_quant.calibrate(float_model, x)
+    convs = [name for name, op in op_names_by_output(calibrated).items() if op == "CONV_2D"]
+    mixed = tflite_quant.quantize_calibrated(calibrated, denylisted_nodes=convs[:1])
+    q_in = TFLiteModel(mixed).input
+    xq = np.clip(np.round(x / q_in.scale + q_in.zero_point), -128, 127).astype(np.int8)
+    corrected, report = correct_biases(mixed, calibrated, x, xq, min_count=1)
+    assert report["layers"] == len(convs) - 1  # the float one is left alone (the scores come from a dense layer)
+    assert TFLiteModel(corrected).input.dtype == np.int8
