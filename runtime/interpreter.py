@@ -231,23 +231,29 @@ def check_model_files(paths: Sequence[str | os.PathLike[str]], *, backend: str |
         if verdict is None:
             pending.append((p, key))
         else:
-            result[p] = _problem(verdict)
+            result[p] = _problem(verdict, backend)
     if pending:
         verdicts = _run_checker([p for p, _ in pending], backend)
         for i, (p, key) in enumerate(pending):
             verdict = verdicts.get(i, "ok") if verdicts is not None else "ok"
             if verdicts is not None:
                 _store_verdict(cache, key, verdict)
-            result[p] = _problem(verdict)
+            result[p] = _problem(verdict, backend)
     return result
 
 
-def _problem(verdict: str) -> str | None:
+def _problem(verdict: str, backend: str) -> str | None:
+    """One line for a verdict. A crash comes after the structural check passed: the interpreter failed, not the file."""
     if verdict == "ok":
         return None
     kind, _, detail = verdict.partition(" ")
     if kind == "crash:":
-        return f"{detail}: the file is truncated or corrupt"
+        who = f"{backend} {backend_version(backend) or '(version unknown)'} on {platform.machine()}"
+        detail = detail.replace("the interpreter crashed", f"the interpreter ({who}) crashed")
+        if who not in detail:
+            detail = f"{detail} ({who})"
+        return (f"{detail}; the file passed the structural check, so the interpreter failed, not the file: "
+                "try another version of the interpreter package")
     return detail or "the interpreter rejected it"
 
 

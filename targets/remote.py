@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeship.errors import DeviceError
+from edgeship.targets.install import device_requirements, uses_system_packages
 from edgeship.targets.profile import Target
 
 
@@ -26,8 +27,20 @@ class SshCollector:
         from edgeship.targets.ssh import remote_collect
 
         check_arch(self.device, self.target)
-        return remote_collect(self.device, model_dir, image_dir, requirements=self.target.pip_requirements(),
-                              threads=threads, use_xnnpack=use_xnnpack, pip_args=self.pip_args)
+        logits, names, runtime = remote_collect(
+            self.device, model_dir, image_dir, requirements=device_requirements(self.target), threads=threads,
+            use_xnnpack=use_xnnpack, pip_args=self.pip_args, system_site_packages=uses_system_packages(self.target))
+        return logits, names, {**runtime, **device_facts(self.device)}
+
+
+def device_facts(device: Any) -> dict[str, Any]:
+    """What a report records about the device: its Python, ``uname -m``, whether it is emulated, the install."""
+    facts = device.probe()
+    install = {k: device.last_install.get(k) for k in ("command", "seconds", "reused", "requirements_sha256",
+                                                       "requirements")} if device.last_install else {}
+    return {"python": facts.get("python"), "machine": facts.get("machine"),
+            **({"emulated": facts["emulated"]} if facts.get("emulated") else {}),
+            **({"install": install} if install else {})}
 
 
 #: How ``uname -m`` spells each target architecture.
@@ -49,15 +62,16 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                   images: Sequence[Path] = ()) -> dict[str, Any]:
     """Copy the models (with their cards) and ``images`` to the device, run ``python -m edgeship.runtime.bench``
     there (``--image`` for each image: end to end through the same runtime code), return its bench.json."""
-    from edgeship.targets.ssh import _new_job, _remove_job, build_edgeship_wheel, default_wheel_cache
+    from edgeship.targets.ssh import build_edgeship_wheel, default_wheel_cache, new_job, remove_job
 
     if progress:
         progress("prepare device", None, None)
     check_arch(device, target)
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
         wheel = build_edgeship_wheel(default_wheel_cache())
-        python = device.ensure_venv(target.pip_requirements(), wheels=[wheel], pip_args=pip_args)
-        remote = _new_job(device)
+        python = device.ensure_venv(device_requirements(target), wheels=[wheel], pip_args=pip_args,
+                                    system_site_packages=uses_system_packages(target))
+        remote = new_job(device)
         try:
             names = []
             for i, m in enumerate(models):
@@ -85,9 +99,10 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                 doc = json.loads((Path(tmp) / "bench.json").read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise DeviceError(f"no usable bench.json came back from the device: {exc}") from exc
+            doc["device"] = {"where": str(getattr(device.target, "where", device.target)), **device_facts(device)}
             return _original_names(doc, names, models)
         finally:
-            _remove_job(device, remote)
+            remove_job(device, remote)
 
 
 def _original_names(doc: dict[str, Any], remote: Sequence[str], models: Sequence[Path]) -> dict[str, Any]:
