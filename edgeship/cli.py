@@ -246,7 +246,8 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     check_outputs_free(args.out, new_files, force=args.force)  # before minutes of work
     result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
     result = result.save_with_source(args.out, force=args.force)
-    payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _input_contract(result.card),
+    payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _arch_note(args.target)
+                               + _input_contract(result.card),
                                "result": {"out_dir": str(result.folder), "report": result.report}}
     try:
         result.raise_for_budget()
@@ -254,6 +255,19 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         payload["result"]["error"] = {"type": type(exc).__name__, "message": exc.cli_message()}
         return exc.exit_code, {**payload, "error": exc.cli_message()}
     return 0, payload
+
+
+def _arch_note(target_name: str | None) -> list[str]:
+    """Say that speed figures and placement are this machine's when the target is another architecture."""
+    from edgeship.quantize.options import host_arch
+    from edgeship.targets import load_target
+
+    target = load_target(target_name) if target_name else None
+    if target is None or target.arch.value == host_arch():
+        return []
+    return [f"  speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
+            f"{target.name} ({target.arch.value}): placement skipped, speed figures are {host_arch()}'s; "
+            "measure on the device with edgeship bench --host"]
 
 
 def _quant_summary(report: dict[str, Any]) -> list[str]:
@@ -556,6 +570,10 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
         f = t["figures"]
         lines.append(f"{name:<20} {'PASS' if t['passed'] else 'FAIL':<5} agreement {100 * f['top1_agreement']:.2f}%  "
                      f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}")
+        lines.append(f"{'':<20} ran on {t.get('ran_on', '?')}")
+    from edgeship.targets.remote import device_speed_lines
+
+    lines += device_speed_lines(result.summary)
     lines.append(f"report: {result.out_dir / 'report.html'}  (wall {result.summary['wall_s']:.1f} s)")
     code = 0 if result.passed else 3
     payload: dict[str, Any] = {"summary": lines, "result": result.summary}

@@ -199,7 +199,8 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
     drifts = _verify_stages(stages, model_path, models, eval_set, targets, options, progress)
     verify_results = {name: d.report for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv_dir, models, options, progress, eval_set)
-    bundles = _bundle_stages(stages, models, targets, options)
+    device_benches = _device_bench_stages(stages, conv_dir, models, targets, options, progress)
+    bundles = _bundle_stages(stages, models, targets, options, drifts)
     summary = {
         "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
                                                                           "count": len(calib_set)},
@@ -209,7 +210,9 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
                              "passed": verify_results[t.name]["passed"], "figures": verify_results[t.name]["figures"],
                              "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
                              "budget": verify_results[t.name]["budget"],
-                             "client_check": verify_results[t.name].get("client_check")} for t in targets},
+                             "client_check": verify_results[t.name].get("client_check"),
+                             **({"device_bench": device_benches[t.name]} if t.name in device_benches else {})}
+                    for t in targets},
         "wall_s": round(time.perf_counter() - started, 2),
     }
     from edgeship.report import ReportInputs, write_report
@@ -292,7 +295,7 @@ def _verify_stages(stages: _Stages, model: Path, models: dict[str, Path], eval_s
         cand = models[t.name]
         key = {"stage": "verify", "candidate_sha256": sha256_file(cand), "target": t.to_dict(),
                "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
-               "device": options.device.to_dict() if options.device else None}
+               "device": options.device.for_target(t.name).to_dict() if options.device else None}
 
         def build(d: Path, t: Any = t, cand: Path = cand) -> None:
             card = find_card(cand)
@@ -349,16 +352,47 @@ def _bench_stage(stages: _Stages, model: Path, conv_dir: Path, models: dict[str,
     return json.loads((folder / "bench.json").read_text())
 
 
+def _device_bench_stages(stages: _Stages, conv_dir: Path, models: dict[str, Path], targets: list[Any],
+                         options: DeployOptions, progress: Progress) -> dict[str, dict[str, Any]]:
+    """float32 and the deployed model benchmarked on each target's own ssh device (``--host TARGET=...``)."""
+    from edgeship.convert.result import FLOAT32_FILE
+    from edgeship.targets.devices import ssh_device
+    from edgeship.targets.remote import device_bench
+
+    out: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        one = options.device.for_target(t.name) if options.device else None
+        if one is None or one.kind != "ssh" or t.access.value != "ssh":
+            continue
+        ms = list(dict.fromkeys([conv_dir / FLOAT32_FILE, models[t.name]]))
+        key = {"stage": "device-bench", "target": t.to_dict(), "device": one.to_dict(), "runs": options.bench_runs,
+               "models": {str(m): sha256_file(m) for m in ms}}
+
+        def build(d: Path, t: Any = t, one: Any = one, ms: list[Path] = ms) -> None:
+            doc = device_bench(ssh_device(one), t, ms, runs=options.bench_runs, pip_args=one.pip_args,
+                               progress=progress)
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(d / "bench.json", doc)
+
+        folder, _ = stages.run(f"device-bench/{t.name}", key, build)
+        doc = json.loads((folder / "bench.json").read_text())
+        out[t.name] = {"bench": str(folder / "bench.json"), "device": doc.get("device"), "speed": doc.get("speed")}
+    return out
+
+
 def _bundle_stages(stages: _Stages, models: dict[str, Path], targets: list[Any],
-                   options: DeployOptions) -> dict[str, Path]:
+                   options: DeployOptions, drifts: dict[str, Any]) -> dict[str, Path]:
     from edgeship.targets.bundle import bundle
+    from edgeship.targets.install import verified_version
 
     out: dict[str, Path] = {}
     for t in targets:
         m = models[t.name]
         card = m.with_name(m.stem + ".card.json")
+        version = verified_version(t, drifts[t.name].report["candidate"]["runtime"])  # what was verified ships
         key = {"stage": "bundle", "model": sha256_file(m), "card": sha256_file(card) if card.is_file() else None,
-               "target": t.to_dict()}
-        folder, _ = stages.run(f"bundles/{t.name}", key, lambda d, t=t, m=m: bundle(m, t, d, force=True))
+               "target": t.to_dict(), "interpreter_version": version}
+        folder, _ = stages.run(f"bundles/{t.name}", key,
+                               lambda d, t=t, m=m, v=version: bundle(m, t, d, force=True, interpreter_version=v))
         out[t.name] = folder
     return out

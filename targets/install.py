@@ -45,6 +45,13 @@ def _host_version(package: str, versions: str) -> str | None:
     return version if version in SpecifierSet(versions) else None
 
 
+def verified_version(target: Target, runtime: dict[str, object]) -> str | None:
+    """The interpreter version a drift check ran with, when it ran the target's own runtime package."""
+    ran = str(runtime.get("interpreter", "")).replace("_", "-")
+    version = runtime.get("interpreter_version")
+    return str(version) if version and ran == target.runtime.package else None
+
+
 def device_requirements(target: Target, verified: str | None = None) -> list[str]:
     """pip requirements of the device (the target's, with the interpreter pinned by :func:`interpreter_pin`)."""
     reqs = target.pip_requirements()
@@ -81,4 +88,4 @@ def system_check_script(target: Target) -> str | None:
 
 
 __all__ = ["REQUIREMENTS", "VENV", "apt_command", "device_requirements", "interpreter_pin", "requirements_text",
-           "system_check_script", "uses_system_packages", "venv_command"]
+           "system_check_script", "uses_system_packages", "venv_command", "verified_version"]

@@ -62,7 +62,8 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                   images: Sequence[Path] = ()) -> dict[str, Any]:
     """Copy the models (with their cards) and ``images`` to the device, run ``python -m edgeship.runtime.bench``
     there (``--image`` for each image: end to end through the same runtime code), return its bench.json."""
-    from edgeship.targets.ssh import build_edgeship_wheel, default_wheel_cache, new_job, remove_job
+    from edgeship.targets.ssh import new_job, remove_job
+    from edgeship.wheel import build_edgeship_wheel, default_wheel_cache
 
     if progress:
         progress("prepare device", None, None)
@@ -115,3 +116,59 @@ def _original_names(doc: dict[str, Any], remote: Sequence[str], models: Sequence
             row["device_path"] = row.get("path")
             row["model"], row["path"] = m.name, str(m)
     return doc
+
+
+#: invoke() runs per model on an emulated device (seconds each under qemu; the figures are labelled anyway).
+EMULATED_RUNS = 3
+
+
+def device_bench(device: Any, target: Target, models: Sequence[Path], *, runs: int, pip_args: Sequence[str] = (),
+                 progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
+    """Benchmark ``models`` on the device with the target's threads and delegate; add :func:`speed_verdict`.
+
+    An emulated device gets :data:`EMULATED_RUNS` runs: its timings are labelled and decide nothing.
+    """
+    emulated = device.probe().get("emulated")
+    n = min(runs, EMULATED_RUNS) if emulated else runs
+    args = ["--threads", str(target.execution.threads), "--runs", str(n), "--warmup", "1" if emulated else "10",
+            *([] if target.execution.use_xnnpack else ["--no-xnnpack"])]
+    doc = ssh_benchmark(device, target, models, args, pip_args=pip_args, progress=progress)
+    doc["target"] = target.name
+    doc["speed"] = speed_verdict(doc)
+    return doc
+
+
+def speed_verdict(doc: dict[str, Any]) -> dict[str, Any]:
+    """Which of the benchmarked models is fastest on the device (p50), and what that means for the target.
+
+    On an emulated device the answer is shown, labelled, and recommends nothing: the emulator's
+    relative speeds are not a Pi's.
+    """
+    from edgeship.runtime.bench import emulated_label
+
+    rows = {r["model"]: r["p50_ms"] for r in doc.get("results", [])}
+    if not rows:
+        return {}
+    fastest = min(rows, key=rows.__getitem__)
+    label = emulated_label(doc)
+    verdict = {"p50_ms": rows, "fastest": fastest, "machine": (doc.get("device") or {}).get("machine"),
+               "emulated": label}
+    if label:
+        verdict["recommendation"] = (f"{fastest} is fastest under emulation ({label}); not a speed decision: "
+                                     "run edgeship bench --host on the real device")
+    else:
+        verdict["recommendation"] = f"ship {fastest}: fastest on this device"
+    return verdict
+
+
+def device_speed_lines(summary: dict[str, Any]) -> list[str]:
+    """Report lines: each target's device benchmark, the fastest model there and the recommendation."""
+    lines = []
+    for name, t in summary.get("targets", {}).items():
+        speed = (t.get("device_bench") or {}).get("speed") or {}
+        if speed:
+            figures = ", ".join(f"{m} {ms:.1f} ms" for m, ms in speed["p50_ms"].items())
+            lines.append(f"{name} on its device ({speed.get('machine') or '?'}), invoke() p50: {figures}"
+                         f"{' [' + speed['emulated'] + ']' if speed.get('emulated') else ''}: "
+                         f"{speed['recommendation']}.")
+    return lines
