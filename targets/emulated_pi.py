@@ -114,13 +114,13 @@ def _require(tool: str, package: str) -> str:
     return found
 
 
-def check_host(prof: PiProfile) -> None:
-    """Root, the build and ssh tools, and a qemu binfmt entry for the profile's CPU."""
+def check_host(prof: PiProfile, *, build: bool = True) -> None:
+    """Root, the ssh tools (and mmdebstrap to ``build``), and a qemu binfmt entry for the profile's CPU."""
     if os.geteuid() != 0:
         raise DeviceError("an emulated Pi needs root (mount, chroot): run edgeship emulate with sudo")
-    for tool, package in (("mmdebstrap", "mmdebstrap"), ("unshare", "util-linux"), ("chroot", "coreutils"),
-                          ("ssh", "openssh-client"), ("ssh-keygen", "openssh-client"),
-                          (prof.qemu, "qemu-user-static")):
+    tools = [("unshare", "util-linux"), ("chroot", "coreutils"), ("ssh", "openssh-client"),
+             ("ssh-keygen", "openssh-client"), (prof.qemu, "qemu-user-static")]
+    for tool, package in [*tools, *([("mmdebstrap", "mmdebstrap")] if build else [])]:
         _require(tool, package)
     entry = Path("/proc/sys/fs/binfmt_misc") / ("qemu-aarch64" if prof.debian_arch == "arm64" else "qemu-arm")
     if not entry.is_file() or "enabled" not in entry.read_text():
@@ -361,7 +361,7 @@ def start(name: str, *, cache: Path | None = None, port: int | None = None, ca_b
     state = _state_file(name, cache)
     if any(pi.name == name for pi in running(cache)):
         raise DeviceError(f"an emulated {name} is already running; stop it first: edgeship emulate stop {name}")
-    check_host(prof)
+    check_host(prof, build=not root_ready(root_path(prof, cache=cache)))
     root = ensure_root(name, cache=cache, progress=progress)
     identity, known_hosts = client_files(cache)
     _authorize(root, identity)
