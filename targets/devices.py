@@ -196,7 +196,7 @@ def _ssh_where(spec: DeviceSpec, runtime: dict[str, Any]) -> str:
         parts.append(f"Python {runtime['python']}")
     if runtime.get("interpreter"):
         parts.append(f"{runtime['interpreter']} {runtime.get('interpreter_version') or ''}".strip())
-    return f"ssh {spec.host} ({', '.join(parts)})"
+    return f"ssh {spec.host} ({', '.join(parts)})" if runtime else f"ssh {spec.host}"
 
 
 def _emulated_where(runtime: dict[str, Any]) -> str:
