@@ -119,7 +119,8 @@ class DeviceSpec:
             raise InputError("an ssh device needs a host (user@host[:port], or TARGET=user@host[:port])")
         names = [t for t, _ in self.hosts]
         if len(set(names)) != len(names):
-            raise InputError(f"--host names a target twice: {', '.join(sorted({t for t in names if names.count(t) > 1}))}")
+            twice = sorted({t for t in names if names.count(t) > 1})
+            raise InputError(f"--host names a target twice: {', '.join(twice)}")
         object.__setattr__(self, "pip_args", tuple(self.pip_args))
 
     def host_for(self, target: str) -> str | None:

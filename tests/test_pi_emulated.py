@@ -11,6 +11,7 @@ between runs.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import logging
@@ -126,7 +127,8 @@ def test_emulated_timings_are_labelled_in_the_table() -> None:
     row = {"model": "m.tflite", "threads": 1, "init_ms": 1.0, "first_ms": 1.0, "p50_ms": 2.0, "p90_ms": 2.0,
            "p99_ms": 2.0, "peak_rss_mb": 1.0, "size_bytes": 1000, "ratio_p50_to_first": 1.0,
            "runtime": {"interpreter": "tflite_runtime", "delegate": "none"}}
-    doc = {"results": [row], "host": {"machine": "x86_64"}, "device": {"emulated": f"qemu-user (cortex-a7): {EMULATED}"}}
+    doc = {"results": [row], "host": {"machine": "x86_64"},
+           "device": {"emulated": f"qemu-user (cortex-a7): {EMULATED}"}}
     assert EMULATED in table(doc)[0]
     assert EMULATED not in "\n".join(table({**doc, "device": {}}))
 
@@ -165,6 +167,10 @@ def pis() -> Iterator[dict[str, Any]]:
         if REQUIRE:
             pytest.fail(f"EDGESHIP_REQUIRE_EMULATOR=1 but {problem}")
         pytest.skip(problem)
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(EXPECTED)) as pool:  # cold: both roots build at once
+        roots = list(pool.map(emulated_pi.ensure_root, EXPECTED))
+    log.info("roots ready in %.1f s: %s", time.monotonic() - start, ", ".join(map(str, roots)))
     started: dict[str, Any] = {}
     try:
         for name in EXPECTED:
@@ -230,8 +236,31 @@ def _check_target(name: str, want: dict[str, str], summary: dict[str, Any], out:
     assert install["command"] == venv_command(load_target(name))
     if name == "rpi4-aarch64":
         assert rt["xnnpack"]["partitions"] == 1  # the whole MobileNetV2 inside XNNPACK on the aarch64 device
+    _check_against_this_machine(name, out, bundle)
     _check_device_bench(name, want, out)
     _check_parrot(name, bundle, pi)
+
+
+def _check_against_this_machine(name: str, out: Path, bundle: Path) -> None:
+    """The device's figures equal this machine's on the same images, or differ by less than the budget's slack."""
+    from edgeship.runtime.card import ModelCard
+    from edgeship.runtime.drift import candidate_outputs
+    from edgeship.runtime.metrics import compare
+    from edgeship.verify.drift import DriftResult
+
+    target = load_target(name)
+    device = DriftResult.load(out / "verify" / name)
+    here, runtime = candidate_outputs(bundle / ModelCard.load(bundle).model_file, list(device.files),
+                                      num_threads=target.execution.threads, use_xnnpack=target.execution.use_xnnpack)
+    local = compare(device.reference, here)
+    same = compare(here, device.candidate)
+    log.info("%s: agreement with float, device %.4f vs this machine %.4f (%s %s); SQNR %.2f vs %.2f dB; "
+             "device vs this machine: top-1 agreement %.4f, max |diff| %.4g", name, device.figures.top1_agreement,
+             local.top1_agreement, runtime["interpreter"], runtime["interpreter_version"], device.figures.sqnr_db,
+             local.sqnr_db, same.top1_agreement, same.max_abs_error)
+    slack = (100 - target.budget.min_top1_agreement) / 100
+    assert abs(device.figures.top1_agreement - local.top1_agreement) <= slack
+    assert local.sqnr_db >= target.budget.min_sqnr_db and device.figures.sqnr_db >= target.budget.min_sqnr_db
 
 
 def _check_device_bench(name: str, want: dict[str, str], out: Path) -> None:
