@@ -176,7 +176,8 @@ def make_device(spec: DeviceSpec | None, target: Target) -> tuple[Device, str | 
         raise InputError(NO_ADB_DRIFT_CHECKS)
     if spec.kind == "emulate":
         if target.arch != Arch.AARCH64:
-            return LocalDevice(), f"--emulate runs aarch64 only: {target.name} ({target.arch.value}) ran on this machine"
+            return LocalDevice(), (f"--emulate runs aarch64 only: {target.name} ({target.arch.value}) ran on "
+                                   "this machine")
         from edgeship.targets.emulate import EmulatedDevice
 
         return StagedDevice(EmulatedDevice(), _emulated_where), None

@@ -36,8 +36,9 @@ class SshCollector:
 def device_facts(device: Any) -> dict[str, Any]:
     """What a report records about the device: its Python, ``uname -m``, whether it is emulated, the install."""
     facts = device.probe()
-    install = {k: device.last_install.get(k) for k in ("command", "seconds", "reused", "requirements_sha256",
-                                                       "requirements")} if device.last_install else {}
+    install = {k: device.last_install.get(k) for k in ("command", "seconds", "reused", "updated",
+                                                       "requirements_sha256", "requirements")
+               if device.last_install.get(k) is not None} if device.last_install else {}
     return {"python": facts.get("python"), "machine": facts.get("machine"),
             **({"emulated": facts["emulated"]} if facts.get("emulated") else {}),
             **({"install": install} if install else {})}
@@ -93,8 +94,8 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                 image_args += ["--image", f"{remote}/image{i}{suffix}"]
             if progress:
                 progress(f"benchmark on {getattr(device, 'target', device)}", None, None)
-            device.run_module(python, "edgeship.runtime.bench", [*names, *args, *image_args, "-o", f"{remote}/bench.json"],
-                              timeout=3600)
+            device.run_module(python, "edgeship.runtime.bench",
+                              [*names, *args, *image_args, "-o", f"{remote}/bench.json"], timeout=3600)
             device.pull(f"{remote}/bench.json", Path(tmp) / "bench.json")
             try:
                 doc = json.loads((Path(tmp) / "bench.json").read_text())
@@ -154,7 +155,7 @@ def speed_verdict(doc: dict[str, Any]) -> dict[str, Any]:
     verdict = {"p50_ms": rows, "fastest": fastest, "machine": (doc.get("device") or {}).get("machine"),
                "emulated": label}
     if label:
-        verdict["recommendation"] = (f"{fastest} is fastest under emulation ({label}); not a speed decision: "
+        verdict["recommendation"] = (f"{fastest} is fastest under emulation; not a speed decision: "
                                      "run edgeship bench --host on the real device")
     else:
         verdict["recommendation"] = f"ship {fastest}: fastest on this device"

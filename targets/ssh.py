@@ -70,7 +70,8 @@ _WORKDIR_SCRIPT = ('d=${1:-' + DEFAULT_REMOTE_DIR + '}; case $d in "~") d=$HOME;
 # $1 lock folder, $2 minutes after which a lock is stale (its holder died), $3 seconds to wait.
 # mkdir is atomic: whoever creates the folder holds the lock. Exit 75 when still held after $3 s.
 _LOCK_SCRIPT = ('n=0; while ! mkdir -- "$1" 2>/dev/null; do '
-                'if [ -n "$(find "$1" -maxdepth 0 -mmin +"$2" 2>/dev/null)" ]; then rmdir -- "$1" 2>/dev/null; continue; fi; '
+                'if [ -n "$(find "$1" -maxdepth 0 -mmin +"$2" 2>/dev/null)" ]; then '
+                'rmdir -- "$1" 2>/dev/null; continue; fi; '
                 'n=$((n+1)); if [ "$n" -ge "$3" ]; then exit 75; fi; sleep 1; done')
 _READ_MARKER_SCRIPT = "import sys; sys.stdout.write(open(sys.argv[1]).read())"
 _WRITE_MARKER_SCRIPT = ("import os, sys; tmp = sys.argv[1] + '.tmp'; fh = open(tmp, 'w'); fh.write(sys.argv[2]); "
@@ -469,21 +470,26 @@ class SshDevice:
                 return python
             start = time.monotonic()
             text = requirements_text(requirements, [w.name for w in wheels])
+            record = {"key": key, "requirements": list(requirements), "wheels": digests, "python": facts["python"],
+                      "machine": facts.get("machine"), "system_site_packages": system_site_packages,
+                      "requirements_sha256": hashlib.sha256(text.encode()).hexdigest()}
             if marker is None:
                 log.info("creating venv %s on %s", folder, self.target.where)
                 command = self._install_fresh(folder, text, wheels, system_site_packages, pip_args, deadline)
+                record.update(command=command, seconds=round(time.monotonic() - start, 1),
+                              created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             else:
                 log.info("updating venv %s on %s: reinstalling changed wheels", folder, self.target.where)
                 changed = [w for w in wheels if marker.get("wheels", {}).get(w.name) != digests[w.name]]
                 self._push_wheels(folder, changed, _remaining(deadline))
-                command = "pip install --no-deps --force-reinstall " + " ".join(f"./wheels/{w.name}" for w in changed)
                 self._pip_in(folder, ["--no-deps", "--force-reinstall", *pip_args,
                                       *(f"./wheels/{w.name}" for w in changed)], _remaining(deadline))
+                # The install stays the README's; the changed wheels' reinstall is recorded beside it.
+                record.update({k: marker.get(k) for k in ("command", "seconds", "created")},
+                              updated={"wheels": [w.name for w in changed],
+                                       "seconds": round(time.monotonic() - start, 1),
+                                       "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             seconds = round(time.monotonic() - start, 1)
-            record = {"key": key, "requirements": list(requirements), "wheels": digests, "python": facts["python"],
-                      "machine": facts.get("machine"), "system_site_packages": system_site_packages,
-                      "requirements_sha256": hashlib.sha256(text.encode()).hexdigest(), "command": command,
-                      "seconds": seconds, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             self.run([python, "-c", _WRITE_MARKER_SCRIPT, marker_path, json.dumps(record)], timeout=SHORT_TIMEOUT)
             self.last_install = {**record, "reused": False, "folder": folder}
             log.info("venv %s on %s ready in %.1f s", folder, self.target.where, seconds)
