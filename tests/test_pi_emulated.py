@@ -198,6 +198,7 @@ def test_deploy_on_emulated_pis(pis: dict[str, Any], assets: Path, tmp_path: Pat
     proc = subprocess.run(
         [sys.executable, "-m", "edgeship", "deploy", str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"),
          "--calib", str(assets / "data" / "imagenet-sample"), "--num-calib", "100", "--max-eval", str(MAX_EVAL),
+         "--labels", str(assets / "data" / "imagenet_classes.txt"),
          "--target", "rpi4-aarch64", "--target", "rpi-armv7", *hosts, "--identity", str(any_pi.identity),
          "--known-hosts", str(any_pi.known_hosts), "--bench-threads", "1", "--bench-runs", "20",
          "-o", str(out), "-q"], capture_output=True, text=True, timeout=5400)
