@@ -203,6 +203,7 @@ def test_deploy_on_emulated_pis(pis: dict[str, Any], assets: Path, tmp_path: Pat
          "--known-hosts", str(any_pi.known_hosts), "--bench-threads", "1", "--bench-runs", "20",
          "-o", str(out), "-q"], capture_output=True, text=True, timeout=5400)
     log.info("deploy on both emulated Pis: %.0f s\n%s", time.monotonic() - start, proc.stdout)
+    _keep(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "deploy.json").read_text())
     assert summary["evaluation"]["count"] == MAX_EVAL
@@ -216,6 +217,19 @@ def test_deploy_on_emulated_pis(pis: dict[str, Any], assets: Path, tmp_path: Pat
     armv7 = summary["targets"]["rpi-armv7"]["device_bench"]["speed"]
     assert armv7["fastest"] in armv7["p50_ms"] and "not a speed decision" in armv7["recommendation"]
     assert "rpi-armv7 on its device (armv7l)" in proc.stdout  # int8 vs float there, in the CLI summary too
+
+
+def _keep(out: Path) -> None:
+    """Copy the reports to ``$EDGESHIP_PI_ARTIFACTS`` (when set), for CI logs and docs figures."""
+    keep = os.environ.get("EDGESHIP_PI_ARTIFACTS")
+    if keep:
+        for rel in ("deploy.json", "report.md", "verify", "device-bench", "bundles"):
+            src = out / rel
+            if src.is_dir():
+                shutil.copytree(src, Path(keep) / rel, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.whl"))
+            elif src.is_file():
+                Path(keep).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, Path(keep) / rel)
 
 
 def _check_target(name: str, want: dict[str, str], summary: dict[str, Any], out: Path, pi: Any) -> None:
