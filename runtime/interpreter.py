@@ -55,7 +55,7 @@ def backend_version(name: str) -> str | None:
 #: Seconds one model may take to load, allocate and run once in the checking child.
 CHECK_TIMEOUT = 300.0
 #: Bumped when the check changes, so cached verdicts of an older check are not trusted.
-_CHECK_VERSION = 3
+_CHECK_VERSION = 4
 #: Exit code of the checking child when it cannot import the interpreter (no verdict).
 _NO_INTERPRETER = 4
 # The checking child: one model per line of stdin, one verdict per line of stdout, flushed
@@ -75,6 +75,8 @@ try:
 except Exception as exc:
     sys.stderr.write("cannot import %s: %s\n" % (sys.argv[1], exc))
     sys.exit(4)
+sys.stdout.write("ready\n")
+sys.stdout.flush()
 for line in sys.stdin:
     path = line.rstrip("\n")
     try:
@@ -181,8 +183,10 @@ def _run_checker(paths: list[Path], backend: str) -> dict[int, str] | None:
             verdicts[start] = f"crash: loading and running it once took over {CHECK_TIMEOUT:g} s"
             start += 1
             continue
-        if proc.returncode == _NO_INTERPRETER:
-            log.debug("model-checking child has no interpreter: %s", proc.stderr.strip())
+        if proc.returncode == _NO_INTERPRETER or "ready" not in proc.stdout.splitlines():
+            # No interpreter, or the child never started (an emulated guest whose executable only runs
+            # under its emulator's root): no verdict, rather than blaming the model or the interpreter.
+            log.debug("model-checking child could not check (exit %s): %s", proc.returncode, proc.stderr.strip())
             return None
         done = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "bad"))]
         for i, line in enumerate(done):
