@@ -20,6 +20,7 @@ from edgeship._version import __version__ as __version__
 from edgeship.errors import AccuracyDriftError as AccuracyDriftError
 from edgeship.errors import CalibrationError as CalibrationError
 from edgeship.errors import ConversionError as ConversionError
+from edgeship.errors import DelegateNotAppliedError as DelegateNotAppliedError
 from edgeship.errors import DeviceError as DeviceError
 from edgeship.errors import EdgeshipError as EdgeshipError
 from edgeship.errors import InputError as InputError
@@ -61,6 +62,7 @@ __all__ = [
     "AccuracyDriftError",
     "CalibrationError",
     "ConversionError",
+    "DelegateNotAppliedError",
     "DeviceError",
     "EdgeshipError",
     "InputError",

@@ -1,6 +1,7 @@
 """The ``edgeship`` command: a thin layer over the library.
 
-Exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch.
+Exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch,
+5 target delegate not applied on the device.
 """
 
 from __future__ import annotations
@@ -253,7 +254,8 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     check_outputs_free(args.out, new_files, force=args.force, reads=_inputs(args))  # before minutes of work
     result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
     result = result.save_with_source(args.out, force=args.force)
-    payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _input_contract(result.card),
+    payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _arch_note(args.target)
+                               + _input_contract(result.card),
                                "result": {"out_dir": str(result.folder), "report": result.report}}
     try:
         result.raise_for_budget()
@@ -261,6 +263,19 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         payload["result"]["error"] = {"type": type(exc).__name__, "message": exc.cli_message()}
         return exc.exit_code, {**payload, "error": exc.cli_message()}
     return 0, payload
+
+
+def _arch_note(target_name: str | None) -> list[str]:
+    """Say that speed figures and placement are this machine's when the target is another architecture."""
+    from edgeship.quantize.options import host_arch
+    from edgeship.targets import load_target
+
+    target = load_target(target_name) if target_name else None
+    if target is None or target.arch.value == host_arch():
+        return []
+    return [f"  speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
+            f"{target.name} ({target.arch.value}): placement skipped, speed figures are {host_arch()}'s; "
+            "measure on the device with edgeship bench --host"]
 
 
 def _quant_summary(report: dict[str, Any]) -> list[str]:
@@ -319,7 +334,9 @@ def _xnnpack_line(runs: dict[str, Any]) -> str:
 def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None:
     g = p.add_argument_group("device (default: run on this machine)")
     where = g.add_mutually_exclusive_group()
-    where.add_argument("--host", help="run on a device over ssh: user@host[:port]")
+    where.add_argument("--host", action="append", metavar="[TARGET=]USER@HOST[:PORT]",
+                       help="run on a device over ssh; repeat as TARGET=user@host[:port] for a device per target "
+                            "(edgeship emulate start TARGET gives an emulated Pi)")
     # Where --adb cannot work (drift checks need Python on the device) it stays out of --help
     # but is still parsed, so that using it gets the explanation rather than "unrecognized".
     where.add_argument("--adb", metavar="SERIAL",
@@ -340,12 +357,24 @@ def _device_spec(args: argparse.Namespace) -> Any:
     if getattr(args, "emulate", False):
         return DeviceSpec("emulate")
     if getattr(args, "host", None):
-        return DeviceSpec("ssh", host=args.host, identity=args.identity, known_hosts=args.known_hosts,
+        from edgeship.targets.devices import parse_hosts
+
+        host, hosts = parse_hosts(args.host)
+        _check_host_targets(hosts, [args.target] if isinstance(args.target, str) else list(args.target or []))
+        return DeviceSpec("ssh", host=host, hosts=hosts, identity=args.identity, known_hosts=args.known_hosts,
                           accept_new_host_key=args.accept_new_host_key, python=args.remote_python,
                           pip_args=tuple(shlex.split(args.pip_args)))
     if getattr(args, "adb", None):
         return DeviceSpec("adb", host=args.adb)
     return None
+
+
+def _check_host_targets(hosts: Sequence[tuple[str, str]], targets: list[str]) -> None:
+    """Every ``--host TARGET=...`` names a target of this command."""
+    unknown = [t for t, _ in hosts if t not in targets]
+    if unknown:
+        raise InputError(f"--host names {', '.join(unknown)}, which is not a --target of this command "
+                         f"({', '.join(targets) or 'none'})")
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
@@ -492,7 +521,7 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
         # The images go to the device too: the same runtime code times them there.
         extra = {"images": [Path(f) for f in image_files(args.image)]} if args.image else {}
         spec = _device_spec(args)
-        doc = ssh_benchmark(ssh_device(spec), target, args.models, bench_args, pip_args=spec.pip_args,
+        doc = ssh_benchmark(ssh_device(spec, target.name), target, args.models, bench_args, pip_args=spec.pip_args,
                             progress=progress, **extra)
     else:
         if args.emulate:
@@ -578,6 +607,10 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
         f = t["figures"]
         lines.append(f"{name:<20} {'PASS' if t['passed'] else 'FAIL':<5} agreement {100 * f['top1_agreement']:.2f}%  "
                      f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}")
+        lines.append(f"{'':<20} ran on {t.get('ran_on', '?')}")
+    from edgeship.targets.remote import device_speed_lines
+
+    lines += device_speed_lines(result.summary)
     lines.append(f"report: {result.out_dir / 'report.html'}  (wall {result.summary['wall_s']:.1f} s)")
     code = 0 if result.passed else 3
     payload: dict[str, Any] = {"summary": lines, "result": result.summary}
@@ -617,12 +650,58 @@ def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tup
     return 0, {"summary": lines, "result": {"target": d}}
 
 
+# ---------------------------------------------------------------- emulate
+def _add_emulate(sub: argparse._SubParsersAction) -> None:
+    from edgeship.targets.emulated_pi import PROFILES
+
+    p = sub.add_parser("emulate", help="start or stop an emulated Raspberry Pi reachable over ssh (needs root)",
+                       description="A Debian bookworm root (arm64 or armhf, built once with mmdebstrap and cached) "
+                                   "running its own sshd under qemu-user on 127.0.0.1, to try the Pi path with "
+                                   "--host before owning a Pi. Its timings are an emulator's, not a Pi's.")
+    esub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = esub.add_parser("start", help="build (once) and start one; prints the --host to use")
+    start.add_argument("name", choices=sorted(PROFILES), help="the target it stands in for")
+    start.add_argument("--port", type=int, help="sshd port on 127.0.0.1 (default: a free one)")
+    start.add_argument("--ca-bundle", type=Path, help="CA bundle the device's pip trusts, for networks that re-sign "
+                       "TLS (e.g. /etc/ssl/certs/ca-certificates.crt); default: pip's own")
+    stop = esub.add_parser("stop", help="stop one (default: every running one) and unmount its root")
+    stop.add_argument("name", nargs="?", choices=sorted(PROFILES))
+    status = esub.add_parser("status", help="the running ones")
+    for q in (start, stop, status):
+        _add_common(q)
+    p.set_defaults(func=_cmd_emulate)
+
+
+def _cmd_emulate(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship.targets import emulated_pi
+
+    if args.action == "start":
+        pi = emulated_pi.start(args.name, port=args.port, ca_bundle=args.ca_bundle, progress=progress)
+        return 0, {"summary": _emulated_lines([pi]), "result": pi.to_dict()}
+    if args.action == "stop":
+        stopped = emulated_pi.stop(args.name)
+        return 0, {"summary": [f"stopped {', '.join(stopped) or 'nothing (none running)'}"],
+                   "result": {"stopped": stopped}}
+    pis = emulated_pi.running()
+    return 0, {"summary": _emulated_lines(pis) or ["no emulated Pi running"],
+               "result": {"running": [p.to_dict() for p in pis]}}
+
+
+def _emulated_lines(pis: Sequence[Any]) -> list[str]:
+    lines = []
+    for pi in pis:
+        lines += [f"{pi.name}: {pi.host} ({pi.machine}, qemu-user {pi.qemu_cpu}; emulated: not the speed of a Pi)",
+                  f"  --host {pi.name}={pi.host} --identity {pi.identity} --known-hosts {pi.known_hosts}"]
+    return lines
+
+
 # ---------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="edgeship",
         description="ONNX image classifier -> fast, small, verified int8 TFLite for Android and Raspberry Pi.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch, "
+               "5 target delegate not applied on the device",
     )
     parser.add_argument("--version", action="version", version=f"edgeship {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -632,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_verify, _add_bench, _add_bundle, _add_deploy,
-                                                              _add_targets]
+                                                              _add_targets, _add_emulate]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

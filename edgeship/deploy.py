@@ -36,6 +36,7 @@ from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
 from edgeship.runtime.card import ModelCard
 from edgeship.targets.devices import DeviceSpec
+from edgeship.targets.profile import Access
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ MARKER = ".edgeship-deploy.json"
 STAGE_MARK = ".stage.json"
 SUMMARY = "deploy.json"
 #: What deploy writes at the top of OUT_DIR; anything else there is never touched.
-ENTRIES = ("convert", "quantize", "verify", "bench", "bundles", "report", "report.md", "report.html", SUMMARY, MARKER)
+ENTRIES = ("convert", "quantize", "verify", "bench", "bundles", "device-bench", "report", "report.md", "report.html", SUMMARY, MARKER)
 
 
 @dataclass(frozen=True)
@@ -342,6 +343,7 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
     drifts, bundles = _verify_and_bundle(stages, model_path, models, eval_set, targets, options, progress)
     verify_results = {name: d.to_dict() for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
+    device_benches = _device_bench_stages(stages, conv, models, targets, options, progress)
     summary = {
         "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
                                                                           "count": len(calib_set)},
@@ -351,7 +353,9 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
                              "passed": verify_results[t.name]["passed"], "figures": verify_results[t.name]["figures"],
                              "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
                              "budget": verify_results[t.name]["budget"],
-                             "client_check": verify_results[t.name].get("client_check")} for t in targets},
+                             "client_check": verify_results[t.name].get("client_check"),
+                             **({"device_bench": device_benches[t.name]} if t.name in device_benches else {})}
+                    for t in targets},
         "wall_s": round(time.perf_counter() - started, 2),
     }
     from edgeship.report import ReportInputs, write_report
@@ -483,16 +487,18 @@ def _verify_and_bundle(stages: _Stages, model: Path, models: dict[str, DeployedM
     if reference:
         stages.step("verify: float reference (onnxruntime)", time.perf_counter() - start)
     slow_first = sorted(targets, key=lambda t: not t.runtime.client.reads_metadata)  # the app-client check is longest
-    wheel_s: list[float] = []
     with tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir, ThreadPoolExecutor(2) as pool:
-        wheel = _wheel_future(pool, Path(wheel_dir), stages, models, targets, wheel_s)
+        wheel = _Wheel(Path(wheel_dir))
         checks = {t.name: pool.submit(_verify_stage, stages, model, models[t.name], keys[t.name], eval_set, t,
                                       options, reference, progress) for t in slow_first}
-        built = {t.name: pool.submit(_bundle_stage, stages, models[t.name], t, wheel) for t in targets}
+        # A bundle pins the interpreter its target's check ran with, so it waits for that check (the checks
+        # were submitted first, so a waiting bundle never holds a worker a check still needs).
+        built = {t.name: pool.submit(_bundle_stage, stages, models[t.name], t, wheel, checks[t.name])
+                 for t in targets}
         drifts = {t.name: checks[t.name].result() for t in targets}
         bundles = {t.name: built[t.name].result() for t in targets}
-    if wheel_s:
-        stages.step("bundles: edgeship wheel", wheel_s[0])
+    if wheel.seconds is not None:
+        stages.step("bundles: edgeship wheel", wheel.seconds)
     stages.order([r.name for r in stages.records if not r.name.startswith(("verify/", "bundles/"))]
                  + [f"verify/{t.name}" for t in targets] + [f"bundles/{t.name}" for t in targets]
                  + ["bundles: edgeship wheel"])
@@ -502,7 +508,13 @@ def _verify_and_bundle(stages: _Stages, model: Path, models: dict[str, DeployedM
 def _verify_key(cand: DeployedModel, target: Any, eval_set: Any, options: DeployOptions) -> dict[str, Any]:
     return {"stage": "verify", "candidate_sha256": sha256_file(cand.path), "target": target.to_dict(),
             "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
-            "device": options.device.to_dict() if options.device else None}
+            "device": _device_of(options, target)}
+
+
+def _device_of(options: DeployOptions, target: Any) -> dict[str, Any] | None:
+    """The device a target's check and bench run on (``--host TARGET=...`` picks one per target)."""
+    one = options.device.for_target(target.name) if options.device else None
+    return one.to_dict() if one else None
 
 
 def _references(model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress) -> dict[str, np.ndarray]:
@@ -571,34 +583,64 @@ def _bench_stage(stages: _Stages, model: Path, conv: ConvertResult, models: dict
     return json.loads((folder / "bench.json").read_text())
 
 
-def _bundle_key(m: DeployedModel, target: Any) -> dict[str, Any]:
-    return {"stage": "bundle", "model": sha256_file(m.path), "card": m.card.to_dict(), "target": target.to_dict()}
+def _bundle_key(m: DeployedModel, target: Any, version: str | None = None) -> dict[str, Any]:
+    return {"stage": "bundle", "model": sha256_file(m.path), "card": m.card.to_dict(), "target": target.to_dict(),
+            "interpreter_version": version}
 
 
-def _wheel_future(pool: ThreadPoolExecutor, folder: Path, stages: _Stages, models: dict[str, DeployedModel],
-                  targets: list[Any], seconds: list[float]) -> Future[Path | None]:
-    """The edgeship wheel, built once into ``folder`` when a bundle to be built ships it (None: none does);
-    the build's time is appended to ``seconds``."""
-    from edgeship.targets.profile import Access
-    from edgeship.targets.ssh import build_edgeship_wheel
+class _Wheel:
+    """The edgeship wheel, built once into ``folder`` by the first bundle that ships one (thread-safe)."""
 
-    needs = any(t.access != Access.ADB and stages.will_build(f"bundles/{t.name}", _bundle_key(models[t.name], t))
-                for t in targets)
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seconds = folder, None
+        self._lock = threading.Lock()
 
-    def build() -> Path | None:
-        if not needs:
-            return None
-        start = time.perf_counter()
-        build_edgeship_wheel(folder)
-        seconds.append(time.perf_counter() - start)
-        return folder
+    def get(self) -> Path:
+        from edgeship.wheel import build_edgeship_wheel
 
-    return pool.submit(build)
+        with self._lock:
+            if self.seconds is None:
+                start = time.perf_counter()
+                build_edgeship_wheel(self.folder)
+                self.seconds = time.perf_counter() - start
+        return self.folder
 
 
-def _bundle_stage(stages: _Stages, m: DeployedModel, target: Any, wheel: Future[Path | None]) -> Path:
+def _bundle_stage(stages: _Stages, m: DeployedModel, target: Any, wheel: _Wheel, check: Future[Any]) -> Path:
+    """The target's bundle, pinning the interpreter version its drift check ran with (what was verified ships)."""
     from edgeship.targets.bundle import bundle
+    from edgeship.targets.install import verified_version
 
-    folder, _ = stages.run(f"bundles/{target.name}", _bundle_key(m, target),
-                           lambda d: bundle(m.path, target, d, force=True, wheel_dir=wheel.result()))
+    version = verified_version(target, check.result().report.candidate.runtime)
+    folder, _ = stages.run(f"bundles/{target.name}", _bundle_key(m, target, version),
+                           lambda d: bundle(m.path, target, d, force=True,
+                                            wheel_dir=None if target.access == Access.ADB else wheel.get(),
+                                            interpreter_version=version))
     return folder
+
+
+def _device_bench_stages(stages: _Stages, conv: ConvertResult, models: dict[str, DeployedModel], targets: list[Any],
+                         options: DeployOptions, progress: Progress) -> dict[str, dict[str, Any]]:
+    """float32 and the deployed model benchmarked on each target's own ssh device (``--host TARGET=...``)."""
+    from edgeship.targets.devices import ssh_device
+    from edgeship.targets.remote import device_bench
+
+    out: dict[str, dict[str, Any]] = {}
+    for t in targets:
+        one = options.device.for_target(t.name) if options.device else None
+        if one is None or one.kind != "ssh" or t.access.value != "ssh":
+            continue
+        ms = list(dict.fromkeys([conv.model_path, models[t.name].path]))
+        key = {"stage": "device-bench", "target": t.to_dict(), "device": one.to_dict(), "runs": options.bench_runs,
+               "models": {str(m): sha256_file(m) for m in ms}}
+
+        def build(d: Path, t: Any = t, one: Any = one, ms: list[Path] = ms) -> None:
+            doc = device_bench(ssh_device(one), t, ms, runs=options.bench_runs, pip_args=one.pip_args,
+                               progress=progress)
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(d / "bench.json", doc)
+
+        folder, _ = stages.run(f"device-bench/{t.name}", key, build)
+        doc = json.loads((folder / "bench.json").read_text())
+        out[t.name] = {"bench": str(folder / "bench.json"), "device": doc.get("device"), "speed": doc.get("speed")}
+    return out

@@ -74,6 +74,15 @@ class ModelTargetMismatchError(TargetError):
     exit_code = 4
 
 
+class DelegateNotAppliedError(EdgeshipError):
+    """The device ran the model without the target's delegate (XNNPACK asked, 0 partitions applied).
+
+    Drift figures from such a run say nothing about the deployment, so none are given.
+    """
+
+    exit_code = 5
+
+
 class NativeCrashError(EdgeshipError):
     """Native code (TensorFlow's converter or quantizer, an interpreter) died in the child process that ran it."""
 
@@ -89,6 +98,7 @@ EXIT_CODES = {
     "usage": 2,
     "accuracy_drift": 3,
     "model_target_mismatch": 4,
+    "delegate_not_applied": 5,
 }
 
 __all__ = [
@@ -103,6 +113,7 @@ __all__ = [
     "TargetError",
     "ModelTargetMismatchError",
     "DeviceError",
+    "DelegateNotAppliedError",
     "NativeCrashError",
     "EXIT_CODES",
 ]

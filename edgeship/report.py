@@ -324,7 +324,9 @@ def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
     tables = _tables(inputs)
     verdict = "all targets inside their drift budgets" if all(d.passed for d in inputs.drifts.values()) \
         else "some targets are OVER their drift budget"
-    isa = _isa_summary(inputs) + _image_path_line(inputs)
+    from edgeship.targets.remote import device_speed_lines
+
+    isa = _isa_summary(inputs) + _image_path_line(inputs) + device_speed_lines(summary)
     md = [f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
           f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",
           "## Pipeline\n", _md_table(tables["stages"]), f"\nTotal wall time {summary['wall_s']:.1f} s.\n",

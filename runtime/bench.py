@@ -314,8 +314,12 @@ def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = 
         for w in workers:
             w.close()
     _add_ratios(results)
-    return {"schema": SCHEMA, "host": _host(), "options": options.__dict__ | {"threads": list(options.threads)},
-            "results": results}
+    doc = {"schema": SCHEMA, "host": _host(), "options": options.__dict__ | {"threads": list(options.threads)},
+           "results": results}
+    if doc["host"].get("emulated"):
+        for r in results:
+            r["emulated"] = EMULATED
+    return doc
 
 
 def _interleave(workers: list[_Worker], options: BenchOptions,
@@ -401,8 +405,37 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
 
 
 def _host() -> dict[str, Any]:
+    how = emulation()
     return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "node": platform.node()}
+            "cpus": os.cpu_count(), "node": platform.node(), **({"emulated": how} if how else {})}
+
+
+#: The label of every timing measured on an emulated CPU.
+EMULATED = "emulated: not the speed of a Pi"
+#: Written into the root of an emulated Pi by ``edgeship emulate`` (:mod:`edgeship.targets.emulated_pi`).
+EMULATED_MARKER = "/etc/edgeship-emulated.json"
+
+
+def emulation() -> str | None:
+    """How this ARM CPU is emulated, or None on real hardware.
+
+    qemu-user passes the host kernel's ``/proc/cpuinfo`` through, so an ARM process that
+    reads x86 fields there is emulated; edgeship's emulated Pis also carry a marker file.
+    """
+    if not platform.machine().lower().startswith(("aarch64", "arm")):
+        return None
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = ""
+    if Path(EMULATED_MARKER).is_file() or "vendor_id" in cpuinfo:
+        return f"qemu-user ({os.environ.get('QEMU_CPU', 'default CPU')}): {EMULATED}"
+    return None
+
+
+def emulated_label(doc: dict[str, Any]) -> str | None:
+    """The emulation label of a bench document (measured on an emulated CPU), or None."""
+    return (doc.get("host") or {}).get("emulated") or (doc.get("device") or {}).get("emulated")
 
 
 def delegation_note(runtime: dict[str, Any]) -> str:
@@ -418,7 +451,9 @@ def delegation_note(runtime: dict[str, Any]) -> str:
 
 def table(doc: dict[str, Any]) -> list[str]:
     """A short human table of a bench document."""
-    lines = [f"{'model':<42}{'thr':>4}{'init':>8}{'first':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'RSS MB':>8}"
+    label = emulated_label(doc)
+    lines = [f"timings measured under {label}"] if label else []
+    lines += [f"{'model':<42}{'thr':>4}{'init':>8}{'first':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'RSS MB':>8}"
              f"{'MB':>7}{'ratio':>7}  runtime"]
     for r in doc["results"]:
         rt = r["runtime"]

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 #: Seconds one model may take to load, allocate and run once in the checking child.
 CHECK_TIMEOUT = 300.0
 #: Bumped when the check changes, so cached verdicts of an older check are not trusted.
-_CHECK_VERSION = 3
+_CHECK_VERSION = 4
 #: Exit code of the checking child when it cannot import the interpreter (no verdict).
 _NO_INTERPRETER = 4
 # The checking child: one model per line of stdin, one verdict per line of stdout, flushed
@@ -47,6 +47,8 @@ try:
 except Exception as exc:
     sys.stderr.write("cannot import %s: %s\n" % (sys.argv[1], exc))
     sys.exit(4)
+sys.stdout.write("ready\n")
+sys.stdout.flush()
 for line in sys.stdin:
     path = line.rstrip("\n")
     try:
@@ -155,8 +157,10 @@ def _run_checker(paths: list[Path], backend: str) -> dict[int, str] | None:
             verdicts[start] = f"crash: loading and running it once took over {CHECK_TIMEOUT:g} s"
             start += 1
             continue
-        if proc.returncode == _NO_INTERPRETER:
-            log.debug("model-checking child has no interpreter: %s", proc.stderr.strip())
+        if proc.returncode == _NO_INTERPRETER or "ready" not in proc.stdout.splitlines():
+            # No interpreter, or the child never started (an emulated guest whose executable only runs
+            # under its emulator's root): no verdict, rather than blaming the model or the interpreter.
+            log.debug("model-checking child could not check (exit %s): %s", proc.returncode, proc.stderr.strip())
             return None
         done = [line for line in proc.stdout.splitlines() if line.startswith(("ok", "bad"))]
         for i, line in enumerate(done):
@@ -205,23 +209,29 @@ def check_model_files(paths: Sequence[str | os.PathLike[str]], *, backend: str |
         if verdict is None:
             pending.append((p, key))
         else:
-            result[p] = _problem(verdict)
+            result[p] = _problem(verdict, backend)
     if pending:
         verdicts = _run_checker([p for p, _ in pending], backend)
         for i, (p, key) in enumerate(pending):
             verdict = verdicts.get(i, "ok") if verdicts is not None else "ok"
             if verdicts is not None:
                 _store_verdict(cache, key, verdict)
-            result[p] = _problem(verdict)
+            result[p] = _problem(verdict, backend)
     return result
 
 
-def _problem(verdict: str) -> str | None:
+def _problem(verdict: str, backend: str) -> str | None:
+    """One line for a verdict. A crash comes after the structural check passed: the interpreter failed, not the file."""
     if verdict == "ok":
         return None
     kind, _, detail = verdict.partition(" ")
     if kind == "crash:":
-        return f"{detail}: the file is truncated or corrupt"
+        who = f"{backend} {backend_version(backend) or '(version unknown)'} on {platform.machine()}"
+        detail = detail.replace("the interpreter crashed", f"the interpreter ({who}) crashed")
+        if who not in detail:
+            detail = f"{detail} ({who})"
+        return (f"{detail}; the file passed the structural check, so the interpreter failed, not the file: "
+                "try another version of the interpreter package")
     return detail or "the interpreter rejected it"
 
 

@@ -17,8 +17,10 @@ from edgeship._lock import LOCK_FILE
 from edgeship.errors import InputError, ModelTargetMismatchError, TargetError
 from edgeship.runtime.card import CARD_FILE, ModelCard
 from edgeship.runtime.model_check import check_model_file
-from edgeship.targets.profile import Access, Target
+from edgeship.targets.install import apt_command, device_requirements, requirements_text, venv_command
 from edgeship.targets.metadata import METADATA_JSON
+from edgeship.targets.profile import Access, Target
+from edgeship.wheel import build_edgeship_wheel
 
 README = "README.md"
 REQUIREMENTS = "requirements.txt"
@@ -61,7 +63,7 @@ def check_client_input(card: ModelCard, target: Target) -> None:
 
 
 def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.PathLike[str], *,
-           force: bool = False, wheel_dir: Path | None = None) -> BundleResult:
+           force: bool = False, wheel_dir: Path | None = None, interpreter_version: str | None = None) -> BundleResult:
     """Write the bundle of ``model`` (a .tflite with its card beside it) for ``target``.
 
     Args:
@@ -69,6 +71,8 @@ def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.Path
         target: The target profile.
         out_dir: Bundle folder (existing contents only replaced with ``force``).
         wheel_dir: A folder holding a pre-built edgeship wheel (default: build one).
+        interpreter_version: The interpreter version the drift check ran with, pinned with ``==``
+            (default: :func:`~edgeship.targets.install.interpreter_pin`'s choice).
     """
     from edgeship.runtime.classifier import find_card
 
@@ -96,9 +100,9 @@ def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.Path
             atomic_write_text(stage / README, _android_readme(card, target, model.name))
         else:
             wheel = _wheel(stage / "wheels", wheel_dir)
-            reqs = [*target.pip_requirements(), f"./wheels/{wheel.name}"]
-            atomic_write_text(stage / REQUIREMENTS, "\n".join(reqs) + "\n")
-            atomic_write_text(stage / README, _python_readme(card, target, model.name))
+            reqs = device_requirements(target, interpreter_version)
+            atomic_write_text(stage / REQUIREMENTS, requirements_text(reqs, [wheel.name]))
+            atomic_write_text(stage / README, _python_readme(card, target, model.name, reqs[-1]))
     out = Path(out_dir)
     return BundleResult(out, target.name, tuple(sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)))
 
@@ -125,25 +129,30 @@ def _wheel(dest: Path, wheel_dir: Path | None) -> Path:
         if not found:
             raise InputError(f"no edgeship wheel in {wheel_dir}")
         return atomic_copy(found[-1], dest / found[-1].name)
-    from edgeship.targets.ssh import build_edgeship_wheel
-
     return build_edgeship_wheel(dest)
 
 
-def _python_readme(card: ModelCard, target: Target, model_file: str) -> str:
+def _python_readme(card: ModelCard, target: Target, model_file: str, runtime_pin: str) -> str:
+    apt = apt_command(target)
+    os_line = (f"numpy and Pillow come from the OS ({', '.join(target.runtime.system_packages)}): PyPI has no "
+               "wheels of them for this CPU, and the venv sees them (`--system-site-packages`); no compiler is "
+               "needed.\n" if apt else "Everything installs from PyPI wheels; no compiler is needed.\n")
+    commands = "\n".join([*([apt] if apt else []), venv_command(target),
+                          f".venv/bin/python -m edgeship.runtime . IMAGE.jpg [IMAGE ...] "
+                          f"--threads {target.execution.threads}"])
     return f"""# {model_file} for {target.name}
 
 {target.description}.
 
 Model: {card.precision}, input {card.input.dtype} {list(card.input.shape)} ({card.input.layout}),
 output {card.output.dtype} {list(card.output.shape)}; preprocessing in `model_card.json`.
-Runtime: `{target.runtime.package}{target.runtime.versions}` (Python {target.runtime.python}); {target.runtime.note}.
-
+Runtime: `{runtime_pin}`, the interpreter version the accuracy check ran with (Python {target.runtime.python});
+{target.runtime.note}.
+{os_line}
 On the device, in this folder:
 
 ```bash
-python3 -m venv .venv && .venv/bin/pip install -r requirements.txt
-.venv/bin/python -m edgeship.runtime . IMAGE.jpg [IMAGE ...] --threads {target.execution.threads}
+{commands}
 ```
 
 The second command prints the top-5 classes of each image and which interpreter and

@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -96,8 +96,9 @@ def stage_images(files: Sequence[Path], dest: Path) -> list[str]:
 class DeviceSpec:
     """Where drift checks run, as options (what the CLI parses and deploy keys its cache on).
 
-    ``kind``: ``local`` (this machine), ``ssh`` (``host`` = user@host[:port]), ``emulate``
-    (qemu-aarch64) or ``adb`` (refused for drift checks).
+    ``kind``: ``local`` (this machine), ``ssh`` (``host`` = user@host[:port], and/or ``hosts``
+    naming one device per target), ``emulate`` (qemu-aarch64) or ``adb`` (refused for drift checks).
+    ``host`` serves every ssh target that ``hosts`` does not name.
     """
 
     kind: str = "local"
@@ -107,24 +108,59 @@ class DeviceSpec:
     accept_new_host_key: bool = False
     python: str = "python3"
     pip_args: tuple[str, ...] = field(default=())
+    #: (target name, user@host[:port]) pairs: a device per target.
+    hosts: tuple[tuple[str, str], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "ssh", "emulate", "adb"):
             raise InputError(f"device kind must be local, ssh, emulate or adb, got {self.kind!r}")
-        if self.kind == "ssh" and not self.host:
-            raise InputError("an ssh device needs a host (user@host[:port])")
+        object.__setattr__(self, "hosts", tuple((str(t), str(h)) for t, h in self.hosts))
+        if self.kind == "ssh" and not self.host and not self.hosts:
+            raise InputError("an ssh device needs a host (user@host[:port], or TARGET=user@host[:port])")
+        names = [t for t, _ in self.hosts]
+        if len(set(names)) != len(names):
+            twice = sorted({t for t in names if names.count(t) > 1})
+            raise InputError(f"--host names a target twice: {', '.join(twice)}")
         object.__setattr__(self, "pip_args", tuple(self.pip_args))
 
+    def host_for(self, target: str) -> str | None:
+        """The device of ``target``: its own ``hosts`` entry, else ``host``."""
+        return dict(self.hosts).get(target, self.host)
+
+    def for_target(self, target: str) -> DeviceSpec:
+        """This spec with ``host`` resolved for ``target`` and no per-target table (what one drift check uses)."""
+        if self.kind != "ssh":
+            return self
+        host = self.host_for(target)
+        return replace(self, kind="ssh" if host else "local", host=host, hosts=())
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-                for k, v in self.__dict__.items()}
+        return {k: (str(v) if isinstance(v, Path) else [list(x) if isinstance(x, tuple) else x for x in v]
+                    if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeviceSpec:
         d = dict(d)
         for key in ("identity", "known_hosts"):
             d[key] = Path(d[key]) if d.get(key) else None
+        d["hosts"] = tuple(tuple(pair) for pair in d.get("hosts", ()))
         return cls(**d)
+
+
+def parse_hosts(values: Sequence[str]) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """``--host`` values: ``user@host[:port]`` (at most one) and ``TARGET=user@host[:port]`` (one per target)."""
+    bare = [v for v in values if "=" not in v]
+    if len(bare) > 1:
+        raise InputError(f"--host given {len(bare)} times without a target: name the target of each device "
+                         "(--host rpi4-aarch64=pi@host1 --host rpi-armv7=pi@host2)")
+    pairs = []
+    for value in values:
+        if "=" in value:
+            target, _, host = value.partition("=")
+            if not target or not host:
+                raise InputError(f"--host {value!r}: expected TARGET=user@host[:port]")
+            pairs.append((target, host))
+    return (bare[0] if bare else None), tuple(pairs)
 
 
 def make_device(spec: DeviceSpec | None, target: Target) -> tuple[Device, str | None]:
@@ -132,33 +168,51 @@ def make_device(spec: DeviceSpec | None, target: Target) -> tuple[Device, str | 
 
     One rule for every command: emulation runs aarch64 targets; any other target runs on
     this machine, said in the note (deploy's several targets share one ``--emulate``).
-    An ssh device serves the targets reached over ssh; others run here, noted likewise.
+    An ssh device serves the targets reached over ssh (its own ``TARGET=`` device first);
+    others run here, noted likewise.
     """
     spec = spec or DeviceSpec()
     if spec.kind == "adb":
         raise InputError(NO_ADB_DRIFT_CHECKS)
     if spec.kind == "emulate":
         if target.arch != Arch.AARCH64:
-            return LocalDevice(), f"--emulate runs aarch64 only: {target.name} ({target.arch.value}) ran on this machine"
+            return LocalDevice(), (f"--emulate runs aarch64 only: {target.name} ({target.arch.value}) ran on "
+                                   "this machine")
         from edgeship.targets.emulate import EmulatedDevice
 
         return StagedDevice(EmulatedDevice(), _emulated_where), None
     if spec.kind == "ssh":
         if target.access.value != "ssh":
             return LocalDevice(), f"{target.name} is not reached over ssh: it ran on this machine"
-        return StagedDevice(ssh_collector(spec, target), lambda rt: f"ssh {spec.host} ({rt.get('machine', '?')})"), None
+        one = spec.for_target(target.name)
+        if one.kind != "ssh":
+            return LocalDevice(), f"no --host for {target.name}: it ran on this machine"
+        return StagedDevice(ssh_collector(one, target), lambda rt: _ssh_where(one, rt)), None
     return LocalDevice(), None
+
+
+def _ssh_where(spec: DeviceSpec, runtime: dict[str, Any]) -> str:
+    """``ssh pi@host:2222 (aarch64 emulated, Python 3.11.2, ai_edge_litert 2.1.0)``: what reports name."""
+    parts = [f"{runtime.get('machine', '?')}{' emulated' if runtime.get('emulated') else ''}"]
+    if runtime.get("python"):
+        parts.append(f"Python {runtime['python']}")
+    if runtime.get("interpreter"):
+        parts.append(f"{runtime['interpreter']} {runtime.get('interpreter_version') or ''}".strip())
+    return f"ssh {spec.host} ({', '.join(parts)})" if runtime else f"ssh {spec.host}"
 
 
 def _emulated_where(runtime: dict[str, Any]) -> str:
     return f"qemu-user {runtime.get('machine', 'aarch64')} ({runtime.get('cpu', 'emulated')})"
 
 
-def ssh_device(spec: DeviceSpec) -> Any:
-    """The :class:`~edgeship.targets.ssh.SshDevice` of an ssh spec."""
+def ssh_device(spec: DeviceSpec, target: str | None = None) -> Any:
+    """The :class:`~edgeship.targets.ssh.SshDevice` of an ssh spec (for ``target``'s own host when named)."""
     from edgeship.targets.ssh import SshDevice, SshTarget
 
-    return SshDevice(SshTarget.parse(str(spec.host), identity=spec.identity, known_hosts=spec.known_hosts,
+    host = spec.host_for(target) if target else spec.host
+    if not host:
+        raise InputError(f"no --host for {target}: pass --host {target}=user@host[:port]")
+    return SshDevice(SshTarget.parse(host, identity=spec.identity, known_hosts=spec.known_hosts,
                                      accept_new_host_key=spec.accept_new_host_key, python=spec.python))
 
 

@@ -80,8 +80,15 @@ class Runtime:
     python: str
     note: str = ""
     client: Client = Client.EDGESHIP
+    #: Debian packages that provide numpy and Pillow on the device (``sudo apt install``; the venv then
+    #: uses ``--system-site-packages``); empty: both come from PyPI.
+    system_packages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.system_packages, (list, tuple)) or not all(
+                isinstance(p, str) and p for p in self.system_packages):
+            raise ValueError(f"runtime.system_packages must be a list of package names, got {self.system_packages!r}")
+        object.__setattr__(self, "system_packages", tuple(self.system_packages))
         try:
             object.__setattr__(self, "client", Client(self.client))
         except ValueError:
@@ -213,7 +220,8 @@ class Target:
         if self.access == Access.ADB:
             raise TargetError(f"target {self.name} runs without Python (benchmark_model or an app); "
                               "it has no pip requirements")
-        return ["numpy>=1.23,<2", "Pillow>=9", f"{self.runtime.package}{self.runtime.versions}"]
+        from_pypi = [] if self.runtime.system_packages else ["numpy>=1.23,<2", "Pillow>=9"]
+        return [*from_pypi, f"{self.runtime.package}{self.runtime.versions}"]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

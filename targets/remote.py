@@ -10,6 +10,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from edgeship.errors import DeviceError
+from edgeship.targets.install import device_requirements, uses_system_packages
 from edgeship.targets.profile import Target
 
 
@@ -26,8 +27,21 @@ class SshCollector:
         from edgeship.targets.ssh import remote_collect
 
         check_arch(self.device, self.target)
-        return remote_collect(self.device, model_dir, image_dir, requirements=self.target.pip_requirements(),
-                              threads=threads, use_xnnpack=use_xnnpack, pip_args=self.pip_args)
+        logits, names, runtime = remote_collect(
+            self.device, model_dir, image_dir, requirements=device_requirements(self.target), threads=threads,
+            use_xnnpack=use_xnnpack, pip_args=self.pip_args, system_site_packages=uses_system_packages(self.target))
+        return logits, names, {**runtime, **device_facts(self.device)}
+
+
+def device_facts(device: Any) -> dict[str, Any]:
+    """What a report records about the device: its Python, ``uname -m``, whether it is emulated, the install."""
+    facts = device.probe()
+    install = {k: device.last_install.get(k) for k in ("command", "seconds", "reused", "updated",
+                                                       "requirements_sha256", "requirements")
+               if device.last_install.get(k) is not None} if device.last_install else {}
+    return {"python": facts.get("python"), "machine": facts.get("machine"),
+            **({"emulated": facts["emulated"]} if facts.get("emulated") else {}),
+            **({"install": install} if install else {})}
 
 
 #: How ``uname -m`` spells each target architecture.
@@ -49,15 +63,17 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                   images: Sequence[Path] = ()) -> dict[str, Any]:
     """Copy the models (with their cards) and ``images`` to the device, run ``python -m edgeship.runtime.bench``
     there (``--image`` for each image: end to end through the same runtime code), return its bench.json."""
-    from edgeship.targets.ssh import _new_job, _remove_job, build_edgeship_wheel, default_wheel_cache
+    from edgeship.targets.ssh import new_job, remove_job
+    from edgeship.wheel import build_edgeship_wheel, default_wheel_cache
 
     if progress:
         progress("prepare device", None, None)
     check_arch(device, target)
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
         wheel = build_edgeship_wheel(default_wheel_cache())
-        python = device.ensure_venv(target.pip_requirements(), wheels=[wheel], pip_args=pip_args)
-        remote = _new_job(device)
+        python = device.ensure_venv(device_requirements(target), wheels=[wheel], pip_args=pip_args,
+                                    system_site_packages=uses_system_packages(target))
+        remote = new_job(device)
         try:
             names = []
             for i, m in enumerate(models):
@@ -78,16 +94,17 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                 image_args += ["--image", f"{remote}/image{i}{suffix}"]
             if progress:
                 progress(f"benchmark on {getattr(device, 'target', device)}", None, None)
-            device.run_module(python, "edgeship.runtime.bench", [*names, *args, *image_args, "-o", f"{remote}/bench.json"],
-                              timeout=3600)
+            device.run_module(python, "edgeship.runtime.bench",
+                              [*names, *args, *image_args, "-o", f"{remote}/bench.json"], timeout=3600)
             device.pull(f"{remote}/bench.json", Path(tmp) / "bench.json")
             try:
                 doc = json.loads((Path(tmp) / "bench.json").read_text())
             except (OSError, json.JSONDecodeError) as exc:
                 raise DeviceError(f"no usable bench.json came back from the device: {exc}") from exc
+            doc["device"] = {"where": str(getattr(device.target, "where", device.target)), **device_facts(device)}
             return _original_names(doc, names, models)
         finally:
-            _remove_job(device, remote)
+            remove_job(device, remote)
 
 
 def _original_names(doc: dict[str, Any], remote: Sequence[str], models: Sequence[Path]) -> dict[str, Any]:
@@ -100,3 +117,59 @@ def _original_names(doc: dict[str, Any], remote: Sequence[str], models: Sequence
             row["device_path"] = row.get("path")
             row["model"], row["path"] = m.name, str(m)
     return doc
+
+
+#: invoke() runs per model on an emulated device (seconds each under qemu; the figures are labelled anyway).
+EMULATED_RUNS = 3
+
+
+def device_bench(device: Any, target: Target, models: Sequence[Path], *, runs: int, pip_args: Sequence[str] = (),
+                 progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
+    """Benchmark ``models`` on the device with the target's threads and delegate; add :func:`speed_verdict`.
+
+    An emulated device gets :data:`EMULATED_RUNS` runs: its timings are labelled and decide nothing.
+    """
+    emulated = device.probe().get("emulated")
+    n = min(runs, EMULATED_RUNS) if emulated else runs
+    args = ["--threads", str(target.execution.threads), "--runs", str(n), "--warmup", "1" if emulated else "10",
+            *([] if target.execution.use_xnnpack else ["--no-xnnpack"])]
+    doc = ssh_benchmark(device, target, models, args, pip_args=pip_args, progress=progress)
+    doc["target"] = target.name
+    doc["speed"] = speed_verdict(doc)
+    return doc
+
+
+def speed_verdict(doc: dict[str, Any]) -> dict[str, Any]:
+    """Which of the benchmarked models is fastest on the device (p50), and what that means for the target.
+
+    On an emulated device the answer is shown, labelled, and recommends nothing: the emulator's
+    relative speeds are not a Pi's.
+    """
+    from edgeship.runtime.bench import emulated_label
+
+    rows = {r["model"]: r["p50_ms"] for r in doc.get("results", [])}
+    if not rows:
+        return {}
+    fastest = min(rows, key=rows.__getitem__)
+    label = emulated_label(doc)
+    verdict = {"p50_ms": rows, "fastest": fastest, "machine": (doc.get("device") or {}).get("machine"),
+               "emulated": label}
+    if label:
+        verdict["recommendation"] = (f"{fastest} is fastest under emulation; not a speed decision: "
+                                     "run edgeship bench --host on the real device")
+    else:
+        verdict["recommendation"] = f"ship {fastest}: fastest on this device"
+    return verdict
+
+
+def device_speed_lines(summary: dict[str, Any]) -> list[str]:
+    """Report lines: each target's device benchmark, the fastest model there and the recommendation."""
+    lines = []
+    for name, t in summary.get("targets", {}).items():
+        speed = (t.get("device_bench") or {}).get("speed") or {}
+        if speed:
+            figures = ", ".join(f"{m} {ms:.1f} ms" for m, ms in speed["p50_ms"].items())
+            lines.append(f"{name} on its device ({speed.get('machine') or '?'}), invoke() p50: {figures}"
+                         f"{' [' + speed['emulated'] + ']' if speed.get('emulated') else ''}: "
+                         f"{speed['recommendation']}.")
+    return lines

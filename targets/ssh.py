@@ -20,12 +20,10 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shlex
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -33,8 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-from edgeship._io import cache_dir, sha256_file
-from edgeship.errors import DeviceError, EdgeshipError, InputError, MissingDependencyError
+from edgeship._io import sha256_file
+from edgeship.errors import DeviceError, InputError, MissingDependencyError
+from edgeship.targets.install import requirements_text
+from edgeship.wheel import build_edgeship_wheel, default_wheel_cache, source_root
 
 if TYPE_CHECKING:
     import numpy as np
@@ -50,22 +50,44 @@ MIN_PYTHON = (3, 9)
 #: Timeout of the small bookkeeping commands (probe, mkdir, rm).
 SHORT_TIMEOUT = 120.0
 
-_PROBE_SCRIPT = ("import json, platform, sys; print(json.dumps({'python': platform.python_version(), "
-                 "'machine': platform.machine(), 'system': platform.system(), 'executable': sys.executable}))")
+# The device's Python, ``uname -m`` and whether its ARM CPU is emulated (qemu-user shows the host
+# kernel's x86 /proc/cpuinfo; edgeship's emulated Pis carry a marker): see edgeship.runtime.bench.emulation.
+_PROBE_SCRIPT = """import json, os, platform, sys
+m = platform.machine()
+try:
+    c = open('/proc/cpuinfo').read()
+except OSError:
+    c = ''
+e = m.lower().startswith(('aarch64', 'arm')) and (os.path.isfile('/etc/edgeship-emulated.json') or 'vendor_id' in c)
+cpu = os.environ.get('QEMU_CPU', 'default CPU')
+print(json.dumps({'python': platform.python_version(), 'machine': m, 'system': platform.system(),
+                  'executable': sys.executable,
+                  'emulated': 'qemu-user (%s): emulated: not the speed of a Pi' % cpu if e else None}))
+"""
 # $1 is the requested folder (may be empty or start with ~/); prints its absolute path.
 _WORKDIR_SCRIPT = ('d=${1:-' + DEFAULT_REMOTE_DIR + '}; case $d in "~") d=$HOME;; "~/"*) d=$HOME/${d#"~/"};; esac; '
                    'mkdir -p -- "$d" && cd -- "$d" && pwd -P')
 # $1 lock folder, $2 minutes after which a lock is stale (its holder died), $3 seconds to wait.
 # mkdir is atomic: whoever creates the folder holds the lock. Exit 75 when still held after $3 s.
 _LOCK_SCRIPT = ('n=0; while ! mkdir -- "$1" 2>/dev/null; do '
-                'if [ -n "$(find "$1" -maxdepth 0 -mmin +"$2" 2>/dev/null)" ]; then rmdir -- "$1" 2>/dev/null; continue; fi; '
+                'if [ -n "$(find "$1" -maxdepth 0 -mmin +"$2" 2>/dev/null)" ]; then '
+                'rmdir -- "$1" 2>/dev/null; continue; fi; '
                 'n=$((n+1)); if [ "$n" -ge "$3" ]; then exit 75; fi; sleep 1; done')
 _READ_MARKER_SCRIPT = "import sys; sys.stdout.write(open(sys.argv[1]).read())"
 _WRITE_MARKER_SCRIPT = ("import os, sys; tmp = sys.argv[1] + '.tmp'; fh = open(tmp, 'w'); fh.write(sys.argv[2]); "
                         "fh.close(); os.replace(tmp, sys.argv[1])")
 
-__all__ = ["SshTarget", "SshDevice", "build_edgeship_wheel", "default_wheel_cache", "remote_collect",
-           "ssh_problem", "source_root"]
+__all__ = [
+    "SshDevice",
+    "SshTarget",
+    "build_edgeship_wheel",
+    "default_wheel_cache",
+    "new_job",
+    "remote_collect",
+    "remove_job",
+    "source_root",
+    "ssh_problem",
+]
 
 
 # --------------------------------------------------------------------------- target
@@ -285,6 +307,8 @@ class SshDevice:
         self.target = target
         self._workdir: str | None = None
         self._probe: dict[str, str] | None = None
+        #: The marker of the install :meth:`ensure_venv` last made or reused (seconds, command, ...).
+        self.last_install: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"SshDevice({self.target.where})"
@@ -397,12 +421,15 @@ class SshDevice:
     def ensure_venv(self, requirements: Sequence[str], *, wheels: Sequence[Path] = (),
                     system_site_packages: bool = True, pip_args: Sequence[str] = (),
                     timeout: float = 1800) -> str:
-        """Create or reuse a venv on the device and pip-install ``requirements`` and local ``wheels``.
+        """Create or reuse an install on the device the way a bundle README says, and return its python.
 
-        The venv lives in ``workdir()/venv-<hash>``, the hash covering the interpreter, its
-        version and machine, the requirements and the wheel names. A venv counts as complete
-        when its marker file exists; a complete venv is reused, and wheels whose content
-        changed (same name, e.g. a rebuilt edgeship wheel) are reinstalled into it.
+        The install is a folder ``workdir()/venv-<hash>`` holding ``requirements.txt`` (the
+        ``requirements`` and then ``./wheels/NAME`` for each wheel, the bundle's format),
+        ``wheels/`` and ``.venv``, made in that folder by the device's own Python and pip:
+        ``python3 -m venv [--system-site-packages] .venv && .venv/bin/pip install -r requirements.txt``.
+        The hash covers the interpreter, its version and machine, the requirements and the wheel
+        names. An install counts as complete when its marker file exists; a complete one is
+        reused, and wheels whose content changed (a rebuilt edgeship wheel) are reinstalled into it.
 
         Args:
             requirements: pip requirement strings, e.g. ``["numpy<2", "ai-edge-litert==2.1.0"]``.
@@ -422,39 +449,64 @@ class SshDevice:
                 raise InputError(f"wheel {w} does not exist or is not a .whl file")
         digests = {w.name: sha256_file(w) for w in wheels}
         key = _venv_key(self.target.python, facts, requirements, sorted(digests), system_site_packages)
-        venv = f"{self.workdir()}/venv-{key}"
-        python = f"{venv}/bin/python"
-        marker_path = f"{venv}/{VENV_MARKER}"
+        folder = f"{self.workdir()}/venv-{key}"
+        python = f"{folder}/.venv/bin/python"
+        marker_path = f"{folder}/{VENV_MARKER}"
 
         def complete(marker: dict[str, Any] | None) -> bool:
             return marker is not None and marker.get("wheels") == digests
 
-        if complete(self._read_marker(python, marker_path)):
-            log.info("reusing venv %s on %s (complete)", venv, self.target.where)
+        marker = self._read_marker(python, marker_path)
+        if complete(marker):
+            log.info("reusing venv %s on %s (complete)", folder, self.target.where)
+            self.last_install = {**(marker or {}), "reused": True, "folder": folder}
             return python
         # Another edgeship may be building the same venv on this device: take turns, then look again.
-        with self._remote_lock(f"{venv}.lock", stale_after=timeout, wait=_remaining(deadline)):
+        with self._remote_lock(f"{folder}.lock", stale_after=timeout, wait=_remaining(deadline)):
             marker = self._read_marker(python, marker_path)
             if complete(marker):
-                log.info("venv %s on %s was completed meanwhile by another run", venv, self.target.where)
+                log.info("venv %s on %s was completed meanwhile by another run", folder, self.target.where)
+                self.last_install = {**(marker or {}), "reused": True, "folder": folder}
                 return python
             start = time.monotonic()
-            if marker is None:
-                log.info("creating venv %s on %s", venv, self.target.where)
-                self.run(["rm", "-rf", "--", venv], timeout=SHORT_TIMEOUT)
-                self._create_venv(venv, system_site_packages, _remaining(deadline))
-                install = [*requirements, *self._push_wheels(venv, wheels, _remaining(deadline))]
-            else:
-                log.info("updating venv %s on %s: reinstalling changed wheels", venv, self.target.where)
-                changed = [w for w in wheels if marker.get("wheels", {}).get(w.name) != digests[w.name]]
-                install = ["--no-deps", "--force-reinstall", *self._push_wheels(venv, changed, _remaining(deadline))]
-            self._pip_install(python, [*pip_args, *install], _remaining(deadline))
+            text = requirements_text(requirements, [w.name for w in wheels])
             record = {"key": key, "requirements": list(requirements), "wheels": digests, "python": facts["python"],
-                      "system_site_packages": system_site_packages,
-                      "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                      "machine": facts.get("machine"), "system_site_packages": system_site_packages,
+                      "requirements_sha256": hashlib.sha256(text.encode()).hexdigest()}
+            if marker is None:
+                log.info("creating venv %s on %s", folder, self.target.where)
+                command = self._install_fresh(folder, text, wheels, system_site_packages, pip_args, deadline)
+                record.update(command=command, seconds=round(time.monotonic() - start, 1),
+                              created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            else:
+                log.info("updating venv %s on %s: reinstalling changed wheels", folder, self.target.where)
+                changed = [w for w in wheels if marker.get("wheels", {}).get(w.name) != digests[w.name]]
+                self._push_wheels(folder, changed, _remaining(deadline))
+                self._pip_in(folder, ["--no-deps", "--force-reinstall", *pip_args,
+                                      *(f"./wheels/{w.name}" for w in changed)], _remaining(deadline))
+                # The install stays the README's; the changed wheels' reinstall is recorded beside it.
+                record.update({k: marker.get(k) for k in ("command", "seconds", "created")},
+                              updated={"wheels": [w.name for w in changed],
+                                       "seconds": round(time.monotonic() - start, 1),
+                                       "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            seconds = round(time.monotonic() - start, 1)
             self.run([python, "-c", _WRITE_MARKER_SCRIPT, marker_path, json.dumps(record)], timeout=SHORT_TIMEOUT)
-            log.info("venv %s on %s ready in %.1f s", venv, self.target.where, time.monotonic() - start)
+            self.last_install = {**record, "reused": False, "folder": folder}
+            log.info("venv %s on %s ready in %.1f s", folder, self.target.where, seconds)
         return python
+
+    def _install_fresh(self, folder: str, text: str, wheels: Sequence[Path], system_site_packages: bool,
+                       pip_args: Sequence[str], deadline: float) -> str:
+        """The README's two steps in a new ``folder``: ``python3 -m venv .venv``, then ``pip install -r``."""
+        self.run(["rm", "-rf", "--", folder], timeout=SHORT_TIMEOUT)
+        self.run(["mkdir", "-p", "--", f"{folder}/wheels"], timeout=SHORT_TIMEOUT)
+        self._push_wheels(folder, wheels, _remaining(deadline))
+        self.run(["sh", "-c", 'printf %s "$1" > "$2"', "sh", text, f"{folder}/requirements.txt"],
+                 timeout=SHORT_TIMEOUT)
+        self._create_venv(f"{folder}/.venv", system_site_packages, _remaining(deadline))
+        self._pip_in(folder, [*pip_args, "-r", "requirements.txt"], _remaining(deadline))
+        flag = " --system-site-packages" if system_site_packages else ""
+        return f"{self.target.python} -m venv{flag} .venv && .venv/bin/pip install -r requirements.txt"
 
     @contextlib.contextmanager
     def _remote_lock(self, path: str, *, stale_after: float, wait: float) -> Iterator[None]:
@@ -501,19 +553,17 @@ class SshDevice:
             raise DeviceError(f"cannot create a venv with {self.target.python} on {self.target.where}{hint}: "
                               f"{_last_line(proc.stderr or proc.stdout)}")
 
-    def _push_wheels(self, venv: str, wheels: Sequence[Path], timeout: float) -> list[str]:
-        if not wheels:
-            return []
-        folder = f"{venv}/wheels"
-        self.run(["mkdir", "-p", "--", folder], timeout=SHORT_TIMEOUT)
-        self._scp([str(w) for w in wheels], self.target.scp_path(folder + "/"), timeout=timeout,
-                  what="copying wheels to")
-        return [f"{folder}/{w.name}" for w in wheels]
+    def _push_wheels(self, folder: str, wheels: Sequence[Path], timeout: float) -> None:
+        if wheels:
+            self.run(["mkdir", "-p", "--", f"{folder}/wheels"], timeout=SHORT_TIMEOUT)
+            self._scp([str(w) for w in wheels], self.target.scp_path(f"{folder}/wheels/"), timeout=timeout,
+                      what="copying wheels to")
 
-    def _pip_install(self, python: str, args: list[str], timeout: float) -> None:
-        argv = [python, "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                "--progress-bar", "off", *args]
-        proc = self.run(argv, timeout=timeout, check=False)
+    def _pip_in(self, folder: str, args: Sequence[str], timeout: float) -> None:
+        """``.venv/bin/pip install ARGS`` run in ``folder`` (relative ``./wheels/`` paths resolve there)."""
+        script = ('cd -- "$1" && shift && exec .venv/bin/python -m pip install --disable-pip-version-check '
+                  '--no-input --progress-bar off "$@"')
+        proc = self.run(["sh", "-c", script, "sh", folder, *args], timeout=timeout, check=False)
         log.debug("pip on %s:\n%s\n%s", self.target.where, proc.stdout, proc.stderr)
         if proc.returncode != 0:
             raise DeviceError(f"pip install on {self.target.where} failed (exit {proc.returncode}): "
@@ -543,121 +593,17 @@ def _venv_key(python: str, facts: dict[str, str], requirements: Sequence[str], w
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- edgeship wheel
-
-#: Folders of the source tree that never go into the wheel build.
-_SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "out", "tests", "__pycache__"}
-
-
-def source_root() -> Path:
-    """The source checkout edgeship is installed from (editable install)."""
-    import edgeship
-
-    root = Path(edgeship.__file__).resolve().parent.parent
-    if not (root / "pyproject.toml").is_file():
-        raise InputError(f"edgeship at {Path(edgeship.__file__).parent} is not installed from a source checkout "
-                         "(no pyproject.toml beside it): build a wheel yourself and pass it as wheels=[...]")
-    return root
-
-
-def _source_files(root: Path) -> list[Path]:
-    """Files the wheel is built from, relative to ``root``."""
-    found = []
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")
-                         and not d.endswith(".egg-info"))
-        rel = Path(folder).relative_to(root)
-        found += [rel / f for f in sorted(files) if not f.endswith((".pyc", ".pyo")) and not f.startswith(".")]
-    return found
-
-
-def _fingerprint(root: Path, files: list[Path]) -> str:
-    h = hashlib.sha256()
-    for rel in files:
-        st = (root / rel).stat()
-        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _cached_wheel(stamp: Path, fingerprint: str) -> Path | None:
-    try:
-        record = json.loads(stamp.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    wheel = stamp.parent / str(record.get("wheel", ""))
-    return wheel if record.get("fingerprint") == fingerprint and wheel.is_file() else None
-
-
-def _pip_wheel(src: Path, out: Path) -> Path:
-    import importlib.util
-
-    if importlib.util.find_spec("setuptools") is None:
-        raise MissingDependencyError("building the edgeship wheel needs setuptools in this environment: "
-                                     "pip install 'setuptools>=69' wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-           "-q", "-w", str(out), str(src)]
-    # A fixed SOURCE_DATE_EPOCH (1980-01-01, the zip epoch) makes the wheel byte-identical for
-    # identical sources, so a device venv only reinstalls it when the code really changed.
-    env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
-    wheels = sorted(out.glob("edgeship-*.whl"))
-    if proc.returncode != 0 or len(wheels) != 1:
-        raise EdgeshipError(f"building the edgeship wheel failed (exit {proc.returncode}): "
-                            f"{_last_line(proc.stderr or proc.stdout, prefer='ERROR:')}")
-    return wheels[0]
-
-
-def build_edgeship_wheel(dest: Path) -> Path:
-    """Build the edgeship wheel from the installed source checkout into ``dest`` (cached).
-
-    The build runs on a copy of the source (``pip wheel --no-deps --no-build-isolation``), so
-    the checkout gets no ``build/`` folder. The wheel is rebuilt only when a source file's
-    size or mtime changed since the last build into ``dest``.
-
-    Returns:
-        The wheel's path in ``dest``.
-    """
-    from edgeship._io import atomic_write_json
-
-    root = source_root()
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    files = _source_files(root)
-    fingerprint = _fingerprint(root, files)
-    stamp = dest / ".edgeship-wheel.json"
-    cached = _cached_wheel(stamp, fingerprint)
-    if cached is not None:
-        log.debug("edgeship wheel %s is up to date", cached)
-        return cached
-    with tempfile.TemporaryDirectory(prefix=".edgeship-wheel-", dir=dest) as tmp:
-        src = Path(tmp) / "src"
-        for rel in files:
-            (src / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(root / rel, src / rel)
-        built = _pip_wheel(src, Path(tmp) / "out")
-        wheel = dest / built.name
-        os.replace(built, wheel)
-    atomic_write_json(stamp, {"fingerprint": fingerprint, "wheel": wheel.name})
-    log.info("built %s from %s", wheel.name, root)
-    return wheel
-
-
-def default_wheel_cache() -> Path:
-    """The ``wheels`` folder of edgeship's cache (:func:`edgeship._io.cache_dir`)."""
-    return cache_dir("wheels")
-
-
 # --------------------------------------------------------------------------- collect
 
 
-def _new_job(device: SshDevice) -> str:
-    """Create a unique remote job folder."""
+def new_job(device: SshDevice) -> str:
+    """Create a unique remote job folder on the device; return its path."""
     path = f"{device.workdir()}/job-{uuid.uuid4().hex[:12]}"
     device.run(["mkdir", "-p", "--", path], timeout=SHORT_TIMEOUT)
     return path
 
 
-def _remove_job(device: SshDevice, path: str) -> None:
+def remove_job(device: SshDevice, path: str) -> None:
     """Best-effort removal of a job folder (a failure here must not hide the real result)."""
     try:
         device.run(["rm", "-rf", "--", path], timeout=SHORT_TIMEOUT)
@@ -667,7 +613,7 @@ def _remove_job(device: SshDevice, path: str) -> None:
 
 def remote_collect(device: SshDevice, model_dir: Path, image_dir: Path, *, requirements: Sequence[str],
                    threads: int | None = None, use_xnnpack: bool = True, wheels: Sequence[Path] | None = None,
-                   pip_args: Sequence[str] = (), timeout: float = 1800
+                   pip_args: Sequence[str] = (), system_site_packages: bool = True, timeout: float = 1800
                    ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Run ``python -m edgeship.runtime.collect`` on the device and return its outputs.
 
@@ -684,6 +630,7 @@ def remote_collect(device: SshDevice, model_dir: Path, image_dir: Path, *, requi
         use_xnnpack: Use the XNNPACK delegate.
         wheels: Wheels to install; None builds the edgeship wheel from this checkout.
         pip_args: Extra ``pip install`` options for the venv.
+        system_site_packages: Let the venv see the device's system packages (the OS's numpy, Pillow).
         timeout: Seconds for the collector run (the venv setup has its own 1800 s).
 
     Returns:
@@ -696,8 +643,9 @@ def remote_collect(device: SshDevice, model_dir: Path, image_dir: Path, *, requi
         raise InputError(f"image folder {image_dir} does not exist")
     if wheels is None:
         wheels = [build_edgeship_wheel(default_wheel_cache())]
-    python = device.ensure_venv(requirements, wheels=wheels, pip_args=pip_args)
-    job = _new_job(device)
+    python = device.ensure_venv(requirements, wheels=wheels, pip_args=pip_args,
+                                system_site_packages=system_site_packages)
+    job = new_job(device)
     try:
         model = f"{job}/{'bundle' if model_dir.is_dir() else 'model.tflite'}"  # fixed names: never the user's
         device.push(model_dir, model)
@@ -710,5 +658,5 @@ def remote_collect(device: SshDevice, model_dir: Path, image_dir: Path, *, requi
             device.pull(f"{job}/out.npz", Path(tmp) / "out.npz")
             logits, files, describe = load_collected(Path(tmp) / "out.npz")
     finally:
-        _remove_job(device, job)
+        remove_job(device, job)
     return logits, files, {**describe, "device": device.target.where}

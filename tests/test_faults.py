@@ -224,7 +224,9 @@ def test_legacy_scp_runs_nothing_from_model_names(sshd: SshServer, legacy_scp: N
         def probe(self) -> dict[str, str]:
             return {"machine": os.uname().machine}
 
-    monkeypatch.setattr(ssh, "build_edgeship_wheel", lambda _dest: tmp_path / "edgeship-0-py3-none-any.whl")
+    import edgeship.wheel
+
+    monkeypatch.setattr(edgeship.wheel, "build_edgeship_wheel", lambda _dest: tmp_path / "edgeship-0-py3-none-any.whl")
     device = Device(sshd.target(workdir=str(remote_dir)))
     target = load_target("x86-host")
     monkeypatch.setattr(target.__class__, "pip_requirements", lambda self: [], raising=False)
@@ -237,7 +239,7 @@ def test_legacy_scp_runs_nothing_from_model_names(sshd: SshServer, legacy_scp: N
     bundle = tmp_path / "bundle"
     stage_bundle(bundle, model.read_bytes(), card, (local / "l$(touch pwned2).txt").read_bytes())
     assert sorted(p.name for p in bundle.iterdir()) == ["labels.txt", "model.tflite", "model_card.json"]
-    job = ssh._new_job(device)
+    job = ssh.new_job(device)
     device.push(bundle, f"{job}/bundle")
     device.pull(f"{job}/bundle/model.tflite", tmp_path / "back.tflite")
     assert (tmp_path / "back.tflite").read_bytes() == b"not run"

@@ -21,7 +21,7 @@ import numpy as np
 from edgeship._io import atomic_write_bytes, atomic_write_json
 from edgeship._progress import Progress
 from edgeship.convert.onnx_model import inspect_model, load_model
-from edgeship.errors import AccuracyDriftError, InputError, VerificationError
+from edgeship.errors import AccuracyDriftError, DelegateNotAppliedError, InputError, VerificationError
 from edgeship.reference import OrtRunner
 from edgeship.runtime.card import CARD_FILE, ModelCard
 from edgeship.runtime.classifier import find_card
@@ -155,6 +155,8 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: Candidate, images:
                          "the candidate ran on the CPU")
         ran = device.collect(bundle, list(image_set.files), threads=target.execution.threads,
                              use_xnnpack=target.execution.use_xnnpack, progress=progress)
+        if not isinstance(device, LocalDevice):
+            check_delegate(ran.runtime, target, ran.where)
         ref = reference if reference is not None else reference_outputs(reference_onnx, list(image_set.files), card,
                                                                          progress)
         if ref.shape != ran.logits.shape:
@@ -257,6 +259,20 @@ def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Pa
         if progress:
             progress("run reference (onnxruntime)", i + 1, len(files))
     return np.stack(rows)
+
+
+def check_delegate(runtime: dict[str, Any], target: Target, where: str) -> None:
+    """Raise :class:`DelegateNotAppliedError` when the target asks for XNNPACK and the device applied none."""
+    if not target.execution.use_xnnpack:
+        return
+    delegation = runtime.get("xnnpack") or {}
+    if delegation.get("partitions", 0) > 0:
+        return
+    ops = f"all {delegation['ops']} ops" if delegation.get("ops") else "every op"
+    raise DelegateNotAppliedError(
+        f"{target.name} runs XNNPACK, but {runtime.get('interpreter', '?')} {runtime.get('interpreter_version') or ''} "
+        f"on {where} applied 0 XNNPACK partitions ({ops} on the builtin kernels): not the target's delegate, so no "
+        "drift figure; install the interpreter version the bundle pins, and check the device's /sys is readable")
 
 
 def io_problems(describe: dict[str, Any], target: Target) -> list[str]:
