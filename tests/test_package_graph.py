@@ -58,19 +58,9 @@ STAGE_USES = {"convert": set(), "targets": set(), "quantize": {"convert"}, "veri
 #: mediapipe) are third-party and deferred inside functions; they are not edges of this graph.
 ALLOWED: dict[tuple[str, str], str] = {}
 
-#: (importer, imported, name or None for any) -> why it is still here. Being removed on other branches:
-#: test_pending_edges_are_gone is expected to fail until they are; after merging, the lead drops its xfail
-#: mark and empties this table, and any edge left becomes a failure.
-PENDING: dict[tuple[str, str, str | None], str] = {
-    (
-        "edgeship.targets.bundle",
-        "edgeship.targets.ssh",
-        "build_edgeship_wheel",
-    ): "the wheel builder moves from targets/ssh.py to edgeship/wheel.py (helper pi)",
-    ("edgeship.targets.remote", "edgeship.targets.ssh", "_new_job"): "remote.py stops using ssh's private job "
-    "helpers (helper pi)",
-    ("edgeship.targets.remote", "edgeship.targets.ssh", "_remove_job"): "as _new_job (helper pi)",
-}
+#: (importer, imported, name or None for any) -> why it is still here, while an edge is being removed.
+#: Empty: every edge obeys the layers (test_pending_edges_are_gone fails on a listed edge that is gone).
+PENDING: dict[tuple[str, str, str | None], str] = {}
 
 
 @dataclass(frozen=True)
@@ -246,7 +236,6 @@ def test_no_module_takes_another_modules_private_names() -> None:
     assert not bad, bad
 
 
-@pytest.mark.xfail(reason="edges being removed on other branches (PENDING); strict after merging", strict=False)
 def test_pending_edges_are_gone() -> None:
     found = edges()
     left = sorted(
