@@ -38,9 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -58,11 +59,17 @@ from tests import archs  # noqa: E402
 NUM_CALIB = 100
 NUM_EVAL = 400
 #: Real ONNX models of the shared assets: name -> (file under models/, exporter label, how it is fed).
-SHARED = {"mobilenetv2": ("mobilenetv2-1.0-tf-op13.onnx", "tf2onnx",
-                          archs.Arch(archs.nn.Identity, trained=True))}  # the file is used as it is
+SHARED = {
+    "mobilenetv2": ("mobilenetv2-1.0-tf-op13.onnx", "tf2onnx", archs.Arch(archs.nn.Identity, trained=True))
+}  # the file is used as it is
 #: Issue 25: the trained models, every export of each.
-TRAINED = [("efficientnet_lite1", "dynamo"), ("efficientnet_lite1", "torchscript"), ("efficientnet_lite2", "dynamo"),
-           ("efficientnet_lite2", "torchscript"), ("mobilenetv2", "tf2onnx")]
+TRAINED = [
+    ("efficientnet_lite1", "dynamo"),
+    ("efficientnet_lite1", "torchscript"),
+    ("efficientnet_lite2", "dynamo"),
+    ("efficientnet_lite2", "torchscript"),
+    ("mobilenetv2", "tf2onnx"),
+]
 # Through quantize_static, Entropy runs with 128 histogram bins for 128 quantized bins (its
 # num_bins is not an extra_option there), so it usually lands on MinMax's ranges: what users get.
 ORT_METHODS = ("MinMax", "Percentile", "Entropy")
@@ -146,15 +153,23 @@ def cell(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def figures(ref: np.ndarray, out: np.ndarray, truth: list[int | None] | None = None) -> dict[str, Any]:
     f = compare(ref, out, truth)
     top1 = {"top1": round(f.cand_top1, 4)} if f.cand_top1 is not None else {}
-    return {"sqnr_db": round(f.sqnr_db, 2), "agreement": round(f.top1_agreement, 4),
-            "mean_cosine": round(f.mean_cosine, 5), **top1}
+    return {
+        "sqnr_db": round(f.sqnr_db, 2),
+        "agreement": round(f.top1_agreement, 4),
+        "mean_cosine": round(f.mean_cosine, 5),
+        **top1,
+    }
 
 
 def runs_on(path: Path) -> dict[str, Any]:
     """Does the model run on XNNPACK / the reference kernels (each checked in a child)?"""
     x, r = archs.run_check(path, xnnpack=True), archs.run_check(path, xnnpack=False)
-    return {"xnnpack": x.ok, "reference": r.ok, "partitions": x.partitions,
-            "run_errors": {k: c.error for k, c in (("xnnpack", x), ("reference", r)) if not c.ok}}
+    return {
+        "xnnpack": x.ok,
+        "reference": r.ok,
+        "partitions": x.partitions,
+        "run_errors": {k: c.error for k, c in (("xnnpack", x), ("reference", r)) if not c.ok},
+    }
 
 
 def tflite_outputs(path: Path, pixels: np.ndarray, prep: Preprocessing, xnnpack: bool) -> np.ndarray:
@@ -162,11 +177,12 @@ def tflite_outputs(path: Path, pixels: np.ndarray, prep: Preprocessing, xnnpack:
     from edgeship.runtime.interpreter import TFLiteModel
 
     m = TFLiteModel(path, use_xnnpack=xnnpack, num_threads=2)
-    return np.concatenate([m.run_pixels(pixels[i:i + 1], prep).reshape(1, -1) for i in range(len(pixels))])
+    return np.concatenate([m.run_pixels(pixels[i : i + 1], prep).reshape(1, -1) for i in range(len(pixels))])
 
 
-def score_tflite(path: Path, pixels: np.ndarray, prep: Preprocessing, ref: np.ndarray,
-                 truth: list[int | None] | None = None) -> dict[str, Any]:
+def score_tflite(
+    path: Path, pixels: np.ndarray, prep: Preprocessing, ref: np.ndarray, truth: list[int | None] | None = None
+) -> dict[str, Any]:
     """Runnability plus SQNR/agreement/top-1 on whichever kernels run it (XNNPACK first)."""
     info = runs_on(path)
     if not (info["xnnpack"] or info["reference"]):
@@ -182,18 +198,44 @@ def convert_model(onnx: Path, arch: archs.Arch, out: Path, proto: Protocol) -> d
     if (out / "convert_report.json").is_file():  # a kept --work folder: reuse its conversion
         report = json.loads((out / "convert_report.json").read_text())
     else:
-        report = convert(onnx, options=ConvertOptions(
-            images=proto.folder, max_images=proto.verify_images, preprocessing=arch.prep,
-            input_shape=arch.input_shape if arch.dynamic_hw else None)).save(out).to_dict()["report"]
+        report = (
+            convert(
+                onnx,
+                options=ConvertOptions(
+                    images=proto.folder,
+                    max_images=proto.verify_images,
+                    preprocessing=arch.prep,
+                    input_shape=arch.input_shape if arch.dynamic_hw else None,
+                ),
+            )
+            .save(out)
+            .to_dict()["report"]
+        )
     check = report["verification"]["float32"]
-    return {"seconds": round(report["timings_s"]["total"], 1), "agreement": check["top1_agreement"],
-            "mean_cosine": round(check["mean_cosine"], 6), "images": check["count"]}
+    return {
+        "seconds": round(report["timings_s"]["total"], 1),
+        "agreement": check["top1_agreement"],
+        "mean_cosine": round(check["mean_cosine"], 6),
+        "images": check["count"],
+    }
 
 
 def edgeship_int8(convert_dir: Path, out: Path, proto: Protocol) -> Path:
     """``edgeship quantize`` with its defaults, in a child (an abort must not end the matrix)."""
-    cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), *proto.calib_args(out.parent),
-           "--max-eval", "50", "-o", str(out), "-q", "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeship",
+        "quantize",
+        str(convert_dir),
+        *proto.calib_args(out.parent),
+        "--max-eval",
+        "50",
+        "-o",
+        str(out),
+        "-q",
+        "--force",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
@@ -204,8 +246,19 @@ def edgeship_int8(convert_dir: Path, out: Path, proto: Protocol) -> Path:
 def tf_ptq(convert_dir: Path, calib: np.ndarray, out: Path) -> Path:
     """TensorFlow's own full-integer PTQ of the converted SavedModel, in a child process."""
     np.save(out.with_suffix(".calib.npy"), calib)
-    proc = subprocess.run([sys.executable, __file__, "--child-tf-ptq", str(convert_dir / "saved_model"),
-                           str(out.with_suffix(".calib.npy")), str(out)], capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child-tf-ptq",
+            str(convert_dir / "saved_model"),
+            str(out.with_suffix(".calib.npy")),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0 or not out.is_file():
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise RuntimeError(f"TF PTQ {exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
@@ -236,14 +289,22 @@ class _Reader:
         if self.i >= len(self.x):
             return None
         self.i += 1
-        return {self.name: self.x[self.i - 1:self.i]}
+        return {self.name: self.x[self.i - 1 : self.i]}
 
     def rewind(self) -> None:
         self.i = 0
 
 
-def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Preprocessing, ref: np.ndarray,
-            work: Path, truth: list[int | None] | None = None, methods: tuple[str, ...] = ORT_METHODS) -> dict[str, Any]:
+def ort_qdq(
+    onnx: Path,
+    calib_nchw: np.ndarray,
+    eval_px: np.ndarray,
+    prep: Preprocessing,
+    ref: np.ndarray,
+    work: Path,
+    truth: list[int | None] | None = None,
+    methods: tuple[str, ...] = ORT_METHODS,
+) -> dict[str, Any]:
     """onnxruntime static QDQ int8, per-channel, three calibration methods: best SQNR kept.
 
     Each method runs in a child: the histogram calibrators keep every intermediate output
@@ -252,14 +313,20 @@ def ort_qdq(onnx: Path, calib_nchw: np.ndarray, eval_px: np.ndarray, prep: Prepr
     np.save(work / "ort.calib.npy", calib_nchw)
     per: dict[str, Any] = {}
     for method in methods:
+
         def one(method: str = method) -> dict[str, Any]:
             out = work / f"ort_{method.lower()}.onnx"
-            proc = subprocess.run([sys.executable, __file__, "--child-ort", method, str(onnx),
-                                   str(work / "ort.calib.npy"), str(out)], capture_output=True, text=True, check=False)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child-ort", method, str(onnx), str(work / "ort.calib.npy"), str(out)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if proc.returncode != 0 or not out.is_file():
                 lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
                 raise RuntimeError(f"{exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
             return figures(ref, run_onnx(str(out), eval_px, prep), truth)
+
         per[method] = cell(one)
     ok = {m: f for m, f in per.items() if "sqnr_db" in f}
     if not ok:
@@ -275,9 +342,16 @@ def _child_ort(method: str, onnx: str, calib_npy: str, out: str) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # the quantizer warns on the root logger
     name = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"]).get_inputs()[0].name
     with contextlib.redirect_stdout(sys.stderr):  # and prints its calibration progress
-        quantize_static(onnx, out, _Reader(name, np.load(calib_npy)), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=getattr(CalibrationMethod, method))
+        quantize_static(
+            onnx,
+            out,
+            _Reader(name, np.load(calib_npy)),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
     return 0
 
 
@@ -285,8 +359,13 @@ def aeq_int8(float_tflite: Path, calib: np.ndarray, out: Path) -> Path:
     """ai-edge-quantizer's static int8 recipe (``static_wi8_ai8``, min/max) on the float TFLite model, in a child."""
     np.save(out.with_suffix(".calib.npy"), calib)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(aeq_path()), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, __file__, "--child-aeq", str(float_tflite), str(out.with_suffix(".calib.npy")),
-                           str(out)], capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, __file__, "--child-aeq", str(float_tflite), str(out.with_suffix(".calib.npy")), str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     if proc.returncode != 0 or not out.is_file():
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
         raise RuntimeError(f"ai-edge-quantizer {exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}")
@@ -322,14 +401,29 @@ def target_int8(convert_dir: Path, out: Path, proto: Protocol, target: str = TAR
     Exit 3 (over the target's SQNR budget) still writes a model, ``model_int8_OVER_BUDGET.tflite``:
     that is what the command produced, so it is measured too.
     """
-    cmd = [sys.executable, "-m", "edgeship", "quantize", str(convert_dir), *proto.calib_args(out.parent),
-           "--max-eval", "50", "--target", target, "-o", str(out), "-q", "--force"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeship",
+        "quantize",
+        str(convert_dir),
+        *proto.calib_args(out.parent),
+        "--max-eval",
+        "50",
+        "--target",
+        target,
+        "-o",
+        str(out),
+        "-q",
+        "--force",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     report_path = out / "quant_report.json"
     if proc.returncode not in (0, 3) or not report_path.is_file():
         lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        raise RuntimeError(f"edgeship quantize --target {target} {exit_text(proc.returncode)}: "
-                           f"{lines[-1] if lines else 'no output'}")
+        raise RuntimeError(
+            f"edgeship quantize --target {target} {exit_text(proc.returncode)}: {lines[-1] if lines else 'no output'}"
+        )
     report = json.loads(report_path.read_text())
     return out / report["output"], report
 
@@ -355,17 +449,28 @@ def target_speed(float_path: Path, target_path: Path, int8_path: Path | None, ru
     return out
 
 
-def target_column(conv_dir: Path, work: Path, proto: Protocol, eval_px: np.ndarray, prep: Preprocessing,
-                  ref: np.ndarray, int8_path: Path | None) -> dict[str, Any]:
+def target_column(
+    conv_dir: Path,
+    work: Path,
+    proto: Protocol,
+    eval_px: np.ndarray,
+    prep: Preprocessing,
+    ref: np.ndarray,
+    int8_path: Path | None,
+) -> dict[str, Any]:
     """Issue 13 for one model: partitions float/target, ops outside, SQNR, float32 vs target latency."""
     float_path = conv_dir / "model_float32.tflite"
     path, report = target_int8(conv_dir, work / TARGET, proto)
     mixed = report.get("mixed_precision") or {}
-    row: dict[str, Any] = {"target": TARGET, "file": path.name, **score_tflite(path, eval_px, prep, ref),
-                           "quant_sqnr_db": report["figures"]["sqnr_db"],
-                           "float_ops": mixed.get("float_ops", 0),
-                           "float_islands": len(report["runs_on"].get("float_islands", [])),
-                           "kept_float": [k["name"] for k in mixed.get("kept_float", [])]}
+    row: dict[str, Any] = {
+        "target": TARGET,
+        "file": path.name,
+        **score_tflite(path, eval_px, prep, ref),
+        "quant_sqnr_db": report["figures"]["sqnr_db"],
+        "float_ops": mixed.get("float_ops", 0),
+        "float_islands": len(report["runs_on"].get("float_islands", [])),
+        "kept_float": [k["name"] for k in mixed.get("kept_float", [])],
+    }
     if not row.get("xnnpack"):
         return {**row, "error": f"the {TARGET} model does not run on XNNPACK"}
     row["delegation_float32"], row["delegation_target"] = delegation_of(float_path), delegation_of(path)
@@ -390,8 +495,12 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
     except Exception as exc:  # noqa: BLE001
         return {**row, "error": f"build: {one_line(exc)}"}
     meta = onnx_lib.load(str(onnx_path), load_external_data=False)
-    row["export"] = {"opset": meta.opset_import[0].version, "external_data": bool(list(onnx_path.parent.glob("*.data"))),
-                     "nodes": len(meta.graph.node), "build_s": round(time.perf_counter() - start, 1)}
+    row["export"] = {
+        "opset": meta.opset_import[0].version,
+        "external_data": bool(list(onnx_path.parent.glob("*.data"))),
+        "nodes": len(meta.graph.node),
+        "build_s": round(time.perf_counter() - start, 1),
+    }
     conv_dir = work / "convert"
     row["convert"] = cell(lambda: convert_model(onnx_path, arch, conv_dir, proto))
     if "error" in row["convert"]:
@@ -399,43 +508,70 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
     card = ModelCard.load(conv_dir / "model_card.json")
     calib_set, eval_set = proto.split()
     truth = eval_set.labels_for(proto.labels()) if arch.classes == 1000 else None
-    row["split"] = {"calibration": calib_set.selection, "calib_classes": calib_set.classes(),
-                    "eval_classes": eval_set.classes(), "calib": len(calib_set), "eval": len(eval_set)}
+    row["split"] = {
+        "calibration": calib_set.selection,
+        "calib_classes": calib_set.classes(),
+        "eval_classes": eval_set.classes(),
+        "calib": len(calib_set),
+        "eval": len(eval_set),
+    }
     eval_px = load_pixels(eval_set, arch.prep)
     ref = run_onnx(str(onnx_path), eval_px, arch.prep)
     if truth is not None:
         row["float_top1"] = round(accuracy(ref, truth, 1) or 0.0, 4)
     tfl_prep = card.preprocessing  # input affine ops may have been folded into it
     tfl_eval_px = load_pixels(eval_set, tfl_prep)
-    row["float32"] = cell(lambda: {**runs_on(conv_dir / "model_float32.tflite"),
-                                   **figures(ref, tflite_outputs(conv_dir / "model_float32.tflite",
-                                                                 tfl_eval_px, tfl_prep, True), truth)})
+    row["float32"] = cell(
+        lambda: {
+            **runs_on(conv_dir / "model_float32.tflite"),
+            **figures(ref, tflite_outputs(conv_dir / "model_float32.tflite", tfl_eval_px, tfl_prep, True), truth),
+        }
+    )
     int8: Path | None = None
     if "edgeship" in columns:
+
         def es() -> dict[str, Any]:
             nonlocal int8
             int8 = edgeship_int8(conv_dir, work / "int8", proto)
             return {**score_tflite(int8, tfl_eval_px, tfl_prep, ref, truth), **quant_choices(work / "int8")}
+
         row["edgeship_int8"] = cell(es)
     calib_tfl = np.stack([normalize(p, tfl_prep) for p in load_pixels(calib_set, tfl_prep)])
     if "tf" in columns:
-        row["tf_ptq"] = cell(lambda: score_tflite(tf_ptq(conv_dir, calib_tfl, work / "tf_ptq.tflite"),
-                                                  tfl_eval_px, tfl_prep, ref, truth))
+        row["tf_ptq"] = cell(
+            lambda: score_tflite(tf_ptq(conv_dir, calib_tfl, work / "tf_ptq.tflite"), tfl_eval_px, tfl_prep, ref, truth)
+        )
     if "ort" in columns:
-        calib_nchw = np.stack([normalize(p, arch.prep) for p in load_pixels(calib_set, arch.prep)]).transpose(0, 3, 1, 2)
-        row["ort_qdq"] = cell(lambda: ort_qdq(onnx_path, np.ascontiguousarray(calib_nchw), eval_px, arch.prep, ref,
-                                              work, truth, proto.ort_methods))
+        calib_nchw = np.stack([normalize(p, arch.prep) for p in load_pixels(calib_set, arch.prep)]).transpose(
+            0, 3, 1, 2
+        )
+        row["ort_qdq"] = cell(
+            lambda: ort_qdq(
+                onnx_path, np.ascontiguousarray(calib_nchw), eval_px, arch.prep, ref, work, truth, proto.ort_methods
+            )
+        )
     if "aeq" in columns:
-        row["aeq_int8"] = cell(lambda: score_tflite(aeq_int8(conv_dir / "model_float32.tflite", calib_tfl,
-                                                             work / "aeq_int8.tflite"), tfl_eval_px, tfl_prep, ref, truth))
+        row["aeq_int8"] = cell(
+            lambda: score_tflite(
+                aeq_int8(conv_dir / "model_float32.tflite", calib_tfl, work / "aeq_int8.tflite"),
+                tfl_eval_px,
+                tfl_prep,
+                ref,
+                truth,
+            )
+        )
     if "latency" in columns and proto.latency_runs > 0:
         ok = int8 is not None and row.get("edgeship_int8", {}).get("xnnpack")
-        row["latency"] = cell(lambda: latency(conv_dir / "model_float32.tflite", int8, proto.latency_runs)) if ok \
+        row["latency"] = (
+            cell(lambda: latency(conv_dir / "model_float32.tflite", int8, proto.latency_runs))
+            if ok
             else {"error": "no int8 model that runs on XNNPACK"}
+        )
     if "target" in columns:
         es_ok = int8 is not None and row.get("edgeship_int8", {}).get("xnnpack")
-        row["target_int8"] = cell(lambda: target_column(conv_dir, work, proto, tfl_eval_px, tfl_prep, ref,
-                                                        int8 if es_ok else None))
+        row["target_int8"] = cell(
+            lambda: target_column(conv_dir, work, proto, tfl_eval_px, tfl_prep, ref, int8 if es_ok else None)
+        )
     row["total_s"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -444,9 +580,12 @@ def quant_choices(out: Path) -> dict[str, Any]:
     """What edgeship's default chose (range method, float islands, per-channel) and which images it calibrated on."""
     report = json.loads((out / "quant_report.json").read_text())
     opts, calib = report.get("options", {}), report.get("calibration", {})
-    return {"range_method": report.get("ranges", {}).get("auto", {}).get("chosen", opts.get("method")),
-            "per_channel": opts.get("per_channel"), "float_islands": len(report.get("runs_on", {}).get("float_islands", [])),
-            "calibration": {k: calib.get(k) for k in ("count", "selection", "classes", "file_list_sha256")}}
+    return {
+        "range_method": report.get("ranges", {}).get("auto", {}).get("chosen", opts.get("method")),
+        "per_channel": opts.get("per_channel"),
+        "float_islands": len(report.get("runs_on", {}).get("float_islands", [])),
+        "calibration": {k: calib.get(k) for k in ("count", "selection", "classes", "file_list_sha256")},
+    }
 
 
 # ----------------------------------------------------------------------------- table
@@ -467,8 +606,10 @@ def _runs(d: dict[str, Any] | None) -> str:
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
     """Markdown table of the matrix (one line per model); errors in full below it."""
-    head = ("| model | export | convert s | float agree / cos | edgeship int8 | TF PTQ | ORT QDQ best | "
-            "runs XNNPACK/ref (es, TF) | fp32 ms | int8 ms | speed-up | partitions fp32/int8 |")
+    head = (
+        "| model | export | convert s | float agree / cos | edgeship int8 | TF PTQ | ORT QDQ best | "
+        "runs XNNPACK/ref (es, TF) | fp32 ms | int8 ms | speed-up | partitions fp32/int8 |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     errors = []
     for r in rows:
@@ -484,7 +625,8 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             f"| {label} | {_export(r)} | {c['seconds']:.0f} | {100 * c['agreement']:.0f}% / {c['mean_cosine']:.5f} | "
             f"{_q(es)} | {_q(tf)} | {_q(r.get('ort_qdq'))} | {_runs(es)}, {_runs(tf)} | "
             f"{lat.get('float32_ms', '-')} | {lat.get('int8_ms', '-')} | {lat.get('speedup', '-')} | "
-            f"{f32.get('partitions', '-')}/{(es or {}).get('partitions', '-')} |")
+            f"{f32.get('partitions', '-')}/{(es or {}).get('partitions', '-')} |"
+        )
         for col in ("edgeship_int8", "tf_ptq", "ort_qdq", "latency", "float32"):
             d = r.get(col) or {}
             if d.get("error") and not d.get("run_errors"):  # else the per-interpreter lines say it
@@ -517,7 +659,11 @@ def verdict(r: dict[str, Any]) -> str:
     es = r.get("edgeship_int8") or {}
     if "top1" not in es or "float_top1" not in r:
         return "-"
-    bad = [f"drop {100 * (r['float_top1'] - es['top1']):.2f} pt"] if r["float_top1"] - es["top1"] > MAX_DROP + 1e-9 else []
+    bad = (
+        [f"drop {100 * (r['float_top1'] - es['top1']):.2f} pt"]
+        if r["float_top1"] - es["top1"] > MAX_DROP + 1e-9
+        else []
+    )
     for key, label in PEERS[1:]:
         d = r.get(key) or {}
         for fig in ("top1", "agreement"):
@@ -528,16 +674,22 @@ def verdict(r: dict[str, Any]) -> str:
 
 def accuracy_table(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 25's table: float top-1, then top-1 / agreement (%) / SQNR (dB) for edgeship and each peer."""
-    head = ("| model | export | float top-1 | " + " | ".join(f"{h} top-1 / agree / SQNR" for _, h in PEERS)
-            + " | edgeship chose | verdict |")
+    head = (
+        "| model | export | float top-1 | "
+        + " | ".join(f"{h} top-1 / agree / SQNR" for _, h in PEERS)
+        + " | edgeship chose | verdict |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         if "float_top1" not in r:
             continue
         es = r.get("edgeship_int8") or {}
         chose = f"{es.get('range_method', '-')}, islands {es.get('float_islands', '-')}" if "top1" in es else "-"
-        lines.append(f"| {r['model']} | {r['exporter']} | {100 * r['float_top1']:.2f} | "
-                     + " | ".join(_acc(r.get(k)) for k, _ in PEERS) + f" | {chose} | {verdict(r)} |")
+        lines.append(
+            f"| {r['model']} | {r['exporter']} | {100 * r['float_top1']:.2f} | "
+            + " | ".join(_acc(r.get(k)) for k, _ in PEERS)
+            + f" | {chose} | {verdict(r)} |"
+        )
     return lines
 
 
@@ -551,8 +703,10 @@ def _outside(d: dict[str, Any] | None) -> str:
 
 def target_table(rows: list[dict[str, Any]]) -> list[str]:
     """Issue 13's table: XNNPACK partitions, ops outside, float32 vs the ``--target`` model at 1 thread."""
-    head = (f"| model | partitions fp32/{TARGET} | ops outside fp32 | ops outside {TARGET} | fp32 ms | {TARGET} ms | "
-            f"speed-up | default int8 ms | SQNR dB (300 held-apart) | float ops kept | file |")
+    head = (
+        f"| model | partitions fp32/{TARGET} | ops outside fp32 | ops outside {TARGET} | fp32 ms | {TARGET} ms | "
+        f"speed-up | default int8 ms | SQNR dB (300 held-apart) | float ops kept | file |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     errors = []
     for r in rows:
@@ -561,17 +715,20 @@ def target_table(rows: list[dict[str, Any]]) -> list[str]:
             continue
         label = f"{r['model']} ({r['exporter']})"
         if "delegation_target" not in t:
-            lines.append(f"| {label} | ERR | - | - | - | - | - | - | {t.get('sqnr_db', '-')} | - | "
-                         f"{t.get('file', '-')} |")
+            lines.append(
+                f"| {label} | ERR | - | - | - | - | - | - | {t.get('sqnr_db', '-')} | - | {t.get('file', '-')} |"
+            )
             errors.append(f"{label} target_int8: {t.get('error')}")
             continue
         lat, df, dt = t.get("latency", {}), t["delegation_float32"], t["delegation_target"]
         speed = lat.get("speedup")
         mark = "" if speed is None else (" (SLOWER)" if speed < 1.0 else (" (<1.3)" if speed < MIN_SPEEDUP else ""))
-        lines.append(f"| {label} | {df['partitions']}/{dt['partitions']} | {_outside(df)} | {_outside(dt)} | "
-                     f"{lat.get('float32_ms', '-')} | {lat.get('target_ms', '-')} | {speed if speed else '-'}{mark} | "
-                     f"{lat.get('default_int8_ms', '-')} | {t['sqnr_db']:.1f} | "
-                     f"{t['float_ops'] + t['float_islands']} | {t['file']} |")
+        lines.append(
+            f"| {label} | {df['partitions']}/{dt['partitions']} | {_outside(df)} | {_outside(dt)} | "
+            f"{lat.get('float32_ms', '-')} | {lat.get('target_ms', '-')} | {speed if speed else '-'}{mark} | "
+            f"{lat.get('default_int8_ms', '-')} | {t['sqnr_db']:.1f} | "
+            f"{t['float_ops'] + t['float_islands']} | {t['file']} |"
+        )
         if lat.get("error"):
             errors.append(f"{label} target latency: {lat['error']}")
     return lines + ([""] + errors if errors else [])
@@ -593,8 +750,11 @@ def cases(args: argparse.Namespace) -> list[tuple[str, str]]:
     if getattr(args, "trained", False):
         return list(TRAINED)
     if args.full:
-        return [(n, e) for n in big for e in archs.EXPORTERS] + shared + [(n, "dynamo") for n in archs.ARCHS
-                                                                          if n not in big]
+        return (
+            [(n, e) for n in big for e in archs.EXPORTERS]
+            + shared
+            + [(n, "dynamo") for n in archs.ARCHS if n not in big]
+        )
     return [(n, args.exporter) for n in big] + shared
 
 
@@ -603,13 +763,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", help="comma-separated names, optionally name:exporter (default: the 8 architectures)")
     ap.add_argument("--exporter", choices=archs.EXPORTERS, default="dynamo")
     ap.add_argument("--full", action="store_true", help="every architecture with both exporters, plus the variants")
-    ap.add_argument("--trained", action="store_true", help="the trained models only: EfficientNet-Lite1/2 (both "
-                    "exporters) and the shared MobileNetV2")
-    ap.add_argument("--calib-first", action="store_true", help="calibrate on the first 100 images by name (the old "
-                    "default) instead of edgeship's default choice")
+    ap.add_argument(
+        "--trained",
+        action="store_true",
+        help="the trained models only: EfficientNet-Lite1/2 (both exporters) and the shared MobileNetV2",
+    )
+    ap.add_argument(
+        "--calib-first",
+        action="store_true",
+        help="calibrate on the first 100 images by name (the old default) instead of edgeship's default choice",
+    )
     ap.add_argument("--columns", default=",".join(COLUMNS), help=f"subset of {','.join(COLUMNS)}")
-    ap.add_argument("--ort-methods", default=",".join(ORT_METHODS), help="onnxruntime calibration methods to try "
-                    "(the histogram ones hold every intermediate output in memory: ~9 GB on EfficientNet-Lite1)")
+    ap.add_argument(
+        "--ort-methods",
+        default=",".join(ORT_METHODS),
+        help="onnxruntime calibration methods to try "
+        "(the histogram ones hold every intermediate output in memory: ~9 GB on EfficientNet-Lite1)",
+    )
     ap.add_argument("--runs", type=int, default=200, help="latency: invokes per model (0: skip)")
     ap.add_argument("--work", type=Path, help="keep the converted and quantized models here")
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
@@ -633,8 +803,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("shared assets not found (set EDGE_ASSETS or check out ../shared)")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="arch-matrix-") as tmp:
-        proto = Protocol(assets, args.work or Path(tmp), latency_runs=args.runs, calib_first=args.calib_first,
-                         ort_methods=tuple(args.ort_methods.split(",")))
+        proto = Protocol(
+            assets,
+            args.work or Path(tmp),
+            latency_runs=args.runs,
+            calib_first=args.calib_first,
+            ort_methods=tuple(args.ort_methods.split(",")),
+        )
         for case in cases(args):
             print(f"== {case[0]} ({case[1]})", file=sys.stderr, flush=True)
             rows.append(measure(case, proto, args.columns.split(",")))
@@ -647,16 +822,20 @@ def main(argv: list[str] | None = None) -> int:
 def print_tables(rows: list[dict[str, Any]], runs: int) -> None:
     """The matrix table, issue 25's accuracy table and issue 13's target table (when measured)."""
     split = rows[0].get("split", {}) if rows else {}
-    print(f"calibration: {NUM_CALIB} shared images, {split.get('calibration', '?')} ({split.get('calib_classes', '?')} "
-          f"classes); evaluation: the other {split.get('eval', NUM_EVAL)} ({split.get('eval_classes', '?')} classes); "
-          f"SQNR of int8 logits vs the float ONNX model (onnxruntime); latency at 1 thread, XNNPACK")
+    print(
+        f"calibration: {NUM_CALIB} shared images, {split.get('calibration', '?')} ({split.get('calib_classes', '?')} "
+        f"classes); evaluation: the other {split.get('eval', NUM_EVAL)} ({split.get('eval_classes', '?')} classes); "
+        f"SQNR of int8 logits vs the float ONNX model (onnxruntime); latency at 1 thread, XNNPACK"
+    )
     print("\n".join(table(rows)))
     if any("float_top1" in r for r in rows):
         print("\ntop-1 against labels (%), top-1 agreement with float (%), SQNR (dB) on the evaluation images")
         print("\n".join(accuracy_table(rows)))
     if any("target_int8" in r for r in rows):
-        print(f"\nissue 13: `quantize --target {TARGET}` model vs float32, XNNPACK, 1 thread, interleaved in one run "
-              f"({runs} invokes each, median); float ops kept = budget-search ops + float islands")
+        print(
+            f"\nissue 13: `quantize --target {TARGET}` model vs float32, XNNPACK, 1 thread, interleaved in one run "
+            f"({runs} invokes each, median); float ops kept = budget-search ops + float islands"
+        )
         print("\n".join(target_table(rows)))
 
 

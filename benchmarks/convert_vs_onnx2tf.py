@@ -52,8 +52,11 @@ def main() -> int:
         # dynamic batch, and `-b 1` mis-transposes it), and the venv's bin/ on PATH, which bare
         # onnx2tf needs to find its `onnxsim` executable.
         shape = _static_shape(args.model)
-        bare = run([onnx2tf_cli, "-i", "bare.onnx", "-o", "bare_out", "-ois", shape, "-n"], work,
-                   env_path=str(Path(onnx2tf_cli).parent))
+        bare = run(
+            [onnx2tf_cli, "-i", "bare.onnx", "-o", "bare_out", "-ois", shape, "-n"],
+            work,
+            env_path=str(Path(onnx2tf_cli).parent),
+        )
         cmd = [sys.executable, "-m", "edgeship", "convert", str(args.model), "-o", str(work / "es_out"), "-q"]
         if args.images:
             cmd += ["--images", str(args.images)]

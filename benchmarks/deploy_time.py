@@ -81,17 +81,33 @@ def bare_pipeline(model: Path, calib_files: list[Path], work: Path) -> tuple[tup
     onnx2tf_cli = shutil.which("onnx2tf") or str(Path(sys.executable).parent / "onnx2tf")
     shutil.copy(model, work / "bare.onnx")
     _offline_sample(work)  # onnx2tf downloads sample data otherwise
-    onnx2tf_s = timed([onnx2tf_cli, "-i", "bare.onnx", "-o", "bare_out", "-ois", _static_shape(model), "-n"], work,
-                      env_path=str(Path(onnx2tf_cli).parent))
+    onnx2tf_s = timed(
+        [onnx2tf_cli, "-i", "bare.onnx", "-o", "bare_out", "-ois", _static_shape(model), "-n"],
+        work,
+        env_path=str(Path(onnx2tf_cli).parent),
+    )
     (work / "ptq.py").write_text(BARE_PTQ)
     ptq_s = timed([sys.executable, "ptq.py", "bare_out", "bare_int8.tflite", *map(str, calib_files)], work)
     return onnx2tf_s, ptq_s
 
 
-def deploy_cmd(model: Path, images: Path, out: Path, num_calib: int, targets: list[str],
-               labels: Path | None) -> list[str]:
-    cmd = [sys.executable, "-m", "edgeship", "deploy", str(model), "--calib", str(images), "--num-calib",
-           str(num_calib), "-o", str(out), "-q"]
+def deploy_cmd(
+    model: Path, images: Path, out: Path, num_calib: int, targets: list[str], labels: Path | None
+) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgeship",
+        "deploy",
+        str(model),
+        "--calib",
+        str(images),
+        "--num-calib",
+        str(num_calib),
+        "-o",
+        str(out),
+        "-q",
+    ]
     cmd += ["--labels", str(labels)] if labels else []
     for t in targets:
         cmd += ["--target", t]
@@ -101,8 +117,9 @@ def deploy_cmd(model: Path, images: Path, out: Path, num_calib: int, targets: li
 def main() -> int:
     assets = shared_assets()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("model", nargs="?", type=Path,
-                    default=assets / "models" / "mobilenetv2-1.0-tf-op13.onnx" if assets else None)
+    ap.add_argument(
+        "model", nargs="?", type=Path, default=assets / "models" / "mobilenetv2-1.0-tf-op13.onnx" if assets else None
+    )
     ap.add_argument("--images", type=Path, default=assets / "data" / "imagenet-sample" if assets else None)
     ap.add_argument("--labels", type=Path, default=assets / "data" / "imagenet_classes.txt" if assets else None)
     ap.add_argument("--num-calib", type=int, default=100)
@@ -126,16 +143,29 @@ def main() -> int:
         rerun = json.loads((work / "deploy" / "deploy.json").read_text())
     load_after = os.getloadavg()
     bare_s, bare_cpu = onnx2tf_s[0] + ptq_s[0], onnx2tf_s[1] + ptq_s[1]
-    doc = {"bare": {"onnx2tf_s": round(onnx2tf_s[0], 1), "tf_ptq_s": round(ptq_s[0], 1), "total_s": round(bare_s, 1),
-                    "cpu_s": round(bare_cpu, 1)},
-           "deploy_s": round(deploy_s, 1), "deploy_cpu_s": round(deploy_cpu, 1), "rerun_s": round(rerun_s, 1),
-           "ratio": round(deploy_s / bare_s, 2), "cpu_ratio": round(deploy_cpu / bare_cpu, 2),
-           "stages": [{"name": r["name"], "seconds": r["seconds"]} for r in summary["stages"]],
-           "rerun_reused_every_stage": all(r["reused"] for r in rerun["stages"]),
-           "targets": {n: {"passed": t["passed"], **{k: t["figures"][k] for k in ("top1_agreement", "sqnr_db")}}
-                       for n, t in summary["targets"].items()},
-           "loadavg_before": [round(v, 2) for v in load_before], "loadavg_after": [round(v, 2) for v in load_after],
-           "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    doc = {
+        "bare": {
+            "onnx2tf_s": round(onnx2tf_s[0], 1),
+            "tf_ptq_s": round(ptq_s[0], 1),
+            "total_s": round(bare_s, 1),
+            "cpu_s": round(bare_cpu, 1),
+        },
+        "deploy_s": round(deploy_s, 1),
+        "deploy_cpu_s": round(deploy_cpu, 1),
+        "rerun_s": round(rerun_s, 1),
+        "ratio": round(deploy_s / bare_s, 2),
+        "cpu_ratio": round(deploy_cpu / bare_cpu, 2),
+        "stages": [{"name": r["name"], "seconds": r["seconds"]} for r in summary["stages"]],
+        "rerun_reused_every_stage": all(r["reused"] for r in rerun["stages"]),
+        "targets": {
+            n: {"passed": t["passed"], **{k: t["figures"][k] for k in ("top1_agreement", "sqnr_db")}}
+            for n, t in summary["targets"].items()
+        },
+        "loadavg_before": [round(v, 2) for v in load_before],
+        "loadavg_after": [round(v, 2) for v in load_after],
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
     _print(doc, args)
     if args.json:
         args.json.write_text(json.dumps(doc, indent=2))
@@ -150,16 +180,22 @@ def _print(doc: dict[str, object], args: argparse.Namespace) -> None:
     for s in doc["stages"]:  # type: ignore[attr-defined]
         print(f"{s['name']:<42}{s['seconds']:>9.1f}")
     print(f"{'deploy (wall, first run)':<42}{doc['deploy_s']:>9.1f}")
-    print(f"{'deploy re-run, nothing changed':<42}{doc['rerun_s']:>9.1f}"
-          f"{'' if doc['rerun_reused_every_stage'] else '  (NOT every stage reused)'}")
+    print(
+        f"{'deploy re-run, nothing changed':<42}{doc['rerun_s']:>9.1f}"
+        f"{'' if doc['rerun_reused_every_stage'] else '  (NOT every stage reused)'}"
+    )
     print(f"{'bare: onnx2tf CLI':<42}{bare['onnx2tf_s']:>9.1f}")  # type: ignore[index]
     print(f"{'bare: TensorFlow int8 PTQ (import included)':<42}{bare['tf_ptq_s']:>9.1f}")  # type: ignore[index]
     print(f"{'bare total':<42}{bare['total_s']:>9.1f}")  # type: ignore[index]
-    print(f"CPU seconds (user + system, child processes included): deploy {doc['deploy_cpu_s']:.1f}, "
-          f"bare {bare['cpu_s']:.1f}")  # type: ignore[index]
+    print(
+        f"CPU seconds (user + system, child processes included): deploy {doc['deploy_cpu_s']:.1f}, "
+        f"bare {bare['cpu_s']:.1f}"
+    )  # type: ignore[index]
     for name, t in doc["targets"].items():  # type: ignore[attr-defined]
-        print(f"{name:<20} {'PASS' if t['passed'] else 'FAIL'}  agreement {100 * t['top1_agreement']:.2f}%  "
-              f"SQNR {t['sqnr_db']:.2f} dB")
+        print(
+            f"{name:<20} {'PASS' if t['passed'] else 'FAIL'}  agreement {100 * t['top1_agreement']:.2f}%  "
+            f"SQNR {t['sqnr_db']:.2f} dB"
+        )
     print(f"ratio deploy / bare: {doc['ratio']:.2f}x wall, {doc['cpu_ratio']:.2f}x CPU")
 
 

@@ -67,20 +67,28 @@ def latency(model: Path, photo: Path, small: list[Path], *, threads: int, rounds
         big.append(t1 - t0)
         little.append(t2 - t1)
     inv = _ms(invoke)
-    return {"invoke_ms": inv, "predict_12mp_ms": _ms(big), "predict_256px_ms": _ms(little),
-            "ratio_12mp": _ms(big) / inv, "ratio_256px": _ms(little) / inv,
-            "describe": clf.describe()}
+    return {
+        "invoke_ms": inv,
+        "predict_12mp_ms": _ms(big),
+        "predict_256px_ms": _ms(little),
+        "ratio_12mp": _ms(big) / inv,
+        "ratio_256px": _ms(little) / inv,
+        "describe": clf.describe(),
+    }
 
 
 def drift(model: Path, reference: Path, images: object) -> dict[str, object]:
     """Top-1 agreement with the float reference on the held-apart images, as ``edgeship verify`` runs it."""
-    from edgeship.verify.drift import verify
     from edgeship.targets import load_target
+    from edgeship.verify.drift import verify
 
     result = verify(reference, model, images, target=load_target("x86-host"))
-    return {"agreement_pct": result.figures.agreement_pct, "count": result.figures.count,
-            "cand_top1": result.figures.cand_top1,
-            "path": result.report.candidate.image_path or "(not reported)"}
+    return {
+        "agreement_pct": result.figures.agreement_pct,
+        "count": result.figures.count,
+        "cand_top1": result.figures.cand_top1,
+        "path": result.report.candidate.image_path or "(not reported)",
+    }
 
 
 def main() -> int:
@@ -100,15 +108,19 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="edgeship-e2e-") as tmp:
         photo = make_12mp_jpeg(assets, Path(tmp))
         lat = latency(args.model, photo, list(held_apart.files[:40]), threads=args.threads, rounds=args.rounds)
-    print(f"model {args.model.name}, {args.threads} thread(s), {args.rounds} interleaved rounds; "
-          f"path: {lat['describe'].get('image_path', '(not reported)')}")
+    print(
+        f"model {args.model.name}, {args.threads} thread(s), {args.rounds} interleaved rounds; "
+        f"path: {lat['describe'].get('image_path', '(not reported)')}"
+    )
     print(f"  invoke()                 {lat['invoke_ms']:7.2f} ms")
     print(f"  predict, 12 MP JPEG      {lat['predict_12mp_ms']:7.2f} ms  = {lat['ratio_12mp']:5.2f} x invoke")
     print(f"  predict, 256-px images   {lat['predict_256px_ms']:7.2f} ms  = {lat['ratio_256px']:5.2f} x invoke")
     if not args.no_drift:
         d = drift(args.model, assets / "models" / "mobilenetv2-1.0-tf-op13.onnx", held_apart)
-        print(f"  drift: top-1 agreement {d['agreement_pct']:.2f}% on {d['count']} held-apart images "
-              f"(deployed top-1 {100 * (d['cand_top1'] or 0):.2f}%)")
+        print(
+            f"  drift: top-1 agreement {d['agreement_pct']:.2f}% on {d['count']} held-apart images "
+            f"(deployed top-1 {100 * (d['cand_top1'] or 0):.2f}%)"
+        )
     return 0
 
 

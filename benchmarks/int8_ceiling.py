@@ -43,11 +43,20 @@ import numpy as np
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/archs.py and arch_matrix.py
 
-from benchmarks.arch_matrix import (NUM_CALIB, NUM_EVAL, Protocol, cases, cell, convert_model,  # noqa: E402
-                                    figures, one_line, tflite_outputs)
+from benchmarks.arch_matrix import (  # noqa: E402
+    NUM_CALIB,
+    NUM_EVAL,
+    Protocol,
+    cases,
+    cell,
+    convert_model,
+    figures,
+    one_line,
+    tflite_outputs,
+)
 from edgeship._assets import shared_assets  # noqa: E402
-from edgeship.runtime.card import ModelCard  # noqa: E402
 from edgeship.reference import load_pixels, run_onnx  # noqa: E402
+from edgeship.runtime.card import ModelCard  # noqa: E402
 from tests import archs  # noqa: E402
 
 MODELS = ("efficientnet_b0", "mobilenetv3_small", "mobilenetv3_large", "vit_tiny")
@@ -93,8 +102,8 @@ def io_grids(float_path: Path, int8_path: Path, pixels: np.ndarray, prep: Any, r
     if q.input.quantized:
         x = q.input_from_pixels(pixels, prep).astype(np.float32)
         x = (x - q.input.zero_point) * np.float32(q.input.scale)
-        grid_in = np.concatenate([f.run(x[i:i + 1]).reshape(1, -1) for i in range(len(x))])
-        exact = np.concatenate([f.run(normalize(pixels[i:i + 1], prep)).reshape(1, -1) for i in range(len(x))])
+        grid_in = np.concatenate([f.run(x[i : i + 1]).reshape(1, -1) for i in range(len(x))])
+        exact = np.concatenate([f.run(normalize(pixels[i : i + 1], prep)).reshape(1, -1) for i in range(len(x))])
         found["input_grid_db"] = figures(exact, grid_in)["sqnr_db"]
     limit = output_grid_db(int8_path.read_bytes(), ref)  # what quantize reports as int8_output_limit_db
     if limit is not None:
@@ -115,7 +124,7 @@ def quantize_16x8(float_model: bytes, inputs: np.ndarray) -> bytes:
 
     def dataset() -> Any:
         for k in range(len(inputs)):
-            yield [inputs[k:k + 1]]
+            yield [inputs[k : k + 1]]
 
     c = calibrator.Calibrator(float_model)
     return bytes(c.calibrate_and_quantize(dataset, tf.float32, tf.float32, False, activations_type=tf.int16))
@@ -137,13 +146,20 @@ def ceiling_model(native: Any, calibrated: bytes, calib_px: np.ndarray, prep: An
     from edgeship.runtime.interpreter import TFLiteModel
 
     choice = next(c for c in ranges.CROSS_FIT_CANDIDATES if c.label == chosen)
-    hists = ranges.collect_histograms(calibrated, tflite_quant.read_ranges(calibrated),
-                                      (normalize(calib_px[i:i + 1], prep) for i in range(len(calib_px))))
+    hists = ranges.collect_histograms(
+        calibrated,
+        tflite_quant.read_ranges(calibrated),
+        (normalize(calib_px[i : i + 1], prep) for i in range(len(calib_px))),
+    )
     m = TFLiteModel(calibrated, use_xnnpack=False)
     fitted = choice.fit(hists, 99.999, keep={m.input.index, m.output.index})
     nodes = mixed.float_except_matrix(mixed.read_ops(calibrated))
-    model = native.call("quantize (TensorFlow)", tflite_quant.quantize_calibrated,
-                        tflite_quant.set_ranges(calibrated, fitted), denylisted_nodes=nodes)
+    model = native.call(
+        "quantize (TensorFlow)",
+        tflite_quant.quantize_calibrated,
+        tflite_quant.set_ranges(calibrated, fitted),
+        denylisted_nodes=nodes,
+    )
     return model, len(nodes)
 
 
@@ -159,8 +175,11 @@ def quantize_api(conv_dir: Path, proto: Protocol, out: Path, **options: Any) -> 
     kept = out / "quant_report.json"
     if kept.is_file():
         report = json.loads(kept.read_text())
-        same = all(report["options"].get(k) == v for k, v in wanted.to_dict().items()
-                   if k in ("num_calib", "seed", "method", "min_sqnr_db", "min_speedup", "float_islands"))
+        same = all(
+            report["options"].get(k) == v
+            for k, v in wanted.to_dict().items()
+            if k in ("num_calib", "seed", "method", "min_sqnr_db", "min_speedup", "float_islands")
+        )
         if same and (out / report["output"]).is_file():
             return out / report["output"], report
     result = quantize(conv_dir, proto.folder, options=replace(wanted, max_eval=50))
@@ -173,8 +192,10 @@ def speeds(paths: dict[str, Path], runs: int) -> dict[str, dict[str, float]]:
     from edgeship.runtime.bench import BenchOptions, benchmark
 
     doc = benchmark(list(paths.values()), BenchOptions(threads=(1,), runs=runs, warmup=10))
-    return {label: {"p50_ms": round(r["p50_ms"], 3), "min_ms": round(r["min_ms"], 3)}
-            for label, r in zip(paths, doc["results"])}
+    return {
+        label: {"p50_ms": round(r["p50_ms"], 3), "min_ms": round(r["min_ms"], 3)}
+        for label, r in zip(paths, doc["results"])
+    }
 
 
 def measure(name: str, exporter: str, proto: Protocol, columns: set[str]) -> dict[str, Any]:
@@ -203,15 +224,18 @@ def measure(name: str, exporter: str, proto: Protocol, columns: set[str]) -> dic
         return {**figures(ref, tflite_outputs(path, eval_px, prep, xnnpack=True)), **extra}
 
     if "weights" in columns:
-        row["weights"] = cell(lambda: score("weights", _write(work / "weights_only.tflite", weights_only(float_model)),
-                                            timed=False))
+        row["weights"] = cell(
+            lambda: score("weights", _write(work / "weights_only.tflite", weights_only(float_model)), timed=False)
+        )
     chosen = "percentile 99.9999"
     if "default" in columns or "ceiling" in columns:
+
         def default() -> dict[str, Any]:
             nonlocal chosen
             path, report = quantize_api(conv_dir, proto, work / "default")
             chosen = report["ranges"].get("auto", {}).get("chosen", chosen)
             return score("default", path, range_method=chosen)
+
         row["default"] = cell(default)
     if "io" in columns and "default" in paths:
         row["io"] = cell(lambda: io_grids(float_path, paths["default"], eval_px, prep, ref))
@@ -224,31 +248,48 @@ def measure(name: str, exporter: str, proto: Protocol, columns: set[str]) -> dic
             return calibrated[0]
 
         if "ceiling" in columns:
+
             def ceiling() -> dict[str, Any]:
                 model, nodes = ceiling_model(native, cal(), calib_px, prep, chosen)
                 return score("ceiling", _write(work / "ceiling.tflite", model), float_ops=nodes)
+
             row["ceiling"] = cell(ceiling)
         if "int16" in columns:
-            row["int16"] = cell(lambda: _int16(native, float_model, calib_px, work, float_path, eval_px, prep, ref,
-                                               proto.latency_runs))
+            row["int16"] = cell(
+                lambda: _int16(native, float_model, calib_px, work, float_path, eval_px, prep, ref, proto.latency_runs)
+            )
     for label, floor in (("budget", 0.0), ("floor", FLOOR)):
         if label in columns:
+
             def budgeted(label: str = label, floor: float = floor) -> dict[str, Any]:
                 path, report = quantize_api(conv_dir, proto, work / label, min_sqnr_db=BUDGET_DB, min_speedup=floor)
                 found = report.get("mixed_precision") or {}
-                return score(label, path, float_ops=found.get("float_ops", 0),
-                             ceiling_calib_db=found.get("int8_matrix_ceiling_db"))
+                return score(
+                    label,
+                    path,
+                    float_ops=found.get("float_ops", 0),
+                    ceiling_calib_db=found.get("int8_matrix_ceiling_db"),
+                )
+
             row[label] = cell(budgeted)
     if proto.latency_runs > 0 and len(paths) > 1:
         row["speed"] = cell(lambda: speeds(paths, proto.latency_runs))
     return row
 
 
-def _int16(native: Any, float_model: bytes, calib_px: np.ndarray, work: Path, float_path: Path, eval_px: np.ndarray,
-           prep: Any, ref: np.ndarray, runs: int) -> dict[str, Any]:
+def _int16(
+    native: Any,
+    float_model: bytes,
+    calib_px: np.ndarray,
+    work: Path,
+    float_path: Path,
+    eval_px: np.ndarray,
+    prep: Any,
+    ref: np.ndarray,
+    runs: int,
+) -> dict[str, Any]:
     """16x8 on the reference kernels: SQNR on the first 100 evaluation images (slow kernels) and speed."""
     from edgeship.runtime.bench import BenchOptions, benchmark
-
     from edgeship.runtime.images import normalize
 
     try:
@@ -258,8 +299,10 @@ def _int16(native: Any, float_model: bytes, calib_px: np.ndarray, work: Path, fl
         return {"error": f"TensorFlow's 16x8 quantizer does not support {', '.join(ops)}" if ops else one_line(exc)}
     path = _write(work / "int16x8.tflite", model)
     try:  # in the child: TensorFlow's 16x8 ViT-tiny model aborts the process that runs it
-        found = figures(ref[:100], native.call("run the 16x8 model (reference kernels)", tflite_outputs, path,
-                                               eval_px[:100], prep, False))
+        found = figures(
+            ref[:100],
+            native.call("run the 16x8 model (reference kernels)", tflite_outputs, path, eval_px[:100], prep, False),
+        )
     except Exception as exc:  # noqa: BLE001 - a model TensorFlow wrote that no kernel prepares or runs
         node = re.search(r"\((\w+)\) failed to prepare", str(exc))
         why = f"{node.group(1)} fails to prepare" if node else "it crashes"
@@ -277,15 +320,22 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def table(rows: list[dict[str, Any]]) -> list[str]:
-    head = ["model", "weights-only dB", "int8 input / output grid alone dB", "default dB / x",
-            "ceiling dB / x (float ops)",
-            "budget 20, no floor: dB / x", f"budget 20, floor {FLOOR}: dB / x", "16x8 dB / x (reference kernels)"]
+    head = [
+        "model",
+        "weights-only dB",
+        "int8 input / output grid alone dB",
+        "default dB / x",
+        "ceiling dB / x (float ops)",
+        "budget 20, no floor: dB / x",
+        f"budget 20, floor {FLOOR}: dB / x",
+        "16x8 dB / x (reference kernels)",
+    ]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         sp = r.get("speed") or {}
         f32 = (sp.get("float32") or {}).get("p50_ms")
 
-        def q(label: str) -> str:
+        def q(label: str, r: dict = r, sp: dict = sp, f32: float | None = f32) -> str:
             d = r.get(label)
             if not d:
                 return "-"
@@ -297,13 +347,21 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
             return f"{d['sqnr_db']:.1f}{x}{ops}"
 
         i16 = r.get("int16") or {}
-        i16s = i16["error"] if "error" in i16 else \
-            (f"{i16['sqnr_db']:.1f} / {i16['speedup']:.2f}x" if "speedup" in i16 else q("int16"))
+        i16s = (
+            i16["error"]
+            if "error" in i16
+            else (f"{i16['sqnr_db']:.1f} / {i16['speedup']:.2f}x" if "speedup" in i16 else q("int16"))
+        )
         w, io = r.get("weights") or {}, r.get("io") or {}
-        grids = f"{io.get('input_grid_db', '-')} / {io.get('output_grid_db', '-')}" if "error" not in io else \
-            "error: " + io["error"][:60]
-        out.append(f"| {r['model']} ({r['exporter']}) | {w.get('sqnr_db', '-')} | {grids} | {q('default')} | "
-                   f"{q('ceiling')} | {q('budget')} | {q('floor')} | {i16s} |")
+        grids = (
+            f"{io.get('input_grid_db', '-')} / {io.get('output_grid_db', '-')}"
+            if "error" not in io
+            else "error: " + io["error"][:60]
+        )
+        out.append(
+            f"| {r['model']} ({r['exporter']}) | {w.get('sqnr_db', '-')} | {grids} | {q('default')} | "
+            f"{q('ceiling')} | {q('budget')} | {q('floor')} | {i16s} |"
+        )
     return out
 
 
@@ -332,9 +390,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**measure(name, exporter, proto, columns), "total_s": round(time.perf_counter() - start, 1)})
             if args.json:
                 args.json.write_text(json.dumps(rows, indent=1))
-    print(f"calibration: {NUM_CALIB} shared images (edgeship's default choice); SQNR of the logits on the other "
-          f"{NUM_EVAL} against "
-          f"the float ONNX model; speed-up over float32 at 1 thread, XNNPACK, interleaved in one run (median)")
+    print(
+        f"calibration: {NUM_CALIB} shared images (edgeship's default choice); SQNR of the logits on the other "
+        f"{NUM_EVAL} against "
+        f"the float ONNX model; speed-up over float32 at 1 thread, XNNPACK, interleaved in one run (median)"
+    )
     print("\n".join(table(rows)))
     return 0
 

@@ -66,36 +66,57 @@ def measure(name: str, assets: Path, work: Path, max_eval: int, budget: float, m
     # MobileNetV2 keeps the shared protocol of the README: evaluate on all 400 other images.
     common = dict(num_calib=100, max_eval=None if name == "mobilenetv2" else max_eval)
     default = run_quantize(float_dir, images, work / name / "default", QuantizeOptions(**common))
-    budgeted = run_quantize(float_dir, images, work / name / "budgeted",
-                            QuantizeOptions(**common, method=method, min_sqnr_db=budget))
+    budgeted = run_quantize(
+        float_dir, images, work / name / "budgeted", QuantizeOptions(**common, method=method, min_sqnr_db=budget)
+    )
     card = json.loads((float_dir / CARD_FILE).read_text())
-    latency = speed.latencies({"float32": float_dir / card["model_file"], "default": Path(default["model_path"]),
-                               "budgeted": Path(budgeted["model_path"])}, work)
+    latency = speed.latencies(
+        {
+            "float32": float_dir / card["model_file"],
+            "default": Path(default["model_path"]),
+            "budgeted": Path(budgeted["model_path"]),
+        },
+        work,
+    )
     mp = budgeted.get("mixed_precision") or {}
     base_int8 = mp.get("eval_sqnr_db_all_int8", budgeted["figures"]["sqnr_db"])
-    return {"model": name, "eval_images": default["evaluation"]["count"],
-            "default": default["figures"], "budget_base_sqnr_db": base_int8, "budgeted": budgeted["figures"],
-            "ranges_chosen": budgeted["ranges"].get("auto", {}).get("chosen", budgeted["ranges"]["method"]),
-            "kept_float": [k["name"] for k in mp.get("kept_float", [])], "float_ops": mp.get("float_ops", 0),
-            "within_budget": budgeted["figures"]["sqnr_db"] >= budget, "latency_ms": latency,
-            "partitions": {"default": default["runs_on"]["delegation"]["partitions"],
-                           "budgeted": budgeted["runs_on"]["delegation"]["partitions"]
-                           if not mp.get("delegation") else mp["delegation"]["partitions"]}}
+    return {
+        "model": name,
+        "eval_images": default["evaluation"]["count"],
+        "default": default["figures"],
+        "budget_base_sqnr_db": base_int8,
+        "budgeted": budgeted["figures"],
+        "ranges_chosen": budgeted["ranges"].get("auto", {}).get("chosen", budgeted["ranges"]["method"]),
+        "kept_float": [k["name"] for k in mp.get("kept_float", [])],
+        "float_ops": mp.get("float_ops", 0),
+        "within_budget": budgeted["figures"]["sqnr_db"] >= budget,
+        "latency_ms": latency,
+        "partitions": {
+            "default": default["runs_on"]["delegation"]["partitions"],
+            "budgeted": budgeted["runs_on"]["delegation"]["partitions"]
+            if not mp.get("delegation")
+            else mp["delegation"]["partitions"],
+        },
+    }
 
 
 def table(rows: list[dict[str, Any]], budget: float) -> list[str]:
-    lines = [f"| model | default SQNR dB (agree %) | budgeted run's all-int8 SQNR dB "
-             f"| budgeted >= {budget} dB: SQNR (agree %) | ranges | kept float "
-             "| ms float32 / default int8 / budgeted (1 thread) | budgeted vs float32 |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| model | default SQNR dB (agree %) | budgeted run's all-int8 SQNR dB "
+        f"| budgeted >= {budget} dB: SQNR (agree %) | ranges | kept float "
+        "| ms float32 / default int8 / budgeted (1 thread) | budgeted vs float32 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         d, b, lat = r["default"], r["budgeted"], r["latency_ms"]
         kept = f"{r['float_ops']} ops: " + ", ".join(r["kept_float"]) if r["kept_float"] else "none"
-        lines.append(f"| {r['model']} | {d['sqnr_db']:.1f} ({100 * d['top1_agreement']:.1f}) | "
-                     f"{r['budget_base_sqnr_db']:.1f} | "
-                     f"{b['sqnr_db']:.1f} ({100 * b['top1_agreement']:.1f}){'' if r['within_budget'] else ' OVER'} | "
-                     f"{r['ranges_chosen']} | {kept} | {lat['float32']:.2f} / {lat['default']:.2f} / "
-                     f"{lat['budgeted']:.2f} | {lat['float32'] / lat['budgeted']:.2f}x |")
+        lines.append(
+            f"| {r['model']} | {d['sqnr_db']:.1f} ({100 * d['top1_agreement']:.1f}) | "
+            f"{r['budget_base_sqnr_db']:.1f} | "
+            f"{b['sqnr_db']:.1f} ({100 * b['top1_agreement']:.1f}){'' if r['within_budget'] else ' OVER'} | "
+            f"{r['ranges_chosen']} | {kept} | {lat['float32']:.2f} / {lat['default']:.2f} / "
+            f"{lat['budgeted']:.2f} | {lat['float32'] / lat['budgeted']:.2f}x |"
+        )
     return lines
 
 

@@ -25,10 +25,10 @@ from edgeship._assets import shared_assets
 from edgeship.reference import load_pixels
 from edgeship.runtime.bench import BenchOptions, benchmark, table
 from edgeship.runtime.card import ModelCard, Preprocessing
-from edgeship.verify.drift import reference_outputs
 from edgeship.runtime.images import Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import compare
+from edgeship.verify.drift import reference_outputs
 
 
 def google_outputs(model: Path, pixels: np.ndarray) -> np.ndarray:
@@ -45,7 +45,7 @@ def google_outputs(model: Path, pixels: np.ndarray) -> np.ndarray:
 def edgeship_outputs(model: Path, card: ModelCard, pixels: np.ndarray) -> np.ndarray:
     """The deployed path: int8 input straight from pixels when the card allows it (as on a device)."""
     m = TFLiteModel(model)
-    return np.concatenate([m.run_pixels(pixels[i:i + 1], card.preprocessing) for i in range(len(pixels))])
+    return np.concatenate([m.run_pixels(pixels[i : i + 1], card.preprocessing) for i in range(len(pixels))])
 
 
 def main() -> int:
@@ -63,8 +63,23 @@ def main() -> int:
         qdir = args.quant_dir
         if qdir is None:
             qdir = Path(tmp) / "q"
-            subprocess.run([sys.executable, "-m", "edgeship", "quantize", str(onnx), "--calib", str(images),
-                            "--num-calib", "100", "-o", str(qdir), "-q"], check=False)  # quantize's defaults
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "edgeship",
+                    "quantize",
+                    str(onnx),
+                    "--calib",
+                    str(images),
+                    "--num-calib",
+                    "100",
+                    "-o",
+                    str(qdir),
+                    "-q",
+                ],
+                check=False,
+            )  # quantize's defaults
         report(onnx, images, qdir, assets, args)
     return 0
 
@@ -80,8 +95,14 @@ def report(onnx: Path, images: Path, qdir: Path, assets: Path, args: argparse.Na
     float_tfl = qdir / "model_float32.tflite"
     if float_tfl.is_file():
         rows.append(("edgeship float32 TFLite", float_tfl, edgeship_outputs(float_tfl, card, pixels), True))
-    rows.append(("edgeship int8 (int8 I/O)", qdir / "model_int8.tflite",
-                 edgeship_outputs(qdir / "model_int8.tflite", card, pixels), True))
+    rows.append(
+        (
+            "edgeship int8 (int8 I/O)",
+            qdir / "model_int8.tflite",
+            edgeship_outputs(qdir / "model_int8.tflite", card, pixels),
+            True,
+        )
+    )
     for name in ("tf2_mobilenet_v2_1.0_224_ptq.tflite", "mobilenet_v2_1.0_224_quant.tflite"):
         path = assets / "models" / name
         rows.append((f"Google {name}", path, google_outputs(path, pixels), False))
@@ -90,8 +111,10 @@ def report(onnx: Path, images: Path, qdir: Path, assets: Path, args: argparse.Na
     for name, path, out, logits in rows:
         f = compare(ref, out, truth)
         cos = f"{f.mean_cosine:.4f}" if logits else "n/a"
-        print(f"{name:<48}{100 * f.top1_agreement:>7.2f}%{100 * f.cand_top1:>7.2f}%{100 * f.cand_top5:>7.2f}%"
-              f"{cos:>10}{path.stat().st_size / 1e6:>8.2f}")
+        print(
+            f"{name:<48}{100 * f.top1_agreement:>7.2f}%{100 * f.cand_top1:>7.2f}%{100 * f.cand_top5:>7.2f}%"
+            f"{cos:>10}{path.stat().st_size / 1e6:>8.2f}"
+        )
     models = [onnx, *(p for _, p, _, _ in rows[1:])]
     opts = BenchOptions(threads=tuple(int(t) for t in args.threads.split(",")), runs=args.runs, warmup=20)
     doc = benchmark(models, opts)

@@ -45,7 +45,7 @@ class Prefixes:
         from tensorflow.lite.tools import flatbuffer_utils as fbu
 
         sub = self._obj.subgraphs[0]
-        sub.operators, sub.outputs = self._ops[:k + 1], [self._ops[k].outputs[0]]
+        sub.operators, sub.outputs = self._ops[: k + 1], [self._ops[k].outputs[0]]
         try:
             return bytes(fbu.convert_object_to_bytearray(self._obj))
         finally:

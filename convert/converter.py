@@ -39,8 +39,8 @@ from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec, 
 from edgeship.runtime.delegation import flex_refusal, of_interpreter
 from edgeship.runtime.images import ImageSet, Labels, list_images
 from edgeship.runtime.interpreter import TFLiteModel
-from edgeship.runtime.model_check import check_model_files
 from edgeship.runtime.metrics import compare
+from edgeship.runtime.model_check import check_model_files
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +112,9 @@ def output_names(options: ConvertOptions) -> list[str]:
     return file_names(fp16=options.fp16, labels=options.labels is not None)
 
 
-def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertOptions(),
-            progress: Progress = silent) -> ConvertResult:
+def convert(
+    model: str | os.PathLike[str], *, options: ConvertOptions = ConvertOptions(), progress: Progress = silent
+) -> ConvertResult:
     """Convert an ONNX image classifier to a verified float TFLite model (in memory).
 
     Args:
@@ -139,8 +140,9 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
         shape, shape_notes = onnx_model.resolve_shape(info, options.input_shape)
         prep = options.preprocessing or Preprocessing.imagenet(shape[2], shape[3])
         if tuple(prep.crop) != (shape[2], shape[3]):
-            raise InputError(f"preprocessing crop {list(prep.crop)} does not match the model input "
-                             f"{shape[2]}x{shape[3]}")
+            raise InputError(
+                f"preprocessing crop {list(prep.crop)} does not match the model input {shape[2]}x{shape[3]}"
+            )
         labels = Labels.load(options.labels) if options.labels else None
         images = _verification_images(options)
     source_sha = sha256_file(src)
@@ -148,9 +150,13 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
 
     with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as work:
         work_dir = Path(work)
-        inputs = reference.make_inputs(images, prep, synthetic_count=options.synthetic_count,
-                                    labels=images.labels_for(labels) if images and labels else (),
-                                    progress=progress)
+        inputs = reference.make_inputs(
+            images,
+            prep,
+            synthetic_count=options.synthetic_count,
+            labels=images.labels_for(labels) if images and labels else (),
+            progress=progress,
+        )
         with timer.stage("simplify"):
             prepared, notes = onnx_model.normalise(original, info, shape)
             simplified, gelu_notes = fuse_gelu(simplify(prepared))
@@ -159,15 +165,18 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
             scores = onnx_model.output_kind(simplified)
             renames = onnx_model.sanitise_names(simplified)
             if renames:
-                notes.append(f"{len(renames)} tensor name(s) TensorFlow rejects renamed (e.g. "
-                             f"{next(iter(renames))!r} -> {next(iter(renames.values()))!r})")
+                notes.append(
+                    f"{len(renames)} tensor name(s) TensorFlow rejects renamed (e.g. "
+                    f"{next(iter(renames))!r} -> {next(iter(renames.values()))!r})"
+                )
             model_prep, input_name = prep, renames.get(info.input_name, info.input_name)
             if options.fold_input_affine:
                 simplified, model_prep, fold_notes = fold_input_affine(simplified, input_name, prep, shape[1])
                 notes += fold_notes
             if options.pixels_in_graph:
-                simplified, model_prep, graph_notes = normalization_into_graph(simplified, input_name,
-                                                                               model_prep, shape[1])
+                simplified, model_prep, graph_notes = normalization_into_graph(
+                    simplified, input_name, model_prep, shape[1]
+                )
                 notes += graph_notes
             sim_check = _check_simplified(original, simplified, inputs, prep, model_prep, shape[0])
             atomic_write_bytes(work_dir / SIMPLIFIED_FILE, simplified.SerializeToString())
@@ -181,14 +190,23 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
             expected = reference.run_onnx(original, inputs.pixels, prep, progress=progress)
             checks = {"float32": _verify_one(tfl32, expected, inputs, model_prep, "float32", progress)}
             if options.fp16:
-                checks["float16"] = _verify_one(work_dir / "tf" / "model_float16.tflite", expected, inputs,
-                                                model_prep, "float16", progress)
+                checks["float16"] = _verify_one(
+                    work_dir / "tf" / "model_float16.tflite", expected, inputs, model_prep, "float16", progress
+                )
         _raise_on_failures(checks)
         with timer.stage("write"):
             tf_dir = work_dir / "tf"
             labels_bytes = options.labels.read_bytes() if options.labels else None
-            card = _card(tfl32, FLOAT32_FILE, "float32", model_prep, src, source_sha,
-                         labels, LABELS_FILE if options.labels else None).with_(postprocessing=scores)
+            card = _card(
+                tfl32,
+                FLOAT32_FILE,
+                "float32",
+                model_prep,
+                src,
+                source_sha,
+                labels,
+                LABELS_FILE if options.labels else None,
+            ).with_(postprocessing=scores)
             if model_prep != prep:
                 card = card.with_(source_preprocessing=prep, notes=tuple(n for n in notes if "folded" in n))
             float16 = (tf_dir / FLOAT16_FILE).read_bytes() if options.fp16 else None
@@ -197,33 +215,50 @@ def convert(model: str | os.PathLike[str], *, options: ConvertOptions = ConvertO
                 source=ConvertSource(str(src.resolve()), source_sha, src_stat.st_size, info),
                 fixes=tuple(shape_notes + notes),
                 input_shape_onnx=tuple(shape),
-                node_counts=NodeCounts(onnx_model.node_counts(original), onnx_model.node_counts(simplified),
-                                       len(original.graph.node), len(simplified.graph.node)),
+                node_counts=NodeCounts(
+                    onnx_model.node_counts(original),
+                    onnx_model.node_counts(simplified),
+                    len(original.graph.node),
+                    len(simplified.graph.node),
+                ),
                 simplify_check=sim_check,
                 graph_cleanups=cleaned,
                 xnnpack=of_interpreter(TFLiteModel(tfl32).interpreter),
                 verification=checks,
-                verification_inputs=VerificationInputs(inputs.source, int(len(inputs.pixels)),
-                                                       str(images.root) if images else None,
-                                                       len(images.skipped) if images else 0),
+                verification_inputs=VerificationInputs(
+                    inputs.source,
+                    int(len(inputs.pixels)),
+                    str(images.root) if images else None,
+                    len(images.skipped) if images else 0,
+                ),
                 preprocessing=model_prep,
                 preprocessing_of_source=prep,
-                sizes={"onnx": src_stat.st_size, FLOAT32_FILE: len(model_bytes),
-                       **({FLOAT16_FILE: len(float16)} if float16 is not None else {})},
+                sizes={
+                    "onnx": src_stat.st_size,
+                    FLOAT32_FILE: len(model_bytes),
+                    **({FLOAT16_FILE: len(float16)} if float16 is not None else {}),
+                },
                 onnx2tf_child=child,
                 versions={**versions(*HOST_TOOLS), "python": platform.python_version()},
                 timings_s={**timer.seconds, "total": round(time.perf_counter() - started, 3)},
             )
-            result = ConvertResult(model=model_bytes, card=card, report=report,
-                                   simplified_onnx=(work_dir / SIMPLIFIED_FILE).read_bytes(), float16=float16,
-                                   saved_model=_saved_model(tf_dir), labels=labels_bytes)
+            result = ConvertResult(
+                model=model_bytes,
+                card=card,
+                report=report,
+                simplified_onnx=(work_dir / SIMPLIFIED_FILE).read_bytes(),
+                float16=float16,
+                saved_model=_saved_model(tf_dir),
+                labels=labels_bytes,
+            )
         if src.stat().st_mtime_ns != src_stat.st_mtime_ns or sha256_file(src) != source_sha:
             raise ConversionError(f"the input model {src} changed during conversion; nothing is returned")
     return result
 
 
-def preprocessing_for(model: str | os.PathLike[str], input_shape: tuple[int, ...] | None,
-                      given: dict[str, Any]) -> Preprocessing:
+def preprocessing_for(
+    model: str | os.PathLike[str], input_shape: tuple[int, ...] | None, given: dict[str, Any]
+) -> Preprocessing:
     """Preprocessing from ``given`` keys, sized for the input the model will be converted with
     (crop = input H x W, resize 256/224 of it unless given)."""
     info = onnx_model.inspect_model(onnx_model.load_model(model), str(model))
@@ -242,8 +277,14 @@ def _verification_images(options: ConvertOptions) -> ImageSet | None:
     return images
 
 
-def _check_simplified(original: Any, simplified: Any, inputs: reference.VerifyInputs, prep: Preprocessing,
-                      model_prep: Preprocessing, batch: int) -> SimplifyCheck:
+def _check_simplified(
+    original: Any,
+    simplified: Any,
+    inputs: reference.VerifyInputs,
+    prep: Preprocessing,
+    model_prep: Preprocessing,
+    batch: int,
+) -> SimplifyCheck:
     """onnxruntime on the original vs the simplified (and folded) model, on a few of the inputs."""
     pixels = inputs.pixels[: max(batch, 8)]
     x = reference.nchw_batches(pixels, prep, batch=len(pixels))[0]
@@ -254,11 +295,14 @@ def _check_simplified(original: Any, simplified: Any, inputs: reference.VerifyIn
     result = SimplifyCheck(len(x), fig.max_abs_error, fig.mean_cosine, fig.top1_agreement)
     bad = int(np.count_nonzero(~np.isfinite(got)))
     if bad:
-        raise ConversionError(f"the simplified model gives NaN or infinite scores ({bad} of {got.size}) where the "
-                              "original does not")
+        raise ConversionError(
+            f"the simplified model gives NaN or infinite scores ({bad} of {got.size}) where the original does not"
+        )
     if fig.mean_cosine < 0.99999:
-        raise ConversionError(f"simplified model differs from the original: mean cosine {fig.mean_cosine:.6f}, "
-                              f"max-abs {fig.max_abs_error:.3g}")
+        raise ConversionError(
+            f"simplified model differs from the original: mean cosine {fig.mean_cosine:.6f}, "
+            f"max-abs {fig.max_abs_error:.3g}"
+        )
     return result
 
 
@@ -269,11 +313,16 @@ def _refuse_non_finite(original: Any, scores: np.ndarray) -> None:
         return
     from onnx import numpy_helper  # heavy optional dependency: deferred
 
-    weights = sum(int(np.count_nonzero(~np.isfinite(a))) for a in map(numpy_helper.to_array, original.graph.initializer)
-                  if a.dtype.kind == "f")
+    weights = sum(
+        int(np.count_nonzero(~np.isfinite(a)))
+        for a in map(numpy_helper.to_array, original.graph.initializer)
+        if a.dtype.kind == "f"
+    )
     where = f"{weights} of its weight values are NaN or infinite" if weights else "its weights are finite"
-    raise ConversionError(f"the source model's scores are NaN or infinite ({bad} of {scores.size} on the check "
-                          f"inputs; {where}); nothing was written")
+    raise ConversionError(
+        f"the source model's scores are NaN or infinite ({bad} of {scores.size} on the check "
+        f"inputs; {where}); nothing was written"
+    )
 
 
 def run_onnx2tf(onnx_path: Path, work_dir: Path) -> ChildRun:
@@ -295,9 +344,11 @@ def run_onnx2tf(onnx_path: Path, work_dir: Path) -> ChildRun:
     if not result.get("ok") or not (work_dir / "tf" / "model_float32.tflite").is_file():
         kept = _keep_log(log_text)
         tail = one_line(log_text)
-        raise ConversionError(f"onnx2tf failed: {result.get('error', 'no TFLite written')}"
-                              + (f" ({tail})" if tail and tail not in result.get("error", "") else "")
-                              + (f"; full log: {kept}" if kept else ""))
+        raise ConversionError(
+            f"onnx2tf failed: {result.get('error', 'no TFLite written')}"
+            + (f" ({tail})" if tail and tail not in result.get("error", "") else "")
+            + (f"; full log: {kept}" if kept else "")
+        )
     return ChildRun(round(wall, 3), round(peak_mb, 1), 0)
 
 
@@ -328,8 +379,9 @@ def _check_runnable(*paths: Path | None) -> None:
             raise ConversionError(f"the converted model {refusal} (replace those ops in the ONNX model)")
     for path, problem in check_model_files(present).items():
         if problem:
-            raise ConversionError(f"the converted model {path.name} does not run on the on-device interpreter: "
-                                  f"{problem}")
+            raise ConversionError(
+                f"the converted model {path.name} does not run on the on-device interpreter: {problem}"
+            )
 
 
 def _keep_log(text: str) -> Path | None:
@@ -345,8 +397,9 @@ def _keep_log(text: str) -> Path | None:
     return Path(kept)
 
 
-def _verify_one(path: Path, expected: Any, inputs: reference.VerifyInputs, prep: Preprocessing, precision: str,
-                progress: Progress) -> FloatCheck:
+def _verify_one(
+    path: Path, expected: Any, inputs: reference.VerifyInputs, prep: Preprocessing, precision: str, progress: Progress
+) -> FloatCheck:
     got = reference.run_tflite(path, inputs.pixels, prep, progress=progress, label=f"run {precision} tflite")
     fig = reference.figures(expected, got, inputs)
     tol = reference.TOLERANCES[precision]
@@ -364,13 +417,21 @@ def _saved_model(tf_dir: Path) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for name in ("saved_model.pb", "variables", "assets", "fingerprint.pb"):
         src = tf_dir / name
-        for f in ([src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []):
+        for f in [src] if src.is_file() else sorted(p for p in src.rglob("*") if p.is_file()) if src.is_dir() else []:
             files[str(f.relative_to(tf_dir))] = f.read_bytes()
     return files
 
 
-def _card(path: Path, file_name: str, precision: str, prep: Preprocessing, src: Path, sha: str,
-          labels: Labels | None, labels_file: str | None) -> ModelCard:
+def _card(
+    path: Path,
+    file_name: str,
+    precision: str,
+    prep: Preprocessing,
+    src: Path,
+    sha: str,
+    labels: Labels | None,
+    labels_file: str | None,
+) -> ModelCard:
     model = TFLiteModel(path)
     inp, out = model.input, model.output
     classes = max(1, int(np.prod(out.shape[1:])))

@@ -42,8 +42,9 @@ def _per_channel(value: np.ndarray, channels: int) -> np.ndarray | None:
     return v.reshape(-1)
 
 
-def fold_input_affine(model: Any, input_name: str, prep: Preprocessing, channels: int
-                      ) -> tuple[Any, Preprocessing, list[str]]:
+def fold_input_affine(
+    model: Any, input_name: str, prep: Preprocessing, channels: int
+) -> tuple[Any, Preprocessing, list[str]]:
     """Remove leading affine ops on ``input_name`` and return the adjusted preprocessing.
 
     Returns the (copied) model, the new preprocessing and notes; the model is returned
@@ -97,8 +98,10 @@ def fold_input_affine(model: Any, input_name: str, prep: Preprocessing, channels
         m.graph.initializer.remove(t)
     new_prep = replace(prep, mean=tuple(simple_value(v) for v in mean), std=tuple(simple_value(v) for v in std))
     ops = "+".join(n.op_type for n in removed)
-    note = (f"leading {ops} on the input folded into preprocessing: mean {_fmt(prep.mean)} -> {_fmt(new_prep.mean)}, "
-            f"std {_fmt(prep.std)} -> {_fmt(new_prep.std)}")
+    note = (
+        f"leading {ops} on the input folded into preprocessing: mean {_fmt(prep.mean)} -> {_fmt(new_prep.mean)}, "
+        f"std {_fmt(prep.std)} -> {_fmt(new_prep.std)}"
+    )
     return m, new_prep, [note]
 
 
@@ -107,8 +110,9 @@ def per_tensor(prep: Preprocessing) -> bool:
     return len(set(prep.mean)) == 1 and len(set(prep.std)) == 1
 
 
-def normalization_into_graph(model: Any, input_name: str, prep: Preprocessing, channels: int
-                             ) -> tuple[Any, Preprocessing, list[str]]:
+def normalization_into_graph(
+    model: Any, input_name: str, prep: Preprocessing, channels: int
+) -> tuple[Any, Preprocessing, list[str]]:
     """Put a per-channel normalisation inside the graph so the model takes 0..255 pixels.
 
     Clients such as MediaPipe Tasks express only one mean/std for all channels. The
@@ -140,22 +144,31 @@ def normalization_into_graph(model: Any, input_name: str, prep: Preprocessing, c
     del m.graph.node[:]
     m.graph.node.extend(nodes + old)
     new_prep = replace(prep, pixel_scale=1.0, mean=(0.0,), std=(1.0,))
-    note = (f"per-channel normalisation folded into the graph ({form}): the model takes 0..255 pixels; "
-            f"was mean {_fmt(prep.mean)}, std {_fmt(prep.std)} after pixel_scale {prep.pixel_scale:.6g}")
+    note = (
+        f"per-channel normalisation folded into the graph ({form}): the model takes 0..255 pixels; "
+        f"was mean {_fmt(prep.mean)}, std {_fmt(prep.std)} after pixel_scale {prep.pixel_scale:.6g}"
+    )
     return m, new_prep, [note]
 
 
-def _sub_into_conv(m: Any, consumers: list[Any], input_name: str, out: str, m_pix: np.ndarray,
-                   scale: np.ndarray) -> list[Any] | None:
-    """``Sub`` node of the pixel mean, with ``scale`` folded into the lone consumer conv's weights; None if not a conv."""
+def _sub_into_conv(
+    m: Any, consumers: list[Any], input_name: str, out: str, m_pix: np.ndarray, scale: np.ndarray
+) -> list[Any] | None:
+    """``Sub`` node of the pixel mean, with ``scale`` folded into the lone consumer conv's weights.
+
+    None if the consumer is not a conv.
+    """
     from onnx import helper, numpy_helper
 
     conv = consumers[0] if len(consumers) == 1 and consumers[0].op_type == "Conv" else None
     if conv is None or conv.input[0] != input_name or any(a.name == "group" and a.i != 1 for a in conv.attribute):
         return None
     weight = next((t for t in m.graph.initializer if t.name == conv.input[1]), None)
-    if weight is None or sum(i == weight.name for n in m.graph.node for i in n.input) != 1 or \
-            weight.name in {o.name for o in m.graph.output}:
+    if (
+        weight is None
+        or sum(i == weight.name for n in m.graph.node for i in n.input) != 1
+        or weight.name in {o.name for o in m.graph.output}
+    ):
         return None
     w = numpy_helper.to_array(weight).astype(np.float64) * scale.reshape(1, -1, 1, 1)
     weight.CopyFrom(numpy_helper.from_array(w.astype(np.float32), weight.name))
@@ -168,10 +181,16 @@ def _mul_add(m: Any, input_name: str, out: str, m_pix: np.ndarray, scale: np.nda
     from onnx import helper, numpy_helper
 
     k, b = f"{input_name}__scale", f"{input_name}__shift"
-    m.graph.initializer.extend([numpy_helper.from_array(scale.reshape(1, -1, 1, 1).astype(np.float32), k),
-                                numpy_helper.from_array((-m_pix * scale).reshape(1, -1, 1, 1).astype(np.float32), b)])
-    return [helper.make_node("Mul", [input_name, k], [f"{input_name}__scaled"], name=f"{input_name}__normalize_mul"),
-            helper.make_node("Add", [f"{input_name}__scaled", b], [out], name=f"{input_name}__normalize_add")]
+    m.graph.initializer.extend(
+        [
+            numpy_helper.from_array(scale.reshape(1, -1, 1, 1).astype(np.float32), k),
+            numpy_helper.from_array((-m_pix * scale).reshape(1, -1, 1, 1).astype(np.float32), b),
+        ]
+    )
+    return [
+        helper.make_node("Mul", [input_name, k], [f"{input_name}__scaled"], name=f"{input_name}__normalize_mul"),
+        helper.make_node("Add", [f"{input_name}__scaled", b], [out], name=f"{input_name}__normalize_add"),
+    ]
 
 
 def _fmt(values: tuple[float, ...]) -> str:

@@ -48,8 +48,11 @@ class _Graph:
         self.outputs = {o.name for o in graph.output}
         # Only one-element constants can be GELU's; the weights are not read.
         tensors = [(t.name, t) for t in graph.initializer]
-        tensors += [(n.output[0], n.attribute[0].t) for n in graph.node
-                    if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"]
+        tensors += [
+            (n.output[0], n.attribute[0].t)
+            for n in graph.node
+            if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        ]
         self.consts = {name: numpy_helper.to_array(t) for name, t in tensors if math.prod(t.dims) == 1}
 
     def sole_consumer(self, tensor: str, op_type: str) -> Any | None:
@@ -151,10 +154,15 @@ def fuse_gelu(model: Any) -> tuple[Any, list[str]]:
             nodes.append(_gelu_node(match, node.name))
     del m.graph.node[:]
     m.graph.node.extend(nodes)
-    _drop_unused(m, gone={t for match in matches for n in match.nodes for t in n.output if t != match.y},
-                 inputs={t for match in matches for n in match.nodes for t in n.input})
-    note = (f"{len(matches)} exact-erf GELU(s) spelled out as Div/Erf/Add/Mul fused into ONNX Gelu "
-            "(TFLite GELU instead of a TensorFlow Select FlexErf)")
+    _drop_unused(
+        m,
+        gone={t for match in matches for n in match.nodes for t in n.output if t != match.y},
+        inputs={t for match in matches for n in match.nodes for t in n.input},
+    )
+    note = (
+        f"{len(matches)} exact-erf GELU(s) spelled out as Div/Erf/Add/Mul fused into ONNX Gelu "
+        "(TFLite GELU instead of a TensorFlow Select FlexErf)"
+    )
     return m, notes + [note]
 
 
@@ -214,7 +222,8 @@ def lone_erf_notes(model: Any) -> list[str]:
     count = sum(n.op_type == "Erf" for n in model.graph.node)
     if not count:
         return []
-    note = (f"{count} Erf op(s) outside a GELU computed with onnx2tf's polynomial erf (builtin ops, "
-            "abs error about 1e-7) instead of a TensorFlow Select FlexErf")
+    note = (
+        f"{count} Erf op(s) outside a GELU computed with onnx2tf's polynomial erf (builtin ops, "
+        "abs error about 1e-7) instead of a TensorFlow Select FlexErf"
+    )
     return [note]
-

@@ -62,7 +62,8 @@ def run(job: dict[str, str]) -> dict[str, Any]:
             output_folder_path=job["output"],
             not_use_onnxsim=True,
             # An Erf outside a GELU (edgeship fuses those) as builtin ops, not a Select TF op (FlexErf)
-            # that no on-device interpreter has; abs error about 1e-7 (Abramowitz & Stegun 7.1.26: 1.5e-7, plus float32 rounding).
+            # that no on-device interpreter has; abs error about 1e-7 (Abramowitz & Stegun 7.1.26: 1.5e-7,
+            # plus float32 rounding).
             replace_to_pseudo_operators=["erf"],
             output_signaturedefs=True,
             copy_onnx_input_output_names_to_tflite=True,
@@ -72,6 +73,9 @@ def run(job: dict[str, str]) -> dict[str, Any]:
     except SystemExit as exc:  # onnx2tf exits from library code on failure
         return {"ok": False, "error": f"onnx2tf exited with status {exc.code}"}
     except Exception as exc:  # noqa: BLE001 - report every failure to the parent, one line
-        return {"ok": False, "error": one_line(f"{type(exc).__name__}: {exc}"),
-                "traceback": traceback.format_exc(limit=3)}
+        return {
+            "ok": False,
+            "error": one_line(f"{type(exc).__name__}: {exc}"),
+            "traceback": traceback.format_exc(limit=3),
+        }
     return {"ok": True, "files": sorted(p.name for p in Path(job["output"]).iterdir())}

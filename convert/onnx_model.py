@@ -11,9 +11,10 @@ import collections
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edgeship._deps import require
 from edgeship._paths import is_inside
@@ -73,8 +74,10 @@ def load_model(path: str | os.PathLike[str]) -> Any:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, onnx raises various
-        raise InputError(f"{path} is not a readable ONNX model (truncated or another format?): "
-                         f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        raise InputError(
+            f"{path} is not a readable ONNX model (truncated or another format?): "
+            f"{type(exc).__name__}: {str(exc)[:200]}"
+        ) from exc
     _load_external_data(model, path)
     if not model.graph.node:
         raise InputError(f"{path} is not an ONNX model: its graph has no nodes")
@@ -102,8 +105,10 @@ def _load_external_data(model: Any, path: Path) -> None:
         location = ExternalDataInfo(tensor).location
         data = path.parent / location
         if not is_inside(data, path.parent):
-            raise InputError(f"{path}: tensor '{tensor.name}' stores its data in {location}, which leads outside "
-                             f"the model's folder (to {data.resolve()}); keep external data files beside the model")
+            raise InputError(
+                f"{path}: tensor '{tensor.name}' stores its data in {location}, which leads outside "
+                f"the model's folder (to {data.resolve()}); keep external data files beside the model"
+            )
     try:
         load_external_data_for_model(model, str(path.parent))
     except Exception as exc:  # a missing or short data file
@@ -115,8 +120,10 @@ def _refuse_custom_ops(model: Any, source: str) -> None:
     custom = sorted({(n.domain, n.op_type) for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
     if custom:
         ops = ", ".join(f"{domain}.{op}" for domain, op in custom[:5]) + (" ..." if len(custom) > 5 else "")
-        raise InputError(f"{source} uses {len(custom)} op type(s) of a custom domain ({ops}) that edgeship cannot "
-                         "convert; export the model with standard ONNX ops only")
+        raise InputError(
+            f"{source} uses {len(custom)} op type(s) of a custom domain ({ops}) that edgeship cannot "
+            "convert; export the model with standard ONNX ops only"
+        )
 
 
 def _dims(value_info: Any) -> tuple[int | str, ...]:
@@ -144,13 +151,17 @@ def inspect_model(model: Any, source: str = "model") -> ModelInfo:
     if elem != 1:  # FLOAT
         raise InputError(f"{source} input '{inp.name}' must be float32, got ONNX element type {elem}")
     if shape[1] == 1:
-        raise InputError(f"{source} input '{inp.name}' is single-channel (grey); edgeship handles RGB/BGR "
-                         "3-channel image classifiers")
+        raise InputError(
+            f"{source} input '{inp.name}' is single-channel (grey); edgeship handles RGB/BGR "
+            "3-channel image classifiers"
+        )
     if shape[1] == 3:
         layout = Layout.NCHW
     elif shape[3] in (1, 3):
-        raise InputError(f"{source} input '{inp.name}' looks NHWC {list(shape)}; edgeship expects NCHW "
-                         "ONNX image classifiers (channels second)")
+        raise InputError(
+            f"{source} input '{inp.name}' looks NHWC {list(shape)}; edgeship expects NCHW "
+            "ONNX image classifiers (channels second)"
+        )
     else:
         raise InputError(f"{source} input '{inp.name}' has {shape[1]} channels; expected 1 or 3 (NCHW)")
     if len(model.graph.output) != 1:
@@ -158,8 +169,9 @@ def inspect_model(model: Any, source: str = "model") -> ModelInfo:
     _refuse_custom_ops(model, source)
     out = model.graph.output[0]
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
-    return ModelInfo(inp.name, shape, layout, out.name, _dims(out), opset, model.ir_version,
-                     len(model.graph.input) - len(inputs))
+    return ModelInfo(
+        inp.name, shape, layout, out.name, _dims(out), opset, model.ir_version, len(model.graph.input) - len(inputs)
+    )
 
 
 def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tuple[int, ...], list[str]]:
@@ -171,8 +183,10 @@ def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tupl
             raise InputError(f"--input-shape must be 4 positive integers N,C,H,W, got {list(override)}")
         for i, (want, have) in enumerate(zip(shape, info.input_shape)):
             if isinstance(have, int) and have != want:
-                raise InputError(f"--input-shape {list(shape)} contradicts the model's static dimension "
-                                 f"{i} = {have} (declared {list(info.input_shape)})")
+                raise InputError(
+                    f"--input-shape {list(shape)} contradicts the model's static dimension "
+                    f"{i} = {have} (declared {list(info.input_shape)})"
+                )
         notes.append(f"input shape set to {list(shape)} by --input-shape (declared {list(info.input_shape)})")
         return _checked_size(shape, info, batch=shape[0]), notes
     shape_list: list[int] = []
@@ -183,8 +197,10 @@ def resolve_shape(info: ModelInfo, override: Sequence[int] | None) -> tuple[tupl
             shape_list.append(1)
             notes.append(f"dynamic batch dimension '{d}' fixed to 1")
         else:
-            raise InputError(f"input dimension {i} ('{d}') is dynamic; give the size with "
-                             f"--input-shape N,C,H,W (declared {list(info.input_shape)})")
+            raise InputError(
+                f"input dimension {i} ('{d}') is dynamic; give the size with "
+                f"--input-shape N,C,H,W (declared {list(info.input_shape)})"
+            )
     return _checked_size(tuple(shape_list), info), notes
 
 
@@ -193,11 +209,15 @@ def _checked_size(shape: tuple[int, ...], info: ModelInfo, batch: int = 1) -> tu
     image of at most ``MAX_SIDE`` pixels a side."""
     declared = list(info.input_shape)
     if shape[0] != batch:
-        raise InputError(f"the model's batch dimension is fixed to {shape[0]} (declared {declared}); edgeship "
-                         "converts batch 1: export the model with batch 1 or a dynamic batch")
+        raise InputError(
+            f"the model's batch dimension is fixed to {shape[0]} (declared {declared}); edgeship "
+            "converts batch 1: export the model with batch 1 or a dynamic batch"
+        )
     if max(shape[2:4]) > MAX_SIDE:  # NCHW (inspect_model refuses other layouts)
-        raise InputError(f"input shape {list(shape)} is too large for an image classifier (at most {MAX_SIDE} "
-                         f"pixels a side; declared {declared})")
+        raise InputError(
+            f"input shape {list(shape)} is too large for an image classifier (at most {MAX_SIDE} "
+            f"pixels a side; declared {declared})"
+        )
     return shape
 
 
@@ -225,7 +245,9 @@ def normalise(model: Any, info: ModelInfo, shape: Sequence[int]) -> tuple[Any, l
     for i in stale:
         m.graph.input.remove(i)
     if stale:
-        notes.append(f"{len(stale)} initializers listed as graph inputs (IR {info.ir_version} style) removed from inputs")
+        notes.append(
+            f"{len(stale)} initializers listed as graph inputs (IR {info.ir_version} style) removed from inputs"
+        )
     min_ir = onnx.helper.find_min_ir_version_for([o for o in m.opset_import if o.domain in STANDARD_DOMAINS])
     if m.ir_version < min_ir:
         notes.append(f"IR version {m.ir_version} raised to {min_ir}")
@@ -325,6 +347,8 @@ def check_scores_output(model: Any, source: str = "model") -> int:
         return 0  # not inferred: the float verification after onnx2tf still checks the scores
     head = [d for d in shape[2:] if d != 1]
     if len(shape) < 2 or head:
-        raise InputError(f"{source} output '{model.graph.output[0].name}' has shape {list(shape)}; an image "
-                         "classifier's output is [N, classes] (class scores)")
+        raise InputError(
+            f"{source} output '{model.graph.output[0].name}' has shape {list(shape)}; an image "
+            "classifier's output is [N, classes] (class scores)"
+        )
     return int(shape[1])

@@ -91,8 +91,9 @@ class ConvertResult:
                 atomic_write_bytes(stage / SAVED_MODEL_DIR / rel, data)
             if self.float16 is not None:
                 atomic_write_bytes(stage / FLOAT16_FILE, self.float16)
-                atomic_write_json(stage / FLOAT16_CARD,
-                                  self.card.with_(model_file=FLOAT16_FILE, precision="float16").to_dict())
+                atomic_write_json(
+                    stage / FLOAT16_CARD, self.card.with_(model_file=FLOAT16_FILE, precision="float16").to_dict()
+                )
             if self.labels is not None:
                 atomic_write_bytes(stage / LABELS_FILE, self.labels)
         return replace(self, folder=out)
@@ -104,42 +105,70 @@ class ConvertResult:
         folder = Path(folder)
         card_path = folder / CARD_FILE
         if not card_path.is_file():
-            raise InputError(f"{folder} is not an edgeship convert folder (no {CARD_FILE}); pass the ONNX model "
-                             "or run `edgeship convert` first")
+            raise InputError(
+                f"{folder} is not an edgeship convert folder (no {CARD_FILE}); pass the ONNX model "
+                "or run `edgeship convert` first"
+            )
         card = ModelCard.load(card_path)
-        model, labels = card.file(folder), card.file(folder, "labels_file")
+        model, labels = card.model_path(folder), card.file(folder, "labels_file")
         if card.precision != "float32" or not model.is_file():
-            raise InputError(f"{folder} holds no float32 model to quantize (its card names {card.model_file}, "
-                             f"{card.precision}); pass the ONNX model or a `edgeship convert` folder")
+            raise InputError(
+                f"{folder} holds no float32 model to quantize (its card names {card.model_file}, "
+                f"{card.precision}); pass the ONNX model or a `edgeship convert` folder"
+            )
         if card.input.shape and card.input.shape[0] != 1:
-            raise InputError(f"{folder} holds a model of batch {card.input.shape[0]} (input {list(card.input.shape)}); "
-                             "edgeship quantizes batch 1: convert the model again with this version")
-        return cls(model=model.read_bytes(), card=card, report=_read_report(folder / REPORT_FILE),
-                   simplified_onnx=_read(folder / SIMPLIFIED_FILE) or b"", float16=_read(folder / FLOAT16_FILE),
-                   saved_model=_read_tree(folder / SAVED_MODEL_DIR) if saved_model else {},
-                   labels=_read(labels) if labels else None, folder=folder)
+            raise InputError(
+                f"{folder} holds a model of batch {card.input.shape[0]} (input {list(card.input.shape)}); "
+                "edgeship quantizes batch 1: convert the model again with this version"
+            )
+        return cls(
+            model=model.read_bytes(),
+            card=card,
+            report=_read_report(folder / REPORT_FILE),
+            simplified_onnx=_read(folder / SIMPLIFIED_FILE) or b"",
+            float16=_read(folder / FLOAT16_FILE),
+            saved_model=_read_tree(folder / SAVED_MODEL_DIR) if saved_model else {},
+            labels=_read(labels) if labels else None,
+            folder=folder,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the bytes, which are named by their sha256 (what a cache key needs)."""
-        return {"card": self.card.to_dict(), "report": self.report.to_dict() if self.report else None,
-                "model_sha256": sha256(self.model),
-                "simplified_onnx_sha256": sha256(self.simplified_onnx),
-                "float16_sha256": sha256(self.float16) if self.float16 is not None else None,
-                "labels_sha256": sha256(self.labels) if self.labels is not None else None,
-                "folder": str(self.folder) if self.folder else None}
+        return {
+            "card": self.card.to_dict(),
+            "report": self.report.to_dict() if self.report else None,
+            "model_sha256": sha256(self.model),
+            "simplified_onnx_sha256": sha256(self.simplified_onnx),
+            "float16_sha256": sha256(self.float16) if self.float16 is not None else None,
+            "labels_sha256": sha256(self.labels) if self.labels is not None else None,
+            "folder": str(self.folder) if self.folder else None,
+        }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], *, model: bytes, simplified_onnx: bytes = b"",
-                  float16: bytes | None = None, labels: bytes | None = None) -> ConvertResult:
+    def from_dict(
+        cls,
+        d: Mapping[str, Any],
+        *,
+        model: bytes,
+        simplified_onnx: bytes = b"",
+        float16: bytes | None = None,
+        labels: bytes | None = None,
+    ) -> ConvertResult:
         """The inverse of :meth:`to_dict`, given the bytes it names (checked against their sha256)."""
         for what, data in (("model", model), ("float16", float16), ("labels", labels)):
             want = d.get(f"{what}_sha256")
             if data is not None and want and sha256(data) != want:
                 raise InputError(f"{what} bytes do not match the sha256 the result names")
         report = ConvertReport.from_dict(d["report"]) if d.get("report") else None
-        return cls(model=model, card=ModelCard.from_dict(d["card"]), report=report,
-                   simplified_onnx=simplified_onnx, float16=float16, labels=labels,
-                   folder=Path(d["folder"]) if d.get("folder") else None)
+        return cls(
+            model=model,
+            card=ModelCard.from_dict(d["card"]),
+            report=report,
+            simplified_onnx=simplified_onnx,
+            float16=float16,
+            labels=labels,
+            folder=Path(d["folder"]) if d.get("folder") else None,
+        )
 
 
 def _read(path: Path) -> bytes | None:
@@ -152,8 +181,9 @@ def _read_report(path: Path) -> ConvertReport | None:
     try:
         return ConvertReport.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"{path} is not a readable convert report ({type(exc).__name__}: {exc}); "
-                         "re-run `edgeship convert`") from exc
+        raise InputError(
+            f"{path} is not a readable convert report ({type(exc).__name__}: {exc}); re-run `edgeship convert`"
+        ) from exc
 
 
 def _read_tree(root: Path) -> dict[str, bytes]:

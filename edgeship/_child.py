@@ -24,8 +24,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any, Callable
 
 from edgeship.errors import EdgeshipError, NativeCrashError
 
@@ -134,14 +135,20 @@ class ChildWorker:
 
     def _start(self) -> subprocess.Popen[bytes]:
         with open(self.log_path, "ab") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "edgeship._worker", self.log_path], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=log_file, env={**os.environ, **self._env})
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "edgeship._worker", self.log_path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env={**os.environ, **self._env},
+            )
         self._proc = proc
         write_frame(proc.stdin, ("path", list(sys.path)))  # type: ignore[arg-type]
         return proc
 
-    def call(self, stage: str, fn: Callable[..., Any], *args: Any,
-             progress: Callable[..., None] | None = None, **kwargs: Any) -> Any:
+    def call(
+        self, stage: str, fn: Callable[..., Any], *args: Any, progress: Callable[..., None] | None = None, **kwargs: Any
+    ) -> Any:
         """``fn(*args, **kwargs)`` in the child; ``progress`` (if given) receives the child's reports.
 
         ``fn`` must be importable by module and name (not defined in ``__main__``).
@@ -192,8 +199,11 @@ class ChildWorker:
         log.debug("native log of the crashed %s:\n%s", stage, text)
         last = one_line(text)
         what = "native code crashed" if code is not None and code < 0 else "the worker process exited"
-        return NativeCrashError(f"{stage}: {what} ({signal_name(code)})"
-                                + (f": {last}" if last else ": it wrote no error") + "; nothing was written")
+        return NativeCrashError(
+            f"{stage}: {what} ({signal_name(code)})"
+            + (f": {last}" if last else ": it wrote no error")
+            + "; nothing was written"
+        )
 
 
 def _failure(stage: str, pickled: bytes | None, summary: str) -> BaseException:

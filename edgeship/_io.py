@@ -16,8 +16,9 @@ import shutil
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from edgeship._files import atomic_copy as atomic_copy
 from edgeship._files import atomic_write_bytes as atomic_write_bytes
@@ -33,8 +34,10 @@ from edgeship.errors import InputError, OutputExistsError
 
 log = logging.getLogger(__name__)
 
-def check_outputs_free(out_dir: Path, names: list[str], *, force: bool,
-                       reads: Iterable[str | os.PathLike[str] | None] = ()) -> None:
+
+def check_outputs_free(
+    out_dir: Path, names: list[str], *, force: bool, reads: Iterable[str | os.PathLike[str] | None] = ()
+) -> None:
     """Raise :class:`OutputExistsError` when any of ``names`` exists in ``out_dir``.
 
     Also checks, before any work, that ``out_dir`` can be written (:func:`check_writable_dir`)
@@ -54,9 +57,14 @@ def check_outputs_free(out_dir: Path, names: list[str], *, force: bool,
         )
 
 
-def check_output_file(path: str | os.PathLike[str], flag: str, *, force: bool,
-                      reads: Iterable[str | os.PathLike[str] | None] = (),
-                      writes: Iterable[str | os.PathLike[str] | None] = ()) -> None:
+def check_output_file(
+    path: str | os.PathLike[str],
+    flag: str,
+    *,
+    force: bool,
+    reads: Iterable[str | os.PathLike[str] | None] = (),
+    writes: Iterable[str | os.PathLike[str] | None] = (),
+) -> None:
     """The overwrite rule of a file a command writes (``--json``, ``-r``), checked before it runs.
 
     The file must not be a folder and its folder must be writable; an existing file is
@@ -145,6 +153,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _rmtree(path: Path) -> None:
     """Remove a file or folder, read-only parts included (they were ours to replace)."""
+
     def retry(func: Any, p: str, _exc: Any) -> None:
         with contextlib.suppress(OSError):
             os.chmod(os.path.dirname(p), 0o700)
@@ -169,7 +178,9 @@ def clean_stale(out_dir: str | os.PathLike[str]) -> list[Path]:
     done: list[Path] = []
     candidates = []
     with contextlib.suppress(OSError):
-        candidates += [(p, "staging") for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.staging-")]
+        candidates += [
+            (p, "staging") for p in out_dir.parent.iterdir() if p.name.startswith(f".{out_dir.name}.staging-")
+        ]
     with contextlib.suppress(OSError):
         candidates += [(p, "old") for p in out_dir.iterdir() if ".old-" in p.name]
     host = owner_tag().split(".", 1)[1]
@@ -223,8 +234,9 @@ def _swap_in(stage: Path, out_dir: Path) -> None:
         for target, hidden in reversed(aside):
             with contextlib.suppress(OSError):
                 os.rename(hidden, target)
-        raise InputError(f"cannot publish into {out_dir}: {exc.strerror or exc} ({exc.filename}); "
-                         "nothing was replaced") from None
+        raise InputError(
+            f"cannot publish into {out_dir}: {exc.strerror or exc} ({exc.filename}); nothing was replaced"
+        ) from None
     for _target, hidden in aside:
         try:
             _rmtree(hidden)
@@ -256,7 +268,7 @@ def staged_output(out_dir: str | os.PathLike[str], names: list[str], *, force: b
             check_outputs_free(out_dir, [p.name for p in stage.iterdir()], force=force)
             _swap_in(stage, out_dir)
         except OSError as exc:
-            raise _in_place(exc, stage, out_dir)
+            raise _in_place(exc, stage, out_dir) from exc
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 

@@ -88,8 +88,10 @@ def _acquire(path: Path) -> int:
         except OSError:
             holder = _holder(fd)
             os.close(fd)
-            raise InputError(f"{path.parent} is being written by another edgeship run ({holder}); wait for it "
-                             "to finish or pick another folder") from None
+            raise InputError(
+                f"{path.parent} is being written by another edgeship run ({holder}); wait for it "
+                "to finish or pick another folder"
+            ) from None
         if _same_file(fd, path):
             os.ftruncate(fd, 0)
             os.write(fd, f"pid {os.getpid()}, since {time.strftime('%H:%M:%S')}".encode())

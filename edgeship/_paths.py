@@ -77,13 +77,16 @@ def inside(folder: str | os.PathLike[str], name: str, what: str = "file") -> Pat
     """
     path = child(folder, name, what=what)
     if not is_inside(path, folder):
-        raise InputError(f"{what} {name!r} in {folder} leads outside the folder (to {path.resolve()}); "
-                         "a bundle's files must be inside it")
+        raise InputError(
+            f"{what} {name!r} in {folder} leads outside the folder (to {path.resolve()}); "
+            "a bundle's files must be inside it"
+        )
     return path
 
 
-def check_apart(out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None],
-                out_what: str = "output folder") -> None:
+def check_apart(
+    out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathLike[str] | None], out_what: str = "output folder"
+) -> None:
     """Refuse an output folder inside (or equal to) a folder of images the same run reads.
 
     Args:
@@ -96,8 +99,10 @@ def check_apart(out: str | os.PathLike[str], inputs: Mapping[str, str | os.PathL
     """
     for what, folder in inputs.items():
         if folder is not None and Path(folder).is_dir() and is_inside(out, folder):
-            raise InputError(f"{out_what} {out} is inside {what} {folder}: edgeship would read its own outputs "
-                             f"as images; pick an output folder outside {folder}")
+            raise InputError(
+                f"{out_what} {out} is inside {what} {folder}: edgeship would read its own outputs "
+                f"as images; pick an output folder outside {folder}"
+            )
 
 
 def writable_dir_problem(out_dir: str | os.PathLike[str]) -> str | None:

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 
 class Progress(Protocol):
-    def __call__(self, stage: str, done: Optional[int] = None, total: Optional[int] = None) -> None: ...
+    def __call__(self, stage: str, done: int | None = None, total: int | None = None) -> None: ...
 
 
-def silent(stage: str, done: Optional[int] = None, total: Optional[int] = None) -> None:
+def silent(stage: str, done: int | None = None, total: int | None = None) -> None:
     """The default: report nothing."""
 
 

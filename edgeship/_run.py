@@ -110,8 +110,9 @@ def _raise_terminated(signum: int, _frame: Any) -> None:
 def signals_as_interrupt() -> Iterator[None]:
     """SIGTERM and SIGHUP raise :class:`Terminated` in the block (main thread only; elsewhere a no-op)."""
     try:  # a signal ignored on purpose (nohup's SIGHUP) stays ignored
-        saved = {sig: signal.signal(sig, _raise_terminated) for sig in HANDLED
-                 if signal.getsignal(sig) is not signal.SIG_IGN}
+        saved = {
+            sig: signal.signal(sig, _raise_terminated) for sig in HANDLED if signal.getsignal(sig) is not signal.SIG_IGN
+        }
     except ValueError:  # not the main thread
         yield
         return

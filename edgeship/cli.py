@@ -14,8 +14,9 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable
 
 from edgeship._run import Terminated, run_temp_dir, signals_as_interrupt
 from edgeship._version import SCHEMA_VERSION, __version__
@@ -37,7 +38,7 @@ class ConsoleProgress:
         self.started = time.perf_counter()
         self.last_draw = 0.0
 
-    def __call__(self, stage: str, done: Optional[int] = None, total: Optional[int] = None) -> None:
+    def __call__(self, stage: str, done: int | None = None, total: int | None = None) -> None:
         if not self.enabled:
             return
         elapsed = time.perf_counter() - self.started
@@ -87,10 +88,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def _add_preprocessing(p: argparse.ArgumentParser) -> None:
     from edgeship.runtime.card import Interpolation
 
-    g = p.add_argument_group("preprocessing (default: resize shorter side 256/224 x input, center crop, "
-                             "RGB, /255, ImageNet mean/std)")
-    g.add_argument("--preprocess", metavar="JSON", type=Path, help="preprocessing as a JSON file "
-                   "(keys: resize_shorter, crop, interpolation, color_order, pixel_scale, mean, std)")
+    g = p.add_argument_group(
+        "preprocessing (default: resize shorter side 256/224 x input, center crop, RGB, /255, ImageNet mean/std)"
+    )
+    g.add_argument(
+        "--preprocess",
+        metavar="JSON",
+        type=Path,
+        help="preprocessing as a JSON file "
+        "(keys: resize_shorter, crop, interpolation, color_order, pixel_scale, mean, std)",
+    )
     g.add_argument("--mean", type=_csv_floats, help="per-channel mean after /255, e.g. 0.485,0.456,0.406")
     g.add_argument("--std", type=_csv_floats, help="per-channel std, e.g. 0.229,0.224,0.225")
     g.add_argument("--resize", type=int, metavar="PX", help="resize shorter side to PX before cropping (0: none)")
@@ -109,8 +116,12 @@ def _preprocessing_flags(args: argparse.Namespace) -> dict[str, Any]:
             raise InputError(f"cannot read preprocessing JSON {args.preprocess}: {exc}") from exc
         if not isinstance(base, dict):
             raise InputError(f"preprocessing JSON {args.preprocess} must hold an object")
-    overrides = {"mean": args.mean, "std": args.std, "interpolation": args.interpolation,
-                 "pixel_scale": args.pixel_scale}
+    overrides = {
+        "mean": args.mean,
+        "std": args.std,
+        "interpolation": args.interpolation,
+        "pixel_scale": args.pixel_scale,
+    }
     base.update({k: v for k, v in overrides.items() if v is not None})
     if args.resize is not None:
         base["resize_shorter"] = args.resize or None
@@ -121,17 +132,22 @@ def _preprocessing_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- convert
 def _add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="ONNX -> verified float TFLite",
-                       description="Convert an ONNX image classifier to a float TFLite model and verify it "
-                                   "against onnxruntime.")
+    p = sub.add_parser(
+        "convert",
+        help="ONNX -> verified float TFLite",
+        description="Convert an ONNX image classifier to a float TFLite model and verify it against onnxruntime.",
+    )
     p.add_argument("model", type=Path, help="ONNX model (never modified)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder")
     g = p.add_argument_group("conversion")
     g.add_argument("--input-shape", type=_csv_ints, metavar="N,C,H,W", help="static input shape (default: batch 1)")
     g.add_argument("--fp16", action="store_true", help="also write and verify model_float16.tflite")
-    g.add_argument("--pixels-in-graph", action="store_true",
-                   help="put a per-channel normalisation inside the graph (the model takes 0..255 pixels), "
-                        "for clients such as MediaPipe Tasks that express one mean/std only")
+    g.add_argument(
+        "--pixels-in-graph",
+        action="store_true",
+        help="put a per-channel normalisation inside the graph (the model takes 0..255 pixels), "
+        "for clients such as MediaPipe Tasks that express one mean/std only",
+    )
     g.add_argument("--force", action="store_true", help="overwrite existing outputs in the folder")
     v = p.add_argument_group("verification")
     v.add_argument("--images", type=Path, help="verify on these real images (default: generated inputs)")
@@ -148,10 +164,18 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
     from edgeship.convert import ConvertOptions, convert
     from edgeship.convert.converter import output_names, preprocessing_for
 
-    prep = preprocessing_for(args.model, args.input_shape, _preprocessing_flags(args)) if _has_prep_flags(args) else None
-    options = ConvertOptions(input_shape=args.input_shape, fp16=args.fp16, images=args.images,
-                             max_images=args.max_images, labels=args.labels, preprocessing=prep,
-                             pixels_in_graph=args.pixels_in_graph)
+    prep = (
+        preprocessing_for(args.model, args.input_shape, _preprocessing_flags(args)) if _has_prep_flags(args) else None
+    )
+    options = ConvertOptions(
+        input_shape=args.input_shape,
+        fp16=args.fp16,
+        images=args.images,
+        max_images=args.max_images,
+        labels=args.labels,
+        preprocessing=prep,
+        pixels_in_graph=args.pixels_in_graph,
+    )
     check_apart(args.out, {"--images": args.images})
     check_outputs_free(args.out, output_names(options), force=args.force, reads=_inputs(args))  # before the work
     result = convert(args.model, options=options, progress=progress).save(args.out, force=args.force)
@@ -160,9 +184,11 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
     lines = [f"wrote {result.model_path} ({len(result.model) / 1e6:.1f} MB) in {report.timings_s['total']:.1f} s"]
     for name, check in report.verification.items():
         f = check.figures
-        lines.append(f"  {name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.6f}  "
-                     f"max-abs {f.max_abs_error:.2e}  on {f.count} "
-                     f"{'real images' if check.agreement_enforced else 'generated inputs'}")
+        lines.append(
+            f"  {name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.6f}  "
+            f"max-abs {f.max_abs_error:.2e}  on {f.count} "
+            f"{'real images' if check.agreement_enforced else 'generated inputs'}"
+        )
     lines += _input_contract(result.card)
     return 0, {"summary": lines, "result": {"out_dir": str(result.folder), "report": report.to_dict()}}
 
@@ -176,53 +202,101 @@ def _input_contract(card: Any) -> list[str]:
 
 
 def _has_prep_flags(args: argparse.Namespace) -> bool:
-    return any(getattr(args, k) is not None for k in ("preprocess", "mean", "std", "resize", "interpolation",
-                                                       "pixel_scale")) or args.bgr
+    return (
+        any(
+            getattr(args, k) is not None
+            for k in ("preprocess", "mean", "std", "resize", "interpolation", "pixel_scale")
+        )
+        or args.bgr
+    )
 
 
 # ---------------------------------------------------------------- quantize
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     from edgeship.quantize.options import CalibrationMethod, IODtype
 
-    p = sub.add_parser("quantize", help="int8 post-training quantization from calibration images",
-                       description="Quantize to a full-integer int8 TFLite, measure drift against the float "
-                                   "model and explain it per layer.")
+    p = sub.add_parser(
+        "quantize",
+        help="int8 post-training quantization from calibration images",
+        description="Quantize to a full-integer int8 TFLite, measure drift against the float "
+        "model and explain it per layer.",
+    )
     p.add_argument("model", type=Path, help="ONNX model, or the output folder of `edgeship convert`")
     p.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (may be the convert folder)")
     g = p.add_argument_group("calibration")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (default 200; all when fewer)")
-    g.add_argument("--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)")
-    g.add_argument("--method", choices=[m.value for m in CalibrationMethod],
-                   help="activation range method (default auto: percentile 99.9999 or 99.99, min-max, or min-max "
-                   "with a 10%% margin, chosen per model by cross-fitted SQNR on the calibration images)")
-    g.add_argument("--percentile", type=float, default=99.999, help="kept mass for --method percentile "
-                   "(default 99.999)")
+    g.add_argument(
+        "--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)"
+    )
+    g.add_argument(
+        "--method",
+        choices=[m.value for m in CalibrationMethod],
+        help="activation range method (default auto: percentile 99.9999 or 99.99, min-max, or min-max "
+        "with a 10%% margin, chosen per model by cross-fitted SQNR on the calibration images)",
+    )
+    g.add_argument(
+        "--percentile", type=float, default=99.999, help="kept mass for --method percentile (default 99.999)"
+    )
     bc = g.add_mutually_exclusive_group()
-    bc.add_argument("--bias-correction", action="store_true", default=None, help="force the layer-by-layer "
-                    "empirical bias correction on (default: on with --per-tensor only)")
-    bc.add_argument("--no-bias-correction", action="store_false", dest="bias_correction",
-                    help="force it off")
+    bc.add_argument(
+        "--bias-correction",
+        action="store_true",
+        default=None,
+        help="force the layer-by-layer empirical bias correction on (default: on with --per-tensor only)",
+    )
+    bc.add_argument("--no-bias-correction", action="store_false", dest="bias_correction", help="force it off")
     q = p.add_argument_group("model")
-    q.add_argument("--io", choices=[d.value for d in IODtype], help="input/output dtype (default: the target's, else int8)")
+    q.add_argument(
+        "--io", choices=[d.value for d in IODtype], help="input/output dtype (default: the target's, else int8)"
+    )
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (accelerators that need them)")
-    q.add_argument("--equalize", action="store_true", help="cross-layer equalization before calibration (for --per-tensor; re-runs onnx2tf)")
-    q.add_argument("--full-integer", action="store_true", help="every op int8 (NNAPI, DSPs); default: ops XNNPACK "
-                   "has no int8 kernel for stay float inside its partition, when the target allows mixed models")
+    q.add_argument(
+        "--equalize",
+        action="store_true",
+        help="cross-layer equalization before calibration (for --per-tensor; re-runs onnx2tf)",
+    )
+    q.add_argument(
+        "--full-integer",
+        action="store_true",
+        help="every op int8 (NNAPI, DSPs); default: ops XNNPACK "
+        "has no int8 kernel for stay float inside its partition, when the target allows mixed models",
+    )
     q.add_argument("--target", help="target profile: default I/O dtype, per-tensor and mixed models from it")
     e = p.add_argument_group("evaluation")
-    e.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: the calibration "
-                   "folder's images not used for calibration)")
+    e.add_argument(
+        "--eval",
+        type=Path,
+        dest="eval_dir",
+        help="evaluation images (default: the calibration folder's images not used for calibration)",
+    )
     e.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
-    e.add_argument("--max-drop", type=float, help="accuracy-aware: keep layers in float until the top-1 "
-                   "agreement drop is at most this many points (exit 3 if impossible)")
-    e.add_argument("--max-float-layers", type=int, default=8, help="at most this many layers kept in float "
-                   "by --max-drop (default 8)")
-    e.add_argument("--min-sqnr", type=float, dest="min_sqnr_db", help="SQNR budget in dB (default: the --target's): "
-                   "mixed models keep the cheapest op groups float to meet it; full-integer ones exit 3 when under")
-    e.add_argument("--min-speedup", type=float, help="speed floor of mixed models: the budget search keeps nothing "
-                   "float that makes the model slower than this many times float32's speed at 1 thread on "
-                   "XNNPACK (default 1.3; 0: no floor)")
+    e.add_argument(
+        "--max-drop",
+        type=float,
+        help="accuracy-aware: keep layers in float until the top-1 "
+        "agreement drop is at most this many points (exit 3 if impossible)",
+    )
+    e.add_argument(
+        "--max-float-layers",
+        type=int,
+        default=8,
+        help="at most this many layers kept in float by --max-drop (default 8)",
+    )
+    e.add_argument(
+        "--min-sqnr",
+        type=float,
+        dest="min_sqnr_db",
+        help="SQNR budget in dB (default: the --target's): "
+        "mixed models keep the cheapest op groups float to meet it; full-integer ones exit 3 when under",
+    )
+    e.add_argument(
+        "--min-speedup",
+        type=float,
+        help="speed floor of mixed models: the budget search keeps nothing "
+        "float that makes the model slower than this many times float32's speed at 1 thread on "
+        "XNNPACK (default 1.3; 0: no floor)",
+    )
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     _add_common(p)
     p.set_defaults(func=_cmd_quantize)
@@ -236,11 +310,22 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     from edgeship.quantize import QuantizeOptions, quantize
     from edgeship.quantize.pipeline import conversion_for, output_names
 
-    given = dict(num_calib=args.num_calib, seed=args.seed, method=args.method, percentile=args.percentile,
-                 io=args.io, per_tensor=args.per_tensor or None, float_islands=False if args.full_integer else None,
-                 bias_correction=args.bias_correction, equalize=args.equalize, max_eval=args.max_eval,
-                 max_drop=args.max_drop, max_float_layers=args.max_float_layers, min_sqnr_db=args.min_sqnr_db,
-                 min_speedup=args.min_speedup)
+    given = dict(
+        num_calib=args.num_calib,
+        seed=args.seed,
+        method=args.method,
+        percentile=args.percentile,
+        io=args.io,
+        per_tensor=args.per_tensor or None,
+        float_islands=False if args.full_integer else None,
+        bias_correction=args.bias_correction,
+        equalize=args.equalize,
+        max_eval=args.max_eval,
+        max_drop=args.max_drop,
+        max_float_layers=args.max_float_layers,
+        min_sqnr_db=args.min_sqnr_db,
+        min_speedup=args.min_speedup,
+    )
     if args.target:
         from edgeship.targets import load_target
 
@@ -248,15 +333,17 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     else:
         options = QuantizeOptions(**{k: v for k, v in given.items() if v is not None})
     model = conversion_for(args.model, args.out, force=args.force)
-    new_files = output_names() + (convert_outputs(ConvertOptions()) if isinstance(model, Path) and model.is_file()
-                                  else [])
+    new_files = output_names() + (
+        convert_outputs(ConvertOptions()) if isinstance(model, Path) and model.is_file() else []
+    )
     check_apart(args.out, {"--calib": args.calib, "--eval": args.eval_dir})
     check_outputs_free(args.out, new_files, force=args.force, reads=_inputs(args))  # before minutes of work
     result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
     result = result.save_with_source(args.out, force=args.force)
-    payload: dict[str, Any] = {"summary": _quant_summary(result.report) + _arch_note(args.target)
-                               + _input_contract(result.card),
-                               "result": {"out_dir": str(result.folder), "report": result.report}}
+    payload: dict[str, Any] = {
+        "summary": _quant_summary(result.report) + _arch_note(args.target) + _input_contract(result.card),
+        "result": {"out_dir": str(result.folder), "report": result.report},
+    }
     try:
         result.raise_for_budget()
     except EdgeshipError as exc:
@@ -273,48 +360,64 @@ def _arch_note(target_name: str | None) -> list[str]:
     target = load_target(target_name) if target_name else None
     if target is None or target.arch.value == host_arch():
         return []
-    return [f"  speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
-            f"{target.name} ({target.arch.value}): placement skipped, speed figures are {host_arch()}'s; "
-            "measure on the device with edgeship bench --host"]
+    return [
+        f"  speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
+        f"{target.name} ({target.arch.value}): placement skipped, speed figures are {host_arch()}'s; "
+        "measure on the device with edgeship bench --host"
+    ]
 
 
 def _quant_summary(report: dict[str, Any]) -> list[str]:
     f, s, acc = report["figures"], report["sizes"], report.get("accuracy") or {}
-    lines = [f"wrote {report['output']} ({s['int8'] / 1e6:.2f} MB, {s['ratio']:.1f}x smaller than float32) "
-             f"in {report['timings_s']['total']:.1f} s",
-             f"  calibrated on {report['calibration']['count']} images ({report['options']['method']}), "
-             f"evaluated on {report['evaluation']['count']} others"]
+    lines = [
+        f"wrote {report['output']} ({s['int8'] / 1e6:.2f} MB, {s['ratio']:.1f}x smaller than float32) "
+        f"in {report['timings_s']['total']:.1f} s",
+        f"  calibrated on {report['calibration']['count']} images ({report['options']['method']}), "
+        f"evaluated on {report['evaluation']['count']} others",
+    ]
     if acc.get("labelled"):
-        lines.append(f"  top-1 against labels ({acc['labelled']} images): float {100 * acc['float_top1']:.2f}% -> "
-                     f"int8 {100 * acc['int8_top1']:.2f}% (drop {acc['top1_drop_points']:+.2f} points)  "
-                     f"top-5 {100 * acc['float_top5']:.1f}% -> {100 * acc['int8_top5']:.1f}%")
-    lines.append(f"  top-1 agreement with float {100 * f['top1_agreement']:.2f}%  mean cosine {f['mean_cosine']:.4f}  "
-                 f"min cosine {f['min_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB")
+        lines.append(
+            f"  top-1 against labels ({acc['labelled']} images): float {100 * acc['float_top1']:.2f}% -> "
+            f"int8 {100 * acc['int8_top1']:.2f}% (drop {acc['top1_drop_points']:+.2f} points)  "
+            f"top-5 {100 * acc['float_top5']:.1f}% -> {100 * acc['int8_top5']:.1f}%"
+        )
+    lines.append(
+        f"  top-1 agreement with float {100 * f['top1_agreement']:.2f}%  mean cosine {f['mean_cosine']:.4f}  "
+        f"min cosine {f['min_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB"
+    )
     worst = report["worst_layers"][:3]
     if worst:
-        lines.append("  worst layers: " + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} "
-                                                     f"{w['sqnr_db']:.1f} dB" for w in worst))
+        lines.append(
+            "  worst layers: "
+            + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} {w['sqnr_db']:.1f} dB" for w in worst)
+        )
     lines.append("  " + _xnnpack_line(report.get("runs_on", {})))
     placed = report.get("placement") or {}
     if placed.get("candidates"):
         ms = placed["ms"]
-        lines.append(f"  placement: {placed['candidates']} large depthwise conv(s) "
-                     f"{'kept float' if placed['kept_float'] else 'left int8'} (1 thread: all-int8 {ms['int8']:.2f} ms, "
-                     f"with them float {ms['placed']:.2f} ms)")
+        lines.append(
+            f"  placement: {placed['candidates']} large depthwise conv(s) "
+            f"{'kept float' if placed['kept_float'] else 'left int8'} (1 thread: all-int8 {ms['int8']:.2f} ms, "
+            f"with them float {ms['placed']:.2f} ms)"
+        )
     speed = report.get("speed") or {}
     if speed.get("measured"):
         ms = speed["ms"]
-        lines.append(f"  1 thread, XNNPACK: float32 {ms['float32']:.2f} ms, {report['output']} {ms['int8']:.2f} ms "
-                     f"({speed['speedup_vs_float32']:.2f}x)")
+        lines.append(
+            f"  1 thread, XNNPACK: float32 {ms['float32']:.2f} ms, {report['output']} {ms['int8']:.2f} ms "
+            f"({speed['speedup_vs_float32']:.2f}x)"
+        )
         if speed.get("verdict"):
             lines.append(f"  NOT FAST ENOUGH: {speed['verdict']}")
     mixed = report.get("mixed_precision") or {}
     if mixed.get("kept_float"):
         lat = mixed.get("latency_ms_1_thread", {})
-        lines.append(f"  SQNR budget {mixed['budget_sqnr_db']} dB: kept float "
-                     + ", ".join(f"{k['name']} ({k['ops']})" for k in mixed["kept_float"])
-                     + f"; SQNR {mixed['eval_sqnr_db_all_int8']:.1f} -> {mixed['eval_sqnr_db']:.1f} dB; 1-thread ms "
-                     + ", ".join(f"{k} {v:.2f}" for k, v in lat.items()))
+        lines.append(
+            f"  SQNR budget {mixed['budget_sqnr_db']} dB: kept float "
+            + ", ".join(f"{k['name']} ({k['ops']})" for k in mixed["kept_float"])
+            + f"; SQNR {mixed['eval_sqnr_db_all_int8']:.1f} -> {mixed['eval_sqnr_db']:.1f} dB; 1-thread ms "
+            + ", ".join(f"{k} {v:.2f}" for k, v in lat.items())
+        )
     return lines
 
 
@@ -325,8 +428,10 @@ def _xnnpack_line(runs: dict[str, Any]) -> str:
     outside = op_counts(d.get("outside", {})) or "none"
     line = f"XNNPACK: {d.get('partitions', '?')} partition(s); ops outside: {outside}"
     if runs.get("float_islands"):
-        line += (f"; {len(runs['float_islands'])} op(s) kept float inside XNNPACK (no int8 kernel; all-int8 had "
-                 f"{runs['all_int8_delegation']['partitions']} partitions)")
+        line += (
+            f"; {len(runs['float_islands'])} op(s) kept float inside XNNPACK (no int8 kernel; all-int8 had "
+            f"{runs['all_int8_delegation']['partitions']} partitions)"
+        )
     return line
 
 
@@ -334,20 +439,26 @@ def _xnnpack_line(runs: dict[str, Any]) -> str:
 def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None:
     g = p.add_argument_group("device (default: run on this machine)")
     where = g.add_mutually_exclusive_group()
-    where.add_argument("--host", action="append", metavar="[TARGET=]USER@HOST[:PORT]",
-                       help="run on a device over ssh; repeat as TARGET=user@host[:port] for a device per target "
-                            "(edgeship emulate start TARGET gives an emulated Pi)")
+    where.add_argument(
+        "--host",
+        action="append",
+        metavar="[TARGET=]USER@HOST[:PORT]",
+        help="run on a device over ssh; repeat as TARGET=user@host[:port] for a device per target "
+        "(edgeship emulate start TARGET gives an emulated Pi)",
+    )
     # Where --adb cannot work (drift checks need Python on the device) it stays out of --help
     # but is still parsed, so that using it gets the explanation rather than "unrecognized".
-    where.add_argument("--adb", metavar="SERIAL",
-                       help="run on an Android device over adb" if adb else argparse.SUPPRESS)
+    where.add_argument(
+        "--adb", metavar="SERIAL", help="run on an Android device over adb" if adb else argparse.SUPPRESS
+    )
     where.add_argument("--emulate", action="store_true", help="run under qemu-aarch64 emulation (aarch64 targets)")
     g.add_argument("--identity", type=Path, help="ssh private key")
     g.add_argument("--known-hosts", type=Path, help="ssh known_hosts file")
     g.add_argument("--accept-new-host-key", action="store_true", help="trust a first-time ssh host key")
     g.add_argument("--remote-python", default="python3", help="Python on the ssh device (default python3)")
-    g.add_argument("--pip-args", default="", help="extra pip options for the device's venv, e.g. "
-                   "'--no-index --find-links /wheels'")
+    g.add_argument(
+        "--pip-args", default="", help="extra pip options for the device's venv, e.g. '--no-index --find-links /wheels'"
+    )
 
 
 def _device_spec(args: argparse.Namespace) -> Any:
@@ -361,9 +472,16 @@ def _device_spec(args: argparse.Namespace) -> Any:
 
         host, hosts = parse_hosts(args.host)
         _check_host_targets(hosts, [args.target] if isinstance(args.target, str) else list(args.target or []))
-        return DeviceSpec("ssh", host=host, hosts=hosts, identity=args.identity, known_hosts=args.known_hosts,
-                          accept_new_host_key=args.accept_new_host_key, python=args.remote_python,
-                          pip_args=tuple(shlex.split(args.pip_args)))
+        return DeviceSpec(
+            "ssh",
+            host=host,
+            hosts=hosts,
+            identity=args.identity,
+            known_hosts=args.known_hosts,
+            accept_new_host_key=args.accept_new_host_key,
+            python=args.remote_python,
+            pip_args=tuple(shlex.split(args.pip_args)),
+        )
     if getattr(args, "adb", None):
         return DeviceSpec("adb", host=args.adb)
     return None
@@ -373,22 +491,28 @@ def _check_host_targets(hosts: Sequence[tuple[str, str]], targets: list[str]) ->
     """Every ``--host TARGET=...`` names a target of this command."""
     unknown = [t for t, _ in hosts if t not in targets]
     if unknown:
-        raise InputError(f"--host names {', '.join(unknown)}, which is not a --target of this command "
-                         f"({', '.join(targets) or 'none'})")
+        raise InputError(
+            f"--host names {', '.join(unknown)}, which is not a --target of this command "
+            f"({', '.join(targets) or 'none'})"
+        )
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("verify", help="accuracy-drift check of a deployed model against its float reference",
-                       description="Run CANDIDATE with TARGET's threads, delegate and I/O dtype (on the device "
-                                   "with --host/--emulate) and REFERENCE with onnxruntime; compare with the target's budget. "
-                                   "Exit 3 when over budget.")
+    p = sub.add_parser(
+        "verify",
+        help="accuracy-drift check of a deployed model against its float reference",
+        description="Run CANDIDATE with TARGET's threads, delegate and I/O dtype (on the device "
+        "with --host/--emulate) and REFERENCE with onnxruntime; compare with the target's budget. "
+        "Exit 3 when over budget.",
+    )
     p.add_argument("reference", type=Path, help="source float ONNX model")
     p.add_argument("candidate", type=Path, help=".tflite (card beside it) or bundle folder")
     p.add_argument("--images", type=Path, required=True, help="folder of real images")
     p.add_argument("--target", required=True, help="target name or .toml profile")
     p.add_argument("--max-images", type=int, help="use at most this many images")
-    p.add_argument("-r", "--report", type=Path, default=Path("drift_report.json"), help="report path "
-                   "(default ./drift_report.json)")
+    p.add_argument(
+        "-r", "--report", type=Path, default=Path("drift_report.json"), help="report path (default ./drift_report.json)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite an existing report")
     _add_device_options(p, adb=False)
     _add_common(p)
@@ -403,15 +527,27 @@ def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
 
     target = load_target(args.target)
     _check_report_path(args, args.report, "-r")
-    result = drift.verify(args.reference, args.candidate, args.images, target=target, device=_device_spec(args),
-                          max_images=args.max_images, progress=progress)
+    result = drift.verify(
+        args.reference,
+        args.candidate,
+        args.images,
+        target=target,
+        device=_device_spec(args),
+        max_images=args.max_images,
+        progress=progress,
+    )
     doc = result.to_dict()
     atomic_write_json(args.report, doc)
     f = result.figures
-    lines = [f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
-             f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.passed else 'FAIL'}"]
-    lines += [f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
-              f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}" for c in result.checks]
+    lines = [
+        f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
+        f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.passed else 'FAIL'}"
+    ]
+    lines += [
+        f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
+        f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}"
+        for c in result.checks
+    ]
     if result.client_check:
         lines.append(f"  {summary_line(result.client_check)}")
     lines += [f"  note: {n}" for n in result.report.notes]
@@ -461,9 +597,12 @@ def _written_folder(args: argparse.Namespace) -> tuple[Path, str] | None:
 
 # ---------------------------------------------------------------- bench
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="latency, memory and size of models, locally or on a device",
-                       description="Benchmark several models interleaved (TFLite through the runtime, ONNX "
-                                   "through onnxruntime as a baseline): init, first run, p50/p90/p99, peak RSS.")
+    p = sub.add_parser(
+        "bench",
+        help="latency, memory and size of models, locally or on a device",
+        description="Benchmark several models interleaved (TFLite through the runtime, ONNX "
+        "through onnxruntime as a baseline): init, first run, p50/p90/p99, peak RSS.",
+    )
     p.add_argument("models", nargs="+", type=Path, help=".tflite or .onnx models (ratios are to the first)")
     p.add_argument("--target", help="target profile: threads and delegate from it")
     p.add_argument("-o", "--out", type=Path, default=Path("bench.json"), help="bench.json path")
@@ -473,9 +612,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--runs", type=int, default=100, help="timed runs per model and thread count")
     g.add_argument("--warmup", type=int, default=10, help="untimed runs first")
     g.add_argument("--duration", type=float, help="measure for this many seconds instead of --runs")
-    g.add_argument("--image", type=Path, action="append", default=[], metavar="PATH",
-                   help="image file or folder: also time Classifier.predict end to end, decode and preprocess "
-                        "shown separately (repeatable)")
+    g.add_argument(
+        "--image",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="image file or folder: also time Classifier.predict end to end, decode and preprocess "
+        "shown separately (repeatable)",
+    )
     g.add_argument("--e2e-runs", type=int, help="end-to-end rounds per model and thread count (default: --runs)")
     g.add_argument("--benchmark-binary", type=Path, help="TensorFlow Lite benchmark_model for --adb")
     _add_device_options(p)
@@ -499,15 +644,18 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
     threads = args.threads or ((target.execution.threads,) if target else (1,))
     use_xnnpack = target is None or target.execution.use_xnnpack
     if args.image and args.adb:
-        raise InputError("--image needs Python on the device (end to end runs Classifier.predict); --adb runs "
-                         "benchmark_model, invoke() only: use --host for a Pi")
+        raise InputError(
+            "--image needs Python on the device (end to end runs Classifier.predict); --adb runs "
+            "benchmark_model, invoke() only: use --host for a Pi"
+        )
     if args.adb:
         from edgeship.targets.adb import adb_benchmark
 
         if args.duration:
             raise InputError("--duration is not supported with --adb; use --runs (benchmark_model --num_runs)")
-        doc = adb_benchmark(args.adb, args.benchmark_binary, target, args.models, threads=threads, runs=args.runs,
-                            warmup=args.warmup)
+        doc = adb_benchmark(
+            args.adb, args.benchmark_binary, target, args.models, threads=threads, runs=args.runs, warmup=args.warmup
+        )
     elif args.host:
         if target is None:
             raise InputError("--host needs --target (which runtime package to install on the device)")
@@ -521,14 +669,27 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
         # The images go to the device too: the same runtime code times them there.
         extra = {"images": [Path(f) for f in image_files(args.image)]} if args.image else {}
         spec = _device_spec(args)
-        doc = ssh_benchmark(ssh_device(spec, target.name), target, args.models, bench_args, pip_args=spec.pip_args,
-                            progress=progress, **extra)
+        doc = ssh_benchmark(
+            ssh_device(spec, target.name),
+            target,
+            args.models,
+            bench_args,
+            pip_args=spec.pip_args,
+            progress=progress,
+            **extra,
+        )
     else:
         if args.emulate:
             raise InputError("--emulate is for drift checks; emulated timings say nothing about a device")
-        options = BenchOptions(threads=tuple(threads), runs=args.runs, warmup=args.warmup,
-                               duration_s=args.duration, use_xnnpack=use_xnnpack,
-                               images=tuple(str(i) for i in args.image), e2e_runs=args.e2e_runs)
+        options = BenchOptions(
+            threads=tuple(threads),
+            runs=args.runs,
+            warmup=args.warmup,
+            duration_s=args.duration,
+            use_xnnpack=use_xnnpack,
+            images=tuple(str(i) for i in args.image),
+            e2e_runs=args.e2e_runs,
+        )
         doc = benchmark(args.models, options, progress=progress)
     doc["target"] = target.name if target else None
     atomic_write_json(args.out, doc)
@@ -551,19 +712,23 @@ def _cmd_bundle(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     from edgeship.targets.bundle import bundle
 
     result = bundle(args.model, load_target(args.target), args.out, force=args.force)
-    return 0, {"summary": [f"wrote bundle for {result.target} in {result.out_dir}: {', '.join(result.files)}"],
-               "result": {"out_dir": str(result.out_dir), "files": list(result.files), "target": result.target}}
+    return 0, {
+        "summary": [f"wrote bundle for {result.target} in {result.out_dir}: {', '.join(result.files)}"],
+        "result": {"out_dir": str(result.out_dir), "files": list(result.files), "target": result.target},
+    }
 
 
 # ---------------------------------------------------------------- deploy
 def _add_deploy(sub: argparse._SubParsersAction) -> None:
     from edgeship.quantize.options import CalibrationMethod
 
-    p = sub.add_parser("deploy", help="convert -> quantize -> verify -> bench -> bundle -> report, per target",
-                       description="One command from an ONNX model and a folder of images to a verified, "
-                                   "benchmarked bundle per target and a report. Stages are cached in OUT_DIR.")
-    p.add_argument("model", help="ONNX model path, or the zoo name 'mobilenetv2-7' (cached, or downloaded and "
-                                 "checked)")
+    p = sub.add_parser(
+        "deploy",
+        help="convert -> quantize -> verify -> bench -> bundle -> report, per target",
+        description="One command from an ONNX model and a folder of images to a verified, "
+        "benchmarked bundle per target and a report. Stages are cached in OUT_DIR.",
+    )
+    p.add_argument("model", help="ONNX model path, or the zoo name 'mobilenetv2-7' (cached, or downloaded and checked)")
     p.add_argument("--calib", type=Path, required=True, help="folder of calibration images")
     p.add_argument("--target", action="append", required=True, help="target name or .toml (repeat for several)")
     p.add_argument("-o", "--out", type=Path, required=True, help="output folder (re-runs reuse unchanged stages)")
@@ -571,15 +736,22 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("quantization and evaluation")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (the rest are evaluated)")
     g.add_argument("--seed", type=int, help="random calibration choice (default: first N by name)")
-    g.add_argument("--method", choices=[m.value for m in CalibrationMethod], help="activation range method "
-                   "(default auto, as for quantize)")
+    g.add_argument(
+        "--method",
+        choices=[m.value for m in CalibrationMethod],
+        help="activation range method (default auto, as for quantize)",
+    )
     g.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: held-out split)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
     b = p.add_argument_group("benchmark")
     b.add_argument("--bench-threads", type=_csv_ints, default=(1, 2), help="thread counts (default 1,2)")
     b.add_argument("--bench-runs", type=int, default=100)
-    p.add_argument("--force", action="store_true", help="write beside the files of a non-empty folder that is not a "
-                   "deploy folder (deploy never removes or replaces files it did not write)")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write beside the files of a non-empty folder that is not a "
+        "deploy folder (deploy never removes or replaces files it did not write)",
+    )
     _add_device_options(p, adb=False)
     _add_common(p)
     p.set_defaults(func=_cmd_deploy)
@@ -587,7 +759,6 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
     from edgeship.deploy import DeployOptions, deploy
-
     from edgeship.targets.devices import NO_ADB_DRIFT_CHECKS
 
     device = _device_spec(args)
@@ -596,17 +767,25 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     from edgeship.quantize import QuantizeOptions
 
     given = dict(num_calib=args.num_calib, seed=args.seed, method=args.method, max_eval=args.max_eval)
-    options = DeployOptions(targets=tuple(args.target), quantize=QuantizeOptions(**{k: v for k, v in given.items()
-                                                                                     if v is not None}),
-                            eval_dir=args.eval_dir, labels=args.labels, bench_threads=tuple(args.bench_threads),
-                            bench_runs=args.bench_runs, device=device, force=args.force)
+    options = DeployOptions(
+        targets=tuple(args.target),
+        quantize=QuantizeOptions(**{k: v for k, v in given.items() if v is not None}),
+        eval_dir=args.eval_dir,
+        labels=args.labels,
+        bench_threads=tuple(args.bench_threads),
+        bench_runs=args.bench_runs,
+        device=device,
+        force=args.force,
+    )
     result = deploy(args.model, args.calib, args.out, options, progress=progress)
     lines = [f"{'stage':<40}{'reused':<8}seconds"]
     lines += [f"{r.name:<40}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
     for name, t in result.targets.items():
         f = t["figures"]
-        lines.append(f"{name:<20} {'PASS' if t['passed'] else 'FAIL':<5} agreement {100 * f['top1_agreement']:.2f}%  "
-                     f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}")
+        lines.append(
+            f"{name:<20} {'PASS' if t['passed'] else 'FAIL':<5} agreement {100 * f['top1_agreement']:.2f}%  "
+            f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}"
+        )
         lines.append(f"{'':<20} ran on {t.get('ran_on', '?')}")
     from edgeship.targets.remote import device_speed_lines
 
@@ -639,8 +818,11 @@ def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tup
     if args.action == "list":
         targets = [load_target(n) for n in list_targets()]
         lines = [f"{'name':<20}{'arch':<9}{'model':<9}{'I/O':<9}{'delegate':<9}{'access':<7}description"]
-        lines += [f"{t.name:<20}{t.arch.value:<9}{t.model.precision.value:<9}{t.model.io_dtype.value:<9}"
-                  f"{t.execution.delegate.value:<9}{t.access.value:<7}{t.description}" for t in targets]
+        lines += [
+            f"{t.name:<20}{t.arch.value:<9}{t.model.precision.value:<9}{t.model.io_dtype.value:<9}"
+            f"{t.execution.delegate.value:<9}{t.access.value:<7}{t.description}"
+            for t in targets
+        ]
         return 0, {"summary": lines, "result": {"targets": [t.to_dict() for t in targets]}}
     t = load_target(args.name)
     d = t.to_dict()
@@ -654,16 +836,23 @@ def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tup
 def _add_emulate(sub: argparse._SubParsersAction) -> None:
     from edgeship.targets.emulated_pi import PROFILES
 
-    p = sub.add_parser("emulate", help="start or stop an emulated Raspberry Pi reachable over ssh (needs root)",
-                       description="A Debian bookworm root (arm64 or armhf, built once with mmdebstrap and cached) "
-                                   "running its own sshd under qemu-user on 127.0.0.1, to try the Pi path with "
-                                   "--host before owning a Pi. Its timings are an emulator's, not a Pi's.")
+    p = sub.add_parser(
+        "emulate",
+        help="start or stop an emulated Raspberry Pi reachable over ssh (needs root)",
+        description="A Debian bookworm root (arm64 or armhf, built once with mmdebstrap and cached) "
+        "running its own sshd under qemu-user on 127.0.0.1, to try the Pi path with "
+        "--host before owning a Pi. Its timings are an emulator's, not a Pi's.",
+    )
     esub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     start = esub.add_parser("start", help="build (once) and start one; prints the --host to use")
     start.add_argument("name", choices=sorted(PROFILES), help="the target it stands in for")
     start.add_argument("--port", type=int, help="sshd port on 127.0.0.1 (default: a free one)")
-    start.add_argument("--ca-bundle", type=Path, help="CA bundle the device's pip trusts, for networks that re-sign "
-                       "TLS (e.g. /etc/ssl/certs/ca-certificates.crt); default: pip's own")
+    start.add_argument(
+        "--ca-bundle",
+        type=Path,
+        help="CA bundle the device's pip trusts, for networks that re-sign "
+        "TLS (e.g. /etc/ssl/certs/ca-certificates.crt); default: pip's own",
+    )
     stop = esub.add_parser("stop", help="stop one (default: every running one) and unmount its root")
     stop.add_argument("name", nargs="?", choices=sorted(PROFILES))
     status = esub.add_parser("status", help="the running ones")
@@ -680,18 +869,24 @@ def _cmd_emulate(args: argparse.Namespace, progress: Callable[..., None]) -> tup
         return 0, {"summary": _emulated_lines([pi]), "result": pi.to_dict()}
     if args.action == "stop":
         stopped = emulated_pi.stop(args.name)
-        return 0, {"summary": [f"stopped {', '.join(stopped) or 'nothing (none running)'}"],
-                   "result": {"stopped": stopped}}
+        return 0, {
+            "summary": [f"stopped {', '.join(stopped) or 'nothing (none running)'}"],
+            "result": {"stopped": stopped},
+        }
     pis = emulated_pi.running()
-    return 0, {"summary": _emulated_lines(pis) or ["no emulated Pi running"],
-               "result": {"running": [p.to_dict() for p in pis]}}
+    return 0, {
+        "summary": _emulated_lines(pis) or ["no emulated Pi running"],
+        "result": {"running": [p.to_dict() for p in pis]},
+    }
 
 
 def _emulated_lines(pis: Sequence[Any]) -> list[str]:
     lines = []
     for pi in pis:
-        lines += [f"{pi.name}: {pi.host} ({pi.machine}, qemu-user {pi.qemu_cpu}; emulated: not the speed of a Pi)",
-                  f"  --host {pi.name}={pi.host} --identity {pi.identity} --known-hosts {pi.known_hosts}"]
+        lines += [
+            f"{pi.name}: {pi.host} ({pi.machine}, qemu-user {pi.qemu_cpu}; emulated: not the speed of a Pi)",
+            f"  --host {pi.name}={pi.host} --identity {pi.identity} --known-hosts {pi.known_hosts}",
+        ]
     return lines
 
 
@@ -701,7 +896,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgeship",
         description="ONNX image classifier -> fast, small, verified int8 TFLite for Android and Raspberry Pi.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch, "
-               "5 target delegate not applied on the device",
+        "5 target delegate not applied on the device",
     )
     parser.add_argument("--version", action="version", version=f"edgeship {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -710,8 +905,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_convert, _add_quantize, _add_verify, _add_bench, _add_bundle, _add_deploy,
-                                                              _add_targets, _add_emulate]
+_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_convert,
+    _add_quantize,
+    _add_verify,
+    _add_bench,
+    _add_bundle,
+    _add_deploy,
+    _add_targets,
+    _add_emulate,
+]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -721,8 +924,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_CODES["usage"]
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     json_problem = _json_path_problem(args)
     if json_problem:
         print(f"edgeship {args.command}: error: {json_problem}", file=sys.stderr)
@@ -743,8 +947,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: temporary and staging folders are gone by now
         progress.close()
         signum = exc.signum if isinstance(exc, Terminated) else 2
-        print(f"edgeship {args.command}: interrupted" + (f" ({exc})" if isinstance(exc, Terminated) else ""),
-              file=sys.stderr)
+        print(
+            f"edgeship {args.command}: interrupted" + (f" ({exc})" if isinstance(exc, Terminated) else ""),
+            file=sys.stderr,
+        )
         return 128 + signum
     progress.close()
     if args.json is None or str(args.json) != "-":
@@ -794,8 +1000,9 @@ def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) ->
     try:
         atomic_write_json(args.json, doc)
     except OSError as exc:
-        print(f"edgeship {args.command}: error: cannot write --json {args.json}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"edgeship {args.command}: error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr
+        )
         return code or EXIT_CODES["error"]
     return code
 

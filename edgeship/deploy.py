@@ -44,7 +44,19 @@ MARKER = ".edgeship-deploy.json"
 STAGE_MARK = ".stage.json"
 SUMMARY = "deploy.json"
 #: What deploy writes at the top of OUT_DIR; anything else there is never touched.
-ENTRIES = ("convert", "quantize", "verify", "bench", "bundles", "device-bench", "report", "report.md", "report.html", SUMMARY, MARKER)
+ENTRIES = (
+    "convert",
+    "quantize",
+    "verify",
+    "bench",
+    "bundles",
+    "device-bench",
+    "report",
+    "report.md",
+    "report.html",
+    SUMMARY,
+    MARKER,
+)
 
 
 @dataclass(frozen=True)
@@ -184,8 +196,11 @@ def _read_marker(marker: Path) -> dict[str, Any]:
 
 def _manifest(folder: Path) -> dict[str, list[Any]]:
     """Every file of a stage folder with its size and sha256, to notice deleted or damaged outputs."""
-    return {str(f.relative_to(folder)): [f.stat().st_size, sha256_file(f)]
-            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != STAGE_MARK}
+    return {
+        str(f.relative_to(folder)): [f.stat().st_size, sha256_file(f)]
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != STAGE_MARK
+    }
 
 
 def _intact(folder: Path, files: Any) -> bool:
@@ -220,15 +235,20 @@ class _Written:
     def foreign(self, *paths: Path) -> list[str]:
         """Files under ``paths`` (default: deploy's entries) that deploy did not write."""
         paths = paths or tuple(self.out / name for name in ENTRIES)
-        return sorted(f for p in paths for f in _files_under(self.out, p)
-                      if f not in self.files and not any(private_name(part) for part in f.split("/")))
+        return sorted(
+            f
+            for p in paths
+            for f in _files_under(self.out, p)
+            if f not in self.files and not any(private_name(part) for part in f.split("/"))
+        )
 
     def drop(self, folder: Path) -> None:
         """Forget ``folder``'s files before it is deleted; refuse when deploy did not write them all."""
         foreign = self.foreign(folder)
         if foreign:
-            raise OutputExistsError(f"{self.out} holds {_some(foreign)}, which deploy did not write; move them, "
-                                    "deploy would delete them")
+            raise OutputExistsError(
+                f"{self.out} holds {_some(foreign)}, which deploy did not write; move them, deploy would delete them"
+            )
         self.files -= set(_files_under(self.out, folder))
         self._save()
 
@@ -277,14 +297,18 @@ def _check_out_dir(out: Path, force: bool) -> _Written:
     written = _Written(out)
     foreign = written.foreign()
     if foreign:
-        raise OutputExistsError(f"{out} holds {_some(foreign)}, which deploy did not write but would replace or "
-                                f"delete; move them or pick another folder ({OutputExistsError.FORCE} never removes "
-                                "files edgeship did not write)")
+        raise OutputExistsError(
+            f"{out} holds {_some(foreign)}, which deploy did not write but would replace or "
+            f"delete; move them or pick another folder ({OutputExistsError.FORCE} never removes "
+            "files edgeship did not write)"
+        )
     present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
     if present and not written.deploy_folder and not force:
-        raise OutputExistsError(f"{out} is not empty and is not an edgeship deploy folder (it holds {_some(present)}; "
-                                f"deploy would replace none of them): pass {OutputExistsError.FORCE} to write beside "
-                                "them, or pick another folder")
+        raise OutputExistsError(
+            f"{out} is not empty and is not an edgeship deploy folder (it holds {_some(present)}; "
+            f"deploy would replace none of them): pass {OutputExistsError.FORCE} to write beside "
+            "them, or pick another folder"
+        )
     return written
 
 
@@ -293,13 +317,16 @@ def _check_names(targets: list[Any], given: tuple[str, ...]) -> None:
     seen: dict[str, str] = {}
     for target, source in zip(targets, given):
         if target.name in seen:
-            raise InputError(f"two targets are named {target.name} ({seen[target.name]} and {source}); "
-                             "each target's results go to folders named after it: rename one")
+            raise InputError(
+                f"two targets are named {target.name} ({seen[target.name]} and {source}); "
+                "each target's results go to folders named after it: rename one"
+            )
         seen[target.name] = source
 
 
-def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *,
-           progress: Progress = silent) -> DeployResult:
+def deploy(
+    model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *, progress: Progress = silent
+) -> DeployResult:
     """Run the whole pipeline for several targets; see the module docstring.
 
     The output folder is locked for the run (a second writer is refused), must not be
@@ -311,8 +338,9 @@ def deploy(model: str, calibration: str | Path, out_dir: str | Path, options: De
         return _deploy(model, calibration, out_dir, options, progress=progress)
 
 
-def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *,
-            progress: Progress = silent) -> DeployResult:
+def _deploy(
+    model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *, progress: Progress = silent
+) -> DeployResult:
     from edgeship import zoo
     from edgeship.quantize.data import Split, split_images
     from edgeship.runtime.images import list_images
@@ -332,8 +360,9 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
     if options.labels is not None:
         Labels.load(options.labels)
     qopts = options.quantize
-    calib_set, eval_set = split_images(Path(calibration), Split(qopts.num_calib, qopts.seed, max_eval=qopts.max_eval),
-                                       options.eval_dir)
+    calib_set, eval_set = split_images(
+        Path(calibration), Split(qopts.num_calib, qopts.seed, max_eval=qopts.max_eval), options.eval_dir
+    )
     folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
     written = _check_out_dir(out, options.force)
     stages = _Stages(out, progress, written)
@@ -345,25 +374,33 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
     bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
     device_benches = _device_bench_stages(stages, conv, models, targets, options, progress)
     summary = {
-        "edgeship": __version__, "model": str(model_path), "calibration": {"folder": str(calibration),
-                                                                          "count": len(calib_set)},
+        "edgeship": __version__,
+        "model": str(model_path),
+        "calibration": {"folder": str(calibration), "count": len(calib_set)},
         "evaluation": {"count": len(eval_set), "held_apart": options.eval_dir is None},
         "stages": [asdict(r) for r in stages.records],
-        "targets": {t.name: {"model": str(models[t.name].path), "bundle": str(bundles[t.name]),
-                             "passed": verify_results[t.name]["passed"], "figures": verify_results[t.name]["figures"],
-                             "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
-                             "budget": verify_results[t.name]["budget"],
-                             "client_check": verify_results[t.name].get("client_check"),
-                             **({"device_bench": device_benches[t.name]} if t.name in device_benches else {})}
-                    for t in targets},
+        "targets": {
+            t.name: {
+                "model": str(models[t.name].path),
+                "bundle": str(bundles[t.name]),
+                "passed": verify_results[t.name]["passed"],
+                "figures": verify_results[t.name]["figures"],
+                "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
+                "budget": verify_results[t.name]["budget"],
+                "client_check": verify_results[t.name].get("client_check"),
+                **({"device_bench": device_benches[t.name]} if t.name in device_benches else {}),
+            }
+            for t in targets
+        },
         "wall_s": round(time.perf_counter() - started, 2),
     }
     from edgeship.report import ReportInputs, write_report
 
     progress("report")
     labels = conv.label_names()
-    write_report(out, ReportInputs(summary, bench_doc, drifts, list(labels.names) if labels else None,
-                                   _layer_plots(models)))
+    write_report(
+        out, ReportInputs(summary, bench_doc, drifts, list(labels.names) if labels else None, _layer_plots(models))
+    )
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out / SUMMARY, summary)
     written.claim(out / "report", out / "report.md", out / "report.html", out / SUMMARY)
@@ -371,8 +408,9 @@ def _deploy(model: str, calibration: str | Path, out_dir: str | Path, options: D
     return DeployResult(out, stages.records, summary["targets"], passed, summary)
 
 
-def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets: list[Any],
-                   native: ChildWorker) -> tuple[ConvertResult, str]:
+def _convert_stage(
+    stages: _Stages, model: Path, options: DeployOptions, targets: list[Any], native: ChildWorker
+) -> tuple[ConvertResult, str]:
     """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow meanwhile."""
     from edgeship.convert import ConvertOptions, convert
 
@@ -380,13 +418,18 @@ def _convert_stage(stages: _Stages, model: Path, options: DeployOptions, targets
     pixels = any(t.runtime.client.reads_metadata for t in targets)  # per-channel normalisation goes in the graph
     labels = options.labels
     copts = ConvertOptions(fp16=fp16, labels=labels, pixels_in_graph=pixels)
-    key = {"stage": "convert", "model_sha256": sha256_file(model), "options": copts.to_dict(),
-           "labels_sha256": sha256_file(labels) if labels else None}
+    key = {
+        "stage": "convert",
+        "model_sha256": sha256_file(model),
+        "options": copts.to_dict(),
+        "labels_sha256": sha256_file(labels) if labels else None,
+    }
     with ThreadPoolExecutor(1) as pool:
         if stages.will_build("convert", key) and any(t.model.precision.value == "int8" for t in targets):
             _start_tensorflow(native, pool)
-        folder, digest = stages.run("convert", key, lambda d: convert(model, options=copts, progress=stages.progress)
-                                    .save(d, force=True))
+        folder, digest = stages.run(
+            "convert", key, lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True)
+        )
     return ConvertResult.load(folder), digest
 
 
@@ -404,8 +447,10 @@ def _variant(target: Any, io: str | None = None) -> str:
     m = target.model
     if m.precision.value != "int8":
         return m.precision.value
-    return (f"int8-io-{io or m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
-            f"{'' if m.float_islands else '-full-integer'}")
+    return (
+        f"int8-io-{io or m.io_dtype.value}-{'per-tensor' if m.per_tensor else 'per-channel'}"
+        f"{'' if m.float_islands else '-full-integer'}"
+    )
 
 
 def _calibration(target: Any) -> str:
@@ -417,8 +462,16 @@ def _calibration(target: Any) -> str:
     return _variant(target, "int8" if io in EXACT else io)
 
 
-def _quantize_stages(stages: _Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str,
-                     options: DeployOptions, targets: list[Any], native: ChildWorker) -> dict[str, DeployedModel]:
+def _quantize_stages(
+    stages: _Stages,
+    conv: ConvertResult,
+    conv_key: str,
+    calib: Path,
+    folder_digest: str,
+    options: DeployOptions,
+    targets: list[Any],
+    native: ChildWorker,
+) -> dict[str, DeployedModel]:
     """One calibrated, quantized model per distinct need, shared by the targets that need it.
 
     It is made for the strictest SQNR budget of its targets (mixed models keep float op groups to
@@ -429,8 +482,11 @@ def _quantize_stages(stages: _Stages, conv: ConvertResult, conv_key: str, calib:
     groups: dict[str, list[Any]] = {}
     for t in targets:
         if t.model.precision.value in ("float32", "float16"):
-            card = conv.card if t.model.precision.value == "float32" else conv.card.with_(
-                model_file=FLOAT16_FILE, precision="float16")
+            card = (
+                conv.card
+                if t.model.precision.value == "float32"
+                else conv.card.with_(model_file=FLOAT16_FILE, precision="float16")
+            )
             models[t.name] = DeployedModel(Path(str(conv.folder)) / card.model_file, _variant(t), card)
         else:
             groups.setdefault(_calibration(t), []).append(t)
@@ -441,41 +497,68 @@ def _quantize_stages(stages: _Stages, conv: ConvertResult, conv_key: str, calib:
     return models
 
 
-def _quantize_stage(stages: _Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str,
-                    options: DeployOptions, variant: str, members: list[Any],
-                    native: ChildWorker) -> tuple[DeployedModel, str]:
+def _quantize_stage(
+    stages: _Stages,
+    conv: ConvertResult,
+    conv_key: str,
+    calib: Path,
+    folder_digest: str,
+    options: DeployOptions,
+    variant: str,
+    members: list[Any],
+    native: ChildWorker,
+) -> tuple[DeployedModel, str]:
     from edgeship.quantize import quantize
     from edgeship.quantize.interface import EXACT
 
     opts = options.quantize.fitted(members[0])
     io = "int8" if opts.io.value in EXACT else opts.io.value
     opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
-    key = {"stage": "quantize", "convert": conv_key, "calibration": folder_digest,
-           "evaluation": str(options.eval_dir) if options.eval_dir else None, "options": opts.to_dict()}
-    folder, digest = stages.run(f"quantize/{variant}", key,
-                                lambda d: quantize(conv, calib, evaluation=options.eval_dir, options=opts,
-                                                   progress=stages.progress, worker=native).save(d, force=True))
+    key = {
+        "stage": "quantize",
+        "convert": conv_key,
+        "calibration": folder_digest,
+        "evaluation": str(options.eval_dir) if options.eval_dir else None,
+        "options": opts.to_dict(),
+    }
+    folder, digest = stages.run(
+        f"quantize/{variant}",
+        key,
+        lambda d: quantize(
+            conv, calib, evaluation=options.eval_dir, options=opts, progress=stages.progress, worker=native
+        ).save(d, force=True),
+    )
     result = QuantizeResult.load(folder, source=conv)
     return DeployedModel(Path(str(result.model_path)), variant, result.card, result), digest
 
 
-def _interface_stage(stages: _Stages, conv: ConvertResult, base: tuple[DeployedModel, str],
-                     target: Any) -> DeployedModel:
+def _interface_stage(
+    stages: _Stages, conv: ConvertResult, base: tuple[DeployedModel, str], target: Any
+) -> DeployedModel:
     """The calibrated model as it is, or with its interface rewritten for the target's I/O dtype (own stage)."""
     model, base_key = base
     variant, io = _variant(target), target.model.io_dtype.value
     if variant == model.variant or model.quantized is None:
         return model
     calibrated = model.quantized
-    folder, _ = stages.run(f"quantize/{variant}", {"stage": "interface", "quantize": base_key, "io": io},
-                           lambda d: calibrated.with_io(io).save(d, force=True))
+    folder, _ = stages.run(
+        f"quantize/{variant}",
+        {"stage": "interface", "quantize": base_key, "io": io},
+        lambda d: calibrated.with_io(io).save(d, force=True),
+    )
     result = QuantizeResult.load(folder, source=conv)
     return DeployedModel(Path(str(result.model_path)), variant, result.card, result)
 
 
-def _verify_and_bundle(stages: _Stages, model: Path, models: dict[str, DeployedModel], eval_set: Any,
-                       targets: list[Any], options: DeployOptions,
-                       progress: Progress) -> tuple[dict[str, Any], dict[str, Path]]:
+def _verify_and_bundle(
+    stages: _Stages,
+    model: Path,
+    models: dict[str, DeployedModel],
+    eval_set: Any,
+    targets: list[Any],
+    options: DeployOptions,
+    progress: Progress,
+) -> tuple[dict[str, Any], dict[str, Path]]:
     """Every target's drift check and bundle, two at a time (no benchmark runs meanwhile).
 
     The float reference is computed once per reference preprocessing, the edgeship wheel once.
@@ -489,26 +572,37 @@ def _verify_and_bundle(stages: _Stages, model: Path, models: dict[str, DeployedM
     slow_first = sorted(targets, key=lambda t: not t.runtime.client.reads_metadata)  # the app-client check is longest
     with tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir, ThreadPoolExecutor(2) as pool:
         wheel = _Wheel(Path(wheel_dir))
-        checks = {t.name: pool.submit(_verify_stage, stages, model, models[t.name], keys[t.name], eval_set, t,
-                                      options, reference, progress) for t in slow_first}
+        checks = {
+            t.name: pool.submit(
+                _verify_stage, stages, model, models[t.name], keys[t.name], eval_set, t, options, reference, progress
+            )
+            for t in slow_first
+        }
         # A bundle pins the interpreter its target's check ran with, so it waits for that check (the checks
         # were submitted first, so a waiting bundle never holds a worker a check still needs).
-        built = {t.name: pool.submit(_bundle_stage, stages, models[t.name], t, wheel, checks[t.name])
-                 for t in targets}
+        built = {t.name: pool.submit(_bundle_stage, stages, models[t.name], t, wheel, checks[t.name]) for t in targets}
         drifts = {t.name: checks[t.name].result() for t in targets}
         bundles = {t.name: built[t.name].result() for t in targets}
     if wheel.seconds is not None:
         stages.step("bundles: edgeship wheel", wheel.seconds)
-    stages.order([r.name for r in stages.records if not r.name.startswith(("verify/", "bundles/"))]
-                 + [f"verify/{t.name}" for t in targets] + [f"bundles/{t.name}" for t in targets]
-                 + ["bundles: edgeship wheel"])
+    stages.order(
+        [r.name for r in stages.records if not r.name.startswith(("verify/", "bundles/"))]
+        + [f"verify/{t.name}" for t in targets]
+        + [f"bundles/{t.name}" for t in targets]
+        + ["bundles: edgeship wheel"]
+    )
     return drifts, bundles
 
 
 def _verify_key(cand: DeployedModel, target: Any, eval_set: Any, options: DeployOptions) -> dict[str, Any]:
-    return {"stage": "verify", "candidate_sha256": sha256_file(cand.path), "target": target.to_dict(),
-            "images": [str(f) for f in eval_set.files], "images_digest": eval_set.digest(),
-            "device": _device_of(options, target)}
+    return {
+        "stage": "verify",
+        "candidate_sha256": sha256_file(cand.path),
+        "target": target.to_dict(),
+        "images": [str(f) for f in eval_set.files],
+        "images_digest": eval_set.digest(),
+        "device": _device_of(options, target),
+    }
 
 
 def _device_of(options: DeployOptions, target: Any) -> dict[str, Any] | None:
@@ -533,13 +627,29 @@ def _reference_key(card: ModelCard) -> str:
     return json.dumps(card.reference_preprocessing.to_dict(), sort_keys=True)
 
 
-def _verify_stage(stages: _Stages, model: Path, cand: DeployedModel, key: dict[str, Any], eval_set: Any, target: Any,
-                  options: DeployOptions, reference: dict[str, np.ndarray], progress: Progress) -> Any:
+def _verify_stage(
+    stages: _Stages,
+    model: Path,
+    cand: DeployedModel,
+    key: dict[str, Any],
+    eval_set: Any,
+    target: Any,
+    options: DeployOptions,
+    reference: dict[str, np.ndarray],
+    progress: Progress,
+) -> Any:
     from edgeship.verify.drift import DriftResult, verify
 
     def build(d: Path) -> None:
-        verify(model, cand.quantized or cand.path, eval_set, target=target, device=options.device,
-               reference=reference[_reference_key(cand.card)], progress=progress).save(d)
+        verify(
+            model,
+            cand.quantized or cand.path,
+            eval_set,
+            target=target,
+            device=options.device,
+            reference=reference[_reference_key(cand.card)],
+            progress=progress,
+        ).save(d)
 
     folder, _ = stages.run(f"verify/{target.name}", key, build)
     return DriftResult.load(folder)
@@ -555,8 +665,15 @@ def _layer_plots(models: dict[str, DeployedModel]) -> dict[str, Path]:
     return plots
 
 
-def _bench_stage(stages: _Stages, model: Path, conv: ConvertResult, models: dict[str, DeployedModel],
-                 options: DeployOptions, progress: Progress, eval_set: Any = None) -> dict[str, Any]:
+def _bench_stage(
+    stages: _Stages,
+    model: Path,
+    conv: ConvertResult,
+    models: dict[str, DeployedModel],
+    options: DeployOptions,
+    progress: Progress,
+    eval_set: Any = None,
+) -> dict[str, Any]:
     """ONNX through onnxruntime (the baseline), the float32 TFLite, then every deployed model.
 
     The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images, each once.
@@ -568,14 +685,27 @@ def _bench_stage(stages: _Stages, model: Path, conv: ConvertResult, models: dict
         if m.path not in unique:
             unique.append(m.path)
     images = tuple(str(f) for f in eval_set.files[:20]) if eval_set is not None else ()
-    key = {"stage": "bench", "models": {str(m): sha256_file(m) for m in unique},
-           "threads": list(options.bench_threads), "runs": options.bench_runs, "e2e_images": list(images),
-           "e2e_runs": "each image once"}
+    key = {
+        "stage": "bench",
+        "models": {str(m): sha256_file(m) for m in unique},
+        "threads": list(options.bench_threads),
+        "runs": options.bench_runs,
+        "e2e_images": list(images),
+        "e2e_runs": "each image once",
+    }
 
     def build(d: Path) -> None:
         # End to end, each held-apart image once per configuration: decoding dominates and varies little.
-        doc = benchmark(unique, BenchOptions(threads=options.bench_threads, runs=options.bench_runs, images=images,
-                                             e2e_runs=min(options.bench_runs, len(images)) or None), progress=progress)
+        doc = benchmark(
+            unique,
+            BenchOptions(
+                threads=options.bench_threads,
+                runs=options.bench_runs,
+                images=images,
+                e2e_runs=min(options.bench_runs, len(images)) or None,
+            ),
+            progress=progress,
+        )
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_json(d / "bench.json", doc)
 
@@ -584,8 +714,13 @@ def _bench_stage(stages: _Stages, model: Path, conv: ConvertResult, models: dict
 
 
 def _bundle_key(m: DeployedModel, target: Any, version: str | None = None) -> dict[str, Any]:
-    return {"stage": "bundle", "model": sha256_file(m.path), "card": m.card.to_dict(), "target": target.to_dict(),
-            "interpreter_version": version}
+    return {
+        "stage": "bundle",
+        "model": sha256_file(m.path),
+        "card": m.card.to_dict(),
+        "target": target.to_dict(),
+        "interpreter_version": version,
+    }
 
 
 class _Wheel:
@@ -612,15 +747,29 @@ def _bundle_stage(stages: _Stages, m: DeployedModel, target: Any, wheel: _Wheel,
     from edgeship.targets.install import verified_version
 
     version = verified_version(target, check.result().report.candidate.runtime)
-    folder, _ = stages.run(f"bundles/{target.name}", _bundle_key(m, target, version),
-                           lambda d: bundle(m.path, target, d, force=True,
-                                            wheel_dir=None if target.access == Access.ADB else wheel.get(),
-                                            interpreter_version=version))
+    folder, _ = stages.run(
+        f"bundles/{target.name}",
+        _bundle_key(m, target, version),
+        lambda d: bundle(
+            m.path,
+            target,
+            d,
+            force=True,
+            wheel_dir=None if target.access == Access.ADB else wheel.get(),
+            interpreter_version=version,
+        ),
+    )
     return folder
 
 
-def _device_bench_stages(stages: _Stages, conv: ConvertResult, models: dict[str, DeployedModel], targets: list[Any],
-                         options: DeployOptions, progress: Progress) -> dict[str, dict[str, Any]]:
+def _device_bench_stages(
+    stages: _Stages,
+    conv: ConvertResult,
+    models: dict[str, DeployedModel],
+    targets: list[Any],
+    options: DeployOptions,
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
     """float32 and the deployed model benchmarked on each target's own ssh device (``--host TARGET=...``)."""
     from edgeship.targets.devices import ssh_device
     from edgeship.targets.remote import device_bench
@@ -631,12 +780,18 @@ def _device_bench_stages(stages: _Stages, conv: ConvertResult, models: dict[str,
         if one is None or one.kind != "ssh" or t.access.value != "ssh":
             continue
         ms = list(dict.fromkeys([conv.model_path, models[t.name].path]))
-        key = {"stage": "device-bench", "target": t.to_dict(), "device": one.to_dict(), "runs": options.bench_runs,
-               "models": {str(m): sha256_file(m) for m in ms}}
+        key = {
+            "stage": "device-bench",
+            "target": t.to_dict(),
+            "device": one.to_dict(),
+            "runs": options.bench_runs,
+            "models": {str(m): sha256_file(m) for m in ms},
+        }
 
         def build(d: Path, t: Any = t, one: Any = one, ms: list[Path] = ms) -> None:
-            doc = device_bench(ssh_device(one), t, ms, runs=options.bench_runs, pip_args=one.pip_args,
-                               progress=progress)
+            doc = device_bench(
+                ssh_device(one), t, ms, runs=options.bench_runs, pip_args=one.pip_args, progress=progress
+            )
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_json(d / "bench.json", doc)
 

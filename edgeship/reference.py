@@ -63,26 +63,38 @@ def load_pixels(images: ImageSet, prep: Preprocessing, progress: Progress = sile
     return runtime_images.load_pixels(images.files, prep, progress=progress)
 
 
-def make_inputs(images: ImageSet | None, prep: Preprocessing, *, synthetic_count: int = 16,
-                labels: Sequence[int | None] = (), progress: Progress = silent) -> VerifyInputs:
+def make_inputs(
+    images: ImageSet | None,
+    prep: Preprocessing,
+    *,
+    synthetic_count: int = 16,
+    labels: Sequence[int | None] = (),
+    progress: Progress = silent,
+) -> VerifyInputs:
     if images is not None:
         return VerifyInputs(load_pixels(images, prep, progress), "images", tuple(labels))
     return VerifyInputs(synthetic_pixels(synthetic_count, prep, seed=0), "synthetic")
 
 
 def nchw_batches(pixels: np.ndarray, prep: Preprocessing, batch: int = 32) -> list[np.ndarray]:
-    return [normalize(pixels[i:i + batch], prep).transpose(0, 3, 1, 2)
-            for i in range(0, len(pixels), batch)]
+    return [normalize(pixels[i : i + batch], prep).transpose(0, 3, 1, 2) for i in range(0, len(pixels), batch)]
 
 
-def run_tflite(path: Path | str | bytes, pixels: np.ndarray, prep: Preprocessing, *, num_threads: int | None = None,
-               progress: Progress = silent, label: str = "run tflite") -> np.ndarray:
+def run_tflite(
+    path: Path | str | bytes,
+    pixels: np.ndarray,
+    prep: Preprocessing,
+    *,
+    num_threads: int | None = None,
+    progress: Progress = silent,
+    label: str = "run tflite",
+) -> np.ndarray:
     """Float outputs of a TFLite model (a path or its bytes; any I/O dtype) on the pixels, one image at a time."""
     model = TFLiteModel(path, num_threads=num_threads)
     step = model.input.shape[0]
     outs = []
     for i in range(0, len(pixels), step):
-        chunk = pixels[i:i + step]
+        chunk = pixels[i : i + step]
         outs.append(model.run_pixels(chunk, prep).reshape(len(chunk), -1))
         progress(label, min(i + step, len(pixels)), len(pixels))
     return np.concatenate(outs, axis=0)
@@ -133,8 +145,11 @@ class OrtRunner:
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """Float NCHW batch -> float outputs (split into the model's fixed batch if any)."""
-        return in_fixed_batches(x, self.fixed_batch or len(x), lambda chunk: self.session.run(
-            [self.output.name], {self.input.name: chunk.astype(np.float32)})[0])
+        return in_fixed_batches(
+            x,
+            self.fixed_batch or len(x),
+            lambda chunk: self.session.run([self.output.name], {self.input.name: chunk.astype(np.float32)})[0],
+        )
 
     def run_all(self, batches: Sequence[np.ndarray]) -> np.ndarray:
         return np.concatenate([self.run(b) for b in batches], axis=0)

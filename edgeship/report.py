@@ -100,8 +100,11 @@ def disagreements(drift: DriftResult, labels: list[str] | None, *, count: int = 
         return []
     ref, cand, files = drift.reference, drift.candidate, [str(f) for f in drift.files]
     differ = np.nonzero(np.argmax(ref, 1) != np.argmax(cand, 1))[0]
-    order = differ[np.argsort(cosine_per_sample(ref[differ], cand[differ]))] if len(differ) else \
-        np.argsort(cosine_per_sample(ref, cand))[:3]
+    order = (
+        differ[np.argsort(cosine_per_sample(ref[differ], cand[differ]))]
+        if len(differ)
+        else np.argsort(cosine_per_sample(ref, cand))[:3]
+    )
     cos = cosine_per_sample(ref, cand)
 
     def name(i: int) -> str:
@@ -109,11 +112,16 @@ def disagreements(drift: DriftResult, labels: list[str] | None, *, count: int = 
 
     picks = []
     for i in order[:count]:
-        pr, pc = softmax(ref[i:i + 1])[0], softmax(cand[i:i + 1])[0]
-        picks.append(Disagreement(files[i], float(cos[i]),
-                                  [(name(int(k)), float(pr[k])) for k in topk(ref[i:i + 1], 3)[0]],
-                                  [(name(int(k)), float(pc[k])) for k in topk(cand[i:i + 1], 3)[0]],
-                                  _thumbnail(files[i])))
+        pr, pc = softmax(ref[i : i + 1])[0], softmax(cand[i : i + 1])[0]
+        picks.append(
+            Disagreement(
+                files[i],
+                float(cos[i]),
+                [(name(int(k)), float(pr[k])) for k in topk(ref[i : i + 1], 3)[0]],
+                [(name(int(k)), float(pc[k])) for k in topk(cand[i : i + 1], 3)[0]],
+                _thumbnail(files[i]),
+            )
+        )
     return picks
 
 
@@ -177,54 +185,122 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
     summary, bench = inputs.summary, inputs.bench
     stages = [["stage", "reused", "seconds this run", "seconds when built"]] + [
         [s["name"], "yes" if s["reused"] else "no", f"{s['seconds']:.1f}", f"{s.get('built_seconds', 0.0):.1f}"]
-        for s in summary["stages"]]
-    drift = [["target", "model", "ran on", "own ISA?", "agreement", "float top-1", "deployed top-1", "mean cos",
-              "SQNR dB", "budget (agree / drop / SQNR)", "result"]]
+        for s in summary["stages"]
+    ]
+    drift = [
+        [
+            "target",
+            "model",
+            "ran on",
+            "own ISA?",
+            "agreement",
+            "float top-1",
+            "deployed top-1",
+            "mean cos",
+            "SQNR dB",
+            "budget (agree / drop / SQNR)",
+            "result",
+        ]
+    ]
     for name, t in summary["targets"].items():
         if name not in inputs.drifts:
             continue
         r = inputs.drifts[name].report
         f, b = r.figures, {c.metric: c.limit for c in r.budget}
         own, _ = isa_check(r.candidate.ran_on, r.target.arch)
-        drift.append([name, Path(t["model"]).name, r.candidate.ran_on, "yes" if own else "NO",
-                      _pct(f.top1_agreement), _pct(f.ref_top1), _pct(f.cand_top1), _num(f.mean_cosine, ".4f"),
-                      _num(f.sqnr_db, ".1f"),
-                      f"≥{b['top1_agreement_pct']}% / ≤{b['top1_drop_points']} pt / ≥{b['sqnr_db']} dB",
-                      "PASS" if r.passed else "FAIL"])
-    lat = [["model", "threads", "init ms", "first ms", "invoke p50 / p90 ms", "end-to-end p50 / p90 ms",
-            "decode / preprocess ms", "end-to-end × invoke", "p99 ms", "peak RSS MB", "size MB", "× first", "runtime"]]
+        drift.append(
+            [
+                name,
+                Path(t["model"]).name,
+                r.candidate.ran_on,
+                "yes" if own else "NO",
+                _pct(f.top1_agreement),
+                _pct(f.ref_top1),
+                _pct(f.cand_top1),
+                _num(f.mean_cosine, ".4f"),
+                _num(f.sqnr_db, ".1f"),
+                f"≥{b['top1_agreement_pct']}% / ≤{b['top1_drop_points']} pt / ≥{b['sqnr_db']} dB",
+                "PASS" if r.passed else "FAIL",
+            ]
+        )
+    lat = [
+        [
+            "model",
+            "threads",
+            "init ms",
+            "first ms",
+            "invoke p50 / p90 ms",
+            "end-to-end p50 / p90 ms",
+            "decode / preprocess ms",
+            "end-to-end × invoke",
+            "p99 ms",
+            "peak RSS MB",
+            "size MB",
+            "× first",
+            "runtime",
+        ]
+    ]
     for r in bench["results"]:
         rt, e = r["runtime"], r.get("e2e")
         model = r["model"]
         if len({p for p, n in ((x.get("path"), x["model"]) for x in bench["results"]) if n == model}) > 1:
             model = f"{Path(r['path']).parent.name}/{model}"  # two different files of the same name
-        lat.append([model, str(r["threads"]), f"{r['init_ms']:.1f}", f"{r['first_ms']:.2f}",
-                    f"{r['p50_ms']:.2f} / {r['p90_ms']:.2f}",
-                    f"{e['p50_ms']:.2f} / {e['p90_ms']:.2f}" if e else "–",
-                    f"{e['steps_p50_ms']['decode']:.2f} / {e['steps_p50_ms']['preprocess']:.2f}" if e else "–",
-                    f"{e['ratio_p50_to_invoke']:.2f} (of {e['invoke_only_p50_ms']:.2f})" if e else "–",
-                    f"{r['p99_ms']:.2f}", f"{r['peak_rss_mb']:.0f}", f"{r['size_bytes'] / 1e6:.2f}",
-                    f"{r['ratio_p50_to_first']:.2f}",
-                    f"{rt['interpreter']} {rt.get('delegate', '')}{delegation_note(rt)}"])
+        lat.append(
+            [
+                model,
+                str(r["threads"]),
+                f"{r['init_ms']:.1f}",
+                f"{r['first_ms']:.2f}",
+                f"{r['p50_ms']:.2f} / {r['p90_ms']:.2f}",
+                f"{e['p50_ms']:.2f} / {e['p90_ms']:.2f}" if e else "–",
+                f"{e['steps_p50_ms']['decode']:.2f} / {e['steps_p50_ms']['preprocess']:.2f}" if e else "–",
+                f"{e['ratio_p50_to_invoke']:.2f} (of {e['invoke_only_p50_ms']:.2f})" if e else "–",
+                f"{r['p99_ms']:.2f}",
+                f"{r['peak_rss_mb']:.0f}",
+                f"{r['size_bytes'] / 1e6:.2f}",
+                f"{r['ratio_p50_to_first']:.2f}",
+                f"{rt['interpreter']} {rt.get('delegate', '')}{delegation_note(rt)}",
+            ]
+        )
     return {"stages": stages, "drift": drift, "latency": lat, "client": _client_rows(inputs)}
 
 
 def _client_rows(inputs: ReportInputs) -> list[list[str]]:
     """Drift through the app's own library (MediaPipe Tasks), for targets whose client reads metadata."""
-    rows = [["target", "client", "images", "agreement, card's crop", "full image (client's resize)",
-             "card's crop as region of interest", "same pixels as edgeship's runtime", "result"]]
+    rows = [
+        [
+            "target",
+            "client",
+            "images",
+            "agreement, card's crop",
+            "full image (client's resize)",
+            "card's crop as region of interest",
+            "same pixels as edgeship's runtime",
+            "result",
+        ]
+    ]
     for name, drift in inputs.drifts.items():
         c = drift.client_check
         if c:
-            rows.append([name, c.client, str(c.images), _pct(c.card_preprocessing.top1_agreement),
-                         _pct(c.client_preprocessing.top1_agreement), _pct(c.roi_preprocessing.top1_agreement),
-                         _pct(c.runtime_agreement), "PASS" if c.ok else "FAIL"])
+            rows.append(
+                [
+                    name,
+                    c.client,
+                    str(c.images),
+                    _pct(c.card_preprocessing.top1_agreement),
+                    _pct(c.client_preprocessing.top1_agreement),
+                    _pct(c.roi_preprocessing.top1_agreement),
+                    _pct(c.runtime_agreement),
+                    "PASS" if c.ok else "FAIL",
+                ]
+            )
     return rows
 
 
 def _client_note() -> str:
-    return f"Agreement with the float reference; {CLIENT_PREPROCESSING}. The bundle's README shows the region of " \
-        "interest."
+    return (
+        f"Agreement with the float reference; {CLIENT_PREPROCESSING}. The bundle's README shows the region of interest."
+    )
 
 
 def _e2e_note(bench: dict[str, Any]) -> str:
@@ -237,10 +313,12 @@ def _e2e_note(bench: dict[str, Any]) -> str:
         if r.get("e2e") and r["model"] not in paths.setdefault(r["e2e"]["image_path"], []):
             paths[r["e2e"]["image_path"]].append(r["model"])
     how = "; ".join(f"{', '.join(models)}: {path}" for path, models in paths.items())
-    return (f"End to end = `Classifier.predict` on {what}: decode + preprocess + invoke + postprocess, the code a "
-            f"device runs; × invoke is its p50 over the p50 of a bare invoke() timed in the same rounds (in brackets; "
-            f"the invoke column was timed in separate rounds). .onnx: invoke only. "
-            f"Image path — {how}.")
+    return (
+        f"End to end = `Classifier.predict` on {what}: decode + preprocess + invoke + postprocess, the code a "
+        f"device runs; × invoke is its p50 over the p50 of a bare invoke() timed in the same rounds (in brackets; "
+        f"the invoke column was timed in separate rounds). .onnx: invoke only. "
+        f"Image path — {how}."
+    )
 
 
 def _image_path_line(inputs: ReportInputs) -> list[str]:
@@ -250,8 +328,10 @@ def _image_path_line(inputs: ReportInputs) -> list[str]:
         path = drift.report.candidate.image_path
         if path is not None:
             paths.setdefault(str(path), []).append(name)
-    return [f"Image path ({', '.join(names)}): {path}; the float reference was fed the same decoded pixels."
-            for path, names in paths.items()]
+    return [
+        f"Image path ({', '.join(names)}): {path}; the float reference was fed the same decoded pixels."
+        for path, names in paths.items()
+    ]
 
 
 def _isa_summary(inputs: ReportInputs) -> list[str]:
@@ -265,9 +345,12 @@ def _isa_summary(inputs: ReportInputs) -> list[str]:
     if own:
         lines.append("Checked on their own ISA: " + ", ".join(own) + ".")
     if host_only:
-        lines.append(f"Checked only on this machine ({platform.machine()}), not on their own ISA: "
-                     + ", ".join(host_only) + ". Their figures say nothing about their own kernels: re-run with "
-                     "--emulate (aarch64 under qemu) or --host user@device.")
+        lines.append(
+            f"Checked only on this machine ({platform.machine()}), not on their own ISA: "
+            + ", ".join(host_only)
+            + ". Their figures say nothing about their own kernels: re-run with "
+            "--emulate (aarch64 under qemu) or --host user@device."
+        )
     return lines
 
 
@@ -278,8 +361,15 @@ def _md_table(rows: list[list[str]]) -> str:
 
 def _html_table(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
-    body = "".join("<tr>" + "".join(f"<td class='{'pass' if c == 'PASS' else 'fail' if c in ('FAIL', 'NO') else ''}'>"
-                                    f"{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f"<td class='{'pass' if c == 'PASS' else 'fail' if c in ('FAIL', 'NO') else ''}'>{html.escape(c)}</td>"
+            for c in r
+        )
+        + "</tr>"
+        for r in rows[1:]
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -288,8 +378,11 @@ def _group_title(names: list[str], inputs: ReportInputs) -> str:
         return f"Worst disagreements on {names[0]}"
     ran_on = {_ran_on(n, inputs) for n in names}
     models = {inputs.summary["targets"][n]["model"] for n in names}
-    why = (f"the same model ran on the same machine ({ran_on.pop()})" if len(models) == 1 and len(ran_on) == 1
-           else "they found the same images with the same top-3")
+    why = (
+        f"the same model ran on the same machine ({ran_on.pop()})"
+        if len(models) == 1 and len(ran_on) == 1
+        else "they found the same images with the same top-3"
+    )
     return f"Worst disagreements, shared by {', '.join(names)}: {why}, so they are shown once"
 
 
@@ -322,27 +415,53 @@ def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
         old.unlink()
     groups = _disagreement_sections(inputs, assets)
     tables = _tables(inputs)
-    verdict = "all targets inside their drift budgets" if all(d.passed for d in inputs.drifts.values()) \
+    verdict = (
+        "all targets inside their drift budgets"
+        if all(d.passed for d in inputs.drifts.values())
         else "some targets are OVER their drift budget"
+    )
     from edgeship.targets.remote import device_speed_lines
 
     isa = _isa_summary(inputs) + _image_path_line(inputs) + device_speed_lines(summary)
-    md = [f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
-          f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",
-          "## Pipeline\n", _md_table(tables["stages"]), f"\nTotal wall time {summary['wall_s']:.1f} s.\n",
-          "## Accuracy drift per target\n", _md_table(tables["drift"]), "\n\n".join(isa) + "\n",
-          *(["## Through the app's own library\n", _md_table(tables["client"]), _client_note() + "\n"]
-            if len(tables["client"]) > 1 else []),
-          "## Latency and size\n", _md_table(tables["latency"]), _e2e_note(bench) + "\n"]
+    md = [
+        f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
+        f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",
+        "## Pipeline\n",
+        _md_table(tables["stages"]),
+        f"\nTotal wall time {summary['wall_s']:.1f} s.\n",
+        "## Accuracy drift per target\n",
+        _md_table(tables["drift"]),
+        "\n\n".join(isa) + "\n",
+        *(
+            ["## Through the app's own library\n", _md_table(tables["client"]), _client_note() + "\n"]
+            if len(tables["client"]) > 1
+            else []
+        ),
+        "## Latency and size\n",
+        _md_table(tables["latency"]),
+        _e2e_note(bench) + "\n",
+    ]
     md += [f"\n### {title}\n\n![{title}]({p.relative_to(out)})\n" for title, p in plots]
     for title, picks, thumbs in groups:
-        md += [f"\n### {title}\n", _md_table([["image", "float reference top-3", "deployed top-3"]] + [
-            [f"![{Path(d.file).name}]({t.relative_to(out)}) {Path(d.file).name}",
-             "<br>".join(f"{n} {p:.2f}" for n, p in d.reference), "<br>".join(f"{n} {p:.2f}" for n, p in d.deployed)]
-            for d, t in zip(picks, thumbs)])]
+        md += [
+            f"\n### {title}\n",
+            _md_table(
+                [["image", "float reference top-3", "deployed top-3"]]
+                + [
+                    [
+                        f"![{Path(d.file).name}]({t.relative_to(out)}) {Path(d.file).name}",
+                        "<br>".join(f"{n} {p:.2f}" for n, p in d.reference),
+                        "<br>".join(f"{n} {p:.2f}" for n, p in d.deployed),
+                    ]
+                    for d, t in zip(picks, thumbs)
+                ]
+            ),
+        ]
     md_path = atomic_write_text(out / "report.md", "\n".join(md))
-    html_path = atomic_write_text(out / "report.html", _html(summary, tables, plots, verdict, isa, _e2e_note(bench),
-                                                             [(t, p) for t, p, _ in groups]))
+    html_path = atomic_write_text(
+        out / "report.html",
+        _html(summary, tables, plots, verdict, isa, _e2e_note(bench), [(t, p) for t, p, _ in groups]),
+    )
     return md_path, html_path
 
 
@@ -361,31 +480,52 @@ document.body.setAttribute('data-images-loaded',ok+'/'+imgs.length);});"""
 
 
 def _card_html(d: Disagreement) -> str:
-    rows = "".join(f"<tr><td>{html.escape(rn)}</td><td class='p'>{rp:.2f}</td>"
-                   f"<td>{html.escape(dn)}</td><td class='p'>{dp:.2f}</td></tr>"
-                   for (rn, rp), (dn, dp) in zip(d.reference, d.deployed))
-    return (f"<figure class='card'><img alt='{html.escape(Path(d.file).name)}' src='data:image/jpeg;base64,"
-            f"{base64.b64encode(d.thumbnail).decode()}'><figcaption>{html.escape(Path(d.file).name)} "
-            f"(cosine {d.cosine:.3f})</figcaption><table><thead><tr><th colspan='2'>float reference</th>"
-            f"<th colspan='2'>deployed</th></tr></thead><tbody>{rows}</tbody></table></figure>")
+    rows = "".join(
+        f"<tr><td>{html.escape(rn)}</td><td class='p'>{rp:.2f}</td>"
+        f"<td>{html.escape(dn)}</td><td class='p'>{dp:.2f}</td></tr>"
+        for (rn, rp), (dn, dp) in zip(d.reference, d.deployed)
+    )
+    return (
+        f"<figure class='card'><img alt='{html.escape(Path(d.file).name)}' src='data:image/jpeg;base64,"
+        f"{base64.b64encode(d.thumbnail).decode()}'><figcaption>{html.escape(Path(d.file).name)} "
+        f"(cosine {d.cosine:.3f})</figcaption><table><thead><tr><th colspan='2'>float reference</th>"
+        f"<th colspan='2'>deployed</th></tr></thead><tbody>{rows}</tbody></table></figure>"
+    )
 
 
-def _html(summary: dict[str, Any], tables: dict[str, list[list[str]]], plots: list[tuple[str, Path]],
-          verdict: str, isa: list[str], e2e_note: str, groups: list[tuple[str, list[Disagreement]]]) -> str:
-    figs = "".join(f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,"
-                   f"{base64.b64encode(p.read_bytes()).decode()}'>" for t, p in plots)
-    cards = "".join(f"<h3>{html.escape(t)}</h3><div class='cards'>{''.join(_card_html(d) for d in picks)}</div>"
-                    for t, picks in groups)
+def _html(
+    summary: dict[str, Any],
+    tables: dict[str, list[list[str]]],
+    plots: list[tuple[str, Path]],
+    verdict: str,
+    isa: list[str],
+    e2e_note: str,
+    groups: list[tuple[str, list[Disagreement]]],
+) -> str:
+    figs = "".join(
+        f"<h3>{html.escape(t)}</h3><img alt='{html.escape(t)}' src='data:image/png;base64,"
+        f"{base64.b64encode(p.read_bytes()).decode()}'>"
+        for t, p in plots
+    )
+    cards = "".join(
+        f"<h3>{html.escape(t)}</h3><div class='cards'>{''.join(_card_html(d) for d in picks)}</div>"
+        for t, picks in groups
+    )
     note = html.escape(e2e_note).replace("`Classifier.predict`", "<code>Classifier.predict</code>")
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>edgeship deploy report</title>"
-            f"<style>{_CSS}</style></head><body><h1>edgeship deploy report</h1>"
-            f"<p>Model <code>{html.escape(summary['model'])}</code>; calibrated on "
-            f"{summary['calibration']['count']} images, evaluated on {summary['evaluation']['count']} other images: "
-            f"<b>{html.escape(verdict)}</b>.</p>"
-            f"<h2>Pipeline</h2>{_html_table(tables['stages'])}<p>Total wall time {summary['wall_s']:.1f} s.</p>"
-            f"<h2>Accuracy drift per target</h2>{_html_table(tables['drift'])}"
-            + "".join(f"<p>{html.escape(line)}</p>" for line in isa)
-            + (f"<h2>Through the app's own library</h2>{_html_table(tables['client'])}"
-               f"<p>{html.escape(_client_note())}</p>" if len(tables["client"]) > 1 else "") +
-            f"<h2>Latency and size</h2>{_html_table(tables['latency'])}<p>{note}</p>{figs}{cards}"
-            f"<script>{_CHECK}</script></body></html>")
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>edgeship deploy report</title>"
+        f"<style>{_CSS}</style></head><body><h1>edgeship deploy report</h1>"
+        f"<p>Model <code>{html.escape(summary['model'])}</code>; calibrated on "
+        f"{summary['calibration']['count']} images, evaluated on {summary['evaluation']['count']} other images: "
+        f"<b>{html.escape(verdict)}</b>.</p>"
+        f"<h2>Pipeline</h2>{_html_table(tables['stages'])}<p>Total wall time {summary['wall_s']:.1f} s.</p>"
+        f"<h2>Accuracy drift per target</h2>{_html_table(tables['drift'])}"
+        + "".join(f"<p>{html.escape(line)}</p>" for line in isa)
+        + (
+            f"<h2>Through the app's own library</h2>{_html_table(tables['client'])}<p>{html.escape(_client_note())}</p>"
+            if len(tables["client"]) > 1
+            else ""
+        )
+        + f"<h2>Latency and size</h2>{_html_table(tables['latency'])}<p>{note}</p>{figs}{cards}"
+        f"<script>{_CHECK}</script></body></html>"
+    )

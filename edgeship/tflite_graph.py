@@ -254,8 +254,9 @@ def drop_identity_gathers(model: Any) -> int:
             shape = new_constant(model, np.array(indices.shape), f"{tensor_name(x)}/edgeship_shape", np.int32)
             options = schema.ReshapeOptionsT()
             options.newShape = [int(d) for d in indices.shape]
-            sg.operators[sg.operators.index(op)] = new_op(model, "RESHAPE", [op.inputs[0], shape], op.outputs,
-                                                          (schema.BuiltinOptions.ReshapeOptions, options))
+            sg.operators[sg.operators.index(op)] = new_op(
+                model, "RESHAPE", [op.inputs[0], shape], op.outputs, (schema.BuiltinOptions.ReshapeOptions, options)
+            )
             changed += 1
     return changed
 
@@ -283,9 +284,11 @@ def relu_0_to_1_as_relu6(model: Any) -> int:
         clipped = new_activation(model, x, f"{base}/edgeship_relu6")
         mul = (schema.BuiltinOptions.MulOptions, schema.MulOptionsT())
         at = sg.operators.index(op)
-        sg.operators[at:at + 1] = [new_op(model, "MUL", [x, six], [scaled], mul),
-                                   new_op(model, "RELU6", [scaled], [clipped]),
-                                   new_op(model, "MUL", [clipped, sixth], [y], copy.deepcopy(mul))]
+        sg.operators[at : at + 1] = [
+            new_op(model, "MUL", [x, six], [scaled], mul),
+            new_op(model, "RELU6", [scaled], [clipped]),
+            new_op(model, "MUL", [clipped, sixth], [y], copy.deepcopy(mul)),
+        ]
         changed += 1
     return changed
 
@@ -325,17 +328,27 @@ def constant_gathers_as_slices(model: Any) -> int:
             sg.tensors[sliced].shape = np.array(size, dtype=np.int32)
             sg.tensors[sliced].shapeSignature = None
         at = sg.operators.index(op)
-        bounds = [new_constant(model, np.array(v), f"{base}/edgeship_{k}", np.int32) for k, v in (("begin", begin),
-                                                                                                 ("size", size))]
-        new = [new_op(model, "SLICE", [op.inputs[0], *bounds], [sliced],
-                      (schema.BuiltinOptions.SliceOptions, schema.SliceOptionsT()))]
+        bounds = [
+            new_constant(model, np.array(v), f"{base}/edgeship_{k}", np.int32)
+            for k, v in (("begin", begin), ("size", size))
+        ]
+        new = [
+            new_op(
+                model,
+                "SLICE",
+                [op.inputs[0], *bounds],
+                [sliced],
+                (schema.BuiltinOptions.SliceOptions, schema.SliceOptionsT()),
+            )
+        ]
         if indices.ndim == 0:
             options = schema.ReshapeOptionsT()
             options.newShape = [int(d) for d in sg.tensors[op.outputs[0]].shape]
             target = new_constant(model, np.array(options.newShape), f"{base}/edgeship_shape", np.int32)
-            new.append(new_op(model, "RESHAPE", [sliced, target], op.outputs,
-                              (schema.BuiltinOptions.ReshapeOptions, options)))
-        sg.operators[at:at + 1] = new
+            new.append(
+                new_op(model, "RESHAPE", [sliced, target], op.outputs, (schema.BuiltinOptions.ReshapeOptions, options))
+            )
+        sg.operators[at : at + 1] = new
         changed += 1
     return changed
 
@@ -376,8 +389,9 @@ def grouped_convs_as_depthwise(model: Any) -> int:
         model.buffers[w.buffer].data = np.frombuffer(depthwise.tobytes(), dtype=np.uint8)
         w.shape = np.array(depthwise.shape, dtype=np.int32)
         w.shapeSignature = None
-        sg.operators[sg.operators.index(op)] = new_op(model, "DEPTHWISE_CONV_2D", op.inputs, op.outputs,
-                                                      (schema.BuiltinOptions.DepthwiseConv2DOptions, options))
+        sg.operators[sg.operators.index(op)] = new_op(
+            model, "DEPTHWISE_CONV_2D", op.inputs, op.outputs, (schema.BuiltinOptions.DepthwiseConv2DOptions, options)
+        )
         changed += 1
     return changed
 
@@ -410,8 +424,10 @@ def max_pool_pads_after_relu(model: Any) -> int:
         readers = [o for o in sg.operators if op.outputs[0] in o.inputs]
         if op.outputs[0] in sg.outputs or not readers or any(op_name(model, r) != "MAX_POOL_2D" for r in readers):
             continue
-        if any(int(pads.reshape(-1, 2)[1:3].max()) >= min(r.builtinOptions.filterHeight, r.builtinOptions.filterWidth)
-               for r in readers):
+        if any(
+            int(pads.reshape(-1, 2)[1:3].max()) >= min(r.builtinOptions.filterHeight, r.builtinOptions.filterWidth)
+            for r in readers
+        ):
             continue  # a window of padding only would read 0 instead of -inf
         if not _non_negative(model, producers.get(op.inputs[0])):
             continue

@@ -34,8 +34,10 @@ def source_root() -> Path:
 
     root = Path(edgeship.__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file():
-        raise InputError(f"edgeship at {Path(edgeship.__file__).parent} is not installed from a source checkout "
-                         "(no pyproject.toml beside it): build a wheel yourself and pass it as wheels=[...]")
+        raise InputError(
+            f"edgeship at {Path(edgeship.__file__).parent} is not installed from a source checkout "
+            "(no pyproject.toml beside it): build a wheel yourself and pass it as wheels=[...]"
+        )
     return root
 
 
@@ -43,8 +45,9 @@ def _source_files(root: Path) -> list[Path]:
     """Files the wheel is built from, relative to ``root``."""
     found = []
     for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".")
-                         and not d.endswith(".egg-info"))
+        dirs[:] = sorted(
+            d for d in dirs if d not in _SKIP_DIRS and not d.startswith(".") and not d.endswith(".egg-info")
+        )
         rel = Path(folder).relative_to(root)
         found += [rel / f for f in sorted(files) if not f.endswith((".pyc", ".pyo")) and not f.startswith(".")]
     return found
@@ -69,18 +72,31 @@ def _cached_wheel(stamp: Path, fingerprint: str) -> Path | None:
 
 def _pip_wheel(src: Path, out: Path) -> Path:
     if importlib.util.find_spec("setuptools") is None:
-        raise MissingDependencyError("building the edgeship wheel needs setuptools in this environment: "
-                                     "pip install 'setuptools>=69' wheel")
-    cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--disable-pip-version-check",
-           "-q", "-w", str(out), str(src)]
+        raise MissingDependencyError(
+            "building the edgeship wheel needs setuptools in this environment: pip install 'setuptools>=69' wheel"
+        )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--no-build-isolation",
+        "--disable-pip-version-check",
+        "-q",
+        "-w",
+        str(out),
+        str(src),
+    ]
     # A fixed SOURCE_DATE_EPOCH (1980-01-01, the zip epoch) makes the wheel byte-identical for
     # identical sources, so a device venv only reinstalls it when the code really changed.
     env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False, env=env)
     wheels = sorted(out.glob("edgeship-*.whl"))
     if proc.returncode != 0 or len(wheels) != 1:
-        raise EdgeshipError(f"building the edgeship wheel failed (exit {proc.returncode}): "
-                            f"{_error_line(proc.stderr or proc.stdout)}")
+        raise EdgeshipError(
+            f"building the edgeship wheel failed (exit {proc.returncode}): {_error_line(proc.stderr or proc.stdout)}"
+        )
     return wheels[0]
 
 

@@ -50,8 +50,12 @@ def is_zoo_name(spec: str) -> bool:
     return spec in ZOO
 
 
-def resolve(spec: str | os.PathLike[str], *, download: bool = True,
-            progress: Callable[[str, int | None, int | None], None] | None = None) -> Path:
+def resolve(
+    spec: str | os.PathLike[str],
+    *,
+    download: bool = True,
+    progress: Callable[[str, int | None, int | None], None] | None = None,
+) -> Path:
     """A model path for a path or a zoo name (downloaded and checked when needed)."""
     if str(spec) not in ZOO:
         return Path(spec)
@@ -71,18 +75,26 @@ def resolve(spec: str | os.PathLike[str], *, download: bool = True,
 def _check(path: Path, entry: ZooModel) -> None:
     size = path.stat().st_size
     if size != entry.size or sha256_file(path) != entry.sha256:
-        raise InputError(f"{path} is not {entry.file} (size {size}, expected {entry.size} bytes with sha256 "
-                         f"{entry.sha256[:12]}…); delete it or replace it with the model zoo file")
+        raise InputError(
+            f"{path} is not {entry.file} (size {size}, expected {entry.size} bytes with sha256 "
+            f"{entry.sha256[:12]}…); delete it or replace it with the model zoo file"
+        )
 
 
 def _place_hint(entry: ZooModel, candidates: list[Path]) -> str:
-    return (f"{entry.name} is not available offline: download {entry.url} ({entry.size} bytes, sha256 "
-            f"{entry.sha256}) and place it at {candidates[-1]}"
-            + (f" or {candidates[0]}" if len(candidates) > 1 else " (or set EDGESHIP_MODELS to its folder)"))
+    return (
+        f"{entry.name} is not available offline: download {entry.url} ({entry.size} bytes, sha256 "
+        f"{entry.sha256}) and place it at {candidates[-1]}"
+        + (f" or {candidates[0]}" if len(candidates) > 1 else " (or set EDGESHIP_MODELS to its folder)")
+    )
 
 
-def _download(entry: ZooModel, target: Path, candidates: list[Path],
-              progress: Callable[[str, int | None, int | None], None] | None) -> Path:
+def _download(
+    entry: ZooModel,
+    target: Path,
+    candidates: list[Path],
+    progress: Callable[[str, int | None, int | None], None] | None,
+) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.part")
     try:
@@ -100,7 +112,8 @@ def _download(entry: ZooModel, target: Path, candidates: list[Path],
         _check(tmp, entry)
     except InputError:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"downloaded {entry.file} does not match the expected sha256; not used. "
-                         + _place_hint(entry, candidates)) from None
+        raise InputError(
+            f"downloaded {entry.file} does not match the expected sha256; not used. " + _place_hint(entry, candidates)
+        ) from None
     os.replace(tmp, target)
     return target

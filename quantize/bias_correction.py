@@ -22,9 +22,15 @@ _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 _INT8_TYPES, _INT32 = (9, 3), 2
 
 
-def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, quant_inputs: np.ndarray, *,
-                   min_count: int = 10, progress: Callable[[int, int], None] | None = None
-                   ) -> tuple[bytes, dict[str, Any]]:
+def correct_biases(
+    quant: bytes,
+    float_model: bytes,
+    float_inputs: np.ndarray,
+    quant_inputs: np.ndarray,
+    *,
+    min_count: int = 10,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[bytes, dict[str, Any]]:
     """Return the int8 model with bias-corrected convolutions.
 
     Args:
@@ -37,16 +43,19 @@ def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, q
     """
     from tensorflow.lite.tools import flatbuffer_utils as fbu
 
-    from edgeship.runtime.interpreter import debug_interpreter
     from edgeship.quantize.tflite_quant import tensor_name
+    from edgeship.runtime.interpreter import debug_interpreter
 
     qobj = fbu.read_model_from_bytearray(bytearray(quant))
     sub = qobj.subgraphs[0]
     q_ops = [d["op_name"] for d in debug_interpreter(quant)._get_ops_details()]  # noqa: SLF001
     f_interp = debug_interpreter(float_model)
     f_index = {d["name"]: d["index"] for d in f_interp.get_tensor_details()}
-    convs = [op for op, name in zip(sub.operators, q_ops)
-             if name in _CONV_OPS and _integer_conv(sub, op) and tensor_name(sub.tensors[op.outputs[0]]) in f_index]
+    convs = [
+        op
+        for op, name in zip(sub.operators, q_ops)
+        if name in _CONV_OPS and _integer_conv(sub, op) and tensor_name(sub.tensors[op.outputs[0]]) in f_index
+    ]
     # The layer producing the scores is left alone: its output range is the scores'.
     final = _score_producer(sub, q_ops)
     convs = [op for op in convs if op.outputs[0] != final]
@@ -60,37 +69,55 @@ def correct_biases(quant: bytes, float_model: bytes, float_inputs: np.ndarray, q
         bias = np.frombuffer(np.asarray(buf.data, dtype=np.uint8).tobytes(), dtype=np.int32).astype(np.int64)
         corr = np.round(delta / bias_scale).astype(np.int64)
         corr[count < min_count] = 0
-        buf.data = np.frombuffer(np.clip(bias - corr, -2**31, 2**31 - 1).astype(np.int32).tobytes(), dtype=np.uint8)
+        buf.data = np.frombuffer(np.clip(bias - corr, -(2**31), 2**31 - 1).astype(np.int32).tobytes(), dtype=np.uint8)
         shifts.append(float(np.mean(np.abs(delta)) / step))
         if progress:
             progress(k + 1, len(convs))
     return bytes(fbu.convert_object_to_bytearray(qobj)), {
-        "layers": len(convs), "images": int(len(float_inputs)),
+        "layers": len(convs),
+        "images": int(len(float_inputs)),
         "mean_abs_shift_in_steps": round(float(np.mean(shifts)), 4) if shifts else 0.0,
-        "max_layer_shift_in_steps": round(float(np.max(shifts)), 4) if shifts else 0.0}
+        "max_layer_shift_in_steps": round(float(np.max(shifts)), 4) if shifts else 0.0,
+    }
 
 
 def _integer_conv(sub: Any, op: Any) -> bool:
     """An int8 convolution with an int32 bias (convolutions a mixed model keeps float have no integer bias)."""
-    return (len(op.inputs) > 2 and op.inputs[2] >= 0 and sub.tensors[op.inputs[2]].type == _INT32
-            and sub.tensors[op.outputs[0]].type in _INT8_TYPES)
+    return (
+        len(op.inputs) > 2
+        and op.inputs[2] >= 0
+        and sub.tensors[op.inputs[2]].type == _INT32
+        and sub.tensors[op.outputs[0]].type in _INT8_TYPES
+    )
 
 
 def _score_producer(sub: Any, op_names: list[str]) -> int:
     """Tensor index of the scores before any reshape/slice at the end of the graph."""
     producer = {op.outputs[0]: (op, name) for op, name in zip(sub.operators, op_names) if len(op.outputs)}
     tensor = sub.outputs[0]
-    while tensor in producer and producer[tensor][1] in ("RESHAPE", "STRIDED_SLICE", "SQUEEZE", "QUANTIZE",
-                                                         "DEQUANTIZE"):
+    while tensor in producer and producer[tensor][1] in (
+        "RESHAPE",
+        "STRIDED_SLICE",
+        "SQUEEZE",
+        "QUANTIZE",
+        "DEQUANTIZE",
+    ):
         tensor = producer[tensor][0].inputs[0]
     return int(tensor)
 
 
-def _measure(quant: bytes, f_interp: Any, f_index: dict[str, int], op: Any, sub: Any, float_inputs: np.ndarray,
-             quant_inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+def _measure(
+    quant: bytes,
+    f_interp: Any,
+    f_index: dict[str, int],
+    op: Any,
+    sub: Any,
+    float_inputs: np.ndarray,
+    quant_inputs: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-channel mean output shift of one conv over the images, unclamped positions only."""
-    from edgeship.runtime.interpreter import debug_interpreter
     from edgeship.quantize.tflite_quant import tensor_name
+    from edgeship.runtime.interpreter import debug_interpreter
 
     q_interp = debug_interpreter(quant)
     out = op.outputs[0]

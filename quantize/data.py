@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -53,14 +54,17 @@ def split_images(folder: Path, split: Split, evaluation: Path | None = None) -> 
     if len(images) < split.min_calib:
         raise CalibrationError(
             f"{folder} has {len(images)} usable image(s) ({len(images.skipped)} other file(s) skipped); "
-            f"calibration needs at least {split.min_calib}")
+            f"calibration needs at least {split.min_calib}"
+        )
     if evaluation is not None:
         evals = list_images(evaluation, minimum=1)
         calib = images.sample(split.num_calib, seed=split.seed)
         overlap = {f.resolve() for f in calib.files} & {f.resolve() for f in evals.files}
         if overlap:
-            raise InputError(f"{len(overlap)} evaluation image(s) are also calibration images "
-                             f"(e.g. {sorted(overlap)[0]}); keep the two sets apart")
+            raise InputError(
+                f"{len(overlap)} evaluation image(s) are also calibration images "
+                f"(e.g. {sorted(overlap)[0]}); keep the two sets apart"
+            )
     else:
         calib, evals = images.divide(_calib_count(len(images), split), seed=split.seed)
     _check_enough(len(calib), len(evals), split)
@@ -76,27 +80,48 @@ def _calib_count(available: int, split: Split) -> int:
 
 def _check_enough(calib: int, evals: int, split: Split) -> None:
     if calib < split.min_calib:
-        raise CalibrationError(f"only {calib} calibration image(s) left after holding out {evals} for evaluation; "
-                               f"at least {split.min_calib} needed")
+        raise CalibrationError(
+            f"only {calib} calibration image(s) left after holding out {evals} for evaluation; "
+            f"at least {split.min_calib} needed"
+        )
 
 
-def from_sets(calib: ImageSet, evals: ImageSet, held_apart: bool, prep: Preprocessing, labels: Labels | None,
-              progress: Progress = silent) -> tuple[Pixels, Pixels]:
+def from_sets(
+    calib: ImageSet,
+    evals: ImageSet,
+    held_apart: bool,
+    prep: Preprocessing,
+    labels: Labels | None,
+    progress: Progress = silent,
+) -> tuple[Pixels, Pixels]:
     """Decode listed calibration and evaluation images (see :func:`split_images`)."""
-    return (Pixels(load_pixels(calib.files, prep, progress=progress), tuple(calib.labels_for(labels)),
-                   folder_report(calib)),
-            Pixels(load_pixels(evals.files, prep, progress=progress), tuple(evals.labels_for(labels)),
-                   {**folder_report(evals), "held_apart_from_calibration": held_apart}))
+    return (
+        Pixels(
+            load_pixels(calib.files, prep, progress=progress), tuple(calib.labels_for(labels)), folder_report(calib)
+        ),
+        Pixels(
+            load_pixels(evals.files, prep, progress=progress),
+            tuple(evals.labels_for(labels)),
+            {**folder_report(evals), "held_apart_from_calibration": held_apart},
+        ),
+    )
 
 
-def from_folders(calibration: Path, evaluation: Path | None, split: Split, prep: Preprocessing,
-                 labels: Labels | None, progress: Progress = silent) -> tuple[Pixels, Pixels]:
+def from_folders(
+    calibration: Path,
+    evaluation: Path | None,
+    split: Split,
+    prep: Preprocessing,
+    labels: Labels | None,
+    progress: Progress = silent,
+) -> tuple[Pixels, Pixels]:
     calib, evals = split_images(calibration, split, evaluation)
     return from_sets(calib, evals, evaluation is None, prep, labels, progress)
 
 
-def from_arrays(calibration: Iterable[np.ndarray], evaluation: Iterable[np.ndarray] | None, split: Split,
-                prep: Preprocessing) -> tuple[Pixels, Pixels]:
+def from_arrays(
+    calibration: Iterable[np.ndarray], evaluation: Iterable[np.ndarray] | None, split: Split, prep: Preprocessing
+) -> tuple[Pixels, Pixels]:
     """Arrays (HxWx3 uint8 RGB frames of any size), resized and cropped like files.
 
     Chosen and held apart like a folder's images without labels: with more than ``num_calib``
@@ -112,10 +137,17 @@ def from_arrays(calibration: Iterable[np.ndarray], evaluation: Iterable[np.ndarr
     _check_enough(len(calib), len(evals), split)
     evals = evals[_pick(len(evals), split.max_eval, None)] if split.max_eval else evals
     how = _array_selection(len(frames), count, split.seed)
-    return (Pixels(calib, (None,) * len(calib), array_report(calib, how)),
-            Pixels(evals, (None,) * len(evals), {**array_report(evals, "the arrays not chosen" if evaluation is None
-                                                                else "all arrays"),
-                                                  "held_apart_from_calibration": evaluation is None}))
+    return (
+        Pixels(calib, (None,) * len(calib), array_report(calib, how)),
+        Pixels(
+            evals,
+            (None,) * len(evals),
+            {
+                **array_report(evals, "the arrays not chosen" if evaluation is None else "all arrays"),
+                "held_apart_from_calibration": evaluation is None,
+            },
+        ),
+    )
 
 
 def _pick(available: int, count: int, seed: int | None) -> list[int]:
@@ -136,8 +168,13 @@ def _array_selection(available: int, count: int, seed: int | None) -> str:
 def _crops(frames: Iterable[np.ndarray], prep: Preprocessing, what: str) -> np.ndarray:
     crops = []
     for i, frame in enumerate(frames):
-        if (not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3
-                or 0 in frame.shape):
+        if (
+            not isinstance(frame, np.ndarray)
+            or frame.dtype != np.uint8
+            or frame.ndim != 3
+            or frame.shape[2] != 3
+            or 0 in frame.shape
+        ):
             got = f"{type(frame).__name__} {getattr(frame, 'dtype', '')} {getattr(frame, 'shape', '')}".strip()
             raise InputError(f"{what} image {i} must be an HxWx3 uint8 RGB array of at least 1x1 pixels, got {got}")
         crops.append(frame_pixels(frame, prep, "RGB"))
@@ -148,13 +185,23 @@ def _crops(frames: Iterable[np.ndarray], prep: Preprocessing, what: str) -> np.n
 
 def folder_report(images: ImageSet) -> dict[str, Any]:
     names = "\n".join(str(f.relative_to(images.root)) for f in images.files)
-    return {"folder": str(images.root), "count": len(images), "skipped_files": len(images.skipped),
-            "selection": images.selection or "all images", "classes": images.classes(),
-            "first": images.files[0].name if images.files else None,
-            "last": images.files[-1].name if images.files else None,
-            "file_list_sha256": hashlib.sha256(names.encode()).hexdigest()}
+    return {
+        "folder": str(images.root),
+        "count": len(images),
+        "skipped_files": len(images.skipped),
+        "selection": images.selection or "all images",
+        "classes": images.classes(),
+        "first": images.files[0].name if images.files else None,
+        "last": images.files[-1].name if images.files else None,
+        "file_list_sha256": hashlib.sha256(names.encode()).hexdigest(),
+    }
 
 
 def array_report(pixels: np.ndarray, selection: str = "all arrays") -> dict[str, Any]:
-    return {"folder": None, "source": "arrays", "count": len(pixels), "selection": selection,
-            "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()}
+    return {
+        "folder": None,
+        "source": "arrays",
+        "count": len(pixels),
+        "selection": selection,
+        "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
+    }

@@ -5,9 +5,9 @@ of A by ``1/s_i`` and the matching input channel of B by ``s_i`` leaves the netw
 function unchanged (ReLU is positively homogeneous) and, with
 ``s_i = sqrt(r_A,i / r_B,i)``, gives both channels the same weight range ``sqrt(r_A r_B)``,
 which is what per-tensor weight quantization needs. ReLU6 is not scale-equivariant; the
-paper replaces it by ReLU, which changes the float model's answers. edgeship keeps the function exact instead: ``ReLU6(x) / s`` is
-``min(ReLU(x / s), 6 / s)``, a ReLU plus a per-channel ``Min``. Works on the ONNX graph
-before conversion.
+paper replaces it by ReLU, which changes the float model's answers. edgeship keeps the
+function exact instead: ``ReLU6(x) / s`` is ``min(ReLU(x / s), 6 / s)``, a ReLU plus a
+per-channel ``Min``. Works on the ONNX graph before conversion.
 """
 
 from __future__ import annotations
@@ -45,7 +45,11 @@ def _pairs(model: Any, weights: dict[str, np.ndarray]) -> list[_Pair]:
     outputs = {o.name for o in model.graph.output}
     pairs = []
     for a in model.graph.node:
-        if a.op_type != "Conv" or a.input[1] not in weights or _attr(a, "group", 1) not in (1, weights[a.input[1]].shape[0]):
+        if (
+            a.op_type != "Conv"
+            or a.input[1] not in weights
+            or _attr(a, "group", 1) not in (1, weights[a.input[1]].shape[0])
+        ):
             continue
         nxt, act = consumers.get(a.output[0], []), None
         if len(nxt) == 1 and nxt[0].op_type in ("Relu", "Clip") and a.output[0] not in outputs:
@@ -97,12 +101,19 @@ def equalize(model: Any, *, sweeps: int = 20) -> tuple[Any, dict[str, Any]]:
         if p.act is not None and p.act.op_type == "Clip":
             _clip_to_relu_min(m, p.act, _clip_max(p.act, weights) / totals[k])
             replaced += 1
-    touched = {p.a.input[1] for p in pairs} | {p.b.input[1] for p in pairs} | \
-        {p.a.input[2] for p in pairs if len(p.a.input) > 2}
+    touched = (
+        {p.a.input[1] for p in pairs}
+        | {p.b.input[1] for p in pairs}
+        | {p.a.input[2] for p in pairs if len(p.a.input) > 2}
+    )
     for name in touched:
         inits[name].CopyFrom(numpy_helper.from_array(weights[name].astype(np.float32), name))
-    return m, {"pairs": len(pairs), "relu6_as_relu_plus_channel_min": replaced,
-               "channel_range_spread_before": spread_before, "channel_range_spread_after": _spread(pairs, weights)}
+    return m, {
+        "pairs": len(pairs),
+        "relu6_as_relu_plus_channel_min": replaced,
+        "channel_range_spread_before": spread_before,
+        "channel_range_spread_after": _spread(pairs, weights),
+    }
 
 
 def _clip_max(node: Any, weights: dict[str, np.ndarray]) -> float:
@@ -129,8 +140,11 @@ def _clip_to_relu_min(model: Any, clip: Any, limits: np.ndarray) -> None:
 def _scale_pair(p: _Pair, w: dict[str, np.ndarray]) -> np.ndarray:
     wa, wb = w[p.a.input[1]], w[p.b.input[1]]
     ra = np.abs(wa).reshape(wa.shape[0], -1).max(1)
-    rb = np.abs(wb).reshape(wb.shape[0], -1).max(1) if p.depthwise_b else \
-        np.abs(wb).transpose(1, 0, 2, 3).reshape(wb.shape[1], -1).max(1)
+    rb = (
+        np.abs(wb).reshape(wb.shape[0], -1).max(1)
+        if p.depthwise_b
+        else np.abs(wb).transpose(1, 0, 2, 3).reshape(wb.shape[1], -1).max(1)
+    )
     ok = (ra > 0) & (rb > 0)
     s = np.ones_like(ra)
     s[ok] = np.sqrt(ra[ok] / rb[ok])

@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgeship import tflite_graph as g
 
+from edgeship import tflite_graph as g
 from edgeship.errors import InputError
 
 #: I/O dtypes an int8-interface model can be rewritten to exactly.
@@ -38,8 +38,10 @@ def with_io_dtype(model: bytes, io_dtype: str) -> bytes:
         raise InputError(f"interface rewrite needs one input and one output, not {len(sg.inputs)}/{len(sg.outputs)}")
     for index in (sg.inputs[0], sg.outputs[0]):
         if sg.tensors[index].type != _INT8:
-            raise InputError(f"interface rewrite needs an int8 model; tensor {g.tensor_name(sg.tensors[index])} is "
-                             f"{g.dtype_name(sg.tensors[index])}")
+            raise InputError(
+                f"interface rewrite needs an int8 model; tensor {g.tensor_name(sg.tensors[index])} is "
+                f"{g.dtype_name(sg.tensors[index])}"
+            )
     _uint8_input(obj)
     _uint8_output(obj)
     return g.write(obj)

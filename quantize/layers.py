@@ -42,12 +42,12 @@ def _producers(interp: Any) -> dict[int, str]:
 
 
 def _op_inputs(interp: Any) -> dict[int, list[int]]:
-    return {out: [int(i) for i in op["inputs"] if i >= 0]
-            for op in interp._get_ops_details() for out in op["outputs"]}  # noqa: SLF001
+    return {out: [int(i) for i in op["inputs"] if i >= 0] for op in interp._get_ops_details() for out in op["outputs"]}  # noqa: SLF001
 
 
-def layer_errors(float_model: bytes, quant_model: bytes, float_inputs: np.ndarray,
-                 quant_inputs: np.ndarray) -> list[LayerError]:
+def layer_errors(
+    float_model: bytes, quant_model: bytes, float_inputs: np.ndarray, quant_inputs: np.ndarray
+) -> list[LayerError]:
     """Per-tensor error, worst SQNR first.
 
     ``float_inputs`` ``[N, ...]`` feed the float model and ``quant_inputs`` (the same images
@@ -82,8 +82,9 @@ def layer_errors(float_model: bytes, quant_model: bytes, float_inputs: np.ndarra
     sqnr_of: dict[int, float] = {}
     for name, _, qi, _, _, _ in pairs:
         if count[name]:
-            sqnr_of[qi] = float("inf") if noise[name] == 0 else \
-                float(10 * np.log10(max(sig[name], 1e-30) / noise[name]))
+            sqnr_of[qi] = (
+                float("inf") if noise[name] == 0 else float(10 * np.log10(max(sig[name], 1e-30) / noise[name]))
+            )
     inputs = _op_inputs(q_int)
     out = []
     for name, op, qi, _, scale, _ in pairs:
@@ -91,8 +92,9 @@ def layer_errors(float_model: bytes, quant_model: bytes, float_inputs: np.ndarra
             continue
         rmse = float(np.sqrt(noise[name] / count[name]))
         upstream = [sqnr_of[i] for i in inputs.get(qi, []) if i in sqnr_of]
-        out.append(LayerError(name, op, float(scale), rmse, rmse / scale, sqnr_of[qi],
-                              min(upstream) if upstream else None))
+        out.append(
+            LayerError(name, op, float(scale), rmse, rmse / scale, sqnr_of[qi], min(upstream) if upstream else None)
+        )
     return sorted(out, key=lambda e: e.sqnr_db)
 
 
@@ -138,4 +140,4 @@ def plot_worst(errors: list[LayerError], path: Path, *, count: int = 10, title: 
 
 def _short(name: str, width: int = 48) -> str:
     name = name.split(";")[0]
-    return name if len(name) <= width else "…" + name[-width + 1:]
+    return name if len(name) <= width else "…" + name[-width + 1 :]

@@ -25,8 +25,9 @@ interpreter and the search can be tested with any scorer.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -34,8 +35,27 @@ log = logging.getLogger(__name__)
 
 #: Op types that may stay float inside XNNPACK, by kind. Elementwise kinds cost their
 #: output's size; matrix kinds cost their multiply-adds (kept float only when nothing cheaper works).
-ELEMENTWISE = ("HARD_SWISH", "LOGISTIC", "MUL", "ADD", "SUB", "DIV", "SOFTMAX", "MEAN", "SQUARED_DIFFERENCE",
-               "RSQRT", "SQRT", "POW", "GELU", "TANH", "SUM", "MAXIMUM", "MINIMUM", "EXP", "HARD_SIGMOID")
+ELEMENTWISE = (
+    "HARD_SWISH",
+    "LOGISTIC",
+    "MUL",
+    "ADD",
+    "SUB",
+    "DIV",
+    "SOFTMAX",
+    "MEAN",
+    "SQUARED_DIFFERENCE",
+    "RSQRT",
+    "SQRT",
+    "POW",
+    "GELU",
+    "TANH",
+    "SUM",
+    "MAXIMUM",
+    "MINIMUM",
+    "EXP",
+    "HARD_SIGMOID",
+)
 MATRIX = ("FULLY_CONNECTED", "BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D")
 #: Relative latency of one float-island element (QUANTIZE + float op + DEQUANTIZE, memory bound)
 #: against one float multiply-add kept instead of an int8 one.
@@ -76,8 +96,13 @@ class Step:
     too_slow: bool = False
 
     def to_dict(self) -> dict[str, Any]:
-        return {"phase": self.phase, "candidate": self.candidate, "sqnr_db": round(self.sqnr_db, 3), "kept": self.kept,
-                **({"too_slow": True} if self.too_slow else {})}
+        return {
+            "phase": self.phase,
+            "candidate": self.candidate,
+            "sqnr_db": round(self.sqnr_db, 3),
+            "kept": self.kept,
+            **({"too_slow": True} if self.too_slow else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -102,11 +127,17 @@ class SearchResult:
         return [n for c in self.kept for n in c.nodes]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"target_sqnr_db": round(self.budget_db, 3), "all_int8_sqnr_db": round(self.base_db, 3),
-                "sqnr_db": round(self.sqnr_db, 3), "within_budget": self.within_budget,
-                "kept_float": [c.to_dict() for c in self.kept], "float_ops": len(self.nodes),
-                "measurements": len(self.steps), "steps": [s.to_dict() for s in self.steps],
-                **({"int8_matrix_ceiling_db": round(self.ceiling_db, 3)} if self.ceiling_db is not None else {})}
+        return {
+            "target_sqnr_db": round(self.budget_db, 3),
+            "all_int8_sqnr_db": round(self.base_db, 3),
+            "sqnr_db": round(self.sqnr_db, 3),
+            "within_budget": self.within_budget,
+            "kept_float": [c.to_dict() for c in self.kept],
+            "float_ops": len(self.nodes),
+            "measurements": len(self.steps),
+            "steps": [s.to_dict() for s in self.steps],
+            **({"int8_matrix_ceiling_db": round(self.ceiling_db, 3)} if self.ceiling_db is not None else {}),
+        }
 
 
 @dataclass(frozen=True)
@@ -135,23 +166,34 @@ def candidates(ops: Sequence[OpInfo], parts: int = 2, segments: int = 6) -> list
 def elementwise_runs(ops: Sequence[OpInfo], parts: int = 2) -> list[Candidate]:
     """Connected runs of elementwise (and vector-sized matrix) ops; runs of the same kind (op-type set) in one
     part of the graph form a candidate."""
-    cheap = [i for i, o in enumerate(ops)
-             if o.op in ELEMENTWISE or (o.op in MATRIX and 0 < o.out_elements <= VECTOR_ELEMENTS)]
+    cheap = [
+        i
+        for i, o in enumerate(ops)
+        if o.op in ELEMENTWISE or (o.op in MATRIX and 0 < o.out_elements <= VECTOR_ELEMENTS)
+    ]
     runs = _components(cheap, ops)
     groups: dict[tuple[int, str], list[list[int]]] = {}
     for run in runs:
         kind = "+".join(sorted({ops[i].op for i in run}))
         groups.setdefault((min(run[0] * parts // max(len(ops), 1), parts - 1), kind), []).append(run)
-    return [Candidate(f"{kind} x{len(members)} {part + 1}/{parts}", tuple(ops[i].output for r in members for i in r),
-                      sum(op_cost(ops[i]) for r in members for i in r))
-            for (part, kind), members in sorted(groups.items())]
+    return [
+        Candidate(
+            f"{kind} x{len(members)} {part + 1}/{parts}",
+            tuple(ops[i].output for r in members for i in r),
+            sum(op_cost(ops[i]) for r in members for i in r),
+        )
+        for (part, kind), members in sorted(groups.items())
+    ]
 
 
 def graph_segments(ops: Sequence[OpInfo], segments: int = 6) -> list[Candidate]:
     """The graph cut into ``segments`` runs of consecutive ops, each kept float whole."""
     bounds = np.linspace(0, len(ops), segments + 1).astype(int)
-    return [Candidate(f"ops {a}-{b - 1}", tuple(o.output for o in ops[a:b]), sum(map(op_cost, ops[a:b])))
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    return [
+        Candidate(f"ops {a}-{b - 1}", tuple(o.output for o in ops[a:b]), sum(map(op_cost, ops[a:b])))
+        for a, b in zip(bounds[:-1], bounds[1:])
+        if b > a
+    ]
 
 
 #: Ops that mark a normalisation decomposed into elementwise pieces (LayerNorm, RMSNorm, GroupNorm
@@ -171,8 +213,14 @@ def normalization_groups(ops: Sequence[OpInfo]) -> list[Candidate]:
     """
     cheap = [i for i, o in enumerate(ops) if o.op in ELEMENTWISE]
     runs = [r for r in _components(cheap, ops) if any(ops[i].op in NORM_MARKERS for i in r)]
-    return [Candidate(f"normalisation x{sum(ops[i].op in NORM_MARKERS for i in r)}", tuple(ops[i].output for i in r),
-                      sum(op_cost(ops[i]) for i in r)) for r in runs]
+    return [
+        Candidate(
+            f"normalisation x{sum(ops[i].op in NORM_MARKERS for i in r)}",
+            tuple(ops[i].output for i in r),
+            sum(op_cost(ops[i]) for i in r),
+        )
+        for r in runs
+    ]
 
 
 def normalization_nodes(calibrated: bytes) -> list[str]:
@@ -222,8 +270,9 @@ def _components(members: Sequence[int], ops: Sequence[OpInfo]) -> list[list[int]
     return sorted(comps.values())
 
 
-def sensitivities(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float],
-                  base_db: float) -> tuple[dict[str, float], list[Step]]:
+def sensitivities(
+    cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float], base_db: float
+) -> tuple[dict[str, float], list[Step]]:
     """SQNR gain (dB) of keeping each candidate float alone."""
     gains, steps = {}, []
     for c in cands:
@@ -250,9 +299,14 @@ def float_except_matrix(ops: Sequence[OpInfo]) -> list[str]:
     return [o.output for o in ops if not (o.op in MATRIX and o.out_elements > VECTOR_ELEMENTS)]
 
 
-def search(cands: Sequence[Candidate], measure: Callable[[Sequence[str]], float], budget_db: float,
-           base_db: float, fast_enough: Callable[[Sequence[str]], bool] | None = None,
-           ceiling_nodes: Sequence[str] = ()) -> SearchResult:
+def search(
+    cands: Sequence[Candidate],
+    measure: Callable[[Sequence[str]], float],
+    budget_db: float,
+    base_db: float,
+    fast_enough: Callable[[Sequence[str]], bool] | None = None,
+    ceiling_nodes: Sequence[str] = (),
+) -> SearchResult:
     """Keep the cheapest set of candidates float that meets ``budget_db`` (greedy by gain per cost).
 
     Args:
@@ -307,16 +361,27 @@ def read_ops(model: bytes) -> list[OpInfo]:
 
     m = tflite_graph.read(model)
     sg = m.subgraphs[0]
-    const = {i for i, t in enumerate(sg.tensors) if t.buffer and m.buffers[t.buffer].data is not None
-             and len(m.buffers[t.buffer].data)}
+    const = {
+        i
+        for i, t in enumerate(sg.tensors)
+        if t.buffer and m.buffers[t.buffer].data is not None and len(m.buffers[t.buffer].data)
+    }
     found = []
     for op, name in zip(sg.operators, op_names(model)):
         if not len(op.outputs):
             continue
         out = sg.tensors[op.outputs[0]]
         elements = int(np.prod(out.shape)) if out.shape is not None else 0
-        found.append(OpInfo(name, tensor_name(out), elements, _macs(name, op, sg, const, elements),
-                            tuple(int(i) for i in op.inputs if i >= 0), tuple(int(i) for i in op.outputs)))
+        found.append(
+            OpInfo(
+                name,
+                tensor_name(out),
+                elements,
+                _macs(name, op, sg, const, elements),
+                tuple(int(i) for i in op.inputs if i >= 0),
+                tuple(int(i) for i in op.outputs),
+            )
+        )
     return found
 
 
@@ -341,9 +406,14 @@ def _macs(name: str, op: Any, sg: Any, const: set[int], out_elements: int) -> in
 MARGIN_DB = 0.5
 
 
-def budgeted(calibrated: bytes, measure: Callable[[Sequence[str]], float], budget_db: float,
-             held_apart_db: float | None = None, parts: int = 2,
-             fast_enough: Callable[[Sequence[str]], bool] | None = None) -> SearchResult:
+def budgeted(
+    calibrated: bytes,
+    measure: Callable[[Sequence[str]], float],
+    budget_db: float,
+    held_apart_db: float | None = None,
+    parts: int = 2,
+    fast_enough: Callable[[Sequence[str]], bool] | None = None,
+) -> SearchResult:
     """Run the budget search on a calibrated float model (``measure``, ``fast_enough`` as for :func:`search`).
 
     ``held_apart_db``: the all-int8 model's SQNR on the evaluation images; when the search
@@ -353,5 +423,11 @@ def budgeted(calibrated: bytes, measure: Callable[[Sequence[str]], float], budge
     base = measure(())
     gap = max(0.0, base - held_apart_db) if held_apart_db is not None else 0.0
     ops = read_ops(calibrated)
-    return search(candidates(ops, parts), measure, budget_db + MARGIN_DB + gap, base, fast_enough,
-                  ceiling_nodes=float_except_matrix(ops))
+    return search(
+        candidates(ops, parts),
+        measure,
+        budget_db + MARGIN_DB + gap,
+        base,
+        fast_enough,
+        ceiling_nodes=float_except_matrix(ops),
+    )

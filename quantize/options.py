@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from enum import Enum
-from typing import Any, Iterable
+from typing import Any
 
 from edgeship.errors import InputError
 from edgeship.quantize.data import Split
@@ -157,9 +158,16 @@ class QuantizeOptions:
         machine's architecture, except for the fields named in ``keep``.
         """
         needs = target.model
-        fit: dict[str, Any] = {"io": needs.io_dtype, "min_sqnr_db": target.budget.min_sqnr_db,
-                               "min_speedup": target.budget.min_speedup,
-                               "timed_placement": target.execution.use_xnnpack and target.arch.value == host_arch()}
+        fit: dict[str, Any] = {
+            "io": needs.io_dtype,
+            "min_sqnr_db": target.budget.min_sqnr_db,
+            "min_speedup": target.budget.min_speedup,
+            "timed_placement": target.execution.use_xnnpack and target.arch.value == host_arch(),
+        }
         fit = {k: v for k, v in fit.items() if k not in set(keep)}
-        return replace(self, per_tensor=self.per_tensor or needs.per_tensor,
-                       float_islands=self.float_islands and needs.float_islands, **fit)
+        return replace(
+            self,
+            per_tensor=self.per_tensor or needs.per_tensor,
+            float_islands=self.float_islands and needs.float_islands,
+            **fit,
+        )

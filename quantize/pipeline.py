@@ -14,10 +14,11 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -32,16 +33,25 @@ from edgeship.quantize.corrections import bias_correct, equalized_float_model, p
 from edgeship.quantize.data import Images, Pixels, is_folder
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.range_choice import apply_range_method, cross_fits, fold_bounds, fold_measurer
-from edgeship.quantize.result import (FAST_FILE, INT8_FILE, LAYER_PLOT, OVER_BUDGET_FILE,  # noqa: F401 - re-exported
-                                      REPORT_FILE, QuantizeResult, int8_card, op_histogram, output_names)
+from edgeship.quantize.result import (  # noqa: F401 - re-exported
+    FAST_FILE,
+    INT8_FILE,
+    LAYER_PLOT,
+    OVER_BUDGET_FILE,
+    REPORT_FILE,
+    QuantizeResult,
+    int8_card,
+    op_histogram,
+    output_names,
+)
 from edgeship.quantize.search import Judged, accuracy_aware, budget_search, calib_scorer, drop_measure
 from edgeship.quantize.search import output_grid_db as output_grid_db
 from edgeship.quantize.speed import speed_check, timed_placement
 from edgeship.quantize.worker import Quantizer
+from edgeship.reference import run_tflite
 from edgeship.runtime.card import CARD_FILE, ModelCard, Preprocessing
 from edgeship.runtime.images import ImageSet, Labels, normalize
 from edgeship.runtime.metrics import DriftFigures, compare
-from edgeship.reference import run_tflite
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +77,15 @@ class _Run:
         return self.source.card.preprocessing
 
 
-def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images, *,
-             evaluation: Images | None = None, options: QuantizeOptions = QuantizeOptions(),
-             progress: Progress = silent, worker: ChildWorker | None = None) -> QuantizeResult:
+def quantize(
+    model: ConvertResult | str | os.PathLike[str],
+    calibration: Images,
+    *,
+    evaluation: Images | None = None,
+    options: QuantizeOptions = QuantizeOptions(),
+    progress: Progress = silent,
+    worker: ChildWorker | None = None,
+) -> QuantizeResult:
     """Quantize a converted model to int8 and measure how far it drifted (in memory).
 
     Full-integer, or with float islands (ops XNNPACK has no int8 kernel for) and, under an
@@ -117,18 +133,36 @@ def quantize(model: ConvertResult | str | os.PathLike[str], calibration: Images,
         speed = _speed(run, quant, all_int8, mixed_report)
     report = {
         "edgeship_report": "quantize",
-        "source": {"folder": str(source.folder) if source.folder else None, "float_model": source.card.model_file,
-                   "source_model": source.card.source_model, "source_sha256": source.card.source_sha256},
-        "options": options.to_dict(), "calibration": calib.report, "evaluation": evals.report,
-        "ranges": range_report, "rewrites": rewritten, "runs_on": runs, "placement": placement,
-        "equalization": equalization, "bias_correction": bias, "figures": figs.to_dict(),
+        "source": {
+            "folder": str(source.folder) if source.folder else None,
+            "float_model": source.card.model_file,
+            "source_model": source.card.source_model,
+            "source_sha256": source.card.source_sha256,
+        },
+        "options": options.to_dict(),
+        "calibration": calib.report,
+        "evaluation": evals.report,
+        "ranges": range_report,
+        "rewrites": rewritten,
+        "runs_on": runs,
+        "placement": placement,
+        "equalization": equalization,
+        "bias_correction": bias,
+        "figures": figs.to_dict(),
         "sizes": {"float32": len(source.model), "int8": len(quant), "ratio": round(len(source.model) / len(quant), 2)},
-        "ops": op_histogram(quant), "worst_layers": [e.to_dict() for e in layer_errs[:10]],
+        "ops": op_histogram(quant),
+        "worst_layers": [e.to_dict() for e in layer_errs[:10]],
         "layer_count": len(layer_errs),
         "accuracy": _accuracy(figs, evals),
-        "accuracy_aware": {"max_drop": options.max_drop, "measure": drop_measure(figs), "kept_in_float": kept,
-                           "within_budget": within},
-        "mixed_precision": mixed_report, "speed": speed, "output": INT8_FILE if within else OVER_BUDGET_FILE,
+        "accuracy_aware": {
+            "max_drop": options.max_drop,
+            "measure": drop_measure(figs),
+            "kept_in_float": kept,
+            "within_budget": within,
+        },
+        "mixed_precision": mixed_report,
+        "speed": speed,
+        "output": INT8_FILE if within else OVER_BUDGET_FILE,
         "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
         "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
     }
@@ -142,8 +176,14 @@ def _accuracy(figs: DriftFigures, evals: Pixels) -> dict[str, Any]:
     labelled = sum(t is not None for t in evals.truth)
     if not labelled or figs.ref_top1 is None:
         return {"labelled": 0}
-    return {"labelled": labelled, "float_top1": figs.ref_top1, "int8_top1": figs.cand_top1,
-            "top1_drop_points": figs.top1_drop, "float_top5": figs.ref_top5, "int8_top5": figs.cand_top5}
+    return {
+        "labelled": labelled,
+        "float_top1": figs.ref_top1,
+        "int8_top1": figs.cand_top1,
+        "top1_drop_points": figs.top1_drop,
+        "float_top5": figs.ref_top5,
+        "int8_top5": figs.cand_top5,
+    }
 
 
 @contextlib.contextmanager
@@ -156,16 +196,24 @@ def _native(worker: ChildWorker | None) -> Iterator[ChildWorker]:
         yield own
 
 
-def _load_images(native: ChildWorker, timer: Timer, listed: tuple[ImageSet, ImageSet] | None, calibration: Images,
-                 evaluation: Images | None, options: QuantizeOptions, source: ConvertResult,
-                 progress: Progress) -> tuple[Pixels, Pixels]:
+def _load_images(
+    native: ChildWorker,
+    timer: Timer,
+    listed: tuple[ImageSet, ImageSet] | None,
+    calibration: Images,
+    evaluation: Images | None,
+    options: QuantizeOptions,
+    source: ConvertResult,
+    progress: Progress,
+) -> tuple[Pixels, Pixels]:
     """Calibration and evaluation pixels, decoded while the child starts TensorFlow.
 
     The child is started from this thread: it is told to die with the thread that started it.
     """
     with ThreadPoolExecutor(1) as pool, timer.stage("load images"):
-        pixels = pool.submit(_images, listed, calibration, evaluation, options, source.card.preprocessing,
-                             source.label_names(), progress)
+        pixels = pool.submit(
+            _images, listed, calibration, evaluation, options, source.card.preprocessing, source.label_names(), progress
+        )
         native.call("start TensorFlow", tflite_quant.start)
         return pixels.result()
 
@@ -192,11 +240,19 @@ def _calibrate(run: _Run, float_model: bytes) -> tuple[tuple[bytes, dict[str, in
     meanwhile this process runs the float model on every image the later steps compare with."""
     px = run.calib.pixels
     with run.timer.stage("calibrate"), ThreadPoolExecutor(1) as pool:
-        calibrating = pool.submit(run.native.call, "calibrate (TensorFlow)", tflite_quant.calibrate, float_model,
-                                  normalize(px, run.prep), progress=lambda k: run.progress("calibrate", k, len(px)))
+        calibrating = pool.submit(
+            run.native.call,
+            "calibrate (TensorFlow)",
+            tflite_quant.calibrate,
+            float_model,
+            normalize(px, run.prep),
+            progress=lambda k: run.progress("calibrate", k, len(px)),
+        )
         folds = fold_bounds(len(px)) if cross_fits(run.options, len(px)) else []
-        refs = _References(run_tflite(run.source.model, run.evals.pixels, run.prep),
-                           {k: run_tflite(run.source.model, px[a:b], run.prep) for k, (a, b) in enumerate(folds)})
+        refs = _References(
+            run_tflite(run.source.model, run.evals.pixels, run.prep),
+            {k: run_tflite(run.source.model, px[a:b], run.prep) for k, (a, b) in enumerate(folds)},
+        )
         calibrated = calibrating.result()
     return rewrites.apply(calibrated), refs
 
@@ -204,12 +260,14 @@ def _calibrate(run: _Run, float_model: bytes) -> tuple[tuple[bytes, dict[str, in
 def _choose_ranges(run: _Run, calibrated: bytes, folds: dict[int, np.ndarray]) -> tuple[bytes, dict[str, Any]]:
     measure = fold_measurer(run.source.model, run.calib.pixels, run.prep, run.progress, dict(folds))
     with run.timer.stage("ranges"):
-        return apply_range_method(calibrated, run.calib.pixels, run.prep, run.options, run.native, run.progress,
-                                  measure)
+        return apply_range_method(
+            calibrated, run.calib.pixels, run.prep, run.options, run.native, run.progress, measure
+        )
 
 
-def _quantize_and_place(run: _Run, quantized: Quantizer,
-                        calibrated: bytes) -> tuple[tuple[bytes, dict[str, Any]], dict[str, Any]]:
+def _quantize_and_place(
+    run: _Run, quantized: Quantizer, calibrated: bytes
+) -> tuple[tuple[bytes, dict[str, Any]], dict[str, Any]]:
     """TensorFlow's quantizer; with timed placement, the large depthwise convolutions float when faster here."""
     with run.timer.stage("quantize"):
         made = quantized(calibrated)
@@ -229,8 +287,9 @@ def _bias_correction(run: _Run, quant: bytes, calibrated: bytes) -> tuple[bytes,
     return quant, {"enabled": True, **info}
 
 
-def _evaluate(run: _Run, quant: bytes, calibrated: bytes,
-              reference: np.ndarray) -> tuple[Judged, DriftFigures, list[Any], bytes | None]:
+def _evaluate(
+    run: _Run, quant: bytes, calibrated: bytes, reference: np.ndarray
+) -> tuple[Judged, DriftFigures, list[Any], bytes | None]:
     """Drift on the evaluation images, per-layer errors and their plot (the int8 run on the other core)."""
     px, prep = run.evals.pixels, run.prep
     with run.timer.stage("evaluate"), ThreadPoolExecutor(1) as pool:
@@ -243,51 +302,66 @@ def _evaluate(run: _Run, quant: bytes, calibrated: bytes,
 
 
 def _layer_plot(run: _Run, layer_errs: list[Any]) -> bytes | None:
-    title = (f"worst tensors, {run.options.method.value} calibration "
-             f"({'per-tensor' if run.options.per_tensor else 'per-channel'})")
+    title = (
+        f"worst tensors, {run.options.method.value} calibration "
+        f"({'per-tensor' if run.options.per_tensor else 'per-channel'})"
+    )
     plot = layers.plot_worst(layer_errs, run.work / LAYER_PLOT, title=title)
     return plot.read_bytes() if plot and Path(plot).is_file() else None
 
 
-def _sqnr_budget(run: _Run, quantized: Quantizer, calibrated: bytes, all_int8: tuple[bytes, DriftFigures],
-                 judged: Judged) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
+def _sqnr_budget(
+    run: _Run, quantized: Quantizer, calibrated: bytes, all_int8: tuple[bytes, DriftFigures], judged: Judged
+) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
     if run.options.min_sqnr_db is None:
         return *all_int8, {}, True
     score = calib_scorer(quantized, run.source.model, run.calib.pixels, run.prep, run.options, run.progress)
     with run.timer.stage("budget search"):
-        return budget_search(quantized, calibrated, all_int8, score, judged, run.source.model, run.work, run.options,
-                             run.progress)
+        return budget_search(
+            quantized, calibrated, all_int8, score, judged, run.source.model, run.work, run.options, run.progress
+        )
 
 
-def _max_drop(run: _Run, quantized: Quantizer, calibrated: bytes, start: tuple[bytes, DriftFigures],
-              layer_errs: list[Any], judged: Judged,
-              within: bool) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
+def _max_drop(
+    run: _Run,
+    quantized: Quantizer,
+    calibrated: bytes,
+    start: tuple[bytes, DriftFigures],
+    layer_errs: list[Any],
+    judged: Judged,
+    within: bool,
+) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
     if run.options.max_drop is None:
         return *start, [], within
     with run.timer.stage("accuracy-aware"):
-        quant, figs, kept, within_drop = accuracy_aware(quantized, calibrated, start, layer_errs, judged, run.options,
-                                                        run.progress)
+        quant, figs, kept, within_drop = accuracy_aware(
+            quantized, calibrated, start, layer_errs, judged, run.options, run.progress
+        )
     return quant, figs, kept, within and within_drop
 
 
-def _speed(run: _Run, quant: bytes, all_int8: tuple[bytes, DriftFigures],
-           mixed_report: dict[str, Any]) -> dict[str, Any]:
+def _speed(
+    run: _Run, quant: bytes, all_int8: tuple[bytes, DriftFigures], mixed_report: dict[str, Any]
+) -> dict[str, Any]:
     """The speed check (XNNPACK targets; full-integer ones run on NNAPI/DSPs, not measured here)."""
     if not run.options.float_islands:
         return {"measured": False}
     with run.timer.stage("speed check"):
         speed = speed_check(run.source.model, quant, all_int8, run.work, run.options.min_speedup, run.progress)
     if "latency_ms_1_thread" in mixed_report:  # the same interleaved run, shown in the budget search too
-        mixed_report["latency_ms_1_thread"] = {"float32": speed["ms"]["float32"],
-                                               "all_int8": speed["ms"].get("all_int8", speed["ms"]["int8"]),
-                                               "budgeted": speed["ms"]["int8"]}
+        mixed_report["latency_ms_1_thread"] = {
+            "float32": speed["ms"]["float32"],
+            "all_int8": speed["ms"].get("all_int8", speed["ms"]["int8"]),
+            "budgeted": speed["ms"]["int8"],
+        }
     if speed.get("verdict"):
         log.warning("%s", speed["verdict"])
     return speed
 
 
-def _listed(calibration: Images, evaluation: Images | None,
-            options: QuantizeOptions) -> tuple[ImageSet, ImageSet] | None:
+def _listed(
+    calibration: Images, evaluation: Images | None, options: QuantizeOptions
+) -> tuple[ImageSet, ImageSet] | None:
     """Calibration and evaluation folders listed and split (None for arrays)."""
     if evaluation is not None and is_folder(calibration) != is_folder(evaluation):
         raise InputError("give calibration and evaluation images the same way: both folders, or both arrays")
@@ -296,8 +370,15 @@ def _listed(calibration: Images, evaluation: Images | None,
     return data.split_images(Path(calibration), options.split, Path(evaluation) if evaluation is not None else None)
 
 
-def _images(listed: tuple[ImageSet, ImageSet] | None, calibration: Images, evaluation: Images | None,
-            options: QuantizeOptions, prep: Any, labels: Labels | None, progress: Progress) -> tuple[Pixels, Pixels]:
+def _images(
+    listed: tuple[ImageSet, ImageSet] | None,
+    calibration: Images,
+    evaluation: Images | None,
+    options: QuantizeOptions,
+    prep: Any,
+    labels: Labels | None,
+    progress: Progress,
+) -> tuple[Pixels, Pixels]:
     """Calibration and evaluation pixels, from the listed folders or from arrays."""
     if listed is not None:
         return data.from_sets(*listed, evaluation is None, prep, labels, progress)

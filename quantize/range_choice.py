@@ -9,8 +9,9 @@ those of the same steps run one after another.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 
@@ -19,10 +20,10 @@ from edgeship._progress import Progress
 from edgeship.quantize import ranges, tflite_quant
 from edgeship.quantize.options import CalibrationMethod, QuantizeOptions
 from edgeship.quantize.worker import Quantizer
+from edgeship.reference import run_tflite
 from edgeship.runtime.card import Preprocessing
 from edgeship.runtime.images import normalize
 from edgeship.runtime.interpreter import TFLiteModel
-from edgeship.reference import run_tflite
 
 #: Folds of the calibration images for the cross-fitted range choice (``method=auto``).
 CROSS_FOLDS = 2
@@ -39,9 +40,15 @@ def cross_fits(options: QuantizeOptions, n: int) -> bool:
     return options.method == CalibrationMethod.AUTO and n >= 2 * CROSS_FOLDS
 
 
-def apply_range_method(calibrated: bytes, pixels: np.ndarray, prep: Preprocessing, options: QuantizeOptions,
-                       native: ChildWorker, progress: Progress,
-                       measure: Callable[[int, bytes], ranges.FoldError] | None = None) -> tuple[bytes, dict[str, Any]]:
+def apply_range_method(
+    calibrated: bytes,
+    pixels: np.ndarray,
+    prep: Preprocessing,
+    options: QuantizeOptions,
+    native: ChildWorker,
+    progress: Progress,
+    measure: Callable[[int, bytes], ranges.FoldError] | None = None,
+) -> tuple[bytes, dict[str, Any]]:
     """The calibrated model with every activation range chosen by ``options.method``, and the report.
 
     Every method starts from edgeship's own statistics: TensorFlow's calibrator records an
@@ -55,8 +62,9 @@ def apply_range_method(calibrated: bytes, pixels: np.ndarray, prep: Preprocessin
     n = len(pixels)
     cross_fit = cross_fits(options, n) and measure is not None
     start = time.perf_counter()
-    folds = histograms(calibrated, recorded, pixels, prep, fold_bounds(n, CROSS_FOLDS if n >= 2 else 1), native,
-                       progress)
+    folds = histograms(
+        calibrated, recorded, pixels, prep, fold_bounds(n, CROSS_FOLDS if n >= 2 else 1), native, progress
+    )
     hists = ranges.merge_histograms(folds)
     report["seconds"] = {"histograms": round(time.perf_counter() - start, 3)}
     method: CalibrationMethod | ranges.RangeChoice = options.method
@@ -76,29 +84,46 @@ def apply_range_method(calibrated: bytes, pixels: np.ndarray, prep: Preprocessin
     return tflite_quant.set_ranges(calibrated, new), report
 
 
-def histograms(calibrated: bytes, recorded: dict[int, tuple[str, float, float]], pixels: np.ndarray,
-               prep: Preprocessing, bounds: list[tuple[int, int]], native: ChildWorker,
-               progress: Progress) -> list[dict[int, ranges.Histogram]]:
+def histograms(
+    calibrated: bytes,
+    recorded: dict[int, tuple[str, float, float]],
+    pixels: np.ndarray,
+    prep: Preprocessing,
+    bounds: list[tuple[int, int]],
+    native: ChildWorker,
+    progress: Progress,
+) -> list[dict[int, ranges.Histogram]]:
     """Histograms of every recorded tensor, one set per fold; the child histograms the later folds meanwhile.
 
     The bins come from the recorded ranges, so the folds merge into exactly the histograms of
     one pass over every image (:func:`edgeship.quantize.ranges.merge_histograms`).
     """
+
     def samples(a: int, b: int) -> Iterator[np.ndarray]:
-        return (normalize(pixels[i:i + 1], prep) for i in range(a, b))
+        return (normalize(pixels[i : i + 1], prep) for i in range(a, b))
 
     (a, b), rest = bounds[0], bounds[1:]
     with ThreadPoolExecutor(1) as pool:
-        later = [pool.submit(native.call, "histograms", ranges.collect_histograms, calibrated, recorded,
-                             list(samples(*fold))) for fold in rest]
-        first = ranges.collect_histograms(calibrated, recorded, samples(a, b),
-                                          progress=lambda k: progress("histograms", k, b - a))
+        later = [
+            pool.submit(
+                native.call, "histograms", ranges.collect_histograms, calibrated, recorded, list(samples(*fold))
+            )
+            for fold in rest
+        ]
+        first = ranges.collect_histograms(
+            calibrated, recorded, samples(a, b), progress=lambda k: progress("histograms", k, b - a)
+        )
         return [first, *(f.result() for f in later)]
 
 
-def cross_fitted(calibrated: bytes, folds: list[dict[int, ranges.Histogram]], options: QuantizeOptions,
-                 keep: set[int], native: ChildWorker,
-                 measure: Callable[[int, bytes], ranges.FoldError]) -> tuple[ranges.RangeChoice, dict[str, Any]]:
+def cross_fitted(
+    calibrated: bytes,
+    folds: list[dict[int, ranges.Histogram]],
+    options: QuantizeOptions,
+    keep: set[int],
+    native: ChildWorker,
+    measure: Callable[[int, bytes], ranges.FoldError],
+) -> tuple[ranges.RangeChoice, dict[str, Any]]:
     """:func:`edgeship.quantize.ranges.choose_cross_fitted`, the child quantizing ahead of the measurements."""
     plan = ranges.cross_fit_plan(folds, options.percentile, keep=keep)
     models = [tflite_quant.set_ranges(calibrated, fitted) for _, _, fitted in plan]
@@ -109,8 +134,13 @@ def cross_fitted(calibrated: bytes, folds: list[dict[int, ranges.Histogram]], op
     return ranges.pick_cross_fitted(plan, errors)
 
 
-def fold_measurer(float_model: bytes, pixels: np.ndarray, prep: Preprocessing, progress: Progress,
-                  reference: dict[int, np.ndarray] | None = None) -> Callable[[int, bytes], ranges.FoldError]:
+def fold_measurer(
+    float_model: bytes,
+    pixels: np.ndarray,
+    prep: Preprocessing,
+    progress: Progress,
+    reference: dict[int, np.ndarray] | None = None,
+) -> Callable[[int, bytes], ranges.FoldError]:
     """``measure(k, quant)``: signal and error energy of the logits of the int8 model ``quant`` against the
     float model, on fold ``k`` of the calibration images (``reference``: the float outputs already run per fold)."""
     bounds = fold_bounds(len(pixels))
@@ -122,6 +152,6 @@ def fold_measurer(float_model: bytes, pixels: np.ndarray, prep: Preprocessing, p
             reference[k] = run_tflite(float_model, pixels[a:b], prep, progress=progress, label="run float (folds)")
         got = run_tflite(quant, pixels[a:b], prep, progress=progress, label="measure a range method")
         ref = reference[k].astype(np.float64)
-        return ranges.FoldError(float(np.sum(ref ** 2)), float(np.sum((ref - got) ** 2)))
+        return ranges.FoldError(float(np.sum(ref**2)), float(np.sum((ref - got) ** 2)))
 
     return measure

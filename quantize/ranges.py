@@ -15,8 +15,9 @@ costs nothing there; rounding noise is scaled by the consumer's slope).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -204,9 +205,12 @@ def least_consumer_error(hist: Histogram, param: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def collect_histograms(model: bytes, tensors: dict[int, tuple[str, float, float]],
-                       samples: Iterable[np.ndarray], progress: Callable[[int], None] | None = None
-                       ) -> dict[int, Histogram]:
+def collect_histograms(
+    model: bytes,
+    tensors: dict[int, tuple[str, float, float]],
+    samples: Iterable[np.ndarray],
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, Histogram]:
     """Histogram every listed tensor over the samples (float model, all tensors kept)."""
     from edgeship.runtime.interpreter import debug_interpreter
 
@@ -216,8 +220,11 @@ def collect_histograms(model: bytes, tensors: dict[int, tuple[str, float, float]
     for op in interp._get_ops_details():  # noqa: SLF001 - the interpreter's only view of the graph
         for t in op["inputs"]:
             readers.setdefault(int(t), []).append(op["op_name"])
-    hists = {i: Histogram(lo, hi, np.zeros(BINS, np.int64), consumers=tuple(readers.get(i, ())))
-             for i, (_, lo, hi) in tensors.items() if hi > lo}
+    hists = {
+        i: Histogram(lo, hi, np.zeros(BINS, np.int64), consumers=tuple(readers.get(i, ())))
+        for i, (_, lo, hi) in tensors.items()
+        if hi > lo
+    }
     for k, x in enumerate(samples):
         interp.set_tensor(inp, x.astype(np.float32))
         interp.invoke()
@@ -244,8 +251,9 @@ def _bin_index(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return x.astype(np.intp)
 
 
-def choose_ranges(hists: dict[int, Histogram], method: CalibrationMethod | RangeChoice, param: float,
-                  keep: Iterable[int] = ()) -> dict[int, tuple[float, float]]:
+def choose_ranges(
+    hists: dict[int, Histogram], method: CalibrationMethod | RangeChoice, param: float, keep: Iterable[int] = ()
+) -> dict[int, tuple[float, float]]:
     """New ranges for every histogrammed tensor; those in ``keep`` get their true min-max.
 
     ``method`` may be a :class:`RangeChoice` (what :func:`choose_cross_fitted` returns): its
@@ -286,8 +294,9 @@ class RangeChoice:
         name = self.method.value if self.param is None else f"{self.method.value} {self.param:g}"
         return name if self.widen == 1.0 else f"{name} x{self.widen:g}"
 
-    def fit(self, hists: dict[int, Histogram], param: float,
-            keep: Iterable[int] = ()) -> dict[int, tuple[float, float]]:
+    def fit(
+        self, hists: dict[int, Histogram], param: float, keep: Iterable[int] = ()
+    ) -> dict[int, tuple[float, float]]:
         """Ranges for every histogrammed tensor (those in ``keep``: their true min-max, never widened)."""
         skip = set(keep)
         fitted = choose_ranges(hists, self.method, param if self.param is None else self.param, keep=skip)
@@ -321,10 +330,13 @@ def pooled_sqnr_db(errors: Iterable[FoldError]) -> float:
     return float("inf") if noise <= 0 else float(10 * np.log10(max(signal, 1e-30) / noise))
 
 
-def choose_cross_fitted(folds: Sequence[dict[int, Histogram]], param: float,
-                        measure: Callable[[int, dict[int, tuple[float, float]]], FoldError],
-                        methods: Sequence[CalibrationMethod | RangeChoice] = CROSS_FIT_CANDIDATES,
-                        keep: Iterable[int] = ()) -> tuple[RangeChoice, dict[str, object]]:
+def choose_cross_fitted(
+    folds: Sequence[dict[int, Histogram]],
+    param: float,
+    measure: Callable[[int, dict[int, tuple[float, float]]], FoldError],
+    methods: Sequence[CalibrationMethod | RangeChoice] = CROSS_FIT_CANDIDATES,
+    keep: Iterable[int] = (),
+) -> tuple[RangeChoice, dict[str, object]]:
     """The range candidate whose ranges generalise best from some calibration images to the others.
 
     For each candidate and each fold ``k``, ranges are fitted on the histograms of every other
@@ -353,9 +365,12 @@ def choose_cross_fitted(folds: Sequence[dict[int, Histogram]], param: float,
 Fitted = tuple["RangeChoice", int, dict[int, tuple[float, float]]]
 
 
-def cross_fit_plan(folds: Sequence[dict[int, Histogram]], param: float,
-                   methods: Sequence[CalibrationMethod | RangeChoice] = CROSS_FIT_CANDIDATES,
-                   keep: Iterable[int] = ()) -> list[Fitted]:
+def cross_fit_plan(
+    folds: Sequence[dict[int, Histogram]],
+    param: float,
+    methods: Sequence[CalibrationMethod | RangeChoice] = CROSS_FIT_CANDIDATES,
+    keep: Iterable[int] = (),
+) -> list[Fitted]:
     """Every measurement :func:`choose_cross_fitted` makes, candidate by candidate, fold by fold (to run them
     in any order, or overlapped, and give the errors to :func:`pick_cross_fitted` in this order)."""
     if len(folds) < 2:
@@ -364,8 +379,11 @@ def cross_fit_plan(folds: Sequence[dict[int, Histogram]], param: float,
     candidates = [m if isinstance(m, RangeChoice) else RangeChoice(m) for m in methods]
     if len({c.label for c in candidates}) != len(candidates):
         raise ValueError(f"cross-fitted candidates need distinct labels: {[c.label for c in candidates]}")
-    return [(c, k, c.fit(merge_histograms([f for j, f in enumerate(folds) if j != k]), param, keep=keep))
-            for c in candidates for k in range(len(folds))]
+    return [
+        (c, k, c.fit(merge_histograms([f for j, f in enumerate(folds) if j != k]), param, keep=keep))
+        for c in candidates
+        for k in range(len(folds))
+    ]
 
 
 def pick_cross_fitted(plan: Sequence[Fitted], errors: Sequence[FoldError]) -> tuple[RangeChoice, dict[str, object]]:
@@ -373,8 +391,11 @@ def pick_cross_fitted(plan: Sequence[Fitted], errors: Sequence[FoldError]) -> tu
     candidates = list(dict.fromkeys(c for c, _, _ in plan))
     scores = {c.label: pooled_sqnr_db(e for (d, _, _), e in zip(plan, errors) if d == c) for c in candidates}
     best = max(candidates, key=lambda c: (scores[c.label], -candidates.index(c)))
-    return best, {"chosen": best.label, "cross_fitted_sqnr_db": {k: round(v, 3) for k, v in scores.items()},
-                  "folds": len({k for _, k, _ in plan})}
+    return best, {
+        "chosen": best.label,
+        "cross_fitted_sqnr_db": {k: round(v, 3) for k, v in scores.items()},
+        "folds": len({k for _, k, _ in plan}),
+    }
 
 
 def merge_histograms(parts: Sequence[dict[int, Histogram]]) -> dict[int, Histogram]:

@@ -79,8 +79,9 @@ class QuantizeResult:
         names += list(fast) if self.faster is not None else []
         same_labels = labels is not None and _holds(out / str(self.card.labels_file), labels)
         check_outputs_free(out, [*names, *other], force=force)  # the other outcome's files count as outputs too
-        with staged_output(out, [n for n in names if not (same_labels and n == self.card.labels_file)],
-                           force=force) as stage:
+        with staged_output(
+            out, [n for n in names if not (same_labels and n == self.card.labels_file)], force=force
+        ) as stage:
             atomic_write_bytes(stage / self.model_file, self.model)
             atomic_write_json(stage / card_file, self.card.to_dict())
             atomic_write_json(stage / REPORT_FILE, self.report)
@@ -114,8 +115,17 @@ class QuantizeResult:
         plot = out / LAYER_PLOT
         figs = {k: v for k, v in report["figures"].items() if k in DriftFigures.__dataclass_fields__}
         figs["disagreements"] = tuple(figs.get("disagreements", ()))
-        return cls(model, card, DriftFigures(**figs), report, name == INT8_FILE, source,
-                   plot.read_bytes() if plot.is_file() else None, out, faster)
+        return cls(
+            model,
+            card,
+            DriftFigures(**figs),
+            report,
+            name == INT8_FILE,
+            source,
+            plot.read_bytes() if plot.is_file() else None,
+            out,
+            faster,
+        )
 
     def with_io(self, io_dtype: str) -> QuantizeResult:
         """The same quantized model with ``io_dtype`` (``int8``/``uint8``) input and output, rewritten exactly.
@@ -133,10 +143,14 @@ class QuantizeResult:
         faster = with_io_dtype(self.faster, io_dtype) if self.faster is not None else None
         m = TFLiteModel(model)
         card = self.card.with_(input=TensorSpec.of(m.input, self.card.input.layout), output=TensorSpec.of(m.output))
-        report = {**self.report, "options": {**self.report["options"], "io": io_dtype},
-                  "interface": {"rewritten_from": self.card.input.dtype, "to": io_dtype, "exact": True},
-                  "runs_on": {**self.report.get("runs_on", {}), "delegation": of_interpreter(m.interpreter).to_dict()},
-                  "sizes": {**self.report["sizes"], "int8": len(model)}, "ops": op_histogram(model)}
+        report = {
+            **self.report,
+            "options": {**self.report["options"], "io": io_dtype},
+            "interface": {"rewritten_from": self.card.input.dtype, "to": io_dtype, "exact": True},
+            "runs_on": {**self.report.get("runs_on", {}), "delegation": of_interpreter(m.interpreter).to_dict()},
+            "sizes": {**self.report["sizes"], "int8": len(model)},
+            "ops": op_histogram(model),
+        }
         return replace(self, model=model, card=card, report=report, faster=faster, folder=None)
 
     def save_with_source(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> QuantizeResult:
@@ -154,27 +168,41 @@ class QuantizeResult:
         options, figs = self.report["options"], self.figures
         if options.get("min_sqnr_db") is not None and figs.sqnr_db < options["min_sqnr_db"]:
             mixed_report = self.report.get("mixed_precision") or {}
-            how = (f"after keeping {mixed_report.get('float_ops', 0)} op(s) float" if options["float_islands"]
-                   else "as a full-integer model (the target allows no float ops)")
-            raise AccuracyDriftError(f"int8 model under the SQNR budget of {options['min_sqnr_db']} dB {how}: "
-                                     f"SQNR {figs.sqnr_db:.2f} dB{where}{_shortfall_note(mixed_report, options)}",
-                                     [f"sqnr_db {figs.sqnr_db:.2f}"])
+            how = (
+                f"after keeping {mixed_report.get('float_ops', 0)} op(s) float"
+                if options["float_islands"]
+                else "as a full-integer model (the target allows no float ops)"
+            )
+            raise AccuracyDriftError(
+                f"int8 model under the SQNR budget of {options['min_sqnr_db']} dB {how}: "
+                f"SQNR {figs.sqnr_db:.2f} dB{where}{_shortfall_note(mixed_report, options)}",
+                [f"sqnr_db {figs.sqnr_db:.2f}"],
+            )
         kept = self.report["accuracy_aware"]["kept_in_float"]
         if figs.top1_drop is not None:
-            what = (f"top-1 against labels {100 * (figs.cand_top1 or 0):.2f}% "
-                    f"(float {100 * (figs.ref_top1 or 0):.2f}%, {figs.top1_drop:.2f} points lost)")
+            what = (
+                f"top-1 against labels {100 * (figs.cand_top1 or 0):.2f}% "
+                f"(float {100 * (figs.ref_top1 or 0):.2f}%, {figs.top1_drop:.2f} points lost)"
+            )
         else:
             what = f"top-1 agreement {100 * figs.top1_agreement:.2f}%"
         raise AccuracyDriftError(
             f"int8 model still over the --max-drop budget of {options['max_drop']} points after keeping "
-            f"{len(kept)} layer(s) in float: {what}{where}", [what])
+            f"{len(kept)} layer(s) in float: {what}{where}",
+            [what],
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """Everything but the bytes, which are named by their sha256."""
-        return {"card": self.card.to_dict(), "figures": self.figures.to_dict(), "report": self.report,
-                "within_budget": self.within_budget, "model_sha256": sha256(self.model),
-                "source": self.source.to_dict() if self.source else None,
-                "folder": str(self.folder) if self.folder else None}
+        return {
+            "card": self.card.to_dict(),
+            "figures": self.figures.to_dict(),
+            "report": self.report,
+            "within_budget": self.within_budget,
+            "model_sha256": sha256(self.model),
+            "source": self.source.to_dict() if self.source else None,
+            "folder": str(self.folder) if self.folder else None,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], *, model: bytes) -> QuantizeResult:
@@ -183,9 +211,14 @@ class QuantizeResult:
             raise InputError("model bytes do not match the sha256 the result names")
         figs = {k: v for k, v in d["figures"].items() if k in DriftFigures.__dataclass_fields__}
         figs["disagreements"] = tuple(figs.get("disagreements", ()))
-        return cls(model=model, card=ModelCard.from_dict(d["card"]), figures=DriftFigures(**figs),
-                   report=dict(d["report"]), within_budget=bool(d["within_budget"]),
-                   folder=Path(d["folder"]) if d.get("folder") else None)
+        return cls(
+            model=model,
+            card=ModelCard.from_dict(d["card"]),
+            figures=DriftFigures(**figs),
+            report=dict(d["report"]),
+            within_budget=bool(d["within_budget"]),
+            folder=Path(d["folder"]) if d.get("folder") else None,
+        )
 
 
 def _shortfall_note(mixed_report: dict[str, Any], options: dict[str, Any]) -> str:
@@ -195,14 +228,18 @@ def _shortfall_note(mixed_report: dict[str, Any], options: dict[str, Any]) -> st
     """
     limit = mixed_report.get("int8_output_limit_db")
     if limit is not None and limit < options["min_sqnr_db"]:
-        return (f"; the float model's scores rounded to this int8 output's grid hold only {limit:.1f} dB on the "
-                f"evaluation images, so no model whose scores come out of that grid meets this budget")
+        return (
+            f"; the float model's scores rounded to this int8 output's grid hold only {limit:.1f} dB on the "
+            f"evaluation images, so no model whose scores come out of that grid meets this budget"
+        )
     ceiling = mixed_report.get("int8_matrix_ceiling_db")
     if ceiling is None or ceiling >= mixed_report.get("target_sqnr_db", options["min_sqnr_db"]):
         return ""
     lower = "--min-speedup or the budget" if options.get("min_speedup") else "the budget"
-    return (f"; with every op but its large convolutions and matrix multiplies float it reaches {ceiling:.1f} dB on "
-            f"the calibration images, so this budget needs convolutions float (slower: lower {lower})")
+    return (
+        f"; with every op but its large convolutions and matrix multiplies float it reaches {ceiling:.1f} dB on "
+        f"the calibration images, so this budget needs convolutions float (slower: lower {lower})"
+    )
 
 
 def _holds(path: Path, data: bytes) -> bool:
@@ -215,8 +252,12 @@ def output_names() -> list[str]:
 
 def int8_card(quant: bytes, file_name: str, float_card: ModelCard) -> ModelCard:
     m = TFLiteModel(quant, use_xnnpack=False)
-    return float_card.with_(model_file=file_name, precision="int8",
-                            input=TensorSpec.of(m.input, float_card.input.layout), output=TensorSpec.of(m.output))
+    return float_card.with_(
+        model_file=file_name,
+        precision="int8",
+        input=TensorSpec.of(m.input, float_card.input.layout),
+        output=TensorSpec.of(m.output),
+    )
 
 
 def op_histogram(model: bytes) -> dict[str, int]:

@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -14,10 +15,10 @@ from edgeship.quantize import layers, mixed
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.speed import speed_floor
 from edgeship.quantize.worker import Quantizer
+from edgeship.reference import run_tflite
 from edgeship.runtime.card import Preprocessing
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
-from edgeship.reference import run_tflite
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,16 @@ class Judged:
     truth: tuple[int | None, ...]
 
     @classmethod
-    def of(cls, float_model: bytes, pixels: np.ndarray, prep: Preprocessing,
-           truth: Sequence[int | None] | None = None, *, progress: Progress = silent,
-           label: str = "run float reference") -> Judged:
+    def of(
+        cls,
+        float_model: bytes,
+        pixels: np.ndarray,
+        prep: Preprocessing,
+        truth: Sequence[int | None] | None = None,
+        *,
+        progress: Progress = silent,
+        label: str = "run float reference",
+    ) -> Judged:
         """Run the float model on the pixels once (``truth``: labels, None where unknown or not given)."""
         reference = run_tflite(float_model, pixels, prep, progress=progress, label=label)
         return cls(pixels, prep, reference, tuple(truth) if truth is not None else (None,) * len(pixels))
@@ -47,8 +55,14 @@ class Judged:
         return compare(self.reference, got, list(self.truth))
 
 
-def calib_scorer(quantized: Quantizer, float_model: bytes, calib_px: np.ndarray, prep: Any, options: QuantizeOptions,
-                  progress: Progress) -> Callable[..., float]:
+def calib_scorer(
+    quantized: Quantizer,
+    float_model: bytes,
+    calib_px: np.ndarray,
+    prep: Any,
+    options: QuantizeOptions,
+    progress: Progress,
+) -> Callable[..., float]:
     """``score(calibrated, float_nodes=())``: SQNR (dB) against the float model, on calibration images only,
     of the int8 model TensorFlow's quantizer makes (what the range choice and the budget search measure)."""
     pixels = calib_px[: options.search_images]
@@ -63,9 +77,17 @@ def calib_scorer(quantized: Quantizer, float_model: bytes, calib_px: np.ndarray,
     return score
 
 
-def budget_search(quantized: Quantizer, calibrated: bytes, all_int8: tuple[bytes, DriftFigures],
-                   score: Callable[..., float], judged: Judged, float_model: bytes, stage: Path,
-                   options: QuantizeOptions, progress: Progress) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
+def budget_search(
+    quantized: Quantizer,
+    calibrated: bytes,
+    all_int8: tuple[bytes, DriftFigures],
+    score: Callable[..., float],
+    judged: Judged,
+    float_model: bytes,
+    stage: Path,
+    options: QuantizeOptions,
+    progress: Progress,
+) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
     """Meet ``options.min_sqnr_db`` by keeping the cheapest op groups float (mixed models only), never
     going under ``options.min_speedup`` x float32's speed."""
     quant, figs = all_int8
@@ -76,12 +98,18 @@ def budget_search(quantized: Quantizer, calibrated: bytes, all_int8: tuple[bytes
     limit = output_grid_db(quant, judged.reference)
     timed: list[dict[str, Any]] = []
     fast_enough = speed_floor(quantized, calibrated, float_model, stage, options.min_speedup, timed, progress)
-    found = mixed.budgeted(calibrated, lambda nodes: score(calibrated, nodes), budget, held_apart_db=figs.sqnr_db,
-                           fast_enough=fast_enough)
-    report: dict[str, Any] = {"budget_sqnr_db": budget, **found.to_dict(), "searched": True,
-                              "eval_sqnr_db_all_int8": figs.sqnr_db, "min_speedup": options.min_speedup,
-                              "speed_measurements": timed,
-                              **({"int8_output_limit_db": round(limit, 3)} if limit is not None else {})}
+    found = mixed.budgeted(
+        calibrated, lambda nodes: score(calibrated, nodes), budget, held_apart_db=figs.sqnr_db, fast_enough=fast_enough
+    )
+    report: dict[str, Any] = {
+        "budget_sqnr_db": budget,
+        **found.to_dict(),
+        "searched": True,
+        "eval_sqnr_db_all_int8": figs.sqnr_db,
+        "min_speedup": options.min_speedup,
+        "speed_measurements": timed,
+        **({"int8_output_limit_db": round(limit, 3)} if limit is not None else {}),
+    }
     if not found.kept:
         return quant, figs, report, False
     candidate, runs = quantized(calibrated, found.nodes)
@@ -118,9 +146,15 @@ def drop_measure(figs: DriftFigures) -> str:
     return "top-1 against labels" if figs.top1_drop is not None else "top-1 agreement with float"
 
 
-def accuracy_aware(quantized: Quantizer, calibrated: bytes, start: tuple[bytes, DriftFigures],
-                   errs: list[layers.LayerError], judged: Judged, options: QuantizeOptions,
-                   progress: Progress) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
+def accuracy_aware(
+    quantized: Quantizer,
+    calibrated: bytes,
+    start: tuple[bytes, DriftFigures],
+    errs: list[layers.LayerError],
+    judged: Judged,
+    options: QuantizeOptions,
+    progress: Progress,
+) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
     """Keep the most harmful layers in float one at a time until the drop (:func:`accuracy_drop`) is inside
     the budget."""
     quant, figs = start
@@ -136,9 +170,19 @@ def accuracy_aware(quantized: Quantizer, calibrated: bytes, start: tuple[bytes, 
         candidate, _ = quantized(calibrated, denied)
         cfigs = judged.figures(candidate, progress, label=f"re-measure with {len(denied)} float layer(s)")
         drop = accuracy_drop(cfigs)
-        kept.append({"layer": err.name, "op": err.op, "sqnr_db": err.sqnr_db, "added_error_db": err.added_error_db,
-                     "size_bytes": len(candidate), "top1_agreement": cfigs.top1_agreement,
-                     "top1": cfigs.cand_top1, "drop_points": drop, "mean_cosine": cfigs.mean_cosine})
+        kept.append(
+            {
+                "layer": err.name,
+                "op": err.op,
+                "sqnr_db": err.sqnr_db,
+                "added_error_db": err.added_error_db,
+                "size_bytes": len(candidate),
+                "top1_agreement": cfigs.top1_agreement,
+                "top1": cfigs.cand_top1,
+                "drop_points": drop,
+                "mean_cosine": cfigs.mean_cosine,
+            }
+        )
         if drop <= accuracy_drop(best[1]):
             best = (candidate, cfigs)
     within = accuracy_drop(best[1]) <= budget

@@ -6,8 +6,9 @@ other jobs on the machine slow them alike.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from edgeship._io import atomic_write_bytes
 from edgeship._progress import Progress
@@ -47,8 +48,9 @@ def latencies(models: dict[str, Any], work: Any, runs: int = 60, stat: str = "p5
 PLACEMENT_GAIN = 1.05
 
 
-def timed_placement(quantized: Quantizer, calibrated: bytes, quant: tuple[bytes, dict[str, Any]], work: Path,
-                     progress: Progress) -> tuple[tuple[bytes, dict[str, Any]], dict[str, Any]]:
+def timed_placement(
+    quantized: Quantizer, calibrated: bytes, quant: tuple[bytes, dict[str, Any]], work: Path, progress: Progress
+) -> tuple[tuple[bytes, dict[str, Any]], dict[str, Any]]:
     """Keep the ops float whose int8 kernel may be slower than the float one here (large depthwise
     convolutions: :func:`mixed.slow_int8_candidates`) when the model measures faster that way
     (1 thread, XNNPACK, interleaved); ``quantized.placed`` remembers them for every model made after."""
@@ -59,8 +61,7 @@ def timed_placement(quantized: Quantizer, calibrated: bytes, quant: tuple[bytes,
     placed = quantized(calibrated, nodes)
     ms = latencies({"int8": quant[0], "placed": placed[0]}, work, runs=SPEED_RUNS, stat="min_ms")
     keep = ms["int8"] >= PLACEMENT_GAIN * ms["placed"]
-    report = {"candidates": len(nodes), "kept_float": keep, "ms": ms, "min_gain": PLACEMENT_GAIN,
-              "nodes": list(nodes)}
+    report = {"candidates": len(nodes), "kept_float": keep, "ms": ms, "min_gain": PLACEMENT_GAIN, "nodes": list(nodes)}
     if not keep:
         return quant, report
     quantized.placed = tuple(nodes)
@@ -73,8 +74,15 @@ def timed_placement(quantized: Quantizer, calibrated: bytes, quant: tuple[bytes,
 SEARCH_SPEED_MARGIN = 1.15
 
 
-def speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, work: Path, floor: float,
-                 measured: list[dict[str, Any]], progress: Progress) -> Callable[[Sequence[str]], bool] | None:
+def speed_floor(
+    quantized: Quantizer,
+    calibrated: bytes,
+    float_model: bytes,
+    work: Path,
+    floor: float,
+    measured: list[dict[str, Any]],
+    progress: Progress,
+) -> Callable[[Sequence[str]], bool] | None:
     """``fast_enough(float_nodes)`` of the budget search: the model with those nodes float runs at least
     ``floor`` x float32's speed (1 thread, XNNPACK, interleaved, fastest invoke of each); each measurement
     is appended to ``measured``."""
@@ -84,8 +92,12 @@ def speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, wor
 
     def fast_enough(float_nodes: Sequence[str]) -> bool:
         progress("budget search: speed of a candidate", None, None)
-        ms = latencies({"float32": float_model, "candidate": quantized(calibrated, float_nodes)[0]}, work,
-                             runs=SPEED_RUNS, stat="min_ms")
+        ms = latencies(
+            {"float32": float_model, "candidate": quantized(calibrated, float_nodes)[0]},
+            work,
+            runs=SPEED_RUNS,
+            stat="min_ms",
+        )
         speedup = ms["float32"] / ms["candidate"]
         measured.append({"float_ops": len(float_nodes), "ms": ms, "speedup_vs_float32": round(speedup, 3)})
         return speedup >= floor
@@ -96,8 +108,14 @@ def speed_floor(quantized: Quantizer, calibrated: bytes, float_model: bytes, wor
     return fast_enough
 
 
-def speed_check(float_model: bytes, model: bytes, all_int8: tuple[bytes, DriftFigures], work: Path,
-                 min_speedup: float, progress: Progress) -> dict[str, Any]:
+def speed_check(
+    float_model: bytes,
+    model: bytes,
+    all_int8: tuple[bytes, DriftFigures],
+    work: Path,
+    min_speedup: float,
+    progress: Progress,
+) -> dict[str, Any]:
     """The written model against float32 (and the all-int8 model, when ops were kept float) at 1 thread.
 
     XNNPACK, interleaved in one run (:func:`latencies`). Under ``min_speedup`` x float32 (at least 1.0)
@@ -111,24 +129,45 @@ def speed_check(float_model: bytes, model: bytes, all_int8: tuple[bytes, DriftFi
     models: dict[str, Any] = {"float32": float_model, "int8": model, **({"all_int8": alt} if alt is not None else {})}
     ms = latencies(models, work, runs=SPEED_RUNS)
     speedup, floor = ms["float32"] / ms["int8"], max(min_speedup, 1.0)
-    report: dict[str, Any] = {"measured": True, "threads": 1, "delegate": "xnnpack", "runs": SPEED_RUNS, "ms": ms,
-                              "speedup_vs_float32": round(speedup, 3), "faster_than_float32": speedup > 1.0,
-                              "min_speedup": floor, "offered": None}
+    report: dict[str, Any] = {
+        "measured": True,
+        "threads": 1,
+        "delegate": "xnnpack",
+        "runs": SPEED_RUNS,
+        "ms": ms,
+        "speedup_vs_float32": round(speedup, 3),
+        "faster_than_float32": speedup > 1.0,
+        "min_speedup": floor,
+        "offered": None,
+    }
     if speedup >= floor:
         return report
     how = "SLOWER than" if speedup < 1.0 else f"only {speedup:.2f}x as fast as"
-    verdict = (f"the int8 model is {how} float32 at 1 thread on XNNPACK ({ms['int8']:.2f} ms vs "
-               f"{ms['float32']:.2f} ms; floor {floor}x)")
+    verdict = (
+        f"the int8 model is {how} float32 at 1 thread on XNNPACK ({ms['int8']:.2f} ms vs "
+        f"{ms['float32']:.2f} ms; floor {floor}x)"
+    )
     faster = min((k for k in ("all_int8", "float32") if k in ms and ms[k] < ms["int8"]), key=ms.get, default=None)
     if faster == "all_int8":
-        report["offered"] = {"kind": "all_int8", "model": FAST_FILE, "ms": ms["all_int8"],
-                             "speedup_vs_float32": round(ms["float32"] / ms["all_int8"], 3),
-                             "sqnr_db": round(all_int8[1].sqnr_db, 2)}
-        verdict += (f": {FAST_FILE} (all-int8, SQNR {all_int8[1].sqnr_db:.1f} dB, under the budget) runs "
-                    f"{ms['all_int8']:.2f} ms, {report['offered']['speedup_vs_float32']:.2f}x float32")
+        report["offered"] = {
+            "kind": "all_int8",
+            "model": FAST_FILE,
+            "ms": ms["all_int8"],
+            "speedup_vs_float32": round(ms["float32"] / ms["all_int8"], 3),
+            "sqnr_db": round(all_int8[1].sqnr_db, 2),
+        }
+        verdict += (
+            f": {FAST_FILE} (all-int8, SQNR {all_int8[1].sqnr_db:.1f} dB, under the budget) runs "
+            f"{ms['all_int8']:.2f} ms, {report['offered']['speedup_vs_float32']:.2f}x float32"
+        )
     elif faster == "float32":
-        report["offered"] = {"kind": "float32", "model": "the float32 model", "ms": ms["float32"],
-                             "speedup_vs_float32": 1.0, "sqnr_db": None}
+        report["offered"] = {
+            "kind": "float32",
+            "model": "the float32 model",
+            "ms": ms["float32"],
+            "speedup_vs_float32": 1.0,
+            "sqnr_db": None,
+        }
         verdict += ": the float32 model is faster (and exact)"
     else:
         verdict += f"; nothing faster was made: the float32 model is exact at {1 / speedup:.2f}x the time"

@@ -20,15 +20,16 @@ import contextlib
 import io
 import logging
 import os
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
+from edgeship import tflite_graph
 from edgeship._child import CHILD_LOG_ENV, one_line
 from edgeship._deps import require
-from edgeship import tflite_graph
-from edgeship.tflite_graph import tensor_name as tensor_name  # one definition; bias correction and mixed use it here
 from edgeship.errors import CalibrationError
+from edgeship.tflite_graph import tensor_name as tensor_name  # one definition; bias correction and mixed use it here
 
 log = logging.getLogger(__name__)
 
@@ -116,18 +117,20 @@ def calibrate(model: bytes, inputs: np.ndarray, progress: Callable[[int], None] 
         for k in range(len(inputs)):
             if progress:
                 progress(k + 1)
-            yield [inputs[k:k + 1]]
+            yield [inputs[k : k + 1]]
 
     try:
         with _quiet():
             return bytes(calibrator.Calibrator(calibrator.add_intermediate_tensors(model)).calibrate(dataset))
     except Exception as exc:
-        raise CalibrationError(f"TensorFlow calibration failed: {type(exc).__name__}: {_flat(exc)}"
-                               f"{_log_tail()}") from exc
+        raise CalibrationError(
+            f"TensorFlow calibration failed: {type(exc).__name__}: {_flat(exc)}{_log_tail()}"
+        ) from exc
 
 
-def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor: bool = False,
-                        denylisted_nodes: Sequence[str] = ()) -> bytes:
+def quantize_calibrated(
+    calibrated: bytes, *, io_dtype: str = "int8", per_tensor: bool = False, denylisted_nodes: Sequence[str] = ()
+) -> bytes:
     """Full-integer model from a calibrated model (TFLite's MLIR quantizer)."""
     tf = _tf()
     from tensorflow.lite.python import convert as tfl_convert
@@ -136,13 +139,15 @@ def quantize_calibrated(calibrated: bytes, *, io_dtype: str = "int8", per_tensor
     dtypes = {"int8": tf.int8, "uint8": tf.uint8, "float32": tf.float32}
     try:
         with _quiet():
-            model = bytes(tfl_convert.mlir_quantize(
-                calibrated,
-                disable_per_channel=per_tensor,
-                input_data_type=dtypes[io_dtype],
-                output_data_type=dtypes[io_dtype],
-                denylisted_nodes=list(denylisted_nodes) or None,
-            ))
+            model = bytes(
+                tfl_convert.mlir_quantize(
+                    calibrated,
+                    disable_per_channel=per_tensor,
+                    input_data_type=dtypes[io_dtype],
+                    output_data_type=dtypes[io_dtype],
+                    denylisted_nodes=list(denylisted_nodes) or None,
+                )
+            )
             if _io_dtype(model) != io_dtype:  # the I/O rewrite TFLiteConverter falls back to
                 model = bytes(modify_model_io_type(model, dtypes[io_dtype], dtypes[io_dtype]))
             return model
@@ -190,8 +195,11 @@ def op_names_by_output(model: bytes) -> dict[str, str]:
     """Output tensor name -> builtin op name, read from the flatbuffer."""
     m = tflite_graph.read(model)
     tensors = m.subgraphs[0].tensors
-    return {tensor_name(tensors[op.outputs[0]]): tflite_graph.op_name(m, op) for op in m.subgraphs[0].operators
-            if len(op.outputs)}
+    return {
+        tensor_name(tensors[op.outputs[0]]): tflite_graph.op_name(m, op)
+        for op in m.subgraphs[0].operators
+        if len(op.outputs)
+    }
 
 
 def check_runs(model: bytes) -> dict[str, Any]:

@@ -8,7 +8,8 @@ model that ran there is run here.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from edgeship._child import ChildWorker
 from edgeship.errors import CalibrationError
@@ -47,8 +48,9 @@ class Quantizer:
         return (*self.placed, *(n for n in float_nodes if n not in self.placed))
 
 
-def _quantize_checked(native: ChildWorker, calibrated: bytes, options: QuantizeOptions,
-                      denied: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
+def _quantize_checked(
+    native: ChildWorker, calibrated: bytes, options: QuantizeOptions, denied: Sequence[str] = ()
+) -> tuple[bytes, dict[str, Any]]:
     """TensorFlow's quantizer, then a first run on XNNPACK and the reference kernels, both in the child.
 
     With ``options.float_islands``, normalisations (LayerNorm's elementwise pieces, see
@@ -71,15 +73,24 @@ def _quantize_checked(native: ChildWorker, calibrated: bytes, options: QuantizeO
     return quant, runs
 
 
-def _quantize_once(native: ChildWorker, calibrated: bytes, options: QuantizeOptions,
-                   denied: Sequence[str]) -> tuple[bytes, dict[str, Any]]:
-    quant = native.call("quantize (TensorFlow)", tflite_quant.quantize_calibrated, calibrated,
-                        io_dtype=options.io.value, per_tensor=options.per_tensor, denylisted_nodes=list(denied))
+def _quantize_once(
+    native: ChildWorker, calibrated: bytes, options: QuantizeOptions, denied: Sequence[str]
+) -> tuple[bytes, dict[str, Any]]:
+    quant = native.call(
+        "quantize (TensorFlow)",
+        tflite_quant.quantize_calibrated,
+        calibrated,
+        io_dtype=options.io.value,
+        per_tensor=options.per_tensor,
+        denylisted_nodes=list(denied),
+    )
     runs = native.call("first run of the int8 model", tflite_quant.check_runs, quant)
     broken = [f"{kernels}: {runs[kernels]}" for kernels in ("xnnpack", "reference") if runs[kernels]]
     if broken:
-        raise CalibrationError(f"the int8 model TensorFlow's quantizer wrote does not run ({'; '.join(broken)}); "
-                               f"ops: {_op_summary(quant)}; nothing was written")
+        raise CalibrationError(
+            f"the int8 model TensorFlow's quantizer wrote does not run ({'; '.join(broken)}); "
+            f"ops: {_op_summary(quant)}; nothing was written"
+        )
     return quant, runs
 
 

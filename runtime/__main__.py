@@ -9,7 +9,8 @@ import argparse
 import json
 import logging
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from edgeship.errors import EdgeshipError, InputError
 
@@ -37,28 +38,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--no-xnnpack", action="store_true", help="do not apply the XNNPACK delegate")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--preprocess", metavar="JSON", help="preprocessing as a JSON file (keys: resize_shorter, crop, "
-                    "interpolation, color_order, pixel_scale, mean, std); needed for a model without its card")
+    ap.add_argument(
+        "--preprocess",
+        metavar="JSON",
+        help="preprocessing as a JSON file (keys: resize_shorter, crop, "
+        "interpolation, color_order, pixel_scale, mean, std); needed for a model without its card",
+    )
     ap.add_argument("-q", "--quiet", action="store_true", help="only results and errors on the terminal")
     ap.add_argument("-v", "--verbose", action="store_true", help="log details (and the interpreter's own lines)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         prep = _read_preprocessing(args.preprocess) if args.preprocess else None
-        clf = Classifier.load(args.model, num_threads=args.threads, use_xnnpack=not args.no_xnnpack,
-                              preprocessing=prep)
+        clf = Classifier.load(args.model, num_threads=args.threads, use_xnnpack=not args.no_xnnpack, preprocessing=prep)
         results = {img: clf.predict(img, args.top_k) for img in args.images}
     except EdgeshipError as exc:
         print(f"edgeship.runtime: error: {exc}", file=sys.stderr)
         return exc.exit_code
     info = clf.describe()
     if args.json:
-        print(json.dumps({"runtime": info, "predictions": {k: [p._asdict() for p in v] for k, v in results.items()}},
-                         indent=2))
+        print(
+            json.dumps(
+                {"runtime": info, "predictions": {k: [p._asdict() for p in v] for k, v in results.items()}}, indent=2
+            )
+        )
         return 0
-    print(f"# {info['model_file']} ({info['precision']}) on {info['interpreter']} {info['interpreter_version']}, "
-          f"delegate {info['delegate']}")
+    print(
+        f"# {info['model_file']} ({info['precision']}) on {info['interpreter']} {info['interpreter_version']}, "
+        f"delegate {info['delegate']}"
+    )
     for img, preds in results.items():
         print(img)
         for p in preds:

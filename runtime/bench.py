@@ -19,16 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -78,8 +79,12 @@ class _Runner:
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
         feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
         out = [sess.get_outputs()[0].name]
-        self.describe = {"interpreter": "onnxruntime", "interpreter_version": ort.__version__,
-                         "delegate": "CPUExecutionProvider", "input": {"shape": shape, "dtype": "float32"}}
+        self.describe = {
+            "interpreter": "onnxruntime",
+            "interpreter_version": ort.__version__,
+            "delegate": "CPUExecutionProvider",
+            "input": {"shape": shape, "dtype": "float32"},
+        }
         self.invoke = lambda: sess.run(out, feed)
         self.tfl = None
 
@@ -95,7 +100,9 @@ class _Runner:
 
         h, w = self.tfl.input.shape[1:3]
         prep = Preprocessing.imagenet(h, w)
-        image = Image.fromarray(synthetic_pixels(1, Preprocessing(resize_shorter=None, crop=(h * 8 // 7, w * 8 // 7)))[0])
+        image = Image.fromarray(
+            synthetic_pixels(1, Preprocessing(resize_shorter=None, crop=(h * 8 // 7, w * 8 // 7)))[0]
+        )
         steps = {"preprocess_ms": 0.0, "quantize_input_ms": 0.0, "dequantize_softmax_topk_ms": 0.0}
         for _ in range(n):
             t0 = time.perf_counter_ns()
@@ -115,8 +122,9 @@ class _Runner:
     def end_to_end(self, images: Sequence[str], start: int, n: int) -> dict[str, list[int]]:
         """``n`` rounds of ``Classifier.predict_timed`` on the images in turn, each followed by a bare invoke()."""
         clf = self._classifier()
-        ns: dict[str, list[int]] = {k: [] for k in ("total", "decode", "preprocess", "invoke", "postprocess",
-                                                    "invoke_only")}
+        ns: dict[str, list[int]] = {
+            k: [] for k in ("total", "decode", "preprocess", "invoke", "postprocess", "invoke_only")
+        }
         for i in range(start, start + n):
             t0 = time.perf_counter_ns()
             _, steps = clf.predict_timed(images[i % len(images)])
@@ -151,8 +159,11 @@ def _worker() -> int:
                 start = time.perf_counter_ns()
                 runner.invoke()
                 first = (time.perf_counter_ns() - start) / 1e6
-                reply: dict[str, Any] = {"init_ms": round(runner.init_ms, 3), "first_ms": round(first, 3),
-                                         "runtime": runner.describe}
+                reply: dict[str, Any] = {
+                    "init_ms": round(runner.init_ms, 3),
+                    "first_ms": round(first, 3),
+                    "runtime": runner.describe,
+                }
             elif cmd == "run":
                 assert runner is not None
                 times = []
@@ -202,9 +213,14 @@ def peak_rss_mb() -> float:
 
 class _Worker:
     def __init__(self, model: Path, threads: int, use_xnnpack: bool) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgeship.runtime.bench", "--worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                                     text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edgeship.runtime.bench", "--worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        )
         self.label = f"{model.name} x{threads}"
         self.init: dict[str, Any] = {}
         self.spec = {"cmd": "init", "model": str(model), "threads": threads, "use_xnnpack": use_xnnpack}
@@ -274,13 +290,24 @@ def _check_loadable(paths: list[Path]) -> None:
 
 def summarize(ns: Sequence[int]) -> dict[str, float]:
     ms = np.asarray(ns, dtype=np.float64) / 1e6
-    return {"runs": int(ms.size), "min_ms": float(ms.min()), "mean_ms": float(ms.mean()), "std_ms": float(ms.std()),
-            "p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(ms.max())}
+    return {
+        "runs": int(ms.size),
+        "min_ms": float(ms.min()),
+        "mean_ms": float(ms.mean()),
+        "std_ms": float(ms.std()),
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "max_ms": float(ms.max()),
+    }
 
 
-def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = BenchOptions(), *,
-              progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
+def benchmark(
+    models: Sequence[str | os.PathLike[str]],
+    options: BenchOptions = BenchOptions(),
+    *,
+    progress: Callable[[str, int | None, int | None], None] | None = None,
+) -> dict[str, Any]:
     """Benchmark the models interleaved; return the ``bench.json`` document."""
     paths = [Path(m) for m in models]
     for p in paths:
@@ -304,26 +331,42 @@ def benchmark(models: Sequence[str | os.PathLike[str]], options: BenchOptions = 
         for w, (p, t), ns in zip(workers, configs, samples):
             over = w.ask({"cmd": "overhead", "n": options.overhead_runs})["overhead"]
             stats = w.ask({"cmd": "stats"})
-            results.append({"model": p.name, "path": str(p), "threads": t, "size_bytes": p.stat().st_size,
-                            "init_ms": w.init["init_ms"], "first_ms": w.init["first_ms"], **summarize(ns),
-                            "samples_ms": [round(v / 1e6, 4) for v in ns],
-                            "peak_rss_mb": stats["peak_rss_mb"], "runtime": w.init["runtime"], "overhead": over})
+            results.append(
+                {
+                    "model": p.name,
+                    "path": str(p),
+                    "threads": t,
+                    "size_bytes": p.stat().st_size,
+                    "init_ms": w.init["init_ms"],
+                    "first_ms": w.init["first_ms"],
+                    **summarize(ns),
+                    "samples_ms": [round(v / 1e6, 4) for v in ns],
+                    "peak_rss_mb": stats["peak_rss_mb"],
+                    "runtime": w.init["runtime"],
+                    "overhead": over,
+                }
+            )
             if id(w) in e2e:
                 results[-1]["e2e"] = e2e[id(w)]
     finally:
         for w in workers:
             w.close()
     _add_ratios(results)
-    doc = {"schema": SCHEMA, "host": _host(), "options": options.__dict__ | {"threads": list(options.threads)},
-           "results": results}
+    doc = {
+        "schema": SCHEMA,
+        "host": _host(),
+        "options": options.__dict__ | {"threads": list(options.threads)},
+        "results": results,
+    }
     if doc["host"].get("emulated"):
         for r in results:
             r["emulated"] = EMULATED
     return doc
 
 
-def _interleave(workers: list[_Worker], options: BenchOptions,
-                progress: Callable[[str, int | None, int | None], None] | None) -> list[list[int]]:
+def _interleave(
+    workers: list[_Worker], options: BenchOptions, progress: Callable[[str, int | None, int | None], None] | None
+) -> list[list[int]]:
     for w in workers:  # warm-up, not recorded
         if options.warmup:
             w.ask({"cmd": "run", "n": options.warmup})
@@ -363,8 +406,13 @@ def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     return files
 
 
-def _end_to_end(workers: list[_Worker], configs: list[tuple[Path, int]], images: list[str], options: BenchOptions,
-                progress: Callable[[str, int | None, int | None], None] | None) -> dict[int, dict[str, Any]]:
+def _end_to_end(
+    workers: list[_Worker],
+    configs: list[tuple[Path, int]],
+    images: list[str],
+    options: BenchOptions,
+    progress: Callable[[str, int | None, int | None], None] | None,
+) -> dict[int, dict[str, Any]]:
     """Time ``Classifier.predict`` on the images in every TFLite worker, round-robin like invoke()."""
     tfl = [w for w, (p, _) in zip(workers, configs) if p.suffix == ".tflite"]
     target = options.e2e_runs or options.runs
@@ -387,13 +435,20 @@ def _end_to_end(workers: list[_Worker], configs: list[tuple[Path, int]], images:
 
 def _e2e_summary(ns: dict[str, list[int]], images: list[str], meta: dict[str, Any]) -> dict[str, Any]:
     total, invoke_only = summarize(ns["total"]), summarize(ns["invoke_only"])
-    return {"images": len(images), "image": images[0] if len(images) == 1 else str(Path(images[0]).parent),
-            "runs": total["runs"], **{k: total[k] for k in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms")},
-            "steps_p50_ms": {k: float(np.percentile(np.asarray(ns[k]) / 1e6, 50))
-                             for k in ("decode", "preprocess", "invoke", "postprocess")},
-            "invoke_only_p50_ms": invoke_only["p50_ms"],
-            "ratio_p50_to_invoke": round(total["p50_ms"] / invoke_only["p50_ms"], 3),
-            "image_path": meta["image_path"], **({"note": meta["note"]} if meta.get("note") else {})}
+    return {
+        "images": len(images),
+        "image": images[0] if len(images) == 1 else str(Path(images[0]).parent),
+        "runs": total["runs"],
+        **{k: total[k] for k in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms")},
+        "steps_p50_ms": {
+            k: float(np.percentile(np.asarray(ns[k]) / 1e6, 50))
+            for k in ("decode", "preprocess", "invoke", "postprocess")
+        },
+        "invoke_only_p50_ms": invoke_only["p50_ms"],
+        "ratio_p50_to_invoke": round(total["p50_ms"] / invoke_only["p50_ms"], 3),
+        "image_path": meta["image_path"],
+        **({"note": meta["note"]} if meta.get("note") else {}),
+    }
 
 
 def _add_ratios(results: list[dict[str, Any]]) -> None:
@@ -406,8 +461,14 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
 
 def _host() -> dict[str, Any]:
     how = emulation()
-    return {"machine": platform.machine(), "system": platform.system(), "python": platform.python_version(),
-            "cpus": os.cpu_count(), "node": platform.node(), **({"emulated": how} if how else {})}
+    return {
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "node": platform.node(),
+        **({"emulated": how} if how else {}),
+    }
 
 
 #: The label of every timing measured on an emulated CPU.
@@ -446,34 +507,45 @@ def delegation_note(runtime: dict[str, Any]) -> str:
     from edgeship.runtime.delegation import op_counts
 
     outside = op_counts(d["outside"])
-    return f" ({d['partitions']} partition{'s' if d['partitions'] != 1 else ''}" + (f"; outside: {outside})" if outside else ")")
+    return f" ({d['partitions']} partition{'s' if d['partitions'] != 1 else ''}" + (
+        f"; outside: {outside})" if outside else ")"
+    )
 
 
 def table(doc: dict[str, Any]) -> list[str]:
     """A short human table of a bench document."""
     label = emulated_label(doc)
     lines = [f"timings measured under {label}"] if label else []
-    lines += [f"{'model':<42}{'thr':>4}{'init':>8}{'first':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'RSS MB':>8}"
-             f"{'MB':>7}{'ratio':>7}  runtime"]
+    lines += [
+        f"{'model':<42}{'thr':>4}{'init':>8}{'first':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'RSS MB':>8}"
+        f"{'MB':>7}{'ratio':>7}  runtime"
+    ]
     for r in doc["results"]:
         rt = r["runtime"]
-        lines.append(f"{r['model'][:41]:<42}{r['threads']:>4}{r['init_ms']:>8.1f}{r['first_ms']:>8.2f}"
-                     f"{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}"
-                     f"{r['size_bytes'] / 1e6:>7.2f}{r['ratio_p50_to_first']:>7.2f}  "
-                     f"{rt['interpreter']} {rt.get('interpreter_version') or ''} {rt['delegate']}"
-                     f"{delegation_note(rt)}")
+        lines.append(
+            f"{r['model'][:41]:<42}{r['threads']:>4}{r['init_ms']:>8.1f}{r['first_ms']:>8.2f}"
+            f"{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}"
+            f"{r['size_bytes'] / 1e6:>7.2f}{r['ratio_p50_to_first']:>7.2f}  "
+            f"{rt['interpreter']} {rt.get('interpreter_version') or ''} {rt['delegate']}"
+            f"{delegation_note(rt)}"
+        )
     e2e = [r for r in doc["results"] if r.get("e2e")]
     if e2e:
         first = e2e[0]["e2e"]
         what = first["image"] if first["images"] == 1 else f"{first['images']} images in {first['image']}"
-        lines += ["", f"end to end, Classifier.predict on {what}:",
-                  f"{'model':<42}{'thr':>4}{'p50':>8}{'p90':>8}{'decode':>8}{'prep':>8}{'invoke':>8}{'post':>8}"
-                  f"{'x invoke':>10}"]
+        lines += [
+            "",
+            f"end to end, Classifier.predict on {what}:",
+            f"{'model':<42}{'thr':>4}{'p50':>8}{'p90':>8}{'decode':>8}{'prep':>8}{'invoke':>8}{'post':>8}"
+            f"{'x invoke':>10}",
+        ]
         for r in e2e:
             e, s = r["e2e"], r["e2e"]["steps_p50_ms"]
-            lines.append(f"{r['model'][:41]:<42}{r['threads']:>4}{e['p50_ms']:>8.2f}{e['p90_ms']:>8.2f}"
-                         f"{s['decode']:>8.2f}{s['preprocess']:>8.2f}{s['invoke']:>8.2f}{s['postprocess']:>8.2f}"
-                         f"{e['ratio_p50_to_invoke']:>10.2f}")
+            lines.append(
+                f"{r['model'][:41]:<42}{r['threads']:>4}{e['p50_ms']:>8.2f}{e['p90_ms']:>8.2f}"
+                f"{s['decode']:>8.2f}{s['preprocess']:>8.2f}{s['invoke']:>8.2f}{s['postprocess']:>8.2f}"
+                f"{e['ratio_p50_to_invoke']:>10.2f}"
+            )
     return lines
 
 
@@ -488,15 +560,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--duration", type=float, help="measure for this many seconds instead of --runs")
     ap.add_argument("--no-xnnpack", action="store_true")
-    ap.add_argument("--image", action="append", default=[],
-                    help="image file or folder: also time Classifier.predict end to end (repeatable)")
+    ap.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        help="image file or folder: also time Classifier.predict end to end (repeatable)",
+    )
     ap.add_argument("--e2e-runs", type=int, help="end-to-end rounds per model (default: --runs)")
     ap.add_argument("-o", "--out", default="bench.json")
     args = ap.parse_args(argv)
     try:
-        opts = BenchOptions(threads=tuple(int(t) for t in args.threads.split(",")), runs=args.runs,
-                            warmup=args.warmup, duration_s=args.duration, use_xnnpack=not args.no_xnnpack,
-                            images=tuple(args.image), e2e_runs=args.e2e_runs)
+        opts = BenchOptions(
+            threads=tuple(int(t) for t in args.threads.split(",")),
+            runs=args.runs,
+            warmup=args.warmup,
+            duration_s=args.duration,
+            use_xnnpack=not args.no_xnnpack,
+            images=tuple(args.image),
+            e2e_runs=args.e2e_runs,
+        )
         doc = benchmark(args.models, opts)
     except (EdgeshipError, ValueError) as exc:
         print(f"edgeship.runtime.bench: error: {exc}", file=sys.stderr)

@@ -15,10 +15,14 @@ import numpy as np
 from edgeship.runtime.classifier import Classifier
 
 
-def candidate_outputs(model: str | os.PathLike[str], files: Sequence[str | os.PathLike[str]], *,
-                      num_threads: int | None = None, use_xnnpack: bool = True,
-                      progress: Callable[[str, int | None, int | None], None] | None = None
-                      ) -> tuple[np.ndarray, dict[str, Any]]:
+def candidate_outputs(
+    model: str | os.PathLike[str],
+    files: Sequence[str | os.PathLike[str]],
+    *,
+    num_threads: int | None = None,
+    use_xnnpack: bool = True,
+    progress: Callable[[str, int | None, int | None], None] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Dequantized outputs of the deployed model on each image, and how it ran."""
     clf = Classifier.load(model, num_threads=num_threads, use_xnnpack=use_xnnpack)
     # Decoded on one thread per core while the interpreter runs; the same image path as predict().

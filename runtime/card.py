@@ -87,16 +87,24 @@ class Preprocessing:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
-        _need(self.resize_shorter is None or _is_int(self.resize_shorter), "preprocessing.resize_shorter",
-              "an integer or null", self.resize_shorter)
+        _need(
+            self.resize_shorter is None or _is_int(self.resize_shorter),
+            "preprocessing.resize_shorter",
+            "an integer or null",
+            self.resize_shorter,
+        )
         _need_ints("preprocessing.crop", self.crop)
         _need(_is_number(self.pixel_scale), "preprocessing.pixel_scale", "a number", self.pixel_scale)
         _need_numbers("preprocessing.mean", self.mean)
         _need_numbers("preprocessing.std", self.std)
         for key, enum in (("interpolation", Interpolation), ("color_order", ColorOrder)):
             value = getattr(self, key)
-            _need(isinstance(value, str) and value in [e.value for e in enum], f"preprocessing.{key}",
-                  f"one of {[e.value for e in enum]}", value)
+            _need(
+                isinstance(value, str) and value in [e.value for e in enum],
+                f"preprocessing.{key}",
+                f"one of {[e.value for e in enum]}",
+                value,
+            )
         object.__setattr__(self, "interpolation", Interpolation(self.interpolation))
         object.__setattr__(self, "color_order", ColorOrder(self.color_order))
         object.__setattr__(self, "crop", tuple(int(v) for v in self.crop))
@@ -110,16 +118,14 @@ class Preprocessing:
             if not all(math.isfinite(v) for v in getattr(self, key)):
                 raise InputError(f"preprocessing {key} must be finite numbers, got {list(getattr(self, key))}")
         if len(self.mean) != len(self.std) or len(self.mean) not in (1, 3):
-            raise InputError(
-                f"preprocessing mean/std need 1 or 3 values each, got mean={self.mean} std={self.std}"
-            )
+            raise InputError(f"preprocessing mean/std need 1 or 3 values each, got mean={self.mean} std={self.std}")
         if any(s == 0 for s in self.std):
             raise InputError(f"preprocessing std must not contain 0, got {self.std}")
         if not 0 < self.pixel_scale < math.inf:
             raise InputError(f"preprocessing pixel_scale must be a finite number > 0, got {self.pixel_scale}")
 
     @classmethod
-    def imagenet(cls, height: int = 224, width: int = 224) -> "Preprocessing":
+    def imagenet(cls, height: int = 224, width: int = 224) -> Preprocessing:
         """The torchvision/ONNX-zoo ImageNet recipe scaled to the model's input size."""
         return cls(resize_shorter=round(min(height, width) * 256 / 224), crop=(height, width))
 
@@ -133,7 +139,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
         try:
             return cls(**known_keys(cls, d, "preprocessing"))
         except (TypeError, ValueError) as exc:
@@ -161,10 +167,16 @@ class TensorSpec:
         object.__setattr__(self, "shape", tuple(int(v) for v in self.shape))
 
     @classmethod
-    def of(cls, tensor: Any, layout: str | None = None) -> "TensorSpec":
+    def of(cls, tensor: Any, layout: str | None = None) -> TensorSpec:
         """The spec of an interpreter tensor (:class:`~edgeship.runtime.interpreter.IOSpec`)."""
-        return cls(tensor.name, tensor.shape, tensor.dtype.name, layout, tensor.scale or None,
-                   tensor.zero_point if tensor.quantized else None)
+        return cls(
+            tensor.name,
+            tensor.shape,
+            tensor.dtype.name,
+            layout,
+            tensor.scale or None,
+            tensor.zero_point if tensor.quantized else None,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -172,12 +184,13 @@ class TensorSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], what: str = "tensor") -> "TensorSpec":
+    def from_dict(cls, d: dict[str, Any], what: str = "tensor") -> TensorSpec:
         try:
             return cls(**known_keys(cls, d, what))
         except InputError as exc:
-            raise InputError(f"{what}.{exc}" if str(exc).split(" ", 1)[0] in {f.name for f in fields(cls)}
-                             else str(exc)) from exc
+            raise InputError(
+                f"{what}.{exc}" if str(exc).split(" ", 1)[0] in {f.name for f in fields(cls)} else str(exc)
+            ) from exc
         except TypeError as exc:
             raise InputError(f"{what}: {exc}") from exc
 
@@ -208,16 +221,25 @@ class ModelCard:
         for key in ("model_file", "labels_file"):  # names of files inside the card's folder, never paths
             if getattr(self, key) is not None:
                 safe_name(getattr(self, key), key)
-        _need(_is_int(self.num_classes) and self.num_classes >= 0, "num_classes", "a non-negative integer",
-              self.num_classes)
+        _need(
+            _is_int(self.num_classes) and self.num_classes >= 0,
+            "num_classes",
+            "a non-negative integer",
+            self.num_classes,
+        )
         _need(_is_int(self.schema), "schema", "an integer", self.schema)
-        _need(isinstance(self.notes, (list, tuple)) and all(isinstance(n, str) for n in self.notes), "notes",
-              "a list of strings", self.notes)
+        _need(
+            isinstance(self.notes, (list, tuple)) and all(isinstance(n, str) for n in self.notes),
+            "notes",
+            "a list of strings",
+            self.notes,
+        )
         try:
             object.__setattr__(self, "postprocessing", Postprocessing(self.postprocessing))
         except ValueError as exc:
-            raise InputError(f"postprocessing must be one of {[p.value for p in Postprocessing]}, "
-                             f"got {self.postprocessing!r}") from exc
+            raise InputError(
+                f"postprocessing must be one of {[p.value for p in Postprocessing]}, got {self.postprocessing!r}"
+            ) from exc
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -230,7 +252,7 @@ class ModelCard:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelCard":
+    def from_dict(cls, d: dict[str, Any]) -> ModelCard:
         d = known_keys(cls, d, "model card")
         missing = [k for k in ("model_file", "precision", "input", "output", "preprocessing") if k not in d]
         if missing:
@@ -250,7 +272,7 @@ class ModelCard:
         return self.source_preprocessing or self.preprocessing
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelCard":
+    def load(cls, path: str | Path) -> ModelCard:
         """Read a card from ``path`` (the JSON file or the folder holding it)."""
         path = Path(path)
         if path.is_dir():
@@ -277,7 +299,11 @@ class ModelCard:
         name = getattr(self, key)
         return None if name is None else inside(folder, name, f"{key} of the model card")
 
-    def with_(self, **changes: Any) -> "ModelCard":
+    def model_path(self, folder: str | Path) -> Path:
+        """Where the card's ``model_file`` is: inside ``folder``, links resolved (see :meth:`file`)."""
+        return inside(folder, self.model_file, "model_file of the model card")
+
+    def with_(self, **changes: Any) -> ModelCard:
         """A copy with some fields replaced."""
         return replace(self, **changes)
 
@@ -290,8 +316,9 @@ def known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:
     d = dict(d)
     version = d.pop("schema_version", SCHEMA_VERSION)
     if not _is_int(version) or version > SCHEMA_VERSION:
-        raise InputError(f"{what} has schema_version {version!r:.20}; this edgeship reads up to {SCHEMA_VERSION}: "
-                         "upgrade edgeship")
+        raise InputError(
+            f"{what} has schema_version {version!r:.20}; this edgeship reads up to {SCHEMA_VERSION}: upgrade edgeship"
+        )
     names = {f.name for f in fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -322,8 +349,12 @@ def _need_numbers(key: str, value: Any) -> None:
 
 
 def _need_str(key: str, value: Any, *, optional: bool = False) -> None:
-    _need(isinstance(value, str) or (optional and value is None), key, "a string" + (" or null" if optional else ""),
-          value)
+    _need(
+        isinstance(value, str) or (optional and value is None),
+        key,
+        "a string" + (" or null" if optional else ""),
+        value,
+    )
 
 
 def simple_value(value: float, *, rel: float = 2 * float(np.finfo(np.float32).eps)) -> float:

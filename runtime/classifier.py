@@ -13,8 +13,16 @@ import numpy as np
 
 from edgeship.errors import InputError
 from edgeship.runtime.card import CARD_FILE, ColorOrder, Layout, ModelCard, Postprocessing, Preprocessing, TensorSpec
-from edgeship.runtime.images import (ImageSet, Labels, frame_pixels, iter_pixels, list_images, normalize,
-                                     pixel_offset, resize_crop)
+from edgeship.runtime.images import (
+    ImageSet,
+    Labels,
+    frame_pixels,
+    iter_pixels,
+    list_images,
+    normalize,
+    pixel_offset,
+    resize_crop,
+)
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import accuracy, softmax, topk
 
@@ -56,9 +64,15 @@ class Classifier:
         self.labels = labels
 
     @classmethod
-    def load(cls, bundle_or_model: str | os.PathLike[str], *, num_threads: int | None = None,
-             use_xnnpack: bool = True, backend: str | None = None,
-             preprocessing: Preprocessing | None = None) -> "Classifier":
+    def load(
+        cls,
+        bundle_or_model: str | os.PathLike[str],
+        *,
+        num_threads: int | None = None,
+        use_xnnpack: bool = True,
+        backend: str | None = None,
+        preprocessing: Preprocessing | None = None,
+    ) -> Classifier:
         """Load a bundle folder or a ``.tflite`` file.
 
         The model file is checked in a child process first (a corrupt one can crash the
@@ -77,7 +91,7 @@ class Classifier:
             raise InputError(f"{path} does not exist (expected a bundle folder or a .tflite file)")
         if path.is_dir():
             card = ModelCard.load(path / CARD_FILE)
-            model_path = card.file(path)
+            model_path = card.model_path(path)
         else:
             model_path = path
             card = find_card(path)  # type: ignore[assignment]
@@ -85,10 +99,12 @@ class Classifier:
 
         check_model_file(model_path, backend=backend)
         if card is None and preprocessing is None:
-            raise InputError(f"no model card beside {path} ({path.stem}.card.json or {CARD_FILE}): without it the "
-                             "preprocessing is unknown; use the bundle folder, put the card beside the model, or "
-                             "give the preprocessing explicitly (python -m edgeship.runtime --preprocess FILE.json, "
-                             "or Classifier.load(..., preprocessing=Preprocessing(...)))")
+            raise InputError(
+                f"no model card beside {path} ({path.stem}.card.json or {CARD_FILE}): without it the "
+                "preprocessing is unknown; use the bundle folder, put the card beside the model, or "
+                "give the preprocessing explicitly (python -m edgeship.runtime --preprocess FILE.json, "
+                "or Classifier.load(..., preprocessing=Preprocessing(...)))"
+            )
         model = TFLiteModel(model_path, num_threads=num_threads, use_xnnpack=use_xnnpack, backend=backend)
         if card is None:
             card = card_from_model(model, path.name)
@@ -121,8 +137,9 @@ class Classifier:
             if x.shape == want[1:]:
                 x = x[None]
             if x.shape != want:
-                raise InputError(f"float input must have the model's shape {list(want)} (or without batch), "
-                                 f"got {list(x.shape)}")
+                raise InputError(
+                    f"float input must have the model's shape {list(want)} (or without batch), got {list(x.shape)}"
+                )
             return x
         return normalize(self.pixels(image, color=color), self.card.preprocessing)[None]
 
@@ -159,8 +176,9 @@ class Classifier:
         probs = self.probabilities(scores)
         return [Prediction(int(i), self.label(int(i)), float(probs[i])) for i in topk(probs[None], top_k)[0]]
 
-    def predict_timed(self, image: Any, top_k: int = 5, *, color: ColorOrder | str = ColorOrder.RGB
-                      ) -> tuple[list[Prediction], dict[str, int]]:
+    def predict_timed(
+        self, image: Any, top_k: int = 5, *, color: ColorOrder | str = ColorOrder.RGB
+    ) -> tuple[list[Prediction], dict[str, int]]:
         """:meth:`predict` through the same steps, with nanoseconds per step (for ``bench``).
 
         Steps: ``decode`` (read and decode the file, EXIF, 8-bit RGB), ``preprocess``
@@ -184,8 +202,13 @@ class Classifier:
     def label(self, index: int) -> str:
         return self.labels.name(index) if self.labels else str(index)
 
-    def logits_many(self, files: Any, *, workers: int | None = None,
-                    progress: Callable[[str, int | None, int | None], None] | None = None) -> np.ndarray:
+    def logits_many(
+        self,
+        files: Any,
+        *,
+        workers: int | None = None,
+        progress: Callable[[str, int | None, int | None], None] | None = None,
+    ) -> np.ndarray:
         """Scores ``[N, num_classes]`` of many images: decoded on ``workers`` threads (default one per
         core) while the interpreter runs, each through the same path as :meth:`logits`."""
         prep, files = self.card.preprocessing, list(files)
@@ -196,26 +219,43 @@ class Classifier:
                 progress("evaluate", i + 1, len(files))
         return np.stack(rows) if rows else np.zeros((0, int(np.prod(self.model.output.shape[1:]))), np.float32)
 
-    def evaluate(self, folder: str | os.PathLike[str] | ImageSet, *, workers: int | None = None,
-                 progress: Callable[[str, int | None, int | None], None] | None = None) -> Evaluation:
+    def evaluate(
+        self,
+        folder: str | os.PathLike[str] | ImageSet,
+        *,
+        workers: int | None = None,
+        progress: Callable[[str, int | None, int | None], None] | None = None,
+    ) -> Evaluation:
         """Run every image of a folder (decoded in parallel); accuracy when ground-truth labels are known."""
         images = folder if isinstance(folder, ImageSet) else list_images(folder, workers=workers)
         logits = self.logits_many(images.files, workers=workers, progress=progress)
         truth = images.labels_for(self.labels)
-        return Evaluation(tuple(str(f) for f in images.files), logits, accuracy(logits, truth, 1),
-                          accuracy(logits, truth, 5), len(images.skipped))
+        return Evaluation(
+            tuple(str(f) for f in images.files),
+            logits,
+            accuracy(logits, truth, 1),
+            accuracy(logits, truth, 5),
+            len(images.skipped),
+        )
 
     def describe(self) -> dict[str, Any]:
-        return {**self.model.describe(), "model_file": self.card.model_file, "precision": self.card.precision,
-                "image_path": self.image_path()}
+        return {
+            **self.model.describe(),
+            "model_file": self.card.model_file,
+            "precision": self.card.precision,
+            "image_path": self.image_path(),
+        }
 
     def image_path(self) -> str:
         """Which image path runs, in words (drift reports say it: the reference saw the same pixels)."""
         prep, spec = self.card.preprocessing, self.model.input
         decode = "JPEG draft decode (DCT-scaled to cover the resize)" if prep.resize_shorter else "full decode"
         integer = spec.quantized and pixel_offset(prep, spec.scale, spec.zero_point) is not None
-        feed = (f"integer input (pixel + k → {spec.dtype.name})" if integer
-                else f"float normalize{' + quantize' if spec.quantized else ''}")
+        feed = (
+            f"integer input (pixel + k → {spec.dtype.name})"
+            if integer
+            else f"float normalize{' + quantize' if spec.quantized else ''}"
+        )
         return f"{decode}, EXIF upright, uint8 {prep.interpolation.value} crop-box resize, {feed}"
 
 
@@ -240,4 +280,3 @@ def card_from_model(model: TFLiteModel, file_name: str) -> ModelCard:
         preprocessing=Preprocessing.imagenet(shape[1], shape[2]),
         num_classes=int(np.prod(model.output.shape[1:])),
     )
-

@@ -18,15 +18,21 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from edgeship.errors import EdgeshipError
 
 
-def collect(model: str | os.PathLike[str], image_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
-            num_threads: int | None = None, use_xnnpack: bool = True) -> dict[str, object]:
+def collect(
+    model: str | os.PathLike[str],
+    image_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    num_threads: int | None = None,
+    use_xnnpack: bool = True,
+) -> dict[str, object]:
     """Run ``model`` on every image of ``image_dir`` (sorted) and write ``out`` (.npz) atomically."""
     from edgeship.runtime.candidate import candidate_outputs
     from edgeship.runtime.images import list_images
@@ -59,8 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-xnnpack", action="store_true")
     args = ap.parse_args(argv)
     try:
-        summary = collect(args.model, args.images, args.out, num_threads=args.threads,
-                          use_xnnpack=not args.no_xnnpack)
+        summary = collect(args.model, args.images, args.out, num_threads=args.threads, use_xnnpack=not args.no_xnnpack)
     except EdgeshipError as exc:
         print(f"edgeship.runtime.collect: error: {exc}", file=sys.stderr)
         return exc.exit_code

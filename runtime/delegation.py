@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import platform
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
-
+from typing import Any
 
 #: ``platform.machine()`` spellings of the targets' architectures (macOS, Windows).
 _MACHINE_ALIASES = {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64"}
@@ -52,8 +52,13 @@ class Delegation:
         return self.ops - sum(self.outside.values())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"partitions": self.partitions, "ops": self.ops, "delegated_ops": self.delegated_ops,
-                "outside": dict(self.outside), "outside_outputs": list(self.outside_outputs)}
+        return {
+            "partitions": self.partitions,
+            "ops": self.ops,
+            "delegated_ops": self.delegated_ops,
+            "outside": dict(self.outside),
+            "outside_outputs": list(self.outside_outputs),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Delegation:
@@ -106,7 +111,9 @@ def delegation(ops: list[dict[str, Any]], names: dict[int, str] | None = None) -
         inside |= members
     left = [op for i, op in enumerate(original) if i not in inside]
     outside = Counter(op["op_name"] for op in left)
-    outputs = tuple((names or {}).get(int(op["outputs"][0]), str(op["outputs"][0])) for op in left if len(op["outputs"]))
+    outputs = tuple(
+        (names or {}).get(int(op["outputs"][0]), str(op["outputs"][0])) for op in left if len(op["outputs"])
+    )
     return Delegation(partitions, len(original), dict(outside.most_common()), outputs)
 
 

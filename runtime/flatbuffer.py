@@ -13,6 +13,8 @@ Field numbers follow ``tensorflow/lite/schema/schema.fbs``.
 from __future__ import annotations
 
 import struct
+
+
 class FlatbufferError(ValueError):
     """The file is not a well-formed TFLite flatbuffer; the message says where."""
 
@@ -81,7 +83,7 @@ class _Table:
             if self.buf[start + n] != 0:
                 raise FlatbufferError(f"{what}: string is not terminated")
             try:  # the interpreter's Python API decodes names as UTF-8 and raises deep inside otherwise
-                bytes(self.buf[start:start + n]).decode("utf-8")
+                bytes(self.buf[start : start + n]).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise FlatbufferError(f"{what}: string is not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
@@ -96,8 +98,9 @@ class _Table:
 
 def _need(buf: bytes, pos: int, size: int, what: str) -> None:
     if pos < 0 or size < 0 or pos + size > len(buf):
-        raise FlatbufferError(f"{what} lies outside the {len(buf)}-byte file (at {pos}, {size} bytes): "
-                              "truncated or corrupt")
+        raise FlatbufferError(
+            f"{what} lies outside the {len(buf)}-byte file (at {pos}, {size} bytes): truncated or corrupt"
+        )
 
 
 def _indices(values: tuple[int, ...], limit: int, what: str, optional: bool = False) -> None:

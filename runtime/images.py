@@ -22,10 +22,11 @@ import os
 import random
 import warnings
 from collections import Counter, deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class Labels:
     ids: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Labels":
+    def load(cls, path: str | os.PathLike[str]) -> Labels:
         """Read ``wnid<TAB>names`` lines (ImageNet style) or one name per line (at most ``MAX_LABELS_BYTES``)."""
         path = Path(path)
         try:
@@ -70,12 +71,13 @@ class Labels:
         except OSError as exc:
             raise InputError(f"cannot read labels file {path}: {exc.strerror or exc}") from exc
         if len(data) > MAX_LABELS_BYTES:
-            raise InputError(f"labels file {path} is larger than {MAX_LABELS_BYTES // 2**20} MiB; "
-                             "give a text file of class names")
+            raise InputError(
+                f"labels file {path} is larger than {MAX_LABELS_BYTES // 2**20} MiB; give a text file of class names"
+            )
         return cls.from_bytes(data, f"labels file {path}")
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str = "labels") -> "Labels":
+    def from_bytes(cls, data: bytes, where: str = "labels") -> Labels:
         """Labels from a labels file's contents (UTF-8; a byte-order mark is dropped)."""
         try:
             return cls.parse(data.decode("utf-8-sig").splitlines(), where)
@@ -83,7 +85,7 @@ class Labels:
             raise InputError(f"{where} is not UTF-8 text") from exc
 
     @classmethod
-    def parse(cls, lines: Sequence[str], where: str = "labels") -> "Labels":
+    def parse(cls, lines: Sequence[str], where: str = "labels") -> Labels:
         """Labels from the lines of a labels file (``wnid<TAB>names`` or one name per line)."""
         lines = [ln for ln in lines if ln.strip()]
         if not lines:
@@ -131,21 +133,26 @@ class ImageSet:
             h.update(f"{f.relative_to(self.root)}\0{st.st_size}\0{int(st.st_mtime)}\n".encode())
         return h.hexdigest()
 
-    def subset(self, indices: Sequence[int]) -> "ImageSet":
+    def subset(self, indices: Sequence[int]) -> ImageSet:
         keys = self.label_keys or (None,) * len(self.files)
-        return ImageSet(self.root, tuple(self.files[i] for i in indices), self.skipped,
-                        tuple(keys[i] for i in indices), self.skip_reasons)
+        return ImageSet(
+            self.root,
+            tuple(self.files[i] for i in indices),
+            self.skipped,
+            tuple(keys[i] for i in indices),
+            self.skip_reasons,
+        )
 
-    def split(self, first: int) -> tuple["ImageSet", "ImageSet"]:
+    def split(self, first: int) -> tuple[ImageSet, ImageSet]:
         """The first ``first`` files and the rest, in sorted order."""
         n = len(self.files)
         return self.subset(range(min(first, n))), self.subset(range(min(first, n), n))
 
-    def sample(self, count: int, *, seed: int | None = None) -> "ImageSet":
+    def sample(self, count: int, *, seed: int | None = None) -> ImageSet:
         """``count`` files spread over the data (see :func:`spread_indices`), or a seeded random choice."""
         return self.divide(count, seed=seed)[0]
 
-    def divide(self, count: int, *, seed: int | None = None) -> tuple["ImageSet", "ImageSet"]:
+    def divide(self, count: int, *, seed: int | None = None) -> tuple[ImageSet, ImageSet]:
         """``count`` files chosen as :meth:`sample` does, and the rest (both in sorted order)."""
         n = len(self.files)
         if count >= n:
@@ -156,8 +163,10 @@ class ImageSet:
             picks = sorted(random.Random(seed).sample(range(n), count))
         chosen = set(picks)
         rest = self.subset([i for i in range(n) if i not in chosen])
-        return (replace(self.subset(picks), selection=selection_method(self, count, seed)),
-                replace(rest, selection="the images not chosen"))
+        return (
+            replace(self.subset(picks), selection=selection_method(self, count, seed)),
+            replace(rest, selection="the images not chosen"),
+        )
 
     def classes(self) -> int:
         """How many distinct labels (class subfolders, wnids, ``labels.txt`` entries) the files have."""
@@ -235,8 +244,9 @@ class Decoded(NamedTuple):
     scale: int = 1
 
 
-def list_images(folder: str | os.PathLike[str], *, minimum: int = 1, check: bool = True,
-                workers: int | None = None) -> ImageSet:
+def list_images(
+    folder: str | os.PathLike[str], *, minimum: int = 1, check: bool = True, workers: int | None = None
+) -> ImageSet:
     """List the images of ``folder`` (recursively), sorted by relative path.
 
     Args:
@@ -266,8 +276,13 @@ def list_images(folder: str | os.PathLike[str], *, minimum: int = 1, check: bool
     files = [p for p, why in zip(candidates, verdicts) if why is None]
     skipped += [(str(p.relative_to(root)), why) for p, why in zip(candidates, verdicts) if why is not None]
     skipped.sort()
-    images = ImageSet(root, tuple(files), tuple(s for s, _ in skipped), tuple(_label_keys(root, files)),
-                      tuple(why for _, why in skipped))
+    images = ImageSet(
+        root,
+        tuple(files),
+        tuple(s for s, _ in skipped),
+        tuple(_label_keys(root, files)),
+        tuple(why for _, why in skipped),
+    )
     counts = ", ".join(f"{n} {why}" for why, n in images.skipped_by_reason().items())
     if any(why is not None for why in verdicts):
         log.warning("%s: skipped %d file(s) (%s)", root, len(skipped), counts)
@@ -286,8 +301,9 @@ def _check_name(root: Path, path: Path) -> None:
         rel.encode("utf-8")
     except UnicodeEncodeError:
         shown = os.fsencode(rel).decode("utf-8", errors="backslashreplace")
-        raise InputError(f"{root}: file name {shown!r} is not valid UTF-8; rename it or move it out of the "
-                         "folder") from None
+        raise InputError(
+            f"{root}: file name {shown!r} is not valid UTF-8; rename it or move it out of the folder"
+        ) from None
 
 
 def check_images(paths: Sequence[Path], *, workers: int | None = None) -> list[str | None]:
@@ -340,8 +356,9 @@ def _label_keys(root: Path, files: list[Path]) -> list[str | None]:
 
 
 # ---------------------------------------------------------------- reading one image
-def open_image(source: "str | os.PathLike[str] | Any", prep: Preprocessing | None = None, *,
-               draft: bool = True) -> Decoded:
+def open_image(
+    source: str | os.PathLike[str] | Any, prep: Preprocessing | None = None, *, draft: bool = True
+) -> Decoded:
     """Read an image the one way every stage reads it (runtime, calibration, drift check).
 
     Args:
@@ -377,8 +394,11 @@ def open_image(source: "str | os.PathLike[str] | Any", prep: Preprocessing | Non
     try:
         limit = Image.MAX_IMAGE_PIXELS
         if limit and im.width * im.height > limit:  # Pillow only warns between 1x and 2x the limit
-            raise ImageReadError(f"{source} has {im.width}x{im.height} pixels, over Pillow's decompression-bomb "
-                                 f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)", TOO_LARGE)
+            raise ImageReadError(
+                f"{source} has {im.width}x{im.height} pixels, over Pillow's decompression-bomb "
+                f"limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS)",
+                TOO_LARGE,
+            )
         orientation = _orientation(im)
         full = _upright(im.size, orientation)
         scale = _draft(im, full, orientation, prep) if draft and prep is not None and im.format == "JPEG" else 1
@@ -470,7 +490,7 @@ def _scale_to_8bit(a: np.ndarray, mode: str, fmt: str | None) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def load_rgb(source: "str | os.PathLike[str] | object") -> "object":
+def load_rgb(source: str | os.PathLike[str] | object) -> object:
     """Open an image path (or take a PIL image) and return it upright as 8-bit RGB, at full resolution."""
     return open_image(source).image
 
@@ -499,7 +519,7 @@ def frame_pixels(frame: np.ndarray, prep: Preprocessing, color: ColorOrder | str
     if target_size((w, h), prep) == (w, h):
         ch, cw = prep.crop
         left, top = (w - cw) // 2, (h - ch) // 2
-        pixels = frame[top:top + ch, left:left + cw]
+        pixels = frame[top : top + ch, left : left + cw]
         return pixels if order == prep.color_order else pixels[..., ::-1]
     return resize_crop(frame_image(frame, order), prep)
 
@@ -524,7 +544,7 @@ def target_size(size: tuple[int, int], prep: Preprocessing) -> tuple[int, int]:
     return max(w, cw), max(h, ch)
 
 
-def resize_crop(image: "object", prep: Preprocessing) -> np.ndarray:
+def resize_crop(image: object, prep: Preprocessing) -> np.ndarray:
     """Resize the shorter side, center-crop, and return uint8 HWC pixels in model colour order.
 
     ``image`` is a path, a PIL image or a :class:`Decoded`. Only the crop box is resampled
@@ -539,8 +559,12 @@ def resize_crop(image: "object", prep: Preprocessing) -> np.ndarray:
         im = im.crop((left, top, left + cw, top + ch))
     else:
         sx, sy = im.width / tw, im.height / th
-        im = im.resize((cw, ch), _PIL_FILTERS[Interpolation(prep.interpolation)],
-                       box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy), reducing_gap=_REDUCING_GAP)
+        im = im.resize(
+            (cw, ch),
+            _PIL_FILTERS[Interpolation(prep.interpolation)],
+            box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy),
+            reducing_gap=_REDUCING_GAP,
+        )
     pixels = np.asarray(im, dtype=np.uint8)
     if prep.color_order == ColorOrder.BGR:
         pixels = np.ascontiguousarray(pixels[..., ::-1])
@@ -555,7 +579,7 @@ def normalize(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return x
 
 
-def preprocess(image: "object", prep: Preprocessing, layout: Layout | str = Layout.NHWC) -> np.ndarray:
+def preprocess(image: object, prep: Preprocessing, layout: Layout | str = Layout.NHWC) -> np.ndarray:
     """Image (path or PIL) -> float32 array ``[1, ...]`` in the given layout."""
     x = normalize(resize_crop(image, prep), prep)
     if Layout(layout) == Layout.NCHW:
@@ -603,8 +627,13 @@ def iter_pixels(files: Sequence[Any], prep: Preprocessing, *, workers: int | Non
     return map_ordered(lambda f: resize_crop(f, prep), files, workers=workers)
 
 
-def load_pixels(files: Sequence[Any], prep: Preprocessing, *, workers: int | None = None,
-                progress: Callable[[str, int | None, int | None], None] | None = None) -> np.ndarray:
+def load_pixels(
+    files: Sequence[Any],
+    prep: Preprocessing,
+    *,
+    workers: int | None = None,
+    progress: Callable[[str, int | None, int | None], None] | None = None,
+) -> np.ndarray:
     """uint8 ``[N, H, W, 3]`` crop pixels of every image, decoded in parallel."""
     out = np.empty((len(files), prep.crop[0], prep.crop[1], 3), dtype=np.uint8)
     for i, pixels in enumerate(iter_pixels(files, prep, workers=workers)):

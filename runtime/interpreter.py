@@ -15,9 +15,10 @@ import os
 import sys
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -73,8 +74,9 @@ def native_stderr_to_log(level: int | None = None) -> Iterator[None]:
             sink.seek(0)
             for line in sink.read().decode("utf-8", "replace").splitlines():
                 if line.strip():
-                    line_level = level if level is not None else \
-                        logging.DEBUG if line.startswith("INFO:") else logging.WARNING
+                    line_level = (
+                        level if level is not None else logging.DEBUG if line.startswith("INFO:") else logging.WARNING
+                    )
                     log.log(line_level, "%s", line)
 
 
@@ -104,8 +106,14 @@ class TFLiteModel:
         backend: Force one of :data:`BACKENDS`; default picks the fastest installed.
     """
 
-    def __init__(self, model: str | os.PathLike[str] | bytes, *, num_threads: int | None = None,
-                 use_xnnpack: bool = True, backend: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | bytes,
+        *,
+        num_threads: int | None = None,
+        use_xnnpack: bool = True,
+        backend: str | None = None,
+    ) -> None:
         self.backend = backend or pick_backend()
         Interpreter = _import_backend(self.backend)
         kwargs: dict[str, Any] = {}
@@ -132,8 +140,10 @@ class TFLiteModel:
         self.inputs = [self._spec(d) for d in self.interpreter.get_input_details()]
         self.outputs = [self._spec(d) for d in self.interpreter.get_output_details()]
         if not self.inputs or not self.outputs:
-            raise InputError(f"TFLite model {self.path or '<bytes>'} has {len(self.inputs)} inputs and "
-                             f"{len(self.outputs)} outputs; an image classifier needs one of each")
+            raise InputError(
+                f"TFLite model {self.path or '<bytes>'} has {len(self.inputs)} inputs and "
+                f"{len(self.outputs)} outputs; an image classifier needs one of each"
+            )
         if self.backend == "tflite_runtime" and self.inputs and self.inputs[0].quantized:
             log.warning("tflite-runtime does not use XNNPACK for int8 models; install ai-edge-litert for the fast path")
             self.delegate = "none (tflite-runtime int8: reference kernels)"
@@ -156,8 +166,9 @@ class TFLiteModel:
     @staticmethod
     def _spec(d: dict[str, Any]) -> IOSpec:
         scale, zp = d.get("quantization", (0.0, 0))
-        return IOSpec(d["name"], d["index"], tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]),
-                      float(scale), int(zp))
+        return IOSpec(
+            d["name"], d["index"], tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]), float(scale), int(zp)
+        )
 
     @property
     def input(self) -> IOSpec:
@@ -221,8 +232,9 @@ class TFLiteModel:
 
     def run_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
         """uint8 pixels (any count; the model's batch is filled and padded) -> float outputs."""
-        return in_fixed_batches(pixels, self.input.shape[0],
-                                lambda chunk: self.run_raw(self.input_from_pixels(chunk, prep)))
+        return in_fixed_batches(
+            pixels, self.input.shape[0], lambda chunk: self.run_raw(self.input_from_pixels(chunk, prep))
+        )
 
     def describe(self) -> dict[str, Any]:
         from edgeship.runtime.delegation import of_interpreter
@@ -231,10 +243,18 @@ class TFLiteModel:
             "interpreter": self.backend,
             "interpreter_version": backend_version(self.backend),
             "delegate": self.delegate,
-            "input": {"shape": list(self.input.shape), "dtype": self.input.dtype.name,
-                      "scale": self.input.scale, "zero_point": self.input.zero_point},
-            "output": {"shape": list(self.output.shape), "dtype": self.output.dtype.name,
-                       "scale": self.output.scale, "zero_point": self.output.zero_point},
+            "input": {
+                "shape": list(self.input.shape),
+                "dtype": self.input.dtype.name,
+                "scale": self.input.scale,
+                "zero_point": self.input.zero_point,
+            },
+            "output": {
+                "shape": list(self.output.shape),
+                "dtype": self.output.dtype.name,
+                "scale": self.output.scale,
+                "zero_point": self.output.zero_point,
+            },
             # how much of the graph the delegate took (partitions, ops left outside)
             **({"xnnpack": of_interpreter(self.interpreter).to_dict()} if self.delegate == "xnnpack" else {}),
         }
@@ -248,7 +268,7 @@ def in_fixed_batches(x: np.ndarray, step: int, fn: Any) -> np.ndarray:
     """Apply ``fn`` to groups of exactly ``step`` samples (the last padded by repetition), join the results."""
     outs = []
     for start in range(0, len(x), step):
-        chunk = x[start:start + step]
+        chunk = x[start : start + step]
         pad = step - len(chunk)
         if pad:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
@@ -266,15 +286,20 @@ def debug_interpreter(model: bytes) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "preserve_all_tensors is for debugging": it is
         interp = _import_backend(backend)(
-            model_content=model, experimental_preserve_all_tensors=True,
-            experimental_op_resolver_type=_resolver(backend, "BUILTIN_WITHOUT_DEFAULT_DELEGATES"))
+            model_content=model,
+            experimental_preserve_all_tensors=True,
+            experimental_op_resolver_type=_resolver(backend, "BUILTIN_WITHOUT_DEFAULT_DELEGATES"),
+        )
     interp.allocate_tensors()
     return interp
 
 
 def _resolver(backend: str, name: str) -> Any:
-    module = importlib.import_module(BACKEND_MODULES[backend].rsplit(".", 1)[0] + ".interpreter"
-                                     if backend != "tensorflow" else "tensorflow.lite.experimental")
+    module = importlib.import_module(
+        BACKEND_MODULES[backend].rsplit(".", 1)[0] + ".interpreter"
+        if backend != "tensorflow"
+        else "tensorflow.lite.experimental"
+    )
     return getattr(module.OpResolverType, name)
 
 

@@ -147,9 +147,14 @@ def _run_checker(paths: list[Path], backend: str) -> dict[int, str] | None:
     while start < len(paths):
         todo = paths[start:]
         try:
-            proc = subprocess.run([sys.executable, "-c", _CHECK_SCRIPT, BACKEND_MODULES[backend]],
-                                  input="".join(f"{p}\n" for p in todo), capture_output=True, text=True,
-                                  timeout=CHECK_TIMEOUT * len(todo), check=False)
+            proc = subprocess.run(
+                [sys.executable, "-c", _CHECK_SCRIPT, BACKEND_MODULES[backend]],
+                input="".join(f"{p}\n" for p in todo),
+                capture_output=True,
+                text=True,
+                timeout=CHECK_TIMEOUT * len(todo),
+                check=False,
+            )
         except OSError as exc:  # e.g. an emulated guest that cannot start a second interpreter
             log.debug("cannot start the model-checking child: %s", exc)
             return None
@@ -167,8 +172,15 @@ def _run_checker(paths: list[Path], backend: str) -> dict[int, str] | None:
             verdicts[start + i] = line
         start += len(done)
         if proc.returncode != 0 and start < len(paths):
-            how = (signal.Signals(-proc.returncode).name if -proc.returncode in signal.valid_signals()
-                   else f"exit {proc.returncode}") if proc.returncode < 0 else f"exit {proc.returncode}"
+            how = (
+                (
+                    signal.Signals(-proc.returncode).name
+                    if -proc.returncode in signal.valid_signals()
+                    else f"exit {proc.returncode}"
+                )
+                if proc.returncode < 0
+                else f"exit {proc.returncode}"
+            )
             verdicts[start] = f"crash: the interpreter crashed on it ({how})"
             start += 1
         elif len(done) < len(todo):  # the child stopped early without a crash: should not happen
@@ -230,8 +242,10 @@ def _problem(verdict: str, backend: str) -> str | None:
         detail = detail.replace("the interpreter crashed", f"the interpreter ({who}) crashed")
         if who not in detail:
             detail = f"{detail} ({who})"
-        return (f"{detail}; the file passed the structural check, so the interpreter failed, not the file: "
-                "try another version of the interpreter package")
+        return (
+            f"{detail}; the file passed the structural check, so the interpreter failed, not the file: "
+            "try another version of the interpreter package"
+        )
     return detail or "the interpreter rejected it"
 
 

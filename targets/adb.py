@@ -14,9 +14,10 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
 
@@ -45,7 +46,9 @@ class AdbDevice:
             raise DeviceError(f"adb {' '.join(args[:2])} on {self.serial} timed out after {exc.timeout:.0f} s") from exc
         if proc.returncode != 0:
             line = (proc.stderr or proc.stdout).strip().splitlines()
-            raise DeviceError(f"adb {' '.join(args[:2])} on {self.serial} failed: {line[-1] if line else proc.returncode}")
+            raise DeviceError(
+                f"adb {' '.join(args[:2])} on {self.serial} failed: {line[-1] if line else proc.returncode}"
+            )
         return proc
 
     def check(self) -> dict[str, str]:
@@ -105,8 +108,17 @@ def parse_benchmark_output(text: str) -> dict[str, Any]:
     ``p95`` on the ``count=`` line).
     """
     result: dict[str, Any] = {}
-    m = re.search(r"Inference timings in us: Init: " + _NUM + r", First inference: " + _NUM
-                  + r", Warmup \(avg\): " + _NUM + r", Inference \(avg\): " + _NUM, text)
+    m = re.search(
+        r"Inference timings in us: Init: "
+        + _NUM
+        + r", First inference: "
+        + _NUM
+        + r", Warmup \(avg\): "
+        + _NUM
+        + r", Inference \(avg\): "
+        + _NUM,
+        text,
+    )
     if not m:
         tail = text.strip().splitlines()[-1:] or ["no output"]
         raise DeviceError(f"benchmark_model output not understood: {tail[0][:200]}")
@@ -117,22 +129,37 @@ def parse_benchmark_output(text: str) -> dict[str, Any]:
         n, rest = counts[-1]  # the last count= line is the measured run
         stats = dict(re.findall(r"(\w+)=" + _NUM, rest))
         result["runs"] = int(n)
-        for key, name in (("min", "min_ms"), ("max", "max_ms"), ("std", "std_ms"), ("p5", "p5_ms"),
-                          ("median", "p50_ms"), ("p95", "p95_ms")):
+        for key, name in (
+            ("min", "min_ms"),
+            ("max", "max_ms"),
+            ("std", "std_ms"),
+            ("p5", "p5_ms"),
+            ("median", "p50_ms"),
+            ("p95", "p95_ms"),
+        ):
             if key in stats:
                 result[name] = float(stats[key]) / 1000
     mem = re.search(r"Overall peak memory footprint \(MB\) via periodic monitoring: " + _NUM, text)
     if mem:
         result["peak_rss_mb"] = float(mem.group(1))
-    delta = re.search(r"Memory footprint delta from the start of the tool \(MB\): init=" + _NUM + r" overall=" + _NUM,
-                      text)
+    delta = re.search(
+        r"Memory footprint delta from the start of the tool \(MB\): init=" + _NUM + r" overall=" + _NUM, text
+    )
     if delta:
         result["memory_delta_mb"] = {"init": float(delta.group(1)), "overall": float(delta.group(2))}
     return result
 
 
-def adb_benchmark(serial: str, binary: Path | None, target: Any, models: Sequence[Path], *,
-                  threads: Sequence[int], runs: int, warmup: int) -> dict[str, Any]:
+def adb_benchmark(
+    serial: str,
+    binary: Path | None,
+    target: Any,
+    models: Sequence[Path],
+    *,
+    threads: Sequence[int],
+    runs: int,
+    warmup: int,
+) -> dict[str, Any]:
     """``bench --adb``: TensorFlow Lite's ``benchmark_model`` on the phone, as a bench.json document."""
     if target is None:
         from edgeship.targets import load_target
@@ -145,9 +172,20 @@ def adb_benchmark(serial: str, binary: Path | None, target: Any, models: Sequenc
     for t in threads:
         for m in models:
             r = run_benchmark(device, binary, m, benchmark_flags(target, threads=t, runs=runs, warmup=warmup))
-            results.append({"model": m.name, "path": str(m), "threads": t, "size_bytes": m.stat().st_size,
-                            "runtime": {"interpreter": "benchmark_model", "interpreter_version": None,
-                                        "delegate": target.execution.delegate.value}, **r})
+            results.append(
+                {
+                    "model": m.name,
+                    "path": str(m),
+                    "threads": t,
+                    "size_bytes": m.stat().st_size,
+                    "runtime": {
+                        "interpreter": "benchmark_model",
+                        "interpreter_version": None,
+                        "delegate": target.execution.delegate.value,
+                    },
+                    **r,
+                }
+            )
     return {"schema": "edgeship-bench/1", "host": {"adb_serial": serial}, "results": _with_ratios(results)}
 
 

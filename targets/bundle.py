@@ -37,11 +37,15 @@ def check_fits(card: ModelCard, target: Target) -> None:
     """Raise :class:`ModelTargetMismatchError` (exit 4) when the model is not what the target runs."""
     need = target.model
     if card.precision != need.precision.value:
-        raise ModelTargetMismatchError(f"target {target.name} runs {need.precision.value} models, this one is {card.precision}; "
-                          f"use the {need.precision.value} model")
+        raise ModelTargetMismatchError(
+            f"target {target.name} runs {need.precision.value} models, this one is {card.precision}; "
+            f"use the {need.precision.value} model"
+        )
     if card.input.dtype != need.io_dtype.value or card.output.dtype != need.io_dtype.value:
-        raise ModelTargetMismatchError(f"target {target.name} needs {need.io_dtype.value} I/O, the model has "
-                          f"{card.input.dtype}/{card.output.dtype}: quantize with --io {need.io_dtype.value}")
+        raise ModelTargetMismatchError(
+            f"target {target.name} needs {need.io_dtype.value} I/O, the model has "
+            f"{card.input.dtype}/{card.output.dtype}: quantize with --io {need.io_dtype.value}"
+        )
     if target.runtime.client.reads_metadata:
         check_client_input(card, target)
 
@@ -59,11 +63,19 @@ def check_client_input(card: ModelCard, target: Target) -> None:
         raise ModelTargetMismatchError(
             f"the model's uint8 input is not raw pixels (scale {card.input.scale}, zero point {card.input.zero_point} "
             f"for mean {list(card.preprocessing.mean)}, std {list(card.preprocessing.std)}), but the "
-            f"{target.runtime.client.value} client of {target.name} feeds 0..255 pixels as they are")
+            f"{target.runtime.client.value} client of {target.name} feeds 0..255 pixels as they are"
+        )
 
 
-def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.PathLike[str], *,
-           force: bool = False, wheel_dir: Path | None = None, interpreter_version: str | None = None) -> BundleResult:
+def bundle(
+    model: str | os.PathLike[str],
+    target: Target,
+    out_dir: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    wheel_dir: Path | None = None,
+    interpreter_version: str | None = None,
+) -> BundleResult:
     """Write the bundle of ``model`` (a .tflite with its card beside it) for ``target``.
 
     Args:
@@ -86,7 +98,8 @@ def bundle(model: str | os.PathLike[str], target: Target, out_dir: str | os.Path
     check_model_file(model)  # never ship a model that crashes the device's interpreter
     labels = card.file(model.parent, "labels_file")  # never a file outside the model's folder
     names = [model.name, CARD_FILE, README, REQUIREMENTS, "wheels", METADATA_JSON] + (
-        [card.labels_file] if card.labels_file else [])
+        [card.labels_file] if card.labels_file else []
+    )
     client = target.runtime.client
     with staged_output(out_dir, names, force=force) as stage:
         if client.reads_metadata:
@@ -116,9 +129,11 @@ def _with_metadata(model: Path, card: ModelCard, labels_path: Path | None, dest:
     data, meta = embed_metadata(model.read_bytes(), card, labels)
     atomic_write_bytes(dest, data)
     atomic_write_json(meta_json, meta.to_dict())
-    note = (f"TFLite Metadata embedded (MediaPipe metadata writer): ImageClassifier, {meta.color_space}, "
-            f"normalisation mean {list(meta.norm_mean)} std {list(meta.norm_std)} on 0..255 pixels, "
-            f"scores are {meta.score}, labels {meta.labels_file or 'none'}; see {METADATA_JSON}")
+    note = (
+        f"TFLite Metadata embedded (MediaPipe metadata writer): ImageClassifier, {meta.color_space}, "
+        f"normalisation mean {list(meta.norm_mean)} std {list(meta.norm_std)} on 0..255 pixels, "
+        f"scores are {meta.score}, labels {meta.labels_file or 'none'}; see {METADATA_JSON}"
+    )
     return card.with_(notes=(*card.notes, note))
 
 
@@ -134,12 +149,20 @@ def _wheel(dest: Path, wheel_dir: Path | None) -> Path:
 
 def _python_readme(card: ModelCard, target: Target, model_file: str, runtime_pin: str) -> str:
     apt = apt_command(target)
-    os_line = (f"numpy and Pillow come from the OS ({', '.join(target.runtime.system_packages)}): PyPI has no "
-               "wheels of them for this CPU, and the venv sees them (`--system-site-packages`); no compiler is "
-               "needed.\n" if apt else "Everything installs from PyPI wheels; no compiler is needed.\n")
-    commands = "\n".join([*([apt] if apt else []), venv_command(target),
-                          f".venv/bin/python -m edgeship.runtime . IMAGE.jpg [IMAGE ...] "
-                          f"--threads {target.execution.threads}"])
+    os_line = (
+        f"numpy and Pillow come from the OS ({', '.join(target.runtime.system_packages)}): PyPI has no "
+        "wheels of them for this CPU, and the venv sees them (`--system-site-packages`); no compiler is "
+        "needed.\n"
+        if apt
+        else "Everything installs from PyPI wheels; no compiler is needed.\n"
+    )
+    commands = "\n".join(
+        [
+            *([apt] if apt else []),
+            venv_command(target),
+            f".venv/bin/python -m edgeship.runtime . IMAGE.jpg [IMAGE ...] --threads {target.execution.threads}",
+        ]
+    )
     return f"""# {model_file} for {target.name}
 
 {target.description}.
@@ -176,7 +199,7 @@ runtime and the {delegate} delegate, or measured with TensorFlow Lite's `benchma
 
 ```bash
 adb push {model_file} /data/local/tmp/ && adb push benchmark_model /data/local/tmp/
-adb shell /data/local/tmp/benchmark_model --graph=/data/local/tmp/{model_file} --num_threads={target.execution.threads} --use_{'xnnpack' if delegate == 'xnnpack' else delegate}=true
+adb shell /data/local/tmp/benchmark_model --graph=/data/local/tmp/{model_file} --num_threads={target.execution.threads} --use_{"xnnpack" if delegate == "xnnpack" else delegate}=true
 ```
 
 (`edgeship bench {model_file} --target {target.name} --adb SERIAL --benchmark-binary PATH` does the same
@@ -187,8 +210,10 @@ and parses the figures.)
 def _metadata_line(card: ModelCard, target: Target) -> str:
     if not target.runtime.client.reads_metadata:
         return ""
-    return ("\nThe model carries TFLite Metadata (written with MediaPipe's metadata writer; also in "
-            f"`{METADATA_JSON}` and the card's notes): normalisation, RGB, the labels file, what the scores are.\n")
+    return (
+        "\nThe model carries TFLite Metadata (written with MediaPipe's metadata writer; also in "
+        f"`{METADATA_JSON}` and the card's notes): normalisation, RGB, the labels file, what the scores are.\n"
+    )
 
 
 def _kotlin(card: ModelCard, target: Target, model_file: str) -> str:
@@ -199,8 +224,10 @@ def _kotlin(card: ModelCard, target: Target, model_file: str) -> str:
     try:
         mean, std = client_normalization(prep)
     except TargetError:
-        return ("\nThis model's normalisation differs per channel: MediaPipe Tasks cannot express it "
-                "(convert with `--pixels-in-graph`).\n")
+        return (
+            "\nThis model's normalisation differs per channel: MediaPipe Tasks cannot express it "
+            "(convert with `--pixels-in-graph`).\n"
+        )
     h, w = prep.crop
     resize = prep.resize_shorter or max(h, w)
     score = SCORES[card.postprocessing]
@@ -211,22 +238,28 @@ def _kotlin(card: ModelCard, target: Target, model_file: str) -> str:
         alloc = f"ByteBuffer.allocateDirect({h} * {w} * 3)"
         feed = "uint8 pixels as they are (the input quantization is the normalisation)"
     else:
-        put = (f"for (c in intArrayOf(16, 8, 0)) buf.putFloat((((p shr c) and 0xFF) - {mean:g}f) / {std:g}f)")
+        put = f"for (c in intArrayOf(16, 8, 0)) buf.putFloat((((p shr c) and 0xFF) - {mean:g}f) / {std:g}f)"
         alloc = f"ByteBuffer.allocateDirect({h} * {w} * 3 * 4)"
         feed = f"float32 (pixel - {mean:g}) / {std:g}"
     if out.dtype == "uint8":
         out_decl = f"Array(1) {{ ByteArray({card.num_classes}) }}"
-        out_read = (f"val scores = FloatArray({card.num_classes}) {{ i -> ((out[0][i].toInt() and 0xFF) - "
-                    f"{out.zero_point}) * {out.scale!r}f }}")
+        out_read = (
+            f"val scores = FloatArray({card.num_classes}) {{ i -> ((out[0][i].toInt() and 0xFF) - "
+            f"{out.zero_point}) * {out.scale!r}f }}"
+        )
     else:
         out_decl = f"Array(1) {{ FloatArray({card.num_classes}) }}"
         out_read = "val scores = out[0]"
     labels = card.labels_file or "labels.txt"
-    options = {"xnnpack": f"Interpreter.Options().setNumThreads({target.execution.threads})",
-               "gpu": "Interpreter.Options().addDelegate(GpuDelegate())",
-               "nnapi": "Interpreter.Options().addDelegate(NnApiDelegate())"}.get(delegate, "Interpreter.Options()")
-    extra_import = {"gpu": "\nimport org.tensorflow.lite.gpu.GpuDelegate  // com.google.ai.edge.litert:litert-gpu",
-                    "nnapi": "\nimport org.tensorflow.lite.nnapi.NnApiDelegate"}.get(delegate, "")
+    options = {
+        "xnnpack": f"Interpreter.Options().setNumThreads({target.execution.threads})",
+        "gpu": "Interpreter.Options().addDelegate(GpuDelegate())",
+        "nnapi": "Interpreter.Options().addDelegate(NnApiDelegate())",
+    }.get(delegate, "Interpreter.Options()")
+    extra_import = {
+        "gpu": "\nimport org.tensorflow.lite.gpu.GpuDelegate  // com.google.ai.edge.litert:litert-gpu",
+        "nnapi": "\nimport org.tensorflow.lite.nnapi.NnApiDelegate",
+    }.get(delegate, "")
     return f"""
 ## In an app (Kotlin)
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import platform
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -23,9 +24,11 @@ from edgeship.errors import DeviceError, InputError
 from edgeship.targets.profile import Arch, Target
 
 #: Why drift checks refuse adb (verify and deploy parse --adb and explain with this).
-NO_ADB_DRIFT_CHECKS = ("drift checks over adb need Python on the phone, which Android does not have; use --emulate "
-                       "for android-arm64-cpu (same XNNPACK aarch64 kernels) and `edgeship bench --adb` for phone "
-                       "latency")
+NO_ADB_DRIFT_CHECKS = (
+    "drift checks over adb need Python on the phone, which Android does not have; use --emulate "
+    "for android-arm64-cpu (same XNNPACK aarch64 kernels) and `edgeship bench --adb` for phone "
+    "latency"
+)
 
 
 @dataclass(frozen=True)
@@ -40,19 +43,34 @@ class Collected:
 class Device(Protocol):
     """Runs a staged bundle on image files."""
 
-    def collect(self, bundle: Path, files: Sequence[Path], *, threads: int | None, use_xnnpack: bool,
-                progress: Progress | None = None) -> Collected: ...
+    def collect(
+        self,
+        bundle: Path,
+        files: Sequence[Path],
+        *,
+        threads: int | None,
+        use_xnnpack: bool,
+        progress: Progress | None = None,
+    ) -> Collected: ...
 
 
 class LocalDevice:
     """This machine, in-process."""
 
-    def collect(self, bundle: Path, files: Sequence[Path], *, threads: int | None, use_xnnpack: bool,
-                progress: Progress | None = None) -> Collected:
+    def collect(
+        self,
+        bundle: Path,
+        files: Sequence[Path],
+        *,
+        threads: int | None,
+        use_xnnpack: bool,
+        progress: Progress | None = None,
+    ) -> Collected:
         from edgeship.runtime.candidate import candidate_outputs
 
-        logits, runtime = candidate_outputs(bundle, files, num_threads=threads, use_xnnpack=use_xnnpack,
-                                            progress=progress)
+        logits, runtime = candidate_outputs(
+            bundle, files, num_threads=threads, use_xnnpack=use_xnnpack, progress=progress
+        )
         return Collected(logits, runtime, f"this machine ({platform.machine()})")
 
 
@@ -70,17 +88,27 @@ class StagedDevice:
         self.runner = runner
         self.describe_where = where
 
-    def collect(self, bundle: Path, files: Sequence[Path], *, threads: int | None, use_xnnpack: bool,
-                progress: Progress | None = None) -> Collected:
+    def collect(
+        self,
+        bundle: Path,
+        files: Sequence[Path],
+        *,
+        threads: int | None,
+        use_xnnpack: bool,
+        progress: Progress | None = None,
+    ) -> Collected:
         with tempfile.TemporaryDirectory(prefix="edgeship-images-") as tmp:
             expected = stage_images(files, Path(tmp))
             if progress:
                 progress(f"run candidate on {self.describe_where({})}", None, None)
-            logits, names, runtime = self.runner.collect_outputs(bundle, Path(tmp), threads=threads,
-                                                                 use_xnnpack=use_xnnpack)
+            logits, names, runtime = self.runner.collect_outputs(
+                bundle, Path(tmp), threads=threads, use_xnnpack=use_xnnpack
+            )
         if list(names) != expected:
-            raise DeviceError(f"the device ran {len(names)} of {len(expected)} images or in another order; "
-                              "its image reader differs from this machine's")
+            raise DeviceError(
+                f"the device ran {len(names)} of {len(expected)} images or in another order; "
+                "its image reader differs from this machine's"
+            )
         return Collected(logits, runtime, self.describe_where(runtime))
 
 
@@ -135,8 +163,16 @@ class DeviceSpec:
         return replace(self, kind="ssh" if host else "local", host=host, hosts=())
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (str(v) if isinstance(v, Path) else [list(x) if isinstance(x, tuple) else x for x in v]
-                    if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+        return {
+            k: (
+                str(v)
+                if isinstance(v, Path)
+                else [list(x) if isinstance(x, tuple) else x for x in v]
+                if isinstance(v, tuple)
+                else v
+            )
+            for k, v in self.__dict__.items()
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeviceSpec:
@@ -151,8 +187,10 @@ def parse_hosts(values: Sequence[str]) -> tuple[str | None, tuple[tuple[str, str
     """``--host`` values: ``user@host[:port]`` (at most one) and ``TARGET=user@host[:port]`` (one per target)."""
     bare = [v for v in values if "=" not in v]
     if len(bare) > 1:
-        raise InputError(f"--host given {len(bare)} times without a target: name the target of each device "
-                         "(--host rpi4-aarch64=pi@host1 --host rpi-armv7=pi@host2)")
+        raise InputError(
+            f"--host given {len(bare)} times without a target: name the target of each device "
+            "(--host rpi4-aarch64=pi@host1 --host rpi-armv7=pi@host2)"
+        )
     pairs = []
     for value in values:
         if "=" in value:
@@ -176,8 +214,9 @@ def make_device(spec: DeviceSpec | None, target: Target) -> tuple[Device, str | 
         raise InputError(NO_ADB_DRIFT_CHECKS)
     if spec.kind == "emulate":
         if target.arch != Arch.AARCH64:
-            return LocalDevice(), (f"--emulate runs aarch64 only: {target.name} ({target.arch.value}) ran on "
-                                   "this machine")
+            return LocalDevice(), (
+                f"--emulate runs aarch64 only: {target.name} ({target.arch.value}) ran on this machine"
+            )
         from edgeship.targets.emulate import EmulatedDevice
 
         return StagedDevice(EmulatedDevice(), _emulated_where), None
@@ -212,8 +251,15 @@ def ssh_device(spec: DeviceSpec, target: str | None = None) -> Any:
     host = spec.host_for(target) if target else spec.host
     if not host:
         raise InputError(f"no --host for {target}: pass --host {target}=user@host[:port]")
-    return SshDevice(SshTarget.parse(host, identity=spec.identity, known_hosts=spec.known_hosts,
-                                     accept_new_host_key=spec.accept_new_host_key, python=spec.python))
+    return SshDevice(
+        SshTarget.parse(
+            host,
+            identity=spec.identity,
+            known_hosts=spec.known_hosts,
+            accept_new_host_key=spec.accept_new_host_key,
+            python=spec.python,
+        )
+    )
 
 
 def ssh_collector(spec: DeviceSpec, target: Target) -> Any:

@@ -36,9 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,8 +82,7 @@ def require_qemu() -> str:
     found = shutil.which(QEMU)
     if not found:
         raise MissingDependencyError(
-            f"{QEMU} not found on PATH (needed to emulate an aarch64 device): "
-            "sudo apt-get install qemu-user-static"
+            f"{QEMU} not found on PATH (needed to emulate an aarch64 device): sudo apt-get install qemu-user-static"
         )
     return found
 
@@ -113,8 +113,12 @@ def default_cache_dir() -> Path:
 
 def root_spec() -> dict[str, Any]:
     """What the root is made of; a root whose marker records another spec is rebuilt."""
-    return {"format": ROOT_FORMAT, "suite": DEBIAN_SUITE, "packages": list(DEBIAN_PACKAGES),
-            "wheels": _wheel_requirements()}
+    return {
+        "format": ROOT_FORMAT,
+        "suite": DEBIAN_SUITE,
+        "packages": list(DEBIAN_PACKAGES),
+        "wheels": _wheel_requirements(),
+    }
 
 
 def _wheel_requirements() -> list[str]:
@@ -231,10 +235,17 @@ def _build_root(work: Path, qemu: str, progress: ProgressFn) -> None:
     wheels = _install_wheels(root / SITE_DIR, progress)
     _compile_and_check(root, qemu, progress)
     seconds = round(time.perf_counter() - start, 1)
-    atomic_write_json(root / MARKER, {
-        "spec": root_spec(), "debs": sorted(d.name for d in debs), "wheels": wheels,
-        "mirror": _mirror(), "qemu": _qemu_version(qemu), "build_seconds": seconds,
-    })
+    atomic_write_json(
+        root / MARKER,
+        {
+            "spec": root_spec(),
+            "debs": sorted(d.name for d in debs),
+            "wheels": wheels,
+            "mirror": _mirror(),
+            "qemu": _qemu_version(qemu),
+            "build_seconds": seconds,
+        },
+    )
     log.info("built the aarch64 root in %.0f s", seconds)
 
 
@@ -245,12 +256,17 @@ def _mirror() -> str:
 def _apt_config(work: Path) -> Path:
     """A private apt configuration for arm64: its own sources, state, cache, no host keys."""
     etc, state, cache = work / "etc", work / "state", work / "cache"
-    for sub in (etc / "apt.conf.d", etc / "preferences.d", etc / "sources.list.d", etc / "trusted.gpg.d",
-                state / "lists" / "partial", cache / "archives" / "partial"):
+    for sub in (
+        etc / "apt.conf.d",
+        etc / "preferences.d",
+        etc / "sources.list.d",
+        etc / "trusted.gpg.d",
+        state / "lists" / "partial",
+        cache / "archives" / "partial",
+    ):
         sub.mkdir(parents=True, exist_ok=True)
     (state / "status").write_text("")  # nothing installed: apt fetches every dependency
-    (etc / "sources.list").write_text(
-        f"deb [arch=arm64 signed-by={DEBIAN_KEYRING}] {_mirror()} {DEBIAN_SUITE} main\n")
+    (etc / "sources.list").write_text(f"deb [arch=arm64 signed-by={DEBIAN_KEYRING}] {_mirror()} {DEBIAN_SUITE} main\n")
     lines = [
         'APT::Architecture "arm64";',
         'APT::Architectures { "arm64"; };',
@@ -276,8 +292,11 @@ def _download_debs(work: Path, progress: ProgressFn) -> list[Path]:
     progress(f"apt-get update (arm64, {_mirror()} {DEBIAN_SUITE})", None, None)
     _run_step(["apt-get", "-q", "update"], env=env, what=f"apt-get update of {_mirror()} {DEBIAN_SUITE} arm64")
     progress("download arm64 packages", None, None)
-    _run_step(["apt-get", "-q", "-y", "--download-only", "install", *DEBIAN_PACKAGES], env=env,
-              what=f"apt-get download of {' '.join(DEBIAN_PACKAGES)} (arm64)")
+    _run_step(
+        ["apt-get", "-q", "-y", "--download-only", "install", *DEBIAN_PACKAGES],
+        env=env,
+        what=f"apt-get download of {' '.join(DEBIAN_PACKAGES)} (arm64)",
+    )
     debs = sorted((work / "cache" / "archives").glob("*.deb"))
     if not debs:
         raise DeviceError(f"apt-get downloaded no arm64 packages for {' '.join(DEBIAN_PACKAGES)}")
@@ -306,9 +325,28 @@ def _install_wheels(site: Path, progress: ProgressFn) -> dict[str, str]:
     reqs = _wheel_requirements()
     progress(f"pip install aarch64 wheels: {' '.join(reqs)}", None, None)
     platforms = [arg for p in WHEEL_PLATFORMS for arg in ("--platform", p)]
-    _run_step([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-warn-conflicts",
-               "--no-compile", "--target", str(site), "--only-binary=:all:", "--implementation", "cp",
-               "--python-version", "3.11", *platforms, *reqs], what="pip install of the aarch64 wheels")
+    _run_step(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-warn-conflicts",
+            "--no-compile",
+            "--target",
+            str(site),
+            "--only-binary=:all:",
+            "--implementation",
+            "cp",
+            "--python-version",
+            "3.11",
+            *platforms,
+            *reqs,
+        ],
+        what="pip install of the aarch64 wheels",
+    )
     names = (d.name.removesuffix(".dist-info").split("-", 1) for d in sorted(site.glob("*.dist-info")))
     return {name: version for name, version in names}
 
@@ -320,14 +358,22 @@ def _compile_and_check(root: Path, qemu: str, progress: ProgressFn) -> None:
     proves that the emulated interpreter and the wheels work before the root is published.
     """
     progress("byte-compile and check the guest Python (emulated)", None, None)
-    script = ("import compileall, re, sys\n"
-              "skip = re.compile(r'/tests?/')\n"
-              "ok = all([compileall.compile_dir(d, quiet=1, rx=skip) for d in sys.argv[1:]])\n"
-              "import numpy, PIL.Image, ai_edge_litert.interpreter\n"
-              "sys.exit(0 if ok else 'byte-compiling failed')\n")
+    script = (
+        "import compileall, re, sys\n"
+        "skip = re.compile(r'/tests?/')\n"
+        "ok = all([compileall.compile_dir(d, quiet=1, rx=skip) for d in sys.argv[1:]])\n"
+        "import numpy, PIL.Image, ai_edge_litert.interpreter\n"
+        "sys.exit(0 if ok else 'byte-compiling failed')\n"
+    )
     env = _guest_env(root, [], None, write_bytecode=True)
-    proc = _run_guest(["-c", script, str(root / "usr/lib/python3.11"), str(root / SITE_DIR)], root=root,
-                      qemu=qemu, cpu=DEFAULT_CPU, timeout=BUILD_STEP_TIMEOUT, env=env)
+    proc = _run_guest(
+        ["-c", script, str(root / "usr/lib/python3.11"), str(root / SITE_DIR)],
+        root=root,
+        qemu=qemu,
+        cpu=DEFAULT_CPU,
+        timeout=BUILD_STEP_TIMEOUT,
+        env=env,
+    )
     _check_guest(proc, "checking the new aarch64 root")
 
 
@@ -344,8 +390,10 @@ def _run_step(cmd: list[str], *, what: str, env: dict[str, str] | None = None) -
     except subprocess.TimeoutExpired as exc:
         raise DeviceError(f"building the aarch64 root: {what} timed out after {exc.timeout:.0f} s") from exc
     if proc.returncode != 0:
-        raise DeviceError(f"building the aarch64 root: {what} failed (exit code {proc.returncode}): "
-                          f"{last_line(proc.stderr) or last_line(proc.stdout)}")
+        raise DeviceError(
+            f"building the aarch64 root: {what} failed (exit code {proc.returncode}): "
+            f"{last_line(proc.stderr) or last_line(proc.stdout)}"
+        )
 
 
 def last_line(text: str | bytes | None) -> str:
@@ -398,8 +446,9 @@ def _source_links() -> dict[str, str]:
     return links
 
 
-def _guest_env(root: Path, python_path: Sequence[Path], extra: dict[str, str] | None, *,
-               write_bytecode: bool = False) -> dict[str, str]:
+def _guest_env(
+    root: Path, python_path: Sequence[Path], extra: dict[str, str] | None, *, write_bytecode: bool = False
+) -> dict[str, str]:
     """The host environment without the host Python's and loader's settings, plus the guest's path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "LD_", "VIRTUAL_ENV", "CONDA"))}
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in [*python_path, root / SITE_DIR])
@@ -416,17 +465,21 @@ def _no_core_dumps() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _run_guest(args: Sequence[str], *, root: Path, qemu: str, cpu: str, timeout: float,
-               env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_guest(
+    args: Sequence[str], *, root: Path, qemu: str, cpu: str, timeout: float, env: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
     """Run the guest Python; a timeout becomes a :class:`DeviceError`."""
     cmd = [qemu, "-L", str(root), "-cpu", cpu, str(root / GUEST_PYTHON), *args]
     log.debug("run %s", " ".join(cmd))
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False,
-                              preexec_fn=_no_core_dumps)
+        return subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False, preexec_fn=_no_core_dumps
+        )
     except subprocess.TimeoutExpired as exc:
-        raise DeviceError(f"emulated aarch64 python ({cpu}) timed out after {timeout:g} s running "
-                          f"{_short(args)}; last output: {last_line(exc.stderr)}") from exc
+        raise DeviceError(
+            f"emulated aarch64 python ({cpu}) timed out after {timeout:g} s running "
+            f"{_short(args)}; last output: {last_line(exc.stderr)}"
+        ) from exc
 
 
 def _check_guest(proc: subprocess.CompletedProcess[str], what: str) -> None:
@@ -452,8 +505,15 @@ def _short(args: Sequence[str]) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def run_python(args: list[str], *, root: Path, cpu: str = DEFAULT_CPU, timeout: float = 3600,
-               env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def run_python(
+    args: list[str],
+    *,
+    root: Path,
+    cpu: str = DEFAULT_CPU,
+    timeout: float = 3600,
+    env: dict[str, str] | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run the root's arm64 ``python3.11`` under ``qemu-aarch64-static`` (no shell).
 
     ``PYTHONPATH`` holds this installation's edgeship sources (see :func:`source_folder`)
@@ -500,8 +560,14 @@ class EmulatedDevice:
         progress: Progress hook for building the root.
     """
 
-    def __init__(self, root: Path | None = None, *, cpu: str = DEFAULT_CPU, cache_dir: Path | None = None,
-                 progress: ProgressFn | None = None) -> None:
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        cpu: str = DEFAULT_CPU,
+        cache_dir: Path | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
         self._root = Path(root) if root is not None else None
         self.cpu = cpu
         self.cache_dir = cache_dir
@@ -517,9 +583,15 @@ class EmulatedDevice:
     def describe(self) -> dict[str, str]:
         return {"access": "emulated", "machine": "aarch64", "emulator": QEMU, "cpu": self.cpu, "root": str(self.root)}
 
-    def collect_outputs(self, model: str | os.PathLike[str], image_dir: str | os.PathLike[str], *,
-                        threads: int | None = None, use_xnnpack: bool = True, timeout: float = 3600
-                        ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    def collect_outputs(
+        self,
+        model: str | os.PathLike[str],
+        image_dir: str | os.PathLike[str],
+        *,
+        threads: int | None = None,
+        use_xnnpack: bool = True,
+        timeout: float = 3600,
+    ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
         """Run ``python -m edgeship.runtime.collect`` on the emulated CPU.
 
         Args:
@@ -558,9 +630,21 @@ class EmulatedDevice:
     def _check_visible(self, path: Path) -> None:
         """qemu -L maps a path that also exists in the root to the root's copy: refuse those."""
         if (self.root / str(path).lstrip("/")).exists():
-            raise InputError(f"{path} also exists inside the aarch64 root {self.root}, which hides it from the "
-                             "emulated device: move it (e.g. under /tmp)")
+            raise InputError(
+                f"{path} also exists inside the aarch64 root {self.root}, which hides it from the "
+                "emulated device: move it (e.g. under /tmp)"
+            )
 
 
-__all__ = ["DEFAULT_CPU", "EmulatedDevice", "QEMU", "default_cache_dir", "ensure_root", "require_qemu",
-           "root_info", "root_ready", "run_python", "source_folder"]
+__all__ = [
+    "DEFAULT_CPU",
+    "EmulatedDevice",
+    "QEMU",
+    "default_cache_dir",
+    "ensure_root",
+    "require_qemu",
+    "root_info",
+    "root_ready",
+    "run_python",
+    "source_folder",
+]

@@ -118,18 +118,27 @@ def check_host(prof: PiProfile, *, build: bool = True) -> None:
     """Root, the ssh tools (and mmdebstrap to ``build``), and a qemu binfmt entry for the profile's CPU."""
     if os.geteuid() != 0:
         raise DeviceError("an emulated Pi needs root (mount, chroot): run edgeship emulate with sudo")
-    tools = [("unshare", "util-linux"), ("chroot", "coreutils"), ("ssh", "openssh-client"),
-             ("ssh-keygen", "openssh-client"), (prof.qemu, "qemu-user-static")]
+    tools = [
+        ("unshare", "util-linux"),
+        ("chroot", "coreutils"),
+        ("ssh", "openssh-client"),
+        ("ssh-keygen", "openssh-client"),
+        (prof.qemu, "qemu-user-static"),
+    ]
     for tool, package in [*tools, *([("mmdebstrap", "mmdebstrap")] if build else [])]:
         _require(tool, package)
     entry = Path("/proc/sys/fs/binfmt_misc") / ("qemu-aarch64" if prof.debian_arch == "arm64" else "qemu-arm")
     if not entry.is_file() or "enabled" not in entry.read_text():
-        raise DeviceError(f"no binfmt_misc entry {entry}: the kernel cannot run {prof.machine} programs; "
-                          "sudo apt-get install qemu-user-static binfmt-support (or mount binfmt_misc and "
-                          "run update-binfmts --enable)")
+        raise DeviceError(
+            f"no binfmt_misc entry {entry}: the kernel cannot run {prof.machine} programs; "
+            "sudo apt-get install qemu-user-static binfmt-support (or mount binfmt_misc and "
+            "run update-binfmts --enable)"
+        )
     if "F" not in _binfmt_flags(entry):
-        raise DeviceError(f"{entry} lacks the F flag, so a chroot cannot find the emulator: reinstall "
-                          "qemu-user-static (Debian registers it with flags OCF/POF)")
+        raise DeviceError(
+            f"{entry} lacks the F flag, so a chroot cannot find the emulator: reinstall "
+            "qemu-user-static (Debian registers it with flags OCF/POF)"
+        )
 
 
 def _binfmt_flags(entry: Path) -> str:
@@ -144,8 +153,14 @@ def _binfmt_flags(entry: Path) -> str:
 
 def root_spec(prof: PiProfile, mirror: str) -> dict[str, Any]:
     """What a root is made of; its digest names the cached folder."""
-    return {"format": ROOT_FORMAT, "suite": SUITE, "arch": prof.debian_arch, "packages": list(prof.packages),
-            "mirror": mirror, "variant": "apt"}
+    return {
+        "format": ROOT_FORMAT,
+        "suite": SUITE,
+        "arch": prof.debian_arch,
+        "packages": list(prof.packages),
+        "mirror": mirror,
+        "variant": "apt",
+    }
 
 
 def root_path(prof: PiProfile, *, cache: Path | None = None, mirror: str | None = None) -> Path:
@@ -208,8 +223,15 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _mmdebstrap(prof: PiProfile, dest: Path) -> float:
-    cmd = ["mmdebstrap", "--variant=apt", f"--arch={prof.debian_arch}", f"--include={','.join(prof.packages)}",
-           SUITE, str(dest), _mirror()]
+    cmd = [
+        "mmdebstrap",
+        "--variant=apt",
+        f"--arch={prof.debian_arch}",
+        f"--include={','.join(prof.packages)}",
+        SUITE,
+        str(dest),
+        _mirror(),
+    ]
     log.info("run %s", " ".join(cmd))
     start = time.monotonic()
     try:
@@ -218,8 +240,10 @@ def _mmdebstrap(prof: PiProfile, dest: Path) -> float:
         raise DeviceError(f"mmdebstrap of the {prof.debian_arch} root did not finish in {exc.timeout:.0f} s") from exc
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
-        raise DeviceError(f"mmdebstrap of the {prof.debian_arch} root failed (exit {proc.returncode}): "
-                          f"{lines[-1] if lines else 'no output'}")
+        raise DeviceError(
+            f"mmdebstrap of the {prof.debian_arch} root failed (exit {proc.returncode}): "
+            f"{lines[-1] if lines else 'no output'}"
+        )
     return time.monotonic() - start
 
 
@@ -230,15 +254,24 @@ def _prepare_root(root: Path, prof: PiProfile, seconds: float) -> None:
     host_key.unlink(missing_ok=True)
     _keygen(host_key, "edgeship-emulated-pi")
     (root / "run/sshd").mkdir(parents=True, exist_ok=True)
-    atomic_write_json(root / MARKER, {"spec": root_spec(prof, _mirror()), "profile": asdict(prof),
-                                      "build_seconds": round(seconds, 1),
-                                      "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    atomic_write_json(
+        root / MARKER,
+        {
+            "spec": root_spec(prof, _mirror()),
+            "profile": asdict(prof),
+            "build_seconds": round(seconds, 1),
+            "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
 
 
 def _add_user(root: Path) -> None:
     """``pi`` (uid 1000, bash, home /home/pi), written into the root's account files directly."""
-    lines = {"etc/passwd": f"{USER}:x:{UID}:{UID}:Raspberry Pi user:/home/{USER}:/bin/bash",
-             "etc/group": f"{USER}:x:{UID}:", "etc/shadow": f"{USER}:*:19000:0:99999:7:::"}
+    lines = {
+        "etc/passwd": f"{USER}:x:{UID}:{UID}:Raspberry Pi user:/home/{USER}:/bin/bash",
+        "etc/group": f"{USER}:x:{UID}:",
+        "etc/shadow": f"{USER}:*:19000:0:99999:7:::",
+    }
     for rel, line in lines.items():
         path = root / rel
         text = path.read_text() if path.exists() else ""
@@ -252,8 +285,12 @@ def _add_user(root: Path) -> None:
 
 def _keygen(path: Path, comment: str) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return path.with_name(path.name + ".pub").read_text().strip()
 
 
@@ -293,8 +330,10 @@ class EmulatedPi:
         """An :class:`~edgeship.targets.ssh.SshTarget` that reaches it."""
         from edgeship.targets.ssh import SshTarget
 
-        return SshTarget.parse(self.host, **{"identity": self.identity, "known_hosts": self.known_hosts,
-                                             "connect_timeout": 30, **overrides})
+        return SshTarget.parse(
+            self.host,
+            **{"identity": self.identity, "known_hosts": self.known_hosts, "connect_timeout": 30, **overrides},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -341,8 +380,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def start(name: str, *, cache: Path | None = None, port: int | None = None, ca_bundle: Path | None = None,
-          progress: Any = None) -> EmulatedPi:
+def start(
+    name: str,
+    *,
+    cache: Path | None = None,
+    port: int | None = None,
+    ca_bundle: Path | None = None,
+    progress: Any = None,
+) -> EmulatedPi:
     """Build (once) and start the emulated Pi for target ``name``; return how to reach it.
 
     Args:
@@ -409,29 +454,51 @@ def _free_port() -> int:
 
 
 def _sshd_config(port: int, prof: PiProfile) -> str:
-    return "\n".join([
-        f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey /{HOST_KEY}", "PidFile none",
-        "AuthorizedKeysFile .ssh/authorized_keys", "PermitRootLogin no", "PubkeyAuthentication yes",
-        "PasswordAuthentication no", "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no",
-        "UseDNS no", "PrintMotd no", "PrintLastLog no", "LogLevel INFO",
-        # The CPU every program of a login runs on (sshd gives sessions a fresh environment).
-        f"SetEnv QEMU_CPU={prof.qemu_cpu}",
-        "Subsystem sftp internal-sftp", ""])
+    return "\n".join(
+        [
+            f"Port {port}",
+            "ListenAddress 127.0.0.1",
+            f"HostKey /{HOST_KEY}",
+            "PidFile none",
+            "AuthorizedKeysFile .ssh/authorized_keys",
+            "PermitRootLogin no",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "StrictModes no",
+            "UseDNS no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "LogLevel INFO",
+            # The CPU every program of a login runs on (sshd gives sessions a fresh environment).
+            f"SetEnv QEMU_CPU={prof.qemu_cpu}",
+            "Subsystem sftp internal-sftp",
+            "",
+        ]
+    )
 
 
 #: Run as ``sh -c SCRIPT sh ROOT`` inside ``unshare --mount``: the mounts live in that namespace only.
-_LAUNCH = ('set -e; r=$1; mount -t proc proc "$r/proc"; mount -t sysfs sysfs "$r/sys"; '
-           'mount --rbind /dev "$r/dev"; mkdir -p "$r/run/sshd"; '
-           f'exec chroot "$r" /usr/sbin/sshd -D -e -f /{SSHD_CONFIG}')
+_LAUNCH = (
+    'set -e; r=$1; mount -t proc proc "$r/proc"; mount -t sysfs sysfs "$r/sys"; '
+    'mount --rbind /dev "$r/dev"; mkdir -p "$r/run/sshd"; '
+    f'exec chroot "$r" /usr/sbin/sshd -D -e -f /{SSHD_CONFIG}'
+)
 
 
 def _launch(root: Path, prof: PiProfile) -> subprocess.Popen[bytes]:
     log_path = root.parent / f"{root.name}.sshd.log"
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "QEMU_CPU": prof.qemu_cpu, "LANG": "C.UTF-8"}
     with open(log_path, "wb") as fh:
-        return subprocess.Popen(["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _LAUNCH, "sh",
-                                 str(root)], stdin=subprocess.DEVNULL, stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        return subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", _LAUNCH, "sh", str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _wait_ssh(pi: EmulatedPi, proc: subprocess.Popen[bytes]) -> None:
@@ -441,15 +508,17 @@ def _wait_ssh(pi: EmulatedPi, proc: subprocess.Popen[bytes]) -> None:
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             text = log_path.read_text(errors="replace").strip().splitlines()
-            raise DeviceError(f"sshd of the emulated {pi.name} exited ({proc.returncode}): "
-                              f"{text[-1] if text else 'no output'}")
+            raise DeviceError(
+                f"sshd of the emulated {pi.name} exited ({proc.returncode}): {text[-1] if text else 'no output'}"
+            )
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", pi.port), timeout=5) as sock:
             sock.settimeout(10)
             if sock.recv(64).startswith(b"SSH-"):
                 return
         time.sleep(0.5)
-    raise DeviceError(f"sshd of the emulated {pi.name} did not answer on 127.0.0.1:{pi.port} "
-                      f"within {START_TIMEOUT:g} s")
+    raise DeviceError(
+        f"sshd of the emulated {pi.name} did not answer on 127.0.0.1:{pi.port} within {START_TIMEOUT:g} s"
+    )
 
 
 def _set_known_host(known_hosts: Path, port: int, host_key: str) -> None:
@@ -477,8 +546,9 @@ def stop(name: str | None = None, *, cache: Path | None = None) -> list[str]:
         state.unlink(missing_ok=True)
         stopped.append(pi.name)
     if name is not None and not stopped:
-        raise InputError(f"no emulated {name} is running (running: "
-                         f"{', '.join(p.name for p in running(cache)) or 'none'})")
+        raise InputError(
+            f"no emulated {name} is running (running: {', '.join(p.name for p in running(cache)) or 'none'})"
+        )
     return stopped
 
 
@@ -551,5 +621,16 @@ def emulated(name: str, **kw: Any) -> Iterator[EmulatedPi]:
             signal.signal(signal.SIGTERM, previous)
 
 
-__all__ = ["PROFILES", "EmulatedPi", "PiProfile", "client_files", "emulated", "ensure_root", "profile",
-           "root_path", "running", "start", "stop"]
+__all__ = [
+    "PROFILES",
+    "EmulatedPi",
+    "PiProfile",
+    "client_files",
+    "emulated",
+    "ensure_root",
+    "profile",
+    "root_path",
+    "running",
+    "start",
+    "stop",
+]

@@ -87,5 +87,15 @@ def system_check_script(target: Target) -> str | None:
     return "import numpy, PIL.Image"
 
 
-__all__ = ["REQUIREMENTS", "VENV", "apt_command", "device_requirements", "interpreter_pin", "requirements_text",
-           "system_check_script", "uses_system_packages", "venv_command", "verified_version"]
+__all__ = [
+    "REQUIREMENTS",
+    "VENV",
+    "apt_command",
+    "device_requirements",
+    "interpreter_pin",
+    "requirements_text",
+    "system_check_script",
+    "uses_system_packages",
+    "venv_command",
+    "verified_version",
+]

@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -38,10 +39,12 @@ from edgeship.targets.metadata import embed_metadata, read_metadata
 log = logging.getLogger(__name__)
 
 #: What MediaPipe Tasks' ImageClassifier does to an image (source read, then measured here).
-PREPROCESSING = ("MediaPipe ImageClassifier: the whole image (or the app's region of interest) stretched to the "
-                 "model input with OpenCV warpPerspective INTER_LINEAR: no center crop, aspect ratio not kept, "
-                 "no antialiasing; uint8 input: pixels as they are; float input: (pixel - mean) / std from the "
-                 "metadata (one value for all channels)")
+PREPROCESSING = (
+    "MediaPipe ImageClassifier: the whole image (or the app's region of interest) stretched to the "
+    "model input with OpenCV warpPerspective INTER_LINEAR: no center crop, aspect ratio not kept, "
+    "no antialiasing; uint8 input: pixels as they are; float input: (pixel - mean) / std from the "
+    "metadata (one value for all channels)"
+)
 #: Same-pixel agreement with edgeship's runtime below which the client path is reported as broken.
 MIN_RUNTIME_AGREEMENT = 0.99
 
@@ -66,21 +69,34 @@ class ClientDrift:
         return self.runtime_agreement is None or self.runtime_agreement >= MIN_RUNTIME_AGREEMENT
 
     def to_dict(self) -> dict[str, Any]:
-        return {"client": self.client, "preprocessing": PREPROCESSING, "images": self.images,
-                "client_preprocessing": self.client_preprocessing.to_dict(),
-                "card_preprocessing": self.card_preprocessing.to_dict(),
-                "roi_preprocessing": self.roi_preprocessing.to_dict(),
-                "runtime_agreement": self.runtime_agreement, "min_runtime_agreement": MIN_RUNTIME_AGREEMENT,
-                "ok": self.ok, "metadata": self.metadata,
-                "metadata_source": "embedded by this check (the model had none)" if self.embedded_here else "model",
-                "summary": summary_line(self)}
+        return {
+            "client": self.client,
+            "preprocessing": PREPROCESSING,
+            "images": self.images,
+            "client_preprocessing": self.client_preprocessing.to_dict(),
+            "card_preprocessing": self.card_preprocessing.to_dict(),
+            "roi_preprocessing": self.roi_preprocessing.to_dict(),
+            "runtime_agreement": self.runtime_agreement,
+            "min_runtime_agreement": MIN_RUNTIME_AGREEMENT,
+            "ok": self.ok,
+            "metadata": self.metadata,
+            "metadata_source": "embedded by this check (the model had none)" if self.embedded_here else "model",
+            "summary": summary_line(self),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClientDrift:
         """The inverse of :meth:`to_dict` (derived entries such as ``ok`` and ``summary`` are recomputed)."""
-        return cls(str(d["client"]), int(d["images"]), DriftFigures.from_dict(d["client_preprocessing"]),
-                   DriftFigures.from_dict(d["card_preprocessing"]), DriftFigures.from_dict(d["roi_preprocessing"]),
-                   d.get("runtime_agreement"), dict(d.get("metadata") or {}), d.get("metadata_source") != "model")
+        return cls(
+            str(d["client"]),
+            int(d["images"]),
+            DriftFigures.from_dict(d["client_preprocessing"]),
+            DriftFigures.from_dict(d["card_preprocessing"]),
+            DriftFigures.from_dict(d["roi_preprocessing"]),
+            d.get("runtime_agreement"),
+            dict(d.get("metadata") or {}),
+            d.get("metadata_source") != "model",
+        )
 
 
 def _mediapipe() -> Any:
@@ -89,8 +105,10 @@ def _mediapipe() -> Any:
         from mediapipe.tasks import python as mp_tasks
         from mediapipe.tasks.python import vision
     except ImportError as exc:
-        raise MissingDependencyError(f"mediapipe is not installed (needed to check the MediaPipe Tasks path): "
-                                     f"pip install 'edgeship[android]' ({exc})") from exc
+        raise MissingDependencyError(
+            f"mediapipe is not installed (needed to check the MediaPipe Tasks path): "
+            f"pip install 'edgeship[android]' ({exc})"
+        ) from exc
     return mp, mp_tasks, vision
 
 
@@ -112,17 +130,20 @@ class MediaPipeClassifier:
         with native_stderr_to_log(logging.DEBUG):  # absl/glog start-up lines (no EGL, no GPU) say nothing wrong
             mp, mp_tasks, vision = _mediapipe()
         self._mp = mp
-        opts = vision.ImageClassifierOptions(base_options=mp_tasks.BaseOptions(model_asset_path=str(model_path)),
-                                             max_results=-1)
+        opts = vision.ImageClassifierOptions(
+            base_options=mp_tasks.BaseOptions(model_asset_path=str(model_path)), max_results=-1
+        )
         try:
             with native_stderr_to_log(logging.DEBUG):
                 self._clf = vision.ImageClassifier.create_from_options(opts)
         except (RuntimeError, ValueError) as exc:
-            raise InputError(f"MediaPipe ImageClassifier refuses {Path(model_path).name}: "
-                             f"{str(exc).splitlines()[0][:300]}") from exc
+            raise InputError(
+                f"MediaPipe ImageClassifier refuses {Path(model_path).name}: {str(exc).splitlines()[0][:300]}"
+            ) from exc
 
-    def scores(self, pixels: np.ndarray, num_classes: int, roi: tuple[float, float, float, float] | None = None
-               ) -> np.ndarray:
+    def scores(
+        self, pixels: np.ndarray, num_classes: int, roi: tuple[float, float, float, float] | None = None
+    ) -> np.ndarray:
         """Scores by class index for one uint8 RGB ``HxWx3`` image (``roi``: normalized x, y, w, h)."""
         image = self._mp.Image(image_format=self._mp.ImageFormat.SRGB, data=np.ascontiguousarray(pixels))
         opts = None
@@ -144,7 +165,7 @@ class MediaPipeClassifier:
     def close(self) -> None:
         self._clf.close()
 
-    def __enter__(self) -> "MediaPipeClassifier":
+    def __enter__(self) -> MediaPipeClassifier:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -167,9 +188,16 @@ def with_metadata(model_path: Path, card: ModelCard, folder: Path, dest: Path) -
     return out, meta.to_dict(), True
 
 
-def mediapipe_drift(model: str | os.PathLike[str], files: Sequence[Path], reference: np.ndarray, *,
-                    card: ModelCard | None = None, runtime_outputs: np.ndarray | None = None,
-                    truth: Sequence[int | None] | None = None, progress: Progress | None = None) -> ClientDrift:
+def mediapipe_drift(
+    model: str | os.PathLike[str],
+    files: Sequence[Path],
+    reference: np.ndarray,
+    *,
+    card: ModelCard | None = None,
+    runtime_outputs: np.ndarray | None = None,
+    truth: Sequence[int | None] | None = None,
+    progress: Progress | None = None,
+) -> ClientDrift:
     """Run the model through MediaPipe's ImageClassifier and compare with the float reference.
 
     Args:
@@ -200,8 +228,16 @@ def mediapipe_drift(model: str | os.PathLike[str], files: Sequence[Path], refere
     if runtime_outputs is None:
         runtime_outputs = np.stack([Classifier.load(model).logits(f) for f in files])
     same = float(np.mean(np.argmax(cropped, 1) == np.argmax(runtime_outputs, 1))) if len(files) else None
-    return ClientDrift(client_name(), len(files), compare(reference, full, truth), compare(reference, cropped, truth),
-                       compare(reference, roi, truth), same, meta, embedded)
+    return ClientDrift(
+        client_name(),
+        len(files),
+        compare(reference, full, truth),
+        compare(reference, cropped, truth),
+        compare(reference, roi, truth),
+        same,
+        meta,
+        embedded,
+    )
 
 
 def model_crop(width: int, height: int, card: ModelCard) -> tuple[float, float, float, float]:
@@ -219,10 +255,12 @@ def model_crop(width: int, height: int, card: ModelCard) -> tuple[float, float, 
 def summary_line(drift: ClientDrift) -> str:
     """One line for the terminal."""
     same = "n/a" if drift.runtime_agreement is None else f"{100 * drift.runtime_agreement:.2f}%"
-    return (f"{drift.client}: top-1 agreement with the float reference {drift.card_preprocessing.agreement_pct:.2f}% "
-            f"on the card's crop, {drift.client_preprocessing.agreement_pct:.2f}% on full images (its own resize, "
-            f"no crop), {drift.roi_preprocessing.agreement_pct:.2f}% with the crop as region of interest; "
-            f"with edgeship's runtime on the same pixels {same} ({drift.images} images)")
+    return (
+        f"{drift.client}: top-1 agreement with the float reference {drift.card_preprocessing.agreement_pct:.2f}% "
+        f"on the card's crop, {drift.client_preprocessing.agreement_pct:.2f}% on full images (its own resize, "
+        f"no crop), {drift.roi_preprocessing.agreement_pct:.2f}% with the crop as region of interest; "
+        f"with edgeship's runtime on the same pixels {same} ({drift.images} images)"
+    )
 
 
 def client_problems(drift: ClientDrift) -> list[str]:
@@ -230,5 +268,7 @@ def client_problems(drift: ClientDrift) -> list[str]:
     pixels (empty when it agrees)."""
     if drift.ok or drift.runtime_agreement is None:
         return []
-    return [f"MediaPipe ImageClassifier agrees with edgeship's runtime on only {100 * drift.runtime_agreement:.2f}% "
-            f"of the same pixels (needs >= {100 * MIN_RUNTIME_AGREEMENT:.0f}%): the app would not see these answers"]
+    return [
+        f"MediaPipe ImageClassifier agrees with edgeship's runtime on only {100 * drift.runtime_agreement:.2f}% "
+        f"of the same pixels (needs >= {100 * MIN_RUNTIME_AGREEMENT:.0f}%): the app would not see these answers"
+    ]

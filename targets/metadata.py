@@ -85,7 +85,8 @@ def client_normalization(prep: Preprocessing) -> tuple[float, float]:
             f"the model's normalisation is per channel (mean {list(prep.mean)}, std {list(prep.std)} after "
             f"pixel_scale {prep.pixel_scale:.6g}); MediaPipe Tasks and TFLite Metadata take one mean/std for "
             "all channels: convert with --pixels-in-graph (deploy does this for Android targets) so the model "
-            "takes 0..255 pixels")
+            "takes 0..255 pixels"
+        )
     return means.pop(), stds.pop()
 
 
@@ -94,20 +95,29 @@ def classifier_metadata(card: ModelCard, labels: Sequence[str] | None) -> Classi
     prep = card.preprocessing
     mean, std = client_normalization(prep)
     h, w = prep.crop
-    resize = (f"resize the shorter side to {prep.resize_shorter} px ({prep.interpolation.value}), "
-              f"center-crop {h}x{w}" if prep.resize_shorter else f"resize to {h}x{w}")
+    resize = (
+        f"resize the shorter side to {prep.resize_shorter} px ({prep.interpolation.value}), center-crop {h}x{w}"
+        if prep.resize_shorter
+        else f"resize to {h}x{w}"
+    )
     dtype = card.input.dtype
-    feed = ("0..255 pixels as uint8 (the model's input quantization is the normalisation)"
-            if dtype == "uint8" else f"float32 (pixel - {mean:g}) / {std:g}")
+    feed = (
+        "0..255 pixels as uint8 (the model's input quantization is the normalisation)"
+        if dtype == "uint8"
+        else f"float32 (pixel - {mean:g}) / {std:g}"
+    )
     score = SCORES[card.postprocessing]
     out_dtype = card.output.dtype
     uint8 = "; uint8, dequantize with the tensor's scale/zero point" if out_dtype == "uint8" else ""
     out = _SCORE_TEXT[score] + uint8
     return ClassifierMetadata(
         name=MODEL_NAME,
-        description=(f"{card.source_model or 'image classifier'} converted by edgeship ({card.precision}); "
-                     f"{card.num_classes} classes"),
-        norm_mean=(mean,), norm_std=(std,),
+        description=(
+            f"{card.source_model or 'image classifier'} converted by edgeship ({card.precision}); "
+            f"{card.num_classes} classes"
+        ),
+        norm_mean=(mean,),
+        norm_std=(std,),
         color_space=prep.color_order.value,
         input_description=f"{prep.color_order.value} image {h}x{w}, NHWC; {feed}. Checked with this crop: {resize}.",
         output_description=f"Scores of {card.num_classes} classes: {out}.",
@@ -123,7 +133,8 @@ def _mediapipe_writer() -> Any:
     except ImportError as exc:
         raise MissingDependencyError(
             f"mediapipe is not installed (needed to write TFLite Metadata for Android clients): "
-            f"pip install 'edgeship[android]' ({exc})") from exc
+            f"pip install 'edgeship[android]' ({exc})"
+        ) from exc
     return metadata_writer
 
 
@@ -139,8 +150,13 @@ def embed_metadata(model: bytes, card: ModelCard, labels: Sequence[str] | None) 
     writer.add_general_info(meta.name, meta.description)
     spaces = mw.MetadataWriter.color_space_types
     space = spaces.BGR if meta.color_space == "BGR" else spaces.RGB
-    writer.add_image_input(list(meta.norm_mean), list(meta.norm_std), color_space_type=space, name="image",
-                           description=meta.input_description)
+    writer.add_image_input(
+        list(meta.norm_mean),
+        list(meta.norm_std),
+        color_space_type=space,
+        name="image",
+        description=meta.input_description,
+    )
     mp_labels = mw.Labels().add(list(meta.labels), exported_filename=meta.labels_file) if meta.labels else None
     writer.add_classification_output(mp_labels, name="score", description=meta.output_description)
     written, _ = writer.populate()
@@ -152,8 +168,9 @@ def read_metadata(model: bytes | str | os.PathLike[str]) -> ClassifierMetadata |
     try:
         from mediapipe.tasks.python.metadata import metadata as md  # heavy optional dependency: deferred
     except ImportError as exc:
-        raise MissingDependencyError(f"mediapipe is not installed (needed to read TFLite Metadata): "
-                                     f"pip install 'edgeship[android]' ({exc})") from exc
+        raise MissingDependencyError(
+            f"mediapipe is not installed (needed to read TFLite Metadata): pip install 'edgeship[android]' ({exc})"
+        ) from exc
     if not isinstance(model, (bytes, bytearray)):
         with open(model, "rb") as fh:
             model = fh.read()
@@ -164,8 +181,7 @@ def read_metadata(model: bytes | str | os.PathLike[str]) -> ClassifierMetadata |
     doc = json.loads(shown.get_metadata_json())
     graph = doc["subgraph_metadata"][0]
     inp, out = graph["input_tensor_metadata"][0], graph["output_tensor_metadata"][0]
-    norm = next(u["options"] for u in inp.get("process_units", [])
-                if u.get("options_type") == "NormalizationOptions")
+    norm = next(u["options"] for u in inp.get("process_units", []) if u.get("options_type") == "NormalizationOptions")
     files = [f for f in out.get("associated_files", []) if f.get("type") == "TENSOR_AXIS_LABELS"]
     labels_file = files[0]["name"] if files else None
     labels = tuple(shown.get_associated_file_buffer(labels_file).decode("utf-8").splitlines()) if labels_file else ()
@@ -174,10 +190,17 @@ def read_metadata(model: bytes | str | os.PathLike[str]) -> ClassifierMetadata |
     word = text.split(": ", 1)[-1].split(" ", 1)[0]
     score = word if word in _SCORE_TEXT else "unknown"
     return ClassifierMetadata(
-        name=doc.get("name", ""), description=doc.get("description", ""),
-        norm_mean=tuple(float(v) for v in norm["mean"]), norm_std=tuple(float(v) for v in norm["std"]),
-        color_space=space, input_description=inp.get("description", ""), output_description=text,
-        score=score, labels_file=labels_file, labels=labels)
+        name=doc.get("name", ""),
+        description=doc.get("description", ""),
+        norm_mean=tuple(float(v) for v in norm["mean"]),
+        norm_std=tuple(float(v) for v in norm["std"]),
+        color_space=space,
+        input_description=inp.get("description", ""),
+        output_description=text,
+        score=score,
+        labels_file=labels_file,
+        labels=labels,
+    )
 
 
 def pixels_feed_exactly(card: ModelCard) -> bool:
@@ -200,8 +223,11 @@ def _norm_text(prep: Preprocessing) -> str:
     def vals(v: tuple[float, ...]) -> str:
         return f"{v[0]:g}" if len(set(v)) == 1 else "[" + ",".join(f"{x:g}" for x in v) + "]"
 
-    scale = "pixel" if prep.pixel_scale == 1 else ("pixel/255" if abs(prep.pixel_scale * 255 - 1) < 1e-9
-                                                   else f"pixel*{prep.pixel_scale:g}")
+    scale = (
+        "pixel"
+        if prep.pixel_scale == 1
+        else ("pixel/255" if abs(prep.pixel_scale * 255 - 1) < 1e-9 else f"pixel*{prep.pixel_scale:g}")
+    )
     return f"({scale} - {vals(prep.mean)}) / {vals(prep.std)}"
 
 
@@ -220,12 +246,20 @@ def input_contract(card: ModelCard) -> str | None:
         how = ""
         if spec.scale:
             k = pixel_offset(prep, spec.scale, spec.zero_point or 0)
-            how = (" (feed pixels as they are)" if k == 0 else f" (feed pixel {k:+d})" if k is not None
-                   else f" (scale {spec.scale:.6g}, zero point {spec.zero_point})")
+            how = (
+                " (feed pixels as they are)"
+                if k == 0
+                else f" (feed pixel {k:+d})"
+                if k is not None
+                else f" (scale {spec.scale:.6g}, zero point {spec.zero_point})"
+            )
         diffs.append(f"dtype float32 -> {spec.dtype}{how}")
     if _norm_text(src) != _norm_text(prep):
         diffs.append(f"normalisation {_norm_text(src)} -> {_norm_text(prep)}")
     if not diffs:
         return None
-    return (f"input differs from the source model ({card.source_model or 'ONNX'}): " + "; ".join(diffs)
-            + " (feeding the source model's preprocessing gives wrong answers; see the model card)")
+    return (
+        f"input differs from the source model ({card.source_model or 'ONNX'}): "
+        + "; ".join(diffs)
+        + " (feeding the source model's preprocessing gives wrong answers; see the model card)"
+    )

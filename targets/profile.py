@@ -8,8 +8,8 @@ is reached (local, ssh, adb) and its accuracy-drift budget. Profiles ship as
 
 from __future__ import annotations
 
-import re
 import math
+import re
 
 try:
     import tomllib
@@ -86,21 +86,25 @@ class Runtime:
 
     def __post_init__(self) -> None:
         if not isinstance(self.system_packages, (list, tuple)) or not all(
-                isinstance(p, str) and p for p in self.system_packages):
+            isinstance(p, str) and p for p in self.system_packages
+        ):
             raise ValueError(f"runtime.system_packages must be a list of package names, got {self.system_packages!r}")
         object.__setattr__(self, "system_packages", tuple(self.system_packages))
         try:
             object.__setattr__(self, "client", Client(self.client))
         except ValueError:
-            raise ValueError(f"runtime.client must be one of {[c.value for c in Client]}, "
-                             f"got {self.client!r}") from None
+            raise ValueError(
+                f"runtime.client must be one of {[c.value for c in Client]}, got {self.client!r}"
+            ) from None
         # Both go into a bundle's requirements.txt: a requirement, never a line of pip options.
         if not _PACKAGE.fullmatch(self.package):
-            raise ValueError(f"runtime.package must be a package name (letters, digits, '.', '_', '-'), "
-                             f"got {self.package!r}")
+            raise ValueError(
+                f"runtime.package must be a package name (letters, digits, '.', '_', '-'), got {self.package!r}"
+            )
         if not _VERSIONS.fullmatch(self.versions):
-            raise ValueError(f"runtime.versions must be PEP 440 version specifiers such as '>=2.1,<2.4', "
-                             f"got {self.versions!r}")
+            raise ValueError(
+                f"runtime.versions must be PEP 440 version specifiers such as '>=2.1,<2.4', got {self.versions!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -212,14 +216,17 @@ class Target:
         object.__setattr__(self, "access", Access(self.access))
         client, io = self.runtime.client, self.model.io_dtype
         if client == Client.MEDIAPIPE and self.model.precision == Precision.INT8 and io != IODtype.UINT8:
-            raise ValueError(f"a {client.value} client feeds an int8 model uint8 pixels and reads uint8 or "
-                             f"float32 scores: model.io_dtype must be uint8, got {io.value}")
+            raise ValueError(
+                f"a {client.value} client feeds an int8 model uint8 pixels and reads uint8 or "
+                f"float32 scores: model.io_dtype must be uint8, got {io.value}"
+            )
 
     def pip_requirements(self) -> list[str]:
         """What ``pip install`` needs on the device to run a bundle (Python targets only)."""
         if self.access == Access.ADB:
-            raise TargetError(f"target {self.name} runs without Python (benchmark_model or an app); "
-                              "it has no pip requirements")
+            raise TargetError(
+                f"target {self.name} runs without Python (benchmark_model or an app); it has no pip requirements"
+            )
         from_pypi = [] if self.runtime.system_packages else ["numpy>=1.23,<2", "Pillow>=9"]
         return [*from_pypi, f"{self.runtime.package}{self.runtime.versions}"]
 
@@ -236,7 +243,9 @@ class Target:
 
 #: A PEP 508 distribution name, and a comma-separated list of PEP 440 version specifiers (or none).
 _PACKAGE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?")
-_VERSIONS = re.compile(r"((~=|==|!=|<=|>=|<|>|===) ?[A-Za-z0-9.*+!_-]+( ?, ?(~=|==|!=|<=|>=|<|>|===) ?[A-Za-z0-9.*+!_-]+)*)?")
+_VERSIONS = re.compile(
+    r"((~=|==|!=|<=|>=|<|>|===) ?[A-Za-z0-9.*+!_-]+( ?, ?(~=|==|!=|<=|>=|<|>|===) ?[A-Za-z0-9.*+!_-]+)*)?"
+)
 _SECTIONS: dict[str, type] = {"runtime": Runtime, "model": ModelNeeds, "execution": Execution, "budget": Budget}
 _TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
 
@@ -256,7 +265,9 @@ def _typed(cls: type, data: Any, where: str, source: str, skip: frozenset[str] =
         want = _expected_type(f.type)
         value = data[name]
         if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
-            raise TargetError(f"{source}: key '{where}.{name}' must be {f.type.lower()}, got {type(value).__name__} {value!r}")
+            raise TargetError(
+                f"{source}: key '{where}.{name}' must be {f.type.lower()}, got {type(value).__name__} {value!r}"
+            )
     return dict(data)
 
 
@@ -270,8 +281,13 @@ def _expected_type(annotation: Any) -> Any:
 
 def parse_target(data: dict[str, Any], source: str) -> Target:
     """Build a validated :class:`Target` from parsed TOML data."""
-    top = _typed(Target, {k: v for k, v in data.items() if k not in _SECTIONS}, "target", source,
-                 skip=frozenset(_SECTIONS) | {"source"})
+    top = _typed(
+        Target,
+        {k: v for k, v in data.items() if k not in _SECTIONS},
+        "target",
+        source,
+        skip=frozenset(_SECTIONS) | {"source"},
+    )
     for section in _SECTIONS:
         if section not in data:
             raise TargetError(f"{source}: missing section [{section}]")
@@ -311,8 +327,9 @@ def load_target(name_or_path: str | Path) -> Target:
         except (OSError, UnicodeDecodeError) as exc:
             raise TargetError(f"cannot read target file {path} as UTF-8 text: {exc}") from None
     else:
-        raise TargetError(f"unknown target '{text_name}'; valid targets: {', '.join(sorted(builtin))} "
-                          "(or a path to a .toml profile)")
+        raise TargetError(
+            f"unknown target '{text_name}'; valid targets: {', '.join(sorted(builtin))} (or a path to a .toml profile)"
+        )
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

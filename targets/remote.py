@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,26 +23,43 @@ class SshCollector:
         self.target = target
         self.pip_args = tuple(pip_args)
 
-    def collect_outputs(self, model_dir: Path, image_dir: Path, *, threads: int | None = None,
-                        use_xnnpack: bool = True) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+    def collect_outputs(
+        self, model_dir: Path, image_dir: Path, *, threads: int | None = None, use_xnnpack: bool = True
+    ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
         from edgeship.targets.ssh import remote_collect
 
         check_arch(self.device, self.target)
         logits, names, runtime = remote_collect(
-            self.device, model_dir, image_dir, requirements=device_requirements(self.target), threads=threads,
-            use_xnnpack=use_xnnpack, pip_args=self.pip_args, system_site_packages=uses_system_packages(self.target))
+            self.device,
+            model_dir,
+            image_dir,
+            requirements=device_requirements(self.target),
+            threads=threads,
+            use_xnnpack=use_xnnpack,
+            pip_args=self.pip_args,
+            system_site_packages=uses_system_packages(self.target),
+        )
         return logits, names, {**runtime, **device_facts(self.device)}
 
 
 def device_facts(device: Any) -> dict[str, Any]:
     """What a report records about the device: its Python, ``uname -m``, whether it is emulated, the install."""
     facts = device.probe()
-    install = {k: device.last_install.get(k) for k in ("command", "seconds", "reused", "updated",
-                                                       "requirements_sha256", "requirements")
-               if device.last_install.get(k) is not None} if device.last_install else {}
-    return {"python": facts.get("python"), "machine": facts.get("machine"),
-            **({"emulated": facts["emulated"]} if facts.get("emulated") else {}),
-            **({"install": install} if install else {})}
+    install = (
+        {
+            k: device.last_install.get(k)
+            for k in ("command", "seconds", "reused", "updated", "requirements_sha256", "requirements")
+            if device.last_install.get(k) is not None
+        }
+        if device.last_install
+        else {}
+    )
+    return {
+        "python": facts.get("python"),
+        "machine": facts.get("machine"),
+        **({"emulated": facts["emulated"]} if facts.get("emulated") else {}),
+        **({"install": install} if install else {}),
+    }
 
 
 #: How ``uname -m`` spells each target architecture.
@@ -54,13 +72,22 @@ def check_arch(device: Any, target: Target) -> None:
 
     machine = str(device.probe().get("machine", "")).lower()
     if machine and machine not in _MACHINES.get(target.arch.value, (target.arch.value,)):
-        raise TargetError(f"the device at {getattr(device.target, 'where', device.target)} is {machine}, but target "
-                          f"{target.name} is {target.arch.value}; pick the target that matches the device")
+        raise TargetError(
+            f"the device at {getattr(device.target, 'where', device.target)} is {machine}, but target "
+            f"{target.name} is {target.arch.value}; pick the target that matches the device"
+        )
 
 
-def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Sequence[str], *,
-                  pip_args: Sequence[str] = (), progress: Callable[[str, int | None, int | None], None] | None = None,
-                  images: Sequence[Path] = ()) -> dict[str, Any]:
+def ssh_benchmark(
+    device: Any,
+    target: Target,
+    models: Sequence[Path],
+    args: Sequence[str],
+    *,
+    pip_args: Sequence[str] = (),
+    progress: Callable[[str, int | None, int | None], None] | None = None,
+    images: Sequence[Path] = (),
+) -> dict[str, Any]:
     """Copy the models (with their cards) and ``images`` to the device, run ``python -m edgeship.runtime.bench``
     there (``--image`` for each image: end to end through the same runtime code), return its bench.json."""
     from edgeship.targets.ssh import new_job, remove_job
@@ -71,8 +98,12 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
     check_arch(device, target)
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
         wheel = build_edgeship_wheel(default_wheel_cache())
-        python = device.ensure_venv(device_requirements(target), wheels=[wheel], pip_args=pip_args,
-                                    system_site_packages=uses_system_packages(target))
+        python = device.ensure_venv(
+            device_requirements(target),
+            wheels=[wheel],
+            pip_args=pip_args,
+            system_site_packages=uses_system_packages(target),
+        )
         remote = new_job(device)
         try:
             names = []
@@ -94,8 +125,12 @@ def ssh_benchmark(device: Any, target: Target, models: Sequence[Path], args: Seq
                 image_args += ["--image", f"{remote}/image{i}{suffix}"]
             if progress:
                 progress(f"benchmark on {getattr(device, 'target', device)}", None, None)
-            device.run_module(python, "edgeship.runtime.bench",
-                              [*names, *args, *image_args, "-o", f"{remote}/bench.json"], timeout=3600)
+            device.run_module(
+                python,
+                "edgeship.runtime.bench",
+                [*names, *args, *image_args, "-o", f"{remote}/bench.json"],
+                timeout=3600,
+            )
             device.pull(f"{remote}/bench.json", Path(tmp) / "bench.json")
             try:
                 doc = json.loads((Path(tmp) / "bench.json").read_text())
@@ -123,16 +158,30 @@ def _original_names(doc: dict[str, Any], remote: Sequence[str], models: Sequence
 EMULATED_RUNS = 3
 
 
-def device_bench(device: Any, target: Target, models: Sequence[Path], *, runs: int, pip_args: Sequence[str] = (),
-                 progress: Callable[[str, int | None, int | None], None] | None = None) -> dict[str, Any]:
+def device_bench(
+    device: Any,
+    target: Target,
+    models: Sequence[Path],
+    *,
+    runs: int,
+    pip_args: Sequence[str] = (),
+    progress: Callable[[str, int | None, int | None], None] | None = None,
+) -> dict[str, Any]:
     """Benchmark ``models`` on the device with the target's threads and delegate; add :func:`speed_verdict`.
 
     An emulated device gets :data:`EMULATED_RUNS` runs: its timings are labelled and decide nothing.
     """
     emulated = device.probe().get("emulated")
     n = min(runs, EMULATED_RUNS) if emulated else runs
-    args = ["--threads", str(target.execution.threads), "--runs", str(n), "--warmup", "1" if emulated else "10",
-            *([] if target.execution.use_xnnpack else ["--no-xnnpack"])]
+    args = [
+        "--threads",
+        str(target.execution.threads),
+        "--runs",
+        str(n),
+        "--warmup",
+        "1" if emulated else "10",
+        *([] if target.execution.use_xnnpack else ["--no-xnnpack"]),
+    ]
     doc = ssh_benchmark(device, target, models, args, pip_args=pip_args, progress=progress)
     doc["target"] = target.name
     doc["speed"] = speed_verdict(doc)
@@ -152,11 +201,16 @@ def speed_verdict(doc: dict[str, Any]) -> dict[str, Any]:
         return {}
     fastest = min(rows, key=rows.__getitem__)
     label = emulated_label(doc)
-    verdict = {"p50_ms": rows, "fastest": fastest, "machine": (doc.get("device") or {}).get("machine"),
-               "emulated": label}
+    verdict = {
+        "p50_ms": rows,
+        "fastest": fastest,
+        "machine": (doc.get("device") or {}).get("machine"),
+        "emulated": label,
+    }
     if label:
-        verdict["recommendation"] = (f"{fastest} is fastest under emulation; not a speed decision: "
-                                     "run edgeship bench --host on the real device")
+        verdict["recommendation"] = (
+            f"{fastest} is fastest under emulation; not a speed decision: run edgeship bench --host on the real device"
+        )
     else:
         verdict["recommendation"] = f"ship {fastest}: fastest on this device"
     return verdict
@@ -169,7 +223,9 @@ def device_speed_lines(summary: dict[str, Any]) -> list[str]:
         speed = (t.get("device_bench") or {}).get("speed") or {}
         if speed:
             figures = ", ".join(f"{m} {ms:.1f} ms" for m, ms in speed["p50_ms"].items())
-            lines.append(f"{name} on its device ({speed.get('machine') or '?'}), invoke() p50: {figures}"
-                         f"{' [' + speed['emulated'] + ']' if speed.get('emulated') else ''}: "
-                         f"{speed['recommendation']}.")
+            lines.append(
+                f"{name} on its device ({speed.get('machine') or '?'}), invoke() p50: {figures}"
+                f"{' [' + speed['emulated'] + ']' if speed.get('emulated') else ''}: "
+                f"{speed['recommendation']}."
+            )
     return lines

@@ -27,9 +27,10 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from edgeship._io import sha256_file
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
@@ -65,17 +66,23 @@ print(json.dumps({'python': platform.python_version(), 'machine': m, 'system': p
                   'emulated': 'qemu-user (%s): emulated: not the speed of a Pi' % cpu if e else None}))
 """
 # $1 is the requested folder (may be empty or start with ~/); prints its absolute path.
-_WORKDIR_SCRIPT = ('d=${1:-' + DEFAULT_REMOTE_DIR + '}; case $d in "~") d=$HOME;; "~/"*) d=$HOME/${d#"~/"};; esac; '
-                   'mkdir -p -- "$d" && cd -- "$d" && pwd -P')
+_WORKDIR_SCRIPT = (
+    "d=${1:-" + DEFAULT_REMOTE_DIR + '}; case $d in "~") d=$HOME;; "~/"*) d=$HOME/${d#"~/"};; esac; '
+    'mkdir -p -- "$d" && cd -- "$d" && pwd -P'
+)
 # $1 lock folder, $2 minutes after which a lock is stale (its holder died), $3 seconds to wait.
 # mkdir is atomic: whoever creates the folder holds the lock. Exit 75 when still held after $3 s.
-_LOCK_SCRIPT = ('n=0; while ! mkdir -- "$1" 2>/dev/null; do '
-                'if [ -n "$(find "$1" -maxdepth 0 -mmin +"$2" 2>/dev/null)" ]; then '
-                'rmdir -- "$1" 2>/dev/null; continue; fi; '
-                'n=$((n+1)); if [ "$n" -ge "$3" ]; then exit 75; fi; sleep 1; done')
+_LOCK_SCRIPT = (
+    'n=0; while ! mkdir -- "$1" 2>/dev/null; do '
+    'if [ -n "$(find "$1" -maxdepth 0 -mmin +"$2" 2>/dev/null)" ]; then '
+    'rmdir -- "$1" 2>/dev/null; continue; fi; '
+    'n=$((n+1)); if [ "$n" -ge "$3" ]; then exit 75; fi; sleep 1; done'
+)
 _READ_MARKER_SCRIPT = "import sys; sys.stdout.write(open(sys.argv[1]).read())"
-_WRITE_MARKER_SCRIPT = ("import os, sys; tmp = sys.argv[1] + '.tmp'; fh = open(tmp, 'w'); fh.write(sys.argv[2]); "
-                        "fh.close(); os.replace(tmp, sys.argv[1])")
+_WRITE_MARKER_SCRIPT = (
+    "import os, sys; tmp = sys.argv[1] + '.tmp'; fh = open(tmp, 'w'); fh.write(sys.argv[2]); "
+    "fh.close(); os.replace(tmp, sys.argv[1])"
+)
 
 __all__ = [
     "SshDevice",
@@ -96,8 +103,7 @@ __all__ = [
 def _check_word(value: str, what: str) -> None:
     """Refuse names that ssh would read as options or that hold spaces/control characters."""
     if not value or value.startswith("-") or any(c.isspace() or ord(c) < 32 for c in value):
-        raise InputError(f"invalid ssh {what} {value!r}: it must be non-empty, not start with '-' "
-                         "and hold no spaces")
+        raise InputError(f"invalid ssh {what} {value!r}: it must be non-empty, not start with '-' and hold no spaces")
 
 
 def _split_spec(spec: str) -> tuple[str | None, str, int | None]:
@@ -206,17 +212,28 @@ class SshTarget:
         """
         quoted = shlex.quote(remote)
         if quoted != remote or not remote:
-            raise DeviceError(f"remote path {remote!r} on {self.where} holds characters scp would hand to the "
-                              "device's shell; use a remote work folder of letters, digits and /._- only")
+            raise DeviceError(
+                f"remote path {remote!r} on {self.where} holds characters scp would hand to the "
+                "device's shell; use a remote work folder of letters, digits and /._- only"
+            )
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{self.user}@{host}:{quoted}" if self.user else f"{host}:{quoted}"
 
     def client_options(self) -> list[str]:
         """Options shared by ``ssh`` and ``scp`` (everything but the port flag)."""
         strict = "accept-new" if self.accept_new_host_key else "yes"
-        opts = ["-o", "BatchMode=yes", "-o", f"StrictHostKeyChecking={strict}",
-                "-o", f"ConnectTimeout={max(1, math.ceil(self.connect_timeout))}",
-                "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+        opts = [
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            f"StrictHostKeyChecking={strict}",
+            "-o",
+            f"ConnectTimeout={max(1, math.ceil(self.connect_timeout))}",
+            "-o",
+            "ServerAliveInterval=15",
+            "-o",
+            "ServerAliveCountMax=4",
+        ]
         if self.known_hosts is not None:
             opts += ["-o", f"UserKnownHostsFile={_quote_config_path(self.known_hosts)}"]
         if self.identity is not None:
@@ -231,27 +248,40 @@ class SshTarget:
 
 #: (stderr pattern, message) for failures of ssh itself, most specific first.
 _SSH_PROBLEMS: tuple[tuple[str, str], ...] = (
-    (r"REMOTE HOST IDENTIFICATION HAS CHANGED",
-     "the host key of {where} CHANGED since it was stored in {known_hosts}: refusing to connect "
-     "(another machine, a reinstalled device, or an attack); if expected, remove the old key with "
-     "ssh-keygen -R {key_host}{kh_flag} and connect again"),
-    (r"host key is known for|Host key verification failed",
-     "the host key of {where} is not in {known_hosts} and host key checking is on: if this is the device "
-     "you expect, pass --accept-new-host-key (accept_new_host_key=True) to trust it on first use, "
-     "or add it with ssh-keyscan -p {port} {host} >> {known_hosts}"),
-    (r"Could not resolve hostname",
-     "cannot resolve host name {host!r}: check the spelling, or use the device's IP address"),
-    (r"Connection refused",
-     "cannot reach {where}: connection refused (is sshd running on the device, and is port {port} right?)"),
-    (r"timed out",
-     "cannot reach {where}: no answer within {timeout:g} s (is the device on, and on this network?)"),
-    (r"No route to host|Network is unreachable|Host is unreachable",
-     "cannot reach {where}: no route to the host (is the device on this network?)"),
-    (r"Permission denied \(|Too many authentication failures",
-     "ssh login to {where} was refused ({detail}): only keys are used (BatchMode); check that the key "
-     "{identity} is in the device's ~/.ssh/authorized_keys (ssh-copy-id) and the user name is right"),
-    (r"Connection closed by|Connection reset by|kex_exchange_identification|Connection timed out during banner",
-     "{where} closed the ssh connection during login ({detail}): is it an ssh server, and does it allow this user?"),
+    (
+        r"REMOTE HOST IDENTIFICATION HAS CHANGED",
+        "the host key of {where} CHANGED since it was stored in {known_hosts}: refusing to connect "
+        "(another machine, a reinstalled device, or an attack); if expected, remove the old key with "
+        "ssh-keygen -R {key_host}{kh_flag} and connect again",
+    ),
+    (
+        r"host key is known for|Host key verification failed",
+        "the host key of {where} is not in {known_hosts} and host key checking is on: if this is the device "
+        "you expect, pass --accept-new-host-key (accept_new_host_key=True) to trust it on first use, "
+        "or add it with ssh-keyscan -p {port} {host} >> {known_hosts}",
+    ),
+    (
+        r"Could not resolve hostname",
+        "cannot resolve host name {host!r}: check the spelling, or use the device's IP address",
+    ),
+    (
+        r"Connection refused",
+        "cannot reach {where}: connection refused (is sshd running on the device, and is port {port} right?)",
+    ),
+    (r"timed out", "cannot reach {where}: no answer within {timeout:g} s (is the device on, and on this network?)"),
+    (
+        r"No route to host|Network is unreachable|Host is unreachable",
+        "cannot reach {where}: no route to the host (is the device on this network?)",
+    ),
+    (
+        r"Permission denied \(|Too many authentication failures",
+        "ssh login to {where} was refused ({detail}): only keys are used (BatchMode); check that the key "
+        "{identity} is in the device's ~/.ssh/authorized_keys (ssh-copy-id) and the user name is right",
+    ),
+    (
+        r"Connection closed by|Connection reset by|kex_exchange_identification|Connection timed out during banner",
+        "{where} closed the ssh connection during login ({detail}): is it an ssh server, and does it allow this user?",
+    ),
 )
 
 
@@ -270,18 +300,26 @@ def ssh_problem(stderr: str, target: SshTarget) -> str | None:
             detail = next((ln.strip() for ln in stderr.splitlines() if found.group(0) in ln), found.group(0))
             kh = target.known_hosts
             return message.format(
-                where=target.where, host=target.host, port=target.port, timeout=target.connect_timeout,
-                known_hosts=kh or "~/.ssh/known_hosts", kh_flag=f" -f {kh}" if kh else "",
+                where=target.where,
+                host=target.host,
+                port=target.port,
+                timeout=target.connect_timeout,
+                known_hosts=kh or "~/.ssh/known_hosts",
+                kh_flag=f" -f {kh}" if kh else "",
                 key_host=target.host if target.port == 22 else f"'[{target.host}]:{target.port}'",
-                identity=target.identity or "(ssh's default keys)", detail=detail.rstrip("."))
+                identity=target.identity or "(ssh's default keys)",
+                detail=detail.rstrip("."),
+            )
     return None
 
 
 def _python_problem(proc: subprocess.CompletedProcess[str], target: SshTarget) -> str:
     err = proc.stderr or ""
     if proc.returncode == 127 or "not found" in err or "No such file" in err:
-        return (f"Python interpreter {target.python!r} not found on {target.where}: install Python 3 "
-                "(e.g. sudo apt install python3 python3-venv) or pass its path as python= (--remote-python)")
+        return (
+            f"Python interpreter {target.python!r} not found on {target.where}: install Python 3 "
+            "(e.g. sudo apt install python3 python3-venv) or pass its path as python= (--remote-python)"
+        )
     return f"{target.python} on {target.where} failed (exit {proc.returncode}): {_last_line(err)}"
 
 
@@ -291,8 +329,10 @@ def _python_problem(proc: subprocess.CompletedProcess[str], target: SshTarget) -
 def _require_tool(name: str) -> str:
     path = shutil.which(name)
     if path is None:
-        raise MissingDependencyError(f"the OpenSSH client program {name!r} is not on PATH: install it "
-                                     "(Debian/Ubuntu/Raspberry Pi OS: sudo apt install openssh-client)")
+        raise MissingDependencyError(
+            f"the OpenSSH client program {name!r} is not on PATH: install it "
+            "(Debian/Ubuntu/Raspberry Pi OS: sudo apt install openssh-client)"
+        )
     return path
 
 
@@ -320,21 +360,39 @@ class SshDevice:
         if not argv:
             raise InputError("no remote command given")
         t = self.target
-        return [shutil.which("ssh") or "ssh", "-T", *t.client_options(), "-p", str(t.port), "--",
-                t.destination, shlex.join([str(a) for a in argv])]
+        return [
+            shutil.which("ssh") or "ssh",
+            "-T",
+            *t.client_options(),
+            "-p",
+            str(t.port),
+            "--",
+            t.destination,
+            shlex.join([str(a) for a in argv]),
+        ]
 
-    def _execute(self, cmd: list[str], *, timeout: float, what: str, scp: bool = False
-                 ) -> subprocess.CompletedProcess[str]:
+    def _execute(
+        self, cmd: list[str], *, timeout: float, what: str, scp: bool = False
+    ) -> subprocess.CompletedProcess[str]:
         """Run a local ssh/scp command; connection failures become :class:`DeviceError`."""
         _require_tool(Path(cmd[0]).name)
         self._check_local_files()
         log.debug("%s: %s", what, shlex.join(cmd))
         try:
-            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                                  errors="replace", timeout=timeout, check=False)
+            proc = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
-            raise DeviceError(f"{what} on {self.target.where} did not finish within {timeout:g} s "
-                              "(device busy or connection stalled; raise the timeout if it is just slow)") from None
+            raise DeviceError(
+                f"{what} on {self.target.where} did not finish within {timeout:g} s "
+                "(device busy or connection stalled; raise the timeout if it is just slow)"
+            ) from None
         # ssh exits 255 on its own errors; scp reports them with other codes.
         if proc.returncode == 255 or (scp and proc.returncode != 0):
             problem = ssh_problem(proc.stderr, self.target)
@@ -345,11 +403,12 @@ class SshDevice:
     def _check_local_files(self) -> None:
         identity = self.target.identity
         if identity is not None and not identity.is_file():
-            raise DeviceError(f"ssh identity file {identity} for {self.target.where} does not exist: "
-                              "pass the private key file (e.g. ~/.ssh/id_ed25519), not the .pub")
+            raise DeviceError(
+                f"ssh identity file {identity} for {self.target.where} does not exist: "
+                "pass the private key file (e.g. ~/.ssh/id_ed25519), not the .pub"
+            )
 
-    def run(self, argv: Sequence[str], *, timeout: float = 600, check: bool = True
-            ) -> subprocess.CompletedProcess[str]:
+    def run(self, argv: Sequence[str], *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` on the device (``ssh ... -- dest shlex.join(argv)``).
 
         Args:
@@ -363,14 +422,15 @@ class SshDevice:
         """
         proc = self._execute(self.ssh_command(argv), timeout=timeout, what=f"running {argv[0]}")
         if check and proc.returncode != 0:
-            raise DeviceError(f"{shlex.join([str(a) for a in argv])[:200]} failed on {self.target.where} "
-                              f"(exit {proc.returncode}): {_last_line(proc.stderr)}")
+            raise DeviceError(
+                f"{shlex.join([str(a) for a in argv])[:200]} failed on {self.target.where} "
+                f"(exit {proc.returncode}): {_last_line(proc.stderr)}"
+            )
         return proc
 
     def _scp(self, sources: list[str], dest: str, *, timeout: float, what: str) -> None:
         t = self.target
-        cmd = [shutil.which("scp") or "scp", "-q", "-r", *t.client_options(), "-P", str(t.port), "--",
-               *sources, dest]
+        cmd = [shutil.which("scp") or "scp", "-q", "-r", *t.client_options(), "-P", str(t.port), "--", *sources, dest]
         proc = self._execute(cmd, timeout=timeout, what=what, scp=True)
         if proc.returncode != 0:
             raise DeviceError(f"{what} {t.where} failed (exit {proc.returncode}): {_last_line(proc.stderr)}")
@@ -402,8 +462,10 @@ class SshDevice:
             try:
                 self._probe = json.loads(_last_line(proc.stdout))
             except json.JSONDecodeError:
-                raise DeviceError(f"unexpected answer from {self.target.python} on {self.target.where}: "
-                                  f"{_last_line(proc.stdout)[:200]!r}") from None
+                raise DeviceError(
+                    f"unexpected answer from {self.target.python} on {self.target.where}: "
+                    f"{_last_line(proc.stdout)[:200]!r}"
+                ) from None
         return dict(self._probe)
 
     def workdir(self) -> str:
@@ -418,9 +480,15 @@ class SshDevice:
 
     # -- venv -----------------------------------------------------------------
 
-    def ensure_venv(self, requirements: Sequence[str], *, wheels: Sequence[Path] = (),
-                    system_site_packages: bool = True, pip_args: Sequence[str] = (),
-                    timeout: float = 1800) -> str:
+    def ensure_venv(
+        self,
+        requirements: Sequence[str],
+        *,
+        wheels: Sequence[Path] = (),
+        system_site_packages: bool = True,
+        pip_args: Sequence[str] = (),
+        timeout: float = 1800,
+    ) -> str:
         """Create or reuse an install on the device the way a bundle README says, and return its python.
 
         The install is a folder ``workdir()/venv-<hash>`` holding ``requirements.txt`` (the
@@ -470,39 +538,61 @@ class SshDevice:
                 return python
             start = time.monotonic()
             text = requirements_text(requirements, [w.name for w in wheels])
-            record = {"key": key, "requirements": list(requirements), "wheels": digests, "python": facts["python"],
-                      "machine": facts.get("machine"), "system_site_packages": system_site_packages,
-                      "requirements_sha256": hashlib.sha256(text.encode()).hexdigest()}
+            record = {
+                "key": key,
+                "requirements": list(requirements),
+                "wheels": digests,
+                "python": facts["python"],
+                "machine": facts.get("machine"),
+                "system_site_packages": system_site_packages,
+                "requirements_sha256": hashlib.sha256(text.encode()).hexdigest(),
+            }
             if marker is None:
                 log.info("creating venv %s on %s", folder, self.target.where)
                 command = self._install_fresh(folder, text, wheels, system_site_packages, pip_args, deadline)
-                record.update(command=command, seconds=round(time.monotonic() - start, 1),
-                              created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+                record.update(
+                    command=command,
+                    seconds=round(time.monotonic() - start, 1),
+                    created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                )
             else:
                 log.info("updating venv %s on %s: reinstalling changed wheels", folder, self.target.where)
                 changed = [w for w in wheels if marker.get("wheels", {}).get(w.name) != digests[w.name]]
                 self._push_wheels(folder, changed, _remaining(deadline))
-                self._pip_in(folder, ["--no-deps", "--force-reinstall", *pip_args,
-                                      *(f"./wheels/{w.name}" for w in changed)], _remaining(deadline))
+                self._pip_in(
+                    folder,
+                    ["--no-deps", "--force-reinstall", *pip_args, *(f"./wheels/{w.name}" for w in changed)],
+                    _remaining(deadline),
+                )
                 # The install stays the README's; the changed wheels' reinstall is recorded beside it.
-                record.update({k: marker.get(k) for k in ("command", "seconds", "created")},
-                              updated={"wheels": [w.name for w in changed],
-                                       "seconds": round(time.monotonic() - start, 1),
-                                       "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                record.update(
+                    {k: marker.get(k) for k in ("command", "seconds", "created")},
+                    updated={
+                        "wheels": [w.name for w in changed],
+                        "seconds": round(time.monotonic() - start, 1),
+                        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    },
+                )
             seconds = round(time.monotonic() - start, 1)
             self.run([python, "-c", _WRITE_MARKER_SCRIPT, marker_path, json.dumps(record)], timeout=SHORT_TIMEOUT)
             self.last_install = {**record, "reused": False, "folder": folder}
             log.info("venv %s on %s ready in %.1f s", folder, self.target.where, seconds)
         return python
 
-    def _install_fresh(self, folder: str, text: str, wheels: Sequence[Path], system_site_packages: bool,
-                       pip_args: Sequence[str], deadline: float) -> str:
+    def _install_fresh(
+        self,
+        folder: str,
+        text: str,
+        wheels: Sequence[Path],
+        system_site_packages: bool,
+        pip_args: Sequence[str],
+        deadline: float,
+    ) -> str:
         """The README's two steps in a new ``folder``: ``python3 -m venv .venv``, then ``pip install -r``."""
         self.run(["rm", "-rf", "--", folder], timeout=SHORT_TIMEOUT)
         self.run(["mkdir", "-p", "--", f"{folder}/wheels"], timeout=SHORT_TIMEOUT)
         self._push_wheels(folder, wheels, _remaining(deadline))
-        self.run(["sh", "-c", 'printf %s "$1" > "$2"', "sh", text, f"{folder}/requirements.txt"],
-                 timeout=SHORT_TIMEOUT)
+        self.run(["sh", "-c", 'printf %s "$1" > "$2"', "sh", text, f"{folder}/requirements.txt"], timeout=SHORT_TIMEOUT)
         self._create_venv(f"{folder}/.venv", system_site_packages, _remaining(deadline))
         self._pip_in(folder, [*pip_args, "-r", "requirements.txt"], _remaining(deadline))
         flag = " --system-site-packages" if system_site_packages else ""
@@ -511,13 +601,14 @@ class SshDevice:
     @contextlib.contextmanager
     def _remote_lock(self, path: str, *, stale_after: float, wait: float) -> Iterator[None]:
         """Hold the remote folder ``path`` as a lock (``mkdir``), waiting up to ``wait`` seconds."""
-        argv = ["sh", "-c", _LOCK_SCRIPT, "sh", path, str(max(1, math.ceil(stale_after / 60))),
-                str(max(1, int(wait)))]
+        argv = ["sh", "-c", _LOCK_SCRIPT, "sh", path, str(max(1, math.ceil(stale_after / 60))), str(max(1, int(wait)))]
         proc = self.run(argv, timeout=wait + SHORT_TIMEOUT, check=False)
         if proc.returncode == 75:
-            raise DeviceError(f"another edgeship run is still setting up {path.removesuffix('.lock')} on "
-                              f"{self.target.where} after {wait:.0f} s; try again when it is done (or remove "
-                              f"{path} if no run is active)")
+            raise DeviceError(
+                f"another edgeship run is still setting up {path.removesuffix('.lock')} on "
+                f"{self.target.where} after {wait:.0f} s; try again when it is done (or remove "
+                f"{path} if no run is active)"
+            )
         if proc.returncode != 0:
             raise DeviceError(f"cannot take the lock {path} on {self.target.where}: {_last_line(proc.stderr)}")
         try:
@@ -529,9 +620,11 @@ class SshDevice:
         facts = self.probe()
         version = tuple(int(p) for p in re.findall(r"\d+", facts.get("python", "0"))[:2])
         if version < MIN_PYTHON:
-            raise DeviceError(f"{self.target.python} on {self.target.where} is Python {facts.get('python')}; "
-                              f"edgeship needs {'.'.join(map(str, MIN_PYTHON))}+: install a newer python3 "
-                              "or pass its path as python= (--remote-python)")
+            raise DeviceError(
+                f"{self.target.python} on {self.target.where} is Python {facts.get('python')}; "
+                f"edgeship needs {'.'.join(map(str, MIN_PYTHON))}+: install a newer python3 "
+                "or pass its path as python= (--remote-python)"
+            )
         return facts
 
     def _read_marker(self, python: str, marker: str) -> dict[str, Any] | None:
@@ -550,32 +643,45 @@ class SshDevice:
         proc = self.run(argv, timeout=timeout, check=False)
         if proc.returncode != 0:
             hint = " (Debian/Raspberry Pi OS: sudo apt install python3-venv)" if "ensurepip" in proc.stderr else ""
-            raise DeviceError(f"cannot create a venv with {self.target.python} on {self.target.where}{hint}: "
-                              f"{_last_line(proc.stderr or proc.stdout)}")
+            raise DeviceError(
+                f"cannot create a venv with {self.target.python} on {self.target.where}{hint}: "
+                f"{_last_line(proc.stderr or proc.stdout)}"
+            )
 
     def _push_wheels(self, folder: str, wheels: Sequence[Path], timeout: float) -> None:
         if wheels:
             self.run(["mkdir", "-p", "--", f"{folder}/wheels"], timeout=SHORT_TIMEOUT)
-            self._scp([str(w) for w in wheels], self.target.scp_path(f"{folder}/wheels/"), timeout=timeout,
-                      what="copying wheels to")
+            self._scp(
+                [str(w) for w in wheels],
+                self.target.scp_path(f"{folder}/wheels/"),
+                timeout=timeout,
+                what="copying wheels to",
+            )
 
     def _pip_in(self, folder: str, args: Sequence[str], timeout: float) -> None:
         """``.venv/bin/pip install ARGS`` run in ``folder`` (relative ``./wheels/`` paths resolve there)."""
-        script = ('cd -- "$1" && shift && exec .venv/bin/python -m pip install --disable-pip-version-check '
-                  '--no-input --progress-bar off "$@"')
+        script = (
+            'cd -- "$1" && shift && exec .venv/bin/python -m pip install --disable-pip-version-check '
+            '--no-input --progress-bar off "$@"'
+        )
         proc = self.run(["sh", "-c", script, "sh", folder, *args], timeout=timeout, check=False)
         log.debug("pip on %s:\n%s\n%s", self.target.where, proc.stdout, proc.stderr)
         if proc.returncode != 0:
-            raise DeviceError(f"pip install on {self.target.where} failed (exit {proc.returncode}): "
-                              f"{_last_line(proc.stderr or proc.stdout, prefer='ERROR:')}")
+            raise DeviceError(
+                f"pip install on {self.target.where} failed (exit {proc.returncode}): "
+                f"{_last_line(proc.stderr or proc.stdout, prefer='ERROR:')}"
+            )
 
-    def run_module(self, venv_python: str, module: str, args: Sequence[str], *, timeout: float
-                   ) -> subprocess.CompletedProcess[str]:
+    def run_module(
+        self, venv_python: str, module: str, args: Sequence[str], *, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
         """Run ``venv_python -m module args...`` on the device; a non-zero exit raises :class:`DeviceError`."""
         proc = self.run([venv_python, "-m", module, *args], timeout=timeout, check=False)
         if proc.returncode != 0:
-            raise DeviceError(f"python -m {module} failed on {self.target.where} (exit {proc.returncode}): "
-                              f"{_last_line(proc.stderr or proc.stdout)}")
+            raise DeviceError(
+                f"python -m {module} failed on {self.target.where} (exit {proc.returncode}): "
+                f"{_last_line(proc.stderr or proc.stdout)}"
+            )
         return proc
 
 
@@ -586,10 +692,16 @@ def _remaining(deadline: float) -> float:
     return left
 
 
-def _venv_key(python: str, facts: dict[str, str], requirements: Sequence[str], wheel_names: Sequence[str],
-              system_site_packages: bool) -> str:
-    blob = json.dumps([python, facts.get("python"), facts.get("machine"), list(requirements),
-                       list(wheel_names), system_site_packages])
+def _venv_key(
+    python: str,
+    facts: dict[str, str],
+    requirements: Sequence[str],
+    wheel_names: Sequence[str],
+    system_site_packages: bool,
+) -> str:
+    blob = json.dumps(
+        [python, facts.get("python"), facts.get("machine"), list(requirements), list(wheel_names), system_site_packages]
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -611,10 +723,19 @@ def remove_job(device: SshDevice, path: str) -> None:
         log.warning("could not remove %s on %s: %s", path, device.target.where, exc)
 
 
-def remote_collect(device: SshDevice, model_dir: Path, image_dir: Path, *, requirements: Sequence[str],
-                   threads: int | None = None, use_xnnpack: bool = True, wheels: Sequence[Path] | None = None,
-                   pip_args: Sequence[str] = (), system_site_packages: bool = True, timeout: float = 1800
-                   ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
+def remote_collect(
+    device: SshDevice,
+    model_dir: Path,
+    image_dir: Path,
+    *,
+    requirements: Sequence[str],
+    threads: int | None = None,
+    use_xnnpack: bool = True,
+    wheels: Sequence[Path] | None = None,
+    pip_args: Sequence[str] = (),
+    system_site_packages: bool = True,
+    timeout: float = 1800,
+) -> tuple[np.ndarray, list[str], dict[str, Any]]:
     """Run ``python -m edgeship.runtime.collect`` on the device and return its outputs.
 
     Copies the bundle (or ``.tflite`` file) and the images into a fresh remote job
@@ -643,16 +764,19 @@ def remote_collect(device: SshDevice, model_dir: Path, image_dir: Path, *, requi
         raise InputError(f"image folder {image_dir} does not exist")
     if wheels is None:
         wheels = [build_edgeship_wheel(default_wheel_cache())]
-    python = device.ensure_venv(requirements, wheels=wheels, pip_args=pip_args,
-                                system_site_packages=system_site_packages)
+    python = device.ensure_venv(
+        requirements, wheels=wheels, pip_args=pip_args, system_site_packages=system_site_packages
+    )
     job = new_job(device)
     try:
         model = f"{job}/{'bundle' if model_dir.is_dir() else 'model.tflite'}"  # fixed names: never the user's
         device.push(model_dir, model)
         device.push(image_dir, f"{job}/images")
         args = [model, f"{job}/images", "-o", f"{job}/out.npz"]
-        args += [*(["--threads", str(threads)] if threads is not None else []),
-                 *([] if use_xnnpack else ["--no-xnnpack"])]
+        args += [
+            *(["--threads", str(threads)] if threads is not None else []),
+            *([] if use_xnnpack else ["--no-xnnpack"]),
+        ]
         device.run_module(python, "edgeship.runtime.collect", args, timeout=timeout)
         with tempfile.TemporaryDirectory(prefix="edgeship-collect-") as tmp:
             device.pull(f"{job}/out.npz", Path(tmp) / "out.npz")

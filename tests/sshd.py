@@ -20,15 +20,15 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 SSHD = Path("/usr/sbin/sshd")
-SKIP_REASON = ("OpenSSH server not installed (/usr/sbin/sshd missing): "
-               "apt-get install openssh-server openssh-client")
+SKIP_REASON = "OpenSSH server not installed (/usr/sbin/sshd missing): apt-get install openssh-server openssh-client"
 
 #: Where a root sshd insists on chrooting its unprivileged child; the system service
 #: normally creates it, and we do not start the system service.
@@ -61,8 +61,14 @@ class SshServer:
         """An :class:`edgeship.targets.ssh.SshTarget` for this server (fields overridable)."""
         from edgeship.targets.ssh import SshTarget
 
-        fields = {"host": self.host, "user": self.user, "port": self.port, "identity": self.identity,
-                  "known_hosts": self.known_hosts, "connect_timeout": 5}
+        fields = {
+            "host": self.host,
+            "user": self.user,
+            "port": self.port,
+            "identity": self.identity,
+            "known_hosts": self.known_hosts,
+            "connect_timeout": 5,
+        }
         return SshTarget(**{**fields, **overrides})
 
 
@@ -73,8 +79,12 @@ def sshd_available() -> bool:
 
 def keygen(path: Path, comment: str = "edgeship-test") -> str:
     """Create an unencrypted ed25519 key pair at ``path``; return the public key line."""
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
-                   check=True, capture_output=True, timeout=30)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
     return path.with_name(path.name + ".pub").read_text().strip()
 
 
@@ -148,8 +158,12 @@ def _launch(root: Path, start_timeout: float) -> tuple[subprocess.Popen[bytes], 
         port = _free_port()
         config = _write_config(root, port)
         with open(log, "wb") as fh:
-            proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
-                                    stdout=fh, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [str(SSHD), "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+            )
         try:
             _wait_listening(proc, port, log, start_timeout)
             return proc, port
@@ -174,9 +188,16 @@ def running_sshd(root: Path, *, start_timeout: float = 10) -> Iterator[SshServer
     host_key, identity = _prepare(root)
     proc, port = _launch(root, start_timeout)
     try:
-        server = SshServer(host="127.0.0.1", port=port, user=pwd.getpwuid(os.geteuid()).pw_name,
-                           identity=identity, known_hosts=root / "known_hosts", host_key=host_key,
-                           root=root, log=root / "sshd.log")
+        server = SshServer(
+            host="127.0.0.1",
+            port=port,
+            user=pwd.getpwuid(os.geteuid()).pw_name,
+            identity=identity,
+            known_hosts=root / "known_hosts",
+            host_key=host_key,
+            root=root,
+            log=root / "sshd.log",
+        )
         server.known_hosts.write_text(server.known_hosts_line())
         yield server
     finally:

@@ -85,8 +85,9 @@ def test_normalization_into_graph_is_exact(tiny_onnx: Path, shared_weight: bool)
     want = run(m, normalize(pixels, prep))
     got = run(new, pixels.astype(np.float32))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    unchanged, same_prep, none = normalization_into_graph(m, "x", Preprocessing(crop=(32, 32), mean=(0.5,),
-                                                                                std=(0.5,)), 3)
+    unchanged, same_prep, none = normalization_into_graph(
+        m, "x", Preprocessing(crop=(32, 32), mean=(0.5,), std=(0.5,)), 3
+    )
     assert unchanged is m and none == []
 
 
@@ -100,10 +101,13 @@ def test_android_targets_say_which_client() -> None:
     assert load_target("x86-host").runtime.client.value == "edgeship"
 
 
-@pytest.mark.parametrize("old, new, expected", [
-    ('client = "mediapipe"', 'client = "tflite-task-library"', "runtime.client must be one of"),
-    ('io_dtype = "uint8"', 'io_dtype = "int8"', "io_dtype must be uint8"),
-])
+@pytest.mark.parametrize(
+    "old, new, expected",
+    [
+        ('client = "mediapipe"', 'client = "tflite-task-library"', "runtime.client must be one of"),
+        ('io_dtype = "uint8"', 'io_dtype = "int8"', "io_dtype must be uint8"),
+    ],
+)
 def test_client_field_is_validated(tmp_path: Path, old: str, new: str, expected: str) -> None:
     from edgeship.targets import load_target
 
@@ -120,13 +124,30 @@ def tiny_android(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path, cali
     """The tiny model (ImageNet per-channel normalisation) converted with it in the graph, uint8 I/O."""
     out = tmp_path_factory.mktemp("android") / "q"
     assert main(["convert", str(tiny_onnx), "-o", str(out), "--pixels-in-graph", "-q"]) == 0
-    assert main(["quantize", str(out), "--calib", str(calib_images), "-o", str(out), "--num-calib", "20",
-                 "--target", "android-arm64-cpu", "-q"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(out),
+                "--calib",
+                str(calib_images),
+                "-o",
+                str(out),
+                "--num-calib",
+                "20",
+                "--target",
+                "android-arm64-cpu",
+                "-q",
+            ]
+        )
+        == 0
+    )
     return out
 
 
-def test_input_contract_is_stated(tiny_android: Path, tiny_onnx: Path, calib_images: Path,
-                                  tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_input_contract_is_stated(
+    tiny_android: Path, tiny_onnx: Path, calib_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from edgeship.runtime.card import ModelCard
     from edgeship.targets.metadata import input_contract
 
@@ -140,8 +161,9 @@ def test_input_contract_is_stated(tiny_android: Path, tiny_onnx: Path, calib_ima
     assert "input differs from the source model (tiny.onnx): layout NCHW -> NHWC" in capsys.readouterr().out
 
 
-def test_metadata_round_trip_and_mediapipe_loads_the_bundle(tiny_android: Path, tmp_path: Path,
-                                                            calib_images: Path) -> None:
+def test_metadata_round_trip_and_mediapipe_loads_the_bundle(
+    tiny_android: Path, tmp_path: Path, calib_images: Path
+) -> None:
     _mediapipe()
     from edgeship.runtime.card import ModelCard
     from edgeship.runtime.classifier import Classifier
@@ -150,16 +172,23 @@ def test_metadata_round_trip_and_mediapipe_loads_the_bundle(tiny_android: Path, 
     from edgeship.targets.metadata import read_metadata
 
     out = tmp_path / "bundle"
-    assert main(["bundle", str(tiny_android / "model_int8.tflite"), "--target", "android-arm64-cpu",
-                 "-o", str(out), "-q"]) == 0
+    assert (
+        main(["bundle", str(tiny_android / "model_int8.tflite"), "--target", "android-arm64-cpu", "-o", str(out), "-q"])
+        == 0
+    )
     meta = read_metadata(out / "model_int8.tflite")
     assert meta is not None and meta.norm_mean == (0.0,) and meta.norm_std == (1.0,) and meta.score == "logits"
     assert meta.to_dict() == json.loads((out / "model_metadata.json").read_text())
     card = ModelCard.load(out)
     assert any("TFLite Metadata embedded" in n for n in card.notes)
     readme = (out / "README.md").read_text()
-    for text in ("ImageClassifier.createFromOptions", "setRegionOfInterest", "org.tensorflow.lite.Interpreter",
-                 "Not compiled here", "benchmark_model"):
+    for text in (
+        "ImageClassifier.createFromOptions",
+        "setRegionOfInterest",
+        "org.tensorflow.lite.Interpreter",
+        "Not compiled here",
+        "benchmark_model",
+    ):
         assert text in readme, text
     files = list(list_images(calib_images).files)[:10]
     runtime = Classifier.load(out)
@@ -169,23 +198,53 @@ def test_metadata_round_trip_and_mediapipe_loads_the_bundle(tiny_android: Path, 
             np.testing.assert_allclose(mp.scores(px, card.num_classes), runtime.logits(f), atol=1e-5)
 
 
-def test_per_channel_model_is_refused_for_a_metadata_client(tiny_onnx: Path, calib_images: Path, tmp_path: Path,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_per_channel_model_is_refused_for_a_metadata_client(
+    tiny_onnx: Path, calib_images: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _mediapipe()
     q = tmp_path / "q"
-    assert main(["quantize", str(tiny_onnx), "--calib", str(calib_images), "-o", str(q), "--num-calib", "20",
-                 "--target", "android-arm64-cpu", "-q"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_onnx),
+                "--calib",
+                str(calib_images),
+                "-o",
+                str(q),
+                "--num-calib",
+                "20",
+                "--target",
+                "android-arm64-cpu",
+                "-q",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     code = main(["bundle", str(q / "model_int8.tflite"), "--target", "android-arm64-cpu", "-o", str(tmp_path / "b")])
     assert code != 0 and "--pixels-in-graph" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
-def test_verify_runs_the_mediapipe_path(tiny_android: Path, tiny_onnx: Path, calib_images: Path,
-                                        tmp_path: Path) -> None:
+def test_verify_runs_the_mediapipe_path(
+    tiny_android: Path, tiny_onnx: Path, calib_images: Path, tmp_path: Path
+) -> None:
     _mediapipe()
     report = tmp_path / "d.json"
-    code = main(["verify", str(tiny_onnx), str(tiny_android / "model_int8.tflite"), "--images", str(calib_images),
-                 "--target", "android-arm64-cpu", "-r", str(report), "-q"])
+    code = main(
+        [
+            "verify",
+            str(tiny_onnx),
+            str(tiny_android / "model_int8.tflite"),
+            "--images",
+            str(calib_images),
+            "--target",
+            "android-arm64-cpu",
+            "-r",
+            str(report),
+            "-q",
+        ]
+    )
     doc = json.loads(report.read_text())
     client = doc["client_check"]
     assert client["runtime_agreement"] == 1.0 and client["ok"] and client["metadata_source"].startswith("embedded")
@@ -203,15 +262,33 @@ PHOTOS = {"parrot.jpg": "macaw", "bird.bmp": "chickadee", "hot_dog.jpg": "hotdog
 def test_real_android_model_in_mediapipe(real_bundle: Path, assets: Path, tmp_path: Path) -> None:
     """The android-arm64-cpu bundle as written loads in MediaPipe Tasks and answers like edgeship's runtime."""
     _mediapipe()
+    from edgeship.runtime.card import ModelCard
     from edgeship.runtime.classifier import Classifier
     from edgeship.runtime.images import list_images, load_rgb, resize_crop
-    from edgeship.runtime.card import ModelCard
     from edgeship.targets.mediapipe_check import MediaPipeClassifier
 
     sample = assets / "data" / "imagenet-sample"
     q = tmp_path / "q"
-    assert main(["quantize", str(real_bundle), "--calib", str(sample), "--num-calib", "100", "--max-eval", "50",
-                 "--target", "android-arm64-cpu", "-o", str(q), "-q"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(real_bundle),
+                "--calib",
+                str(sample),
+                "--num-calib",
+                "100",
+                "--max-eval",
+                "50",
+                "--target",
+                "android-arm64-cpu",
+                "-o",
+                str(q),
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "bundle"
     assert main(["bundle", str(q / "model_int8.tflite"), "--target", "android-arm64-cpu", "-o", str(out), "-q"]) == 0
     card = ModelCard.load(out)
@@ -220,12 +297,14 @@ def test_real_android_model_in_mediapipe(real_bundle: Path, assets: Path, tmp_pa
     runtime = Classifier.load(out)
     with MediaPipeClassifier(out / "model_int8.tflite") as mp:
         names = {}
-        for photo, want in PHOTOS.items():
+        for photo, _want in PHOTOS.items():
             s = mp.scores(np.asarray(load_rgb(assets / "data" / "images" / photo)), card.num_classes)
             names[photo] = runtime.label(int(np.argmax(s)))
         assert names == PHOTOS
-        same = [np.argmax(mp.scores(resize_crop(f, card.preprocessing), card.num_classes)) == np.argmax(runtime.logits(f))
-                for f in held_apart]
+        same = [
+            np.argmax(mp.scores(resize_crop(f, card.preprocessing), card.num_classes)) == np.argmax(runtime.logits(f))
+            for f in held_apart
+        ]
     assert np.mean(same) >= 0.99, np.mean(same)
 
 
@@ -236,9 +315,9 @@ def test_real_per_channel_model_through_mediapipe(assets: Path, tmp_path: Path) 
     import onnx
 
     from edgeship.runtime.card import ModelCard
-    from edgeship.verify.drift import reference_outputs
     from edgeship.runtime.images import list_images
     from edgeship.targets.mediapipe_check import mediapipe_drift
+    from edgeship.verify.drift import reference_outputs
 
     m = onnx.load(str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"))
     head = [n for n in m.graph.node[:2]]
@@ -252,8 +331,21 @@ def test_real_per_channel_model_through_mediapipe(assets: Path, tmp_path: Path) 
     cut = tmp_path / "cut.onnx"
     onnx.save(m, str(cut))
     out = tmp_path / "conv"
-    assert main(["convert", str(cut), "-o", str(out), "--pixels-in-graph", "-q",
-                 "--labels", str(assets / "data" / "imagenet_classes.txt")]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(cut),
+                "-o",
+                str(out),
+                "--pixels-in-graph",
+                "-q",
+                "--labels",
+                str(assets / "data" / "imagenet_classes.txt"),
+            ]
+        )
+        == 0
+    )
     card = ModelCard.load(out)
     assert card.source_preprocessing.mean == (0.485, 0.456, 0.406) and card.preprocessing.std == (1.0,)
     files = list(list_images(assets / "data" / "imagenet-sample").files)[100:200]

@@ -24,30 +24,44 @@ def _classifier(*, head: str = "", names: str = "", maxpool_after: str = "Relu",
         return numpy_helper.from_array((rng.standard_normal(shape) * scale).astype(np.float32), name + names)
 
     t = lambda n: n + names  # noqa: E731 - tensor names with the given suffix
-    inits = [init("w1", (8, 3, 3, 3)), init("b1", (8,), 0.1), init("w2", (8, 8, 3, 3), 0.2), init("b2", (8,), 0.1),
-             init("wf", (10, 8)), init("bf", (10,), 0.1)]
+    inits = [
+        init("w1", (8, 3, 3, 3)),
+        init("b1", (8,), 0.1),
+        init("w2", (8, 8, 3, 3), 0.2),
+        init("b2", (8,), 0.1),
+        init("wf", (10, 8)),
+        init("bf", (10,), 0.1),
+    ]
     nodes = [helper.make_node("Conv", [t("x"), t("w1"), t("b1")], [t("c1")], pads=[1, 1, 1, 1], name=t("Conv"))]
     pool_in = t("c1")
     if maxpool_after == "Relu":
         nodes.append(helper.make_node("Relu", [t("c1")], [t("r1")], name=t("Relu")))
         pool_in = t("r1")
     nodes += [
-        helper.make_node("MaxPool", [pool_in], [t("p")], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1],
-                         name=t("MaxPool")),
+        helper.make_node(
+            "MaxPool", [pool_in], [t("p")], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], name=t("MaxPool")
+        ),
         helper.make_node("Conv", [t("p"), t("w2"), t("b2")], [t("c2")], pads=[1, 1, 1, 1], name=t("Conv2")),
     ]
     if out_shape is None:
-        nodes += [helper.make_node("GlobalAveragePool", [t("c2")], [t("g")], name=t("Pool")),
-                  helper.make_node("Flatten", [t("g")], [t("f")], axis=1, name=t("Flatten")),
-                  helper.make_node("Gemm", [t("f"), t("wf"), t("bf")], [t("logits")], transB=1, name=t("Gemm"))]
+        nodes += [
+            helper.make_node("GlobalAveragePool", [t("c2")], [t("g")], name=t("Pool")),
+            helper.make_node("Flatten", [t("g")], [t("f")], axis=1, name=t("Flatten")),
+            helper.make_node("Gemm", [t("f"), t("wf"), t("bf")], [t("logits")], transB=1, name=t("Gemm")),
+        ]
         last, shape = t("logits"), ["N", 10]
     else:
         last, shape = t("c2"), out_shape
     if head:
         nodes.append(helper.make_node(head, [last], [t("scores")], axis=1, name=t(head)))
         last = t("scores")
-    graph = helper.make_graph(nodes, "any", [helper.make_tensor_value_info(t("x"), TensorProto.FLOAT, ["N", 3, 32, 32])],
-                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, shape)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "any",
+        [helper.make_tensor_value_info(t("x"), TensorProto.FLOAT, ["N", 3, 32, 32])],
+        [helper.make_tensor_value_info(last, TensorProto.FLOAT, shape)],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     model.ir_version = 8
     onnx.checker.check_model(model)
@@ -115,16 +129,18 @@ def test_output_that_is_not_class_scores_is_refused_before_onnx2tf(tmp_path: Pat
 
 
 @pytest.mark.parametrize("before_pool", ["Relu", "none"])
-def test_padded_max_pool_quantizes_and_runs(before_pool: str, tmp_path: Path, tiny_images: Path,
-                                            calib_images: Path) -> None:
+def test_padded_max_pool_quantizes_and_runs(
+    before_pool: str, tmp_path: Path, tiny_images: Path, calib_images: Path
+) -> None:
     """torch's padded max-pool becomes PADV2(-FLT_MAX): int8 used to abort; now both kernels run it.
 
     After a ReLU, convert already makes it a zero PAD (exact: the input is >= 0); otherwise
     quantize pads with the bottom of the input's range."""
     onnx_path = _save(_classifier(maxpool_after=before_pool), tmp_path, "maxpool.onnx")
     out = tmp_path / "q"
-    assert main(["quantize", str(onnx_path), "--calib", str(calib_images), "-o", str(out), "-q",
-                 "--num-calib", "20"]) == 0
+    assert (
+        main(["quantize", str(onnx_path), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20"]) == 0
+    )
     report = json.loads((out / "quant_report.json").read_text())
     cleanups = json.loads((out / "convert_report.json").read_text())["graph_cleanups"]
     if before_pool == "Relu":

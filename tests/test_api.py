@@ -60,8 +60,9 @@ def test_snippet_runs_on_real_mobilenetv2(snippet: dict[str, object]) -> None:
     # 40 arrays: 32 calibrate, the last 8 are held apart and measured.
     assert q.report["calibration"]["count"] == 32 and q.figures.count == 8
     assert q.report["calibration"]["source"] == "arrays"
-    assert sorted(p.name for p in out.iterdir()) == sorted(["model_int8.tflite", "model_int8.card.json",
-                                                            "quant_report.json", "layer_errors.png"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["model_int8.tflite", "model_int8.card.json", "quant_report.json", "layer_errors.png"]
+    )
     assert (out / "model_int8.tflite").read_bytes() == q.model
     assert d.figures.count == 100 and d.figures.top1_agreement >= 0.9, d.figures
     assert d.passed == (not d.failures)
@@ -89,21 +90,30 @@ def test_results_round_trip_through_dicts(snippet: dict[str, object]) -> None:
 
 
 def test_stage_packages_are_callable_whatever_was_imported_first() -> None:
-    code = ("import edgeship.quantize.pipeline, edgeship.convert.result, edgeship.verify.drift, edgeship\n"
-            "assert all(callable(getattr(edgeship, s)) for s in ('convert', 'quantize', 'verify'))\n"
-            "assert edgeship.convert.ConvertOptions is edgeship.ConvertOptions\n")
+    code = (
+        "import edgeship.quantize.pipeline, edgeship.convert.result, edgeship.verify.drift, edgeship\n"
+        "assert all(callable(getattr(edgeship, s)) for s in ('convert', 'quantize', 'verify'))\n"
+        "assert edgeship.convert.ConvertOptions is edgeship.ConvertOptions\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_runtime_imports_nothing_host_side() -> None:
-    code = ("import sys, edgeship.runtime, edgeship.runtime.candidate, edgeship.runtime.collect, edgeship.runtime.bench\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'tensorflow', 'onnx2tf'))\n"
-            "assert not bad, bad\n")
+    code = (
+        "import sys, edgeship.runtime, edgeship.runtime.candidate, edgeship.runtime.collect, edgeship.runtime.bench\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('onnx', 'onnxruntime', 'tensorflow', 'onnx2tf'))\n"
+        "assert not bad, bad\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
     for path in (ROOT / "runtime").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             for name in names:
                 assert name.split(".")[0] not in ("onnx", "onnxruntime", "tensorflow", "onnx2tf"), (path, name)
                 assert not name.startswith(("edgeship.convert", "edgeship.quantize", "edgeship.verify")), (path, name)
@@ -113,8 +123,9 @@ def test_over_budget_is_a_result_not_a_lost_exception(tiny_conv: object, calib_i
     from edgeship.errors import OutputExistsError
     from edgeship.quantize import QuantizeOptions
 
-    q = edgeship.quantize(tiny_conv, calib_images, options=QuantizeOptions(num_calib=20, min_sqnr_db=99.0,
-                                                                      float_islands=False))
+    q = edgeship.quantize(
+        tiny_conv, calib_images, options=QuantizeOptions(num_calib=20, min_sqnr_db=99.0, float_islands=False)
+    )
     assert not q.within_budget and q.model_file == "model_int8_OVER_BUDGET.tflite"
     with pytest.raises(AccuracyDriftError, match="SQNR budget of 99.0 dB"):
         q.raise_for_budget()
@@ -128,7 +139,9 @@ def test_over_budget_is_a_result_not_a_lost_exception(tiny_conv: object, calib_i
         within.save(tmp_path / "q")
     assert (tmp_path / "q" / "model_int8_OVER_BUDGET.tflite").is_file()
     within.save(tmp_path / "q", force=True)
-    assert (tmp_path / "q" / "model_int8.tflite").is_file() and not (tmp_path / "q" / "model_int8_OVER_BUDGET.tflite").exists()
+    assert (tmp_path / "q" / "model_int8.tflite").is_file() and not (
+        tmp_path / "q" / "model_int8_OVER_BUDGET.tflite"
+    ).exists()
 
 
 def test_arrays_and_folders_give_the_same_pixels(tiny_conv: object, tiny_images: Path) -> None:
@@ -160,8 +173,9 @@ def test_bad_arrays_are_one_clear_error(tiny_conv: object, bad: object) -> None:
         edgeship.quantize(tiny_conv, [np.zeros((8, 8, 3), np.uint8), bad])
 
 
-def test_bad_calibration_folder_is_found_before_converting(tiny_onnx: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_calibration_folder_is_found_before_converting(
+    tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import edgeship.quantize.pipeline as pipeline
     from edgeship.errors import CalibrationError
 
@@ -184,8 +198,11 @@ def test_options_round_trip_and_target_rules() -> None:
     with pytest.raises(InputError, match="unknown quantize option"):
         QuantizeOptions.from_dict({"eval_dir": "/x"})
     nnapi = QuantizeOptions.for_target(load_target("android-nnapi"), num_calib=50)
-    assert not nnapi.float_islands and nnapi.num_calib == 50 and nnapi.min_sqnr_db == load_target(
-        "android-nnapi").budget.min_sqnr_db
+    assert (
+        not nnapi.float_islands
+        and nnapi.num_calib == 50
+        and nnapi.min_sqnr_db == load_target("android-nnapi").budget.min_sqnr_db
+    )
     assert QuantizeOptions.for_target(load_target("android-arm64-cpu")).io.value == "uint8"
     given = QuantizeOptions.for_target(load_target("x86-host"), io="float32", min_sqnr_db=25.0, float_islands=False)
     assert given.io.value == "float32" and given.min_sqnr_db == 25.0 and not given.float_islands
@@ -218,43 +235,52 @@ def test_devices_are_built_in_one_place() -> None:
 def _fake_latencies(ms: dict[str, float]):  # type: ignore[no-untyped-def]
     def latencies(models, work, runs=60, stat="p50_ms"):  # type: ignore[no-untyped-def]  # speed.latencies' signature
         return {label: ms[label] for label in models}
+
     return latencies
 
 
-@pytest.mark.parametrize("ms, offered, words", [
-    ({"float32": 2.0, "int8": 1.0, "all_int8": 1.0}, None, None),
-    ({"float32": 1.0, "int8": 1.5, "all_int8": 1.5}, "float32", "SLOWER than float32"),
-    ({"float32": 1.0, "int8": 0.9, "all_int8": 0.9}, None, "only 1.11x as fast as float32"),
-    ({"float32": 1.0, "int8": 1.2, "all_int8": 0.5}, "all_int8", "model_int8_FAST.tflite (all-int8"),
-])
-def test_speed_check_says_when_int8_is_not_faster(ms: dict[str, float], offered: str | None, words: str | None,
-                                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "ms, offered, words",
+    [
+        ({"float32": 2.0, "int8": 1.0, "all_int8": 1.0}, None, None),
+        ({"float32": 1.0, "int8": 1.5, "all_int8": 1.5}, "float32", "SLOWER than float32"),
+        ({"float32": 1.0, "int8": 0.9, "all_int8": 0.9}, None, "only 1.11x as fast as float32"),
+        ({"float32": 1.0, "int8": 1.2, "all_int8": 0.5}, "all_int8", "model_int8_FAST.tflite (all-int8"),
+    ],
+)
+def test_speed_check_says_when_int8_is_not_faster(
+    ms: dict[str, float], offered: str | None, words: str | None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from edgeship.quantize import speed as speed_module
     from edgeship.runtime.metrics import DriftFigures
 
     monkeypatch.setattr(speed_module, "latencies", _fake_latencies(ms))
     written = b"mixed" if offered == "all_int8" else b"int8"
-    speed = speed_module.speed_check(b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
-                                  1.3, lambda *a: None)
+    speed = speed_module.speed_check(
+        b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path, 1.3, lambda *a: None
+    )
     assert speed["measured"] and speed["speedup_vs_float32"] == round(ms["float32"] / ms["int8"], 3)
     assert (speed["offered"] or {}).get("kind") == offered
     assert (words is None) == ("verdict" not in speed) and (words is None or words in speed["verdict"])
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.5])
-def test_a_low_speed_floor_never_hides_a_model_slower_than_float(floor: float, monkeypatch: pytest.MonkeyPatch,
-                                                                  tmp_path: Path) -> None:
+def test_a_low_speed_floor_never_hides_a_model_slower_than_float(
+    floor: float, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from edgeship.quantize import speed as speed_module
     from edgeship.runtime.metrics import DriftFigures
 
     monkeypatch.setattr(speed_module, "latencies", _fake_latencies({"float32": 1.0, "int8": 1.5}))
-    speed = speed_module.speed_check(b"float", b"int8", (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path,
-                                  floor, lambda *a: None)
+    speed = speed_module.speed_check(
+        b"float", b"int8", (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path, floor, lambda *a: None
+    )
     assert "SLOWER than float32" in speed["verdict"] and speed["min_speedup"] == 1.0
 
 
-def test_offered_all_int8_model_is_saved_beside_and_removed_later(tiny_conv: object, calib_images: Path,
-                                                                 tmp_path: Path) -> None:
+def test_offered_all_int8_model_is_saved_beside_and_removed_later(
+    tiny_conv: object, calib_images: Path, tmp_path: Path
+) -> None:
     from dataclasses import replace
 
     from edgeship.quantize import QuantizeOptions
@@ -264,6 +290,8 @@ def test_offered_all_int8_model_is_saved_beside_and_removed_later(tiny_conv: obj
     offered = replace(q, faster=q.model, report={**q.report, "speed": {**q.report["speed"], "verdict": "slow"}})
     offered.save(tmp_path / "q")
     assert (tmp_path / "q" / "model_int8_FAST.tflite").read_bytes() == q.model
-    assert json.loads((tmp_path / "q" / "model_int8_FAST.card.json").read_text())["model_file"] == "model_int8_FAST.tflite"
+    assert (
+        json.loads((tmp_path / "q" / "model_int8_FAST.card.json").read_text())["model_file"] == "model_int8_FAST.tflite"
+    )
     q.save(tmp_path / "q", force=True)
     assert not (tmp_path / "q" / "model_int8_FAST.tflite").exists()

@@ -15,7 +15,7 @@ import pytest
 
 #: The README's "### Python API" snippet with its placeholders filled in: the real MobileNetV2,
 #: 12 arrays as calibration data (10 calibrate, 2 held apart), verify on 10 of the shared images.
-SCRIPT = '''\
+SCRIPT = """\
 import sys
 from pathlib import Path
 
@@ -38,18 +38,31 @@ q.save("out/")
 d = edgeship.verify(model, q, images, target="x86-host", device=None, max_images=10)
 d.passed; d.failures; d.figures
 print("user script done", q.card.precision, flush=True)
-'''
+"""
 
 
 def _run(how: str, folder: Path, assets: Path) -> subprocess.CompletedProcess[str]:
     script = folder / "user.py"
     script.write_text(SCRIPT)
     if how == "file":
-        return subprocess.run([sys.executable, str(script), str(assets)], cwd=folder, capture_output=True,
-                              text=True, timeout=1200, check=False)
+        return subprocess.run(
+            [sys.executable, str(script), str(assets)],
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
     with open(script) as stdin:
-        return subprocess.run([sys.executable, "-", str(assets)], cwd=folder, stdin=stdin, capture_output=True,
-                              text=True, timeout=1200, check=False)
+        return subprocess.run(
+            [sys.executable, "-", str(assets)],
+            cwd=folder,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+        )
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ pytest.importorskip("torch", reason="benchmarks/arch_matrix.py imports the matri
 @pytest.fixture(scope="module")
 def bench():
     spec = importlib.util.spec_from_file_location(
-        "arch_matrix", Path(__file__).resolve().parents[1] / "benchmarks" / "arch_matrix.py")
+        "arch_matrix", Path(__file__).resolve().parents[1] / "benchmarks" / "arch_matrix.py"
+    )
     module = sys.modules.setdefault("arch_matrix", importlib.util.module_from_spec(spec))
     spec.loader.exec_module(module)  # type: ignore[union-attr]
     return module
@@ -25,9 +26,14 @@ def _fig(top1: float, agreement: float, sqnr: float = 20.0) -> dict:
 
 
 def test_verdict_counts_one_image_of_400(bench) -> None:
-    row = {"model": "m", "exporter": "dynamo", "float_top1": 0.87,
-           "edgeship_int8": {**_fig(0.8675, 0.98), "range_method": "minmax", "float_islands": 0},
-           "tf_ptq": _fig(0.87, 0.9825), "ort_qdq": {"error": "boom"}}
+    row = {
+        "model": "m",
+        "exporter": "dynamo",
+        "float_top1": 0.87,
+        "edgeship_int8": {**_fig(0.8675, 0.98), "range_method": "minmax", "float_islands": 0},
+        "tf_ptq": _fig(0.87, 0.9825),
+        "ort_qdq": {"error": "boom"},
+    }
     assert bench.verdict(row) == "pass"  # 1 image behind on each is within the bar
     row["aeq_int8"] = _fig(0.8725, 0.98)
     assert bench.verdict(row) == "AI Edge Q top1 +0.50 pt"

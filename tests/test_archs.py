@@ -31,21 +31,34 @@ pytest.importorskip("torch", reason="the architecture matrix needs torch (pip in
 pytest.importorskip("onnxscript", reason="torch's ONNX exporter needs onnxscript (pip install -e '.[dev]')")
 from tests import archs  # noqa: E402
 
-pytestmark = pytest.mark.skipif(ASSETS is None, reason="shared assets not found: set EDGE_ASSETS or check out ../shared")
+pytestmark = pytest.mark.skipif(
+    ASSETS is None, reason="shared assets not found: set EDGE_ASSETS or check out ../shared"
+)
 
 VERIFY_IMAGES = 100
 NUM_CALIB = 50
 MAX_EVAL = 50
 
-CI = [("resnet18", "dynamo"), ("mobilenetv3_small", "torchscript"), ("vit_tiny", "dynamo"),
-      ("efficientnet_lite1", "dynamo")]
-VARIANTS = [("tiny_softmax", "dynamo"), ("tiny_logsoftmax", "torchscript"), ("tiny_dynamic_hw", "dynamo"),
-            ("tiny_192x256", "dynamo"), ("tiny_10class", "torchscript"), ("tiny_bad_names", "dynamo"),
-            ("tiny_bgr", "dynamo")]
+CI = [
+    ("resnet18", "dynamo"),
+    ("mobilenetv3_small", "torchscript"),
+    ("vit_tiny", "dynamo"),
+    ("efficientnet_lite1", "dynamo"),
+]
+VARIANTS = [
+    ("tiny_softmax", "dynamo"),
+    ("tiny_logsoftmax", "torchscript"),
+    ("tiny_dynamic_hw", "dynamo"),
+    ("tiny_192x256", "dynamo"),
+    ("tiny_10class", "torchscript"),
+    ("tiny_bad_names", "dynamo"),
+    ("tiny_bgr", "dynamo"),
+]
 BIG = [n for n in archs.ARCHS if not n.startswith("tiny")]
 FULL = [(n, e) for n in BIG for e in archs.EXPORTERS if (n, e) not in CI]
-CASES = [pytest.param(c, id=f"{c[0]}-{c[1]}") for c in CI + VARIANTS] + \
-        [pytest.param(c, id=f"{c[0]}-{c[1]}", marks=pytest.mark.matrix) for c in FULL]
+CASES = [pytest.param(c, id=f"{c[0]}-{c[1]}") for c in CI + VARIANTS] + [
+    pytest.param(c, id=f"{c[0]}-{c[1]}", marks=pytest.mark.matrix) for c in FULL
+]
 
 
 @dataclass
@@ -101,9 +114,15 @@ class Matrix:
         out = self.root / f"{case[0]}-{case[1]}" / "convert"
         try:
             model = self.onnx(case)
-            convert(model, options=ConvertOptions(
-                images=self.images, max_images=VERIFY_IMAGES, preprocessing=arch.prep,
-                input_shape=arch.input_shape if arch.dynamic_hw else None)).save(out)
+            convert(
+                model,
+                options=ConvertOptions(
+                    images=self.images,
+                    max_images=VERIFY_IMAGES,
+                    preprocessing=arch.prep,
+                    input_shape=arch.input_shape if arch.dynamic_hw else None,
+                ),
+            ).save(out)
         except Exception as exc:  # noqa: BLE001 - every test of the case reports it
             return Outcome(error=_one_line(exc))
         return Outcome(out)
@@ -200,10 +219,14 @@ def test_softmax_tail_gets_no_second_softmax(matrix: Matrix, assets: Path, name:
     case = next(c for c in VARIANTS if c[0] == name)
     folder = matrix.convert(case).need("convert")
     assert _card(folder)["postprocessing"] == kind
-    image = assets / "data" / "images" / "cat.jpg" if (assets / "data" / "images" / "cat.jpg").is_file() \
+    image = (
+        assets / "data" / "images" / "cat.jpg"
+        if (assets / "data" / "images" / "cat.jpg").is_file()
         else sorted((assets / "data" / "imagenet-sample").iterdir())[0]
+    )
     own = ort.InferenceSession(str(matrix.onnx(case))).run(
-        None, {"x": preprocess(image, archs.ARCHS[name].prep, "NCHW")})[0][0]
+        None, {"x": preprocess(image, archs.ARCHS[name].prep, "NCHW")}
+    )[0][0]
     own = np.exp(own) if kind == "exp" else own
     top = Classifier.load(folder).predict(image, top_k=1)[0]
     assert top.class_index == int(np.argmax(own))
@@ -212,8 +235,10 @@ def test_softmax_tail_gets_no_second_softmax(matrix: Matrix, assets: Path, name:
 
 def test_bgr_contract_is_kept(matrix: Matrix) -> None:
     case = ("tiny_bgr", "dynamo")
-    for folder, card in ((matrix.convert(case).need("convert"), "model_card.json"),
-                         (matrix.quantize(case).need("quantize"), "model_int8.card.json")):
+    for folder, card in (
+        (matrix.convert(case).need("convert"), "model_card.json"),
+        (matrix.quantize(case).need("quantize"), "model_int8.card.json"),
+    ):
         prep = _card(folder, card)["preprocessing"]
         assert prep["color_order"] == "BGR", card
         assert prep["pixel_scale"] == 1.0 and prep["std"] == [1.0, 1.0, 1.0], card
@@ -227,8 +252,9 @@ def test_dynamic_hw_needs_input_shape(matrix: Matrix, tmp_path: Path) -> None:
         convert(matrix.onnx(("tiny_dynamic_hw", "dynamo")))
 
 
-@pytest.mark.parametrize("name, shape, classes", [("tiny_192x256", [1, 192, 256, 3], 1000),
-                                                   ("tiny_10class", [1, 224, 224, 3], 10)])
+@pytest.mark.parametrize(
+    "name, shape, classes", [("tiny_192x256", [1, 192, 256, 3], 1000), ("tiny_10class", [1, 224, 224, 3], 10)]
+)
 def test_shapes_and_classes_in_card(matrix: Matrix, name: str, shape: list[int], classes: int) -> None:
     case = next(c for c in VARIANTS if c[0] == name)
     card = _card(matrix.convert(case).need("convert"))
@@ -247,7 +273,7 @@ def _top1(model: Path, files: tuple[Path, ...], prep: Any, truth: list[int | Non
     from edgeship.runtime.interpreter import TFLiteModel
 
     m, px = TFLiteModel(model, num_threads=2), load_pixels(files, prep)
-    hits = [int(np.argmax(m.run_pixels(px[i:i + 1], prep))) == t for i, t in enumerate(truth)]
+    hits = [int(np.argmax(m.run_pixels(px[i : i + 1], prep))) == t for i, t in enumerate(truth)]
     return float(np.mean(hits))
 
 
@@ -261,8 +287,12 @@ def test_trained_efficientnet_lite1_keeps_its_top1(matrix: Matrix, assets: Path)
     held_apart = list_images(matrix.images).divide(NUM_CALIB)[1].sample(TRAINED_EVAL)
     truth = held_apart.labels_for(Labels.load(assets / "data" / "imagenet_classes.txt"))
     floats = _top1(conv / "model_float32.tflite", held_apart.files, ModelCard.load(conv).preprocessing, truth)
-    int8 = _top1(quant / "model_int8.tflite", held_apart.files,
-                 ModelCard.load(quant / "model_int8.card.json").preprocessing, truth)
+    int8 = _top1(
+        quant / "model_int8.tflite",
+        held_apart.files,
+        ModelCard.load(quant / "model_int8.card.json").preprocessing,
+        truth,
+    )
     assert floats >= 0.75, floats
     assert int8 >= floats - 0.03, (floats, int8)
 
@@ -275,10 +305,12 @@ def test_resnet18_int8_sqnr_at_least_onnxruntime_qdq(assets: Path, tmp_path: Pat
     import sys
 
     spec = importlib.util.spec_from_file_location(
-        "arch_matrix", Path(__file__).resolve().parents[1] / "benchmarks" / "arch_matrix.py")
+        "arch_matrix", Path(__file__).resolve().parents[1] / "benchmarks" / "arch_matrix.py"
+    )
     bench = sys.modules.setdefault("arch_matrix", importlib.util.module_from_spec(spec))
     spec.loader.exec_module(bench)  # type: ignore[union-attr]
-    row = bench.measure(("resnet18", "dynamo"), bench.Protocol(assets, tmp_path, latency_runs=0),
-                        columns=("edgeship", "ort"))
+    row = bench.measure(
+        ("resnet18", "dynamo"), bench.Protocol(assets, tmp_path, latency_runs=0), columns=("edgeship", "ort")
+    )
     assert row["edgeship_int8"].get("sqnr_db") is not None, row["edgeship_int8"]
     assert row["edgeship_int8"]["sqnr_db"] >= row["ort_qdq"]["sqnr_db"], row

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from edgeship.runtime import images as imgs
 
 CLASSES, PER_CLASS = 10, 20
@@ -36,9 +37,26 @@ def _classes(paths: tuple[Path, ...]) -> set[str]:
 def test_quantize_cli_calibrates_on_every_class(class_folders: Path, tiny_bundle: Path, tmp_path: Path) -> None:
     """``--num-calib 20`` on 10 classes x 20 images: two images of each class, not the first class."""
     out = tmp_path / "q"
-    proc = subprocess.run([sys.executable, "-m", "edgeship", "quantize", str(tiny_bundle), "--calib",
-                           str(class_folders), "--num-calib", "20", "-o", str(out), "-q"],
-                          capture_output=True, text=True, timeout=600, check=False)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeship",
+            "quantize",
+            str(tiny_bundle),
+            "--calib",
+            str(class_folders),
+            "--num-calib",
+            "20",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "quant_report.json").read_text())
     calib, evals = report["calibration"], report["evaluation"]

@@ -41,11 +41,16 @@ def test_unknown_option_exits_2() -> None:
     assert exc.value.code == 2
 
 
-@pytest.mark.parametrize("argv", [["verify", "m.onnx", "m.tflite", "--images", "imgs", "--target", "x86-host"],
-                                  ["deploy", "m.onnx", "--calib", "imgs", "--target", "x86-host", "-o", "out"]])
-def test_adb_drift_checks_are_explained_not_offered(argv: list[str], tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str],
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["verify", "m.onnx", "m.tflite", "--images", "imgs", "--target", "x86-host"],
+        ["deploy", "m.onnx", "--calib", "imgs", "--target", "x86-host", "-o", "out"],
+    ],
+)
+def test_adb_drift_checks_are_explained_not_offered(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
         main([argv[0], "--help"])

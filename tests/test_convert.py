@@ -37,8 +37,9 @@ def _bad_cases(tmp: Path, tiny: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("case", ["missing", "text", "truncated", "empty", "two_inputs", "not_4d", "folder"])
-def test_bad_model_one_line_error_nothing_written(case: str, tmp_path: Path, tiny_onnx: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_model_one_line_error_nothing_written(
+    case: str, tmp_path: Path, tiny_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     model = _bad_cases(tmp_path, tiny_onnx)[case]
     out = tmp_path / "out"
     code = main(["convert", str(model), "-o", str(out), "-q"])
@@ -55,8 +56,9 @@ def test_dynamic_spatial_dims_need_input_shape(tmp_path: Path, capsys: pytest.Ca
     assert "--input-shape" in capsys.readouterr().err
 
 
-def test_bad_image_folder_rejected_before_work(tmp_path: Path, tiny_onnx: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_image_folder_rejected_before_work(
+    tmp_path: Path, tiny_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "readme.txt").write_text("no images here")
@@ -135,11 +137,18 @@ def test_input_shape_override_and_force(tmp_path: Path, tiny_onnx: Path) -> None
 
 def test_works_offline_without_venv_on_path(tmp_path: Path, tiny_onnx: Path) -> None:
     """onnx2tf's PATH-dependent onnxsim call and its sample-data download must not be reached."""
-    env = dict(os.environ, PATH="/usr/bin:/bin", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9",
-               NO_PROXY="")
+    env = dict(
+        os.environ, PATH="/usr/bin:/bin", HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", NO_PROXY=""
+    )
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "edgeship", "convert", str(tiny_onnx), "-o", str(out), "-q"],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeship", "convert", str(tiny_onnx), "-o", str(out), "-q"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model_float32.tflite").is_file()
     assert not list(tmp_path.glob("calibration_image_sample_data*"))
@@ -154,9 +163,10 @@ def test_newest_ir_version_is_accepted(tmp_path: Path) -> None:
     assert "IR version 12 lowered to 10 for onnxsim" in report["fixes"]
 
 
-@pytest.mark.parametrize("content", ['{"interpolation": "lanczos"}', '{"crop": 224}', '[1, 2]', "not json"])
-def test_bad_preprocessing_json_is_one_line(content: str, tmp_path: Path, tiny_onnx: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("content", ['{"interpolation": "lanczos"}', '{"crop": 224}', "[1, 2]", "not json"])
+def test_bad_preprocessing_json_is_one_line(
+    content: str, tmp_path: Path, tiny_onnx: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     prep = tmp_path / "prep.json"
     prep.write_text(content)
     assert main(["convert", str(tiny_onnx), "-o", str(tmp_path / "out"), "--preprocess", str(prep), "-q"]) == 1
@@ -167,8 +177,25 @@ def test_bad_preprocessing_json_is_one_line(content: str, tmp_path: Path, tiny_o
 
 def test_preprocessing_flags_reach_the_card(tmp_path: Path, tiny_onnx: Path) -> None:
     out = tmp_path / "out"
-    assert main(["convert", str(tiny_onnx), "-o", str(out), "-q", "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
-                 "--bgr", "--resize", "0"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tiny_onnx),
+                "-o",
+                str(out),
+                "-q",
+                "--mean",
+                "0.5,0.5,0.5",
+                "--std",
+                "0.5,0.5,0.5",
+                "--bgr",
+                "--resize",
+                "0",
+            ]
+        )
+        == 0
+    )
     prep = json.loads((out / "model_card.json").read_text())["preprocessing"]
     assert prep["mean"] == [0.5, 0.5, 0.5] and prep["color_order"] == "BGR" and prep["resize_shorter"] is None
     assert prep["crop"] == [32, 32]

@@ -21,9 +21,19 @@ def test_real_mobilenetv2(name: str, assets: Path, tmp_path: Path, request: pyte
         out = request.getfixturevalue("real_bundle")  # converted once for the whole session
     else:
         out = tmp_path / "out"
-        code = main(["convert", str(model), "-o", str(out), "-q", "--images",
-                     str(assets / "data" / "imagenet-sample"), "--labels",
-                     str(assets / "data" / "imagenet_classes.txt")])
+        code = main(
+            [
+                "convert",
+                str(model),
+                "-o",
+                str(out),
+                "-q",
+                "--images",
+                str(assets / "data" / "imagenet-sample"),
+                "--labels",
+                str(assets / "data" / "imagenet_classes.txt"),
+            ]
+        )
         assert code == 0
     assert sha256_file(model) == before
     report = json.loads((out / "convert_report.json").read_text())

@@ -23,8 +23,24 @@ def deployed(tmp_path_factory: pytest.TempPathFactory, tiny_onnx: Path, calib_im
     shutil.copytree(calib_images, calib)
     out = root / "out"
     start = time.perf_counter()
-    code = main(["deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out), "--num-calib", "20",
-                 "--bench-runs", "20", "--bench-threads", "1", "-q", *TARGETS])
+    code = main(
+        [
+            "deploy",
+            str(tiny_onnx),
+            "--calib",
+            str(calib),
+            "-o",
+            str(out),
+            "--num-calib",
+            "20",
+            "--bench-runs",
+            "20",
+            "--bench-threads",
+            "1",
+            "-q",
+            *TARGETS,
+        ]
+    )
     assert code == 0
     return out, calib, time.perf_counter() - start
 
@@ -33,11 +49,13 @@ def test_deploy_outputs(deployed: tuple[Path, Path, float]) -> None:
     out, _, _ = deployed
     summary = json.loads((out / "deploy.json").read_text())
     assert set(summary["targets"]) == {"x86-host", "rpi4-aarch64", "android-arm64-cpu"}
-    for name, t in summary["targets"].items():
+    for _name, t in summary["targets"].items():
         assert t["passed"] and (Path(t["bundle"]) / "model_card.json").is_file()
     # One int8 model shared by the two int8-I/O targets; the Android app's client (MediaPipe) gets uint8 I/O.
-    assert [s["name"] for s in summary["stages"] if s["name"].startswith("quantize/")] == \
-        ["quantize/int8-io-int8-per-channel", "quantize/int8-io-uint8-per-channel"]
+    assert [s["name"] for s in summary["stages"] if s["name"].startswith("quantize/")] == [
+        "quantize/int8-io-int8-per-channel",
+        "quantize/int8-io-uint8-per-channel",
+    ]
     # ... which is the calibrated int8 model with its interface rewritten, not a second calibration.
     uint8 = json.loads((out / "quantize" / "int8-io-uint8-per-channel" / "quant_report.json").read_text())
     int8 = json.loads((out / "quantize" / "int8-io-int8-per-channel" / "quant_report.json").read_text())
@@ -58,8 +76,27 @@ def test_deploy_outputs(deployed: tuple[Path, Path, float]) -> None:
 def test_rerun_reuses_every_stage(deployed: tuple[Path, Path, float], tiny_onnx: Path) -> None:
     out, calib, first = deployed
     start = time.perf_counter()
-    assert main(["deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out), "--num-calib", "20",
-                 "--bench-runs", "20", "--bench-threads", "1", "-q", *TARGETS]) == 0
+    assert (
+        main(
+            [
+                "deploy",
+                str(tiny_onnx),
+                "--calib",
+                str(calib),
+                "-o",
+                str(out),
+                "--num-calib",
+                "20",
+                "--bench-runs",
+                "20",
+                "--bench-threads",
+                "1",
+                "-q",
+                *TARGETS,
+            ]
+        )
+        == 0
+    )
     again = time.perf_counter() - start
     stages = json.loads((out / "deploy.json").read_text())["stages"]
     assert all(s["reused"] for s in stages), stages
@@ -69,35 +106,95 @@ def test_rerun_reuses_every_stage(deployed: tuple[Path, Path, float], tiny_onnx:
 def test_changed_calibration_reruns_from_quantize(deployed: tuple[Path, Path, float], tiny_onnx: Path) -> None:
     out, calib, _ = deployed
     shutil.copy(next(calib.glob("img_00.*")), calib / "zz_extra.png")
-    assert main(["deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out), "--num-calib", "20",
-                 "--bench-runs", "20", "--bench-threads", "1", "-q", *TARGETS]) == 0
+    assert (
+        main(
+            [
+                "deploy",
+                str(tiny_onnx),
+                "--calib",
+                str(calib),
+                "-o",
+                str(out),
+                "--num-calib",
+                "20",
+                "--bench-runs",
+                "20",
+                "--bench-threads",
+                "1",
+                "-q",
+                *TARGETS,
+            ]
+        )
+        == 0
+    )
     reused = {s["name"]: s["reused"] for s in json.loads((out / "deploy.json").read_text())["stages"]}
     assert reused["convert"] is True
     assert reused["quantize/int8-io-int8-per-channel"] is False
 
 
-def test_changed_code_reruns_every_stage(deployed: tuple[Path, Path, float], tiny_onnx: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_changed_code_reruns_every_stage(
+    deployed: tuple[Path, Path, float], tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from edgeship import deploy
 
     assert deploy.code_fingerprint() == deploy.code_fingerprint() and len(deploy.code_fingerprint()) == 16
     out, calib, _ = deployed
     monkeypatch.setattr(deploy, "code_fingerprint", lambda: "0" * 16)  # as after editing edgeship's code
-    assert main(["deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out), "--num-calib", "20",
-                 "--bench-runs", "20", "--bench-threads", "1", "-q", *TARGETS]) == 0
+    assert (
+        main(
+            [
+                "deploy",
+                str(tiny_onnx),
+                "--calib",
+                str(calib),
+                "-o",
+                str(out),
+                "--num-calib",
+                "20",
+                "--bench-runs",
+                "20",
+                "--bench-threads",
+                "1",
+                "-q",
+                *TARGETS,
+            ]
+        )
+        == 0
+    )
     stages = json.loads((out / "deploy.json").read_text())["stages"]
     assert not any(s["reused"] for s in stages), stages
 
 
-def test_over_budget_target_exits_3_with_report(tmp_path: Path, tiny_onnx: Path, calib_images: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_over_budget_target_exits_3_with_report(
+    tmp_path: Path, tiny_onnx: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     host = (Path(__file__).parents[1] / "targets" / "x86-host.toml").read_text()
     strict = tmp_path / "strict.toml"
-    strict.write_text(host.replace('name = "x86-host"', 'name = "strict"').replace("min_sqnr_db = 18.0",
-                                                                                  "min_sqnr_db = 90.0"))
+    strict.write_text(
+        host.replace('name = "x86-host"', 'name = "strict"').replace("min_sqnr_db = 18.0", "min_sqnr_db = 90.0")
+    )
     out = tmp_path / "out"
-    code = main(["deploy", str(tiny_onnx), "--calib", str(calib_images), "-o", str(out), "--num-calib", "20",
-                 "--bench-runs", "5", "--bench-threads", "1", "--target", "x86-host", "--target", str(strict), "-q"])
+    code = main(
+        [
+            "deploy",
+            str(tiny_onnx),
+            "--calib",
+            str(calib_images),
+            "-o",
+            str(out),
+            "--num-calib",
+            "20",
+            "--bench-runs",
+            "5",
+            "--bench-threads",
+            "1",
+            "--target",
+            "x86-host",
+            "--target",
+            str(strict),
+            "-q",
+        ]
+    )
     assert code == 3
     assert "over the drift budget: strict" in capsys.readouterr().err
     summary = json.loads((out / "deploy.json").read_text())
@@ -105,19 +202,39 @@ def test_over_budget_target_exits_3_with_report(tmp_path: Path, tiny_onnx: Path,
     assert "FAIL" in (out / "report.md").read_text() and (out / "report.html").is_file()
 
 
-def test_non_deploy_folder_is_not_touched(tmp_path: Path, tiny_onnx: Path, calib_images: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_non_deploy_folder_is_not_touched(
+    tmp_path: Path, tiny_onnx: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "precious.txt").write_text("keep")
-    assert main(["deploy", str(tiny_onnx), "--calib", str(calib_images), "-o", str(tmp_path), "--target",
-                 "x86-host", "-q"]) == 1
+    assert (
+        main(
+            ["deploy", str(tiny_onnx), "--calib", str(calib_images), "-o", str(tmp_path), "--target", "x86-host", "-q"]
+        )
+        == 1
+    )
     assert "not an edgeship deploy folder" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
 
 
-def test_unknown_target_fails_fast(tmp_path: Path, tiny_onnx: Path, calib_images: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["deploy", str(tiny_onnx), "--calib", str(calib_images), "-o", str(tmp_path / "o"), "--target",
-                 "pi-zero", "-q"]) == 1
+def test_unknown_target_fails_fast(
+    tmp_path: Path, tiny_onnx: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "deploy",
+                str(tiny_onnx),
+                "--calib",
+                str(calib_images),
+                "-o",
+                str(tmp_path / "o"),
+                "--target",
+                "pi-zero",
+                "-q",
+            ]
+        )
+        == 1
+    )
     assert "valid targets" in capsys.readouterr().err and not (tmp_path / "o").exists()
 
 
@@ -129,11 +246,29 @@ def test_report_renders_in_headless_chromium(deployed: tuple[Path, Path, float],
     out, _, _ = deployed
     html = out / "report.html"
     assert "src='report/" not in html.read_text()  # self-contained: images are embedded
-    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                           f"--user-data-dir={tmp_path / 'profile'}", "--enable-logging=stderr", "--v=0",
-                           "--virtual-time-budget=5000", "--dump-dom", html.as_uri()],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            html.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert "edgeship deploy report" in proc.stdout
     loaded = proc.stdout.split('data-images-loaded="', 1)[1].split('"', 1)[0]

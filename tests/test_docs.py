@@ -36,8 +36,25 @@ PROSE_FLAG = re.compile(r"(?<![\w\-/.])--[a-z][a-z0-9-]*")
 SPAN = re.compile(r"`([^`\n]+(?:\n[^`\n]+)*)`")
 RUNTIME = "runtime"  # python -m edgeship.runtime
 #: First words of command lines that are not edgeship's (their flags are theirs).
-OTHER_TOOLS = ("pip", "pip3", "onnx2tf", "benchmark_model", "bazel", "adb", "ssh", "scp", "tf2onnx", "git",
-               "apt-get", "apt", "sudo", "mmdebstrap", "qemu-aarch64-static", "chromium", "pytest")
+OTHER_TOOLS = (
+    "pip",
+    "pip3",
+    "onnx2tf",
+    "benchmark_model",
+    "bazel",
+    "adb",
+    "ssh",
+    "scp",
+    "tf2onnx",
+    "git",
+    "apt-get",
+    "apt",
+    "sudo",
+    "mmdebstrap",
+    "qemu-aarch64-static",
+    "chromium",
+    "pytest",
+)
 SNIPPET_TIMEOUT_S = 1800
 
 
@@ -71,7 +88,7 @@ def blocks(text: str) -> list[Block]:
             continue
         before = next((ln for ln in reversed(lines[:i]) if ln.strip()), "")
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), len(lines))
-        found.append(Block(i + 1, m.group(1).lower(), "\n".join(lines[i + 1:end]), bool(SKIP_MARK.search(before))))
+        found.append(Block(i + 1, m.group(1).lower(), "\n".join(lines[i + 1 : end]), bool(SKIP_MARK.search(before))))
         i = end + 1
     return found
 
@@ -109,7 +126,7 @@ def command_of(tokens: list[str]) -> str | None:
 def _flags(tokens: list[str]) -> list[str]:
     """The ``--flag`` tokens (``--x=1`` gives ``--x``; ``--mean/--std`` gives both)."""
     parts = [p for t in tokens for p in t.split("/")]
-    return [m.group(0) for p in parts if (m := FLAG.match(p)) and p[len(m.group(0)):len(m.group(0)) + 1] in ("", "=")]
+    return [m.group(0) for p in parts if (m := FLAG.match(p)) and p[len(m.group(0)) : len(m.group(0)) + 1] in ("", "=")]
 
 
 def _section_commands(text: str) -> list[tuple[int, str | None]]:
@@ -161,8 +178,13 @@ def mentions(page: str, text: str) -> list[Mention]:
 def help_text(*argv: str) -> str:
     """``--help`` of ``edgeship ARGV...`` (``runtime``: of ``python -m edgeship.runtime``)."""
     command = ["edgeship.runtime"] if argv == (RUNTIME,) else ["edgeship", *argv]
-    return subprocess.run([sys.executable, "-m", *command, "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"}, check=True).stdout
+    return subprocess.run(
+        [sys.executable, "-m", *command, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
+    ).stdout
 
 
 def _actions(help_out: str) -> list[str]:
@@ -204,8 +226,13 @@ def unknown_flags(found: list[Mention]) -> list[str]:
     for m in found:
         known = every if m.command is None else help_flags(m.command)
         if m.flag not in known:
-            where = f"edgeship {m.command}" if m.command and m.command != RUNTIME else \
-                "python -m edgeship.runtime" if m.command else "any edgeship command"
+            where = (
+                f"edgeship {m.command}"
+                if m.command and m.command != RUNTIME
+                else "python -m edgeship.runtime"
+                if m.command
+                else "any edgeship command"
+            )
             bad.append(f"{m.page}:{m.line}: {m.flag} is not an option of {where}")
     return bad
 
@@ -223,27 +250,37 @@ def test_every_edgeship_flag_in_the_docs_exists() -> None:
     assert not bad, "flags the docs give that --help does not list:\n" + "\n".join(bad)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("```bash\nedgeship quantize m.onnx --calib c -o o --made-up-flag\n```\n",
-     "--made-up-flag is not an option of edgeship quantize"),
-    ("Run `edgeship bundle m.tflite --calib imgs`.\n", "--calib is not an option of edgeship bundle"),
-    ("Then `deploy --per-tensor` does it.\n", "--per-tensor is not an option of edgeship deploy"),
-    ("## `edgeship verify REF CAND`\n\nPass `--threads 4`.\n", "--threads is not an option of edgeship verify"),
-    ("Any command takes --no-such-thing.\n", "--no-such-thing is not an option of any edgeship command"),
-    ("```\n.venv/bin/python -m edgeship.runtime . a.jpg --top5\n```\n",
-     "--top5 is not an option of python -m edgeship.runtime"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "```bash\nedgeship quantize m.onnx --calib c -o o --made-up-flag\n```\n",
+            "--made-up-flag is not an option of edgeship quantize",
+        ),
+        ("Run `edgeship bundle m.tflite --calib imgs`.\n", "--calib is not an option of edgeship bundle"),
+        ("Then `deploy --per-tensor` does it.\n", "--per-tensor is not an option of edgeship deploy"),
+        ("## `edgeship verify REF CAND`\n\nPass `--threads 4`.\n", "--threads is not an option of edgeship verify"),
+        ("Any command takes --no-such-thing.\n", "--no-such-thing is not an option of any edgeship command"),
+        (
+            "```\n.venv/bin/python -m edgeship.runtime . a.jpg --top5\n```\n",
+            "--top5 is not an option of python -m edgeship.runtime",
+        ),
+    ],
+)
 def test_a_made_up_or_misplaced_flag_is_caught(text: str, expected: str) -> None:
     bad = unknown_flags(mentions("page.md", text))
     assert any(expected in b for b in bad), bad
 
 
-@pytest.mark.parametrize("text", [
-    "```bash\npython3 -m venv .venv && .venv/bin/pip install --no-index -r requirements.txt\n```\n",
-    "the bare CLI needs `onnx2tf --not-ours 1` and `bazel build --config=android_arm64 //x`\n",
-    "`python benchmarks/arch_matrix.py --full`, and `--pip-args \"--no-index --find-links /w\"`\n",
-    "```bash\nedgeship deploy m.onnx --calib c --target x86-host -o out --num-calib=100\n```\n",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "```bash\npython3 -m venv .venv && .venv/bin/pip install --no-index -r requirements.txt\n```\n",
+        "the bare CLI needs `onnx2tf --not-ours 1` and `bazel build --config=android_arm64 //x`\n",
+        '`python benchmarks/arch_matrix.py --full`, and `--pip-args "--no-index --find-links /w"`\n',
+        "```bash\nedgeship deploy m.onnx --calib c --target x86-host -o out --num-calib=100\n```\n",
+    ],
+)
 def test_other_tools_flags_and_real_flags_pass(text: str) -> None:
     assert unknown_flags(mentions("page.md", text)) == []
 
@@ -256,8 +293,10 @@ def test_subcommands_and_their_flags_come_from_help() -> None:
 
 
 def test_skip_marks_and_script_assembly() -> None:
-    text = ("```python\na = 1\n```\n\n<!-- docs-test: skip (needs a Pi) -->\n```python\nraise SystemExit(1)\n```\n"
-            "```python\nassert a == 1\n```\n")
+    text = (
+        "```python\na = 1\n```\n\n<!-- docs-test: skip (needs a Pi) -->\n```python\nraise SystemExit(1)\n```\n"
+        "```python\nassert a == 1\n```\n"
+    )
     assert script_of(text) == "a = 1\n\nassert a == 1"
 
 
@@ -315,8 +354,14 @@ def test_python_snippets_run_as_plain_scripts(assets: Path, tmp_path: Path) -> N
             continue
         script = work / f"snippets_{page.stem}.py"
         script.write_text(code + "\n", encoding="utf-8")
-        proc = subprocess.run([sys.executable, script.name], check=False, cwd=work, capture_output=True, text=True,
-                              timeout=SNIPPET_TIMEOUT_S)
+        proc = subprocess.run(
+            [sys.executable, script.name],
+            check=False,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=SNIPPET_TIMEOUT_S,
+        )
         ran.append(_page_name(page))
         if proc.returncode != 0:
             failures.append(f"{_page_name(page)}: exit {proc.returncode}\n{proc.stderr[-3000:]}")

@@ -51,8 +51,9 @@ def _ratio(clf: Classifier, image: Path, rounds: int = 15) -> float:
 def test_12mp_jpeg_predict_within_8x_invoke(assets: Path, phone_jpeg: Path) -> None:
     # One interpreter thread: decode is one thread too, so the ratio does not depend on how many cores
     # other jobs leave free (benchmarks/e2e_latency.py measures with the target's two threads).
-    clf = Classifier.load(assets / "models" / "mobilenet_v2_1.0_224_quant.tflite", num_threads=1,
-                          preprocessing=GOOGLE_PREP)
+    clf = Classifier.load(
+        assets / "models" / "mobilenet_v2_1.0_224_quant.tflite", num_threads=1, preprocessing=GOOGLE_PREP
+    )
     assert "integer input" in clf.image_path() and "draft" in clf.image_path()
     clf.predict(phone_jpeg)
     ratios = []
@@ -73,8 +74,12 @@ def test_12mp_answer_matches_full_decode(assets: Path, phone_jpeg: Path) -> None
     assert fast.class_index == full.class_index and abs(fast.probability - full.probability) < 0.1
 
 
-def test_bench_end_to_end_over_ssh(sshd, tmp_path: Path, tiny_bundle: Path,  # type: ignore[no-untyped-def]  # noqa: F811
-                                   tiny_images: Path) -> None:
+def test_bench_end_to_end_over_ssh(
+    sshd,
+    tmp_path: Path,
+    tiny_bundle: Path,  # type: ignore[no-untyped-def]  # noqa: F811
+    tiny_images: Path,
+) -> None:
     """``bench --host --image``: the images go to the device and the same runtime code times them there."""
     import json
 
@@ -82,9 +87,26 @@ def test_bench_end_to_end_over_ssh(sshd, tmp_path: Path, tiny_bundle: Path,  # t
     from tests.test_remote_cli import _ssh_args
 
     out = tmp_path / "bench.json"
-    code = main(["bench", str(tiny_bundle / "model_float32.tflite"), "--target", "x86-host", "--threads", "1",
-                 "--runs", "5", "--warmup", "1", "--image", str(sorted(tiny_images.iterdir())[0]), "-o", str(out),
-                 "-q", *_ssh_args(sshd)])
+    code = main(
+        [
+            "bench",
+            str(tiny_bundle / "model_float32.tflite"),
+            "--target",
+            "x86-host",
+            "--threads",
+            "1",
+            "--runs",
+            "5",
+            "--warmup",
+            "1",
+            "--image",
+            str(sorted(tiny_images.iterdir())[0]),
+            "-o",
+            str(out),
+            "-q",
+            *_ssh_args(sshd),
+        ]
+    )
     assert code == 0
     e2e = json.loads(out.read_text())["results"][0]["e2e"]
     assert e2e["runs"] == 5 and e2e["images"] == 1 and e2e["steps_p50_ms"]["decode"] > 0

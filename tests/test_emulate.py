@@ -70,8 +70,14 @@ def test_source_folder_maps_the_repository_folders_into_one_package(tmp_path: Pa
     # -S: no .pth files, so the editable install's finder cannot be what resolves the imports
     site = next(p for p in sys.path if p.endswith("site-packages"))
     code = "import edgeship.runtime.collect as c, edgeship.targets.profile as p; print(c.__file__); print(p.__file__)"
-    out = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), site])})
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), site])},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     collect_file, profile_file = (Path(line) for line in out.stdout.split())
     assert str(collect_file).startswith(str(folder))
@@ -89,6 +95,7 @@ def _fake_build(calls: list[Path]) -> Callable[[Path, str, ProgressFn], None]:
         (root / emulate.GUEST_PYTHON).parent.mkdir(parents=True)
         (root / emulate.GUEST_PYTHON).write_text("")
         emulate.atomic_write_json(root / emulate.MARKER, {"spec": emulate.root_spec()})
+
     return build
 
 
@@ -139,15 +146,23 @@ def test_offline_apt_is_one_device_error_line(monkeypatch: pytest.MonkeyPatch, t
         pytest.skip(f"{emulate.DEBIAN_KEYRING} not installed")
     monkeypatch.setattr(emulate, "require_qemu", lambda: "/usr/bin/true")
     monkeypatch.setenv("EDGESHIP_DEBIAN_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens there
-    with pytest.raises(DeviceError, match=r"apt-get update of http://127\.0\.0\.1:9/debian bookworm arm64 failed") as exc:
+    with pytest.raises(
+        DeviceError, match=r"apt-get update of http://127\.0\.0\.1:9/debian bookworm arm64 failed"
+    ) as exc:
         emulate.ensure_root(tmp_path)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / emulate.ROOT_NAME).exists()
 
 
 def test_offline_pip_is_one_device_error_line(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for var, value in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_EXTRA_INDEX_URL": "",
-                       "PIP_FIND_LINKS": "", "PIP_NO_INDEX": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2"}.items():
+    for var, value in {
+        "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+        "PIP_EXTRA_INDEX_URL": "",
+        "PIP_FIND_LINKS": "",
+        "PIP_NO_INDEX": "",
+        "PIP_RETRIES": "0",
+        "PIP_TIMEOUT": "2",
+    }.items():
         monkeypatch.setenv(var, value)
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # ignore the machine's extra indexes and links
     with pytest.raises(DeviceError, match="pip install of the aarch64 wheels failed") as exc:
@@ -159,8 +174,9 @@ def test_offline_pip_is_one_device_error_line(monkeypatch: pytest.MonkeyPatch, t
 
 
 @pytest.mark.slow
-def test_emulated_collect_matches_the_host(device: emulate.EmulatedDevice, tiny_bundle: Path,
-                                           tiny_images: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_emulated_collect_matches_the_host(
+    device: emulate.EmulatedDevice, tiny_bundle: Path, tiny_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import edgeship
     from edgeship.runtime.candidate import candidate_outputs
 
@@ -177,16 +193,19 @@ def test_emulated_collect_matches_the_host(device: emulate.EmulatedDevice, tiny_
 
 
 @pytest.mark.slow
-def test_emulated_collect_passes_threads_and_delegate(device: emulate.EmulatedDevice, tiny_bundle: Path,
-                                                      tiny_images: Path) -> None:
-    logits, _, describe = device.collect_outputs(tiny_bundle / "model_float32.tflite", tiny_images,
-                                                 threads=1, use_xnnpack=False)
+def test_emulated_collect_passes_threads_and_delegate(
+    device: emulate.EmulatedDevice, tiny_bundle: Path, tiny_images: Path
+) -> None:
+    logits, _, describe = device.collect_outputs(
+        tiny_bundle / "model_float32.tflite", tiny_images, threads=1, use_xnnpack=False
+    )
     assert describe["delegate"] == "none" and logits.shape[0] == 12 and np.isfinite(logits).all()
 
 
 @pytest.mark.slow
-def test_bad_model_is_a_device_error_with_the_guest_message(device: emulate.EmulatedDevice, tiny_images: Path,
-                                                            tmp_path: Path) -> None:
+def test_bad_model_is_a_device_error_with_the_guest_message(
+    device: emulate.EmulatedDevice, tiny_images: Path, tmp_path: Path
+) -> None:
     with pytest.raises(DeviceError, match=r"exited with code 1 .*edgeship\.runtime\.collect: error: .*does not exist"):
         device.collect_outputs(tmp_path / "missing.tflite", tiny_images)
     junk = tmp_path / "junk.tflite"
@@ -217,32 +236,93 @@ def test_run_python_refuses_an_incomplete_root(tmp_path: Path) -> None:
         emulate.run_python(["-c", "pass"], root=tmp_path)
 
 
-def test_cli_verify_and_deploy_emulated(emulated_root: Path, tiny_onnx: Path, tiny_bundle: Path, calib_images: Path,
-                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_verify_and_deploy_emulated(
+    emulated_root: Path,
+    tiny_onnx: Path,
+    tiny_bundle: Path,
+    calib_images: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """`verify --emulate` and `deploy --emulate` run the aarch64 targets' checks on aarch64 kernels."""
     import json
 
     from edgeship.cli import main
 
     q = tmp_path / "q"
-    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "--num-calib", "20", "-o", str(q),
-                 "-q"]) == 0
+    assert (
+        main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "--num-calib", "20", "-o", str(q), "-q"]) == 0
+    )
     report = tmp_path / "drift.json"
-    assert main(["verify", str(tiny_onnx), str(q / "model_int8.tflite"), "--images", str(calib_images), "--target",
-                 "rpi4-aarch64", "--emulate", "-r", str(report), "-q"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                str(tiny_onnx),
+                str(q / "model_int8.tflite"),
+                "--images",
+                str(calib_images),
+                "--target",
+                "rpi4-aarch64",
+                "--emulate",
+                "-r",
+                str(report),
+                "-q",
+            ]
+        )
+        == 0
+    )
     doc = json.loads(report.read_text())
     assert doc["passed"] and doc["candidate"]["runtime"]["machine"] == "aarch64"
     assert doc["candidate"]["ran_on"].startswith("qemu-user aarch64")
     # One rule for verify and deploy: a non-aarch64 target runs on this machine, and the report says so.
-    assert main(["verify", str(tiny_onnx), str(q / "model_int8.tflite"), "--images", str(calib_images), "--target",
-                 "x86-host", "--emulate", "-r", str(tmp_path / "x.json"), "-q"]) == 0
+    assert (
+        main(
+            [
+                "verify",
+                str(tiny_onnx),
+                str(q / "model_int8.tflite"),
+                "--images",
+                str(calib_images),
+                "--target",
+                "x86-host",
+                "--emulate",
+                "-r",
+                str(tmp_path / "x.json"),
+                "-q",
+            ]
+        )
+        == 0
+    )
     doc = json.loads((tmp_path / "x.json").read_text())
     assert doc["candidate"]["ran_on"].startswith("this machine")
     assert any("--emulate runs aarch64 only" in n for n in doc["notes"]), doc["notes"]
     out = tmp_path / "deploy"
-    assert main(["deploy", str(tiny_onnx), "--calib", str(calib_images), "--num-calib", "20", "--target",
-                 "rpi4-aarch64", "--target", "x86-host", "--emulate", "--bench-runs", "5", "--bench-threads", "1",
-                 "-o", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "deploy",
+                str(tiny_onnx),
+                "--calib",
+                str(calib_images),
+                "--num-calib",
+                "20",
+                "--target",
+                "rpi4-aarch64",
+                "--target",
+                "x86-host",
+                "--emulate",
+                "--bench-runs",
+                "5",
+                "--bench-threads",
+                "1",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     targets = json.loads((out / "deploy.json").read_text())["targets"]
     assert targets["rpi4-aarch64"]["ran_on"].startswith("qemu-user aarch64")
     assert targets["x86-host"]["ran_on"].startswith("this machine")

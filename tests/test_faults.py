@@ -22,27 +22,46 @@ import pytest
 
 from edgeship.cli import main
 from edgeship.errors import DeviceError, InputError, OutputExistsError
-from tests.sshd import SshServer
-from tests.sshd import sshd  # noqa: F401
+from tests.sshd import (
+    SshServer,
+    sshd,  # noqa: F401
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 GOOGLE = "mobilenet_v2_1.0_224_quant.tflite"
 #: The card of Google's uint8 MobileNetV2 (it ships without one): input (pixel - 128) / 128.
 GOOGLE_CARD = {
-    "model_file": GOOGLE, "precision": "int8",
-    "input": {"name": "input", "shape": [1, 224, 224, 3], "dtype": "uint8", "layout": "NHWC",
-              "scale": 0.0078125, "zero_point": 128},
+    "model_file": GOOGLE,
+    "precision": "int8",
+    "input": {
+        "name": "input",
+        "shape": [1, 224, 224, 3],
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "scale": 0.0078125,
+        "zero_point": 128,
+    },
     "output": {"name": "output", "shape": [1, 1001], "dtype": "uint8"},
     "preprocessing": {"resize_shorter": 256, "crop": [224, 224], "mean": [128 / 255] * 3, "std": [128 / 255] * 3},
-    "num_classes": 1001, "postprocessing": "none",
+    "num_classes": 1001,
+    "postprocessing": "none",
 }
 CUTS = (0.1, 0.5, 0.9, 0.99)
 
 
-def run_child(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env={**os.environ, **(env or {})}, check=False)
+def run_child(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int = 1, match: str = "") -> str:
@@ -92,15 +111,27 @@ def test_truncated_model_runtime_one_line(google: Path, photo: Path, tmp_path: P
 
 def test_truncated_model_verify_one_line_before_running(google: Path, assets: Path, tmp_path: Path) -> None:
     model = cut(google, 0.5, tmp_path / "m")
-    proc = run_child("-m", "edgeship", "verify", str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"), str(model),
-                     "--images", str(assets / "data" / "imagenet-sample"), "--target", "android-nnapi",
-                     "-r", str(tmp_path / "d.json"), "-q")
+    proc = run_child(
+        "-m",
+        "edgeship",
+        "verify",
+        str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"),
+        str(model),
+        "--images",
+        str(assets / "data" / "imagenet-sample"),
+        "--target",
+        "android-nnapi",
+        "-r",
+        str(tmp_path / "d.json"),
+        "-q",
+    )
     assert_one_line_error(proc, 1, "truncated or corrupt")
     assert not (tmp_path / "d.json").exists()
 
 
-def test_intact_model_passes_the_check_and_it_is_cached(google: Path, tmp_path: Path,
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_intact_model_passes_the_check_and_it_is_cached(
+    google: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from edgeship.runtime import model_check
 
     monkeypatch.setenv("EDGESHIP_CACHE", str(tmp_path / "cache"))
@@ -135,9 +166,11 @@ def test_checking_child_pins_a_crash_on_its_model(google: Path, tmp_path: Path) 
 def test_model_header_is_checked_in_process(tmp_path: Path) -> None:
     from edgeship.runtime.model_check import check_model_file
 
-    for name, data, match in [("empty.tflite", b"", "too small"), ("text.tflite", b"hello world, not a model",
-                                                                    "no TFL3 identifier"),
-                              ("root.tflite", b"\xff\xff\x00\x00TFL3" + b"\0" * 40, "root table offset")]:
+    for name, data, match in [
+        ("empty.tflite", b"", "too small"),
+        ("text.tflite", b"hello world, not a model", "no TFL3 identifier"),
+        ("root.tflite", b"\xff\xff\x00\x00TFL3" + b"\0" * 40, "root table offset"),
+    ]:
         (tmp_path / name).write_bytes(data)
         with pytest.raises(InputError, match=match):
             check_model_file(tmp_path / name)
@@ -195,12 +228,16 @@ def _pwned(*folders: Path) -> list[Path]:
     return [p for f in folders if f.is_dir() for p in f.rglob("pwned*")]
 
 
-def test_legacy_scp_runs_nothing_from_model_names(sshd: SshServer, legacy_scp: None, tmp_path: Path,  # noqa: F811
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_legacy_scp_runs_nothing_from_model_names(
+    sshd: SshServer,
+    legacy_scp: None,
+    tmp_path: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """``bench --host`` and the drift check's copy, with a hostile model name, over ``scp -O``."""
-    from edgeship.verify.drift import stage_bundle
     from edgeship.runtime.card import ModelCard
     from edgeship.targets import load_target, remote, ssh
+    from edgeship.verify.drift import stage_bundle
 
     remote_dir = tmp_path / "remote"
     remote_dir.mkdir()
@@ -260,8 +297,12 @@ def test_adb_model_name_is_fixed(tmp_path: Path) -> None:
     class Device(adb.AdbDevice):
         def _run(self, args: list[str], *, timeout: float | None = None) -> Any:
             calls.append(tuple(args))
-            out = ("INFO: Inference timings in us: Init: 3200, First inference: 13117, Warmup (avg): 8903.7, "
-                   "Inference (avg): 8892.9\n" if args[0] == "shell" and "--graph=" in args[1] else "")
+            out = (
+                "INFO: Inference timings in us: Init: 3200, First inference: 13117, Warmup (avg): 8903.7, "
+                "Inference (avg): 8892.9\n"
+                if args[0] == "shell" and "--graph=" in args[1]
+                else ""
+            )
             return subprocess.CompletedProcess(args, 0, out, "")
 
         def check(self) -> dict[str, str]:
@@ -314,8 +355,9 @@ def no_convert(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("where", ["unwritable", "unwritable_parent", "file_parent"])
-def test_bad_output_folder_found_before_convert(where: str, tiny_onnx: Path, tmp_path: Path, no_convert: None,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_output_folder_found_before_convert(
+    where: str, tiny_onnx: Path, tmp_path: Path, no_convert: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     if where == "unwritable":
         out = _unwritable(tmp_path)
     elif where == "unwritable_parent":
@@ -341,17 +383,30 @@ def test_json_in_unwritable_folder(tmp_path: Path, capsys: pytest.CaptureFixture
     assert code == 2 and "cannot write" in err and len(err.splitlines()) == 1, err
 
 
-def test_verify_report_folder_found_before_running(tmp_path: Path, tiny_onnx: Path, google: Path,
-                                                   monkeypatch: pytest.MonkeyPatch,
-                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_report_folder_found_before_running(
+    tmp_path: Path, tiny_onnx: Path, google: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import edgeship.verify.drift as drift
 
     monkeypatch.setattr(drift, "verify", lambda *a, **k: pytest.fail("verify ran before the report path was checked"))
     (tmp_path / "imgs").mkdir()
     for report in (tmp_path, tmp_path / "file.json" / "r.json"):
         (tmp_path / "file.json").write_text("{}")
-        code = main(["verify", str(tiny_onnx), str(google), "--images", str(tmp_path / "imgs"), "--target",
-                     "android-nnapi", "-r", str(report), "--force", "-q"])
+        code = main(
+            [
+                "verify",
+                str(tiny_onnx),
+                str(google),
+                "--images",
+                str(tmp_path / "imgs"),
+                "--target",
+                "android-nnapi",
+                "-r",
+                str(report),
+                "--force",
+                "-q",
+            ]
+        )
         err = capsys.readouterr().err.strip()
         assert code == 1 and len(err.splitlines()) == 1, err
         assert "is a folder" in err or "is a file, not a folder" in err, err
@@ -404,8 +459,9 @@ def _new_set(stage: Path) -> None:
 
 
 def _contents(out: Path) -> set[str]:
-    return {(out / n).read_text() if n != "saved_model" else (out / n / "saved_model.pb").read_text()
-            for n in CONVERT_SET}
+    return {
+        (out / n).read_text() if n != "saved_model" else (out / n / "saved_model.pb").read_text() for n in CONVERT_SET
+    }
 
 
 def test_read_only_saved_model_is_replaced_with_the_set(tmp_path: Path) -> None:
@@ -438,7 +494,10 @@ def test_failed_publish_keeps_the_old_set(tmp_path: Path, monkeypatch: pytest.Mo
         real(src, dst)
 
     monkeypatch.setattr(io.os, "rename", rename)
-    with pytest.raises(InputError, match="nothing was replaced"), io.staged_output(out, CONVERT_SET, force=True) as stage:
+    with (
+        pytest.raises(InputError, match="nothing was replaced"),
+        io.staged_output(out, CONVERT_SET, force=True) as stage,
+    ):
         _new_set(stage)
     monkeypatch.undo()
     assert _contents(out) == {"old"} and (out / "keep.txt").read_text() == "not ours"
@@ -483,11 +542,13 @@ def test_stale_staging_of_dead_runs_is_cleaned_live_ones_kept(tmp_path: Path) ->
 
 def test_sigkilled_run_leaves_staging_that_the_next_run_removes(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    code = ("import os, signal, sys\n"
-            "from edgeship._io import staged_output\n"
-            f"with staged_output({str(out)!r}, ['a'], force=False) as stage:\n"
-            "    (stage / 'a').write_text('half')\n"
-            "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    code = (
+        "import os, signal, sys\n"
+        "from edgeship._io import staged_output\n"
+        f"with staged_output({str(out)!r}, ['a'], force=False) as stage:\n"
+        "    (stage / 'a').write_text('half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
     assert run_child("-c", code).returncode == -9
     assert len(list(tmp_path.glob(".out.staging-*"))) == 1
     from edgeship._io import staged_output
@@ -515,17 +576,20 @@ def test_model_without_card_needs_explicit_preprocessing(google: Path, photo: Pa
     assert proc.returncode == 0 and "parrot.jpg" in proc.stdout, proc.stderr
 
 
-@pytest.mark.parametrize("key,value,named", [
-    ("num_classes", "lots", "num_classes"),
-    ("input", {**GOOGLE_CARD["input"], "shape": [1, "224", 224, 3]}, "input.shape"),
-    ("output", {**GOOGLE_CARD["output"], "shape": [1, 1001.5]}, "output.shape"),
-    ("preprocessing", {**GOOGLE_CARD["preprocessing"], "crop": "224"}, "preprocessing.crop"),
-    ("preprocessing", {**GOOGLE_CARD["preprocessing"], "mean": [0.5, "x", 0.5]}, "preprocessing.mean"),
-    ("model_file", 7, "model_file"),
-    ("labels_file", ["a"], "labels_file"),
-    ("notes", "hello", "notes"),
-    ("input", [1, 2], "input"),
-])
+@pytest.mark.parametrize(
+    "key,value,named",
+    [
+        ("num_classes", "lots", "num_classes"),
+        ("input", {**GOOGLE_CARD["input"], "shape": [1, "224", 224, 3]}, "input.shape"),
+        ("output", {**GOOGLE_CARD["output"], "shape": [1, 1001.5]}, "output.shape"),
+        ("preprocessing", {**GOOGLE_CARD["preprocessing"], "crop": "224"}, "preprocessing.crop"),
+        ("preprocessing", {**GOOGLE_CARD["preprocessing"], "mean": [0.5, "x", 0.5]}, "preprocessing.mean"),
+        ("model_file", 7, "model_file"),
+        ("labels_file", ["a"], "labels_file"),
+        ("notes", "hello", "notes"),
+        ("input", [1, 2], "input"),
+    ],
+)
 def test_card_types_are_checked(google: Path, photo: Path, tmp_path: Path, key: str, value: Any, named: str) -> None:
     folder = tmp_path / "bundle"
     folder.mkdir()
@@ -542,8 +606,9 @@ def test_quiet_runtime_prints_nothing_but_results(google: Path, photo: Path) -> 
     assert "XNNPACK delegate" not in proc.stderr, proc.stderr
 
 
-def test_force_hint_is_spelled_for_cli_and_api(google: Path, tmp_path: Path,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_force_hint_is_spelled_for_cli_and_api(
+    google: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from edgeship.targets import load_target
     from edgeship.targets.bundle import bundle
 
@@ -558,7 +623,8 @@ def test_force_hint_is_spelled_for_cli_and_api(google: Path, tmp_path: Path,
 
 
 def test_verify_float_model_on_int8_target_is_a_mismatch_before_running(
-        tmp_path: Path, google: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, google: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     import edgeship.runtime.candidate as device_side
     import edgeship.verify.drift as drift
 
@@ -569,8 +635,20 @@ def test_verify_float_model_on_int8_target_is_a_mismatch_before_running(
     shutil.copyfile(google, folder / GOOGLE)
     (folder / "model_card.json").write_text(json.dumps({**GOOGLE_CARD, "precision": "float32"}))
     (tmp_path / "imgs").mkdir()
-    code = main(["verify", str(google), str(folder / GOOGLE), "--images", str(tmp_path / "imgs"),
-                 "--target", "x86-host", "-r", str(tmp_path / "d.json"), "-q"])
+    code = main(
+        [
+            "verify",
+            str(google),
+            str(folder / GOOGLE),
+            "--images",
+            str(tmp_path / "imgs"),
+            "--target",
+            "x86-host",
+            "-r",
+            str(tmp_path / "d.json"),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 4, err
     assert "target x86-host runs int8 models, this one is float32" in err and len(err.splitlines()) == 1

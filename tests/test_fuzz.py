@@ -125,10 +125,24 @@ def fuzz(fmt: str, source: Path, work: Path, image: str = "") -> dict[int, tuple
     results: dict[int, tuple[Any, str]] = {}
     env = {**os.environ, "EDGESHIP_CACHE": str(work / "cache")}
     while todo:
-        spec = {"format": fmt, "source": str(source), "work": str(work), "image": image, "batch": BATCH,
-                "suffix": source.suffix, "mutations": todo}
-        proc = subprocess.run([sys.executable, "-c", _RUNNER], input=json.dumps(spec), capture_output=True,
-                              text=True, timeout=600, env=env, check=False)
+        spec = {
+            "format": fmt,
+            "source": str(source),
+            "work": str(work),
+            "image": image,
+            "batch": BATCH,
+            "suffix": source.suffix,
+            "mutations": todo,
+        }
+        proc = subprocess.run(
+            [sys.executable, "-c", _RUNNER],
+            input=json.dumps(spec),
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+            check=False,
+        )
         started = None
         for line in proc.stdout.splitlines():
             word, _, rest = line.partition(" ")
@@ -140,8 +154,9 @@ def fuzz(fmt: str, source: Path, work: Path, image: str = "") -> dict[int, tuple
                 started = None
         if proc.returncode != 0:
             if started is None:
-                pytest.fail(f"the {fmt} fuzz child failed outside any mutation (exit {proc.returncode}): "
-                            f"{proc.stderr[-2000:]}")
+                pytest.fail(
+                    f"the {fmt} fuzz child failed outside any mutation (exit {proc.returncode}): {proc.stderr[-2000:]}"
+                )
             results[started] = (proc.returncode, f"child died (exit {proc.returncode}): {proc.stderr[-500:]}")
         todo = [m for m in todo if m["i"] not in results]
     return results

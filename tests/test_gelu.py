@@ -26,10 +26,17 @@ def _gelu_graph(variant: str, *, opset: int = 17, sqrt2: float = SQRT2):
     def const(name: str, value: float):
         return numpy_helper.from_array(np.array(value, dtype=np.float32), name)
 
-    inits = [const("c_sqrt2", sqrt2), const("c_rsqrt2", 1 / sqrt2), const("c_one", 1.0), const("c_half", 0.5),
-             const("c_two", 2.0)]
-    scale = {"div": helper.make_node("Div", ["x", "c_sqrt2"], ["z"]),
-             "mul": helper.make_node("Mul", ["c_rsqrt2", "x"], ["z"])}["mul" if variant == "rsqrt_first" else "div"]
+    inits = [
+        const("c_sqrt2", sqrt2),
+        const("c_rsqrt2", 1 / sqrt2),
+        const("c_one", 1.0),
+        const("c_half", 0.5),
+        const("c_two", 2.0),
+    ]
+    scale = {
+        "div": helper.make_node("Div", ["x", "c_sqrt2"], ["z"]),
+        "mul": helper.make_node("Mul", ["c_rsqrt2", "x"], ["z"]),
+    }["mul" if variant == "rsqrt_first" else "div"]
     nodes = [scale, helper.make_node("Erf", ["z"], ["e"]), helper.make_node("Add", ["c_one", "e"], ["a"])]
     nodes += {
         "x_a_half": [helper.make_node("Mul", ["x", "a"], ["xa"]), helper.make_node("Mul", ["xa", "c_half"], ["y"])],
@@ -39,9 +46,16 @@ def _gelu_graph(variant: str, *, opset: int = 17, sqrt2: float = SQRT2):
     }[variant]
     nodes.append(helper.make_node("Identity", ["x"], ["x_copy"]))
     shape = [1, 4, 6, 6]
-    graph = helper.make_graph(nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape),
-                               helper.make_tensor_value_info("x_copy", TensorProto.FLOAT, shape)], inits)
+    graph = helper.make_graph(
+        nodes,
+        "gelu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("x_copy", TensorProto.FLOAT, shape),
+        ],
+        inits,
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8 if opset < 20 else 9
     return model
@@ -53,7 +67,8 @@ def _run(model, x: np.ndarray) -> np.ndarray:
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # no GELU fusion of its own
     return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
-        ["y"], {"x": x})[0]
+        ["y"], {"x": x}
+    )[0]
 
 
 @pytest.mark.parametrize("variant", ["x_a_half", "rsqrt_first", "half_x_a", "x_half_a"])
@@ -114,8 +129,15 @@ def _torchscript_gelu_model(path: Path) -> Path:
 
     torch.manual_seed(0)
     net = Net().eval()
-    torch.onnx.export(net, torch.randn(1, 3, 32, 32), str(path), dynamo=False, opset_version=17,
-                      input_names=["x"], output_names=["logits"])
+    torch.onnx.export(
+        net,
+        torch.randn(1, 3, 32, 32),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["x"],
+        output_names=["logits"],
+    )
     return path
 
 
@@ -132,8 +154,19 @@ def gelu_torchscript(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def gelu_converted(gelu_torchscript: Path, tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     out = tmp_path_factory.mktemp("gelu_conv") / "out"
-    code = main(["convert", str(gelu_torchscript), "-o", str(out), "-q", "--max-images", "40",
-                 "--images", str(assets / "data" / "imagenet-sample")])
+    code = main(
+        [
+            "convert",
+            str(gelu_torchscript),
+            "-o",
+            str(out),
+            "-q",
+            "--max-images",
+            "40",
+            "--images",
+            str(assets / "data" / "imagenet-sample"),
+        ]
+    )
     assert code == 0
     return out
 
@@ -180,7 +213,7 @@ def _tan_model(path: Path) -> Path:
     model.graph.initializer.append(numpy_helper.from_array(np.array(0.5, np.float32), "k_tan"))
     extra = [helper.make_node("Mul", ["r0", "k_tan"], ["r_half"]), helper.make_node("Tan", ["r_half"], ["r1"])]
     del model.graph.node[:]
-    model.graph.node.extend(nodes[: relu + 1] + extra + nodes[relu + 1:])
+    model.graph.node.extend(nodes[: relu + 1] + extra + nodes[relu + 1 :])
     return save(model, path)
 
 
@@ -189,8 +222,10 @@ def test_model_needing_select_tf_ops_is_refused_in_one_line(tmp_path: Path, caps
     code = main(["convert", str(_tan_model(tmp_path / "tan.onnx")), "-o", str(out), "-q"])
     err = capsys.readouterr().err.strip()
     assert code == 1
-    assert err == ("edgeship convert: error: the converted model needs TensorFlow Select ops the on-device runtime "
-                   "does not have: FlexTan x1 (replace those ops in the ONNX model)"), err
+    assert err == (
+        "edgeship convert: error: the converted model needs TensorFlow Select ops the on-device runtime "
+        "does not have: FlexTan x1 (replace those ops in the ONNX model)"
+    ), err
     assert not out.exists()
 
 

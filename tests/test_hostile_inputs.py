@@ -20,16 +20,30 @@ from edgeship._io import owner_tag
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def edgeship(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
-             timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgeship", *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})}, cwd=cwd, check=False)
+def edgeship(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "edgeship", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        check=False,
+    )
 
 
 def py(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """``python ARGS`` in a subprocess (the runtime's CLI, a user's script)."""
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})}, check=False)
+    return subprocess.run(
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
 
 
 def assert_one_line(proc: subprocess.CompletedProcess[str], match: str = "", code: int = 1) -> str:
@@ -49,6 +63,7 @@ def dead_pid() -> int:
 
 # --- case 11: SIGTERM/SIGHUP like Ctrl-C; dead runs' temporary folders removed by the next run -------------
 
+
 def _wait_for_onnx2tf(proc: subprocess.Popen[bytes]) -> None:
     import psutil
 
@@ -66,9 +81,13 @@ def test_terminated_convert_cleans_up_and_exits_non_zero(sig: signal.Signals, tm
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "edgeship", "convert", str(tiny_onnx), "-o", str(out), "-q"],
-                            env={**os.environ, "TMPDIR": str(scratch)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeship", "convert", str(tiny_onnx), "-o", str(out), "-q"],
+        env={**os.environ, "TMPDIR": str(scratch)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for_onnx2tf(proc)  # type: ignore[arg-type]
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -86,12 +105,17 @@ def test_next_run_removes_temporary_folders_of_dead_runs(tmp_path: Path) -> None
     for folder in (dead, live, other):
         (folder / "tf").mkdir(parents=True)
         (folder / "tf" / "model.onnx").write_bytes(b"x" * 1000)
-    assert_one_line(edgeship("convert", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o"), "-q",
-                             env={"TMPDIR": str(scratch)}), "missing.onnx")
+    assert_one_line(
+        edgeship(
+            "convert", str(tmp_path / "missing.onnx"), "-o", str(tmp_path / "o"), "-q", env={"TMPDIR": str(scratch)}
+        ),
+        "missing.onnx",
+    )
     assert not dead.exists() and live.is_dir() and other.is_dir()
 
 
 # --- case 9 and huge inputs: refused in one line before any work ------------------------------------------
+
 
 def _save(model: object, path: Path) -> Path:
     import onnx
@@ -107,13 +131,14 @@ def batch4_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save(tiny_classifier(batch=4), tmp_path_factory.mktemp("b4") / "batch4.onnx")
 
 
-def test_fixed_batch_4_is_refused_by_convert_and_quantize(tmp_path: Path, batch4_onnx: Path,
-                                                          tiny_images: Path) -> None:
+def test_fixed_batch_4_is_refused_by_convert_and_quantize(tmp_path: Path, batch4_onnx: Path, tiny_images: Path) -> None:
     out = tmp_path / "c"
     assert_one_line(edgeship("convert", str(batch4_onnx), "-o", str(out), "-q"), "batch dimension is fixed to 4")
     assert not out.exists()
-    assert_one_line(edgeship("quantize", str(batch4_onnx), "--calib", str(tiny_images), "-o", str(out), "-q"),
-                    "batch dimension is fixed to 4")
+    assert_one_line(
+        edgeship("quantize", str(batch4_onnx), "--calib", str(tiny_images), "-o", str(out), "-q"),
+        "batch dimension is fixed to 4",
+    )
     assert not out.exists()
 
 
@@ -127,8 +152,7 @@ def test_quantize_refuses_a_convert_folder_of_batch_4(tmp_path: Path, tiny_bundl
     card["input"]["shape"][0] = 4  # what an older edgeship wrote for a batch-4 model
     (folder / "model_card.json").write_text(json.dumps(card))
     out = tmp_path / "q"
-    assert_one_line(edgeship("quantize", str(folder), "--calib", str(tiny_images), "-o", str(out), "-q"),
-                    "batch 4")
+    assert_one_line(edgeship("quantize", str(folder), "--calib", str(tiny_images), "-o", str(out), "-q"), "batch 4")
     assert not out.exists()
 
 
@@ -140,8 +164,9 @@ def test_huge_input_shape_is_refused(tmp_path: Path, tiny_images: Path) -> None:
     for i in (2, 3):
         dynamic.graph.input[0].type.tensor_type.shape.dim[i].dim_param = "HW"[i - 2]
     dyn = _save(dynamic, tmp_path / "dynamic.onnx")
-    assert_one_line(edgeship("convert", str(dyn), "-o", str(out), "--input-shape", "1,3,100000,100000", "-q"),
-                    "too large")
+    assert_one_line(
+        edgeship("convert", str(dyn), "-o", str(out), "--input-shape", "1,3,100000,100000", "-q"), "too large"
+    )
     assert not out.exists()
     huge = tiny_classifier()
     huge.graph.input[0].type.tensor_type.shape.dim[2].dim_value = 100000
@@ -149,12 +174,15 @@ def test_huge_input_shape_is_refused(tmp_path: Path, tiny_images: Path) -> None:
     path = _save(huge, tmp_path / "huge.onnx")
     assert_one_line(edgeship("convert", str(path), "-o", str(out), "-q"), "too large")
     assert not out.exists()
-    assert_one_line(edgeship("deploy", str(path), "--calib", str(tiny_images), "--target", "x86-host", "-o", str(out),
-                             "-q"), "too large")
+    assert_one_line(
+        edgeship("deploy", str(path), "--calib", str(tiny_images), "--target", "x86-host", "-o", str(out), "-q"),
+        "too large",
+    )
     assert not out.exists()
 
 
 # --- one line, exit 1, nothing written ---------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def int8_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, tiny_images: Path) -> Path:
@@ -177,25 +205,33 @@ def _bad_name_folder(tmp_path: Path, tiny_images: Path) -> Path:
 def test_non_utf8_file_name_in_calib(tmp_path: Path, tiny_bundle: Path, tiny_onnx: Path, tiny_images: Path) -> None:
     calib = _bad_name_folder(tmp_path, tiny_images)
     out = tmp_path / "q"
-    assert_one_line(edgeship("quantize", str(tiny_bundle), "--calib", str(calib), "-o", str(out), "-q"),
-                    "is not valid UTF-8")
-    assert_one_line(edgeship("deploy", str(tiny_onnx), "--calib", str(calib), "--target", "x86-host", "-o", str(out),
-                             "-q"), "is not valid UTF-8")
+    assert_one_line(
+        edgeship("quantize", str(tiny_bundle), "--calib", str(calib), "-o", str(out), "-q"), "is not valid UTF-8"
+    )
+    assert_one_line(
+        edgeship("deploy", str(tiny_onnx), "--calib", str(calib), "--target", "x86-host", "-o", str(out), "-q"),
+        "is not valid UTF-8",
+    )
     assert not out.exists()
 
 
-def test_non_utf8_target_toml_and_preprocess_json(tmp_path: Path, tiny_bundle: Path, tiny_onnx: Path,
-                                                  tiny_images: Path) -> None:
+def test_non_utf8_target_toml_and_preprocess_json(
+    tmp_path: Path, tiny_bundle: Path, tiny_onnx: Path, tiny_images: Path
+) -> None:
     toml = Path(__file__).parent.parent / "targets" / "x86-host.toml"
     bad = tmp_path / "mine.toml"
     bad.write_bytes(toml.read_bytes().replace(b'name = "x86-host"', b'name = "mine"') + b"# caf\xe9\n")
     out = tmp_path / "q"
-    assert_one_line(edgeship("quantize", str(tiny_bundle), "--calib", str(tiny_images), "-o", str(out), "--target",
-                             str(bad), "-q"), "UTF-8")
+    assert_one_line(
+        edgeship("quantize", str(tiny_bundle), "--calib", str(tiny_images), "-o", str(out), "--target", str(bad), "-q"),
+        "UTF-8",
+    )
     prep = tmp_path / "prep.json"
     prep.write_bytes(b'{"mean": [0.5, 0.5, 0.5], "note": "caf\xe9"}')
-    assert_one_line(edgeship("convert", str(tiny_onnx), "-o", str(out), "--preprocess", str(prep), "-q"),
-                    "cannot read preprocessing JSON")
+    assert_one_line(
+        edgeship("convert", str(tiny_onnx), "-o", str(out), "--preprocess", str(prep), "-q"),
+        "cannot read preprocessing JSON",
+    )
     assert not out.exists()
 
 
@@ -216,8 +252,10 @@ def test_custom_domain_op_is_named(tmp_path: Path) -> None:
 
 def test_labels_from_dev_zero_is_capped(tmp_path: Path, tiny_onnx: Path) -> None:
     out = tmp_path / "c"
-    assert_one_line(edgeship("convert", str(tiny_onnx), "-o", str(out), "--labels", "/dev/zero", "-q", timeout=120),
-                    "larger than 16 MiB")
+    assert_one_line(
+        edgeship("convert", str(tiny_onnx), "-o", str(out), "--labels", "/dev/zero", "-q", timeout=120),
+        "larger than 16 MiB",
+    )
     assert not out.exists()
 
 
@@ -228,7 +266,7 @@ def test_bad_model_check_cache_entry_is_a_miss(tmp_path: Path, int8_bundle: Path
     assert first.returncode == 0, first.stderr
     entries = list((tmp_path / "cache" / "model-checks").glob("*.json"))
     assert entries
-    for bad in ('{"verdict": 5}', '{"verdict": ["ok"]}', '[1, 2]'):
+    for bad in ('{"verdict": 5}', '{"verdict": ["ok"]}', "[1, 2]"):
         for entry in entries:
             entry.write_text(bad)
         again = py(["-m", "edgeship.runtime", str(int8_bundle / "model_int8.tflite"), image, "-q"], env=env)
@@ -236,14 +274,18 @@ def test_bad_model_check_cache_entry_is_a_miss(tmp_path: Path, int8_bundle: Path
         assert again.stdout == first.stdout
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"std": [float("nan"), 0.2, 0.2]}, "std must be finite"),
-    ({"mean": [float("inf"), 0.2, 0.2]}, "mean must be finite"),
-    ({"crop": [100000, 100000]}, "crop must be two sizes from 1 to 8192"),
-    ({"resize_shorter": 100000}, "resize_shorter must be from 1 to 8192"),
-])
-def test_card_with_nan_or_absurd_sizes(change: dict[str, object], words: str, tmp_path: Path, int8_bundle: Path,
-                                       tiny_images: Path) -> None:
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"std": [float("nan"), 0.2, 0.2]}, "std must be finite"),
+        ({"mean": [float("inf"), 0.2, 0.2]}, "mean must be finite"),
+        ({"crop": [100000, 100000]}, "crop must be two sizes from 1 to 8192"),
+        ({"resize_shorter": 100000}, "resize_shorter must be from 1 to 8192"),
+    ],
+)
+def test_card_with_nan_or_absurd_sizes(
+    change: dict[str, object], words: str, tmp_path: Path, int8_bundle: Path, tiny_images: Path
+) -> None:
     import json
     import shutil
 
@@ -253,8 +295,7 @@ def test_card_with_nan_or_absurd_sizes(change: dict[str, object], words: str, tm
     card = json.loads(card_path.read_text())
     card["preprocessing"].update(change)
     card_path.write_text(json.dumps(card))
-    proc = py(["-m", "edgeship.runtime", str(bundle / "model_int8.tflite"),
-                           str(tiny_images / "img_00.png"), "-q"])
+    proc = py(["-m", "edgeship.runtime", str(bundle / "model_int8.tflite"), str(tiny_images / "img_00.png"), "-q"])
     assert_one_line(proc, words)
 
 
@@ -278,15 +319,19 @@ except InputError as exc:
 
 def test_nan_budgets_are_refused(tmp_path: Path, tiny_bundle: Path, tiny_images: Path) -> None:
     out = tmp_path / "q"
-    assert_one_line(edgeship("quantize", str(tiny_bundle), "--calib", str(tiny_images), "-o", str(out),
-                             "--min-sqnr", "nan", "-q"), "min_sqnr_db must be a finite number")
+    assert_one_line(
+        edgeship("quantize", str(tiny_bundle), "--calib", str(tiny_images), "-o", str(out), "--min-sqnr", "nan", "-q"),
+        "min_sqnr_db must be a finite number",
+    )
     toml = Path(__file__).parent.parent / "targets" / "x86-host.toml"
     text = toml.read_text().replace('name = "x86-host"', 'name = "mine"')
     assert "min_sqnr_db = " in text
     bad = tmp_path / "mine.toml"
     bad.write_text("\n".join("min_sqnr_db = nan" if ln.startswith("min_sqnr_db") else ln for ln in text.splitlines()))
-    assert_one_line(edgeship("quantize", str(tiny_bundle), "--calib", str(tiny_images), "-o", str(out), "--target",
-                             str(bad), "-q"), "min_sqnr_db must be a finite number")
+    assert_one_line(
+        edgeship("quantize", str(tiny_bundle), "--calib", str(tiny_images), "-o", str(out), "--target", str(bad), "-q"),
+        "min_sqnr_db must be a finite number",
+    )
     assert not out.exists()
 
 
@@ -314,8 +359,9 @@ def test_bench_on_a_truncated_model_gives_the_pre_check_line(tmp_path: Path, ass
     model = tmp_path / "cut.tflite"
     model.write_bytes(data[: len(data) // 2])
     out = tmp_path / "b"
-    err = assert_one_line(edgeship("bench", str(model), "--runs", "3", "-o", str(out), "-q"),
-                          "cannot load TFLite model")
+    err = assert_one_line(
+        edgeship("bench", str(model), "--runs", "3", "-o", str(out), "-q"), "cannot load TFLite model"
+    )
     assert "truncated or corrupt" in err and "SIGSEGV" not in err
     assert not out.exists()
 
@@ -335,8 +381,7 @@ def _png_header(width: int, height: int) -> bytes:
 def test_decompression_bomb_warning_is_not_printed(tmp_path: Path, int8_bundle: Path) -> None:
     image = tmp_path / "big.png"
     image.write_bytes(_png_header(10000, 10000))  # 1e8 pixels: between 1x and 2x Pillow's limit, where it warns
-    proc = py(["-m", "edgeship.runtime", str(int8_bundle / "model_int8.tflite"),
-                           str(image), "-q"])
+    proc = py(["-m", "edgeship.runtime", str(int8_bundle / "model_int8.tflite"), str(image), "-q"])
     err = assert_one_line(proc, "decompression-bomb limit")
     assert "DecompressionBombWarning" not in err
 
@@ -363,8 +408,7 @@ def test_utf8_bom_is_not_part_of_the_first_label(tmp_path: Path, tiny_onnx: Path
     out = tmp_path / "c"
     proc = edgeship("convert", str(tiny_onnx), "-o", str(out), "--labels", str(labels), "-q")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    run = py(["-m", "edgeship.runtime", str(out), str(tiny_images / "img_00.png"),
-                          "-k", "10", "--json"])
+    run = py(["-m", "edgeship.runtime", str(out), str(tiny_images / "img_00.png"), "-k", "10", "--json"])
     assert run.returncode == 0, run.stderr[-2000:]
     import json
 
@@ -373,6 +417,7 @@ def test_utf8_bom_is_not_part_of_the_first_label(tmp_path: Path, tiny_onnx: Path
 
 
 # --- case 7: a child's failure says what it was -------------------------------------------------------------
+
 
 class _Unpicklable(Exception):
     def __reduce__(self):  # type: ignore[no-untyped-def]
@@ -406,8 +451,11 @@ def test_child_failures_say_what_they_were() -> None:
             worker.call("calibrate (TensorFlow)", _raise_unpicklable)
         with pytest.raises(EdgeshipError, match=r"^quantize \(TensorFlow\): SystemExit: 3$"):
             worker.call("quantize (TensorFlow)", _exit_from_library_code)
-        with pytest.raises(NativeCrashError, match=r"^stage: the worker process exited \(exit status 1\): F0000 "
-                                                   r"something.cc:12\] Check failed: tensor->bytes == 40; nothing"):
+        with pytest.raises(
+            NativeCrashError,
+            match=r"^stage: the worker process exited \(exit status 1\): F0000 "
+            r"something.cc:12\] Check failed: tensor->bytes == 40; nothing",
+        ):
             worker.call("stage", _die_after_an_error_line)
         with pytest.raises(EdgeshipError, match=r"^stage: the call cannot be sent to the worker process"):
             worker.call("stage", lambda: None)

@@ -17,8 +17,19 @@ from PIL import Image
 from edgeship.errors import InputError
 from edgeship.runtime import Classifier
 from edgeship.runtime.card import Preprocessing
-from edgeship.runtime.images import (CORRUPT, TOO_LARGE, ImageReadError, frame_pixels, list_images, load_pixels,
-                                     load_rgb, open_image, quantize_pixels, resize_crop, to_rgb8)
+from edgeship.runtime.images import (
+    CORRUPT,
+    TOO_LARGE,
+    ImageReadError,
+    frame_pixels,
+    list_images,
+    load_pixels,
+    load_rgb,
+    open_image,
+    quantize_pixels,
+    resize_crop,
+    to_rgb8,
+)
 
 PREP = Preprocessing.imagenet()
 
@@ -69,22 +80,27 @@ def test_16bit_grey_png_comes_out_like_its_8bit_copy(tmp_path: Path, photo: Imag
     Image.fromarray(grey8.astype(np.uint16) * 257).save(tmp_path / "grey16.png")
     with Image.open(tmp_path / "grey16.png") as im:
         assert im.mode.startswith("I")  # Pillow reads it as 16-bit (I;16)
-    np.testing.assert_array_equal(np.asarray(load_rgb(tmp_path / "grey16.png")),
-                                  np.asarray(load_rgb(tmp_path / "grey8.png")))
+    np.testing.assert_array_equal(
+        np.asarray(load_rgb(tmp_path / "grey16.png")), np.asarray(load_rgb(tmp_path / "grey8.png"))
+    )
     np.testing.assert_array_equal(resize_crop(tmp_path / "grey16.png", PREP), resize_crop(tmp_path / "grey8.png", PREP))
     assert abs(np.asarray(load_rgb(tmp_path / "grey16.png")).mean() - grey8.mean()) < 0.5  # not "almost white"
 
 
-@pytest.mark.parametrize("make", [
-    lambda g: Image.fromarray(g.astype(np.uint16) * 257),                     # I;16
-    lambda g: Image.fromarray((g.astype(np.uint16) * 257).astype(">u2")),    # I;16B
-    lambda g: Image.fromarray(g.astype(np.int32) * 257),                      # I (16-bit data)
-    lambda g: Image.fromarray(g.astype(np.float32) / 255.0),                 # F in [0, 1]
-    lambda g: Image.fromarray(g).convert("LA"),
-    lambda g: Image.fromarray(g).convert("P"),
-    lambda g: Image.fromarray(g).convert("CMYK"),
-    lambda g: Image.fromarray(g).convert("RGBA"),
-], ids=["I;16", "I;16B", "I", "F", "LA", "P", "CMYK", "RGBA"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g: Image.fromarray(g.astype(np.uint16) * 257),  # I;16
+        lambda g: Image.fromarray((g.astype(np.uint16) * 257).astype(">u2")),  # I;16B
+        lambda g: Image.fromarray(g.astype(np.int32) * 257),  # I (16-bit data)
+        lambda g: Image.fromarray(g.astype(np.float32) / 255.0),  # F in [0, 1]
+        lambda g: Image.fromarray(g).convert("LA"),
+        lambda g: Image.fromarray(g).convert("P"),
+        lambda g: Image.fromarray(g).convert("CMYK"),
+        lambda g: Image.fromarray(g).convert("RGBA"),
+    ],
+    ids=["I;16", "I;16B", "I", "F", "LA", "P", "CMYK", "RGBA"],
+)
 def test_every_mode_scales_to_8bit_rgb(photo: Image.Image, make) -> None:  # noqa: ANN001
     grey = np.asarray(photo.convert("L").resize((64, 48)))
     out = np.asarray(to_rgb8(make(grey)))
@@ -125,10 +141,11 @@ def test_exif_orientation_with_jpeg_draft(tmp_path: Path, photo: Image.Image) ->
 
 
 # ---------------------------------------------------------------- case 7: decompression bombs
-def test_decompression_bombs_are_skipped_and_counted(folder: Path, photo: Image.Image,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decompression_bombs_are_skipped_and_counted(
+    folder: Path, photo: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 120_000)  # good_*.jpg are about 82,000 pixels
-    photo.resize((400, 400)).save(folder / "warns.png")   # 160,000: over the limit, under 2x (Pillow warns)
+    photo.resize((400, 400)).save(folder / "warns.png")  # 160,000: over the limit, under 2x (Pillow warns)
     photo.resize((600, 600)).save(folder / "errors.png")  # 360,000: over 2x (Pillow raises)
     images = list_images(folder)
     assert len(images) == 3 and images.skipped_by_reason() == {TOO_LARGE: 2}
@@ -198,8 +215,9 @@ def test_integer_input_path_stays_in_8_bits() -> None:
     px = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=3)
     np.testing.assert_array_equal(quantize_pixels(px, -128, np.int8), (px.astype(np.int16) - 128).astype(np.int8))
     assert quantize_pixels(px, 0, np.uint8) is px
-    np.testing.assert_array_equal(quantize_pixels(px, -100, np.int8),
-                                  np.clip(px.astype(np.int16) - 100, -128, 127).astype(np.int8))
+    np.testing.assert_array_equal(
+        quantize_pixels(px, -100, np.int8), np.clip(px.astype(np.int16) - 100, -128, 127).astype(np.int8)
+    )
 
 
 def test_parallel_loading_matches_one_at_a_time(folder: Path, photo: Image.Image) -> None:
@@ -222,8 +240,7 @@ def test_classifier_frames_timed_and_evaluate(tiny_bundle: Path, tiny_images: Pa
     assert preds == clf.predict(path, 3) and set(steps) == {"decode", "preprocess", "invoke", "postprocess"}
     assert all(v > 0 for v in steps.values())
     ev = clf.evaluate(tiny_images, workers=3)
-    np.testing.assert_allclose(ev.logits, np.stack([clf.logits(f) for f in sorted(tiny_images.iterdir())]),
-                               atol=1e-6)
+    np.testing.assert_allclose(ev.logits, np.stack([clf.logits(f) for f in sorted(tiny_images.iterdir())]), atol=1e-6)
     assert "crop-box resize" in clf.describe()["image_path"]
 
 
@@ -232,16 +249,32 @@ def test_bench_end_to_end(tiny_bundle: Path, tiny_images: Path, tmp_path: Path) 
 
     model = tiny_bundle / "model_float32.tflite"
     out = tmp_path / "bench.json"
-    assert main(["bench", str(model), "--runs", "10", "--warmup", "2", "--image", str(tiny_images),
-                 "-o", str(out), "-q"]) == 0
+    assert (
+        main(["bench", str(model), "--runs", "10", "--warmup", "2", "--image", str(tiny_images), "-o", str(out), "-q"])
+        == 0
+    )
     doc = json.loads(out.read_text())
     e2e = doc["results"][0]["e2e"]
     assert e2e["images"] == 12 and e2e["runs"] == 10 and e2e["p50_ms"] >= e2e["steps_p50_ms"]["invoke"] > 0
     assert set(e2e["steps_p50_ms"]) == {"decode", "preprocess", "invoke", "postprocess"}
     assert e2e["ratio_p50_to_invoke"] > 1 and "image_path" in e2e
     single = tmp_path / "one.json"
-    assert main(["bench", str(model), "--runs", "5", "--image", str(sorted(tiny_images.iterdir())[0]),
-                 "-o", str(single), "-q"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(model),
+                "--runs",
+                "5",
+                "--image",
+                str(sorted(tiny_images.iterdir())[0]),
+                "-o",
+                str(single),
+                "-q",
+            ]
+        )
+        == 0
+    )
     assert json.loads(single.read_text())["results"][0]["e2e"]["images"] == 1
 
 
@@ -249,8 +282,17 @@ def test_bench_image_errors_are_one_line(tiny_bundle: Path, tmp_path: Path, caps
     from edgeship.cli import main
 
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
-    code = main(["bench", str(tiny_bundle / "model_float32.tflite"), "--image", str(tmp_path / "bad.jpg"),
-                 "-o", str(tmp_path / "b.json"), "-q"])
+    code = main(
+        [
+            "bench",
+            str(tiny_bundle / "model_float32.tflite"),
+            "--image",
+            str(tmp_path / "bad.jpg"),
+            "-o",
+            str(tmp_path / "b.json"),
+            "-q",
+        ]
+    )
     assert code == 1 and "not an image" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists()
 
@@ -275,26 +317,74 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
         got = emulated if name == "rpi4-aarch64" else cand
         ran_on = "qemu-user aarch64 (cortex-a72)" if name == "rpi4-aarch64" else "this machine (x86_64)"
         limits = {"top1_agreement_pct": 97.5, "top1_drop_points": 1.0, "sqnr_db": 18.0}
-        report = DriftReport(DriftTarget.of(load_target(name)), DriftReference("m.onnx"),
-                             DriftCandidate("/x/model_int8.tflite", "int8", {}, ran_on),
-                             DriftImages(str(tiny_images), len(files), 0, 0), compare(ref, got),
-                             tuple(BudgetCheck(m, None, v, True) for m, v in limits.items()), (), (), True)
+        report = DriftReport(
+            DriftTarget.of(load_target(name)),
+            DriftReference("m.onnx"),
+            DriftCandidate("/x/model_int8.tflite", "int8", {}, ran_on),
+            DriftImages(str(tiny_images), len(files), 0, 0),
+            compare(ref, got),
+            tuple(BudgetCheck(m, None, v, True) for m, v in limits.items()),
+            (),
+            (),
+            True,
+        )
         drifts[name] = DriftResult(report, ref, got, tuple(Path(f) for f in files))
     labels = [f"long class name number {i}" for i in range(10)]
     figures = {"top1_agreement": 0.9, "ref_top1": None, "cand_top1": None, "mean_cosine": 0.99, "sqnr_db": 20.0}
-    budget = [{"metric": "top1_agreement_pct", "limit": 97.5}, {"metric": "top1_drop_points", "limit": 1.0},
-              {"metric": "sqnr_db", "limit": 18.0}]
-    summary = {"model": "m.onnx", "calibration": {"count": 20}, "evaluation": {"count": len(files)}, "stages": [],
-               "wall_s": 1.0, "targets": {n: {"model": "/x/model_int8.tflite", "passed": True, "figures": figures,
-                                              "budget": budget, "ran_on": "this machine (x86_64)"} for n in names}}
+    budget = [
+        {"metric": "top1_agreement_pct", "limit": 97.5},
+        {"metric": "top1_drop_points", "limit": 1.0},
+        {"metric": "sqnr_db", "limit": 18.0},
+    ]
+    summary = {
+        "model": "m.onnx",
+        "calibration": {"count": 20},
+        "evaluation": {"count": len(files)},
+        "stages": [],
+        "wall_s": 1.0,
+        "targets": {
+            n: {
+                "model": "/x/model_int8.tflite",
+                "passed": True,
+                "figures": figures,
+                "budget": budget,
+                "ran_on": "this machine (x86_64)",
+            }
+            for n in names
+        },
+    }
     summary["targets"]["rpi4-aarch64"]["ran_on"] = "qemu-user aarch64 (cortex-a72)"
-    bench = {"host": {"machine": "x86_64"}, "results": [
-        {"model": "model_int8.tflite", "threads": 1, "init_ms": 1.0, "first_ms": 1.0, "p50_ms": 4.0, "p90_ms": 4.5,
-         "p99_ms": 5.0, "runs": 3, "samples_ms": [4.0, 4.1, 3.9], "peak_rss_mb": 70, "size_bytes": 4_000_000,
-         "ratio_p50_to_first": 1.0, "runtime": {"interpreter": "ai_edge_litert", "delegate": "xnnpack"},
-         "e2e": {"images": 12, "image": str(tiny_images), "runs": 3, "p50_ms": 5.5, "p90_ms": 6.0,
-                 "steps_p50_ms": {"decode": 0.8, "preprocess": 0.3, "invoke": 4.2, "postprocess": 0.2},
-                 "ratio_p50_to_invoke": 1.38, "invoke_only_p50_ms": 4.0, "image_path": "JPEG draft decode"}}]}
+    bench = {
+        "host": {"machine": "x86_64"},
+        "results": [
+            {
+                "model": "model_int8.tflite",
+                "threads": 1,
+                "init_ms": 1.0,
+                "first_ms": 1.0,
+                "p50_ms": 4.0,
+                "p90_ms": 4.5,
+                "p99_ms": 5.0,
+                "runs": 3,
+                "samples_ms": [4.0, 4.1, 3.9],
+                "peak_rss_mb": 70,
+                "size_bytes": 4_000_000,
+                "ratio_p50_to_first": 1.0,
+                "runtime": {"interpreter": "ai_edge_litert", "delegate": "xnnpack"},
+                "e2e": {
+                    "images": 12,
+                    "image": str(tiny_images),
+                    "runs": 3,
+                    "p50_ms": 5.5,
+                    "p90_ms": 6.0,
+                    "steps_p50_ms": {"decode": 0.8, "preprocess": 0.3, "invoke": 4.2, "postprocess": 0.2},
+                    "ratio_p50_to_invoke": 1.38,
+                    "invoke_only_p50_ms": 4.0,
+                    "image_path": "JPEG draft decode",
+                },
+            }
+        ],
+    }
     _, html_path = write_report(out, ReportInputs(summary, bench, drifts, labels))
     page = html_path.read_text()
     # x86-host and android-arm64-cpu ran the same model on the same machine: one set of images for both.
@@ -303,6 +393,8 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
     assert page.count("<figure class='card'>") == 12  # 6 + 6, not 18
     assert "long class name number" in page  # labels as text, not pixels in a plot
     assert "not on their own ISA: android-arm64-cpu (aarch64)." in page
-    assert "Checked on their own ISA: x86-host (natively, x86_64), rpi4-aarch64 (aarch64 emulated under qemu-user" in page
+    assert (
+        "Checked on their own ISA: x86-host (natively, x86_64), rpi4-aarch64 (aarch64 emulated under qemu-user" in page
+    )
     assert "end-to-end p50 / p90 ms" in page and "5.50 / 6.00" in page and "1.38 (of 4.00)" in page
     shutil.rmtree(out)

@@ -54,13 +54,25 @@ def test_weights_only_rounds_every_weight_to_its_channel_grid(bench, tiny_bundle
 
 
 def test_table_shows_each_column_and_errors(bench) -> None:
-    row = {"model": "m", "exporter": "dynamo", "weights": {"sqnr_db": 27.7},
-           "io": {"input_grid_db": 32.2, "output_grid_db": 19.3},
-           "default": {"sqnr_db": 9.0}, "ceiling": {"sqnr_db": 11.1, "float_ops": 194},
-           "budget": {"sqnr_db": 19.1, "float_ops": 391}, "floor": {"error": "boom"},
-           "int16": {"error": "TensorFlow's 16x8 quantizer does not support HARD_SWISH"},
-           "speed": {"float32": {"p50_ms": 12.0}, "default": {"p50_ms": 6.0}, "ceiling": {"p50_ms": 8.0},
-                     "budget": {"p50_ms": 12.0}}}
+    row = {
+        "model": "m",
+        "exporter": "dynamo",
+        "weights": {"sqnr_db": 27.7},
+        "io": {"input_grid_db": 32.2, "output_grid_db": 19.3},
+        "default": {"sqnr_db": 9.0},
+        "ceiling": {"sqnr_db": 11.1, "float_ops": 194},
+        "budget": {"sqnr_db": 19.1, "float_ops": 391},
+        "floor": {"error": "boom"},
+        "int16": {"error": "TensorFlow's 16x8 quantizer does not support HARD_SWISH"},
+        "speed": {
+            "float32": {"p50_ms": 12.0},
+            "default": {"p50_ms": 6.0},
+            "ceiling": {"p50_ms": 8.0},
+            "budget": {"p50_ms": 12.0},
+        },
+    }
     line = bench.table([row])[-1]
-    assert line == ("| m (dynamo) | 27.7 | 32.2 / 19.3 | 9.0 / 2.00x | 11.1 / 1.50x (194) | 19.1 / 1.00x (391) | "
-                    "error: boom | TensorFlow's 16x8 quantizer does not support HARD_SWISH |")
+    assert line == (
+        "| m (dynamo) | 27.7 | 32.2 / 19.3 | 9.0 / 2.00x | 11.1 / 1.50x (194) | 19.1 / 1.00x (391) | "
+        "error: boom | TensorFlow's 16x8 quantizer does not support HARD_SWISH |"
+    )

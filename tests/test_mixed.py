@@ -11,8 +11,18 @@ import pytest
 from edgeship.cli import main
 from edgeship.quantize import mixed
 from edgeship.quantize.options import CalibrationMethod
-from edgeship.quantize.ranges import (CONSUMER_FNS, CROSS_FIT_CANDIDATES, Histogram, candidate_ranges,
-                                      consumer_errors, entropy, least_consumer_error, minmax, mse, percentile)
+from edgeship.quantize.ranges import (
+    CONSUMER_FNS,
+    CROSS_FIT_CANDIDATES,
+    Histogram,
+    candidate_ranges,
+    consumer_errors,
+    entropy,
+    least_consumer_error,
+    minmax,
+    mse,
+    percentile,
+)
 from tests.test_ranges import _folds, _rounding_model  # the fake fold model, one copy
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -30,8 +40,12 @@ def test_auto_range_has_the_least_error_at_the_consumer(consumer: tuple[str, ...
     hist = _hist(np.concatenate([rng.normal(0, 3, 200_000), [30.0, -25.0]]), consumer)
     chosen = np.array([least_consumer_error(hist, 99.999)])
     err = consumer_errors(hist, chosen)[0]
-    for name, fixed in {"minmax": minmax(hist, 0), "mse": mse(hist, 0), "p99.999": percentile(hist, 99.999),
-                        "p99.9": percentile(hist, 99.9)}.items():
+    for name, fixed in {
+        "minmax": minmax(hist, 0),
+        "mse": mse(hist, 0),
+        "p99.999": percentile(hist, 99.999),
+        "p99.9": percentile(hist, 99.9),
+    }.items():
         assert err <= consumer_errors(hist, np.array([fixed]))[0] + 1e-9, name
 
 
@@ -77,11 +91,17 @@ def test_entropy_penalises_clipping() -> None:
 def _ops() -> list[mixed.OpInfo]:
     """conv -> hard_swish -> SE gate (mean -> fc -> logistic -> mul) -> conv -> add (+ first conv) -> fc."""
     o = mixed.OpInfo
-    return [o("CONV_2D", "c1", 50_000, 5_000_000, (0,), (1,)), o("HARD_SWISH", "hs", 50_000, 0, (1,), (2,)),
-            o("MEAN", "m", 16, 0, (2,), (3,)), o("FULLY_CONNECTED", "fc1", 16, 256, (3,), (4,)),
-            o("LOGISTIC", "g", 16, 0, (4,), (5,)), o("MUL", "gate", 50_000, 0, (2, 5), (6,)),
-            o("CONV_2D", "c2", 50_000, 800_000, (6,), (7,)), o("ADD", "res", 50_000, 0, (7, 1), (8,)),
-            o("FULLY_CONNECTED", "logits", 10, 10_000, (8,), (9,))]
+    return [
+        o("CONV_2D", "c1", 50_000, 5_000_000, (0,), (1,)),
+        o("HARD_SWISH", "hs", 50_000, 0, (1,), (2,)),
+        o("MEAN", "m", 16, 0, (2,), (3,)),
+        o("FULLY_CONNECTED", "fc1", 16, 256, (3,), (4,)),
+        o("LOGISTIC", "g", 16, 0, (4,), (5,)),
+        o("MUL", "gate", 50_000, 0, (2, 5), (6,)),
+        o("CONV_2D", "c2", 50_000, 800_000, (6,), (7,)),
+        o("ADD", "res", 50_000, 0, (7, 1), (8,)),
+        o("FULLY_CONNECTED", "logits", 10, 10_000, (8,), (9,)),
+    ]
 
 
 def test_candidates_are_connected_runs_and_segments() -> None:
@@ -106,8 +126,12 @@ def _additive(gains: dict[str, float], base: float):
 
 
 def test_search_keeps_the_cheapest_set_that_meets_the_budget() -> None:
-    cands = [mixed.Candidate("cheap_small", ("a",), 1.0), mixed.Candidate("dear_big", ("b",), 100.0),
-             mixed.Candidate("cheap_big", ("c",), 2.0), mixed.Candidate("harmful", ("d",), 0.5)]
+    cands = [
+        mixed.Candidate("cheap_small", ("a",), 1.0),
+        mixed.Candidate("dear_big", ("b",), 100.0),
+        mixed.Candidate("cheap_big", ("c",), 2.0),
+        mixed.Candidate("harmful", ("d",), 0.5),
+    ]
     measure, calls = _additive({"a": 1.0, "b": 6.0, "c": 3.0, "d": -2.0}, base=15.0)
     found = mixed.search(cands, measure, budget_db=18.5, base_db=15.0)
     assert [c.name for c in found.kept] == ["cheap_big", "cheap_small"]  # best dB per cost first; 19 dB, no dear one
@@ -135,8 +159,11 @@ def test_search_drops_a_candidate_that_stops_helping_together() -> None:
 
 
 def test_search_skips_a_candidate_that_breaks_the_speed_floor() -> None:
-    cands = [mixed.Candidate("cheap", ("a",), 1.0), mixed.Candidate("slow", ("b",), 2.0),
-             mixed.Candidate("other", ("c",), 3.0)]
+    cands = [
+        mixed.Candidate("cheap", ("a",), 1.0),
+        mixed.Candidate("slow", ("b",), 2.0),
+        mixed.Candidate("other", ("c",), 3.0),
+    ]
     measure, _ = _additive({"a": 1.0, "b": 5.0, "c": 2.0}, base=10.0)
     asked: list[tuple[str, ...]] = []
 
@@ -171,33 +198,45 @@ def test_a_ceiling_that_cannot_be_made_leaves_the_search_result_alone() -> None:
             raise CalibrationError("the int8 model TensorFlow's quantizer wrote does not run")
         return 10.0 + len(nodes)
 
-    found = mixed.search([mixed.Candidate("x", ("a",), 1.0)], measure, budget_db=20.0, base_db=10.0,
-                         ceiling_nodes=("e",))
+    found = mixed.search(
+        [mixed.Candidate("x", ("a",), 1.0)], measure, budget_db=20.0, base_db=10.0, ceiling_nodes=("e",)
+    )
     assert found.ceiling_db is None and found.sqnr_db == 11.0 and [c.name for c in found.kept] == ["x"]
 
 
-@pytest.mark.parametrize(("limit", "ceiling", "says"), [
-    (19.3, 11.0, "scores rounded to this int8 output's grid hold only 19.3 dB"),  # the output decides first
-    (40.0, 11.0, "it reaches 11.0 dB on the calibration images, so this budget needs convolutions float"),
-    (40.0, 20.7, "it reaches 20.7 dB"),  # over the budget but under what the search aimed at (20.9) on these images
-    (40.0, 21.0, ""),  # the convolutions leave room: the speed floor or the candidates stopped the search
-    (None, 30.0, ""),
-])
+@pytest.mark.parametrize(
+    ("limit", "ceiling", "says"),
+    [
+        (19.3, 11.0, "scores rounded to this int8 output's grid hold only 19.3 dB"),  # the output decides first
+        (40.0, 11.0, "it reaches 11.0 dB on the calibration images, so this budget needs convolutions float"),
+        (40.0, 20.7, "it reaches 20.7 dB"),  # over the budget but under what the search aimed at (20.9) on these images
+        (40.0, 21.0, ""),  # the convolutions leave room: the speed floor or the candidates stopped the search
+        (None, 30.0, ""),
+    ],
+)
 def test_over_budget_note_names_the_limit_that_decides(limit: float | None, ceiling: float, says: str) -> None:
     from edgeship.quantize.result import _shortfall_note
 
-    mixed_report = {"int8_matrix_ceiling_db": ceiling, "target_sqnr_db": 20.9,
-                    **({"int8_output_limit_db": limit} if limit is not None else {})}
+    mixed_report = {
+        "int8_matrix_ceiling_db": ceiling,
+        "target_sqnr_db": 20.9,
+        **({"int8_output_limit_db": limit} if limit is not None else {}),
+    }
     note = _shortfall_note(mixed_report, {"min_sqnr_db": 20.0, "io": "int8", "min_speedup": 1.25})
     assert (says in note) if says else note == ""
     assert note.count(";") <= 1
 
 
 def test_float_except_matrix_leaves_only_the_large_matrix_ops_int8() -> None:
-    ops = [mixed.OpInfo("CONV_2D", "conv", 112 * 112 * 32, 10**7), mixed.OpInfo("LOGISTIC", "sig", 112 * 112 * 32, 0),
-           mixed.OpInfo("MEAN", "pool", 32, 0), mixed.OpInfo("FULLY_CONNECTED", "se_fc", 8, 256),
-           mixed.OpInfo("DEPTHWISE_CONV_2D", "dw", 56 * 56 * 32, 10**6),
-           mixed.OpInfo("FULLY_CONNECTED", "logits", 1000, 10**6), mixed.OpInfo("BATCH_MATMUL", "attn", 197 * 197 * 3, 10**7)]
+    ops = [
+        mixed.OpInfo("CONV_2D", "conv", 112 * 112 * 32, 10**7),
+        mixed.OpInfo("LOGISTIC", "sig", 112 * 112 * 32, 0),
+        mixed.OpInfo("MEAN", "pool", 32, 0),
+        mixed.OpInfo("FULLY_CONNECTED", "se_fc", 8, 256),
+        mixed.OpInfo("DEPTHWISE_CONV_2D", "dw", 56 * 56 * 32, 10**6),
+        mixed.OpInfo("FULLY_CONNECTED", "logits", 1000, 10**6),
+        mixed.OpInfo("BATCH_MATMUL", "attn", 197 * 197 * 3, 10**7),
+    ]
     assert mixed.float_except_matrix(ops) == ["sig", "pool", "se_fc", "logits"]
 
 
@@ -213,22 +252,52 @@ def tiny_conv(tiny_bundle: Path) -> Path:
     return tiny_bundle
 
 
-def test_full_integer_under_budget_exits_3_with_the_best_model(tmp_path: Path, tiny_bundle: Path,
-                                                                 calib_images: Path) -> None:
+def test_full_integer_under_budget_exits_3_with_the_best_model(
+    tmp_path: Path, tiny_bundle: Path, calib_images: Path
+) -> None:
     out = tmp_path / "q"
-    code = main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20",
-                 "--full-integer", "--min-sqnr", "90", "--json", str(tmp_path / "r.json")])
+    code = main(
+        [
+            "quantize",
+            str(tiny_bundle),
+            "--calib",
+            str(calib_images),
+            "-o",
+            str(out),
+            "-q",
+            "--num-calib",
+            "20",
+            "--full-integer",
+            "--min-sqnr",
+            "90",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert code == 3
     assert (out / "model_int8_OVER_BUDGET.tflite").is_file() and not (out / "model_int8.tflite").exists()
     report = json.loads((out / "quant_report.json").read_text())
     assert report["mixed_precision"]["searched"] is False  # full-integer: nothing may stay float
 
 
-def test_budget_search_on_a_tiny_model_meets_the_budget(tmp_path: Path, tiny_bundle: Path, calib_images: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_budget_search_on_a_tiny_model_meets_the_budget(
+    tmp_path: Path, tiny_bundle: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "q"
-    args = ["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20",
-            "--method", "auto", "--no-bias-correction"]
+    args = [
+        "quantize",
+        str(tiny_bundle),
+        "--calib",
+        str(calib_images),
+        "-o",
+        str(out),
+        "-q",
+        "--num-calib",
+        "20",
+        "--method",
+        "auto",
+        "--no-bias-correction",
+    ]
     assert main([*args, "--min-sqnr", "90"]) == 3  # nothing reaches 90 dB: best model kept, exit 3
     report = json.loads((out / "quant_report.json").read_text())
     ceiling = report["mixed_precision"]["int8_matrix_ceiling_db"]  # int8 convolutions alone cap it under 90 dB
@@ -264,15 +333,24 @@ def _layer_norm_ops() -> list[mixed.OpInfo]:
     """fc -> residual add -> LayerNorm (mean, squared_difference, mean, add eps, rsqrt, mul, mul, sub, add) -> fc,
     then an SE-style gate (mean -> logistic -> mul) that holds no normalisation."""
     o = mixed.OpInfo
-    return [o("FULLY_CONNECTED", "fc0", 37_824, 7_000_000, (0,), (1,)), o("ADD", "res", 37_824, 0, (1, 0), (2,)),
-            o("MEAN", "mu", 197, 0, (2,), (3,)), o("SQUARED_DIFFERENCE", "sq", 37_824, 0, (2, 3), (4,)),
-            o("MEAN", "var", 197, 0, (4,), (5,)), o("ADD", "eps", 197, 0, (5,), (6,)),
-            o("RSQRT", "inv", 197, 0, (6,), (7,)), o("MUL", "scale", 197, 0, (7,), (8,)),
-            o("MUL", "xs", 37_824, 0, (2, 8), (9,)), o("MUL", "ms", 197, 0, (3, 8), (10,)),
-            o("SUB", "shift", 197, 0, (10,), (11,)), o("ADD", "ln", 37_824, 0, (9, 11), (12,)),
-            o("FULLY_CONNECTED", "fc1", 37_824, 7_000_000, (12,), (13,)),
-            o("MEAN", "pool", 192, 0, (13,), (14,)), o("LOGISTIC", "g", 192, 0, (14,), (15,)),
-            o("MUL", "gate", 37_824, 0, (13, 15), (16,))]
+    return [
+        o("FULLY_CONNECTED", "fc0", 37_824, 7_000_000, (0,), (1,)),
+        o("ADD", "res", 37_824, 0, (1, 0), (2,)),
+        o("MEAN", "mu", 197, 0, (2,), (3,)),
+        o("SQUARED_DIFFERENCE", "sq", 37_824, 0, (2, 3), (4,)),
+        o("MEAN", "var", 197, 0, (4,), (5,)),
+        o("ADD", "eps", 197, 0, (5,), (6,)),
+        o("RSQRT", "inv", 197, 0, (6,), (7,)),
+        o("MUL", "scale", 197, 0, (7,), (8,)),
+        o("MUL", "xs", 37_824, 0, (2, 8), (9,)),
+        o("MUL", "ms", 197, 0, (3, 8), (10,)),
+        o("SUB", "shift", 197, 0, (10,), (11,)),
+        o("ADD", "ln", 37_824, 0, (9, 11), (12,)),
+        o("FULLY_CONNECTED", "fc1", 37_824, 7_000_000, (12,), (13,)),
+        o("MEAN", "pool", 192, 0, (13,), (14,)),
+        o("LOGISTIC", "g", 192, 0, (14,), (15,)),
+        o("MUL", "gate", 37_824, 0, (13, 15), (16,)),
+    ]
 
 
 def test_normalization_groups_hold_the_whole_layer_norm_and_nothing_else() -> None:
@@ -316,7 +394,9 @@ def test_merge_histograms_adds_counts_and_extremes() -> None:
     a, b = rng.normal(0, 1, 1000), rng.normal(3, 1, 1000)
     merged = merge_histograms(_folds([a, b]))[7]
     assert merged.counts.sum() == 2000
-    assert merged.seen_min == pytest.approx(min(a.min(), b.min())) and merged.seen_max == pytest.approx(max(a.max(), b.max()))
+    assert merged.seen_min == pytest.approx(min(a.min(), b.min())) and merged.seen_max == pytest.approx(
+        max(a.max(), b.max())
+    )
     with pytest.raises(ValueError):
         merge_histograms([{1: Histogram(0, 1, np.zeros(4, np.int64))}, {1: Histogram(0, 2, np.zeros(4, np.int64))}])
 
@@ -324,7 +404,8 @@ def test_merge_histograms_adds_counts_and_extremes() -> None:
 # ----------------------------------------------------------------------------- timed placement (issue 13)
 @pytest.mark.parametrize("ms, kept", [({"int8": 10.0, "placed": 8.0}, True), ({"int8": 10.0, "placed": 9.8}, False)])
 def test_timed_placement_keeps_large_depthwise_float_only_when_measured_faster(
-        ms: dict[str, float], kept: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    ms: dict[str, float], kept: bool, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from edgeship.quantize import speed, worker
     from edgeship.quantize.options import QuantizeOptions
 

@@ -12,16 +12,17 @@ from pathlib import Path
 import pytest
 
 from edgeship._child import ChildWorker
-from edgeship.errors import NativeCrashError
 from edgeship.cli import main
+from edgeship.errors import NativeCrashError
 
 
 def _abort(*args, **kwargs):  # runs in edgeship's child process, like a failed TensorFlow check
     os.abort()
 
 
-def test_native_abort_is_one_line_and_exit_1(tmp_path: Path, tiny_bundle: Path, calib_images: Path,
-                                             monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+def test_native_abort_is_one_line_and_exit_1(
+    tmp_path: Path, tiny_bundle: Path, calib_images: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
     from edgeship.quantize import tflite_quant
 
     monkeypatch.setattr(tflite_quant, "quantize_calibrated", _abort)
@@ -53,13 +54,22 @@ def test_onnx2tf_worker_dies_with_a_killed_convert(tmp_path: Path, tiny_onnx: Pa
     """SIGKILL of `edgeship convert` used to leave the onnx2tf worker running for ~40 s."""
     import psutil
 
-    proc = subprocess.Popen([sys.executable, "-m", "edgeship", "convert", str(tiny_onnx), "-o", str(tmp_path / "c"),
-                             "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgeship", "convert", str(tiny_onnx), "-o", str(tmp_path / "c"), "-q"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     worker = None
     deadline = time.monotonic() + 120
     while worker is None and time.monotonic() < deadline and proc.poll() is None:
-        worker = next((c for c in psutil.Process(proc.pid).children(recursive=True)
-                       if "edgeship._worker" in " ".join(c.cmdline())), None)
+        worker = next(
+            (
+                c
+                for c in psutil.Process(proc.pid).children(recursive=True)
+                if "edgeship._worker" in " ".join(c.cmdline())
+            ),
+            None,
+        )
         time.sleep(0.2)
     assert worker is not None, "the onnx2tf worker never started"
     time.sleep(1.0)  # let it get past its start-up
@@ -69,8 +79,9 @@ def test_onnx2tf_worker_dies_with_a_killed_convert(tmp_path: Path, tiny_onnx: Pa
     assert not alive, "the onnx2tf worker outlived its parent"
 
 
-def test_equalize_scratch_only_with_equalize(tmp_path: Path, tiny_bundle: Path, calib_images: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_equalize_scratch_only_with_equalize(
+    tmp_path: Path, tiny_bundle: Path, calib_images: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))

@@ -12,8 +12,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 #: Source folder -> import package (pyproject's package-dir).
 FOLDERS = {
@@ -29,8 +27,15 @@ STAGES = ("convert", "quantize", "verify", "targets")
 #: Layers, bottom first; a module imports only its own layer or lower ones.
 LAYERS: dict[str, tuple[str, ...]] = {
     # On-device: numpy and a TFLite interpreter only (the root package imports only errors and the version).
-    "runtime": ("edgeship", "edgeship.errors", "edgeship._version", "edgeship._paths", "edgeship._files",
-                "edgeship._deps", "edgeship.runtime"),
+    "runtime": (
+        "edgeship",
+        "edgeship.errors",
+        "edgeship._version",
+        "edgeship._paths",
+        "edgeship._files",
+        "edgeship._deps",
+        "edgeship.runtime",
+    ),
     # Host-side pieces the stages share: files, progress, optional dependencies, the child worker, TFLite graph
     # editing, the reference runners, the wheel builder, downloads.
     "shared": (

@@ -20,8 +20,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -34,8 +35,10 @@ log = logging.getLogger(__name__)
 REQUIRE = os.environ.get("EDGESHIP_REQUIRE_EMULATOR") == "1"
 #: Held-apart images the drift checks run on each device (named in the report).
 MAX_EVAL = 50
-EXPECTED = {"rpi4-aarch64": {"machine": "aarch64", "interpreter": "ai_edge_litert", "pin": "ai-edge-litert==2.1.0"},
-            "rpi-armv7": {"machine": "armv7l", "interpreter": "tflite_runtime", "pin": "tflite-runtime==2.14.0"}}
+EXPECTED = {
+    "rpi4-aarch64": {"machine": "aarch64", "interpreter": "ai_edge_litert", "pin": "ai-edge-litert==2.1.0"},
+    "rpi-armv7": {"machine": "armv7l", "interpreter": "tflite_runtime", "pin": "tflite-runtime==2.14.0"},
+}
 
 
 # --------------------------------------------------------------------------- fast: no emulator
@@ -57,9 +60,27 @@ def test_host_flags_map_targets_to_devices() -> None:
 
 
 def test_cli_refuses_a_host_for_another_target(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "edgeship", "verify", str(tmp_path / "m.onnx"), str(tmp_path),
-                           "--images", str(tmp_path), "--target", "rpi-armv7", "--host", "rpi4-aarch64=pi@h",
-                           "-r", str(tmp_path / "d.json")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgeship",
+            "verify",
+            str(tmp_path / "m.onnx"),
+            str(tmp_path),
+            "--images",
+            str(tmp_path),
+            "--target",
+            "rpi-armv7",
+            "--host",
+            "rpi4-aarch64=pi@h",
+            "-r",
+            str(tmp_path / "d.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and not (tmp_path / "d.json").exists()
     assert proc.stderr.strip().splitlines()[-1].endswith("which is not a --target of this command (rpi-armv7)")
 
@@ -70,8 +91,24 @@ def tiny_pi_int8(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, ca
     from edgeship.cli import main
 
     out = tmp_path_factory.mktemp("q") / "int8"
-    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q",
-                 "--num-calib", "20", "--target", "rpi4-aarch64"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_bundle),
+                "--calib",
+                str(calib_images),
+                "-o",
+                str(out),
+                "-q",
+                "--num-calib",
+                "20",
+                "--target",
+                "rpi4-aarch64",
+            ]
+        )
+        == 0
+    )
     return out / "model_int8.tflite"
 
 
@@ -101,8 +138,11 @@ def test_no_xnnpack_partition_is_its_own_error() -> None:
     from edgeship.verify.drift import check_delegate
 
     target = load_target("rpi4-aarch64")
-    ran = {"interpreter": "ai_edge_litert", "interpreter_version": "2.3.0",
-           "xnnpack": {"partitions": 0, "ops": 66, "outside": {"CONV_2D": 36}}}
+    ran = {
+        "interpreter": "ai_edge_litert",
+        "interpreter_version": "2.3.0",
+        "xnnpack": {"partitions": 0, "ops": 66, "outside": {"CONV_2D": 36}},
+    }
     with pytest.raises(DelegateNotAppliedError) as info:
         check_delegate(ran, target, "ssh pi@h (aarch64)")
     message = str(info.value)
@@ -124,11 +164,24 @@ def test_interpreter_crash_blames_the_interpreter_not_the_file() -> None:
 def test_emulated_timings_are_labelled_in_the_table() -> None:
     from edgeship.runtime.bench import EMULATED, table
 
-    row = {"model": "m.tflite", "threads": 1, "init_ms": 1.0, "first_ms": 1.0, "p50_ms": 2.0, "p90_ms": 2.0,
-           "p99_ms": 2.0, "peak_rss_mb": 1.0, "size_bytes": 1000, "ratio_p50_to_first": 1.0,
-           "runtime": {"interpreter": "tflite_runtime", "delegate": "none"}}
-    doc = {"results": [row], "host": {"machine": "x86_64"},
-           "device": {"emulated": f"qemu-user (cortex-a7): {EMULATED}"}}
+    row = {
+        "model": "m.tflite",
+        "threads": 1,
+        "init_ms": 1.0,
+        "first_ms": 1.0,
+        "p50_ms": 2.0,
+        "p90_ms": 2.0,
+        "p99_ms": 2.0,
+        "peak_rss_mb": 1.0,
+        "size_bytes": 1000,
+        "ratio_p50_to_first": 1.0,
+        "runtime": {"interpreter": "tflite_runtime", "delegate": "none"},
+    }
+    doc = {
+        "results": [row],
+        "host": {"machine": "x86_64"},
+        "device": {"emulated": f"qemu-user (cortex-a7): {EMULATED}"},
+    }
     assert EMULATED in table(doc)[0]
     assert EMULATED not in "\n".join(table({**doc, "device": {}}))
 
@@ -139,8 +192,12 @@ def test_emulated_timings_are_labelled_in_the_table() -> None:
 def _emulator_problem() -> str | None:
     if os.geteuid() != 0:
         return "the emulated Pis need root (mount, chroot)"
-    for tool, pkg in (("mmdebstrap", "mmdebstrap"), ("qemu-aarch64-static", "qemu-user-static"),
-                      ("qemu-arm-static", "qemu-user-static"), ("ssh", "openssh-client")):
+    for tool, pkg in (
+        ("mmdebstrap", "mmdebstrap"),
+        ("qemu-aarch64-static", "qemu-user-static"),
+        ("qemu-arm-static", "qemu-user-static"),
+        ("ssh", "openssh-client"),
+    ):
         if shutil.which(tool) is None:
             return f"{tool} not installed: apt-get install {pkg}"
     for entry in ("qemu-aarch64", "qemu-arm"):
@@ -196,12 +253,41 @@ def test_deploy_on_emulated_pis(pis: dict[str, Any], assets: Path, tmp_path: Pat
     any_pi = next(iter(pis.values()))
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "edgeship", "deploy", str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"),
-         "--calib", str(assets / "data" / "imagenet-sample"), "--num-calib", "100", "--max-eval", str(MAX_EVAL),
-         "--labels", str(assets / "data" / "imagenet_classes.txt"),
-         "--target", "rpi4-aarch64", "--target", "rpi-armv7", *hosts, "--identity", str(any_pi.identity),
-         "--known-hosts", str(any_pi.known_hosts), "--bench-threads", "1", "--bench-runs", "20",
-         "-o", str(out), "-q"], capture_output=True, text=True, timeout=5400)
+        [
+            sys.executable,
+            "-m",
+            "edgeship",
+            "deploy",
+            str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"),
+            "--calib",
+            str(assets / "data" / "imagenet-sample"),
+            "--num-calib",
+            "100",
+            "--max-eval",
+            str(MAX_EVAL),
+            "--labels",
+            str(assets / "data" / "imagenet_classes.txt"),
+            "--target",
+            "rpi4-aarch64",
+            "--target",
+            "rpi-armv7",
+            *hosts,
+            "--identity",
+            str(any_pi.identity),
+            "--known-hosts",
+            str(any_pi.known_hosts),
+            "--bench-threads",
+            "1",
+            "--bench-runs",
+            "20",
+            "-o",
+            str(out),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=5400,
+    )
     log.info("deploy on both emulated Pis: %.0f s\n%s", time.monotonic() - start, proc.stdout)
     _keep(out)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -236,8 +322,14 @@ def _check_target(name: str, want: dict[str, str], summary: dict[str, Any], out:
     target = summary["targets"][name]
     drift = json.loads((out / "verify" / name / "drift_report.json").read_text())
     rt = drift["candidate"]["runtime"]
-    log.info("%s: %s, agreement %.3f, SQNR %.1f dB, install %s", name, drift["candidate"]["ran_on"],
-             drift["figures"]["top1_agreement"], drift["figures"]["sqnr_db"], rt.get("install"))
+    log.info(
+        "%s: %s, agreement %.3f, SQNR %.1f dB, install %s",
+        name,
+        drift["candidate"]["ran_on"],
+        drift["figures"]["top1_agreement"],
+        drift["figures"]["sqnr_db"],
+        rt.get("install"),
+    )
     assert target["passed"] and drift["passed"]
     assert rt["machine"] == want["machine"] and rt["python"].startswith("3.11.") and rt.get("emulated")
     assert rt["interpreter"] == want["interpreter"]
@@ -265,14 +357,27 @@ def _check_against_this_machine(name: str, out: Path, bundle: Path) -> None:
 
     target = load_target(name)
     device = DriftResult.load(out / "verify" / name)
-    here, runtime = candidate_outputs(bundle / ModelCard.load(bundle).model_file, list(device.files),
-                                      num_threads=target.execution.threads, use_xnnpack=target.execution.use_xnnpack)
+    here, runtime = candidate_outputs(
+        bundle / ModelCard.load(bundle).model_file,
+        list(device.files),
+        num_threads=target.execution.threads,
+        use_xnnpack=target.execution.use_xnnpack,
+    )
     local = compare(device.reference, here)
     same = compare(here, device.candidate)
-    log.info("%s: agreement with float, device %.4f vs this machine %.4f (%s %s); SQNR %.2f vs %.2f dB; "
-             "device vs this machine: top-1 agreement %.4f, max |diff| %.4g", name, device.figures.top1_agreement,
-             local.top1_agreement, runtime["interpreter"], runtime["interpreter_version"], device.figures.sqnr_db,
-             local.sqnr_db, same.top1_agreement, same.max_abs_error)
+    log.info(
+        "%s: agreement with float, device %.4f vs this machine %.4f (%s %s); SQNR %.2f vs %.2f dB; "
+        "device vs this machine: top-1 agreement %.4f, max |diff| %.4g",
+        name,
+        device.figures.top1_agreement,
+        local.top1_agreement,
+        runtime["interpreter"],
+        runtime["interpreter_version"],
+        device.figures.sqnr_db,
+        local.sqnr_db,
+        same.top1_agreement,
+        same.max_abs_error,
+    )
     slack = (100 - target.budget.min_top1_agreement) / 100
     assert abs(device.figures.top1_agreement - local.top1_agreement) <= slack
     assert local.sqnr_db >= target.budget.min_sqnr_db and device.figures.sqnr_db >= target.budget.min_sqnr_db
@@ -304,12 +409,19 @@ def _check_parrot(name: str, bundle: Path, pi: Any) -> None:
     log.info("%s: README install by the device's pip in %.1f s", name, time.monotonic() - start)
     package, version = EXPECTED[name]["pin"].split("==")
     assert f"Version: {version}" in device.run([f"{folder}/.venv/bin/python", "-m", "pip", "show", package]).stdout
-    ran = device.run(["sh", "-c", f"cd {folder} && .venv/bin/python -m edgeship.runtime . parrot.jpg --json"],
-                     timeout=1800)
+    ran = device.run(
+        ["sh", "-c", f"cd {folder} && .venv/bin/python -m edgeship.runtime . parrot.jpg --json"], timeout=1800
+    )
     doc = json.loads(ran.stdout)
     top = next(iter(doc["predictions"].values()))[0]
-    log.info("%s: parrot.jpg -> %s %.3f on %s %s", name, top["label"], top["probability"],
-             doc["runtime"]["interpreter"], doc["runtime"]["interpreter_version"])
+    log.info(
+        "%s: parrot.jpg -> %s %.3f on %s %s",
+        name,
+        top["label"],
+        top["probability"],
+        doc["runtime"]["interpreter"],
+        doc["runtime"]["interpreter_version"],
+    )
     assert "macaw" in top["label"]
 
 

@@ -21,8 +21,23 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.fixture(scope="module")
 def tiny_int8(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, calib_images: Path) -> Path:
     out = tmp_path_factory.mktemp("q") / "int8"
-    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q",
-                 "--num-calib", "20", "--bias-correction"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_bundle),
+                "--calib",
+                str(calib_images),
+                "-o",
+                str(out),
+                "-q",
+                "--num-calib",
+                "20",
+                "--bias-correction",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -59,8 +74,24 @@ def test_int8_agrees_with_float_on_tiny(tiny_int8: Path, tiny_bundle: Path, cali
 @pytest.mark.parametrize("io", ["uint8", "float32"])
 def test_io_dtypes(io: str, tmp_path: Path, tiny_bundle: Path, calib_images: Path, tiny_int8: Path) -> None:
     out = tmp_path / io
-    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q",
-                 "--num-calib", "20", "--io", io]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_bundle),
+                "--calib",
+                str(calib_images),
+                "-o",
+                str(out),
+                "-q",
+                "--num-calib",
+                "20",
+                "--io",
+                io,
+            ]
+        )
+        == 0
+    )
     model = TFLiteModel(out / "model_int8.tflite")
     assert model.input.dtype == np.dtype(io) and model.output.dtype == np.dtype(io)
     # The runtime (de)quantizes whatever the I/O is: all three models answer alike.
@@ -72,8 +103,10 @@ def test_io_dtypes(io: str, tmp_path: Path, tiny_bundle: Path, calib_images: Pat
 
 def test_quantize_straight_from_onnx(tmp_path: Path, tiny_onnx: Path, calib_images: Path) -> None:
     out = tmp_path / "out"
-    assert main(["quantize", str(tiny_onnx), "--calib", str(calib_images), "-o", str(out), "-q",
-                 "--method", "percentile"]) == 0
+    assert (
+        main(["quantize", str(tiny_onnx), "--calib", str(calib_images), "-o", str(out), "-q", "--method", "percentile"])
+        == 0
+    )
     assert (out / "model_float32.tflite").is_file() and (out / "model_int8.tflite").is_file()
     assert json.loads((out / "quant_report.json").read_text())["ranges"]["method"] == "percentile"
 
@@ -89,8 +122,9 @@ def _folder(tmp: Path, count: int, extra: dict[str, bytes] | None = None) -> Pat
 
 
 @pytest.mark.parametrize("count, needle", [(0, "calibration needs at least 10"), (5, "calibration needs at least 10")])
-def test_too_few_images_nothing_written(count: int, needle: str, tmp_path: Path, tiny_bundle: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_too_few_images_nothing_written(
+    count: int, needle: str, tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = _folder(tmp_path, count, {"readme.md": b"x", "fake.jpg": b"nope"})
     out = tmp_path / "out"
     assert main(["quantize", str(tiny_bundle), "--calib", str(folder), "-o", str(out), "-q"]) == 1
@@ -99,8 +133,9 @@ def test_too_few_images_nothing_written(count: int, needle: str, tmp_path: Path,
     assert not out.exists()
 
 
-def test_missing_folder_and_bad_model(tmp_path: Path, tiny_bundle: Path, calib_images: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_folder_and_bad_model(
+    tmp_path: Path, tiny_bundle: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["quantize", str(tiny_bundle), "--calib", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), "-q"]) == 1
     assert "does not exist" in capsys.readouterr().err
     not_convert = tmp_path / "plain"
@@ -110,15 +145,31 @@ def test_missing_folder_and_bad_model(tmp_path: Path, tiny_bundle: Path, calib_i
     assert not (tmp_path / "o").exists()
 
 
-def test_eval_folder_must_not_overlap(tmp_path: Path, tiny_bundle: Path, calib_images: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "--eval", str(calib_images),
-                 "-o", str(tmp_path / "o"), "-q"]) == 1
+def test_eval_folder_must_not_overlap(
+    tmp_path: Path, tiny_bundle: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "quantize",
+                str(tiny_bundle),
+                "--calib",
+                str(calib_images),
+                "--eval",
+                str(calib_images),
+                "-o",
+                str(tmp_path / "o"),
+                "-q",
+            ]
+        )
+        == 1
+    )
     assert "also calibration images" in capsys.readouterr().err
 
 
-def test_existing_outputs_need_force(tiny_int8: Path, tiny_bundle: Path, calib_images: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_outputs_need_force(
+    tiny_int8: Path, tiny_bundle: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(tiny_int8), "-q"]) == 1
     assert "--force" in capsys.readouterr().err
 
@@ -138,16 +189,19 @@ def test_range_methods_registry_and_math() -> None:
     assert 7 < hi < 0.95 * edges[-1] and 0.95 * edges[0] < lo < -7
 
 
-def test_uint8_interface_is_the_int8_model_rewritten_exactly(tiny_int8: Path, calib_images: Path,
-                                                             tmp_path: Path) -> None:
+def test_uint8_interface_is_the_int8_model_rewritten_exactly(
+    tiny_int8: Path, calib_images: Path, tmp_path: Path
+) -> None:
     """A saved result loads back; ``with_io("uint8")`` adds QUANTIZE ops at both ends and answers bit for bit alike."""
     from edgeship.errors import InputError
     from edgeship.quantize import QuantizeResult
 
     q = QuantizeResult.load(tiny_int8)
     assert q.within_budget and q.model == (tiny_int8 / "model_int8.tflite").read_bytes()
-    assert q.figures.top1_agreement == json.loads((tiny_int8 / "quant_report.json").read_text())["figures"][
-        "top1_agreement"]
+    assert (
+        q.figures.top1_agreement
+        == json.loads((tiny_int8 / "quant_report.json").read_text())["figures"]["top1_agreement"]
+    )
     u = q.with_io("uint8").save(tmp_path / "u8")
     model = TFLiteModel(u.model)
     assert model.input.dtype == np.uint8 and model.output.dtype == np.uint8
@@ -180,11 +234,13 @@ def test_max_drop_counts_top1_against_labels_when_known() -> None:
     errs = [layers.LayerError(f"l{i}", "CONV_2D", 0.1, 0.1, 1.0, 10.0 - i, 30.0) for i in range(4)]
     options = QuantizeOptions(max_drop=2.0)
     quantized = lambda calibrated, denied: (b"+" * len(denied), {})  # noqa: E731
-    _, figs, kept, within = search.accuracy_aware(quantized, b"", (b"", labelled), errs, Judged(), options,
-                                                  lambda *a: None)
+    _, figs, kept, within = search.accuracy_aware(
+        quantized, b"", (b"", labelled), errs, Judged(), options, lambda *a: None
+    )
     assert within and kept == [] and figs is labelled  # 1 point lost against labels: inside 2 points
-    _, figs, kept, within = search.accuracy_aware(quantized, b"", (b"", unlabelled), errs, Judged(), options,
-                                                  lambda *a: None)
+    _, figs, kept, within = search.accuracy_aware(
+        quantized, b"", (b"", unlabelled), errs, Judged(), options, lambda *a: None
+    )
     assert within and len(kept) == 3 and figs.top1_agreement == pytest.approx(0.98)
 
 

@@ -6,15 +6,24 @@ import numpy as np
 import pytest
 
 from edgeship.quantize.options import CalibrationMethod, QuantizeOptions
-from edgeship.quantize.ranges import (CROSS_FIT_CANDIDATES, FoldError, Histogram, RangeChoice, choose_cross_fitted,
-                                      choose_ranges, minmax, percentile)
+from edgeship.quantize.ranges import (
+    CROSS_FIT_CANDIDATES,
+    FoldError,
+    Histogram,
+    RangeChoice,
+    choose_cross_fitted,
+    choose_ranges,
+    minmax,
+    percentile,
+)
 
 TENSOR, KEPT = 7, 9
 
 
 def _hist(values: np.ndarray, lo: float, hi: float) -> Histogram:
-    return Histogram(lo, hi, np.histogram(values, bins=2048, range=(lo, hi))[0], float(values.min()),
-                     float(values.max()))
+    return Histogram(
+        lo, hi, np.histogram(values, bins=2048, range=(lo, hi))[0], float(values.min()), float(values.max())
+    )
 
 
 def _folds(values: list[np.ndarray]) -> list[dict[int, Histogram]]:
@@ -25,6 +34,7 @@ def _folds(values: list[np.ndarray]) -> list[dict[int, Histogram]]:
 
 def _rounding_model(test: list[np.ndarray]):
     """A fake int8 model: fold ``k``'s values clipped to the fitted range and rounded to 255 levels."""
+
     def measure(k: int, ranges: dict[int, tuple[float, float]]) -> FoldError:
         lo, hi = ranges[TENSOR]
         step = (hi - lo) / 255
@@ -92,8 +102,9 @@ def test_auto_is_the_default_and_measures_more_than_percentile_and_min_max() -> 
     assert "percentile 99.999" not in labels  # cross-fitting over-rates it (MobileNetV3-Small, issue 12)
 
 
-def test_fold_histograms_made_in_two_processes_merge_into_the_one_pass_histograms(tiny_bundle: object,
-                                                                                   calib_images: object) -> None:
+def test_fold_histograms_made_in_two_processes_merge_into_the_one_pass_histograms(
+    tiny_bundle: object, calib_images: object
+) -> None:
     """quantize histograms one fold here and the other in its child: together, exactly one pass's counts."""
     from edgeship._child import ChildWorker
     from edgeship.convert import ConvertResult
@@ -105,11 +116,13 @@ def test_fold_histograms_made_in_two_processes_merge_into_the_one_pass_histogram
     pixels = load_pixels(list_images(calib_images).files[:12], prep)  # type: ignore[arg-type]
     calibrated = tflite_quant.calibrate(conv.model, normalize(pixels, prep))
     recorded = tflite_quant.read_ranges(calibrated)
-    one_pass = ranges.collect_histograms(calibrated, recorded, (normalize(pixels[i:i + 1], prep)
-                                                                for i in range(len(pixels))))
+    one_pass = ranges.collect_histograms(
+        calibrated, recorded, (normalize(pixels[i : i + 1], prep) for i in range(len(pixels)))
+    )
     with ChildWorker() as native:
-        folds = range_choice.histograms(calibrated, recorded, pixels, prep, range_choice.fold_bounds(12), native,
-                                        lambda *a: None)
+        folds = range_choice.histograms(
+            calibrated, recorded, pixels, prep, range_choice.fold_bounds(12), native, lambda *a: None
+        )
     merged = ranges.merge_histograms(folds)
     assert len(folds) == 2 and set(merged) == set(one_pass) and one_pass
     for i, h in one_pass.items():

@@ -1,8 +1,9 @@
 """The real MobileNetV2 through quantize, runtime, verify and deploy (the tests that matter most).
 
 Protocol of the quantize issue: calibrate on 100 shared images chosen by the default
-(round-robin over the 500 classes), evaluate on the other 400. Thresholds are what this pipeline reliably reaches (see README: the default
-reaches 99.0 % agreement, exactly 4 disagreements in 400; Google's own PTQ build 98.25 % here).
+(round-robin over the 500 classes), evaluate on the other 400. Thresholds are what this pipeline
+reliably reaches (see docs/benchmarks.md: the default reaches 99.0 % agreement, exactly 4 disagreements
+in 400; Google's own PTQ build 98.25 % here).
 """
 
 from __future__ import annotations
@@ -24,8 +25,22 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 @pytest.fixture(scope="module")
 def real_int8(tmp_path_factory: pytest.TempPathFactory, real_bundle: Path, assets: Path) -> Path:
     out = tmp_path_factory.mktemp("realq") / "int8"
-    assert main(["quantize", str(real_bundle), "--calib", str(assets / "data" / "imagenet-sample"),
-                 "--num-calib", "100", "-o", str(out), "-q"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(real_bundle),
+                "--calib",
+                str(assets / "data" / "imagenet-sample"),
+                "--num-calib",
+                "100",
+                "-o",
+                str(out),
+                "-q",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -58,34 +73,96 @@ def test_real_int8_photos_and_integer_input(real_int8: Path, real_bundle: Path, 
     assert pixel_offset(q.card.preprocessing, spec.scale, spec.zero_point) == -128
 
 
-def test_real_verify_pass_and_per_tensor_fail(real_int8: Path, real_bundle: Path, assets: Path, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_real_verify_pass_and_per_tensor_fail(
+    real_int8: Path, real_bundle: Path, assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     onnx = assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"
     evals = tmp_path / "eval"
     evals.mkdir()
     for f in sorted((assets / "data" / "imagenet-sample").iterdir())[100:300]:
         (evals / f.name).symlink_to(f)
-    ok = main(["verify", str(onnx), str(real_int8 / "model_int8.tflite"), "--images", str(evals), "--target",
-               "x86-host", "-r", str(tmp_path / "ok.json"), "-q"])
+    ok = main(
+        [
+            "verify",
+            str(onnx),
+            str(real_int8 / "model_int8.tflite"),
+            "--images",
+            str(evals),
+            "--target",
+            "x86-host",
+            "-r",
+            str(tmp_path / "ok.json"),
+            "-q",
+        ]
+    )
     assert ok == 0, capsys.readouterr()
     pt = tmp_path / "pt"
-    assert main(["quantize", str(real_bundle), "--calib", str(assets / "data" / "imagenet-sample"),
-                 "--num-calib", "100", "--per-tensor", "--no-bias-correction", "--max-eval", "50", "-o", str(pt), "-q"]) == 0
+    assert (
+        main(
+            [
+                "quantize",
+                str(real_bundle),
+                "--calib",
+                str(assets / "data" / "imagenet-sample"),
+                "--num-calib",
+                "100",
+                "--per-tensor",
+                "--no-bias-correction",
+                "--max-eval",
+                "50",
+                "-o",
+                str(pt),
+                "-q",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    bad = main(["verify", str(onnx), str(pt / "model_int8.tflite"), "--images", str(evals), "--target",
-                "x86-host", "-r", str(tmp_path / "bad.json"), "-q"])
+    bad = main(
+        [
+            "verify",
+            str(onnx),
+            str(pt / "model_int8.tflite"),
+            "--images",
+            str(evals),
+            "--target",
+            "x86-host",
+            "-r",
+            str(tmp_path / "bad.json"),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert bad == 3 and "top1_agreement_pct" in err and "sqnr_db" in err, err
     assert not json.loads((tmp_path / "bad.json").read_text())["passed"]
 
 
-def test_real_accuracy_aware_mode(real_bundle: Path, assets: Path, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_real_accuracy_aware_mode(
+    real_bundle: Path, assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """Per-tensor MobileNetV2 collapses; --max-drop keeps the layers that add the most error in float."""
     out = tmp_path / "pt"
-    code = main(["quantize", str(real_bundle), "--calib", str(assets / "data" / "imagenet-sample"), "--num-calib",
-                 "100", "--per-tensor", "--no-bias-correction", "--max-eval", "50", "--max-drop", "5",
-                 "--max-float-layers", "2", "-o", str(out), "-q"])
+    code = main(
+        [
+            "quantize",
+            str(real_bundle),
+            "--calib",
+            str(assets / "data" / "imagenet-sample"),
+            "--num-calib",
+            "100",
+            "--per-tensor",
+            "--no-bias-correction",
+            "--max-eval",
+            "50",
+            "--max-drop",
+            "5",
+            "--max-float-layers",
+            "2",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 3 and "still over the --max-drop budget" in capsys.readouterr().err
     assert (out / "model_int8_OVER_BUDGET.tflite").is_file() and not (out / "model_int8.tflite").exists()
     aware = json.loads((out / "quant_report.json").read_text())["accuracy_aware"]
@@ -98,10 +175,27 @@ def test_real_accuracy_aware_mode(real_bundle: Path, assets: Path, tmp_path: Pat
 
 def test_real_deploy_and_cached_rerun(assets: Path, tmp_path: Path) -> None:
     """The README's main job, on the real model: three targets, bundles, report; then a cached re-run."""
-    cmd = ["deploy", str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"), "--calib",
-           str(assets / "data" / "imagenet-sample"), "--labels", str(assets / "data" / "imagenet_classes.txt"),
-           "--num-calib", "100", "--target", "x86-host", "--target", "rpi4-aarch64", "--target",
-           "android-arm64-cpu", "--bench-runs", "50", "-o", str(tmp_path / "out"), "-q"]
+    cmd = [
+        "deploy",
+        str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"),
+        "--calib",
+        str(assets / "data" / "imagenet-sample"),
+        "--labels",
+        str(assets / "data" / "imagenet_classes.txt"),
+        "--num-calib",
+        "100",
+        "--target",
+        "x86-host",
+        "--target",
+        "rpi4-aarch64",
+        "--target",
+        "android-arm64-cpu",
+        "--bench-runs",
+        "50",
+        "-o",
+        str(tmp_path / "out"),
+        "-q",
+    ]
     start = time.perf_counter()
     assert main(cmd) == 0
     first = time.perf_counter() - start

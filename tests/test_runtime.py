@@ -30,7 +30,8 @@ def test_runtime_imports_and_predicts_without_host_tools(tiny_bundle: Path, tiny
         from edgeship.runtime import Classifier
         clf = Classifier.load({str(tiny_bundle)!r})
         preds = clf.predict({str(next(tiny_images.iterdir()))!r}, top_k=3)
-        assert len(preds) == 3 and abs(sum(p.probability for p in clf.predict({str(next(tiny_images.iterdir()))!r}, 10)) - 1) < 1e-4
+        top10 = clf.predict({str(next(tiny_images.iterdir()))!r}, 10)
+        assert len(preds) == 3 and abs(sum(p.probability for p in top10) - 1) < 1e-4
         loaded = [m for m in ("tensorflow", "onnx", "onnxruntime", "onnx2tf") if sys.modules.get(m) is not None]
         assert not loaded, loaded
         print(clf.describe()["interpreter"])
@@ -42,8 +43,10 @@ def test_runtime_imports_and_predicts_without_host_tools(tiny_bundle: Path, tiny
 
 def test_runner_module_blocked_heavy_imports(tiny_bundle: Path, tiny_images: Path) -> None:
     img = str(next(tiny_images.iterdir()))
-    code = BLOCK_HEAVY + f"import runpy, sys; sys.argv = ['x', {str(tiny_bundle)!r}, {img!r}, '--json']\n" \
+    code = (
+        BLOCK_HEAVY + f"import runpy, sys; sys.argv = ['x', {str(tiny_bundle)!r}, {img!r}, '--json']\n"
         "runpy.run_module('edgeship.runtime', run_name='__main__')"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     doc = json.loads(out.stdout)
@@ -54,11 +57,15 @@ def test_tflite_runtime_fallback_when_litert_is_missing(tiny_bundle: Path, tiny_
     """With ai-edge-litert unimportable the runtime picks tflite-runtime, and says so."""
     pytest.importorskip("tflite_runtime", reason="tflite-runtime not installed (it is in the dev extra)")
     img = str(sorted(tiny_images.iterdir())[0])
-    code = BLOCK_HEAVY + "sys.modules['ai_edge_litert'] = None\n" + textwrap.dedent(f"""
+    code = (
+        BLOCK_HEAVY
+        + "sys.modules['ai_edge_litert'] = None\n"
+        + textwrap.dedent(f"""
         from edgeship.runtime import Classifier
         clf = Classifier.load({str(tiny_bundle)!r})
         print(clf.describe()["interpreter"], clf.predict({img!r})[0].class_index)
     """)
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     backend, top = out.stdout.split()
@@ -132,8 +139,13 @@ def test_preprocessing_center_crop_math() -> None:
 def test_real_photos(real_bundle: Path, assets: Path) -> None:
     """Expected from the issue (resize-256 / crop-224 on the float model)."""
     clf = Classifier.load(real_bundle)
-    expected = {"parrot.jpg": ("macaw", 0.97), "bird.bmp": ("chickadee", 0.92), "dragonfly.bmp": ("dragonfly", 0.94),
-                "cat.bmp": ("Egyptian cat", 0.85), "hot_dog.jpg": ("hotdog", 0.65)}
+    expected = {
+        "parrot.jpg": ("macaw", 0.97),
+        "bird.bmp": ("chickadee", 0.92),
+        "dragonfly.bmp": ("dragonfly", 0.94),
+        "cat.bmp": ("Egyptian cat", 0.85),
+        "hot_dog.jpg": ("hotdog", 0.65),
+    }
     for name, (label, prob) in expected.items():
         top = clf.predict(assets / "data" / "images" / name)[0]
         assert top.label == label and top.probability == pytest.approx(prob, abs=0.01), (name, top)

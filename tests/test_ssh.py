@@ -9,16 +9,19 @@ import socket
 import sys
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 
 from edgeship.errors import DeviceError, InputError
 from edgeship.targets.ssh import VENV_MARKER, SshDevice, SshTarget, build_edgeship_wheel, remote_collect
-from tests.sshd import SshServer, keygen
-from tests.sshd import sshd  # noqa: F401
+from tests.sshd import (
+    SshServer,
+    keygen,
+    sshd,  # noqa: F401
+)
 
 #: What the device venv installs; the edgeship wheel's own dependencies agree with it.
 REQUIREMENTS = ["numpy<2", "Pillow", "ai-edge-litert==2.1.0"]
@@ -71,14 +74,18 @@ def fails_quickly(device: SshDevice) -> str:
 
 # ------------------------------------------------------------------ no server needed
 
-@pytest.mark.parametrize("spec, user, host, port", [
-    ("pi.local", None, "pi.local", 22),
-    ("pi@raspberrypi", "pi", "raspberrypi", 22),
-    ("pi@10.0.0.7:2222", "pi", "10.0.0.7", 2222),
-    ("ssh://me@box:2200", "me", "box", 2200),
-    ("root@[::1]:2022", "root", "::1", 2022),
-    ("fe80::1", None, "fe80::1", 22),
-])
+
+@pytest.mark.parametrize(
+    "spec, user, host, port",
+    [
+        ("pi.local", None, "pi.local", 22),
+        ("pi@raspberrypi", "pi", "raspberrypi", 22),
+        ("pi@10.0.0.7:2222", "pi", "10.0.0.7", 2222),
+        ("ssh://me@box:2200", "me", "box", 2200),
+        ("root@[::1]:2022", "root", "::1", 2022),
+        ("fe80::1", None, "fe80::1", 22),
+    ],
+)
 def test_parse(spec: str, user: str | None, host: str, port: int) -> None:
     t = SshTarget.parse(spec)
     assert (t.user, t.host, t.port) == (user, host, port)
@@ -106,6 +113,7 @@ def test_ssh_command_checks_host_keys() -> None:
 
 
 # ------------------------------------------------------------------ real server
+
 
 def test_run_passes_arguments_verbatim(device: SshDevice) -> None:
     tricky = ["a b", "$HOME", "; echo pwned", "'q'", '"dq"', "*", "`id`"]
@@ -203,20 +211,20 @@ def _dummy_wheel(folder: Path, answer: int) -> Path:
     return wheel
 
 
-def test_venv_reinstalls_a_changed_wheel(device: SshDevice, tmp_path: Path, caplog: pytest.LogCaptureFixture
-                                         ) -> None:
+def test_venv_reinstalls_a_changed_wheel(device: SshDevice, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="edgeship.targets.ssh")
     python = device.ensure_venv([], wheels=[_dummy_wheel(tmp_path, 1)], pip_args=["--no-index"])
     _dummy_wheel(tmp_path, 2)
-    assert device.ensure_venv([], wheels=[tmp_path / "edgeship_dummy-0.1-py3-none-any.whl"],
-                              pip_args=["--no-index"]) == python
+    assert (
+        device.ensure_venv([], wheels=[tmp_path / "edgeship_dummy-0.1-py3-none-any.whl"], pip_args=["--no-index"])
+        == python
+    )
     assert "updating venv" in caplog.text
     answer = device.run([python, "-c", "import edgeship_dummy; print(edgeship_dummy.ANSWER)"]).stdout
     assert answer.strip() == "2"
 
 
-def test_concurrent_runs_build_one_venv(device: SshDevice, tmp_path: Path, caplog: pytest.LogCaptureFixture
-                                        ) -> None:
+def test_concurrent_runs_build_one_venv(device: SshDevice, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Two runs setting up the same venv at once take turns: one builds, the other reuses."""
     import concurrent.futures
 
@@ -225,8 +233,10 @@ def test_concurrent_runs_build_one_venv(device: SshDevice, tmp_path: Path, caplo
     twin = SshDevice(device.target)
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         # system_site_packages=False: a venv no other test builds, so this one starts from nothing.
-        futures = [pool.submit(d.ensure_venv, [], wheels=[wheel], pip_args=["--no-index"], system_site_packages=False)
-                   for d in (device, twin)]
+        futures = [
+            pool.submit(d.ensure_venv, [], wheels=[wheel], pip_args=["--no-index"], system_site_packages=False)
+            for d in (device, twin)
+        ]
         pythons = {f.result(timeout=300) for f in futures}
     assert len(pythons) == 1
     assert caplog.text.count("creating venv") == 1 and "completed meanwhile by another run" in caplog.text
@@ -259,9 +269,14 @@ def test_failed_install_is_not_marked_complete(device: SshDevice, remote_dir: Pa
     assert incomplete, "a failed venv has no completion marker, so the next call rebuilds it"
 
 
-def test_remote_collect_matches_host_and_reuses_venv(device: SshDevice, tiny_bundle: Path, tiny_images: Path,
-                                                     edgeship_wheel: Path, remote_dir: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_remote_collect_matches_host_and_reuses_venv(
+    device: SshDevice,
+    tiny_bundle: Path,
+    tiny_images: Path,
+    edgeship_wheel: Path,
+    remote_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     from edgeship.runtime.candidate import candidate_outputs
     from edgeship.runtime.images import list_images
 

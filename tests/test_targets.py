@@ -10,8 +10,15 @@ from edgeship.cli import main
 from edgeship.errors import TargetError
 from edgeship.targets import list_targets, load_target
 
-REQUIRED = {"x86-host", "rpi4-aarch64", "rpi5-aarch64", "rpi-armv7", "android-arm64-cpu", "android-gpu",
-            "android-nnapi"}
+REQUIRED = {
+    "x86-host",
+    "rpi4-aarch64",
+    "rpi5-aarch64",
+    "rpi-armv7",
+    "android-arm64-cpu",
+    "android-gpu",
+    "android-nnapi",
+}
 GOOD = (Path(__file__).parents[1] / "targets" / "rpi4-aarch64.toml").read_text()
 
 
@@ -37,16 +44,19 @@ def test_unknown_name_lists_valid_ones() -> None:
     assert "rpi4-aarch64" in str(exc.value) and "x86-host" in str(exc.value)
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (lambda s: s.replace('threads = 4', 'threads = 4\nturbo = true'), "unknown key 'execution.turbo'"),
-    (lambda s: s.replace('threads = 4', 'threads = "four"'), "key 'execution.threads' must be int"),
-    (lambda s: s.replace('min_sqnr_db = 18.0\n', ''), "missing key 'budget.min_sqnr_db'"),
-    (lambda s: s.replace('[budget]', '[budgets]'), "unknown key 'target.budgets'"),
-    (lambda s: s[: s.index('[budget]')], "missing section [budget]"),
-    (lambda s: s.replace('delegate = "xnnpack"', 'delegate = "tpu"'), "'tpu' is not a valid Delegate"),
-    (lambda s: s.replace('name = "rpi4-aarch64"', 'name = "x"\ncolour = "red"'), "unknown key 'target.colour'"),
-    (lambda s: s + "[[[", "not valid TOML"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (lambda s: s.replace("threads = 4", "threads = 4\nturbo = true"), "unknown key 'execution.turbo'"),
+        (lambda s: s.replace("threads = 4", 'threads = "four"'), "key 'execution.threads' must be int"),
+        (lambda s: s.replace("min_sqnr_db = 18.0\n", ""), "missing key 'budget.min_sqnr_db'"),
+        (lambda s: s.replace("[budget]", "[budgets]"), "unknown key 'target.budgets'"),
+        (lambda s: s[: s.index("[budget]")], "missing section [budget]"),
+        (lambda s: s.replace('delegate = "xnnpack"', 'delegate = "tpu"'), "'tpu' is not a valid Delegate"),
+        (lambda s: s.replace('name = "rpi4-aarch64"', 'name = "x"\ncolour = "red"'), "unknown key 'target.colour'"),
+        (lambda s: s + "[[[", "not valid TOML"),
+    ],
+)
 def test_invalid_profiles_name_file_and_key(tmp_path: Path, edit, expected: str) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "mine.toml"
     path.write_text(edit(GOOD))

@@ -17,72 +17,156 @@ HOST = (Path(__file__).parents[1] / "targets" / "x86-host.toml").read_text()
 @pytest.fixture(scope="module")
 def tiny_q(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, calib_images: Path) -> Path:
     out = tmp_path_factory.mktemp("vq") / "int8"
-    assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q",
-                 "--num-calib", "20"]) == 0
+    assert (
+        main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20"])
+        == 0
+    )
     return out
 
 
 def _tight_target(tmp: Path) -> Path:
     path = tmp / "tight.toml"
-    path.write_text(HOST.replace('name = "x86-host"', 'name = "tight"')
-                    .replace("min_top1_agreement = 97.5", "min_top1_agreement = 100.0")
-                    .replace("min_sqnr_db = 18.0", "min_sqnr_db = 80.0"))
+    path.write_text(
+        HOST.replace('name = "x86-host"', 'name = "tight"')
+        .replace("min_top1_agreement = 97.5", "min_top1_agreement = 100.0")
+        .replace("min_sqnr_db = 18.0", "min_sqnr_db = 80.0")
+    )
     return path
 
 
-def test_verify_passes_inside_budget(tmp_path: Path, tiny_onnx: Path, tiny_q: Path, calib_images: Path,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_passes_inside_budget(
+    tmp_path: Path, tiny_onnx: Path, tiny_q: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report = tmp_path / "drift.json"
-    code = main(["verify", str(tiny_onnx), str(tiny_q / "model_int8.tflite"), "--images", str(calib_images),
-                 "--target", "x86-host", "-r", str(report), "-q"])
+    code = main(
+        [
+            "verify",
+            str(tiny_onnx),
+            str(tiny_q / "model_int8.tflite"),
+            "--images",
+            str(calib_images),
+            "--target",
+            "x86-host",
+            "-r",
+            str(report),
+            "-q",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0, out
     doc = json.loads(report.read_text())
     assert doc["passed"] and doc["images"]["count"] == 30
-    assert doc["candidate"]["runtime"]["delegate"] == "xnnpack" and doc["candidate"]["runtime"]["input"]["dtype"] == "int8"
+    assert (
+        doc["candidate"]["runtime"]["delegate"] == "xnnpack" and doc["candidate"]["runtime"]["input"]["dtype"] == "int8"
+    )
     assert {c["metric"] for c in doc["budget"]} == {"top1_agreement_pct", "top1_drop_points", "sqnr_db"}
     assert "PASS" in out
 
 
-def test_verify_over_budget_exits_3_naming_every_metric(tmp_path: Path, tiny_onnx: Path, tiny_q: Path,
-                                                        calib_images: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_over_budget_exits_3_naming_every_metric(
+    tmp_path: Path, tiny_onnx: Path, tiny_q: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report = tmp_path / "drift.json"
-    code = main(["verify", str(tiny_onnx), str(tiny_q / "model_int8.tflite"), "--images", str(calib_images),
-                 "--target", str(_tight_target(tmp_path)), "-r", str(report), "-q"])
+    code = main(
+        [
+            "verify",
+            str(tiny_onnx),
+            str(tiny_q / "model_int8.tflite"),
+            "--images",
+            str(calib_images),
+            "--target",
+            str(_tight_target(tmp_path)),
+            "-r",
+            str(report),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 3
     assert "sqnr_db" in err and "over the drift budget of target tight" in err
     assert not json.loads(report.read_text())["passed"]  # the report is still written
 
 
-def test_verify_wrong_io_for_target_fails(tmp_path: Path, tiny_onnx: Path, tiny_q: Path, calib_images: Path,
-                                          capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["verify", str(tiny_onnx), str(tiny_q / "model_int8.tflite"), "--images", str(calib_images),
-                 "--target", "android-nnapi", "-r", str(tmp_path / "d.json"), "-q"])
+def test_verify_wrong_io_for_target_fails(
+    tmp_path: Path, tiny_onnx: Path, tiny_q: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        [
+            "verify",
+            str(tiny_onnx),
+            str(tiny_q / "model_int8.tflite"),
+            "--images",
+            str(calib_images),
+            "--target",
+            "android-nnapi",
+            "-r",
+            str(tmp_path / "d.json"),
+            "-q",
+        ]
+    )
     assert code == 4  # a model/target mismatch, found before running (not drift)
     assert "needs uint8" in capsys.readouterr().err and not (tmp_path / "d.json").exists()
 
 
-def test_verify_report_not_overwritten(tmp_path: Path, tiny_onnx: Path, tiny_q: Path, calib_images: Path,
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_verify_report_not_overwritten(
+    tmp_path: Path, tiny_onnx: Path, tiny_q: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     report = tmp_path / "drift.json"
     report.write_text("{}")
-    code = main(["verify", str(tiny_onnx), str(tiny_q / "model_int8.tflite"), "--images", str(calib_images),
-                 "--target", "x86-host", "-r", str(report), "-q"])
+    code = main(
+        [
+            "verify",
+            str(tiny_onnx),
+            str(tiny_q / "model_int8.tflite"),
+            "--images",
+            str(calib_images),
+            "--target",
+            "x86-host",
+            "-r",
+            str(report),
+            "-q",
+        ]
+    )
     assert code == 1 and report.read_text() == "{}"
     assert "--force" in capsys.readouterr().err
 
 
 def test_bench_local_fields(tmp_path: Path, tiny_bundle: Path, tiny_q: Path, tiny_onnx: Path) -> None:
     out = tmp_path / "bench.json"
-    code = main(["bench", str(tiny_onnx), str(tiny_bundle / "model_float32.tflite"), str(tiny_q / "model_int8.tflite"),
-                 "--threads", "1,2", "--runs", "20", "--warmup", "2", "-o", str(out), "-q"])
+    code = main(
+        [
+            "bench",
+            str(tiny_onnx),
+            str(tiny_bundle / "model_float32.tflite"),
+            str(tiny_q / "model_int8.tflite"),
+            "--threads",
+            "1,2",
+            "--runs",
+            "20",
+            "--warmup",
+            "2",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0
     doc = json.loads(out.read_text())
     assert len(doc["results"]) == 6
     for r in doc["results"]:
-        for key in ("init_ms", "first_ms", "min_ms", "mean_ms", "std_ms", "p50_ms", "p90_ms", "p99_ms",
-                    "peak_rss_mb", "size_bytes", "ratio_p50_to_first"):
+        for key in (
+            "init_ms",
+            "first_ms",
+            "min_ms",
+            "mean_ms",
+            "std_ms",
+            "p50_ms",
+            "p90_ms",
+            "p99_ms",
+            "peak_rss_mb",
+            "size_bytes",
+            "ratio_p50_to_first",
+        ):
             assert isinstance(r[key], (int, float)), key
         assert r["runs"] == 20 and len(r["samples_ms"]) == 20 and r["min_ms"] <= r["p50_ms"] <= r["p99_ms"]
     first = [r for r in doc["results"] if r["threads"] == 1]
@@ -93,8 +177,19 @@ def test_bench_local_fields(tmp_path: Path, tiny_bundle: Path, tiny_q: Path, tin
 def test_bench_errors(tmp_path: Path, tiny_q: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", str(tmp_path / "nope.tflite"), "-o", str(tmp_path / "b.json"), "-q"]) == 1
     assert "does not exist" in capsys.readouterr().err
-    code = main(["bench", str(tiny_q / "model_int8.tflite"), "--adb", "no-such-serial", "--benchmark-binary",
-                 str(tiny_q / "model_int8.tflite"), "-o", str(tmp_path / "b.json"), "-q"])
+    code = main(
+        [
+            "bench",
+            str(tiny_q / "model_int8.tflite"),
+            "--adb",
+            "no-such-serial",
+            "--benchmark-binary",
+            str(tiny_q / "model_int8.tflite"),
+            "-o",
+            str(tmp_path / "b.json"),
+            "-q",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert ("adb is not installed" in err) or ("no-such-serial" in err), err
@@ -128,8 +223,12 @@ def test_bundle(tmp_path: Path, tiny_q: Path, capsys: pytest.CaptureFixture[str]
     assert main(["bundle", str(tiny_q / "model_int8.tflite"), "--target", "rpi-armv7", "-o", str(armv7), "-q"]) == 0
     assert "tflite-runtime==2.14.0" in (armv7 / "requirements.txt").read_text()
     # A float model is refused for an int8 target, and an int8 one for the GPU target.
-    assert main(["bundle", str(tiny_q / "model_int8.tflite"), "--target", "android-gpu", "-o",
-                 str(tmp_path / "gpu"), "-q"]) == 4
+    assert (
+        main(
+            ["bundle", str(tiny_q / "model_int8.tflite"), "--target", "android-gpu", "-o", str(tmp_path / "gpu"), "-q"]
+        )
+        == 4
+    )
     assert "runs float16 models" in capsys.readouterr().err and not (tmp_path / "gpu").exists()
 
 
@@ -141,8 +240,13 @@ def test_bundle_runs_from_its_own_folder(tmp_path: Path, tiny_q: Path, calib_ima
     out = tmp_path / "bundle"
     assert main(["bundle", str(tiny_q / "model_int8.tflite"), "--target", "x86-host", "-o", str(out), "-q"]) == 0
     img = str(sorted(calib_images.glob("img_0*"))[0])
-    proc = subprocess.run([sys.executable, "-m", "edgeship.runtime", ".", img, "--threads", "2"], cwd=out,
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeship.runtime", ".", img, "--threads", "2"],
+        cwd=out,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "model_int8.tflite (int8)" in proc.stdout
 
@@ -155,7 +259,11 @@ def test_zoo_offline_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     with pytest.raises(InputError) as exc:
         zoo.resolve("mobilenetv2-7", download=False)
     msg = str(exc.value)
-    assert "mobilenetv2-7.onnx" in msg and str(tmp_path / "cache" / "models") in msg and zoo.ZOO["mobilenetv2-7"].sha256 in msg
+    assert (
+        "mobilenetv2-7.onnx" in msg
+        and str(tmp_path / "cache" / "models") in msg
+        and zoo.ZOO["mobilenetv2-7"].sha256 in msg
+    )
     bad = tmp_path / "models" / "mobilenetv2-7.onnx"
     bad.parent.mkdir()
     bad.write_bytes(b"not the model")

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgeship.cli import main
 from edgeship import tflite_graph
+from edgeship.cli import main
 from edgeship.runtime.delegation import delegation, of_interpreter
 from edgeship.runtime.interpreter import TFLiteModel
 
@@ -76,13 +76,21 @@ def test_gather_of_a_vector_with_shaped_indices_becomes_a_reshape() -> None:
 
 
 def test_delegation_walks_partitions() -> None:
-    ops = [{"op_name": "CONV_2D", "inputs": [0, 1], "outputs": [2]},
-           {"op_name": "GATHER", "inputs": [2, 3], "outputs": [4]},
-           {"op_name": "ADD", "inputs": [4, 5], "outputs": [6]},
-           {"op_name": "DELEGATE", "inputs": [0, 1], "outputs": [2]},
-           {"op_name": "DELEGATE", "inputs": [4, 5], "outputs": [6]}]
+    ops = [
+        {"op_name": "CONV_2D", "inputs": [0, 1], "outputs": [2]},
+        {"op_name": "GATHER", "inputs": [2, 3], "outputs": [4]},
+        {"op_name": "ADD", "inputs": [4, 5], "outputs": [6]},
+        {"op_name": "DELEGATE", "inputs": [0, 1], "outputs": [2]},
+        {"op_name": "DELEGATE", "inputs": [4, 5], "outputs": [6]},
+    ]
     d = delegation(ops, {4: "gathered"})
-    assert (d.partitions, d.ops, d.delegated_ops, d.outside, d.outside_outputs) == (2, 3, 2, {"GATHER": 1}, ("gathered",))
+    assert (d.partitions, d.ops, d.delegated_ops, d.outside, d.outside_outputs) == (
+        2,
+        3,
+        2,
+        {"GATHER": 1},
+        ("gathered",),
+    )
 
 
 def _hardswish_model():
@@ -91,17 +99,29 @@ def _hardswish_model():
 
     rng = np.random.default_rng(4)
     init = lambda n, s, k=0.3: numpy_helper.from_array((rng.standard_normal(s) * k).astype(np.float32), n)  # noqa: E731
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
-             helper.make_node("HardSwish", ["c1"], ["h1"]),
-             helper.make_node("Conv", ["h1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
-             helper.make_node("HardSwish", ["c2"], ["h2"]),
-             helper.make_node("GlobalAveragePool", ["h2"], ["g"]),
-             helper.make_node("Flatten", ["g"], ["f"]),
-             helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1)]
-    graph = helper.make_graph(nodes, "hs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
-                              [init("w1", (16, 3, 3, 3)), init("b1", (16,), 0.1), init("w2", (16, 16, 3, 3), 0.15),
-                               init("b2", (16,), 0.1), init("wf", (10, 16)), init("bf", (10,), 0.1)])
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c1"], ["h1"]),
+        helper.make_node("Conv", ["h1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("HardSwish", ["c2"], ["h2"]),
+        helper.make_node("GlobalAveragePool", ["h2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "hs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        [
+            init("w1", (16, 3, 3, 3)),
+            init("b1", (16,), 0.1),
+            init("w2", (16, 16, 3, 3), 0.15),
+            init("b2", (16,), 0.1),
+            init("wf", (10, 16)),
+            init("bf", (10,), 0.1),
+        ],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
     model.ir_version = 8
     return model
@@ -172,8 +192,11 @@ def test_grouped_conv_with_one_channel_per_group_becomes_depthwise() -> None:
     assert counts == {"grouped_conv_as_depthwise": 1}
     (op,) = tflite_graph.read(cleaned).subgraphs[0].operators
     assert tflite_graph.op_name(tflite_graph.read(cleaned), op) == "DEPTHWISE_CONV_2D"
-    assert (op.builtinOptions.depthMultiplier, op.builtinOptions.strideH, op.builtinOptions.fusedActivationFunction) \
-        == (2, 2, 1)
+    assert (
+        op.builtinOptions.depthMultiplier,
+        op.builtinOptions.strideH,
+        op.builtinOptions.fusedActivationFunction,
+    ) == (2, 2, 1)
     x = np.random.default_rng(8).standard_normal((1, 15, 15, 16)).astype(np.float32)
     np.testing.assert_allclose(_run(cleaned, x), _run(model, x), rtol=1e-5, atol=1e-5)
 
@@ -228,8 +251,10 @@ def test_large_depthwise_convolutions_are_the_timed_placement_candidates() -> No
     model = _tflite(fn, (1, 16, 16, 8))
     m = tflite_graph.read(model)
     sg = m.subgraphs[0]
-    kernels = {tflite_graph.tensor_name(sg.tensors[op.outputs[0]]): int(sg.tensors[op.inputs[1]].shape[1])
-               for op in tflite_graph.ops_of(m, "DEPTHWISE_CONV_2D")}
+    kernels = {
+        tflite_graph.tensor_name(sg.tensors[op.outputs[0]]): int(sg.tensors[op.inputs[1]].shape[1])
+        for op in tflite_graph.ops_of(m, "DEPTHWISE_CONV_2D")
+    }
     assert sorted(kernels.values()) == [3, 5, 7]
     found = slow_int8_candidates(model)
     assert sorted(kernels[n] for n in found) == [5, 7]

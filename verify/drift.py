@@ -12,9 +12,10 @@ import io
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 
@@ -26,8 +27,8 @@ from edgeship.reference import OrtRunner
 from edgeship.runtime.card import CARD_FILE, ModelCard
 from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import ImageSet, Labels, iter_pixels, list_images, normalize
-from edgeship.runtime.model_check import check_model_file
 from edgeship.runtime.metrics import DriftFigures, compare
+from edgeship.runtime.model_check import check_model_file
 from edgeship.targets.bundle import check_fits
 from edgeship.targets.devices import Device, DeviceSpec, LocalDevice, make_device
 from edgeship.targets.mediapipe_check import ClientDrift, client_problems, mediapipe_drift
@@ -73,24 +74,32 @@ class DriftResult:
     @property
     def failures(self) -> list[str]:
         """Every budget line missed and every I/O problem, one string each."""
-        lines = [f"{c.metric} {c.value:.3f} (limit {c.limit})" for c in self.checks
-                 if not c.passed and c.value is not None]
+        lines = [
+            f"{c.metric} {c.value:.3f} (limit {c.limit})" for c in self.checks if not c.passed and c.value is not None
+        ]
         return lines + list(self.report.io_problems)
 
     def raise_for_budget(self) -> None:
         """Raise :class:`AccuracyDriftError` (exit 3) when the check did not pass."""
         if not self.passed:
             failing = [c.metric for c in self.checks if not c.passed] + list(self.report.io_problems)
-            raise AccuracyDriftError(f"over the drift budget of target {self.report.target.name}: "
-                                     + "; ".join(self.failures), failing)
+            raise AccuracyDriftError(
+                f"over the drift budget of target {self.report.target.name}: " + "; ".join(self.failures), failing
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The report (figures, budget lines, where it ran); the outputs are kept by :meth:`save`."""
         return self.report.to_dict()
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, reference: np.ndarray | None = None, candidate: np.ndarray | None = None,
-                  files: Sequence[Path] = ()) -> DriftResult:
+    def from_dict(
+        cls,
+        d: dict[str, Any],
+        *,
+        reference: np.ndarray | None = None,
+        candidate: np.ndarray | None = None,
+        files: Sequence[Path] = (),
+    ) -> DriftResult:
         return cls(DriftReport.from_dict(d), reference, candidate, tuple(Path(f) for f in files))
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -100,8 +109,9 @@ class DriftResult:
         atomic_write_json(folder / REPORT_FILE, self.report.to_dict())
         if self.reference is not None and self.candidate is not None:
             buf = io.BytesIO()
-            np.savez(buf, reference=self.reference, candidate=self.candidate,
-                     files=np.array([str(f) for f in self.files]))
+            np.savez(
+                buf, reference=self.reference, candidate=self.candidate, files=np.array([str(f) for f in self.files])
+            )
             atomic_write_bytes(folder / OUTPUTS_FILE, buf.getvalue())
         return folder
 
@@ -113,14 +123,25 @@ class DriftResult:
         if not (folder / OUTPUTS_FILE).is_file():
             return cls.from_dict(report)
         with np.load(folder / OUTPUTS_FILE) as data:
-            return cls.from_dict(report, reference=data["reference"], candidate=data["candidate"],
-                                 files=[Path(str(f)) for f in data["files"]])
+            return cls.from_dict(
+                report,
+                reference=data["reference"],
+                candidate=data["candidate"],
+                files=[Path(str(f)) for f in data["files"]],
+            )
 
 
-def verify(reference_onnx: str | os.PathLike[str], candidate: Candidate, images: str | os.PathLike[str] | ImageSet,
-           *, target: str | Target = "x86-host", device: Device | DeviceSpec | None = None,
-           max_images: int | None = None, reference: np.ndarray | None = None,
-           progress: Progress | None = None) -> DriftResult:
+def verify(
+    reference_onnx: str | os.PathLike[str],
+    candidate: Candidate,
+    images: str | os.PathLike[str] | ImageSet,
+    *,
+    target: str | Target = "x86-host",
+    device: Device | DeviceSpec | None = None,
+    max_images: int | None = None,
+    reference: np.ndarray | None = None,
+    progress: Progress | None = None,
+) -> DriftResult:
     """Run ``candidate`` the way ``target`` will and compare it with the ONNX reference.
 
     Args:
@@ -151,33 +172,57 @@ def verify(reference_onnx: str | os.PathLike[str], candidate: Candidate, images:
         check_fits(card, target)  # a float model for an int8 target is a mismatch, not drift: say so before running
         image_set = _image_set(images, max_images)
         if target.execution.delegate.value in ("gpu", "nnapi") and isinstance(device, LocalDevice):
-            notes.append(f"{target.execution.delegate.value} delegate is not available on this host: "
-                         "the candidate ran on the CPU")
-        ran = device.collect(bundle, list(image_set.files), threads=target.execution.threads,
-                             use_xnnpack=target.execution.use_xnnpack, progress=progress)
+            notes.append(
+                f"{target.execution.delegate.value} delegate is not available on this host: "
+                "the candidate ran on the CPU"
+            )
+        ran = device.collect(
+            bundle,
+            list(image_set.files),
+            threads=target.execution.threads,
+            use_xnnpack=target.execution.use_xnnpack,
+            progress=progress,
+        )
         if not isinstance(device, LocalDevice):
             check_delegate(ran.runtime, target, ran.where)
-        ref = reference if reference is not None else reference_outputs(reference_onnx, list(image_set.files), card,
-                                                                         progress)
+        ref = (
+            reference
+            if reference is not None
+            else reference_outputs(reference_onnx, list(image_set.files), card, progress)
+        )
         if ref.shape != ran.logits.shape:
-            raise InputError(f"reference and candidate do not answer alike: {ref.shape[1]} vs {ran.logits.shape[1]} "
-                             f"outputs per image; is {Path(str(reference_onnx)).name} the source of {name}?")
+            raise InputError(
+                f"reference and candidate do not answer alike: {ref.shape[1]} vs {ran.logits.shape[1]} "
+                f"outputs per image; is {Path(str(reference_onnx)).name} the source of {name}?"
+            )
         truth = image_set.labels_for(labels)
         fig = compare(ref, ran.logits, truth)
         checks = tuple(target.budget.check(fig))
         client = None
         if target.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
-            client = mediapipe_drift(bundle / STAGED_MODEL, list(image_set.files), ref, card=card,
-                                     runtime_outputs=ran.logits, progress=progress)
+            client = mediapipe_drift(
+                bundle / STAGED_MODEL,
+                list(image_set.files),
+                ref,
+                card=card,
+                runtime_outputs=ran.logits,
+                progress=progress,
+            )
         problems = io_problems(ran.runtime, target) + (client_problems(client) if client else [])
         report = DriftReport(
             target=DriftTarget.of(target),
             reference=DriftReference(str(reference_onnx)),
             candidate=DriftCandidate(name, card.precision, ran.runtime, ran.where),
-            images=DriftImages(str(image_set.root), len(image_set), len(image_set.skipped),
-                               sum(t is not None for t in truth)),
-            figures=fig, budget=checks, io_problems=tuple(problems), notes=tuple(notes),
-            passed=all(c.passed for c in checks) and not problems, client_check=client)
+            images=DriftImages(
+                str(image_set.root), len(image_set), len(image_set.skipped), sum(t is not None for t in truth)
+            ),
+            figures=fig,
+            budget=checks,
+            io_problems=tuple(problems),
+            notes=tuple(notes),
+            passed=all(c.passed for c in checks) and not problems,
+            client_check=client,
+        )
     return DriftResult(report, ref, ran.logits, tuple(image_set.files))
 
 
@@ -225,28 +270,33 @@ def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCar
         raise InputError(f"candidate {path} does not exist (a .tflite file or a bundle folder)")
     if path.is_dir():
         card = ModelCard.load(path)
-        model, folder = card.file(path), path
+        model, folder = card.model_path(path), path
     else:
         found = find_card(path)
         if found is None:
-            raise InputError(f"no model card beside {path} ({path.stem}.card.json or {CARD_FILE}): the "
-                             "preprocessing it was built with is unknown; pass the convert/quantize folder's model "
-                             "with its card, or a bundle folder")
+            raise InputError(
+                f"no model card beside {path} ({path.stem}.card.json or {CARD_FILE}): the "
+                "preprocessing it was built with is unknown; pass the convert/quantize folder's model "
+                "with its card, or a bundle folder"
+            )
         card, model, folder = found, path, path.parent
     check_model_file(model)
     return model, card, folder
 
 
-def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Path], card: ModelCard,
-                      progress: Progress | None = None) -> np.ndarray:
+def reference_outputs(
+    reference_onnx: str | os.PathLike[str], files: Sequence[Path], card: ModelCard, progress: Progress | None = None
+) -> np.ndarray:
     """onnxruntime outputs of the source model on the images (the candidate's image path, so the same pixels)."""
     prep = card.reference_preprocessing
     model = load_model(reference_onnx)
     info = inspect_model(model, str(reference_onnx))
     hw = tuple(info.input_shape[2:])
     if all(isinstance(d, int) for d in hw) and hw != tuple(prep.crop):
-        raise InputError(f"reference {reference_onnx} takes {hw[0]}x{hw[1]} images but the candidate's card crops "
-                         f"{prep.crop[0]}x{prep.crop[1]}; is it the candidate's source model?")
+        raise InputError(
+            f"reference {reference_onnx} takes {hw[0]}x{hw[1]} images but the candidate's card crops "
+            f"{prep.crop[0]}x{prep.crop[1]}; is it the candidate's source model?"
+        )
     runner = OrtRunner(model)
     rows = []
     for i, pixels in enumerate(iter_pixels(files, prep)):
@@ -254,8 +304,9 @@ def reference_outputs(reference_onnx: str | os.PathLike[str], files: Sequence[Pa
         try:
             rows.append(runner.run(x).reshape(-1))
         except Exception as exc:  # onnxruntime raises its own types
-            raise VerificationError(f"onnxruntime could not run {reference_onnx}: "
-                                    f"{str(exc).splitlines()[0][:200]}") from exc
+            raise VerificationError(
+                f"onnxruntime could not run {reference_onnx}: {str(exc).splitlines()[0][:200]}"
+            ) from exc
         if progress:
             progress("run reference (onnxruntime)", i + 1, len(files))
     return np.stack(rows)
@@ -272,7 +323,8 @@ def check_delegate(runtime: dict[str, Any], target: Target, where: str) -> None:
     raise DelegateNotAppliedError(
         f"{target.name} runs XNNPACK, but {runtime.get('interpreter', '?')} {runtime.get('interpreter_version') or ''} "
         f"on {where} applied 0 XNNPACK partitions ({ops} on the builtin kernels): not the target's delegate, so no "
-        "drift figure; install the interpreter version the bundle pins, and check the device's /sys is readable")
+        "drift figure; install the interpreter version the bundle pins, and check the device's /sys is readable"
+    )
 
 
 def io_problems(describe: dict[str, Any], target: Target) -> list[str]:
