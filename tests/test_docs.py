@@ -54,6 +54,9 @@ OTHER_TOOLS = (
     "qemu-aarch64-static",
     "chromium",
     "pytest",
+    "ruff",
+    "mypy",
+    "unshare",
 )
 SNIPPET_TIMEOUT_S = 1800
 
