@@ -227,7 +227,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("calibration")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (default 200; all when fewer)")
     g.add_argument(
-        "--seed", type=int, help="pick calibration images at random with this seed (default: first N by name)"
+        "--seed",
+        type=int,
+        help="pick calibration images at random with this seed (default: spread over the data, "
+        "round-robin over classes when labels are known)",
     )
     g.add_argument(
         "--method",
@@ -735,7 +738,11 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", type=Path, help="labels file (wnid<TAB>names or one per line)")
     g = p.add_argument_group("quantization and evaluation")
     g.add_argument("--num-calib", type=int, default=200, help="calibration images (the rest are evaluated)")
-    g.add_argument("--seed", type=int, help="random calibration choice (default: first N by name)")
+    g.add_argument(
+        "--seed",
+        type=int,
+        help="random calibration choice (default: spread over the data, round-robin over classes if labels are known)",
+    )
     g.add_argument(
         "--method",
         choices=[m.value for m in CalibrationMethod],
