@@ -340,7 +340,9 @@ class EmulatedPi:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> EmulatedPi:
-        return cls(**{**d, **{k: Path(d[k]) for k in ("root", "identity", "known_hosts")}})
+        """The state file's fields (its ``schema_version`` stamp is not one)."""
+        fields = {k: v for k, v in d.items() if k != "schema_version"}
+        return cls(**{**fields, **{k: Path(d[k]) for k in ("root", "identity", "known_hosts")}})
 
 
 def _state_file(name: str, cache: Path | None) -> Path:

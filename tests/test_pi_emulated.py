@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 REQUIRE = os.environ.get("EDGESHIP_REQUIRE_EMULATOR") == "1"
 #: Held-apart images the drift checks run on each device (named in the report).
-MAX_EVAL = 50
+#: Every held-apart image (500 - 100): on 50, one disagreement is 2 points against the targets' 1-point
+#: top-1 drop budget, so the check measured sampling noise rather than the model.
+MAX_EVAL = 400
 EXPECTED = {
     "rpi4-aarch64": {"machine": "aarch64", "interpreter": "ai_edge_litert", "pin": "ai-edge-litert==2.1.0"},
     "rpi-armv7": {"machine": "armv7l", "interpreter": "tflite_runtime", "pin": "tflite-runtime==2.14.0"},
@@ -153,7 +155,8 @@ def test_no_xnnpack_partition_is_its_own_error() -> None:
 
 
 def test_interpreter_crash_blames_the_interpreter_not_the_file() -> None:
-    from edgeship.runtime.interpreter import _problem, backend_version
+    from edgeship.runtime.interpreter import backend_version
+    from edgeship.runtime.model_check import _problem
 
     message = _problem("crash: the interpreter crashed on it (SIGSEGV)", "ai_edge_litert")
     assert message is not None and "truncated" not in message and "corrupt" not in message
@@ -431,3 +434,13 @@ def _parrot() -> Path:
     root = shared_assets()
     assert root is not None, "shared assets not found"
     return root / "data" / "images" / "parrot.jpg"
+
+
+def test_state_file_round_trips_through_the_json_writer(tmp_path: Path) -> None:
+    """The running-Pi state is written by the JSON writer, which stamps schema_version: still readable."""
+    from edgeship._files import atomic_write_json
+    from edgeship.targets.emulated_pi import EmulatedPi
+
+    pi = EmulatedPi("rpi4-aarch64", tmp_path, 2222, tmp_path / "id", tmp_path / "kh", os.getpid(), "aarch64", "a72")
+    atomic_write_json(tmp_path / "state.json", pi.to_dict())
+    assert EmulatedPi.from_dict(json.loads((tmp_path / "state.json").read_text())) == pi
