@@ -353,8 +353,8 @@ def _check_target(name: str, want: dict[str, str], summary: dict[str, Any], out:
 
 def _check_against_this_machine(name: str, out: Path, bundle: Path) -> None:
     """The device's figures equal this machine's on the same images, or differ by less than the budget's slack."""
+    from edgeship.runtime.candidate import candidate_outputs
     from edgeship.runtime.card import ModelCard
-    from edgeship.runtime.drift import candidate_outputs
     from edgeship.runtime.metrics import compare
     from edgeship.verify.drift import DriftResult
 
