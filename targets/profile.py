@@ -235,6 +235,7 @@ class Target:
         d["arch"] = self.arch.value
         d["access"] = self.access.value
         d["runtime"]["client"] = self.runtime.client.value
+        d["runtime"]["system_packages"] = list(self.runtime.system_packages)  # as JSON reads it back
         d["model"]["precision"] = self.model.precision.value
         d["model"]["io_dtype"] = self.model.io_dtype.value
         d["execution"]["delegate"] = self.execution.delegate.value
