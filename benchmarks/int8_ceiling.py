@@ -184,7 +184,7 @@ def quantize_api(conv_dir: Path, proto: Protocol, out: Path, **options: Any) -> 
             return out / report["output"], report
     result = quantize(conv_dir, proto.folder, options=replace(wanted, max_eval=50))
     result.save(out, force=True)
-    return out / result.model_file, result.report
+    return out / result.model_file, result.report.to_dict()
 
 
 def speeds(paths: dict[str, Path], runs: int) -> dict[str, dict[str, float]]:

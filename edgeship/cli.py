@@ -16,11 +16,15 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from edgeship._run import Terminated, run_temp_dir, signals_as_interrupt
 from edgeship._version import SCHEMA_VERSION, __version__
 from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
+
+if TYPE_CHECKING:  # the stage packages are imported by the commands that use them: `edgeship --help` stays light
+    from edgeship.quantize.report import QuantizeReport, RunsOn
+    from edgeship.quantize.search_report import MixedPrecision, Placement
 
 log = logging.getLogger("edgeship")
 
@@ -311,7 +315,8 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     from edgeship.convert import ConvertOptions
     from edgeship.convert.converter import output_names as convert_outputs
     from edgeship.quantize import QuantizeOptions, quantize
-    from edgeship.quantize.pipeline import conversion_for, output_names
+    from edgeship.quantize.pipeline import output_names
+    from edgeship.quantize.source import conversion_for
 
     given = dict(
         num_calib=args.num_calib,
@@ -345,7 +350,7 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     result = result.save_with_source(args.out, force=args.force)
     payload: dict[str, Any] = {
         "summary": _quant_summary(result.report) + _arch_note(args.target) + _input_contract(result.card),
-        "result": {"out_dir": str(result.folder), "report": result.report},
+        "result": {"out_dir": str(result.folder), "report": result.report.to_dict()},
     }
     try:
         result.raise_for_budget()
@@ -370,70 +375,79 @@ def _arch_note(target_name: str | None) -> list[str]:
     ]
 
 
-def _quant_summary(report: dict[str, Any]) -> list[str]:
-    f, s, acc = report["figures"], report["sizes"], report.get("accuracy") or {}
+def _quant_summary(report: QuantizeReport) -> list[str]:
+    f, s, acc = report.figures, report.sizes, report.accuracy
     lines = [
-        f"wrote {report['output']} ({s['int8'] / 1e6:.2f} MB, {s['ratio']:.1f}x smaller than float32) "
-        f"in {report['timings_s']['total']:.1f} s",
-        f"  calibrated on {report['calibration']['count']} images ({report['options']['method']}), "
-        f"evaluated on {report['evaluation']['count']} others",
+        f"wrote {report.output} ({s.int8 / 1e6:.2f} MB, {s.ratio:.1f}x smaller than float32) "
+        f"in {report.timings_s['total']:.1f} s",
+        f"  calibrated on {report.calibration.count} images ({report.options.method.value}), "
+        f"evaluated on {report.evaluation.count} others",
     ]
-    if acc.get("labelled"):
+    if acc.labelled:
         lines.append(
-            f"  top-1 against labels ({acc['labelled']} images): float {100 * acc['float_top1']:.2f}% -> "
-            f"int8 {100 * acc['int8_top1']:.2f}% (drop {acc['top1_drop_points']:+.2f} points)  "
-            f"top-5 {100 * acc['float_top5']:.1f}% -> {100 * acc['int8_top5']:.1f}%"
+            f"  top-1 against labels ({acc.labelled} images): float {100 * (acc.float_top1 or 0):.2f}% -> "
+            f"int8 {100 * (acc.int8_top1 or 0):.2f}% (drop {acc.top1_drop_points or 0:+.2f} points)  "
+            f"top-5 {100 * (acc.float_top5 or 0):.1f}% -> {100 * (acc.int8_top5 or 0):.1f}%"
         )
     lines.append(
-        f"  top-1 agreement with float {100 * f['top1_agreement']:.2f}%  mean cosine {f['mean_cosine']:.4f}  "
-        f"min cosine {f['min_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB"
+        f"  top-1 agreement with float {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
+        f"min cosine {f.min_cosine:.4f}  SQNR {f.sqnr_db:.1f} dB"
     )
-    worst = report["worst_layers"][:3]
+    worst = report.worst_layers[:3]
     if worst:
         lines.append(
-            "  worst layers: "
-            + "; ".join(f"{w['op']} {w['name'].split(';')[0][-40:]} {w['sqnr_db']:.1f} dB" for w in worst)
+            "  worst layers: " + "; ".join(f"{w.op} {w.name.split(';')[0][-40:]} {w.sqnr_db:.1f} dB" for w in worst)
         )
-    lines.append("  " + _xnnpack_line(report.get("runs_on", {})))
-    placed = report.get("placement") or {}
-    if placed.get("candidates"):
-        ms = placed["ms"]
-        lines.append(
-            f"  placement: {placed['candidates']} large depthwise conv(s) "
-            f"{'kept float' if placed['kept_float'] else 'left int8'} (1 thread: all-int8 {ms['int8']:.2f} ms, "
-            f"with them float {ms['placed']:.2f} ms)"
-        )
-    speed = report.get("speed") or {}
-    if speed.get("measured"):
-        ms = speed["ms"]
-        lines.append(
-            f"  1 thread, XNNPACK: float32 {ms['float32']:.2f} ms, {report['output']} {ms['int8']:.2f} ms "
-            f"({speed['speedup_vs_float32']:.2f}x)"
-        )
-        if speed.get("verdict"):
-            lines.append(f"  NOT FAST ENOUGH: {speed['verdict']}")
-    mixed = report.get("mixed_precision") or {}
-    if mixed.get("kept_float"):
-        lat = mixed.get("latency_ms_1_thread", {})
-        lines.append(
-            f"  SQNR budget {mixed['budget_sqnr_db']} dB: kept float "
-            + ", ".join(f"{k['name']} ({k['ops']})" for k in mixed["kept_float"])
-            + f"; SQNR {mixed['eval_sqnr_db_all_int8']:.1f} -> {mixed['eval_sqnr_db']:.1f} dB; 1-thread ms "
-            + ", ".join(f"{k} {v:.2f}" for k, v in lat.items())
-        )
-    return lines
+    lines.append("  " + _xnnpack_line(report.runs_on))
+    return lines + _placement_lines(report.placement) + _speed_lines(report) + _mixed_lines(report.mixed_precision)
 
 
-def _xnnpack_line(runs: dict[str, Any]) -> str:
-    d = runs.get("delegation") or {}
-    from edgeship.runtime.delegation import op_counts
+def _placement_lines(placed: Placement) -> list[str]:
+    if not placed.candidates or placed.ms is None:
+        return []
+    ms = placed.ms
+    return [
+        f"  placement: {placed.candidates} large depthwise conv(s) "
+        f"{'kept float' if placed.kept_float else 'left int8'} (1 thread: all-int8 {ms['int8']:.2f} ms, "
+        f"with them float {ms['placed']:.2f} ms)"
+    ]
 
-    outside = op_counts(d.get("outside", {})) or "none"
-    line = f"XNNPACK: {d.get('partitions', '?')} partition(s); ops outside: {outside}"
-    if runs.get("float_islands"):
+
+def _speed_lines(report: QuantizeReport) -> list[str]:
+    speed = report.speed
+    if not speed.measured:
+        return []
+    ms = speed.ms
+    lines = [
+        f"  1 thread, XNNPACK: float32 {ms['float32']:.2f} ms, {report.output} {ms['int8']:.2f} ms "
+        f"({speed.speedup_vs_float32 or 0:.2f}x)"
+    ]
+    return lines + ([f"  NOT FAST ENOUGH: {speed.verdict}"] if speed.verdict else [])
+
+
+def _mixed_lines(mixed: MixedPrecision | None) -> list[str]:
+    if mixed is None or not mixed.kept_float:
+        return []
+    lat = mixed.latency_ms_1_thread or {}
+    return [
+        f"  SQNR budget {mixed.budget_sqnr_db} dB: kept float "
+        + ", ".join(f"{k.name} ({len(k.nodes)})" for k in mixed.kept_float)
+        + f"; SQNR {mixed.eval_sqnr_db_all_int8 or 0:.1f} -> {mixed.eval_sqnr_db or 0:.1f} dB; 1-thread ms "
+        + ", ".join(f"{k} {v:.2f}" for k, v in lat.items())
+    ]
+
+
+def _xnnpack_line(runs: RunsOn) -> str:
+    from edgeship.runtime.delegation import op_counts  # deferred: CLI start-up
+
+    d = runs.delegation
+    outside = op_counts(d.outside) or "none"
+    line = f"XNNPACK: {d.partitions} partition(s); ops outside: {outside}"
+    if runs.float_islands:
+        all_int8 = runs.all_int8_delegation.partitions if runs.all_int8_delegation else "?"
         line += (
-            f"; {len(runs['float_islands'])} op(s) kept float inside XNNPACK (no int8 kernel; all-int8 had "
-            f"{runs['all_int8_delegation']['partitions']} partitions)"
+            f"; {len(runs.float_islands)} op(s) kept float inside XNNPACK (no int8 kernel; all-int8 had "
+            f"{all_int8} partitions)"
         )
     return line
 

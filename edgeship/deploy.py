@@ -660,7 +660,7 @@ def _layer_plots(models: dict[str, DeployedModel]) -> dict[str, Path]:
     plots = {}
     for m in models.values():
         q = m.quantized
-        if q is not None and q.layer_plot and q.folder is not None and "interface" not in q.report:
+        if q is not None and q.layer_plot and q.folder is not None and q.report.interface is None:
             plots[m.variant] = q.folder / LAYER_PLOT
     return plots
 

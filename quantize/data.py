@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -22,12 +22,59 @@ Images = Union[str, os.PathLike, Iterable[np.ndarray]]
 
 
 @dataclass(frozen=True)
+class ImagesUsed:
+    """Calibration or evaluation images: a folder's files (named by a digest of their list) or arrays."""
+
+    count: int
+    selection: str
+    folder: str | None = None
+    skipped_files: int = 0
+    classes: int = 0
+    first: str | None = None
+    last: str | None = None
+    file_list_sha256: str | None = None
+    #: ``"arrays"`` for images given as arrays (named by ``pixels_sha256``); None for a folder.
+    source: str | None = None
+    pixels_sha256: str | None = None
+    #: Evaluation only: whether the images were held apart from the calibration ones by the split.
+    held_apart_from_calibration: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self.source == "arrays":
+            d: dict[str, Any] = {
+                "folder": None,
+                "source": self.source,
+                "count": self.count,
+                "selection": self.selection,
+                "pixels_sha256": self.pixels_sha256,
+            }
+        else:
+            d = {
+                "folder": self.folder,
+                "count": self.count,
+                "skipped_files": self.skipped_files,
+                "selection": self.selection,
+                "classes": self.classes,
+                "first": self.first,
+                "last": self.last,
+                "file_list_sha256": self.file_list_sha256,
+            }
+        if self.held_apart_from_calibration is not None:
+            d["held_apart_from_calibration"] = self.held_apart_from_calibration
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ImagesUsed:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
 class Pixels:
     """Images ready for the model: uint8 ``[N, H, W, 3]`` crops, their labels, where they came from."""
 
     pixels: np.ndarray = field(repr=False)
     truth: tuple[int | None, ...]
-    report: dict[str, Any]
+    report: ImagesUsed
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -102,7 +149,7 @@ def from_sets(
         Pixels(
             load_pixels(evals.files, prep, progress=progress),
             tuple(evals.labels_for(labels)),
-            {**folder_report(evals), "held_apart_from_calibration": held_apart},
+            replace(folder_report(evals), held_apart_from_calibration=held_apart),
         ),
     )
 
@@ -142,10 +189,10 @@ def from_arrays(
         Pixels(
             evals,
             (None,) * len(evals),
-            {
-                **array_report(evals, "the arrays not chosen" if evaluation is None else "all arrays"),
-                "held_apart_from_calibration": evaluation is None,
-            },
+            replace(
+                array_report(evals, "the arrays not chosen" if evaluation is None else "all arrays"),
+                held_apart_from_calibration=evaluation is None,
+            ),
         ),
     )
 
@@ -183,25 +230,44 @@ def _crops(frames: Iterable[np.ndarray], prep: Preprocessing, what: str) -> np.n
     return np.stack(crops)
 
 
-def folder_report(images: ImageSet) -> dict[str, Any]:
+def folder_report(images: ImageSet) -> ImagesUsed:
     names = "\n".join(str(f.relative_to(images.root)) for f in images.files)
-    return {
-        "folder": str(images.root),
-        "count": len(images),
-        "skipped_files": len(images.skipped),
-        "selection": images.selection or "all images",
-        "classes": images.classes(),
-        "first": images.files[0].name if images.files else None,
-        "last": images.files[-1].name if images.files else None,
-        "file_list_sha256": hashlib.sha256(names.encode()).hexdigest(),
-    }
+    return ImagesUsed(
+        count=len(images),
+        selection=images.selection or "all images",
+        folder=str(images.root),
+        skipped_files=len(images.skipped),
+        classes=images.classes(),
+        first=images.files[0].name if images.files else None,
+        last=images.files[-1].name if images.files else None,
+        file_list_sha256=hashlib.sha256(names.encode()).hexdigest(),
+    )
 
 
-def array_report(pixels: np.ndarray, selection: str = "all arrays") -> dict[str, Any]:
-    return {
-        "folder": None,
-        "source": "arrays",
-        "count": len(pixels),
-        "selection": selection,
-        "pixels_sha256": hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest(),
-    }
+def array_report(pixels: np.ndarray, selection: str = "all arrays") -> ImagesUsed:
+    digest = hashlib.sha256(np.ascontiguousarray(pixels).tobytes()).hexdigest()
+    return ImagesUsed(count=len(pixels), selection=selection, source="arrays", pixels_sha256=digest)
+
+
+def listed_sets(calibration: Images, evaluation: Images | None, split: Split) -> tuple[ImageSet, ImageSet] | None:
+    """Calibration and evaluation folders listed and split (None for arrays)."""
+    if evaluation is not None and is_folder(calibration) != is_folder(evaluation):
+        raise InputError("give calibration and evaluation images the same way: both folders, or both arrays")
+    if not is_folder(calibration):
+        return None
+    return split_images(Path(calibration), split, Path(evaluation) if evaluation is not None else None)
+
+
+def pixels_of(
+    listed: tuple[ImageSet, ImageSet] | None,
+    calibration: Images,
+    evaluation: Images | None,
+    split: Split,
+    prep: Preprocessing,
+    labels: Labels | None,
+    progress: Progress,
+) -> tuple[Pixels, Pixels]:
+    """Calibration and evaluation pixels, from the listed folders or from arrays."""
+    if listed is not None:
+        return from_sets(*listed, evaluation is None, prep, labels, progress)
+    return from_arrays(calibration, evaluation, split, prep)

@@ -7,6 +7,7 @@ along the network), which is what tells where accuracy moved.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,11 @@ class LayerError:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "added_error_db": self.added_error_db}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LayerError:
+        """The inverse of :meth:`to_dict` (``added_error_db`` is recomputed)."""
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def _producers(interp: Any) -> dict[int, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,13 @@ from typing import Any
 from edgeship._io import atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
 from edgeship.convert.result import ConvertResult, sha256
 from edgeship.errors import AccuracyDriftError, InputError
-from edgeship.runtime.card import ModelCard, TensorSpec
+from edgeship.quantize.interface import with_io_dtype
+from edgeship.quantize.options import QuantizeOptions
+from edgeship.quantize.report import Interface, QuantizeReport
+from edgeship.quantize.search_report import MixedPrecision
+from edgeship.quantize.tflite_quant import op_names
+from edgeship.runtime.card import IODtype, ModelCard, TensorSpec
+from edgeship.runtime.delegation import of_interpreter
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures
 
@@ -45,7 +52,7 @@ class QuantizeResult:
     model: bytes = field(repr=False)
     card: ModelCard
     figures: DriftFigures
-    report: dict[str, Any] = field(repr=False)
+    report: QuantizeReport = field(repr=False)
     within_budget: bool = True
     source: ConvertResult | None = field(default=None, repr=False)
     layer_plot: bytes | None = field(default=None, repr=False)
@@ -84,7 +91,7 @@ class QuantizeResult:
         ) as stage:
             atomic_write_bytes(stage / self.model_file, self.model)
             atomic_write_json(stage / card_file, self.card.to_dict())
-            atomic_write_json(stage / REPORT_FILE, self.report)
+            atomic_write_json(stage / REPORT_FILE, self.report.to_dict())
             if self.layer_plot:
                 atomic_write_bytes(stage / LAYER_PLOT, self.layer_plot)
             if self.faster is not None:
@@ -105,20 +112,18 @@ class QuantizeResult:
         """
         out = Path(folder)
         try:
-            report = json.loads((out / REPORT_FILE).read_text())
-            name = report["output"]
+            report = QuantizeReport.from_dict(json.loads((out / REPORT_FILE).read_text()))
+            name = report.output
             model = (out / name).read_bytes()
             card = ModelCard.load(out / (INT8_CARD if name == INT8_FILE else OVER_BUDGET_CARD))
             faster = (out / FAST_FILE).read_bytes() if (out / FAST_FILE).is_file() else None
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:
             raise InputError(f"{out} holds no saved quantize result ({exc}); run quantize into it first") from exc
         plot = out / LAYER_PLOT
-        figs = {k: v for k, v in report["figures"].items() if k in DriftFigures.__dataclass_fields__}
-        figs["disagreements"] = tuple(figs.get("disagreements", ()))
         return cls(
             model,
             card,
-            DriftFigures(**figs),
+            report.figures,
             report,
             name == INT8_FILE,
             source,
@@ -134,23 +139,20 @@ class QuantizeResult:
         figures hold as they are. The report's ``interface`` names the rewrite; ``speed`` stays the
         measurement of the model it was made from.
         """
-        from edgeship.quantize.interface import with_io_dtype
-        from edgeship.runtime.delegation import of_interpreter
-
         if io_dtype == self.card.input.dtype:
             return self
         model = with_io_dtype(self.model, io_dtype)
         faster = with_io_dtype(self.faster, io_dtype) if self.faster is not None else None
         m = TFLiteModel(model)
         card = self.card.with_(input=TensorSpec.of(m.input, self.card.input.layout), output=TensorSpec.of(m.output))
-        report = {
-            **self.report,
-            "options": {**self.report["options"], "io": io_dtype},
-            "interface": {"rewritten_from": self.card.input.dtype, "to": io_dtype, "exact": True},
-            "runs_on": {**self.report.get("runs_on", {}), "delegation": of_interpreter(m.interpreter).to_dict()},
-            "sizes": {**self.report["sizes"], "int8": len(model)},
-            "ops": op_histogram(model),
-        }
+        report = replace(
+            self.report,
+            options=replace(self.report.options, io=IODtype(io_dtype)),
+            interface=Interface(self.card.input.dtype, io_dtype),
+            runs_on=replace(self.report.runs_on, delegation=of_interpreter(m.interpreter)),
+            sizes=replace(self.report.sizes, int8=len(model)),
+            ops=op_histogram(model),
+        )
         return replace(self, model=model, card=card, report=report, faster=faster, folder=None)
 
     def save_with_source(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> QuantizeResult:
@@ -164,21 +166,21 @@ class QuantizeResult:
         if self.within_budget:
             return
         where = f"; best model kept as {self.model_path}" if self.model_path else ""
-        where += f"; {self.report['speed']['verdict']}" if self.report.get("speed", {}).get("verdict") else ""
-        options, figs = self.report["options"], self.figures
-        if options.get("min_sqnr_db") is not None and figs.sqnr_db < options["min_sqnr_db"]:
-            mixed_report = self.report.get("mixed_precision") or {}
+        where += f"; {self.report.speed.verdict}" if self.report.speed.verdict else ""
+        options, figs = self.report.options, self.figures
+        if options.min_sqnr_db is not None and figs.sqnr_db < options.min_sqnr_db:
+            mixed = self.report.mixed_precision
             how = (
-                f"after keeping {mixed_report.get('float_ops', 0)} op(s) float"
-                if options["float_islands"]
+                f"after keeping {mixed.float_ops if mixed else 0} op(s) float"
+                if options.float_islands
                 else "as a full-integer model (the target allows no float ops)"
             )
             raise AccuracyDriftError(
-                f"int8 model under the SQNR budget of {options['min_sqnr_db']} dB {how}: "
-                f"SQNR {figs.sqnr_db:.2f} dB{where}{_shortfall_note(mixed_report, options)}",
+                f"int8 model under the SQNR budget of {options.min_sqnr_db} dB {how}: "
+                f"SQNR {figs.sqnr_db:.2f} dB{where}{_shortfall_note(mixed, options)}",
                 [f"sqnr_db {figs.sqnr_db:.2f}"],
             )
-        kept = self.report["accuracy_aware"]["kept_in_float"]
+        kept = self.report.accuracy_aware.kept_in_float
         if figs.top1_drop is not None:
             what = (
                 f"top-1 against labels {100 * (figs.cand_top1 or 0):.2f}% "
@@ -187,7 +189,7 @@ class QuantizeResult:
         else:
             what = f"top-1 agreement {100 * figs.top1_agreement:.2f}%"
         raise AccuracyDriftError(
-            f"int8 model still over the --max-drop budget of {options['max_drop']} points after keeping "
+            f"int8 model still over the --max-drop budget of {options.max_drop} points after keeping "
             f"{len(kept)} layer(s) in float: {what}{where}",
             [what],
         )
@@ -197,7 +199,7 @@ class QuantizeResult:
         return {
             "card": self.card.to_dict(),
             "figures": self.figures.to_dict(),
-            "report": self.report,
+            "report": self.report.to_dict(),
             "within_budget": self.within_budget,
             "model_sha256": sha256(self.model),
             "source": self.source.to_dict() if self.source else None,
@@ -209,33 +211,34 @@ class QuantizeResult:
         """The inverse of :meth:`to_dict` (without the source's bytes), given the model bytes it names."""
         if sha256(model) != d["model_sha256"]:
             raise InputError("model bytes do not match the sha256 the result names")
-        figs = {k: v for k, v in d["figures"].items() if k in DriftFigures.__dataclass_fields__}
-        figs["disagreements"] = tuple(figs.get("disagreements", ()))
         return cls(
             model=model,
             card=ModelCard.from_dict(d["card"]),
-            figures=DriftFigures(**figs),
-            report=dict(d["report"]),
+            figures=DriftFigures.from_dict(d["figures"]),
+            report=QuantizeReport.from_dict(d["report"]),
             within_budget=bool(d["within_budget"]),
             folder=Path(d["folder"]) if d.get("folder") else None,
         )
 
 
-def _shortfall_note(mixed_report: dict[str, Any], options: dict[str, Any]) -> str:
+def _shortfall_note(mixed: MixedPrecision | None, options: QuantizeOptions) -> str:
     """Why a budget search fell short: the integer output's grid, else int8 convolutions alone, under the budget.
 
     The ceiling was measured on the calibration images, so it is held to what the search aimed at there.
     """
-    limit = mixed_report.get("int8_output_limit_db")
-    if limit is not None and limit < options["min_sqnr_db"]:
+    if mixed is None or options.min_sqnr_db is None:
+        return ""
+    limit = mixed.int8_output_limit_db
+    if limit is not None and limit < options.min_sqnr_db:
         return (
             f"; the float model's scores rounded to this int8 output's grid hold only {limit:.1f} dB on the "
             f"evaluation images, so no model whose scores come out of that grid meets this budget"
         )
-    ceiling = mixed_report.get("int8_matrix_ceiling_db")
-    if ceiling is None or ceiling >= mixed_report.get("target_sqnr_db", options["min_sqnr_db"]):
+    ceiling = mixed.int8_matrix_ceiling_db
+    aimed = mixed.target_sqnr_db if mixed.target_sqnr_db is not None else options.min_sqnr_db
+    if ceiling is None or ceiling >= aimed:
         return ""
-    lower = "--min-speedup or the budget" if options.get("min_speedup") else "the budget"
+    lower = "--min-speedup or the budget" if options.min_speedup else "the budget"
     return (
         f"; with every op but its large convolutions and matrix multiplies float it reaches {ceiling:.1f} dB on "
         f"the calibration images, so this budget needs convolutions float (slower: lower {lower})"
@@ -262,8 +265,4 @@ def int8_card(quant: bytes, file_name: str, float_card: ModelCard) -> ModelCard:
 
 def op_histogram(model: bytes) -> dict[str, int]:
     """Builtin op name -> count, most frequent first."""
-    from collections import Counter
-
-    from edgeship.quantize.tflite_quant import op_names
-
     return dict(Counter(op_names(model)).most_common())

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,10 +13,12 @@ import numpy as np
 from edgeship._progress import Progress, silent
 from edgeship.quantize import layers, mixed
 from edgeship.quantize.options import QuantizeOptions
+from edgeship.quantize.search_report import KeptLayer, MixedPrecision, SpeedMeasurement
 from edgeship.quantize.speed import speed_floor
 from edgeship.quantize.worker import Quantizer
 from edgeship.reference import run_tflite
 from edgeship.runtime.card import Preprocessing
+from edgeship.runtime.delegation import Delegation
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
 
@@ -87,39 +89,58 @@ def budget_search(
     stage: Path,
     options: QuantizeOptions,
     progress: Progress,
-) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
+) -> tuple[bytes, DriftFigures, MixedPrecision, bool]:
     """Meet ``options.min_sqnr_db`` by keeping the cheapest op groups float (mixed models only), never
     going under ``options.min_speedup`` x float32's speed."""
     quant, figs = all_int8
     budget = float(options.min_sqnr_db or 0.0)
     if not options.float_islands or figs.sqnr_db >= budget:
-        return quant, figs, {"budget_sqnr_db": budget, "searched": False}, figs.sqnr_db >= budget
+        return quant, figs, MixedPrecision(budget), figs.sqnr_db >= budget
     progress("budget search", None, None)
     limit = output_grid_db(quant, judged.reference)
-    timed: list[dict[str, Any]] = []
+    timed: list[SpeedMeasurement] = []
     fast_enough = speed_floor(quantized, calibrated, float_model, stage, options.min_speedup, timed, progress)
     found = mixed.budgeted(
         calibrated, lambda nodes: score(calibrated, nodes), budget, held_apart_db=figs.sqnr_db, fast_enough=fast_enough
     )
-    report: dict[str, Any] = {
-        "budget_sqnr_db": budget,
-        **found.to_dict(),
-        "searched": True,
-        "eval_sqnr_db_all_int8": figs.sqnr_db,
-        "min_speedup": options.min_speedup,
-        "speed_measurements": timed,
-        **({"int8_output_limit_db": round(limit, 3)} if limit is not None else {}),
-    }
+    report = _searched(found, budget, figs.sqnr_db, options.min_speedup, timed, limit)
     if not found.kept:
         return quant, figs, report, False
     candidate, runs = quantized(calibrated, found.nodes)
     cfigs = judged.figures(candidate, progress, label="run budgeted int8")
-    report.update(eval_sqnr_db=cfigs.sqnr_db)
+    report = replace(report, eval_sqnr_db=cfigs.sqnr_db)
     if cfigs.sqnr_db <= figs.sqnr_db:  # better on the search images only: keep the all-int8 model
-        return quant, figs, {**report, "kept_float": [], "float_ops": 0}, False
+        return quant, figs, replace(report, kept_float=(), float_ops=0), False
     # latency_ms_1_thread: filled in by the speed check (one interleaved run with the written model)
-    report.update(delegation=runs["delegation"], latency_ms_1_thread={})
+    report = replace(report, delegation=Delegation.from_dict(runs["delegation"]), latency_ms_1_thread={})
     return candidate, cfigs, report, cfigs.sqnr_db >= budget
+
+
+def _searched(
+    found: mixed.SearchResult,
+    budget: float,
+    eval_all_int8_db: float,
+    min_speedup: float,
+    timed: list[SpeedMeasurement],
+    limit: float | None,
+) -> MixedPrecision:
+    """The report of a search that ran, before its model is judged on the evaluation images."""
+    return MixedPrecision(
+        budget_sqnr_db=budget,
+        searched=True,
+        target_sqnr_db=round(found.budget_db, 3),
+        all_int8_sqnr_db=round(found.base_db, 3),
+        sqnr_db=round(found.sqnr_db, 3),
+        within_budget=found.within_budget,
+        kept_float=found.kept,
+        float_ops=len(found.nodes),
+        steps=found.steps,
+        int8_matrix_ceiling_db=round(found.ceiling_db, 3) if found.ceiling_db is not None else None,
+        eval_sqnr_db_all_int8=eval_all_int8_db,
+        min_speedup=min_speedup,
+        speed_measurements=tuple(timed),
+        int8_output_limit_db=round(limit, 3) if limit is not None else None,
+    )
 
 
 def output_grid_db(model: bytes, reference: np.ndarray) -> float | None:
@@ -154,13 +175,13 @@ def accuracy_aware(
     judged: Judged,
     options: QuantizeOptions,
     progress: Progress,
-) -> tuple[bytes, DriftFigures, list[dict[str, Any]], bool]:
+) -> tuple[bytes, DriftFigures, tuple[KeptLayer, ...], bool]:
     """Keep the most harmful layers in float one at a time until the drop (:func:`accuracy_drop`) is inside
     the budget."""
     quant, figs = start
     budget = options.max_drop or 0.0
     drop = accuracy_drop(figs)
-    kept: list[dict[str, Any]] = []
+    kept: list[KeptLayer] = []
     denied: list[str] = []
     best = (quant, figs)
     for err in layers.most_harmful(errs)[: options.max_float_layers]:
@@ -171,19 +192,19 @@ def accuracy_aware(
         cfigs = judged.figures(candidate, progress, label=f"re-measure with {len(denied)} float layer(s)")
         drop = accuracy_drop(cfigs)
         kept.append(
-            {
-                "layer": err.name,
-                "op": err.op,
-                "sqnr_db": err.sqnr_db,
-                "added_error_db": err.added_error_db,
-                "size_bytes": len(candidate),
-                "top1_agreement": cfigs.top1_agreement,
-                "top1": cfigs.cand_top1,
-                "drop_points": drop,
-                "mean_cosine": cfigs.mean_cosine,
-            }
+            KeptLayer(
+                layer=err.name,
+                op=err.op,
+                sqnr_db=err.sqnr_db,
+                added_error_db=err.added_error_db,
+                size_bytes=len(candidate),
+                top1_agreement=cfigs.top1_agreement,
+                top1=cfigs.cand_top1,
+                drop_points=drop,
+                mean_cosine=cfigs.mean_cosine,
+            )
         )
         if drop <= accuracy_drop(best[1]):
             best = (candidate, cfigs)
     within = accuracy_drop(best[1]) <= budget
-    return best[0], best[1], kept, within
+    return best[0], best[1], tuple(kept), within

@@ -7,6 +7,7 @@ other jobs on the machine slow them alike.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +15,7 @@ from edgeship._io import atomic_write_bytes
 from edgeship._progress import Progress
 from edgeship.quantize import mixed
 from edgeship.quantize.result import FAST_FILE
+from edgeship.quantize.search_report import Offered, Placement, SpeedCheck, SpeedMeasurement
 from edgeship.quantize.worker import Quantizer
 from edgeship.runtime.bench import BenchOptions, benchmark
 from edgeship.runtime.metrics import DriftFigures
@@ -50,18 +52,18 @@ PLACEMENT_GAIN = 1.05
 
 def timed_placement(
     quantized: Quantizer, calibrated: bytes, quant: tuple[bytes, dict[str, Any]], work: Path, progress: Progress
-) -> tuple[tuple[bytes, dict[str, Any]], dict[str, Any]]:
+) -> tuple[tuple[bytes, dict[str, Any]], Placement]:
     """Keep the ops float whose int8 kernel may be slower than the float one here (large depthwise
     convolutions: :func:`mixed.slow_int8_candidates`) when the model measures faster that way
     (1 thread, XNNPACK, interleaved); ``quantized.placed`` remembers them for every model made after."""
     nodes = mixed.slow_int8_candidates(calibrated)
     if not nodes:
-        return quant, {"candidates": 0}
+        return quant, Placement(True, candidates=0)
     progress("placement: time large depthwise convolutions in float", None, None)
     placed = quantized(calibrated, nodes)
     ms = latencies({"int8": quant[0], "placed": placed[0]}, work, runs=SPEED_RUNS, stat="min_ms")
     keep = ms["int8"] >= PLACEMENT_GAIN * ms["placed"]
-    report = {"candidates": len(nodes), "kept_float": keep, "ms": ms, "min_gain": PLACEMENT_GAIN, "nodes": list(nodes)}
+    report = Placement(True, len(nodes), keep, ms, PLACEMENT_GAIN, tuple(nodes))
     if not keep:
         return quant, report
     quantized.placed = tuple(nodes)
@@ -80,7 +82,7 @@ def speed_floor(
     float_model: bytes,
     work: Path,
     floor: float,
-    measured: list[dict[str, Any]],
+    measured: list[SpeedMeasurement],
     progress: Progress,
 ) -> Callable[[Sequence[str]], bool] | None:
     """``fast_enough(float_nodes)`` of the budget search: the model with those nodes float runs at least
@@ -99,7 +101,7 @@ def speed_floor(
             stat="min_ms",
         )
         speedup = ms["float32"] / ms["candidate"]
-        measured.append({"float_ops": len(float_nodes), "ms": ms, "speedup_vs_float32": round(speedup, 3)})
+        measured.append(SpeedMeasurement(len(float_nodes), ms, round(speedup, 3)))
         return speedup >= floor
 
     # The all-int8 model first, for the report. Not a shortcut: one timing on a loaded machine can put
@@ -115,7 +117,7 @@ def speed_check(
     work: Path,
     min_speedup: float,
     progress: Progress,
-) -> dict[str, Any]:
+) -> SpeedCheck:
     """The written model against float32 (and the all-int8 model, when ops were kept float) at 1 thread.
 
     XNNPACK, interleaved in one run (:func:`latencies`). Under ``min_speedup`` x float32 (at least 1.0)
@@ -129,17 +131,14 @@ def speed_check(
     models: dict[str, Any] = {"float32": float_model, "int8": model, **({"all_int8": alt} if alt is not None else {})}
     ms = latencies(models, work, runs=SPEED_RUNS)
     speedup, floor = ms["float32"] / ms["int8"], max(min_speedup, 1.0)
-    report: dict[str, Any] = {
-        "measured": True,
-        "threads": 1,
-        "delegate": "xnnpack",
-        "runs": SPEED_RUNS,
-        "ms": ms,
-        "speedup_vs_float32": round(speedup, 3),
-        "faster_than_float32": speedup > 1.0,
-        "min_speedup": floor,
-        "offered": None,
-    }
+    report = SpeedCheck(
+        measured=True,
+        ms=ms,
+        speedup_vs_float32=round(speedup, 3),
+        faster_than_float32=speedup > 1.0,
+        min_speedup=floor,
+        runs=SPEED_RUNS,
+    )
     if speedup >= floor:
         return report
     how = "SLOWER than" if speedup < 1.0 else f"only {speedup:.2f}x as fast as"
@@ -148,28 +147,17 @@ def speed_check(
         f"{ms['float32']:.2f} ms; floor {floor}x)"
     )
     faster = min((k for k in ("all_int8", "float32") if k in ms and ms[k] < ms["int8"]), key=ms.get, default=None)
+    offered = None
     if faster == "all_int8":
-        report["offered"] = {
-            "kind": "all_int8",
-            "model": FAST_FILE,
-            "ms": ms["all_int8"],
-            "speedup_vs_float32": round(ms["float32"] / ms["all_int8"], 3),
-            "sqnr_db": round(all_int8[1].sqnr_db, 2),
-        }
+        speedup_fast = round(ms["float32"] / ms["all_int8"], 3)
+        offered = Offered("all_int8", FAST_FILE, ms["all_int8"], speedup_fast, round(all_int8[1].sqnr_db, 2))
         verdict += (
             f": {FAST_FILE} (all-int8, SQNR {all_int8[1].sqnr_db:.1f} dB, under the budget) runs "
-            f"{ms['all_int8']:.2f} ms, {report['offered']['speedup_vs_float32']:.2f}x float32"
+            f"{ms['all_int8']:.2f} ms, {speedup_fast:.2f}x float32"
         )
     elif faster == "float32":
-        report["offered"] = {
-            "kind": "float32",
-            "model": "the float32 model",
-            "ms": ms["float32"],
-            "speedup_vs_float32": 1.0,
-            "sqnr_db": None,
-        }
+        offered = Offered("float32", "the float32 model", ms["float32"], 1.0, None)
         verdict += ": the float32 model is faster (and exact)"
     else:
         verdict += f"; nothing faster was made: the float32 model is exact at {1 / speedup:.2f}x the time"
-    report["verdict"] = verdict
-    return report
+    return replace(report, offered=offered, verdict=verdict)

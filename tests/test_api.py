@@ -58,8 +58,8 @@ def test_snippet_runs_on_real_mobilenetv2(snippet: dict[str, object]) -> None:
     assert conv.folder is None and conv.model[4:8] == b"TFL3"  # nothing was written by convert
     assert q.model[4:8] == b"TFL3" and q.card.precision == "int8" and q.within_budget
     # 40 arrays: 32 calibrate, the last 8 are held apart and measured.
-    assert q.report["calibration"]["count"] == 32 and q.figures.count == 8
-    assert q.report["calibration"]["source"] == "arrays"
+    assert q.report.calibration.count == 32 and q.figures.count == 8
+    assert q.report.calibration.source == "arrays"
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["model_int8.tflite", "model_int8.card.json", "quant_report.json", "layer_errors.png"]
     )
@@ -156,11 +156,11 @@ def test_arrays_and_folders_give_the_same_pixels(tiny_conv: object, tiny_images:
     calib_a, eval_a = data.from_arrays(arrays, None, split, prep)
     calib_f, eval_f = data.from_folders(tiny_images, None, split, prep, None)
     assert np.array_equal(calib_a.pixels, calib_f.pixels) and np.array_equal(eval_a.pixels, eval_f.pixels)
-    assert calib_a.report["selection"] == "evenly spaced"
-    assert calib_f.report["selection"] == "evenly spaced over the sorted list"
+    assert calib_a.report.selection == "evenly spaced"
+    assert calib_f.report.selection == "evenly spaced over the sorted list"
     first, given = data.from_arrays(arrays[:8], arrays[8:], split, prep)
     assert not np.array_equal(calib_a.pixels, first.pixels), "evenly spaced, not the first 8"
-    assert len(given) == 4 and given.report["held_apart_from_calibration"] is False
+    assert len(given) == 4 and given.report.held_apart_from_calibration is False
     calib_b, eval_b = data.from_arrays(arrays, None, data.Split(num_calib=5, min_calib=2), prep)
     assert len(calib_b) == 5 and len(eval_b) == 7  # like a folder: the rest are evaluated
     calib_c, eval_c = data.from_arrays(arrays, None, data.Split(num_calib=50, min_calib=2), prep)
@@ -286,8 +286,8 @@ def test_offered_all_int8_model_is_saved_beside_and_removed_later(
     from edgeship.quantize import QuantizeOptions
 
     q = edgeship.quantize(tiny_conv, calib_images, options=QuantizeOptions(num_calib=20))
-    assert q.report["speed"]["measured"] and q.report["speed"]["ms"]["float32"] > 0
-    offered = replace(q, faster=q.model, report={**q.report, "speed": {**q.report["speed"], "verdict": "slow"}})
+    assert q.report.speed.measured and q.report.speed.ms["float32"] > 0
+    offered = replace(q, faster=q.model, report=replace(q.report, speed=replace(q.report.speed, verdict="slow")))
     offered.save(tmp_path / "q")
     assert (tmp_path / "q" / "model_int8_FAST.tflite").read_bytes() == q.model
     assert (

@@ -206,7 +206,8 @@ def test_uint8_interface_is_the_int8_model_rewritten_exactly(
     model = TFLiteModel(u.model)
     assert model.input.dtype == np.uint8 and model.output.dtype == np.uint8
     assert model.input.zero_point == TFLiteModel(q.model).input.zero_point + 128
-    assert u.report["interface"]["rewritten_from"] == "int8" and u.report["ops"]["QUANTIZE"] == 2
+    assert u.report.interface is not None and u.report.interface.rewritten_from == "int8"
+    assert u.report.ops["QUANTIZE"] == 2
     for path in sorted(calib_images.glob("img_2*")):
         a = Classifier.load(tiny_int8 / "model_int8.tflite").logits(path)
         b = Classifier.load(tmp_path / "u8" / "model_int8.tflite").logits(path)
@@ -237,7 +238,7 @@ def test_max_drop_counts_top1_against_labels_when_known() -> None:
     _, figs, kept, within = search.accuracy_aware(
         quantized, b"", (b"", labelled), errs, Judged(), options, lambda *a: None
     )
-    assert within and kept == [] and figs is labelled  # 1 point lost against labels: inside 2 points
+    assert within and kept == () and figs is labelled  # 1 point lost against labels: inside 2 points
     _, figs, kept, within = search.accuracy_aware(
         quantized, b"", (b"", unlabelled), errs, Judged(), options, lambda *a: None
     )
