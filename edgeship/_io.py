@@ -29,6 +29,7 @@ from edgeship._files import os_error_line as os_error_line
 from edgeship._files import sha256_file as sha256_file
 from edgeship._lock import folder_lock
 from edgeship._paths import check_writable_dir as check_writable_dir
+from edgeship._paths import is_inside
 from edgeship._paths import writable_dir_problem as writable_dir_problem
 from edgeship.errors import InputError, OutputExistsError
 
@@ -104,7 +105,6 @@ def _refuse_input(path: Path, reads: Iterable[str | os.PathLike[str] | None], wh
 
 def _reads(source: Path, path: Path) -> bool:
     """Whether writing ``path`` replaces ``source`` or a file inside it (symbolic and hard links count)."""
-    from edgeship._paths import is_inside
 
     if source.is_dir():
         return path.exists() and is_inside(path, source)

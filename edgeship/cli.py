@@ -18,6 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from edgeship._io import atomic_write_json, check_output_file, check_outputs_free, os_error_line
+from edgeship._lock import folder_lock
+from edgeship._paths import check_apart
 from edgeship._run import Terminated, run_temp_dir, signals_as_interrupt
 from edgeship._version import SCHEMA_VERSION, __version__
 from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
@@ -90,7 +93,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_preprocessing(p: argparse.ArgumentParser) -> None:
-    from edgeship.runtime.card import Interpolation
+    from edgeship.runtime.card import Interpolation  # deferred: CLI start-up
 
     g = p.add_argument_group(
         "preprocessing (default: resize shorter side 256/224 x input, center crop, RGB, /255, ImageNet mean/std)"
@@ -163,10 +166,8 @@ def _add_convert(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
-    from edgeship._io import check_outputs_free
-    from edgeship._paths import check_apart
-    from edgeship.convert import ConvertOptions, convert
-    from edgeship.convert.converter import output_names, preprocessing_for
+    from edgeship.convert import ConvertOptions, convert  # deferred: CLI start-up
+    from edgeship.convert.converter import output_names, preprocessing_for  # deferred: CLI start-up
 
     prep = (
         preprocessing_for(args.model, args.input_shape, _preprocessing_flags(args)) if _has_prep_flags(args) else None
@@ -199,7 +200,7 @@ def _cmd_convert(args: argparse.Namespace, progress: Callable[..., None]) -> tup
 
 def _input_contract(card: Any) -> list[str]:
     """The one line saying how the artifact's input differs from the source model's (if it does)."""
-    from edgeship.targets.metadata import input_contract
+    from edgeship.targets.metadata import input_contract  # deferred: CLI start-up
 
     line = input_contract(card)
     return [f"  {line}"] if line else []
@@ -217,7 +218,7 @@ def _has_prep_flags(args: argparse.Namespace) -> bool:
 
 # ---------------------------------------------------------------- quantize
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
-    from edgeship.quantize.options import CalibrationMethod, IODtype
+    from edgeship.quantize.options import CalibrationMethod, IODtype  # deferred: CLI start-up
 
     p = sub.add_parser(
         "quantize",
@@ -310,13 +311,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
-    from edgeship._io import check_outputs_free
-    from edgeship._paths import check_apart
-    from edgeship.convert import ConvertOptions
-    from edgeship.convert.converter import output_names as convert_outputs
-    from edgeship.quantize import QuantizeOptions, quantize
-    from edgeship.quantize.pipeline import output_names
-    from edgeship.quantize.source import conversion_for
+    from edgeship.convert import ConvertOptions  # deferred: CLI start-up
+    from edgeship.convert.converter import output_names as convert_outputs  # deferred: CLI start-up
+    from edgeship.quantize import QuantizeOptions, quantize  # deferred: CLI start-up
+    from edgeship.quantize.pipeline import output_names  # deferred: CLI start-up
+    from edgeship.quantize.source import conversion_for  # deferred: CLI start-up
 
     given = dict(
         num_calib=args.num_calib,
@@ -335,7 +334,7 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         min_speedup=args.min_speedup,
     )
     if args.target:
-        from edgeship.targets import load_target
+        from edgeship.targets import load_target  # deferred: CLI start-up
 
         options = QuantizeOptions.for_target(load_target(args.target), **given)
     else:
@@ -362,8 +361,8 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
 
 def _arch_note(target_name: str | None) -> list[str]:
     """Say that speed figures and placement are this machine's when the target is another architecture."""
-    from edgeship.quantize.options import host_arch
-    from edgeship.targets import load_target
+    from edgeship.quantize.options import host_arch  # deferred: CLI start-up
+    from edgeship.targets import load_target  # deferred: CLI start-up
 
     target = load_target(target_name) if target_name else None
     if target is None or target.arch.value == host_arch():
@@ -480,12 +479,12 @@ def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None
 
 def _device_spec(args: argparse.Namespace) -> Any:
     """Where the command runs, as a :class:`~edgeship.targets.devices.DeviceSpec` (None: this machine)."""
-    from edgeship.targets.devices import DeviceSpec
+    from edgeship.targets.devices import DeviceSpec  # deferred: CLI start-up
 
     if getattr(args, "emulate", False):
         return DeviceSpec("emulate")
     if getattr(args, "host", None):
-        from edgeship.targets.devices import parse_hosts
+        from edgeship.targets.devices import parse_hosts  # deferred: CLI start-up
 
         host, hosts = parse_hosts(args.host)
         _check_host_targets(hosts, [args.target] if isinstance(args.target, str) else list(args.target or []))
@@ -537,10 +536,9 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
-    from edgeship._io import atomic_write_json
-    from edgeship.targets import load_target
-    from edgeship.targets.mediapipe_check import summary_line
-    from edgeship.verify import drift
+    from edgeship.targets import load_target  # deferred: CLI start-up
+    from edgeship.targets.mediapipe_check import summary_line  # deferred: CLI start-up
+    from edgeship.verify import drift  # deferred: CLI start-up
 
     target = load_target(args.target)
     _check_report_path(args, args.report, "-r")
@@ -578,7 +576,6 @@ def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
 
 def _check_report_path(args: argparse.Namespace, path: Path, flag: str) -> None:
     """Before running: the report file can be written where asked, under the one overwrite rule."""
-    from edgeship._io import check_output_file
 
     json_file = args.json if args.json is not None and str(args.json) != "-" else None
     check_output_file(path, flag, force=args.force, reads=_inputs(args), writes=[json_file])
@@ -646,12 +643,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
-    from edgeship._io import atomic_write_json
-    from edgeship.runtime.bench import BenchOptions, benchmark, image_files, table
+    from edgeship.runtime.bench import BenchOptions, benchmark, image_files, table  # deferred: CLI start-up
 
     target = None
     if args.target:
-        from edgeship.targets import load_target
+        from edgeship.targets import load_target  # deferred: CLI start-up
 
         target = load_target(args.target)
     _check_report_path(args, args.out, "-o")
@@ -666,7 +662,7 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
             "benchmark_model, invoke() only: use --host for a Pi"
         )
     if args.adb:
-        from edgeship.targets.adb import adb_benchmark
+        from edgeship.targets.adb import adb_benchmark  # deferred: CLI start-up
 
         if args.duration:
             raise InputError("--duration is not supported with --adb; use --runs (benchmark_model --num_runs)")
@@ -676,8 +672,8 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
     elif args.host:
         if target is None:
             raise InputError("--host needs --target (which runtime package to install on the device)")
-        from edgeship.targets.devices import ssh_device
-        from edgeship.targets.remote import ssh_benchmark
+        from edgeship.targets.devices import ssh_device  # deferred: CLI start-up
+        from edgeship.targets.remote import ssh_benchmark  # deferred: CLI start-up
 
         bench_args = ["--threads", ",".join(map(str, threads)), "--runs", str(args.runs), "--warmup", str(args.warmup)]
         bench_args += ["--duration", str(args.duration)] if args.duration else []
@@ -725,8 +721,8 @@ def _add_bundle(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_bundle(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
-    from edgeship.targets import load_target
-    from edgeship.targets.bundle import bundle
+    from edgeship.targets import load_target  # deferred: CLI start-up
+    from edgeship.targets.bundle import bundle  # deferred: CLI start-up
 
     result = bundle(args.model, load_target(args.target), args.out, force=args.force)
     return 0, {
@@ -737,7 +733,7 @@ def _cmd_bundle(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
 
 # ---------------------------------------------------------------- deploy
 def _add_deploy(sub: argparse._SubParsersAction) -> None:
-    from edgeship.quantize.options import CalibrationMethod
+    from edgeship.quantize.options import CalibrationMethod  # deferred: CLI start-up
 
     p = sub.add_parser(
         "deploy",
@@ -779,13 +775,13 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
-    from edgeship.deploy import DeployOptions, deploy
-    from edgeship.targets.devices import NO_ADB_DRIFT_CHECKS
+    from edgeship.deploy import DeployOptions, deploy  # deferred: CLI start-up
+    from edgeship.targets.devices import NO_ADB_DRIFT_CHECKS  # deferred: CLI start-up
 
     device = _device_spec(args)
     if device is not None and device.kind == "adb":
         raise InputError(NO_ADB_DRIFT_CHECKS)
-    from edgeship.quantize import QuantizeOptions
+    from edgeship.quantize import QuantizeOptions  # deferred: CLI start-up
 
     given = dict(num_calib=args.num_calib, seed=args.seed, method=args.method, max_eval=args.max_eval)
     options = DeployOptions(
@@ -808,7 +804,7 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
             f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}"
         )
         lines.append(f"{'':<20} ran on {t.get('ran_on', '?')}")
-    from edgeship.targets.remote import device_speed_lines
+    from edgeship.targets.remote import device_speed_lines  # deferred: CLI start-up
 
     lines += device_speed_lines(result.summary)
     lines.append(f"report: {result.out_dir / 'report.html'}  (wall {result.summary['wall_s']:.1f} s)")
@@ -834,7 +830,7 @@ def _add_targets(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
-    from edgeship.targets import list_targets, load_target
+    from edgeship.targets import list_targets, load_target  # deferred: CLI start-up
 
     if args.action == "list":
         targets = [load_target(n) for n in list_targets()]
@@ -855,7 +851,7 @@ def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tup
 
 # ---------------------------------------------------------------- emulate
 def _add_emulate(sub: argparse._SubParsersAction) -> None:
-    from edgeship.targets.emulated_pi import PROFILES
+    from edgeship.targets.emulated_pi import PROFILES  # deferred: CLI start-up
 
     p = sub.add_parser(
         "emulate",
@@ -883,7 +879,7 @@ def _add_emulate(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_emulate(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
-    from edgeship.targets import emulated_pi
+    from edgeship.targets import emulated_pi  # deferred: CLI start-up
 
     if args.action == "start":
         pi = emulated_pi.start(args.name, port=args.port, ca_bundle=args.ca_bundle, progress=progress)
@@ -959,8 +955,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EdgeshipError, OSError) as exc:
         progress.close()
         if isinstance(exc, OSError):  # the file system refused something unforeseen: still one line
-            from edgeship._io import os_error_line
-
             exc = EdgeshipError(os_error_line(exc))
         print(f"edgeship {args.command}: error: {exc.cli_message()}", file=sys.stderr)
         payload = {"error": {"type": type(exc).__name__, "message": exc.cli_message()}}
@@ -984,7 +978,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _lock(args: argparse.Namespace) -> Any:
     """The write lock of the folder the command writes (nothing for commands that write none)."""
-    from edgeship._lock import folder_lock
 
     written = _written_folder(args)
     return folder_lock(*written) if written else contextlib.nullcontext()
@@ -998,7 +991,6 @@ def _json_path_problem(args: argparse.Namespace) -> str | None:
     path = getattr(args, "json", None)
     if path is None or str(path) == "-":
         return None
-    from edgeship._io import check_output_file
 
     other = {"verify": getattr(args, "report", None), "bench": getattr(args, "out", None)}.get(args.command)
     try:
@@ -1016,7 +1008,6 @@ def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) ->
     if str(args.json) == "-":
         print(json.dumps(doc, indent=2, default=str))
         return code
-    from edgeship._io import atomic_write_json
 
     try:
         atomic_write_json(args.json, doc)

@@ -24,19 +24,40 @@ from typing import Any, Callable
 
 import numpy as np
 
+import edgeship
+import edgeship.convert
+import edgeship.quantize
+import edgeship.runtime
+import edgeship.targets
+import edgeship.verify
+from edgeship import zoo
 from edgeship._child import ChildWorker
 from edgeship._io import atomic_write_json, private_name, sha256_file
 from edgeship._lock import LOCK_FILE, folder_lock
 from edgeship._paths import check_apart, relative
 from edgeship._progress import Progress, silent
 from edgeship._version import __version__
+from edgeship.convert import ConvertOptions, convert
+from edgeship.convert.onnx_model import inspect_model, load_model, resolve_shape
 from edgeship.convert.result import FLOAT16_FILE, ConvertResult
 from edgeship.errors import InputError, OutputExistsError
+from edgeship.quantize import quantize, tflite_quant
+from edgeship.quantize.data import Split, split_images
+from edgeship.quantize.interface import EXACT
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
+from edgeship.report import ReportInputs, write_report
+from edgeship.runtime.bench import BenchOptions, benchmark
 from edgeship.runtime.card import ModelCard
-from edgeship.targets.devices import DeviceSpec
+from edgeship.runtime.images import Labels, list_images
+from edgeship.targets import load_target
+from edgeship.targets.bundle import bundle
+from edgeship.targets.devices import DeviceSpec, ssh_device
+from edgeship.targets.install import verified_version
 from edgeship.targets.profile import Access
+from edgeship.targets.remote import device_bench
+from edgeship.verify.drift import DriftResult, reference_outputs, verify
+from edgeship.wheel import build_edgeship_wheel
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +138,6 @@ def code_fingerprint() -> str:
     The version alone is not enough for an editable install, where the code changes under
     one version number.
     """
-    import edgeship
-    import edgeship.convert
-    import edgeship.quantize
-    import edgeship.runtime
-    import edgeship.targets
-    import edgeship.verify
 
     h = hashlib.sha256()
     for pkg in (edgeship, edgeship.convert, edgeship.quantize, edgeship.runtime, edgeship.targets, edgeship.verify):
@@ -341,10 +356,6 @@ def deploy(
 def _deploy(
     model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *, progress: Progress = silent
 ) -> DeployResult:
-    from edgeship import zoo
-    from edgeship.quantize.data import Split, split_images
-    from edgeship.runtime.images import list_images
-    from edgeship.targets import load_target
 
     started = time.perf_counter()
     out = Path(out_dir)
@@ -353,8 +364,6 @@ def _deploy(
     model_path = zoo.resolve(model, progress=progress)
     if not model_path.is_file():
         raise InputError(f"model {model_path} does not exist")
-    from edgeship.convert.onnx_model import inspect_model, load_model, resolve_shape
-    from edgeship.runtime.images import Labels
 
     resolve_shape(inspect_model(load_model(model_path), str(model_path)), None)  # bad models fail before OUT_DIR
     if options.labels is not None:
@@ -394,7 +403,6 @@ def _deploy(
         },
         "wall_s": round(time.perf_counter() - started, 2),
     }
-    from edgeship.report import ReportInputs, write_report
 
     progress("report")
     labels = conv.label_names()
@@ -412,7 +420,6 @@ def _convert_stage(
     stages: _Stages, model: Path, options: DeployOptions, targets: list[Any], native: ChildWorker
 ) -> tuple[ConvertResult, str]:
     """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow meanwhile."""
-    from edgeship.convert import ConvertOptions, convert
 
     fp16 = any(t.model.precision.value == "float16" for t in targets)
     pixels = any(t.runtime.client.reads_metadata for t in targets)  # per-channel normalisation goes in the graph
@@ -436,7 +443,6 @@ def _convert_stage(
 def _start_tensorflow(native: ChildWorker, pool: ThreadPoolExecutor) -> Future[Any]:
     """The child started from this thread (it dies with the thread that started it), TensorFlow imported
     in it on ``pool``'s thread."""
-    from edgeship.quantize import tflite_quant
 
     native.call("start the native worker", os.getpid)
     return pool.submit(native.call, "start TensorFlow", tflite_quant.start)
@@ -456,7 +462,6 @@ def _variant(target: Any, io: str | None = None) -> str:
 def _calibration(target: Any) -> str:
     """Targets with the same calibration share one quantized model: those whose models differ only in
     int8/uint8 I/O get it with the interface rewritten (exact), not calibrated and quantized again."""
-    from edgeship.quantize.interface import EXACT
 
     io = target.model.io_dtype.value
     return _variant(target, "int8" if io in EXACT else io)
@@ -508,8 +513,6 @@ def _quantize_stage(
     members: list[Any],
     native: ChildWorker,
 ) -> tuple[DeployedModel, str]:
-    from edgeship.quantize import quantize
-    from edgeship.quantize.interface import EXACT
 
     opts = options.quantize.fitted(members[0])
     io = "int8" if opts.io.value in EXACT else opts.io.value
@@ -613,7 +616,6 @@ def _device_of(options: DeployOptions, target: Any) -> dict[str, Any] | None:
 
 def _references(model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress) -> dict[str, np.ndarray]:
     """onnxruntime's outputs of the source model on the evaluation images, per reference preprocessing."""
-    from edgeship.verify.drift import reference_outputs
 
     found: dict[str, np.ndarray] = {}
     for card in cards:
@@ -638,7 +640,6 @@ def _verify_stage(
     reference: dict[str, np.ndarray],
     progress: Progress,
 ) -> Any:
-    from edgeship.verify.drift import DriftResult, verify
 
     def build(d: Path) -> None:
         verify(
@@ -678,7 +679,6 @@ def _bench_stage(
 
     The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images, each once.
     """
-    from edgeship.runtime.bench import BenchOptions, benchmark
 
     unique = [model, Path(str(conv.model_path))]
     for m in models.values():
@@ -731,8 +731,6 @@ class _Wheel:
         self._lock = threading.Lock()
 
     def get(self) -> Path:
-        from edgeship.wheel import build_edgeship_wheel
-
         with self._lock:
             if self.seconds is None:
                 start = time.perf_counter()
@@ -743,8 +741,6 @@ class _Wheel:
 
 def _bundle_stage(stages: _Stages, m: DeployedModel, target: Any, wheel: _Wheel, check: Future[Any]) -> Path:
     """The target's bundle, pinning the interpreter version its drift check ran with (what was verified ships)."""
-    from edgeship.targets.bundle import bundle
-    from edgeship.targets.install import verified_version
 
     version = verified_version(target, check.result().report.candidate.runtime)
     folder, _ = stages.run(
@@ -771,8 +767,6 @@ def _device_bench_stages(
     progress: Progress,
 ) -> dict[str, dict[str, Any]]:
     """float32 and the deployed model benchmarked on each target's own ssh device (``--host TARGET=...``)."""
-    from edgeship.targets.devices import ssh_device
-    from edgeship.targets.remote import device_bench
 
     out: dict[str, dict[str, Any]] = {}
     for t in targets:

@@ -20,6 +20,7 @@ from edgeship.runtime.bench import delegation_note
 from edgeship.runtime.images import load_rgb
 from edgeship.runtime.metrics import cosine_per_sample, softmax, topk
 from edgeship.targets.mediapipe_check import PREPROCESSING as CLIENT_PREPROCESSING
+from edgeship.targets.remote import device_speed_lines
 from edgeship.verify.drift import DriftResult
 
 ASSETS = "report"
@@ -420,7 +421,6 @@ def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
         if all(d.passed for d in inputs.drifts.values())
         else "some targets are OVER their drift budget"
     )
-    from edgeship.targets.remote import device_speed_lines
 
     isa = _isa_summary(inputs) + _image_path_line(inputs) + device_speed_lines(summary)
     md = [

@@ -19,6 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import edgeship
 from edgeship._io import atomic_write_json, cache_dir
 from edgeship.errors import EdgeshipError, InputError, MissingDependencyError
 
@@ -30,7 +31,6 @@ _SKIP_DIRS = {".git", ".venv", "venv", "build", "dist", "out", "tests", "__pycac
 
 def source_root() -> Path:
     """The source checkout edgeship is installed from (editable install)."""
-    import edgeship
 
     root = Path(edgeship.__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file():

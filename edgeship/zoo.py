@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from edgeship._io import cache_dir as edgeship_cache
 from edgeship._io import sha256_file
 from edgeship.errors import InputError
 
@@ -41,8 +42,6 @@ ZOO = {
 
 
 def cache_dir() -> Path:
-    from edgeship._io import cache_dir as edgeship_cache
-
     return edgeship_cache()
 
 

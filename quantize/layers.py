@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeship._deps import require
+from edgeship._io import atomic_write_bytes
 from edgeship.runtime.interpreter import debug_interpreter
 
 
@@ -116,9 +118,6 @@ def most_harmful(errors: list[LayerError]) -> list[LayerError]:
 
 def plot_worst(errors: list[LayerError], path: Path, *, count: int = 10, title: str = "") -> Path:
     """Horizontal bar chart of the ``count`` worst tensors by SQNR (PNG, written atomically)."""
-    from edgeship._deps import require
-    from edgeship._io import atomic_write_bytes
-
     require("matplotlib", purpose="plot per-layer errors")
     import io
 

@@ -29,6 +29,8 @@ from edgeship import tflite_graph
 from edgeship._child import CHILD_LOG_ENV, one_line
 from edgeship._deps import require
 from edgeship.errors import CalibrationError
+from edgeship.runtime.delegation import of_interpreter
+from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.tflite_graph import tensor_name as tensor_name  # one definition; bias correction and mixed use it here
 
 log = logging.getLogger(__name__)
@@ -210,9 +212,6 @@ def check_runs(model: bytes) -> dict[str, Any]:
     Returns ``{"xnnpack": None | error, "reference": None | error, "delegation": {...}}``
     (see :class:`edgeship.runtime.delegation.Delegation`).
     """
-    from edgeship.runtime.delegation import of_interpreter
-    from edgeship.runtime.interpreter import TFLiteModel
-
     found: dict[str, Any] = {}
     for kernels, xnnpack in (("xnnpack", True), ("reference", False)):
         try:

@@ -20,11 +20,13 @@ from edgeship.runtime.images import (
     iter_pixels,
     list_images,
     normalize,
+    open_image,
     pixel_offset,
     resize_crop,
 )
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import accuracy, softmax, topk
+from edgeship.runtime.model_check import check_model_file
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,6 @@ class Classifier:
         else:
             model_path = path
             card = find_card(path)  # type: ignore[assignment]
-        from edgeship.runtime.model_check import check_model_file
 
         check_model_file(model_path, backend=backend)
         if card is None and preprocessing is None:
@@ -185,7 +186,6 @@ class Classifier:
         (resize/crop to the model's typed input), ``invoke`` (set input, invoke, read and
         dequantize the output), ``postprocess`` (probabilities, top-k).
         """
-        from edgeship.runtime.images import open_image
 
         prep = self.card.preprocessing
         t0 = time.perf_counter_ns()

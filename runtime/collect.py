@@ -22,7 +22,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgeship._files import atomic_write_bytes
 from edgeship.errors import EdgeshipError
+from edgeship.runtime.candidate import candidate_outputs
+from edgeship.runtime.images import list_images
 
 
 def collect(
@@ -34,8 +37,6 @@ def collect(
     use_xnnpack: bool = True,
 ) -> dict[str, object]:
     """Run ``model`` on every image of ``image_dir`` (sorted) and write ``out`` (.npz) atomically."""
-    from edgeship.runtime.candidate import candidate_outputs
-    from edgeship.runtime.images import list_images
 
     images = list_images(image_dir, minimum=1)
     start = time.perf_counter()
@@ -44,7 +45,6 @@ def collect(
     files = np.array([str(f.relative_to(images.root)) for f in images.files])
     buf = io.BytesIO()
     np.savez(buf, logits=logits.astype(np.float32), files=files, runtime=np.array(json.dumps(describe)))
-    from edgeship._files import atomic_write_bytes
 
     atomic_write_bytes(out, buf.getvalue())
     return {"count": int(len(files)), **describe}

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from edgeship.errors import InputError, MissingDependencyError
+from edgeship.runtime.delegation import flex_refusal, of_interpreter
+from edgeship.runtime.images import normalize, pixel_offset, quantize_pixels
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +159,6 @@ class TFLiteModel:
         """
         from collections import Counter
 
-        from edgeship.runtime.delegation import flex_refusal
-
         refusal = flex_refusal(Counter(self.op_names()))
         if refusal:
             raise InputError(f"cannot load TFLite model {self.path or '<bytes>'}: it {refusal}")
@@ -184,7 +184,6 @@ class TFLiteModel:
         Uses the integer path (``pixel + k``, no float math) when the preprocessing folds
         into the input quantization, else normalises and quantizes.
         """
-        from edgeship.runtime.images import normalize, pixel_offset, quantize_pixels
 
         spec = self.input
         if spec.quantized:
@@ -237,8 +236,6 @@ class TFLiteModel:
         )
 
     def describe(self) -> dict[str, Any]:
-        from edgeship.runtime.delegation import of_interpreter
-
         return {
             "interpreter": self.backend,
             "interpreter_version": backend_version(self.backend),

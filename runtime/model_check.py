@@ -18,7 +18,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from edgeship._files import cache_dir
 from edgeship.errors import InputError
+from edgeship.runtime.flatbuffer import FlatbufferError, verify_tflite
 from edgeship.runtime.interpreter import BACKEND_MODULES, backend_version, pick_backend
 
 log = logging.getLogger(__name__)
@@ -70,8 +72,6 @@ for line in sys.stdin:
 
 
 def _check_cache_dir() -> Path:
-    from edgeship._files import cache_dir
-
     return cache_dir("model-checks")
 
 
@@ -96,8 +96,6 @@ def _header_problem(path: Path) -> str | None:
 def _structure_problem(path: Path) -> str | None:
     """What is out of bounds in the flatbuffer (see :mod:`edgeship.runtime.flatbuffer`), or None."""
     import struct
-
-    from edgeship.runtime.flatbuffer import FlatbufferError, verify_tflite
 
     try:
         verify_tflite(path.read_bytes())

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
+from edgeship.targets import load_target
 
 REMOTE_DIR = "/data/local/tmp/edgeship"
 
@@ -162,8 +163,6 @@ def adb_benchmark(
 ) -> dict[str, Any]:
     """``bench --adb``: TensorFlow Lite's ``benchmark_model`` on the phone, as a bench.json document."""
     if target is None:
-        from edgeship.targets import load_target
-
         target = load_target("android-arm64-cpu")
     if binary is None:
         raise InputError("--adb needs --benchmark-binary PATH (TensorFlow Lite's benchmark_model for Android)")

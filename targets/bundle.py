@@ -16,9 +16,11 @@ from edgeship._io import atomic_copy, atomic_write_bytes, atomic_write_json, ato
 from edgeship._lock import LOCK_FILE
 from edgeship.errors import InputError, ModelTargetMismatchError, TargetError
 from edgeship.runtime.card import CARD_FILE, ModelCard
+from edgeship.runtime.classifier import find_card
+from edgeship.runtime.images import Labels
 from edgeship.runtime.model_check import check_model_file
 from edgeship.targets.install import apt_command, device_requirements, requirements_text, venv_command
-from edgeship.targets.metadata import METADATA_JSON
+from edgeship.targets.metadata import METADATA_JSON, SCORES, client_normalization, embed_metadata, pixels_feed_exactly
 from edgeship.targets.profile import Access, Target
 from edgeship.wheel import build_edgeship_wheel
 
@@ -56,7 +58,6 @@ def check_client_input(card: ModelCard, target: Target) -> None:
     MediaPipe Tasks takes one mean/std for all channels and copies pixels into a uint8
     input as they are.
     """
-    from edgeship.targets.metadata import client_normalization, pixels_feed_exactly
 
     client_normalization(card.preprocessing)
     if not pixels_feed_exactly(card):
@@ -86,7 +87,6 @@ def bundle(
         interpreter_version: The interpreter version the drift check ran with, pinned with ``==``
             (default: :func:`~edgeship.targets.install.interpreter_pin`'s choice).
     """
-    from edgeship.runtime.classifier import find_card
 
     model = Path(model)
     if not model.is_file():
@@ -122,8 +122,6 @@ def bundle(
 
 def _with_metadata(model: Path, card: ModelCard, labels_path: Path | None, dest: Path, meta_json: Path) -> ModelCard:
     """Write ``model`` to ``dest`` with TFLite Metadata embedded; the card records it too."""
-    from edgeship.runtime.images import Labels
-    from edgeship.targets.metadata import embed_metadata
 
     labels = Labels.load(labels_path).names if labels_path is not None and labels_path.is_file() else None
     data, meta = embed_metadata(model.read_bytes(), card, labels)
@@ -218,7 +216,6 @@ def _metadata_line(card: ModelCard, target: Target) -> str:
 
 def _kotlin(card: ModelCard, target: Target, model_file: str) -> str:
     """Kotlin for MediaPipe Tasks and for the plain LiteRT Interpreter with this model's exact values."""
-    from edgeship.targets.metadata import SCORES, client_normalization
 
     prep, inp, out = card.preprocessing, card.input, card.output
     try:

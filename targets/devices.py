@@ -21,7 +21,11 @@ import numpy as np
 
 from edgeship._progress import Progress
 from edgeship.errors import DeviceError, InputError
+from edgeship.runtime.candidate import candidate_outputs
+from edgeship.targets.emulate import EmulatedDevice
 from edgeship.targets.profile import Arch, Target
+from edgeship.targets.remote import SshCollector
+from edgeship.targets.ssh import SshDevice, SshTarget
 
 #: Why drift checks refuse adb (verify and deploy parse --adb and explain with this).
 NO_ADB_DRIFT_CHECKS = (
@@ -66,7 +70,6 @@ class LocalDevice:
         use_xnnpack: bool,
         progress: Progress | None = None,
     ) -> Collected:
-        from edgeship.runtime.candidate import candidate_outputs
 
         logits, runtime = candidate_outputs(
             bundle, files, num_threads=threads, use_xnnpack=use_xnnpack, progress=progress
@@ -217,7 +220,6 @@ def make_device(spec: DeviceSpec | None, target: Target) -> tuple[Device, str | 
             return LocalDevice(), (
                 f"--emulate runs aarch64 only: {target.name} ({target.arch.value}) ran on this machine"
             )
-        from edgeship.targets.emulate import EmulatedDevice
 
         return StagedDevice(EmulatedDevice(), _emulated_where), None
     if spec.kind == "ssh":
@@ -246,7 +248,6 @@ def _emulated_where(runtime: dict[str, Any]) -> str:
 
 def ssh_device(spec: DeviceSpec, target: str | None = None) -> Any:
     """The :class:`~edgeship.targets.ssh.SshDevice` of an ssh spec (for ``target``'s own host when named)."""
-    from edgeship.targets.ssh import SshDevice, SshTarget
 
     host = spec.host_for(target) if target else spec.host
     if not host:
@@ -263,6 +264,4 @@ def ssh_device(spec: DeviceSpec, target: str | None = None) -> Any:
 
 
 def ssh_collector(spec: DeviceSpec, target: Target) -> Any:
-    from edgeship.targets.remote import SshCollector
-
     return SshCollector(ssh_device(spec), target, pip_args=spec.pip_args)

@@ -43,9 +43,11 @@ from typing import Any
 
 import numpy as np
 
-from edgeship._io import atomic_write_json
+import edgeship
+from edgeship._io import atomic_write_json, cache_dir
 from edgeship._progress import ProgressFn, silent
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
+from edgeship.runtime.collect import load_collected
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +105,6 @@ def _require_build_tools() -> None:
 
 def default_cache_dir() -> Path:
     """edgeship's cache (:func:`edgeship._io.cache_dir`)."""
-    from edgeship._io import cache_dir
 
     return cache_dir()
 
@@ -435,7 +436,6 @@ def source_folder(root: Path) -> Path:
 
 def _source_links() -> dict[str, str]:
     """Entry name in the guest's ``edgeship/`` -> absolute host path of the source."""
-    import edgeship
 
     package = Path(edgeship.__file__).resolve().parent
     links = {p.name: str(p) for p in package.iterdir() if p.name != "__pycache__" and not p.name.startswith(".")}
@@ -609,7 +609,6 @@ class EmulatedDevice:
             InputError: A path is hidden from the guest by a same-named path inside the root.
             DeviceError: The guest failed (its last stderr line is in the message).
         """
-        from edgeship.runtime.collect import load_collected
 
         paths = [Path(model).resolve(), Path(image_dir).resolve()]
         for path in paths:

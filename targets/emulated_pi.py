@@ -36,6 +36,7 @@ from typing import Any
 
 from edgeship._io import atomic_write_json, atomic_write_text, cache_dir
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
+from edgeship.targets.ssh import SshTarget
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +329,6 @@ class EmulatedPi:
 
     def target(self, **overrides: Any) -> Any:
         """An :class:`~edgeship.targets.ssh.SshTarget` that reaches it."""
-        from edgeship.targets.ssh import SshTarget
 
         return SshTarget.parse(
             self.host,

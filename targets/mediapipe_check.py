@@ -33,6 +33,7 @@ from edgeship.errors import InputError, MissingDependencyError
 from edgeship.runtime.card import ModelCard
 from edgeship.runtime.classifier import Classifier, find_card
 from edgeship.runtime.images import Labels, load_rgb, resize_crop
+from edgeship.runtime.interpreter import native_stderr_to_log
 from edgeship.runtime.metrics import DriftFigures, compare
 from edgeship.targets.metadata import embed_metadata, read_metadata
 
@@ -125,8 +126,6 @@ class MediaPipeClassifier:
     """MediaPipe Tasks' ImageClassifier on one model file (which must carry TFLite Metadata)."""
 
     def __init__(self, model_path: str | os.PathLike[str]) -> None:
-        from edgeship.runtime.interpreter import native_stderr_to_log
-
         with native_stderr_to_log(logging.DEBUG):  # absl/glog start-up lines (no EGL, no GPU) say nothing wrong
             mp, mp_tasks, vision = _mediapipe()
         self._mp = mp
@@ -153,7 +152,6 @@ class MediaPipeClassifier:
 
             x, y, w, h = roi
             opts = ImageProcessingOptions(region_of_interest=Rect(left=x, top=y, right=x + w, bottom=y + h))
-        from edgeship.runtime.interpreter import native_stderr_to_log
 
         with native_stderr_to_log(logging.DEBUG):
             result = self._clf.classify(image, opts)

@@ -10,9 +10,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from edgeship.errors import DeviceError
+from edgeship.errors import DeviceError, TargetError
+from edgeship.runtime.bench import emulated_label
 from edgeship.targets.install import device_requirements, uses_system_packages
 from edgeship.targets.profile import Target
+from edgeship.targets.ssh import new_job, remote_collect, remove_job
 
 
 class SshCollector:
@@ -26,7 +28,6 @@ class SshCollector:
     def collect_outputs(
         self, model_dir: Path, image_dir: Path, *, threads: int | None = None, use_xnnpack: bool = True
     ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-        from edgeship.targets.ssh import remote_collect
 
         check_arch(self.device, self.target)
         logits, names, runtime = remote_collect(
@@ -68,7 +69,6 @@ _MACHINES = {"x86_64": ("x86_64", "amd64"), "aarch64": ("aarch64", "arm64"), "ar
 
 def check_arch(device: Any, target: Target) -> None:
     """Refuse to call a device the target when its CPU architecture differs."""
-    from edgeship.errors import TargetError
 
     machine = str(device.probe().get("machine", "")).lower()
     if machine and machine not in _MACHINES.get(target.arch.value, (target.arch.value,)):
@@ -90,7 +90,7 @@ def ssh_benchmark(
 ) -> dict[str, Any]:
     """Copy the models (with their cards) and ``images`` to the device, run ``python -m edgeship.runtime.bench``
     there (``--image`` for each image: end to end through the same runtime code), return its bench.json."""
-    from edgeship.targets.ssh import new_job, remove_job
+    # deferred: looked up at call time, so that a test can stand in for the wheel builder
     from edgeship.wheel import build_edgeship_wheel, default_wheel_cache
 
     if progress:
@@ -194,7 +194,6 @@ def speed_verdict(doc: dict[str, Any]) -> dict[str, Any]:
     On an emulated device the answer is shown, labelled, and recommends nothing: the emulator's
     relative speeds are not a Pi's.
     """
-    from edgeship.runtime.bench import emulated_label
 
     rows = {r["model"]: r["p50_ms"] for r in doc.get("results", [])}
     if not rows:

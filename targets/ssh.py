@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from edgeship._io import sha256_file
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
+from edgeship.runtime.collect import load_collected
 from edgeship.targets.install import requirements_text
 from edgeship.wheel import build_edgeship_wheel, default_wheel_cache, source_root
 
@@ -757,7 +758,6 @@ def remote_collect(
     Returns:
         (logits ``[N, classes]``, image paths relative to ``image_dir``, runtime description).
     """
-    from edgeship.runtime.collect import load_collected
 
     model_dir, image_dir = Path(model_dir), Path(image_dir)
     if not image_dir.is_dir():

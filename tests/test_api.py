@@ -176,10 +176,10 @@ def test_bad_arrays_are_one_clear_error(tiny_conv: object, bad: object) -> None:
 def test_bad_calibration_folder_is_found_before_converting(
     tiny_onnx: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import edgeship.quantize.pipeline as pipeline
+    import edgeship.quantize.source as source
     from edgeship.errors import CalibrationError
 
-    monkeypatch.setattr(pipeline, "convert", lambda *a, **k: pytest.fail("converted before listing the images"))
+    monkeypatch.setattr(source, "convert", lambda *a, **k: pytest.fail("converted before listing the images"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CalibrationError, match="calibration needs at least 10"):
         edgeship.quantize(tiny_onnx, tmp_path / "empty")

@@ -215,14 +215,14 @@ def test_a_ceiling_that_cannot_be_made_leaves_the_search_result_alone() -> None:
     ],
 )
 def test_over_budget_note_names_the_limit_that_decides(limit: float | None, ceiling: float, says: str) -> None:
+    from edgeship.quantize.options import QuantizeOptions
     from edgeship.quantize.result import _shortfall_note
+    from edgeship.quantize.search_report import MixedPrecision
 
-    mixed_report = {
-        "int8_matrix_ceiling_db": ceiling,
-        "target_sqnr_db": 20.9,
-        **({"int8_output_limit_db": limit} if limit is not None else {}),
-    }
-    note = _shortfall_note(mixed_report, {"min_sqnr_db": 20.0, "io": "int8", "min_speedup": 1.25})
+    mixed_report = MixedPrecision(
+        20.0, searched=True, int8_matrix_ceiling_db=ceiling, target_sqnr_db=20.9, int8_output_limit_db=limit
+    )
+    note = _shortfall_note(mixed_report, QuantizeOptions(min_sqnr_db=20.0, min_speedup=1.25))
     assert (says in note) if says else note == ""
     assert note.count(";") <= 1
 
@@ -423,7 +423,7 @@ def test_timed_placement_keeps_large_depthwise_float_only_when_measured_faster(
     quantized = worker.Quantizer(None, QuantizeOptions())
     base = quantized(b"calibrated")
     (model, _), report = speed.timed_placement(quantized, b"calibrated", base, tmp_path, lambda *a: None)
-    assert report["kept_float"] is kept and report["candidates"] == 2
+    assert report.kept_float is kept and report.candidates == 2
     assert model == (b"q:dw1,dw2" if kept else b"q:")
     quantized(b"calibrated", ["se"])  # every later model keeps the placed nodes float too
     assert made[-1] == (("dw1", "dw2", "se") if kept else ("se",))

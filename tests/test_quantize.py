@@ -262,3 +262,49 @@ def test_bias_correction_leaves_convolutions_a_mixed_model_keeps_float(tiny_bund
     corrected, report = correct_biases(mixed, calibrated, x, xq, min_count=1)
     assert report["layers"] == len(convs) - 1  # the float one is left alone (the scores come from a dense layer)
     assert TFLiteModel(corrected).input.dtype == np.int8
+
+
+def test_quant_report_is_typed_and_round_trips(tiny_int8: Path, tmp_path: Path) -> None:
+    """quant_report.json reads into a QuantizeReport and writes back key for key; results carry the value."""
+    from edgeship._version import SCHEMA_VERSION
+    from edgeship.quantize import QuantizeResult
+    from edgeship.quantize.report import QuantizeReport
+
+    doc = json.loads((tiny_int8 / "quant_report.json").read_text())
+    assert doc["schema_version"] == SCHEMA_VERSION and doc["edgeship_report"] == "quantize"
+    report = QuantizeReport.from_dict(doc)
+    assert report.to_dict() == doc
+    q = QuantizeResult.load(tiny_int8)
+    assert q.report == report and q.figures == report.figures and report.output == "model_int8.tflite"
+    assert report.calibration.count == doc["calibration"]["count"] and report.options.num_calib == 20
+    assert report.runs_on.delegation.partitions >= 1 and report.sizes.int8 == len(q.model)
+    u = q.with_io("uint8").save(tmp_path / "u8")
+    saved = json.loads((tmp_path / "u8" / "quant_report.json").read_text())
+    assert saved["interface"] == {"rewritten_from": "int8", "to": "uint8", "exact": True}
+    assert saved["options"]["io"] == "uint8" and QuantizeReport.from_dict(saved) == u.report
+
+
+def test_raise_for_budget_reads_the_report_fields(tiny_int8: Path) -> None:
+    """An over-budget result names the budget, the float ops kept, the speed verdict and why the search fell short."""
+    from dataclasses import replace
+
+    from edgeship.errors import AccuracyDriftError
+    from edgeship.quantize import QuantizeResult
+    from edgeship.quantize.search_report import MixedPrecision
+
+    q = QuantizeResult.load(tiny_int8)
+    r = q.report
+    mixed = MixedPrecision(99.0, searched=True, float_ops=3, int8_output_limit_db=40.0)
+    over = replace(
+        q,
+        within_budget=False,
+        report=replace(
+            r,
+            options=replace(r.options, min_sqnr_db=99.0, float_islands=True),
+            mixed_precision=mixed,
+            speed=replace(r.speed, verdict="too slow here"),
+        ),
+    )
+    with pytest.raises(AccuracyDriftError, match="99.0 dB after keeping 3 op") as err:
+        over.raise_for_budget()
+    assert "too slow here" in str(err.value) and "hold only 40.0 dB" in str(err.value)
