@@ -39,6 +39,7 @@ _LAZY = {
     "ConvertReport": ("edgeship.convert.report", "ConvertReport"),
     "QuantizeOptions": ("edgeship.quantize", "QuantizeOptions"),
     "QuantizeResult": ("edgeship.quantize", "QuantizeResult"),
+    "QuantizeReport": ("edgeship.quantize.report", "QuantizeReport"),
     "DriftResult": ("edgeship.verify", "DriftResult"),
     "DriftReport": ("edgeship.verify.report", "DriftReport"),
     "DeviceSpec": ("edgeship.targets.devices", "DeviceSpec"),

@@ -356,7 +356,6 @@ def deploy(
 def _deploy(
     model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *, progress: Progress = silent
 ) -> DeployResult:
-
     started = time.perf_counter()
     out = Path(out_dir)
     targets = [load_target(t) for t in options.targets]
@@ -513,7 +512,6 @@ def _quantize_stage(
     members: list[Any],
     native: ChildWorker,
 ) -> tuple[DeployedModel, str]:
-
     opts = options.quantize.fitted(members[0])
     io = "int8" if opts.io.value in EXACT else opts.io.value
     opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
@@ -640,7 +638,6 @@ def _verify_stage(
     reference: dict[str, np.ndarray],
     progress: Progress,
 ) -> Any:
-
     def build(d: Path) -> None:
         verify(
             model,

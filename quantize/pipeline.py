@@ -118,9 +118,7 @@ def quantize(
     """
     started = time.perf_counter()
     timer = Timer(progress)
-    listed = data.listed_sets(
-        calibration, evaluation, options.split
-    )  # bad image folders are found before any conversion
+    listed = data.listed_sets(calibration, evaluation, options.split)  # bad folders: found before converting
     source = float_source(model, progress)
     with _native(worker) as native, tempfile.TemporaryDirectory(prefix="edgeship-quantize-") as work:
         calib, evals = _load_images(native, timer, listed, calibration, evaluation, options, source, progress)

@@ -78,11 +78,12 @@ class QuantizeResult:
         """
         out = Path(out_dir)
         card_file = INT8_CARD if self.within_budget else OVER_BUDGET_CARD
-        other = (OVER_BUDGET_FILE, OVER_BUDGET_CARD) if self.within_budget else (INT8_FILE, INT8_CARD)
+        other: tuple[str, ...] = (OVER_BUDGET_FILE, OVER_BUDGET_CARD) if self.within_budget else (INT8_FILE, INT8_CARD)
         fast = (FAST_FILE, FAST_CARD)
         other += () if self.faster is not None else fast
         labels = self.source.labels if self.source and self.card.labels_file else None
-        names = [self.model_file, card_file, REPORT_FILE, LAYER_PLOT] + ([self.card.labels_file] if labels else [])
+        labels_file = [self.card.labels_file] if labels and self.card.labels_file else []
+        names = [self.model_file, card_file, REPORT_FILE, LAYER_PLOT, *labels_file]
         names += list(fast) if self.faster is not None else []
         same_labels = labels is not None and _holds(out / str(self.card.labels_file), labels)
         check_outputs_free(out, [*names, *other], force=force)  # the other outcome's files count as outputs too

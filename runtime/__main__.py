@@ -13,11 +13,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from edgeship.errors import EdgeshipError, InputError
+from edgeship.runtime.card import Preprocessing
+from edgeship.runtime.classifier import Classifier
 
 
 def _read_preprocessing(path: str) -> Any:
-    from edgeship.runtime.card import Preprocessing
-
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -29,8 +29,6 @@ def _read_preprocessing(path: str) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from edgeship.runtime.classifier import Classifier
-
     ap = argparse.ArgumentParser(prog="python -m edgeship.runtime", description=__doc__.splitlines()[0])
     ap.add_argument("model", help="bundle folder (with model_card.json) or .tflite file")
     ap.add_argument("images", nargs="+", help="image files")

@@ -33,7 +33,16 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgeship._deps import require
+from edgeship._files import atomic_write_json
 from edgeship.errors import EdgeshipError, InputError, NativeCrashError
+from edgeship.runtime.card import Preprocessing
+from edgeship.runtime.classifier import Classifier, card_from_model, find_card
+from edgeship.runtime.delegation import op_counts
+from edgeship.runtime.images import list_images, normalize, open_image, resize_crop, synthetic_pixels
+from edgeship.runtime.interpreter import TFLiteModel
+from edgeship.runtime.metrics import softmax, topk
+from edgeship.runtime.model_check import check_model_files
 
 SCHEMA = "edgeship-bench/1"
 
@@ -50,8 +59,6 @@ class _Runner:
         self.init_ms = (time.perf_counter_ns() - start) / 1e6
 
     def _init_tflite(self, model: str, threads: int, use_xnnpack: bool) -> None:
-        from edgeship.runtime.interpreter import TFLiteModel
-
         self.tfl = TFLiteModel(model, num_threads=threads, use_xnnpack=use_xnnpack)
         spec = self.tfl.input
         rng = np.random.default_rng(0)
@@ -66,8 +73,6 @@ class _Runner:
         self.classifier: Any = None
 
     def _init_onnx(self, model: str, threads: int) -> None:
-        from edgeship._deps import require
-
         ort = require("onnxruntime", purpose="benchmark .onnx models (host only)")
 
         opts = ort.SessionOptions()
@@ -93,10 +98,6 @@ class _Runner:
         if self.tfl is None:
             return {}
         from PIL import Image
-
-        from edgeship.runtime.card import Preprocessing
-        from edgeship.runtime.images import normalize, resize_crop, synthetic_pixels
-        from edgeship.runtime.metrics import softmax, topk
 
         h, w = self.tfl.input.shape[1:3]
         prep = Preprocessing.imagenet(h, w)
@@ -139,8 +140,6 @@ class _Runner:
 
     def _classifier(self) -> Any:
         if self.classifier is None:
-            from edgeship.runtime.classifier import Classifier, card_from_model, find_card
-
             card = find_card(Path(self.model))
             self.card_note = "" if card else "no model card beside the model: ImageNet preprocessing assumed"
             self.classifier = Classifier(self.tfl, card or card_from_model(self.tfl, Path(self.model).name), None)
@@ -281,7 +280,6 @@ class BenchOptions:
 
 def _check_loadable(paths: list[Path]) -> None:
     """The one-line verdict of the interpreter pre-check (a child process) before any timing worker loads a model."""
-    from edgeship.runtime.model_check import check_model_files
 
     for path, problem in check_model_files(paths).items():
         if problem:
@@ -394,7 +392,6 @@ def _interleave(
 
 def image_files(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
     """The image files of ``paths`` (files as given, folders listed and checked like everywhere else)."""
-    from edgeship.runtime.images import list_images, open_image
 
     files: list[str] = []
     for p in map(Path, paths):
@@ -504,7 +501,6 @@ def delegation_note(runtime: dict[str, Any]) -> str:
     d = runtime.get("xnnpack")
     if not d:
         return ""
-    from edgeship.runtime.delegation import op_counts
 
     outside = op_counts(d["outside"])
     return f" ({d['partitions']} partition{'s' if d['partitions'] != 1 else ''}" + (
@@ -583,7 +579,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (EdgeshipError, ValueError) as exc:
         print(f"edgeship.runtime.bench: error: {exc}", file=sys.stderr)
         return 1
-    from edgeship._files import atomic_write_json
 
     atomic_write_json(args.out, doc)
     print("\n".join(table(doc)))

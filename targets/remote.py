@@ -28,7 +28,6 @@ class SshCollector:
     def collect_outputs(
         self, model_dir: Path, image_dir: Path, *, threads: int | None = None, use_xnnpack: bool = True
     ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
-
         check_arch(self.device, self.target)
         logits, names, runtime = remote_collect(
             self.device,
