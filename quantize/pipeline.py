@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -148,7 +147,7 @@ class _Steps:
     equalization: StepReport
     rewrites: dict[str, int]
     ranges: RangeReport
-    runs: dict[str, Any]
+    runs: RunsOn
     placement: Placement
     bias: StepReport
     mixed: MixedPrecision | None
@@ -173,7 +172,7 @@ def _report(
         evaluation=run.evals.report,
         ranges=steps.ranges,
         rewrites=steps.rewrites,
-        runs_on=RunsOn.from_dict(steps.runs),
+        runs_on=steps.runs,
         placement=steps.placement,
         equalization=steps.equalization,
         bias_correction=steps.bias,
@@ -279,9 +278,7 @@ def _choose_ranges(run: _Run, calibrated: bytes, folds: dict[int, np.ndarray]) -
     return chosen, RangeReport.from_dict(report)
 
 
-def _quantize_and_place(
-    run: _Run, quantized: Quantizer, calibrated: bytes
-) -> tuple[tuple[bytes, dict[str, Any]], Placement]:
+def _quantize_and_place(run: _Run, quantized: Quantizer, calibrated: bytes) -> tuple[tuple[bytes, RunsOn], Placement]:
     """TensorFlow's quantizer; with timed placement, the large depthwise convolutions float when faster here."""
     with run.timer.stage("quantize"):
         made = quantized(calibrated)

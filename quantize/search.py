@@ -18,7 +18,6 @@ from edgeship.quantize.speed import speed_floor
 from edgeship.quantize.worker import Quantizer
 from edgeship.reference import run_tflite
 from edgeship.runtime.card import Preprocessing
-from edgeship.runtime.delegation import Delegation
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import DriftFigures, compare
 
@@ -112,7 +111,7 @@ def budget_search(
     if cfigs.sqnr_db <= figs.sqnr_db:  # better on the search images only: keep the all-int8 model
         return quant, figs, replace(report, kept_float=(), float_ops=0), False
     # latency_ms_1_thread: filled in by the speed check (one interleaved run with the written model)
-    report = replace(report, delegation=Delegation.from_dict(runs["delegation"]), latency_ms_1_thread={})
+    report = replace(report, delegation=runs.delegation, latency_ms_1_thread={})
     return candidate, cfigs, report, cfigs.sqnr_db >= budget
 
 

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from edgeship._io import atomic_write_bytes
 from edgeship._progress import Progress
 from edgeship.quantize import mixed
+from edgeship.quantize.report import RunsOn
 from edgeship.quantize.result import FAST_FILE
 from edgeship.quantize.search_report import Offered, Placement, SpeedCheck, SpeedMeasurement
 from edgeship.quantize.worker import Quantizer
@@ -51,8 +52,8 @@ PLACEMENT_GAIN = 1.05
 
 
 def timed_placement(
-    quantized: Quantizer, calibrated: bytes, quant: tuple[bytes, dict[str, Any]], work: Path, progress: Progress
-) -> tuple[tuple[bytes, dict[str, Any]], Placement]:
+    quantized: Quantizer, calibrated: bytes, quant: tuple[bytes, RunsOn], work: Path, progress: Progress
+) -> tuple[tuple[bytes, RunsOn], Placement]:
     """Keep the ops float whose int8 kernel may be slower than the float one here (large depthwise
     convolutions: :func:`mixed.slow_int8_candidates`) when the model measures faster that way
     (1 thread, XNNPACK, interleaved); ``quantized.placed`` remembers them for every model made after."""

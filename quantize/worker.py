@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import replace
 
 from edgeship._child import ChildWorker
 from edgeship.errors import CalibrationError
 from edgeship.quantize import mixed, tflite_quant
 from edgeship.quantize.options import QuantizeOptions
+from edgeship.quantize.report import RunsOn
 from edgeship.quantize.result import op_histogram
 from edgeship.runtime.delegation import Delegation, of_interpreter, op_counts
 from edgeship.runtime.interpreter import TFLiteModel
@@ -31,16 +32,16 @@ class Quantizer:
     def __init__(self, native: ChildWorker, options: QuantizeOptions) -> None:
         self.native, self.options = native, options
         self.placed: tuple[str, ...] = ()
-        self.done: dict[tuple[bytes, frozenset[str]], tuple[bytes, dict[str, Any]]] = {}
+        self.done: dict[tuple[bytes, frozenset[str]], tuple[bytes, RunsOn]] = {}
 
-    def __call__(self, calibrated: bytes, float_nodes: Sequence[str] = ()) -> tuple[bytes, dict[str, Any]]:
+    def __call__(self, calibrated: bytes, float_nodes: Sequence[str] = ()) -> tuple[bytes, RunsOn]:
         nodes = self._with_placed(float_nodes)
         key = (hashlib.sha256(calibrated).digest(), frozenset(nodes))
         if key not in self.done:
             self.done[key] = _quantize_checked(self.native, calibrated, self.options, nodes)
         return self.done[key]
 
-    def once(self, calibrated: bytes) -> tuple[bytes, dict[str, Any]]:
+    def once(self, calibrated: bytes) -> tuple[bytes, RunsOn]:
         """Not remembered: for models made once and dropped (the range choice's fold models)."""
         return _quantize_checked(self.native, calibrated, self.options, self._with_placed(()))
 
@@ -50,7 +51,7 @@ class Quantizer:
 
 def _quantize_checked(
     native: ChildWorker, calibrated: bytes, options: QuantizeOptions, denied: Sequence[str] = ()
-) -> tuple[bytes, dict[str, Any]]:
+) -> tuple[bytes, RunsOn]:
     """TensorFlow's quantizer, then a first run on XNNPACK and the reference kernels, both in the child.
 
     With ``options.float_islands``, normalisations (LayerNorm's elementwise pieces, see
@@ -64,18 +65,18 @@ def _quantize_checked(
     if options.float_islands:  # LayerNorm's pieces float inside XNNPACK, as onnxruntime's QDQ computes them
         denied = [*denied, *(n for n in mixed.normalization_nodes(calibrated) if n not in set(denied))]
     quant, runs = _quantize_once(native, calibrated, options, denied)
-    islands = _island_candidates(calibrated, Delegation.from_dict(runs["delegation"])) if options.float_islands else []
+    islands = _island_candidates(calibrated, runs.delegation) if options.float_islands else []
     if islands:
         islanded, islanded_runs = _quantize_once(native, calibrated, options, [*denied, *islands])
-        if islanded_runs["delegation"]["partitions"] < runs["delegation"]["partitions"]:
-            all_int8 = runs["delegation"]
-            quant, runs = islanded, {**islanded_runs, "float_islands": islands, "all_int8_delegation": all_int8}
+        if islanded_runs.delegation.partitions < runs.delegation.partitions:
+            islanded_runs = replace(islanded_runs, float_islands=tuple(islands), all_int8_delegation=runs.delegation)
+            quant, runs = islanded, islanded_runs
     return quant, runs
 
 
 def _quantize_once(
     native: ChildWorker, calibrated: bytes, options: QuantizeOptions, denied: Sequence[str]
-) -> tuple[bytes, dict[str, Any]]:
+) -> tuple[bytes, RunsOn]:
     quant = native.call(
         "quantize (TensorFlow)",
         tflite_quant.quantize_calibrated,
@@ -91,7 +92,7 @@ def _quantize_once(
             f"the int8 model TensorFlow's quantizer wrote does not run ({'; '.join(broken)}); "
             f"ops: {_op_summary(quant)}; nothing was written"
         )
-    return quant, runs
+    return quant, RunsOn.from_dict(runs)
 
 
 def _island_candidates(calibrated: bytes, int8: Delegation) -> list[str]:

@@ -259,9 +259,9 @@ def test_speed_check_says_when_int8_is_not_faster(
     speed = speed_module.speed_check(
         b"float", written, (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path, 1.3, lambda *a: None
     )
-    assert speed["measured"] and speed["speedup_vs_float32"] == round(ms["float32"] / ms["int8"], 3)
-    assert (speed["offered"] or {}).get("kind") == offered
-    assert (words is None) == ("verdict" not in speed) and (words is None or words in speed["verdict"])
+    assert speed.measured and speed.speedup_vs_float32 == round(ms["float32"] / ms["int8"], 3)
+    assert (speed.offered.kind if speed.offered else None) == offered
+    assert (words is None) == (speed.verdict is None) and (words is None or words in str(speed.verdict))
 
 
 @pytest.mark.parametrize("floor", [0.0, 0.5])
@@ -275,7 +275,7 @@ def test_a_low_speed_floor_never_hides_a_model_slower_than_float(
     speed = speed_module.speed_check(
         b"float", b"int8", (b"int8", DriftFigures(8, 0.5, 0.9, 0.8, 1.0, 12.0)), tmp_path, floor, lambda *a: None
     )
-    assert "SLOWER than float32" in speed["verdict"] and speed["min_speedup"] == 1.0
+    assert "SLOWER than float32" in str(speed.verdict) and speed.min_speedup == 1.0
 
 
 def test_offered_all_int8_model_is_saved_beside_and_removed_later(

@@ -410,12 +410,14 @@ def test_timed_placement_keeps_large_depthwise_float_only_when_measured_faster(
 ) -> None:
     from edgeship.quantize import speed, worker
     from edgeship.quantize.options import QuantizeOptions
+    from edgeship.quantize.report import RunsOn
+    from edgeship.runtime.delegation import Delegation
 
     made: list[tuple[str, ...]] = []
 
     def fake_quantize(native, calibrated, options, nodes=()):
         made.append(tuple(nodes))
-        return b"q:" + ",".join(nodes).encode(), {"delegation": {}}
+        return b"q:" + ",".join(nodes).encode(), RunsOn(Delegation(1, 1))
 
     monkeypatch.setattr(worker, "_quantize_checked", fake_quantize)
     monkeypatch.setattr(mixed, "slow_int8_candidates", lambda model: ["dw1", "dw2"])
