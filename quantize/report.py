@@ -19,6 +19,7 @@ from edgeship.quantize.search_report import (
     MixedPrecision,
     Placement,
     SpeedCheck,
+    TimedOn,
 )
 from edgeship.runtime.delegation import Delegation
 from edgeship.runtime.metrics import DriftFigures
@@ -200,6 +201,8 @@ class QuantizeReport:
     versions: Mapping[str, str | None]
     timings_s: Mapping[str, float] = field(default_factory=dict)  # step -> seconds, and "total"
     interface: Interface | None = None
+    #: Where the speed decisions were timed (None: not recorded, this machine).
+    speed_timing: TimedOn | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {
@@ -228,11 +231,13 @@ class QuantizeReport:
             "versions": dict(self.versions),
             "timings_s": dict(self.timings_s),
         }
+        if self.speed_timing is not None:
+            d["speed_timing"] = self.speed_timing.to_dict()
         return {**d, **({"interface": dict(self.interface.__dict__)} if self.interface is not None else {})}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QuantizeReport:
-        mixed, interface = d.get("mixed_precision"), d.get("interface")
+        mixed, interface, timed = d.get("mixed_precision"), d.get("interface"), d.get("speed_timing")
         return cls(
             source=QuantizeSource.from_dict(d["source"]),
             options=QuantizeOptions.from_dict(dict(d["options"])),
@@ -257,4 +262,5 @@ class QuantizeReport:
             versions=dict(d["versions"]),
             timings_s=dict(d.get("timings_s", {})),
             interface=Interface(**interface) if interface else None,
+            speed_timing=TimedOn.from_dict(timed) if timed else None,
         )

@@ -233,3 +233,32 @@ class SpeedCheck:
             Offered(**offered) if offered else None,
             d.get("verdict"),
         )
+
+
+@dataclass(frozen=True)
+class TimedOn:
+    """Where the speed decisions (placement, the speed floor, the speed check) were timed: this machine, or
+    the target's device (``where``), with its ``uname -m``, Python and interpreter once a model ran there."""
+
+    where: str = "this machine"
+    note: str | None = None
+    measurements: int = 0
+    machine: str | None = None
+    python: str | None = None
+    interpreter: str | None = None
+    interpreter_version: str | None = None
+    emulated: bool | str | None = None  # False, or what emulated the device
+
+    def to_dict(self) -> dict[str, Any]:
+        ran = {
+            "machine": self.machine,
+            "python": self.python,
+            "interpreter": self.interpreter,
+            "interpreter_version": self.interpreter_version,
+            "emulated": self.emulated,
+        }
+        return {"where": self.where, "note": self.note, **present(ran), "measurements": self.measurements}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TimedOn:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

@@ -308,3 +308,31 @@ def test_raise_for_budget_reads_the_report_fields(tiny_int8: Path) -> None:
     with pytest.raises(AccuracyDriftError, match="99.0 dB after keeping 3 op") as err:
         over.raise_for_budget()
     assert "too slow here" in str(err.value) and "hold only 40.0 dB" in str(err.value)
+
+
+def test_cli_summary_reads_the_typed_report(tiny_int8: Path) -> None:
+    """The quantize summary comes from the report's fields: the budget search's line names what it kept float."""
+    from dataclasses import replace
+
+    from edgeship.cli import _quant_summary
+    from edgeship.quantize import QuantizeResult
+    from edgeship.quantize.op_groups import Candidate
+    from edgeship.quantize.search_report import MixedPrecision
+
+    report = QuantizeResult.load(tiny_int8).report
+    lines = _quant_summary(report)
+    assert lines[0].startswith(f"wrote model_int8.tflite ({report.sizes.int8 / 1e6:.2f} MB")
+    assert f"calibrated on {report.calibration.count} images (auto)" in lines[1]
+    mixed = MixedPrecision(
+        30.0,
+        searched=True,
+        kept_float=(Candidate("HARD_SWISH x2 1/2", ("a", "b"), 3.0),),
+        eval_sqnr_db_all_int8=21.04,
+        eval_sqnr_db=31.06,
+        latency_ms_1_thread={"float32": 2.0, "all_int8": 1.0, "budgeted": 1.25},
+    )
+    last = _quant_summary(replace(report, mixed_precision=mixed))[-1]
+    assert last == (
+        "  SQNR budget 30.0 dB: kept float HARD_SWISH x2 1/2 (2); SQNR 21.0 -> 31.1 dB; "
+        "1-thread ms float32 2.00, all_int8 1.00, budgeted 1.25"
+    )
