@@ -301,6 +301,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "XNNPACK (default 1.3; 0: no floor)",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_device_options(p, adb=False, emulate=False, purpose="time the speed decisions on the --target's device")
     _add_common(p)
     p.set_defaults(func=_cmd_quantize)
 
@@ -329,10 +330,11 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         min_sqnr_db=args.min_sqnr_db,
         min_speedup=args.min_speedup,
     )
+    timing = _speed_timing(args, progress)
     if args.target:
         from edgeship.targets import load_target
 
-        options = QuantizeOptions.for_target(load_target(args.target), **given)
+        options = QuantizeOptions.for_target(load_target(args.target), on_device=timing.probe is not None, **given)
     else:
         options = QuantizeOptions(**{k: v for k, v in given.items() if v is not None})
     model = conversion_for(args.model, args.out, force=args.force)
@@ -341,10 +343,12 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     )
     check_apart(args.out, {"--calib": args.calib, "--eval": args.eval_dir})
     check_outputs_free(args.out, new_files, force=args.force, reads=_inputs(args))  # before minutes of work
-    result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
+    result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress, timing=timing)
     result = result.save_with_source(args.out, force=args.force)
     payload: dict[str, Any] = {
-        "summary": _quant_summary(result.report) + _arch_note(args.target) + _input_contract(result.card),
+        "summary": _quant_summary(result.report)
+        + _arch_note(args.target, result.report)
+        + _input_contract(result.card),
         "result": {"out_dir": str(result.folder), "report": result.report},
     }
     try:
@@ -355,18 +359,44 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     return 0, payload
 
 
-def _arch_note(target_name: str | None) -> list[str]:
-    """Say that speed figures and placement are this machine's when the target is another architecture."""
+def _speed_timing(args: argparse.Namespace, progress: Callable[..., None]) -> Any:
+    """Where quantize times its speed decisions: the --target's ssh device with --host, else this machine."""
+    from edgeship.deploy import speed_timing
+    from edgeship.quantize.speed import SpeedTiming
+
+    if args.adb or args.emulate:
+        raise InputError("quantize times its speed decisions on a device over ssh (--host); not over adb or emulated")
+    if not args.host:
+        return SpeedTiming()
+    if not args.target:
+        raise InputError("--host needs --target (which runtime to install on the device, and its architecture)")
+    from edgeship.targets import load_target
+
+    target = load_target(args.target)
+    if target.access.value != "ssh":
+        raise InputError(f"--host: {target.name} is not reached over ssh (its access is {target.access.value})")
+    return speed_timing(_device_spec(args), target, progress)
+
+
+def _arch_note(target_name: str | None, report: dict[str, Any]) -> list[str]:
+    """Where the speed floor and kernel placement were timed; this machine's figures for another architecture."""
     from edgeship.quantize.options import host_arch
     from edgeship.targets import load_target
 
+    timed = report.get("speed_timing") or {}
+    if timed.get("where", "this machine") != "this machine":
+        return [
+            f"  speed floor and kernel placement: timed on {timed['where']} ({timed.get('machine')}, Python "
+            f"{timed.get('python')}, {timed.get('interpreter')} {timed.get('interpreter_version')})"
+        ]
+    lines = [f"  {timed['note']}"] if timed.get("note") else []
     target = load_target(target_name) if target_name else None
     if target is None or target.arch.value == host_arch():
-        return []
-    return [
+        return lines
+    return lines + [
         f"  speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
         f"{target.name} ({target.arch.value}): placement skipped, speed figures are {host_arch()}'s; "
-        "measure on the device with edgeship bench --host"
+        "measure on the device with --host"
     ]
 
 
@@ -439,14 +469,16 @@ def _xnnpack_line(runs: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- verify
-def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None:
+def _add_device_options(
+    p: argparse.ArgumentParser, *, adb: bool = True, emulate: bool = True, purpose: str = "run on a device"
+) -> None:
     g = p.add_argument_group("device (default: run on this machine)")
     where = g.add_mutually_exclusive_group()
     where.add_argument(
         "--host",
         action="append",
         metavar="[TARGET=]USER@HOST[:PORT]",
-        help="run on a device over ssh; repeat as TARGET=user@host[:port] for a device per target "
+        help=f"{purpose} over ssh; repeat as TARGET=user@host[:port] for a device per target "
         "(edgeship emulate start TARGET gives an emulated Pi)",
     )
     # Where --adb cannot work (drift checks need Python on the device) it stays out of --help
@@ -454,7 +486,11 @@ def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None
     where.add_argument(
         "--adb", metavar="SERIAL", help="run on an Android device over adb" if adb else argparse.SUPPRESS
     )
-    where.add_argument("--emulate", action="store_true", help="run under qemu-aarch64 emulation (aarch64 targets)")
+    where.add_argument(
+        "--emulate",
+        action="store_true",
+        help="run under qemu-aarch64 emulation (aarch64 targets)" if emulate else argparse.SUPPRESS,
+    )
     g.add_argument("--identity", type=Path, help="ssh private key")
     g.add_argument("--known-hosts", type=Path, help="ssh known_hosts file")
     g.add_argument("--accept-new-host-key", action="store_true", help="trust a first-time ssh host key")

@@ -34,6 +34,7 @@ from edgeship.convert.result import FLOAT16_FILE, ConvertResult
 from edgeship.errors import InputError, OutputExistsError
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
+from edgeship.quantize.speed import SpeedTiming
 from edgeship.runtime.card import ModelCard
 from edgeship.targets.devices import DeviceSpec
 from edgeship.targets.profile import Access
@@ -389,6 +390,7 @@ def _deploy(
                 "budget": verify_results[t.name]["budget"],
                 "client_check": verify_results[t.name].get("client_check"),
                 **({"device_bench": device_benches[t.name]} if t.name in device_benches else {}),
+                **({"speed_timing": q.report.get("speed_timing")} if (q := models[t.name].quantized) else {}),
             }
             for t in targets
         },
@@ -511,7 +513,8 @@ def _quantize_stage(
     from edgeship.quantize import quantize
     from edgeship.quantize.interface import EXACT
 
-    opts = options.quantize.fitted(members[0])
+    timing = speed_timing(options.device, members[0], stages.progress)
+    opts = options.quantize.fitted(members[0], on_device=timing.probe is not None)
     io = "int8" if opts.io.value in EXACT else opts.io.value
     opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
     key = {
@@ -520,16 +523,40 @@ def _quantize_stage(
         "calibration": folder_digest,
         "evaluation": str(options.eval_dir) if options.eval_dir else None,
         "options": opts.to_dict(),
+        "speed_timing": timing.to_dict(),
     }
     folder, digest = stages.run(
         f"quantize/{variant}",
         key,
         lambda d: quantize(
-            conv, calib, evaluation=options.eval_dir, options=opts, progress=stages.progress, worker=native
+            conv,
+            calib,
+            evaluation=options.eval_dir,
+            options=opts,
+            progress=stages.progress,
+            worker=native,
+            timing=timing,
         ).save(d, force=True),
     )
     result = QuantizeResult.load(folder, source=conv)
     return DeployedModel(Path(str(result.model_path)), variant, result.card, result), digest
+
+
+def speed_timing(device: DeviceSpec | None, target: Any, progress: Progress = silent) -> SpeedTiming:
+    """Where quantize times ``target``'s speed decisions: its own ssh device (``--host``), else this machine.
+
+    An emulated device times nothing: its speeds are an emulator's, not a Pi's (the report says so).
+    """
+    one = device.for_target(target.name) if device else None
+    if one is None or one.kind != "ssh" or target.access.value != "ssh":
+        return SpeedTiming()
+    from edgeship.targets.devices import ssh_device
+    from edgeship.targets.remote import latency_probe
+
+    ssh = ssh_device(one)
+    if ssh.probe().get("emulated"):
+        return SpeedTiming(note=f"speed decisions skipped: {one.host} is emulated, not a Pi's speed")
+    return SpeedTiming(latency_probe(ssh, target, pip_args=one.pip_args, progress=progress), where=f"ssh {one.host}")
 
 
 def _interface_stage(

@@ -46,7 +46,7 @@ from edgeship.quantize.result import (  # noqa: F401 - re-exported
 )
 from edgeship.quantize.search import Judged, accuracy_aware, budget_search, calib_scorer, drop_measure
 from edgeship.quantize.search import output_grid_db as output_grid_db
-from edgeship.quantize.speed import speed_check, timed_placement
+from edgeship.quantize.speed import SpeedTiming, Stopwatch, speed_check, timed_placement
 from edgeship.quantize.worker import Quantizer
 from edgeship.reference import run_tflite
 from edgeship.runtime.card import CARD_FILE, ModelCard, Preprocessing
@@ -71,6 +71,7 @@ class _Run:
     progress: Progress
     calib: Pixels
     evals: Pixels
+    clock: Stopwatch  # where the speed decisions are timed
 
     @property
     def prep(self) -> Preprocessing:
@@ -85,6 +86,7 @@ def quantize(
     options: QuantizeOptions = QuantizeOptions(),
     progress: Progress = silent,
     worker: ChildWorker | None = None,
+    timing: SpeedTiming | None = None,
 ) -> QuantizeResult:
     """Quantize a converted model to int8 and measure how far it drifted (in memory).
 
@@ -102,6 +104,8 @@ def quantize(
         progress: Progress hook.
         worker: A native worker to use (deploy starts one, TensorFlow imported, while it converts);
             None: one for this call.
+        timing: Where timed placement, the speed floor and the speed check are timed (default: here;
+            deploy and the CLI time them on the target's ssh device, ``--host``).
 
     Returns:
         A :class:`QuantizeResult`; ``within_budget`` is False when a budget was given and
@@ -119,7 +123,8 @@ def quantize(
     source = float_source(model, progress)
     with _native(worker) as native, tempfile.TemporaryDirectory(prefix="edgeship-quantize-") as work:
         calib, evals = _load_images(native, timer, listed, calibration, evaluation, options, source, progress)
-        run = _Run(source, options, native, Path(work), timer, progress, calib, evals)
+        clock = Stopwatch(Path(work), timing)
+        run = _Run(source, options, native, Path(work), timer, progress, calib, evals, clock)
         float_model, equalization = _equalize(run)
         (calibrated, rewritten), refs = _calibrate(run, float_model)
         calibrated, range_report = _choose_ranges(run, calibrated, refs.folds)
@@ -162,6 +167,7 @@ def quantize(
         },
         "mixed_precision": mixed_report,
         "speed": speed,
+        "speed_timing": run.clock.record(),
         "output": INT8_FILE if within else OVER_BUDGET_FILE,
         "versions": {**versions(*HOST_TOOLS), "python": platform.python_version()},
         "timings_s": {**timer.seconds, "total": round(time.perf_counter() - started, 3)},
@@ -274,7 +280,7 @@ def _quantize_and_place(
     placement: dict[str, Any] = {"enabled": run.options.timed_placement and run.options.float_islands}
     if placement["enabled"]:
         with run.timer.stage("placement"):
-            made, info = timed_placement(quantized, calibrated, made, run.work, run.progress)
+            made, info = timed_placement(quantized, calibrated, made, run.clock, run.progress)
             placement.update(info)
     return made, placement
 
@@ -318,7 +324,7 @@ def _sqnr_budget(
     score = calib_scorer(quantized, run.source.model, run.calib.pixels, run.prep, run.options, run.progress)
     with run.timer.stage("budget search"):
         return budget_search(
-            quantized, calibrated, all_int8, score, judged, run.source.model, run.work, run.options, run.progress
+            quantized, calibrated, all_int8, score, judged, run.source.model, run.clock, run.options, run.progress
         )
 
 
@@ -347,7 +353,7 @@ def _speed(
     if not run.options.float_islands:
         return {"measured": False}
     with run.timer.stage("speed check"):
-        speed = speed_check(run.source.model, quant, all_int8, run.work, run.options.min_speedup, run.progress)
+        speed = speed_check(run.source.model, quant, all_int8, run.clock, run.options.min_speedup, run.progress)
     if "latency_ms_1_thread" in mixed_report:  # the same interleaved run, shown in the budget search too
         mixed_report["latency_ms_1_thread"] = {
             "float32": speed["ms"]["float32"],

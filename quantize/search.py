@@ -13,7 +13,7 @@ import numpy as np
 from edgeship._progress import Progress, silent
 from edgeship.quantize import layers, mixed
 from edgeship.quantize.options import QuantizeOptions
-from edgeship.quantize.speed import speed_floor
+from edgeship.quantize.speed import Stopwatch, speed_floor
 from edgeship.quantize.worker import Quantizer
 from edgeship.reference import run_tflite
 from edgeship.runtime.card import Preprocessing
@@ -84,7 +84,7 @@ def budget_search(
     score: Callable[..., float],
     judged: Judged,
     float_model: bytes,
-    stage: Path,
+    stage: Path | Stopwatch,
     options: QuantizeOptions,
     progress: Progress,
 ) -> tuple[bytes, DriftFigures, dict[str, Any], bool]:
