@@ -347,7 +347,7 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     result = result.save_with_source(args.out, force=args.force)
     payload: dict[str, Any] = {
         "summary": _quant_summary(result.report)
-        + _arch_note(args.target, result.report)
+        + _speed_note(args.target, result.report)
         + _input_contract(result.card),
         "result": {"out_dir": str(result.folder), "report": result.report},
     }
@@ -357,6 +357,13 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         payload["result"]["error"] = {"type": type(exc).__name__, "message": exc.cli_message()}
         return exc.exit_code, {**payload, "error": exc.cli_message()}
     return 0, payload
+
+
+def _speed_note(target_name: str | None, report: dict[str, Any]) -> list[str]:
+    from edgeship.targets import load_target
+
+    target = load_target(target_name) if target_name else None
+    return [f"  {line}" for line in _arch_note(target, report.get("speed_timing"))]
 
 
 def _speed_timing(args: argparse.Namespace, progress: Callable[..., None]) -> Any:
@@ -378,23 +385,22 @@ def _speed_timing(args: argparse.Namespace, progress: Callable[..., None]) -> An
     return speed_timing(_device_spec(args), target, progress)
 
 
-def _arch_note(target_name: str | None, report: dict[str, Any]) -> list[str]:
-    """Where the speed floor and kernel placement were timed; this machine's figures for another architecture."""
+def _arch_note(target: Any | None, timed: dict[str, Any] | None) -> list[str]:
+    """Where the speed floor and kernel placement were timed (``speed_timing`` of a quantize report): the
+    target's device, or this machine, said when the target is another architecture or its device is emulated."""
     from edgeship.quantize.options import host_arch
-    from edgeship.targets import load_target
 
-    timed = report.get("speed_timing") or {}
+    timed = timed or {}
     if timed.get("where", "this machine") != "this machine":
         return [
-            f"  speed floor and kernel placement: timed on {timed['where']} ({timed.get('machine')}, Python "
+            f"speed floor and kernel placement: timed on {timed['where']} ({timed.get('machine')}, Python "
             f"{timed.get('python')}, {timed.get('interpreter')} {timed.get('interpreter_version')})"
         ]
-    lines = [f"  {timed['note']}"] if timed.get("note") else []
-    target = load_target(target_name) if target_name else None
+    lines = [timed["note"]] if timed.get("note") else []
     if target is None or target.arch.value == host_arch():
         return lines
     return lines + [
-        f"  speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
+        f"speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
         f"{target.name} ({target.arch.value}): placement skipped, speed figures are {host_arch()}'s; "
         "measure on the device with --host"
     ]
@@ -821,6 +827,9 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
         force=args.force,
     )
     result = deploy(args.model, args.calib, args.out, options, progress=progress)
+    from edgeship.targets import load_target
+
+    targets = {t.name: t for t in map(load_target, args.target)}
     lines = [f"{'stage':<40}{'reused':<8}seconds"]
     lines += [f"{r.name:<40}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
     for name, t in result.targets.items():
@@ -830,6 +839,8 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
             f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}"
         )
         lines.append(f"{'':<20} ran on {t.get('ran_on', '?')}")
+        if "speed_timing" in t:
+            lines += [f"{'':<20} {line}" for line in _arch_note(targets.get(name), t["speed_timing"])]
     from edgeship.targets.remote import device_speed_lines
 
     lines += device_speed_lines(result.summary)

@@ -72,6 +72,11 @@ class Stopwatch:
         self.ran_on = _device(doc)
         return {label: round(r[stat], 3) for label, r in zip(paths, doc["results"])}
 
+    @property
+    def on_device(self) -> str:
+        """`` on ssh pi@host`` when a device times, else nothing: for sentences about the timings."""
+        return "" if self.timing.probe is None else f" on {self.timing.where}"
+
     def record(self) -> dict[str, Any]:
         """Where the speed decisions were timed (host, ``uname -m``, Python, interpreter, emulated or not)."""
         return {**self.timing.to_dict(), **self.ran_on, "measurements": self.measurements}
@@ -224,7 +229,8 @@ def speed_check(
     progress("speed check (1 thread, XNNPACK)", None, None)
     alt = all_int8[0] if all_int8[0] != model else None
     models: dict[str, Any] = {"float32": float_model, "int8": model, **({"all_int8": alt} if alt is not None else {})}
-    ms = stopwatch(work).latencies(models, runs=SPEED_RUNS)
+    clock = stopwatch(work)
+    ms = clock.latencies(models, runs=SPEED_RUNS)
     speedup, floor = ms["float32"] / ms["int8"], max(min_speedup, 1.0)
     report: dict[str, Any] = {
         "measured": True,
@@ -241,7 +247,7 @@ def speed_check(
         return report
     how = "SLOWER than" if speedup < 1.0 else f"only {speedup:.2f}x as fast as"
     verdict = (
-        f"the int8 model is {how} float32 at 1 thread on XNNPACK ({ms['int8']:.2f} ms vs "
+        f"the int8 model is {how} float32 at 1 thread on XNNPACK{clock.on_device} ({ms['int8']:.2f} ms vs "
         f"{ms['float32']:.2f} ms; floor {floor}x)"
     )
     faster = min((k for k in ("all_int8", "float32") if k in ms and ms[k] < ms["int8"]), key=ms.get, default=None)

@@ -73,6 +73,19 @@ def _quantize(model: Path, calib: Path, out: Path, target: str, ssh: list[str]) 
     return subprocess.run(argv, capture_output=True, text=True, timeout=1800, cwd=ROOT)
 
 
+def _loopback(folder: Path) -> Path:
+    """The x86 host profile reached over ssh: this machine's architecture, a device like a Pi."""
+    target = folder / "loopback.toml"
+    text = (ROOT / "targets" / "x86-host.toml").read_text()
+    target.write_text(text.replace('name = "x86-host"', 'name = "loopback"').replace('"local"', '"ssh"'))
+    return target
+
+
+def _ssh_args(server: Any) -> list[str]:
+    ssh = ["--host", server.spec, "--identity", str(server.identity), "--known-hosts", str(server.known_hosts)]
+    return ssh + ["--remote-python", device_python(), "--pip-args", " ".join(PIP_ARGS)]
+
+
 def _logins(log: Path) -> int:
     return log.read_text(errors="replace").count("Accepted publickey")
 
@@ -84,13 +97,9 @@ def test_quantize_times_placement_and_speed_on_the_ssh_device(
     calib_images: Path,
     tmp_path: Path,
 ) -> None:
-    target = tmp_path / "loopback.toml"  # this machine's architecture, reached over ssh like a Pi
-    text = (ROOT / "targets" / "x86-host.toml").read_text()
-    target.write_text(text.replace('name = "x86-host"', 'name = "loopback"').replace('"local"', '"ssh"'))
-    ssh = ["--host", sshd.spec, "--identity", str(sshd.identity), "--known-hosts", str(sshd.known_hosts)]
-    ssh += ["--remote-python", device_python(), "--pip-args", " ".join(PIP_ARGS)]
+    target = _loopback(tmp_path)
     before = _logins(sshd.log)
-    proc = _quantize(depthwise_onnx, calib_images, tmp_path / "q", str(target), ssh)
+    proc = _quantize(depthwise_onnx, calib_images, tmp_path / "q", str(target), _ssh_args(sshd))
     assert proc.returncode in (0, 3), proc.stderr  # 3: the tiny model may miss the SQNR budget; timings still ran
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
     timed = report["speed_timing"]
@@ -105,6 +114,26 @@ def test_quantize_times_placement_and_speed_on_the_ssh_device(
     assert timed["measurements"] >= 2  # placement and the speed check (and the speed floor when searched)
     assert _logins(sshd.log) - before >= 4  # probe, install check, copies, bench: all went to the device
     assert f"speed floor and kernel placement: timed on ssh {sshd.spec} ({platform.machine()}" in proc.stdout
+
+
+@pytest.mark.skipif(not sshd_available(), reason="OpenSSH server not installed (apt-get install openssh-server)")
+def test_deploy_times_the_speed_decisions_of_an_ssh_target_on_its_device(
+    sshd,  # type: ignore[no-untyped-def]  # noqa: F811
+    depthwise_onnx: Path,
+    calib_images: Path,
+    tmp_path: Path,
+) -> None:
+    target = _loopback(tmp_path)
+    argv = [sys.executable, "-m", "edgeship", "deploy", str(depthwise_onnx), "--calib", str(calib_images)]
+    argv += ["--target", str(target), "-o", str(tmp_path / "d"), "--num-calib", "20", "--method", "minmax"]
+    argv += ["--bench-threads", "1", "--bench-runs", "5", "-q", *_ssh_args(sshd)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800, cwd=ROOT)
+    assert proc.returncode in (0, 3), proc.stderr  # 3: the tiny model's drift on noise images may miss the budget
+    timed = json.loads((tmp_path / "d" / "deploy.json").read_text())["targets"]["loopback"]["speed_timing"]
+    assert timed["where"] == f"ssh {sshd.spec}" and timed["machine"] == platform.machine() and timed["measurements"]
+    quant = next((tmp_path / "d" / "quantize").glob("*/quant_report.json"))
+    assert json.loads(quant.read_text())["placement"]["candidates"] == 1
+    assert f"speed floor and kernel placement: timed on ssh {sshd.spec}" in proc.stdout
 
 
 def test_quantize_refuses_a_host_without_an_ssh_target(
@@ -127,6 +156,17 @@ def test_an_emulated_device_never_decides_speed(tmp_path: Path) -> None:
     with pytest.raises(DeviceError, match="decides no speed question"):
         clock.latencies({"a": b"x", "b": b"y"}, runs=3, stat="min_ms")
     assert list(tmp_path.iterdir()) == []  # the models written for the probe are gone
+
+
+def test_placement_is_timed_for_a_target_of_another_architecture_only_on_its_device() -> None:
+    from edgeship.quantize import QuantizeOptions
+    from edgeship.runtime.delegation import host_arch
+    from edgeship.targets import load_target
+
+    other = load_target("rpi4-aarch64" if host_arch() != "aarch64" else "x86-host")  # XNNPACK, another arch
+    assert not QuantizeOptions.for_target(other).timed_placement
+    assert QuantizeOptions.for_target(other, on_device=True).timed_placement
+    assert not QuantizeOptions.for_target(load_target("android-nnapi"), on_device=True).timed_placement  # no XNNPACK
 
 
 @pytest.fixture(scope="module")
