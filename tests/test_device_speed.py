@@ -27,6 +27,9 @@ from tests.test_ssh import PIP_ARGS, device_python
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 ROOT = Path(__file__).resolve().parents[1]
 TEXT: dict[str, Any] = {"capture_output": True, "text": True, "check": True}
+NEEDS_SSHD = pytest.mark.skipif(
+    not sshd_available(), reason="OpenSSH server not installed (apt-get install openssh-server)"
+)
 
 
 def _depthwise_classifier() -> Any:
@@ -90,13 +93,10 @@ def _logins(log: Path) -> int:
     return log.read_text(errors="replace").count("Accepted publickey")
 
 
-@pytest.mark.skipif(not sshd_available(), reason="OpenSSH server not installed (apt-get install openssh-server)")
+@NEEDS_SSHD
 def test_quantize_times_placement_and_speed_on_the_ssh_device(
-    sshd,  # type: ignore[no-untyped-def]  # noqa: F811
-    depthwise_onnx: Path,
-    calib_images: Path,
-    tmp_path: Path,
-) -> None:
+    sshd: Any, depthwise_onnx: Path, calib_images: Path, tmp_path: Path
+) -> None:  # noqa: F811
     target = _loopback(tmp_path)
     before = _logins(sshd.log)
     proc = _quantize(depthwise_onnx, calib_images, tmp_path / "q", str(target), _ssh_args(sshd))
@@ -116,13 +116,10 @@ def test_quantize_times_placement_and_speed_on_the_ssh_device(
     assert f"speed floor and kernel placement: timed on ssh {sshd.spec} ({platform.machine()}" in proc.stdout
 
 
-@pytest.mark.skipif(not sshd_available(), reason="OpenSSH server not installed (apt-get install openssh-server)")
+@NEEDS_SSHD
 def test_deploy_times_the_speed_decisions_of_an_ssh_target_on_its_device(
-    sshd,  # type: ignore[no-untyped-def]  # noqa: F811
-    depthwise_onnx: Path,
-    calib_images: Path,
-    tmp_path: Path,
-) -> None:
+    sshd: Any, depthwise_onnx: Path, calib_images: Path, tmp_path: Path
+) -> None:  # noqa: F811
     target = _loopback(tmp_path)
     argv = [sys.executable, "-m", "edgeship", "deploy", str(depthwise_onnx), "--calib", str(calib_images)]
     argv += ["--target", str(target), "-o", str(tmp_path / "d"), "--num-calib", "20", "--method", "minmax"]
