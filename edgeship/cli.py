@@ -785,8 +785,9 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
         force=args.force,
     )
     result = deploy(args.model, args.calib, args.out, options, progress=progress)
-    lines = [f"{'stage':<40}{'reused':<8}seconds"]
-    lines += [f"{r.name:<40}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
+    width = max([40] + [len(r.name) + 2 for r in result.stages])
+    lines = [f"{'stage':<{width}}{'reused':<8}seconds"]
+    lines += [f"{r.name:<{width}}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
     for name, t in result.targets.items():
         f = t["figures"]
         lines.append(
