@@ -830,8 +830,9 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     from edgeship.targets import load_target
 
     targets = {t.name: t for t in map(load_target, args.target)}
-    lines = [f"{'stage':<40}{'reused':<8}seconds"]
-    lines += [f"{r.name:<40}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
+    width = max([40] + [len(r.name) + 2 for r in result.stages])
+    lines = [f"{'stage':<{width}}{'reused':<8}seconds"]
+    lines += [f"{r.name:<{width}}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
     for name, t in result.targets.items():
         f = t["figures"]
         lines.append(

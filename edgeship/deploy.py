@@ -35,7 +35,8 @@ from edgeship.errors import InputError, OutputExistsError
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
 from edgeship.quantize.speed import SpeedTiming
-from edgeship.runtime.card import ModelCard
+from edgeship.runtime.card import ModelCard, Preprocessing
+from edgeship.runtime.images import cached_crops
 from edgeship.targets.devices import DeviceSpec
 from edgeship.targets.profile import Access
 
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 MARKER = ".edgeship-deploy.json"
 STAGE_MARK = ".stage.json"
 SUMMARY = "deploy.json"
+#: Memory for evaluation images decoded once per deploy (beyond it, images are decoded per check).
+CROP_CACHE_BYTES = 512 * 2**20
 #: What deploy writes at the top of OUT_DIR; anything else there is never touched.
 ENTRIES = (
     "convert",
@@ -357,7 +360,7 @@ def _deploy(
     from edgeship.convert.onnx_model import inspect_model, load_model, resolve_shape
     from edgeship.runtime.images import Labels
 
-    resolve_shape(inspect_model(load_model(model_path), str(model_path)), None)  # bad models fail before OUT_DIR
+    shape, _ = resolve_shape(inspect_model(load_model(model_path), str(model_path)), None)  # fails before OUT_DIR
     if options.labels is not None:
         Labels.load(options.labels)
     qopts = options.quantize
@@ -367,10 +370,14 @@ def _deploy(
     folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
     written = _check_out_dir(out, options.force)
     stages = _Stages(out, progress, written)
-    with ChildWorker() as native:  # quantize's TensorFlow process, started while convert runs
-        conv, conv_key = _convert_stage(stages, model_path, options, targets, native)
-        models = _quantize_stages(stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native)
-    drifts, bundles = _verify_and_bundle(stages, model_path, models, eval_set, targets, options, progress)
+    with cached_crops(CROP_CACHE_BYTES):  # the evaluation images decoded once for the reference and every check
+        with ChildWorker() as native:  # quantize's TensorFlow process, started while convert runs
+            early = _EarlyReference(model_path, eval_set, Preprocessing.imagenet(shape[2], shape[3]))
+            conv, conv_key = _convert_stage(stages, model_path, options, targets, native, early)
+            models = _quantize_stages(
+                stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native
+            )
+        drifts, bundles = _verify_and_bundle(stages, model_path, models, eval_set, targets, options, progress, early)
     verify_results = {name: d.to_dict() for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
     device_benches = _device_bench_stages(stages, conv, models, targets, options, progress)
@@ -411,9 +418,15 @@ def _deploy(
 
 
 def _convert_stage(
-    stages: _Stages, model: Path, options: DeployOptions, targets: list[Any], native: ChildWorker
+    stages: _Stages,
+    model: Path,
+    options: DeployOptions,
+    targets: list[Any],
+    native: ChildWorker,
+    early: _EarlyReference,
 ) -> tuple[ConvertResult, str]:
-    """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow meanwhile."""
+    """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow and the
+    float reference is computed meanwhile (both done before quantize times anything)."""
     from edgeship.convert import ConvertOptions, convert
 
     fp16 = any(t.model.precision.value == "float16" for t in targets)
@@ -426,13 +439,43 @@ def _convert_stage(
         "options": copts.to_dict(),
         "labels_sha256": sha256_file(labels) if labels else None,
     }
-    with ThreadPoolExecutor(1) as pool:
-        if stages.will_build("convert", key) and any(t.model.precision.value == "int8" for t in targets):
-            _start_tensorflow(native, pool)
+    with ThreadPoolExecutor(2) as pool:
+        if stages.will_build("convert", key):
+            if any(t.model.precision.value == "int8" for t in targets):
+                _start_tensorflow(native, pool)
+            early.start(pool)
         folder, digest = stages.run(
             "convert", key, lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True)
         )
     return ConvertResult.load(folder), digest
+
+
+class _EarlyReference:
+    """onnxruntime's outputs of the source model on the evaluation images, computed while onnx2tf runs
+    (a second core is idle then), under the reference preprocessing deploy's conversion gives the card."""
+
+    def __init__(self, model: Path, eval_set: Any, prep: Preprocessing) -> None:
+        self.model, self.eval_set, self.prep = model, eval_set, prep
+        self.outputs: np.ndarray | None = None
+        self.seconds = 0.0
+
+    def start(self, pool: ThreadPoolExecutor) -> None:
+        if self.eval_set is not None and len(self.eval_set.files):
+            pool.submit(self._run)
+
+    def _run(self) -> None:
+        from edgeship.verify.drift import onnx_outputs
+
+        start = time.perf_counter()
+        try:
+            self.outputs = onnx_outputs(self.model, list(self.eval_set.files), self.prep)
+        except Exception:  # the verify stage computes it again and reports the failure there
+            log.debug("float reference during convert failed", exc_info=True)
+        self.seconds = time.perf_counter() - start
+
+    def get(self, card: ModelCard) -> np.ndarray | None:
+        """The outputs, when they were computed under ``card``'s reference preprocessing."""
+        return self.outputs if card.reference_preprocessing == self.prep else None
 
 
 def _start_tensorflow(native: ChildWorker, pool: ThreadPoolExecutor) -> Future[Any]:
@@ -585,16 +628,20 @@ def _verify_and_bundle(
     targets: list[Any],
     options: DeployOptions,
     progress: Progress,
+    early: _EarlyReference,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Every target's drift check and bundle, two at a time (no benchmark runs meanwhile).
 
-    The float reference is computed once per reference preprocessing, the edgeship wheel once.
+    The float reference is computed once per reference preprocessing (during convert when it can
+    be), the edgeship wheel once.
     """
     keys = {t.name: _verify_key(models[t.name], t, eval_set, options) for t in targets}
     needed = [models[t.name].card for t in targets if stages.will_build(f"verify/{t.name}", keys[t.name])]
     start = time.perf_counter()
-    reference = _references(model, needed, eval_set, progress)
-    if reference:
+    reference, from_early = _references(model, needed, eval_set, progress, early)
+    if from_early:
+        stages.step("verify: float reference (onnxruntime, during convert)", early.seconds)
+    if len(reference) > from_early:
         stages.step("verify: float reference (onnxruntime)", time.perf_counter() - start)
     slow_first = sorted(targets, key=lambda t: not t.runtime.client.reads_metadata)  # the app-client check is longest
     with tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir, ThreadPoolExecutor(2) as pool:
@@ -638,16 +685,25 @@ def _device_of(options: DeployOptions, target: Any) -> dict[str, Any] | None:
     return one.to_dict() if one else None
 
 
-def _references(model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress) -> dict[str, np.ndarray]:
-    """onnxruntime's outputs of the source model on the evaluation images, per reference preprocessing."""
+def _references(
+    model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress, early: _EarlyReference
+) -> tuple[dict[str, np.ndarray], int]:
+    """onnxruntime's outputs of the source model on the evaluation images, per reference preprocessing,
+    and how many of them were computed during convert."""
     from edgeship.verify.drift import reference_outputs
 
     found: dict[str, np.ndarray] = {}
+    from_early = 0
     for card in cards:
         ref_key = _reference_key(card)
-        if ref_key not in found:
-            found[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
-    return found
+        if ref_key in found:
+            continue
+        computed = early.get(card)
+        from_early += computed is not None
+        found[ref_key] = (
+            computed if computed is not None else reference_outputs(model, list(eval_set.files), card, progress)
+        )
+    return found, from_early
 
 
 def _reference_key(card: ModelCard) -> str:
