@@ -27,7 +27,7 @@ from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
 
 if TYPE_CHECKING:  # the stage packages are imported by the commands that use them: `edgeship --help` stays light
     from edgeship.quantize.report import QuantizeReport, RunsOn
-    from edgeship.quantize.search_report import MixedPrecision, Placement
+    from edgeship.quantize.search_report import MixedPrecision, Placement, TimedOn
 
 log = logging.getLogger("edgeship")
 
@@ -306,6 +306,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "XNNPACK (default 1.3; 0: no floor)",
     )
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    _add_device_options(p, adb=False, emulate=False, purpose="time the speed decisions on the --target's device")
     _add_common(p)
     p.set_defaults(func=_cmd_quantize)
 
@@ -333,10 +334,11 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         min_sqnr_db=args.min_sqnr_db,
         min_speedup=args.min_speedup,
     )
+    timing = _speed_timing(args, progress)
     if args.target:
         from edgeship.targets import load_target  # deferred: CLI start-up
 
-        options = QuantizeOptions.for_target(load_target(args.target), **given)
+        options = QuantizeOptions.for_target(load_target(args.target), on_device=timing.probe is not None, **given)
     else:
         options = QuantizeOptions(**{k: v for k, v in given.items() if v is not None})
     model = conversion_for(args.model, args.out, force=args.force)
@@ -345,10 +347,12 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     )
     check_apart(args.out, {"--calib": args.calib, "--eval": args.eval_dir})
     check_outputs_free(args.out, new_files, force=args.force, reads=_inputs(args))  # before minutes of work
-    result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress)
+    result = quantize(model, args.calib, evaluation=args.eval_dir, options=options, progress=progress, timing=timing)
     result = result.save_with_source(args.out, force=args.force)
     payload: dict[str, Any] = {
-        "summary": _quant_summary(result.report) + _arch_note(args.target) + _input_contract(result.card),
+        "summary": _quant_summary(result.report)
+        + _speed_note(args.target, result.report)
+        + _input_contract(result.card),
         "result": {"out_dir": str(result.folder), "report": result.report.to_dict()},
     }
     try:
@@ -359,18 +363,49 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
     return 0, payload
 
 
-def _arch_note(target_name: str | None) -> list[str]:
-    """Say that speed figures and placement are this machine's when the target is another architecture."""
-    from edgeship.quantize.options import host_arch  # deferred: CLI start-up
+def _speed_note(target_name: str | None, report: QuantizeReport) -> list[str]:
     from edgeship.targets import load_target  # deferred: CLI start-up
 
     target = load_target(target_name) if target_name else None
+    return [f"  {line}" for line in _arch_note(target, report.speed_timing)]
+
+
+def _speed_timing(args: argparse.Namespace, progress: Callable[..., None]) -> Any:
+    """Where quantize times its speed decisions: the --target's ssh device with --host, else this machine."""
+    from edgeship.deploy import speed_timing  # deferred: CLI start-up
+    from edgeship.quantize.speed import SpeedTiming
+
+    if args.adb or args.emulate:
+        raise InputError("quantize times its speed decisions on a device over ssh (--host); not over adb or emulated")
+    if not args.host:
+        return SpeedTiming()
+    if not args.target:
+        raise InputError("--host needs --target (which runtime to install on the device, and its architecture)")
+    from edgeship.targets import load_target  # deferred: CLI start-up
+
+    target = load_target(args.target)
+    if target.access.value != "ssh":
+        raise InputError(f"--host: {target.name} is not reached over ssh (its access is {target.access.value})")
+    return speed_timing(_device_spec(args), target, progress)
+
+
+def _arch_note(target: Any | None, timed: TimedOn | None) -> list[str]:
+    """Where the speed floor and kernel placement were timed (``speed_timing`` of a quantize report): the
+    target's device, or this machine, said when the target is another architecture or its device is emulated."""
+    from edgeship.quantize.options import host_arch  # deferred: CLI start-up
+
+    if timed is not None and timed.where != "this machine":
+        return [
+            f"speed floor and kernel placement: timed on {timed.where} ({timed.machine}, Python "
+            f"{timed.python}, {timed.interpreter} {timed.interpreter_version})"
+        ]
+    lines = [timed.note] if timed is not None and timed.note else []
     if target is None or target.arch.value == host_arch():
-        return []
-    return [
-        f"  speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
+        return lines
+    return lines + [
+        f"speed floor and kernel placement: measured on this machine ({host_arch()}) only, not on "
         f"{target.name} ({target.arch.value}): placement skipped, speed figures are {host_arch()}'s; "
-        "measure on the device with edgeship bench --host"
+        "measure on the device with --host"
     ]
 
 
@@ -452,14 +487,16 @@ def _xnnpack_line(runs: RunsOn) -> str:
 
 
 # ---------------------------------------------------------------- verify
-def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None:
+def _add_device_options(
+    p: argparse.ArgumentParser, *, adb: bool = True, emulate: bool = True, purpose: str = "run on a device"
+) -> None:
     g = p.add_argument_group("device (default: run on this machine)")
     where = g.add_mutually_exclusive_group()
     where.add_argument(
         "--host",
         action="append",
         metavar="[TARGET=]USER@HOST[:PORT]",
-        help="run on a device over ssh; repeat as TARGET=user@host[:port] for a device per target "
+        help=f"{purpose} over ssh; repeat as TARGET=user@host[:port] for a device per target "
         "(edgeship emulate start TARGET gives an emulated Pi)",
     )
     # Where --adb cannot work (drift checks need Python on the device) it stays out of --help
@@ -467,7 +504,11 @@ def _add_device_options(p: argparse.ArgumentParser, *, adb: bool = True) -> None
     where.add_argument(
         "--adb", metavar="SERIAL", help="run on an Android device over adb" if adb else argparse.SUPPRESS
     )
-    where.add_argument("--emulate", action="store_true", help="run under qemu-aarch64 emulation (aarch64 targets)")
+    where.add_argument(
+        "--emulate",
+        action="store_true",
+        help="run under qemu-aarch64 emulation (aarch64 targets)" if emulate else argparse.SUPPRESS,
+    )
     g.add_argument("--identity", type=Path, help="ssh private key")
     g.add_argument("--known-hosts", type=Path, help="ssh known_hosts file")
     g.add_argument("--accept-new-host-key", action="store_true", help="trust a first-time ssh host key")
@@ -795,8 +836,13 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
         force=args.force,
     )
     result = deploy(args.model, args.calib, args.out, options, progress=progress)
-    lines = [f"{'stage':<40}{'reused':<8}seconds"]
-    lines += [f"{r.name:<40}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
+    from edgeship.quantize.search_report import TimedOn  # deferred: CLI start-up
+    from edgeship.targets import load_target  # deferred: CLI start-up
+
+    targets = {t.name: t for t in map(load_target, args.target)}
+    width = max([40] + [len(r.name) + 2 for r in result.stages])
+    lines = [f"{'stage':<{width}}{'reused':<8}seconds"]
+    lines += [f"{r.name:<{width}}{'yes' if r.reused else 'no':<8}{r.seconds:.1f}" for r in result.stages]
     for name, t in result.targets.items():
         f = t["figures"]
         lines.append(
@@ -804,6 +850,9 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
             f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}"
         )
         lines.append(f"{'':<20} ran on {t.get('ran_on', '?')}")
+        if "speed_timing" in t:
+            timed = TimedOn.from_dict(t["speed_timing"]) if t["speed_timing"] else None
+            lines += [f"{'':<20} {line}" for line in _arch_note(targets.get(name), timed)]
     from edgeship.targets.remote import device_speed_lines  # deferred: CLI start-up
 
     lines += device_speed_lines(result.summary)

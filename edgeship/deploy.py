@@ -46,17 +46,18 @@ from edgeship.quantize.data import Split, split_images
 from edgeship.quantize.interface import EXACT
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
+from edgeship.quantize.speed import SpeedTiming
 from edgeship.report import ReportInputs, write_report
 from edgeship.runtime.bench import BenchOptions, benchmark
-from edgeship.runtime.card import ModelCard
-from edgeship.runtime.images import Labels, list_images
+from edgeship.runtime.card import ModelCard, Preprocessing
+from edgeship.runtime.images import Labels, cached_crops, list_images
 from edgeship.targets import load_target
 from edgeship.targets.bundle import bundle
 from edgeship.targets.devices import DeviceSpec, ssh_device
 from edgeship.targets.install import verified_version
 from edgeship.targets.profile import Access
-from edgeship.targets.remote import device_bench
-from edgeship.verify.drift import DriftResult, reference_outputs, verify
+from edgeship.targets.remote import device_bench, latency_probe
+from edgeship.verify.drift import DriftResult, onnx_outputs, reference_outputs, verify
 from edgeship.wheel import build_edgeship_wheel
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ log = logging.getLogger(__name__)
 MARKER = ".edgeship-deploy.json"
 STAGE_MARK = ".stage.json"
 SUMMARY = "deploy.json"
+#: Memory for evaluation images decoded once per deploy (beyond it, images are decoded per check).
+CROP_CACHE_BYTES = 512 * 2**20
 #: What deploy writes at the top of OUT_DIR; anything else there is never touched.
 ENTRIES = (
     "convert",
@@ -364,7 +367,7 @@ def _deploy(
     if not model_path.is_file():
         raise InputError(f"model {model_path} does not exist")
 
-    resolve_shape(inspect_model(load_model(model_path), str(model_path)), None)  # bad models fail before OUT_DIR
+    shape, _ = resolve_shape(inspect_model(load_model(model_path), str(model_path)), None)  # fails before OUT_DIR
     if options.labels is not None:
         Labels.load(options.labels)
     qopts = options.quantize
@@ -374,10 +377,14 @@ def _deploy(
     folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
     written = _check_out_dir(out, options.force)
     stages = _Stages(out, progress, written)
-    with ChildWorker() as native:  # quantize's TensorFlow process, started while convert runs
-        conv, conv_key = _convert_stage(stages, model_path, options, targets, native)
-        models = _quantize_stages(stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native)
-    drifts, bundles = _verify_and_bundle(stages, model_path, models, eval_set, targets, options, progress)
+    with cached_crops(CROP_CACHE_BYTES):  # the evaluation images decoded once for the reference and every check
+        with ChildWorker() as native:  # quantize's TensorFlow process, started while convert runs
+            early = _EarlyReference(model_path, eval_set, Preprocessing.imagenet(shape[2], shape[3]))
+            conv, conv_key = _convert_stage(stages, model_path, options, targets, native, early)
+            models = _quantize_stages(
+                stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native
+            )
+        drifts, bundles = _verify_and_bundle(stages, model_path, models, eval_set, targets, options, progress, early)
     verify_results = {name: d.to_dict() for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
     device_benches = _device_bench_stages(stages, conv, models, targets, options, progress)
@@ -397,6 +404,11 @@ def _deploy(
                 "budget": verify_results[t.name]["budget"],
                 "client_check": verify_results[t.name].get("client_check"),
                 **({"device_bench": device_benches[t.name]} if t.name in device_benches else {}),
+                **(
+                    {"speed_timing": q.report.speed_timing.to_dict() if q.report.speed_timing else None}
+                    if (q := models[t.name].quantized)
+                    else {}
+                ),
             }
             for t in targets
         },
@@ -416,9 +428,15 @@ def _deploy(
 
 
 def _convert_stage(
-    stages: _Stages, model: Path, options: DeployOptions, targets: list[Any], native: ChildWorker
+    stages: _Stages,
+    model: Path,
+    options: DeployOptions,
+    targets: list[Any],
+    native: ChildWorker,
+    early: _EarlyReference,
 ) -> tuple[ConvertResult, str]:
-    """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow meanwhile."""
+    """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow and the
+    float reference is computed meanwhile (both done before quantize times anything)."""
 
     fp16 = any(t.model.precision.value == "float16" for t in targets)
     pixels = any(t.runtime.client.reads_metadata for t in targets)  # per-channel normalisation goes in the graph
@@ -430,13 +448,41 @@ def _convert_stage(
         "options": copts.to_dict(),
         "labels_sha256": sha256_file(labels) if labels else None,
     }
-    with ThreadPoolExecutor(1) as pool:
-        if stages.will_build("convert", key) and any(t.model.precision.value == "int8" for t in targets):
-            _start_tensorflow(native, pool)
+    with ThreadPoolExecutor(2) as pool:
+        if stages.will_build("convert", key):
+            if any(t.model.precision.value == "int8" for t in targets):
+                _start_tensorflow(native, pool)
+            early.start(pool)
         folder, digest = stages.run(
             "convert", key, lambda d: convert(model, options=copts, progress=stages.progress).save(d, force=True)
         )
     return ConvertResult.load(folder), digest
+
+
+class _EarlyReference:
+    """onnxruntime's outputs of the source model on the evaluation images, computed while onnx2tf runs
+    (a second core is idle then), under the reference preprocessing deploy's conversion gives the card."""
+
+    def __init__(self, model: Path, eval_set: Any, prep: Preprocessing) -> None:
+        self.model, self.eval_set, self.prep = model, eval_set, prep
+        self.outputs: np.ndarray | None = None
+        self.seconds = 0.0
+
+    def start(self, pool: ThreadPoolExecutor) -> None:
+        if self.eval_set is not None and len(self.eval_set.files):
+            pool.submit(self._run)
+
+    def _run(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.outputs = onnx_outputs(self.model, list(self.eval_set.files), self.prep)
+        except Exception:  # the verify stage computes it again and reports the failure there
+            log.debug("float reference during convert failed", exc_info=True)
+        self.seconds = time.perf_counter() - start
+
+    def get(self, card: ModelCard) -> np.ndarray | None:
+        """The outputs, when they were computed under ``card``'s reference preprocessing."""
+        return self.outputs if card.reference_preprocessing == self.prep else None
 
 
 def _start_tensorflow(native: ChildWorker, pool: ThreadPoolExecutor) -> Future[Any]:
@@ -512,7 +558,8 @@ def _quantize_stage(
     members: list[Any],
     native: ChildWorker,
 ) -> tuple[DeployedModel, str]:
-    opts = options.quantize.fitted(members[0])
+    timing = speed_timing(options.device, members[0], stages.progress)
+    opts = options.quantize.fitted(members[0], on_device=timing.probe is not None)
     io = "int8" if opts.io.value in EXACT else opts.io.value
     opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
     key = {
@@ -521,16 +568,38 @@ def _quantize_stage(
         "calibration": folder_digest,
         "evaluation": str(options.eval_dir) if options.eval_dir else None,
         "options": opts.to_dict(),
+        "speed_timing": timing.to_dict(),
     }
     folder, digest = stages.run(
         f"quantize/{variant}",
         key,
         lambda d: quantize(
-            conv, calib, evaluation=options.eval_dir, options=opts, progress=stages.progress, worker=native
+            conv,
+            calib,
+            evaluation=options.eval_dir,
+            options=opts,
+            progress=stages.progress,
+            worker=native,
+            timing=timing,
         ).save(d, force=True),
     )
     result = QuantizeResult.load(folder, source=conv)
     return DeployedModel(Path(str(result.model_path)), variant, result.card, result), digest
+
+
+def speed_timing(device: DeviceSpec | None, target: Any, progress: Progress = silent) -> SpeedTiming:
+    """Where quantize times ``target``'s speed decisions: its own ssh device (``--host``), else this machine.
+
+    An emulated device times nothing: its speeds are an emulator's, not a Pi's (the report says so).
+    """
+    one = device.for_target(target.name) if device else None
+    if one is None or one.kind != "ssh" or target.access.value != "ssh":
+        return SpeedTiming()
+
+    ssh = ssh_device(one)
+    if ssh.probe().get("emulated"):
+        return SpeedTiming(note=f"speed decisions skipped: {one.host} is emulated, not a Pi's speed")
+    return SpeedTiming(latency_probe(ssh, target, pip_args=one.pip_args, progress=progress), where=f"ssh {one.host}")
 
 
 def _interface_stage(
@@ -559,16 +628,20 @@ def _verify_and_bundle(
     targets: list[Any],
     options: DeployOptions,
     progress: Progress,
+    early: _EarlyReference,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Every target's drift check and bundle, two at a time (no benchmark runs meanwhile).
 
-    The float reference is computed once per reference preprocessing, the edgeship wheel once.
+    The float reference is computed once per reference preprocessing (during convert when it can
+    be), the edgeship wheel once.
     """
     keys = {t.name: _verify_key(models[t.name], t, eval_set, options) for t in targets}
     needed = [models[t.name].card for t in targets if stages.will_build(f"verify/{t.name}", keys[t.name])]
     start = time.perf_counter()
-    reference = _references(model, needed, eval_set, progress)
-    if reference:
+    reference, from_early = _references(model, needed, eval_set, progress, early)
+    if from_early:
+        stages.step("verify: float reference (onnxruntime, during convert)", early.seconds)
+    if len(reference) > from_early:
         stages.step("verify: float reference (onnxruntime)", time.perf_counter() - start)
     slow_first = sorted(targets, key=lambda t: not t.runtime.client.reads_metadata)  # the app-client check is longest
     with tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir, ThreadPoolExecutor(2) as pool:
@@ -612,15 +685,24 @@ def _device_of(options: DeployOptions, target: Any) -> dict[str, Any] | None:
     return one.to_dict() if one else None
 
 
-def _references(model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress) -> dict[str, np.ndarray]:
-    """onnxruntime's outputs of the source model on the evaluation images, per reference preprocessing."""
+def _references(
+    model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress, early: _EarlyReference
+) -> tuple[dict[str, np.ndarray], int]:
+    """onnxruntime's outputs of the source model on the evaluation images, per reference preprocessing,
+    and how many of them were computed during convert."""
 
     found: dict[str, np.ndarray] = {}
+    from_early = 0
     for card in cards:
         ref_key = _reference_key(card)
-        if ref_key not in found:
-            found[ref_key] = reference_outputs(model, list(eval_set.files), card, progress)
-    return found
+        if ref_key in found:
+            continue
+        computed = early.get(card)
+        from_early += computed is not None
+        found[ref_key] = (
+            computed if computed is not None else reference_outputs(model, list(eval_set.files), card, progress)
+        )
+    return found, from_early
 
 
 def _reference_key(card: ModelCard) -> str:

@@ -73,9 +73,10 @@ class QuantizeOptions:
         timed_placement: With ``float_islands``, time the model with its large depthwise
             convolutions float against all-int8 (1 thread, XNNPACK, here) and keep them
             float when that is 5 % faster or more (XNNPACK's int8 kernel for large depthwise
-            windows can be slower than its float one). Measured on this machine, so
-            :meth:`for_target` turns it on only for XNNPACK targets of this machine's
-            architecture (and with no target, the model is taken to run here).
+            windows can be slower than its float one). Measured where quantize's ``timing`` says
+            (this machine, or the target's ssh device), so :meth:`for_target` turns it on only for
+            XNNPACK targets of this machine's architecture or timed on their device (and with no
+            target, the model is taken to run here).
         search_images: Calibration images the
             budget search measure on (the evaluation images are never used for choosing).
         min_calib: Fewer usable calibration images than this is an error.
@@ -145,24 +146,25 @@ class QuantizeOptions:
         return cls(**known_keys(cls, d, "quantize option"))
 
     @classmethod
-    def for_target(cls, target: Target, **given: Any) -> QuantizeOptions:
+    def for_target(cls, target: Target, *, on_device: bool = False, **given: Any) -> QuantizeOptions:
         """The options a target needs (see :meth:`fitted`) under what was given explicitly (None: not given)."""
         chosen = {k: v for k, v in given.items() if v is not None}
-        return cls(**chosen).fitted(target, keep=chosen)
+        return cls(**chosen).fitted(target, keep=chosen, on_device=on_device)
 
-    def fitted(self, target: Target, keep: Iterable[str] = ()) -> QuantizeOptions:
+    def fitted(self, target: Target, keep: Iterable[str] = (), *, on_device: bool = False) -> QuantizeOptions:
         """These options made fit for ``target``: the one place these rules live.
 
         Per-tensor weights when it needs them, mixed models only where it allows them; its I/O
         dtype, SQNR budget and speed floor, and timed placement only for XNNPACK targets of this
-        machine's architecture, except for the fields named in ``keep``.
+        machine's architecture or timed on the target's own device (``on_device``), except for the
+        fields named in ``keep``.
         """
         needs = target.model
         fit: dict[str, Any] = {
             "io": needs.io_dtype,
             "min_sqnr_db": target.budget.min_sqnr_db,
             "min_speedup": target.budget.min_speedup,
-            "timed_placement": target.execution.use_xnnpack and target.arch.value == host_arch(),
+            "timed_placement": target.execution.use_xnnpack and (on_device or target.arch.value == host_arch()),
         }
         fit = {k: v for k, v in fit.items() if k not in set(keep)}
         return replace(

@@ -48,7 +48,7 @@ from edgeship.quantize.search import Judged, accuracy_aware, budget_search, cali
 from edgeship.quantize.search import output_grid_db as output_grid_db
 from edgeship.quantize.search_report import AccuracyAware, KeptLayer, MixedPrecision, Placement, SpeedCheck
 from edgeship.quantize.source import float_source
-from edgeship.quantize.speed import speed_check, timed_placement
+from edgeship.quantize.speed import SpeedTiming, Stopwatch, speed_check, timed_placement
 from edgeship.quantize.worker import Quantizer
 from edgeship.reference import run_tflite
 from edgeship.runtime.card import Preprocessing
@@ -73,6 +73,7 @@ class _Run:
     progress: Progress
     calib: Pixels
     evals: Pixels
+    clock: Stopwatch  # where the speed decisions are timed
 
     @property
     def prep(self) -> Preprocessing:
@@ -87,6 +88,7 @@ def quantize(
     options: QuantizeOptions = QuantizeOptions(),
     progress: Progress = silent,
     worker: ChildWorker | None = None,
+    timing: SpeedTiming | None = None,
 ) -> QuantizeResult:
     """Quantize a converted model to int8 and measure how far it drifted (in memory).
 
@@ -104,6 +106,8 @@ def quantize(
         progress: Progress hook.
         worker: A native worker to use (deploy starts one, TensorFlow imported, while it converts);
             None: one for this call.
+        timing: Where timed placement, the speed floor and the speed check are timed (default: here;
+            deploy and the CLI time them on the target's ssh device, ``--host``).
 
     Returns:
         A :class:`QuantizeResult`; ``within_budget`` is False when a budget was given and
@@ -121,7 +125,8 @@ def quantize(
     source = float_source(model, progress)
     with _native(worker) as native, tempfile.TemporaryDirectory(prefix="edgeship-quantize-") as work:
         calib, evals = _load_images(native, timer, listed, calibration, evaluation, options, source, progress)
-        run = _Run(source, options, native, Path(work), timer, progress, calib, evals)
+        clock = Stopwatch(Path(work), timing)
+        run = _Run(source, options, native, Path(work), timer, progress, calib, evals, clock)
         float_model, equalization = _equalize(run)
         (calibrated, rewritten), refs = _calibrate(run, float_model)
         calibrated, ranges = _choose_ranges(run, calibrated, refs.folds)
@@ -188,6 +193,7 @@ def _report(
         output=INT8_FILE if within else OVER_BUDGET_FILE,
         versions={**versions(*HOST_TOOLS), "python": platform.python_version()},
         timings_s={**run.timer.seconds, "total": round(time.perf_counter() - steps.started, 3)},
+        speed_timing=run.clock.record(),
     )
 
 
@@ -285,7 +291,7 @@ def _quantize_and_place(run: _Run, quantized: Quantizer, calibrated: bytes) -> t
     if not (run.options.timed_placement and run.options.float_islands):
         return made, Placement(False)
     with run.timer.stage("placement"):
-        return timed_placement(quantized, calibrated, made, run.work, run.progress)
+        return timed_placement(quantized, calibrated, made, run.clock, run.progress)
 
 
 def _bias_correction(run: _Run, quant: bytes, calibrated: bytes) -> tuple[bytes, StepReport]:
@@ -327,7 +333,7 @@ def _sqnr_budget(
     score = calib_scorer(quantized, run.source.model, run.calib.pixels, run.prep, run.options, run.progress)
     with run.timer.stage("budget search"):
         return budget_search(
-            quantized, calibrated, all_int8, score, judged, run.source.model, run.work, run.options, run.progress
+            quantized, calibrated, all_int8, score, judged, run.source.model, run.clock, run.options, run.progress
         )
 
 
@@ -356,7 +362,7 @@ def _speed(
     if not run.options.float_islands:
         return SpeedCheck(False), mixed
     with run.timer.stage("speed check"):
-        speed = speed_check(run.source.model, quant, all_int8, run.work, run.options.min_speedup, run.progress)
+        speed = speed_check(run.source.model, quant, all_int8, run.clock, run.options.min_speedup, run.progress)
     if mixed is not None and mixed.latency_ms_1_thread is not None:  # the same run, shown in the search too
         ms = speed.ms
         latency = {"float32": ms["float32"], "all_int8": ms.get("all_int8", ms["int8"]), "budgeted": ms["int8"]}

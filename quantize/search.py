@@ -14,7 +14,7 @@ from edgeship._progress import Progress, silent
 from edgeship.quantize import layers, mixed
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.search_report import KeptLayer, MixedPrecision, SpeedMeasurement
-from edgeship.quantize.speed import speed_floor
+from edgeship.quantize.speed import Stopwatch, speed_floor
 from edgeship.quantize.worker import Quantizer
 from edgeship.reference import run_tflite
 from edgeship.runtime.card import Preprocessing
@@ -85,7 +85,7 @@ def budget_search(
     score: Callable[..., float],
     judged: Judged,
     float_model: bytes,
-    stage: Path,
+    stage: Path | Stopwatch,
     options: QuantizeOptions,
     progress: Progress,
 ) -> tuple[bytes, DriftFigures, MixedPrecision, bool]:

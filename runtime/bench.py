@@ -149,6 +149,8 @@ class _Runner:
 def _worker() -> int:
     """JSON-lines loop on stdin/stdout (internal protocol of the benchmark)."""
     runner: _Runner | None = None
+    sys.stdout.write(json.dumps({"ready": True}) + "\n")  # started: the parent loads models one at a time
+    sys.stdout.flush()
     for line in sys.stdin:
         msg = json.loads(line)
         cmd = msg["cmd"]
@@ -225,12 +227,17 @@ class _Worker:
         self.spec = {"cmd": "init", "model": str(model), "threads": threads, "use_xnnpack": use_xnnpack}
 
     def start(self) -> None:
+        self._reply()  # the worker's "ready"
         self.init = self.ask(self.spec)
 
     def ask(self, msg: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin and self.proc.stdout
+        assert self.proc.stdin
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
+        return self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
@@ -318,11 +325,12 @@ def benchmark(
     configs = [(p, t) for t in options.threads for p in paths]
     workers: list[_Worker] = []
     try:
-        for i, (p, t) in enumerate(configs):
+        for p, t in configs:  # the processes start side by side; each model loads alone (its load time counts)
+            workers.append(_Worker(p, t, options.use_xnnpack))
+        for i, w in enumerate(workers):
             if progress:
                 progress("load models", i, len(configs))
-            workers.append(_Worker(p, t, options.use_xnnpack))
-            workers[-1].start()  # appended first, so a failed start is still closed below
+            w.start()
         samples = _interleave(workers, options, progress)
         e2e = _end_to_end(workers, configs, images, options, progress) if images else {}
         results = []

@@ -24,6 +24,7 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -544,12 +545,76 @@ def target_size(size: tuple[int, int], prep: Preprocessing) -> tuple[int, int]:
     return max(w, cw), max(h, ch)
 
 
+class CropCache:
+    """Crop pixels of image files kept in memory while a :func:`cached_crops` block runs.
+
+    One deploy reads the same evaluation images for the float reference and every target's
+    check; with this, each file is decoded once. Keyed by the file (path, size, modification
+    time) and the preprocessing fields that shape the crop; the arrays are read-only.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.used = max_bytes, 0
+        self._pixels: dict[tuple[Any, ...], np.ndarray] = {}
+
+    @staticmethod
+    def key(path: str | os.PathLike[str], prep: Preprocessing) -> tuple[Any, ...]:
+        st = os.stat(path)
+        return (
+            os.fspath(path),
+            st.st_size,
+            st.st_mtime_ns,
+            prep.resize_shorter,
+            tuple(prep.crop),
+            prep.interpolation,
+            prep.color_order,
+        )
+
+    def get(self, key: tuple[Any, ...]) -> np.ndarray | None:
+        return self._pixels.get(key)
+
+    def put(self, key: tuple[Any, ...], pixels: np.ndarray) -> np.ndarray:
+        if self.used + pixels.nbytes <= self.max_bytes:
+            pixels.flags.writeable = False
+            self._pixels[key] = pixels
+            self.used += pixels.nbytes
+        return pixels
+
+
+_crops: CropCache | None = None
+
+
+@contextmanager
+def cached_crops(max_bytes: int = 1 << 30) -> Iterator[CropCache]:
+    """Within the block, :func:`resize_crop` of an image file decodes it once per preprocessing.
+
+    For host work that reads one image set several times (a deploy's checks); memory is bounded
+    by ``max_bytes`` (files beyond it are decoded each time). The cache ends with the block.
+    """
+    global _crops
+    outer, _crops = _crops, CropCache(max_bytes)
+    try:
+        yield _crops
+    finally:
+        _crops = outer
+
+
 def resize_crop(image: object, prep: Preprocessing) -> np.ndarray:
     """Resize the shorter side, center-crop, and return uint8 HWC pixels in model colour order.
 
     ``image`` is a path, a PIL image or a :class:`Decoded`. Only the crop box is resampled
-    (the same filter taps as resizing the whole image, then cropping), in uint8.
+    (the same filter taps as resizing the whole image, then cropping), in uint8. Inside
+    :func:`cached_crops`, a file's pixels come from memory after its first read (read-only).
     """
+    cache = _crops
+    if cache is None or not isinstance(image, (str, os.PathLike)):
+        return _resize_crop(image, prep)
+    key = CropCache.key(image, prep)
+    found = cache.get(key)
+    return found if found is not None else cache.put(key, _resize_crop(image, prep))
+
+
+def _resize_crop(image: object, prep: Preprocessing) -> np.ndarray:
     decoded = image if isinstance(image, Decoded) else open_image(image, prep)
     im = decoded.image
     tw, th = target_size(decoded.full_size, prep)

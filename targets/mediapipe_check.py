@@ -186,6 +186,68 @@ def with_metadata(model_path: Path, card: ModelCard, folder: Path, dest: Path) -
     return out, meta.to_dict(), True
 
 
+@dataclass(frozen=True)
+class ClientScores:
+    """MediaPipe's scores on each image under the three preprocessings, and the metadata it read."""
+
+    full: np.ndarray  # full images, MediaPipe's own resize
+    cropped: np.ndarray  # the card's resize+crop
+    roi: np.ndarray  # full images, the card's crop as region of interest
+    metadata: dict[str, Any]
+    embedded_here: bool
+
+
+def mediapipe_scores(
+    model: str | os.PathLike[str],
+    files: Sequence[Path],
+    num_classes: int,
+    *,
+    card: ModelCard | None = None,
+    progress: Progress | None = None,
+) -> ClientScores:
+    """Run the model through MediaPipe's ImageClassifier on each file, three ways (see :class:`ClientDrift`).
+
+    Without embedded metadata, a temporary copy of the model gets it from the card (as the bundle writes it).
+    """
+    model = Path(model)
+    card = card or find_card(model)
+    if card is None:
+        raise InputError(f"no model card beside {model}")
+    full, cropped, roi = (np.zeros((len(files), num_classes), np.float32) for _ in range(3))
+    with tempfile.TemporaryDirectory(prefix="edgeship-mediapipe-") as tmp:
+        path, meta, embedded = with_metadata(model, card, model.parent, Path(tmp))
+        with MediaPipeClassifier(path) as clf:
+            for i, f in enumerate(files):
+                image = np.asarray(load_rgb(f))
+                full[i] = clf.scores(image, num_classes)
+                roi[i] = clf.scores(image, num_classes, model_crop(image.shape[1], image.shape[0], card))
+                cropped[i] = clf.scores(resize_crop(f, card.preprocessing), num_classes)
+                if progress:
+                    progress("run MediaPipe ImageClassifier", i + 1, len(files))
+    return ClientScores(full, cropped, roi, meta, embedded)
+
+
+def client_drift(
+    scores: ClientScores,
+    reference: np.ndarray,
+    runtime_outputs: np.ndarray,
+    truth: Sequence[int | None] | None = None,
+) -> ClientDrift:
+    """MediaPipe's scores compared with the float reference and with edgeship's runtime on the same pixels."""
+    n = len(scores.cropped)
+    same = float(np.mean(np.argmax(scores.cropped, 1) == np.argmax(runtime_outputs, 1))) if n else None
+    return ClientDrift(
+        client_name(),
+        n,
+        compare(reference, scores.full, truth),
+        compare(reference, scores.cropped, truth),
+        compare(reference, scores.roi, truth),
+        same,
+        scores.metadata,
+        scores.embedded_here,
+    )
+
+
 def mediapipe_drift(
     model: str | os.PathLike[str],
     files: Sequence[Path],
@@ -207,35 +269,10 @@ def mediapipe_drift(
         runtime_outputs: edgeship's runtime outputs on the same files (computed when None).
         truth: Class indices for accuracy (optional).
     """
-    model = Path(model)
-    card = card or find_card(model)
-    if card is None:
-        raise InputError(f"no model card beside {model}")
-    n_cls = int(reference.shape[1])
-    full, cropped, roi = (np.zeros((len(files), n_cls), np.float32) for _ in range(3))
-    with tempfile.TemporaryDirectory(prefix="edgeship-mediapipe-") as tmp:
-        path, meta, embedded = with_metadata(model, card, model.parent, Path(tmp))
-        with MediaPipeClassifier(path) as clf:
-            for i, f in enumerate(files):
-                image = np.asarray(load_rgb(f))
-                full[i] = clf.scores(image, n_cls)
-                roi[i] = clf.scores(image, n_cls, model_crop(image.shape[1], image.shape[0], card))
-                cropped[i] = clf.scores(resize_crop(f, card.preprocessing), n_cls)
-                if progress:
-                    progress("run MediaPipe ImageClassifier", i + 1, len(files))
+    scores = mediapipe_scores(model, files, int(reference.shape[1]), card=card, progress=progress)
     if runtime_outputs is None:
         runtime_outputs = np.stack([Classifier.load(model).logits(f) for f in files])
-    same = float(np.mean(np.argmax(cropped, 1) == np.argmax(runtime_outputs, 1))) if len(files) else None
-    return ClientDrift(
-        client_name(),
-        len(files),
-        compare(reference, full, truth),
-        compare(reference, cropped, truth),
-        compare(reference, roi, truth),
-        same,
-        meta,
-        embedded,
-    )
+    return client_drift(scores, reference, runtime_outputs, truth)
 
 
 def model_crop(width: int, height: int, card: ModelCard) -> tuple[float, float, float, float]:

@@ -153,6 +153,28 @@ def _original_names(doc: dict[str, Any], remote: Sequence[str], models: Sequence
     return doc
 
 
+def latency_probe(
+    device: Any,
+    target: Target,
+    *,
+    pip_args: Sequence[str] = (),
+    progress: Callable[[str, int | None, int | None], None] | None = None,
+) -> Callable[[Sequence[Path], int], dict[str, Any]]:
+    """quantize's latency probe on ``device`` (:data:`edgeship.quantize.speed.LatencyProbe`): the models timed
+    interleaved at 1 thread on XNNPACK by the device's runtime, installed as for a drift check.
+
+    Raises:
+        TargetError: The device is not the target's architecture (found now, before any quantizing).
+    """
+    check_arch(device, target)
+
+    def probe(models: Sequence[Path], runs: int) -> dict[str, Any]:
+        args = ["--threads", "1", "--runs", str(runs), "--warmup", "5"]
+        return ssh_benchmark(device, target, models, args, pip_args=pip_args, progress=progress)
+
+    return probe
+
+
 #: invoke() runs per model on an emulated device (seconds each under qemu; the figures are labelled anyway).
 EMULATED_RUNS = 3
 

@@ -7,6 +7,7 @@ shared assets) so the pixels look like a photo's.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from edgeship.runtime.images import (
     CORRUPT,
     TOO_LARGE,
     ImageReadError,
+    cached_crops,
     frame_pixels,
     list_images,
     load_pixels,
@@ -398,3 +400,20 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
     )
     assert "end-to-end p50 / p90 ms" in page and "5.50 / 6.00" in page and "1.38 (of 4.00)" in page
     shutil.rmtree(out)
+
+
+def test_cached_crops_decode_each_file_once_and_follow_changes(tmp_path: Path) -> None:
+    """Inside ``cached_crops`` a file's crop comes from memory (read-only, equal to a fresh decode); a
+    rewritten file, another crop or the end of the block decodes again."""
+    path = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(path)
+    prep, other = Preprocessing.imagenet(224, 224), Preprocessing.imagenet(160, 160)
+    fresh = resize_crop(path, prep)
+    with cached_crops() as cache:
+        first, again = resize_crop(path, prep), resize_crop(str(path), prep)
+        assert again is first and np.array_equal(first, fresh) and not first.flags.writeable
+        assert resize_crop(path, other).shape == (160, 160, 3) and cache.used == first.nbytes + 160 * 160 * 3
+        Image.fromarray(np.zeros((300, 400, 3), np.uint8)).save(path)
+        os.utime(path, ns=(1, 1))  # a different modification time, whatever the clock's resolution
+        assert not resize_crop(path, prep).any()
+    assert resize_crop(path, prep) is not resize_crop(path, prep)  # no cache outside the block

@@ -306,6 +306,9 @@ def test_deploy_on_emulated_pis(pis: dict[str, Any], assets: Path, tmp_path: Pat
     armv7 = summary["targets"]["rpi-armv7"]["device_bench"]["speed"]
     assert armv7["fastest"] in armv7["p50_ms"] and "not a speed decision" in armv7["recommendation"]
     assert "rpi-armv7 on its device (armv7l)" in proc.stdout  # int8 vs float there, in the CLI summary too
+    for name in EXPECTED:  # quantize's speed decisions are never taken on an emulator's timings
+        timing = summary["targets"][name]["speed_timing"]
+        assert "is emulated, not a Pi's speed" in timing["note"] and not timing["emulated"], timing
 
 
 def _keep(out: Path) -> None:

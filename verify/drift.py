@@ -12,7 +12,8 @@ import io
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -24,14 +25,14 @@ from edgeship._progress import Progress
 from edgeship.convert.onnx_model import inspect_model, load_model
 from edgeship.errors import AccuracyDriftError, DelegateNotAppliedError, InputError, VerificationError
 from edgeship.reference import OrtRunner
-from edgeship.runtime.card import CARD_FILE, ModelCard
+from edgeship.runtime.card import CARD_FILE, ModelCard, Preprocessing
 from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import ImageSet, Labels, iter_pixels, list_images, normalize
 from edgeship.runtime.metrics import DriftFigures, compare
 from edgeship.runtime.model_check import check_model_file
 from edgeship.targets.bundle import check_fits
 from edgeship.targets.devices import Device, DeviceSpec, LocalDevice, make_device
-from edgeship.targets.mediapipe_check import ClientDrift, client_problems, mediapipe_drift
+from edgeship.targets.mediapipe_check import ClientDrift, ClientScores, client_drift, client_problems, mediapipe_scores
 from edgeship.targets.profile import BudgetCheck, Target, load_target
 from edgeship.verify.report import DriftCandidate, DriftImages, DriftReference, DriftReport, DriftTarget
 
@@ -139,7 +140,7 @@ def verify(
     target: str | Target = "x86-host",
     device: Device | DeviceSpec | None = None,
     max_images: int | None = None,
-    reference: np.ndarray | None = None,
+    reference: np.ndarray | Callable[[], np.ndarray] | None = None,
     progress: Progress | None = None,
 ) -> DriftResult:
     """Run ``candidate`` the way ``target`` will and compare it with the ONNX reference.
@@ -154,7 +155,8 @@ def verify(
         device: Where the candidate runs: a :class:`~edgeship.targets.devices.Device`, a
             :class:`~edgeship.targets.devices.DeviceSpec`, or None (this machine).
         max_images: Use at most this many images.
-        reference: Reference outputs already computed for these images (skips onnxruntime).
+        reference: Reference outputs already computed for these images (skips onnxruntime), or a
+            callable returning them, called once the candidate has run.
         progress: Progress hook.
 
     Returns:
@@ -176,38 +178,32 @@ def verify(
                 f"{target.execution.delegate.value} delegate is not available on this host: "
                 "the candidate ran on the CPU"
             )
-        ran = device.collect(
-            bundle,
-            list(image_set.files),
-            threads=target.execution.threads,
-            use_xnnpack=target.execution.use_xnnpack,
-            progress=progress,
-        )
-        if not isinstance(device, LocalDevice):
-            check_delegate(ran.runtime, target, ran.where)
-        ref = (
-            reference
-            if reference is not None
-            else reference_outputs(reference_onnx, list(image_set.files), card, progress)
-        )
-        if ref.shape != ran.logits.shape:
-            raise InputError(
-                f"reference and candidate do not answer alike: {ref.shape[1]} vs {ran.logits.shape[1]} "
-                f"outputs per image; is {Path(str(reference_onnx)).name} the source of {name}?"
+        with ThreadPoolExecutor(1, thread_name_prefix="edgeship-client") as pool:
+            # The app's own path (MediaPipe Tasks' ImageClassifier) runs beside the candidate and the reference.
+            client_scores = (
+                pool.submit(mediapipe_scores, bundle / STAGED_MODEL, list(image_set.files), card.num_classes, card=card)
+                if target.runtime.client.reads_metadata
+                else None
             )
+            ran = device.collect(
+                bundle,
+                list(image_set.files),
+                threads=target.execution.threads,
+                use_xnnpack=target.execution.use_xnnpack,
+                progress=progress,
+            )
+            if not isinstance(device, LocalDevice):
+                check_delegate(ran.runtime, target, ran.where)
+            ref = _reference(reference, reference_onnx, image_set, card, progress)
+            if ref.shape != ran.logits.shape:
+                raise InputError(
+                    f"reference and candidate do not answer alike: {ref.shape[1]} vs {ran.logits.shape[1]} "
+                    f"outputs per image; is {Path(str(reference_onnx)).name} the source of {name}?"
+                )
+            client = _client_drift(client_scores, ref, ran.logits, progress)
         truth = image_set.labels_for(labels)
         fig = compare(ref, ran.logits, truth)
         checks = tuple(target.budget.check(fig))
-        client = None
-        if target.runtime.client.reads_metadata:  # the app's own path: MediaPipe Tasks' ImageClassifier
-            client = mediapipe_drift(
-                bundle / STAGED_MODEL,
-                list(image_set.files),
-                ref,
-                card=card,
-                runtime_outputs=ran.logits,
-                progress=progress,
-            )
         problems = io_problems(ran.runtime, target) + (client_problems(client) if client else [])
         report = DriftReport(
             target=DriftTarget.of(target),
@@ -224,6 +220,29 @@ def verify(
             client_check=client,
         )
     return DriftResult(report, ref, ran.logits, tuple(image_set.files))
+
+
+def _reference(
+    given: np.ndarray | Callable[[], np.ndarray] | None,
+    reference_onnx: str | os.PathLike[str],
+    image_set: ImageSet,
+    card: ModelCard,
+    progress: Progress | None,
+) -> np.ndarray:
+    """The float reference outputs: given, given later (a callable), or computed here with onnxruntime."""
+    if given is None:
+        return reference_outputs(reference_onnx, list(image_set.files), card, progress)
+    return given() if callable(given) else given
+
+
+def _client_drift(
+    scores: Future[ClientScores] | None, ref: np.ndarray, runtime_outputs: np.ndarray, progress: Progress | None
+) -> ClientDrift | None:
+    if scores is None:
+        return None
+    if progress and not scores.done():
+        progress("run MediaPipe ImageClassifier", None, None)
+    return client_drift(scores.result(), ref, runtime_outputs)
 
 
 def stage_candidate(candidate: Candidate, dest: Path) -> tuple[Path, ModelCard, Labels | None, str]:
@@ -297,7 +316,19 @@ def reference_outputs(
             f"reference {reference_onnx} takes {hw[0]}x{hw[1]} images but the candidate's card crops "
             f"{prep.crop[0]}x{prep.crop[1]}; is it the candidate's source model?"
         )
-    runner = OrtRunner(model)
+    return onnx_outputs(reference_onnx, files, prep, progress, loaded=model)
+
+
+def onnx_outputs(
+    reference_onnx: str | os.PathLike[str],
+    files: Sequence[Path],
+    prep: Preprocessing,
+    progress: Progress | None = None,
+    *,
+    loaded: Any = None,
+) -> np.ndarray:
+    """onnxruntime outputs of an ONNX model on the images under ``prep`` (``loaded``: its ``ModelProto``)."""
+    runner = OrtRunner(loaded if loaded is not None else load_model(reference_onnx))
     rows = []
     for i, pixels in enumerate(iter_pixels(files, prep)):
         x = normalize(pixels, prep).transpose(2, 0, 1)[None]
