@@ -377,9 +377,13 @@ def _deploy(
     folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
     written = _check_out_dir(out, options.force)
     stages = _Stages(out, progress, written)
-    with cached_crops(CROP_CACHE_BYTES):  # the evaluation images decoded once for the reference and every check
+    # The evaluation images are decoded once for the reference and every check; the wheel is built once.
+    with cached_crops(CROP_CACHE_BYTES), tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir:
+        ships_wheel = any(t.access != Access.ADB for t in targets)
+        early = _DuringConvert(
+            model_path, eval_set, Preprocessing.imagenet(shape[2], shape[3]), _Wheel(Path(wheel_dir)), ships_wheel
+        )
         with ChildWorker() as native:  # quantize's TensorFlow process, started while convert runs
-            early = _EarlyReference(model_path, eval_set, Preprocessing.imagenet(shape[2], shape[3]))
             conv, conv_key = _convert_stage(stages, model_path, options, targets, native, early)
             models = _quantize_stages(
                 stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native
@@ -433,7 +437,7 @@ def _convert_stage(
     options: DeployOptions,
     targets: list[Any],
     native: ChildWorker,
-    early: _EarlyReference,
+    early: _DuringConvert,
 ) -> tuple[ConvertResult, str]:
     """Convert (onnx2tf in its own process); when it is built, quantize's child starts TensorFlow and the
     float reference is computed meanwhile (both done before quantize times anything)."""
@@ -448,7 +452,7 @@ def _convert_stage(
         "options": copts.to_dict(),
         "labels_sha256": sha256_file(labels) if labels else None,
     }
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(3) as pool:
         if stages.will_build("convert", key):
             if any(t.model.precision.value == "int8" for t in targets):
                 _start_tensorflow(native, pool)
@@ -459,18 +463,22 @@ def _convert_stage(
     return ConvertResult.load(folder), digest
 
 
-class _EarlyReference:
-    """onnxruntime's outputs of the source model on the evaluation images, computed while onnx2tf runs
-    (a second core is idle then), under the reference preprocessing deploy's conversion gives the card."""
+class _DuringConvert:
+    """Work done while onnx2tf runs (a second core is idle then): onnxruntime's outputs of the source model on
+    the evaluation images, under the reference preprocessing deploy's conversion gives the card, and the
+    edgeship wheel the bundles ship."""
 
-    def __init__(self, model: Path, eval_set: Any, prep: Preprocessing) -> None:
+    def __init__(self, model: Path, eval_set: Any, prep: Preprocessing, wheel: _Wheel, ships_wheel: bool) -> None:
         self.model, self.eval_set, self.prep = model, eval_set, prep
+        self.wheel, self.ships_wheel = wheel, ships_wheel
         self.outputs: np.ndarray | None = None
         self.seconds = 0.0
 
     def start(self, pool: ThreadPoolExecutor) -> None:
         if self.eval_set is not None and len(self.eval_set.files):
             pool.submit(self._run)
+        if self.ships_wheel:
+            pool.submit(self.wheel.get)
 
     def _run(self) -> None:
         start = time.perf_counter()
@@ -628,7 +636,7 @@ def _verify_and_bundle(
     targets: list[Any],
     options: DeployOptions,
     progress: Progress,
-    early: _EarlyReference,
+    early: _DuringConvert,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Every target's drift check and bundle, two at a time (no benchmark runs meanwhile).
 
@@ -644,8 +652,8 @@ def _verify_and_bundle(
     if len(reference) > from_early:
         stages.step("verify: float reference (onnxruntime)", time.perf_counter() - start)
     slow_first = sorted(targets, key=lambda t: not t.runtime.client.reads_metadata)  # the app-client check is longest
-    with tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir, ThreadPoolExecutor(2) as pool:
-        wheel = _Wheel(Path(wheel_dir))
+    wheel = early.wheel
+    with ThreadPoolExecutor(2) as pool:
         checks = {
             t.name: pool.submit(
                 _verify_stage, stages, model, models[t.name], keys[t.name], eval_set, t, options, reference, progress
@@ -686,7 +694,7 @@ def _device_of(options: DeployOptions, target: Any) -> dict[str, Any] | None:
 
 
 def _references(
-    model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress, early: _EarlyReference
+    model: Path, cards: list[ModelCard], eval_set: Any, progress: Progress, early: _DuringConvert
 ) -> tuple[dict[str, np.ndarray], int]:
     """onnxruntime's outputs of the source model on the evaluation images, per reference preprocessing,
     and how many of them were computed during convert."""
