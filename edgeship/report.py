@@ -225,6 +225,11 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
                 "PASS" if r.passed else "FAIL",
             ]
         )
+    return {"stages": stages, "drift": drift, "latency": _latency_rows(bench), "client": _client_rows(inputs)}
+
+
+def _latency_rows(bench: BenchReport) -> list[list[str]]:
+    """The latency table: one row per model and thread count."""
     lat = [
         [
             "model",
@@ -264,7 +269,7 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
                 f"{rt.interpreter} {rt.delegate or ''}{rt.delegation_note()}",
             ]
         )
-    return {"stages": stages, "drift": drift, "latency": lat, "client": _client_rows(inputs)}
+    return lat
 
 
 def _client_rows(inputs: ReportInputs) -> list[list[str]]:

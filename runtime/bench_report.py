@@ -62,8 +62,18 @@ class BenchOptions:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> BenchOptions:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in known})
+        duration, e2e_runs = d.get("duration_s"), d.get("e2e_runs")
+        return cls(
+            threads=tuple(int(t) for t in d["threads"]),
+            runs=int(d["runs"]),
+            warmup=int(d["warmup"]),
+            duration_s=None if duration is None else float(duration),
+            chunk=int(d.get("chunk", 10)),
+            use_xnnpack=bool(d.get("use_xnnpack", True)),
+            overhead_runs=int(d.get("overhead_runs", 20)),
+            images=tuple(str(i) for i in d.get("images", ())),
+            e2e_runs=None if e2e_runs is None else int(e2e_runs),
+        )
 
 
 @dataclass(frozen=True)
@@ -131,9 +141,16 @@ class LatencyStats:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LatencyStats:
         return cls(
-            **{k: float(d[k]) for k in ("mean_ms", "p50_ms", "p90_ms", "p99_ms")},
+            mean_ms=float(d["mean_ms"]),
+            p50_ms=float(d["p50_ms"]),
+            p90_ms=float(d["p90_ms"]),
+            p99_ms=float(d["p99_ms"]),
             runs=None if d.get("runs") is None else int(d["runs"]),
-            **{k: _opt_float(d, k) for k in ("min_ms", "std_ms", "max_ms", "p5_ms", "p95_ms")},
+            min_ms=_opt_float(d, "min_ms"),
+            std_ms=_opt_float(d, "std_ms"),
+            max_ms=_opt_float(d, "max_ms"),
+            p5_ms=_opt_float(d, "p5_ms"),
+            p95_ms=_opt_float(d, "p95_ms"),
         )
 
 
