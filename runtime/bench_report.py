@@ -90,10 +90,22 @@ class RuntimeInfo:
     xnnpack: Delegation | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
 
+    @property
+    def image_path(self) -> str | None:
+        """How the runtime read the images, in words (a drift check's runtime says it)."""
+        path = self.details.get("image_path")
+        return None if path is None else str(path)
+
     def to_dict(self) -> dict[str, Any]:
-        d = {"interpreter": self.interpreter, "interpreter_version": self.interpreter_version}
-        d |= {"delegate": self.delegate, **self.details}
-        return d | ({"xnnpack": self.xnnpack.to_dict()} if self.xnnpack is not None else {})
+        """The description as the runtime wrote it (``xnnpack`` after the tensor specs, as ``describe()`` puts it)."""
+        d: dict[str, Any] = {"interpreter": self.interpreter, "interpreter_version": self.interpreter_version}
+        d["delegate"] = self.delegate
+        xnnpack = {"xnnpack": self.xnnpack.to_dict()} if self.xnnpack is not None else {}
+        for key, value in self.details.items():
+            d[key] = value
+            if key == "output":
+                d |= xnnpack
+        return d | xnnpack
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RuntimeInfo:

@@ -301,6 +301,7 @@ def test_bench_image_errors_are_one_line(tiny_bundle: Path, tmp_path: Path, caps
 
 def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_images: Path) -> None:
     from edgeship.report import ReportInputs, write_report
+    from edgeship.runtime.bench_report import RuntimeInfo
     from edgeship.runtime.metrics import compare
     from edgeship.targets import load_target
     from edgeship.targets.profile import BudgetCheck
@@ -322,7 +323,7 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
         report = DriftReport(
             DriftTarget.of(load_target(name)),
             DriftReference("m.onnx"),
-            DriftCandidate("/x/model_int8.tflite", "int8", {}, ran_on),
+            DriftCandidate("/x/model_int8.tflite", "int8", RuntimeInfo("tflite_runtime", "2.14.0", "xnnpack"), ran_on),
             DriftImages(str(tiny_images), len(files), 0, 0),
             compare(ref, got),
             tuple(BudgetCheck(m, None, v, True) for m, v in limits.items()),

@@ -25,6 +25,7 @@ from edgeship._progress import Progress
 from edgeship.convert.onnx_model import inspect_model, load_model
 from edgeship.errors import AccuracyDriftError, DelegateNotAppliedError, InputError, VerificationError
 from edgeship.reference import OrtRunner
+from edgeship.runtime.bench_report import RuntimeInfo
 from edgeship.runtime.card import CARD_FILE, ModelCard, Preprocessing
 from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import ImageSet, Labels, iter_pixels, list_images, normalize
@@ -208,7 +209,7 @@ def verify(
         report = DriftReport(
             target=DriftTarget.of(target),
             reference=DriftReference(str(reference_onnx)),
-            candidate=DriftCandidate(name, card.precision, ran.runtime, ran.where),
+            candidate=DriftCandidate(name, card.precision, RuntimeInfo.from_dict(ran.runtime), ran.where),
             images=DriftImages(
                 str(image_set.root), len(image_set), len(image_set.skipped), sum(t is not None for t in truth)
             ),
