@@ -86,3 +86,36 @@ def test_an_adb_document_round_trips(tiny_bundle: Path, monkeypatch: pytest.Monk
     assert row.stats.p50_ms == 0.8 and row.stats.p95_ms == 1.0 and row.peak_rss_mb == 21.5
     assert row.adb is not None and row.adb.memory_delta_mb == {"init": 3.5, "overall": 9.25}
     assert doc["host"] == {"adb_serial": "serial1"} and "options" not in doc and flags_seen
+
+
+def test_a_drift_report_keeps_the_runtime_description(
+    tiny_onnx: Path, tiny_bundle: Path, tiny_images: Path, tmp_path: Path
+) -> None:
+    """The candidate's runtime (a :class:`RuntimeInfo`) reads and writes ``drift_report.json`` unchanged."""
+    import edgeship.targets
+    from edgeship.verify.report import DriftReport
+
+    report, target = tmp_path / "drift.json", tmp_path / "x86-float.toml"
+    profile = (Path(edgeship.targets.__file__).parent / "x86-host.toml").read_text()
+    target.write_text(
+        profile.replace('"x86-host"', '"x86-float"')
+        .replace('"int8"', '"float32"')
+        .replace("int8_only = true", "int8_only = false")
+    )
+    model = tiny_bundle / "model_float32.tflite"
+    cmd = [sys.executable, "-m", "edgeship", "verify", str(tiny_onnx), str(model), "--images", str(tiny_images)]
+    proc = subprocess.run(
+        [*cmd, "--target", str(target), "-r", str(report), "-q"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert proc.returncode in (0, 3), proc.stderr
+    doc = json.loads(report.read_text())
+    drift = DriftReport.from_dict(doc)
+    assert json.dumps(drift.to_dict(), indent=2) == json.dumps(doc, indent=2)
+    runtime = drift.candidate.runtime
+    assert runtime.interpreter and runtime.interpreter_version and runtime.image_path
+    assert runtime.delegate != "xnnpack" or (runtime.xnnpack is not None and runtime.xnnpack.partitions >= 1)
+    assert list(doc["candidate"]["runtime"])[:3] == ["interpreter", "interpreter_version", "delegate"]
