@@ -389,7 +389,7 @@ def _child_aeq(float_tflite: str, calib_npy: str, out: str) -> int:
 def latency(float_path: Path, int8_path: Path, runs: int) -> dict[str, Any]:
     """Median ms of float32 and int8 at 1 thread, XNNPACK, interleaved in worker processes."""
     doc = benchmark([float_path, int8_path], BenchOptions(threads=(1,), runs=runs, warmup=20))
-    by = {r["path"]: r["p50_ms"] for r in doc["results"]}
+    by = {r.path: r.stats.p50_ms for r in doc.results}
     f, q = by[str(float_path)], by[str(int8_path)]
     return {"float32_ms": round(f, 2), "int8_ms": round(q, 2), "speedup": round(f / q, 2), "runs": runs}
 
@@ -441,7 +441,7 @@ def target_speed(float_path: Path, target_path: Path, int8_path: Path | None, ru
     """float32 vs the target's model (and edgeship's default int8) at 1 thread, XNNPACK, interleaved in one run."""
     paths = [float_path, target_path] + ([int8_path] if int8_path is not None else [])
     doc = benchmark(paths, BenchOptions(threads=(1,), runs=runs, warmup=20))
-    by = {r["path"]: r["p50_ms"] for r in doc["results"]}
+    by = {r.path: r.stats.p50_ms for r in doc.results}
     f, t = by[str(float_path)], by[str(target_path)]
     out = {"float32_ms": round(f, 2), "target_ms": round(t, 2), "speedup": round(f / t, 2), "runs": runs}
     if int8_path is not None:

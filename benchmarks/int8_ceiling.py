@@ -193,8 +193,8 @@ def speeds(paths: dict[str, Path], runs: int) -> dict[str, dict[str, float]]:
 
     doc = benchmark(list(paths.values()), BenchOptions(threads=(1,), runs=runs, warmup=10))
     return {
-        label: {"p50_ms": round(r["p50_ms"], 3), "min_ms": round(r["min_ms"], 3)}
-        for label, r in zip(paths, doc["results"])
+        label: {"p50_ms": round(r.stats.p50_ms, 3), "min_ms": round(r.stats.min_ms or 0.0, 3)}
+        for label, r in zip(paths, doc.results)
     }
 
 
@@ -309,7 +309,7 @@ def _int16(
         return {"error": f"the 16x8 model does not run: {why} ({one_line(exc)[-80:]})"}
     if runs > 0:
         doc = benchmark([float_path, path], BenchOptions(threads=(1,), runs=max(runs // 10, 5), warmup=2))
-        f, q = (r["p50_ms"] for r in doc["results"])
+        f, q = (r.stats.p50_ms for r in doc.results)
         found.update(ms=round(q, 2), float32_ms=round(f, 2), speedup=round(f / q, 3), images=100)
     return found
 

@@ -119,7 +119,7 @@ def report(onnx: Path, images: Path, qdir: Path, assets: Path, args: argparse.Na
     opts = BenchOptions(threads=tuple(int(t) for t in args.threads.split(",")), runs=args.runs, warmup=20)
     doc = benchmark(models, opts)
     print("\n".join(table(doc)))
-    by = {(r["model"], r["threads"]): r["p50_ms"] for r in doc["results"]}
+    by = {(r.model, r.threads): r.stats.p50_ms for r in doc.results}
     for t in opts.threads:
         q, f32 = by[("model_int8.tflite", t)], by.get(("model_float32.tflite", t))
         g = by[("tf2_mobilenet_v2_1.0_224_ptq.tflite", t)]

@@ -15,6 +15,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -745,9 +746,9 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
             e2e_runs=args.e2e_runs,
         )
         doc = benchmark(args.models, options, progress=progress)
-    doc["target"] = target.name if target else None
-    atomic_write_json(args.out, doc)
-    return 0, {"summary": table(doc) + [f"wrote {args.out}"], "result": doc}
+    doc = replace(doc, target=target.name if target else None)
+    atomic_write_json(args.out, doc.to_dict())
+    return 0, {"summary": table(doc) + [f"wrote {args.out}"], "result": doc.to_dict()}
 
 
 # ---------------------------------------------------------------- bundle
@@ -853,9 +854,10 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
         if "speed_timing" in t:
             timed = TimedOn.from_dict(t["speed_timing"]) if t["speed_timing"] else None
             lines += [f"{'':<20} {line}" for line in _arch_note(targets.get(name), timed)]
+    from edgeship.report import device_speeds  # deferred: CLI start-up
     from edgeship.targets.remote import device_speed_lines  # deferred: CLI start-up
 
-    lines += device_speed_lines(result.summary)
+    lines += device_speed_lines(device_speeds(result.summary))
     lines.append(f"report: {result.out_dir / 'report.html'}  (wall {result.summary['wall_s']:.1f} s)")
     code = 0 if result.passed else 3
     payload: dict[str, Any] = {"summary": lines, "result": result.summary}

@@ -49,6 +49,7 @@ from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
 from edgeship.quantize.speed import SpeedTiming
 from edgeship.report import ReportInputs, write_report
 from edgeship.runtime.bench import BenchOptions, benchmark
+from edgeship.runtime.bench_report import BenchReport
 from edgeship.runtime.card import ModelCard, Preprocessing
 from edgeship.runtime.images import Labels, cached_crops, list_images
 from edgeship.targets import load_target
@@ -761,7 +762,7 @@ def _bench_stage(
     options: DeployOptions,
     progress: Progress,
     eval_set: Any = None,
-) -> dict[str, Any]:
+) -> BenchReport:
     """ONNX through onnxruntime (the baseline), the float32 TFLite, then every deployed model.
 
     The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images, each once.
@@ -794,10 +795,10 @@ def _bench_stage(
             progress=progress,
         )
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(d / "bench.json", doc)
+        atomic_write_json(d / "bench.json", doc.to_dict())
 
     folder, _ = stages.run("bench", key, build)
-    return json.loads((folder / "bench.json").read_text())
+    return BenchReport.from_dict(json.loads((folder / "bench.json").read_text()))
 
 
 def _bundle_key(m: DeployedModel, target: Any, version: str | None = None) -> dict[str, Any]:
@@ -874,9 +875,13 @@ def _device_bench_stages(
                 ssh_device(one), t, ms, runs=options.bench_runs, pip_args=one.pip_args, progress=progress
             )
             d.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(d / "bench.json", doc)
+            atomic_write_json(d / "bench.json", doc.to_dict())
 
         folder, _ = stages.run(f"device-bench/{t.name}", key, build)
-        doc = json.loads((folder / "bench.json").read_text())
-        out[t.name] = {"bench": str(folder / "bench.json"), "device": doc.get("device"), "speed": doc.get("speed")}
+        doc = BenchReport.from_dict(json.loads((folder / "bench.json").read_text()))
+        out[t.name] = {
+            "bench": str(folder / "bench.json"),
+            "device": doc.device.to_dict() if doc.device else None,
+            "speed": doc.speed.to_dict() if doc.speed else None,
+        }
     return out

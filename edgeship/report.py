@@ -7,6 +7,7 @@ import hashlib
 import html
 import io
 import platform
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -16,7 +17,7 @@ from PIL import Image
 
 from edgeship._deps import require
 from edgeship._io import atomic_write_bytes, atomic_write_text
-from edgeship.runtime.bench import delegation_note
+from edgeship.runtime.bench_report import BenchReport, SpeedVerdict
 from edgeship.runtime.images import load_rgb
 from edgeship.runtime.metrics import cosine_per_sample, softmax, topk
 from edgeship.targets.mediapipe_check import PREPROCESSING as CLIENT_PREPROCESSING
@@ -43,18 +44,18 @@ def _save(fig: Any, path: Path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def latency_plot(bench: dict[str, Any], path: Path) -> Path:
+def latency_plot(bench: BenchReport, path: Path) -> Path:
     """Box plot of invoke() latency per model and thread count."""
     plt = _plt()
-    results = bench["results"]
+    results = bench.results
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(results) + 1.8))
-    data = [r.get("samples_ms") or [r["p50_ms"]] for r in results]
-    labels = [f"{r['model']} ×{r['threads']}" for r in results]
+    data = [list(r.samples_ms or ()) or [r.stats.p50_ms] for r in results]
+    labels = [f"{r.model} ×{r.threads}" for r in results]
     ax.boxplot(data, orientation="horizontal", showfliers=True, flierprops={"markersize": 2})
     ax.set_yticks(range(1, len(labels) + 1), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("invoke() latency (ms), lower is better")
-    ax.set_title(f"Latency distribution on {bench['host'].get('machine', '?')} ({results[0]['runs']} runs each)")
+    ax.set_title(f"Latency distribution on {bench.host.machine or '?'} ({results[0].stats.runs} runs each)")
     fig.tight_layout()
     return _save(fig, path)
 
@@ -79,7 +80,7 @@ class ReportInputs:
     drift check (with its outputs), the labels, and the per-layer error plots by model variant."""
 
     summary: dict[str, Any]
-    bench: dict[str, Any]
+    bench: BenchReport
     drifts: dict[str, DriftResult]  # target name -> its drift check
     labels: list[str] | None = None
     layer_plots: dict[str, Path] = field(default_factory=dict)
@@ -224,6 +225,11 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
                 "PASS" if r.passed else "FAIL",
             ]
         )
+    return {"stages": stages, "drift": drift, "latency": _latency_rows(bench), "client": _client_rows(inputs)}
+
+
+def _latency_rows(bench: BenchReport) -> list[list[str]]:
+    """The latency table: one row per model and thread count."""
     lat = [
         [
             "model",
@@ -241,29 +247,29 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
             "runtime",
         ]
     ]
-    for r in bench["results"]:
-        rt, e = r["runtime"], r.get("e2e")
-        model = r["model"]
-        if len({p for p, n in ((x.get("path"), x["model"]) for x in bench["results"]) if n == model}) > 1:
-            model = f"{Path(r['path']).parent.name}/{model}"  # two different files of the same name
+    for r in bench.results:
+        rt, e, st = r.runtime, r.e2e, r.stats
+        model = r.model
+        if len({x.path for x in bench.results if x.model == model}) > 1:
+            model = f"{Path(r.path).parent.name}/{model}"  # two different files of the same name
         lat.append(
             [
                 model,
-                str(r["threads"]),
-                f"{r['init_ms']:.1f}",
-                f"{r['first_ms']:.2f}",
-                f"{r['p50_ms']:.2f} / {r['p90_ms']:.2f}",
-                f"{e['p50_ms']:.2f} / {e['p90_ms']:.2f}" if e else "–",
-                f"{e['steps_p50_ms']['decode']:.2f} / {e['steps_p50_ms']['preprocess']:.2f}" if e else "–",
-                f"{e['ratio_p50_to_invoke']:.2f} (of {e['invoke_only_p50_ms']:.2f})" if e else "–",
-                f"{r['p99_ms']:.2f}",
-                f"{r['peak_rss_mb']:.0f}",
-                f"{r['size_bytes'] / 1e6:.2f}",
-                f"{r['ratio_p50_to_first']:.2f}",
-                f"{rt['interpreter']} {rt.get('delegate', '')}{delegation_note(rt)}",
+                str(r.threads),
+                f"{r.init_ms:.1f}",
+                f"{r.first_ms:.2f}",
+                f"{st.p50_ms:.2f} / {st.p90_ms:.2f}",
+                f"{e.p50_ms:.2f} / {e.p90_ms:.2f}" if e else "–",
+                f"{e.steps_p50_ms.decode:.2f} / {e.steps_p50_ms.preprocess:.2f}" if e else "–",
+                f"{e.ratio_p50_to_invoke:.2f} (of {e.invoke_only_p50_ms:.2f})" if e else "–",
+                f"{st.p99_ms:.2f}",
+                f"{r.peak_rss_mb:.0f}",
+                f"{r.size_bytes / 1e6:.2f}",
+                f"{r.ratio_p50_to_first:.2f}",
+                f"{rt.interpreter} {rt.delegate or ''}{rt.delegation_note()}",
             ]
         )
-    return {"stages": stages, "drift": drift, "latency": lat, "client": _client_rows(inputs)}
+    return lat
 
 
 def _client_rows(inputs: ReportInputs) -> list[list[str]]:
@@ -298,21 +304,31 @@ def _client_rows(inputs: ReportInputs) -> list[list[str]]:
     return rows
 
 
+def device_speeds(summary: Mapping[str, Any]) -> dict[str, SpeedVerdict]:
+    """Each target's verdict from its own device's benchmark, read from deploy's summary (target name -> verdict)."""
+    speeds = {}
+    for name, t in summary.get("targets", {}).items():
+        speed = (t.get("device_bench") or {}).get("speed")
+        if speed:
+            speeds[name] = SpeedVerdict.from_dict(speed)
+    return speeds
+
+
 def _client_note() -> str:
     return (
         f"Agreement with the float reference; {CLIENT_PREPROCESSING}. The bundle's README shows the region of interest."
     )
 
 
-def _e2e_note(bench: dict[str, Any]) -> str:
-    e = next((r["e2e"] for r in bench["results"] if r.get("e2e")), None)
+def _e2e_note(bench: BenchReport) -> str:
+    e = next((r.e2e for r in bench.results if r.e2e), None)
     if e is None:
         return "End to end: not measured (no images given to the benchmark)."
-    what = "one image" if e["images"] == 1 else f"{e['images']} held-apart images in turn"
+    what = "one image" if e.images == 1 else f"{e.images} held-apart images in turn"
     paths: dict[str, list[str]] = {}
-    for r in bench["results"]:
-        if r.get("e2e") and r["model"] not in paths.setdefault(r["e2e"]["image_path"], []):
-            paths[r["e2e"]["image_path"]].append(r["model"])
+    for r in bench.results:
+        if r.e2e and r.model not in paths.setdefault(r.e2e.image_path, []):
+            paths[r.e2e.image_path].append(r.model)
     how = "; ".join(f"{', '.join(models)}: {path}" for path, models in paths.items())
     return (
         f"End to end = `Classifier.predict` on {what}: decode + preprocess + invoke + postprocess, the code a "
@@ -409,7 +425,7 @@ def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
     assets = out / ASSETS
     assets.mkdir(parents=True, exist_ok=True)
     plots: list[tuple[str, Path]] = [("Latency", latency_plot(bench, assets / "latency.png"))]
-    sizes = {r["model"]: r["size_bytes"] for r in bench["results"]}
+    sizes = {r.model: r.size_bytes for r in bench.results}
     plots.append(("Sizes", size_plot(sizes, assets / "sizes.png")))
     plots += [(f"Per-layer error, {variant}", path) for variant, path in sorted(inputs.layer_plots.items())]
     for old in assets.glob("disagreement-*.jpg"):  # a previous run may have had more groups
@@ -422,7 +438,7 @@ def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
         else "some targets are OVER their drift budget"
     )
 
-    isa = _isa_summary(inputs) + _image_path_line(inputs) + device_speed_lines(summary)
+    isa = _isa_summary(inputs) + _image_path_line(inputs) + device_speed_lines(device_speeds(summary))
     md = [
         f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
         f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",

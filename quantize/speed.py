@@ -22,7 +22,8 @@ from edgeship.quantize.report import RunsOn
 from edgeship.quantize.result import FAST_FILE
 from edgeship.quantize.search_report import Offered, Placement, SpeedCheck, SpeedMeasurement, TimedOn
 from edgeship.quantize.worker import Quantizer
-from edgeship.runtime.bench import BenchOptions, benchmark, emulated_label, emulation
+from edgeship.runtime.bench import BenchOptions, benchmark, emulation
+from edgeship.runtime.bench_report import BenchReport
 from edgeship.runtime.metrics import DriftFigures
 
 #: Invokes per model of the speed check (1 thread, XNNPACK, interleaved; the median counts).
@@ -30,7 +31,7 @@ SPEED_RUNS = 60
 
 #: ``probe(models, runs)``: a ``bench.json`` document (:func:`edgeship.runtime.bench.benchmark`'s) of the model
 #: files timed interleaved at 1 thread on XNNPACK, ``runs`` invokes each, somewhere else than here.
-LatencyProbe = Callable[[Sequence[Path], int], dict[str, Any]]
+LatencyProbe = Callable[[Sequence[Path], int], BenchReport]
 HERE = "this machine"
 
 
@@ -68,11 +69,11 @@ class Stopwatch:
             return latencies(models, self.work, runs, stat)
         with _model_files(models, self.work) as paths:
             doc = self.timing.probe(list(paths.values()), runs)
-        emulated = emulated_label(doc)
+        emulated = doc.emulated
         if emulated:  # the caller filters emulated devices out; this keeps any other probe from deciding on one
             raise DeviceError(f"{self.timing.where} timed the models under {emulated}: that decides no speed question")
         self.ran_on = _device(doc)
-        return {label: round(r[stat], 3) for label, r in zip(paths, doc["results"])}
+        return _figures(paths, doc, stat)
 
     @property
     def on_device(self) -> str:
@@ -102,15 +103,15 @@ def _here() -> dict[str, Any]:
     }
 
 
-def _device(doc: dict[str, Any]) -> dict[str, Any]:
-    """What a device's bench document says about where it ran."""
-    host, device = doc.get("host") or {}, doc.get("device") or {}
-    runtime = (doc.get("results") or [{}])[0].get("runtime") or {}
+def _device(report: BenchReport) -> dict[str, Any]:
+    """What a device's benchmark says about where it ran."""
+    host, device = report.host, report.device
+    runtime = report.results[0].runtime if report.results else None
     return {
-        "machine": device.get("machine") or host.get("machine"),
-        "python": device.get("python") or host.get("python"),
-        "interpreter": runtime.get("interpreter"),
-        "interpreter_version": runtime.get("interpreter_version"),
+        "machine": (device.machine if device else None) or host.machine,
+        "python": (device.python if device else None) or host.python,
+        "interpreter": runtime.interpreter if runtime else None,
+        "interpreter_version": runtime.interpreter_version if runtime else None,
         "emulated": False,
     }
 
@@ -141,7 +142,12 @@ def latencies(models: dict[str, Any], work: Any, runs: int = 60, stat: str = "p5
     """
     with _model_files(models, work) as paths:
         doc = benchmark(list(paths.values()), BenchOptions(threads=(1,), runs=runs, warmup=5, overhead_runs=1))
-    return {label: round(r[stat], 3) for label, r in zip(paths, doc["results"])}
+    return _figures(paths, doc, stat)
+
+
+def _figures(paths: dict[str, Path], report: BenchReport, stat: str) -> dict[str, float]:
+    """``stat`` (a :class:`LatencyStats` field: ``p50_ms``, ``min_ms``) of each labelled model, rounded."""
+    return {label: round(float(getattr(r.stats, stat)), 3) for label, r in zip(paths, report.results)}
 
 
 #: Timed placement keeps its candidates float only when that is at least this much faster.

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,15 +36,26 @@ import numpy as np
 from edgeship._deps import require
 from edgeship._files import atomic_write_json
 from edgeship.errors import EdgeshipError, InputError, NativeCrashError
+from edgeship.runtime.bench_report import (
+    SCHEMA,
+    BenchHost,
+    BenchOptions,
+    BenchReport,
+    BenchRow,
+    EndToEnd,
+    EndToEndSteps,
+    LatencyStats,
+    RuntimeInfo,
+    with_ratios,
+)
 from edgeship.runtime.card import Preprocessing
 from edgeship.runtime.classifier import Classifier, card_from_model, find_card
-from edgeship.runtime.delegation import op_counts
 from edgeship.runtime.images import list_images, normalize, open_image, resize_crop, synthetic_pixels
 from edgeship.runtime.interpreter import TFLiteModel
 from edgeship.runtime.metrics import softmax, topk
 from edgeship.runtime.model_check import check_model_files
 
-SCHEMA = "edgeship-bench/1"
+__all__ = ["SCHEMA", "BenchOptions", "BenchReport", "benchmark", "table"]
 
 
 # ---------------------------------------------------------------- worker (one model, one thread count)
@@ -257,34 +268,6 @@ class _Worker:
 
 
 # ---------------------------------------------------------------- orchestration
-@dataclass(frozen=True)
-class BenchOptions:
-    """How to benchmark: thread counts, runs per configuration (or a duration), warm-up."""
-
-    threads: tuple[int, ...] = (1,)
-    runs: int = 100
-    warmup: int = 10
-    duration_s: float | None = None
-    chunk: int = 10
-    use_xnnpack: bool = True
-    overhead_runs: int = 20
-    #: Images (files or folders) to time ``Classifier.predict`` on, end to end; none: invoke only.
-    images: tuple[str, ...] = ()
-    #: End-to-end rounds per TFLite configuration (None: ``runs``).
-    e2e_runs: int | None = None
-
-    def __post_init__(self) -> None:
-        if not self.threads or min(self.threads) < 1:
-            raise InputError(f"threads must be positive integers, got {self.threads}")
-        if self.runs < 1 or self.warmup < 0 or self.chunk < 1:
-            raise InputError(f"runs must be >= 1 and warmup >= 0, got runs={self.runs} warmup={self.warmup}")
-        if self.duration_s is not None and self.duration_s <= 0:
-            raise InputError(f"duration must be > 0 s, got {self.duration_s}")
-        if self.e2e_runs is not None and self.e2e_runs < 1:
-            raise InputError(f"end-to-end runs must be >= 1, got {self.e2e_runs}")
-        object.__setattr__(self, "images", tuple(str(i) for i in self.images))
-
-
 def _check_loadable(paths: list[Path]) -> None:
     """The one-line verdict of the interpreter pre-check (a child process) before any timing worker loads a model."""
 
@@ -293,27 +276,30 @@ def _check_loadable(paths: list[Path]) -> None:
             raise InputError(f"cannot load TFLite model {path}: {problem}")
 
 
-def summarize(ns: Sequence[int]) -> dict[str, float]:
+def summarize(ns: Sequence[int]) -> LatencyStats:
+    """Latency statistics of ``ns`` (nanoseconds), in ms."""
     ms = np.asarray(ns, dtype=np.float64) / 1e6
-    return {
-        "runs": int(ms.size),
-        "min_ms": float(ms.min()),
-        "mean_ms": float(ms.mean()),
-        "std_ms": float(ms.std()),
-        "p50_ms": float(np.percentile(ms, 50)),
-        "p90_ms": float(np.percentile(ms, 90)),
-        "p99_ms": float(np.percentile(ms, 99)),
-        "max_ms": float(ms.max()),
-    }
+    return LatencyStats(
+        runs=int(ms.size),
+        min_ms=float(ms.min()),
+        mean_ms=float(ms.mean()),
+        std_ms=float(ms.std()),
+        p50_ms=float(np.percentile(ms, 50)),
+        p90_ms=float(np.percentile(ms, 90)),
+        p99_ms=float(np.percentile(ms, 99)),
+        max_ms=float(ms.max()),
+    )
 
 
 def benchmark(
     models: Sequence[str | os.PathLike[str]],
-    options: BenchOptions = BenchOptions(),
+    options: BenchOptions | None = None,
     *,
     progress: Callable[[str, int | None, int | None], None] | None = None,
-) -> dict[str, Any]:
-    """Benchmark the models interleaved; return the ``bench.json`` document."""
+) -> BenchReport:
+    """Benchmark the models interleaved (``options``: default :class:`BenchOptions`); return what ``bench.json``
+    holds."""
+    options = options or BenchOptions()
     paths = [Path(m) for m in models]
     for p in paths:
         if not p.is_file():
@@ -333,41 +319,34 @@ def benchmark(
             w.start()
         samples = _interleave(workers, options, progress)
         e2e = _end_to_end(workers, configs, images, options, progress) if images else {}
-        results = []
-        for w, (p, t), ns in zip(workers, configs, samples):
-            over = w.ask({"cmd": "overhead", "n": options.overhead_runs})["overhead"]
-            stats = w.ask({"cmd": "stats"})
-            results.append(
-                {
-                    "model": p.name,
-                    "path": str(p),
-                    "threads": t,
-                    "size_bytes": p.stat().st_size,
-                    "init_ms": w.init["init_ms"],
-                    "first_ms": w.init["first_ms"],
-                    **summarize(ns),
-                    "samples_ms": [round(v / 1e6, 4) for v in ns],
-                    "peak_rss_mb": stats["peak_rss_mb"],
-                    "runtime": w.init["runtime"],
-                    "overhead": over,
-                }
-            )
-            if id(w) in e2e:
-                results[-1]["e2e"] = e2e[id(w)]
+        rows = [_row(w, p, t, ns, options, e2e.get(id(w))) for w, (p, t), ns in zip(workers, configs, samples)]
     finally:
         for w in workers:
             w.close()
-    _add_ratios(results)
-    doc = {
-        "schema": SCHEMA,
-        "host": _host(),
-        "options": options.__dict__ | {"threads": list(options.threads)},
-        "results": results,
-    }
-    if doc["host"].get("emulated"):
-        for r in results:
-            r["emulated"] = EMULATED
-    return doc
+    host = _host()
+    rows = [replace(r, emulated=EMULATED if host.emulated else None) for r in with_ratios(rows)]
+    return BenchReport(host=host, results=tuple(rows), options=options)
+
+
+def _row(w: _Worker, p: Path, t: int, ns: list[int], options: BenchOptions, e2e: EndToEnd | None) -> BenchRow:
+    """One configuration's row (its ratio to the first model is set by :func:`with_ratios`)."""
+    over = w.ask({"cmd": "overhead", "n": options.overhead_runs})["overhead"]
+    stats = w.ask({"cmd": "stats"})
+    return BenchRow(
+        model=p.name,
+        path=str(p),
+        threads=t,
+        size_bytes=p.stat().st_size,
+        init_ms=w.init["init_ms"],
+        first_ms=w.init["first_ms"],
+        stats=summarize(ns),
+        samples_ms=tuple(round(v / 1e6, 4) for v in ns),
+        peak_rss_mb=stats["peak_rss_mb"],
+        runtime=RuntimeInfo.from_dict(w.init["runtime"]),
+        overhead=over,
+        e2e=e2e,
+        ratio_p50_to_first=1.0,
+    )
 
 
 def _interleave(
@@ -417,7 +396,7 @@ def _end_to_end(
     images: list[str],
     options: BenchOptions,
     progress: Callable[[str, int | None, int | None], None] | None,
-) -> dict[int, dict[str, Any]]:
+) -> dict[int, EndToEnd]:
     """Time ``Classifier.predict`` on the images in every TFLite worker, round-robin like invoke()."""
     tfl = [w for w, (p, _) in zip(workers, configs) if p.suffix == ".tflite"]
     target = options.e2e_runs or options.runs
@@ -438,42 +417,39 @@ def _end_to_end(
     return {key: _e2e_summary(d, images, meta[key]) for key, d in ns.items()}
 
 
-def _e2e_summary(ns: dict[str, list[int]], images: list[str], meta: dict[str, Any]) -> dict[str, Any]:
+def _e2e_summary(ns: dict[str, list[int]], images: list[str], meta: dict[str, Any]) -> EndToEnd:
     total, invoke_only = summarize(ns["total"]), summarize(ns["invoke_only"])
-    return {
-        "images": len(images),
-        "image": images[0] if len(images) == 1 else str(Path(images[0]).parent),
-        "runs": total["runs"],
-        **{k: total[k] for k in ("min_ms", "mean_ms", "p50_ms", "p90_ms", "p99_ms")},
-        "steps_p50_ms": {
-            k: float(np.percentile(np.asarray(ns[k]) / 1e6, 50))
-            for k in ("decode", "preprocess", "invoke", "postprocess")
-        },
-        "invoke_only_p50_ms": invoke_only["p50_ms"],
-        "ratio_p50_to_invoke": round(total["p50_ms"] / invoke_only["p50_ms"], 3),
-        "image_path": meta["image_path"],
-        **({"note": meta["note"]} if meta.get("note") else {}),
-    }
+    return EndToEnd(
+        images=len(images),
+        image=images[0] if len(images) == 1 else str(Path(images[0]).parent),
+        runs=total.runs or 0,
+        min_ms=total.min_ms or 0.0,
+        mean_ms=total.mean_ms,
+        p50_ms=total.p50_ms,
+        p90_ms=total.p90_ms,
+        p99_ms=total.p99_ms,
+        steps_p50_ms=EndToEndSteps(
+            **{
+                k: float(np.percentile(np.asarray(ns[k]) / 1e6, 50))
+                for k in ("decode", "preprocess", "invoke", "postprocess")
+            }
+        ),
+        invoke_only_p50_ms=invoke_only.p50_ms,
+        ratio_p50_to_invoke=round(total.p50_ms / invoke_only.p50_ms, 3),
+        image_path=meta["image_path"],
+        note=meta.get("note") or None,
+    )
 
 
-def _add_ratios(results: list[dict[str, Any]]) -> None:
-    """p50 ratio to the first model at the same thread count (1.0 for that model)."""
-    base: dict[int, float] = {}
-    for r in results:
-        base.setdefault(r["threads"], r["p50_ms"])
-        r["ratio_p50_to_first"] = round(r["p50_ms"] / base[r["threads"]], 3)
-
-
-def _host() -> dict[str, Any]:
-    how = emulation()
-    return {
-        "machine": platform.machine(),
-        "system": platform.system(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "node": platform.node(),
-        **({"emulated": how} if how else {}),
-    }
+def _host() -> BenchHost:
+    return BenchHost(
+        machine=platform.machine(),
+        system=platform.system(),
+        python=platform.python_version(),
+        cpus=os.cpu_count(),
+        node=platform.node(),
+        emulated=emulation(),
+    )
 
 
 #: The label of every timing measured on an emulated CPU.
@@ -499,56 +475,42 @@ def emulation() -> str | None:
     return None
 
 
-def emulated_label(doc: dict[str, Any]) -> str | None:
-    """The emulation label of a bench document (measured on an emulated CPU), or None."""
-    return (doc.get("host") or {}).get("emulated") or (doc.get("device") or {}).get("emulated")
-
-
-def delegation_note(runtime: dict[str, Any]) -> str:
-    """`` (N partitions; outside: OP xK)`` for an XNNPACK run, else nothing."""
-    d = runtime.get("xnnpack")
-    if not d:
-        return ""
-
-    outside = op_counts(d["outside"])
-    return f" ({d['partitions']} partition{'s' if d['partitions'] != 1 else ''}" + (
-        f"; outside: {outside})" if outside else ")"
-    )
-
-
-def table(doc: dict[str, Any]) -> list[str]:
-    """A short human table of a bench document."""
-    label = emulated_label(doc)
+def table(report: BenchReport) -> list[str]:
+    """A short human table of a benchmark."""
+    label = report.emulated
     lines = [f"timings measured under {label}"] if label else []
     lines += [
         f"{'model':<42}{'thr':>4}{'init':>8}{'first':>8}{'p50':>8}{'p90':>8}{'p99':>8}{'RSS MB':>8}"
         f"{'MB':>7}{'ratio':>7}  runtime"
     ]
-    for r in doc["results"]:
-        rt = r["runtime"]
+    for r in report.results:
+        rt, st = r.runtime, r.stats
         lines.append(
-            f"{r['model'][:41]:<42}{r['threads']:>4}{r['init_ms']:>8.1f}{r['first_ms']:>8.2f}"
-            f"{r['p50_ms']:>8.2f}{r['p90_ms']:>8.2f}{r['p99_ms']:>8.2f}{r['peak_rss_mb']:>8.0f}"
-            f"{r['size_bytes'] / 1e6:>7.2f}{r['ratio_p50_to_first']:>7.2f}  "
-            f"{rt['interpreter']} {rt.get('interpreter_version') or ''} {rt['delegate']}"
-            f"{delegation_note(rt)}"
+            f"{r.model[:41]:<42}{r.threads:>4}{r.init_ms:>8.1f}{r.first_ms:>8.2f}"
+            f"{st.p50_ms:>8.2f}{st.p90_ms:>8.2f}{st.p99_ms:>8.2f}{r.peak_rss_mb:>8.0f}"
+            f"{r.size_bytes / 1e6:>7.2f}{r.ratio_p50_to_first:>7.2f}  "
+            f"{rt.interpreter} {rt.interpreter_version or ''} {rt.delegate}{rt.delegation_note()}"
         )
-    e2e = [r for r in doc["results"] if r.get("e2e")]
-    if e2e:
-        first = e2e[0]["e2e"]
-        what = first["image"] if first["images"] == 1 else f"{first['images']} images in {first['image']}"
-        lines += [
-            "",
-            f"end to end, Classifier.predict on {what}:",
-            f"{'model':<42}{'thr':>4}{'p50':>8}{'p90':>8}{'decode':>8}{'prep':>8}{'invoke':>8}{'post':>8}"
-            f"{'x invoke':>10}",
-        ]
-        for r in e2e:
-            e, s = r["e2e"], r["e2e"]["steps_p50_ms"]
+    return lines + _e2e_table([r for r in report.results if r.e2e is not None])
+
+
+def _e2e_table(rows: list[BenchRow]) -> list[str]:
+    if not rows or rows[0].e2e is None:
+        return []
+    first = rows[0].e2e
+    what = first.image if first.images == 1 else f"{first.images} images in {first.image}"
+    lines = [
+        "",
+        f"end to end, Classifier.predict on {what}:",
+        f"{'model':<42}{'thr':>4}{'p50':>8}{'p90':>8}{'decode':>8}{'prep':>8}{'invoke':>8}{'post':>8}{'x invoke':>10}",
+    ]
+    for r in rows:
+        if r.e2e is not None:
+            e, s = r.e2e, r.e2e.steps_p50_ms
             lines.append(
-                f"{r['model'][:41]:<42}{r['threads']:>4}{e['p50_ms']:>8.2f}{e['p90_ms']:>8.2f}"
-                f"{s['decode']:>8.2f}{s['preprocess']:>8.2f}{s['invoke']:>8.2f}{s['postprocess']:>8.2f}"
-                f"{e['ratio_p50_to_invoke']:>10.2f}"
+                f"{r.model[:41]:<42}{r.threads:>4}{e.p50_ms:>8.2f}{e.p90_ms:>8.2f}"
+                f"{s.decode:>8.2f}{s.preprocess:>8.2f}{s.invoke:>8.2f}{s.postprocess:>8.2f}"
+                f"{e.ratio_p50_to_invoke:>10.2f}"
             )
     return lines
 
@@ -588,7 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgeship.runtime.bench: error: {exc}", file=sys.stderr)
         return 1
 
-    atomic_write_json(args.out, doc)
+    atomic_write_json(args.out, doc.to_dict())
     print("\n".join(table(doc)))
     return 0
 

@@ -20,6 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from edgeship.errors import DeviceError, InputError, MissingDependencyError
+from edgeship.runtime.bench_report import (
+    AdbRun,
+    BenchHost,
+    BenchReport,
+    BenchRow,
+    LatencyStats,
+    RuntimeInfo,
+    with_ratios,
+)
 from edgeship.targets import load_target
 
 REMOTE_DIR = "/data/local/tmp/edgeship"
@@ -160,42 +169,35 @@ def adb_benchmark(
     threads: Sequence[int],
     runs: int,
     warmup: int,
-) -> dict[str, Any]:
-    """``bench --adb``: TensorFlow Lite's ``benchmark_model`` on the phone, as a bench.json document."""
+) -> BenchReport:
+    """``bench --adb``: TensorFlow Lite's ``benchmark_model`` on the phone, as a benchmark report."""
     if target is None:
         target = load_target("android-arm64-cpu")
     if binary is None:
         raise InputError("--adb needs --benchmark-binary PATH (TensorFlow Lite's benchmark_model for Android)")
     device = AdbDevice(serial)
-    results = []
+    rows = []
     for t in threads:
         for m in models:
             r = run_benchmark(device, binary, m, benchmark_flags(target, threads=t, runs=runs, warmup=warmup))
-            results.append(
-                {
-                    "model": m.name,
-                    "path": str(m),
-                    "threads": t,
-                    "size_bytes": m.stat().st_size,
-                    "runtime": {
-                        "interpreter": "benchmark_model",
-                        "interpreter_version": None,
-                        "delegate": target.execution.delegate.value,
-                    },
-                    **r,
-                }
-            )
-    return {"schema": "edgeship-bench/1", "host": {"adb_serial": serial}, "results": _with_ratios(results)}
+            rows.append(_row(m, t, target.execution.delegate.value, r))
+    return BenchReport(host=BenchHost(adb_serial=serial), results=tuple(with_ratios(rows)))
 
 
-def _with_ratios(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ratios to the first model per thread count, and the bench.json fields benchmark_model lacks."""
-    base: dict[int, float] = {}
-    for r in results:
-        key = r.get("p50_ms", r["mean_ms"])
-        base.setdefault(r["threads"], key)
-        r["ratio_p50_to_first"] = round(key / base[r["threads"]], 3)
-        r.setdefault("p50_ms", r["mean_ms"])
-        for missing in ("p90_ms", "p99_ms", "peak_rss_mb"):
-            r.setdefault(missing, float("nan"))
-    return results
+def _row(model: Path, threads: int, delegate: str, r: dict[str, Any]) -> BenchRow:
+    """One configuration's row; the fields ``benchmark_model`` lacks are NaN (its median is its mean if absent)."""
+    nan = float("nan")
+    stats = {"p50_ms": r["mean_ms"], "p90_ms": nan, "p99_ms": nan} | r
+    return BenchRow(
+        model=model.name,
+        path=str(model),
+        threads=threads,
+        size_bytes=model.stat().st_size,
+        init_ms=r["init_ms"],
+        first_ms=r["first_ms"],
+        stats=LatencyStats.from_dict(stats),
+        peak_rss_mb=r.get("peak_rss_mb", nan),
+        runtime=RuntimeInfo("benchmark_model", None, delegate),
+        ratio_p50_to_first=1.0,
+        adb=AdbRun(r["warmup_avg_ms"], r["device"], tuple(r["flags"]), r.get("memory_delta_mb")),
+    )

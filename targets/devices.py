@@ -22,6 +22,7 @@ import numpy as np
 from edgeship._progress import Progress
 from edgeship.errors import DeviceError, InputError
 from edgeship.runtime import candidate as device_side  # looked up at call time: tests stand in for it
+from edgeship.runtime.bench_report import RuntimeInfo
 from edgeship.targets.emulate import EmulatedDevice
 from edgeship.targets.profile import Arch, Target
 from edgeship.targets.remote import SshCollector
@@ -40,7 +41,7 @@ class Collected:
     """A device's outputs on the images (one row each, in the order given) and how it ran."""
 
     logits: np.ndarray
-    runtime: dict[str, Any]
+    runtime: RuntimeInfo
     where: str
 
 
@@ -73,7 +74,7 @@ class LocalDevice:
         logits, runtime = device_side.candidate_outputs(
             bundle, files, num_threads=threads, use_xnnpack=use_xnnpack, progress=progress
         )
-        return Collected(logits, runtime, f"this machine ({platform.machine()})")
+        return Collected(logits, RuntimeInfo.from_dict(runtime), f"this machine ({platform.machine()})")
 
 
 class StagedDevice:
@@ -111,7 +112,7 @@ class StagedDevice:
                 f"the device ran {len(names)} of {len(expected)} images or in another order; "
                 "its image reader differs from this machine's"
             )
-        return Collected(logits, runtime, self.describe_where(runtime))
+        return Collected(logits, RuntimeInfo.from_dict(runtime), self.describe_where(runtime))
 
 
 def stage_images(files: Sequence[Path], dest: Path) -> list[str]:

@@ -13,6 +13,7 @@ import shlex
 from collections.abc import Sequence
 from importlib import metadata
 
+from edgeship.runtime.bench_report import RuntimeInfo
 from edgeship.targets.profile import Target
 
 REQUIREMENTS = "requirements.txt"
@@ -45,11 +46,11 @@ def _host_version(package: str, versions: str) -> str | None:
     return version if version in SpecifierSet(versions) else None
 
 
-def verified_version(target: Target, runtime: dict[str, object]) -> str | None:
+def verified_version(target: Target, runtime: RuntimeInfo) -> str | None:
     """The interpreter version a drift check ran with, when it ran the target's own runtime package."""
-    ran = str(runtime.get("interpreter", "")).replace("_", "-")
-    version = runtime.get("interpreter_version")
-    return str(version) if version and ran == target.runtime.package else None
+    ran = runtime.interpreter.replace("_", "-")
+    version = runtime.interpreter_version
+    return version if version and ran == target.runtime.package else None
 
 
 def device_requirements(target: Target, verified: str | None = None) -> list[str]:

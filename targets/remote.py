@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from edgeship.errors import DeviceError, TargetError
-from edgeship.runtime.bench import emulated_label
+from edgeship.errors import DeviceError, EdgeshipError, TargetError
+from edgeship.runtime.bench_report import BenchDevice, BenchReport, SpeedVerdict
 from edgeship.targets.install import device_requirements, uses_system_packages
 from edgeship.targets.profile import Target
 from edgeship.targets.ssh import new_job, remote_collect, remove_job
@@ -86,7 +87,7 @@ def ssh_benchmark(
     pip_args: Sequence[str] = (),
     progress: Callable[[str, int | None, int | None], None] | None = None,
     images: Sequence[Path] = (),
-) -> dict[str, Any]:
+) -> BenchReport:
     """Copy the models (with their cards) and ``images`` to the device, run ``python -m edgeship.runtime.bench``
     there (``--image`` for each image: end to end through the same runtime code), return its bench.json."""
     # deferred: looked up at call time, so that a test can stand in for the wheel builder
@@ -131,26 +132,31 @@ def ssh_benchmark(
                 timeout=3600,
             )
             device.pull(f"{remote}/bench.json", Path(tmp) / "bench.json")
-            try:
-                doc = json.loads((Path(tmp) / "bench.json").read_text())
-            except (OSError, json.JSONDecodeError) as exc:
-                raise DeviceError(f"no usable bench.json came back from the device: {exc}") from exc
-            doc["device"] = {"where": str(getattr(device.target, "where", device.target)), **device_facts(device)}
-            return _original_names(doc, names, models)
+            report = _read_bench(Path(tmp) / "bench.json")
+            where = str(getattr(device.target, "where", device.target))
+            report = replace(report, device=BenchDevice.from_dict({"where": where, **device_facts(device)}))
+            return _original_names(report, names, models)
         finally:
             remove_job(device, remote)
 
 
-def _original_names(doc: dict[str, Any], remote: Sequence[str], models: Sequence[Path]) -> dict[str, Any]:
-    """Put the user's model names back into a bench.json made from the fixed remote names."""
+def _read_bench(path: Path) -> BenchReport:
+    """The device's bench.json, read at the boundary (DeviceError when it is missing or not a benchmark)."""
+    try:
+        return BenchReport.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError, EdgeshipError) as exc:
+        raise DeviceError(f"no usable bench.json came back from the device: {exc}") from exc
+
+
+def _original_names(report: BenchReport, remote: Sequence[str], models: Sequence[Path]) -> BenchReport:
+    """Put the user's model names back into a benchmark made from the fixed remote names."""
     by_remote = {r: m for r, m in zip(remote, models)}
     by_name = {Path(r).name: m for r, m in zip(remote, models)}
-    for row in doc.get("results", []) if isinstance(doc, dict) else []:
-        m = by_remote.get(str(row.get("path"))) or by_name.get(str(row.get("model")))
-        if m is not None:
-            row["device_path"] = row.get("path")
-            row["model"], row["path"] = m.name, str(m)
-    return doc
+    rows = []
+    for row in report.results:
+        m = by_remote.get(row.path) or by_name.get(row.model)
+        rows.append(row if m is None else replace(row, model=m.name, path=str(m), device_path=row.path))
+    return replace(report, results=tuple(rows))
 
 
 def latency_probe(
@@ -159,7 +165,7 @@ def latency_probe(
     *,
     pip_args: Sequence[str] = (),
     progress: Callable[[str, int | None, int | None], None] | None = None,
-) -> Callable[[Sequence[Path], int], dict[str, Any]]:
+) -> Callable[[Sequence[Path], int], BenchReport]:
     """quantize's latency probe on ``device`` (:data:`edgeship.quantize.speed.LatencyProbe`): the models timed
     interleaved at 1 thread on XNNPACK by the device's runtime, installed as for a drift check.
 
@@ -168,7 +174,7 @@ def latency_probe(
     """
     check_arch(device, target)
 
-    def probe(models: Sequence[Path], runs: int) -> dict[str, Any]:
+    def probe(models: Sequence[Path], runs: int) -> BenchReport:
         args = ["--threads", "1", "--runs", str(runs), "--warmup", "5"]
         return ssh_benchmark(device, target, models, args, pip_args=pip_args, progress=progress)
 
@@ -187,7 +193,7 @@ def device_bench(
     runs: int,
     pip_args: Sequence[str] = (),
     progress: Callable[[str, int | None, int | None], None] | None = None,
-) -> dict[str, Any]:
+) -> BenchReport:
     """Benchmark ``models`` on the device with the target's threads and delegate; add :func:`speed_verdict`.
 
     An emulated device gets :data:`EMULATED_RUNS` runs: its timings are labelled and decide nothing.
@@ -203,49 +209,41 @@ def device_bench(
         "1" if emulated else "10",
         *([] if target.execution.use_xnnpack else ["--no-xnnpack"]),
     ]
-    doc = ssh_benchmark(device, target, models, args, pip_args=pip_args, progress=progress)
-    doc["target"] = target.name
-    doc["speed"] = speed_verdict(doc)
-    return doc
+    report = ssh_benchmark(device, target, models, args, pip_args=pip_args, progress=progress)
+    return replace(report, target=target.name, speed=speed_verdict(report))
 
 
-def speed_verdict(doc: dict[str, Any]) -> dict[str, Any]:
+def speed_verdict(report: BenchReport) -> SpeedVerdict | None:
     """Which of the benchmarked models is fastest on the device (p50), and what that means for the target.
 
     On an emulated device the answer is shown, labelled, and recommends nothing: the emulator's
     relative speeds are not a Pi's.
     """
 
-    rows = {r["model"]: r["p50_ms"] for r in doc.get("results", [])}
+    rows = {r.model: r.stats.p50_ms for r in report.results}
     if not rows:
-        return {}
+        return None
     fastest = min(rows, key=rows.__getitem__)
-    label = emulated_label(doc)
-    verdict = {
-        "p50_ms": rows,
-        "fastest": fastest,
-        "machine": (doc.get("device") or {}).get("machine"),
-        "emulated": label,
-    }
+    label = report.emulated
     if label:
-        verdict["recommendation"] = (
+        advice = (
             f"{fastest} is fastest under emulation; not a speed decision: run edgeship bench --host on the real device"
         )
     else:
-        verdict["recommendation"] = f"ship {fastest}: fastest on this device"
-    return verdict
+        advice = f"ship {fastest}: fastest on this device"
+    machine = report.device.machine if report.device else None
+    return SpeedVerdict(p50_ms=rows, fastest=fastest, machine=machine, emulated=label, recommendation=advice)
 
 
-def device_speed_lines(summary: dict[str, Any]) -> list[str]:
-    """Report lines: each target's device benchmark, the fastest model there and the recommendation."""
+def device_speed_lines(speeds: Mapping[str, SpeedVerdict]) -> list[str]:
+    """Report lines: each target's device benchmark (target name -> its verdict), the fastest model there and the
+    recommendation."""
     lines = []
-    for name, t in summary.get("targets", {}).items():
-        speed = (t.get("device_bench") or {}).get("speed") or {}
-        if speed:
-            figures = ", ".join(f"{m} {ms:.1f} ms" for m, ms in speed["p50_ms"].items())
-            lines.append(
-                f"{name} on its device ({speed.get('machine') or '?'}), invoke() p50: {figures}"
-                f"{' [' + speed['emulated'] + ']' if speed.get('emulated') else ''}: "
-                f"{speed['recommendation']}."
-            )
+    for name, speed in speeds.items():
+        figures = ", ".join(f"{m} {ms:.1f} ms" for m, ms in speed.p50_ms.items())
+        lines.append(
+            f"{name} on its device ({speed.machine or '?'}), invoke() p50: {figures}"
+            f"{' [' + speed.emulated + ']' if speed.emulated else ''}: "
+            f"{speed.recommendation}."
+        )
     return lines

@@ -143,12 +143,15 @@ def test_quantize_refuses_a_host_without_an_ssh_target(
 
 def test_an_emulated_device_never_decides_speed(tmp_path: Path) -> None:
     from edgeship.quantize.speed import SpeedTiming, Stopwatch
+    from edgeship.runtime.bench_report import BenchDevice, BenchHost, BenchReport
 
-    doc = {
-        "host": {"machine": "aarch64"},
-        "device": {"where": "pi@127.0.0.1:2222", "emulated": "qemu-user (cortex-a72): emulated: not the speed of a Pi"},
-        "results": [{"min_ms": 1.0, "p50_ms": 1.0}, {"min_ms": 2.0, "p50_ms": 2.0}],
-    }
+    doc = BenchReport(
+        host=BenchHost(machine="aarch64"),
+        device=BenchDevice(
+            "pi@127.0.0.1:2222", "3.11", "aarch64", emulated="qemu-user (cortex-a72): emulated: not the speed of a Pi"
+        ),
+        results=(),
+    )
     clock = Stopwatch(tmp_path, SpeedTiming(lambda models, runs: doc, where="ssh pi@127.0.0.1:2222"))
     with pytest.raises(DeviceError, match="decides no speed question"):
         clock.latencies({"a": b"x", "b": b"y"}, runs=3, stat="min_ms")

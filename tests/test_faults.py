@@ -224,6 +224,19 @@ def legacy_scp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
 
 
+#: A bench.json row as the device's benchmark writes it (figures made up: the copy is what is tested).
+_BENCH_ROW = {
+    "threads": 1,
+    "size_bytes": 7,
+    "init_ms": 1.0,
+    "first_ms": 1.0,
+    **dict.fromkeys(("mean_ms", "p50_ms", "p90_ms", "p99_ms"), 1.0),
+    "peak_rss_mb": 1.0,
+    "runtime": {"interpreter": "tflite_runtime", "interpreter_version": "2.14.0", "delegate": "xnnpack"},
+    "ratio_p50_to_first": 1.0,
+}
+
+
 def _pwned(*folders: Path) -> list[Path]:
     return [p for f in folders if f.is_dir() for p in f.rglob("pwned*")]
 
@@ -254,7 +267,7 @@ def test_legacy_scp_runs_nothing_from_model_names(
 
         def run_module(self, python: str, module: str, args: Any, *, timeout: float) -> Any:
             names = [a for a in args if a.endswith(".tflite")]
-            doc = {"results": [{"model": Path(n).name, "path": n} for n in names]}
+            doc = {"results": [{**_BENCH_ROW, "model": Path(n).name, "path": n} for n in names]}
             out = args[args.index("-o") + 1]
             return self.run(["sh", "-c", 'printf %s "$1" > "$2"', "sh", json.dumps(doc), out])
 
@@ -269,7 +282,7 @@ def test_legacy_scp_runs_nothing_from_model_names(
     monkeypatch.setattr(target.__class__, "pip_requirements", lambda self: [], raising=False)
     doc = remote.ssh_benchmark(device, target, [model], [])
     assert not _pwned(remote_dir, Path.home(), tmp_path), "a file name ran as a command on the device"
-    assert doc["results"][0]["model"] == EVIL and doc["results"][0]["path"] == str(model)
+    assert doc.results[0].model == EVIL and doc.results[0].path == str(model)
     # The drift check's staged bundle: fixed names inside, pushed and pulled back intact.
     card = ModelCard.from_dict({**GOOGLE_CARD, "model_file": EVIL, "labels_file": "l$(touch pwned2).txt"})
     (local / "l$(touch pwned2).txt").write_text("a\n")

@@ -301,6 +301,7 @@ def test_bench_image_errors_are_one_line(tiny_bundle: Path, tmp_path: Path, caps
 
 def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_images: Path) -> None:
     from edgeship.report import ReportInputs, write_report
+    from edgeship.runtime.bench_report import BenchReport, RuntimeInfo
     from edgeship.runtime.metrics import compare
     from edgeship.targets import load_target
     from edgeship.targets.profile import BudgetCheck
@@ -322,7 +323,7 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
         report = DriftReport(
             DriftTarget.of(load_target(name)),
             DriftReference("m.onnx"),
-            DriftCandidate("/x/model_int8.tflite", "int8", {}, ran_on),
+            DriftCandidate("/x/model_int8.tflite", "int8", RuntimeInfo("tflite_runtime", "2.14.0", "xnnpack"), ran_on),
             DriftImages(str(tiny_images), len(files), 0, 0),
             compare(ref, got),
             tuple(BudgetCheck(m, None, v, True) for m, v in limits.items()),
@@ -361,9 +362,11 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
         "results": [
             {
                 "model": "model_int8.tflite",
+                "path": "/x/model_int8.tflite",
                 "threads": 1,
                 "init_ms": 1.0,
                 "first_ms": 1.0,
+                "mean_ms": 4.1,
                 "p50_ms": 4.0,
                 "p90_ms": 4.5,
                 "p99_ms": 5.0,
@@ -377,8 +380,11 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
                     "images": 12,
                     "image": str(tiny_images),
                     "runs": 3,
+                    "min_ms": 5.0,
+                    "mean_ms": 5.6,
                     "p50_ms": 5.5,
                     "p90_ms": 6.0,
+                    "p99_ms": 6.5,
                     "steps_p50_ms": {"decode": 0.8, "preprocess": 0.3, "invoke": 4.2, "postprocess": 0.2},
                     "ratio_p50_to_invoke": 1.38,
                     "invoke_only_p50_ms": 4.0,
@@ -387,7 +393,8 @@ def test_report_shows_shared_disagreements_once_and_isa(tmp_path: Path, tiny_ima
             }
         ],
     }
-    _, html_path = write_report(out, ReportInputs(summary, bench, drifts, labels))
+    report = BenchReport.from_dict(bench)
+    _, html_path = write_report(out, ReportInputs(summary, report, drifts, labels))
     page = html_path.read_text()
     # x86-host and android-arm64-cpu ran the same model on the same machine: one set of images for both.
     assert page.count("shared by x86-host, android-arm64-cpu: the same model ran on the same machine") == 1

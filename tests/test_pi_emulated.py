@@ -137,6 +137,7 @@ def test_bundles_pin_the_interpreter_and_install_like_the_device(tiny_pi_int8: P
 
 def test_no_xnnpack_partition_is_its_own_error() -> None:
     from edgeship.errors import EXIT_CODES
+    from edgeship.runtime.bench_report import RuntimeInfo
     from edgeship.verify.drift import check_delegate
 
     target = load_target("rpi4-aarch64")
@@ -146,12 +147,12 @@ def test_no_xnnpack_partition_is_its_own_error() -> None:
         "xnnpack": {"partitions": 0, "ops": 66, "outside": {"CONV_2D": 36}},
     }
     with pytest.raises(DelegateNotAppliedError) as info:
-        check_delegate(ran, target, "ssh pi@h (aarch64)")
+        check_delegate(RuntimeInfo.from_dict(ran), target, "ssh pi@h (aarch64)")
     message = str(info.value)
     assert "\n" not in message and "applied 0 XNNPACK partitions (all 66 ops" in message and "2.3.0" in message
     assert info.value.exit_code == EXIT_CODES["delegate_not_applied"] == 5
-    check_delegate({**ran, "xnnpack": {"partitions": 1, "ops": 66}}, target, "x")  # applied: fine
-    check_delegate(ran, load_target("rpi-armv7"), "x")  # the target asks for no delegate
+    check_delegate(RuntimeInfo.from_dict({**ran, "xnnpack": {"partitions": 1, "ops": 66}}), target, "x")  # applied
+    check_delegate(RuntimeInfo.from_dict(ran), load_target("rpi-armv7"), "x")  # the target asks for no delegate
 
 
 def test_interpreter_crash_blames_the_interpreter_not_the_file() -> None:

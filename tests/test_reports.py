@@ -56,6 +56,7 @@ def _client(runtime_agreement: float):  # type: ignore[no-untyped-def]
 
 
 def _drift(tmp_path: Path, client):  # type: ignore[no-untyped-def]
+    from edgeship.runtime.bench_report import RuntimeInfo
     from edgeship.runtime.metrics import compare
     from edgeship.targets import load_target
     from edgeship.targets.mediapipe_check import client_problems
@@ -72,7 +73,12 @@ def _drift(tmp_path: Path, client):  # type: ignore[no-untyped-def]
     report = DriftReport(
         DriftTarget.of(target),
         DriftReference("m.onnx"),
-        DriftCandidate("model_int8.tflite", "int8", {"image_path": "PIL"}, "this machine (x86_64)"),
+        DriftCandidate(
+            "model_int8.tflite",
+            "int8",
+            RuntimeInfo("tflite_runtime", "2.14.0", "xnnpack", details={"image_path": "PIL"}),
+            "this machine (x86_64)",
+        ),
         DriftImages(str(tmp_path), 6, 0, 0),
         fig,
         checks,

@@ -25,6 +25,7 @@ from edgeship._progress import Progress
 from edgeship.convert.onnx_model import inspect_model, load_model
 from edgeship.errors import AccuracyDriftError, DelegateNotAppliedError, InputError, VerificationError
 from edgeship.reference import OrtRunner
+from edgeship.runtime.bench_report import RuntimeInfo
 from edgeship.runtime.card import CARD_FILE, ModelCard, Preprocessing
 from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import ImageSet, Labels, iter_pixels, list_images, normalize
@@ -343,25 +344,25 @@ def onnx_outputs(
     return np.stack(rows)
 
 
-def check_delegate(runtime: dict[str, Any], target: Target, where: str) -> None:
+def check_delegate(runtime: RuntimeInfo, target: Target, where: str) -> None:
     """Raise :class:`DelegateNotAppliedError` when the target asks for XNNPACK and the device applied none."""
     if not target.execution.use_xnnpack:
         return
-    delegation = runtime.get("xnnpack") or {}
-    if delegation.get("partitions", 0) > 0:
+    delegation = runtime.xnnpack
+    if delegation is not None and delegation.partitions > 0:
         return
-    ops = f"all {delegation['ops']} ops" if delegation.get("ops") else "every op"
+    ops = f"all {delegation.ops} ops" if delegation is not None and delegation.ops else "every op"
     raise DelegateNotAppliedError(
-        f"{target.name} runs XNNPACK, but {runtime.get('interpreter', '?')} {runtime.get('interpreter_version') or ''} "
+        f"{target.name} runs XNNPACK, but {runtime.interpreter or '?'} {runtime.interpreter_version or ''} "
         f"on {where} applied 0 XNNPACK partitions ({ops} on the builtin kernels): not the target's delegate, so no "
         "drift figure; install the interpreter version the bundle pins, and check the device's /sys is readable"
     )
 
 
-def io_problems(describe: dict[str, Any], target: Target) -> list[str]:
-    """What about the model's I/O does not suit the target."""
+def io_problems(runtime: RuntimeInfo, target: Target) -> list[str]:
+    """What about the model's I/O does not suit the target (``runtime``: the tensor specs the runtime reported)."""
     want = target.model.io_dtype.value
-    got_in, got_out = describe["input"]["dtype"], describe["output"]["dtype"]
+    got_in, got_out = runtime.details["input"]["dtype"], runtime.details["output"]["dtype"]
     if got_in != want or got_out != want:
         return [f"model I/O is {got_in}/{got_out} but target {target.name} needs {want}"]
     return []

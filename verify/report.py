@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgeship._version import SCHEMA_VERSION
+from edgeship.runtime.bench_report import RuntimeInfo
 from edgeship.runtime.metrics import DriftFigures
 from edgeship.targets.mediapipe_check import ClientDrift
 from edgeship.targets.profile import BudgetCheck, Target
@@ -48,21 +49,26 @@ class DriftCandidate:
 
     model: str
     precision: str
-    runtime: Mapping[str, Any]
+    runtime: RuntimeInfo
     ran_on: str
 
     @property
     def image_path(self) -> str | None:
         """How the device runtime read the images (the reference saw the same pixels)."""
-        path = self.runtime.get("image_path")
-        return None if path is None else str(path)
+        return self.runtime.image_path
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": self.model, "precision": self.precision, "runtime": dict(self.runtime), "ran_on": self.ran_on}
+        return {
+            "model": self.model,
+            "precision": self.precision,
+            "runtime": self.runtime.to_dict(),
+            "ran_on": self.ran_on,
+        }
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> DriftCandidate:
-        return cls(str(d["model"]), str(d["precision"]), dict(d.get("runtime", {})), str(d.get("ran_on", "?")))
+        runtime = RuntimeInfo.from_dict(d.get("runtime", {}))
+        return cls(str(d["model"]), str(d["precision"]), runtime, str(d.get("ran_on", "?")))
 
 
 @dataclass(frozen=True)
