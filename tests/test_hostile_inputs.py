@@ -70,7 +70,9 @@ def _wait_for_onnx2tf(proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         if any("edgeship._worker" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)):
-            time.sleep(1.0)  # mid-conversion: onnx2tf has its model copy and output folder in the temporary folder
+            # Mid-conversion: the simplified model is in the temporary folder and the worker is still starting
+            # TensorFlow (seconds). Signalled at once: a fixed wait here let a loaded machine finish the tiny
+            # conversion first (exit 0, nothing to clean up).
             return
         time.sleep(0.2)
     pytest.fail("convert never reached onnx2tf")
