@@ -23,6 +23,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -197,6 +198,11 @@ class ClientScores:
     embedded_here: bool
 
 
+#: MediaPipe classifiers run side by side in a check (each on its share of the images; the answers are the
+#: same as one classifier's: each image is classified on its own).
+CLIENT_WORKERS = 2
+
+
 def mediapipe_scores(
     model: str | os.PathLike[str],
     files: Sequence[Path],
@@ -204,27 +210,52 @@ def mediapipe_scores(
     *,
     card: ModelCard | None = None,
     progress: Progress | None = None,
+    workers: int = CLIENT_WORKERS,
 ) -> ClientScores:
     """Run the model through MediaPipe's ImageClassifier on each file, three ways (see :class:`ClientDrift`).
 
     Without embedded metadata, a temporary copy of the model gets it from the card (as the bundle writes it).
+    ``workers`` classifiers share the images.
     """
     model = Path(model)
     card = card or find_card(model)
     if card is None:
         raise InputError(f"no model card beside {model}")
-    full, cropped, roi = (np.zeros((len(files), num_classes), np.float32) for _ in range(3))
+    scores = tuple(np.zeros((len(files), num_classes), np.float32) for _ in range(3))
+    done = [0]
     with tempfile.TemporaryDirectory(prefix="edgeship-mediapipe-") as tmp:
         path, meta, embedded = with_metadata(model, card, model.parent, Path(tmp))
-        with MediaPipeClassifier(path) as clf:
-            for i, f in enumerate(files):
-                image = np.asarray(load_rgb(f))
-                full[i] = clf.scores(image, num_classes)
-                roi[i] = clf.scores(image, num_classes, model_crop(image.shape[1], image.shape[0], card))
-                cropped[i] = clf.scores(resize_crop(f, card.preprocessing), num_classes)
-                if progress:
-                    progress("run MediaPipe ImageClassifier", i + 1, len(files))
+
+        def classify(rows: range) -> None:
+            with MediaPipeClassifier(path) as clf:
+                for i in rows:
+                    _classify_one(clf, files[i], card, num_classes, [s[i] for s in scores])
+                    done[0] += 1
+                    if progress:
+                        progress("run MediaPipe ImageClassifier", done[0], len(files))
+
+        shares = [range(a, b) for a, b in _shares(len(files), workers)]
+        with ThreadPoolExecutor(len(shares), thread_name_prefix="edgeship-mediapipe") as pool:
+            for f in [pool.submit(classify, rows) for rows in shares]:
+                f.result()
+    full, cropped, roi = scores
     return ClientScores(full, cropped, roi, meta, embedded)
+
+
+def _shares(n: int, workers: int) -> list[tuple[int, int]]:
+    edges = np.linspace(0, n, max(1, min(workers, n)) + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _classify_one(
+    clf: MediaPipeClassifier, file: Path, card: ModelCard, num_classes: int, rows: list[np.ndarray]
+) -> None:
+    """One image's scores into ``rows`` (full image, card's crop, crop as region of interest)."""
+    image = np.asarray(load_rgb(file))
+    full, cropped, roi = rows
+    full[:] = clf.scores(image, num_classes)
+    roi[:] = clf.scores(image, num_classes, model_crop(image.shape[1], image.shape[0], card))
+    cropped[:] = clf.scores(resize_crop(file, card.preprocessing), num_classes)
 
 
 def client_drift(
