@@ -105,7 +105,7 @@ def convert(
             sim_check = check_simplified(original, simplified, inputs, prep, model_prep, shape[0])
             atomic_write_bytes(work_dir / SIMPLIFIED_FILE, simplified.SerializeToString())
         with timer.stage("onnx2tf"):
-            child = run_onnx2tf(work_dir / SIMPLIFIED_FILE, work_dir)
+            child = run_onnx2tf(work_dir / SIMPLIFIED_FILE, work_dir, float16=options.fp16)
         tfl32 = work_dir / "tf" / "model_float32.tflite"
         tfl16 = work_dir / "tf" / "model_float16.tflite" if options.fp16 else None
         cleaned = clean_graph(tfl32, tfl16)

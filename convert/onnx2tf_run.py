@@ -23,11 +23,12 @@ from edgeship.runtime.model_check import check_model_files
 log = logging.getLogger(__name__)
 
 
-def run_onnx2tf(onnx_path: Path, work_dir: Path) -> ChildRun:
-    """Run onnx2tf in edgeship's worker process on a private copy; return its figures."""
+def run_onnx2tf(onnx_path: Path, work_dir: Path, *, float16: bool = False) -> ChildRun:
+    """Run onnx2tf in edgeship's worker process on a private copy; return its figures (``float16``: also
+    write the float16 model)."""
     model_copy = work_dir / "model.onnx"
     shutil.copyfile(onnx_path, model_copy)
-    job = {"onnx": str(model_copy), "output": str(work_dir / "tf"), "workdir": str(work_dir)}
+    job = {"onnx": str(model_copy), "output": str(work_dir / "tf"), "workdir": str(work_dir), "float16": float16}
     start = time.perf_counter()
     with ChildWorker(env={"TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}) as worker:
         try:

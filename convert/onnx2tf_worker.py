@@ -43,8 +43,38 @@ def _block_network() -> None:
     requests.post = refuse  # type: ignore[assignment]
 
 
-def run(job: dict[str, str]) -> dict[str, Any]:
-    """Convert ``job["onnx"]`` into ``job["output"]``, working in ``job["workdir"]`` (in the worker process).
+class _Float16NotNeeded(Exception):
+    """Raised in place of onnx2tf's float16 conversion, which comes after the float32 model is written."""
+
+
+def _without_float16() -> None:
+    """Make TFLiteConverter refuse float16 conversions (onnx2tf always converts twice: float32, then float16;
+    the second costs about as much as the first and nothing else in onnx2tf comes after it but options
+    edgeship leaves off)."""
+    import tensorflow as tf
+
+    cls = tf.lite.TFLiteConverter
+    for name in ("from_keras_model", "from_concrete_functions"):
+        factory = getattr(cls, name)
+
+        def make(*args: Any, _factory: Any = factory, **kwargs: Any) -> Any:
+            converter = _factory(*args, **kwargs)
+            real = converter.convert
+
+            def convert() -> Any:
+                if tf.float16 in converter.target_spec.supported_types:
+                    raise _Float16NotNeeded
+                return real()
+
+            converter.convert = convert
+            return converter
+
+        setattr(cls, name, staticmethod(make))
+
+
+def run(job: dict[str, Any]) -> dict[str, Any]:
+    """Convert ``job["onnx"]`` into ``job["output"]``, working in ``job["workdir"]`` (in the worker process);
+    ``job["float16"]`` false: the float32 model only.
 
     Returns:
         ``{"ok": True, "files": [...]}``, or ``{"ok": False, "error": one line, "traceback": ...}``.
@@ -57,6 +87,8 @@ def run(job: dict[str, str]) -> dict[str, Any]:
 
         o2.download_test_image_data = _offline_sample_data
         common.download_test_image_data = _offline_sample_data
+        if not job.get("float16", True):
+            _without_float16()
         o2.convert(
             input_onnx_file_path=job["onnx"],
             output_folder_path=job["output"],
@@ -70,6 +102,8 @@ def run(job: dict[str, str]) -> dict[str, Any]:
             non_verbose=True,
             verbosity="error",
         )
+    except _Float16NotNeeded:
+        pass  # the float32 model is written, and nothing after the float16 conversion is asked for
     except SystemExit as exc:  # onnx2tf exits from library code on failure
         return {"ok": False, "error": f"onnx2tf exited with status {exc.code}"}
     except Exception as exc:  # noqa: BLE001 - report every failure to the parent, one line

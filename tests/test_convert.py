@@ -199,3 +199,14 @@ def test_preprocessing_flags_reach_the_card(tmp_path: Path, tiny_onnx: Path) -> 
     prep = json.loads((out / "model_card.json").read_text())["preprocessing"]
     assert prep["mean"] == [0.5, 0.5, 0.5] and prep["color_order"] == "BGR" and prep["resize_shorter"] is None
     assert prep["crop"] == [32, 32]
+
+
+@pytest.mark.parametrize("float16", [False, True])
+def test_onnx2tf_converts_to_float16_only_when_asked(tmp_path: Path, tiny_onnx: Path, float16: bool) -> None:
+    """onnx2tf converts twice (float32, then float16, each a full TFLite conversion); the second runs only
+    for a float16 target, and the float32 model is the same either way."""
+    from edgeship.convert.onnx2tf_run import run_onnx2tf
+
+    run_onnx2tf(tiny_onnx, tmp_path, float16=float16)
+    made = {p.name for p in (tmp_path / "tf").glob("*.tflite")}
+    assert made == ({"model_float32.tflite", "model_float16.tflite"} if float16 else {"model_float32.tflite"})
