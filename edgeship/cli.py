@@ -246,7 +246,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--bias-correction",
         action="store_true",
         default=None,
-        help="force the layer-by-layer empirical bias correction on (default: on with --per-tensor only)",
+        help="the layer-by-layer empirical bias correction (the default)",
     )
     bc.add_argument("--no-bias-correction", action="store_false", dest="bias_correction", help="force it off")
     q = p.add_argument_group("model")

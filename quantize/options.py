@@ -45,8 +45,7 @@ class QuantizeOptions:
         percentile: Kept mass for ``percentile`` (99.999 clips 0.0005 % off each tail);
             ``auto`` measures its own candidates.
         bias_correction: Empirical bias correction of every conv, layer by layer, on the
-            calibration images (Nagel et al. 2019). None (default): on for per-tensor models,
-            off for per-channel ones.
+            calibration images (Nagel et al. 2019). None (default): on.
         io: Input/output dtype of the quantized model.
         per_tensor: Per-tensor weights (for accelerators that need them) instead of per-channel.
         equalize: Cross-layer equalization + bias correction before quantizing.
@@ -128,7 +127,7 @@ class QuantizeOptions:
 
     @property
     def use_bias_correction(self) -> bool:
-        return self.per_tensor if self.bias_correction is None else self.bias_correction
+        return True if self.bias_correction is None else self.bias_correction
 
     @property
     def split(self) -> Split:
