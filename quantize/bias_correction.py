@@ -9,8 +9,9 @@ from upstream layers, so correcting all layers at once double-counts and diverge
 
 Both models run on XNNPACK with every corrected convolution's output made a model output
 (a delegate computes intermediate tensors in its own buffers, model outputs it writes out):
-the float outputs once per image, the int8 model once per layer and image, its biases
-patched in place in the serialised model between layers.
+the int8 model once per layer and image, its biases patched in place in the serialised model
+between layers; the float model once per image for each batch of consecutive layers whose
+outputs fit in :data:`FLOAT_BYTES`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
 _INT8_TYPES, _INT32 = (9, 3), 2
 #: A channel's shift is corrected only when it is this many standard errors from zero.
 SIGNIFICANCE = 2.0
+#: Float outputs held at once (bytes, over all images); the float model runs again for each later batch of layers.
+FLOAT_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class _Conv:
     float_out: int
     bias_buffer: int
     bias_scale: np.ndarray
+    #: Values of the output per image.
+    size: int
 
 
 def correct_biases(
@@ -67,18 +72,18 @@ def correct_biases(
         return quant, _report([], len(float_inputs))
     probe = bytearray(_with_outputs(qobj, [c.out for c in convs]))
     float_probe = _with_outputs(tflite_graph.read(float_model), [c.float_out for c in convs])
-    float_outs = _float_outputs(float_probe, convs, float_inputs)
-    shifts = []
-    for k, conv in enumerate(convs):
-        delta, count, step = _measure(bytes(probe), conv.out, float_outs[k], quant_inputs)
-        float_outs[k] = None  # measured: its memory is not needed any more
-        bias = _bias_view(probe, conv.bias_buffer)
-        corr = np.round(delta / conv.bias_scale).astype(np.int64)
-        corr[count < min_count] = 0
-        bias[:] = np.clip(bias.astype(np.int64) - corr, -(2**31), 2**31 - 1).astype(np.int32)
-        shifts.append(float(np.mean(np.abs(delta)) / step))
-        if progress:
-            progress(k + 1, len(convs))
+    shifts: list[float] = []
+    for batch in _batches(convs, len(float_inputs)):
+        floats = _float_outputs(float_probe, batch, float_inputs)
+        for conv in batch:
+            delta, count, step = _measure(bytes(probe), conv.out, floats.pop(0), quant_inputs)  # then dropped
+            bias = _bias_view(probe, conv.bias_buffer)
+            corr = np.round(delta / conv.bias_scale).astype(np.int64)
+            corr[count < min_count] = 0
+            bias[:] = np.clip(bias.astype(np.int64) - corr, -(2**31), 2**31 - 1).astype(np.int32)
+            shifts.append(float(np.mean(np.abs(delta)) / step))
+            if progress:
+                progress(len(shifts), len(convs))
     for conv in convs:  # the corrected biases into the model as it was (its own outputs only)
         qobj.buffers[conv.bias_buffer].data = _bias_view(probe, conv.bias_buffer).view(np.uint8).copy()
     return tflite_graph.write(qobj), _report(shifts, len(float_inputs))
@@ -111,7 +116,8 @@ def _convs(qobj: Any, fobj: Any) -> list[_Conv]:
         if name in f_index:
             bias = sub.tensors[op.inputs[2]]
             scale = np.asarray(bias.quantization.scale, dtype=np.float64)
-            found.append(_Conv(int(op.outputs[0]), f_index[name], int(bias.buffer), scale))
+            size = int(np.prod(sub.tensors[op.outputs[0]].shape))
+            found.append(_Conv(int(op.outputs[0]), f_index[name], int(bias.buffer), scale, size))
     return found
 
 
@@ -151,6 +157,21 @@ def _with_outputs(obj: Any, tensors: list[int]) -> bytes:
         sub.outputs = own
 
 
+def _batches(convs: list[_Conv], images: int) -> list[list[_Conv]]:
+    """Consecutive convolutions whose float outputs on every image fit in :data:`FLOAT_BYTES` together
+    (at least one each)."""
+    batches: list[list[_Conv]] = [[]]
+    held = 0
+    for conv in convs:
+        need = 4 * conv.size * images
+        if batches[-1] and held + need > FLOAT_BYTES:
+            batches.append([])
+            held = 0
+        batches[-1].append(conv)
+        held += need
+    return batches
+
+
 def _bias_view(model: bytearray, buffer: int) -> np.ndarray:
     """The int32 bias data of ``buffer``, as a writable view into the serialised model."""
     from edgeship import tflite_graph
@@ -159,22 +180,25 @@ def _bias_view(model: bytearray, buffer: int) -> np.ndarray:
     return data.view(np.int32)
 
 
-def _float_outputs(model: bytes, convs: list[_Conv], inputs: np.ndarray) -> list[np.ndarray | None]:
-    """Every corrected convolution's float output on every image: ``[N, ...]`` per convolution."""
+def _float_outputs(model: bytes, convs: list[_Conv], inputs: np.ndarray) -> list[np.ndarray]:
+    """The float output of each of ``convs`` on every image: ``[N, ...]`` per convolution."""
     from edgeship.runtime.interpreter import TFLiteModel
 
     m = TFLiteModel(model)
-    outs: list[list[np.ndarray]] = [[] for _ in convs]
-    for x in inputs:
+    outs: list[np.ndarray] = []
+    for i, x in enumerate(inputs):
         m.interpreter.set_tensor(m.input.index, x[None])
         m.invoke()
         for k, conv in enumerate(convs):
-            outs[k].append(m.interpreter.get_tensor(conv.float_out)[0].copy())
-    return [np.stack(o) for o in outs]
+            value = m.interpreter.get_tensor(conv.float_out)[0]
+            if i == 0:
+                outs.append(np.empty((len(inputs), *value.shape), np.float32))
+            outs[k][i] = value
+    return outs
 
 
 def _measure(
-    quant: bytes, out: int, float_out: np.ndarray | None, quant_inputs: np.ndarray
+    quant: bytes, out: int, float_out: np.ndarray, quant_inputs: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-channel mean output shift of one conv over the images, unclamped positions only."""
     from edgeship.runtime.interpreter import TFLiteModel
@@ -185,7 +209,7 @@ def _measure(
     info = np.iinfo(detail["dtype"])
     lo, hi = (info.min - zp) * scale, (info.max - zp) * scale
     sums, counts = [], []
-    for xq, f32 in zip(quant_inputs, float_out if float_out is not None else ()):
+    for xq, f32 in zip(quant_inputs, float_out):
         m.interpreter.set_tensor(m.input.index, xq[None])
         m.invoke()
         raw = m.interpreter.get_tensor(out)[0].astype(np.int32)

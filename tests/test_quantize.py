@@ -298,3 +298,27 @@ def test_bias_correction_undoes_a_shift_put_into_a_convolutions_bias(tiny_bundle
     back, _ = first_conv_bias(corrected)
     assert report["max_layer_shift_in_steps"] > 2
     assert np.all(np.abs(back - bias) <= step)
+
+
+def test_bias_correction_in_batches_of_layers_makes_the_same_model(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float outputs held for one layer at a time (the float model run again per layer) or for all layers at once:
+    the same corrected model, byte for byte."""
+    from edgeship import tflite_graph
+    from edgeship.quantize import bias_correction, tflite_quant
+
+    float_model = (tiny_bundle / "model_float32.tflite").read_bytes()
+    spec = TFLiteModel(tiny_bundle / "model_float32.tflite").input
+    x = np.random.default_rng(2).uniform(-1, 1, (16, *spec.shape[1:])).astype(np.float32)
+    calibrated = tflite_quant.calibrate(float_model, x)
+    quant = tflite_quant.quantize_calibrated(calibrated)
+    q_in = TFLiteModel(quant).input
+    xq = np.clip(np.round(x / q_in.scale + q_in.zero_point), -128, 127).astype(np.int8)
+    monkeypatch.setattr(bias_correction, "FLOAT_BYTES", 1)
+    convs = bias_correction._convs(tflite_graph.read(quant), tflite_graph.read(calibrated))
+    assert len(convs) == 2 and len(bias_correction._batches(convs, len(x))) == 2
+    one_by_one, _ = bias_correction.correct_biases(quant, calibrated, x, xq, min_count=1)
+    monkeypatch.setattr(bias_correction, "FLOAT_BYTES", 2**40)
+    all_at_once, _ = bias_correction.correct_biases(quant, calibrated, x, xq, min_count=1)
+    assert one_by_one == all_at_once and one_by_one != quant
