@@ -19,6 +19,8 @@ XNNPACK partitions and ops left outside for it and for float32, and float32 vs t
 
     python benchmarks/arch_matrix.py                       # the architectures, dynamo export
     python benchmarks/arch_matrix.py --trained --columns edgeship,tf,ort,aeq --runs 0   # issue 25's table
+    python benchmarks/arch_matrix.py --trained --columns edgeship,tf,ort,aeq --runs 0 --work DIR --keep-peers
+                                                           # again on DIR's conversions and peers' models
     python benchmarks/arch_matrix.py --models resnet18,vit_tiny:torchscript
     python benchmarks/arch_matrix.py --full --json out.json   # + TorchScript exports + variants
     python benchmarks/arch_matrix.py --columns target --runs 100   # issue 13's table only
