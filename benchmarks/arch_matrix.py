@@ -19,6 +19,8 @@ XNNPACK partitions and ops left outside for it and for float32, and float32 vs t
 
     python benchmarks/arch_matrix.py                       # the architectures, dynamo export
     python benchmarks/arch_matrix.py --trained --columns edgeship,tf,ort,aeq --runs 0   # issue 25's table
+    python benchmarks/arch_matrix.py --trained --columns edgeship,tf,ort,aeq --runs 0 --work DIR --keep-peers
+                                                           # again on DIR's conversions and peers' models
     python benchmarks/arch_matrix.py --models resnet18,vit_tiny:torchscript
     python benchmarks/arch_matrix.py --full --json out.json   # + TorchScript exports + variants
     python benchmarks/arch_matrix.py --columns target --runs 100   # issue 13's table only
@@ -64,11 +66,11 @@ SHARED = {
 }  # the file is used as it is
 #: Issue 25: the trained models, every export of each.
 TRAINED = [
-    ("efficientnet_lite1", "dynamo"),
-    ("efficientnet_lite1", "torchscript"),
-    ("efficientnet_lite2", "dynamo"),
-    ("efficientnet_lite2", "torchscript"),
     ("mobilenetv2", "tf2onnx"),
+    ("efficientnet_lite2", "dynamo"),
+    ("efficientnet_lite1", "dynamo"),
+    ("efficientnet_lite2", "torchscript"),
+    ("efficientnet_lite1", "torchscript"),
 ]
 # Through quantize_static, Entropy runs with 128 histogram bins for 128 quantized bins (its
 # num_bins is not an extra_option there), so it usually lands on MinMax's ranges: what users get.
@@ -90,6 +92,8 @@ class Protocol:
     calib_first: bool = False
     #: onnxruntime's calibration methods to try (the best SQNR is kept).
     ort_methods: tuple[str, ...] = ORT_METHODS
+    #: Reuse the peers' int8 models a kept --work folder holds when made from exactly these calibration inputs.
+    keep_peers: bool = False
 
     @property
     def folder(self) -> Path:
@@ -243,8 +247,26 @@ def edgeship_int8(convert_dir: Path, out: Path, proto: Protocol) -> Path:
     return out / "model_int8.tflite"
 
 
-def tf_ptq(convert_dir: Path, calib: np.ndarray, out: Path) -> Path:
+def kept(out: Path, calib_npy: Path, calib: np.ndarray, keep: bool) -> bool:
+    """With ``keep`` (``--keep-peers``): a peer's model kept in the --work folder, made after its calibration
+    inputs were saved and from exactly these inputs (it depends on nothing else but the kept conversion or
+    the ONNX file)."""
+    ok = (
+        keep
+        and out.is_file()
+        and calib_npy.is_file()
+        and out.stat().st_mtime >= calib_npy.stat().st_mtime
+        and np.array_equal(np.load(calib_npy), calib)
+    )
+    if ok:
+        print(f"   kept {out} (--keep-peers)", file=sys.stderr, flush=True)
+    return ok
+
+
+def tf_ptq(convert_dir: Path, calib: np.ndarray, out: Path, keep: bool = False) -> Path:
     """TensorFlow's own full-integer PTQ of the converted SavedModel, in a child process."""
+    if kept(out, out.with_suffix(".calib.npy"), calib, keep):
+        return out
     np.save(out.with_suffix(".calib.npy"), calib)
     proc = subprocess.run(
         [
@@ -304,18 +326,24 @@ def ort_qdq(
     work: Path,
     truth: list[int | None] | None = None,
     methods: tuple[str, ...] = ORT_METHODS,
+    keep: bool = False,
 ) -> dict[str, Any]:
     """onnxruntime static QDQ int8, per-channel, three calibration methods: best SQNR kept.
 
     Each method runs in a child: the histogram calibrators keep every intermediate output
     in memory (ViT-sized models can exhaust it), and that must cost one cell, not the run.
     """
-    np.save(work / "ort.calib.npy", calib_nchw)
+    npy = work / "ort.calib.npy"
+    reuse = {m for m in methods if kept(work / f"ort_{m.lower()}.onnx", npy, calib_nchw, keep)}
+    if not (npy.is_file() and np.array_equal(np.load(npy), calib_nchw)):
+        np.save(npy, calib_nchw)
     per: dict[str, Any] = {}
     for method in methods:
 
         def one(method: str = method) -> dict[str, Any]:
             out = work / f"ort_{method.lower()}.onnx"
+            if method in reuse:
+                return {**figures(ref, run_onnx(str(out), eval_px, prep), truth), "kept": True}
             proc = subprocess.run(
                 [sys.executable, __file__, "--child-ort", method, str(onnx), str(work / "ort.calib.npy"), str(out)],
                 capture_output=True,
@@ -355,8 +383,10 @@ def _child_ort(method: str, onnx: str, calib_npy: str, out: str) -> int:
     return 0
 
 
-def aeq_int8(float_tflite: Path, calib: np.ndarray, out: Path) -> Path:
+def aeq_int8(float_tflite: Path, calib: np.ndarray, out: Path, keep: bool = False) -> Path:
     """ai-edge-quantizer's static int8 recipe (``static_wi8_ai8``, min/max) on the float TFLite model, in a child."""
+    if kept(out, out.with_suffix(".calib.npy"), calib, keep):
+        return out
     np.save(out.with_suffix(".calib.npy"), calib)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(aeq_path()), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(
@@ -539,7 +569,9 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
     calib_tfl = np.stack([normalize(p, tfl_prep) for p in load_pixels(calib_set, tfl_prep)])
     if "tf" in columns:
         row["tf_ptq"] = cell(
-            lambda: score_tflite(tf_ptq(conv_dir, calib_tfl, work / "tf_ptq.tflite"), tfl_eval_px, tfl_prep, ref, truth)
+            lambda: score_tflite(
+                tf_ptq(conv_dir, calib_tfl, work / "tf_ptq.tflite", proto.keep_peers), tfl_eval_px, tfl_prep, ref, truth
+            )
         )
     if "ort" in columns:
         calib_nchw = np.stack([normalize(p, arch.prep) for p in load_pixels(calib_set, arch.prep)]).transpose(
@@ -547,13 +579,21 @@ def measure(case: tuple[str, str], proto: Protocol, columns: Iterable[str] = COL
         )
         row["ort_qdq"] = cell(
             lambda: ort_qdq(
-                onnx_path, np.ascontiguousarray(calib_nchw), eval_px, arch.prep, ref, work, truth, proto.ort_methods
+                onnx_path,
+                np.ascontiguousarray(calib_nchw),
+                eval_px,
+                arch.prep,
+                ref,
+                work,
+                truth,
+                proto.ort_methods,
+                proto.keep_peers,
             )
         )
     if "aeq" in columns:
         row["aeq_int8"] = cell(
             lambda: score_tflite(
-                aeq_int8(conv_dir / "model_float32.tflite", calib_tfl, work / "aeq_int8.tflite"),
+                aeq_int8(conv_dir / "model_float32.tflite", calib_tfl, work / "aeq_int8.tflite", proto.keep_peers),
                 tfl_eval_px,
                 tfl_prep,
                 ref,
@@ -782,6 +822,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--runs", type=int, default=200, help="latency: invokes per model (0: skip)")
     ap.add_argument("--work", type=Path, help="keep the converted and quantized models here")
+    ap.add_argument(
+        "--keep-peers",
+        action="store_true",
+        help="reuse the peers' int8 models kept in --work when made from exactly these calibration inputs "
+        "(edgeship's column is always made again)",
+    )
     ap.add_argument("--json", type=Path, help="write the rows as JSON")
     ap.add_argument("--tables", type=Path, nargs="+", help="print the tables of rows kept by --json (no measuring)")
     ap.add_argument("--child-tf-ptq", nargs=3, help=argparse.SUPPRESS)
@@ -809,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
             latency_runs=args.runs,
             calib_first=args.calib_first,
             ort_methods=tuple(args.ort_methods.split(",")),
+            keep_peers=args.keep_peers,
         )
         for case in cases(args):
             print(f"== {case[0]} ({case[1]})", file=sys.stderr, flush=True)

@@ -141,12 +141,12 @@ def calibrated_model(native: Any, float_model: bytes, calib_px: np.ndarray, prep
 
 def ceiling_model(native: Any, calibrated: bytes, calib_px: np.ndarray, prep: Any, chosen: str) -> tuple[bytes, int]:
     """The int8 model with every op but the large matrix ops float, ranges by the default's chosen method."""
-    from edgeship.quantize import mixed, ranges, tflite_quant
+    from edgeship.quantize import histograms, mixed, ranges, tflite_quant
     from edgeship.runtime.images import normalize
     from edgeship.runtime.interpreter import TFLiteModel
 
     choice = next(c for c in ranges.CROSS_FIT_CANDIDATES if c.label == chosen)
-    hists = ranges.collect_histograms(
+    hists = histograms.collect_histograms(
         calibrated,
         tflite_quant.read_ranges(calibrated),
         (normalize(calib_px[i : i + 1], prep) for i in range(len(calib_px))),

@@ -18,6 +18,7 @@ import numpy as np
 from edgeship._child import ChildWorker
 from edgeship._progress import Progress
 from edgeship.quantize import ranges, tflite_quant
+from edgeship.quantize.histograms import Histogram, collect_histograms, merge_histograms
 from edgeship.quantize.options import CalibrationMethod, QuantizeOptions
 from edgeship.quantize.worker import Quantizer
 from edgeship.reference import run_tflite
@@ -65,7 +66,7 @@ def apply_range_method(
     folds = histograms(
         calibrated, recorded, pixels, prep, fold_bounds(n, CROSS_FOLDS if n >= 2 else 1), native, progress
     )
-    hists = ranges.merge_histograms(folds)
+    hists = merge_histograms(folds)
     report["seconds"] = {"histograms": round(time.perf_counter() - start, 3)}
     method: CalibrationMethod | ranges.RangeChoice = options.method
     if cross_fit and measure is not None:
@@ -92,11 +93,11 @@ def histograms(
     bounds: list[tuple[int, int]],
     native: ChildWorker,
     progress: Progress,
-) -> list[dict[int, ranges.Histogram]]:
+) -> list[dict[int, Histogram]]:
     """Histograms of every recorded tensor, one set per fold; the child histograms the later folds meanwhile.
 
     The bins come from the recorded ranges, so the folds merge into exactly the histograms of
-    one pass over every image (:func:`edgeship.quantize.ranges.merge_histograms`).
+    one pass over every image (:func:`edgeship.quantize.histograms.merge_histograms`).
     """
 
     def samples(a: int, b: int) -> Iterator[np.ndarray]:
@@ -105,12 +106,10 @@ def histograms(
     (a, b), rest = bounds[0], bounds[1:]
     with ThreadPoolExecutor(1) as pool:
         later = [
-            pool.submit(
-                native.call, "histograms", ranges.collect_histograms, calibrated, recorded, list(samples(*fold))
-            )
+            pool.submit(native.call, "histograms", collect_histograms, calibrated, recorded, list(samples(*fold)))
             for fold in rest
         ]
-        first = ranges.collect_histograms(
+        first = collect_histograms(
             calibrated, recorded, samples(a, b), progress=lambda k: progress("histograms", k, b - a)
         )
         return [first, *(f.result() for f in later)]
@@ -118,7 +117,7 @@ def histograms(
 
 def cross_fitted(
     calibrated: bytes,
-    folds: list[dict[int, ranges.Histogram]],
+    folds: list[dict[int, Histogram]],
     options: QuantizeOptions,
     keep: set[int],
     native: ChildWorker,

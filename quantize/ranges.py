@@ -1,8 +1,7 @@
 """Activation range methods: min-max, percentile clipping, MSE-optimal, entropy (KL), auto.
 
-Histograms of every calibrated activation are collected by running the calibrated
-float model with all intermediate tensors preserved. Each method maps a histogram and
-the observed range to the range handed to TFLite's quantizer.
+Each method maps an activation's histogram (:mod:`edgeship.quantize.histograms`) and the
+observed range to the range handed to TFLite's quantizer.
 
 ``auto`` measures instead of assuming: :func:`choose_cross_fitted` picks, per model, the
 candidate of :data:`CROSS_FIT_CANDIDATES` (a method, its parameter and a margin) whose ranges
@@ -21,37 +20,11 @@ from typing import Callable
 
 import numpy as np
 
+from edgeship.quantize.histograms import Histogram, merge_histograms
 from edgeship.quantize.options import CalibrationMethod
 
-BINS = 2048
 QUANT_LEVELS = 255
 ERROR_BINS = 256  # histogram resolution the consumer-aware error is computed at
-
-
-@dataclass
-class Histogram:
-    """Counts of one tensor's values over fixed bins spanning ``[lo, hi]``.
-
-    ``seen_min``/``seen_max`` are the true extremes observed (the bins may span a wider
-    range: TensorFlow's calibrator records in-place ADD ranges on the producer too).
-    """
-
-    lo: float
-    hi: float
-    counts: np.ndarray
-    seen_min: float = float("inf")
-    seen_max: float = float("-inf")
-    #: Builtin op names of the ops that read this tensor (for the consumer-aware ``auto`` method).
-    consumers: tuple[str, ...] = ()
-
-    @property
-    def edges(self) -> np.ndarray:
-        return np.linspace(self.lo, self.hi, len(self.counts) + 1)
-
-    @property
-    def centers(self) -> np.ndarray:
-        e = self.edges
-        return (e[:-1] + e[1:]) / 2
 
 
 RangeFn = Callable[[Histogram, float], "tuple[float, float]"]
@@ -205,52 +178,6 @@ def least_consumer_error(hist: Histogram, param: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def collect_histograms(
-    model: bytes,
-    tensors: dict[int, tuple[str, float, float]],
-    samples: Iterable[np.ndarray],
-    progress: Callable[[int], None] | None = None,
-) -> dict[int, Histogram]:
-    """Histogram every listed tensor over the samples (float model, all tensors kept)."""
-    from edgeship.runtime.interpreter import debug_interpreter
-
-    interp = debug_interpreter(model)
-    inp = interp.get_input_details()[0]["index"]
-    readers: dict[int, list[str]] = {}
-    for op in interp._get_ops_details():  # noqa: SLF001 - the interpreter's only view of the graph
-        for t in op["inputs"]:
-            readers.setdefault(int(t), []).append(op["op_name"])
-    hists = {
-        i: Histogram(lo, hi, np.zeros(BINS, np.int64), consumers=tuple(readers.get(i, ())))
-        for i, (_, lo, hi) in tensors.items()
-        if hi > lo
-    }
-    for k, x in enumerate(samples):
-        interp.set_tensor(inp, x.astype(np.float32))
-        interp.invoke()
-        for i, h in hists.items():
-            values = interp.get_tensor(i).ravel()
-            h.seen_min = min(h.seen_min, float(values.min()))
-            h.seen_max = max(h.seen_max, float(values.max()))
-            h.counts += np.bincount(_bin_index(values, h.lo, h.hi), minlength=BINS)
-        if progress:
-            progress(k + 1)
-    return hists
-
-
-def _bin_index(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Each value's bin over ``[lo, hi]``, values outside counted in the end bins (NaN in the first).
-
-    Clipped in float, in place, before the integer conversion: the same bins as truncating first
-    and clipping after, in fewer passes over the tensor.
-    """
-    x = values - np.float32(lo) if values.dtype == np.float32 else (values - lo).astype(np.float32)
-    x *= np.float32(BINS / (hi - lo))
-    np.fmax(x, 0, out=x)  # NaN becomes 0 here, as truncating it did
-    np.fmin(x, BINS - 1, out=x)
-    return x.astype(np.intp)
-
-
 def choose_ranges(
     hists: dict[int, Histogram], method: CalibrationMethod | RangeChoice, param: float, keep: Iterable[int] = ()
 ) -> dict[int, tuple[float, float]]:
@@ -396,19 +323,3 @@ def pick_cross_fitted(plan: Sequence[Fitted], errors: Sequence[FoldError]) -> tu
         "cross_fitted_sqnr_db": {k: round(v, 3) for k, v in scores.items()},
         "folds": len({k for _, k, _ in plan}),
     }
-
-
-def merge_histograms(parts: Sequence[dict[int, Histogram]]) -> dict[int, Histogram]:
-    """One histogram per tensor from histograms of the same tensors over the same bins."""
-    merged: dict[int, Histogram] = {}
-    for part in parts:
-        for i, h in part.items():
-            m = merged.get(i)
-            if m is None:
-                merged[i] = Histogram(h.lo, h.hi, h.counts.copy(), h.seen_min, h.seen_max, h.consumers)
-                continue
-            if (m.lo, m.hi, len(m.counts)) != (h.lo, h.hi, len(h.counts)):
-                raise ValueError(f"tensor {i}: histograms over different bins cannot be merged")
-            m.counts += h.counts
-            m.seen_min, m.seen_max = min(m.seen_min, h.seen_min), max(m.seen_max, h.seen_max)
-    return merged

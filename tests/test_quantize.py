@@ -33,7 +33,6 @@ def tiny_int8(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, calib
                 "-q",
                 "--num-calib",
                 "20",
-                "--bias-correction",
             ]
         )
         == 0
@@ -50,7 +49,7 @@ def test_tiny_int8_outputs_and_report(tiny_int8: Path) -> None:
     assert len(report["calibration"]["file_list_sha256"]) == 64
     assert report["evaluation"]["held_apart_from_calibration"]
     assert report["sizes"]["int8"] == (tiny_int8 / "model_int8.tflite").stat().st_size  # tiny: headers dominate
-    assert report["bias_correction"]["enabled"] and report["bias_correction"]["layers"] == 2
+    assert not report["bias_correction"]["enabled"]  # per-channel: off unless asked (--bias-correction)
     assert report["worst_layers"] and {"rmse_per_scale", "sqnr_db", "name"} <= set(report["worst_layers"][0])
     assert 0.0 <= report["figures"]["top1_agreement"] <= 1.0
     assert report["versions"]["tensorflow"] and report["timings_s"]["calibrate"] > 0
@@ -336,3 +335,76 @@ def test_cli_summary_reads_the_typed_report(tiny_int8: Path) -> None:
         "  SQNR budget 30.0 dB: kept float HARD_SWISH x2 1/2 (2); SQNR 21.0 -> 31.1 dB; "
         "1-thread ms float32 2.00, all_int8 1.00, budgeted 1.25"
     )
+
+
+def test_bias_correction_undoes_a_shift_put_into_a_convolutions_bias(tiny_bundle: Path) -> None:
+    """A shift of 4 output steps added to one int8 conv's int32 bias comes back out (within one step)."""
+    from edgeship import tflite_graph
+    from edgeship.quantize import tflite_quant
+    from edgeship.quantize.bias_correction import correct_biases
+
+    float_model = (tiny_bundle / "model_float32.tflite").read_bytes()
+    spec = TFLiteModel(tiny_bundle / "model_float32.tflite").input
+    x = np.random.default_rng(1).uniform(-1, 1, (24, *spec.shape[1:])).astype(np.float32)
+    calibrated = tflite_quant.calibrate(float_model, x)
+    quant = tflite_quant.quantize_calibrated(calibrated)
+    q_in = TFLiteModel(quant).input
+    xq = np.clip(np.round(x / q_in.scale + q_in.zero_point), -128, 127).astype(np.int8)
+    clean, _ = correct_biases(quant, calibrated, x, xq, min_count=1)
+
+    def first_conv_bias(model: bytes) -> tuple[np.ndarray, float]:
+        obj = tflite_graph.read(model)
+        sub = obj.subgraphs[0]
+        op = next(op for op in sub.operators if tflite_graph.op_name(obj, op) == "CONV_2D")
+        bias, out = sub.tensors[op.inputs[2]], sub.tensors[op.outputs[0]]
+        steps = float(out.quantization.scale[0]) / np.asarray(bias.quantization.scale, dtype=np.float64)
+        return np.frombuffer(bytes(bytearray(obj.buffers[bias.buffer].data)), dtype=np.int32), steps
+
+    def with_bias(model: bytes, value: np.ndarray) -> bytes:
+        obj = tflite_graph.read(model)
+        sub = obj.subgraphs[0]
+        op = next(op for op in sub.operators if tflite_graph.op_name(obj, op) == "CONV_2D")
+        obj.buffers[sub.tensors[op.inputs[2]].buffer].data = value.astype(np.int32).view(np.uint8)
+        return tflite_graph.write(obj)
+
+    bias, step = first_conv_bias(clean)
+    shifted = with_bias(clean, bias + np.round(4 * step).astype(np.int64))
+    corrected, report = correct_biases(shifted, calibrated, x, xq, min_count=1)
+    back, _ = first_conv_bias(corrected)
+    assert report["max_layer_shift_in_steps"] > 2
+    assert np.all(np.abs(back - bias) <= step)
+
+
+def test_bias_correction_in_batches_of_layers_makes_the_same_model(
+    tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Float outputs held for one layer at a time (the float model run again per layer) or for all layers at once:
+    the same corrected model, byte for byte."""
+    from edgeship import tflite_graph
+    from edgeship.quantize import bias_correction, tflite_quant
+
+    float_model = (tiny_bundle / "model_float32.tflite").read_bytes()
+    spec = TFLiteModel(tiny_bundle / "model_float32.tflite").input
+    x = np.random.default_rng(2).uniform(-1, 1, (16, *spec.shape[1:])).astype(np.float32)
+    calibrated = tflite_quant.calibrate(float_model, x)
+    quant = tflite_quant.quantize_calibrated(calibrated)
+    q_in = TFLiteModel(quant).input
+    xq = np.clip(np.round(x / q_in.scale + q_in.zero_point), -128, 127).astype(np.int8)
+    monkeypatch.setattr(bias_correction, "FLOAT_BYTES", 1)
+    convs = bias_correction._convs(tflite_graph.read(quant), tflite_graph.read(calibrated))
+    assert len(convs) == 2 and len(bias_correction._batches(convs, len(x))) == 2
+    one_by_one, _ = bias_correction.correct_biases(quant, calibrated, x, xq, min_count=1)
+    monkeypatch.setattr(bias_correction, "FLOAT_BYTES", 2**40)
+    all_at_once, _ = bias_correction.correct_biases(quant, calibrated, x, xq, min_count=1)
+    assert one_by_one == all_at_once and one_by_one != quant
+
+
+def test_bias_correction_is_asked_for_on_a_per_channel_model(
+    tiny_bundle: Path, calib_images: Path, tmp_path: Path
+) -> None:
+    """``--bias-correction`` corrects every convolution but the scores' (off by default for per-channel)."""
+    out = tmp_path / "bc"
+    args = ["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20"]
+    assert main([*args, "--bias-correction"]) == 0
+    report = json.loads((out / "quant_report.json").read_text())
+    assert report["bias_correction"]["enabled"] and report["bias_correction"]["layers"] == 2

@@ -108,7 +108,7 @@ def test_fold_histograms_made_in_two_processes_merge_into_the_one_pass_histogram
     """quantize histograms one fold here and the other in its child: together, exactly one pass's counts."""
     from edgeship._child import ChildWorker
     from edgeship.convert import ConvertResult
-    from edgeship.quantize import range_choice, ranges, tflite_quant
+    from edgeship.quantize import histograms, range_choice, tflite_quant
     from edgeship.runtime.images import list_images, load_pixels, normalize
 
     conv = ConvertResult.load(tiny_bundle)  # type: ignore[arg-type]
@@ -116,14 +116,14 @@ def test_fold_histograms_made_in_two_processes_merge_into_the_one_pass_histogram
     pixels = load_pixels(list_images(calib_images).files[:12], prep)  # type: ignore[arg-type]
     calibrated = tflite_quant.calibrate(conv.model, normalize(pixels, prep))
     recorded = tflite_quant.read_ranges(calibrated)
-    one_pass = ranges.collect_histograms(
+    one_pass = histograms.collect_histograms(
         calibrated, recorded, (normalize(pixels[i : i + 1], prep) for i in range(len(pixels)))
     )
     with ChildWorker() as native:
         folds = range_choice.histograms(
             calibrated, recorded, pixels, prep, range_choice.fold_bounds(12), native, lambda *a: None
         )
-    merged = ranges.merge_histograms(folds)
+    merged = histograms.merge_histograms(folds)
     assert len(folds) == 2 and set(merged) == set(one_pass) and one_pass
     for i, h in one_pass.items():
         assert np.array_equal(merged[i].counts, h.counts) and int(h.counts.sum()) > 0
@@ -133,7 +133,7 @@ def test_fold_histograms_made_in_two_processes_merge_into_the_one_pass_histogram
 
 def test_bin_index_matches_truncate_then_clip() -> None:
     """The in-place float bins equal truncating to integers first and clipping after (the earlier rule)."""
-    from edgeship.quantize.ranges import BINS, _bin_index
+    from edgeship.quantize.histograms import BINS, _bin_index
 
     values = np.random.default_rng(3).normal(0, 3, 100_000).astype(np.float32)
     values[:4] = [-1e9, 1e9, 0.0, np.nan]
