@@ -45,11 +45,11 @@ from edgeship.quantize import quantize, tflite_quant
 from edgeship.quantize.data import Split, split_images
 from edgeship.quantize.interface import EXACT
 from edgeship.quantize.options import QuantizeOptions
-from edgeship.quantize.result import LAYER_PLOT, QuantizeResult
+from edgeship.quantize.result import QuantizeResult
 from edgeship.quantize.speed import SpeedTiming
 from edgeship.report import ReportInputs, write_report
 from edgeship.runtime.bench import BenchOptions, benchmark
-from edgeship.runtime.bench_report import BenchReport
+from edgeship.runtime.bench_report import BENCH_FILE, BenchReport
 from edgeship.runtime.card import ModelCard, Preprocessing
 from edgeship.runtime.images import Labels, cached_crops, list_images
 from edgeship.targets import load_target
@@ -749,8 +749,8 @@ def _layer_plots(models: dict[str, DeployedModel]) -> dict[str, Path]:
     plots = {}
     for m in models.values():
         q = m.quantized
-        if q is not None and q.layer_plot and q.folder is not None and q.report.interface is None:
-            plots[m.variant] = q.folder / LAYER_PLOT
+        if q is not None and q.layer_plot_path is not None and q.report.interface is None:
+            plots[m.variant] = q.layer_plot_path
     return plots
 
 
@@ -795,10 +795,10 @@ def _bench_stage(
             progress=progress,
         )
         d.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(d / "bench.json", doc.to_dict())
+        atomic_write_json(d / BENCH_FILE, doc.to_dict())
 
     folder, _ = stages.run("bench", key, build)
-    return BenchReport.from_dict(json.loads((folder / "bench.json").read_text()))
+    return BenchReport.from_dict(json.loads((folder / BENCH_FILE).read_text()))
 
 
 def _bundle_key(m: DeployedModel, target: Any, version: str | None = None) -> dict[str, Any]:
@@ -875,12 +875,12 @@ def _device_bench_stages(
                 ssh_device(one), t, ms, runs=options.bench_runs, pip_args=one.pip_args, progress=progress
             )
             d.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(d / "bench.json", doc.to_dict())
+            atomic_write_json(d / BENCH_FILE, doc.to_dict())
 
         folder, _ = stages.run(f"device-bench/{t.name}", key, build)
-        doc = BenchReport.from_dict(json.loads((folder / "bench.json").read_text()))
+        doc = BenchReport.from_dict(json.loads((folder / BENCH_FILE).read_text()))
         out[t.name] = {
-            "bench": str(folder / "bench.json"),
+            "bench": str(folder / BENCH_FILE),
             "device": doc.device.to_dict() if doc.device else None,
             "speed": doc.speed.to_dict() if doc.speed else None,
         }

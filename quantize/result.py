@@ -70,6 +70,11 @@ class QuantizeResult:
         """The saved model (None until saved)."""
         return self.folder / self.model_file if self.folder else None
 
+    @property
+    def layer_plot_path(self) -> Path | None:
+        """Where the per-layer error plot was saved (None: not saved, or no plot)."""
+        return self.folder / LAYER_PLOT if self.folder is not None and self.layer_plot else None
+
     def save(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> QuantizeResult:
         """Write the model, its card, the report and the layer plot into ``out_dir`` as one set.
 

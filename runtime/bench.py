@@ -37,6 +37,7 @@ from edgeship._deps import require
 from edgeship._files import atomic_write_json
 from edgeship.errors import EdgeshipError, InputError, NativeCrashError
 from edgeship.runtime.bench_report import (
+    BENCH_FILE,
     SCHEMA,
     BenchHost,
     BenchOptions,
@@ -533,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="image file or folder: also time Classifier.predict end to end (repeatable)",
     )
     ap.add_argument("--e2e-runs", type=int, help="end-to-end rounds per model (default: --runs)")
-    ap.add_argument("-o", "--out", default="bench.json")
+    ap.add_argument("-o", "--out", default=BENCH_FILE)
     args = ap.parse_args(argv)
     try:
         opts = BenchOptions(

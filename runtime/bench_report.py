@@ -16,6 +16,9 @@ from edgeship.runtime.delegation import Delegation, op_counts
 
 SCHEMA = "edgeship-bench/1"
 
+#: The file a benchmark is written to (``python -m edgeship.runtime.bench -o``, deploy's bench folders).
+BENCH_FILE = "bench.json"
+
 
 def _some(**items: Any) -> dict[str, Any]:
     """``items`` without the None values (the keys a source did not measure)."""
