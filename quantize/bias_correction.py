@@ -22,6 +22,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgeship import tflite_graph
+from edgeship.runtime.interpreter import TFLiteModel
+
 log = logging.getLogger(__name__)
 
 _CONV_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D")
@@ -64,7 +67,6 @@ def correct_biases(
         min_count: Channels with fewer unclamped positions are left alone.
         progress: Called with (layers done, layers) after each layer.
     """
-    from edgeship import tflite_graph
 
     qobj = tflite_graph.read(quant)
     convs = _convs(qobj, tflite_graph.read(float_model))
@@ -103,7 +105,6 @@ def _convs(qobj: Any, fobj: Any) -> list[_Conv]:
 
     The layer producing the scores is left alone: its output range is the scores'.
     """
-    from edgeship import tflite_graph
 
     sub = qobj.subgraphs[0]
     f_index = {tflite_graph.tensor_name(t): i for i, t in enumerate(fobj.subgraphs[0].tensors)}
@@ -133,7 +134,6 @@ def _integer_conv(sub: Any, op: Any) -> bool:
 
 def _score_producer(qobj: Any) -> int:
     """Tensor index of the scores before any reshape/slice at the end of the graph."""
-    from edgeship import tflite_graph
 
     sub = qobj.subgraphs[0]
     producer = {op.outputs[0]: op for op in sub.operators if op.outputs is not None and len(op.outputs)}
@@ -146,7 +146,6 @@ def _score_producer(qobj: Any) -> int:
 
 def _with_outputs(obj: Any, tensors: list[int]) -> bytes:
     """The model serialised with ``tensors`` added to its outputs (the object is left as it was)."""
-    from edgeship import tflite_graph
 
     sub = obj.subgraphs[0]
     own = [int(t) for t in sub.outputs]
@@ -174,7 +173,6 @@ def _batches(convs: list[_Conv], images: int) -> list[list[_Conv]]:
 
 def _bias_view(model: bytearray, buffer: int) -> np.ndarray:
     """The int32 bias data of ``buffer``, as a writable view into the serialised model."""
-    from edgeship import tflite_graph
 
     data = tflite_graph._schema().Model.GetRootAs(model, 0).Buffers(buffer).DataAsNumpy()  # noqa: SLF001
     return data.view(np.int32)
@@ -182,7 +180,6 @@ def _bias_view(model: bytearray, buffer: int) -> np.ndarray:
 
 def _float_outputs(model: bytes, convs: list[_Conv], inputs: np.ndarray) -> list[np.ndarray]:
     """The float output of each of ``convs`` on every image: ``[N, ...]`` per convolution."""
-    from edgeship.runtime.interpreter import TFLiteModel
 
     m = TFLiteModel(model)
     outs: list[np.ndarray] = []
@@ -201,7 +198,6 @@ def _measure(
     quant: bytes, out: int, float_out: np.ndarray, quant_inputs: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-channel mean output shift of one conv over the images, unclamped positions only."""
-    from edgeship.runtime.interpreter import TFLiteModel
 
     m = TFLiteModel(quant)
     detail = next(d for d in m.interpreter.get_output_details() if d["index"] == out)

@@ -8,18 +8,19 @@ from typing import Any
 import numpy as np
 
 from edgeship import tflite_graph
+from edgeship._deps import require
 from edgeship._progress import Progress
+from edgeship.convert.converter import run_onnx2tf
 from edgeship.convert.result import FLOAT32_FILE, ConvertResult
 from edgeship.errors import InputError
+from edgeship.quantize.bias_correction import correct_biases
+from edgeship.quantize.equalize import equalize
 from edgeship.runtime.images import normalize
 from edgeship.runtime.interpreter import TFLiteModel
 
 
 def equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, dict[str, Any]]:
     """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
-    from edgeship._deps import require
-    from edgeship.convert.converter import run_onnx2tf
-    from edgeship.quantize.equalize import equalize
 
     onnx = require("onnx", purpose="equalize the model")
     if not source.simplified_onnx:
@@ -38,7 +39,6 @@ def bias_correct(
     quant: bytes, calibrated: bytes, pixels: np.ndarray, prep: Any, progress: Progress
 ) -> tuple[bytes, dict[str, Any]]:
     """Sequential empirical bias correction on (at most 64 of) the calibration images."""
-    from edgeship.quantize.bias_correction import correct_biases
 
     return correct_biases(
         quant,

@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from edgeship.runtime.interpreter import debug_interpreter
+
 BINS = 2048
 
 
@@ -49,7 +51,6 @@ def collect_histograms(
     progress: Callable[[int], None] | None = None,
 ) -> dict[int, Histogram]:
     """Histogram every listed tensor over the samples (float model, all tensors kept)."""
-    from edgeship.runtime.interpreter import debug_interpreter
 
     interp = debug_interpreter(model)
     inp = interp.get_input_details()[0]["index"]

@@ -24,6 +24,7 @@ from edgeship.quantize.search_report import Offered, Placement, SpeedCheck, Spee
 from edgeship.quantize.worker import Quantizer
 from edgeship.runtime.bench import BenchOptions, benchmark, emulation
 from edgeship.runtime.bench_report import BenchReport
+from edgeship.runtime.interpreter import backend_version, pick_backend
 from edgeship.runtime.metrics import DriftFigures
 
 #: Invokes per model of the speed check (1 thread, XNNPACK, interleaved; the median counts).
@@ -91,7 +92,6 @@ def stopwatch(work: Path | Stopwatch) -> Stopwatch:
 
 
 def _here() -> dict[str, Any]:
-    from edgeship.runtime.interpreter import backend_version, pick_backend
 
     backend = pick_backend()
     return {
