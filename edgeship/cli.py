@@ -374,7 +374,7 @@ def _speed_note(target_name: str | None, report: QuantizeReport) -> list[str]:
 def _speed_timing(args: argparse.Namespace, progress: Callable[..., None]) -> Any:
     """Where quantize times its speed decisions: the --target's ssh device with --host, else this machine."""
     from edgeship.deploy import speed_timing  # deferred: CLI start-up
-    from edgeship.quantize.speed import SpeedTiming
+    from edgeship.quantize.speed import SpeedTiming  # deferred: CLI start-up
 
     if args.adb or args.emulate:
         raise InputError("quantize times its speed decisions on a device over ssh (--host); not over adb or emulated")
