@@ -351,6 +351,23 @@ def _image_path_line(inputs: ReportInputs) -> list[str]:
     ]
 
 
+def speed_decision_lines(summary: Mapping[str, Any]) -> list[str]:
+    """Where quantize timed each target's speed decisions (placement, speed floor, speed check), from deploy's
+    summary; a device that was not used for them (emulated) says why."""
+    lines = []
+    for name, t in summary["targets"].items():
+        timed = t.get("speed_timing")
+        if not timed or not timed.get("measurements"):
+            continue
+        runtime = f"{timed.get('interpreter', '?')} {timed.get('interpreter_version') or ''}".strip()
+        note = f" ({timed['note']})" if timed.get("note") else ""
+        lines.append(
+            f"{name}: quantize's speed decisions timed on {timed.get('where') or 'this machine'} "
+            f"({timed.get('machine', '?')}, {runtime}){note}."
+        )
+    return lines
+
+
 def _isa_summary(inputs: ReportInputs) -> list[str]:
     """Which targets' drift checks ran on their own ISA, and which only on this machine, said plainly."""
     own: list[str] = []
@@ -439,6 +456,7 @@ def write_report(out: Path, inputs: ReportInputs) -> tuple[Path, Path]:
     )
 
     isa = _isa_summary(inputs) + _image_path_line(inputs) + device_speed_lines(device_speeds(summary))
+    isa += speed_decision_lines(summary)
     md = [
         f"# edgeship deploy report\n\nModel `{summary['model']}`; calibrated on {summary['calibration']['count']} "
         f"images, evaluated on {summary['evaluation']['count']} other images: **{verdict}**.\n",

@@ -74,6 +74,8 @@ def test_deploy_outputs(deployed: tuple[Path, Path, float]) -> None:
     md = (out / "report.md").read_text()
     assert "Accuracy drift per target" in md and "PASS" in md and "Per-layer error" in md
     assert "Through the app's own library" in md and "warpPerspective" in md
+    for name in ("x86-host", "rpi4-aarch64"):  # where quantize timed the speed decisions (no --host: here)
+        assert f"{name}: quantize's speed decisions timed on this machine (x86_64, " in md, md
 
 
 def test_rerun_reuses_every_stage(deployed: tuple[Path, Path, float], tiny_onnx: Path) -> None:
