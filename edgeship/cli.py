@@ -679,7 +679,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     )
     g.add_argument("--e2e-runs", type=int, help="end-to-end rounds per model and thread count (default: --runs)")
     g.add_argument("--benchmark-binary", type=Path, help="TensorFlow Lite benchmark_model for --adb")
-    _add_device_options(p)
+    _add_device_options(p, emulate=False)  # accepted, refused with a reason: emulated timings are no speed
     _add_common(p)
     p.set_defaults(func=_cmd_bench)
 
