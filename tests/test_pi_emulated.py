@@ -167,12 +167,15 @@ def test_interpreter_crash_blames_the_interpreter_not_the_file() -> None:
 
 def test_emulated_timings_are_labelled_in_the_table() -> None:
     from edgeship.runtime.bench import EMULATED, table
+    from edgeship.runtime.bench_report import BenchReport
 
     row = {
         "model": "m.tflite",
+        "path": "m.tflite",
         "threads": 1,
         "init_ms": 1.0,
         "first_ms": 1.0,
+        "mean_ms": 2.0,
         "p50_ms": 2.0,
         "p90_ms": 2.0,
         "p99_ms": 2.0,
@@ -184,10 +187,10 @@ def test_emulated_timings_are_labelled_in_the_table() -> None:
     doc = {
         "results": [row],
         "host": {"machine": "x86_64"},
-        "device": {"emulated": f"qemu-user (cortex-a7): {EMULATED}"},
+        "device": {"where": "ssh pi@h", "emulated": f"qemu-user (cortex-a7): {EMULATED}"},
     }
-    assert EMULATED in table(doc)[0]
-    assert EMULATED not in "\n".join(table({**doc, "device": {}}))
+    assert EMULATED in table(BenchReport.from_dict(doc))[0]
+    assert EMULATED not in "\n".join(table(BenchReport.from_dict({**doc, "device": None})))
 
 
 # --------------------------------------------------------------------------- slow: both emulated Pis
