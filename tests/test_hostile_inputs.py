@@ -70,9 +70,7 @@ def _wait_for_onnx2tf(proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         if any("edgeship._worker" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children(recursive=True)):
-            # Mid-conversion: the simplified model is in the temporary folder and the worker is still starting
-            # TensorFlow (seconds). Signalled at once: a fixed wait here let a loaded machine finish the tiny
-            # conversion first (exit 0, nothing to clean up).
+            time.sleep(1.0)  # mid-conversion: onnx2tf has its model copy and output folder in the temporary folder
             return
         time.sleep(0.2)
     pytest.fail("convert never reached onnx2tf")
@@ -89,6 +87,9 @@ def test_terminated_convert_cleans_up_and_exits_non_zero(sig: signal.Signals, tm
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As from a terminal: under nohup (a CI job started with it) SIGHUP is inherited ignored, and
+        # edgeship leaves a signal ignored on purpose ignored.
+        preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL),
     )
     _wait_for_onnx2tf(proc)  # type: ignore[arg-type]
     proc.send_signal(sig)
