@@ -252,9 +252,10 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--bias-correction",
         action="store_true",
         default=None,
-        help="force the layer-by-layer empirical bias correction on (default: on with --per-tensor only)",
+        help="layer-by-layer empirical bias correction of every convolution (default: the depthwise "
+        "convolutions; every convolution with --per-tensor)",
     )
-    bc.add_argument("--no-bias-correction", action="store_false", dest="bias_correction", help="force it off")
+    bc.add_argument("--no-bias-correction", action="store_false", dest="bias_correction", help="no bias correction")
     q = p.add_argument_group("model")
     q.add_argument(
         "--io", choices=[d.value for d in IODtype], help="input/output dtype (default: the target's, else int8)"
@@ -270,6 +271,12 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="every op int8 (NNAPI, DSPs); default: ops XNNPACK "
         "has no int8 kernel for stay float inside its partition, when the target allows mixed models",
+    )
+    q.add_argument(
+        "--int8-logits",
+        action="store_true",
+        help="scores on the int8 output grid; default with mixed models: the last layer writes float "
+        "scores from its int8 input and weights (float32 output)",
     )
     q.add_argument("--target", help="target profile: default I/O dtype, per-tensor and mixed models from it")
     e = p.add_argument_group("evaluation")
@@ -327,6 +334,7 @@ def _cmd_quantize(args: argparse.Namespace, progress: Callable[..., None]) -> tu
         io=args.io,
         per_tensor=args.per_tensor or None,
         float_islands=False if args.full_integer else None,
+        float_logits=False if args.int8_logits else None,
         bias_correction=args.bias_correction,
         equalize=args.equalize,
         max_eval=args.max_eval,
@@ -484,6 +492,8 @@ def _xnnpack_line(runs: RunsOn) -> str:
             f"; {len(runs.float_islands)} op(s) kept float inside XNNPACK (no int8 kernel; all-int8 had "
             f"{all_int8} partitions)"
         )
+    if runs.float_logits:
+        line += "; scores float (the last layer reads int8 and writes float32: --int8-logits for the int8 grid)"
     return line
 
 

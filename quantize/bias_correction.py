@@ -34,6 +34,8 @@ _INT8_TYPES, _INT32 = (9, 3), 2
 SIGNIFICANCE = 2.0
 #: Float outputs held at once (bytes, over all images); the float model runs again for each later batch of layers.
 FLOAT_BYTES = 256 * 2**20
+#: Interpreter threads (quantize runs alone: both cores of a small machine).
+THREADS = 2
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ def correct_biases(
     quant_inputs: np.ndarray,
     *,
     min_count: int = 10,
+    ops: tuple[str, ...] = _CONV_OPS,
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Return the int8 model with bias-corrected convolutions.
@@ -65,13 +68,14 @@ def correct_biases(
         float_inputs: Float inputs ``[N, ...]`` (calibration images, model layout).
         quant_inputs: The same images as the int8 model's typed input ``[N, ...]``.
         min_count: Channels with fewer unclamped positions are left alone.
+        ops: The convolution op types to correct.
         progress: Called with (layers done, layers) after each layer.
     """
 
     qobj = tflite_graph.read(quant)
-    convs = _convs(qobj, tflite_graph.read(float_model))
+    convs = _convs(qobj, tflite_graph.read(float_model), ops)
     if not convs:
-        return quant, _report([], len(float_inputs))
+        return quant, _report([], len(float_inputs), ops)
     probe = bytearray(_with_outputs(qobj, [c.out for c in convs]))
     float_probe = _with_outputs(tflite_graph.read(float_model), [c.float_out for c in convs])
     shifts: list[float] = []
@@ -88,11 +92,12 @@ def correct_biases(
                 progress(len(shifts), len(convs))
     for conv in convs:  # the corrected biases into the model as it was (its own outputs only)
         qobj.buffers[conv.bias_buffer].data = _bias_view(probe, conv.bias_buffer).view(np.uint8).copy()
-    return tflite_graph.write(qobj), _report(shifts, len(float_inputs))
+    return tflite_graph.write(qobj), _report(shifts, len(float_inputs), ops)
 
 
-def _report(shifts: list[float], images: int) -> dict[str, Any]:
+def _report(shifts: list[float], images: int, ops: tuple[str, ...]) -> dict[str, Any]:
     return {
+        "ops": list(ops),
         "layers": len(shifts),
         "images": int(images),
         "mean_abs_shift_in_steps": round(float(np.mean(shifts)), 4) if shifts else 0.0,
@@ -100,7 +105,7 @@ def _report(shifts: list[float], images: int) -> dict[str, Any]:
     }
 
 
-def _convs(qobj: Any, fobj: Any) -> list[_Conv]:
+def _convs(qobj: Any, fobj: Any, ops: tuple[str, ...]) -> list[_Conv]:
     """The int8 convolutions with an int32 bias and a float twin of their output, in execution order.
 
     The layer producing the scores is left alone: its output range is the scores'.
@@ -111,7 +116,7 @@ def _convs(qobj: Any, fobj: Any) -> list[_Conv]:
     final = _score_producer(qobj)
     found = []
     for op in sub.operators:
-        if tflite_graph.op_name(qobj, op) not in _CONV_OPS or not _integer_conv(sub, op) or op.outputs[0] == final:
+        if tflite_graph.op_name(qobj, op) not in ops or not _integer_conv(sub, op) or op.outputs[0] == final:
             continue
         name = tflite_graph.tensor_name(sub.tensors[op.outputs[0]])
         if name in f_index:
@@ -181,7 +186,7 @@ def _bias_view(model: bytearray, buffer: int) -> np.ndarray:
 def _float_outputs(model: bytes, convs: list[_Conv], inputs: np.ndarray) -> list[np.ndarray]:
     """The float output of each of ``convs`` on every image: ``[N, ...]`` per convolution."""
 
-    m = TFLiteModel(model)
+    m = TFLiteModel(model, num_threads=THREADS)
     outs: list[np.ndarray] = []
     for i, x in enumerate(inputs):
         m.interpreter.set_tensor(m.input.index, x[None])
@@ -199,7 +204,7 @@ def _measure(
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Per-channel mean output shift of one conv over the images, unclamped positions only."""
 
-    m = TFLiteModel(quant)
+    m = TFLiteModel(quant, num_threads=THREADS)
     detail = next(d for d in m.interpreter.get_output_details() if d["index"] == out)
     scale, zp = detail["quantization"]
     info = np.iinfo(detail["dtype"])

@@ -36,14 +36,15 @@ BIAS_CORRECTION_IMAGES = 64
 
 
 def bias_correct(
-    quant: bytes, calibrated: bytes, pixels: np.ndarray, prep: Any, progress: Progress
+    quant: bytes, calibrated: bytes, pixels: np.ndarray, prep: Any, ops: tuple[str, ...], progress: Progress
 ) -> tuple[bytes, dict[str, Any]]:
-    """Sequential empirical bias correction on (at most 64 of) the calibration images."""
+    """Sequential empirical bias correction of the ``ops`` convolutions on (at most 64 of) the calibration images."""
 
     return correct_biases(
         quant,
         calibrated,
         *paired_inputs(quant, pixels[:BIAS_CORRECTION_IMAGES], prep),
+        ops=ops,
         progress=lambda k, n: progress("bias correction", k, n),
     )
 

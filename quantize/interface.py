@@ -4,7 +4,8 @@ What TFLite's ``modify_model_interface`` does for a uint8 interface: a QUANTIZE 
 end requantizes between the uint8 tensor the app feeds or reads and the int8 tensor the
 model computes with. Both sides share the scale and the uint8 zero point is the int8 one
 plus 128, so every value maps to exactly one value: the rewrite is exact, and a target
-that needs uint8 I/O gets the calibrated int8 model, not a second calibration.
+that needs uint8 I/O gets the calibrated int8 model, not a second calibration. Float logits
+(:mod:`edgeship.quantize.logits`) stay float: only the input is rewritten then.
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ from edgeship.errors import InputError
 EXACT = ("int8", "uint8")
 _UINT8 = 3  # TFLite's TensorType.UINT8
 _INT8 = 9
+_FLOAT32 = 0
 
 
 def with_io_dtype(model: bytes, io_dtype: str) -> bytes:
-    """``model`` (int8 input and output) with ``io_dtype`` input and output; unchanged for ``int8``.
+    """``model`` (int8 input, int8 or float output) with ``io_dtype`` input and output; unchanged for ``int8``.
 
     Raises:
         InputError: ``io_dtype`` is not one the rewrite keeps exact, or the model's interface is not int8.
@@ -36,14 +38,15 @@ def with_io_dtype(model: bytes, io_dtype: str) -> bytes:
     sg = obj.subgraphs[0]
     if len(sg.inputs) != 1 or len(sg.outputs) != 1:
         raise InputError(f"interface rewrite needs one input and one output, not {len(sg.inputs)}/{len(sg.outputs)}")
-    for index in (sg.inputs[0], sg.outputs[0]):
-        if sg.tensors[index].type != _INT8:
+    for index, allowed in ((sg.inputs[0], (_INT8,)), (sg.outputs[0], (_INT8, _FLOAT32))):
+        if sg.tensors[index].type not in allowed:
             raise InputError(
                 f"interface rewrite needs an int8 model; tensor {g.tensor_name(sg.tensors[index])} is "
                 f"{g.dtype_name(sg.tensors[index])}"
             )
     _uint8_input(obj)
-    _uint8_output(obj)
+    if sg.tensors[sg.outputs[0]].type == _INT8:  # float logits (edgeship.quantize.logits) stay float
+        _uint8_output(obj)
     return g.write(obj)
 
 

@@ -44,9 +44,10 @@ class QuantizeOptions:
             half of them); docs/quantization.md explains the choice.
         percentile: Kept mass for ``percentile`` (99.999 clips 0.0005 % off each tail);
             ``auto`` measures its own candidates.
-        bias_correction: Empirical bias correction of every conv, layer by layer, on the
-            calibration images (Nagel et al. 2019). None (default): on for per-tensor models,
-            off for per-channel ones.
+        bias_correction: Empirical bias correction, layer by layer, on the calibration images
+            (Nagel et al. 2019). None (default): the depthwise convolutions of per-channel models
+            (where a few weights per channel make the mean shift), every conv of per-tensor ones;
+            True: every conv; False: off.
         io: Input/output dtype of the quantized model.
         per_tensor: Per-tensor weights (for accelerators that need them) instead of per-channel.
         equalize: Cross-layer equalization + bias correction before quantizing.
@@ -55,6 +56,9 @@ class QuantizeOptions:
             onnxruntime's QDQ computes them) in float, where XNNPACK runs them inside the
             same partition between QUANTIZE/DEQUANTIZE, instead of letting each one split
             the graph and run on TFLite's slow kernels. False: full-integer (NNAPI, DSPs).
+        float_logits: With ``float_islands``, the layer producing the scores reads its int8 input
+            and weights through DEQUANTIZE and writes float scores (:mod:`edgeship.quantize.logits`):
+            no int8 output grid to tie or swap close classes; the model's output is float32.
         eval_split: When no evaluation images are given and there are no more images than
             ``num_calib``, calibrate on the first ``1 - eval_split`` and evaluate on the rest.
         max_eval: Evaluate on at most this many images.
@@ -91,6 +95,7 @@ class QuantizeOptions:
     per_tensor: bool = False
     equalize: bool = False
     float_islands: bool = True
+    float_logits: bool = True
     eval_split: float = 0.2
     max_eval: int | None = None
     max_drop: float | None = None
@@ -128,8 +133,16 @@ class QuantizeOptions:
             raise InputError(f"min_calib must be >= 1, got {self.min_calib}")
 
     @property
-    def use_bias_correction(self) -> bool:
-        return self.per_tensor if self.bias_correction is None else self.bias_correction
+    def bias_correction_ops(self) -> tuple[str, ...]:
+        """The convolutions bias correction corrects (empty: off)."""
+        if self.bias_correction is False:
+            return ()
+        every = self.per_tensor or self.bias_correction is True
+        return ("CONV_2D", "DEPTHWISE_CONV_2D") if every else ("DEPTHWISE_CONV_2D",)
+
+    @property
+    def use_float_logits(self) -> bool:
+        return self.float_logits and self.float_islands
 
     @property
     def split(self) -> Split:

@@ -295,10 +295,12 @@ def _quantize_and_place(run: _Run, quantized: Quantizer, calibrated: bytes) -> t
 
 
 def _bias_correction(run: _Run, quant: bytes, calibrated: bytes) -> tuple[bytes, StepReport]:
-    if not run.options.use_bias_correction:
+    if not run.options.bias_correction_ops:
         return quant, StepReport(False)
     with run.timer.stage("bias correction"):
-        quant, info = bias_correct(quant, calibrated, run.calib.pixels, run.prep, run.progress)
+        quant, info = bias_correct(
+            quant, calibrated, run.calib.pixels, run.prep, run.options.bias_correction_ops, run.progress
+        )
     return quant, StepReport(True, info)
 
 

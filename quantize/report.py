@@ -84,7 +84,8 @@ class RunsOn:
     """The written model's first runs: errors on XNNPACK and the reference kernels, and XNNPACK's share.
 
     ``float_islands``: ops kept float inside XNNPACK because it has no int8 kernel for them (then
-    ``all_int8_delegation`` is the delegation without them).
+    ``all_int8_delegation`` is the delegation without them). ``float_logits``: the output tensor of
+    the layer that computes the scores in float (:mod:`edgeship.quantize.logits`), None when int8.
     """
 
     delegation: Delegation
@@ -92,6 +93,7 @@ class RunsOn:
     reference: str | None = None
     float_islands: tuple[str, ...] = ()
     all_int8_delegation: Delegation | None = None
+    float_logits: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -103,6 +105,7 @@ class RunsOn:
             d["float_islands"] = list(self.float_islands)
         if self.all_int8_delegation is not None:
             d["all_int8_delegation"] = self.all_int8_delegation.to_dict()
+        d["float_logits"] = self.float_logits
         return d
 
     @classmethod
@@ -114,6 +117,7 @@ class RunsOn:
             d.get("reference"),
             tuple(d.get("float_islands", ())),
             Delegation.from_dict(dict(all_int8)) if all_int8 else None,
+            d.get("float_logits"),
         )
 
 

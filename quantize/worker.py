@@ -14,6 +14,7 @@ from dataclasses import replace
 from edgeship._child import ChildWorker
 from edgeship.errors import CalibrationError
 from edgeship.quantize import mixed, tflite_quant
+from edgeship.quantize.logits import float_logits
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.report import RunsOn
 from edgeship.quantize.result import op_histogram
@@ -85,6 +86,9 @@ def _quantize_once(
         per_tensor=options.per_tensor,
         denylisted_nodes=list(denied),
     )
+    logits = None
+    if options.use_float_logits:
+        quant, logits = float_logits(quant)
     runs = native.call("first run of the int8 model", tflite_quant.check_runs, quant)
     broken = [f"{kernels}: {runs[kernels]}" for kernels in ("xnnpack", "reference") if runs[kernels]]
     if broken:
@@ -92,7 +96,7 @@ def _quantize_once(
             f"the int8 model TensorFlow's quantizer wrote does not run ({'; '.join(broken)}); "
             f"ops: {_op_summary(quant)}; nothing was written"
         )
-    return quant, RunsOn.from_dict(runs)
+    return quant, replace(RunsOn.from_dict(runs), float_logits=logits)
 
 
 def _island_candidates(calibrated: bytes, int8: Delegation) -> list[str]:

@@ -43,7 +43,7 @@ def check_fits(card: ModelCard, target: Target) -> None:
             f"target {target.name} runs {need.precision.value} models, this one is {card.precision}; "
             f"use the {need.precision.value} model"
         )
-    if card.input.dtype != need.io_dtype.value or card.output.dtype != need.io_dtype.value:
+    if not need.fits_io(card.input.dtype, card.output.dtype):
         raise ModelTargetMismatchError(
             f"target {target.name} needs {need.io_dtype.value} I/O, the model has "
             f"{card.input.dtype}/{card.output.dtype}: quantize with --io {need.io_dtype.value}"

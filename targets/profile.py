@@ -124,6 +124,13 @@ class ModelNeeds:
         if self.precision != Precision.INT8 and self.io_dtype != IODtype.FLOAT32:
             raise ValueError(f"a {self.precision.value} model has float32 I/O, not {self.io_dtype.value}")
 
+    def fits_io(self, input_dtype: str, output_dtype: str) -> bool:
+        """Whether a model of this I/O suits the target: its I/O dtype, or float32 scores (float logits) where
+        mixed models are allowed."""
+        want = self.io_dtype.value
+        float_logits = self.float_islands and output_dtype == IODtype.FLOAT32.value
+        return input_dtype == want and (output_dtype == want or float_logits)
+
 
 @dataclass(frozen=True)
 class Execution:

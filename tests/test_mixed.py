@@ -297,6 +297,7 @@ def test_budget_search_on_a_tiny_model_meets_the_budget(
         "--method",
         "auto",
         "--no-bias-correction",
+        "--int8-logits",
     ]
     assert main([*args, "--min-sqnr", "90"]) == 3  # nothing reaches 90 dB: best model kept, exit 3
     report = json.loads((out / "quant_report.json").read_text())

@@ -49,12 +49,13 @@ def test_tiny_int8_outputs_and_report(tiny_int8: Path) -> None:
     assert len(report["calibration"]["file_list_sha256"]) == 64
     assert report["evaluation"]["held_apart_from_calibration"]
     assert report["sizes"]["int8"] == (tiny_int8 / "model_int8.tflite").stat().st_size  # tiny: headers dominate
-    assert not report["bias_correction"]["enabled"]  # per-channel: off unless asked (--bias-correction)
+    assert report["bias_correction"]["ops"] == ["DEPTHWISE_CONV_2D"]  # per-channel: the depthwise ones by default
+    assert report["runs_on"]["float_logits"]  # the scores' layer writes float
     assert report["worst_layers"] and {"rmse_per_scale", "sqnr_db", "name"} <= set(report["worst_layers"][0])
     assert 0.0 <= report["figures"]["top1_agreement"] <= 1.0
     assert report["versions"]["tensorflow"] and report["timings_s"]["calibrate"] > 0
     model = TFLiteModel(tiny_int8 / "model_int8.tflite")
-    assert model.input.dtype == np.int8 and model.output.dtype == np.int8
+    assert model.input.dtype == np.int8 and model.output.dtype == np.float32
     with Image.open(tiny_int8 / "layer_errors.png") as im:
         assert im.size[0] > 200
 
@@ -92,12 +93,29 @@ def test_io_dtypes(io: str, tmp_path: Path, tiny_bundle: Path, calib_images: Pat
         == 0
     )
     model = TFLiteModel(out / "model_int8.tflite")
-    assert model.input.dtype == np.dtype(io) and model.output.dtype == np.dtype(io)
+    assert model.input.dtype == np.dtype(io) and model.output.dtype == np.float32  # float logits, whatever the input
+    assert (
+        "DEQUANTIZE" in model.op_names()
+        and json.loads((out / "quant_report.json").read_text())["runs_on"]["float_logits"]
+    )
     # The runtime (de)quantizes whatever the I/O is: all three models answer alike.
     probe = sorted(calib_images.glob("img_2*"))[0]
     ref = Classifier.load(tiny_int8 / "model_int8.tflite").logits(probe)
     got = Classifier.load(out / "model_int8.tflite").logits(probe)
     assert np.max(np.abs(ref - got)) < 0.05 * max(1.0, float(np.max(np.abs(ref))))
+
+
+def test_int8_logits_keep_the_scores_on_the_int8_grid(tiny_bundle: Path, calib_images: Path, tmp_path: Path) -> None:
+    """``--int8-logits``: the full-integer output (and, for uint8 I/O, a QUANTIZE op at both ends)."""
+    from edgeship.quantize import QuantizeResult
+
+    out = tmp_path / "grid"
+    args = ["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(out), "-q", "--num-calib", "20"]
+    assert main([*args, "--int8-logits"]) == 0
+    q = QuantizeResult.load(out)
+    assert TFLiteModel(q.model).output.dtype == np.int8 and q.report.runs_on.float_logits is None
+    u = q.with_io("uint8")
+    assert TFLiteModel(u.model).output.dtype == np.uint8 and u.report.ops["QUANTIZE"] == 2
 
 
 def test_quantize_straight_from_onnx(tmp_path: Path, tiny_onnx: Path, calib_images: Path) -> None:
@@ -191,7 +209,8 @@ def test_range_methods_registry_and_math() -> None:
 def test_uint8_interface_is_the_int8_model_rewritten_exactly(
     tiny_int8: Path, calib_images: Path, tmp_path: Path
 ) -> None:
-    """A saved result loads back; ``with_io("uint8")`` adds QUANTIZE ops at both ends and answers bit for bit alike."""
+    """A saved result loads back; ``with_io("uint8")`` adds a QUANTIZE op at the input (the float logits stay
+    float) and answers bit for bit alike."""
     from edgeship.errors import InputError
     from edgeship.quantize import QuantizeResult
 
@@ -203,10 +222,10 @@ def test_uint8_interface_is_the_int8_model_rewritten_exactly(
     )
     u = q.with_io("uint8").save(tmp_path / "u8")
     model = TFLiteModel(u.model)
-    assert model.input.dtype == np.uint8 and model.output.dtype == np.uint8
+    assert model.input.dtype == np.uint8 and model.output.dtype == np.float32
     assert model.input.zero_point == TFLiteModel(q.model).input.zero_point + 128
     assert u.report.interface is not None and u.report.interface.rewritten_from == "int8"
-    assert u.report.ops["QUANTIZE"] == 2
+    assert u.report.ops["QUANTIZE"] == 1
     for path in sorted(calib_images.glob("img_2*")):
         a = Classifier.load(tiny_int8 / "model_int8.tflite").logits(path)
         b = Classifier.load(tmp_path / "u8" / "model_int8.tflite").logits(path)
@@ -391,7 +410,7 @@ def test_bias_correction_in_batches_of_layers_makes_the_same_model(
     q_in = TFLiteModel(quant).input
     xq = np.clip(np.round(x / q_in.scale + q_in.zero_point), -128, 127).astype(np.int8)
     monkeypatch.setattr(bias_correction, "FLOAT_BYTES", 1)
-    convs = bias_correction._convs(tflite_graph.read(quant), tflite_graph.read(calibrated))
+    convs = bias_correction._convs(tflite_graph.read(quant), tflite_graph.read(calibrated), ("CONV_2D",))
     assert len(convs) == 2 and len(bias_correction._batches(convs, len(x))) == 2
     one_by_one, _ = bias_correction.correct_biases(quant, calibrated, x, xq, min_count=1)
     monkeypatch.setattr(bias_correction, "FLOAT_BYTES", 2**40)

@@ -54,10 +54,22 @@ def test_real_int8_figures(real_int8: Path) -> None:
     assert f["mean_cosine"] >= 0.997, f
     assert abs(f["ref_top1"] - f["cand_top1"]) <= 0.01, f
     assert r["sizes"]["int8"] <= 4.2e6
+    # Bias correction of the 17 depthwise convolutions, by default.
+    assert r["bias_correction"]["ops"] == ["DEPTHWISE_CONV_2D"] and r["bias_correction"]["layers"] == 17
     m = TFLiteModel(real_int8 / "model_int8.tflite", use_xnnpack=False)
-    assert m.input.dtype == np.int8 and m.output.dtype == np.int8
+    assert m.input.dtype == np.int8 and m.output.dtype == np.float32
     ops = m.op_names()
     assert "MUL" not in ops and ops[0] == "CONV_2D"  # the input normalisation was folded away
+
+
+def test_real_int8_scores_are_float_off_the_int8_grid(real_int8: Path, assets: Path) -> None:
+    """The 1x1 convolution writing the scores reads int8 and writes float32: more than 256 distinct scores per
+    image (an int8 output holds at most 256), one XNNPACK partition, the weights still int8."""
+    r = json.loads((real_int8 / "quant_report.json").read_text())
+    assert r["runs_on"]["float_logits"] and r["runs_on"]["delegation"]["partitions"] == 1
+    assert r["ops"]["DEQUANTIZE"] == 2 and r["sizes"]["int8"] <= 4.2e6
+    scores = Classifier.load(real_int8 / "model_int8.tflite").logits(assets / "data" / "images" / "parrot.jpg")
+    assert len(np.unique(scores)) > 256
 
 
 def test_real_int8_photos_and_integer_input(real_int8: Path, real_bundle: Path, assets: Path) -> None:

@@ -38,6 +38,14 @@ def test_facts_that_matter() -> None:
     assert nnapi.model.io_dtype.value == "uint8" and nnapi.model.int8_only and nnapi.access.value == "adb"
 
 
+def test_float_scores_fit_only_targets_that_allow_mixed_models() -> None:
+    """Float logits (an int8 model with float32 scores) suit the XNNPACK CPU targets, never full-integer NNAPI."""
+    android, nnapi, pi = (load_target(n).model for n in ("android-arm64-cpu", "android-nnapi", "rpi4-aarch64"))
+    assert android.fits_io("uint8", "float32") and android.fits_io("uint8", "uint8")
+    assert pi.fits_io("int8", "float32") and not pi.fits_io("float32", "float32") and not pi.fits_io("uint8", "uint8")
+    assert nnapi.fits_io("uint8", "uint8") and not nnapi.fits_io("uint8", "float32")
+
+
 def test_unknown_name_lists_valid_ones() -> None:
     with pytest.raises(TargetError) as exc:
         load_target("rpi9")

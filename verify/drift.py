@@ -361,10 +361,9 @@ def check_delegate(runtime: RuntimeInfo, target: Target, where: str) -> None:
 
 def io_problems(runtime: RuntimeInfo, target: Target) -> list[str]:
     """What about the model's I/O does not suit the target (``runtime``: the tensor specs the runtime reported)."""
-    want = target.model.io_dtype.value
     got_in, got_out = runtime.details["input"]["dtype"], runtime.details["output"]["dtype"]
-    if got_in != want or got_out != want:
-        return [f"model I/O is {got_in}/{got_out} but target {target.name} needs {want}"]
+    if not target.model.fits_io(got_in, got_out):
+        return [f"model I/O is {got_in}/{got_out} but target {target.name} needs {target.model.io_dtype.value}"]
     return []
 
 
