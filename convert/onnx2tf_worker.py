@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from edgeship._child import one_line
 
@@ -36,11 +36,11 @@ def _offline_sample_data():  # type: ignore[no-untyped-def]
 def _block_network() -> None:
     import requests
 
-    def refuse(*args, **kwargs):  # type: ignore[no-untyped-def]
+    def refuse(*args: object, **kwargs: object) -> NoReturn:
         raise requests.exceptions.ConnectionError("edgeship runs onnx2tf offline")
 
-    requests.get = refuse  # type: ignore[assignment]
-    requests.post = refuse  # type: ignore[assignment]
+    requests.get = refuse
+    requests.post = refuse
 
 
 class _Float16NotNeeded(Exception):

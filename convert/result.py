@@ -67,6 +67,12 @@ class ConvertResult:
         """The saved float32 model (None until saved)."""
         return self.folder / FLOAT32_FILE if self.folder else None
 
+    def saved_path(self) -> Path:
+        """The saved float32 model; a result that was never saved has none."""
+        if self.model_path is None:
+            raise ValueError("the conversion result was not saved: call save(folder) first")
+        return self.model_path
+
     def label_names(self) -> Labels | None:
         return Labels.from_bytes(self.labels, "the conversion's labels") if self.labels is not None else None
 

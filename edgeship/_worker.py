@@ -26,8 +26,9 @@ from edgeship._child import CHILD_LOG_ENV, describe, die_with_parent, read_frame
 
 def _error_reply(exc: BaseException) -> tuple[str, bytes | None, str]:
     try:
-        pickled: bytes | None = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
-        pickle.loads(pickled)
+        dumped = pickle.dumps(exc, protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(dumped)
+        pickled: bytes | None = dumped
     except Exception:  # noqa: BLE001 - an exception that does not travel goes back as its description
         pickled = None
     if not isinstance(exc, Exception):  # SystemExit from library code, KeyboardInterrupt: never re-raised as such

@@ -50,7 +50,7 @@ from edgeship.quantize.speed import SpeedTiming
 from edgeship.report import ReportInputs, write_report
 from edgeship.runtime.bench import BenchOptions, benchmark
 from edgeship.runtime.bench_report import BENCH_FILE, BenchReport
-from edgeship.runtime.card import ModelCard, Preprocessing
+from edgeship.runtime.card import IODtype, ModelCard, Preprocessing
 from edgeship.runtime.images import Labels, cached_crops, list_images
 from edgeship.targets import load_target
 from edgeship.targets.bundle import bundle
@@ -145,7 +145,7 @@ def code_fingerprint() -> str:
 
     h = hashlib.sha256()
     for pkg in (edgeship, edgeship.convert, edgeship.quantize, edgeship.runtime, edgeship.targets, edgeship.verify):
-        root = Path(pkg.__file__).parent
+        root = Path(pkg.__path__[0])
         for f in sorted(root.glob("*.py")) + sorted(root.glob("*.toml")):
             h.update(f.name.encode())
             h.update(f.read_bytes())
@@ -178,7 +178,7 @@ class _Stages:
         rank = {n: i for i, n in enumerate(names)}
         self.records.sort(key=lambda r: rank.get(r.name, -1))
 
-    def run(self, name: str, key: dict[str, Any], build: Callable[[Path], None]) -> tuple[Path, str]:
+    def run(self, name: str, key: dict[str, Any], build: Callable[[Path], object]) -> tuple[Path, str]:
         folder = relative(self.out, name, "stage")
         digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
         marker = folder / STAGE_MARK
@@ -393,7 +393,7 @@ def _deploy(
     verify_results = {name: d.to_dict() for name, d in drifts.items()}
     bench_doc = _bench_stage(stages, model_path, conv, models, options, progress, eval_set)
     device_benches = _device_bench_stages(stages, conv, models, targets, options, progress)
-    summary = {
+    summary: dict[str, Any] = {
         "edgeship": __version__,
         "model": str(model_path),
         "calibration": {"folder": str(calibration), "count": len(calib_set)},
@@ -569,7 +569,7 @@ def _quantize_stage(
 ) -> tuple[DeployedModel, str]:
     timing = speed_timing(options.device, members[0], stages.progress)
     opts = options.quantize.fitted(members[0], on_device=timing.probe is not None)
-    io = "int8" if opts.io.value in EXACT else opts.io.value
+    io = IODtype.INT8 if opts.io.value in EXACT else opts.io
     opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
     key = {
         "stage": "quantize",
@@ -768,7 +768,7 @@ def _bench_stage(
     The TFLite models are also timed end to end (``Classifier.predict``) on up to 20 held-apart images, each once.
     """
 
-    unique = [model, Path(str(conv.model_path))]
+    unique = [model, conv.saved_path()]
     for m in models.values():
         if m.path not in unique:
             unique.append(m.path)
@@ -815,7 +815,8 @@ class _Wheel:
     """The edgeship wheel, built once into ``folder`` by the first bundle that ships one (thread-safe)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder, self.seconds = folder, None
+        self.folder = folder
+        self.seconds: float | None = None
         self._lock = threading.Lock()
 
     def get(self) -> Path:
@@ -861,7 +862,7 @@ def _device_bench_stages(
         one = options.device.for_target(t.name) if options.device else None
         if one is None or one.kind != "ssh" or t.access.value != "ssh":
             continue
-        ms = list(dict.fromkeys([conv.model_path, models[t.name].path]))
+        ms = list(dict.fromkeys([conv.saved_path(), models[t.name].path]))
         key = {
             "stage": "device-bench",
             "target": t.to_dict(),

@@ -186,7 +186,7 @@ def new_constant(model: Any, value: np.ndarray, name: str, dtype: type = np.floa
     model.buffers.append(buf)
     t = schema.TensorT()
     t.shape, t.buffer, t.name = np.array(value.shape, dtype=np.int32), len(model.buffers) - 1, name
-    t.type = {np.float32: 0, np.int32: 2}[dtype]
+    t.type = {np.dtype(np.float32): 0, np.dtype(np.int32): 2}[np.dtype(dtype)]
     model.subgraphs[0].tensors.append(t)
     return len(model.subgraphs[0].tensors) - 1
 

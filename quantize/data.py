@@ -8,7 +8,7 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import numpy as np
 
@@ -255,7 +255,9 @@ def listed_sets(calibration: Images, evaluation: Images | None, split: Split) ->
         raise InputError("give calibration and evaluation images the same way: both folders, or both arrays")
     if not is_folder(calibration):
         return None
-    return split_images(Path(calibration), split, Path(evaluation) if evaluation is not None else None)
+    folder = cast("str | os.PathLike[str]", calibration)
+    held_apart = cast("str | os.PathLike[str] | None", evaluation)
+    return split_images(Path(folder), split, Path(held_apart) if held_apart is not None else None)
 
 
 def pixels_of(
@@ -270,4 +272,5 @@ def pixels_of(
     """Calibration and evaluation pixels, from the listed folders or from arrays."""
     if listed is not None:
         return from_sets(*listed, evaluation is None, prep, labels, progress)
-    return from_arrays(calibration, evaluation, split, prep)
+    arrays = cast("Iterable[np.ndarray]", calibration)
+    return from_arrays(arrays, cast("Iterable[np.ndarray] | None", evaluation), split, prep)

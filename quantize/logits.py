@@ -49,7 +49,7 @@ def _tail(obj: Any) -> list[Any] | None:
     if len(sg.outputs) != 1:
         return None
     producer = {o: op for op in sg.operators for o in op.outputs}
-    tensor, chain = sg.outputs[0], []
+    tensor, chain = sg.outputs[0], list[Any]()
     while tensor in producer:
         op = producer[tensor]
         kind = g.op_name(obj, op)

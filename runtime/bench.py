@@ -71,17 +71,18 @@ class _Runner:
         self.init_ms = (time.perf_counter_ns() - start) / 1e6
 
     def _init_tflite(self, model: str, threads: int, use_xnnpack: bool) -> None:
-        self.tfl = TFLiteModel(model, num_threads=threads, use_xnnpack=use_xnnpack)
-        spec = self.tfl.input
+        tfl = TFLiteModel(model, num_threads=threads, use_xnnpack=use_xnnpack)
+        self.tfl: TFLiteModel | None = tfl
+        spec = tfl.input
         rng = np.random.default_rng(0)
         if spec.quantized:
             info = np.iinfo(spec.dtype)
             self.x = rng.integers(info.min, info.max + 1, size=spec.shape).astype(spec.dtype)
         else:
             self.x = rng.standard_normal(spec.shape).astype(spec.dtype)
-        self.tfl.set_raw_input(self.x)
-        self.describe = self.tfl.describe()
-        self.invoke = self.tfl.invoke
+        tfl.set_raw_input(self.x)
+        self.describe = tfl.describe()
+        self.invoke = tfl.invoke
         self.classifier: Any = None
 
     def _init_onnx(self, model: str, threads: int) -> None:
@@ -147,15 +148,21 @@ class _Runner:
             ns["total"].append(t1 - t0)
             for k, v in steps.items():
                 ns[k].append(v)
-        self.tfl.set_raw_input(self.x)  # the invoke-only runs keep their own input
+        self._tflite().set_raw_input(self.x)  # the invoke-only runs keep their own input
         return ns
 
     def _classifier(self) -> Any:
         if self.classifier is None:
             card = find_card(Path(self.model))
             self.card_note = "" if card else "no model card beside the model: ImageNet preprocessing assumed"
-            self.classifier = Classifier(self.tfl, card or card_from_model(self.tfl, Path(self.model).name), None)
+            tfl = self._tflite()
+            self.classifier = Classifier(tfl, card or card_from_model(tfl, Path(self.model).name), None)
         return self.classifier
+
+    def _tflite(self) -> TFLiteModel:
+        if self.tfl is None:
+            raise InputError(f"{self.model}: image-path timings need a TFLite model")
+        return self.tfl
 
 
 def _worker() -> int:

@@ -539,7 +539,7 @@ class SshDevice:
                 return python
             start = time.monotonic()
             text = requirements_text(requirements, [w.name for w in wheels])
-            record = {
+            record: dict[str, Any] = {
                 "key": key,
                 "requirements": list(requirements),
                 "wheels": digests,
