@@ -40,7 +40,7 @@ class DemoInputs:
 def demo_inputs(model: str = DEMO_MODEL, images: Path | None = None, *, progress: ProgressFn = silent) -> DemoInputs:
     """Resolve (download and check, or find cached) the model and the photos; raise one line if offline."""
     sset = samples.load_manifest()
-    labels = samples.write_labels(sset)
+    labels = samples.write_labels(samples.load_manifest(samples.SHIPPED))
     try:
         model_path = zoo.resolve(model, progress=progress)
     except InputError as exc:

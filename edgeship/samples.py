@@ -68,7 +68,7 @@ class SampleSet:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def labels_text(self) -> str:
-        """``wnid<TAB>name`` lines in class-index order (the whole manifest: every class)."""
+        """``wnid<TAB>name`` lines, one per photo (for the shipped manifest: the 1000 classes in index order)."""
         return "".join(f"{p.wnid}\t{p.label}\n" for p in self.photos)
 
     def checked(self, photo: Photo) -> Checked:
@@ -77,8 +77,8 @@ class SampleSet:
 
 def load_manifest(path: str | os.PathLike[str] | None = None) -> SampleSet:
     """The sample set of ``path``, else ``$EDGESHIP_SAMPLES_MANIFEST``, else the one edgeship ships."""
-    path = path or os.environ.get("EDGESHIP_SAMPLES_MANIFEST")
-    if path:
+    path = path or os.environ.get("EDGESHIP_SAMPLES_MANIFEST") or SHIPPED
+    if path != SHIPPED:
         try:
             text = Path(path).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
@@ -86,6 +86,11 @@ def load_manifest(path: str | os.PathLike[str] | None = None) -> SampleSet:
         return parse_manifest(text, str(path))
     shipped = resources.files("edgeship") / "data" / "imagenet-sample-images.manifest"
     return parse_manifest(shipped.read_text(encoding="utf-8"), "edgeship's sample manifest")
+
+
+#: ``load_manifest(SHIPPED)``: the manifest edgeship ships, whatever the environment says (its 1000 photos
+#: give the ImageNet class names in class-index order).
+SHIPPED = "<shipped>"
 
 
 def parse_manifest(text: str, where: str) -> SampleSet:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -216,17 +217,26 @@ def test_demo_zoo_model_offline_names_it(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_end_to_end(assets: Path, server: tuple[_Server, Path], tmp_path: Path) -> None:
-    """The README's main job as a user runs it, the photos fetched from the local server."""
+def test_demo_end_to_end_then_cached(assets: Path, server: tuple[_Server, Path], tmp_path: Path) -> None:
+    """The README's main job as a user runs it (photos from the local server), then a re-run that reuses all."""
     srv, root = server
-    manifest = _manifest(tmp_path, srv, _serve_photos(assets, root, 130))
+    manifest = _manifest(tmp_path, srv, _serve_photos(assets, root, 300))
     env = {"EDGESHIP_CACHE": str(tmp_path / "cache"), "EDGESHIP_SAMPLES_MANIFEST": str(manifest)}
     model = str(assets / "models" / "mobilenetv2-1.0-tf-op13.onnx")
+    start = time.perf_counter()
     run = _demo(["-o", "out", "--model", model, "-q"], env, tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert len(srv.requests) == 130
+    first = time.perf_counter() - start
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert len(srv.requests) == 300
     assert "research and education" in run.stdout and "the same as: edgeship deploy" in run.stdout
     summary = json.loads((tmp_path / "out" / "deploy.json").read_text())
-    assert set(summary["targets"]) == {"x86-host", "rpi4-aarch64", "android-arm64-cpu"}
-    assert all(t["passed"] for t in summary["targets"].values())
-    assert (tmp_path / "out" / "report.html").is_file()
+    for name in ("x86-host", "rpi4-aarch64", "android-arm64-cpu"):
+        assert summary["targets"][name]["passed"] and summary["targets"][name]["figures"]["count"] == 200
+        assert (tmp_path / "out" / "bundles" / name / "model_int8.tflite").is_file()
+    assert (tmp_path / "out" / "report.html").stat().st_size > 50_000
+    start = time.perf_counter()
+    again = _demo(["-o", "out", "--model", model, "-q"], env, tmp_path)
+    second = time.perf_counter() - start
+    assert again.returncode == 0 and len(srv.requests) == 300  # nothing fetched again
+    summary = json.loads((tmp_path / "out" / "deploy.json").read_text())
+    assert all(s["reused"] for s in summary["stages"]) and second < first / 4, (first, second)
