@@ -67,7 +67,9 @@ class QdqOptions:
         method: Activation range method (docs/quantization.md says how the default was chosen).
         percentile: Kept mass for ``percentile``.
         per_channel: Per-channel int8 weights (False: per-tensor).
-        float_logits: Leave the layer writing the scores unquantized (float weights, float scores).
+        float_logits: The layer writing the scores reads its int8 input and int8 weights through
+            DequantizeLinear and writes float scores (no int8 grid on the scores), as the TFLite path's
+            float logits: the QuantizeLinear/DequantizeLinear pairs after it are removed.
         uint8_activations: uint8 activations (onnxruntime's U8S8 kernels) instead of int8 (S8S8).
         io: ``int8``: the model takes its int8 input as the first QuantizeLinear would write it (the runtime
             feeds ``pixel + k`` when the preprocessing folds into it, as for TFLite; scale and zero point
@@ -128,7 +130,7 @@ class QdqReport:
     runtime: dict[str, Any]
     opset: int
     ir_version: int
-    excluded_nodes: tuple[str, ...]
+    float_scores_removed: tuple[str, ...]
     versions: dict[str, str]
     seconds: float
 
@@ -144,7 +146,7 @@ class QdqReport:
             "runtime": self.runtime,
             "opset": self.opset,
             "ir_version": self.ir_version,
-            "excluded_nodes": list(self.excluded_nodes),
+            "float_scores_removed": list(self.float_scores_removed),
             "versions": self.versions,
             "seconds": self.seconds,
         }
@@ -258,7 +260,6 @@ def write_qdq(
     quant = require("onnxruntime.quantization", purpose="write an ONNX QDQ model")
     onnx = require("onnx", purpose="write an ONNX QDQ model")
     model = onnx.load_from_string(float_onnx)
-    excluded = scores_nodes(model) if options.float_logits else ()
     input_name = model.graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="edgeship-qdq-") as tmp:
         src, dst = Path(tmp) / "float.onnx", Path(tmp) / "qdq.onnx"
@@ -275,7 +276,6 @@ def write_qdq(
                 activation_type=act,
                 weight_type=quant.QuantType.QInt8,
                 calibrate_method=_calibrate_method(quant, options.method),
-                nodes_to_exclude=list(excluded),
                 extra_options=_extra_options(options),
             )
         except Exception as exc:  # the quantizer raises many types
@@ -283,6 +283,7 @@ def write_qdq(
         written = onnx.load(str(dst))
     if options.io == "int8" and not options.uint8_activations:
         written = int8_input(written, onnx)
+    excluded = float_scores(written) if options.float_logits else ()
     return bytes(pinned(written, onnx).SerializeToString()), excluded
 
 
@@ -331,17 +332,43 @@ def pinned(model: Any, onnx: Any) -> Any:
     return model
 
 
-def scores_nodes(model: Any) -> tuple[str, ...]:
-    """The node that writes the scores and the op before it when that is its bias (MatMul + Add), by name."""
-    producers = {out: node for node in model.graph.node for out in node.output}
-    node = producers.get(model.graph.output[0].name)
-    names: list[str] = []
-    while node is not None and node.op_type in ("Gemm", "MatMul", "Add", "Conv", "Flatten", "Reshape", "Squeeze"):
-        names.append(node.name)
-        if node.op_type in ("Gemm", "MatMul", "Conv"):
-            break
+#: Ops between the scores layer and the graph output that only move values (their QDQ pairs are dropped).
+_PASS_THROUGH = ("QuantizeLinear", "DequantizeLinear", "Reshape", "Flatten", "Squeeze", "Slice", "Transpose")
+
+
+def float_scores(model: Any) -> tuple[str, ...]:
+    """Drop the QuantizeLinear/DequantizeLinear pairs between the layer writing the scores and the output.
+
+    That layer then runs in float on its dequantized int8 input and weights and writes float scores.
+    Returns the names of the nodes removed.
+    """
+    graph = model.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    tail, node = [], producers.get(graph.output[0].name)
+    while node is not None and node.op_type in _PASS_THROUGH:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            tail.append(node)
         node = producers.get(node.input[0])
-    return tuple(names)
+    outputs = {o.name for o in graph.output}
+    for dropped in tail:
+        _bypass(graph, dropped, outputs)
+    used = {i for node in graph.node for i in node.input}
+    for init in [t for t in graph.initializer if t.name not in used]:  # the dropped pairs' scales and zero points
+        graph.initializer.remove(init)
+    return tuple(n.name for n in tail)
+
+
+def _bypass(graph: Any, node: Any, outputs: set[str]) -> None:
+    """Remove ``node``, its readers reading its input instead (a graph output keeps its name)."""
+    src, dst = node.input[0], node.output[0]
+    graph.node.remove(node)
+    if dst in outputs:  # the producer of src writes the output's name; src's other readers follow it
+        for other in graph.node:
+            other.output[:] = [dst if o == src else o for o in other.output]
+            other.input[:] = [dst if i == src else i for i in other.input]
+        return
+    for other in graph.node:
+        other.input[:] = [src if i == dst else i for i in other.input]
 
 
 @dataclass(frozen=True)

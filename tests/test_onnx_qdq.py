@@ -97,7 +97,7 @@ def test_classifier_runs_the_qdq_model_on_onnxruntime_without_host_tools(
         import json
         from edgeship.runtime import Classifier
         clf = Classifier.load({str(model)!r})
-        top = clf.predict({str(assets / "images" / "parrot.jpg")!r}, top_k=3)
+        top = clf.predict({str(assets / "data" / "images" / "parrot.jpg")!r}, top_k=3)
         info = clf.describe()
         loaded = [m for m in ("tensorflow", "onnx", "tflite_runtime") if sys.modules.get(m) is not None]
         print(json.dumps({{"top": top[0].class_index, "label": top[0].label, "info": info, "loaded": loaded}}))
@@ -115,7 +115,7 @@ def test_classifier_runs_the_qdq_model_on_onnxruntime_without_host_tools(
 
 def test_runtime_cli_names_onnxruntime_and_its_kernels(qdq_folder: Path, real_bundle: Path, assets: Path) -> None:
     model = _with_labels(qdq_folder, real_bundle)
-    parrot = assets / "images" / "parrot.jpg"
+    parrot = assets / "data" / "images" / "parrot.jpg"
     out = subprocess.run(
         [sys.executable, "-m", "edgeship.runtime", str(model), str(parrot), "-k", "1"],
         capture_output=True,
@@ -132,7 +132,7 @@ def test_a_tflite_model_does_not_import_onnxruntime(real_bundle: Path, assets: P
     code = textwrap.dedent(f"""
         import sys
         from edgeship.runtime import Classifier
-        Classifier.load({str(real_bundle)!r}).predict({str(assets / "images" / "parrot.jpg")!r})
+        Classifier.load({str(real_bundle)!r}).predict({str(assets / "data" / "images" / "parrot.jpg")!r})
         assert sys.modules.get("onnxruntime") is None, "onnxruntime imported for a TFLite model"
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -145,7 +145,7 @@ def test_not_an_onnx_file_is_one_line(tmp_path: Path, qdq_folder: Path, assets: 
     card = ModelCard.load(qdq_folder / QDQ_CARD_FILE).with_(model_file="model.onnx", labels_file=None)
     (tmp_path / "model.card.json").write_text(json.dumps(card.to_dict()))
     out = subprocess.run(
-        [sys.executable, "-m", "edgeship.runtime", str(bad), str(assets / "images" / "parrot.jpg")],
+        [sys.executable, "-m", "edgeship.runtime", str(bad), str(assets / "data" / "images" / "parrot.jpg")],
         capture_output=True,
         text=True,
         check=False,
