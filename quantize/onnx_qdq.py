@@ -64,7 +64,8 @@ class QdqOptions:
     Attributes:
         num_calib, seed, eval_split, max_eval, min_calib: Which images calibrate and which evaluate
             (:class:`edgeship.quantize.data.Split`; the TFLite path's defaults).
-        method: Activation range method (docs/quantization.md says how the default was chosen).
+        method: Activation range method (docs/quantization.md says how the default, percentile 99.999 with
+            float logits, was chosen).
         percentile: Kept mass for ``percentile``.
         per_channel: Per-channel int8 weights (False: per-tensor).
         float_logits: The layer writing the scores reads its int8 input and int8 weights through
@@ -84,7 +85,7 @@ class QdqOptions:
     method: QdqMethod = QdqMethod.PERCENTILE
     percentile: float = 99.999
     per_channel: bool = True
-    float_logits: bool = False
+    float_logits: bool = True
     uint8_activations: bool = False
     io: str = "int8"
 
@@ -495,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--method", choices=[m.value for m in QdqMethod], default=QdqOptions.method.value)
     ap.add_argument("--percentile", type=float, default=QdqOptions.percentile)
-    ap.add_argument("--float-logits", action="store_true", help="leave the layer writing the scores float")
+    ap.add_argument("--int8-logits", action="store_true", help="scores on the int8 output grid (default: float)")
     ap.add_argument("--uint8-activations", action="store_true")
     ap.add_argument("--io", choices=["int8", "float32"], default=QdqOptions.io, help="input dtype")
     ap.add_argument("--force", action="store_true", help="replace existing outputs")
@@ -505,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         method=args.method,
         percentile=args.percentile,
-        float_logits=args.float_logits,
+        float_logits=not args.int8_logits,
         uint8_activations=args.uint8_activations,
         io=args.io,
     )

@@ -18,13 +18,13 @@ import numpy as np
 from edgeship.convert.result import ConvertResult
 from edgeship.quantize import data
 from edgeship.quantize.data import ImagesUsed, Pixels
-from edgeship.quantize.onnx_qdq import QdqOptions, fixed_dims, measure, write_qdq
+from edgeship.quantize.onnx_qdq import QdqMethod, QdqOptions, fixed_dims, measure, write_qdq
 from edgeship.quantize.source import float_source
 from edgeship.runtime.metrics import DriftFigures
 
 #: What is compared by default: the three onnxruntime methods, then float logits on each.
 CANDIDATES = tuple(
-    QdqOptions(method=m, float_logits=f) for f in (False, True) for m in ("minmax", "entropy", "percentile")
+    QdqOptions(method=m, float_logits=f) for f in (False, True) for m in QdqMethod
 )
 
 
