@@ -1,7 +1,7 @@
 """The ``edgeship`` command: a thin layer over the library.
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch,
-5 target delegate not applied on the device.
+5 target delegate not applied on the device, 70 internal error (traceback in a log file).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from edgeship._files import reading
+from edgeship._files import write_problem as check_written
 from edgeship._io import atomic_write_json, check_output_file, check_outputs_free, os_error_line
 from edgeship._lock import folder_lock
 from edgeship._paths import check_apart
@@ -70,6 +72,7 @@ class ConsoleProgress:
             self.out.write("\n")
         if self.enabled and not self.out.closed:
             self.out.close()
+        self.enabled = False  # closed once: a second close does nothing
 
 
 def _csv_floats(text: str) -> tuple[float, ...]:
@@ -633,21 +636,11 @@ def _check_report_path(args: argparse.Namespace, path: Path, flag: str) -> None:
     check_output_file(path, flag, force=args.force, reads=_inputs(args), writes=[json_file])
 
 
-#: Arguments naming what a command writes; every other path argument is read.
-_OUTPUTS = ("out", "report", "json")
-
-
 def _inputs(args: argparse.Namespace) -> list[Path]:
-    """Every file and folder the command reads (path arguments and target profiles given as files)."""
-    found: list[Path] = []
-    for key, value in vars(args).items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if key == "target":
-            found += [Path(v) for v in values if isinstance(v, str) and Path(v).is_file()]
-        elif key not in _OUTPUTS:
-            found += [v for v in values if isinstance(v, Path)]
-    out = getattr(args, "out", None)  # quantize reads and writes its convert folder: the folder is an output
-    return [p for p in found if not (out is not None and p.is_dir() and p.resolve() == Path(out).resolve())]
+    """Every file and folder the command reads, implicit ones included (:func:`edgeship._inputs.command_inputs`)."""
+    from edgeship._inputs import command_inputs  # deferred: CLI start-up
+
+    return command_inputs(vars(args), getattr(args, "out", None))
 
 
 def _written_folder(args: argparse.Namespace) -> tuple[Path, str] | None:
@@ -974,7 +967,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgeship",
         description="ONNX image classifier -> fast, small, verified int8 TFLite for Android and Raspberry Pi.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch, "
-        "5 target delegate not applied on the device",
+        "5 target delegate not applied on the device, 70 internal error",
     )
     parser.add_argument("--version", action="version", version=f"edgeship {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -995,10 +988,30 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+#: Exit code of an unexpected failure (a bug or a case edgeship did not foresee): distinct from every other.
+INTERNAL_EXIT = 70
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``edgeship`` command; return its exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the ``edgeship`` command; return its exit code.
+
+    The outermost layer: no traceback reaches the user. An unexpected exception becomes one line
+    naming a log file that holds the traceback, and exit code :data:`INTERNAL_EXIT`; a closed
+    stdout (``| head``) ends the command quietly.
+    """
+    command = "?"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = getattr(args, "command", None) or "?"
+        return _main(parser, args)
+    except BrokenPipeError:
+        return _closed_stdout()
+    except (RecursionError, MemoryError, Exception) as exc:  # noqa: BLE001 - the outermost layer, on purpose
+        return _internal_error(command, exc)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_CODES["usage"]
@@ -1007,17 +1020,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     json_problem = _json_path_problem(args)
     if json_problem:
-        print(f"edgeship {args.command}: error: {json_problem}", file=sys.stderr)
+        _error_line(args.command, json_problem)
         return EXIT_CODES["usage"]
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
-        with signals_as_interrupt(), run_temp_dir(), _lock(args):
+        with signals_as_interrupt(), run_temp_dir(), _lock(args), reading(_inputs(args)):
             code, payload = args.func(args, progress)
     except (EdgeshipError, OSError) as exc:
         progress.close()
         if isinstance(exc, OSError):  # the file system refused something unforeseen: still one line
             exc = EdgeshipError(os_error_line(exc))
-        print(f"edgeship {args.command}: error: {exc.cli_message()}", file=sys.stderr)
+        _error_line(args.command, exc.cli_message())
         payload = {"error": {"type": type(exc).__name__, "message": exc.cli_message()}}
         return _write_json(args, payload, exc.exit_code)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: temporary and staging folders are gone by now
@@ -1028,13 +1041,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signum
-    progress.close()
+    finally:
+        progress.close()
     if args.json is None or str(args.json) != "-":
         for line in payload.get("summary", []):
             print(line)
     if payload.get("error"):
-        print(f"edgeship {args.command}: error: {payload['error']}", file=sys.stderr)
+        _error_line(args.command, str(payload["error"]))
     return _write_json(args, payload.get("result", {}), code)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: control characters (a newline in a path) shown escaped, never acted on."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _error_line(command: str, message: str) -> None:
+    print(f"edgeship {command}: error: {one_line(message)}", file=sys.stderr)
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as other command-line tools do."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not fail again
+    return EXIT_CODES["error"]
+
+
+def _internal_error(command: str, exc: BaseException) -> int:
+    """One line, the traceback in a log file, exit :data:`INTERNAL_EXIT`."""
+    import tempfile
+    import traceback
+
+    from edgeship._run import lasting_temp_dir  # deferred: only on failure
+
+    where = "(no log: the temporary folder cannot be written)"
+    with contextlib.suppress(OSError):
+        fd, name = tempfile.mkstemp(prefix="edgeship-crash-", suffix=".log", dir=lasting_temp_dir())
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"edgeship {__version__} {command}\n")
+            fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        where = f"details in {name}"
+    text = one_line(f"{type(exc).__name__}: {exc}")[:300]
+    with contextlib.suppress(OSError):
+        print(
+            f"edgeship {command}: internal error (exit {INTERNAL_EXIT}): {text}; {where}; please report it",
+            file=sys.stderr,
+        )
+    return INTERNAL_EXIT
 
 
 def _lock(args: argparse.Namespace) -> Any:
@@ -1069,13 +1123,15 @@ def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) ->
     if str(args.json) == "-":
         print(json.dumps(doc, indent=2, default=str))
         return code
+    problem = check_written(args.json)
+    if problem:
+        _error_line(args.command, f"cannot write --json {args.json}: {problem}")
+        return code or EXIT_CODES["error"]
 
     try:
         atomic_write_json(args.json, doc)
     except OSError as exc:
-        print(
-            f"edgeship {args.command}: error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr
-        )
+        _error_line(args.command, f"cannot write --json {args.json}: {exc.strerror or exc}")
         return code or EXIT_CODES["error"]
     return code
 

@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship._version",
         "edgeship._paths",
         "edgeship._files",
+        "edgeship._inputs",
         "edgeship._deps",
         "edgeship.runtime",
     ),
