@@ -147,7 +147,8 @@ def owner_tag(pid: int | None = None) -> str:
     return f"{os.getpid() if pid is None else pid}.{host}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this host) still runs."""
     if pid == os.getpid():
         return True
     try:
@@ -159,7 +160,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _rmtree(path: Path) -> None:
+def remove_entry(path: Path) -> None:
     """Remove a file or folder, read-only parts included (they were ours to replace)."""
 
     def retry(func: Any, p: str, _exc: Any) -> None:
@@ -198,16 +199,16 @@ def clean_stale(out_dir: str | os.PathLike[str]) -> list[Path]:
             legacy = kind == "staging" and _LEGACY_STAGING.match(path.name)
             with contextlib.suppress(OSError):
                 if legacy and time.time() - path.stat().st_mtime > LEGACY_STALE_AFTER:
-                    _rmtree(path)
+                    remove_entry(path)
                     done.append(path)
             continue
-        if m["kind"] != kind or m["host"] != host or _pid_alive(int(m["pid"])):
+        if m["kind"] != kind or m["host"] != host or pid_alive(int(m["pid"])):
             continue
         try:
             if kind == "old" and not (out_dir / m["name"]).exists():
                 os.rename(path, out_dir / m["name"])
             else:
-                _rmtree(path)
+                remove_entry(path)
             done.append(path)
         except OSError as exc:
             log.warning("could not clean up %s left by a killed run: %s", path, exc)
@@ -251,7 +252,7 @@ def _swap_in(stage: Path, out_dir: Path) -> None:
         ) from None
     for _target, hidden in aside:
         try:
-            _rmtree(hidden)
+            remove_entry(hidden)
         except OSError as exc:
             log.warning("published %s, but could not delete the replaced %s: %s", out_dir, hidden, exc)
 

@@ -47,6 +47,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship._worker",
         "edgeship._run",
         "edgeship._stage",
+        "edgeship._ownership",
         "edgeship._assets",
         "edgeship.tflite_graph",
         "edgeship.reference",
@@ -54,7 +55,14 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship.zoo",
     ),
     "stages": tuple(f"edgeship.{s}" for s in STAGES),
-    "top": ("edgeship.deploy", "edgeship.report", "edgeship.cli", "edgeship.__main__"),
+    "top": (
+        "edgeship._cache_keys",
+        "edgeship._stages",
+        "edgeship.deploy",
+        "edgeship.report",
+        "edgeship.cli",
+        "edgeship.__main__",
+    ),
 }
 #: Stage -> the stages it may import (one way: quantize converts first; verify runs candidates on targets and
 #: reads the reference ONNX model with convert's loader).
