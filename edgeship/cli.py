@@ -89,6 +89,31 @@ def _csv_ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
 
 
+#: Thread counts the command line accepts (runtime.interpreter.MAX_THREADS, not imported: CLI start-up).
+MAX_THREADS = 64
+
+
+def _thread_counts(text: str) -> tuple[int, ...]:
+    """``--threads``, ``--bench-threads``: comma-separated counts from 1 to :data:`MAX_THREADS`, else refused."""
+    counts = _csv_ints(text)
+    if not counts or any(not 1 <= c <= MAX_THREADS for c in counts):
+        raise argparse.ArgumentTypeError(f"thread counts must be 1 to {MAX_THREADS}, got {text!r}")
+    return counts
+
+
+def _seconds(text: str) -> float:
+    """A duration: a finite number of seconds above 0 (``nan`` and ``inf`` refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from exc
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds above 0, got {text!r}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", type=Path, help="also write the result as JSON to FILE ('-' for stdout)")
@@ -667,10 +692,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--out", type=Path, default=Path("bench.json"), help="bench.json path")
     p.add_argument("--force", action="store_true", help="overwrite an existing bench.json")
     g = p.add_argument_group("measurement")
-    g.add_argument("--threads", type=_csv_ints, help="thread counts, e.g. 1,2,4 (default: the target's, else 1)")
+    g.add_argument("--threads", type=_thread_counts, help="thread counts, e.g. 1,2,4 (default: the target's, else 1)")
     g.add_argument("--runs", type=int, default=100, help="timed runs per model and thread count")
     g.add_argument("--warmup", type=int, default=10, help="untimed runs first")
-    g.add_argument("--duration", type=float, help="measure for this many seconds instead of --runs")
+    g.add_argument("--duration", type=_seconds, help="measure for this many seconds instead of --runs")
     g.add_argument(
         "--image",
         type=Path,
@@ -806,7 +831,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: held-out split)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
     b = p.add_argument_group("benchmark")
-    b.add_argument("--bench-threads", type=_csv_ints, default=(1, 2), help="thread counts (default 1,2)")
+    b.add_argument("--bench-threads", type=_thread_counts, default=(1, 2), help="thread counts (default 1,2)")
     b.add_argument("--bench-runs", type=int, default=100)
     p.add_argument(
         "--force",
