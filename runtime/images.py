@@ -121,19 +121,19 @@ class Labels:
         labels = cls.load(path)
         return labels.check_count(num_classes, f"labels file {path}") if num_classes else labels
 
-
-def check_top_k(top_k: object) -> int:
-    """``top_k`` when it is a whole number of classes above 0."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-        raise InputError(f"top_k must be a whole number of classes, 1 or more, got {top_k!r}")
-    return top_k
-
     def index_of(self, key: str) -> int | None:
         """Class index of a wnid or a class name, or None."""
         for table in (self.ids, self.names):
             if key in table:
                 return table.index(key)
         return None
+
+
+def check_top_k(top_k: object) -> int:
+    """``top_k`` when it is a whole number of classes above 0."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InputError(f"top_k must be a whole number of classes, 1 or more, got {top_k!r}")
+    return top_k
 
 
 @dataclass(frozen=True)
