@@ -114,6 +114,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+class _Once(argparse.Action):
+    """An option given at most once: a second value is refused, not silently kept instead of the first."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option} given twice; this command takes one (deploy takes several)")
+        setattr(namespace, self.dest, values)
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--json", metavar="FILE", type=Path, help="also write the result as JSON to FILE ('-' for stdout)")
@@ -306,7 +315,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="scores on the int8 output grid; default with mixed models: the last layer writes float "
         "scores from its int8 input and weights (float32 output)",
     )
-    q.add_argument("--target", help="target profile: default I/O dtype, per-tensor and mixed models from it")
+    q.add_argument(
+        "--target", action=_Once, help="target profile: default I/O dtype, per-tensor and mixed models from it"
+    )
     e = p.add_argument_group("evaluation")
     e.add_argument(
         "--eval",
@@ -604,7 +615,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("reference", type=Path, help="source float ONNX model")
     p.add_argument("candidate", type=Path, help=".tflite (card beside it) or bundle folder")
     p.add_argument("--images", type=Path, required=True, help="folder of real images")
-    p.add_argument("--target", required=True, help="target name or .toml profile")
+    p.add_argument("--target", action=_Once, required=True, help="target name or .toml profile")
     p.add_argument("--max-images", type=int, help="use at most this many images")
     p.add_argument(
         "-r", "--report", type=Path, default=Path("drift_report.json"), help="report path (default ./drift_report.json)"
@@ -688,7 +699,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "through onnxruntime as a baseline): init, first run, p50/p90/p99, peak RSS.",
     )
     p.add_argument("models", nargs="+", type=Path, help=".tflite or .onnx models (ratios are to the first)")
-    p.add_argument("--target", help="target profile: threads and delegate from it")
+    p.add_argument("--target", action=_Once, help="target profile: threads and delegate from it")
     p.add_argument("-o", "--out", type=Path, default=Path("bench.json"), help="bench.json path")
     p.add_argument("--force", action="store_true", help="overwrite an existing bench.json")
     g = p.add_argument_group("measurement")
@@ -783,7 +794,7 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
 def _add_bundle(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bundle", help="model + card + labels + pinned requirements + README for one target")
     p.add_argument("model", type=Path, help=".tflite model (its card beside it)")
-    p.add_argument("--target", required=True, help="target name or .toml profile")
+    p.add_argument("--target", action=_Once, required=True, help="target name or .toml profile")
     p.add_argument("-o", "--out", type=Path, required=True, help="bundle folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     _add_common(p)

@@ -136,3 +136,9 @@ def test_an_unexpected_exception_is_one_line_a_log_and_exit_70(tmp_path: Path) -
         log.unlink()
     else:
         assert proc.returncode == 1, err
+
+
+def test_a_second_target_is_refused_not_silently_kept(tmp_path: Path) -> None:
+    proc = edgeship("bundle", "m.tflite", "--target", "x86-host", "--target", "rpi-armv7", "-o", "b", cwd=tmp_path)
+    assert proc.returncode == 2 and "--target given twice" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
