@@ -1148,6 +1148,8 @@ def _json_path_problem(args: argparse.Namespace) -> str | None:
         check_output_file(path, "--json", force=args.force, reads=_inputs(args), writes=[other])
     except EdgeshipError as exc:
         return exc.cli_message()
+    except OSError as exc:  # a name too long, a loop of links: the file system's one line
+        return f"cannot write --json: {os_error_line(exc)}"
     return None
 
 
