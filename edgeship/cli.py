@@ -117,7 +117,9 @@ def _seconds(text: str) -> float:
 class _Once(argparse.Action):
     """An option given at most once: a second value is refused, not silently kept instead of the first."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None):
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
         if getattr(namespace, self.dest, None) is not None:
             parser.error(f"{option} given twice; this command takes one (deploy takes several)")
         setattr(namespace, self.dest, values)
