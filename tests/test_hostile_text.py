@@ -147,3 +147,81 @@ def test_a_second_target_is_refused_not_silently_kept(tmp_path: Path) -> None:
     proc = edgeship("bundle", "m.tflite", "--target", "x86-host", "--target", "rpi-armv7", "-o", "b", cwd=tmp_path)
     assert proc.returncode == 2 and "--target given twice" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ 11. top-k and labels
+def runtime(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "edgeship.runtime", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+
+
+@pytest.fixture()
+def image(tmp_path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (90, 20, 200)).save(tmp_path / "x.png")
+    return tmp_path / "x.png"
+
+
+@pytest.mark.parametrize("k", ["-1", "0"])
+def test_runtime_refuses_a_top_k_below_one(tiny_bundle: Path, image: Path, k: str) -> None:
+    proc = runtime(tiny_bundle, image, "-k", k)
+    assert proc.returncode == 1 and "top_k" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_runtime_json_into_a_closed_pipe_is_quiet(tiny_bundle: Path, image: Path) -> None:
+    from tests.test_hostile_writes import closed_stdout
+
+    proc = closed_stdout([sys.executable, "-m", "edgeship.runtime", str(tiny_bundle), str(image), "--json"])
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("lines", [3, 50, None])
+def test_labels_that_do_not_fit_the_model_are_refused(
+    tiny_bundle: Path, image: Path, tmp_path: Path, lines: int | None
+) -> None:
+    """A labels file with fewer or more lines than classes, or a card naming a missing one: refused, named."""
+    import shutil
+
+    folder = tmp_path / "b"
+    shutil.copytree(tiny_bundle, folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    card["labels_file"] = "labels.txt"
+    (folder / "model_card.json").write_text(json.dumps(card))
+    if lines is not None:
+        (folder / "labels.txt").write_text("".join(f"c{i}\n" for i in range(lines)))
+    proc = runtime(folder, image)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and len(err.splitlines()) == 1 and "labels" in err, err
+    assert ("not in" in err) if lines is None else (f"{lines} label" in err and str(card["num_classes"]) in err)
+
+
+# ------------------------------------------------------------------ docs: the real minimum of images
+def test_the_documented_minimum_of_calibration_images_is_the_real_one(tmp_path: Path) -> None:
+    """README and docs/cli.md name N: N images split fine (the API, as a script), N - 1 are refused (the CLI)."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import save, tiny_classifier
+
+    root = Path(__file__).parents[1]
+    found = re.search(r"folder of at least (\d+) images", (root / "README.md").read_text())
+    assert found, "README names no minimum"
+    n = int(found.group(1))
+    assert f"at least {n} images" in (root / "docs" / "cli.md").read_text()
+    rng = np.random.default_rng(0)
+    for count in (n, n - 1):
+        folder = tmp_path / str(count)
+        folder.mkdir()
+        for i in range(count):
+            Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8)).save(folder / f"{i}.png")
+    script = tmp_path / "split.py"
+    script.write_text(
+        "import sys\nfrom pathlib import Path\nfrom edgeship.quantize.data import Split, split_images\n"
+        "c, e = split_images(Path(sys.argv[1]), Split(200))\nprint(len(c), len(e))\n"
+    )
+    ok = subprocess.run([sys.executable, script, tmp_path / str(n)], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0 and ok.stdout.split() == [str(n - 2), "2"], (ok.stdout, ok.stderr)
+    model = save(tiny_classifier(), tmp_path / "tiny.onnx")
+    one_line(edgeship("quantize", model, "--calib", tmp_path / str(n - 1), "-o", tmp_path / "q", "-q"), 1, "needed")
+    assert not (tmp_path / "q").exists()

@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,16 +62,21 @@ def test_special_files_are_never_replaced(flag: str, specials: dict[str, Path], 
         assert _kind(path) == before, f"{name} was replaced by {flag}"
 
 
+def closed_stdout(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` with stdout a pipe whose reader is already gone (``| head`` that has exited)."""
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        return subprocess.run(argv, stdout=w, stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    finally:
+        os.close(w)
+
+
 def test_json_to_stdout_closed_early_is_quiet() -> None:
     """``--json - | head``: a closed pipe ends the command without a traceback."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        f"{sys.executable} -m edgeship targets list --json - | head -c 10",
-        shell=True, capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    proc = closed_stdout([sys.executable, "-m", "edgeship", "targets", "list", "--json", "-"])
     assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1
 
 
 # ------------------------------------------------------------------ 2. implicit inputs
