@@ -25,11 +25,11 @@ from edgeship._files import atomic_write_bytes as atomic_write_bytes
 from edgeship._files import atomic_write_json as atomic_write_json
 from edgeship._files import atomic_write_text as atomic_write_text
 from edgeship._files import cache_dir as cache_dir
+from edgeship._files import file_kind_problem, input_problem, reads_path
 from edgeship._files import os_error_line as os_error_line
 from edgeship._files import sha256_file as sha256_file
 from edgeship._lock import folder_lock
 from edgeship._paths import check_writable_dir as check_writable_dir
-from edgeship._paths import is_inside
 from edgeship._paths import writable_dir_problem as writable_dir_problem
 from edgeship.errors import InputError, OutputExistsError
 
@@ -49,6 +49,9 @@ def check_outputs_free(
         return
     for name in names:
         _refuse_input(Path(out_dir) / name, reads, f"output {name}")
+        problem = replace_problem(Path(out_dir) / name)
+        if problem:
+            raise InputError(f"cannot write output {Path(out_dir) / name}: {problem}")
     if force:
         return
     clash = sorted(n for n in names if (out_dir / n).exists())
@@ -86,7 +89,7 @@ def check_output_file(
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{flag} {path} is a folder; give a file path")
-    problem = writable_dir_problem(path.parent)
+    problem = file_kind_problem(path) or writable_dir_problem(path.parent)
     if problem:
         raise InputError(f"cannot write {flag} {path}: {problem}")
     _refuse_input(path, reads, f"{flag} {path}")
@@ -98,21 +101,26 @@ def check_output_file(
 
 
 def _refuse_input(path: Path, reads: Iterable[str | os.PathLike[str] | None], what: str) -> None:
-    for other in (Path(p) for p in reads if p is not None):
-        if _reads(other, path):
-            raise InputError(f"{what} would replace {other}, which this command reads; write it elsewhere")
+    """Refuse ``path`` when it is an input of the command (``reads`` or declared with :func:`reading`)."""
+    problem = input_problem(path, reads)
+    if problem:
+        raise InputError(f"{what}: {problem}")
 
 
-def _reads(source: Path, path: Path) -> bool:
-    """Whether writing ``path`` replaces ``source`` or a file inside it (symbolic and hard links count)."""
+def replace_problem(path: Path) -> str | None:
+    """Why a published entry must not replace ``path`` (a folder may be replaced, as a whole set)."""
+    if path.is_dir() and not path.is_symlink():
+        return input_problem(path) or _inputs_inside(path)
+    return file_kind_problem(path) or input_problem(path)
 
-    if source.is_dir():
-        return path.exists() and is_inside(path, source)
-    if path.resolve() == source.resolve():
-        return True
-    with contextlib.suppress(OSError):
-        return os.path.samefile(path, source)
-    return False
+
+def _inputs_inside(folder: Path) -> str | None:
+    from edgeship._files import declared_inputs
+
+    for source in declared_inputs():
+        if source.exists() and reads_path(folder, source):
+            return f"it holds {source}, which this command reads; write it elsewhere"
+    return None
 
 
 #: Hidden names of a run's private folders: ``.<out>.staging-<owner>-<random>`` beside the
@@ -139,7 +147,8 @@ def owner_tag(pid: int | None = None) -> str:
     return f"{os.getpid() if pid is None else pid}.{host}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (of this host) still runs."""
     if pid == os.getpid():
         return True
     try:
@@ -151,7 +160,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _rmtree(path: Path) -> None:
+def remove_entry(path: Path) -> None:
     """Remove a file or folder, read-only parts included (they were ours to replace)."""
 
     def retry(func: Any, p: str, _exc: Any) -> None:
@@ -190,16 +199,16 @@ def clean_stale(out_dir: str | os.PathLike[str]) -> list[Path]:
             legacy = kind == "staging" and _LEGACY_STAGING.match(path.name)
             with contextlib.suppress(OSError):
                 if legacy and time.time() - path.stat().st_mtime > LEGACY_STALE_AFTER:
-                    _rmtree(path)
+                    remove_entry(path)
                     done.append(path)
             continue
-        if m["kind"] != kind or m["host"] != host or _pid_alive(int(m["pid"])):
+        if m["kind"] != kind or m["host"] != host or pid_alive(int(m["pid"])):
             continue
         try:
             if kind == "old" and not (out_dir / m["name"]).exists():
                 os.rename(path, out_dir / m["name"])
             else:
-                _rmtree(path)
+                remove_entry(path)
             done.append(path)
         except OSError as exc:
             log.warning("could not clean up %s left by a killed run: %s", path, exc)
@@ -218,6 +227,10 @@ def _swap_in(stage: Path, out_dir: Path) -> None:
     aside: list[tuple[Path, Path]] = []  # (original place, aside name)
     placed: list[str] = []
     try:
+        for name in entries:
+            problem = replace_problem(out_dir / name)
+            if problem:
+                raise InputError(f"cannot publish {out_dir / name}: {problem}")
         for name in entries:
             target = out_dir / name
             if target.exists() or target.is_symlink():
@@ -239,7 +252,7 @@ def _swap_in(stage: Path, out_dir: Path) -> None:
         ) from None
     for _target, hidden in aside:
         try:
-            _rmtree(hidden)
+            remove_entry(hidden)
         except OSError as exc:
             log.warning("published %s, but could not delete the replaced %s: %s", out_dir, hidden, exc)
 

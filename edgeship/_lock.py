@@ -32,7 +32,10 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "output folder") -> 
     Raises:
         InputError: Another process (or thread) holds it, or the folder cannot be created.
     """
-    root = Path(folder).resolve()
+    try:
+        root = Path(folder).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a loop of symbolic links (Python 3.11)
+        raise InputError(f"cannot use {what} {folder}: {exc}") from None
     key = (threading.get_ident(), root)
     if key in _held:
         _held[key] += 1

@@ -64,7 +64,10 @@ def relative(folder: str | os.PathLike[str], rel: str, what: str = "path") -> Pa
 
 def is_inside(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is ``folder`` or lies under it, both with symbolic links resolved."""
-    resolved, root = Path(path).resolve(), Path(folder).resolve()
+    try:
+        resolved, root = Path(path).resolve(), Path(folder).resolve()
+    except (OSError, RuntimeError):  # a loop of symbolic links leads nowhere, so not inside
+        return False
     return resolved == root or root in resolved.parents
 
 

@@ -1,7 +1,7 @@
 """The ``edgeship`` command: a thin layer over the library.
 
 Exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch,
-5 target delegate not applied on the device.
+5 target delegate not applied on the device, 70 internal error (traceback in a log file).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from edgeship._files import reading
+from edgeship._files import write_problem as check_written
 from edgeship._io import atomic_write_json, check_output_file, check_outputs_free, os_error_line
 from edgeship._lock import folder_lock
 from edgeship._paths import check_apart
@@ -70,6 +72,7 @@ class ConsoleProgress:
             self.out.write("\n")
         if self.enabled and not self.out.closed:
             self.out.close()
+        self.enabled = False  # closed once: a second close does nothing
 
 
 def _csv_floats(text: str) -> tuple[float, ...]:
@@ -84,6 +87,42 @@ def _csv_ints(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(","))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+#: Thread counts the command line accepts (runtime.interpreter.MAX_THREADS, not imported: CLI start-up).
+MAX_THREADS = 64
+
+
+def _thread_counts(text: str) -> tuple[int, ...]:
+    """``--threads``, ``--bench-threads``: comma-separated counts from 1 to :data:`MAX_THREADS`, else refused."""
+    counts = _csv_ints(text)
+    if not counts or any(not 1 <= c <= MAX_THREADS for c in counts):
+        raise argparse.ArgumentTypeError(f"thread counts must be 1 to {MAX_THREADS}, got {text!r}")
+    return counts
+
+
+def _seconds(text: str) -> float:
+    """A duration: a finite number of seconds above 0 (``nan`` and ``inf`` refused)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from exc
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number of seconds above 0, got {text!r}")
+    return value
+
+
+class _Once(argparse.Action):
+    """An option given at most once: a second value is refused, not silently kept instead of the first."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option} given twice; this command takes one (deploy takes several)")
+        setattr(namespace, self.dest, values)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -278,7 +317,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="scores on the int8 output grid; default with mixed models: the last layer writes float "
         "scores from its int8 input and weights (float32 output)",
     )
-    q.add_argument("--target", help="target profile: default I/O dtype, per-tensor and mixed models from it")
+    q.add_argument(
+        "--target", action=_Once, help="target profile: default I/O dtype, per-tensor and mixed models from it"
+    )
     e = p.add_argument_group("evaluation")
     e.add_argument(
         "--eval",
@@ -576,7 +617,7 @@ def _add_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("reference", type=Path, help="source float ONNX model")
     p.add_argument("candidate", type=Path, help=".tflite (card beside it) or bundle folder")
     p.add_argument("--images", type=Path, required=True, help="folder of real images")
-    p.add_argument("--target", required=True, help="target name or .toml profile")
+    p.add_argument("--target", action=_Once, required=True, help="target name or .toml profile")
     p.add_argument("--max-images", type=int, help="use at most this many images")
     p.add_argument(
         "-r", "--report", type=Path, default=Path("drift_report.json"), help="report path (default ./drift_report.json)"
@@ -633,21 +674,11 @@ def _check_report_path(args: argparse.Namespace, path: Path, flag: str) -> None:
     check_output_file(path, flag, force=args.force, reads=_inputs(args), writes=[json_file])
 
 
-#: Arguments naming what a command writes; every other path argument is read.
-_OUTPUTS = ("out", "report", "json")
-
-
 def _inputs(args: argparse.Namespace) -> list[Path]:
-    """Every file and folder the command reads (path arguments and target profiles given as files)."""
-    found: list[Path] = []
-    for key, value in vars(args).items():
-        values = value if isinstance(value, (list, tuple)) else [value]
-        if key == "target":
-            found += [Path(v) for v in values if isinstance(v, str) and Path(v).is_file()]
-        elif key not in _OUTPUTS:
-            found += [v for v in values if isinstance(v, Path)]
-    out = getattr(args, "out", None)  # quantize reads and writes its convert folder: the folder is an output
-    return [p for p in found if not (out is not None and p.is_dir() and p.resolve() == Path(out).resolve())]
+    """Every file and folder the command reads, implicit ones included (:func:`edgeship._inputs.command_inputs`)."""
+    from edgeship._inputs import command_inputs  # deferred: CLI start-up
+
+    return command_inputs(vars(args), getattr(args, "out", None))
 
 
 def _written_folder(args: argparse.Namespace) -> tuple[Path, str] | None:
@@ -670,14 +701,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
         "through onnxruntime as a baseline): init, first run, p50/p90/p99, peak RSS.",
     )
     p.add_argument("models", nargs="+", type=Path, help=".tflite or .onnx models (ratios are to the first)")
-    p.add_argument("--target", help="target profile: threads and delegate from it")
+    p.add_argument("--target", action=_Once, help="target profile: threads and delegate from it")
     p.add_argument("-o", "--out", type=Path, default=Path("bench.json"), help="bench.json path")
     p.add_argument("--force", action="store_true", help="overwrite an existing bench.json")
     g = p.add_argument_group("measurement")
-    g.add_argument("--threads", type=_csv_ints, help="thread counts, e.g. 1,2,4 (default: the target's, else 1)")
+    g.add_argument("--threads", type=_thread_counts, help="thread counts, e.g. 1,2,4 (default: the target's, else 1)")
     g.add_argument("--runs", type=int, default=100, help="timed runs per model and thread count")
     g.add_argument("--warmup", type=int, default=10, help="untimed runs first")
-    g.add_argument("--duration", type=float, help="measure for this many seconds instead of --runs")
+    g.add_argument("--duration", type=_seconds, help="measure for this many seconds instead of --runs")
     g.add_argument(
         "--image",
         type=Path,
@@ -765,7 +796,7 @@ def _cmd_bench(args: argparse.Namespace, progress: Callable[..., None]) -> tuple
 def _add_bundle(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bundle", help="model + card + labels + pinned requirements + README for one target")
     p.add_argument("model", type=Path, help=".tflite model (its card beside it)")
-    p.add_argument("--target", required=True, help="target name or .toml profile")
+    p.add_argument("--target", action=_Once, required=True, help="target name or .toml profile")
     p.add_argument("-o", "--out", type=Path, required=True, help="bundle folder")
     p.add_argument("--force", action="store_true", help="overwrite an existing bundle")
     _add_common(p)
@@ -813,7 +844,7 @@ def _add_deploy(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--eval", type=Path, dest="eval_dir", help="evaluation images (default: held-out split)")
     g.add_argument("--max-eval", type=int, help="evaluate on at most this many images")
     b = p.add_argument_group("benchmark")
-    b.add_argument("--bench-threads", type=_csv_ints, default=(1, 2), help="thread counts (default 1,2)")
+    b.add_argument("--bench-threads", type=_thread_counts, default=(1, 2), help="thread counts (default 1,2)")
     b.add_argument("--bench-runs", type=int, default=100)
     p.add_argument(
         "--force",
@@ -1004,7 +1035,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="edgeship",
         description="ONNX image classifier -> fast, small, verified int8 TFLite for Android and Raspberry Pi.",
         epilog="exit codes: 0 ok, 1 error, 2 usage, 3 accuracy drift over budget, 4 model/target mismatch, "
-        "5 target delegate not applied on the device",
+        "5 target delegate not applied on the device, 70 internal error",
     )
     parser.add_argument("--version", action="version", version=f"edgeship {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -1026,10 +1057,30 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
 ]
 
 
+#: Exit code of an unexpected failure (a bug or a case edgeship did not foresee): distinct from every other.
+INTERNAL_EXIT = 70
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``edgeship`` command; return its exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    """Run the ``edgeship`` command; return its exit code.
+
+    The outermost layer: no traceback reaches the user. An unexpected exception becomes one line
+    naming a log file that holds the traceback, and exit code :data:`INTERNAL_EXIT`; a closed
+    stdout (``| head``) ends the command quietly.
+    """
+    command = "?"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = getattr(args, "command", None) or "?"
+        return _main(parser, args)
+    except BrokenPipeError:
+        return _closed_stdout()
+    except (RecursionError, MemoryError, Exception) as exc:  # noqa: BLE001 - the outermost layer, on purpose
+        return _internal_error(command, exc)
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_CODES["usage"]
@@ -1038,17 +1089,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     json_problem = _json_path_problem(args)
     if json_problem:
-        print(f"edgeship {args.command}: error: {json_problem}", file=sys.stderr)
+        _error_line(args.command, json_problem)
         return EXIT_CODES["usage"]
     progress = ConsoleProgress(enabled=not args.quiet)
     try:
-        with signals_as_interrupt(), run_temp_dir(), _lock(args):
+        with signals_as_interrupt(), run_temp_dir(), _lock(args), reading(_inputs(args)):
             code, payload = args.func(args, progress)
     except (EdgeshipError, OSError) as exc:
         progress.close()
         if isinstance(exc, OSError):  # the file system refused something unforeseen: still one line
             exc = EdgeshipError(os_error_line(exc))
-        print(f"edgeship {args.command}: error: {exc.cli_message()}", file=sys.stderr)
+        _error_line(args.command, exc.cli_message())
         payload = {"error": {"type": type(exc).__name__, "message": exc.cli_message()}}
         return _write_json(args, payload, exc.exit_code)
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM, SIGHUP: temporary and staging folders are gone by now
@@ -1059,13 +1110,54 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 128 + signum
-    progress.close()
+    finally:
+        progress.close()
     if args.json is None or str(args.json) != "-":
         for line in payload.get("summary", []):
             print(line)
     if payload.get("error"):
-        print(f"edgeship {args.command}: error: {payload['error']}", file=sys.stderr)
+        _error_line(args.command, str(payload["error"]))
     return _write_json(args, payload.get("result", {}), code)
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line: control characters (a newline in a path) shown escaped, never acted on."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def _error_line(command: str, message: str) -> None:
+    print(f"edgeship {command}: error: {one_line(message)}", file=sys.stderr)
+
+
+def _closed_stdout() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, as other command-line tools do."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not fail again
+    return EXIT_CODES["error"]
+
+
+def _internal_error(command: str, exc: BaseException) -> int:
+    """One line, the traceback in a log file, exit :data:`INTERNAL_EXIT`."""
+    import tempfile
+    import traceback
+
+    from edgeship._run import lasting_temp_dir  # deferred: only on failure
+
+    where = "(no log: the temporary folder cannot be written)"
+    with contextlib.suppress(OSError):
+        fd, name = tempfile.mkstemp(prefix="edgeship-crash-", suffix=".log", dir=lasting_temp_dir())
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"edgeship {__version__} {command}\n")
+            fh.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+        where = f"details in {name}"
+    text = one_line(f"{type(exc).__name__}: {exc}")[:300]
+    with contextlib.suppress(OSError):
+        print(
+            f"edgeship {command}: internal error (exit {INTERNAL_EXIT}): {text}; {where}; please report it",
+            file=sys.stderr,
+        )
+    return INTERNAL_EXIT
 
 
 def _lock(args: argparse.Namespace) -> Any:
@@ -1089,6 +1181,8 @@ def _json_path_problem(args: argparse.Namespace) -> str | None:
         check_output_file(path, "--json", force=args.force, reads=_inputs(args), writes=[other])
     except EdgeshipError as exc:
         return exc.cli_message()
+    except OSError as exc:  # a name too long, a loop of links: the file system's one line
+        return f"cannot write --json: {os_error_line(exc)}"
     return None
 
 
@@ -1100,13 +1194,15 @@ def _write_json(args: argparse.Namespace, payload: dict[str, Any], code: int) ->
     if str(args.json) == "-":
         print(json.dumps(doc, indent=2, default=str))
         return code
+    problem = check_written(args.json)
+    if problem:
+        _error_line(args.command, f"cannot write --json {args.json}: {problem}")
+        return code or EXIT_CODES["error"]
 
     try:
         atomic_write_json(args.json, doc)
     except OSError as exc:
-        print(
-            f"edgeship {args.command}: error: cannot write --json {args.json}: {exc.strerror or exc}", file=sys.stderr
-        )
+        _error_line(args.command, f"cannot write --json {args.json}: {exc.strerror or exc}")
         return code or EXIT_CODES["error"]
     return code
 

@@ -8,39 +8,37 @@ per target -> local benchmark -> bundle per target -> report.
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-import edgeship
-import edgeship.convert
-import edgeship.quantize
-import edgeship.runtime
-import edgeship.targets
-import edgeship.verify
 from edgeship import zoo
+from edgeship._cache_keys import code_fingerprint as code_fingerprint
+from edgeship._cache_keys import image_set_digest
 from edgeship._child import ChildWorker
-from edgeship._io import atomic_write_json, private_name, sha256_file
-from edgeship._lock import LOCK_FILE, folder_lock
-from edgeship._paths import check_apart, relative
+from edgeship._files import reading
+from edgeship._io import atomic_write_json, sha256_file
+from edgeship._lock import folder_lock
+from edgeship._ownership import ENTRIES as ENTRIES
+from edgeship._ownership import MARKER as MARKER
+from edgeship._ownership import SUMMARY, Ownership, check_out_dir
+from edgeship._paths import check_apart
 from edgeship._progress import Progress, silent
+from edgeship._stages import StageRecord, Stages
 from edgeship._version import __version__
 from edgeship.convert import ConvertOptions, convert
 from edgeship.convert.onnx_model import inspect_model, load_model, resolve_shape
 from edgeship.convert.result import FLOAT16_FILE, ConvertResult
-from edgeship.errors import InputError, OutputExistsError
+from edgeship.errors import InputError
 from edgeship.quantize import quantize, tflite_quant
 from edgeship.quantize.data import Split, split_images
 from edgeship.quantize.interface import EXACT
@@ -63,25 +61,10 @@ from edgeship.wheel import build_edgeship_wheel
 
 log = logging.getLogger(__name__)
 
-MARKER = ".edgeship-deploy.json"
-STAGE_MARK = ".stage.json"
-SUMMARY = "deploy.json"
 #: Memory for evaluation images decoded once per deploy (beyond it, images are decoded per check).
 CROP_CACHE_BYTES = 512 * 2**20
-#: What deploy writes at the top of OUT_DIR; anything else there is never touched.
-ENTRIES = (
-    "convert",
-    "quantize",
-    "verify",
-    "bench",
-    "bundles",
-    "device-bench",
-    "report",
-    "report.md",
-    "report.html",
-    SUMMARY,
-    MARKER,
-)
+_Stages = Stages  # the name tests and older code use
+_Written = Ownership
 
 
 @dataclass(frozen=True)
@@ -114,221 +97,12 @@ class DeployedModel:
 
 
 @dataclass
-class StageRecord:
-    name: str
-    reused: bool
-    seconds: float  # this run
-    key: str
-    built_seconds: float = 0.0  # when the stage's outputs were made
-
-
-@dataclass
 class DeployResult:
     out_dir: Path
     stages: list[StageRecord]
     targets: dict[str, dict[str, Any]]
     passed: bool
     summary: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@functools.lru_cache(maxsize=1)
-def code_fingerprint() -> str:
-    """Hash of edgeship's own source files: a stage made by different code is not reused.
-
-    The version alone is not enough for an editable install, where the code changes under
-    one version number.
-    """
-
-    h = hashlib.sha256()
-    for pkg in (edgeship, edgeship.convert, edgeship.quantize, edgeship.runtime, edgeship.targets, edgeship.verify):
-        root = Path(pkg.__path__[0])
-        for f in sorted(root.glob("*.py")) + sorted(root.glob("*.toml")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-class _Stages:
-    """Runs named stages into subfolders of OUT_DIR, reusing those whose key is unchanged."""
-
-    def __init__(self, out: Path, progress: Progress, written: _Written | None = None) -> None:
-        self.out = out
-        self.progress = progress
-        self.records: list[StageRecord] = []
-        self.written = written
-        self._written_lock = threading.Lock()  # stages run two at a time share the record of what deploy wrote
-
-    def will_build(self, name: str, key: dict[str, Any]) -> bool:
-        """Whether :meth:`run` would build this stage (its outputs are missing, changed or made from other inputs)."""
-        folder = relative(self.out, name, "stage")
-        previous = _read_marker(folder / STAGE_MARK)
-        digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
-        return not (previous.get("key") == digest and _intact(folder, previous.get("files")))
-
-    def step(self, name: str, seconds: float) -> None:
-        """Record work done for several stages and kept by none (shown in the table, never reused)."""
-        self.records.append(StageRecord(name, False, round(seconds, 2), "", round(seconds, 2)))
-
-    def order(self, names: list[str]) -> None:
-        """Records of stages run side by side, put in this order (the order they were asked for)."""
-        rank = {n: i for i, n in enumerate(names)}
-        self.records.sort(key=lambda r: rank.get(r.name, -1))
-
-    def run(self, name: str, key: dict[str, Any], build: Callable[[Path], object]) -> tuple[Path, str]:
-        folder = relative(self.out, name, "stage")
-        digest = _digest({"edgeship": __version__, "code": code_fingerprint(), **key})
-        marker = folder / STAGE_MARK
-        start = time.perf_counter()
-        previous = _read_marker(marker)
-        if previous.get("key") == digest and _intact(folder, previous.get("files")):
-            self.records.append(StageRecord(name, True, 0.0, digest, float(previous.get("seconds", 0.0))))
-            self.progress(f"{name}: reused (unchanged inputs)")
-            return folder, digest
-        self.progress(name)
-        if folder.exists():
-            if self.written is not None:
-                with self._written_lock:
-                    self.written.drop(folder)  # refuses files deploy did not write
-            shutil.rmtree(folder)
-        build(folder)
-        seconds = round(time.perf_counter() - start, 2)
-        atomic_write_json(marker, {"key": digest, "seconds": seconds, "inputs": key, "files": _manifest(folder)})
-        if self.written is not None:
-            with self._written_lock:
-                self.written.claim(folder)
-        self.records.append(StageRecord(name, False, seconds, digest, seconds))
-        return folder, digest
-
-
-def _read_marker(marker: Path) -> dict[str, Any]:
-    """A stage's record, or {} when it is missing or unreadable (the stage is then rebuilt)."""
-    try:
-        record = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
-def _manifest(folder: Path) -> dict[str, list[Any]]:
-    """Every file of a stage folder with its size and sha256, to notice deleted or damaged outputs."""
-    return {
-        str(f.relative_to(folder)): [f.stat().st_size, sha256_file(f)]
-        for f in sorted(folder.rglob("*"))
-        if f.is_file() and f.name != STAGE_MARK
-    }
-
-
-def _intact(folder: Path, files: Any) -> bool:
-    """Whether a stage's outputs are all still there, unchanged (else it is rebuilt, not reused)."""
-    if not isinstance(files, dict) or not files:
-        return False
-    try:
-        for rel, (size, digest) in files.items():
-            f = relative(folder, rel, "manifest path")
-            if f.stat().st_size != size or sha256_file(f) != digest:
-                log.warning("%s changed or was deleted since the stage was built: rebuilding it", f)
-                return False
-    except (OSError, ValueError, TypeError, InputError):
-        log.warning("an output of %s is missing or unreadable: rebuilding the stage", folder)
-        return False
-    return True
-
-
-class _Written:
-    """What deploy wrote in OUT_DIR, kept in its marker file: deploy removes or replaces nothing else."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.deploy_folder = (out / MARKER).is_file()
-        record = _read_marker(out / MARKER)
-        files = record.get("written")
-        if isinstance(files, list):
-            self.files = {f for f in files if isinstance(f, str)}
-        else:
-            self.files = _legacy_written(out) if self.deploy_folder else set()
-
-    def foreign(self, *paths: Path) -> list[str]:
-        """Files under ``paths`` (default: deploy's entries) that deploy did not write."""
-        paths = paths or tuple(self.out / name for name in ENTRIES)
-        return sorted(
-            f
-            for p in paths
-            for f in _files_under(self.out, p)
-            if f not in self.files and not any(private_name(part) for part in f.split("/"))
-        )
-
-    def drop(self, folder: Path) -> None:
-        """Forget ``folder``'s files before it is deleted; refuse when deploy did not write them all."""
-        foreign = self.foreign(folder)
-        if foreign:
-            raise OutputExistsError(
-                f"{self.out} holds {_some(foreign)}, which deploy did not write; move them, deploy would delete them"
-            )
-        self.files -= set(_files_under(self.out, folder))
-        self._save()
-
-    def claim(self, *paths: Path) -> None:
-        """Record that deploy wrote every file under ``paths``."""
-        for p in paths:
-            self.files |= set(_files_under(self.out, p))
-        self._save()
-
-    def _save(self) -> None:
-        atomic_write_json(self.out / MARKER, {"edgeship": __version__, "written": sorted(self.files | {MARKER})})
-        self.deploy_folder = True
-
-
-def _files_under(out: Path, path: Path) -> list[str]:
-    """``path`` (a file or a link) or the files and links under it, relative to ``out`` with ``/``."""
-    if path.is_symlink() or path.is_file():
-        return [path.relative_to(out).as_posix()]
-    found: list[str] = []
-    for root, dirs, files in os.walk(path):
-        links = [d for d in dirs if os.path.islink(os.path.join(root, d))]
-        found += [Path(root, f).relative_to(out).as_posix() for f in [*files, *links]]
-    return found
-
-
-def _legacy_written(out: Path) -> set[str]:
-    """A deploy folder from before the record: its stages' manifests and its report say what it wrote."""
-    files = {MARKER, SUMMARY, "report.md", "report.html", *_files_under(out, out / "report")}
-    for mark in (f for name in ENTRIES[:5] for f in (out / name).rglob(STAGE_MARK)):
-        listed = _read_marker(mark).get("files")
-        prefix = mark.parent.relative_to(out).as_posix()
-        files |= {f"{prefix}/{STAGE_MARK}", *(f"{prefix}/{f}" for f in (listed if isinstance(listed, dict) else {}))}
-    return files
-
-
-def _some(names: list[str], shown: int = 5) -> str:
-    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
-def _check_out_dir(out: Path, force: bool) -> _Written:
-    """What deploy wrote in ``out``; refuse a folder holding files of someone else where deploy writes.
-
-    Without ``force`` the folder must be empty or a deploy folder; with it, deploy writes
-    beside what is there. Either way, files deploy did not write are never removed.
-    """
-    written = _Written(out)
-    foreign = written.foreign()
-    if foreign:
-        raise OutputExistsError(
-            f"{out} holds {_some(foreign)}, which deploy did not write but would replace or "
-            f"delete; move them or pick another folder ({OutputExistsError.FORCE} never removes "
-            "files edgeship did not write)"
-        )
-    present = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
-    if present and not written.deploy_folder and not force:
-        raise OutputExistsError(
-            f"{out} is not empty and is not an edgeship deploy folder (it holds {_some(present)}; "
-            f"deploy would replace none of them): pass {OutputExistsError.FORCE} to write beside "
-            "them, or pick another folder"
-        )
-    return written
 
 
 def _check_names(targets: list[Any], given: tuple[str, ...]) -> None:
@@ -350,11 +124,21 @@ def deploy(
 
     The output folder is locked for the run (a second writer is refused), must not be
     inside the calibration or evaluation folder, and holds nothing of the user's where
-    deploy writes (see :func:`_check_out_dir`).
+    deploy writes (see :func:`edgeship._ownership.check_out_dir`). Its inputs are declared once
+    (:func:`edgeship._files.reading`): no write of the run may replace one.
     """
     check_apart(out_dir, {"the calibration folder": calibration, "the evaluation folder": options.eval_dir})
-    with folder_lock(out_dir):
+    with folder_lock(out_dir), reading(_inputs(model, calibration, options)):
         return _deploy(model, calibration, out_dir, options, progress=progress)
+
+
+def _inputs(model: str, calibration: str | Path, options: DeployOptions) -> list[Path]:
+    """What a deploy reads: the model (unless a zoo name), the image folders, labels and profile files."""
+    from edgeship._inputs import implicit_inputs
+
+    given = [Path(model), Path(calibration), options.eval_dir, options.labels]
+    given += [Path(t) for t in options.targets if Path(t).is_file()]
+    return [p for g in given if g is not None and (g.exists() or g.is_symlink()) for p in implicit_inputs(g)]
 
 
 def _deploy(
@@ -375,9 +159,9 @@ def _deploy(
     calib_set, eval_set = split_images(
         Path(calibration), Split(qopts.num_calib, qopts.seed, max_eval=qopts.max_eval), options.eval_dir
     )
-    folder_digest = list_images(calibration, minimum=0, check=False).digest()  # names, sizes, times: no decode
-    written = _check_out_dir(out, options.force)
-    stages = _Stages(out, progress, written)
+    folder_digest = image_set_digest(list_images(calibration, minimum=0, check=False))  # every file's bytes
+    written = check_out_dir(out, options.force, _inputs(model, calibration, options))
+    stages = Stages(out, progress, written)
     # The evaluation images are decoded once for the reference and every check; the wheel is built once.
     with cached_crops(CROP_CACHE_BYTES), tempfile.TemporaryDirectory(prefix="edgeship-wheel-") as wheel_dir:
         ships_wheel = any(t.access != Access.ADB for t in targets)
@@ -433,7 +217,7 @@ def _deploy(
 
 
 def _convert_stage(
-    stages: _Stages,
+    stages: Stages,
     model: Path,
     options: DeployOptions,
     targets: list[Any],
@@ -522,7 +306,7 @@ def _calibration(target: Any) -> str:
 
 
 def _quantize_stages(
-    stages: _Stages,
+    stages: Stages,
     conv: ConvertResult,
     conv_key: str,
     calib: Path,
@@ -557,7 +341,7 @@ def _quantize_stages(
 
 
 def _quantize_stage(
-    stages: _Stages,
+    stages: Stages,
     conv: ConvertResult,
     conv_key: str,
     calib: Path,
@@ -575,7 +359,9 @@ def _quantize_stage(
         "stage": "quantize",
         "convert": conv_key,
         "calibration": folder_digest,
-        "evaluation": str(options.eval_dir) if options.eval_dir else None,
+        "evaluation": image_set_digest(list_images(options.eval_dir, minimum=0, check=False))
+        if options.eval_dir
+        else None,
         "options": opts.to_dict(),
         "speed_timing": timing.to_dict(),
     }
@@ -612,7 +398,7 @@ def speed_timing(device: DeviceSpec | None, target: Any, progress: Progress = si
 
 
 def _interface_stage(
-    stages: _Stages, conv: ConvertResult, base: tuple[DeployedModel, str], target: Any
+    stages: Stages, conv: ConvertResult, base: tuple[DeployedModel, str], target: Any
 ) -> DeployedModel:
     """The calibrated model as it is, or with its interface rewritten for the target's I/O dtype (own stage)."""
     model, base_key = base
@@ -630,7 +416,7 @@ def _interface_stage(
 
 
 def _verify_and_bundle(
-    stages: _Stages,
+    stages: Stages,
     model: Path,
     models: dict[str, DeployedModel],
     eval_set: Any,
@@ -683,7 +469,7 @@ def _verify_key(cand: DeployedModel, target: Any, eval_set: Any, options: Deploy
         "candidate_sha256": sha256_file(cand.path),
         "target": target.to_dict(),
         "images": [str(f) for f in eval_set.files],
-        "images_digest": eval_set.digest(),
+        "images_digest": image_set_digest(eval_set),
         "device": _device_of(options, target),
     }
 
@@ -719,7 +505,7 @@ def _reference_key(card: ModelCard) -> str:
 
 
 def _verify_stage(
-    stages: _Stages,
+    stages: Stages,
     model: Path,
     cand: DeployedModel,
     key: dict[str, Any],
@@ -755,7 +541,7 @@ def _layer_plots(models: dict[str, DeployedModel]) -> dict[str, Path]:
 
 
 def _bench_stage(
-    stages: _Stages,
+    stages: Stages,
     model: Path,
     conv: ConvertResult,
     models: dict[str, DeployedModel],
@@ -828,7 +614,7 @@ class _Wheel:
         return self.folder
 
 
-def _bundle_stage(stages: _Stages, m: DeployedModel, target: Any, wheel: _Wheel, check: Future[Any]) -> Path:
+def _bundle_stage(stages: Stages, m: DeployedModel, target: Any, wheel: _Wheel, check: Future[Any]) -> Path:
     """The target's bundle, pinning the interpreter version its drift check ran with (what was verified ships)."""
 
     version = verified_version(target, check.result().report.candidate.runtime)
@@ -848,7 +634,7 @@ def _bundle_stage(stages: _Stages, m: DeployedModel, target: Any, wheel: _Wheel,
 
 
 def _device_bench_stages(
-    stages: _Stages,
+    stages: Stages,
     conv: ConvertResult,
     models: dict[str, DeployedModel],
     targets: list[Any],

@@ -16,6 +16,7 @@ from edgeship.runtime.card import CARD_FILE, ColorOrder, Layout, ModelCard, Post
 from edgeship.runtime.images import (
     ImageSet,
     Labels,
+    check_top_k,
     frame_pixels,
     iter_pixels,
     list_images,
@@ -114,11 +115,8 @@ class Classifier:
             card = card_from_model(model, path.name)
         if preprocessing is not None:
             card = card.with_(preprocessing=preprocessing)
-        labels = None
         labels_path = card.file(model_path.parent, "labels_file")
-        if labels_path is not None and labels_path.is_file():
-            labels = Labels.load(labels_path)
-        return cls(model, card, labels)
+        return cls(model, card, Labels.of_card(labels_path, card.num_classes, f"the model card of {path}"))
 
     # ---------------------------------------------------------------- inputs
     def pixels(self, image: Any, *, color: ColorOrder | str = ColorOrder.RGB) -> np.ndarray:
@@ -178,6 +176,7 @@ class Classifier:
     def top(self, scores: np.ndarray, top_k: int = 5) -> list[Prediction]:
         """Scores -> the top-k predictions."""
         probs = self.probabilities(scores)
+        top_k = min(check_top_k(top_k), probs.size)
         return [Prediction(int(i), self.label(int(i)), float(probs[i])) for i in topk(probs[None], top_k)[0]]
 
     def predict_timed(

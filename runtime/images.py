@@ -102,12 +102,38 @@ class Labels:
     def name(self, index: int) -> str:
         return self.names[index] if 0 <= index < len(self.names) else str(index)
 
+    def check_count(self, num_classes: int, where: str) -> Labels:
+        """These labels when there is one per class of the model, else :class:`InputError` naming both counts."""
+        if len(self.names) != num_classes:
+            raise InputError(
+                f"{where} has {len(self.names)} label(s) but the model has {num_classes} classes: "
+                "names would be wrong; give the labels of this model, one per class"
+            )
+        return self
+
+    @classmethod
+    def of_card(cls, path: Path | None, num_classes: int, where: str) -> Labels | None:
+        """The labels file a card names (None: it names none): it must exist and hold one label per class."""
+        if path is None:
+            return None
+        if not path.is_file():
+            raise InputError(f"{where} names labels file {path.name}, which is not in {path.parent}")
+        labels = cls.load(path)
+        return labels.check_count(num_classes, f"labels file {path}") if num_classes else labels
+
     def index_of(self, key: str) -> int | None:
         """Class index of a wnid or a class name, or None."""
         for table in (self.ids, self.names):
             if key in table:
                 return table.index(key)
         return None
+
+
+def check_top_k(top_k: object) -> int:
+    """``top_k`` when it is a whole number of classes above 0."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InputError(f"top_k must be a whole number of classes, 1 or more, got {top_k!r}")
+    return top_k
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,21 @@ class IOSpec:
         return self.dtype in (np.int8, np.uint8, np.int16) and self.scale > 0
 
 
+#: Interpreter threads edgeship runs a model with, at most (beyond it a runtime hangs starting threads).
+MAX_THREADS = 64
+
+
+def check_threads(count: object, what: str = "threads") -> int:
+    """``count`` when it is a whole number of threads from 1 to :data:`MAX_THREADS`.
+
+    Raises:
+        InputError: Anything else, naming the limit.
+    """
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_THREADS:
+        raise InputError(f"{what} must be a whole number from 1 to {MAX_THREADS}, got {count!r}")
+    return count
+
+
 class TFLiteModel:
     """A loaded TFLite model: float in, float out, whatever its I/O dtypes are.
 
@@ -131,7 +146,7 @@ class TFLiteModel:
                 raise InputError(f"model {self.path} does not exist")
             kwargs["model_path"] = str(self.path)
         if num_threads is not None:
-            kwargs["num_threads"] = int(num_threads)
+            kwargs["num_threads"] = check_threads(num_threads, "num_threads")
         self.delegate = "xnnpack" if use_xnnpack else "none"
         if not use_xnnpack:
             kwargs["experimental_op_resolver_type"] = _resolver(self.backend, "BUILTIN_WITHOUT_DEFAULT_DELEGATES")

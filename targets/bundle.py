@@ -9,6 +9,7 @@ the two commands to run it on the device.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,14 @@ def _wheel(dest: Path, wheel_dir: Path | None) -> Path:
     return build_edgeship_wheel(dest)
 
 
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>()#+!|~-])")
+
+
+def md_text(text: str) -> str:
+    """Profile text as Markdown text: every character Markdown acts on escaped (no fence, link or HTML)."""
+    return _MARKDOWN.sub(r"\\\1", " ".join(text.split()))
+
+
 def _python_readme(card: ModelCard, target: Target, model_file: str, runtime_pin: str) -> str:
     apt = apt_command(target)
     os_line = (
@@ -163,12 +172,12 @@ def _python_readme(card: ModelCard, target: Target, model_file: str, runtime_pin
     )
     return f"""# {model_file} for {target.name}
 
-{target.description}.
+{md_text(target.description)}.
 
 Model: {card.precision}, input {card.input.dtype} {list(card.input.shape)} ({card.input.layout}),
 output {card.output.dtype} {list(card.output.shape)}; preprocessing in `model_card.json`.
 Runtime: `{runtime_pin}`, the interpreter version the accuracy check ran with (Python {target.runtime.python});
-{target.runtime.note}.
+{md_text(target.runtime.note)}.
 {os_line}
 On the device, in this folder:
 
@@ -187,7 +196,7 @@ def _android_readme(card: ModelCard, target: Target, model_file: str) -> str:
     delegate = target.execution.delegate.value
     return f"""# {model_file} for {target.name}
 
-{target.description}.
+{md_text(target.description)}.
 
 Model: {card.precision}, input {card.input.dtype} {list(card.input.shape)} ({card.input.layout}),
 output {card.output.dtype} {list(card.output.shape)}; preprocessing in `model_card.json`.

@@ -287,8 +287,57 @@ def _expected_type(annotation: Any) -> Any:
     return str if text in {"Arch", "Access", "Precision", "IODtype", "Delegate", "Client"} else None
 
 
+#: A Debian package name (Debian Policy 5.6.1): a-z, 0-9, '+', '-', '.'; two or more, alphanumeric first.
+_DEBIAN_PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+#: Free text of a profile (description, notes) is one line of at most this many characters.
+MAX_TEXT = 500
+#: Interpreter threads a profile may ask for: more is no device edgeship targets, and hangs a runtime.
+MAX_THREADS = 64
+
+
+def check_profile_data(data: Any, source: str) -> None:
+    """A profile's values are data, never markup or commands, validated by their grammar at load.
+
+    Debian package names by Debian's grammar (they go into an ``apt install`` line); every string,
+    whatever its key, one line without control characters (it is rendered in Markdown, HTML and
+    terminals); budgets finite and not negative; interpreter threads 1 to :data:`MAX_THREADS`.
+
+    Raises:
+        TargetError: The first value that breaks a rule, named by its key.
+    """
+    for key, value in _leaves(data, ""):
+        problem = _value_problem(key, value)
+        if problem:
+            raise TargetError(f"{source}: key '{key}' {problem}")
+
+
+def _leaves(data: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(data, dict):
+        return [leaf for k, v in data.items() for leaf in _leaves(v, f"{prefix}.{k}" if prefix else str(k))]
+    if isinstance(data, list):
+        return [(prefix, v) for v in data]
+    return [(prefix, data)]
+
+
+def _value_problem(key: str, value: Any) -> str | None:
+    if isinstance(value, str):
+        if key == "runtime.system_packages" and not _DEBIAN_PACKAGE.fullmatch(value):
+            return f"must hold Debian package names (a-z, 0-9, '+', '-', '.'), got {value!r}"
+        if any(not c.isprintable() for c in value):
+            return f"must be one line of text without control characters, got {value!r}"
+        return f"is longer than {MAX_TEXT} characters" if len(value) > MAX_TEXT else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if key == "execution.threads" and not 1 <= value <= MAX_THREADS:
+        return f"must be 1 to {MAX_THREADS} interpreter threads, got {value}"
+    if key.startswith("budget.") and (not math.isfinite(value) or value < 0):
+        return f"must be a finite number, not negative, got {value}"
+    return None
+
+
 def parse_target(data: dict[str, Any], source: str) -> Target:
     """Build a validated :class:`Target` from parsed TOML data."""
+    check_profile_data(data, source)
     top = _typed(
         Target,
         {k: v for k, v in data.items() if k not in _SECTIONS},

@@ -33,6 +33,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship._version",
         "edgeship._paths",
         "edgeship._files",
+        "edgeship._inputs",
         "edgeship._deps",
         "edgeship.runtime",
     ),
@@ -46,6 +47,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship._worker",
         "edgeship._run",
         "edgeship._stage",
+        "edgeship._ownership",
         "edgeship._assets",
         "edgeship.tflite_graph",
         "edgeship.reference",
@@ -55,7 +57,15 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship.samples",
     ),
     "stages": tuple(f"edgeship.{s}" for s in STAGES),
-    "top": ("edgeship.deploy", "edgeship.demo", "edgeship.report", "edgeship.cli", "edgeship.__main__"),
+    "top": (
+        "edgeship._cache_keys",
+        "edgeship._stages",
+        "edgeship.deploy",
+        "edgeship.demo",
+        "edgeship.report",
+        "edgeship.cli",
+        "edgeship.__main__",
+    ),
 }
 #: Stage -> the stages it may import (one way: quantize converts first; verify runs candidates on targets and
 #: reads the reference ONNX model with convert's loader).

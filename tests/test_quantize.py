@@ -158,14 +158,6 @@ def test_too_few_images_nothing_written(
     assert not out.exists()
 
 
-def test_twelve_images_are_enough(tmp_path: Path, tiny_bundle: Path) -> None:
-    """The documented minimum (README, docs/cli.md): 10 calibrate, 2 are held out."""
-    out = tmp_path / "out"
-    assert main(["quantize", str(tiny_bundle), "--calib", str(_folder(tmp_path, 12)), "-o", str(out), "-q"]) == 0
-    calibration = json.loads((out / "quant_report.json").read_text())["calibration"]
-    assert calibration["count"] == 10, calibration
-
-
 def test_missing_folder_and_bad_model(
     tmp_path: Path, tiny_bundle: Path, calib_images: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
