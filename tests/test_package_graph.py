@@ -53,7 +53,16 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship.zoo",
     ),
     "stages": tuple(f"edgeship.{s}" for s in STAGES),
-    "top": ("edgeship.deploy", "edgeship.report", "edgeship.cli", "edgeship.__main__"),
+    "top": (
+        "edgeship.deploy",
+        "edgeship.report",
+        "edgeship.matrix",
+        "edgeship.matrix_file",
+        "edgeship.matrix_ray",
+        "edgeship.matrix_report",
+        "edgeship.cli",
+        "edgeship.__main__",
+    ),
 }
 #: Stage -> the stages it may import (one way: quantize converts first; verify runs candidates on targets and
 #: reads the reference ONNX model with convert's loader).
