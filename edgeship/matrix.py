@@ -166,17 +166,23 @@ class _Run:
         self.lost: dict[str, str] = {}
         self.jobs_done: collections.Counter[str] = collections.Counter()
         self.busy: dict[Any, tuple[MatrixDevice, Job]] = {}
+        self.started: dict[Any, float] = {}  # task -> when it was submitted (perf_counter)
+        self.busy_s: collections.Counter[str] = collections.Counter()  # device -> seconds of its jobs
+        self.prepare_s: dict[str, float] = {}
+        self.device_span: list[float] = []  # first device job submitted, last one finished
 
     def run(self, address: str | None) -> MatrixResult:
         start = time.perf_counter()
         with ray_session(self.matrix, address) as ray:
             self.ray = ray
             prepares = {self._prepare(m.name): m.name for m in self.matrix.models}
+            self.started.update({ref: time.perf_counter() for ref in prepares})
             while prepares or self.busy or any(self.queues.values()):
                 waiting = [*prepares, *self.busy]
                 ready = ray.wait(waiting, num_returns=1, timeout=TICK_S)[0] if waiting else []
                 for ref in ready:
                     if ref in prepares:
+                        self.prepare_s[prepares[ref]] = round(time.perf_counter() - self.started.pop(ref), 2)
                         self._prepared(prepares.pop(ref), ref)
                     else:
                         self._finished(ref)
@@ -248,7 +254,10 @@ class _Run:
             queue = self.queues[device.target]
             if queue:
                 job = queue.popleft()
-                self.busy[self._submit(device, job)] = (device, job)
+                ref = self._submit(device, job)
+                self.busy[ref] = (device, job)
+                self.started[ref] = time.perf_counter()
+                self.device_span = self.device_span[:1] or [self.started[ref]]
 
     def _submit(self, device: MatrixDevice, job: Job) -> Any:
         cell = job.cell
@@ -263,6 +272,9 @@ class _Run:
 
     def _finished(self, ref: Any) -> None:
         device, job = self.busy.pop(ref)
+        now = time.perf_counter()
+        self.busy_s[device.name] += now - self.started.pop(ref, now)
+        self.device_span = [*self.device_span[:1], now]
         try:
             value = self.ray.get(ref)
         except Exception as exc:
@@ -354,10 +366,13 @@ class _Run:
                 "status": "lost" if d.name in self.lost else "ok",
                 "reason": self.lost.get(d.name),
                 "jobs_done": self.jobs_done[d.name],
+                "busy_s": round(self.busy_s[d.name], 2),
             }
             for d in self.matrix.devices
         }
-        cells = write_reports(self.out, self.matrix, list(self.cells.values()), devices, wall)
+        span = self.device_span[1] - self.device_span[0] if len(self.device_span) == 2 else 0.0
+        timings = {"prepare_s": self.prepare_s, "device_span_s": round(span, 2)}
+        cells = write_reports(self.out, self.matrix, list(self.cells.values()), devices, wall, timings)
         return MatrixResult(self.out, cells, devices, wall)
 
 

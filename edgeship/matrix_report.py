@@ -30,7 +30,12 @@ def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
 
 
 def write_reports(
-    out: Path, matrix: Matrix, cells: list[Any], devices: dict[str, dict[str, Any]], wall: float
+    out: Path,
+    matrix: Matrix,
+    cells: list[Any],
+    devices: dict[str, dict[str, Any]],
+    wall: float,
+    timings: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Read every cell back from its files and write the three reports; return the cells' rows."""
     rows = [_row(out, c) for c in cells]
@@ -43,6 +48,7 @@ def write_reports(
         "devices": devices,
         "cells": rows,
         "wall_s": wall,
+        "timings": timings or {},
     }
     atomic_write_json(out / SUMMARY, doc)
     atomic_write_bytes(out / "report.md", markdown(doc).encode())

@@ -1,0 +1,138 @@
+"""The matrix's wall time against the same deploys run one after another, and what part of the difference the
+devices' parallelism explains.
+
+    python benchmarks/matrix_time.py MATRIX.toml --work DIR [--ray-address ADDR] [--json out.json]
+
+1. ``edgeship matrix MATRIX.toml -o DIR/matrix`` into an empty folder (wall time of the command).
+2. The same models and targets the way one runs them without a matrix: for each model, one
+   ``edgeship deploy MODEL --target T... --host T=<the target's first device>`` into an empty folder, one after
+   another (each wall time; the ssh options are the first device's: the devices must share key and
+   known_hosts, as the emulated Pis and the test sshd do).
+3. The explanation, from the matrix's own timings (``matrix.json``): the device jobs' seconds summed over
+   devices (what one device at a time would take) against the span in which they ran (first job submitted
+   to last one finished): their difference is the time the devices' parallelism saved. Deploy's stages that
+   the matrix does not run (the host benchmark, bundles and their wheel) are shown apart, so like is compared
+   with like; deploy's device benchmark also times the float32 model, which the matrix's does not.
+
+Timings on emulated devices are an emulator's: the ratios hold within one run, not a device's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+#: deploy stages the matrix does not run (the host benchmark, bundles and the wheel they ship).
+EXTRA = ("bench", "bundles/", "bundles: ")
+
+
+def run(cmd: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode not in (0, 3):
+        sys.exit(f"{' '.join(cmd[:4])}... failed ({proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return seconds
+
+
+def deploy_cmd(matrix: Any, model: Any, out: Path) -> list[str]:
+    """The deploy a user would run for this model: every target, each on its first device."""
+    first = {t.name: matrix.devices_of(t.name)[0] for t in matrix.targets}
+    spec = next(iter(first.values())).spec
+    o = matrix.options
+    cmd = [sys.executable, "-m", "edgeship", "deploy", model.source, "--calib", str(matrix.calibration), "-o", str(out)]
+    cmd += ["--num-calib", str(o.num_calib), "--bench-runs", str(o.bench_runs), "-q"]
+    cmd += ["--eval", str(matrix.evaluation)] if matrix.evaluation else []
+    cmd += ["--max-eval", str(o.max_eval)] if o.max_eval else []
+    cmd += ["--labels", str(model.labels)] if model.labels else []
+    for t in matrix.targets:
+        cmd += ["--target", t.given, "--host", f"{t.name}={first[t.name].spec.host}"]
+    cmd += ["--identity", str(spec.identity)] if spec.identity else []
+    cmd += ["--known-hosts", str(spec.known_hosts)] if spec.known_hosts else []
+    cmd += ["--remote-python", spec.python] + (["--pip-args", " ".join(spec.pip_args)] if spec.pip_args else [])
+    return cmd
+
+
+def stage_split(deploy_json: Path) -> tuple[float, float]:
+    """(seconds of stages the matrix also runs, seconds of the others) of one deploy."""
+    stages = json.loads(deploy_json.read_text())["stages"]
+    extra = sum(s["seconds"] for s in stages if s["name"].startswith(EXTRA))
+    return sum(s["seconds"] for s in stages) - extra, extra
+
+
+def main() -> None:
+    from edgeship.matrix_file import load_matrix
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("matrix", type=Path)
+    ap.add_argument("--work", type=Path, required=True, help="an empty or missing folder for both runs")
+    ap.add_argument("--ray-address")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    if args.work.exists() and any(args.work.iterdir()):
+        sys.exit(f"--work {args.work} is not empty")
+    matrix = load_matrix(args.matrix)
+    cmd = [sys.executable, "-m", "edgeship", "matrix", str(args.matrix), "-o", str(args.work / "matrix"), "-q"]
+    matrix_s = run(cmd + (["--ray-address", args.ray_address] if args.ray_address else []))
+    doc = json.loads((args.work / "matrix" / "matrix.json").read_text())
+    deploys = {}
+    for m in matrix.models:
+        out = args.work / f"deploy-{m.name}"
+        wall = run(deploy_cmd(matrix, m, out))
+        same, extra = stage_split(out / "deploy.json")
+        deploys[m.name] = {
+            "wall_s": round(wall, 1),
+            "matrix_stages_s": round(same, 1),
+            "extra_stages_s": round(extra, 1),
+        }
+    result = explain(matrix_s, doc, deploys)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+def explain(matrix_s: float, doc: dict[str, Any], deploys: dict[str, dict[str, float]]) -> dict[str, Any]:
+    busy = sum(d["busy_s"] for d in doc["devices"].values())
+    span = doc["timings"]["device_span_s"]
+    sequential = sum(d["wall_s"] for d in deploys.values())
+    extra = sum(d["extra_stages_s"] for d in deploys.values())
+    return {
+        "matrix_wall_s": round(matrix_s, 1),
+        "deploys_wall_s": round(sequential, 1),
+        "deploys_wall_without_extra_stages_s": round(sequential - extra, 1),
+        "deploys": deploys,
+        "device_jobs_s": round(busy, 1),
+        "device_span_s": round(span, 1),
+        "saved_by_device_parallelism_s": round(busy - span, 1),
+        "prepare_s": doc["timings"]["prepare_s"],
+        "devices": {n: {"jobs": d["jobs_done"], "busy_s": d["busy_s"]} for n, d in doc["devices"].items()},
+        "cells": [(c["model"], c["target"], c["status"]) for c in doc["cells"]],
+    }
+
+
+def table(r: dict[str, Any]) -> str:
+    saved = r["deploys_wall_without_extra_stages_s"] - r["matrix_wall_s"]
+    lines = [
+        f"matrix wall                              {r['matrix_wall_s']:8.1f} s",
+        f"deploys one after another                {r['deploys_wall_s']:8.1f} s",
+        f"  without stages the matrix does not run {r['deploys_wall_without_extra_stages_s']:8.1f} s",
+        f"difference (like for like)               {saved:8.1f} s",
+        f"device jobs, summed over devices         {r['device_jobs_s']:8.1f} s",
+        f"span in which they ran                   {r['device_span_s']:8.1f} s",
+        f"saved by the devices' parallelism        {r['saved_by_device_parallelism_s']:8.1f} s"
+        + (f"  ({100 * r['saved_by_device_parallelism_s'] / saved:.0f}% of the difference)" if saved > 0 else ""),
+        f"convert+quantize+reference per model     {r['prepare_s']}",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
