@@ -55,6 +55,8 @@ CELL_FILE = "cell.json"
 BENCH_FILE = "bench.json"
 #: How often (seconds) the driver looks for devices whose node died while nothing completes.
 TICK_S = 1.0
+#: Failures in a row (unreachable, its worker died) after which a device is lost; each failed job moves at once.
+STRIKES = 2
 
 
 @dataclass
@@ -141,7 +143,7 @@ def _eval_set(matrix: Matrix) -> ImageSet:
 
 def deploy_options(matrix: Matrix, labels: Path | None) -> DeployOptions:
     o = matrix.options
-    given = {"num_calib": o.num_calib, "seed": o.seed, "max_eval": o.max_eval}
+    given: dict[str, Any] = {"num_calib": o.num_calib, "seed": o.seed, "max_eval": o.max_eval}
     return DeployOptions(
         targets=tuple(t.given for t in matrix.targets),
         quantize=QuantizeOptions(**{k: v for k, v in given.items() if v is not None}),
@@ -164,10 +166,11 @@ class _Run:
         self.queues: dict[str, collections.deque[Job]] = {t.name: collections.deque() for t in matrix.targets}
         self.live = {d.name: d for d in matrix.devices}
         self.lost: dict[str, str] = {}
+        self.strikes: collections.Counter[str] = collections.Counter()
         self.jobs_done: collections.Counter[str] = collections.Counter()
         self.busy: dict[Any, tuple[MatrixDevice, Job]] = {}
         self.started: dict[Any, float] = {}  # task -> when it was submitted (perf_counter)
-        self.busy_s: collections.Counter[str] = collections.Counter()  # device -> seconds of its jobs
+        self.busy_s: dict[str, float] = collections.defaultdict(float)  # device -> seconds of its jobs
         self.prepare_s: dict[str, float] = {}
         self.device_span: list[float] = []  # first device job submitted, last one finished
 
@@ -281,6 +284,7 @@ class _Run:
             self._failed(device, job, exc)
             return
         self.jobs_done[device.name] += 1
+        self.strikes[device.name] = 0
         if job.kind == "bench":
             job.cell.bench = value
         else:
@@ -294,9 +298,20 @@ class _Run:
         if reason is None:  # the job itself is wrong (not the device): the cell says why, no other device retries
             self._give_up(job.cell, "error", f"{job.kind} on {device.name}: {_one_line(exc)}")
             return
-        self._lose(device, reason)
-        self.queues[device.target].appendleft(job)  # the work moves to the target's other devices
+        self.strikes[device.name] += 1
+        if self.strikes[device.name] >= STRIKES:
+            self._lose(device, reason)
+        self._requeue(device, job)
         self._strand(device.target)
+
+    def _requeue(self, device: MatrixDevice, job: Job) -> None:
+        """The failed job goes first to another live device of its target, if one is idle or will be."""
+        others = [d for d in self.matrix.devices_of(device.target) if d.name in self.live and d.name != device.name]
+        queue = self.queues[device.target]
+        if others:
+            queue.appendleft(job)
+        else:
+            queue.append(job)  # the only device left: it tries again after its other work
 
     def _lose(self, device: MatrixDevice, reason: str) -> None:
         if self.live.pop(device.name, None) is not None:

@@ -97,8 +97,8 @@ def load_matrix(path: str | Path) -> Matrix:
     devices = tuple(_device(d, base, i) for i, d in enumerate(doc.get("device", [])))
     matrix = Matrix(
         path,
-        _folder(doc.get("calibration"), base, "calibration", required=True),
-        _folder(doc.get("evaluation"), base, "evaluation", required=False),
+        _folder(doc.get("calibration"), base, "calibration"),
+        _folder(doc.get("evaluation"), base, "evaluation") if "evaluation" in doc else None,
         models,
         targets,
         devices,
@@ -136,9 +136,7 @@ def _path(value: Any, base: Path, where: str) -> Path:
     return (base / value).resolve()
 
 
-def _folder(value: Any, base: Path, key: str, *, required: bool) -> Path | None:
-    if value is None and not required:
-        return None
+def _folder(value: Any, base: Path, key: str) -> Path:
     folder = _path(value, base, key)
     if not folder.is_dir():
         raise InputError(f"{key} folder {folder} does not exist")

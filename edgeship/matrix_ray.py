@@ -102,9 +102,8 @@ def lost_reason(ray: Any, exc: BaseException) -> str | None:
     cause = getattr(exc, "cause", None)
     if isinstance(exc, DeviceError) or isinstance(cause, DeviceError):
         return str(cause or exc).splitlines()[0]
-    system = (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.TaskCancelledError)
-    if isinstance(exc, system) or "node" in type(exc).__name__.lower():
-        return f"its Ray node stopped ({type(exc).__name__})"
+    if isinstance(exc, ray.exceptions.RayError) and not isinstance(exc, ray.exceptions.RayTaskError):
+        return f"its Ray node or worker stopped ({type(exc).__name__})"  # a system failure, not the job's own error
     return None
 
 
