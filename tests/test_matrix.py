@@ -193,14 +193,6 @@ def test_matrix_on_ssh_devices(sshd, first_run, models, tiny_images: Path) -> No
     merged = json.loads((out / cell["folder"] / "drift_report.json").read_text())["figures"]
     assert merged == one
 
-    # A rerun with nothing changed reuses every cell and both models' convert/quantize stages.
-    before = {f: f.stat().st_mtime_ns for f in out.rglob("*.npz")}
-    proc = _run("matrix", str(path), "-o", str(out), "-q")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    again = json.loads((out / "matrix.json").read_text())
-    assert [c["status"] for c in again["cells"]] == ["reused", "reused"]
-    assert before == {f: f.stat().st_mtime_ns for f in out.rglob("*.npz")}
-
 
 def test_deploy_reuses_the_matrix_models(first_run, tmp_path: Path, models, calib_images, tiny_images) -> None:  # type: ignore[no-untyped-def]
     """The model folders are deploy folders: deploy of the same inputs there reuses convert and quantize."""
@@ -337,6 +329,6 @@ def test_node_killed_mid_run_loses_nothing_reported(  # type: ignore[no-untyped-
     proc = _run("matrix", str(path), "-o", str(out), "--ray-address", str(cluster["address"]), "-q", env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     again = {(c["model"], c["target"]): c["status"] for c in json.loads((out / "matrix.json").read_text())["cells"]}
-    assert again == {k: ("reused" if v == "done" else "done") for k, v in status.items()}
+    assert again == {k: ("reused" if v == "done" else "done") for k, v in status.items()}  # only the missing ran
     for f, data in reported.items():
         assert f.read_bytes() == data

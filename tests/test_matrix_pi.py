@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationW
 ROOT = Path(__file__).resolve().parents[1]
 PIS = {"rpi4-aarch64": "pi4", "rpi-armv7": "pi-armv7"}
 #: Evaluation images per cell (held apart from the 100 calibration images); qemu runs MobileNetV2 slowly.
-EVAL = 60
+EVAL = 30
 
 
 @pytest.fixture(scope="module")
