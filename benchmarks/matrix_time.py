@@ -32,6 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 #: deploy stages the matrix does not run (the host benchmark, bundles and the wheel they ship).
 EXTRA = ("bench", "bundles/", "bundles: ")
+#: deploy stages that run on the devices, and on the host before them (the matrix's device and prepare tasks).
+DEVICE = ("verify/", "device-bench/")
+HOST = ("convert", "quantize/", "verify: float reference")
 
 
 def run(cmd: list[str]) -> float:
@@ -67,11 +70,14 @@ def deploy_cmd(matrix: Any, model: Any, out: Path) -> list[str]:
     return cmd
 
 
-def stage_split(deploy_json: Path) -> tuple[float, float]:
-    """(seconds of stages the matrix also runs, seconds of the others) of one deploy."""
+def stage_split(deploy_json: Path) -> dict[str, float]:
+    """Seconds of one deploy's stages: all, those the matrix does not run, device work, host work before it."""
     stages = json.loads(deploy_json.read_text())["stages"]
-    extra = sum(s["seconds"] for s in stages if s["name"].startswith(EXTRA))
-    return sum(s["seconds"] for s in stages) - extra, extra
+
+    def total(prefixes: tuple[str, ...]) -> float:
+        return round(sum(s["seconds"] for s in stages if s["name"].startswith(prefixes)), 1)
+
+    return {"all": total(("",)), "extra": total(EXTRA), "device": total(DEVICE), "host": total(HOST)}
 
 
 def main() -> None:
@@ -82,7 +88,15 @@ def main() -> None:
     ap.add_argument("--work", type=Path, required=True, help="an empty or missing folder for both runs")
     ap.add_argument("--ray-address")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--explain", type=Path, metavar="RESULT_JSON", help="recompute the table from an earlier --json")
     args = ap.parse_args()
+    if args.explain:
+        old = json.loads(args.explain.read_text())
+        doc = json.loads((args.work / "matrix" / "matrix.json").read_text())
+        deploys = {m: {"wall_s": d["wall_s"], **stage_split(args.work / f"deploy-{m}" / "deploy.json")}
+                   for m, d in old["deploys"].items()}  # fmt: skip
+        print(table(explain(old["matrix_wall_s"], doc, deploys)))
+        return
     if args.work.exists() and any(args.work.iterdir()):
         sys.exit(f"--work {args.work} is not empty")
     matrix = load_matrix(args.matrix)
@@ -92,13 +106,7 @@ def main() -> None:
     deploys = {}
     for m in matrix.models:
         out = args.work / f"deploy-{m.name}"
-        wall = run(deploy_cmd(matrix, m, out))
-        same, extra = stage_split(out / "deploy.json")
-        deploys[m.name] = {
-            "wall_s": round(wall, 1),
-            "matrix_stages_s": round(same, 1),
-            "extra_stages_s": round(extra, 1),
-        }
+        deploys[m.name] = {"wall_s": round(run(deploy_cmd(matrix, m, out)), 1), **stage_split(out / "deploy.json")}
     result = explain(matrix_s, doc, deploys)
     print(table(result))
     if args.json:
@@ -109,15 +117,22 @@ def explain(matrix_s: float, doc: dict[str, Any], deploys: dict[str, dict[str, f
     busy = sum(d["busy_s"] for d in doc["devices"].values())
     span = doc["timings"]["device_span_s"]
     sequential = sum(d["wall_s"] for d in deploys.values())
-    extra = sum(d["extra_stages_s"] for d in deploys.values())
+    extra = sum(d["extra"] for d in deploys.values())
+    device = sum(d["device"] for d in deploys.values())
+    host = sum(d["host"] for d in deploys.values())
+    prepare = max(doc["timings"]["prepare_s"].values())
     return {
+        "deploys_device_stages_s": round(device, 1),
+        "deploys_host_stages_s": round(host, 1),
+        "matrix_prepare_span_s": prepare,
+        "saved_on_devices_s": round(device - span, 1),
+        "saved_on_host_s": round(host - prepare, 1),
         "matrix_wall_s": round(matrix_s, 1),
         "deploys_wall_s": round(sequential, 1),
         "deploys_wall_without_extra_stages_s": round(sequential - extra, 1),
         "deploys": deploys,
         "device_jobs_s": round(busy, 1),
         "device_span_s": round(span, 1),
-        "saved_by_device_parallelism_s": round(busy - span, 1),
         "prepare_s": doc["timings"]["prepare_s"],
         "devices": {n: {"jobs": d["jobs_done"], "busy_s": d["busy_s"]} for n, d in doc["devices"].items()},
         "cells": [(c["model"], c["target"], c["status"]) for c in doc["cells"]],
@@ -125,19 +140,23 @@ def explain(matrix_s: float, doc: dict[str, Any], deploys: dict[str, dict[str, f
 
 
 def table(r: dict[str, Any]) -> str:
-    saved = r["deploys_wall_without_extra_stages_s"] - r["matrix_wall_s"]
-    lines = [
-        f"matrix wall                              {r['matrix_wall_s']:8.1f} s",
-        f"deploys one after another                {r['deploys_wall_s']:8.1f} s",
-        f"  without stages the matrix does not run {r['deploys_wall_without_extra_stages_s']:8.1f} s",
-        f"difference (like for like)               {saved:8.1f} s",
-        f"device jobs, summed over devices         {r['device_jobs_s']:8.1f} s",
-        f"span in which they ran                   {r['device_span_s']:8.1f} s",
-        f"saved by the devices' parallelism        {r['saved_by_device_parallelism_s']:8.1f} s"
-        + (f"  ({100 * r['saved_by_device_parallelism_s'] / saved:.0f}% of the difference)" if saved > 0 else ""),
-        f"convert+quantize+reference per model     {r['prepare_s']}",
+    diff = r["deploys_wall_without_extra_stages_s"] - r["matrix_wall_s"]
+    overhead = r["saved_on_devices_s"] + r["saved_on_host_s"] - diff
+    rows = [
+        ("matrix wall", r["matrix_wall_s"]),
+        ("deploys one after another", r["deploys_wall_s"]),
+        ("  without stages the matrix does not run", r["deploys_wall_without_extra_stages_s"]),
+        ("difference, like for like", diff),
+        ("device work: deploys' verify + device-bench", r["deploys_device_stages_s"]),
+        ("  matrix: span of its device jobs", r["device_span_s"]),
+        ("  saved by the devices' parallelism", r["saved_on_devices_s"]),
+        ("  matrix: its device jobs' seconds summed", r["device_jobs_s"]),
+        ("host work: deploys' convert + quantize + reference", r["deploys_host_stages_s"]),
+        ("  matrix: longest prepare task (models side by side)", r["matrix_prepare_span_s"]),
+        ("  saved by preparing models side by side", r["saved_on_host_s"]),
+        ("the matrix's own cost (Ray start, a session per job, ...)", overhead),
     ]
-    return "\n".join(lines)
+    return "\n".join(f"{name:<52}{value:8.1f} s" for name, value in rows)
 
 
 if __name__ == "__main__":
