@@ -129,8 +129,13 @@ def _check_contracts(matrix: Matrix) -> None:
         if m.input_shape is None or not Path(m.source).is_file():
             continue
         shape = tuple(inspect_model(load_model(m.source), m.source).input_shape)
-        if shape != m.input_shape:
+        if not _fits(shape, m.input_shape):
             raise InputError(f"model {m.name}: its input is {list(shape)}, the matrix file says {list(m.input_shape)}")
+
+
+def _fits(shape: tuple[Any, ...], contract: tuple[int, ...]) -> bool:
+    """A model's input shape meets the contract: same rank, every fixed size equal (a named size takes any)."""
+    return len(shape) == len(contract) and all(not isinstance(d, int) or d == c for d, c in zip(shape, contract))
 
 
 def _eval_set(matrix: Matrix) -> ImageSet:
