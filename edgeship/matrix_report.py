@@ -66,7 +66,12 @@ def _row(out: Path, cell: Any) -> dict[str, Any]:
     files = [CELL_FILE, *record.get("files", {})]
     if not all((folder / f).is_file() for f in files):
         return {**row, "status": "missing", "reason": "files of the cell are gone", "passed": False}
-    return {**row, **_figures(folder, record), "folder": folder.relative_to(out).as_posix(), "files": files}
+    links = [f"{folder.relative_to(out).as_posix()}/{f}" for f in (DRIFT_FILE, BENCH_FILE)]
+    variant = record.get("candidate", {}).get("variant")
+    quant = f"models/{cell.model}/quantize/{variant}/quant_report.json"
+    links += [quant] if variant and (out / quant).is_file() else []
+    return {**row, **_figures(folder, record), "folder": folder.relative_to(out).as_posix(), "files": files,
+            "links": links}  # fmt: skip
 
 
 def _figures(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -114,7 +119,7 @@ def markdown(doc: dict[str, Any]) -> str:
         cells = []
         for t in doc["targets"]:
             c = grid[(m, t)]
-            link = f" ([files]({c['folder']}/{DRIFT_FILE}))" if c.get("folder") else ""
+            link = " (" + ", ".join(f"[{Path(x).stem}]({x})" for x in c["links"]) + ")" if c.get("folder") else ""
             cells.append(cell_text(c).replace("|", "/") + link)
         deploy = f" ([deploy](models/{m}))" if grid[(m, doc["targets"][0])].get("deploy") else ""
         lines.append(f"| {m}{deploy} | " + " | ".join(cells) + " |")
@@ -135,11 +140,24 @@ def page(doc: dict[str, Any]) -> str:
             c = grid[(m, t)]
             text = html.escape(cell_text(c))
             if c.get("folder"):
-                text = f'<a href="{html.escape(c["folder"])}/{DRIFT_FILE}">{text}</a>'
+                refs = " ".join(
+                    f'<a href="{html.escape(link)}">{html.escape(Path(link).stem)}</a>' for link in c["links"]
+                )
+                text = f'<a href="{html.escape(c["folder"])}/{DRIFT_FILE}">{text}</a><br>{refs}'
             tds.append(f'<td class="{html.escape(c["status"])}">{text}</td>')
-        body.append(f"<tr><th>{html.escape(m)}</th>{''.join(tds)}</tr>")
+        name = html.escape(m)
+        head_cell = f'<a href="models/{name}/">{name}</a>' if grid[(m, doc["targets"][0])].get("deploy") else name
+        body.append(f"<tr><th>{head_cell}</th>{''.join(tds)}</tr>")
     return (
         "<!doctype html><meta charset=utf-8><title>edgeship matrix</title>"
         f"<h1>edgeship matrix</h1><p>{html.escape(doc['matrix'])}: wall {doc['wall_s']:.1f} s</p>"
-        f"<table border=1><tr><th>model</th>{head}</tr>{''.join(body)}</table>\n"
+        f"<table border=1><tr><th>model</th>{head}</tr>{''.join(body)}</table>"
+        f"<h2>devices</h2><table border=1><tr><th>device</th><th>target</th><th>node</th><th>status</th>"
+        f"<th>jobs</th></tr>{''.join(_device_row(n, d) for n, d in doc['devices'].items())}</table>\n"
     )
+
+
+def _device_row(name: str, d: dict[str, Any]) -> str:
+    status = d["status"] + (f" ({d['reason']})" if d["reason"] else "")
+    cells = (name, d["target"], d["node"] or "-", status, str(d["jobs_done"]))
+    return "<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>"
