@@ -17,6 +17,7 @@ _EXTRA_OF = {
     "tensorflow": "host",
     "matplotlib": "host",
     "psutil": "host",
+    "ray": "cluster",
 }
 
 

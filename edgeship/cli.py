@@ -938,6 +938,43 @@ def _cmd_demo(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[
     return code, {**payload, "summary": head + payload.get("summary", [])}
 
 
+# ---------------------------------------------------------------- matrix
+def _add_matrix(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "matrix",
+        help="models x targets on a bench of devices, scheduled by Ray",
+        description="Convert and quantize each model once (deploy's stages and cache), drift-check and benchmark "
+        "it per target on that target's devices (Ray tasks holding device:NAME), and write one report "
+        "(matrix.json, report.md, report.html). Needs pip install 'edgeship[cluster]'.",
+    )
+    p.add_argument("matrix", type=Path, help="the matrix file (TOML: models, images, targets, devices)")
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (a rerun redoes only what is missing)")
+    p.add_argument("--ray-address", help="join this Ray cluster (default: start Ray on this machine)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_matrix, force=False)
+
+
+def _cmd_matrix(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship.matrix import run_matrix  # deferred: CLI start-up
+
+    result = run_matrix(args.matrix, args.out, ray_address=args.ray_address, progress=progress)
+    from edgeship.matrix_report import cell_text  # deferred: CLI start-up
+
+    lines = [f"{c['model']} x {c['target']}: " + cell_text(c) for c in result.cells]
+    lost = [f"device {n} lost: {d['reason']}" for n, d in result.devices.items() if d["status"] == "lost"]
+    lines += lost + [f"report: {result.out_dir / 'report.html'}  (wall {result.wall_s:.1f} s)"]
+    payload: dict[str, Any] = {"summary": lines, "result": {"cells": result.cells, "devices": result.devices}}
+    not_run = [c for c in result.cells if c["status"] not in ("done", "reused")]
+    if not_run:
+        payload["error"] = f"{len(not_run)} cell(s) not run (report written; a rerun redoes only them)"
+        return 1, payload
+    if not result.passed:
+        payload["error"] = "over the drift budget: " + ", ".join(
+            f"{c['model']} x {c['target']}" for c in result.cells if not c["passed"]
+        )
+    return (0 if result.passed else 3), payload
+
+
 # ---------------------------------------------------------------- targets
 def _add_targets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("targets", help="list or show target profiles")
@@ -1052,6 +1089,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bundle,
     _add_deploy,
     _add_demo,
+    _add_matrix,
     _add_targets,
     _add_emulate,
 ]

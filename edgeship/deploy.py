@@ -672,3 +672,25 @@ def _device_bench_stages(
             "speed": doc.speed.to_dict() if doc.speed else None,
         }
     return out
+
+
+def prepare(
+    model: str, calibration: str | Path, out_dir: str | Path, options: DeployOptions, *, progress: Progress = silent
+) -> dict[str, DeployedModel]:
+    """Only deploy's convert and quantize stages, into a deploy folder and cached exactly as :func:`deploy`
+    caches them (a later ``deploy`` of the same inputs there reuses them): each target's deployed model."""
+
+    check_apart(out_dir, {"the calibration folder": calibration, "the evaluation folder": options.eval_dir})
+    with folder_lock(out_dir), reading(_inputs(model, calibration, options)):
+        targets = [load_target(t) for t in options.targets]
+        _check_names(targets, options.targets)
+        model_path = zoo.resolve(model, progress=progress)
+        if not model_path.is_file():
+            raise InputError(f"model {model_path} does not exist")
+        folder_digest = image_set_digest(list_images(calibration, minimum=0, check=False))  # every file's bytes
+        out = Path(out_dir)
+        stages = Stages(out, progress, check_out_dir(out, options.force, _inputs(model, calibration, options)))
+        early = _DuringConvert(model_path, None, Preprocessing.imagenet(1, 1), _Wheel(out), False)
+        with ChildWorker() as native:
+            conv, conv_key = _convert_stage(stages, model_path, options, targets, native, early)
+            return _quantize_stages(stages, conv, conv_key, Path(calibration), folder_digest, options, targets, native)

@@ -23,9 +23,7 @@ from edgeship.quantize.source import float_source
 from edgeship.runtime.metrics import DriftFigures
 
 #: What is compared by default: the three onnxruntime methods, then float logits on each.
-CANDIDATES = tuple(
-    QdqOptions(method=m, float_logits=f) for f in (False, True) for m in QdqMethod
-)
+CANDIDATES = tuple(QdqOptions(method=m, float_logits=f) for f in (False, True) for m in QdqMethod)
 
 
 @dataclass(frozen=True)

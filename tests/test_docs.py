@@ -57,6 +57,7 @@ OTHER_TOOLS = (
     "ruff",
     "mypy",
     "unshare",
+    "ray",
 )
 SNIPPET_TIMEOUT_S = 1800
 
