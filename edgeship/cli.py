@@ -652,7 +652,7 @@ def _inputs(args: argparse.Namespace) -> list[Path]:
 
 def _written_folder(args: argparse.Namespace) -> tuple[Path, str] | None:
     """The folder a command writes (locked while it runs), and what messages call it."""
-    if args.command in ("convert", "quantize", "bundle", "deploy"):
+    if args.command in ("convert", "quantize", "bundle", "deploy", "demo"):
         return args.out, "output folder"
     if args.command == "verify":
         return args.report.parent, "report folder"
@@ -877,6 +877,36 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     return code, payload
 
 
+# ---------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the main job with nothing but edgeship: MobileNetV2 and sample photos fetched, then deployed",
+        description="Fetch (once, size and sha256 checked, cached) the ONNX model zoo's MobileNetV2 and "
+        "300 labelled ImageNet sample photos (ImageNet terms: research and education only), then run "
+        "`edgeship deploy` on them to x86-host, rpi4-aarch64 and android-arm64-cpu (100 calibration "
+        "images, the rest evaluated). Offline, point it at local copies.",
+    )
+    p.add_argument("-o", "--out", type=Path, required=True, help="output folder (as for deploy)")
+    p.add_argument("--model", default="mobilenetv2-7", help="ONNX model or zoo name (default mobilenetv2-7)")
+    p.add_argument("--images", type=Path, help="a local folder of labelled photos instead of the download")
+    p.add_argument("--force", action="store_true", help="as for deploy")
+    _add_common(p)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace, progress: Callable[..., None]) -> tuple[int, dict[str, Any]]:
+    from edgeship import demo  # deferred: CLI start-up
+
+    inputs = demo.demo_inputs(args.model, args.images, progress=progress)
+    argv = ["deploy", str(inputs.model), "--calib", str(inputs.images), "--labels", str(inputs.labels)]
+    argv += ["--num-calib", str(demo.DEMO_NUM_CALIB), "-o", str(args.out), *(["--force"] if args.force else [])]
+    argv += [flag for t in demo.DEMO_TARGETS for flag in ("--target", t)]
+    code, payload = _cmd_deploy(build_parser().parse_args(argv), progress)
+    head = [f"demo inputs: {inputs.model}; {inputs.source}", "the same as: edgeship " + shlex.join(argv)]
+    return code, {**payload, "summary": head + payload.get("summary", [])}
+
+
 # ---------------------------------------------------------------- targets
 def _add_targets(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("targets", help="list or show target profiles")
@@ -999,6 +1029,7 @@ _COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_bench,
     _add_bundle,
     _add_deploy,
+    _add_demo,
     _add_targets,
     _add_emulate,
 ]

@@ -9,14 +9,13 @@ moved into the cache. Nothing is downloaded unless a zoo name is asked for.
 from __future__ import annotations
 
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from edgeship._io import cache_dir as edgeship_cache
 from edgeship._io import sha256_file
+from edgeship.download import Checked, FetchError, fetch
 from edgeship.errors import InputError
 
 
@@ -94,25 +93,7 @@ def _download(
     candidates: list[Path],
     progress: Callable[[str, int | None, int | None], None] | None,
 ) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part")
     try:
-        with urllib.request.urlopen(entry.url, timeout=30) as resp, open(tmp, "wb") as out:
-            done = 0
-            while chunk := resp.read(1 << 16):
-                out.write(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(f"download {entry.file}", done, entry.size)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"download of {entry.name} failed ({exc}); " + _place_hint(entry, candidates)) from exc
-    try:
-        _check(tmp, entry)
-    except InputError:
-        tmp.unlink(missing_ok=True)
-        raise InputError(
-            f"downloaded {entry.file} does not match the expected sha256; not used. " + _place_hint(entry, candidates)
-        ) from None
-    os.replace(tmp, target)
-    return target
+        return fetch(Checked(entry.url, entry.size, entry.sha256), target, progress=progress)
+    except FetchError as exc:
+        raise InputError(f"download of {entry.name} failed: {exc}; " + _place_hint(entry, candidates)) from None

@@ -1,6 +1,7 @@
 """``python -m edgeship.runtime MODEL_OR_BUNDLE IMAGE...``: print the top-5 classes of each image.
 
-The runner a Raspberry Pi user types; needs only numpy, Pillow and a TFLite interpreter.
+The runner a Raspberry Pi user types; needs only numpy, Pillow and a TFLite interpreter (or onnxruntime, for an
+``.onnx`` model: edgeship's int8 QDQ model).
 """
 
 from __future__ import annotations
@@ -28,9 +29,13 @@ def _read_preprocessing(path: str) -> Any:
     return Preprocessing.from_dict(data)
 
 
+def _kinds(kinds: dict[str, int]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in kinds.items() if n)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m edgeship.runtime", description=__doc__.splitlines()[0])
-    ap.add_argument("model", help="bundle folder (with model_card.json) or .tflite file")
+    ap.add_argument("model", help="bundle folder (with model_card.json), .tflite or .onnx file")
     ap.add_argument("images", nargs="+", help="image files")
     ap.add_argument("-k", "--top-k", type=int, default=5)
     ap.add_argument("-t", "--threads", type=int, default=None)
@@ -64,10 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         )
         return 0
-    print(
-        f"# {info['model_file']} ({info['precision']}) on {info['interpreter']} {info['interpreter_version']}, "
-        f"delegate {info['delegate']}"
+    how = (
+        f"{info['execution_provider']}, kernels {_kinds(info['kernel_kinds'])}"
+        if "execution_provider" in info
+        else f"delegate {info['delegate']}"
     )
+    print(f"# {info['model_file']} ({info['precision']}) on {info['interpreter']} {info['interpreter_version']}, {how}")
     for img, preds in results.items():
         print(img)
         for p in preds:

@@ -267,6 +267,11 @@ class ModelCard:
         return cls(**d)
 
     @property
+    def runtime(self) -> str:
+        """What runs the model file: ``onnxruntime`` for an ``.onnx`` model (int8 QDQ), else ``tflite``."""
+        return "onnxruntime" if self.model_file.lower().endswith(".onnx") else "tflite"
+
+    @property
     def reference_preprocessing(self) -> Preprocessing:
         """Preprocessing for the source ONNX model (differs when input ops were folded)."""
         return self.source_preprocessing or self.preprocessing

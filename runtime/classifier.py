@@ -24,7 +24,7 @@ from edgeship.runtime.images import (
     pixel_offset,
     resize_crop,
 )
-from edgeship.runtime.interpreter import TFLiteModel
+from edgeship.runtime.interpreter import Model, open_model
 from edgeship.runtime.metrics import accuracy, softmax, topk
 from edgeship.runtime.model_check import check_model_file
 
@@ -57,10 +57,11 @@ class Classifier:
     """A deployed image classifier: preprocessing, (de)quantization, softmax and top-k.
 
     Use :meth:`load` with a bundle folder (``model_card.json`` + model + labels) or a
-    ``.tflite`` path (its folder's model card is used when present).
+    ``.tflite`` or ``.onnx`` path (its folder's model card is used when present). A ``.tflite`` model
+    runs on a TFLite interpreter, an ``.onnx`` one (edgeship's int8 QDQ model) on onnxruntime.
     """
 
-    def __init__(self, model: TFLiteModel, card: ModelCard, labels: Labels | None) -> None:
+    def __init__(self, model: Model, card: ModelCard, labels: Labels | None) -> None:
         self.model = model
         self.card = card
         self.labels = labels
@@ -75,22 +76,23 @@ class Classifier:
         backend: str | None = None,
         preprocessing: Preprocessing | None = None,
     ) -> Classifier:
-        """Load a bundle folder or a ``.tflite`` file.
+        """Load a bundle folder, a ``.tflite`` or an ``.onnx`` file.
 
-        The model file is checked in a child process first (a corrupt one can crash the
-        interpreter), once per file content.
+        A TFLite model file is checked in a child process first (a corrupt one can crash the
+        interpreter), once per file content; an ONNX file is checked by onnxruntime as it loads.
 
         Args:
-            bundle_or_model: Folder with ``model_card.json``, or a ``.tflite`` file.
+            bundle_or_model: Folder with ``model_card.json``, or a ``.tflite`` or ``.onnx`` file.
             num_threads: Interpreter threads (None: the interpreter's default).
             use_xnnpack: Use the XNNPACK delegate (the fast CPU path).
-            backend: Force ``ai_edge_litert``, ``tflite_runtime`` or ``tensorflow``.
+            backend: Force ``ai_edge_litert``, ``tflite_runtime`` or ``tensorflow`` (for a ``.tflite``
+                model); an ``.onnx`` model always runs on ``onnxruntime``.
             preprocessing: How images become input, for a model without a card (required
                 then: guessing it gives wrong answers); with a card, it replaces the card's.
         """
         path = Path(bundle_or_model)
         if not path.exists():
-            raise InputError(f"{path} does not exist (expected a bundle folder or a .tflite file)")
+            raise InputError(f"{path} does not exist (expected a bundle folder, a .tflite or an .onnx file)")
         if path.is_dir():
             card = ModelCard.load(path / CARD_FILE)
             model_path = card.model_path(path)
@@ -98,7 +100,8 @@ class Classifier:
             model_path = path
             card = find_card(path)  # type: ignore[assignment]
 
-        check_model_file(model_path, backend=backend)
+        if model_path.suffix.lower() != ".onnx":
+            check_model_file(model_path, backend=backend)
         if card is None and preprocessing is None:
             raise InputError(
                 f"no model card beside {path} ({path.stem}.card.json or {CARD_FILE}): without it the "
@@ -106,7 +109,7 @@ class Classifier:
                 "give the preprocessing explicitly (python -m edgeship.runtime --preprocess FILE.json, "
                 "or Classifier.load(..., preprocessing=Preprocessing(...)))"
             )
-        model = TFLiteModel(model_path, num_threads=num_threads, use_xnnpack=use_xnnpack, backend=backend)
+        model = open_model(model_path, num_threads=num_threads, use_xnnpack=use_xnnpack, backend=backend)
         if card is None:
             card = card_from_model(model, path.name)
         if preprocessing is not None:
@@ -270,13 +273,18 @@ def find_card(model_path: Path) -> ModelCard | None:
     return None
 
 
-def card_from_model(model: TFLiteModel, file_name: str) -> ModelCard:
+def card_from_model(model: Model, file_name: str) -> ModelCard:
     shape = model.input.shape
     return ModelCard(
         model_file=file_name,
-        precision="int8" if model.input.quantized else "float32",
+        precision="int8" if model.input.quantized or _int8_kernels(model) else "float32",
         input=TensorSpec.of(model.input, Layout.NHWC.value),
         output=TensorSpec.of(model.output),
         preprocessing=Preprocessing.imagenet(shape[1], shape[2]),
         num_classes=int(np.prod(model.output.shape[1:])),
     )
+
+
+def _int8_kernels(model: Model) -> bool:
+    """Whether the runtime ran int8 kernels (an ONNX QDQ model's I/O is float)."""
+    return bool(model.describe().get("kernel_kinds", {}).get("int8"))

@@ -18,13 +18,16 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
 from edgeship.errors import InputError, MissingDependencyError
 from edgeship.runtime.delegation import flex_refusal, of_interpreter
 from edgeship.runtime.images import normalize, pixel_offset, quantize_pixels
+
+if TYPE_CHECKING:
+    from edgeship.runtime.ort_model import OrtModel
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +262,26 @@ class TFLiteModel:
     def op_names(self) -> list[str]:
         """Builtin op names in execution order (for reports and tests)."""
         return [d["op_name"] for d in self.interpreter._get_ops_details()]  # noqa: SLF001
+
+
+#: A loaded model of either runtime: a ``.tflite`` on a TFLite interpreter, a ``.onnx`` on onnxruntime.
+Model = Union[TFLiteModel, "OrtModel"]
+
+
+def open_model(
+    model: str | os.PathLike[str] | bytes,
+    *,
+    num_threads: int | None = None,
+    use_xnnpack: bool = True,
+    backend: str | None = None,
+) -> Model:
+    """Load a model on the runtime its file needs: ``.onnx`` (or ``backend="onnxruntime"``) on onnxruntime
+    (:class:`~edgeship.runtime.ort_model.OrtModel`, imported only then), anything else on a TFLite interpreter."""
+    from edgeship.runtime import ort_model  # numpy only until an ONNX model is opened
+
+    if backend == ort_model.RUNTIME or (backend is None and ort_model.is_onnx(model)):
+        return ort_model.OrtModel(model, num_threads=num_threads, use_xnnpack=use_xnnpack, backend=backend)
+    return TFLiteModel(model, num_threads=num_threads, use_xnnpack=use_xnnpack, backend=backend)
 
 
 def in_fixed_batches(x: np.ndarray, step: int, fn: Any) -> np.ndarray:

@@ -51,9 +51,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "edgeship.reference",
         "edgeship.wheel",
         "edgeship.zoo",
+        "edgeship.download",
+        "edgeship.samples",
     ),
     "stages": tuple(f"edgeship.{s}" for s in STAGES),
-    "top": ("edgeship.deploy", "edgeship.report", "edgeship.cli", "edgeship.__main__"),
+    "top": ("edgeship.deploy", "edgeship.demo", "edgeship.report", "edgeship.cli", "edgeship.__main__"),
 }
 #: Stage -> the stages it may import (one way: quantize converts first; verify runs candidates on targets and
 #: reads the reference ONNX model with convert's loader).

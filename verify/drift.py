@@ -41,8 +41,10 @@ REPORT_FILE = "drift_report.json"
 OUTPUTS_FILE = "outputs.npz"
 #: File names of the model and labels shipped to a device for a drift check (chosen here, never the user's).
 STAGED_MODEL = "model.tflite"
+#: The staged name of an ONNX model (an int8 QDQ model for onnxruntime targets).
+STAGED_ONNX = "model.onnx"
 STAGED_LABELS = "labels.txt"
-#: A candidate: a saved .tflite (card beside it), a bundle folder, or a stage result in memory.
+#: A candidate: a saved .tflite or .onnx (card beside it), a bundle folder, or a stage result in memory.
 Candidate = Union[str, os.PathLike, Any]
 
 
@@ -261,12 +263,18 @@ def stage_candidate(candidate: Candidate, dest: Path) -> tuple[Path, ModelCard, 
 def stage_bundle(dest: Path, model: bytes, card: ModelCard, labels: bytes | None) -> ModelCard:
     """Write model, card and labels into ``dest`` under fixed names; return the card written."""
     dest.mkdir(parents=True)
-    atomic_write_bytes(dest / STAGED_MODEL, model)
+    name = staged_model_name(card)
+    atomic_write_bytes(dest / name, model)
     if labels is not None:
         atomic_write_bytes(dest / STAGED_LABELS, labels)
-    staged = card.with_(model_file=STAGED_MODEL, labels_file=STAGED_LABELS if labels is not None else None)
+    staged = card.with_(model_file=name, labels_file=STAGED_LABELS if labels is not None else None)
     atomic_write_json(dest / CARD_FILE, staged.to_dict())
     return staged
+
+
+def staged_model_name(card: ModelCard) -> str:
+    """The fixed name a model is staged under: ``model.onnx`` for an ONNX model, else ``model.tflite``."""
+    return STAGED_ONNX if card.model_file.lower().endswith(".onnx") else STAGED_MODEL
 
 
 def _candidate_parts(candidate: Candidate) -> tuple[bytes, ModelCard, bytes | None, str]:
@@ -284,10 +292,11 @@ def _candidate_parts(candidate: Candidate) -> tuple[bytes, ModelCard, bytes | No
 
 
 def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCard, Path]:
-    """(model file, card, folder) for a .tflite path or a bundle folder; the model file is checked."""
+    """(model file, card, folder) for a .tflite or .onnx path or a bundle folder; a TFLite file is checked (an
+    ONNX one is checked by onnxruntime as it loads)."""
     path = Path(candidate)
     if not path.exists():
-        raise InputError(f"candidate {path} does not exist (a .tflite file or a bundle folder)")
+        raise InputError(f"candidate {path} does not exist (a .tflite or .onnx file, or a bundle folder)")
     if path.is_dir():
         card = ModelCard.load(path)
         model, folder = card.model_path(path), path
@@ -300,7 +309,8 @@ def resolve_candidate(candidate: str | os.PathLike[str]) -> tuple[Path, ModelCar
                 "with its card, or a bundle folder"
             )
         card, model, folder = found, path, path.parent
-    check_model_file(model)
+    if model.suffix.lower() != ".onnx":
+        check_model_file(model)
     return model, card, folder
 
 
