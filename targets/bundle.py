@@ -134,7 +134,8 @@ def bundle(
             atomic_write_text(
                 stage / CHECK_SCRIPT, check_script(target.name, _verified_pythons(target, release, python))
             )
-            atomic_write_text(stage / README, _python_readme(card, target, model.name, reqs[-1], release))
+            pin = reqs[-1] if runs.runtime.source == "pip" else f"{runs.runtime.package}{runs.runtime.versions} (apt)"
+            atomic_write_text(stage / README, _python_readme(card, target, model.name, pin, release))
     out = Path(out_dir)
     return BundleResult(out, target.name, tuple(sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)))
 

@@ -63,6 +63,8 @@ TARGET_CPUS = {"rpi4-aarch64": "cortex-a72", "rpi5-aarch64": "cortex-a76"}
 def cpu_for(target: str) -> str:
     """The qemu CPU model that stands in for ``target``'s (:data:`DEFAULT_CPU` for a target not listed)."""
     return TARGET_CPUS.get(target, DEFAULT_CPU)
+
+
 #: Debian mirror and release of the guest (override the mirror with $EDGESHIP_DEBIAN_MIRROR).
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SUITE = "bookworm"

@@ -58,6 +58,8 @@ def verified_version(target: Target, runtime: RuntimeInfo) -> str | None:
 def device_requirements(target: Target, verified: str | None = None) -> list[str]:
     """pip requirements of the device (the target's, with the interpreter pinned by :func:`interpreter_pin`)."""
     reqs = target.pip_requirements()
+    if target.runtime.source == "apt":  # the OS's package: apt pins it, pip has no line for it
+        return reqs
     return [*reqs[:-1], interpreter_pin(target, verified)]
 
 

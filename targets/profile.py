@@ -83,6 +83,9 @@ class Runtime:
     #: Debian packages that provide numpy and Pillow on the device (``sudo apt install``; the venv then
     #: uses ``--system-site-packages``); empty: both come from PyPI.
     system_packages: tuple[str, ...] = ()
+    #: Where the interpreter package comes from: ``pip`` (a requirements.txt line) or ``apt`` (one of
+    #: ``system_packages``; requirements.txt then names only the edgeship wheel and what pip adds).
+    source: str = "pip"
 
     def __post_init__(self) -> None:
         if not isinstance(self.system_packages, (list, tuple)) or not all(
@@ -90,6 +93,8 @@ class Runtime:
         ):
             raise ValueError(f"runtime.system_packages must be a list of package names, got {self.system_packages!r}")
         object.__setattr__(self, "system_packages", tuple(self.system_packages))
+        if self.source not in ("pip", "apt"):
+            raise ValueError(f"runtime.source must be 'pip' or 'apt', got {self.source!r}")
         try:
             object.__setattr__(self, "client", Client(self.client))
         except ValueError:
@@ -254,6 +259,7 @@ class Release:
             note=base.note,
             client=base.client,
             system_packages=base.system_packages if self.system_packages is None else self.system_packages,
+            source=self.source,
         )
 
 
@@ -305,6 +311,8 @@ class Target:
             from_pypi = [numpy] if tflite_runtime else []
         else:
             from_pypi = [numpy, "Pillow>=9"]
+        if self.runtime.source == "apt":  # the interpreter is the OS's: pip sees it through the venv
+            return from_pypi
         return [*from_pypi, f"{self.runtime.package}{self.runtime.versions}"]
 
     def release(self, name: str) -> Release:

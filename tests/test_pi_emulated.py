@@ -174,6 +174,14 @@ def test_targets_name_their_os_releases_and_armv7_refuses_trixie(tiny_pi_int8: P
         bundle(tiny_pi_int8, armv7, tmp_path / "t", python="3.13.5")
     assert "\n" not in str(info.value) and "use rpi4-aarch64 on the 64-bit Raspberry Pi OS" in str(info.value)
     assert not (tmp_path / "t").exists()  # nothing half-written
+    from dataclasses import replace
+
+    from edgeship.targets.install import device_requirements
+
+    ort = replace(trixie, refuse="").runtime(armv7.runtime)  # the release's runtime, once deploy carries it
+    apt = replace(armv7, runtime=ort)
+    assert ort.source == "apt" and "python3-onnxruntime" in ort.system_packages
+    assert device_requirements(apt) == [] and apt.pip_requirements() == []  # nothing from PyPI but the wheel
     rpi4 = load_target("rpi4-aarch64").on_release(load_target("rpi4-aarch64").release("trixie"))
     assert rpi4.runtime.package == "ai-edge-litert" and rpi4.runtime.python == "==3.13.*"
     shown = subprocess.run(
