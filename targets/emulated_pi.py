@@ -260,12 +260,20 @@ def _mmdebstrap(prof: PiProfile, release: str, dest: Path) -> float:
     except subprocess.TimeoutExpired as exc:
         raise DeviceError(f"mmdebstrap of the {prof.debian_arch} root did not finish in {exc.timeout:.0f} s") from exc
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        log_file = dest.parent.parent / f"{dest.parent.name.split('.building-')[0].lstrip('.')}.mmdebstrap.log"
+        atomic_write_text(log_file, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
         raise DeviceError(
-            f"mmdebstrap of the {prof.debian_arch} root failed (exit {proc.returncode}): "
-            f"{lines[-1] if lines else 'no output'}"
+            f"mmdebstrap of the {release} {prof.debian_arch} root failed (exit {proc.returncode}): "
+            f"{_first_error(proc.stderr or proc.stdout)} (whole output: {log_file})"
         )
     return time.monotonic() - start
+
+
+def _first_error(text: str) -> str:
+    """mmdebstrap's first ``E:`` line that says more than that it failed, else its last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("E:") and "mmdebstrap failed to run" not in ln]
+    return (errors or lines or ["no output"])[0 if errors else -1]
 
 
 def _prepare_root(root: Path, prof: PiProfile, release: str, seconds: float) -> None:
