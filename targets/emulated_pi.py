@@ -54,7 +54,10 @@ UID = 1000
 #: Written into the root when it is complete: what it was built from.
 MARKER = "etc/edgeship-emulated.json"
 ROOT_FORMAT = 1
-BUILD_TIMEOUT = 3600.0
+#: A cold build of four roots at once on a busy 2-core machine passed one hour (2026-12-07).
+BUILD_TIMEOUT = 3 * 3600.0
+#: After a timeout, how long mmdebstrap gets to clean up (unmount, remove) on SIGTERM before SIGKILL.
+STOP_GRACE = 120.0
 START_TIMEOUT = 120.0
 HOST_KEY = "etc/ssh/edgeship_host_ed25519_key"
 SSHD_CONFIG = "etc/ssh/sshd_config.edgeship"
@@ -229,8 +232,18 @@ def ensure_root(name: str, release: str = DEFAULT_RELEASE, *, cache: Path | None
                 shutil.rmtree(root)
             os.replace(work / "root", root)
         finally:
+            _unmount_under(work)  # never let rmtree descend into a mount a killed mmdebstrap left behind
             shutil.rmtree(work, ignore_errors=True)
     return root
+
+
+def _unmount_under(folder: Path) -> None:
+    """Unmount (lazily, deepest first) every mount point inside ``folder``."""
+    prefix = os.path.realpath(folder) + os.sep
+    with contextlib.suppress(OSError):
+        points = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines() if len(ln.split()) > 1]
+        for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=60, check=False)
 
 
 @contextlib.contextmanager
@@ -255,10 +268,7 @@ def _mmdebstrap(prof: PiProfile, release: str, dest: Path) -> float:
     ]
     log.info("run %s", " ".join(cmd))
     start = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise DeviceError(f"mmdebstrap of the {prof.debian_arch} root did not finish in {exc.timeout:.0f} s") from exc
+    proc = _run_build(cmd, f"mmdebstrap of the {release} {prof.debian_arch} root")
     if proc.returncode != 0:
         log_file = dest.parent.parent / f"{dest.parent.name.split('.building-')[0].lstrip('.')}.mmdebstrap.log"
         atomic_write_text(log_file, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
@@ -267,6 +277,28 @@ def _mmdebstrap(prof: PiProfile, release: str, dest: Path) -> float:
             f"{_first_error(proc.stderr or proc.stdout)} (whole output: {log_file})"
         )
     return time.monotonic() - start
+
+
+def _run_build(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; past :data:`BUILD_TIMEOUT` stop the whole group (TERM, then KILL)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        raise DeviceError(f"{what} did not finish in {BUILD_TIMEOUT:.0f} s") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=STOP_GRACE)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _first_error(text: str) -> str:

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -364,3 +365,23 @@ def test_emulated_pi_roots_are_one_per_release_and_arch(tmp_path: Path) -> None:
         timeout=120,
     )
     assert proc.returncode == 2 and "invalid choice: 'sid'" in proc.stderr
+
+
+def test_root_build_past_its_time_is_stopped_with_its_children(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A build that overruns is stopped as a group (mmdebstrap's apt and dpkg too), and its mounts are undone."""
+    from edgeship.targets import emulated_pi
+
+    monkeypatch.setattr(emulated_pi, "BUILD_TIMEOUT", 2.0)
+    monkeypatch.setattr(emulated_pi, "STOP_GRACE", 5.0)
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(DeviceError, match="did not finish in 2 s"):
+        emulated_pi._run_build(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], "a build")
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    if os.geteuid() != 0:
+        return
+    (tmp_path / "root" / "proc").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tmp_path / "root" / "proc")], check=True)
+    emulated_pi._unmount_under(tmp_path)
+    assert str(tmp_path / "root" / "proc") not in Path("/proc/self/mounts").read_text()
