@@ -47,7 +47,16 @@ RELEASES = {
     "bookworm": {"python": "3.11", "targets": ("rpi4-aarch64", "rpi-armv7")},
     "trixie": {"python": "3.13", "targets": ("rpi4-aarch64",)},
 }
-DEVICES = [(release, name) for release in RELEASES for name in EXPECTED]
+#: The releases whose emulated Pis run here: bookworm by default. The trixie roots have not yet been built
+#: and timed on the CI machine (2026-12-07: four cold builds at once overran an hour on a busy machine), so
+#: they join CI only when asked: EDGESHIP_PI_RELEASES=bookworm,trixie.
+RUN_RELEASES = [r for r in os.environ.get("EDGESHIP_PI_RELEASES", "bookworm").split(",") if r in RELEASES]
+DEVICES = [(release, name) for release in RUN_RELEASES for name in EXPECTED]
+
+
+def _needs(release: str) -> None:
+    if release not in RUN_RELEASES:
+        pytest.skip(f"the emulated {release} Pis run only with EDGESHIP_PI_RELEASES naming {release}")
 
 
 # --------------------------------------------------------------------------- fast: no emulator
@@ -330,6 +339,7 @@ def _deploy(
 @pytest.mark.slow
 @pytest.mark.parametrize("release", list(RELEASES))
 def test_deploy_on_emulated_pis(release: str, pis: dict[tuple[str, str], Any], assets: Path, tmp_path: Path) -> None:
+    _needs(release)
     out = tmp_path / "deploy"
     names = RELEASES[release]["targets"]
     hosts = {name: pis[release, name] for name in names}
@@ -361,8 +371,10 @@ def test_deploy_on_emulated_pis(release: str, pis: dict[tuple[str, str], Any], a
     for name in names:  # quantize's speed decisions are never taken on an emulator's timings
         timing = summary["targets"][name]["speed_timing"]
         assert "is emulated, not a Pi's speed" in timing["note"] and not timing["emulated"], timing
-    other = next(r for r in RELEASES if r != release)  # this release's bundle on the other release's Pi
-    _check_refused_elsewhere(Path(summary["targets"]["rpi4-aarch64"]["bundle"]), pis[other, "rpi4-aarch64"], release)
+    for other in (r for r in RUN_RELEASES if r != release):  # this release's bundle on another release's Pi
+        _check_refused_elsewhere(
+            Path(summary["targets"]["rpi4-aarch64"]["bundle"]), pis[other, "rpi4-aarch64"], release
+        )
 
 
 @pytest.mark.slow
@@ -370,6 +382,7 @@ def test_armv7_on_trixie_refuses_in_one_line(
     pis: dict[tuple[str, str], Any], tiny_onnx: Path, tiny_images: Path, tmp_path: Path
 ) -> None:
     """No runtime for this model on 32-bit trixie: deploy says so in one line and names what to use instead."""
+    _needs("trixie")
     proc = _deploy(
         tiny_onnx, tiny_images, tmp_path / "d", {"rpi-armv7": pis["trixie", "rpi-armv7"]}, "--num-calib", "20"
     )
@@ -561,7 +574,7 @@ def test_pi5_cpu_has_dot_product_and_pi4_has_not(pis: dict[tuple[str, str], Any]
     """The emulated CPUs, as the device's own Python sees them (its auxv, which qemu-user writes for the guest)."""
     from edgeship.targets import emulated_pi
 
-    root = pis["trixie", "rpi4-aarch64"].root
+    root = pis[RUN_RELEASES[-1], "rpi4-aarch64"].root
     qemu = shutil.which("qemu-aarch64-static")
     assert qemu is not None
     caps = {}
