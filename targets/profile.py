@@ -350,8 +350,10 @@ class Target:
         d["model"]["precision"] = self.model.precision.value
         d["model"]["io_dtype"] = self.model.io_dtype.value
         d["execution"]["delegate"] = self.execution.delegate.value
-        for r in d["releases"]:
-            r["system_packages"] = None if r["system_packages"] is None else list(r["system_packages"])
+        d["releases"] = [  # as JSON reads it back: lists, not tuples
+            {**r, "system_packages": None if r["system_packages"] is None else list(r["system_packages"])}
+            for r in d["releases"]
+        ]
         return d
 
 
