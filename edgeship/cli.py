@@ -1005,23 +1005,31 @@ def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tup
     lines = [f"{t.name}: {t.description}", f"  source: {t.source}", f"  arch: {t.arch.value}  access: {t.access.value}"]
     for section in ("runtime", "model", "execution", "budget"):
         lines.append(f"  [{section}] " + "  ".join(f"{k}={v}" for k, v in d[section].items()))
+    lines += [f"  [release {r.name}] {r.describe(t.runtime)}" for r in t.releases]
     return 0, {"summary": lines, "result": {"target": d}}
 
 
 # ---------------------------------------------------------------- emulate
 def _add_emulate(sub: argparse._SubParsersAction) -> None:
-    from edgeship.targets.emulated_pi import PROFILES  # deferred: CLI start-up
+    from edgeship.targets.emulated_pi import DEFAULT_RELEASE, PROFILES, RELEASES  # deferred: CLI start-up
 
     p = sub.add_parser(
         "emulate",
         help="start or stop an emulated Raspberry Pi reachable over ssh (needs root)",
-        description="A Debian bookworm root (arm64 or armhf, built once with mmdebstrap and cached) "
-        "running its own sshd under qemu-user on 127.0.0.1, to try the Pi path with "
-        "--host before owning a Pi. Its timings are an emulator's, not a Pi's.",
+        description="A Debian root of the Pi's OS release (bookworm or trixie; arm64 or armhf, built once "
+        "with mmdebstrap and cached) running its own sshd under qemu-user on 127.0.0.1, to try the Pi "
+        "path with --host before owning a Pi. Its timings are an emulator's, not a Pi's.",
     )
     esub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     start = esub.add_parser("start", help="build (once) and start one; prints the --host to use")
     start.add_argument("name", choices=sorted(PROFILES), help="the target it stands in for")
+    start.add_argument(
+        "--release",
+        choices=list(RELEASES),
+        default=DEFAULT_RELEASE,
+        help=f"Raspberry Pi OS release it runs (Debian root; default {DEFAULT_RELEASE}, Python "
+        f"{RELEASES[DEFAULT_RELEASE]}: what a Pi flashed today runs)",
+    )
     start.add_argument("--port", type=int, help="sshd port on 127.0.0.1 (default: a free one)")
     start.add_argument(
         "--ca-bundle",
@@ -1041,7 +1049,7 @@ def _cmd_emulate(args: argparse.Namespace, progress: Callable[..., None]) -> tup
     from edgeship.targets import emulated_pi  # deferred: CLI start-up
 
     if args.action == "start":
-        pi = emulated_pi.start(args.name, port=args.port, ca_bundle=args.ca_bundle, progress=progress)
+        pi = emulated_pi.start(args.name, args.release, port=args.port, ca_bundle=args.ca_bundle, progress=progress)
         return 0, {"summary": _emulated_lines([pi]), "result": pi.to_dict()}
     if args.action == "stop":
         stopped = emulated_pi.stop(args.name)
@@ -1060,7 +1068,8 @@ def _emulated_lines(pis: Sequence[Any]) -> list[str]:
     lines = []
     for pi in pis:
         lines += [
-            f"{pi.name}: {pi.host} ({pi.machine}, qemu-user {pi.qemu_cpu}; emulated: not the speed of a Pi)",
+            f"{pi.name}: {pi.host} ({pi.release} {pi.machine}, qemu-user {pi.qemu_cpu}; "
+            "emulated: not the speed of a Pi)",
             f"  --host {pi.name}={pi.host} --identity {pi.identity} --known-hosts {pi.known_hosts}",
         ]
     return lines

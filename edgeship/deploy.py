@@ -55,7 +55,7 @@ from edgeship.targets.bundle import bundle
 from edgeship.targets.devices import DeviceSpec, ssh_device
 from edgeship.targets.install import verified_version
 from edgeship.targets.profile import Access
-from edgeship.targets.remote import device_bench, latency_probe
+from edgeship.targets.remote import device_bench, latency_probe, on_device
 from edgeship.verify.drift import DriftResult, onnx_outputs, reference_outputs, verify
 from edgeship.wheel import build_edgeship_wheel
 
@@ -392,6 +392,7 @@ def speed_timing(device: DeviceSpec | None, target: Any, progress: Progress = si
         return SpeedTiming()
 
     ssh = ssh_device(one)
+    on_device(ssh, target)  # a device release the target refuses stops deploy here, in one line
     if ssh.probe().get("emulated"):
         return SpeedTiming(note=f"speed decisions skipped: {one.host} is emulated, not a Pi's speed")
     return SpeedTiming(latency_probe(ssh, target, pip_args=one.pip_args, progress=progress), where=f"ssh {one.host}")
@@ -587,13 +588,14 @@ def _bench_stage(
     return BenchReport.from_dict(json.loads((folder / BENCH_FILE).read_text()))
 
 
-def _bundle_key(m: DeployedModel, target: Any, version: str | None = None) -> dict[str, Any]:
+def _bundle_key(m: DeployedModel, target: Any, version: str | None = None, python: str | None = None) -> dict[str, Any]:
     return {
         "stage": "bundle",
         "model": sha256_file(m.path),
         "card": m.card.to_dict(),
         "target": target.to_dict(),
         "interpreter_version": version,
+        **({"python": python} if python else {}),
     }
 
 
@@ -617,10 +619,12 @@ class _Wheel:
 def _bundle_stage(stages: Stages, m: DeployedModel, target: Any, wheel: _Wheel, check: Future[Any]) -> Path:
     """The target's bundle, pinning the interpreter version its drift check ran with (what was verified ships)."""
 
-    version = verified_version(target, check.result().report.candidate.runtime)
+    ran = check.result().report.candidate.runtime
+    version = verified_version(target, ran)
+    python = ran.details.get("python") if ran.details.get("release") else None  # a device's Python: its release
     folder, _ = stages.run(
         f"bundles/{target.name}",
-        _bundle_key(m, target, version),
+        _bundle_key(m, target, version, python),
         lambda d: bundle(
             m.path,
             target,
@@ -628,6 +632,7 @@ def _bundle_stage(stages: Stages, m: DeployedModel, target: Any, wheel: _Wheel, 
             force=True,
             wheel_dir=None if target.access == Access.ADB else wheel.get(),
             interpreter_version=version,
+            python=python,
         ),
     )
     return folder

@@ -17,7 +17,7 @@ from PIL import Image
 
 from edgeship._deps import require
 from edgeship._io import atomic_write_bytes, atomic_write_text
-from edgeship.runtime.bench_report import BenchReport, SpeedVerdict
+from edgeship.runtime.bench_report import BenchReport, RuntimeInfo, SpeedVerdict
 from edgeship.runtime.images import load_rgb
 from edgeship.runtime.metrics import cosine_per_sample, softmax, topk
 from edgeship.targets.mediapipe_check import PREPROCESSING as CLIENT_PREPROCESSING
@@ -195,6 +195,7 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
             "model",
             "ran on",
             "own ISA?",
+            "OS release, Python, runtime",
             "agreement",
             "float top-1",
             "deployed top-1",
@@ -216,6 +217,7 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
                 Path(t["model"]).name,
                 r.candidate.ran_on,
                 "yes" if own else "NO",
+                _release_cell(r.candidate.runtime),
                 _pct(f.top1_agreement),
                 _pct(f.ref_top1),
                 _pct(f.cand_top1),
@@ -226,6 +228,15 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
             ]
         )
     return {"stages": stages, "drift": drift, "latency": _latency_rows(bench), "client": _client_rows(inputs)}
+
+
+def _release_cell(runtime: RuntimeInfo) -> str:
+    """The device's OS release and Python and the runtime that ran (``-`` where no device said)."""
+    d = runtime.details
+    ran = f"{runtime.interpreter} {runtime.interpreter_version or ''}".strip()
+    if not d.get("release") and not d.get("python"):
+        return ran or "-"
+    return f"{d.get('release') or '?'}, Python {d.get('python') or '?'}, {ran}"
 
 
 def _latency_rows(bench: BenchReport) -> list[list[str]]:

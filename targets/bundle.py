@@ -20,9 +20,16 @@ from edgeship.runtime.card import CARD_FILE, ModelCard
 from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import Labels
 from edgeship.runtime.model_check import check_model_file
-from edgeship.targets.install import apt_command, device_requirements, requirements_text, venv_command
+from edgeship.targets.install import (
+    CHECK_SCRIPT,
+    apt_command,
+    bundle_install_command,
+    check_script,
+    device_requirements,
+    requirements_text,
+)
 from edgeship.targets.metadata import METADATA_JSON, SCORES, client_normalization, embed_metadata, pixels_feed_exactly
-from edgeship.targets.profile import Access, Target
+from edgeship.targets.profile import Access, Release, Target
 from edgeship.wheel import build_edgeship_wheel
 
 README = "README.md"
@@ -77,6 +84,7 @@ def bundle(
     force: bool = False,
     wheel_dir: Path | None = None,
     interpreter_version: str | None = None,
+    python: str | None = None,
 ) -> BundleResult:
     """Write the bundle of ``model`` (a .tflite with its card beside it) for ``target``.
 
@@ -87,6 +95,12 @@ def bundle(
         wheel_dir: A folder holding a pre-built edgeship wheel (default: build one).
         interpreter_version: The interpreter version the drift check ran with, pinned with ``==``
             (default: :func:`~edgeship.targets.install.interpreter_pin`'s choice).
+        python: The device Python the drift check ran on (e.g. ``3.13.5``): the bundle is for that OS
+            release's runtime, and its ``check_device.py`` stops an install on any other Python (default:
+            any release the target names).
+
+    Raises:
+        TargetError: The target refuses the release of ``python`` (no runtime there carries the model).
     """
 
     model = Path(model)
@@ -98,7 +112,9 @@ def bundle(
     check_fits(card, target)
     check_model_file(model)  # never ship a model that crashes the device's interpreter
     labels = card.file(model.parent, "labels_file")  # never a file outside the model's folder
-    names = [model.name, CARD_FILE, README, REQUIREMENTS, "wheels", METADATA_JSON] + (
+    release = target.release_for(None, python) if python else None
+    runs = target.on_release(release)
+    names = [model.name, CARD_FILE, README, REQUIREMENTS, CHECK_SCRIPT, "wheels", METADATA_JSON] + (
         [card.labels_file] if card.labels_file else []
     )
     client = target.runtime.client
@@ -114,9 +130,13 @@ def bundle(
             atomic_write_text(stage / README, _android_readme(card, target, model.name))
         else:
             wheel = _wheel(stage / "wheels", wheel_dir)
-            reqs = device_requirements(target, interpreter_version)
+            reqs = device_requirements(runs, interpreter_version)
             atomic_write_text(stage / REQUIREMENTS, requirements_text(reqs, [wheel.name]))
-            atomic_write_text(stage / README, _python_readme(card, target, model.name, reqs[-1]))
+            atomic_write_text(
+                stage / CHECK_SCRIPT, check_script(target.name, _verified_pythons(target, release, python))
+            )
+            pin = reqs[-1] if runs.runtime.source == "pip" else f"{runs.runtime.package}{runs.runtime.versions} (apt)"
+            atomic_write_text(stage / README, _python_readme(card, target, model.name, pin, release))
     out = Path(out_dir)
     return BundleResult(out, target.name, tuple(sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)))
 
@@ -154,38 +174,74 @@ def md_text(text: str) -> str:
     return _MARKDOWN.sub(r"\\\1", " ".join(text.split()))
 
 
-def _python_readme(card: ModelCard, target: Target, model_file: str, runtime_pin: str) -> str:
+def _verified_pythons(target: Target, release: Release | None, python: str | None) -> dict[str, str]:
+    """major.minor -> OS release the bundle may install on: the drift check's, else every release named."""
+    if python:
+        minor = ".".join(python.split(".")[:2])
+        return {minor: release.name if release else "the drift check's device"}
+    named = {r.python: r.name for r in target.releases if not r.refuse}
+    return named or {f"{v[0]}.{v[1]}": "any" for v in ((3, 9), (3, 10), (3, 11), (3, 12), (3, 13))}
+
+
+def install_commands(target: Target) -> list[str]:
+    """The README's command sequence on the device, for ``target`` as it runs on one release."""
     apt = apt_command(target)
+    return [
+        *([apt] if apt else []),
+        bundle_install_command(target),
+        f".venv/bin/python -m edgeship.runtime . IMAGE.jpg [IMAGE ...] --threads {target.execution.threads}",
+    ]
+
+
+def _release_sections(target: Target, release: Release | None) -> str:
+    """One section per OS release the target names: this bundle's commands, or why not this bundle."""
+    parts = []
+    for r in target.releases:
+        head = f"### Raspberry Pi OS {r.name} (Python {r.python})"
+        if r.refuse:
+            parts.append(f"{head}\n\n{target.name} does not run there: {md_text(r.refuse)}.\n")
+        elif release is not None and r.name != release.name:
+            parts.append(
+                f"{head}\n\nNot this bundle: it was verified on {release.name}, and `{CHECK_SCRIPT}` stops its "
+                f"install on Python {r.python} in one line. Deploy again with `--host` on a {r.name} device.\n"
+            )
+        else:
+            commands = "\n".join(install_commands(target.on_release(r)))
+            parts.append(f"{head}\n\nOn the device, in this folder:\n\n```bash\n{commands}\n```\n")
+    return "\n".join(parts)
+
+
+def _python_readme(
+    card: ModelCard, target: Target, model_file: str, runtime_pin: str, release: Release | None = None
+) -> str:
+    runs = target.on_release(release)
+    apt = apt_command(runs)
     os_line = (
-        f"numpy and Pillow come from the OS ({', '.join(target.runtime.system_packages)}): PyPI has no "
+        f"numpy and Pillow come from the OS ({', '.join(runs.runtime.system_packages)}): PyPI has no "
         "wheels of them for this CPU, and the venv sees them (`--system-site-packages`); no compiler is "
         "needed.\n"
         if apt
         else "Everything installs from PyPI wheels; no compiler is needed.\n"
     )
-    commands = "\n".join(
-        [
-            *([apt] if apt else []),
-            venv_command(target),
-            f".venv/bin/python -m edgeship.runtime . IMAGE.jpg [IMAGE ...] --threads {target.execution.threads}",
-        ]
-    )
+    if target.releases:
+        install = _release_sections(target, release)
+    else:
+        commands = "\n".join(install_commands(runs))
+        install = f"On the device, in this folder:\n\n```bash\n{commands}\n```\n"
+    verified = f" on Python {release.python} (Raspberry Pi OS {release.name})" if release else ""
     return f"""# {model_file} for {target.name}
 
 {md_text(target.description)}.
 
 Model: {card.precision}, input {card.input.dtype} {list(card.input.shape)} ({card.input.layout}),
 output {card.output.dtype} {list(card.output.shape)}; preprocessing in `model_card.json`.
-Runtime: `{runtime_pin}`, the interpreter version the accuracy check ran with (Python {target.runtime.python});
+Runtime: `{runtime_pin}`, the interpreter version the accuracy check ran with{verified};
 {md_text(target.runtime.note)}.
 {os_line}
-On the device, in this folder:
+`{CHECK_SCRIPT}` runs first and stops the install in one line on a Python this bundle was not verified for.
 
-```bash
-{commands}
-```
-
-The second command prints the top-5 classes of each image and which interpreter and
+{install}
+The last command prints the top-5 classes of each image and which interpreter and
 delegate ran. Accuracy drift against the float model was checked with `edgeship verify`
 on the host for this target (budget: top-1 agreement >= {target.budget.min_top1_agreement}%,
 top-1 drop <= {target.budget.max_top1_drop} points, SQNR >= {target.budget.min_sqnr_db} dB).

@@ -23,7 +23,7 @@ from edgeship._progress import Progress
 from edgeship.errors import DeviceError, InputError
 from edgeship.runtime import candidate as device_side  # looked up at call time: tests stand in for it
 from edgeship.runtime.bench_report import RuntimeInfo
-from edgeship.targets.emulate import EmulatedDevice
+from edgeship.targets.emulate import EmulatedDevice, cpu_for
 from edgeship.targets.profile import Arch, Target
 from edgeship.targets.remote import SshCollector
 from edgeship.targets.ssh import SshDevice, SshTarget
@@ -221,7 +221,7 @@ def make_device(spec: DeviceSpec | None, target: Target) -> tuple[Device, str | 
                 f"--emulate runs aarch64 only: {target.name} ({target.arch.value}) ran on this machine"
             )
 
-        return StagedDevice(EmulatedDevice(), _emulated_where), None
+        return StagedDevice(EmulatedDevice(cpu=cpu_for(target.name)), _emulated_where), None
     if spec.kind == "ssh":
         if target.access.value != "ssh":
             return LocalDevice(), f"{target.name} is not reached over ssh: it ran on this machine"

@@ -55,6 +55,16 @@ log = logging.getLogger(__name__)
 QEMU = "qemu-aarch64-static"
 #: Emulated CPU: qemu's default ``max`` CPU gave wrong outputs with XNNPACK.
 DEFAULT_CPU = "cortex-a72"
+#: The emulated CPU of each aarch64 target: the Pi 5's Cortex-A76 has the Armv8.2 dot-product
+#: instructions (``asimddp``) XNNPACK's int8 kernels use; the Pi 4's Cortex-A72 has not.
+TARGET_CPUS = {"rpi4-aarch64": "cortex-a72", "rpi5-aarch64": "cortex-a76"}
+
+
+def cpu_for(target: str) -> str:
+    """The qemu CPU model that stands in for ``target``'s (:data:`DEFAULT_CPU` for a target not listed)."""
+    return TARGET_CPUS.get(target, DEFAULT_CPU)
+
+
 #: Debian mirror and release of the guest (override the mirror with $EDGESHIP_DEBIAN_MIRROR).
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_SUITE = "bookworm"
@@ -637,6 +647,8 @@ class EmulatedDevice:
 
 __all__ = [
     "DEFAULT_CPU",
+    "TARGET_CPUS",
+    "cpu_for",
     "EmulatedDevice",
     "QEMU",
     "default_cache_dir",

@@ -1,14 +1,15 @@
-"""Emulated Raspberry Pis reachable over ssh: a Debian bookworm root under qemu-user, with sshd inside.
+"""Emulated Raspberry Pis reachable over ssh: a Debian root under qemu-user, with sshd inside.
 
-Each profile (:data:`PROFILES`) is a Debian bookworm root folder for ``arm64`` (Raspberry
-Pi OS 64-bit is bookworm arm64) or ``armhf`` (32-bit), built once with Debian's own
-``mmdebstrap`` from Debian's mirror and cached under edgeship's cache by its package list.
+Each profile (:data:`PROFILES`) runs on a Debian root folder of one release (:data:`RELEASES`:
+``bookworm``, Python 3.11, or ``trixie``, Python 3.13, what Raspberry Pi OS is built on) for
+``arm64`` (64-bit Raspberry Pi OS) or ``armhf`` (32-bit), built once with Debian's own
+``mmdebstrap`` from Debian's mirror and cached under edgeship's cache by its release and package list.
 :func:`start` runs the root's own ``/usr/sbin/sshd`` in it (``chroot``; ``/proc``, ``/sys``
 and ``/dev`` mounted) on a free ``127.0.0.1`` port, in a private mount namespace
 (``unshare --mount``): the mounts exist only while the device runs and vanish with it,
 even after a crash or ``kill -9``. qemu-user-static's binfmt entries (flag ``F``) run the
 root's ARM programs, so the root holds no emulator; ``QEMU_CPU`` sets the emulated CPU
-(``cortex-a72`` for aarch64, as ``--emulate`` does). Logins use one generated user key
+(``cortex-a72`` for the Pi 4, ``cortex-a76`` for the Pi 5, ``cortex-a7`` for armv7). Logins use one generated user key
 and a ``known_hosts`` file holding each running device's host key.
 
 Needs root (mounts, chroot), ``mmdebstrap``, ``qemu-user-static`` with binfmt_misc
@@ -40,7 +41,10 @@ from edgeship.targets.ssh import SshTarget
 
 log = logging.getLogger(__name__)
 
-SUITE = "bookworm"
+#: Debian releases an emulated Pi can run, and the Python 3 each ships. Raspberry Pi OS follows Debian:
+#: bookworm (Python 3.11) until late 2025, trixie (Python 3.13) since; a Pi flashed today runs trixie.
+RELEASES = {"bookworm": "3.11", "trixie": "3.13"}
+DEFAULT_RELEASE = "trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 #: Packages every emulated Pi has (apt adds their dependencies).
 BASE_PACKAGES = ("python3", "python3-venv", "python3-pip", "openssh-server", "ca-certificates")
@@ -50,7 +54,10 @@ UID = 1000
 #: Written into the root when it is complete: what it was built from.
 MARKER = "etc/edgeship-emulated.json"
 ROOT_FORMAT = 1
-BUILD_TIMEOUT = 3600.0
+#: A cold build of four roots at once on a busy 2-core machine passed one hour (2026-12-07).
+BUILD_TIMEOUT = 3 * 3600.0
+#: After a timeout, how long mmdebstrap gets to clean up (unmount, remove) on SIGTERM before SIGKILL.
+STOP_GRACE = 120.0
 START_TIMEOUT = 120.0
 HOST_KEY = "etc/ssh/edgeship_host_ed25519_key"
 SSHD_CONFIG = "etc/ssh/sshd_config.edgeship"
@@ -67,29 +74,36 @@ class PiProfile:
         debian_arch: Debian architecture of its root.
         machine: What ``uname -m`` says on it.
         qemu_cpu: Emulated CPU (``QEMU_CPU``).
-        extra_packages: Debian packages beyond :data:`BASE_PACKAGES` (those the target's bundle README
-            asks for with ``sudo apt install``).
+        extra_packages: Debian packages beyond :data:`BASE_PACKAGES` per release (those the target's bundle
+            README asks for with ``sudo apt install`` there).
     """
 
     name: str
     debian_arch: str
     machine: str
     qemu_cpu: str
-    extra_packages: tuple[str, ...] = ()
+    extra_packages: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    @property
-    def packages(self) -> tuple[str, ...]:
-        return BASE_PACKAGES + self.extra_packages
+    def packages(self, release: str) -> tuple[str, ...]:
+        """Debian packages of its root on ``release``."""
+        return BASE_PACKAGES + dict(self.extra_packages).get(release, ())
 
     @property
     def qemu(self) -> str:
         return {"arm64": "qemu-aarch64-static", "armhf": "qemu-arm-static"}[self.debian_arch]
 
 
+_ARMHF_APT = (
+    ("bookworm", ("python3-numpy", "python3-pil")),
+    # trixie armhf: no TFLite runtime on PyPI for cp313 armv7l; the OS's own onnxruntime (1.21) instead.
+    ("trixie", ("python3-numpy", "python3-pil", "python3-onnxruntime")),
+)
 PROFILES = {
     "rpi4-aarch64": PiProfile("rpi4-aarch64", "arm64", "aarch64", "cortex-a72"),
+    # Pi 5: Cortex-A76 (Armv8.2 dot-product); the same arm64 root as the Pi 4.
+    "rpi5-aarch64": PiProfile("rpi5-aarch64", "arm64", "aarch64", "cortex-a76"),
     # Raspberry Pi 2's core: the oldest the rpi-armv7 target names; uname -m says armv7l.
-    "rpi-armv7": PiProfile("rpi-armv7", "armhf", "armv7l", "cortex-a7", ("python3-numpy", "python3-pil")),
+    "rpi-armv7": PiProfile("rpi-armv7", "armhf", "armv7l", "cortex-a7", _ARMHF_APT),
 }
 
 
@@ -98,6 +112,13 @@ def profile(name: str) -> PiProfile:
     if name not in PROFILES:
         raise InputError(f"no emulated device for {name!r}; valid: {', '.join(PROFILES)}")
     return PROFILES[name]
+
+
+def check_release(release: str) -> str:
+    """``release`` if an emulated Pi can run it; an unknown one lists the valid ones."""
+    if release not in RELEASES:
+        raise InputError(f"no emulated Pi runs {release!r}; valid releases: {', '.join(RELEASES)}")
+    return release
 
 
 def emulation_dir(cache: Path | None = None) -> Path:
@@ -152,22 +173,24 @@ def _binfmt_flags(entry: Path) -> str:
 # --------------------------------------------------------------------------- the root
 
 
-def root_spec(prof: PiProfile, mirror: str) -> dict[str, Any]:
+def root_spec(prof: PiProfile, mirror: str, release: str) -> dict[str, Any]:
     """What a root is made of; its digest names the cached folder."""
     return {
         "format": ROOT_FORMAT,
-        "suite": SUITE,
+        "suite": release,
         "arch": prof.debian_arch,
-        "packages": list(prof.packages),
+        "packages": list(prof.packages(release)),
         "mirror": mirror,
         "variant": "apt",
     }
 
 
-def root_path(prof: PiProfile, *, cache: Path | None = None, mirror: str | None = None) -> Path:
-    spec = root_spec(prof, mirror or _mirror())
+def root_path(
+    prof: PiProfile, release: str = DEFAULT_RELEASE, *, cache: Path | None = None, mirror: str | None = None
+) -> Path:
+    spec = root_spec(prof, mirror or _mirror(), check_release(release))
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    return emulation_dir(cache) / "roots" / f"{prof.debian_arch}-{digest}"
+    return emulation_dir(cache) / "roots" / f"{release}-{prof.debian_arch}-{digest}"
 
 
 def _mirror() -> str:
@@ -178,7 +201,7 @@ def root_ready(root: Path) -> bool:
     return (root / MARKER).is_file() and (root / "usr/sbin/sshd").exists()
 
 
-def ensure_root(name: str, *, cache: Path | None = None, progress: Any = None) -> Path:
+def ensure_root(name: str, release: str = DEFAULT_RELEASE, *, cache: Path | None = None, progress: Any = None) -> Path:
     """Build the profile's root once with mmdebstrap (under a lock, published by rename), then reuse it.
 
     Returns:
@@ -189,7 +212,7 @@ def ensure_root(name: str, *, cache: Path | None = None, progress: Any = None) -
         DeviceError: Not root, no binfmt entry, or mmdebstrap failed (its last line in the message).
     """
     prof = profile(name)
-    root = root_path(prof, cache=cache)
+    root = root_path(prof, release, cache=cache)
     if root_ready(root):
         return root
     check_host(prof)
@@ -202,15 +225,25 @@ def ensure_root(name: str, *, cache: Path | None = None, progress: Any = None) -
         work = Path(tempfile.mkdtemp(prefix=f".{root.name}.building-", dir=root.parent))
         try:
             if progress:
-                progress(f"build the {prof.debian_arch} root with mmdebstrap (minutes, once)", None, None)
-            seconds = _mmdebstrap(prof, work / "root")
-            _prepare_root(work / "root", prof, seconds)
+                progress(f"build the {release} {prof.debian_arch} root with mmdebstrap (minutes, once)", None, None)
+            seconds = _mmdebstrap(prof, release, work / "root")
+            _prepare_root(work / "root", prof, release, seconds)
             if root.exists():
                 shutil.rmtree(root)
             os.replace(work / "root", root)
         finally:
+            _unmount_under(work)  # never let rmtree descend into a mount a killed mmdebstrap left behind
             shutil.rmtree(work, ignore_errors=True)
     return root
+
+
+def _unmount_under(folder: Path) -> None:
+    """Unmount (lazily, deepest first) every mount point inside ``folder``."""
+    prefix = os.path.realpath(folder) + os.sep
+    with contextlib.suppress(OSError):
+        points = [ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines() if len(ln.split()) > 1]
+        for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+            subprocess.run(["umount", "--lazy", point], capture_output=True, timeout=60, check=False)
 
 
 @contextlib.contextmanager
@@ -223,32 +256,59 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _mmdebstrap(prof: PiProfile, dest: Path) -> float:
+def _mmdebstrap(prof: PiProfile, release: str, dest: Path) -> float:
     cmd = [
         "mmdebstrap",
         "--variant=apt",
         f"--arch={prof.debian_arch}",
-        f"--include={','.join(prof.packages)}",
-        SUITE,
+        f"--include={','.join(prof.packages(release))}",
+        release,
         str(dest),
         _mirror(),
     ]
     log.info("run %s", " ".join(cmd))
     start = time.monotonic()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise DeviceError(f"mmdebstrap of the {prof.debian_arch} root did not finish in {exc.timeout:.0f} s") from exc
+    proc = _run_build(cmd, f"mmdebstrap of the {release} {prof.debian_arch} root")
     if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+        log_file = dest.parent.parent / f"{dest.parent.name.split('.building-')[0].lstrip('.')}.mmdebstrap.log"
+        atomic_write_text(log_file, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}")
         raise DeviceError(
-            f"mmdebstrap of the {prof.debian_arch} root failed (exit {proc.returncode}): "
-            f"{lines[-1] if lines else 'no output'}"
+            f"mmdebstrap of the {release} {prof.debian_arch} root failed (exit {proc.returncode}): "
+            f"{_first_error(proc.stderr or proc.stdout)} (whole output: {log_file})"
         )
     return time.monotonic() - start
 
 
-def _prepare_root(root: Path, prof: PiProfile, seconds: float) -> None:
+def _run_build(cmd: list[str], what: str) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` in its own process group; past :data:`BUILD_TIMEOUT` stop the whole group (TERM, then KILL)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=BUILD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        raise DeviceError(f"{what} did not finish in {BUILD_TIMEOUT:.0f} s") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.communicate(timeout=STOP_GRACE)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _first_error(text: str) -> str:
+    """mmdebstrap's first ``E:`` line that says more than that it failed, else its last line."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("E:") and "mmdebstrap failed to run" not in ln]
+    return (errors or lines or ["no output"])[0 if errors else -1]
+
+
+def _prepare_root(root: Path, prof: PiProfile, release: str, seconds: float) -> None:
     """The user ``pi``, a host key and sshd's configuration; the marker last."""
     _add_user(root)
     host_key = root / HOST_KEY
@@ -258,7 +318,7 @@ def _prepare_root(root: Path, prof: PiProfile, seconds: float) -> None:
     atomic_write_json(
         root / MARKER,
         {
-            "spec": root_spec(prof, _mirror()),
+            "spec": root_spec(prof, _mirror(), release),
             "profile": asdict(prof),
             "build_seconds": round(seconds, 1),
             "built": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -303,7 +363,7 @@ class EmulatedPi:
     """A running emulated Pi: how to reach it over ssh and how to stop it.
 
     Attributes:
-        name: Target name (``rpi4-aarch64``, ``rpi-armv7``).
+        name: Target name (``rpi4-aarch64``, ``rpi5-aarch64``, ``rpi-armv7``).
         root: Its root folder.
         port: sshd's port on 127.0.0.1.
         identity: Private key of the user ``pi``.
@@ -311,6 +371,7 @@ class EmulatedPi:
         pid: Process id of its sshd (the leader of its process group).
         machine: ``uname -m`` on it.
         qemu_cpu: The emulated CPU.
+        release: The Debian release of its root (``bookworm``, ``trixie``).
     """
 
     name: str
@@ -321,6 +382,7 @@ class EmulatedPi:
     pid: int
     machine: str
     qemu_cpu: str
+    release: str = "bookworm"
 
     @property
     def host(self) -> str:
@@ -345,8 +407,8 @@ class EmulatedPi:
         return cls(**{**fields, **{k: Path(d[k]) for k in ("root", "identity", "known_hosts")}})
 
 
-def _state_file(name: str, cache: Path | None) -> Path:
-    return emulation_dir(cache) / "run" / f"{name}.json"
+def _state_file(name: str, release: str, cache: Path | None) -> Path:
+    return emulation_dir(cache) / "run" / f"{name}.{release}.json"
 
 
 def client_files(cache: Path | None = None) -> tuple[Path, Path]:
@@ -384,6 +446,7 @@ def _alive(pid: int) -> bool:
 
 def start(
     name: str,
+    release: str = DEFAULT_RELEASE,
     *,
     cache: Path | None = None,
     port: int | None = None,
@@ -393,7 +456,8 @@ def start(
     """Build (once) and start the emulated Pi for target ``name``; return how to reach it.
 
     Args:
-        name: ``rpi4-aarch64`` or ``rpi-armv7``.
+        name: ``rpi4-aarch64``, ``rpi5-aarch64`` or ``rpi-armv7``.
+        release: Debian release of its root (:data:`RELEASES`; default :data:`DEFAULT_RELEASE`).
         cache: Folder for roots, keys and state (default ``$EDGESHIP_CACHE/emulated-pi``).
         port: sshd port on 127.0.0.1 (default: a free one).
         ca_bundle: A CA bundle the device's pip trusts (written to the root's ``/etc/pip.conf``).
@@ -405,11 +469,17 @@ def start(
         DeviceError: Already running, the host cannot emulate it, or sshd did not come up.
     """
     prof = profile(name)
-    state = _state_file(name, cache)
-    if any(pi.name == name for pi in running(cache)):
-        raise DeviceError(f"an emulated {name} is already running; stop it first: edgeship emulate stop {name}")
-    check_host(prof, build=not root_ready(root_path(prof, cache=cache)))
-    root = ensure_root(name, cache=cache, progress=progress)
+    state = _state_file(name, check_release(release), cache)
+    if any(pi.name == name and pi.release == release for pi in running(cache)):
+        raise DeviceError(
+            f"an emulated {name} on {release} is already running; stop it first: edgeship emulate stop {name}"
+        )
+    root = root_path(prof, release, cache=cache)
+    sharing = [pi.name for pi in running(cache) if pi.root == root]
+    if sharing:  # one sshd per root: stopping either would end the other's processes
+        raise DeviceError(f"the emulated {sharing[0]} runs on the same {release} root; stop it first")
+    check_host(prof, build=not root_ready(root))
+    root = ensure_root(name, release, cache=cache, progress=progress)
     identity, known_hosts = client_files(cache)
     _authorize(root, identity)
     _pip_settings(root, ca_bundle)
@@ -418,7 +488,7 @@ def start(
     if progress:
         progress(f"start sshd in the emulated {name} on 127.0.0.1:{port}", None, None)
     proc = _launch(root, prof)
-    pi = EmulatedPi(name, root, port, identity, known_hosts, proc.pid, prof.machine, prof.qemu_cpu)
+    pi = EmulatedPi(name, root, port, identity, known_hosts, proc.pid, prof.machine, prof.qemu_cpu, release)
     try:
         _wait_ssh(pi, proc)
     except BaseException:
@@ -532,8 +602,8 @@ def _set_known_host(known_hosts: Path, port: int, host_key: str) -> None:
     atomic_write_text(known_hosts, "\n".join([*kept, prefix + key]) + "\n")
 
 
-def stop(name: str | None = None, *, cache: Path | None = None) -> list[str]:
-    """Stop the named emulated Pi (all when None); return the names stopped."""
+def stop(name: str | None = None, *, cache: Path | None = None, release: str | None = None) -> list[str]:
+    """Stop the named emulated Pi, on every release or ``release`` (all when None); return the names stopped."""
     stopped = []
     for state in sorted((emulation_dir(cache) / "run").glob("*.json")):
         try:
@@ -541,7 +611,7 @@ def stop(name: str | None = None, *, cache: Path | None = None) -> list[str]:
         except (OSError, ValueError, TypeError, KeyError):
             state.unlink(missing_ok=True)
             continue
-        if name is not None and pi.name != name:
+        if (name is not None and pi.name != name) or (release is not None and pi.release != release):
             continue
         _kill(pi)
         _drop_known_host(pi)
@@ -618,15 +688,18 @@ def emulated(name: str, **kw: Any) -> Iterator[EmulatedPi]:
     try:
         yield pi
     finally:
-        stop(name, cache=kw.get("cache"))
+        stop(name, cache=kw.get("cache"), release=pi.release)
         with contextlib.suppress(ValueError, TypeError):
             signal.signal(signal.SIGTERM, previous)
 
 
 __all__ = [
+    "DEFAULT_RELEASE",
     "PROFILES",
+    "RELEASES",
     "EmulatedPi",
     "PiProfile",
+    "check_release",
     "client_files",
     "emulated",
     "ensure_root",

@@ -18,6 +18,8 @@ from edgeship.targets.profile import Target
 
 REQUIREMENTS = "requirements.txt"
 VENV = ".venv"
+#: A bundle's guard, run by the device's python3 before pip: one line and exit 1 on a Python it was not verified on.
+CHECK_SCRIPT = "check_device.py"
 
 
 def interpreter_pin(target: Target, verified: str | None = None) -> str:
@@ -56,6 +58,8 @@ def verified_version(target: Target, runtime: RuntimeInfo) -> str | None:
 def device_requirements(target: Target, verified: str | None = None) -> list[str]:
     """pip requirements of the device (the target's, with the interpreter pinned by :func:`interpreter_pin`)."""
     reqs = target.pip_requirements()
+    if target.runtime.source == "apt":  # the OS's package: apt pins it, pip has no line for it
+        return reqs
     return [*reqs[:-1], interpreter_pin(target, verified)]
 
 
@@ -81,6 +85,27 @@ def venv_command(target: Target, python: str = "python3") -> str:
     return f"{shlex.quote(python)} -m venv{flag} {VENV} && {VENV}/bin/pip install -r {REQUIREMENTS}"
 
 
+def bundle_install_command(target: Target, python: str = "python3") -> str:
+    """The bundle README's install line: the Python guard, then :func:`venv_command`."""
+    return f"{shlex.quote(python)} {CHECK_SCRIPT} && {venv_command(target, python)}"
+
+
+def check_script(target: str, verified: dict[str, str]) -> str:
+    """``check_device.py``: stdlib only, runs on any Python 3; ``verified`` maps major.minor to the OS release."""
+    want = ", ".join(f"{py} ({rel})" for py, rel in verified.items())
+    return f'''"""Stop the install on a Python this bundle was not verified for (run before pip, as the README says)."""
+import platform
+import sys
+
+VERIFIED = {verified!r}
+if "%d.%d" % sys.version_info[:2] not in VERIFIED:
+    sys.exit(
+        "this {target} bundle was verified on Python {want}, this device has Python %s: "
+        "deploy again with --host on this device for a bundle verified here" % platform.python_version()
+    )
+'''
+
+
 def system_check_script(target: Target) -> str | None:
     """A Python line that fails when the OS packages the target needs are missing (None: none needed)."""
     if not uses_system_packages(target):
@@ -89,9 +114,12 @@ def system_check_script(target: Target) -> str | None:
 
 
 __all__ = [
+    "CHECK_SCRIPT",
     "REQUIREMENTS",
     "VENV",
     "apt_command",
+    "bundle_install_command",
+    "check_script",
     "device_requirements",
     "interpreter_pin",
     "requirements_text",

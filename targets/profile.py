@@ -15,7 +15,7 @@ try:
     import tomllib
 except ImportError:  # Python < 3.11 (Raspberry Pi OS bullseye)
     import tomli as tomllib  # type: ignore[no-redef]
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from enum import Enum
 from importlib import resources
 from pathlib import Path
@@ -83,6 +83,9 @@ class Runtime:
     #: Debian packages that provide numpy and Pillow on the device (``sudo apt install``; the venv then
     #: uses ``--system-site-packages``); empty: both come from PyPI.
     system_packages: tuple[str, ...] = ()
+    #: Where the interpreter package comes from: ``pip`` (a requirements.txt line) or ``apt`` (one of
+    #: ``system_packages``; requirements.txt then names only the edgeship wheel and what pip adds).
+    source: str = "pip"
 
     def __post_init__(self) -> None:
         if not isinstance(self.system_packages, (list, tuple)) or not all(
@@ -90,6 +93,8 @@ class Runtime:
         ):
             raise ValueError(f"runtime.system_packages must be a list of package names, got {self.system_packages!r}")
         object.__setattr__(self, "system_packages", tuple(self.system_packages))
+        if self.source not in ("pip", "apt"):
+            raise ValueError(f"runtime.source must be 'pip' or 'apt', got {self.source!r}")
         try:
             object.__setattr__(self, "client", Client(self.client))
         except ValueError:
@@ -202,6 +207,63 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class Release:
+    """One OS release a Python target runs on (``[[release]]`` in its profile) and what ran there.
+
+    Attributes:
+        name: Debian/Raspberry Pi OS codename (``/etc/os-release`` ``VERSION_CODENAME``), e.g. ``trixie``.
+        python: The release's ``python3`` (major.minor), e.g. ``3.13``.
+        verified: What ran there and passed (words, emulated or not); empty: never verified.
+        package: The runtime package on this release when it differs from ``[runtime]``'s.
+        versions: Its version specifiers (with ``package``).
+        source: Where the runtime comes from: ``pip`` (PyPI wheels) or ``apt`` (the OS's package).
+        system_packages: Debian packages the README asks for on this release (default: ``[runtime]``'s).
+        model_format: The model form its runtime runs: ``tflite`` or ``onnx-qdq``.
+        refuse: Why the target cannot run a model here and what to use instead (one line); empty: it can.
+    """
+
+    name: str
+    python: str
+    verified: str = ""
+    package: str = ""
+    versions: str = ""
+    source: str = "pip"
+    system_packages: tuple[str, ...] | None = None
+    model_format: str = "tflite"
+    refuse: str = ""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[a-z][a-z0-9-]*", self.name):
+            raise ValueError(f"release.name must be an OS codename such as 'trixie', got {self.name!r}")
+        if not re.fullmatch(r"3\.\d+", self.python):
+            raise ValueError(f"release.python must be major.minor such as '3.13', got {self.python!r}")
+        if self.source not in ("pip", "apt"):
+            raise ValueError(f"release.source must be 'pip' or 'apt', got {self.source!r}")
+        if self.model_format not in ("tflite", "onnx-qdq"):
+            raise ValueError(f"release.model_format must be 'tflite' or 'onnx-qdq', got {self.model_format!r}")
+        if self.system_packages is not None:
+            object.__setattr__(self, "system_packages", tuple(self.system_packages))
+
+    def describe(self, base: Runtime) -> str:
+        """One line: the runtime on this release and what ran there (``targets show``, the report, the docs)."""
+        rt = self.runtime(base)
+        ran = f"refused: {self.refuse}" if self.refuse else f"verified: {self.verified or 'not yet'}"
+        return f"Python {self.python}, {rt.package}{rt.versions} from {self.source}, {self.model_format} model; {ran}"
+
+    def runtime(self, base: Runtime) -> Runtime:
+        """``base`` with this release's package, versions and OS packages."""
+        return Runtime(
+            package=self.package or base.package,
+            versions=self.versions if self.package else base.versions,
+            python=f"=={self.python}.*",
+            note=base.note,
+            client=base.client,
+            system_packages=base.system_packages if self.system_packages is None else self.system_packages,
+            source=self.source,
+        )
+
+
+@dataclass(frozen=True)
 class Target:
     """One deployment target."""
 
@@ -214,8 +276,13 @@ class Target:
     execution: Execution
     budget: Budget
     source: str = ""
+    #: The OS releases the target names, oldest first (``[[release]]``); empty: any.
+    releases: tuple[Release, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "releases", tuple(r if isinstance(r, Release) else Release(**r) for r in self.releases)
+        )
         problem = name_problem(self.name)
         if problem:  # it names the target's folders (deploy's verify/NAME, bundles/NAME)
             raise ValueError(f"name {problem}")
@@ -229,13 +296,50 @@ class Target:
             )
 
     def pip_requirements(self) -> list[str]:
-        """What ``pip install`` needs on the device to run a bundle (Python targets only)."""
+        """What ``pip install`` needs on the device to run a bundle (Python targets only).
+
+        numpy < 2 only beside tflite-runtime (2.14 fails at ``Interpreter()`` under numpy 2); the rest
+        asks for what has wheels on every device Python the target names.
+        """
         if self.access == Access.ADB:
             raise TargetError(
                 f"target {self.name} runs without Python (benchmark_model or an app); it has no pip requirements"
             )
-        from_pypi = [] if self.runtime.system_packages else ["numpy>=1.23,<2", "Pillow>=9"]
+        tflite_runtime = self.runtime.package == "tflite-runtime"
+        numpy = "numpy>=1.23,<2" if tflite_runtime else "numpy>=1.23.2"
+        if self.runtime.system_packages:  # numpy and Pillow from the OS; the cap still holds beside tflite-runtime
+            from_pypi = [numpy] if tflite_runtime else []
+        else:
+            from_pypi = [numpy, "Pillow>=9"]
+        if self.runtime.source == "apt":  # the interpreter is the OS's: pip sees it through the venv
+            return from_pypi
         return [*from_pypi, f"{self.runtime.package}{self.runtime.versions}"]
+
+    def release(self, name: str) -> Release:
+        """The profile's entry for OS release ``name``; an unknown one lists the valid ones."""
+        for r in self.releases:
+            if r.name == name:
+                return r
+        valid = ", ".join(r.name for r in self.releases) or "none"
+        raise TargetError(f"target {self.name} names no OS release {name!r}; valid: {valid}")
+
+    def release_for(self, codename: str | None, python: str | None) -> Release | None:
+        """The release a device runs, by its ``VERSION_CODENAME``, else by its Python's major.minor."""
+        minor = ".".join((python or "").split(".")[:2])
+        found = [r for r in self.releases if r.name == codename] or [r for r in self.releases if r.python == minor]
+        return found[0] if found else None
+
+    def on_release(self, release: Release | None) -> Target:
+        """This target as it runs on ``release`` (its runtime); a release it refuses raises one line.
+
+        Raises:
+            TargetError: The release's ``refuse`` line (no runtime there carries the model).
+        """
+        if release is None:
+            return self
+        if release.refuse:
+            raise TargetError(f"target {self.name} on {release.name} (Python {release.python}): {release.refuse}")
+        return replace(self, runtime=release.runtime(self.runtime))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -246,6 +350,10 @@ class Target:
         d["model"]["precision"] = self.model.precision.value
         d["model"]["io_dtype"] = self.model.io_dtype.value
         d["execution"]["delegate"] = self.execution.delegate.value
+        d["releases"] = [  # as JSON reads it back: lists, not tuples
+            {**r, "system_packages": None if r["system_packages"] is None else list(r["system_packages"])}
+            for r in d["releases"]
+        ]
         return d
 
 
@@ -340,17 +448,21 @@ def parse_target(data: dict[str, Any], source: str) -> Target:
     check_profile_data(data, source)
     top = _typed(
         Target,
-        {k: v for k, v in data.items() if k not in _SECTIONS},
+        {k: v for k, v in data.items() if k not in _SECTIONS and k != "release"},
         "target",
         source,
-        skip=frozenset(_SECTIONS) | {"source"},
+        skip=frozenset(_SECTIONS) | {"source", "releases"},
     )
     for section in _SECTIONS:
         if section not in data:
             raise TargetError(f"{source}: missing section [{section}]")
+    releases = data.get("release", [])
+    if not isinstance(releases, list):
+        raise TargetError(f"{source}: [[release]] must be an array of tables")
     try:
         parts = {s: cls(**_typed(cls, data[s], s, source)) for s, cls in _SECTIONS.items()}
-        return Target(**top, **parts, source=source)
+        found = tuple(Release(**_typed(Release, r, "release", source)) for r in releases)
+        return Target(**top, **parts, source=source, releases=found)
     except ValueError as exc:
         raise TargetError(f"{source}: {exc}") from exc
 

@@ -30,15 +30,16 @@ class SshCollector:
         self, model_dir: Path, image_dir: Path, *, threads: int | None = None, use_xnnpack: bool = True
     ) -> tuple[np.ndarray, list[str], dict[str, Any]]:
         check_arch(self.device, self.target)
+        target = on_device(self.device, self.target)
         logits, names, runtime = remote_collect(
             self.device,
             model_dir,
             image_dir,
-            requirements=device_requirements(self.target),
+            requirements=device_requirements(target),
             threads=threads,
             use_xnnpack=use_xnnpack,
             pip_args=self.pip_args,
-            system_site_packages=uses_system_packages(self.target),
+            system_site_packages=uses_system_packages(target),
         )
         return logits, names, {**runtime, **device_facts(self.device)}
 
@@ -58,6 +59,7 @@ def device_facts(device: Any) -> dict[str, Any]:
     return {
         "python": facts.get("python"),
         "machine": facts.get("machine"),
+        **({"release": facts["release"]} if facts.get("release") else {}),
         **({"emulated": facts["emulated"]} if facts.get("emulated") else {}),
         **({"install": install} if install else {}),
     }
@@ -78,6 +80,16 @@ def check_arch(device: Any, target: Target) -> None:
         )
 
 
+def on_device(device: Any, target: Target) -> Target:
+    """``target`` as it runs on the device's OS release (``/etc/os-release``, else its Python).
+
+    Raises:
+        TargetError: The target refuses that release (one line: what to use instead).
+    """
+    facts = device.probe()
+    return target.on_release(target.release_for(facts.get("release"), facts.get("python")))
+
+
 def ssh_benchmark(
     device: Any,
     target: Target,
@@ -96,6 +108,7 @@ def ssh_benchmark(
     if progress:
         progress("prepare device", None, None)
     check_arch(device, target)
+    target = on_device(device, target)
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
         wheel = build_edgeship_wheel(default_wheel_cache())
         python = device.ensure_venv(
@@ -173,6 +186,7 @@ def latency_probe(
         TargetError: The device is not the target's architecture (found now, before any quantizing).
     """
     check_arch(device, target)
+    on_device(device, target)  # a release the target refuses is found now, before any quantizing
 
     def probe(models: Sequence[Path], runs: int) -> BenchReport:
         args = ["--threads", "1", "--runs", str(runs), "--warmup", "5"]

@@ -62,8 +62,12 @@ except OSError:
     c = ''
 e = m.lower().startswith(('aarch64', 'arm')) and (os.path.isfile('/etc/edgeship-emulated.json') or 'vendor_id' in c)
 cpu = os.environ.get('QEMU_CPU', 'default CPU')
+try:
+    r = dict(l.strip().split('=', 1) for l in open('/etc/os-release') if '=' in l).get('VERSION_CODENAME', '')
+except OSError:
+    r = ''
 print(json.dumps({'python': platform.python_version(), 'machine': m, 'system': platform.system(),
-                  'executable': sys.executable,
+                  'executable': sys.executable, 'release': r.strip('"') or None,
                   'emulated': 'qemu-user (%s): emulated: not the speed of a Pi' % cpu if e else None}))
 """
 # $1 is the requested folder (may be empty or start with ~/); prints its absolute path.

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from edgeship._progress import ProgressFn, silent
-from edgeship.errors import DeviceError, MissingDependencyError
+from edgeship.errors import DeviceError, InputError, MissingDependencyError
 from edgeship.targets import emulate
 
 log = logging.getLogger(__name__)
@@ -326,3 +327,61 @@ def test_cli_verify_and_deploy_emulated(
     targets = json.loads((out / "deploy.json").read_text())["targets"]
     assert targets["rpi4-aarch64"]["ran_on"].startswith("qemu-user aarch64")
     assert targets["x86-host"]["ran_on"].startswith("this machine")
+
+
+def test_every_emulated_cpu_is_one_this_qemu_knows() -> None:
+    """The Pi 4's and Pi 5's CPU models are in this qemu-user's ``-cpu help`` (no silent fallback to another)."""
+    from edgeship.targets import emulated_pi
+
+    qemu = shutil.which("qemu-aarch64-static")
+    if qemu is None:
+        pytest.skip("qemu-user-static not installed")
+    known = subprocess.run([qemu, "-cpu", "help"], capture_output=True, text=True, timeout=60).stdout.split()
+    assert emulate.cpu_for("rpi5-aarch64") == "cortex-a76" == emulated_pi.profile("rpi5-aarch64").qemu_cpu
+    assert emulate.cpu_for("rpi4-aarch64") == emulate.DEFAULT_CPU == emulated_pi.profile("rpi4-aarch64").qemu_cpu
+    for cpu in emulate.TARGET_CPUS.values():
+        assert cpu in known, cpu
+
+
+def test_emulated_pi_roots_are_one_per_release_and_arch(tmp_path: Path) -> None:
+    from edgeship.targets import emulated_pi
+
+    rpi4, rpi5, armv7 = (emulated_pi.profile(n) for n in ("rpi4-aarch64", "rpi5-aarch64", "rpi-armv7"))
+    paths = {
+        (release, prof.name): emulated_pi.root_path(prof, release, cache=tmp_path)
+        for release in emulated_pi.RELEASES
+        for prof in (rpi4, rpi5, armv7)
+    }
+    assert len(set(paths.values())) == 4  # the Pi 5 shares the Pi 4's arm64 root, its CPU differs
+    assert paths["trixie", "rpi4-aarch64"] == paths["trixie", "rpi5-aarch64"] and rpi5.qemu_cpu != rpi4.qemu_cpu
+    assert "python3-onnxruntime" in armv7.packages("trixie") and "python3-onnxruntime" not in armv7.packages("bookworm")
+    assert emulated_pi.DEFAULT_RELEASE == "trixie"
+    with pytest.raises(InputError, match="valid releases: bookworm, trixie"):
+        emulated_pi.root_path(rpi4, "sid", cache=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgeship", "emulate", "start", "rpi4-aarch64", "--release", "sid"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "invalid choice: 'sid'" in proc.stderr
+
+
+def test_root_build_past_its_time_is_stopped_with_its_children(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A build that overruns is stopped as a group (mmdebstrap's apt and dpkg too), and its mounts are undone."""
+    from edgeship.targets import emulated_pi
+
+    monkeypatch.setattr(emulated_pi, "BUILD_TIMEOUT", 2.0)
+    monkeypatch.setattr(emulated_pi, "STOP_GRACE", 5.0)
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(DeviceError, match="did not finish in 2 s"):
+        emulated_pi._run_build(["sh", "-c", f"sleep 300 & echo $! > {pid_file}; wait"], "a build")
+    child = int(pid_file.read_text())
+    time.sleep(0.5)
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+    if os.geteuid() != 0:
+        return
+    (tmp_path / "root" / "proc").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(tmp_path / "root" / "proc")], check=True)
+    emulated_pi._unmount_under(tmp_path)
+    assert str(tmp_path / "root" / "proc") not in Path("/proc/self/mounts").read_text()
