@@ -1225,7 +1225,7 @@ def _json_path_problem(args: argparse.Namespace) -> str | None:
 
     other = {"verify": getattr(args, "report", None), "bench": getattr(args, "out", None)}.get(args.command)
     try:
-        check_output_file(path, "--json", force=args.force, reads=_inputs(args), writes=[other])
+        check_output_file(path, "--json", force=getattr(args, "force", False), reads=_inputs(args), writes=[other])
     except EdgeshipError as exc:
         return exc.cli_message()
     except OSError as exc:  # a name too long, a loop of links: the file system's one line

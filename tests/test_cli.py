@@ -60,3 +60,11 @@ def test_adb_drift_checks_are_explained_not_offered(
     err = capsys.readouterr().err
     assert "Python on the" in err and "--emulate" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv", [["emulate", "status"], ["targets", "list"]])
+def test_json_of_commands_without_force(argv: list[str], tmp_path: Path) -> None:
+    """Commands that have no --force still write --json (they once failed with an internal error)."""
+    out = tmp_path / "r.json"
+    run = subprocess.run([sys.executable, "-m", "edgeship", *argv, "--json", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0 and out.is_file(), run.stderr
