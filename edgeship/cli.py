@@ -608,10 +608,11 @@ def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     f = result.figures
     lines = [
         f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
-        f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.passed else 'FAIL'}"
+        f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {result.report.verdict}"
     ]
     lines += [
-        f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
+        f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)}"
+        f"{f' (95% CI {c.interval[0]:g}..{c.interval[1]:g})' if c.interval else ''} (limit {c.limit}) "
         f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}"
         for c in result.checks
     ]
