@@ -336,13 +336,14 @@ def pooled(
         if not all(p.is_file() for p in paths.values()):
             continue
         used += 1
+        keep = _scored_inputs(split, d, plan, len(truth_float))
         for n, p in paths.items():
             with np.load(p) as z:
-                right[n].append(z[f"{split}_top1"] == truth_float)
-                noise[n].append(z[f"{split}_noise"])
-                sig = z[f"{split}_signal"]
+                right[n].append((z[f"{split}_top1"] == truth_float)[keep])
+                noise[n].append(z[f"{split}_noise"][keep])
+                sig = z[f"{split}_signal"][keep]
         signal.append(sig)
-        clusters.append(d * 100000 + np.arange(len(sig)) // plan.views)
+        clusters.append(d * 100000 + (np.arange(len(truth_float)) // plan.views)[keep])
     if not used:
         return None
     return Pooled(
@@ -356,6 +357,17 @@ def pooled(
 
 def _float_file(work: Path, case: tuple[str, str], split: str, plan: Plan, images: int) -> Path:
     return work / f"{case[0]}-{case[1]}" / f"float-{split}-{plan.views}views-{images}.npz"
+
+
+def _scored_inputs(split: str, d: int, plan: Plan, inputs: int) -> np.ndarray:
+    """Which inputs of a split a draw is scored on: on the choosing split, not the draw's calibration images."""
+    images = inputs // plan.views
+    if split != "choose":
+        return np.ones(inputs, dtype=bool)
+    picks = np.random.default_rng(d).choice(images, size=min(plan.num_calib, images), replace=False)
+    scored = np.ones(images, dtype=bool)
+    scored[picks] = False
+    return np.repeat(scored, plan.views)
 
 
 def float_top1(work: Path, case: tuple[str, str], split: str, plan: Plan, images: int) -> np.ndarray | None:
