@@ -418,6 +418,11 @@ def _arch_note(target: Any | None, timed: TimedOn | None) -> list[str]:
     ]
 
 
+def _ci(interval: tuple[float, float] | None) -> str:
+    """A 95 % interval in percent or points, e.g. ``97.1..99.0``."""
+    return "-" if interval is None else f"{interval[0]:g}..{interval[1]:g}"
+
+
 def _quant_summary(report: QuantizeReport) -> list[str]:
     f, s, acc = report.figures, report.sizes, report.accuracy
     lines = [
@@ -429,11 +434,13 @@ def _quant_summary(report: QuantizeReport) -> list[str]:
     if acc.labelled:
         lines.append(
             f"  top-1 against labels ({acc.labelled} images): float {100 * (acc.float_top1 or 0):.2f}% -> "
-            f"int8 {100 * (acc.int8_top1 or 0):.2f}% (drop {acc.top1_drop_points or 0:+.2f} points)  "
+            f"int8 {100 * (acc.int8_top1 or 0):.2f}% (drop {acc.top1_drop_points or 0:+.2f} points, "
+            f"95% CI {_ci(f.top1_drop_interval)})  "
             f"top-5 {100 * (acc.float_top5 or 0):.1f}% -> {100 * (acc.int8_top5 or 0):.1f}%"
         )
     lines.append(
-        f"  top-1 agreement with float {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
+        f"  top-1 agreement with float {100 * f.top1_agreement:.2f}% (95% CI {_ci(f.agreement_interval)})  "
+        f"mean cosine {f.mean_cosine:.4f}  "
         f"min cosine {f.min_cosine:.4f}  SQNR {f.sqnr_db:.1f} dB"
     )
     worst = report.worst_layers[:3]
