@@ -446,28 +446,35 @@ def _axis(
         per_model: dict[str, dict[str, Any]] = {}
         for case in plan.models:
             truth = float_top1(work, case, split, plan, counts[split])
-            p = pooled(work, case, split, names, plan, truth) if truth is not None else None
-            if p is None:
+            have = [n for n in names if _made(work, case, n, plan)]  # a partial run: the options it has
+            p = pooled(work, case, split, have, plan, truth) if truth is not None and cheapest in have else None
+            if p is None or len(have) < 2:
                 continue
-            per_model[f"{case[0]}:{case[1]}"] = {n: compare_pair(p, cheapest, n) for n in names[1:]} | {
-                "_agree": {n: float(p.right[n].mean()) for n in names},
-                "_sqnr": {n: sqnr_db(p.signal, p.noise[n]) for n in names},
+            per_model[f"{case[0]}:{case[1]}"] = {n: compare_pair(p, cheapest, n) for n in have[1:]} | {
+                "_agree": {n: float(p.right[n].mean()) for n in have},
+                "_sqnr": {n: sqnr_db(p.signal, p.noise[n]) for n in have},
                 "_draws": p.draws,
                 "_inputs": int(len(p.signal)),
             }
         res["splits"][split] = per_model
     contender = cheapest
     for n in names[1:]:
-        rows = [m[n] for m in res["splits"]["choose"].values()]
+        rows = [m[n] for m in res["splits"]["choose"].values() if n in m]
         if rows and beats(rows):
             contender = n
     confirmed = cheapest
-    rows = [m[contender] for m in res["splits"]["confirm"].values()] if contender != cheapest else []
+    rows = [m[contender] for m in res["splits"]["confirm"].values() if contender in m] if contender != cheapest else []
     if rows and beats(rows):
         confirmed = contender
     res["contender_on_choosing"] = contender
     res["decision"] = confirmed if complete else None
     return res
+
+
+def _made(work: Path, case: tuple[str, str], name: str, plan: Plan) -> bool:
+    """Whether any draw has this option's cell (a partial run compares the options it has)."""
+    folder = work / f"{case[0]}-{case[1]}"
+    return any((folder / f"draw{d}" / f"{name}.npz").is_file() for d in range(plan.draws))
 
 
 def _peers(work: Path, plan: Plan, counts: dict[str, int]) -> dict[str, Any]:
@@ -510,8 +517,11 @@ def markdown(res: dict[str, Any]) -> list[str]:
         lines += [head, "|" + "---|" * (3 + 2 * len(names) - 1)]
         for split, models in a["splits"].items():
             for model, m in models.items():
-                cells = [f"{100 * m['_agree'][n]:.2f} % / {m['_sqnr'][n]:.2f} dB" for n in names]
-                cells += [_pair_cell(m[n]) for n in names[1:]]
+                cells = [
+                    f"{100 * m['_agree'][n]:.2f} % / {m['_sqnr'][n]:.2f} dB" if n in m["_agree"] else "not run"
+                    for n in names
+                ]
+                cells += [_pair_cell(m[n]) if n in m else "not run" for n in names[1:]]
                 lines.append(
                     f"| {split} | {model} | {m['_draws']} × {m['_inputs'] // max(m['_draws'], 1)} | "
                     + " | ".join(cells)
