@@ -903,9 +903,10 @@ def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tup
 
     if args.action == "list":
         targets = [load_target(n) for n in list_targets()]
-        lines = [f"{'name':<20}{'arch':<9}{'model':<9}{'I/O':<9}{'delegate':<9}{'access':<7}description"]
+        w = max([20] + [len(t.name) + 2 for t in targets])  # android-nnapi-pertensor is 23 characters
+        lines = [f"{'name':<{w}}{'arch':<9}{'model':<9}{'I/O':<9}{'delegate':<9}{'access':<7}description"]
         lines += [
-            f"{t.name:<20}{t.arch.value:<9}{t.model.precision.value:<9}{t.model.io_dtype.value:<9}"
+            f"{t.name:<{w}}{t.arch.value:<9}{t.model.precision.value:<9}{t.model.io_dtype.value:<9}"
             f"{t.execution.delegate.value:<9}{t.access.value:<7}{t.description}"
             for t in targets
         ]

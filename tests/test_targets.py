@@ -103,6 +103,7 @@ def test_cli_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["targets", "list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in REQUIRED)
+    assert "android-nnapi-pertensor  aarch64" in out  # the name column fits the longest name
     assert main(["targets", "show", "rpi-armv7"]) == 0
     out = capsys.readouterr().out
     assert "tflite-runtime" in out and "armv7l" in out
