@@ -466,7 +466,7 @@ def _axis(
     rows = [m[contender] for m in res["splits"]["confirm"].values() if contender in m] if contender != cheapest else []
     if rows and beats(rows):
         confirmed = contender
-    res["contender_on_choosing"] = contender
+    res["contender_on_choosing"] = contender if res["splits"]["choose"] else None  # None: nothing measured
     res["decision"] = confirmed if complete else None
     return res
 
@@ -530,7 +530,7 @@ def markdown(res: dict[str, Any]) -> list[str]:
         decided = a["decision"]
         lines += [
             "",
-            f"contender on the choosing split: {a['options'][a['contender_on_choosing']]}; decision: "
+            f"contender on the choosing split: {a['options'].get(a['contender_on_choosing'], 'no data')}; decision: "
             + (a["options"][decided] if decided else "none (protocol incomplete)"),
         ]
     if res["peers"]:
