@@ -459,6 +459,11 @@ def _arch_note(target: Any | None, timed: TimedOn | None) -> list[str]:
     ]
 
 
+def _ci(interval: tuple[float, float] | None) -> str:
+    """A 95 % interval in percent or points, e.g. ``97.1..99.0``."""
+    return "-" if interval is None else f"{interval[0]:g}..{interval[1]:g}"
+
+
 def _quant_summary(report: QuantizeReport) -> list[str]:
     f, s, acc = report.figures, report.sizes, report.accuracy
     lines = [
@@ -470,11 +475,13 @@ def _quant_summary(report: QuantizeReport) -> list[str]:
     if acc.labelled:
         lines.append(
             f"  top-1 against labels ({acc.labelled} images): float {100 * (acc.float_top1 or 0):.2f}% -> "
-            f"int8 {100 * (acc.int8_top1 or 0):.2f}% (drop {acc.top1_drop_points or 0:+.2f} points)  "
+            f"int8 {100 * (acc.int8_top1 or 0):.2f}% (drop {acc.top1_drop_points or 0:+.2f} points, "
+            f"95% CI {_ci(f.top1_drop_interval)})  "
             f"top-5 {100 * (acc.float_top5 or 0):.1f}% -> {100 * (acc.int8_top5 or 0):.1f}%"
         )
     lines.append(
-        f"  top-1 agreement with float {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
+        f"  top-1 agreement with float {100 * f.top1_agreement:.2f}% (95% CI {_ci(f.agreement_interval)})  "
+        f"mean cosine {f.mean_cosine:.4f}  "
         f"min cosine {f.min_cosine:.4f}  SQNR {f.sqnr_db:.1f} dB"
     )
     worst = report.worst_layers[:3]
@@ -649,10 +656,11 @@ def _cmd_verify(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
     f = result.figures
     lines = [
         f"{target.name}: top-1 agreement {100 * f.top1_agreement:.2f}%  mean cosine {f.mean_cosine:.4f}  "
-        f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {'PASS' if result.passed else 'FAIL'}"
+        f"SQNR {f.sqnr_db:.1f} dB  on {f.count} images  ->  {result.report.verdict}"
     ]
     lines += [
-        f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)} (limit {c.limit}) "
+        f"  {c.metric}: {c.value if c.value is None else round(c.value, 3)}"
+        f"{f' (95% CI {c.interval[0]:g}..{c.interval[1]:g})' if c.interval else ''} (limit {c.limit}) "
         f"{'ok' if c.passed else 'OVER BUDGET'}{f' ({c.note})' if c.note else ''}"
         for c in result.checks
     ]
@@ -993,9 +1001,10 @@ def _cmd_targets(args: argparse.Namespace, progress: Callable[..., None]) -> tup
 
     if args.action == "list":
         targets = [load_target(n) for n in list_targets()]
-        lines = [f"{'name':<20}{'arch':<9}{'model':<9}{'I/O':<9}{'delegate':<9}{'access':<7}description"]
+        w = max([20] + [len(t.name) + 2 for t in targets])  # android-nnapi-pertensor is 23 characters
+        lines = [f"{'name':<{w}}{'arch':<9}{'model':<9}{'I/O':<9}{'delegate':<9}{'access':<7}description"]
         lines += [
-            f"{t.name:<20}{t.arch.value:<9}{t.model.precision.value:<9}{t.model.io_dtype.value:<9}"
+            f"{t.name:<{w}}{t.arch.value:<9}{t.model.precision.value:<9}{t.model.io_dtype.value:<9}"
             f"{t.execution.delegate.value:<9}{t.access.value:<7}{t.description}"
             for t in targets
         ]

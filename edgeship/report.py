@@ -183,6 +183,11 @@ def _num(v: Any, fmt: str = ".3f") -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _with_interval(text: str, interval: tuple[float, float] | None) -> str:
+    """A figure with its 95 % interval (percent), e.g. ``98.2% [97.0–99.0]``."""
+    return f"{text} [{interval[0]:.1f}–{interval[1]:.1f}]" if interval is not None and text != "–" else text
+
+
 def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
     summary, bench = inputs.summary, inputs.bench
     stages = [["stage", "reused", "seconds this run", "seconds when built"]] + [
@@ -196,9 +201,9 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
             "ran on",
             "own ISA?",
             "OS release, Python, runtime",
-            "agreement",
+            "agreement [95% CI]",
             "float top-1",
-            "deployed top-1",
+            "deployed top-1 [95% CI]",
             "mean cos",
             "SQNR dB",
             "budget (agree / drop / SQNR)",
@@ -218,13 +223,13 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
                 r.candidate.ran_on,
                 "yes" if own else "NO",
                 _release_cell(r.candidate.runtime),
-                _pct(f.top1_agreement),
+                _with_interval(_pct(f.top1_agreement), f.agreement_interval),
                 _pct(f.ref_top1),
-                _pct(f.cand_top1),
+                _with_interval(_pct(f.cand_top1), f.cand_top1_interval),
                 _num(f.mean_cosine, ".4f"),
                 _num(f.sqnr_db, ".1f"),
                 f"≥{b['top1_agreement_pct']}% / ≤{b['top1_drop_points']} pt / ≥{b['sqnr_db']} dB",
-                "PASS" if r.passed else "FAIL",
+                r.verdict,
             ]
         )
     return {"stages": stages, "drift": drift, "latency": _latency_rows(bench), "client": _client_rows(inputs)}

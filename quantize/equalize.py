@@ -1,19 +1,33 @@
-"""Cross-layer equalization (Nagel et al. 2019, "Data-Free Quantization", section 4.1).
+"""Cross-layer equalization and bias absorption (Nagel et al. 2019, "Data-Free Quantization", 4.1 and 4.2).
 
 For two convolutions in a row, ``Conv A -> ReLU -> Conv B``, scaling output channel ``i``
 of A by ``1/s_i`` and the matching input channel of B by ``s_i`` leaves the network's
 function unchanged (ReLU is positively homogeneous) and, with
 ``s_i = sqrt(r_A,i / r_B,i)``, gives both channels the same weight range ``sqrt(r_A r_B)``,
-which is what per-tensor weight quantization needs. ReLU6 is not scale-equivariant; the
-paper replaces it by ReLU, which changes the float model's answers. edgeship keeps the
-function exact instead: ``ReLU6(x) / s`` is ``min(ReLU(x / s), 6 / s)``, a ReLU plus a
-per-channel ``Min``. Works on the ONNX graph before conversion.
+which is what per-tensor weight quantization needs. ReLU6 is not scale-equivariant. Two ways:
+
+- ``relu6="exact"`` (edgeship's default): ``ReLU6(x) / s`` is ``min(ReLU6(x / s), 6 / s)`` when
+  ``s >= 1``; each pair's scales are multiplied by one constant so that the smallest is 1 (a whole
+  tensor's scale is free under per-tensor quantization), the convolution keeps its fused ReLU6 and a
+  per-channel ``Min`` with limits ``6 / s <= 6`` follows. The function is unchanged, and the int8
+  tensor before the ``Min`` stays within [0, 6]. (An earlier form, ``min(ReLU(x / s), 6 / s)``, left
+  that tensor unbounded and per-tensor activation quantization lost most of its levels.)
+- ``relu6="relu"`` (DFQ's way): ReLU6 between the pair becomes ReLU. This changes the float model
+  wherever an activation exceeded 6: on the shared MobileNetV2 (trained with ReLU6 that clips often)
+  the float model's top-1 agreement with itself falls to 81 % (docs/benchmarks.md), so it is not used
+  by default.
+
+Bias absorption (DFQ 4.2, with the pre-activation statistics measured on calibration images instead
+of read from batch norms, which converted models have folded): a channel whose pre-activation ``x``
+stays above ``c = max(0, mean - 3 std)`` passes ``ReLU(x - c) + c``; ``c`` leaves A's bias and B's
+bias takes ``W_B c``. It narrows the activation ranges CLE widened. Exact where ``x >= c`` (and, for a
+padded depthwise B, away from the border). Works on the ONNX graph before conversion.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -78,63 +92,195 @@ def _is_relu6(node: Any, weights: dict[str, np.ndarray]) -> bool:
     return lo is not None and hi is not None and float(np.asarray(lo)) == 0.0 and float(np.asarray(hi)) > 0
 
 
-def equalize(model: Any, *, sweeps: int = 20) -> tuple[Any, dict[str, Any]]:
+#: A channel is dead when its pre-activation stays this many of its standard deviations below 0 on every
+#: calibration image: then a ReLU/ReLU6 passes 0 and zeroing its weights changes nothing there.
+DEAD_MARGIN = 1.0
+#: How ReLU6 between an equalized pair is handled (see the module docstring).
+RELU6_MODES = ("relu", "exact")
+
+
+#: Per-channel statistics of the named tensors on calibration images: ``stats(model, names)`` gives one
+#: (mean, std, max) triple of arrays per name (NCHW channels).
+ChannelStats = Callable[[Any, list[str]], list[tuple[np.ndarray, np.ndarray, np.ndarray]]]
+
+
+def equalize(
+    model: Any, *, sweeps: int = 20, relu6: str = "exact", stats: ChannelStats | None = None, absorb: bool = False
+) -> tuple[Any, dict[str, Any]]:
     """A copy of ``model`` with cross-layer equalization applied to every Conv-ReLU-Conv pair.
 
-    Returns the model and a report (pairs, ReLU6 replaced, weight-range spread before/after).
+    ``relu6``: ``"exact"`` or ``"relu"`` (DFQ). ``stats``: measures the pairs' pre-activations on
+    calibration images; with it, channels that never fire (pre-activation <= 0 on every image: their
+    weights are whatever batch-norm folding left, often the largest of the tensor) are zeroed in the
+    producer and the consumer first (exact wherever the channel stays dead), and with ``absorb`` and
+    ``relu6="relu"`` bias absorption follows equalization.
+    Returns the model and a report (pairs, dead channels, ReLU6 handling, weight-range spread, absorption).
     """
     onnx = require("onnx")
     from onnx import numpy_helper
 
+    if relu6 not in RELU6_MODES:
+        raise ValueError(f"relu6 must be one of {RELU6_MODES}, got {relu6!r}")
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
     weights = {name: numpy_helper.to_array(t).astype(np.float64) for name, t in inits.items()}
     pairs = _pairs(m, weights)
     spread_before = _spread(pairs, weights)
+    dead = _zero_dead(pairs, weights, stats(m, [p.a.output[0] for p in pairs])) if stats is not None else 0
     totals = [np.ones(weights[p.a.input[1]].shape[0]) for p in pairs]
     for _ in range(sweeps):
         for k, p in enumerate(pairs):
             totals[k] *= _scale_pair(p, weights)
-    replaced = 0
-    for k, p in enumerate(pairs):
-        if p.act is not None and p.act.op_type == "Clip":
-            _clip_to_relu_min(m, p.act, _clip_max(p.act, weights) / totals[k])
-            replaced += 1
-    touched = (
-        {p.a.input[1] for p in pairs}
-        | {p.b.input[1] for p in pairs}
-        | {p.a.input[2] for p in pairs if len(p.a.input) > 2}
-    )
-    for name in touched:
-        inits[name].CopyFrom(numpy_helper.from_array(weights[name].astype(np.float32), name))
-    return m, {
+    clips = [(k, p) for k, p in enumerate(pairs) if p.act is not None and p.act.op_type == "Clip"]
+    for k, p in clips:
+        if relu6 == "exact":
+            totals[k] = _at_least_one(p, weights, totals[k])
+            _clip_then_min(m, p.act, _clip_max(p.act, weights) / totals[k])
+        else:
+            _clip_to_relu(p.act)
+    _write_back(inits, weights, pairs)
+    info = {
         "pairs": len(pairs),
-        "relu6_as_relu_plus_channel_min": replaced,
+        "dead_channels_zeroed": dead,
+        "relu6": relu6,
+        "relu6_changed": len(clips),
         "channel_range_spread_before": spread_before,
         "channel_range_spread_after": _spread(pairs, weights),
     }
+    if stats is not None and absorb and relu6 == "relu":
+        _write_back(inits, weights, pairs)
+        measured = [(mean, std) for mean, std, _ in stats(m, [p.a.output[0] for p in pairs])]
+        info["bias_absorption"] = _absorb(m, pairs, weights, measured)
+        _write_back({t.name: t for t in m.graph.initializer}, weights, pairs)
+    return m, info
+
+
+def _zero_dead(
+    pairs: list[_Pair], w: dict[str, np.ndarray], stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+) -> int:
+    """Zero the channels whose pre-activation never exceeds 0 (a ReLU/ReLU6 passes 0): A's row and bias,
+    B's input channel. Returns how many (a channel shared by two pairs counts once per pair)."""
+    count = 0
+    for p, (_, std, peak) in zip(pairs, stats):
+        dead = peak < -DEAD_MARGIN * std
+        if not np.any(dead):
+            continue
+        w[p.a.input[1]] = np.where(dead[:, None, None, None], 0.0, w[p.a.input[1]])
+        if len(p.a.input) > 2 and p.a.input[2] in w:
+            w[p.a.input[2]] = np.where(dead, 0.0, w[p.a.input[2]])
+        mask = dead[:, None, None, None] if p.depthwise_b else dead[None, :, None, None]
+        w[p.b.input[1]] = np.where(mask, 0.0, w[p.b.input[1]])
+        count += int(dead.sum())
+    return count
+
+
+def channel_stats(inputs: np.ndarray) -> ChannelStats:
+    """A :data:`ChannelStats` measuring with onnxruntime on ``inputs`` (the ONNX model's own input layout)."""
+
+    def measure(model: Any, names: list[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        onnx, ort = require("onnx"), require("onnxruntime")
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        feed = session.get_inputs()[0].name
+        counts = [0.0 for _ in names]
+        acc: list[list[np.ndarray]] = [[] for _ in names]
+        for i in range(0, len(inputs), 8):
+            for k, out in enumerate(session.run(None, {feed: inputs[i : i + 8]})):
+                o = out.astype(np.float64)
+                acc[k].append(np.stack([o.sum((0, 2, 3)), (o**2).sum((0, 2, 3)), o.max((0, 2, 3))]))
+                counts[k] += o.shape[0] * o.shape[2] * o.shape[3]
+        return [_moments(np.stack(a), n) for a, n in zip(acc, counts)]
+
+    return measure
+
+
+def _moments(batches: np.ndarray, count: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std, max) per channel from per-batch (sum, sum of squares, max)."""
+    mean = batches[:, 0].sum(0) / count
+    var = batches[:, 1].sum(0) / count - mean**2
+    return mean, np.sqrt(np.maximum(var, 0.0)), batches[:, 2].max(0)
+
+
+def _write_back(inits: dict[str, Any], weights: dict[str, np.ndarray], pairs: list[_Pair]) -> None:
+    from onnx import numpy_helper
+
+    touched = {p.a.input[1] for p in pairs} | {p.b.input[1] for p in pairs}
+    touched |= {p.a.input[2] for p in pairs if len(p.a.input) > 2} | {p.b.input[2] for p in pairs if len(p.b.input) > 2}
+    for name in touched & set(inits):
+        inits[name].CopyFrom(numpy_helper.from_array(weights[name].astype(np.float32), name))
+
+
+def _at_least_one(p: _Pair, w: dict[str, np.ndarray], total: np.ndarray) -> np.ndarray:
+    """Scale the pair by one more factor so that every channel's total scale is >= 1: then each channel's
+    clip ``6 / s`` is at most 6, and the convolution keeps its fused ReLU6 (a bounded int8 range) before
+    the per-channel ``Min``. A whole tensor's scale is free under per-tensor quantization."""
+    g = 1.0 / float(total.min()) if total.min() > 0 else 1.0
+    w[p.a.input[1]] = w[p.a.input[1]] / g
+    if len(p.a.input) > 2 and p.a.input[2] in w:
+        w[p.a.input[2]] = w[p.a.input[2]] / g
+    w[p.b.input[1]] = w[p.b.input[1]] * g
+    return total * g
+
+
+def _clip_then_min(model: Any, clip: Any, limits: np.ndarray) -> None:
+    """Clip(0, 6) -> Clip(0, 6) then Min(x, limits) with per-channel limits <= 6 (NCHW broadcast): exact."""
+    from onnx import helper, numpy_helper
+
+    out = clip.output[0]
+    clipped = out + "__edgeship_relu6"
+    const = out + "__edgeship_limit"
+    model.graph.initializer.append(numpy_helper.from_array(limits.astype(np.float32).reshape(1, -1, 1, 1), const))
+    clip.output[0] = clipped
+    index = list(model.graph.node).index(clip)
+    model.graph.node.insert(index + 1, helper.make_node("Min", [clipped, const], [out], name=out + "__edgeship_min"))
+
+
+def _clip_to_relu(clip: Any) -> None:
+    """Clip(0, 6) -> Relu (DFQ's replacement)."""
+    del clip.input[1:]
+    del clip.attribute[:]
+    clip.op_type = "Relu"
+
+
+def _absorb(
+    model: Any, pairs: list[_Pair], w: dict[str, np.ndarray], stats: list[tuple[np.ndarray, np.ndarray]]
+) -> dict[str, Any]:
+    """DFQ's bias absorption on every pair whose A has a bias and B a bias (added when missing)."""
+    moved, channels = 0, 0
+    for p, (mean, std) in zip(pairs, stats):
+        c = np.maximum(0.0, mean - 3.0 * std)
+        if len(p.a.input) < 3 or p.a.input[2] not in w or not np.any(c > 0):
+            continue
+        bias_b = _bias_of(model, p.b, w)
+        w[p.a.input[2]] = w[p.a.input[2]] - c
+        wb = w[p.b.input[1]]
+        shift = wb.reshape(wb.shape[0], -1).sum(1) * c if p.depthwise_b else wb.sum((2, 3)) @ c
+        w[bias_b] = w[bias_b] + shift
+        moved += 1
+        channels += int(np.sum(c > 0))
+    return {"pairs": moved, "channels": channels, "rule": "c = max(0, mean - 3 std) of the pre-activation"}
+
+
+def _bias_of(model: Any, conv: Any, w: dict[str, np.ndarray]) -> str:
+    """The name of ``conv``'s bias initializer, made (zeros) when it has none."""
+    from onnx import numpy_helper
+
+    if len(conv.input) > 2 and conv.input[2] in w:
+        return str(conv.input[2])
+    name = conv.output[0] + "__edgeship_bias"
+    w[name] = np.zeros(w[conv.input[1]].shape[0])
+    model.graph.initializer.append(numpy_helper.from_array(w[name].astype(np.float32), name))
+    conv.input.append(name)
+    return name
 
 
 def _clip_max(node: Any, weights: dict[str, np.ndarray]) -> float:
     hi = weights.get(node.input[2]) if len(node.input) > 2 and node.input[2] else _attr(node, "max", None)
     return float(np.asarray(hi))
-
-
-def _clip_to_relu_min(model: Any, clip: Any, limits: np.ndarray) -> None:
-    """Clip(0, 6) -> Relu -> Min(x, limits) with per-channel limits (NCHW broadcast)."""
-    from onnx import helper, numpy_helper
-
-    out = clip.output[0]
-    relu_out = out + "__edgeship_relu"
-    const = out + "__edgeship_limit"
-    model.graph.initializer.append(numpy_helper.from_array(limits.astype(np.float32).reshape(1, -1, 1, 1), const))
-    del clip.input[1:]
-    del clip.attribute[:]
-    clip.op_type = "Relu"
-    clip.output[0] = relu_out
-    index = list(model.graph.node).index(clip)
-    model.graph.node.insert(index + 1, helper.make_node("Min", [relu_out, const], [out], name=out + "__edgeship_min"))
 
 
 def _scale_pair(p: _Pair, w: dict[str, np.ndarray]) -> np.ndarray:

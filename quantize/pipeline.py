@@ -242,6 +242,9 @@ def _equalize(run: _Run) -> tuple[bytes, StepReport]:
         return run.source.model, StepReport(False)
     with run.timer.stage("equalize"):
         model, info = equalized_float_model(run.source, run.work)
+        px = run.calib.pixels[:LAYER_SAMPLES]  # the float model's change, measured (exact up to float rounding)
+        change = compare(run_tflite(run.source.model, px, run.prep), run_tflite(model, px, run.prep))
+        info["float_change"] = {"images": len(px), "top1_agreement": change.top1_agreement, "sqnr_db": change.sqnr_db}
     return model, StepReport(True, info)
 
 

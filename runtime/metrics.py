@@ -11,6 +11,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgeship.runtime.intervals import CONFIDENCE, independent_difference, paired_difference, percent, wilson
+
 MetricFn = Callable[[np.ndarray, np.ndarray], float]
 METRICS: dict[str, MetricFn] = {}
 
@@ -108,6 +110,12 @@ class DriftFigures:
     cand_top1: float | None = None
     cand_top5: float | None = None
     disagreements: tuple[int, ...] = ()
+    #: Labelled images, and on how many of them both / only the reference / only the candidate are right
+    #: (None in reports written before they were kept: the intervals then take the pairing as unknown).
+    labelled: int | None = None
+    both_right: int | None = None
+    ref_only_right: int | None = None
+    cand_only_right: int | None = None
 
     @property
     def top1_drop(self) -> float | None:
@@ -127,10 +135,52 @@ class DriftFigures:
         """Points of top-1 agreement lost against the reference (100 - agreement %)."""
         return round(100.0 - self.agreement_pct, 9)
 
+    @property
+    def agreement_interval(self) -> tuple[float, float]:
+        """95 % Wilson interval of the top-1 agreement, in percent."""
+        return percent(wilson(round(self.top1_agreement * self.count), self.count))
+
+    def _top1_interval(self, top1: float | None) -> tuple[float, float] | None:
+        n = self.labelled if self.labelled is not None else self.count
+        return None if top1 is None else percent(wilson(round(top1 * n), n))
+
+    @property
+    def ref_top1_interval(self) -> tuple[float, float] | None:
+        """95 % Wilson interval of the reference's top-1 (percent), when labels are known."""
+        return self._top1_interval(self.ref_top1)
+
+    @property
+    def cand_top1_interval(self) -> tuple[float, float] | None:
+        """95 % Wilson interval of the candidate's top-1 (percent), when labels are known."""
+        return self._top1_interval(self.cand_top1)
+
+    @property
+    def top1_drop_interval(self) -> tuple[float, float] | None:
+        """95 % interval of the top-1 drop in points: Newcombe's paired interval (same images, both models)."""
+        if self.ref_top1 is None or self.cand_top1 is None:
+            return None
+        pairs = (self.both_right, self.ref_only_right, self.cand_only_right)
+        if self.labelled is None or any(k is None for k in pairs):
+            n = self.count
+            return percent(independent_difference(round(self.ref_top1 * n), round(self.cand_top1 * n), n))
+        a, b, c = (int(k or 0) for k in pairs)
+        return percent(paired_difference(a, b, c, self.labelled - a - b - c))
+
+    def intervals(self) -> dict[str, object]:
+        """Every interval, for reports: confidence, method and [low, high] per figure (None: no labels)."""
+        pair = {"top1_agreement_pct": self.agreement_interval, "ref_top1_pct": self.ref_top1_interval}
+        pair |= {"cand_top1_pct": self.cand_top1_interval, "top1_drop_points": self.top1_drop_interval}
+        return {
+            "confidence": CONFIDENCE,
+            "method": "Wilson score (proportions), Newcombe paired (drop)",
+            **{k: list(v) if v is not None else None for k, v in pair.items()},
+        }
+
     def to_dict(self) -> dict[str, object]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["disagreements"] = list(self.disagreements)
         d["top1_drop_points"] = self.top1_drop
+        d["intervals"] = self.intervals()
         return d
 
     @classmethod
@@ -148,6 +198,7 @@ def compare(ref: np.ndarray, cand: np.ndarray, labels: Sequence[int | None] | No
         raise ValueError(f"output shapes differ: reference {ref.shape}, candidate {cand.shape}")
     labels = list(labels) if labels is not None else [None] * len(ref)
     differs = np.nonzero(np.argmax(ref, 1) != np.argmax(cand, 1))[0]
+    labelled, both, ref_only, cand_only = _right_counts(ref, cand, labels)
     return DriftFigures(
         count=len(ref),
         top1_agreement=top1_agreement(ref, cand),
@@ -160,4 +211,20 @@ def compare(ref: np.ndarray, cand: np.ndarray, labels: Sequence[int | None] | No
         cand_top1=accuracy(cand, labels, 1),
         cand_top5=accuracy(cand, labels, 5),
         disagreements=tuple(int(i) for i in differs),
+        labelled=labelled,
+        both_right=both,
+        ref_only_right=ref_only,
+        cand_only_right=cand_only,
     )
+
+
+def _right_counts(
+    ref: np.ndarray, cand: np.ndarray, labels: Sequence[int | None]
+) -> tuple[int | None, int | None, int | None, int | None]:
+    """Labelled images, and on how many both models / only the reference / only the candidate are right."""
+    known = [i for i, y in enumerate(labels) if y is not None]
+    if not known:
+        return None, None, None, None
+    truth = np.array([labels[i] for i in known])
+    r, c = np.argmax(ref[known], 1) == truth, np.argmax(cand[known], 1) == truth
+    return len(known), int(np.sum(r & c)), int(np.sum(r & ~c)), int(np.sum(~r & c))

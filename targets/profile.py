@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 
 try:
     import tomllib
@@ -162,9 +163,27 @@ class BudgetCheck:
     limit: float
     passed: bool
     note: str = ""
+    #: The value's 95 % confidence interval (None: not a count, e.g. SQNR, or no labels).
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.interval is not None:  # a JSON list read back
+            object.__setattr__(self, "interval", (float(self.interval[0]), float(self.interval[1])))
+
+    @property
+    def within_noise(self) -> bool:
+        """The limit lies inside the value's interval: another image set of this size could flip the line."""
+        return self.interval is not None and self.interval[0] <= self.limit <= self.interval[1]
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        d = dict(self.__dict__)
+        d["interval"] = list(self.interval) if self.interval is not None else None
+        d["within_noise"] = self.within_noise
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> BudgetCheck:
+        return cls(**{k: v for k, v in d.items() if k != "within_noise"})
 
 
 @dataclass(frozen=True)
@@ -194,7 +213,13 @@ class Budget:
         """Every budget line against drift figures (:class:`~edgeship.runtime.metrics.DriftFigures`)."""
         agreement = figures.agreement_pct
         checks = [
-            BudgetCheck("top1_agreement_pct", agreement, self.min_top1_agreement, agreement >= self.min_top1_agreement),
+            BudgetCheck(
+                "top1_agreement_pct",
+                agreement,
+                self.min_top1_agreement,
+                agreement >= self.min_top1_agreement,
+                interval=figures.agreement_interval,
+            ),
             BudgetCheck("sqnr_db", figures.sqnr_db, self.min_sqnr_db, figures.sqnr_db >= self.min_sqnr_db),
         ]
         drop = figures.top1_drop
@@ -203,7 +228,9 @@ class Budget:
         step = 100.0 / max(figures.count, 1)
         # A drop is counted in whole images: on a small set one image can be most of the budget.
         note = f"{figures.count} images: one image is {step:.2f} pt" if step > self.max_top1_drop / 2 else ""
-        return [*checks, BudgetCheck("top1_drop_points", drop, self.max_top1_drop, drop <= self.max_top1_drop, note)]
+        passed = drop <= self.max_top1_drop
+        interval = figures.top1_drop_interval
+        return [*checks, BudgetCheck("top1_drop_points", drop, self.max_top1_drop, passed, note, interval)]
 
 
 @dataclass(frozen=True)

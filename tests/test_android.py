@@ -94,7 +94,7 @@ def test_normalization_into_graph_is_exact(tiny_onnx: Path, shared_weight: bool)
 def test_android_targets_say_which_client() -> None:
     from edgeship.targets import load_target
 
-    for name in ("android-arm64-cpu", "android-gpu", "android-nnapi"):
+    for name in ("android-arm64-cpu", "android-gpu", "android-nnapi", "android-nnapi-pertensor"):
         t = load_target(name)
         assert t.runtime.client.value == "mediapipe" and t.to_dict()["runtime"]["client"] == "mediapipe"
         assert t.model.io_dtype.value == ("float32" if t.model.precision.value == "float16" else "uint8")

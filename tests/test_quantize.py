@@ -349,6 +349,8 @@ def test_cli_summary_reads_the_typed_report(tiny_int8: Path) -> None:
     lines = _quant_summary(report)
     assert lines[0].startswith(f"wrote model_int8.tflite ({report.sizes.int8 / 1e6:.2f} MB")
     assert f"calibrated on {report.calibration.count} images (auto)" in lines[1]
+    lo, hi = report.figures.agreement_interval  # the agreement's 95 % interval on the line (issue 33)
+    assert any(f"(95% CI {lo:g}..{hi:g})" in line for line in lines)
     mixed = MixedPrecision(
         30.0,
         searched=True,

@@ -97,6 +97,9 @@ def test_drift_report_round_trips_through_save_and_load(tmp_path: Path) -> None:
     folder = result.save(tmp_path / "saved")
     doc = json.loads((folder / "drift_report.json").read_text())
     assert doc["schema_version"] == SCHEMA_VERSION and doc["client_check"]["ok"] and doc["passed"]
+    # 6 of 6 images agree: Wilson's 95 % interval [61 %, 100 %] holds the 97.5 % budget, and the verdict says so
+    assert doc["verdict"] == "PASS (within noise of the budget: top1_agreement_pct)"
+    assert doc["figures"]["intervals"]["top1_agreement_pct"][0] == pytest.approx(60.97, abs=0.01)
     loaded = DriftResult.load(folder)
     assert loaded.report == result.report and loaded.passed
     assert loaded.client_check == result.client_check and loaded.report.candidate.image_path == "PIL"

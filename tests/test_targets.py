@@ -18,6 +18,7 @@ REQUIRED = {
     "android-arm64-cpu",
     "android-gpu",
     "android-nnapi",
+    "android-nnapi-pertensor",
 }
 GOOD = (Path(__file__).parents[1] / "targets" / "rpi4-aarch64.toml").read_text()
 
@@ -36,6 +37,17 @@ def test_facts_that_matter() -> None:
     assert gpu.model.precision.value == "float16" and gpu.execution.delegate.value == "gpu"
     nnapi = load_target("android-nnapi")
     assert nnapi.model.io_dtype.value == "uint8" and nnapi.model.int8_only and nnapi.access.value == "adb"
+
+
+def test_nnapi_takes_per_channel_weights_and_a_per_tensor_profile_remains() -> None:
+    """NNAPI accepts per-channel symmetric weights since Android 10; older drivers get their own profile."""
+    from edgeship.quantize import QuantizeOptions
+
+    nnapi, legacy = load_target("android-nnapi"), load_target("android-nnapi-pertensor")
+    assert not nnapi.model.per_tensor and legacy.model.per_tensor
+    assert (nnapi.execution, nnapi.budget, nnapi.runtime) == (legacy.execution, legacy.budget, legacy.runtime)
+    assert not QuantizeOptions.for_target(nnapi).per_tensor and QuantizeOptions.for_target(legacy).per_tensor
+    assert not QuantizeOptions.for_target(nnapi).float_islands
 
 
 def test_float_scores_fit_only_targets_that_allow_mixed_models() -> None:
@@ -91,6 +103,7 @@ def test_cli_list_and_show(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["targets", "list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in REQUIRED)
+    assert "android-nnapi-pertensor  aarch64" in out  # the name column fits the longest name
     assert main(["targets", "show", "rpi-armv7"]) == 0
     out = capsys.readouterr().out
     assert "tflite-runtime" in out and "armv7l" in out

@@ -60,7 +60,10 @@ def test_verify_passes_inside_budget(
         doc["candidate"]["runtime"]["delegate"] == "xnnpack" and doc["candidate"]["runtime"]["input"]["dtype"] == "int8"
     )
     assert {c["metric"] for c in doc["budget"]} == {"top1_agreement_pct", "top1_drop_points", "sqnr_db"}
-    assert "PASS" in out
+    assert "PASS" in out and doc["verdict"].startswith("PASS")
+    agreement = next(c for c in doc["budget"] if c["metric"] == "top1_agreement_pct")
+    assert agreement["interval"][0] <= agreement["value"] <= agreement["interval"][1]
+    assert "top1_agreement_pct: " in out and "(95% CI " in out  # the interval on the CLI line
 
 
 def test_verify_over_budget_exits_3_naming_every_metric(

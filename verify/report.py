@@ -97,6 +97,25 @@ class DriftReport:
     #: The app's own client path (MediaPipe Tasks), for targets whose client reads metadata.
     client_check: ClientDrift | None = None
 
+    @property
+    def within_noise(self) -> tuple[str, ...]:
+        """The budget lines whose limit lies inside their figure's 95 % interval (the verdict could flip)."""
+        return tuple(c.metric for c in self.budget if c.within_noise)
+
+    @property
+    def verdict(self) -> str:
+        """PASS or FAIL, and "(within noise of the budget: ...)" when a deciding line's interval holds its limit."""
+        word = "PASS" if self.passed else "FAIL"
+        failing = [c for c in self.budget if not c.passed]
+        if self.passed:
+            deciding = [c for c in self.budget if c.within_noise]
+        else:  # a FAIL is within noise only when every line that failed is, and no I/O problem failed it
+            noisy = failing and all(c.within_noise for c in failing) and not self.io_problems
+            deciding = failing if noisy else []
+        if not deciding:
+            return word
+        return f"{word} (within noise of the budget: {', '.join(c.metric for c in deciding)})"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "edgeship_report": KIND,
@@ -115,6 +134,8 @@ class DriftReport:
             "io_problems": list(self.io_problems),
             "notes": list(self.notes),
             "passed": self.passed,
+            "verdict": self.verdict,
+            "within_noise": list(self.within_noise),
             "client_check": self.client_check.to_dict() if self.client_check else None,
         }
 
@@ -127,7 +148,7 @@ class DriftReport:
             candidate=DriftCandidate.from_dict(d["candidate"]),
             images=DriftImages(**d["images"]),
             figures=DriftFigures.from_dict(d["figures"]),
-            budget=tuple(BudgetCheck(**c) for c in d["budget"]),
+            budget=tuple(BudgetCheck.from_dict(c) for c in d["budget"]),
             io_problems=tuple(d.get("io_problems", ())),
             notes=tuple(d.get("notes", ())),
             passed=bool(d["passed"]),
