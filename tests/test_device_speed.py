@@ -175,17 +175,17 @@ def emulated_pi() -> Iterator[Any]:
     from edgeship.targets import emulated_pi as epi
 
     prof = epi.profile("rpi4-aarch64")
-    if os.geteuid() != 0 or not epi.root_ready(epi.root_path(prof)):
+    if os.geteuid() != 0 or not epi.root_ready(epi.root_path(prof, "bookworm")):
         pytest.skip("no emulated rpi4-aarch64 root built here (edgeship emulate start rpi4-aarch64 builds it, as root)")
     try:
         epi.check_host(prof, build=False)
     except Exception as exc:  # no qemu binfmt entry, no ssh client...
         pytest.skip(f"cannot start an emulated Pi here: {exc}")
-    running = [pi for pi in epi.running() if pi.name == "rpi4-aarch64"]
+    running = [pi for pi in epi.running() if pi.name == "rpi4-aarch64" and pi.release == "bookworm"]
     if running:
         yield running[0]
         return
-    with epi.emulated("rpi4-aarch64") as pi:
+    with epi.emulated("rpi4-aarch64", release="bookworm") as pi:
         yield pi
 
 

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PIS = {"rpi4-aarch64": "pi4", "rpi-armv7": "pi-armv7"}
 #: Evaluation images per cell (held apart from the 100 calibration images); qemu runs MobileNetV2 slowly.
 EVAL = 30
+#: The OS release of both Pis: bookworm, where both targets run (rpi-armv7 on trixie refuses: no TFLite runtime).
+RELEASE = "bookworm"
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +37,15 @@ def pis() -> Iterator[dict[str, Any]]:
 
     problem = _emulator_problem()
     if problem is None and not REQUIRE:
-        missing = [n for n in PIS if not emulated_pi.root_ready(emulated_pi.root_path(emulated_pi.profile(n)))]
+        missing = [n for n in PIS if not emulated_pi.root_ready(emulated_pi.root_path(emulated_pi.profile(n), RELEASE))]
         problem = f"emulated Pi roots not built ({', '.join(missing)}): edgeship emulate start" if missing else None
     if problem:
         if REQUIRE:
             pytest.fail(f"EDGESHIP_REQUIRE_EMULATOR=1 but {problem}")
         pytest.skip(problem)
     with (
-        emulated_pi.emulated("rpi4-aarch64", ca_bundle=_ca_bundle()) as a,
-        emulated_pi.emulated("rpi-armv7", ca_bundle=_ca_bundle()) as b,
+        emulated_pi.emulated("rpi4-aarch64", release=RELEASE, ca_bundle=_ca_bundle()) as a,
+        emulated_pi.emulated("rpi-armv7", release=RELEASE, ca_bundle=_ca_bundle()) as b,
     ):
         yield {"rpi4-aarch64": a, "rpi-armv7": b}
 
