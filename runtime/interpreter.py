@@ -116,7 +116,81 @@ def check_threads(count: object, what: str = "threads") -> int:
     return count
 
 
-class TFLiteModel:
+class TypedIO:
+    """What every runtime model shares: float or pixels in, the model's typed tensors, float out.
+
+    A backend (:class:`TFLiteModel`, :class:`~edgeship.runtime.ort_model.OrtModel`) gives ``inputs``,
+    ``outputs``, ``set_raw_input``, ``invoke`` and ``raw_output``; the I/O (de)quantization and the
+    batching are here, once.
+    """
+
+    inputs: list[IOSpec]
+    outputs: list[IOSpec]
+
+    def set_raw_input(self, x: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def invoke(self) -> None:
+        raise NotImplementedError
+
+    def raw_output(self) -> np.ndarray:
+        raise NotImplementedError
+
+    @property
+    def input(self) -> IOSpec:
+        return self.inputs[0]
+
+    @property
+    def output(self) -> IOSpec:
+        return self.outputs[0]
+
+    def input_from_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
+        """uint8 ``[N,H,W,3]`` pixels (already resized/cropped) -> the model's typed input.
+
+        Uses the integer path (``pixel + k``, no float math) when the preprocessing folds
+        into the input quantization, else normalises and quantizes.
+        """
+
+        spec = self.input
+        if spec.quantized:
+            k = pixel_offset(prep, spec.scale, spec.zero_point)
+            if k is not None:
+                return quantize_pixels(pixels, k, spec.dtype)
+        return self.quantize_input(normalize(pixels, prep))
+
+    def quantize_input(self, x: np.ndarray) -> np.ndarray:
+        """Float input -> the model's input dtype (quantized with its scale/zero point)."""
+        spec = self.input
+        if not spec.quantized:
+            return x.astype(spec.dtype, copy=False)
+        info = np.iinfo(spec.dtype)
+        q = np.round(x / np.float32(spec.scale)) + spec.zero_point
+        return np.clip(q, info.min, info.max).astype(spec.dtype)
+
+    def dequantize_output(self, y: np.ndarray, spec: IOSpec | None = None) -> np.ndarray:
+        spec = spec or self.output
+        if not spec.quantized:
+            return y.astype(np.float32, copy=False)
+        return (y.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        """Float input in the runtime's layout and shape -> float output."""
+        return self.run_raw(self.quantize_input(np.asarray(x, dtype=np.float32)))
+
+    def run_raw(self, x: np.ndarray) -> np.ndarray:
+        """Typed input (the model's own dtype) -> float output."""
+        self.set_raw_input(x)
+        self.invoke()
+        return self.dequantize_output(self.raw_output())
+
+    def run_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
+        """uint8 pixels (any count; the model's batch is filled and padded) -> float outputs."""
+        return in_fixed_batches(
+            pixels, self.input.shape[0], lambda chunk: self.run_raw(self.input_from_pixels(chunk, prep))
+        )
+
+
+class TFLiteModel(TypedIO):
     """A loaded TFLite model: float in, float out, whatever its I/O dtypes are.
 
     Args:
@@ -188,43 +262,6 @@ class TFLiteModel:
             d["name"], d["index"], tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]), float(scale), int(zp)
         )
 
-    @property
-    def input(self) -> IOSpec:
-        return self.inputs[0]
-
-    @property
-    def output(self) -> IOSpec:
-        return self.outputs[0]
-
-    def input_from_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
-        """uint8 ``[N,H,W,3]`` pixels (already resized/cropped) -> the model's typed input.
-
-        Uses the integer path (``pixel + k``, no float math) when the preprocessing folds
-        into the input quantization, else normalises and quantizes.
-        """
-
-        spec = self.input
-        if spec.quantized:
-            k = pixel_offset(prep, spec.scale, spec.zero_point)
-            if k is not None:
-                return quantize_pixels(pixels, k, spec.dtype)
-        return self.quantize_input(normalize(pixels, prep))
-
-    def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        """Float input -> the model's input dtype (quantized with its scale/zero point)."""
-        spec = self.input
-        if not spec.quantized:
-            return x.astype(spec.dtype, copy=False)
-        info = np.iinfo(spec.dtype)
-        q = np.round(x / np.float32(spec.scale)) + spec.zero_point
-        return np.clip(q, info.min, info.max).astype(spec.dtype)
-
-    def dequantize_output(self, y: np.ndarray, spec: IOSpec | None = None) -> np.ndarray:
-        spec = spec or self.output
-        if not spec.quantized:
-            return y.astype(np.float32, copy=False)
-        return (y.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
-
     def set_raw_input(self, x: np.ndarray) -> None:
         """Set the already-typed input tensor (no conversion)."""
         if tuple(x.shape) != self.input.shape:
@@ -236,22 +273,6 @@ class TFLiteModel:
 
     def raw_output(self) -> np.ndarray:
         return self.interpreter.get_tensor(self.output.index)
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Float input in the model's layout and shape -> float output."""
-        return self.run_raw(self.quantize_input(np.asarray(x, dtype=np.float32)))
-
-    def run_raw(self, x: np.ndarray) -> np.ndarray:
-        """Typed input (the model's own dtype) -> float output."""
-        self.set_raw_input(x)
-        self.invoke()
-        return self.dequantize_output(self.raw_output())
-
-    def run_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
-        """uint8 pixels (any count; the model's batch is filled and padded) -> float outputs."""
-        return in_fixed_batches(
-            pixels, self.input.shape[0], lambda chunk: self.run_raw(self.input_from_pixels(chunk, prep))
-        )
 
     def describe(self) -> dict[str, Any]:
         return {

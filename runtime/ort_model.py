@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgeship.errors import InputError, MissingDependencyError
-from edgeship.runtime.images import normalize, pixel_offset, quantize_pixels
-from edgeship.runtime.interpreter import IOSpec, in_fixed_batches
+from edgeship.runtime.interpreter import IOSpec, TypedIO
 
 #: The name a drift report and a bench row give this runtime.
 RUNTIME = "onnxruntime"
@@ -84,7 +83,7 @@ def check_onnx_file(path: Path) -> None:
         raise InputError(f"{path} is not an ONNX model (it does not start like an ONNX protobuf)")
 
 
-class OrtModel:
+class OrtModel(TypedIO):
     """A loaded ONNX model on onnxruntime's CPU provider: float in, float out, whatever its I/O dtypes are.
 
     Args:
@@ -133,45 +132,6 @@ class OrtModel:
             self._raw: np.ndarray | None = None
             self.kernels = self._profiled_first_run()
 
-    # ---------------------------------------------------------------- specs
-    @property
-    def input(self) -> IOSpec:
-        """The input as the runtime sees it (NHWC, whatever the model's own layout)."""
-        return self.inputs[0]
-
-    @property
-    def output(self) -> IOSpec:
-        return self.outputs[0]
-
-    # ---------------------------------------------------------------- inputs
-    def input_from_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
-        """uint8 ``[N,H,W,3]`` pixels (already resized/cropped) -> the model's typed input (NHWC).
-
-        An int8 input takes the integer path (``pixel + k``) when the preprocessing folds into its
-        quantization, as :class:`~edgeship.runtime.interpreter.TFLiteModel` does.
-        """
-        spec = self.input
-        if spec.quantized:
-            k = pixel_offset(prep, spec.scale, spec.zero_point)
-            if k is not None:
-                return quantize_pixels(pixels, k, spec.dtype)
-        return self.quantize_input(normalize(pixels, prep))
-
-    def quantize_input(self, x: np.ndarray) -> np.ndarray:
-        """Float NHWC input -> the model's input dtype (quantized with its scale/zero point when int8)."""
-        spec = self.input
-        if not spec.quantized:
-            return x.astype(spec.dtype, copy=False)
-        info = np.iinfo(spec.dtype)
-        q = np.round(x / np.float32(spec.scale)) + spec.zero_point
-        return np.clip(q, info.min, info.max).astype(spec.dtype)
-
-    def dequantize_output(self, y: np.ndarray, spec: IOSpec | None = None) -> np.ndarray:
-        spec = spec or self.output
-        if not spec.quantized:
-            return y.astype(np.float32, copy=False)
-        return (y.astype(np.float32) - spec.zero_point) * np.float32(spec.scale)
-
     # ---------------------------------------------------------------- running
     def set_raw_input(self, x: np.ndarray) -> None:
         """Set the already-typed NHWC input (no conversion)."""
@@ -188,22 +148,6 @@ class OrtModel:
         if self._raw is None:
             raise InputError("the model has not run yet")
         return self._raw
-
-    def run(self, x: np.ndarray) -> np.ndarray:
-        """Float NHWC input -> float output."""
-        return self.run_raw(self.quantize_input(np.asarray(x, dtype=np.float32)))
-
-    def run_raw(self, x: np.ndarray) -> np.ndarray:
-        """Typed NHWC input (the model's own dtype) -> float output."""
-        self.set_raw_input(x)
-        self.invoke()
-        return self.dequantize_output(self.raw_output())
-
-    def run_pixels(self, pixels: np.ndarray, prep: Any) -> np.ndarray:
-        """uint8 pixels (any count; the model's batch is filled and padded) -> float outputs."""
-        return in_fixed_batches(
-            pixels, self.input.shape[0], lambda chunk: self.run_raw(self.input_from_pixels(chunk, prep))
-        )
 
     # ---------------------------------------------------------------- description
     def describe(self) -> dict[str, Any]:
