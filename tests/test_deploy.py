@@ -142,11 +142,12 @@ def test_changed_calibration_reruns_from_quantize(deployed: tuple[Path, Path, fl
 def test_changed_code_reruns_every_stage(
     deployed: tuple[Path, Path, float], tiny_onnx: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from edgeship import deploy
+    from edgeship import _cache_keys
 
-    assert deploy.code_fingerprint() == deploy.code_fingerprint() and len(deploy.code_fingerprint()) == 16
+    assert _cache_keys.code_fingerprint() == _cache_keys.code_fingerprint()
+    assert len(_cache_keys.code_fingerprint()) == 16
     out, calib, _ = deployed
-    monkeypatch.setattr(deploy, "code_fingerprint", lambda: "0" * 16)  # as after editing edgeship's code
+    monkeypatch.setattr(_cache_keys, "code_fingerprint", lambda: "0" * 16)  # as after editing edgeship's code
     assert (
         main(
             [
