@@ -22,7 +22,15 @@ import pytest
 from tests.test_matrix import two_node_cluster
 from tests.test_pi_emulated import REQUIRE, _ca_bundle, _emulator_problem
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    # Opt-in while it has not passed and been timed on the CI machine: two MobileNetV2 exports converted and
+    # quantized, then four emulated drift checks and benches (qemu: about a second per image).
+    pytest.mark.skipif(
+        os.environ.get("EDGESHIP_FLEET_PI") != "1", reason="the emulated-Pi matrix runs with EDGESHIP_FLEET_PI=1"
+    ),
+]
 ROOT = Path(__file__).resolve().parents[1]
 PIS = {"rpi4-aarch64": "pi4", "rpi-armv7": "pi-armv7"}
 #: Evaluation images per cell (held apart from the 100 calibration images); qemu runs MobileNetV2 slowly.
