@@ -84,7 +84,9 @@ def model(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("name", ["../../victim", "a/b", "/etc", "..", "", "x\ny", "tab\there", "back\\slash"])
 def test_target_name_must_be_a_file_name(tmp_path: Path, name: str) -> None:
-    one_line(edgeship("targets", "show", target_file(tmp_path, name)), match="name must")
+    err = one_line(edgeship("targets", "show", target_file(tmp_path, name)))
+    # a control character is refused by the profile's text rule first (tests/test_hostile_text.py)
+    assert "name must" in err or "key 'name' must be one line of text without control characters" in err, err
 
 
 def test_target_name_never_reaches_outside_the_output(tmp_path: Path, model: Path, images: Path) -> None:
