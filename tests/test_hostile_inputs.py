@@ -333,7 +333,7 @@ def test_nan_budgets_are_refused(tmp_path: Path, tiny_bundle: Path, tiny_images:
     bad.write_text("\n".join("min_sqnr_db = nan" if ln.startswith("min_sqnr_db") else ln for ln in text.splitlines()))
     assert_one_line(
         edgeship("quantize", str(tiny_bundle), "--calib", str(tiny_images), "-o", str(out), "--target", str(bad), "-q"),
-        "min_sqnr_db must be a finite number",
+        "key 'budget.min_sqnr_db' must be a finite number",  # the profile's own check, at load
     )
     assert not out.exists()
 
