@@ -166,7 +166,7 @@ def _wheel(dest: Path, wheel_dir: Path | None) -> Path:
     return build_edgeship_wheel(dest)
 
 
-_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>()#+!|~-])")
+_MARKDOWN = re.compile(r"([\\`*_{}\[\]<>()#+!|~])")
 
 
 def md_text(text: str) -> str:
