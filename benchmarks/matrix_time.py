@@ -57,13 +57,7 @@ def deploy_cmd(matrix: Any, model: Any, out: Path) -> list[str]:
     cmd += ["--max-eval", str(o.max_eval)] if o.max_eval else []
     cmd += ["--labels", str(model.labels)] if model.labels else []
     cmd += [arg for t in matrix.targets for arg in ("--target", t.given)]
-    hosts = {d.spec.host for d in first.values()}
-    if all(t.given == t.name for t in matrix.targets):
-        cmd += [arg for t in matrix.targets for arg in ("--host", f"{t.name}={first[t.name].spec.host}")]
-    elif len(hosts) == 1:  # deploy's --host TARGET= takes built-in names: one device serving every target
-        cmd += ["--host", hosts.pop()]
-    else:
-        sys.exit("targets given as profile files need one device host for all (deploy's --host TARGET= takes names)")
+    cmd += [arg for t in matrix.targets for arg in ("--host", f"{t.name}={first[t.name].spec.host}")]
     cmd += ["--identity", str(spec.identity)] if spec.identity else []
     cmd += ["--known-hosts", str(spec.known_hosts)] if spec.known_hosts else []
     cmd += ["--remote-python", spec.python] + (["--pip-args", " ".join(spec.pip_args)] if spec.pip_args else [])

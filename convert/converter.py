@@ -15,6 +15,7 @@ from edgeship import reference
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._io import atomic_write_bytes, sha256_file
 from edgeship._progress import Progress, Timer, silent
+from edgeship._run import owned_prefix
 from edgeship.convert import onnx_model
 from edgeship.convert.fold import fold_input_affine, normalization_into_graph
 from edgeship.convert.gelu import fuse_gelu, lone_erf_notes
@@ -27,7 +28,7 @@ from edgeship.convert.report import ConvertReport, ConvertSource, NodeCounts, Ve
 from edgeship.convert.result import FLOAT16_FILE, FLOAT32_FILE, LABELS_FILE, SIMPLIFIED_FILE, ConvertResult
 from edgeship.convert.simplify import simplify
 from edgeship.convert.verification import check_simplified, raise_on_failures, verification_images, verify_one
-from edgeship.errors import ConversionError, InputError
+from edgeship.errors import ArgumentTypeError, ConversionError, InputError
 from edgeship.runtime.card import Layout, ModelCard, Preprocessing, TensorSpec
 from edgeship.runtime.delegation import of_interpreter
 from edgeship.runtime.images import Labels
@@ -55,6 +56,11 @@ def convert(
         ConversionError: Simplification or onnx2tf failed.
         VerificationError: The TFLite model does not match onnxruntime within tolerance.
     """
+    if not isinstance(options, ConvertOptions):
+        raise ArgumentTypeError(
+            f"convert's options must be a ConvertOptions, got {type(options).__name__} "
+            "(e.g. options=ConvertOptions(fp16=True))"
+        )
     started = time.perf_counter()
     timer = Timer(progress)
     src = Path(model)
@@ -72,7 +78,7 @@ def convert(
     source_sha = sha256_file(src)
     src_stat = src.stat()
 
-    with tempfile.TemporaryDirectory(prefix="edgeship-convert-") as work:
+    with tempfile.TemporaryDirectory(prefix=owned_prefix("convert")) as work:
         work_dir = Path(work)
         inputs = reference.make_inputs(
             images,
@@ -86,6 +92,7 @@ def convert(
             simplified, gelu_notes = fuse_gelu(simplify(prepared))
             notes += gelu_notes + lone_erf_notes(simplified)
             onnx_model.check_scores_output(simplified, src.name)
+            onnx_model.check_no_loops(simplified, src.name)
             scores = onnx_model.output_kind(simplified)
             renames = onnx_model.sanitise_names(simplified)
             if renames:

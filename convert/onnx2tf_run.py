@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import resource
 import shutil
 import tempfile
@@ -40,13 +41,22 @@ def run_onnx2tf(onnx_path: Path, work_dir: Path, *, float16: bool = False) -> Ch
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if not result.get("ok") or not (work_dir / "tf" / "model_float32.tflite").is_file():
         kept = _keep_log(log_text)
-        tail = one_line(log_text)
+        tail = _without_flag_hints(one_line(log_text))
         raise ConversionError(
             f"onnx2tf failed: {result.get('error', 'no TFLite written')}"
             + (f" ({tail})" if tail and tail not in result.get("error", "") else "")
             + (f"; full log: {kept}" if kept else "")
         )
     return ChildRun(round(wall, 3), round(peak_mb, 1), 0)
+
+
+#: onnx2tf's advice to pass one of its own command-line flags, which edgeship's user cannot pass.
+_FLAG_HINT = re.compile(r"[^.;()]*\btry (the )?-[A-Za-z0-9_]+ option[^.;()]*[.;]?\s*")
+
+
+def _without_flag_hints(text: str) -> str:
+    """``text`` without onnx2tf's "try the -xyz option" sentences."""
+    return " ".join(_FLAG_HINT.sub(" ", text).split())
 
 
 def clean_graph(*paths: Path | None) -> dict[str, int]:

@@ -85,7 +85,18 @@ def load_model(path: str | os.PathLike[str]) -> Any:
         onnx.checker.check_model(model)
     except Exception as exc:
         raise InputError(f"{path} failed the ONNX checker: {str(exc).splitlines()[0][:300]}") from exc
+    _check_opset(model, path, onnx.defs.onnx_opset_version())
     return model
+
+
+def _check_opset(model: Any, path: Path, newest: int) -> None:
+    """Refuse an opset of the standard domain newer than the installed onnx knows (its ops are unknown)."""
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx") and o.version > newest:
+            raise InputError(
+                f"{path} uses ONNX opset {o.version}, newer than the {newest} this onnx knows: export the model "
+                f"with opset {newest} or lower (e.g. torch.onnx.export(..., opset_version=17))"
+            )
 
 
 def _load_external_data(model: Any, path: Path) -> None:
@@ -334,6 +345,21 @@ def output_kind(model: Any) -> Postprocessing:
     if node is not None and node.op_type == "LogSoftmax":
         return Postprocessing.EXP
     return Postprocessing.SOFTMAX
+
+
+#: Control flow onnx2tf cannot turn into a TFLite graph (and XNNPACK could not run).
+LOOPS = ("Loop", "Scan")
+
+
+def check_no_loops(model: Any, source: str = "model") -> None:
+    """Refuse a (simplified) model that still loops: onnxsim unrolls nothing, and onnx2tf fails deep inside."""
+    for node in model.graph.node:
+        if node.op_type in LOOPS:
+            raise InputError(
+                f"{source} has a {node.op_type} node ({node.name or 'unnamed'}) after simplification: edgeship "
+                "converts graphs without loops; export the model with the loop unrolled (trace a fixed number "
+                "of steps) or remove it from the classifier"
+            )
 
 
 def check_scores_output(model: Any, source: str = "model") -> int:

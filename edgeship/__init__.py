@@ -22,6 +22,7 @@ from edgeship.errors import CalibrationError as CalibrationError
 from edgeship.errors import ConversionError as ConversionError
 from edgeship.errors import DelegateNotAppliedError as DelegateNotAppliedError
 from edgeship.errors import DeviceError as DeviceError
+from edgeship.errors import DeviceTimeoutError as DeviceTimeoutError
 from edgeship.errors import EdgeshipError as EdgeshipError
 from edgeship.errors import InputError as InputError
 from edgeship.errors import MissingDependencyError as MissingDependencyError
@@ -65,6 +66,7 @@ __all__ = [
     "ConversionError",
     "DelegateNotAppliedError",
     "DeviceError",
+    "DeviceTimeoutError",
     "EdgeshipError",
     "InputError",
     "MissingDependencyError",

@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from edgeship._run import clean_dead_runs, owned_prefix
 from edgeship.errors import EdgeshipError, NativeCrashError
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ class ChildWorker:
         self._env = dict(env or {})
         self._proc: subprocess.Popen[bytes] | None = None
         self._busy = False
-        fd, self.log_path = tempfile.mkstemp(prefix="edgeship-native-", suffix=".log")
+        clean_dead_runs()  # what killed runs left: an API run killed by SIGTERM removes nothing itself
+        fd, self.log_path = tempfile.mkstemp(prefix=owned_prefix("native"), suffix=".log")
         os.close(fd)
 
     def __enter__(self) -> ChildWorker:

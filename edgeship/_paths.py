@@ -101,11 +101,27 @@ def check_apart(
         InputError: Its outputs would be read as images by this run or the next one.
     """
     for what, folder in inputs.items():
-        if folder is not None and Path(folder).is_dir() and is_inside(out, folder):
+        if folder is not None and Path(folder).is_dir() and (is_inside(out, folder) or _same_folder_above(out, folder)):
             raise InputError(
                 f"{out_what} {out} is inside {what} {folder}: edgeship would read its own outputs "
                 f"as images; pick an output folder outside {folder}"
             )
+
+
+def _same_folder_above(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` or an existing folder above it is ``folder`` by identity (device and inode): a bind
+    mount or a hard-to-see alias of ``folder`` that its name does not show."""
+    try:
+        want = os.stat(folder)
+        here = Path(os.path.abspath(path))
+        for above in (here, *here.parents):
+            if above.exists():
+                st = above.stat()
+                if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                    return True
+    except (OSError, RuntimeError):
+        return False
+    return False
 
 
 def writable_dir_problem(out_dir: str | os.PathLike[str]) -> str | None:

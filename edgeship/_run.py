@@ -25,7 +25,9 @@ from edgeship._io import owner_tag
 log = logging.getLogger(__name__)
 
 RUN_PREFIX = "edgeship-run-"
-_RUN_DIR = re.compile(rf"^{RUN_PREFIX}(?P<pid>\d+)\.(?P<host>[0-9a-f]{{8}})-[A-Za-z0-9_]{{8}}$")
+#: A temporary entry owned by one process: a run folder, or an API call's work folder or native log
+#: (:func:`owned_prefix`), ``edgeship-<what>-<pid>.<host>-<random>[.log]``.
+_RUN_DIR = re.compile(r"^edgeship-[a-z0-9]+-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})-[A-Za-z0-9_]{8}(\.log)?$")
 #: Signals handled like Ctrl-C: the command unwinds, cleans up and exits ``128 + signal``.
 HANDLED = (signal.SIGTERM, signal.SIGHUP)
 
@@ -48,16 +50,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def owned_prefix(what: str) -> str:
+    """The prefix of a temporary entry this process owns (``edgeship-<what>-<pid>.<host>-``): when the process
+    is killed before it removes the entry (SIGTERM through the Python API, SIGKILL), a later run sweeps it."""
+    return f"edgeship-{what}-{owner_tag()}-"
+
+
 def clean_dead_runs(root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Remove the run folders in ``root`` (the system's temporary folder) whose process is gone."""
-    root = Path(root or tempfile.gettempdir())
+    """Remove the temporary entries in ``root`` (default: the system's temporary folder) of processes that are
+    gone: run folders, and the work folders and native logs of API calls (:func:`owned_prefix`)."""
+    root = Path(root or lasting_temp_dir())
     host = owner_tag().split(".", 1)[1]
     removed = []
     with contextlib.suppress(OSError):
         for path in root.iterdir():
             m = _RUN_DIR.match(path.name)
             if m and m["host"] == host and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
-                shutil.rmtree(path, ignore_errors=True)
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
                 removed.append(path)
     if removed:
         log.info("removed %d temporary folder(s) of runs that were killed", len(removed))

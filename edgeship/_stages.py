@@ -6,6 +6,10 @@ with the old stage in one ``renameat2(RENAME_EXCHANGE)`` (two renames where the 
 exchange: a killed run's moved-aside stage is put back by the next run). The old stage is deleted
 only after the new one is in place, so a run killed at any moment leaves every stage folder
 complete and matching its record.
+
+The report (``deploy.json``, ``report.html``, ``report.md``, ``report/``) describes the stages it was
+written with, so it is retracted before the first stage of a run is swapped and written again at the
+run's end: a run killed in between leaves no report rather than one whose verdict is for other files.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any
 from edgeship._cache_keys import stage_digest
 from edgeship._files import sha256_file
 from edgeship._io import atomic_write_json, owner_tag, pid_alive, remove_entry
-from edgeship._ownership import STAGE_ENTRIES, STAGE_MARK, Ownership, files_under, read_record
+from edgeship._ownership import STAGE_ENTRIES, STAGE_MARK, SUMMARY, Ownership, files_under, read_record
 from edgeship._paths import relative
 from edgeship._progress import Progress
 from edgeship.errors import InputError
@@ -35,6 +39,8 @@ from edgeship.errors import InputError
 log = logging.getLogger(__name__)
 
 _PRIVATE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>staging|old)-(?P<pid>\d+)\.(?P<host>[0-9a-f]{8})-[0-9a-f]{8}$")
+#: What describes the stages as a whole, retracted before a stage changes (deploy.json first: it names the files).
+REPORT_ENTRIES = (SUMMARY, "report.html", "report.md", "report")
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -108,6 +114,7 @@ class Stages:
         self.records: list[StageRecord] = []
         self.written = written
         self._written_lock = threading.Lock()  # stages run two at a time share the record of what deploy wrote
+        self._retracted = False
         for entry in (out, *(out / e for e in STAGE_ENTRIES)):
             if entry.is_dir():
                 sweep(entry)  # what killed runs left: also beside stages this run reuses
@@ -169,13 +176,30 @@ class Stages:
         prefix = folder.relative_to(self.out).as_posix()
         new = {f"{prefix}/{f.split('/', 1)[1]}" for f in files_under(folder.parent, staging)}
         old = set(files_under(self.out, folder)) if folder.exists() else set()
-        if self.written is not None:
-            with self._written_lock:
+        with self._written_lock:
+            self._retract_report()
+            if self.written is not None:
                 self.written.claim(names=new)  # recorded before they arrive: a killed run leaves a superset
         swap_in(staging, folder)
         if self.written is not None:
             with self._written_lock:
                 self.written.forget(old - new)
+
+    def _retract_report(self) -> None:
+        """Before the run's first swap: remove the report deploy wrote (it describes the stages being replaced)."""
+        if self._retracted:
+            return
+        for name in REPORT_ENTRIES:
+            path = self.out / name
+            if not (path.exists() or path.is_symlink()):
+                continue
+            owned = files_under(self.out, path)
+            if self.written is not None and not set(owned) <= self.written.files:
+                continue  # not deploy's (check_out_dir refused such a folder; kept all the same)
+            remove_entry(path)
+            if self.written is not None:
+                self.written.forget(owned)
+        self._retracted = True
 
 
 def manifest(folder: Path) -> dict[str, list[Any]]:

@@ -587,7 +587,7 @@ def _device_spec(args: argparse.Namespace) -> Any:
         from edgeship.targets.devices import parse_hosts  # deferred: CLI start-up
 
         host, hosts = parse_hosts(args.host)
-        _check_host_targets(hosts, [args.target] if isinstance(args.target, str) else list(args.target or []))
+        hosts = _host_targets(hosts, [args.target] if isinstance(args.target, str) else list(args.target or []))
         return DeviceSpec(
             "ssh",
             host=host,
@@ -603,14 +603,21 @@ def _device_spec(args: argparse.Namespace) -> Any:
     return None
 
 
-def _check_host_targets(hosts: Sequence[tuple[str, str]], targets: list[str]) -> None:
-    """Every ``--host TARGET=...`` names a target of this command."""
-    unknown = [t for t, _ in hosts if t not in targets]
+def _host_targets(hosts: tuple[tuple[str, str], ...], targets: list[str]) -> tuple[tuple[str, str], ...]:
+    """Every ``--host TARGET=...`` names a target of this command, as given (a built-in name or a profile file's
+    path) or by its profile's name; returned keyed by the profile's name, which is how devices are looked up."""
+    if not hosts:
+        return hosts
+    from edgeship.targets import load_target  # deferred: CLI start-up
+
+    names = {given: load_target(given).name for given in targets}
+    unknown = [t for t, _ in hosts if t not in names and t not in names.values()]
     if unknown:
         raise InputError(
             f"--host names {', '.join(unknown)}, which is not a --target of this command "
             f"({', '.join(targets) or 'none'})"
         )
+    return tuple((names.get(t, t), host) for t, host in hosts)
 
 
 def _add_verify(sub: argparse._SubParsersAction) -> None:

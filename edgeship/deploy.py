@@ -37,11 +37,12 @@ from edgeship._stages import StageRecord, Stages
 from edgeship._version import __version__
 from edgeship.convert import ConvertOptions, convert
 from edgeship.convert.onnx_model import inspect_model, load_model, resolve_shape
-from edgeship.convert.result import FLOAT16_FILE, ConvertResult
+from edgeship.convert.result import FLOAT16_FILE, SIMPLIFIED_FILE, ConvertResult
 from edgeship.errors import InputError
 from edgeship.quantize import quantize, tflite_quant
 from edgeship.quantize.data import Split, split_images
 from edgeship.quantize.interface import EXACT
+from edgeship.quantize.onnx_qdq import QDQ_FILE, QDQ_REPORT_FILE, QdqOptions, quantize_qdq
 from edgeship.quantize.options import QuantizeOptions
 from edgeship.quantize.result import QuantizeResult
 from edgeship.quantize.speed import SpeedTiming
@@ -49,12 +50,15 @@ from edgeship.report import ReportInputs, write_report
 from edgeship.runtime.bench import BenchOptions, benchmark
 from edgeship.runtime.bench_report import BENCH_FILE, BenchReport
 from edgeship.runtime.card import IODtype, ModelCard, Preprocessing
+from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import Labels, cached_crops, list_images
+from edgeship.runtime.metrics import DriftFigures
 from edgeship.targets import load_target
 from edgeship.targets.bundle import bundle
 from edgeship.targets.devices import DeviceSpec, ssh_device
 from edgeship.targets.install import verified_version
 from edgeship.targets.profile import Access
+from edgeship.targets.release_model import host_check, runs_onnx_qdq
 from edgeship.targets.remote import device_bench, latency_probe, on_device
 from edgeship.verify.drift import DriftResult, onnx_outputs, reference_outputs, verify
 from edgeship.wheel import build_edgeship_wheel
@@ -93,7 +97,9 @@ class DeployedModel:
     path: Path
     variant: str
     card: ModelCard
-    quantized: QuantizeResult | None = None  # None: a float model of the conversion
+    quantized: QuantizeResult | None = None  # None: a float model of the conversion, or the ONNX QDQ model
+    #: The int8 ONNX QDQ model's own arithmetic against the float model on this machine (its host check).
+    qdq_figures: DriftFigures | None = None
 
 
 @dataclass
@@ -186,12 +192,14 @@ def _deploy(
         "targets": {
             t.name: {
                 "model": str(models[t.name].path),
+                "model_sha256": sha256_file(models[t.name].path),  # the file the verdict below is for
                 "bundle": str(bundles[t.name]),
                 "passed": verify_results[t.name]["passed"],
                 "figures": verify_results[t.name]["figures"],
                 "ran_on": verify_results[t.name]["candidate"].get("ran_on", "?"),
                 "budget": verify_results[t.name]["budget"],
                 "client_check": verify_results[t.name].get("client_check"),
+                **_host_check(models[t.name], t),
                 **({"device_bench": device_benches[t.name]} if t.name in device_benches else {}),
                 **(
                     {"speed_timing": q.report.speed_timing.to_dict() if q.report.speed_timing else None}
@@ -212,7 +220,7 @@ def _deploy(
     summary["wall_s"] = round(time.perf_counter() - started, 2)
     atomic_write_json(out / SUMMARY, summary)
     written.claim(out / "report", out / "report.md", out / "report.html", out / SUMMARY)
-    passed = all(v["passed"] for v in summary["targets"].values())
+    passed = all(v["passed"] and v.get("host_check", {}).get("passed", True) for v in summary["targets"].values())
     return DeployResult(out, stages.records, summary["targets"], passed, summary)
 
 
@@ -331,6 +339,8 @@ def _quantize_stages(
                 else conv.card.with_(model_file=FLOAT16_FILE, precision="float16")
             )
             models[t.name] = DeployedModel(Path(str(conv.folder)) / card.model_file, _variant(t), card)
+        elif runs_onnx_qdq(options.device, t):  # its device's OS runs the int8 ONNX QDQ model on onnxruntime
+            models[t.name] = _qdq_stage(stages, conv, conv_key, calib, folder_digest, options)
         else:
             groups.setdefault(_calibration(t), []).append(t)
     for variant, members in groups.items():
@@ -338,6 +348,41 @@ def _quantize_stages(
         for t in members:
             models[t.name] = _interface_stage(stages, conv, base, t)
     return models
+
+
+def _qdq_stage(
+    stages: Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str, options: DeployOptions
+) -> DeployedModel:
+    """The int8 ONNX QDQ model, calibrated and measured on the TFLite path's images (a cached stage)."""
+    opts = QdqOptions.on_split(options.quantize.split)
+    key = {
+        "stage": "quantize-qdq",
+        "convert": conv_key,
+        "calibration": folder_digest,
+        "evaluation": image_set_digest(list_images(options.eval_dir, minimum=0, check=False))
+        if options.eval_dir
+        else None,
+        "options": opts.to_dict(),
+    }
+    folder, _ = stages.run(
+        "quantize/int8-qdq",
+        key,
+        lambda d: quantize_qdq(conv, calib, evaluation=options.eval_dir, options=opts, progress=stages.progress).save(
+            d, force=True
+        ),
+    )
+    card = find_card(folder / QDQ_FILE)
+    if card is None:
+        raise InputError(f"no model card beside {folder / QDQ_FILE}: remove {folder} and deploy again")
+    figures = DriftFigures.from_dict(json.loads((folder / QDQ_REPORT_FILE).read_text())["figures"])
+    return DeployedModel(folder / QDQ_FILE, "int8-qdq", card, qdq_figures=figures)
+
+
+def _host_check(model: DeployedModel, target: Any) -> dict[str, Any]:
+    """The summary's ``host_check`` of an ONNX QDQ model (judged by the target's budget), else nothing."""
+    if model.qdq_figures is None:
+        return {}
+    return {"host_check": host_check(model.qdq_figures, target, str(model.path))}
 
 
 def _quantize_stage(
@@ -653,7 +698,12 @@ def _device_bench_stages(
         one = options.device.for_target(t.name) if options.device else None
         if one is None or one.kind != "ssh" or t.access.value != "ssh":
             continue
-        ms = list(dict.fromkeys([conv.saved_path(), models[t.name].path]))
+        onnx = models[t.name].path.suffix == ".onnx"  # float and int8 in the form the device's runtime runs
+        ms = list(
+            dict.fromkeys(
+                [Path(str(conv.folder)) / SIMPLIFIED_FILE if onnx else conv.saved_path(), models[t.name].path]
+            )
+        )
         key = {
             "stage": "device-bench",
             "target": t.to_dict(),

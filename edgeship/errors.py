@@ -22,6 +22,10 @@ class InputError(EdgeshipError):
     """Bad user input: a missing or unreadable file, a wrong model, an odd folder."""
 
 
+class ArgumentTypeError(InputError, TypeError):
+    """A Python API argument of the wrong type (also a :class:`TypeError`): the message names the type wanted."""
+
+
 class OutputExistsError(InputError):
     """An output would overwrite something that exists and ``force`` was not given.
 
@@ -91,6 +95,10 @@ class DeviceError(EdgeshipError):
     """A remote device (ssh, adb) or emulator could not be reached or used."""
 
 
+class DeviceTimeoutError(DeviceError):
+    """A device job did not finish within its time: the device is taken as hung (the message names the job)."""
+
+
 #: Exit codes of the ``edgeship`` command.
 EXIT_CODES = {
     "ok": 0,
@@ -113,6 +121,7 @@ __all__ = [
     "TargetError",
     "ModelTargetMismatchError",
     "DeviceError",
+    "DeviceTimeoutError",
     "DelegateNotAppliedError",
     "NativeCrashError",
     "EXIT_CODES",

@@ -31,9 +31,11 @@ from edgeship.deploy import DeployOptions, code_fingerprint
 from edgeship.errors import InputError, OutputExistsError
 from edgeship.matrix_file import Matrix, MatrixDevice, load_matrix
 from edgeship.matrix_ray import (
+    JobLimit,
     ShardRun,
     bench_on_device,
     collect_shard,
+    hung,
     live_devices,
     lost_reason,
     submit_device,
@@ -57,6 +59,9 @@ BENCH_FILE = "bench.json"
 TICK_S = 1.0
 #: Failures in a row (unreachable, its worker died) after which a device is lost; each failed job moves at once.
 STRIKES = 2
+#: Seconds past a job's limit after which the driver stops waiting for its task (the task ends its own job at
+#: the limit; this covers a task that cannot, e.g. its worker is stuck): the device is lost, the job moves.
+GRACE_S = 60.0
 
 
 @dataclass
@@ -175,6 +180,7 @@ class _Run:
         self.jobs_done: collections.Counter[str] = collections.Counter()
         self.busy: dict[Any, tuple[MatrixDevice, Job]] = {}
         self.started: dict[Any, float] = {}  # task -> when it was submitted (perf_counter)
+        self.limits: dict[Any, JobLimit] = {}  # device task -> its time limit and what it waits for
         self.busy_s: dict[str, float] = collections.defaultdict(float)  # device -> seconds of its jobs
         self.prepare_s: dict[str, float] = {}
         self.device_span: list[float] = []  # first device job submitted, last one finished
@@ -195,6 +201,7 @@ class _Run:
                     else:
                         self._finished(ref)
                 self._drop_dead_devices()
+                self._drop_hung_tasks()
                 self._dispatch()
         wall = round(time.perf_counter() - start, 2)
         return self._report(wall)
@@ -271,15 +278,20 @@ class _Run:
         cell = job.cell
         target = next(t.profile for t in self.matrix.targets if t.name == cell.target)
         self.progress(f"{cell.model} x {cell.target}: {job.kind} {job.index} on {device.name}")
+        limit = JobLimit(self.matrix.options.job_timeout_s, _waited_for(device, job))
         if job.kind == "bench":
             model = Path(cell.prepared["path"])
-            return submit_device(self.ray, device, bench_on_device, device.spec, target, model.name,
-                                 model.read_bytes(), self.matrix.options.bench_runs)  # fmt: skip
-        images = [(f"{i:06d}{f.suffix.lower()}", f.read_bytes()) for i, f in enumerate(cell.shards[job.index])]
-        return submit_device(self.ray, device, collect_shard, device.spec, target, cell.bundle, images)
+            ref = submit_device(self.ray, device, limit, bench_on_device, device.spec, target, model.name,
+                                model.read_bytes(), self.matrix.options.bench_runs)  # fmt: skip
+        else:
+            images = [(f"{i:06d}{f.suffix.lower()}", f.read_bytes()) for i, f in enumerate(cell.shards[job.index])]
+            ref = submit_device(self.ray, device, limit, collect_shard, device.spec, target, cell.bundle, images)
+        self.limits[ref] = limit
+        return ref
 
     def _finished(self, ref: Any) -> None:
         device, job = self.busy.pop(ref)
+        self.limits.pop(ref, None)
         now = time.perf_counter()
         self.busy_s[device.name] += now - self.started.pop(ref, now)
         self.device_span = [*self.device_span[:1], now]
@@ -304,7 +316,7 @@ class _Run:
             self._give_up(job.cell, "error", f"{job.kind} on {device.name}: {_one_line(exc)}")
             return
         self.strikes[device.name] += 1
-        if self.strikes[device.name] >= STRIKES:
+        if hung(exc) or self.strikes[device.name] >= STRIKES:  # a hung device gets no second job
             self._lose(device, reason)
         self._requeue(device, job)
         self._strand(device.target)
@@ -331,9 +343,24 @@ class _Run:
             for ref, (d, job) in list(self.busy.items()):
                 if d.name == device.name:
                     self.busy.pop(ref)
+                    self.limits.pop(ref, None)
                     _cancel(self.ray, ref)
                     self.queues[d.target].appendleft(job)
             self._strand(device.target)
+
+    def _drop_hung_tasks(self) -> None:
+        """Tasks still running well past their limit (their own watchdog could not end them): the device is
+        lost, the task cancelled, its job moves to the target's other devices."""
+        now = time.perf_counter()
+        for ref, (device, job) in list(self.busy.items()):
+            limit = self.limits[ref]
+            if now - self.started[ref] > limit.seconds + GRACE_S:
+                self.busy.pop(ref)
+                self.limits.pop(ref)
+                _cancel(self.ray, ref)
+                self._lose(device, f"{limit.message()}; its task did not end either")
+                self._requeue(device, job)
+                self._strand(device.target)
 
     def _strand(self, target: str) -> None:
         """A target without live devices: its queued cells are reported lost (a rerun redoes them)."""
@@ -432,6 +459,17 @@ def _digest(obj: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _waited_for(device: MatrixDevice, job: Job) -> str:
+    """What a device job waits for, as its timeout names it."""
+    cell = job.cell
+    if job.kind == "bench":
+        work = f"the benchmark of {cell.model} x {cell.target}"
+    else:
+        shard = f"{job.index + 1}/{len(cell.shards)}"
+        work = f"drift-check shard {shard} of {cell.model} x {cell.target} ({len(cell.shards[job.index])} images)"
+    return f"device {device.name} (ssh {device.spec.host}): {work}"
 
 
 def _one_line(exc: BaseException) -> str:

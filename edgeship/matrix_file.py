@@ -28,7 +28,7 @@ MODEL_KEYS = {"name", "path", "zoo", "labels", "input_shape"}
 TARGET_KEYS = {"name", "profile"}
 DEVICE_KEYS = {"name", "target", "ssh", "adb", "node", "identity", "known_hosts", "python", "pip_args",
                "accept_new_host_key"}  # fmt: skip
-OPTION_KEYS = {"num_calib", "seed", "max_eval", "bench_runs"}
+OPTION_KEYS = {"num_calib", "seed", "max_eval", "bench_runs", "job_timeout_s"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,9 @@ class MatrixOptions:
     seed: int | None = None
     max_eval: int | None = None
     bench_runs: int = 20
+    #: Seconds a device job (a shard of a drift check, a benchmark) may take, the device's first-time setup
+    #: (its venv, its pip install) included; then the device is taken as hung and lost, and the job moves.
+    job_timeout_s: int = 1800
 
 
 @dataclass(frozen=True)
@@ -185,8 +188,10 @@ def _device(d: Any, base: Path, i: int) -> MatrixDevice:
     name = _name(d, where)
     if "adb" in d:
         raise InputError(
-            f"device {name}: adb devices are not run by the matrix yet (drift checks need Python on the "
-            "device); benchmark phones with `edgeship bench --adb`"
+            f"device {name}: adb devices are not run by the matrix: every cell is a drift check, which runs "
+            "edgeship's Python runtime on the device, and a stock phone has no Python (over adb edgeship runs "
+            "only TensorFlow Lite's benchmark_model: latency, no outputs); benchmark phones with "
+            "`edgeship bench --adb`"
         )
     if not isinstance(d.get("ssh"), str):
         raise InputError(f'device {name}: needs ssh = "user@host[:port]"')

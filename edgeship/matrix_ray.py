@@ -9,14 +9,17 @@ at a time, on the node that declared it. Ray is imported here only.
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeship._deps import require
-from edgeship.errors import DeviceError, InputError
+from edgeship.errors import DeviceError, DeviceTimeoutError, InputError
 from edgeship.matrix_file import Matrix, MatrixDevice
 
 #: A prepare task's size: convert and quantize use about a core and TensorFlow's memory.
@@ -91,10 +94,74 @@ def submit_prepare(ray: Any, *args: Any) -> Any:
     return task.remote(*args)
 
 
-def submit_device(ray: Any, device: MatrixDevice, fn: Any, *args: Any) -> Any:
-    """``fn(*args)`` as a task holding ``device``'s resource; not retried by Ray (the matrix moves the work)."""
-    task = ray.remote(fn).options(num_cpus=0, resources={device.resource: 1.0}, max_retries=0)
-    return task.remote(*args)
+def submit_device(ray: Any, device: MatrixDevice, limit: JobLimit, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` as a task holding ``device``'s resource, ended after ``limit.seconds`` (:func:`within`);
+    not retried by Ray (the matrix moves the work)."""
+    task = ray.remote(within).options(num_cpus=0, resources={device.resource: 1.0}, max_retries=0)
+    return task.remote(limit, fn, *args)
+
+
+@dataclass(frozen=True)
+class JobLimit:
+    """How long a device job may take, and what it waits for (named in the error when the time runs out)."""
+
+    seconds: float
+    what: str
+
+    def message(self) -> str:
+        return f"{self.what} did not finish within {self.seconds:g} s (the device is taken as hung)"
+
+
+def within(limit: JobLimit, fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in this worker; once ``limit`` runs out, the worker's child processes (the ssh and scp
+    clients waiting on the device, its clean-up included) are ended every second until ``fn`` returns, and
+    :class:`DeviceTimeoutError` names what was waited for."""
+    done, expired = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        if done.wait(limit.seconds):
+            return
+        expired.set()
+        while not done.is_set():
+            end_children(os.getpid())
+            done.wait(1.0)
+
+    threading.Thread(target=watch, name="edgeship-job-limit", daemon=True).start()
+    try:
+        return fn(*args)
+    except Exception as exc:
+        if expired.is_set():
+            raise DeviceTimeoutError(limit.message()) from exc
+        raise
+    finally:
+        done.set()
+
+
+def end_children(pid: int) -> None:
+    """SIGKILL every descendant of ``pid`` (read from /proc; where there is no /proc, the ssh layer's own
+    timeouts end them later)."""
+    for child in _descendants(pid):
+        with contextlib.suppress(OSError):
+            os.kill(child, signal.SIGKILL)
+
+
+def _descendants(pid: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            parents.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def hung(exc: BaseException) -> bool:
+    """Whether a failed device task ran out of its time (:func:`within`)."""
+    return isinstance(exc, DeviceTimeoutError) or isinstance(getattr(exc, "cause", None), DeviceTimeoutError)
 
 
 def lost_reason(ray: Any, exc: BaseException) -> str | None:

@@ -190,8 +190,15 @@ def _with_interval(text: str, interval: tuple[float, float] | None) -> str:
 
 def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
     summary, bench = inputs.summary, inputs.bench
-    stages = [["stage", "reused", "seconds this run", "seconds when built"]] + [
-        [s["name"], "yes" if s["reused"] else "no", f"{s['seconds']:.1f}", f"{s.get('built_seconds', 0.0):.1f}"]
+    # The key names the build of each stage the report describes (its .stage.json holds the same key).
+    stages = [["stage", "reused", "seconds this run", "seconds when built", "stage key"]] + [
+        [
+            s["name"],
+            "yes" if s["reused"] else "no",
+            f"{s['seconds']:.1f}",
+            f"{s.get('built_seconds', 0.0):.1f}",
+            s.get("key", "")[:12] or "–",
+        ]
         for s in summary["stages"]
     ]
     drift = [
@@ -236,12 +243,24 @@ def _tables(inputs: ReportInputs) -> dict[str, list[list[str]]]:
 
 
 def _release_cell(runtime: RuntimeInfo) -> str:
-    """The device's OS release and Python and the runtime that ran (``-`` where no device said)."""
+    """The device's OS release and Python and the runtime that ran, with its backend (``-`` where none said)."""
     d = runtime.details
-    ran = f"{runtime.interpreter} {runtime.interpreter_version or ''}".strip()
+    ran = f"{runtime.interpreter} {runtime.interpreter_version or ''} {_backend(runtime)}".strip()
     if not d.get("release") and not d.get("python"):
         return ran or "-"
     return f"{d.get('release') or '?'}, Python {d.get('python') or '?'}, {ran}"
+
+
+def _backend(runtime: RuntimeInfo) -> str:
+    """Which kernels ran: XNNPACK's partitions, onnxruntime's provider and int8 kernels, or the builtin ones."""
+    d = runtime.details
+    if runtime.xnnpack is not None and runtime.xnnpack.partitions:
+        return f"(XNNPACK, {runtime.xnnpack.partitions} partition(s))"
+    if d.get("execution_provider"):
+        kernels = d.get("kernels") or {}
+        top = ", ".join(f"{op} ×{n}" for op, n in sorted(kernels.items(), key=lambda kv: -kv[1])[:3])
+        return f"({d['execution_provider']}{': ' + top if top else ''})"
+    return "(builtin kernels)" if runtime.interpreter else ""
 
 
 def _latency_rows(bench: BenchReport) -> list[list[str]]:

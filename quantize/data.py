@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Union, cast
@@ -106,16 +107,48 @@ def split_images(folder: Path, split: Split, evaluation: Path | None = None) -> 
     if evaluation is not None:
         evals = list_images(evaluation, minimum=1)
         calib = images.sample(split.num_calib, seed=split.seed)
-        overlap = {f.resolve() for f in calib.files} & {f.resolve() for f in evals.files}
-        if overlap:
-            raise InputError(
-                f"{len(overlap)} evaluation image(s) are also calibration images "
-                f"(e.g. {sorted(overlap)[0]}); keep the two sets apart"
-            )
+        _check_apart(calib, evals)
     else:
         calib, evals = images.divide(_calib_count(len(images), split), seed=split.seed)
     _check_enough(len(calib), len(evals), split)
     return calib, evals.sample(split.max_eval) if split.max_eval else evals
+
+
+def _check_apart(calib: ImageSet, evals: ImageSet) -> None:
+    """Refuse evaluation images that are calibration images: the same files, or copies with the same bytes."""
+    same = {f.resolve() for f in calib.files} & {f.resolve() for f in evals.files}
+    if same:
+        raise InputError(
+            f"{len(same)} evaluation image(s) are also calibration images "
+            f"(e.g. {sorted(same)[0]}); keep the two sets apart"
+        )
+    copies = _same_bytes(calib.files, evals.files)
+    if copies:
+        e, c = copies[0]
+        raise InputError(
+            f"{len(copies)} evaluation image(s) have the same bytes as calibration images (e.g. {e} is a copy "
+            f"of {c}): the evaluation would measure the calibration set; keep the two sets apart"
+        )
+
+
+def _same_bytes(calib: Iterable[Path], evals: Iterable[Path]) -> list[tuple[Path, Path]]:
+    """(evaluation file, calibration file) pairs with equal content; only files of equal size are hashed."""
+    by_size: dict[int, list[Path]] = {}
+    for f in calib:
+        by_size.setdefault(f.stat().st_size, []).append(f)
+    digests: dict[Path, str] = {}
+
+    def digest(f: Path) -> str:
+        if f not in digests:
+            digests[f] = hashlib.sha256(f.read_bytes()).hexdigest()
+        return digests[f]
+
+    pairs = []
+    for e in evals:
+        match = next((c for c in by_size.get(e.stat().st_size, []) if digest(c) == digest(e)), None)
+        if match is not None:
+            pairs.append((e, match))
+    return pairs
 
 
 def _calib_count(available: int, split: Split) -> int:
@@ -174,13 +207,22 @@ def from_arrays(
     Chosen and held apart like a folder's images without labels: with more than ``num_calib``
     arrays, ``num_calib`` evenly spaced ones calibrate (a seeded random choice with
     ``seed``) and the rest are evaluated; with fewer, ``eval_split`` of them are held apart
-    the same way.
+    the same way. An iterable without a length (a generator, a stream) is read no further than needed:
+    ``num_calib`` arrays when evaluation arrays are given, else ``num_calib`` plus ``max_eval`` (``num_calib``
+    again when ``max_eval`` is not set); evaluation arrays up to ``max_eval`` (else ``num_calib``).
     """
-    frames = _crops(calibration, prep, "calibration")
+    held_apart = split.max_eval or split.num_calib
+    frames = _crops(
+        _bounded(calibration, split.num_calib + (0 if evaluation is not None else held_apart)), prep, "calibration"
+    )
     count = split.num_calib if evaluation is not None else _calib_count(len(frames), split)
     picks = _pick(len(frames), count, split.seed)
     calib = frames[picks]
-    evals = _crops(evaluation, prep, "evaluation") if evaluation is not None else np.delete(frames, picks, axis=0)
+    evals = (
+        _crops(_bounded(evaluation, held_apart), prep, "evaluation")
+        if evaluation is not None
+        else np.delete(frames, picks, axis=0)
+    )
     _check_enough(len(calib), len(evals), split)
     evals = evals[_pick(len(evals), split.max_eval, None)] if split.max_eval else evals
     how = _array_selection(len(frames), count, split.seed)
@@ -195,6 +237,11 @@ def from_arrays(
             ),
         ),
     )
+
+
+def _bounded(frames: Iterable[np.ndarray], limit: int) -> Iterable[np.ndarray]:
+    """``frames`` itself when it has a length (all of it is chosen from), else its first ``limit`` items."""
+    return frames if isinstance(frames, Sized) else itertools.islice(frames, limit)
 
 
 def _pick(available: int, count: int, seed: int | None) -> list[int]:

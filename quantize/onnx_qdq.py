@@ -105,6 +105,11 @@ class QdqOptions:
     def split(self) -> Split:
         return Split(self.num_calib, self.seed, self.eval_split, self.max_eval, self.min_calib)
 
+    @classmethod
+    def on_split(cls, split: Split) -> QdqOptions:
+        """The default QDQ options on ``split``: the calibration and evaluation images the TFLite path uses."""
+        return cls(split.num_calib, split.seed, split.eval_split, split.max_eval, split.min_calib)
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["method"] = self.method.value
@@ -161,15 +166,19 @@ class QdqResult:
     card: ModelCard
     figures: DriftFigures
     report: QdqReport
+    #: The conversion's labels file (the card names it), written beside the model.
+    labels: bytes | None = field(repr=False, default=None)
 
     def save(self, out_dir: str | os.PathLike[str], *, force: bool = False) -> Path:
-        """Write ``model_int8_qdq.onnx``, its card and ``qdq_report.json`` into ``out_dir`` (atomically).
+        """Write ``model_int8_qdq.onnx``, its card, ``qdq_report.json`` and the labels its card names into
+        ``out_dir`` (atomically).
 
         Raises:
             OutputExistsError: One of them exists and ``force`` is False.
         """
         out = Path(out_dir)
-        names = (QDQ_FILE, QDQ_CARD_FILE, QDQ_REPORT_FILE)
+        labels = self.card.labels_file if self.labels is not None else None
+        names = (QDQ_FILE, QDQ_CARD_FILE, QDQ_REPORT_FILE, *([labels] if labels else []))
         existing = [n for n in names if (out / n).exists()]
         if existing and not force:
             raise OutputExistsError(f"{out / existing[0]} exists; pass force=True (--force) to replace it")
@@ -177,6 +186,8 @@ class QdqResult:
         atomic_write_bytes(out / QDQ_FILE, self.model)
         atomic_write_json(out / QDQ_CARD_FILE, self.card.to_dict())
         atomic_write_json(out / QDQ_REPORT_FILE, self.report.to_dict())
+        if labels and self.labels is not None:
+            atomic_write_bytes(out / labels, self.labels)
         return out / QDQ_FILE
 
 
@@ -226,7 +237,8 @@ def quantize_qdq(
         _tool_versions(),
         round(time.perf_counter() - started, 3),
     )
-    return QdqResult(qdq, qdq_card(source.card, qdq), measured.figures, report)
+    card = qdq_card(source.card, qdq)
+    return QdqResult(qdq, card, measured.figures, report, source.labels if card.labels_file else None)
 
 
 def fixed_dims(model_bytes: bytes) -> bytes:

@@ -25,6 +25,7 @@ import numpy as np
 from edgeship._child import ChildWorker
 from edgeship._deps import HOST_TOOLS, versions
 from edgeship._progress import Progress, Timer, silent
+from edgeship._run import owned_prefix
 from edgeship.convert.result import ConvertResult
 from edgeship.quantize import data, layers, rewrites, tflite_quant
 from edgeship.quantize.corrections import bias_correct, equalized_float_model, paired_inputs
@@ -123,7 +124,7 @@ def quantize(
     timer = Timer(progress)
     listed = data.listed_sets(calibration, evaluation, options.split)  # bad folders: found before converting
     source = float_source(model, progress)
-    with _native(worker) as native, tempfile.TemporaryDirectory(prefix="edgeship-quantize-") as work:
+    with _native(worker) as native, tempfile.TemporaryDirectory(prefix=owned_prefix("quantize")) as work:
         calib, evals = _load_images(native, timer, listed, calibration, evaluation, options, source, progress)
         clock = Stopwatch(Path(work), timing)
         run = _Run(source, options, native, Path(work), timer, progress, calib, evals, clock)

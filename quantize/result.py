@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeship._io import atomic_write_bytes, atomic_write_json, check_outputs_free, staged_output
+from edgeship._paths import check_apart
 from edgeship.convert.result import ConvertResult, sha256
 from edgeship.errors import AccuracyDriftError, InputError
 from edgeship.quantize.interface import with_io_dtype
@@ -82,6 +83,8 @@ class QuantizeResult:
         the other outcome's files from an earlier run are removed so they cannot be mistaken.
         """
         out = Path(out_dir)
+        images = {"the calibration folder": self.report.calibration.folder}  # a save there feeds the next calibration
+        check_apart(out, {**images, "the evaluation folder": self.report.evaluation.folder}, "save folder")
         card_file = INT8_CARD if self.within_budget else OVER_BUDGET_CARD
         other: tuple[str, ...] = (OVER_BUDGET_FILE, OVER_BUDGET_CARD) if self.within_budget else (INT8_FILE, INT8_CARD)
         fast = (FAST_FILE, FAST_CARD)

@@ -1,7 +1,7 @@
 """``python -m edgeship.runtime.bench``: latency, memory and size of TFLite (and ONNX) models.
 
 Runs on the host and on devices (needs only the runtime; ``.onnx`` models additionally
-need onnxruntime, host only). Each (model, threads) configuration lives in its own
+need onnxruntime: pip's on a host, the OS's on a 32-bit trixie Pi). Each (model, threads) configuration lives in its own
 worker process, so init time and peak memory are its own; the workers are driven
 round-robin a few invocations at a time, so machine drift hits every model equally.
 Timing is ``time.perf_counter_ns`` around ``invoke()`` only; the wrapper's own work
@@ -86,7 +86,7 @@ class _Runner:
         self.classifier: Any = None
 
     def _init_onnx(self, model: str, threads: int) -> None:
-        ort = require("onnxruntime", purpose="benchmark .onnx models (host only)")
+        ort = require("onnxruntime", purpose="benchmark .onnx models")
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
@@ -95,13 +95,20 @@ class _Runner:
         sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
         inp = sess.get_inputs()[0]
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in inp.shape]
-        feed = {inp.name: np.random.default_rng(0).standard_normal(shape).astype(np.float32)}
+        ints: dict[str, type[np.integer[Any]]] = {"tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+        rng = np.random.default_rng(0)
+        if inp.type in ints:  # edgeship's int8 QDQ model takes the input its first QuantizeLinear wrote
+            info = np.iinfo(ints[inp.type])
+            x = rng.integers(info.min, info.max + 1, size=shape).astype(ints[inp.type])
+        else:
+            x = rng.standard_normal(shape).astype(np.float32)
+        feed = {inp.name: x}
         out = [sess.get_outputs()[0].name]
         self.describe = {
             "interpreter": "onnxruntime",
             "interpreter_version": ort.__version__,
             "delegate": "CPUExecutionProvider",
-            "input": {"shape": shape, "dtype": "float32"},
+            "input": {"shape": shape, "dtype": x.dtype.name},
         }
         self.invoke = lambda: sess.run(out, feed)
         self.tfl = None
@@ -277,8 +284,12 @@ class _Worker:
 
 # ---------------------------------------------------------------- orchestration
 def _check_loadable(paths: list[Path]) -> None:
-    """The one-line verdict of the interpreter pre-check (a child process) before any timing worker loads a model."""
+    """The one-line verdict of the interpreter pre-check (a child process) before any timing worker loads a model.
 
+    No TFLite model, no check: a device that runs only ``.onnx`` models (onnxruntime) may have no TFLite interpreter.
+    """
+    if not paths:
+        return
     for path, problem in check_model_files(paths).items():
         if problem:
             raise InputError(f"cannot load TFLite model {path}: {problem}")

@@ -288,6 +288,10 @@ class ModelCard:
             raise InputError(f"no model card at {path}") from exc
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise InputError(f"model card {path} is not valid JSON: {exc}") from exc
+        except ValueError as exc:  # Python refuses integers of over 4300 digits
+            raise InputError(f"model card {path} is not a model card: it holds a number too long to read") from exc
+        except RecursionError as exc:
+            raise InputError(f"model card {path} is not a model card: its JSON nests too deep to read") from exc
         try:
             return cls.from_dict(data)
         except (InputError, KeyError, TypeError, ValueError) as exc:
@@ -302,15 +306,22 @@ class ModelCard:
             InputError: The file leads outside ``folder`` (a symbolic link pointing elsewhere).
         """
         name = getattr(self, key)
-        return None if name is None else inside(folder, name, f"{key} of the model card")
+        return None if name is None else _a_file(inside(folder, name, f"{key} of the model card"), key)
 
     def model_path(self, folder: str | Path) -> Path:
         """Where the card's ``model_file`` is: inside ``folder``, links resolved (see :meth:`file`)."""
-        return inside(folder, self.model_file, "model_file of the model card")
+        return _a_file(inside(folder, self.model_file, "model_file of the model card"), "model_file")
 
     def with_(self, **changes: Any) -> ModelCard:
         """A copy with some fields replaced."""
         return replace(self, **changes)
+
+
+def _a_file(path: Path, key: str) -> Path:
+    """``path``, unless it is a folder (then the card is wrong, not the file missing)."""
+    if path.is_dir():
+        raise InputError(f"{key} of the model card names {path}, a folder: it must name a file beside the card")
+    return path
 
 
 def known_keys(cls: type, d: dict[str, Any], what: str) -> dict[str, Any]:

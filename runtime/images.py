@@ -47,6 +47,7 @@ _SWAPS_SIDES = (5, 6, 7, 8)
 #: Why a listed file was skipped (``ImageSet.skip_reasons``).
 NOT_AN_IMAGE = "not an image"
 CORRUPT = "truncated or corrupt"
+UNREADABLE = "unreadable (permission denied)"
 TOO_LARGE = "over the decompression-bomb limit"
 UNSUPPORTED_MODE = "unsupported image mode"
 #: A labels file larger than this is not one (21k ImageNet classes take about 1 MiB).
@@ -289,6 +290,7 @@ def list_images(
         raise InputError(f"image folder {root} does not exist")
     if not root.is_dir():
         raise InputError(f"{root} is not a folder of images")
+    _check_readable(root)
     candidates: list[Path] = []
     skipped: list[tuple[str, str]] = []
     for path in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
@@ -319,6 +321,16 @@ def list_images(
             f"{': ' + counts if skipped else ''}); at least {minimum} needed (JPEG, PNG, BMP or WebP)"
         )
     return images
+
+
+def _check_readable(root: Path) -> None:
+    """Refuse a folder whose list (read) or files (search) this user may not reach: its images are not missing."""
+    try:
+        with os.scandir(root):
+            pass
+        os.stat(os.path.join(root, "."))  # not root / ".": pathlib drops the "."
+    except PermissionError:
+        raise InputError(f"image folder {root} cannot be read: permission denied") from None
 
 
 def _check_name(root: Path, path: Path) -> None:
@@ -412,6 +424,8 @@ def open_image(
         im = Image.open(source)
     except FileNotFoundError as exc:
         raise InputError(f"image {source} does not exist") from exc
+    except PermissionError as exc:  # the file is there and may be fine: say so, not "corrupt"
+        raise ImageReadError(f"{source} cannot be read: permission denied", UNREADABLE) from exc
     except Image.DecompressionBombError as exc:
         raise ImageReadError(f"{source} is over Pillow's decompression-bomb limit: {exc}", TOO_LARGE) from exc
     except UnidentifiedImageError as exc:

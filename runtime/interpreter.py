@@ -217,7 +217,8 @@ class TFLiteModel(TypedIO):
         else:
             self.path = Path(model)
             if not self.path.is_file():
-                raise InputError(f"model {self.path} does not exist")
+                what = "is a folder, not a model file" if self.path.is_dir() else "does not exist"
+                raise InputError(f"model {self.path} {what}")
             kwargs["model_path"] = str(self.path)
         if num_threads is not None:
             kwargs["num_threads"] = check_threads(num_threads, "num_threads")

@@ -20,6 +20,7 @@ from edgeship.runtime.card import CARD_FILE, ModelCard
 from edgeship.runtime.classifier import find_card
 from edgeship.runtime.images import Labels
 from edgeship.runtime.model_check import check_model_file
+from edgeship.runtime.ort_model import check_onnx_file
 from edgeship.targets.install import (
     CHECK_SCRIPT,
     apt_command,
@@ -29,7 +30,7 @@ from edgeship.targets.install import (
     requirements_text,
 )
 from edgeship.targets.metadata import METADATA_JSON, SCORES, client_normalization, embed_metadata, pixels_feed_exactly
-from edgeship.targets.profile import Access, Release, Target
+from edgeship.targets.profile import ONNX_QDQ, Access, Release, Target
 from edgeship.wheel import build_edgeship_wheel
 
 README = "README.md"
@@ -110,10 +111,18 @@ def bundle(
     if card is None:
         raise InputError(f"no model card beside {model} (expected {model.stem}.card.json or {CARD_FILE})")
     check_fits(card, target)
-    check_model_file(model)  # never ship a model that crashes the device's interpreter
+    model_format = format_of(model)
+    if model_format == ONNX_QDQ:
+        check_onnx_file(model)  # onnxruntime checks the rest as it loads it
+    else:
+        check_model_file(model)  # never ship a model that crashes the device's interpreter
     labels = card.file(model.parent, "labels_file")  # never a file outside the model's folder
     release = target.release_for(None, python) if python else None
     runs = target.on_release(release)
+    if release is not None and release.model_format != model_format:
+        raise ModelTargetMismatchError(
+            f"target {target.name} runs {release.model_format} models on {release.name}, this one is {model_format}"
+        )
     names = [model.name, CARD_FILE, README, REQUIREMENTS, CHECK_SCRIPT, "wheels", METADATA_JSON] + (
         [card.labels_file] if card.labels_file else []
     )
@@ -133,10 +142,11 @@ def bundle(
             reqs = device_requirements(runs, interpreter_version)
             atomic_write_text(stage / REQUIREMENTS, requirements_text(reqs, [wheel.name]))
             atomic_write_text(
-                stage / CHECK_SCRIPT, check_script(target.name, _verified_pythons(target, release, python))
+                stage / CHECK_SCRIPT,
+                check_script(target.name, _verified_pythons(target, release, python, model_format)),
             )
             pin = reqs[-1] if runs.runtime.source == "pip" else f"{runs.runtime.package}{runs.runtime.versions} (apt)"
-            atomic_write_text(stage / README, _python_readme(card, target, model.name, pin, release))
+            atomic_write_text(stage / README, _python_readme(card, target, model.name, pin, release, model_format))
     out = Path(out_dir)
     return BundleResult(out, target.name, tuple(sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)))
 
@@ -174,12 +184,20 @@ def md_text(text: str) -> str:
     return _MARKDOWN.sub(r"\\\1", " ".join(text.split()))
 
 
-def _verified_pythons(target: Target, release: Release | None, python: str | None) -> dict[str, str]:
-    """major.minor -> OS release the bundle may install on: the drift check's, else every release named."""
+def format_of(model: Path) -> str:
+    """The model form a file holds, as a release's ``model_format`` names it."""
+    return ONNX_QDQ if model.suffix.lower() == ".onnx" else "tflite"
+
+
+def _verified_pythons(
+    target: Target, release: Release | None, python: str | None, model_format: str = "tflite"
+) -> dict[str, str]:
+    """major.minor -> OS release the bundle may install on: the drift check's, else every release named that
+    runs this model form."""
     if python:
         minor = ".".join(python.split(".")[:2])
         return {minor: release.name if release else "the drift check's device"}
-    named = {r.python: r.name for r in target.releases if not r.refuse}
+    named = {r.python: r.name for r in target.releases if not r.refuse and r.model_format == model_format}
     return named or {f"{v[0]}.{v[1]}": "any" for v in ((3, 9), (3, 10), (3, 11), (3, 12), (3, 13))}
 
 
@@ -193,13 +211,19 @@ def install_commands(target: Target) -> list[str]:
     ]
 
 
-def _release_sections(target: Target, release: Release | None) -> str:
+def _release_sections(target: Target, release: Release | None, model_format: str = "tflite") -> str:
     """One section per OS release the target names: this bundle's commands, or why not this bundle."""
     parts = []
     for r in target.releases:
         head = f"### Raspberry Pi OS {r.name} (Python {r.python})"
         if r.refuse:
             parts.append(f"{head}\n\n{target.name} does not run there: {md_text(r.refuse)}.\n")
+        elif r.model_format != model_format:
+            parts.append(
+                f"{head}\n\nNot this bundle: {target.name} runs the {_FORMATS[r.model_format]} there "
+                f"({r.runtime(target.runtime).package} from {r.source}), and this bundle holds the "
+                f"{_FORMATS[model_format]}. Deploy again with `--host` on a {r.name} device.\n"
+            )
         elif release is not None and r.name != release.name:
             parts.append(
                 f"{head}\n\nNot this bundle: it was verified on {release.name}, and `{CHECK_SCRIPT}` stops its "
@@ -211,8 +235,17 @@ def _release_sections(target: Target, release: Release | None) -> str:
     return "\n".join(parts)
 
 
+#: How a README names each model form.
+_FORMATS = {"tflite": "int8 TFLite model", ONNX_QDQ: "int8 ONNX QDQ model"}
+
+
 def _python_readme(
-    card: ModelCard, target: Target, model_file: str, runtime_pin: str, release: Release | None = None
+    card: ModelCard,
+    target: Target,
+    model_file: str,
+    runtime_pin: str,
+    release: Release | None = None,
+    model_format: str = "tflite",
 ) -> str:
     runs = target.on_release(release)
     apt = apt_command(runs)
@@ -224,7 +257,7 @@ def _python_readme(
         else "Everything installs from PyPI wheels; no compiler is needed.\n"
     )
     if target.releases:
-        install = _release_sections(target, release)
+        install = _release_sections(target, release, model_format)
     else:
         commands = "\n".join(install_commands(runs))
         install = f"On the device, in this folder:\n\n```bash\n{commands}\n```\n"

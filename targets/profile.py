@@ -233,6 +233,10 @@ class Budget:
         return [*checks, BudgetCheck("top1_drop_points", drop, self.max_top1_drop, passed, note, interval)]
 
 
+#: The ``model_format`` of a release that runs edgeship's int8 ONNX QDQ model on onnxruntime.
+ONNX_QDQ = "onnx-qdq"
+
+
 @dataclass(frozen=True)
 class Release:
     """One OS release a Python target runs on (``[[release]]`` in its profile) and what ran there.
@@ -266,7 +270,7 @@ class Release:
             raise ValueError(f"release.python must be major.minor such as '3.13', got {self.python!r}")
         if self.source not in ("pip", "apt"):
             raise ValueError(f"release.source must be 'pip' or 'apt', got {self.source!r}")
-        if self.model_format not in ("tflite", "onnx-qdq"):
+        if self.model_format not in ("tflite", ONNX_QDQ):
             raise ValueError(f"release.model_format must be 'tflite' or 'onnx-qdq', got {self.model_format!r}")
         if self.system_packages is not None:
             object.__setattr__(self, "system_packages", tuple(self.system_packages))

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import shutil
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -82,29 +83,44 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path
     return model, images, root / "out"
 
 
-def _stage_of(out: Path, path: Path) -> Path:
-    """The stage folder (the one with ``.stage.json``) holding ``path``."""
-    for folder in [path, *path.parents]:
-        if (folder / ".stage.json").is_file():
-            return folder
-        if folder == out:
-            break
-    raise AssertionError(f"{path} is in no stage folder")
-
-
-def _consistent(out: Path) -> None:
-    """Every path deploy.json names exists, and its stage's files match the hashes the stage recorded."""
-    summary = json.loads((out / "deploy.json").read_text())
-    named = [Path(t[k]) for t in summary["targets"].values() for k in ("model", "bundle")]
-    for path in named:
-        assert path.exists(), f"deploy.json names {path}, which is gone"
-        stage = _stage_of(out, path)
-        files = json.loads((stage / ".stage.json").read_text())["files"]
-        for rel, (size, digest) in files.items():
-            f = stage / rel
+def _stages_on_disk(out: Path) -> dict[str, dict]:
+    """Every published stage folder (relative name) and its record, each checked whole: its files are exactly
+    the ones its record lists, with their sizes and hashes."""
+    found = {}
+    for mark in out.rglob(".stage.json"):
+        rel = mark.parent.relative_to(out).as_posix()
+        if ".staging-" in rel or ".old-" in rel:
+            continue
+        record = json.loads(mark.read_text())
+        stage, files = mark.parent, record["files"]
+        for name, (size, digest) in files.items():
+            f = stage / name
             assert f.is_file() and f.stat().st_size == size and sha256_file(f) == digest, f"{f} does not match"
         on_disk = {p.relative_to(stage).as_posix() for p in stage.rglob("*") if p.is_file()} - {".stage.json"}
         assert on_disk == set(files), (stage, on_disk ^ set(files))
+        found[rel] = record
+    return found
+
+
+def _consistent(out: Path) -> None:
+    """Every stage is whole; deploy.json, when there, describes exactly the stages on disk (their keys; the
+    model it names has the hash it records); a report, when there, names the key of every stage on disk (so
+    its verdict is for these files, not for stages a later run replaced)."""
+    stages = _stages_on_disk(out)
+    summary_file = out / "deploy.json"
+    if summary_file.exists():
+        summary = json.loads(summary_file.read_text())
+        for s in summary["stages"]:
+            if s["key"]:  # "" is a step shared by several stages, kept by none
+                assert stages.get(s["name"], {}).get("key") == s["key"], f"deploy.json is stale for {s['name']}"
+        for t in summary["targets"].values():
+            assert Path(t["model"]).is_file() and Path(t["bundle"]).is_dir(), t
+            assert sha256_file(Path(t["model"])) == t["model_sha256"], "deploy.json names a replaced model"
+    for report in ("report.html", "report.md"):
+        if (out / report).exists():
+            text = (out / report).read_text()
+            stale = [name for name, r in stages.items() if r["key"][:12] not in text]
+            assert not stale, f"{report} does not describe the stages {stale} on disk"
 
 
 def test_cache_notices_an_image_rewritten_with_the_same_size_and_mtime(deployed: tuple[Path, Path, Path]) -> None:
@@ -124,31 +140,66 @@ def test_cache_notices_an_image_rewritten_with_the_same_size_and_mtime(deployed:
     _consistent(out)
 
 
+#: Where a re-deploy is killed: as each stage starts being built (the ones before it have been swapped in), and
+#: as the report starts being written (every stage swapped in). Stages run two at a time (verify and bundles), so
+#: a run may swap in a stage the next boundary names: that run is then killed at the boundary after it.
 BOUNDARIES = ("quantize/", "verify/", "bundles/", "bench", "report")
+
+
+def _killed_at(model: Path, images: Path, out: Path, boundaries: tuple[str, ...], sig: signal.Signals) -> str | None:
+    """Run deploy until its progress says it starts building one of ``boundaries`` (not reusing it), then send
+    ``sig``; return that boundary (None: deploy ended first, having built them all). The run must end by the
+    signal: one that finished before the signal came tested nothing.
+
+    stderr is read on a thread and the process is waited for, never stderr's end: after SIGKILL, a grandchild
+    (pip building the wheel) may hold the pipe open for a while, and under load a line may come late.
+    """
+    cmd = [sys.executable, "-m", "edgeship", "deploy", str(model), "--calib", str(images), "-o", str(out),
+           "--target", "x86-host"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or ()] + [lines.put(None)], daemon=True).start()
+    seen: list[str] = []
+    hit: str | None = None
+    try:
+        while hit is None and (line := lines.get(timeout=900)) is not None:
+            seen.append(line)
+            text = line.split("]", 1)[-1].strip()
+            hit = next((b for b in boundaries if text.startswith(b) and "reused" not in text), None)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+        code = proc.wait(timeout=300)
+    expected = (0,) if hit is None else (-sig, 128 + sig)
+    assert code in expected, f"the run to be killed at {hit!r} ended {code}: {seen[-3:]}"
+    return hit
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_redeploy_killed_at_every_stage_boundary_keeps_every_stage_whole(
     deployed: tuple[Path, Path, Path], sig: signal.Signals
 ) -> None:
+    """The calibration changes once, so every stage from quantize on is rebuilt; each run is killed at the next
+    boundary and the next run reuses what the killed one swapped in. After every kill: every stage whole, and no
+    deploy.json or report describing stages other than the ones on disk (the first swap retracts them)."""
     model, images, out = deployed
-    for n, boundary in enumerate(BOUNDARIES):
-        shutil.copy(images / "img_01.bmp", images / f"new_{sig}_{n}.bmp")  # the calibration changed: all re-run
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "edgeship", "deploy", str(model), "--calib", str(images), "-o", str(out),
-             "--target", "x86-host"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        assert proc.stderr is not None
-        deadline = time.monotonic() + 900
-        for line in proc.stderr:
-            if boundary in line.split("]", 1)[-1] or time.monotonic() > deadline:
-                break
-        proc.send_signal(sig)
-        proc.communicate(timeout=300)
+    _consistent(out)
+    shutil.copy(images / "img_01.bmp", images / f"new_{sig.name}.bmp")
+    left, hits = BOUNDARIES, []
+    while left:
+        hit = _killed_at(model, images, out, left, sig)
+        if hit is None:
+            break
+        hits.append(hit)
         _consistent(out)
-    proc = _deploy(model, images, out, "-q")  # and the next run finishes the job
+        if hit not in (BOUNDARIES[0], "report"):  # a stage was swapped, no new report yet: the old one is gone
+            assert not (out / "deploy.json").exists() and not (out / "report.html").exists()
+        left = left[left.index(hit) + 1 :]
+    assert hits[0] == "quantize/" and hits[-1] == "report" and len(hits) >= 4, hits
+    proc = _deploy(model, images, out, "-q")  # and the next run finishes the job, reusing what the killed ones built
     assert proc.returncode == 0, proc.stderr[-3000:]
     _consistent(out)
+    reused = {s["name"]: s["reused"] for s in json.loads((out / "deploy.json").read_text())["stages"] if s["key"]}
+    assert all(reused.values()), reused
     leftovers = [p for p in out.rglob(".*") if ".staging-" in p.name or ".old-" in p.name]
     assert not leftovers, leftovers

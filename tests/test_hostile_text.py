@@ -7,6 +7,7 @@ the exit code, and that nothing was written.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -127,20 +128,38 @@ def test_every_subcommand_with_hostile_arguments_ends_in_one_line(tmp_path: Path
     assert not failures, json.dumps(failures[:5], indent=1)
 
 
+#: Loaded by Python at start-up (PYTHONPATH): one internal function raises, as a bug would.
+FAULT = """\
+import edgeship.targets
+
+
+def _fault(*args, **kwargs):
+    raise LookupError("injected fault: load_target broke")
+
+
+edgeship.targets.load_target = _fault
+"""
+
+
 def test_an_unexpected_exception_is_one_line_a_log_and_exit_70(tmp_path: Path) -> None:
-    """A bug reaches the user as one line naming a log with the traceback (a card nested 100000 deep)."""
-    card = tmp_path / "deep.card.json"
-    card.write_text("[" * 100000 + "]" * 100000)
-    (tmp_path / "deep.tflite").write_bytes(b"\0" * 64)
-    proc = edgeship("bundle", tmp_path / "deep.tflite", "--target", "x86-host", "-o", tmp_path / "b", "-q")
+    """A real fault inside the installed ``edgeship`` command (a sitecustomize hook makes ``load_target`` raise
+    an exception edgeship does not expect): one line naming a log file that exists and holds the traceback,
+    exit 70."""
+    hook, tmp = tmp_path / "hook", tmp_path / "tmp"
+    hook.mkdir()
+    tmp.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT)
+    env = {**os.environ, "PYTHONPATH": str(hook), "TMPDIR": str(tmp)}
+    command = Path(sys.executable).with_name("edgeship")  # the console script pip installed
+    proc = subprocess.run(
+        [str(command), "targets", "show", "x86-host"], capture_output=True, text=True, env=env, timeout=300, check=False
+    )
     err = proc.stderr.strip()
-    assert "Traceback" not in err and len(err.splitlines()) == 1, err
-    if proc.returncode == 70:
-        log = Path(re.search(r"details in (\S+);", err).group(1))  # type: ignore[union-attr]
-        assert "Traceback" in log.read_text()
-        log.unlink()
-    else:
-        assert proc.returncode == 1, err
+    assert proc.returncode == 70 and len(err.splitlines()) == 1 and "Traceback" not in err, (proc.returncode, err)
+    assert "internal error" in err and "injected fault" in err, err
+    log = Path(re.search(r"details in (\S+);", err).group(1))  # type: ignore[union-attr]
+    assert log.parent == tmp and log.is_file(), err
+    assert "Traceback" in log.read_text() and "LookupError: injected fault" in log.read_text()
 
 
 def test_a_second_target_is_refused_not_silently_kept(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ import pytest
 
 from edgeship.cli import main
 from tests.conftest import save, tiny_classifier
-from tests.sshd import sshd, sshd_available  # noqa: F401
+from tests.sshd import running_sshd, sshd, sshd_available  # noqa: F401
 from tests.test_ssh import PIP_ARGS, device_python
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install -e '.[cluster]' (the dev extra has it)")
@@ -37,7 +37,8 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 ]
 ROOT = Path(__file__).resolve().parents[1]
-RAY = Path(sys.executable).with_name("ray")
+#: The ``ray`` command of this interpreter (a venv that reuses another's packages has no ``ray`` script of its own).
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _target(folder: Path, name: str) -> Path:
@@ -208,6 +209,82 @@ def test_deploy_reuses_the_matrix_models(first_run, tmp_path: Path, models, cali
     assert stages["convert"] and all(v for k, v in stages.items() if k.startswith("quantize/")), stages
 
 
+# --------------------------------------------------------------------------- a device that hangs without failing
+
+#: The forced command of the hung device's key: logins, copies and installs work; a model run never finishes
+#: (it writes a dot a second to stderr, so it ends when its connection is gone, never by itself).
+HANG = """#!/bin/sh
+case "$SSH_ORIGINAL_COMMAND" in
+  *edgeship.runtime.collect*|*edgeship.runtime.bench*)
+    echo "$SSH_ORIGINAL_COMMAND" >> "$(dirname "$0")/hung.log"
+    while printf . >&2; do sleep 1; done; exit 0 ;;
+  sftp|internal-sftp) exec /usr/lib/openssh/sftp-server ;;
+esac
+exec sh -c "$SSH_ORIGINAL_COMMAND"
+"""
+#: The job limit in the hung-device test: a good device's job takes about 10 s here under load (its venv is built).
+HANG_LIMIT_S = 40
+
+
+@contextlib.contextmanager
+def hung_sshd(root: Path) -> Iterator[Any]:
+    """A second real sshd on 127.0.0.1 whose key runs :data:`HANG` (``command=`` in authorized_keys)."""
+    with running_sshd(root) as server:
+        script = root / "hang.sh"
+        script.write_text(HANG)
+        script.chmod(0o755)
+        keys = root / "authorized_keys"
+        keys.write_text(f'command="{script}" {keys.read_text()}')
+        yield server
+
+
+def _clients_of(port: int) -> list[str]:
+    """Command lines of ssh/scp clients still talking to ``port`` on this machine."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            argv = cmdline.read_bytes().decode(errors="replace").split("\0")
+            if Path(argv[0]).name in ("ssh", "scp") and str(port) in argv:
+                found.append(" ".join(argv))
+    return found
+
+
+def test_hung_device_is_lost_and_its_work_moves(  # type: ignore[no-untyped-def]
+    sshd,
+    first_run,
+    tmp_path: Path,
+    models,
+    calib_images: Path,
+    tiny_images: Path,  # noqa: F811
+) -> None:
+    """One target, a good device and one whose model runs hang (it never fails, never answers): the hung
+    job's limit names what it waited for, the device is lost, its shard runs on the good device."""
+    with hung_sshd(tmp_path / "hung-sshd") as stuck:
+        devices = _device(sshd, "d1", "lb") + _device(stuck, "stuck", "lb")
+        path = _matrix(tmp_path, calib_images, tiny_images, {"tiny-a": models["tiny-a"]}, ["lb"], devices)
+        path.write_text(path.read_text().replace("[options]\n", f"[options]\njob_timeout_s = {HANG_LIMIT_S}\n"))
+        out = tmp_path / "out"
+        shutil.copytree(first_run[0] / "out", out)  # convert and quantize are reused
+        for gone in (out / "models" / "tiny-b", out / "cells" / "tiny-b"):
+            shutil.rmtree(gone)
+        proc = _run("matrix", str(path), "-o", str(out))
+        left = _clients_of(stuck.port)
+        hangs = (stuck.root / "hung.log").read_text().splitlines() if (stuck.root / "hung.log").is_file() else []
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(hangs) == 1 and "edgeship.runtime" in hangs[0], hangs  # it hung once, then got no other job
+    doc = json.loads((out / "matrix.json").read_text())
+    lost = doc["devices"]["stuck"]
+    assert lost["status"] == "lost" and lost["jobs_done"] == 0, lost
+    assert f"did not finish within {HANG_LIMIT_S} s" in lost["reason"] and "device stuck" in lost["reason"], lost
+    assert re.search(r"drift-check shard \d/2 of tiny-a x lb \(6 images\)|the benchmark of tiny-a x lb", lost["reason"])
+    [cell] = doc["cells"]
+    assert cell["status"] == "done" and cell["passed"], cell
+    assert [s["device"] for s in cell["shards"]] == ["d1", "d1"] and cell["images"] == 12
+    assert all((out / cell["folder"] / f).is_file() for f in cell["files"])
+    assert "device stuck lost" in proc.stdout
+    assert not left, left  # the ssh client that waited on the hung device was ended, not left behind
+
+
 # --------------------------------------------------------------------------- a two-node cluster, one node killed
 
 
@@ -221,12 +298,12 @@ def two_node_cluster(head_device: str, worker_device: str) -> Iterator[dict[str,
     token.write_text(secrets.token_hex(32))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     address = f"127.0.0.1:{_closed_port()}"
-    head_cmd = [str(RAY), "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=2", "--block",
+    head_cmd = [*RAY, "start", "--head", f"--port={address.split(':')[1]}", "--num-cpus=2", "--block",
                 "--include-dashboard=false", "--resources", json.dumps({head_device: 1}),
                 f"--temp-dir={temp}"]  # fmt: skip
     quiet = {"start_new_session": True, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     head = subprocess.Popen(head_cmd, **quiet)  # type: ignore[call-overload]
-    worker_cmd = [str(RAY), "start", f"--address={address}", "--num-cpus=1", "--resources",
+    worker_cmd = [*RAY, "start", f"--address={address}", "--num-cpus=1", "--resources",
                   json.dumps({worker_device: 1}), "--node-name=rack-b", "--block"]  # fmt: skip
     state: dict[str, Any] = {"address": address, "env": env, "cmd": worker_cmd, "device": worker_device}
     try:

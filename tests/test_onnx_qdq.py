@@ -64,6 +64,8 @@ def test_writer_calibrates_like_the_tflite_path_and_stays_close_to_float(qdq_fol
     assert card.input.dtype == "int8" and card.input.layout == "NCHW" and card.input.scale
     float_card = ModelCard.load(real_bundle)
     assert card.preprocessing == float_card.preprocessing and card.labels_file == float_card.labels_file
+    assert card.labels_file  # the conversion's labels, written beside the model (a bundle ships them)
+    assert (qdq_folder / card.labels_file).read_bytes() == (real_bundle / card.labels_file).read_bytes()
 
 
 def test_command_refuses_to_overwrite(qdq_folder: Path, real_bundle: Path, assets: Path) -> None:

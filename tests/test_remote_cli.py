@@ -123,3 +123,26 @@ def test_unreachable_host_is_one_line(tmp_path: Path, tiny_bundle: Path, capsys:
     err = capsys.readouterr().err.strip()
     assert code == 1 and "\n" not in err and "refused" in err.lower(), err
     assert not (tmp_path / "b.json").exists()
+
+
+@pytest.mark.parametrize("key", ["by-name", "by-path"])
+def test_host_per_target_with_a_profile_file(
+    key: str, tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--host TARGET=...`` with ``--target FILE.toml`` names the target by its profile's name or by the path as
+    given; either way the device is the one asked for (here a closed port: the refusal shows ssh was tried)."""
+    import socket
+
+    profile = tmp_path / "my-pi.toml"
+    text = (Path(__file__).parents[1] / "targets" / "rpi4-aarch64.toml").read_text()
+    profile.write_text(text.replace('name = "rpi4-aarch64"', 'name = "my-pi"', 1))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = "my-pi" if key == "by-name" else str(profile)
+    code = main(
+        ["bench", str(tiny_bundle / "model_float32.tflite"), "--target", str(profile),
+         "--host", f"{target}=pi@127.0.0.1:{port}", "-o", str(tmp_path / "b.json"), "-q"]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "\n" not in err and f"127.0.0.1:{port}" in err and "refused" in err.lower(), err

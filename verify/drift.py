@@ -23,7 +23,13 @@ import numpy as np
 from edgeship._io import atomic_write_bytes, atomic_write_json
 from edgeship._progress import Progress
 from edgeship.convert.onnx_model import inspect_model, load_model
-from edgeship.errors import AccuracyDriftError, DelegateNotAppliedError, InputError, VerificationError
+from edgeship.errors import (
+    AccuracyDriftError,
+    ArgumentTypeError,
+    DelegateNotAppliedError,
+    InputError,
+    VerificationError,
+)
 from edgeship.reference import OrtRunner
 from edgeship.runtime.bench_report import RuntimeInfo
 from edgeship.runtime.card import CARD_FILE, ModelCard, Preprocessing
@@ -165,6 +171,11 @@ def verify(
     Returns:
         A :class:`DriftResult`; ``raise_for_budget()`` fails loudly.
     """
+    if device is not None and not isinstance(device, DeviceSpec) and not callable(getattr(device, "collect", None)):
+        raise ArgumentTypeError(
+            f"verify's device must be None (this machine), a DeviceSpec or a Device, got {device!r} "
+            '(e.g. DeviceSpec(kind="ssh", host="pi@raspberrypi"))'
+        )
     target = target if isinstance(target, Target) else load_target(target)
     if max_images is not None and max_images < 1:
         raise InputError(f"--max-images must be >= 1, got {max_images}")
@@ -377,9 +388,20 @@ def io_problems(runtime: RuntimeInfo, target: Target) -> list[str]:
     return []
 
 
+#: Fewer images give no verdict: on one image the top-1 agreement can only be 0 or 100 %.
+MIN_VERIFY_IMAGES = 2
+
+
 def _image_set(images: str | os.PathLike[str] | ImageSet, max_images: int | None) -> ImageSet:
     found = images if isinstance(images, ImageSet) else list_images(images, minimum=1)
-    return found.sample(max_images) if max_images else found
+    found = found.sample(max_images) if max_images else found
+    if len(found) < MIN_VERIFY_IMAGES:
+        raise InputError(
+            f"a drift check on {len(found)} image cannot give a verdict (its top-1 agreement can only be 0 or "
+            f"100 %): use at least {MIN_VERIFY_IMAGES} images, and expect few images to leave the verdict within "
+            "noise of the budget"
+        )
+    return found
 
 
 __all__ = ["DriftResult", "verify", "reference_outputs", "resolve_candidate", "stage_candidate", "REPORT_FILE"]
