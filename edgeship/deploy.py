@@ -439,7 +439,9 @@ def speed_timing(device: DeviceSpec | None, target: Any, progress: Progress = si
     ssh = ssh_device(one)
     on_device(ssh, target)  # a device release the target refuses stops deploy here, in one line
     if ssh.probe().get("emulated"):
-        return SpeedTiming(note=f"speed decisions skipped: {one.host} is emulated, not a Pi's speed")
+        # The note names the target, not the host: it is part of quantize's cache key, and an emulated device
+        # decides nothing, so another emulated device of the target reuses the stage.
+        return SpeedTiming(note=f"speed decisions skipped: the {target.name} device is emulated, not a Pi's speed")
     return SpeedTiming(latency_probe(ssh, target, pip_args=one.pip_args, progress=progress), where=f"ssh {one.host}")
 
 

@@ -47,7 +47,8 @@ def session(matrix: Matrix, address: str | None) -> Iterator[Any]:
     ray = ray_module()
     if address is None:
         resources = {d.resource: 1.0 for d in matrix.devices}
-        ray.init(resources=resources, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # "local": a new instance even when a `ray start` cluster runs on this machine (ray.init() alone would join it)
+        ray.init("local", resources=resources, include_dashboard=False, log_to_driver=False, configure_logging=False)
     else:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)

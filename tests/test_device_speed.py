@@ -197,7 +197,7 @@ def test_quantize_says_an_emulated_host_decides_no_speed(
     proc = _quantize(depthwise_onnx, calib_images, tmp_path / "q", "rpi4-aarch64", ssh)
     assert proc.returncode in (0, 3), proc.stderr
     report = json.loads((tmp_path / "q" / "quant_report.json").read_text())
-    skipped = f"speed decisions skipped: {emulated_pi.host} is emulated, not a Pi's speed"
+    skipped = "speed decisions skipped: the rpi4-aarch64 device is emulated, not a Pi's speed"
     assert report["speed_timing"]["where"] == "this machine" and report["speed_timing"]["note"] == skipped
     assert not report["placement"]["enabled"]  # placement is a decision for the Pi: not timed on x86 either
     assert skipped in proc.stdout and "placement skipped" in proc.stdout

@@ -354,7 +354,8 @@ def _deploy(
 @pytest.fixture(scope="module")
 def deploy_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One deploy folder for every release: the next release's deploy reuses the host stages whose inputs are
-    unchanged (the conversion), and redoes what its devices decide (quantize's timing note, drift checks, bundles)."""
+    unchanged (the conversion, and the TFLite quantization: an emulated device decides no speed question), and
+    redoes what its devices decide (drift checks, bundles)."""
     return tmp_path_factory.mktemp("pi") / "deploy"
 
 
@@ -379,6 +380,10 @@ def test_deploy_on_emulated_pis(release: str, pis: dict[tuple[str, str], Any], a
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "deploy.json").read_text())
     assert summary["evaluation"]["count"] == MAX_EVAL
+    if release != RUN_RELEASES[0]:  # the first release's deploy built them; another Pi of a target decides nothing
+        reused = {s["name"]: s["reused"] for s in summary["stages"]}
+        tflite = [n for n in reused if n.startswith("quantize/int8-io-")]
+        assert reused["convert"] and tflite and all(reused[n] for n in tflite), reused
     for name in names:
         _check_target(name, release, _want(release, name), summary, out)
     # Each device installs its bundle as its README says and names the parrot, the devices side by side (each
