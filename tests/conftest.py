@@ -189,3 +189,44 @@ def calib_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "notes.txt").write_text("not an image")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     return folder
+
+
+# --------------------------------------------------------------------------- two workers (pytest -n 2)
+
+#: Files whose tests start emulated Pis or a Ray cluster. With pytest-xdist they run on one worker, one after
+#: another and before anything else (two workers would start the same emulated Pi twice); every other file is
+#: one unit of work for whichever worker is free, the slowest (:data:`SLOW_FILES`) first.
+DEVICE_FILES = ("test_pi_emulated.py", "test_matrix_pi.py", "test_device_speed.py", "test_emulate.py", "test_matrix.py")
+#: Files that take minutes, started early so that neither worker ends with a long one alone.
+SLOW_FILES = ("test_docs.py", "test_demo.py", "test_archs.py", "test_any_classifier.py")
+
+
+def _rank(path: str) -> tuple[int, int]:
+    name = path.rsplit("/", 1)[-1]
+    for rank, files in enumerate((DEVICE_FILES, SLOW_FILES)):
+        if name in files:
+            return rank, files.index(name)
+    return 2, 0
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Device files first, then the slow ones, then the rest in their usual order (a stable sort)."""
+    items.sort(key=lambda item: _rank(item.nodeid.split("::", 1)[0]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class DevicesOnOneWorker(LoadScopeScheduling):
+        """A file per unit of work, every device file in one unit; units in collection order."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "devices" if _rank(path)[0] == 0 else path
+
+        def schedule(self) -> None:
+            self.config.option.loadscopereorder = False  # keep the order above, not the largest file first
+            super().schedule()
+
+    return DevicesOnOneWorker(config, log)
