@@ -350,20 +350,22 @@ def _quantize_stages(
     return models
 
 
+def _quantize_inputs(conv_key: str, folder_digest: str, options: DeployOptions) -> dict[str, Any]:
+    """What every quantize stage's cache key holds of its inputs: the conversion and both image sets' bytes."""
+    evaluation = list_images(options.eval_dir, minimum=0, check=False) if options.eval_dir else None
+    return {
+        "convert": conv_key,
+        "calibration": folder_digest,
+        "evaluation": image_set_digest(evaluation) if evaluation is not None else None,
+    }
+
+
 def _qdq_stage(
     stages: Stages, conv: ConvertResult, conv_key: str, calib: Path, folder_digest: str, options: DeployOptions
 ) -> DeployedModel:
     """The int8 ONNX QDQ model, calibrated and measured on the TFLite path's images (a cached stage)."""
     opts = QdqOptions.on_split(options.quantize.split)
-    key = {
-        "stage": "quantize-qdq",
-        "convert": conv_key,
-        "calibration": folder_digest,
-        "evaluation": image_set_digest(list_images(options.eval_dir, minimum=0, check=False))
-        if options.eval_dir
-        else None,
-        "options": opts.to_dict(),
-    }
+    key = {"stage": "quantize-qdq", **_quantize_inputs(conv_key, folder_digest, options), "options": opts.to_dict()}
     folder, _ = stages.run(
         "quantize/int8-qdq",
         key,
@@ -402,11 +404,7 @@ def _quantize_stage(
     opts = replace(opts, io=io, min_sqnr_db=max(t.budget.min_sqnr_db for t in members))
     key = {
         "stage": "quantize",
-        "convert": conv_key,
-        "calibration": folder_digest,
-        "evaluation": image_set_digest(list_images(options.eval_dir, minimum=0, check=False))
-        if options.eval_dir
-        else None,
+        **_quantize_inputs(conv_key, folder_digest, options),
         "options": opts.to_dict(),
         "speed_timing": timing.to_dict(),
     }
