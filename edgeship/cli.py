@@ -1150,7 +1150,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    json_problem = _json_path_problem(args)
+    json_problem = _undecodable_path(args) or _json_path_problem(args)
     if json_problem:
         _error_line(args.command, json_problem)
         return EXIT_CODES["usage"]
@@ -1228,6 +1228,21 @@ def _lock(args: argparse.Namespace) -> Any:
 
     written = _written_folder(args)
     return folder_lock(*written) if written else contextlib.nullcontext()
+
+
+def _undecodable_path(args: argparse.Namespace) -> str | None:
+    """The folder a command writes, named by bytes that are not UTF-8 (None: fine). onnxruntime and TensorFlow
+    open files only by UTF-8 paths, so such a folder would fail minutes in, at the first model opened in it."""
+    written = _written_folder(args)
+    if written is None:
+        return None
+    folder, what = written
+    try:
+        os.fsdecode(folder).encode("utf-8")
+    except UnicodeEncodeError:
+        why = "the native tools edgeship runs open files only by UTF-8 paths"
+        return f"the {what} {ascii(str(folder))} is not named in UTF-8 ({why}): rename it"
+    return None
 
 
 def _json_path_problem(args: argparse.Namespace) -> str | None:

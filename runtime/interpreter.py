@@ -190,6 +190,15 @@ class TypedIO:
         )
 
 
+def _model_source(path: Path) -> dict[str, Any]:
+    """How LiteRT is given the model at ``path``: by its path, or by its bytes when the path is not UTF-8
+    (LiteRT takes paths only as UTF-8 text; a folder named in another encoding is still the user's)."""
+    try:
+        return {"model_path": os.fsdecode(path).encode("utf-8").decode("utf-8")}
+    except UnicodeEncodeError:
+        return {"model_content": path.read_bytes()}
+
+
 class TFLiteModel(TypedIO):
     """A loaded TFLite model: float in, float out, whatever its I/O dtypes are.
 
@@ -219,7 +228,7 @@ class TFLiteModel(TypedIO):
             if not self.path.is_file():
                 what = "is a folder, not a model file" if self.path.is_dir() else "does not exist"
                 raise InputError(f"model {self.path} {what}")
-            kwargs["model_path"] = str(self.path)
+            kwargs.update(_model_source(self.path))
         if num_threads is not None:
             kwargs["num_threads"] = check_threads(num_threads, "num_threads")
         self.delegate = "xnnpack" if use_xnnpack else "none"

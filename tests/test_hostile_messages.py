@@ -192,3 +192,28 @@ def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(seed).random((40, 44, 3)) * 255).astype(np.uint8)).save(buf, "PNG")
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------ 12. paths not named in UTF-8
+def test_an_output_folder_not_named_in_utf8_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    """``deploy -o`` named by bytes that are not UTF-8 used to fail in bench, at the first model LiteRT opened from
+    it, leaving a partial folder: now one line, before anything is written."""
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(14):
+        _image(images / f"img_{i:02d}.png")
+    out = os.fsdecode(os.fsencode(tmp_path) + b"/out-\xff")
+    model = save(tiny_classifier(), tmp_path / "tiny.onnx")
+    proc = edgeship("deploy", model, "--calib", images, "-o", out, "--target", "x86-host", "-q")
+    one_line(proc, 2, "not named in UTF-8")
+    assert not os.path.lexists(out)
+
+
+def test_a_model_whose_path_is_not_utf8_still_runs(tiny_bundle: Path, tmp_path: Path) -> None:
+    """LiteRT takes paths only as UTF-8 text; the runtime gives it such a model's bytes instead."""
+    model = os.fsdecode(os.fsencode(tmp_path) + b"/model-\xff.tflite")
+    shutil.copy(next(tiny_bundle.glob("*.tflite")), model)
+    argv = [sys.executable, "-m", "edgeship", "bench", model, "-o", str(tmp_path / "bench.json"), "-q"]
+    proc = subprocess.run(argv, capture_output=True, timeout=600, check=False)  # bytes: the table names the file
+    assert proc.returncode == 0, proc.stderr
+    assert b"model-\xff.tflite" in proc.stdout and (tmp_path / "bench.json").is_file()
