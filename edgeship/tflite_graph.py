@@ -19,7 +19,7 @@ from typing import Any, Callable
 import numpy as np
 
 from edgeship._deps import require
-from edgeship.runtime.interpreter import native_stderr_to_log
+from edgeship.runtime.native_stderr import native_stderr_to_log
 
 #: name -> clean-up(model object) -> number of places changed.
 CLEANUPS: dict[str, Callable[[Any], int]] = {}

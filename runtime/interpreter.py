@@ -8,14 +8,11 @@ first two are missing.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import os
-import sys
-import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -25,6 +22,7 @@ import numpy as np
 from edgeship.errors import InputError, MissingDependencyError
 from edgeship.runtime.delegation import flex_refusal, of_interpreter
 from edgeship.runtime.images import normalize, pixel_offset, quantize_pixels
+from edgeship.runtime.native_stderr import native_stderr_to_log
 
 if TYPE_CHECKING:
     from edgeship.runtime.ort_model import OrtModel
@@ -53,36 +51,6 @@ def backend_version(name: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
-
-
-@contextlib.contextmanager
-def native_stderr_to_log(level: int | None = None) -> Iterator[None]:
-    """Send what native code writes to fd 2 (LiteRT's "INFO: Created ... delegate") to the log.
-
-    The interpreter prints with C stdio, not Python, so only redirecting the file
-    descriptor catches it. INFO lines go to DEBUG, anything else to WARNING, or every
-    line to ``level`` when given (TensorFlow's start-up chatter, which says nothing wrong).
-    """
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except (OSError, ValueError):  # no fd 2 (embedded, closed): nothing to redirect
-        yield
-        return
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            for line in sink.read().decode("utf-8", "replace").splitlines():
-                if line.strip():
-                    line_level = (
-                        level if level is not None else logging.DEBUG if line.startswith("INFO:") else logging.WARNING
-                    )
-                    log.log(line_level, "%s", line)
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,8 @@ from edgeship.errors import InputError, MissingDependencyError
 from edgeship.runtime.card import ModelCard
 from edgeship.runtime.classifier import Classifier, find_card
 from edgeship.runtime.images import Labels, load_rgb, resize_crop
-from edgeship.runtime.interpreter import native_stderr_to_log
 from edgeship.runtime.metrics import DriftFigures, compare
+from edgeship.runtime.native_stderr import native_stderr_to_log
 from edgeship.targets.metadata import embed_metadata, read_metadata
 
 log = logging.getLogger(__name__)

@@ -91,3 +91,33 @@ def test_equalize_scratch_only_with_equalize(
     assert main(["quantize", str(tiny_bundle), "--calib", str(calib_images), "-o", str(tmp_path / "q"), "-q"]) == 0
     assert not list(scratch.glob("edgeship-equalize-*"))
     assert not list(scratch.glob("edgeship-native-*")), "the child's log was left behind"
+
+
+#: A plain script: eight threads load a model 30 times each (each load moves fd 2 to catch LiteRT's lines),
+#: then the script writes to stderr.
+THREADED_LOADS = """\
+import sys, threading
+from edgeship.runtime.interpreter import TFLiteModel
+
+def load():
+    for _ in range(30):
+        TFLiteModel(sys.argv[1])
+
+threads = [threading.Thread(target=load) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("stderr still reaches the terminal", file=sys.stderr)
+"""
+
+
+def test_models_loaded_on_many_threads_leave_stderr_where_it_was(tiny_bundle: Path, tmp_path: Path) -> None:
+    """fd 2 is one per process: overlapping loads used to leave it pointing at one load's sink, and every
+    later line on stderr (one-line errors included) went nowhere."""
+    script = tmp_path / "loads.py"
+    script.write_text(THREADED_LOADS)
+    model = next(tiny_bundle.glob("*.tflite"))
+    proc = subprocess.run([sys.executable, str(script), str(model)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stderr still reaches the terminal" in proc.stderr
