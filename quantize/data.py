@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
@@ -13,6 +14,7 @@ from typing import Any, Union, cast
 
 import numpy as np
 
+from edgeship._files import sha256_file
 from edgeship._progress import Progress, silent
 from edgeship.errors import CalibrationError, InputError
 from edgeship.runtime.card import Preprocessing
@@ -136,13 +138,7 @@ def _same_bytes(calib: Iterable[Path], evals: Iterable[Path]) -> list[tuple[Path
     by_size: dict[int, list[Path]] = {}
     for f in calib:
         by_size.setdefault(f.stat().st_size, []).append(f)
-    digests: dict[Path, str] = {}
-
-    def digest(f: Path) -> str:
-        if f not in digests:
-            digests[f] = hashlib.sha256(f.read_bytes()).hexdigest()
-        return digests[f]
-
+    digest = functools.cache(sha256_file)  # each file hashed at most once
     pairs = []
     for e in evals:
         match = next((c for c in by_size.get(e.stat().st_size, []) if digest(c) == digest(e)), None)
