@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeship._cache_keys import digest
 from edgeship._io import atomic_write_json, sha256_file
 from edgeship._lock import LOCK_FILE, folder_lock
 from edgeship._paths import check_apart
@@ -259,7 +260,7 @@ class _Run:
             "devices": devices,
             "bench_runs": self.matrix.options.bench_runs,
         }
-        return _digest(key)
+        return digest(key)
 
     # ------------------------------------------------------------------ device work
 
@@ -453,12 +454,6 @@ def _cell_intact(folder: Path, key: str) -> bool:
         return all((folder / n).stat().st_size == s and sha256_file(folder / n) == h for n, (s, h) in files.items())
     except (OSError, TypeError, ValueError):
         return False
-
-
-def _digest(obj: Any) -> str:
-    import hashlib
-
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _waited_for(device: MatrixDevice, job: Job) -> str:
