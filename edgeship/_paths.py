@@ -163,3 +163,13 @@ def check_writable_dir(out_dir: str | os.PathLike[str], what: str = "output fold
     if problem:
         raise InputError(f"cannot write {what} {out_dir}: {problem}")
     return Path(out_dir)
+
+
+def utf8_path(path: str | os.PathLike[str]) -> str | None:
+    """``path`` as text when its bytes are UTF-8, else None (native tools take paths only as UTF-8 text)."""
+    text = os.fsdecode(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return text

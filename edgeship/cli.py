@@ -23,7 +23,7 @@ from edgeship._files import reading
 from edgeship._files import write_problem as check_written
 from edgeship._io import atomic_write_json, check_output_file, check_outputs_free, os_error_line
 from edgeship._lock import folder_lock
-from edgeship._paths import check_apart
+from edgeship._paths import check_apart, utf8_path
 from edgeship._run import Terminated, run_temp_dir, signals_as_interrupt
 from edgeship._version import SCHEMA_VERSION, __version__
 from edgeship.errors import EXIT_CODES, EdgeshipError, InputError
@@ -1237,12 +1237,10 @@ def _undecodable_path(args: argparse.Namespace) -> str | None:
     if written is None:
         return None
     folder, what = written
-    try:
-        os.fsdecode(folder).encode("utf-8")
-    except UnicodeEncodeError:
-        why = "the native tools edgeship runs open files only by UTF-8 paths"
-        return f"the {what} {ascii(str(folder))} is not named in UTF-8 ({why}): rename it"
-    return None
+    if utf8_path(folder) is not None:
+        return None
+    why = "the native tools edgeship runs open files only by UTF-8 paths"
+    return f"the {what} {ascii(str(folder))} is not named in UTF-8 ({why}): rename it"
 
 
 def _json_path_problem(args: argparse.Namespace) -> str | None:

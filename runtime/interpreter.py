@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from edgeship._paths import utf8_path
 from edgeship.errors import InputError, MissingDependencyError
 from edgeship.runtime.delegation import flex_refusal, of_interpreter
 from edgeship.runtime.images import normalize, pixel_offset, quantize_pixels
@@ -161,10 +162,8 @@ class TypedIO:
 def _model_source(path: Path) -> dict[str, Any]:
     """How LiteRT is given the model at ``path``: by its path, or by its bytes when the path is not UTF-8
     (LiteRT takes paths only as UTF-8 text; a folder named in another encoding is still the user's)."""
-    try:
-        return {"model_path": os.fsdecode(path).encode("utf-8").decode("utf-8")}
-    except UnicodeEncodeError:
-        return {"model_content": path.read_bytes()}
+    text = utf8_path(path)
+    return {"model_path": text} if text is not None else {"model_content": path.read_bytes()}
 
 
 class TFLiteModel(TypedIO):
