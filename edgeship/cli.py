@@ -300,11 +300,14 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "--io", choices=[d.value for d in IODtype], help="input/output dtype (default: the target's, else int8)"
     )
     q.add_argument("--per-tensor", action="store_true", help="per-tensor weights (accelerators that need them)")
-    q.add_argument(
+    eq = q.add_mutually_exclusive_group()
+    eq.add_argument(
         "--equalize",
         action="store_true",
-        help="cross-layer equalization before calibration (for --per-tensor; re-runs onnx2tf)",
+        default=None,
+        help="equalize the weights' channel ranges before calibration (default: with --per-tensor; re-runs onnx2tf)",
     )
+    eq.add_argument("--no-equalize", action="store_false", dest="equalize", help="never equalize")
     q.add_argument(
         "--full-integer",
         action="store_true",

@@ -14,22 +14,36 @@ from edgeship.convert.converter import run_onnx2tf
 from edgeship.convert.result import FLOAT32_FILE, ConvertResult
 from edgeship.errors import InputError
 from edgeship.quantize.bias_correction import correct_biases
-from edgeship.quantize.equalize import equalize
+from edgeship.quantize.equalize import channel_stats, equalize
 from edgeship.runtime.images import normalize
 from edgeship.runtime.interpreter import TFLiteModel
 
 
-def equalized_float_model(source: ConvertResult, work: Path) -> tuple[bytes, dict[str, Any]]:
-    """Cross-layer equalize the converted ONNX and convert it again (onnx2tf, child process)."""
+def equalized_float_model(source: ConvertResult, work: Path, inputs: np.ndarray) -> tuple[bytes, dict[str, Any]]:
+    """Equalize the converted ONNX, its channels measured on ``inputs`` (normalized NHWC calibration
+    images, at most :data:`STATS_IMAGES` of them), and convert it again (onnx2tf, child process)."""
 
     onnx = require("onnx", purpose="equalize the model")
     if not source.simplified_onnx:
         raise InputError("the conversion has no simplified ONNX model; re-run `edgeship convert` to use --equalize")
-    model, info = equalize(onnx.load_from_string(source.simplified_onnx))
+    model = onnx.load_from_string(source.simplified_onnx)
+    model, info = equalize(model, stats=channel_stats(_onnx_layout(model, inputs[:STATS_IMAGES])))
     onnx.save(model, str(work / "equalized.onnx"))
     child = run_onnx2tf(work / "equalized.onnx", work)
     model, _ = tflite_graph.clean((work / "tf" / FLOAT32_FILE).read_bytes())
-    return model, {**info, "onnx2tf_s": child.wall_s}
+    return model, {**info, "stats_images": min(len(inputs), STATS_IMAGES), "onnx2tf_s": child.wall_s}
+
+
+#: Calibration images the channel statistics of equalization are measured on.
+STATS_IMAGES = 100
+
+
+def _onnx_layout(model: Any, nhwc: np.ndarray) -> np.ndarray:
+    """NHWC inputs in the ONNX model's own layout (NCHW unless its input's last dimension is the channels)."""
+    dims = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    channels = nhwc.shape[-1]
+    nchw = len(dims) == 4 and not (dims[-1] == channels and dims[1] != channels)
+    return np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2)) if nchw else nhwc
 
 
 BIAS_CORRECTION_IMAGES = 64

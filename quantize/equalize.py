@@ -1,21 +1,35 @@
-"""Cross-layer equalization and bias absorption (Nagel et al. 2019, "Data-Free Quantization", 4.1 and 4.2).
+"""Cross-layer equalization for per-tensor weights, and DFQ's bias absorption (Nagel et al. 2019,
+"Data-Free Quantization", 4.1 and 4.2).
 
-For two convolutions in a row, ``Conv A -> ReLU -> Conv B``, scaling output channel ``i``
-of A by ``1/s_i`` and the matching input channel of B by ``s_i`` leaves the network's
-function unchanged (ReLU is positively homogeneous) and, with
-``s_i = sqrt(r_A,i / r_B,i)``, gives both channels the same weight range ``sqrt(r_A r_B)``,
-which is what per-tensor weight quantization needs. ReLU6 is not scale-equivariant. Two ways:
+For two convolutions in a row, ``Conv A -> ReLU -> Conv B``, dividing output channel ``i`` of A by
+``s_i`` and multiplying the matching input channel of B by ``s_i`` leaves the network's function
+unchanged (ReLU is positively homogeneous). Per-tensor weights give every channel of a tensor the step
+of its widest channel, so a few wide channels (batch-norm folding leaves some depthwise channels 30x
+wider than the median) cost every other channel its precision. Two ways to choose ``s``:
 
-- ``relu6="exact"`` (edgeship's default): ``ReLU6(x) / s`` is ``min(ReLU6(x / s), 6 / s)`` when
-  ``s >= 1``; each pair's scales are multiplied by one constant so that the smallest is 1 (a whole
-  tensor's scale is free under per-tensor quantization), the convolution keeps its fused ReLU6 and a
-  per-channel ``Min`` with limits ``6 / s <= 6`` follows. The function is unchanged, and the int8
-  tensor before the ``Min`` stays within [0, 6]. (An earlier form, ``min(ReLU(x / s), 6 / s)``, left
-  that tensor unbounded and per-tensor activation quantization lost most of its levels.)
-- ``relu6="relu"`` (DFQ's way): ReLU6 between the pair becomes ReLU. This changes the float model
-  wherever an activation exceeded 6: on the shared MobileNetV2 (trained with ReLU6 that clips often)
-  the float model's top-1 agreement with itself falls to 81 % (docs/benchmarks.md), so it is not used
-  by default.
+- ``method="headroom"`` (default): only A's widest channels shrink (``s >= 1``), down to the 90th
+  percentile of A's channel ranges, each as far as B's matching input channel can grow without
+  widening B's widest channel. B's step is unchanged, A's falls; what it costs is the shrunk channels'
+  activation precision (they span ``1/s`` of their tensor's int8 range). On the shared MobileNetV2 this
+  measured better than DFQ's square root (docs/benchmarks.md, "Per-tensor weights").
+- ``method="dfq"``: DFQ's ``s_i = sqrt(r_A,i / r_B,i)`` (both channels get the range ``sqrt(r_A r_B)``),
+  repeated ``sweeps`` times; every channel's activation moves.
+
+ReLU6 is not scale-equivariant. Two ways:
+
+- ``relu6="exact"`` (default): ``ReLU6(x) / s`` is ``min(ReLU6(x / s), 6 / s)`` when ``s >= 1``
+  (``dfq`` multiplies each pair's scales by one constant so that the smallest is 1); the convolution
+  keeps its fused ReLU6 and a per-channel ``Min`` with limits ``6 / s <= 6`` follows (only in pairs
+  where some ``s > 1``). The function is unchanged, and the int8 tensor before the ``Min`` stays within
+  [0, 6]. A ``Min`` is a MINIMUM op in TFLite: NNAPI runs it from Android 10 (feature level 3);
+  XNNPACK has no int8 MINIMUM, so a per-tensor model runs on LiteRT's own kernels on a CPU.
+- ``relu6="relu"`` (DFQ's way, ``dfq`` only): ReLU6 between the pair becomes ReLU. This changes the
+  float model wherever an activation exceeded 6: on the shared MobileNetV2 (trained with ReLU6 that
+  clips often) the float model's top-1 agreement with itself falls to 81 % (docs/benchmarks.md).
+
+With channel statistics (``stats``), channels that never fire on the calibration images are zeroed
+first: that is not exact where such a channel would fire, and quantize measures and reports the float
+model's change (``equalization.float_change``).
 
 Bias absorption (DFQ 4.2, with the pre-activation statistics measured on calibration images instead
 of read from batch norms, which converted models have folded): a channel whose pre-activation ``x``
@@ -97,6 +111,10 @@ def _is_relu6(node: Any, weights: dict[str, np.ndarray]) -> bool:
 DEAD_MARGIN = 1.0
 #: How ReLU6 between an equalized pair is handled (see the module docstring).
 RELU6_MODES = ("relu", "exact")
+#: How the scales are chosen (see the module docstring).
+METHODS = ("headroom", "dfq")
+#: ``headroom``: a producer's output channels are shrunk down to this quantile of their ranges.
+SHRINK_QUANTILE = 0.9
 
 
 #: Per-channel statistics of the named tensors on calibration images: ``stats(model, names)`` gives one
@@ -105,22 +123,31 @@ ChannelStats = Callable[[Any, list[str]], list[tuple[np.ndarray, np.ndarray, np.
 
 
 def equalize(
-    model: Any, *, sweeps: int = 20, relu6: str = "exact", stats: ChannelStats | None = None, absorb: bool = False
+    model: Any,
+    *,
+    method: str = "headroom",
+    sweeps: int = 20,
+    relu6: str = "exact",
+    stats: ChannelStats | None = None,
+    absorb: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
-    """A copy of ``model`` with cross-layer equalization applied to every Conv-ReLU-Conv pair.
+    """A copy of ``model`` with its Conv-ReLU-Conv pairs equalized.
 
-    ``relu6``: ``"exact"`` or ``"relu"`` (DFQ). ``stats``: measures the pairs' pre-activations on
-    calibration images; with it, channels that never fire (pre-activation <= 0 on every image: their
-    weights are whatever batch-norm folding left, often the largest of the tensor) are zeroed in the
-    producer and the consumer first (exact wherever the channel stays dead), and with ``absorb`` and
-    ``relu6="relu"`` bias absorption follows equalization.
+    ``method``: ``"headroom"`` (default, see the module docstring) or ``"dfq"`` (DFQ's square-root
+    scales, ``sweeps`` times). ``relu6`` (``"dfq"`` only): ``"exact"`` or ``"relu"`` (DFQ's).
+    ``stats``: measures the pairs' pre-activations on calibration images; with it, channels that never
+    fire (pre-activation <= 0 on every image: their weights are whatever batch-norm folding left, often
+    the largest of the tensor) are zeroed in the producer and the consumer first (exact wherever the
+    channel stays dead), and with ``absorb`` and ``relu6="relu"`` bias absorption follows equalization.
     Returns the model and a report (pairs, dead channels, ReLU6 handling, weight-range spread, absorption).
     """
     onnx = require("onnx")
     from onnx import numpy_helper
 
-    if relu6 not in RELU6_MODES:
-        raise ValueError(f"relu6 must be one of {RELU6_MODES}, got {relu6!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if relu6 not in RELU6_MODES or (method == "headroom" and relu6 != "exact"):
+        raise ValueError(f"relu6 must be one of {RELU6_MODES} ('exact' with method 'headroom'), got {relu6!r}")
     m = onnx.ModelProto()
     m.CopyFrom(model)
     inits = {t.name: t for t in m.graph.initializer}
@@ -129,22 +156,25 @@ def equalize(
     spread_before = _spread(pairs, weights)
     dead = _zero_dead(pairs, weights, stats(m, [p.a.output[0] for p in pairs])) if stats is not None else 0
     totals = [np.ones(weights[p.a.input[1]].shape[0]) for p in pairs]
-    for _ in range(sweeps):
+    for _ in range(sweeps if method == "dfq" else 1):
         for k, p in enumerate(pairs):
-            totals[k] *= _scale_pair(p, weights)
+            totals[k] *= _scale_pair(p, weights) if method == "dfq" else _shrink_pair(p, weights)
     clips = [(k, p) for k, p in enumerate(pairs) if p.act is not None and p.act.op_type == "Clip"]
     for k, p in clips:
-        if relu6 == "exact":
+        if relu6 == "exact" and method == "dfq":
             totals[k] = _at_least_one(p, weights, totals[k])
+        if relu6 == "exact" and np.any(totals[k] != 1.0):
             _clip_then_min(m, p.act, _clip_max(p.act, weights) / totals[k])
-        else:
+        elif relu6 == "relu":
             _clip_to_relu(p.act)
     _write_back(inits, weights, pairs)
     info = {
+        "method": method,
         "pairs": len(pairs),
         "dead_channels_zeroed": dead,
         "relu6": relu6,
-        "relu6_changed": len(clips),
+        "relu6_changed": sum(1 for k, _ in clips if relu6 == "relu" or np.any(totals[k] != 1.0)),
+        "largest_shrink": round(float(max((t.max() for t in totals), default=1.0)), 3),
         "channel_range_spread_before": spread_before,
         "channel_range_spread_after": _spread(pairs, weights),
     }
@@ -185,11 +215,12 @@ def channel_stats(inputs: np.ndarray) -> ChannelStats:
         del probe.graph.output[:]
         probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
         session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        feed = session.get_inputs()[0].name
+        feed, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
+        step = batch if isinstance(batch, int) and batch > 0 else 8  # a fixed batch (convert fixes it to 1)
         counts = [0.0 for _ in names]
         acc: list[list[np.ndarray]] = [[] for _ in names]
-        for i in range(0, len(inputs), 8):
-            for k, out in enumerate(session.run(None, {feed: inputs[i : i + 8]})):
+        for i in range(0, len(inputs) - len(inputs) % step, step):
+            for k, out in enumerate(session.run(None, {feed: inputs[i : i + step]})):
                 o = out.astype(np.float64)
                 acc[k].append(np.stack([o.sum((0, 2, 3)), (o**2).sum((0, 2, 3)), o.max((0, 2, 3))]))
                 counts[k] += o.shape[0] * o.shape[2] * o.shape[3]
@@ -283,6 +314,30 @@ def _clip_max(node: Any, weights: dict[str, np.ndarray]) -> float:
     return float(np.asarray(hi))
 
 
+def _shrink_pair(p: _Pair, w: dict[str, np.ndarray]) -> np.ndarray:
+    """Shrink A's output channels wider than its :data:`SHRINK_QUANTILE` range down to it, each as far as
+    B's matching input channel can grow without widening B's widest channel (its headroom)."""
+    wa, wb = w[p.a.input[1]], w[p.b.input[1]]
+    ra = np.abs(wa).reshape(wa.shape[0], -1).max(1)
+    rb = np.abs(wb).reshape(wb.shape[0], -1).max(1) if p.depthwise_b else np.abs(wb).max((0, 2, 3))
+    live = (ra > 0) & (rb > 0)
+    if not np.any(live):
+        return np.ones_like(ra)
+    target = np.quantile(ra[live], SHRINK_QUANTILE)
+    s = np.ones_like(ra)
+    s[live] = np.maximum(1.0, np.minimum(ra[live] / target, rb.max() / rb[live]))
+    _apply(p, w, s)
+    return s
+
+
+def _apply(p: _Pair, w: dict[str, np.ndarray], s: np.ndarray) -> None:
+    """A's output channel ``i`` divided by ``s_i`` (weights and bias), B's input channel ``i`` multiplied."""
+    w[p.a.input[1]] = w[p.a.input[1]] / s[:, None, None, None]
+    if len(p.a.input) > 2 and p.a.input[2] in w:
+        w[p.a.input[2]] = w[p.a.input[2]] / s
+    w[p.b.input[1]] = w[p.b.input[1]] * (s[:, None, None, None] if p.depthwise_b else s[None, :, None, None])
+
+
 def _scale_pair(p: _Pair, w: dict[str, np.ndarray]) -> np.ndarray:
     wa, wb = w[p.a.input[1]], w[p.b.input[1]]
     ra = np.abs(wa).reshape(wa.shape[0], -1).max(1)
@@ -294,10 +349,7 @@ def _scale_pair(p: _Pair, w: dict[str, np.ndarray]) -> np.ndarray:
     ok = (ra > 0) & (rb > 0)
     s = np.ones_like(ra)
     s[ok] = np.sqrt(ra[ok] / rb[ok])
-    w[p.a.input[1]] = wa / s[:, None, None, None]
-    if len(p.a.input) > 2 and p.a.input[2] in w:
-        w[p.a.input[2]] = w[p.a.input[2]] / s
-    w[p.b.input[1]] = wb * (s[:, None, None, None] if p.depthwise_b else s[None, :, None, None])
+    _apply(p, w, s)
     return s
 
 

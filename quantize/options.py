@@ -50,7 +50,10 @@ class QuantizeOptions:
             True: every conv; False: off.
         io: Input/output dtype of the quantized model.
         per_tensor: Per-tensor weights (for accelerators that need them) instead of per-channel.
-        equalize: Cross-layer equalization + bias correction before quantizing.
+        equalize: Equalize the weights' channel ranges before quantizing (:mod:`edgeship.quantize.equalize`:
+            channels that never fire on the calibration images zeroed, each producer's widest output
+            channels shrunk into its consumer's headroom, ReLU6 kept exact). None (default): with
+            per-tensor weights only; True / False: always / never.
         float_islands: Keep the ops that XNNPACK has no int8 kernel for (HARD_SWISH, GELU,
             ...) and every normalisation (LayerNorm's elementwise pieces, the way
             onnxruntime's QDQ computes them) in float, where XNNPACK runs them inside the
@@ -93,7 +96,7 @@ class QuantizeOptions:
     bias_correction: bool | None = None
     io: IODtype = IODtype.INT8
     per_tensor: bool = False
-    equalize: bool = False
+    equalize: bool | None = None
     float_islands: bool = True
     float_logits: bool = True
     eval_split: float = 0.2
@@ -139,6 +142,11 @@ class QuantizeOptions:
             return ()
         every = self.per_tensor or self.bias_correction is True
         return ("CONV_2D", "DEPTHWISE_CONV_2D") if every else ("DEPTHWISE_CONV_2D",)
+
+    @property
+    def use_equalize(self) -> bool:
+        """Whether the weights are equalized before quantizing (default: with per-tensor weights)."""
+        return self.per_tensor if self.equalize is None else self.equalize
 
     @property
     def use_float_logits(self) -> bool:

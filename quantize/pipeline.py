@@ -239,11 +239,11 @@ def _load_images(
 
 def _equalize(run: _Run) -> tuple[bytes, StepReport]:
     """The float model to calibrate: the converted one, or cross-layer equalized and converted again."""
-    if not run.options.equalize:
+    if not run.options.use_equalize:
         return run.source.model, StepReport(False)
     with run.timer.stage("equalize"):
-        model, info = equalized_float_model(run.source, run.work)
-        px = run.calib.pixels[:LAYER_SAMPLES]  # the float model's change, measured (exact up to float rounding)
+        model, info = equalized_float_model(run.source, run.work, normalize(run.calib.pixels, run.prep))
+        px = run.evals.pixels  # the float model's change, on images equalization did not measure
         change = compare(run_tflite(run.source.model, px, run.prep), run_tflite(model, px, run.prep))
         info["float_change"] = {"images": len(px), "top1_agreement": change.top1_agreement, "sqnr_db": change.sqnr_db}
     return model, StepReport(True, info)
