@@ -442,6 +442,13 @@ def _speed_timing(args: argparse.Namespace, progress: Callable[..., None]) -> An
     return speed_timing(_device_spec(args), target, progress)
 
 
+def _noise_line(check: dict[str, Any]) -> str:
+    """``top1_agreement_pct 96.8, 95 % interval [93.8, 98.4] holds the limit 95.0`` for a deploy summary."""
+    lo, hi = check.get("interval") or (None, None)
+    interval = f", 95 % interval [{lo:.1f}, {hi:.1f}]" if lo is not None else ""
+    return f"{check['metric']} {check['value']:.1f}{interval} holds the limit {check['limit']:.1f}"
+
+
 def _arch_note(target: Any | None, timed: TimedOn | None) -> list[str]:
     """Where the speed floor and kernel placement were timed (``speed_timing`` of a quantize report): the
     target's device, or this machine, said when the target is another architecture or its device is emulated."""
@@ -909,6 +916,8 @@ def _cmd_deploy(args: argparse.Namespace, progress: Callable[..., None]) -> tupl
             f"{name:<20} {'PASS' if t['passed'] else 'FAIL':<5} agreement {100 * f['top1_agreement']:.2f}%  "
             f"cos {f['mean_cosine']:.4f}  SQNR {f['sqnr_db']:.1f} dB  bundle {t['bundle']}"
         )
+        noisy = [c for c in t.get("budget", []) if c.get("within_noise")]
+        lines += [f"{'':<20} within noise of its budget: {_noise_line(c)}" for c in noisy]
         lines.append(f"{'':<20} ran on {t.get('ran_on', '?')}")
         if "speed_timing" in t:
             timed = TimedOn.from_dict(t["speed_timing"]) if t["speed_timing"] else None

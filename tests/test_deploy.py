@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from edgeship.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 TARGETS = ["--target", "x86-host", "--target", "rpi4-aarch64", "--target", "android-arm64-cpu"]
+TEXT = {"capture_output": True, "text": True}
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,23 @@ def test_rerun_reuses_every_stage(deployed: tuple[Path, Path, float], tiny_onnx:
     stages = json.loads((out / "deploy.json").read_text())["stages"]
     assert all(s["reused"] for s in stages), stages
     assert again < first / 3, (again, first)
+
+
+def test_summary_says_which_verdicts_are_within_noise(deployed: tuple[Path, Path, float], tiny_onnx: Path) -> None:
+    """Issue 33, point 3: a verdict whose budget line has its limit inside its 95 % interval says so in the
+    terminal summary (the CLI in its own process, every stage reused), and only such a verdict."""
+    out, calib, _ = deployed
+    cmd = [sys.executable, "-m", "edgeship", "deploy", str(tiny_onnx), "--calib", str(calib), "-o", str(out)]
+    run = subprocess.run([*cmd, "--num-calib", "20", "--bench-runs", "20", "--bench-threads", "1", *TARGETS], **TEXT)
+    assert run.returncode == 0, run.stderr
+    targets = json.loads((out / "deploy.json").read_text())["targets"]
+    noisy = {(n, c["metric"]) for n, t in targets.items() for c in t["budget"] if c["within_noise"]}
+    verdict = re.compile(r"^(\S+) +(?:PASS|FAIL)[^\n]*\n((?: +within noise[^\n]*\n)*)", re.M)
+    said = set()
+    for m in verdict.finditer(run.stdout):
+        said |= {(m.group(1), metric) for metric in re.findall(r"within noise of its budget: (\S+)", m.group(2))}
+    assert len(verdict.findall(run.stdout)) == len(targets) and said == noisy, run.stdout
+    assert noisy, "the tiny model's 20-image verdicts are expected to sit within noise of 95 %"
 
 
 def test_changed_calibration_reruns_from_quantize(deployed: tuple[Path, Path, float], tiny_onnx: Path) -> None:
