@@ -25,7 +25,10 @@ def equalized_float_model(source: ConvertResult, work: Path, inputs: np.ndarray)
 
     onnx = require("onnx", purpose="equalize the model")
     if not source.simplified_onnx:
-        raise InputError("the conversion has no simplified ONNX model; re-run `edgeship convert` to use --equalize")
+        raise InputError(
+            "the conversion has no simplified ONNX model to equalize; re-run `edgeship convert`, or quantize "
+            "with --no-equalize"
+        )
     model = onnx.load_from_string(source.simplified_onnx)
     model, info = equalize(model, stats=channel_stats(_onnx_layout(model, inputs[:STATS_IMAGES])))
     onnx.save(model, str(work / "equalized.onnx"))

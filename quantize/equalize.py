@@ -216,10 +216,11 @@ def channel_stats(inputs: np.ndarray) -> ChannelStats:
         probe.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
         session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
         feed, batch = session.get_inputs()[0].name, session.get_inputs()[0].shape[0]
-        step = batch if isinstance(batch, int) and batch > 0 else 8  # a fixed batch (convert fixes it to 1)
+        fixed = isinstance(batch, int) and batch > 0  # convert fixes the batch to 1
+        step = batch if fixed else 8
         counts = [0.0 for _ in names]
         acc: list[list[np.ndarray]] = [[] for _ in names]
-        for i in range(0, len(inputs) - len(inputs) % step, step):
+        for i in range(0, len(inputs) - len(inputs) % step if fixed else len(inputs), step):
             for k, out in enumerate(session.run(None, {feed: inputs[i : i + step]})):
                 o = out.astype(np.float64)
                 acc[k].append(np.stack([o.sum((0, 2, 3)), (o**2).sum((0, 2, 3)), o.max((0, 2, 3))]))

@@ -214,8 +214,10 @@ def verify(
                     f"reference and candidate do not answer alike: {ref.shape[1]} vs {ran.logits.shape[1]} "
                     f"outputs per image; is {Path(str(reference_onnx)).name} the source of {name}?"
                 )
-            same_kernels = _on_xnnpack(ran.logits, bundle, image_set.files, target, device)
-            client = _client_drift(client_scores, ref, same_kernels, progress)
+            client: ClientDrift | None = None
+            if client_scores is not None:  # MediaPipe targets: a .tflite model, compared kernel for kernel
+                same_kernels = _on_xnnpack(ran.logits, bundle, image_set.files, target, device)
+                client = _client_drift(client_scores, ref, same_kernels, progress)
         truth = image_set.labels_for(labels)
         fig = compare(ref, ran.logits, truth)
         checks = tuple(target.budget.check(fig))
