@@ -26,6 +26,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from defaults import splits  # noqa: E402  (the decision protocol's choosing and confirming splits)
 
 from edgeship._assets import shared_assets  # noqa: E402
 from edgeship.convert import converter as conv  # noqa: E402
@@ -43,9 +46,8 @@ ROWS: dict[str, dict[str, Any]] = {
 
 
 def split_folders(images: Path, work: Path) -> tuple[Path, Path]:
-    """``work/choose`` and ``work/confirm``: links to the even and odd positions of the sorted images."""
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    for name, part in (("choose", files[0::2]), ("confirm", files[1::2])):
+    """``work/choose`` and ``work/confirm``: links to the decision protocol's two splits (``defaults.splits``)."""
+    for name, part in splits(images, None).items():
         (work / name).mkdir(parents=True, exist_ok=True)
         for f in part:
             if not (work / name / f.name).exists():
