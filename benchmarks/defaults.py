@@ -13,7 +13,10 @@ seen through 12 *views* (centre crops at 100 %, 87.5 % and 70 % of the short sid
 crops, each also mirrored), so a comparison pools 1,800 (choosing: the 150 images a draw did not
 calibrate on) or 3,000 (confirming) inputs per draw. Every option quantizes the same draw; every peer too
 (TensorFlow PTQ, onnxruntime static QDQ with its default MinMax calibration, ai-edge-quantizer when it is
-installed apart, see ``arch_matrix.aeq_path``).
+installed apart, see ``arch_matrix.aeq_path``), and a peer is scored on the confirming split only.
+Every edgeship cell quantizes with timed placement off (every op int8, as the peers): on a host, timed
+placement keeps large depthwise convolutions float where they time faster (EfficientNet-Lite's 12 on x86,
+none in MobileNetV2), a speed decision that flips with the machine's load and is not a device's.
 
 Statistics, per model, pooled over draws: top-1 agreement with the float model; exact McNemar test on
 the inputs where exactly one of two quantized models agrees with float; SQNR of the logits with a 95 %
@@ -24,7 +27,8 @@ minmax): the options are ordered by cost. On the choosing split, the contender i
 that beats the cheapest beyond noise (McNemar p < 0.05, pooled over models) — else the cheapest. On
 the confirming split the contender is the decision only if it beats the cheapest there beyond noise on
 the pooled models and is not significantly worse on any model; otherwise the cheaper option is the
-decision. Until every planned cell exists the tables say "incomplete" and decide nothing.
+decision. Until every cell of the protocol's plan exists (every trained model, five draws, every
+option) the tables say so and decide nothing; a smaller plan (``--draws 2``) shows contenders only.
 """
 
 from __future__ import annotations
@@ -95,6 +99,15 @@ class Plan:
     per_split: int | None = None  # images per split (None: all 250)
     num_calib: int = NUM_CALIB
 
+    def covers_protocol(self) -> bool:
+        """Whether this plan is at least the protocol's: every trained model, five draws, every option."""
+        return (
+            set(FULL.models) <= set(self.models)
+            and self.draws >= DRAWS
+            and set(OPTIONS) <= set(self.options)
+            and (self.views, self.per_split, self.num_calib) == (FULL.views, FULL.per_split, FULL.num_calib)
+        )
+
 
 QUICK = Plan(
     (("mobilenetv2", "tf2onnx"),), 1, ("default", "bc_none"), ("ort_qdq",), views=2, per_split=24, num_calib=16
@@ -162,6 +175,11 @@ def cached(path: Path, make: Callable[[], dict[str, np.ndarray]]) -> dict[str, n
     return arrays
 
 
+def cell_file(folder: Path, d: int, name: str) -> Path:
+    """A cell's file: an option's (quantized with every op int8, see the module's notes) or a peer's."""
+    return folder / f"draw{d}" / (f"{name}.int8.npz" if name in OPTIONS else f"peer-{name}.npz")
+
+
 def per_input(ref: np.ndarray, out: np.ndarray) -> dict[str, np.ndarray]:
     """What the statistics need per input: the candidate's top-1, signal and noise energy against float."""
     ref, out = ref.reshape(len(ref), -1).astype(np.float64), out.reshape(len(out), -1).astype(np.float64)
@@ -210,11 +228,13 @@ def edgeship_cell(m: Model, option: str, calib: list[np.ndarray], plan: Plan) ->
     from edgeship.quantize import QuantizeOptions, quantize
     from edgeship.reference import run_tflite
 
-    opts = QuantizeOptions(num_calib=plan.num_calib, **OPTIONS[option])
+    opts = QuantizeOptions(num_calib=plan.num_calib, timed_placement=False, **OPTIONS[option])
     t0 = time.perf_counter()
     result = quantize(str(m.convert_dir), calib, evaluation=calib[:4], options=opts)
     seconds = time.perf_counter() - t0
-    out = {"seconds": np.array(seconds)}
+    placement = result.report.placement
+    kept = len(placement.nodes or ()) if placement.kept_float else 0
+    out = {"seconds": np.array(seconds), "float_ops": np.array(kept)}
     for split, px in m.views.items():
         got = run_tflite(result.model, px, m.card_prep)
         out |= {f"{split}_{k}": v for k, v in per_input(m.float_logits[split], got).items()}
@@ -246,10 +266,9 @@ def peer_cell(m: Model, peer: str, calib_files: list[Path], work: Path) -> dict[
 
 
 def _scored(m: Model, run: Callable[[np.ndarray], np.ndarray]) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    for split, px in m.views.items():
-        out |= {f"{split}_{k}": v for k, v in per_input(m.float_logits[split], run(px)).items()}
-    return out
+    """A peer's figures on the confirming split: the only split a peer is compared on."""
+    got = run(m.views["confirm"])
+    return {f"confirm_{k}": v for k, v in per_input(m.float_logits["confirm"], got).items()}
 
 
 def run_plan(plan: Plan, work: Path, log: Callable[[str], None]) -> None:
@@ -272,18 +291,20 @@ def _draw_cells(m: Model, d: int, calib_files: list[Path], plan: Plan, work: Pat
     cell_dir = work / f"{m.name}-{m.exporter}" / f"draw{d}"
     raw_calib = raw(calib_files)
     jobs: list[tuple[str, Callable[[], dict[str, np.ndarray]]]] = [
-        (f"{o}.npz", partial(edgeship_cell, m, o, raw_calib, plan)) for o in plan.options
+        (o, partial(edgeship_cell, m, o, raw_calib, plan)) for o in plan.options
     ]
-    jobs += [(f"peer-{p}.npz", partial(peer_cell, m, p, calib_files, cell_dir / f"peer-{p}")) for p in plan.peers]
+    jobs += [(p, partial(peer_cell, m, p, calib_files, cell_dir / f"peer-{p}")) for p in plan.peers]
     for name, job in jobs:
-        if (cell_dir / name).is_file():
+        path = cell_file(cell_dir.parent, d, name)
+        label = name if name in OPTIONS else f"peer-{name}"
+        if path.is_file():
             continue
         t0 = time.perf_counter()
         try:
-            cached(cell_dir / name, job)
-            log(f"{m.name}:{m.exporter} draw {d} {name[:-4]}: {time.perf_counter() - t0:.0f} s")
+            cached(path, job)
+            log(f"{m.name}:{m.exporter} draw {d} {label}: {time.perf_counter() - t0:.0f} s")
         except Exception as exc:  # noqa: BLE001 - a cell that fails is reported and left missing
-            log(f"{m.name}:{m.exporter} draw {d} {name[:-4]}: FAILED {am.one_line(exc)}")
+            log(f"{m.name}:{m.exporter} draw {d} {label}: FAILED {am.one_line(exc)}")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -332,7 +353,7 @@ def pooled(
     noise: dict[str, list[np.ndarray]] = {n: [] for n in names}
     signal, clusters, used = [], [], 0
     for d in range(plan.draws):
-        paths = {n: folder / f"draw{d}" / (f"{n}.npz" if n in OPTIONS else f"peer-{n}.npz") for n in names}
+        paths = {n: cell_file(folder, d, n) for n in names}
         if not all(p.is_file() for p in paths.values()):
             continue
         used += 1
@@ -416,7 +437,7 @@ def analyse(work: Path, plan: Plan) -> dict[str, Any]:
     counts = {s: len(f) for s, f in files.items()}
     expected = len(plan.models) * plan.draws * (len(plan.options) + len(plan.peers))
     present = sum(
-        (work / f"{m}-{e}" / f"draw{d}" / (f"{n}.npz" if n in OPTIONS else f"peer-{n}.npz")).is_file()
+        cell_file(work / f"{m}-{e}", d, n).is_file()
         for m, e in plan.models
         for d in range(plan.draws)
         for n in (*plan.options, *plan.peers)
@@ -425,6 +446,7 @@ def analyse(work: Path, plan: Plan) -> dict[str, Any]:
         "cells": present,
         "planned": expected,
         "complete": present == expected,
+        "protocol": plan.covers_protocol(),
         "axes": {},
         "peers": {},
     }
@@ -432,7 +454,7 @@ def analyse(work: Path, plan: Plan) -> dict[str, Any]:
         names = [o for o, _ in opts if o in plan.options]
         if len(names) < 2:
             continue
-        out["axes"][axis] = _axis(work, plan, counts, names, dict(opts), out["complete"])
+        out["axes"][axis] = _axis(work, plan, counts, names, dict(opts), out["complete"] and out["protocol"])
     out["peers"] = _peers(work, plan, counts)
     return out
 
@@ -474,7 +496,7 @@ def _axis(
 def _made(work: Path, case: tuple[str, str], name: str, plan: Plan) -> bool:
     """Whether any draw has this option's cell (a partial run compares the options it has)."""
     folder = work / f"{case[0]}-{case[1]}"
-    return any((folder / f"draw{d}" / f"{name}.npz").is_file() for d in range(plan.draws))
+    return any(cell_file(folder, d, name).is_file() for d in range(plan.draws))
 
 
 def _peers(work: Path, plan: Plan, counts: dict[str, int]) -> dict[str, Any]:
@@ -497,11 +519,17 @@ def _pair_cell(c: dict[str, Any]) -> str:
     return f"{c['only_a']}/{c['only_b']}, p={c['p']:.3g}, [{lo:+.2f}, {hi:+.2f}] dB"
 
 
+def _undecided(res: dict[str, Any]) -> str:
+    if not res["complete"]:
+        return " — incomplete: no default is decided"
+    if not res["protocol"]:
+        plan = f"{DRAWS} draws, every trained model and option"
+        return f" — a plan smaller than the protocol's ({plan}): no default is decided"
+    return ""
+
+
 def markdown(res: dict[str, Any]) -> list[str]:
-    lines = [
-        f"Cells: {res['cells']} of {res['planned']} planned"
-        + ("" if res["complete"] else " — incomplete: no default is decided")
-    ]
+    lines = [f"Cells: {res['cells']} of {res['planned']} planned" + _undecided(res)]
     for axis, a in res["axes"].items():
         names = list(a["options"])
         lines += ["", f"**{axis}** (cheapest first: {', '.join(a['options'].values())})", ""]
@@ -531,7 +559,7 @@ def markdown(res: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"contender on the choosing split: {a['options'].get(a['contender_on_choosing'], 'no data')}; decision: "
-            + (a["options"][decided] if decided else "none (protocol incomplete)"),
+            + (a["options"][decided] if decided else "none (the protocol's plan is not complete)"),
         ]
     if res["peers"]:
         lines += [

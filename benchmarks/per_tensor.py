@@ -1,6 +1,9 @@
 """Per-tensor int8 on the confirming split: before and after equalization, beside per-channel (issue 33).
 
-    python benchmarks/per_tensor.py --work DIR [--draws 3] [--json DIR/per_tensor.json]
+    python benchmarks/per_tensor.py --work DIR [--draws 5] [--json DIR/per_tensor.json]
+
+Resumable: every finished cell is kept in ``DIR/cells`` and reused, so a later run with more draws adds
+only the new ones.
 
 The 500 images of ``../shared/data/imagenet-sample`` sorted by name: the even positions are the
 *choosing* split (calibration: 100 of them per draw, picked with seed ``d``), the odd ones the
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +66,18 @@ def converted(assets: Path, work: Path) -> Path:
         model = assets / "models" / "mobilenetv2-1.0-tf-op13.onnx"
         conv.convert(model, options=ConvertOptions(labels=labels)).save(folder, force=True)
     return folder
+
+
+def cached_cell(work: Path, name: str, draw: int, make: Any) -> dict[str, Any]:
+    """A cell's figures from ``work/cells`` when a run made them before, else made and written atomically."""
+    path = work / "cells" / f"{name.replace(', ', '-').replace(' ', '_')}-draw{draw}.json"
+    if path.is_file():
+        return dict(json.loads(path.read_text()))
+    out = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(out, default=str))
+    path.with_suffix(".tmp").replace(path)
+    return dict(out)
 
 
 def cell(float_dir: Path, choose: Path, confirm: Path, draw: int, fields: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +123,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
         for label, part in [*((str(d), [c]) for d, c in enumerate(cells)), ("pooled", cells)]:
             s = summary(part)
             lines.append(
-                f"| {name} | {label} | {s['agreement_pct']:.1f} % [{s['agreement_ci'][0]:.1f}, "
+                f"| {name} | {label} | {s['agreement_pct']:.2f} % [{s['agreement_ci'][0]:.1f}, "
                 f"{s['agreement_ci'][1]:.1f}] | {s['int8_top1_pct']:.1f} % ({s['float_top1_pct']:.1f} %) | "
                 f"{s['drop_pt']:.1f} [{s['drop_ci'][0]:.1f}, {s['drop_ci'][1]:.1f}] | {s['sqnr_db']:.1f} |"
             )
@@ -117,7 +133,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, required=True, help="working folder (split links, the conversion)")
-    ap.add_argument("--draws", type=int, default=3, help="calibration draws (seeds 0..N-1; default 3)")
+    ap.add_argument("--draws", type=int, default=5, help="calibration draws (seeds 0..N-1; default 5)")
     ap.add_argument("--json", type=Path, help="write every cell and the pooled figures here")
     args = ap.parse_args(argv)
     assets = shared_assets()
@@ -129,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     for d in range(args.draws):
         for name, fields in ROWS.items():
             print(f"draw {d}: {name}", file=sys.stderr, flush=True)
-            results[name].append(cell(float_dir, choose, confirm, d, fields))
+            make = partial(cell, float_dir, choose, confirm, d, fields)
+            results[name].append(cached_cell(args.work, name, d, make))
     print("\n".join(table(results)))
     if args.json:
         pooled = {name: summary(cells) for name, cells in results.items()}

@@ -51,6 +51,16 @@ def test_bootstrap_interval_of_the_sqnr_difference_covers_it(proto) -> None:
     assert lo == hi == 0.0
 
 
+def test_only_the_protocols_whole_plan_may_decide(proto) -> None:
+    from dataclasses import replace
+
+    assert proto.FULL.covers_protocol() and not proto.QUICK.covers_protocol()
+    assert not replace(proto.FULL, draws=2).covers_protocol()
+    assert not replace(proto.FULL, models=proto.FULL.models[:3]).covers_protocol()
+    assert not replace(proto.FULL, options=("default", "bc_none")).covers_protocol()
+    assert replace(proto.FULL, draws=6).covers_protocol()
+
+
 @needs_assets
 def test_splits_share_no_class_and_draws_stay_in_the_choosing_split(proto, assets: Path) -> None:
     files = proto.splits(assets / "data" / "imagenet-sample", None)
@@ -74,6 +84,7 @@ def test_quick_run_writes_its_table_and_a_second_run_reuses_every_cell(tmp_path:
     assert "draw 0 default:" in first.stderr and "FAILED" not in first.stderr, first.stderr[-2000:]
     assert "**bias correction**" in first.stdout and "| confirm | mobilenetv2:tf2onnx | 1 × 48 |" in first.stdout
     assert "ort_qdq" in first.stdout and "Cells: 3 of 3 planned" in first.stdout
+    assert "no default is decided" in first.stdout and "decision: none" in first.stdout  # complete, not the protocol
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3000, check=False)
     assert second.returncode == 0 and "draw 0" not in second.stderr  # every cell came from the cache
     assert second.stdout == first.stdout
