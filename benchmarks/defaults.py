@@ -232,9 +232,7 @@ def edgeship_cell(m: Model, option: str, calib: list[np.ndarray], plan: Plan) ->
     t0 = time.perf_counter()
     result = quantize(str(m.convert_dir), calib, evaluation=calib[:4], options=opts)
     seconds = time.perf_counter() - t0
-    placement = result.report.placement
-    kept = len(placement.nodes or ()) if placement.kept_float else 0
-    out = {"seconds": np.array(seconds), "float_ops": np.array(kept)}
+    out = {"seconds": np.array(seconds)}
     for split, px in m.views.items():
         got = run_tflite(result.model, px, m.card_prep)
         out |= {f"{split}_{k}": v for k, v in per_input(m.float_logits[split], got).items()}
@@ -288,14 +286,14 @@ def run_plan(plan: Plan, work: Path, log: Callable[[str], None]) -> None:
 
 
 def _draw_cells(m: Model, d: int, calib_files: list[Path], plan: Plan, work: Path, log: Callable[[str], None]) -> None:
-    cell_dir = work / f"{m.name}-{m.exporter}" / f"draw{d}"
+    folder = work / f"{m.name}-{m.exporter}"
     raw_calib = raw(calib_files)
     jobs: list[tuple[str, Callable[[], dict[str, np.ndarray]]]] = [
         (o, partial(edgeship_cell, m, o, raw_calib, plan)) for o in plan.options
     ]
-    jobs += [(p, partial(peer_cell, m, p, calib_files, cell_dir / f"peer-{p}")) for p in plan.peers]
+    jobs += [(p, partial(peer_cell, m, p, calib_files, folder / f"draw{d}" / f"peer-{p}")) for p in plan.peers]
     for name, job in jobs:
-        path = cell_file(cell_dir.parent, d, name)
+        path = cell_file(folder, d, name)
         label = name if name in OPTIONS else f"peer-{name}"
         if path.is_file():
             continue

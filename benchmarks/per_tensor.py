@@ -26,7 +26,7 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from defaults import splits  # noqa: E402  (the decision protocol's choosing and confirming splits)
 
 from edgeship._assets import shared_assets  # noqa: E402
+from edgeship._files import atomic_write_text  # noqa: E402
 from edgeship.convert import converter as conv  # noqa: E402
 from edgeship.convert.options import ConvertOptions  # noqa: E402
 from edgeship.quantize import QuantizeOptions, quantize  # noqa: E402
@@ -68,16 +69,15 @@ def converted(assets: Path, work: Path) -> Path:
     return folder
 
 
-def cached_cell(work: Path, name: str, draw: int, make: Any) -> dict[str, Any]:
+def cached_cell(work: Path, name: str, draw: int, make: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """A cell's figures from ``work/cells`` when a run made them before, else made and written atomically."""
     path = work / "cells" / f"{name.replace(', ', '-').replace(' ', '_')}-draw{draw}.json"
     if path.is_file():
         return dict(json.loads(path.read_text()))
     out = make()
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(out, default=str))
-    path.with_suffix(".tmp").replace(path)
-    return dict(out)
+    atomic_write_text(path, json.dumps(out, default=str))
+    return out
 
 
 def cell(float_dir: Path, choose: Path, confirm: Path, draw: int, fields: dict[str, Any]) -> dict[str, Any]:
